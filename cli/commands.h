@@ -1,0 +1,16 @@
+// File: cli/commands.h
+//
+// ktx-ctl's subcommands. Each Add*Commands registers its subcommands on the
+// app; when one of them runs it stores the process exit code in *exit_code.
+// Commands print results to stdout and errors (absl::Status text) to stderr.
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+namespace ktx::cli {
+
+void AddTopologyCommands(CLI::App& app, int* exit_code);
+
+}  // namespace ktx::cli

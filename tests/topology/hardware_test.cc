@@ -1,0 +1,147 @@
+#include "topology/hardware.h"
+
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace ktx::topology {
+namespace {
+
+using ::testing::ElementsAre;
+
+// A machine described by tables: nodes -> cpus, cpu -> socket.
+class FakeSource : public HardwareSource {
+ public:
+  bool numa = true;
+  std::map<int, std::vector<int>> node_cpus;
+  std::map<int, uint64_t> node_memory;
+  std::vector<int> allowed;
+  std::map<int, int> socket_of;
+  uint64_t system_memory = 0;
+  std::vector<GpuInfo> gpus;
+
+  bool NumaAvailable() override { return numa; }
+  int MaxNumaNode() override { return node_cpus.empty() ? 0 : node_cpus.rbegin()->first; }
+  std::vector<int> NumaNodeCpus(int node) override {
+    auto it = node_cpus.find(node);
+    return it == node_cpus.end() ? std::vector<int>{} : it->second;
+  }
+  bool NumaNodeMemory(int node, uint64_t* total, uint64_t* free) override {
+    auto it = node_memory.find(node);
+    if (it == node_memory.end()) return false;
+    *total = it->second;
+    *free = it->second / 2;
+    return true;
+  }
+  std::vector<int> AllowedCpus() override { return allowed; }
+  int CpuSocket(int cpu) override {
+    auto it = socket_of.find(cpu);
+    return it == socket_of.end() ? -1 : it->second;
+  }
+  void SystemMemory(uint64_t* total, uint64_t* free) override {
+    *total = system_memory;
+    *free = system_memory / 4;
+  }
+  kernels::CpuFeatures Isa() override {
+    kernels::CpuFeatures f;
+    f.avx512f = true;
+    f.amx_tile = true;
+    f.amx_permitted = true;
+    return f;
+  }
+  std::vector<GpuInfo> Gpus(std::string* note) override {
+    if (gpus.empty()) *note = "no CUDA device";
+    return gpus;
+  }
+};
+
+TEST(DiscoverHardwareTest, NoNumaGivesOneNodeWithAllAllowedCpus) {
+  FakeSource src;
+  src.numa = false;
+  src.allowed = {1, 0};
+  src.system_memory = 24ULL << 30;
+  auto topo = DiscoverHardware(src);
+  ASSERT_TRUE(topo.ok()) << topo.status();
+  EXPECT_FALSE(topo->numa_available);
+  ASSERT_EQ(topo->nodes.size(), 1u);
+  EXPECT_EQ(topo->nodes[0].id, 0);
+  EXPECT_THAT(topo->nodes[0].cpus, ElementsAre(0, 1));
+  EXPECT_EQ(topo->nodes[0].memory_bytes, 24ULL << 30);
+  EXPECT_EQ(topo->n_cpus, 2);
+  EXPECT_EQ(topo->n_sockets, 1);
+  EXPECT_TRUE(topo->gpus.empty());
+  EXPECT_EQ(topo->gpu_note, "no CUDA device");
+}
+
+TEST(DiscoverHardwareTest, FakeTwoSocketLayout) {
+  FakeSource src;
+  src.node_cpus = {{0, {0, 1, 2, 3, 8, 9, 10, 11}}, {1, {4, 5, 6, 7, 12, 13, 14, 15}}};
+  src.node_memory = {{0, 64ULL << 30}, {1, 64ULL << 30}};
+  for (int c = 0; c < 16; ++c) {
+    src.allowed.push_back(c);
+    src.socket_of[c] = (c / 4) % 2;
+  }
+  src.gpus.push_back({0, "NVIDIA H200", 143ULL << 30, 140ULL << 30, 9, 0});
+  auto topo = DiscoverHardware(src);
+  ASSERT_TRUE(topo.ok()) << topo.status();
+  EXPECT_TRUE(topo->numa_available);
+  ASSERT_EQ(topo->nodes.size(), 2u);
+  EXPECT_THAT(topo->nodes[1].cpus, ElementsAre(4, 5, 6, 7, 12, 13, 14, 15));
+  EXPECT_THAT(topo->nodes[0].sockets, ElementsAre(0));
+  EXPECT_THAT(topo->nodes[1].sockets, ElementsAre(1));
+  EXPECT_EQ(topo->n_sockets, 2);
+  EXPECT_EQ(topo->n_cpus, 16);
+
+  const nlohmann::json j = nlohmann::json::parse(HardwareTopologyToJson(*topo));
+  EXPECT_EQ(j["nodes"].size(), 2u);
+  EXPECT_EQ(j["nodes"][1]["id"], 1);
+  EXPECT_EQ(j["nodes"][1]["cpus"].size(), 8u);
+  EXPECT_EQ(j["nodes"][0]["memory_bytes"], 64ULL << 30);
+  EXPECT_TRUE(j["isa"]["avx512f"].get<bool>());
+  EXPECT_TRUE(j["isa"]["amx_permitted"].get<bool>());
+  EXPECT_FALSE(j["isa"]["avx512_vnni"].get<bool>());
+  EXPECT_EQ(j["gpus"][0]["name"], "NVIDIA H200");
+  EXPECT_EQ(j["gpus"][0]["memory_bytes"], 143ULL << 30);
+  const std::string table = HardwareTopologyToTable(*topo);
+  EXPECT_NE(table.find("4-7,12-15"), std::string::npos) << table;
+  EXPECT_NE(table.find("NVIDIA H200"), std::string::npos) << table;
+}
+
+TEST(DiscoverHardwareTest, AffinityMaskRestrictsNodesAndDropsEmptyOnes) {
+  FakeSource src;
+  src.node_cpus = {{0, {0, 1}}, {1, {2, 3}}};
+  src.node_memory = {{0, 1ULL << 30}, {1, 1ULL << 30}};
+  src.allowed = {2, 3};
+  auto topo = DiscoverHardware(src);
+  ASSERT_TRUE(topo.ok());
+  ASSERT_EQ(topo->nodes.size(), 1u);
+  EXPECT_EQ(topo->nodes[0].id, 1);
+}
+
+TEST(DiscoverHardwareTest, NoUsableCpuIsAnError) {
+  FakeSource src;
+  src.numa = false;
+  auto topo = DiscoverHardware(src);
+  EXPECT_EQ(topo.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(topo.status().message().find("affinity"), std::string_view::npos);
+}
+
+TEST(FormatCpuListTest, Ranges) {
+  EXPECT_EQ(FormatCpuList({}), "");
+  EXPECT_EQ(FormatCpuList({5}), "5");
+  EXPECT_EQ(FormatCpuList({0, 1, 2, 3, 8, 10, 11}), "0-3,8,10-11");
+}
+
+TEST(SystemHardwareTest, RealMachineIsSane) {
+  auto src = SystemHardwareSource();
+  auto topo = DiscoverHardware(*src);
+  ASSERT_TRUE(topo.ok()) << topo.status();
+  EXPECT_GE(topo->n_cpus, 1);
+  EXPECT_GE(topo->nodes.size(), 1u);
+  EXPECT_GT(topo->nodes[0].memory_bytes, 0u);
+}
+
+}  // namespace
+}  // namespace ktx::topology
