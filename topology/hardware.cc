@@ -227,7 +227,7 @@ std::string HardwareTopologyToTable(const HardwareTopology& topo) {
                          "memory", "free");
   for (const NumaNodeInfo& n : topo.nodes) {
     std::string sockets;
-    for (int s : n.sockets) sockets += (sockets.empty() ? "" : ",") + absl::StrCat(s);
+    for (int s : n.sockets) absl::StrAppend(&sockets, sockets.empty() ? "" : ",", s);
     out << absl::StrFormat("%-6d %-8s %-6d %-24s %12s %12s\n", n.id, sockets, n.cpus.size(),
                            FormatCpuList(n.cpus), HumanBytes(n.memory_bytes),
                            HumanBytes(n.free_memory_bytes));
