@@ -43,7 +43,7 @@ copy_deps() {
 for f in "$OUT"/bin/* "$OUT"/tests/*; do copy_deps "$f"; done
 # TBB itself (for binaries that link it), and what its NUMA support dlopens (ldd cannot see them).
 for lib in libtbb.so.12 libtbbbind_2_5.so.3 libhwloc.so.15 libudev.so.1; do
-  p=$(ldconfig -p | awk -v n="$lib" '$1==n{print $NF; exit}')
+  p=$(ldconfig -p | awk -v n="$lib" '$1==n && !f{print $NF; f=1}')
   [ -n "$p" ] && cp -L "$p" "$OUT/lib/$lib" && copy_deps "$OUT/lib/$lib"
 done
 for f in "$OUT"/lib/*; do copy_deps "$f"; done
