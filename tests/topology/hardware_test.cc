@@ -128,6 +128,20 @@ TEST(DiscoverHardwareTest, NoUsableCpuIsAnError) {
   EXPECT_NE(topo.status().message().find("affinity"), std::string_view::npos);
 }
 
+TEST(DiscoverHardwareTest, SingleNodeOwnsAllSystemMemory) {
+  // Some VMs report only part of the memory per node; one node owns all of it.
+  FakeSource src;
+  src.node_cpus = {{0, {0, 1}}};
+  src.node_memory = {{0, 4ULL << 30}};
+  src.allowed = {0, 1};
+  src.system_memory = 24ULL << 30;
+  auto topo = DiscoverHardware(src);
+  ASSERT_TRUE(topo.ok());
+  ASSERT_EQ(topo->nodes.size(), 1u);
+  EXPECT_TRUE(topo->numa_available);
+  EXPECT_EQ(topo->nodes[0].memory_bytes, 24ULL << 30);
+}
+
 TEST(FormatCpuListTest, Ranges) {
   EXPECT_EQ(FormatCpuList({}), "");
   EXPECT_EQ(FormatCpuList({5}), "5");
