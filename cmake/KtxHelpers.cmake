@@ -1,7 +1,9 @@
 # Terse build helpers (after Abseil's absl_cc_library / absl_cc_test).
 #
 #   ktx_cc_library(NAME n SRCS a.cc ... [HDRS ...] [DEPS ...] [COPTS ...])
-#   ktx_cc_test(NAME n SRCS a_test.cc ... [DEPS ...] [LABELS ...] [TIMEOUT s])
+#   ktx_cc_test(NAME n SRCS a_test.cc ... [DEPS ...] [LABELS ...] [TIMEOUT s] [SANITIZE])
+#     SANITIZE: also run it under ASan+UBSan in the test command (label "sanitize",
+#     built by the `sanitize_tests` target of a -DKTX_SANITIZE=ON -DKTX_MINIMAL=ON tree).
 #   ktx_cc_binary(NAME n SRCS main.cc ... [DEPS ...] [OUTPUT_NAME name])
 #
 # Every target sees the repository root as include root, so includes read
@@ -45,8 +47,12 @@ function(ktx_cc_binary)
 endfunction()
 
 function(ktx_cc_test)
-  cmake_parse_arguments(K "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS;COPTS" ${ARGN})
+  cmake_parse_arguments(K "SANITIZE" "NAME;TIMEOUT" "SRCS;DEPS;LABELS;COPTS" ${ARGN})
   add_executable(${K_NAME} ${K_SRCS})
+  if(K_SANITIZE)
+    list(APPEND K_LABELS sanitize)
+    set_property(GLOBAL APPEND PROPERTY KTX_SANITIZE_TESTS ${K_NAME})
+  endif()
   _ktx_common(${K_NAME})
   target_link_libraries(${K_NAME} PRIVATE ${K_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
   target_compile_definitions(${K_NAME} PRIVATE KTX_SOURCE_DIR="${PROJECT_SOURCE_DIR}")

@@ -66,6 +66,20 @@ run_tests() {
   format_check
   log "running the test suite"
   ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS"
+  sanitizer_tests
+}
+
+# Input-facing code (file readers, tokenizer, ...) again under ASan+UBSan: tests marked SANITIZE.
+sanitizer_tests() {
+  local dir="${BUILD_DIR}-asan"
+  log "configuring $dir (ASan+UBSan, kernels/runtime/topology only)"
+  cmake -S . -B "$dir" -G Ninja -DKTX_SANITIZE=ON -DKTX_MINIMAL=ON -DKTX_CUDA=OFF \
+    -DCMAKE_BUILD_TYPE=Debug >"$ROOT/.setup-configure-asan.log" 2>&1 ||
+    { cat "$ROOT/.setup-configure-asan.log"; exit 1; }
+  cmake --build "$dir" -j "$JOBS" --target sanitize_tests
+  log "running the sanitizer tests"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir "$dir" --output-on-failure -j "$JOBS" -L sanitize
 }
 
 demo() {
