@@ -12,5 +12,6 @@ class App;
 namespace ktx::cli {
 
 void AddTopologyCommands(CLI::App& app, int* exit_code);
+void AddTokenizeCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli
