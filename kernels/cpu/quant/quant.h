@@ -67,13 +67,14 @@ void QuantizeRow(TensorType type, const float* src, void* dst, int64_t n);
 // the weight type itself for F32/F16/BF16. KTX_CHECK-style abort for others.
 TensorType VecDotType(TensorType weight_type);
 
-// The activation quantizers follow the rounding convention of ggml's x86 CPU
-// backend (scale from max|x| in float, q rounded half-to-even against that
-// float scale), so that a tier-B path rounds activations the way llama.cpp
-// does; they are not guaranteed bit-identical to it.
+// The activation quantizers are meant to follow the rounding convention of
+// ggml's x86 CPU backend (scale from max|x| in float, q rounded half-to-even
+// against that float scale), so that a tier-B path rounds activations the way
+// llama.cpp does; bit-identity with it is not tested.
 
 // Activations to Q8_0 blocks: d = max|x| / 127, q = round(x * 127 / max|x|) in
-// [-127, 127], d stored as the nearest half (|x - y| <= 0.57 d). Differs from
+// [-127, 127], d stored as the nearest half (|x - y| <= 0.57 d while d is a
+// normal half; + 127 * 2^-25 below that). Differs from
 // QuantizeRow(kQ8_0), which picks the half scale first (|x - y| <= d / 2).
 void QuantizeRowQ8_0(const float* x, BlockQ8_0* y, int64_t n);
 

@@ -19,9 +19,9 @@
 //   search over |sc| in {sc_j, sc_j-1, sc_j-2, ceil(amax_j / (32 d))}, both
 //   signs, with the same rule: |x - y| <= (amax_j / 31 + d) / 2.
 // Q8_K (activations): iscale = 127 / amax, q = round_even(x * iscale),
-//   d = 1 / iscale (float), as ggml's CPU backend does up to the sign of d
-//   (ggml maps the largest-magnitude element to -127 and stores a negative d
-//   when it is positive; the products q * d are the same): |x - y| <= d / 2.
+//   d = 1 / iscale (float), meant to give the same products q * d as ggml's
+//   CPU backend (which, as we read it, maps the largest-magnitude element to
+//   -127 with a negative d instead): |x - y| <= d / 2.
 #include <cmath>
 #include <cstdint>
 
