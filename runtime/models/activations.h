@@ -1,0 +1,51 @@
+// File: runtime/models/activations.h
+//
+// The activation buffer that flows between model stages: F32, row-major
+// [n_tokens, n_cols], one row per token of a batch. Stages take their inputs as
+// `const Activations&` and write their outputs into caller-owned
+// `Activations*` (resized by the stage), so that a stage can run on another
+// thread, actor or device given only its inputs.
+//
+// Owns its storage. Not thread-safe for resizing; distinct rows may be
+// written concurrently.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "runtime/base/status.h"
+
+namespace ktx::models {
+
+class Activations {
+ public:
+  Activations() = default;
+  Activations(int64_t n_tokens, int64_t n_cols) { Resize(n_tokens, n_cols); }
+
+  // Sets the shape; every element becomes 0.
+  void Resize(int64_t n_tokens, int64_t n_cols) {
+    KTX_CHECK(n_tokens >= 0 && n_cols >= 0);
+    n_tokens_ = n_tokens;
+    n_cols_ = n_cols;
+    data_.assign(static_cast<size_t>(n_tokens * n_cols), 0.0f);
+  }
+  void SetZero() { std::fill(data_.begin(), data_.end(), 0.0f); }
+
+  int64_t n_tokens() const { return n_tokens_; }
+  int64_t n_cols() const { return n_cols_; }
+  bool empty() const { return data_.empty(); }
+
+  float* data() { return data_.data(); }
+  const float* data() const { return data_.data(); }
+  float* row(int64_t t) { return data_.data() + t * n_cols_; }
+  const float* row(int64_t t) const { return data_.data() + t * n_cols_; }
+  const std::vector<float>& values() const { return data_; }
+
+ private:
+  int64_t n_tokens_ = 0;
+  int64_t n_cols_ = 0;
+  std::vector<float> data_;  // F32 [n_tokens, n_cols]
+};
+
+}  // namespace ktx::models

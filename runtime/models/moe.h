@@ -1,0 +1,86 @@
+// File: runtime/models/moe.h
+//
+// The Mixture-of-Experts vocabulary shared by model stages and expert
+// backends: the router's output (`Routing`: per token the chosen expert ids and
+// their weights), the routing rule of DeepSeek-V3 (`RouteFromLogits`: gating
+// function, selection-only bias, group-limited top-k, normalisation, scaling),
+// and the interface through which routed experts are computed
+// (`ExpertBackend`). The scalar reference backend lives with the model
+// (deepseek2.h); fast CPU kernels, GPU and remote shards plug in here.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "runtime/models/activations.h"
+
+namespace ktx::models {
+
+// `expert_gating_func` values of GGUF files.
+enum class GatingFunc : uint32_t {
+  kSoftmax = 1,  // p = softmax(logits) over all experts (DeepSeek-V2)
+  kSigmoid = 2,  // p = sigmoid(logits) per expert (DeepSeek-V3)
+};
+
+// The clamp below which a weight sum is not divided by (llama.cpp's value).
+inline constexpr double kMinRoutingWeightSum = 6.103515625e-5;
+
+struct RoutingParams {
+  int32_t n_expert = 0;       // E
+  int32_t n_expert_used = 0;  // K: experts per token
+  int32_t n_group = 0;        // expert groups; 0 or 1: no group limit
+  int32_t n_group_used = 0;   // groups kept per token when n_group > 1
+  GatingFunc gating = GatingFunc::kSoftmax;
+  bool norm_weights = false;   // w /= max(Σ w, kMinRoutingWeightSum)
+  float weights_scale = 0.0f;  // w *= scale, applied unless scale is 0 or 1
+};
+
+// The router's decision for a batch. Entries of a token are ordered by
+// descending selection score (ties: lower expert id first).
+struct Routing {
+  int64_t n_tokens = 0;
+  int32_t n_expert_used = 0;
+  std::vector<int32_t> expert_ids;  // I32 [n_tokens, n_expert_used]
+  std::vector<float> weights;       // F32 [n_tokens, n_expert_used]
+
+  int32_t id(int64_t t, int k) const { return expert_ids[t * n_expert_used + k]; }
+  float weight(int64_t t, int k) const { return weights[t * n_expert_used + k]; }
+};
+
+// Routes a batch from router logits (F64 [n_tokens, n_expert]) and an optional
+// selection bias (F32 [n_expert], `exp_probs_b`; null = none):
+//   1. p = sigmoid(logits) or softmax(logits) (params.gating), in double;
+//   2. sel = p + bias (the bias only selects; weights use p);
+//   3. if n_group > 1: group score = sum of the two largest sel of the group
+//      (the one value for groups of one); the n_group_used best groups are
+//      kept, every expert of the other groups gets sel = -inf;
+//   4. the n_expert_used largest sel are chosen (ties: lower id; NaN counts
+//      as -inf);
+//   5. w = p[chosen]; if norm_weights: w /= max(Σ w, 6.103515625e-5);
+//      if weights_scale is not 0 or 1: w *= weights_scale.
+// The params must be consistent (KTX_CHECKed; Deepseek2Hparams validates
+// them when a file is loaded).
+void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
+                     const float* bias, Routing* routing);
+
+// Computes routed experts for one MoE layer. Given the FFN-normed hidden state
+// h (F32 [n_tokens, n_embd]) and the routing, an implementation writes
+//   out[t] = Σ_k weight(t, k) · expert_{id(t, k)}(h[t])
+// over the entries whose expert is selected by `expert_mask` (n_expert bytes,
+// nonzero = computed here; empty = all experts), where
+//   expert_e(v) = down_e · (silu(gate_e · v) ⊙ (up_e · v)).
+// `out` is resized to [n_tokens, n_embd] and overwritten (zero rows for tokens
+// with no selected entry). Partial sums over disjoint masks add up to the full
+// MoE output, which is how experts are split across sockets, GPUs and nodes.
+// Implementations document their own thread-safety; the model calls Compute
+// from one thread at a time per model instance.
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  virtual absl::Status Compute(int il, const Activations& h, const Routing& routing,
+                               std::span<const uint8_t> expert_mask, Activations* out) = 0;
+};
+
+}  // namespace ktx::models
