@@ -1,0 +1,412 @@
+#include "kernels/cpu/moe/moe.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/moe/moe_internal.h"
+
+namespace ktx::kernels::moe {
+namespace {
+
+constexpr int64_t kFfRowsPerTask = 256;
+constexpr int64_t kQuantChunk = 8;  // tokens (or pairs) per stage-0 task
+constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile loads)
+
+int64_t Align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+std::string FormatName(MoeMatrixFormat f) {
+  const auto traits = GetTensorTypeTraits(static_cast<uint32_t>(f.type));
+  return absl::StrCat(traits ? traits->name : "?", "/", MoeWeightLayoutName(f.layout));
+}
+
+absl::Status CheckMatrix(const char* what, MoeMatrixFormat f, int64_t rows, int64_t k,
+                         const MoeKernels& kernels) {
+  auto bytes = MoeMatrixBytes(f, rows, k);
+  if (!bytes.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE plan: ", what, ": ", bytes.status().message()));
+  }
+  if (!kernels.supports(f)) {
+    return absl::InvalidArgumentError(absl::StrCat("MoE plan: ", what, " format ", FormatName(f),
+                                                   " is not supported by the ", kernels.name,
+                                                   " variant"));
+  }
+  return absl::OkStatus();
+}
+
+bool SameFormat(MoeMatrixFormat a, MoeMatrixFormat b) {
+  return a.type == b.type && a.layout == b.layout;
+}
+
+}  // namespace
+
+const MoeKernels& MoeKernelsFor(CpuVariant variant) {
+  switch (variant) {
+    case CpuVariant::kScalar: return MoeKernelsScalar();
+    case CpuVariant::kAvx2: return MoeKernelsAvx2();
+    case CpuVariant::kAvx512: return MoeKernelsAvx512();
+    case CpuVariant::kAmx: return MoeKernelsAmx();
+  }
+  return MoeKernelsScalar();
+}
+
+absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat& format,
+                                    const MoePlanOptions& options) {
+  MoePlan plan;
+  plan.shape = shape;
+  plan.format = format;
+  plan.options = options;
+  if (shape.n_embd <= 0 || shape.n_embd % 256 != 0 || shape.n_ff <= 0 || shape.n_ff % 256 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("MoE plan: n_embd (", shape.n_embd,
+                                                   ") and n_ff (", shape.n_ff,
+                                                   ") must be positive multiples of 256"));
+  }
+  if (shape.n_expert <= 0 || shape.n_expert_used <= 0 || shape.n_expert_used > shape.n_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("MoE plan: need 0 < n_expert_used (",
+                                                   shape.n_expert_used, ") <= n_expert (",
+                                                   shape.n_expert, ")"));
+  }
+  if (options.max_tokens <= 0 || options.max_workers <= 0 || options.prefill_min_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        "MoE plan: max_tokens, max_workers and prefill_min_tokens must be positive");
+  }
+  if (options.down_rows_per_task <= 0 || options.down_rows_per_task % kPanelRows != 0 ||
+      shape.n_embd % options.down_rows_per_task != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE plan: down_rows_per_task (", options.down_rows_per_task,
+                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd, ")"));
+  }
+  plan.variant = options.force_variant ? options.variant : ActiveCpuVariant();
+  const std::string why = CpuVariantUnsupportedReason(plan.variant);
+  if (!why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoE plan: variant ", CpuVariantName(plan.variant), " cannot run on this CPU: ", why));
+  }
+  plan.kernels = &MoeKernelsFor(plan.variant);
+  const MoeKernels& kern = *plan.kernels;
+  for (absl::Status s : {CheckMatrix("gate", format.gate, shape.n_ff, shape.n_embd, kern),
+                         CheckMatrix("up", format.up, shape.n_ff, shape.n_embd, kern),
+                         CheckMatrix("down", format.down, shape.n_embd, shape.n_ff, kern)}) {
+    if (!s.ok()) return s;
+  }
+  if (!SameFormat(format.gate, format.up)) {
+    return absl::InvalidArgumentError("MoE plan: gate and up must share one format");
+  }
+  if (format.has_prefill) {
+    for (absl::Status s :
+         {CheckMatrix("gate_prefill", format.gate_prefill, shape.n_ff, shape.n_embd, kern),
+          CheckMatrix("up_prefill", format.up_prefill, shape.n_ff, shape.n_embd, kern),
+          CheckMatrix("down_prefill", format.down_prefill, shape.n_embd, shape.n_ff, kern)}) {
+      if (!s.ok()) return s;
+    }
+    if (!SameFormat(format.gate_prefill, format.up_prefill)) {
+      return absl::InvalidArgumentError(
+          "MoE plan: gate_prefill and up_prefill must share one format");
+    }
+  }
+
+  plan.max_pairs = options.max_tokens * shape.n_expert_used;
+  plan.x_row_bytes = ActRowBytes(ActFormatFor(format.gate), shape.n_embd);
+  plan.xp_row_bytes =
+      format.has_prefill ? ActRowBytes(ActFormatFor(format.gate_prefill), shape.n_embd) : 0;
+  plan.h_row_bytes = ActRowBytes(ActFormatFor(format.down), shape.n_ff);
+  if (format.has_prefill) {
+    plan.h_row_bytes =
+        std::max(plan.h_row_bytes, ActRowBytes(ActFormatFor(format.down_prefill), shape.n_ff));
+  }
+  int64_t ks = std::max(kern.matmul_scratch_bytes(format.gate, shape.n_embd),
+                        kern.matmul_scratch_bytes(format.down, shape.n_ff));
+  if (format.has_prefill) {
+    ks = std::max({ks, kern.matmul_scratch_bytes(format.gate_prefill, shape.n_embd),
+                   kern.matmul_scratch_bytes(format.down_prefill, shape.n_ff)});
+  }
+  plan.kernel_scratch_bytes = Align64(ks);
+  const int64_t floats_per_token = std::max(2 * kFfRowsPerTask, options.down_rows_per_task);
+  plan.worker_scratch_bytes =
+      Align64(options.max_tokens * floats_per_token * 4) + plan.kernel_scratch_bytes;
+
+  int64_t off = 0;
+  auto take = [&off](int64_t bytes) {
+    const int64_t at = off;
+    off += Align64(bytes);
+    return at;
+  };
+  plan.off_count = take(4 * shape.n_expert);
+  plan.off_offset = take(4 * (shape.n_expert + 1));
+  plan.off_active = take(4 * shape.n_expert);
+  plan.off_path = take(shape.n_expert);
+  plan.off_pair_token = take(4 * plan.max_pairs);
+  plan.off_pair_weight = take(4 * plan.max_pairs);
+  plan.off_xq = take(options.max_tokens * plan.x_row_bytes);
+  plan.off_xp = take((plan.max_pairs + kPadRows) * plan.xp_row_bytes);
+  plan.off_hq = take((plan.max_pairs + kPadRows) * plan.h_row_bytes);
+  plan.off_worker = take(options.max_workers * plan.worker_scratch_bytes);
+  plan.workspace_bytes = off;
+  return plan;
+}
+
+absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights& weights,
+                                     const MoeInput& input, void* workspace,
+                                     size_t workspace_bytes) {
+  const MoeShape& sh = plan.shape;
+  if (plan.kernels == nullptr) return absl::InvalidArgumentError("MoE run: plan not made");
+  if (input.n_tokens < 0 || input.n_tokens > plan.options.max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE run: n_tokens ", input.n_tokens,
+                     " outside [0, max_tokens = ", plan.options.max_tokens, "]"));
+  }
+  if (input.n_tokens > 0 && (input.x == nullptr || input.ids == nullptr ||
+                             input.weights == nullptr || input.out == nullptr)) {
+    return absl::InvalidArgumentError("MoE run: x, ids, weights and out must be non-null");
+  }
+  if (workspace == nullptr || workspace_bytes < MoeWorkspaceSize(plan) ||
+      reinterpret_cast<uintptr_t>(workspace) % 64 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE run: workspace must be 64-byte aligned and ", MoeWorkspaceSize(plan),
+                     " bytes (got ", workspace_bytes, ")"));
+  }
+  const MoeMatrix* mats[3] = {&weights.gate, &weights.up, &weights.down};
+  const MoeMatrixFormat fmts[3] = {plan.format.gate, plan.format.up, plan.format.down};
+  const char* names[3] = {"gate", "up", "down"};
+  for (int i = 0; i < 3; ++i) {
+    if (!SameFormat(mats[i]->format, fmts[i]) || mats[i]->experts == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MoE run: ", names[i], " weights are ", FormatName(mats[i]->format),
+                       " (or missing) but the plan expects ", FormatName(fmts[i])));
+    }
+  }
+  const bool has_prefill = plan.format.has_prefill;
+  if (has_prefill) {
+    const MoeMatrix* pm[3] = {&weights.gate_prefill, &weights.up_prefill, &weights.down_prefill};
+    const MoeMatrixFormat pf[3] = {plan.format.gate_prefill, plan.format.up_prefill,
+                                   plan.format.down_prefill};
+    for (int i = 0; i < 3; ++i) {
+      if (pm[i]->experts != nullptr && !SameFormat(pm[i]->format, pf[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("MoE run: ", names[i], "_prefill weights are ", FormatName(pm[i]->format),
+                         " but the plan expects ", FormatName(pf[i])));
+      }
+    }
+  }
+
+  MoeRun run;
+  run.plan_ = &plan;
+  run.weights_ = &weights;
+  run.input_ = input;
+  run.ws_ = static_cast<uint8_t*>(workspace);
+  int32_t* count = reinterpret_cast<int32_t*>(run.ws_ + plan.off_count);
+  int32_t* offset = reinterpret_cast<int32_t*>(run.ws_ + plan.off_offset);
+  int32_t* active = reinterpret_cast<int32_t*>(run.ws_ + plan.off_active);
+  uint8_t* path = run.ws_ + plan.off_path;
+  int32_t* pair_token = reinterpret_cast<int32_t*>(run.ws_ + plan.off_pair_token);
+  float* pair_weight = reinterpret_cast<float*>(run.ws_ + plan.off_pair_weight);
+
+  auto owned = [&](int64_t e) {
+    return weights.gate.experts[e] != nullptr && weights.up.experts[e] != nullptr &&
+           weights.down.experts[e] != nullptr;
+  };
+  std::fill(count, count + sh.n_expert, 0);
+  const int64_t n_ids = input.n_tokens * sh.n_expert_used;
+  for (int64_t i = 0; i < n_ids; ++i) {
+    const int32_t e = input.ids[i];
+    if (e < 0 || e >= sh.n_expert) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE run: expert id ", e, " of token ",
+                                                     i / sh.n_expert_used, " outside [0, ",
+                                                     sh.n_expert, ")"));
+    }
+    if (owned(e)) ++count[e];
+  }
+  offset[0] = 0;
+  for (int64_t e = 0; e < sh.n_expert; ++e) {
+    offset[e + 1] = offset[e] + count[e];
+    path[e] = 0;
+    if (count[e] == 0) continue;
+    active[run.n_active_++] = static_cast<int32_t>(e);
+    const bool prefill_weights =
+        has_prefill && weights.gate_prefill.experts != nullptr &&
+        weights.up_prefill.experts != nullptr && weights.down_prefill.experts != nullptr &&
+        weights.gate_prefill.experts[e] != nullptr && weights.up_prefill.experts[e] != nullptr &&
+        weights.down_prefill.experts[e] != nullptr;
+    if (prefill_weights && count[e] >= plan.options.prefill_min_tokens) {
+      path[e] = 1;
+      ++run.n_prefill_;
+      run.n_prefill_pairs_ += count[e];
+    }
+    const MoeMatrixFormat g = path[e] ? plan.format.gate_prefill : plan.format.gate;
+    const MoeMatrixFormat d = path[e] ? plan.format.down_prefill : plan.format.down;
+    run.weight_bytes_ +=
+        2 * *MoeMatrixBytes(g, sh.n_ff, sh.n_embd) + *MoeMatrixBytes(d, sh.n_embd, sh.n_ff);
+  }
+  run.n_pairs_ = offset[sh.n_expert];
+  // Second pass: pairs in expert order, tokens ascending within an expert.
+  std::fill(count, count + sh.n_expert, 0);
+  for (int64_t i = 0; i < n_ids; ++i) {
+    const int32_t e = input.ids[i];
+    if (!owned(e)) continue;
+    const int32_t p = offset[e] + count[e]++;
+    pair_token[p] = static_cast<int32_t>(i / sh.n_expert_used);
+    pair_weight[p] = input.weights[i];
+  }
+  run.n_token_chunks_ = (input.n_tokens + kQuantChunk - 1) / kQuantChunk;
+  run.n_pair_chunks_ =
+      run.n_prefill_pairs_ > 0 ? (run.n_pairs_ + kQuantChunk - 1) / kQuantChunk : 0;
+  run.ff_blocks_ = sh.n_ff / kFfRowsPerTask;
+  return run;
+}
+
+int64_t MoeRun::NumTasks(int stage) const {
+  switch (stage) {
+    case 0: return n_token_chunks_ + n_pair_chunks_;
+    case 1: return n_active_ * ff_blocks_;
+    case 2:
+      return input_.n_tokens > 0 ? plan_->shape.n_embd / plan_->options.down_rows_per_task : 0;
+    default: return 0;
+  }
+}
+
+const MoeMatrix& MoeRun::Matrix(int which, bool prefill) const {
+  switch (which) {
+    case 0: return prefill ? weights_->gate_prefill : weights_->gate;
+    case 1: return prefill ? weights_->up_prefill : weights_->up;
+    default: return prefill ? weights_->down_prefill : weights_->down;
+  }
+}
+
+void MoeRun::RunTask(int stage, int64_t task, int worker) const {
+  switch (stage) {
+    case 0: QuantizeTask(task); break;
+    case 1: GateUpTask(task, worker); break;
+    case 2: DownTask(task, worker); break;
+    default: break;
+  }
+}
+
+void MoeRun::QuantizeTask(int64_t task) const {
+  const MoePlan& p = *plan_;
+  const int64_t n_embd = p.shape.n_embd;
+  if (task < n_token_chunks_) {
+    const ActFormat fmt = ActFormatFor(p.format.gate);
+    const int64_t t0 = task * kQuantChunk;
+    const int64_t t1 = std::min(input_.n_tokens, t0 + kQuantChunk);
+    for (int64_t t = t0; t < t1; ++t) {
+      p.kernels->quantize(fmt, input_.x + t * n_embd, ws_ + p.off_xq + t * p.x_row_bytes, n_embd);
+    }
+    return;
+  }
+  // Prefill experts read x per (token, expert) pair, contiguous per expert.
+  const ActFormat fmt = ActFormatFor(p.format.gate_prefill);
+  const int32_t* pair_token = reinterpret_cast<const int32_t*>(ws_ + p.off_pair_token);
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
+  const uint8_t* path = ws_ + p.off_path;
+  const int64_t q0 = (task - n_token_chunks_) * kQuantChunk;
+  const int64_t q1 = std::min(n_pairs_, q0 + kQuantChunk);
+  // Expert of pair q0 by binary search over the offsets.
+  int64_t e = std::upper_bound(offset, offset + p.shape.n_expert + 1, static_cast<int32_t>(q0)) -
+              offset - 1;
+  for (int64_t q = q0; q < q1; ++q) {
+    while (offset[e + 1] <= q) ++e;
+    if (!path[e]) continue;
+    p.kernels->quantize(fmt, input_.x + pair_token[q] * n_embd, ws_ + p.off_xp + q * p.xp_row_bytes,
+                        n_embd);
+  }
+}
+
+void MoeRun::GateUpTask(int64_t task, int worker) const {
+  const MoePlan& p = *plan_;
+  const int32_t* active = reinterpret_cast<const int32_t*>(ws_ + p.off_active);
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
+  const int32_t* pair_token = reinterpret_cast<const int32_t*>(ws_ + p.off_pair_token);
+  const int64_t e = active[task / ff_blocks_];
+  const int64_t fb = task % ff_blocks_;
+  const bool prefill = ws_[p.off_path + e] != 0;
+  const int64_t n = offset[e + 1] - offset[e];
+  uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
+  float* g = reinterpret_cast<float*>(scratch);
+  float* u = g + n * kFfRowsPerTask;
+
+  MatmulArgs a;
+  a.n_rows = p.shape.n_ff;
+  a.k = p.shape.n_embd;
+  a.row_begin = fb * kFfRowsPerTask;
+  a.row_end = a.row_begin + kFfRowsPerTask;
+  a.n_act = n;
+  a.out_stride = kFfRowsPerTask;
+  a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
+  a.scratch_bytes = p.kernel_scratch_bytes;
+  if (prefill) {
+    a.act = ws_ + p.off_xp + offset[e] * p.xp_row_bytes;
+    a.act_stride = p.xp_row_bytes;
+    a.act_padded = true;
+  } else {
+    a.act = ws_ + p.off_xq;
+    a.act_stride = p.x_row_bytes;
+    a.act_index = pair_token + offset[e];
+  }
+  for (int which = 0; which < 2; ++which) {
+    const MoeMatrix& m = Matrix(which, prefill);
+    a.format = m.format;
+    a.w = static_cast<const uint8_t*>(m.experts[e]);
+    a.out = which == 0 ? g : u;
+    p.kernels->matmul(a);
+  }
+  p.kernels->silu_mul(g, u, g, n * kFfRowsPerTask);
+  const MoeMatrixFormat down = prefill ? p.format.down_prefill : p.format.down;
+  const ActFormat hfmt = ActFormatFor(down);
+  const int64_t col = ActRowBytes(hfmt, a.row_begin);
+  for (int64_t i = 0; i < n; ++i) {
+    p.kernels->quantize(hfmt, g + i * kFfRowsPerTask,
+                        ws_ + p.off_hq + (offset[e] + i) * p.h_row_bytes + col, kFfRowsPerTask);
+  }
+}
+
+void MoeRun::DownTask(int64_t task, int worker) const {
+  const MoePlan& p = *plan_;
+  const int64_t rows = p.options.down_rows_per_task;
+  const int64_t r0 = task * rows;
+  const int64_t n_embd = p.shape.n_embd;
+  for (int64_t t = 0; t < input_.n_tokens; ++t) {
+    std::fill(input_.out + t * n_embd + r0, input_.out + t * n_embd + r0 + rows, 0.0f);
+  }
+  const int32_t* active = reinterpret_cast<const int32_t*>(ws_ + p.off_active);
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
+  const int32_t* pair_token = reinterpret_cast<const int32_t*>(ws_ + p.off_pair_token);
+  const float* pair_weight = reinterpret_cast<const float*>(ws_ + p.off_pair_weight);
+  uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
+  float* y = reinterpret_cast<float*>(scratch);
+
+  MatmulArgs a;
+  a.n_rows = n_embd;
+  a.k = p.shape.n_ff;
+  a.row_begin = r0;
+  a.row_end = r0 + rows;
+  a.act_stride = p.h_row_bytes;
+  a.act_padded = true;
+  a.out = y;
+  a.out_stride = rows;
+  a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
+  a.scratch_bytes = p.kernel_scratch_bytes;
+  for (int64_t i = 0; i < n_active_; ++i) {
+    const int64_t e = active[i];
+    const bool prefill = ws_[p.off_path + e] != 0;
+    const MoeMatrix& m = Matrix(2, prefill);
+    a.format = m.format;
+    a.w = static_cast<const uint8_t*>(m.experts[e]);
+    a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
+    a.n_act = offset[e + 1] - offset[e];
+    p.kernels->matmul(a);
+    for (int64_t q = 0; q < a.n_act; ++q) {
+      const float w = pair_weight[offset[e] + q];
+      float* o = input_.out + pair_token[offset[e] + q] * n_embd + r0;
+      const float* yq = y + q * rows;
+      for (int64_t r = 0; r < rows; ++r) o[r] += w * yq[r];
+    }
+  }
+}
+
+void RunMoeStage(const MoeRun& run, int stage, int ith, int nth) {
+  const int64_t n = run.NumTasks(stage);
+  for (int64_t t = ith; t < n; t += nth) run.RunTask(stage, t, ith);
+}
+
+}  // namespace ktx::kernels::moe

@@ -1,0 +1,198 @@
+// File: kernels/cpu/moe/moe.h
+//
+// The fused MoE expert operator of the CPU side (DeepSeek-V3 routed experts):
+//
+//   out[t] = Σ_k w[t][k] · down_e(silu(gate_e · x[t]) ⊙ (up_e · x[t])),  e = ids[t][k]
+//
+// accumulated in fp32, over the experts this shard owns (experts it does not
+// own are skipped; the caller sums the partial outputs of all shards).
+// Activations are quantized once per layer to the int8 blocks the weights pair
+// with (Q8_K-style for K-quants and amx_int8, Q8_0 for Q8_0, bf16-rounded
+// floats for BF16), and so is the intermediate h before the down projection.
+//
+// Plan, then run. A MoePlan is made once per layer shape (MakeMoePlan); it
+// fixes the ISA variant, the weight formats, the decode/prefill switch point
+// and the size of the caller-owned workspace (MoeWorkspaceSize). Each call
+// builds a MoeRun (MoeRun::Begin: validates, groups tokens by expert, O(n_tokens
+// * n_expert_used + n_expert), single-threaded, no allocation), then runs its
+// stages in order; the tasks of one stage are independent and may run on any
+// worker of the caller's pool, with a barrier between stages:
+//
+//   MoePlanOptions opt;  opt.max_tokens = 64;  opt.max_workers = pool.num_workers();
+//   KTX_ASSIGN_OR_RETURN(MoePlan plan, MakeMoePlan(shape, formats, opt));
+//   std::vector<uint8_t, ...> ws(MoeWorkspaceSize(plan));      // 64-byte aligned
+//   KTX_ASSIGN_OR_RETURN(MoeRun run, MoeRun::Begin(plan, weights, input, ws.data(), ws.size()));
+//   for (int s = 0; s < MoeRun::kNumStages; ++s)
+//     pool.ParallelFor(run.NumTasks(s), [&](int64_t task, int worker) { run.RunTask(s, task,
+//     worker); });
+//
+// or, ggml-style, every worker ith of nth calls RunMoeStage(run, s, ith, nth)
+// between barriers. The kernels never allocate and never start threads.
+//
+// Work split. Stage 0 quantizes activations (chunks of tokens). Stage 1 runs
+// gate and up for one (expert, block of 256 rows of n_ff) per task, applies
+// SiLU and quantizes h. Stage 2 runs down for one block of n_embd rows per task
+// over every active expert in increasing id order and accumulates into out.
+// Each task reads a disjoint range of weights, and every output element is
+// computed by one task in a fixed order, so the result of a given variant is
+// bitwise independent of the worker count and of the task-to-worker mapping.
+//
+// Decode and prefill. An expert with at least `prefill_min_tokens` tokens uses
+// the prefill form of its weights when the layer has one (e.g. amx_int8 tiles
+// on AMX machines); otherwise the decode form (kGguf or kPanel16: VNNI dot
+// products with register-blocked tokens).
+//
+// Thread-safety: MoePlan is immutable plain data. A MoeRun's RunTask may be
+// called concurrently for distinct tasks of the same stage with distinct
+// `worker` indices in [0, max_workers); stages must not overlap.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cpu/moe/moe_repack.h"
+#include "kernels/cpu/x86/cpu_variant.h"
+
+namespace ktx::kernels::moe {
+
+struct MoeKernels;  // moe_internal.h
+
+struct MoeShape {
+  int64_t n_embd = 0;         // model width (multiple of 256)
+  int64_t n_ff = 0;           // expert hidden width (multiple of 256)
+  int64_t n_expert = 0;       // routed experts of the layer
+  int64_t n_expert_used = 0;  // experts per token
+};
+
+// Formats of the six expert matrices. gate/up: [n_ff rows][n_embd];
+// down: [n_embd rows][n_ff]. The prefill forms are optional.
+struct MoeLayerFormat {
+  MoeMatrixFormat gate, up, down;
+  bool has_prefill = false;
+  MoeMatrixFormat gate_prefill, up_prefill, down_prefill;
+};
+
+struct MoePlanOptions {
+  int64_t max_tokens = 1;           // largest n_tokens of a run
+  int max_workers = 1;              // worker indices are in [0, max_workers)
+  int64_t prefill_min_tokens = 32;  // decode/prefill switch point (tokens per expert)
+  int64_t down_rows_per_task = 64;  // rows of n_embd per stage-2 task (multiple of 16)
+  // Variant to run; unset: ActiveCpuVariant() at plan time.
+  bool force_variant = false;
+  CpuVariant variant = CpuVariant::kScalar;
+};
+
+// Plain data made by MakeMoePlan; read by MoeRun. Do not edit by hand.
+struct MoePlan {
+  MoeShape shape;
+  MoeLayerFormat format;
+  MoePlanOptions options;
+  CpuVariant variant = CpuVariant::kScalar;
+  const MoeKernels* kernels = nullptr;
+  int64_t max_pairs = 0;  // max_tokens * n_expert_used
+  // Row bytes of the quantized activations.
+  int64_t x_row_bytes = 0;   // decode format of x, per token
+  int64_t xp_row_bytes = 0;  // prefill format of x (Q8_K), per (token, expert) pair
+  int64_t h_row_bytes = 0;   // h, per pair (max of the two down formats)
+  int64_t worker_scratch_bytes = 0;
+  int64_t kernel_scratch_bytes = 0;
+  // Workspace offsets (bytes, 64-aligned).
+  int64_t off_count = 0, off_offset = 0, off_active = 0, off_path = 0;
+  int64_t off_pair_token = 0, off_pair_weight = 0;
+  int64_t off_xq = 0, off_xp = 0, off_hq = 0, off_worker = 0;
+  int64_t workspace_bytes = 0;
+};
+
+// Validates the shape (multiples of 256, n_expert_used <= n_expert), the
+// formats (MoeFormatSupported, supported by the variant, shape fits: panels
+// need row counts % 16) and the options. InvalidArgument names what is wrong.
+absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat& format,
+                                    const MoePlanOptions& options);
+
+// Bytes of the caller-owned workspace a run of `plan` needs (64-byte aligned
+// base required).
+inline size_t MoeWorkspaceSize(const MoePlan& plan) {
+  return static_cast<size_t>(plan.workspace_bytes);
+}
+
+// One expert matrix kind for all experts of the layer: experts[e] points at
+// expert e's matrix in `format` (MoeMatrixBytes bytes), or is null when this
+// shard does not own it.
+struct MoeMatrix {
+  MoeMatrixFormat format;
+  const void* const* experts = nullptr;  // [n_expert]
+};
+
+struct MoeLayerWeights {
+  MoeMatrix gate, up, down;
+  // Used when the plan has_prefill; experts may be null where the prefill
+  // form of an owned expert is absent (it then runs the decode form).
+  MoeMatrix gate_prefill, up_prefill, down_prefill;
+};
+
+struct MoeInput {
+  int64_t n_tokens = 0;
+  const float* x = nullptr;        // F32 [n_tokens, n_embd]
+  const int32_t* ids = nullptr;    // I32 [n_tokens, n_expert_used], in [0, n_expert)
+  const float* weights = nullptr;  // F32 [n_tokens, n_expert_used]
+  float* out = nullptr;            // F32 [n_tokens, n_embd], fully written
+};
+
+class MoeRun {
+ public:
+  static constexpr int kNumStages = 3;
+
+  // Validates the input against the plan (token count, ids in range, formats
+  // of `weights` equal to the plan's, workspace size and alignment) and groups
+  // tokens by owned expert into the workspace. `plan`, `weights`, `input` and
+  // the workspace must outlive the run.
+  static absl::StatusOr<MoeRun> Begin(const MoePlan& plan, const MoeLayerWeights& weights,
+                                      const MoeInput& input, void* workspace,
+                                      size_t workspace_bytes);
+
+  int64_t NumTasks(int stage) const;
+  // Runs task `task` of `stage` with per-worker scratch `worker`.
+  void RunTask(int stage, int64_t task, int worker) const;
+
+  // Statistics of this call.
+  int64_t num_active_experts() const { return n_active_; }
+  int64_t num_prefill_experts() const { return n_prefill_; }
+  int64_t num_pairs() const { return n_pairs_; }
+  // Bytes of expert weights the run reads once (gate + up + down of the active experts).
+  int64_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  MoeRun() = default;
+  void QuantizeTask(int64_t task) const;
+  void GateUpTask(int64_t task, int worker) const;
+  void DownTask(int64_t task, int worker) const;
+  const MoeMatrix& Matrix(int which, bool prefill) const;
+
+  const MoePlan* plan_ = nullptr;
+  const MoeLayerWeights* weights_ = nullptr;
+  MoeInput input_;
+  uint8_t* ws_ = nullptr;
+  int64_t n_active_ = 0, n_prefill_ = 0, n_pairs_ = 0, n_prefill_pairs_ = 0;
+  int64_t weight_bytes_ = 0;
+  int64_t n_token_chunks_ = 0, n_pair_chunks_ = 0, ff_blocks_ = 0;
+};
+
+// Runs every task t of `stage` with t % nth == ith (ggml's ith/nth split).
+void RunMoeStage(const MoeRun& run, int stage, int ith, int nth);
+
+// Runs all stages with the caller's pool: parallel_for(n_tasks, fn) must call
+// fn(task, worker) for every task in [0, n_tasks) and return when all are done.
+template <typename ParallelFor>
+void RunMoe(const MoeRun& run, ParallelFor&& parallel_for) {
+  for (int s = 0; s < MoeRun::kNumStages; ++s) {
+    parallel_for(run.NumTasks(s),
+                 [&run, s](int64_t task, int worker) { run.RunTask(s, task, worker); });
+  }
+}
+
+// The name of the variant a plan runs ("scalar", "avx512", ...).
+inline const char* MoePlanVariantName(const MoePlan& plan) { return CpuVariantName(plan.variant); }
+
+}  // namespace ktx::kernels::moe

@@ -1,0 +1,206 @@
+// The scalar variant: the correctness reference of the MoE kernels and the
+// fallback on any x86-64 CPU. Integer dot products per (sub-)block, block
+// scales applied in float, one activation row at a time.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/moe/moe_internal.h"
+
+namespace ktx::kernels::moe {
+namespace scalar {
+namespace {
+
+inline int NearestClamp127(float v) {
+  const float r = std::nearbyint(v);
+  return static_cast<int>(std::min(127.0f, std::max(-127.0f, r)));
+}
+
+void QuantizeQ8K(const float* x, ActQ8K* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b, x += 256) {
+    ActQ8K& o = y[b];
+    std::memset(&o, 0, sizeof(o));
+    float amax = 0.0f;
+    for (int i = 0; i < 256; ++i) amax = std::max(amax, std::fabs(x[i]));
+    if (amax == 0.0f) continue;
+    const float iscale = 127.0f / amax;
+    o.d = amax / 127.0f;
+    for (int i = 0; i < 256; ++i) o.qs[i] = static_cast<int8_t>(NearestClamp127(x[i] * iscale));
+    for (int j = 0; j < 16; ++j) {
+      int s = 0;
+      for (int i = 0; i < 16; ++i) s += o.qs[16 * j + i];
+      o.neg32_bsum16[j] = -32 * s;
+    }
+    for (int j = 0; j < 8; ++j) {
+      int s = 0;
+      for (int i = 0; i < 32; ++i) s += o.qs[32 * j + i];
+      o.bsum32[j] = static_cast<int16_t>(s);
+    }
+  }
+}
+
+void QuantizeQ8_0(const float* x, ActQ8_0* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b, x += 32) {
+    ActQ8_0& o = y[b];
+    std::memset(&o, 0, sizeof(o));
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    if (amax == 0.0f) continue;
+    const float iscale = 127.0f / amax;
+    o.d = amax / 127.0f;
+    int s = 0;
+    for (int i = 0; i < 32; ++i) {
+      o.qs[i] = static_cast<int8_t>(NearestClamp127(x[i] * iscale));
+      s += o.qs[i];
+    }
+    o.neg128_sum = -128 * s;
+  }
+}
+
+// Σ over one K-quant block of a decoded weight row with a Q8K activation block.
+inline float DotDecodedK(const DecodedK& w, TensorType type, const ActQ8K& a) {
+  if (type == TensorType::kQ6_K) {
+    int32_t isum = 0;
+    for (int j = 0; j < 16; ++j) {
+      int32_t s = 0;
+      for (int i = 0; i < 16; ++i) s += (w.q[16 * j + i] - 32) * a.qs[16 * j + i];
+      isum += w.sc[j] * s;
+    }
+    return a.d * (w.d * static_cast<float>(isum));
+  }
+  int32_t isum = 0, imin = 0;
+  for (int j = 0; j < 8; ++j) {
+    int32_t s = 0;
+    for (int i = 0; i < 32; ++i) s += w.q[32 * j + i] * a.qs[32 * j + i];
+    isum += w.sc[j] * s;
+    imin += w.m[j] * a.bsum32[j];
+  }
+  return a.d * (w.d * static_cast<float>(isum) - w.dmin * static_cast<float>(imin));
+}
+
+inline int32_t DotI8(const int8_t* a, const int8_t* b, int n) {
+  int32_t s = 0;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+const uint8_t* ActRow(const MatmulArgs& a, int64_t t) {
+  const int64_t row = a.act_index != nullptr ? a.act_index[t] : t;
+  return a.act + row * a.act_stride;
+}
+
+}  // namespace
+
+void Quantize(ActFormat fmt, const float* x, uint8_t* dst, int64_t k) {
+  switch (fmt) {
+    case ActFormat::kQ8K: QuantizeQ8K(x, reinterpret_cast<ActQ8K*>(dst), k / 256); break;
+    case ActFormat::kQ8_0: QuantizeQ8_0(x, reinterpret_cast<ActQ8_0*>(dst), k / 32); break;
+    case ActFormat::kF32: {
+      float* y = reinterpret_cast<float*>(dst);
+      for (int64_t i = 0; i < k; ++i) y[i] = RoundToBf16(x[i]);
+      break;
+    }
+  }
+}
+
+void SiluMul(const float* g, const float* u, float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void Matmul(const MatmulArgs& a) {
+  const MoeMatrixFormat f = a.format;
+  const int64_t kb = KBlock(f);
+  const int64_t nb = a.k / kb;
+  const int64_t n_rows_out = a.row_end - a.row_begin;
+  for (int64_t t = 0; t < a.n_act; ++t) {
+    std::fill(a.out + t * a.out_stride, a.out + t * a.out_stride + n_rows_out, 0.0f);
+  }
+  const bool k_quant =
+      f.type == TensorType::kQ4_K || f.type == TensorType::kQ5_K || f.type == TensorType::kQ6_K;
+  for (int64_t r = a.row_begin; r < a.row_end; ++r) {
+    const int64_t ro = r - a.row_begin;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (f.layout == MoeWeightLayout::kAmxInt8) {
+        const uint8_t* pb = a.w + ((r / kPanelRows) * nb + b) * panel::kAmxBytes;
+        float s;
+        int8_t q[256];
+        DecodePanelAmx(pb, static_cast<int>(r % kPanelRows), &s, q);
+        for (int64_t t = 0; t < a.n_act; ++t) {
+          const ActQ8K& x = reinterpret_cast<const ActQ8K*>(ActRow(a, t))[b];
+          a.out[t * a.out_stride + ro] += x.d * (s * static_cast<float>(DotI8(q, x.qs, 256)));
+        }
+      } else if (k_quant) {
+        DecodedK w;
+        if (f.layout == MoeWeightLayout::kGguf) {
+          const uint8_t* row = a.w + r * GgufRowBytes(f.type, a.k);
+          if (f.type == TensorType::kQ4_K) {
+            DecodeQ4K(reinterpret_cast<const GgufQ4K*>(row)[b], &w);
+          } else if (f.type == TensorType::kQ5_K) {
+            DecodeQ5K(reinterpret_cast<const GgufQ5K*>(row)[b], &w);
+          } else {
+            DecodeQ6K(reinterpret_cast<const GgufQ6K*>(row)[b], &w);
+          }
+        } else {
+          const uint8_t* pb = a.w + ((r / kPanelRows) * nb + b) * PanelBlockBytes(f);
+          const int rr = static_cast<int>(r % kPanelRows);
+          if (f.type == TensorType::kQ6_K) {
+            DecodePanelQ6K(pb, rr, &w);
+          } else {
+            DecodePanelQ4K(pb, rr, f.type == TensorType::kQ5_K, &w);
+          }
+        }
+        for (int64_t t = 0; t < a.n_act; ++t) {
+          const ActQ8K& x = reinterpret_cast<const ActQ8K*>(ActRow(a, t))[b];
+          a.out[t * a.out_stride + ro] += DotDecodedK(w, f.type, x);
+        }
+      } else if (f.type == TensorType::kQ8_0) {
+        float d;
+        int8_t q[32];
+        if (f.layout == MoeWeightLayout::kGguf) {
+          const GgufQ8_0& blk =
+              reinterpret_cast<const GgufQ8_0*>(a.w + r * GgufRowBytes(f.type, a.k))[b];
+          d = HalfToFloatScalar(blk.d);
+          std::memcpy(q, blk.qs, 32);
+        } else {
+          DecodePanelQ80(a.w + ((r / kPanelRows) * nb + b) * panel::kQ80Bytes,
+                         static_cast<int>(r % kPanelRows), &d, q);
+        }
+        for (int64_t t = 0; t < a.n_act; ++t) {
+          const ActQ8_0& x = reinterpret_cast<const ActQ8_0*>(ActRow(a, t))[b];
+          a.out[t * a.out_stride + ro] += x.d * (d * static_cast<float>(DotI8(q, x.qs, 32)));
+        }
+      } else {  // BF16
+        uint16_t w[32];
+        if (f.layout == MoeWeightLayout::kGguf) {
+          std::memcpy(w, a.w + r * a.k * 2 + b * 64, 64);
+        } else {
+          DecodePanelBf16(a.w + ((r / kPanelRows) * nb + b) * panel::kBf16Bytes,
+                          static_cast<int>(r % kPanelRows), w);
+        }
+        for (int64_t t = 0; t < a.n_act; ++t) {
+          const float* x = reinterpret_cast<const float*>(ActRow(a, t)) + b * 32;
+          float s = 0.0f;
+          for (int i = 0; i < 32; ++i) s += Bf16Bits(w[i]) * x[i];
+          a.out[t * a.out_stride + ro] += s;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace scalar
+
+namespace {
+
+bool Supports(MoeMatrixFormat f) { return MoeFormatSupported(f); }
+int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
+
+}  // namespace
+
+const MoeKernels& MoeKernelsScalar() {
+  static const MoeKernels k = {CpuVariant::kScalar, "scalar",   &Supports,       &scalar::Quantize,
+                               &scalar::Matmul,     &NoScratch, &scalar::SiluMul};
+  return k;
+}
+
+}  // namespace ktx::kernels::moe

@@ -1,0 +1,483 @@
+// The MoE operator on every ISA variant the host supports against an
+// independent float64 reference (weights dequantized by the test's own code,
+// activations unquantized), on awkward sizes and expert subsets.
+//
+// Tolerance. The kernels quantize x (per 256, or per 32 for Q8_0) and h to int8
+// with d = max|v| / 127: a rounding error uniform in +-d/2, i.e. a relative
+// energy eps = (max/rms)^2 / (12 * 127^2) per quantization. For Gaussian x over
+// 256 values max/rms ~ 3 (eps_x ~ 4.6e-5); h = silu(g) * u is heavier tailed
+// (max/rms up to ~6: eps_h ~ 1.9e-4). Errors of x reach h through both g and u
+// (about 2 eps_x), so NMSE(out) ~ 2 eps_x + eps_h ~ 3e-4. We allow 1e-3 (about
+// 3x); the measured values are ~1e-4 (printed). amx_int8 weights add their own
+// int8 rounding (three matrices, max/rms of a weight block ~ 2-3: ~3 * 4e-5),
+// so the prefill-form tests allow 1.5e-3. BF16 pairs with bf16-rounded
+// activations (eps ~ 2^-18 per rounding), far below these.
+// A wrong scale, nibble or row order gives NMSE >= 1e-2.
+#include "kernels/cpu/moe/moe.h"
+
+#include <algorithm>
+#include <barrier>
+#include <cstdio>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/moe/moe_internal.h"
+#include "tests/kernels/cpu/moe/moe_test_util.h"
+
+namespace ktx::kernels::moe {
+namespace {
+
+using testing::AlignedBuffer;
+using testing::LayoutCopy;
+using testing::MakeLayout;
+using testing::MakeTestLayer;
+using testing::Nmse;
+using testing::ReferenceMoe;
+using testing::TestLayer;
+
+constexpr double kTolerance = 1e-3;
+constexpr double kAmxTolerance = 1.5e-3;
+
+struct Routing {
+  std::vector<float> x;
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+};
+
+Routing RandomRouting(const MoeShape& s, int64_t n_tokens, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::uniform_real_distribution<float> u(0.05f, 1.0f);
+  Routing r;
+  r.x.resize(n_tokens * s.n_embd);
+  for (float& v : r.x) v = n(rng);
+  std::vector<int32_t> perm(s.n_expert);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int64_t k = 0; k < s.n_expert_used; ++k) {
+      r.ids.push_back(perm[k]);
+      r.w.push_back(u(rng));
+    }
+  }
+  return r;
+}
+
+struct Case {
+  const char* name;
+  TensorType gate_type, down_type;
+  MoeWeightLayout layout;
+  int64_t n_embd, n_ff, n_used, n_tokens;
+  bool subset;  // shard owns only the odd experts
+};
+
+class MoeVariantTest : public ::testing::TestWithParam<CpuVariant> {
+ protected:
+  void SetUp() override {
+    const std::string why = CpuVariantUnsupportedReason(GetParam());
+    if (!why.empty())
+      GTEST_SKIP() << "host cannot run " << CpuVariantName(GetParam()) << ": " << why;
+  }
+
+  MoePlanOptions Options(int64_t max_tokens, int workers) const {
+    MoePlanOptions o;
+    o.max_tokens = max_tokens;
+    o.max_workers = workers;
+    o.force_variant = true;
+    o.variant = GetParam();
+    return o;
+  }
+};
+
+// Builds the weights of `L` in `layout` (and optionally amx_int8 prefill copies).
+struct Weights {
+  LayoutCopy gate, up, down, gate_p, up_p, down_p;
+  MoeLayerWeights w;
+  MoeLayerFormat f;
+};
+
+std::unique_ptr<Weights> BuildWeights(const TestLayer& L, MoeWeightLayout layout,
+                                      const std::vector<bool>& owned, bool prefill) {
+  auto W = std::make_unique<Weights>();
+  const MoeShape& s = L.shape;
+  W->gate = MakeLayout(L.gate, L.gate_type, layout, s.n_ff, s.n_embd, owned);
+  W->up = MakeLayout(L.up, L.gate_type, layout, s.n_ff, s.n_embd, owned);
+  W->down = MakeLayout(L.down, L.down_type, layout, s.n_embd, s.n_ff, owned);
+  W->f.gate = W->f.up = {L.gate_type, layout};
+  W->f.down = {L.down_type, layout};
+  W->w.gate = {W->f.gate, W->gate.ptrs.data()};
+  W->w.up = {W->f.up, W->up.ptrs.data()};
+  W->w.down = {W->f.down, W->down.ptrs.data()};
+  if (prefill) {
+    const MoeWeightLayout amx = MoeWeightLayout::kAmxInt8;
+    W->gate_p = MakeLayout(L.gate, L.gate_type, amx, s.n_ff, s.n_embd, owned);
+    W->up_p = MakeLayout(L.up, L.gate_type, amx, s.n_ff, s.n_embd, owned);
+    W->down_p = MakeLayout(L.down, L.down_type, amx, s.n_embd, s.n_ff, owned);
+    W->f.has_prefill = true;
+    W->f.gate_prefill = W->f.up_prefill = {L.gate_type, amx};
+    W->f.down_prefill = {L.down_type, amx};
+    W->w.gate_prefill = {W->f.gate_prefill, W->gate_p.ptrs.data()};
+    W->w.up_prefill = {W->f.up_prefill, W->up_p.ptrs.data()};
+    W->w.down_prefill = {W->f.down_prefill, W->down_p.ptrs.data()};
+  }
+  return W;
+}
+
+// Runs all stages with `workers` threads (tasks handed out round-robin, the
+// worker index is the thread index); workers == 0 runs serially in reverse task order.
+struct RunStats {
+  int64_t active = 0, prefill = 0;
+};
+
+std::vector<float> RunLayer(const MoePlan& plan, const Weights& W, const Routing& r,
+                            int64_t n_tokens, int workers, RunStats* stats = nullptr) {
+  std::vector<float> out(n_tokens * plan.shape.n_embd, -1.0f);
+  AlignedBuffer ws(MoeWorkspaceSize(plan));
+  std::memset(ws.p.get(), 0xA5, ws.size);  // garbage: the run must not rely on zeroed workspace
+  MoeInput in;
+  in.n_tokens = n_tokens;
+  in.x = r.x.data();
+  in.ids = r.ids.data();
+  in.weights = r.w.data();
+  in.out = out.data();
+  auto run = MoeRun::Begin(plan, W.w, in, ws.p.get(), ws.size);
+  EXPECT_TRUE(run.ok()) << run.status();
+  if (!run.ok()) return out;
+  if (stats) *stats = {run->num_active_experts(), run->num_prefill_experts()};
+  if (workers == 0) {
+    for (int s = 0; s < MoeRun::kNumStages; ++s) {
+      for (int64_t t = run->NumTasks(s) - 1; t >= 0; --t) run->RunTask(s, t, 0);
+    }
+  } else {
+    std::barrier sync(workers);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < workers; ++i) {
+      threads.emplace_back([&, i] {
+        for (int s = 0; s < MoeRun::kNumStages; ++s) {
+          RunMoeStage(*run, s, i, workers);
+          sync.arrive_and_wait();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  return out;
+}
+
+const Case kCases[] = {
+    // name, gate/up type, down type, layout, n_embd, n_ff, n_used, tokens, subset
+    {"q4k_q6k_gguf_t1", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kGguf, 256, 512, 8,
+     1, false},
+    {"q4k_q6k_panel_t1", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 256, 512,
+     8, 1, false},
+    {"q4k_q6k_panel_t3_sub", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 512,
+     256, 3, 3, true},
+    {"q4k_q6k_panel_t17", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 256, 512,
+     6, 17, false},
+    {"q4k_q6k_gguf_t17_sub", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kGguf, 512, 256,
+     2, 17, true},
+    {"q5k_q5k_panel_t3", TensorType::kQ5_K, TensorType::kQ5_K, MoeWeightLayout::kPanel16, 256, 512,
+     4, 3, false},
+    {"q5k_q4k_gguf_t3", TensorType::kQ5_K, TensorType::kQ4_K, MoeWeightLayout::kGguf, 256, 256, 1,
+     3, false},
+    {"q6k_q6k_panel_t17", TensorType::kQ6_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 512, 256,
+     8, 17, true},
+    {"q80_q80_panel_t17", TensorType::kQ8_0, TensorType::kQ8_0, MoeWeightLayout::kPanel16, 256, 512,
+     5, 17, false},
+    {"q80_q80_gguf_t3", TensorType::kQ8_0, TensorType::kQ8_0, MoeWeightLayout::kGguf, 512, 256, 8,
+     3, false},
+    {"bf16_bf16_panel_t3", TensorType::kBF16, TensorType::kBF16, MoeWeightLayout::kPanel16, 256,
+     512, 2, 3, false},
+    {"bf16_bf16_gguf_t1", TensorType::kBF16, TensorType::kBF16, MoeWeightLayout::kGguf, 512, 256, 7,
+     1, true},
+    {"q4k_q6k_panel_t255", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 256,
+     256, 8, 255, false},
+    {"q80_q4k_panel_t255_sub", TensorType::kQ8_0, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 256,
+     256, 3, 255, true},
+};
+
+TEST_P(MoeVariantTest, MatchesFloat64Reference) {
+  uint32_t seed = 1;
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(c.name);
+    const MoeShape shape{c.n_embd, c.n_ff, 16, c.n_used};
+    const TestLayer L = MakeTestLayer(shape, c.gate_type, c.down_type, seed++);
+    std::vector<bool> owned(16, true);
+    if (c.subset) {
+      for (int e = 0; e < 16; e += 2) owned[e] = false;
+    }
+    auto W = BuildWeights(L, c.layout, owned, false);
+    auto plan = MakeMoePlan(shape, W->f, Options(c.n_tokens, 3));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const Routing r = RandomRouting(shape, c.n_tokens, seed++);
+    const std::vector<float> y = RunLayer(*plan, *W, r, c.n_tokens, 3);
+    const std::vector<double> ref =
+        ReferenceMoe(L, owned, c.n_tokens, r.x.data(), r.ids.data(), r.w.data());
+    ASSERT_GT(testing::Rms(ref), 1e-2);  // a non-trivial layer
+    const double nmse = Nmse(y.data(), ref);
+    std::printf("  %-8s %-24s nmse %.3g\n", CpuVariantName(GetParam()), c.name, nmse);
+    EXPECT_LT(nmse, kTolerance);
+    // Tokens whose experts are all foreign get exactly zero.
+    for (int64_t t = 0; t < c.n_tokens; ++t) {
+      bool any = false;
+      for (int64_t k = 0; k < c.n_used; ++k) any = any || owned[r.ids[t * c.n_used + k]];
+      if (!any) {
+        for (int64_t i = 0; i < c.n_embd; ++i) ASSERT_EQ(y[t * c.n_embd + i], 0.0f);
+      }
+    }
+  }
+}
+
+TEST_P(MoeVariantTest, PrefillFormMatchesFloat64Reference) {
+  // Experts with >= 4 tokens take the amx_int8 form, the others the decode form.
+  uint32_t seed = 100;
+  for (TensorType gt : {TensorType::kQ4_K, TensorType::kQ8_0}) {
+    for (int64_t n_tokens : {17, 255}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "gate type " << static_cast<int>(gt) << " tokens " << n_tokens);
+      const MoeShape shape{256, 512, 16, 6};
+      const TestLayer L = MakeTestLayer(shape, gt, TensorType::kQ6_K, seed++);
+      std::vector<bool> owned(16, true);
+      owned[3] = false;
+      auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, true);
+      MoePlanOptions o = Options(n_tokens, 2);
+      o.prefill_min_tokens = 4;
+      auto plan = MakeMoePlan(shape, W->f, o);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      const Routing r = RandomRouting(shape, n_tokens, seed++);
+      RunStats stats;
+      std::vector<float> y = RunLayer(*plan, *W, r, n_tokens, 2, &stats);
+      EXPECT_GT(stats.prefill, 0);
+      const std::vector<double> ref =
+          ReferenceMoe(L, owned, n_tokens, r.x.data(), r.ids.data(), r.w.data());
+      ASSERT_GT(testing::Rms(ref), 1e-2);
+      const double nmse = Nmse(y.data(), ref);
+      std::printf("  %-8s prefill t%-4lld nmse %.3g (%lld of %lld experts prefill)\n",
+                  CpuVariantName(GetParam()), static_cast<long long>(n_tokens), nmse,
+                  static_cast<long long>(stats.prefill), static_cast<long long>(stats.active));
+      EXPECT_LT(nmse, kAmxTolerance);
+    }
+  }
+}
+
+TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
+  const MoeShape shape{512, 256, 16, 4};
+  const TestLayer L = MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 7, false);
+  std::vector<bool> owned(16, true);
+  for (bool prefill : {false, true}) {
+    auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, prefill);
+    const Routing r = RandomRouting(shape, 40, 8);
+    MoePlanOptions o1 = Options(40, 1), o3 = Options(40, 3);
+    o1.prefill_min_tokens = o3.prefill_min_tokens = 8;
+    auto p1 = MakeMoePlan(shape, W->f, o1);
+    auto p3 = MakeMoePlan(shape, W->f, o3);
+    ASSERT_TRUE(p1.ok() && p3.ok());
+    const std::vector<float> a = RunLayer(*p1, *W, r, 40, 1);
+    const std::vector<float> b = RunLayer(*p3, *W, r, 40, 3);
+    const std::vector<float> c = RunLayer(*p3, *W, r, 40, 0);  // reversed task order
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << "prefill " << prefill;
+    EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * 4)) << "prefill " << prefill;
+  }
+}
+
+TEST_P(MoeVariantTest, ActivationQuantizersAgreeBitwiseWithScalar) {
+  const MoeKernels& k = MoeKernelsFor(GetParam());
+  const MoeKernels& s = MoeKernelsScalar();
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0.0f, 2.0f);
+  std::vector<float> x(1024);
+  for (float& v : x) v = n(rng);
+  std::fill(x.begin() + 256, x.begin() + 288, 0.0f);  // an all-zero block
+  x[5] = 1e-30f;
+  for (ActFormat f : {ActFormat::kQ8K, ActFormat::kQ8_0, ActFormat::kF32}) {
+    const int64_t bytes = ActRowBytes(f, 1024);
+    AlignedBuffer a(bytes), b(bytes);
+    std::memset(a.p.get(), 0, bytes);
+    std::memset(b.p.get(), 0, bytes);
+    k.quantize(f, x.data(), a.p.get(), 1024);
+    s.quantize(f, x.data(), b.p.get(), 1024);
+    if (f == ActFormat::kQ8K) {  // compare fields, not padding
+      for (int blk = 0; blk < 4; ++blk) {
+        const ActQ8K& qa = reinterpret_cast<const ActQ8K*>(a.p.get())[blk];
+        const ActQ8K& qb = reinterpret_cast<const ActQ8K*>(b.p.get())[blk];
+        EXPECT_EQ(0, std::memcmp(qa.qs, qb.qs, 256));
+        EXPECT_EQ(qa.d, qb.d);
+        EXPECT_EQ(0, std::memcmp(qa.bsum32, qb.bsum32, sizeof(qa.bsum32)));
+        EXPECT_EQ(0, std::memcmp(qa.neg32_bsum16, qb.neg32_bsum16, sizeof(qa.neg32_bsum16)));
+      }
+    } else {
+      EXPECT_EQ(0, std::memcmp(a.p.get(), b.p.get(), bytes)) << static_cast<int>(f);
+    }
+  }
+  std::vector<float> g(300), u(300), h1(300), h2(300);
+  for (int i = 0; i < 300; ++i) {
+    g[i] = n(rng) * 4;
+    u[i] = n(rng);
+  }
+  g[0] = -100.0f;
+  g[1] = 100.0f;
+  k.silu_mul(g.data(), u.data(), h1.data(), 300);
+  s.silu_mul(g.data(), u.data(), h2.data(), 300);
+  for (int i = 0; i < 300; ++i) {
+    EXPECT_NEAR(h1[i], h2[i], 2e-6f * (std::fabs(h2[i]) + 1e-3f)) << i << " g=" << g[i];
+  }
+}
+
+std::string VariantName(const ::testing::TestParamInfo<CpuVariant>& info) {
+  return CpuVariantName(info.param);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllVariants, MoeVariantTest, ::testing::ValuesIn(kAllCpuVariants),
+                         VariantName);
+
+// ---- Variant-independent checks ----
+
+TEST(MoeRepackTest, PanelLayoutsDecodeToTheGgufValues) {
+  std::mt19937 rng(11);
+  for (TensorType t : {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0,
+                       TensorType::kBF16}) {
+    SCOPED_TRACE(static_cast<int>(t));
+    const int64_t rows = 32, k = 512;
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    std::vector<bool> owned{true};
+    const LayoutCopy c = MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, owned);
+    const MoeMatrixFormat f{t, MoeWeightLayout::kPanel16};
+    const int64_t kb = KBlock(f), nb = k / kb;
+    const uint8_t* base = static_cast<const uint8_t*>(c.ptrs[0]);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<double> ref(k);
+      testing::DequantRow(t, m.data() + r * testing::RowBytesOf(t, k), k, ref.data());
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* pb = base + ((r / 16) * nb + b) * PanelBlockBytes(f);
+        const int rr = static_cast<int>(r % 16);
+        for (int i = 0; i < kb; ++i) {
+          double v;
+          if (t == TensorType::kQ8_0) {
+            float d;
+            int8_t q[32];
+            DecodePanelQ80(pb, rr, &d, q);
+            v = static_cast<double>(d) * q[i];
+          } else if (t == TensorType::kBF16) {
+            uint16_t w[32];
+            DecodePanelBf16(pb, rr, w);
+            v = Bf16Bits(w[i]);
+          } else {
+            DecodedK dk;
+            if (t == TensorType::kQ6_K) {
+              DecodePanelQ6K(pb, rr, &dk);
+              v = static_cast<double>(dk.d) * dk.sc[i / 16] * (dk.q[i] - 32);
+            } else {
+              DecodePanelQ4K(pb, rr, t == TensorType::kQ5_K, &dk);
+              v = static_cast<double>(dk.d) * dk.sc[i / 32] * dk.q[i] -
+                  static_cast<double>(dk.dmin) * dk.m[i / 32];
+            }
+          }
+          ASSERT_EQ(v, ref[b * kb + i]) << "row " << r << " element " << b * kb + i;
+        }
+      }
+    }
+  }
+}
+
+TEST(MoeRepackTest, AmxInt8IsWithinHalfAStepOfTheGgufValues) {
+  std::mt19937 rng(12);
+  for (TensorType t :
+       {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    const int64_t rows = 16, k = 512;
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    const LayoutCopy c = MakeLayout({m}, t, MoeWeightLayout::kAmxInt8, rows, k, {true});
+    const uint8_t* base = static_cast<const uint8_t*>(c.ptrs[0]);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<double> ref(k);
+      testing::DequantRow(t, m.data() + r * testing::RowBytesOf(t, k), k, ref.data());
+      for (int64_t b = 0; b < k / 256; ++b) {
+        float s;
+        int8_t q[256];
+        DecodePanelAmx(base + b * panel::kAmxBytes, static_cast<int>(r), &s, q);
+        double amax = 0;
+        for (int i = 0; i < 256; ++i) amax = std::max(amax, std::fabs(ref[b * 256 + i]));
+        EXPECT_NEAR(s, amax / 127, 1e-6 * amax);
+        for (int i = 0; i < 256; ++i) {
+          ASSERT_LE(std::fabs(s * q[i] - ref[b * 256 + i]), 0.5001 * s + 1e-12)
+              << "type " << static_cast<int>(t) << " row " << r << " i " << b * 256 + i;
+        }
+      }
+    }
+  }
+}
+
+TEST(MoeRepackTest, ReportsBytesAndRejectsBadShapes) {
+  EXPECT_EQ(*MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kGguf}, 2048, 7168),
+            2048LL * 28 * 144);
+  EXPECT_EQ(*MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kPanel16}, 2048, 7168),
+            2048LL * 28 * 148);
+  EXPECT_EQ(*MoeMatrixBytes({TensorType::kQ6_K, MoeWeightLayout::kPanel16}, 7168, 2048),
+            7168LL * 8 * 210);
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kPanel16}, 20, 256).ok());
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kGguf}, 16, 100).ok());
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kBF16, MoeWeightLayout::kAmxInt8}, 16, 256).ok());
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_0, MoeWeightLayout::kGguf}, 16, 256).ok());
+}
+
+TEST(MoePlanTest, RejectsBadShapesAndInputs) {
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kGguf};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kGguf};
+  MoePlanOptions o;
+  o.max_tokens = 4;
+  o.force_variant = true;
+  EXPECT_FALSE(MakeMoePlan({300, 512, 16, 2}, f, o).ok());
+  EXPECT_FALSE(MakeMoePlan({256, 512, 4, 8}, f, o).ok());
+  MoeLayerFormat bad = f;
+  bad.up = {TensorType::kQ5_K, MoeWeightLayout::kGguf};
+  EXPECT_FALSE(MakeMoePlan({256, 512, 16, 2}, bad, o).ok());
+  auto plan = MakeMoePlan({256, 512, 16, 2}, f, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+
+  const MoeShape shape{256, 512, 16, 2};
+  const TestLayer L = MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 5, false);
+  auto W = BuildWeights(L, MoeWeightLayout::kGguf, std::vector<bool>(16, true), false);
+  Routing r = RandomRouting(shape, 4, 6);
+  std::vector<float> out(4 * 256);
+  AlignedBuffer ws(MoeWorkspaceSize(*plan));
+  MoeInput in{4, r.x.data(), r.ids.data(), r.w.data(), out.data()};
+  EXPECT_TRUE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size).ok());
+  r.ids[3] = 16;
+  auto bad_id = MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size);
+  EXPECT_EQ(bad_id.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_id.status().message().find("expert id 16"), std::string::npos);
+  r.ids[3] = 1;
+  in.n_tokens = 5;
+  EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size).ok());
+  in.n_tokens = 4;
+  EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size - 64).ok());
+  MoeLayerWeights wrong = W->w;
+  wrong.down.format = {TensorType::kQ4_K, MoeWeightLayout::kGguf};
+  EXPECT_FALSE(MoeRun::Begin(*plan, wrong, in, ws.p.get(), ws.size).ok());
+}
+
+TEST(CpuVariantTest, NamesParseAndForcingChecksTheHost) {
+  for (CpuVariant v : kAllCpuVariants) EXPECT_EQ(ParseCpuVariant(CpuVariantName(v)), v);
+  EXPECT_EQ(ParseCpuVariant("AVX512"), CpuVariant::kAvx512);
+  EXPECT_FALSE(ParseCpuVariant("sse2").has_value());
+  EXPECT_TRUE(CpuVariantUnsupportedReason(CpuVariant::kScalar).empty());
+  CpuFeatures none;
+  EXPECT_NE(CpuVariantUnsupportedReason(CpuVariant::kAmx, none).find("amx_tile"),
+            std::string::npos);
+  EXPECT_EQ(BestCpuVariant(none), CpuVariant::kScalar);
+  const CpuVariant before = ActiveCpuVariant();
+  EXPECT_TRUE(ForceCpuVariant("scalar").ok());
+  EXPECT_EQ(ActiveCpuVariant(), CpuVariant::kScalar);
+  EXPECT_FALSE(ForceCpuVariant("neon").ok());
+  if (!HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    EXPECT_EQ(ForceCpuVariant(CpuVariant::kAmx).code(), absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(ForceCpuVariant(before).ok());
+}
+
+}  // namespace
+}  // namespace ktx::kernels::moe
