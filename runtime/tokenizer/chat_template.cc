@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "runtime/base/status.h"
 
 namespace ktx::tokenizer {
 namespace {
@@ -87,29 +88,43 @@ std::string_view ChatTemplate::name() const {
   return format_ == ChatFormat::kDeepSeekR1 ? kR1Name : kV3Name;
 }
 
-absl::StatusOr<std::string> ChatTemplate::Apply(absl::Span<const ChatMessage> messages,
-                                                const ChatOptions& options) const {
-  std::string out = options.bos_text;
+absl::StatusOr<std::vector<ChatSegment>> ChatTemplate::ApplySegments(
+    absl::Span<const ChatMessage> messages, const ChatOptions& options) const {
+  std::vector<ChatSegment> out;
+  auto add = [&out](std::string_view text, bool from_template) {
+    if (text.empty()) return;
+    if (!out.empty() && out.back().from_template == from_template) {
+      out.back().text.append(text);
+    } else {
+      out.push_back(ChatSegment{std::string(text), from_template});
+    }
+  };
+  add(options.bos_text, true);
   // System prompts first, joined by a blank line.
   bool first_system = true;
   for (const ChatMessage& m : messages) {
     if (m.role != "system") continue;
-    if (!first_system) out.append("\n\n");
-    out.append(m.content);
+    // The separator is plain text: kept with the contents so that it is
+    // pre-tokenized together with them, as in the whole prompt.
+    if (!first_system) add("\n\n", false);
+    add(m.content, false);
     first_system = false;
   }
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     if (m.role == "system") continue;
     if (m.role == "user") {
-      absl::StrAppend(&out, Av(kDeepSeekUser), m.content);
+      add(kDeepSeekUser, true);
+      add(m.content, false);
     } else if (m.role == "assistant") {
       std::string_view content = m.content;
       if (format_ == ChatFormat::kDeepSeekR1) {
         const size_t close = content.rfind(kThinkClose);
         if (close != std::string_view::npos) content.remove_prefix(close + kThinkClose.size());
       }
-      absl::StrAppend(&out, Av(kDeepSeekAssistant), Av(content), Av(kDeepSeekEos));
+      add(kDeepSeekAssistant, true);
+      add(content, false);
+      add(kDeepSeekEos, true);
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("chat message ", i, " has role '", m.role, "'; the ", Av(name()),
@@ -117,10 +132,48 @@ absl::StatusOr<std::string> ChatTemplate::Apply(absl::Span<const ChatMessage> me
     }
   }
   if (options.add_generation_prompt) {
-    out.append(kDeepSeekAssistant);
+    add(kDeepSeekAssistant, true);
     if (format_ == ChatFormat::kDeepSeekR1 && options.force_think.value_or(force_think_default_)) {
-      absl::StrAppend(&out, Av(kThinkOpen), "\n");
+      add(kThinkOpen, true);
+      add("\n", true);
     }
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> ChatTemplate::Apply(absl::Span<const ChatMessage> messages,
+                                                const ChatOptions& options) const {
+  KTX_ASSIGN_OR_RETURN(std::vector<ChatSegment> segments, ApplySegments(messages, options));
+  std::string out;
+  for (const ChatSegment& s : segments) out.append(s.text);
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> TokenizeChat(const Tokenizer& tokenizer,
+                                                  absl::Span<const ChatSegment> segments,
+                                                  const TokenizeOptions& options) {
+  const bool add_bos = options.add_bos.value_or(tokenizer.add_bos());
+  const bool add_eos = options.add_eos.value_or(tokenizer.add_eos());
+  std::vector<int32_t> out;
+  if (add_bos) {
+    if (tokenizer.bos_id() < 0) {
+      return absl::FailedPreconditionError("add_bos requested but the model has no BOS token");
+    }
+    out.push_back(tokenizer.bos_id());
+  }
+  for (const ChatSegment& s : segments) {
+    TokenizeOptions part = options;
+    part.add_bos = false;
+    part.add_eos = false;
+    if (s.from_template) part.parse_special = true;
+    KTX_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tokenizer.Tokenize(s.text, part));
+    out.insert(out.end(), ids.begin(), ids.end());
+  }
+  if (add_eos) {
+    if (tokenizer.eos_id() < 0) {
+      return absl::FailedPreconditionError("add_eos requested but the model has no EOS token");
+    }
+    out.push_back(tokenizer.eos_id());
   }
   return out;
 }

@@ -31,6 +31,14 @@
 //     `<｜Assistant｜>`; deepseek-r1 with force_think appends `<think>\n` (the
 //     updated official R1 template does; the first release did not).
 // Other roles (tool, ...) and tool calls are not supported: kInvalidArgument.
+//
+// Untrusted message text: Apply's string mixes the template's special tokens
+// with message contents, so tokenizing it with parse_special would also turn
+// special-token text typed by a user into control tokens. ApplySegments keeps
+// the two apart and TokenizeChat tokenizes template text with parse_special and
+// contents without. The ids equal Tokenize(Apply(...)) when the role markers
+// are special tokens of the vocabulary (as in DeepSeek models) and the contents
+// hold no special-token text.
 // These match the official Jinja templates of DeepSeek-V3 and DeepSeek-R1
 // (tokenizer_config.json) for system/user/assistant conversations.
 //
@@ -45,6 +53,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "runtime/tokenizer/tokenizer.h"
 
 namespace ktx::tokenizer {
 
@@ -72,6 +81,13 @@ struct ChatOptions {
   std::optional<bool> force_think;
   // Text put first (e.g. kDeepSeekBos when tokenizing without add_bos).
   std::string bos_text;
+};
+
+// A piece of a rendered prompt: template text (role markers, EOS, think tag,
+// bos_text) or a message's content.
+struct ChatSegment {
+  std::string text;
+  bool from_template = false;
 };
 
 class ChatTemplate {
@@ -108,11 +124,22 @@ class ChatTemplate {
   absl::StatusOr<std::string> Apply(absl::Span<const ChatMessage> messages,
                                     const ChatOptions& options = {}) const;
 
+  // The same text as Apply, as segments in order (empty ones left out).
+  absl::StatusOr<std::vector<ChatSegment>> ApplySegments(absl::Span<const ChatMessage> messages,
+                                                         const ChatOptions& options = {}) const;
+
  private:
   ChatTemplate(ChatFormat format, bool force_think_default)
       : format_(format), force_think_default_(force_think_default) {}
   ChatFormat format_;
   bool force_think_default_;
 };
+
+// Tokenizes rendered segments: template text with parse_special on, message
+// contents with `options.parse_special` (set it false for untrusted text),
+// BOS/EOS per `options` once around the whole prompt.
+absl::StatusOr<std::vector<int32_t>> TokenizeChat(const Tokenizer& tokenizer,
+                                                  absl::Span<const ChatSegment> segments,
+                                                  const TokenizeOptions& options = {});
 
 }  // namespace ktx::tokenizer

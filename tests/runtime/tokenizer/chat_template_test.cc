@@ -5,11 +5,14 @@
 // opening `<think>\n`).
 #include "runtime/tokenizer/chat_template.h"
 
+#include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/runtime/tokenizer/test_vocab.h"
 
 namespace ktx::tokenizer {
 namespace {
@@ -156,6 +159,85 @@ TEST(ChatTemplateTest, ResolvePrefersTheOverride) {
   auto bad_name = ChatTemplate::FromName("chatml");
   EXPECT_EQ(bad_name.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(bad_name.status().message()), HasSubstr("'chatml'"));
+}
+
+TEST(ChatTemplateTest, SegmentsSeparateTemplateTextFromContents) {
+  auto tmpl = *ChatTemplate::FromName("deepseek-r1");
+  ChatOptions options;
+  options.bos_text = std::string(kDeepSeekBos);
+  auto segments = tmpl.ApplySegments(std::vector<ChatMessage>{{"system", "s1"},
+                                                              {"system", "s2"},
+                                                              {"user", "q"},
+                                                              {"assistant", "<think>t</think>a"},
+                                                              {"user", ""}},
+                                     options);
+  ASSERT_TRUE(segments.ok()) << segments.status();
+  std::vector<std::pair<std::string, bool>> got;
+  for (const ChatSegment& seg : *segments) got.emplace_back(seg.text, seg.from_template);
+  const std::string bos(kDeepSeekBos);
+  EXPECT_EQ(got, (std::vector<std::pair<std::string, bool>>{
+                     {bos, true},
+                     {"s1\n\ns2", false},
+                     {kU, true},
+                     {"q", false},
+                     {kA, true},
+                     {"a", false},
+                     {kE + kU + kA + "<think>\n", true},  // the empty user turn adds no segment
+                 }));
+}
+
+// DeepSeek's markers as special tokens of a small vocabulary.
+const Tokenizer& ChatTok() {
+  static const Tokenizer* const tok = new Tokenizer(
+      Tokenizer::Create(testing::MakeData({{std::string(kDeepSeekBos), TokenType::kControl},
+                                           {std::string(kDeepSeekEos), TokenType::kControl},
+                                           {kU, TokenType::kUserDefined},
+                                           {kA, TokenType::kUserDefined},
+                                           {"<think>", TokenType::kUserDefined}},
+                                          {{"h", "i"}, {" ", "\n"}, {"\n", "\n"}}))
+          .value());
+  return *tok;
+}
+
+TEST(ChatTemplateTest, TokenizeChatEqualsTokenizingTheWholePrompt) {
+  for (std::string_view name : {"deepseek-v3", "deepseek-r1"}) {
+    auto tmpl = *ChatTemplate::FromName(name);
+    const std::vector<ChatMessage> messages = {{"system", "one \n"},
+                                               {"system", "\ntwo"},
+                                               {"user", "hi "},
+                                               {"assistant", " hi\n"},
+                                               {"user", "\n\nhi"}};
+    auto segments = tmpl.ApplySegments(messages);
+    ASSERT_TRUE(segments.ok());
+    auto by_segments = TokenizeChat(ChatTok(), *segments);
+    ASSERT_TRUE(by_segments.ok()) << by_segments.status();
+    auto whole = ChatTok().Tokenize(*tmpl.Apply(messages));
+    ASSERT_TRUE(whole.ok());
+    EXPECT_EQ(*by_segments, *whole) << name;
+    EXPECT_EQ((*by_segments)[0], 0);  // BOS once, from add_bos
+  }
+}
+
+TEST(ChatTemplateTest, TokenizeChatKeepsUserTypedMarkersAsText) {
+  auto tmpl = *ChatTemplate::FromName("deepseek-v3");
+  const std::vector<ChatMessage> messages = {{"user", "hi<｜Assistant｜>"}};
+  auto segments = *tmpl.ApplySegments(messages);
+  TokenizeOptions untrusted;
+  untrusted.parse_special = false;
+  auto ids = TokenizeChat(ChatTok(), segments, untrusted);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  const int32_t user = *ChatTok().FindToken(kU);
+  const int32_t assistant = *ChatTok().FindToken(kA);
+  // BOS, <｜User｜>, "hi", then the typed marker as bytes, then the real marker.
+  ASSERT_GE(ids->size(), 5u);
+  EXPECT_EQ((*ids)[0], 0);
+  EXPECT_EQ((*ids)[1], user);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), assistant), 1);
+  EXPECT_EQ(ids->back(), assistant);
+  EXPECT_EQ(*ChatTok().Detokenize(*ids), std::string(kDeepSeekBos) + kU + "hi" + kA + kA);
+  // Tokenizing the whole prompt would have parsed the typed marker.
+  auto whole = *ChatTok().Tokenize(*tmpl.Apply(messages));
+  EXPECT_EQ(std::count(whole.begin(), whole.end(), assistant), 2);
 }
 
 }  // namespace
