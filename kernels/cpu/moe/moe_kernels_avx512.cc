@@ -1,5 +1,388 @@
-// Temporary: delegates to the scalar kernels.
+// The AVX-512 variant (F/BW/VL/DQ + VNNI): decode and blocked-prefill kernels
+// over the panel16 layout (moe_repack.h). Per 16-row panel and block of up to
+// 4 activation rows, the weights are unpacked once (nibbles, high bits) and
+// fed to vpdpbusd against broadcast 4-byte groups of the int8 activations;
+// sub-block scales are applied in fp32. The panel (K x 16 rows) stays in L2
+// while the token blocks pass over it. GGUF-layout and amx_int8 matrices run
+// the scalar code (compiled here with AVX-512 enabled).
+#include "kernels/cpu/moe/moe_kernels_avx512.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
 #include "kernels/cpu/moe/moe_internal.h"
+
+namespace ktx::kernels::moe::avx512 {
+namespace {
+
+constexpr int kMaxTokenBlock = 4;
+constexpr int kPrefetchBlocks = 2;  // software prefetch distance, in panel blocks
+
+inline __m512i Bcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __m512i Load512(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline __m128i Load128(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+inline __m256i Load256(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline void Prefetch(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// lo | (hs & mask) per byte.
+inline __m512i OrMasked(__m512i lo, __m512i hs, __m512i mask) {
+  return _mm512_ternarylogic_epi32(lo, hs, mask, 0xF8);
+}
+
+template <int kLeft>
+inline __m512i Shift16(__m512i h) {
+  if constexpr (kLeft > 0) {
+    return _mm512_slli_epi16(h, kLeft);
+  } else if constexpr (kLeft < 0) {
+    return _mm512_srli_epi16(h, -kLeft);
+  } else {
+    return h;
+  }
+}
+
+// Q4_K / Q5_K panel x T activation rows (act[t] = the row's Q8K blocks).
+template <int T, bool kQ5>
+void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+  constexpr int64_t kBytes = kQ5 ? panel::kQ5KBytes : panel::kQ4KBytes;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i m10 = _mm512_set1_epi8(0x10);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = panel + b * kBytes;
+    for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
+    __m512 blk[T];
+    for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      __m512i s[T];
+      for (int t = 0; t < T; ++t) s[t] = _mm512_setzero_si512();
+      __m512i h = _mm512_setzero_si512();
+      if constexpr (kQ5) {
+        h = Load512(pb + panel::kQ5KQh + 64 * j);
+        Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j);
+      }
+      for (int gg = 0; gg < 4; ++gg) {
+        const uint8_t* qp = pb + panel::kQ4KQs + (4 * j + gg) * 64;
+        Prefetch(qp + kPrefetchBlocks * kBytes);
+        const __m512i z = Load512(qp);
+        __m512i lo = _mm512_and_si512(z, m4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+        if constexpr (kQ5) {  // bit t of h to bit 4; t = 2gg (lo), 2gg + 1 (hi)
+          if (gg == 0) {
+            lo = OrMasked(lo, Shift16<4>(h), m10);
+            hi = OrMasked(hi, Shift16<3>(h), m10);
+          } else if (gg == 1) {
+            lo = OrMasked(lo, Shift16<2>(h), m10);
+            hi = OrMasked(hi, Shift16<1>(h), m10);
+          } else if (gg == 2) {
+            lo = OrMasked(lo, Shift16<0>(h), m10);
+            hi = OrMasked(hi, Shift16<-1>(h), m10);
+          } else {
+            lo = OrMasked(lo, Shift16<-2>(h), m10);
+            hi = OrMasked(hi, Shift16<-3>(h), m10);
+          }
+        }
+        for (int t = 0; t < T; ++t) {
+          const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
+          s[t] = _mm512_dpbusd_epi32(s[t], lo, Bcast32(xq));
+          s[t] = _mm512_dpbusd_epi32(s[t], hi, Bcast32(xq + 4));
+        }
+      }
+      const __m512 scf =
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(Load128(pb + panel::kQ4KSc + 16 * j)));
+      for (int t = 0; t < T; ++t) blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scf, blk[t]);
+    }
+    const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ4KD));
+    const __m512 dm = _mm512_cvtph_ps(Load256(pb + panel::kQ4KDmin));
+    __m512i mins[4];
+    for (int i = 0; i < 4; ++i) mins[i] = _mm512_cvtepu8_epi16(Load256(pb + panel::kQ4KM + 32 * i));
+    for (int t = 0; t < T; ++t) {
+      __m512i m = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        m = _mm512_dpwssd_epi32(m, mins[i], Bcast32(&act[t][b].bsum32[2 * i]));
+      }
+      const __m512 r = _mm512_fmsub_ps(blk[t], dv, _mm512_mul_ps(_mm512_cvtepi32_ps(m), dm));
+      acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(act[t][b].d), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
+}
+
+// Q6_K panel x T activation rows.
+template <int T>
+void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+  constexpr int64_t kBytes = panel::kQ6KBytes;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = panel + b * kBytes;
+    for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
+    __m512 blk[T];
+    for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t* ql = pb + panel::kQ6KQl + 128 * j;
+      const uint8_t* qh = pb + panel::kQ6KQh + 64 * j;
+      Prefetch(ql + kPrefetchBlocks * kBytes);
+      Prefetch(ql + 64 + kPrefetchBlocks * kBytes);
+      Prefetch(qh + kPrefetchBlocks * kBytes);
+      const __m512i z0 = Load512(ql);
+      const __m512i z1 = Load512(ql + 64);
+      const __m512i h = Load512(qh);
+      const __m512i q0 = OrMasked(_mm512_and_si512(z0, m4), _mm512_slli_epi16(h, 4), m30);
+      const __m512i q1 =
+          OrMasked(_mm512_and_si512(_mm512_srli_epi16(z0, 4), m4), _mm512_slli_epi16(h, 2), m30);
+      const __m512i q2 = OrMasked(_mm512_and_si512(z1, m4), h, m30);
+      const __m512i q3 =
+          OrMasked(_mm512_and_si512(_mm512_srli_epi16(z1, 4), m4), _mm512_srli_epi16(h, 2), m30);
+      const __m512 scf =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load128(pb + panel::kQ6KSc + 16 * j)));
+      for (int t = 0; t < T; ++t) {
+        const int8_t* xq = act[t][b].qs + 16 * j;
+        __m512i s = _mm512_set1_epi32(act[t][b].neg32_bsum16[j]);
+        s = _mm512_dpbusd_epi32(s, q0, Bcast32(xq));
+        s = _mm512_dpbusd_epi32(s, q1, Bcast32(xq + 4));
+        s = _mm512_dpbusd_epi32(s, q2, Bcast32(xq + 8));
+        s = _mm512_dpbusd_epi32(s, q3, Bcast32(xq + 12));
+        blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scf, blk[t]);
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ6KD));
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(blk[t], dv), _mm512_set1_ps(act[t][b].d), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
+}
+
+// Q8_0 panel x T activation rows (blocks of 32).
+template <int T>
+void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float* const* out) {
+  constexpr int64_t kBytes = panel::kQ80Bytes;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = panel + b * kBytes;
+    __m512i s[T];
+    for (int t = 0; t < T; ++t) s[t] = _mm512_set1_epi32(act[t][b].neg128_sum);
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* qp = pb + panel::kQ80Q + 64 * g;
+      Prefetch(qp + kPrefetchBlocks * 4 * kBytes);
+      const __m512i z = Load512(qp);
+      for (int t = 0; t < T; ++t)
+        s[t] = _mm512_dpbusd_epi32(s[t], z, Bcast32(act[t][b].qs + 4 * g));
+    }
+    const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ80D));
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]),
+                               _mm512_mul_ps(dv, _mm512_set1_ps(act[t][b].d)), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
+}
+
+// BF16 panel x T activation rows (floats already rounded to bf16).
+template <int T>
+void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float* const* out) {
+  constexpr int64_t kBytes = panel::kBf16Bytes;
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc0[T], acc1[T];
+  for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = panel + b * kBytes;
+    for (int g = 0; g < 16; ++g) {
+      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes);
+      const __m512i z = Load512(pb + 64 * g);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(z, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(z, hi_mask));
+      for (int t = 0; t < T; ++t) {
+        const float* x = act[t] + 32 * b + 2 * g;
+        acc0[t] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[0]), acc0[t]);
+        acc1[t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[1]), acc1[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], _mm512_add_ps(acc0[t], acc1[t]));
+}
+
+template <typename ActT, typename Kernel1, typename Kernel2, typename Kernel3, typename Kernel4>
+void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, Kernel1 k1, Kernel2 k2,
+                 Kernel3 k3, Kernel4 k4) {
+  for (int64_t p = a.row_begin / kPanelRows; p < a.row_end / kPanelRows; ++p) {
+    const uint8_t* panel = a.w + p * nb * panel_bytes;
+    const int64_t col = p * kPanelRows - a.row_begin;
+    for (int64_t t0 = 0; t0 < a.n_act; t0 += kMaxTokenBlock) {
+      const int T = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.n_act - t0));
+      const ActT* act[kMaxTokenBlock];
+      float* out[kMaxTokenBlock];
+      for (int t = 0; t < T; ++t) {
+        const int64_t row = a.act_index != nullptr ? a.act_index[t0 + t] : t0 + t;
+        act[t] = reinterpret_cast<const ActT*>(a.act + row * a.act_stride);
+        out[t] = a.out + (t0 + t) * a.out_stride + col;
+      }
+      switch (T) {
+        case 1: k1(panel, nb, act, out); break;
+        case 2: k2(panel, nb, act, out); break;
+        case 3: k3(panel, nb, act, out); break;
+        default: k4(panel, nb, act, out); break;
+      }
+    }
+  }
+}
+
+// ---- activation quantizers (bitwise equal to scalar::Quantize) ----
+
+inline float ReduceMaxAbs(const float* x, int n) {
+  __m512 m = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  return _mm512_reduce_max_ps(m);
+}
+
+// Rounds x * iscale to int32 in [-127, 127] (nearest even, as std::nearbyint).
+inline __m512i QuantizeLanes(const float* x, __m512 iscale) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), iscale));
+  return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), q));
+}
+
+void QuantizeQ8K(const float* x, ActQ8K* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b, x += 256) {
+    ActQ8K& o = y[b];
+    std::memset(&o, 0, sizeof(o));
+    const float amax = ReduceMaxAbs(x, 256);
+    if (amax == 0.0f) continue;
+    const float iscale_s = 127.0f / amax;
+    o.d = amax / 127.0f;
+    const __m512 iscale = _mm512_set1_ps(iscale_s);
+    int s16[16];
+    for (int j = 0; j < 16; ++j) {
+      const __m512i q = QuantizeLanes(x + 16 * j, iscale);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o.qs + 16 * j), _mm512_cvtepi32_epi8(q));
+      s16[j] = _mm512_reduce_add_epi32(q);
+      o.neg32_bsum16[j] = -32 * s16[j];
+    }
+    for (int j = 0; j < 8; ++j) o.bsum32[j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
+  }
+}
+
+void QuantizeQ8_0(const float* x, ActQ8_0* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b, x += 32) {
+    ActQ8_0& o = y[b];
+    std::memset(&o, 0, sizeof(o));
+    const float amax = ReduceMaxAbs(x, 32);
+    if (amax == 0.0f) continue;
+    const float iscale_s = 127.0f / amax;
+    o.d = amax / 127.0f;
+    const __m512 iscale = _mm512_set1_ps(iscale_s);
+    int s = 0;
+    for (int j = 0; j < 2; ++j) {
+      const __m512i q = QuantizeLanes(x + 16 * j, iscale);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o.qs + 16 * j), _mm512_cvtepi32_epi8(q));
+      s += _mm512_reduce_add_epi32(q);
+    }
+    o.neg128_sum = -128 * s;
+  }
+}
+
+void RoundRowToBf16(const float* x, float* y, int64_t n) {
+  const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+    const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exp_mask), exp_mask);
+    r = _mm512_mask_mov_epi32(r, special, bits);
+    _mm512_storeu_ps(y + i, _mm512_castsi512_ps(r));
+  }
+  for (; i < n; ++i) y[i] = RoundToBf16(x[i]);
+}
+
+// e^x for x in [-88, 88] (Cody-Waite reduction, degree-7 Taylor; ~1 ulp).
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace
+
+void Quantize(ActFormat fmt, const float* x, uint8_t* dst, int64_t k) {
+  switch (fmt) {
+    case ActFormat::kQ8K: QuantizeQ8K(x, reinterpret_cast<ActQ8K*>(dst), k / 256); break;
+    case ActFormat::kQ8_0: QuantizeQ8_0(x, reinterpret_cast<ActQ8_0*>(dst), k / 32); break;
+    case ActFormat::kF32: RoundRowToBf16(x, reinterpret_cast<float*>(dst), k); break;
+  }
+}
+
+void SiluMul(const float* g, const float* u, float* h, int64_t n) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+    _mm512_storeu_ps(h + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+  }
+  if (i < n) scalar::SiluMul(g + i, u + i, h + i, n - i);
+}
+
+bool MatmulPanel(const MatmulArgs& a) {
+  if (a.format.layout != MoeWeightLayout::kPanel16) return false;
+  const int64_t nb = a.k / KBlock(a.format);
+  const int64_t pbb = PanelBlockBytes(a.format);
+  switch (a.format.type) {
+    case TensorType::kQ4_K:
+      PanelDriver<ActQ8K>(a, nb, pbb, PanelQ4K<1, false>, PanelQ4K<2, false>, PanelQ4K<3, false>,
+                          PanelQ4K<4, false>);
+      return true;
+    case TensorType::kQ5_K:
+      PanelDriver<ActQ8K>(a, nb, pbb, PanelQ4K<1, true>, PanelQ4K<2, true>, PanelQ4K<3, true>,
+                          PanelQ4K<4, true>);
+      return true;
+    case TensorType::kQ6_K:
+      PanelDriver<ActQ8K>(a, nb, pbb, PanelQ6K<1>, PanelQ6K<2>, PanelQ6K<3>, PanelQ6K<4>);
+      return true;
+    case TensorType::kQ8_0:
+      PanelDriver<ActQ8_0>(a, nb, pbb, PanelQ80<1>, PanelQ80<2>, PanelQ80<3>, PanelQ80<4>);
+      return true;
+    case TensorType::kBF16:
+      PanelDriver<float>(a, nb, pbb, PanelBf16<1>, PanelBf16<2>, PanelBf16<3>, PanelBf16<4>);
+      return true;
+    default: return false;
+  }
+}
+
+void Matmul(const MatmulArgs& a) {
+  if (!MatmulPanel(a)) scalar::Matmul(a);
+}
+
+}  // namespace ktx::kernels::moe::avx512
 
 namespace ktx::kernels::moe {
 namespace {
@@ -8,8 +391,8 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 }  // namespace
 
 const MoeKernels& MoeKernelsAvx512() {
-  static const MoeKernels k = {CpuVariant::kAvx512, "avx512",   &Supports,       &scalar::Quantize,
-                               &scalar::Matmul,     &NoScratch, &scalar::SiluMul};
+  static const MoeKernels k = {CpuVariant::kAvx512, "avx512",   &Supports,       &avx512::Quantize,
+                               &avx512::Matmul,     &NoScratch, &avx512::SiluMul};
   return k;
 }
 
