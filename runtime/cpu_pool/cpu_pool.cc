@@ -1,0 +1,185 @@
+#include "runtime/cpu_pool/cpu_pool.h"
+
+#include <numa.h>
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "oneapi/tbb/blocked_range.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/partitioner.h"
+#include "oneapi/tbb/task_arena.h"
+#include "oneapi/tbb/task_scheduler_observer.h"
+#include "runtime/base/logging.h"
+
+namespace ktx::runtime {
+namespace {
+
+std::vector<int> AllowedCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+bool NumaNodeUsable(int node) {
+  return node >= 0 && numa_available() >= 0 && node <= numa_max_node();
+}
+
+// Pins threads entering the arena to cpus[slot]; restores the affinity of
+// non-worker threads (the caller of execute) when they leave.
+class PinningObserver : public tbb::task_scheduler_observer {
+ public:
+  PinningObserver(tbb::task_arena& arena, std::vector<int> cpus)
+      : tbb::task_scheduler_observer(arena), cpus_(std::move(cpus)) {}
+
+  void on_scheduler_entry(bool is_worker) override {
+    const int slot = tbb::this_task_arena::current_thread_index();
+    if (slot < 0 || slot >= static_cast<int>(cpus_.size())) return;
+    if (!is_worker) {
+      saved_valid_ = pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) == 0;
+    }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpus_[slot], &set);
+    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set) != 0 && !warned_.exchange(true)) {
+      KTX_LOG(WARNING, "cpu_pool") << "could not pin a worker to cpu " << cpus_[slot];
+    }
+  }
+
+  void on_scheduler_exit(bool is_worker) override {
+    if (!is_worker && saved_valid_) {
+      pthread_setaffinity_np(pthread_self(), sizeof(saved_), &saved_);
+      saved_valid_ = false;
+    }
+  }
+
+ private:
+  std::vector<int> cpus_;
+  std::atomic<bool> warned_{false};
+  // The caller's affinity (only one thread calls ParallelFor at a time).
+  static thread_local cpu_set_t saved_;
+  static thread_local bool saved_valid_;
+};
+
+thread_local cpu_set_t PinningObserver::saved_;
+thread_local bool PinningObserver::saved_valid_ = false;
+
+}  // namespace
+
+struct CpuPool::Impl {
+  tbb::task_arena arena;
+  std::unique_ptr<PinningObserver> observer;
+};
+
+NumaBuffer::~NumaBuffer() { Release(); }
+
+NumaBuffer::NumaBuffer(NumaBuffer&& other) noexcept
+    : data_(other.data_), size_(other.size_), node_(other.node_) {
+  other.data_ = nullptr;
+  other.size_ = 0;
+}
+
+NumaBuffer& NumaBuffer::operator=(NumaBuffer&& other) noexcept {
+  if (this != &other) {
+    Release();
+    data_ = other.data_;
+    size_ = other.size_;
+    node_ = other.node_;
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  return *this;
+}
+
+void NumaBuffer::Release() {
+  if (data_ == nullptr) return;
+  if (node_ >= 0) {
+    numa_free(data_, size_);
+  } else {
+    std::free(data_);
+  }
+  data_ = nullptr;
+  size_ = 0;
+}
+
+absl::StatusOr<std::unique_ptr<CpuPool>> CpuPool::Create(const Options& options) {
+  const std::vector<int> allowed = AllowedCpus();
+  std::vector<int> cpus = options.cpus.empty() ? allowed : options.cpus;
+  if (cpus.empty()) return absl::InvalidArgumentError("CpuPool: no cpu to run on");
+  std::set<int> seen;
+  for (int c : cpus) {
+    if (std::find(allowed.begin(), allowed.end(), c) == allowed.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuPool: cpu ", c, " is not in this process's affinity mask"));
+    }
+    if (!seen.insert(c).second) {
+      return absl::InvalidArgumentError(absl::StrCat("CpuPool: cpu ", c, " is listed twice"));
+    }
+  }
+  if (options.numa_node >= 0 && !NumaNodeUsable(options.numa_node)) {
+    KTX_LOG(WARNING, "cpu_pool") << "NUMA node " << options.numa_node
+                                 << " is not available (numa_available " << numa_available()
+                                 << "); allocating plain memory";
+  }
+  return std::unique_ptr<CpuPool>(new CpuPool(std::move(cpus), options));
+}
+
+CpuPool::CpuPool(std::vector<int> cpus, const Options& options)
+    : cpus_(std::move(cpus)), numa_node_(options.numa_node), impl_(std::make_unique<Impl>()) {
+  // One slot reserved for the thread that calls ParallelFor (worker 0).
+  impl_->arena.initialize(static_cast<int>(cpus_.size()), 1);
+  if (options.pin) {
+    impl_->observer = std::make_unique<PinningObserver>(impl_->arena, cpus_);
+    impl_->observer->observe(true);
+  }
+}
+
+CpuPool::~CpuPool() {
+  if (impl_->observer) impl_->observer->observe(false);
+  impl_->arena.terminate();
+}
+
+void CpuPool::ParallelFor(int64_t n_tasks, absl::FunctionRef<void(int64_t task, int worker)> fn) {
+  if (n_tasks <= 0) return;
+  impl_->arena.execute([&] {
+    tbb::parallel_for(
+        tbb::blocked_range<int64_t>(0, n_tasks, 1),
+        [&](const tbb::blocked_range<int64_t>& r) {
+          const int worker = tbb::this_task_arena::current_thread_index();
+          for (int64_t t = r.begin(); t < r.end(); ++t) fn(t, worker);
+        },
+        tbb::simple_partitioner());
+  });
+}
+
+NumaBuffer CpuPool::Allocate(size_t bytes) const {
+  NumaBuffer b;
+  if (bytes == 0) return b;
+  if (NumaNodeUsable(numa_node_)) {
+    b.data_ = numa_alloc_onnode(bytes, numa_node_);
+    if (b.data_ != nullptr) {
+      b.size_ = bytes;
+      b.node_ = numa_node_;
+      return b;
+    }
+    KTX_LOG(WARNING, "cpu_pool") << "numa_alloc_onnode(" << bytes << ", " << numa_node_
+                                 << ") failed; allocating plain memory";
+  }
+  b.data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  b.size_ = b.data_ != nullptr ? bytes : 0;
+  b.node_ = -1;
+  return b;
+}
+
+}  // namespace ktx::runtime

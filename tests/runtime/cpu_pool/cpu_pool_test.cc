@@ -1,0 +1,155 @@
+// CpuPool: every task runs once, worker indices are in range and exclusive,
+// workers run on their cpus, the caller's affinity is restored, memory comes
+// back usable with or without NUMA.
+#include "runtime/cpu_pool/cpu_pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/moe/moe.h"
+#include "tests/kernels/cpu/moe/moe_test_util.h"
+
+namespace ktx::runtime {
+namespace {
+
+std::vector<int> Allowed() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  sched_getaffinity(0, sizeof(set), &set);
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+TEST(CpuPoolTest, EveryTaskRunsOnceWithExclusiveWorkers) {
+  auto pool = CpuPool::Create({});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const int n = (*pool)->num_workers();
+  EXPECT_EQ(n, static_cast<int>(Allowed().size()));
+  for (int64_t n_tasks : {0, 1, 7, 1000}) {
+    std::vector<std::atomic<int>> hits(n_tasks);
+    std::vector<std::atomic<int>> busy(n);
+    std::atomic<bool> overlap{false};
+    (*pool)->ParallelFor(n_tasks, [&](int64_t task, int worker) {
+      ASSERT_GE(worker, 0);
+      ASSERT_LT(worker, n);
+      if (busy[worker].fetch_add(1) != 0) overlap = true;
+      hits[task].fetch_add(1);
+      busy[worker].fetch_sub(1);
+    });
+    for (int64_t t = 0; t < n_tasks; ++t) EXPECT_EQ(hits[t].load(), 1) << t;
+    EXPECT_FALSE(overlap.load());
+  }
+}
+
+TEST(CpuPoolTest, WorkersRunOnTheirCpusAndTheCallerIsRestored) {
+  const std::vector<int> allowed = Allowed();
+  const std::vector<int> cpus{allowed.back()};  // one worker: the caller itself
+  auto pool = CpuPool::Create({.cpus = cpus});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  cpu_set_t before;
+  pthread_getaffinity_np(pthread_self(), sizeof(before), &before);
+  std::atomic<int> wrong{0};
+  (*pool)->ParallelFor(50, [&](int64_t, int worker) {
+    if (sched_getcpu() != cpus[worker]) wrong.fetch_add(1);
+  });
+  EXPECT_EQ(wrong.load(), 0);
+  cpu_set_t after;
+  pthread_getaffinity_np(pthread_self(), sizeof(after), &after);
+  EXPECT_TRUE(CPU_EQUAL(&before, &after));
+
+  if (allowed.size() >= 2) {
+    auto pool2 = CpuPool::Create({.cpus = {allowed[0], allowed[1]}});
+    ASSERT_TRUE(pool2.ok());
+    std::atomic<int> wrong2{0};
+    (*pool2)->ParallelFor(200, [&](int64_t, int worker) {
+      volatile double s = 0;
+      for (int i = 0; i < 20000; ++i) s = s + i;
+      if (sched_getcpu() != (*pool2)->cpus()[worker]) wrong2.fetch_add(1);
+    });
+    EXPECT_EQ(wrong2.load(), 0);
+  }
+}
+
+TEST(CpuPoolTest, RejectsUnknownAndDuplicateCpus) {
+  EXPECT_EQ(CpuPool::Create({.cpus = {100000}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const int c = Allowed().front();
+  EXPECT_FALSE(CpuPool::Create({.cpus = {c, c}}).ok());
+}
+
+TEST(CpuPoolTest, AllocatesOnANodeOrFallsBack) {
+  for (int node : {-1, 0, 4096}) {
+    auto pool = CpuPool::Create({.numa_node = node});
+    ASSERT_TRUE(pool.ok());
+    NumaBuffer b = (*pool)->Allocate(1 << 20);
+    ASSERT_NE(b.data(), nullptr) << node;
+    EXPECT_EQ(b.size(), 1u << 20);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % 64, 0u);
+    std::memset(b.data(), 1, b.size());
+    if (node == 4096 || node == -1) {
+      EXPECT_EQ(b.numa_node(), -1);
+    }
+    NumaBuffer moved = std::move(b);
+    EXPECT_EQ(b.data(), nullptr);  // NOLINT(bugprone-use-after-move): moved-from is empty
+    EXPECT_NE(moved.data(), nullptr);
+  }
+}
+
+// The MoE operator run by the pool equals a serial run bitwise.
+TEST(CpuPoolTest, RunsAMoeLayerLikeASerialRun) {
+  using namespace ktx::kernels;
+  using namespace ktx::kernels::moe;
+  const MoeShape shape{256, 512, 8, 3};
+  const auto L = moe::testing::MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 9, false);
+  const std::vector<bool> owned(8, true);
+  auto gate =
+      moe::testing::MakeLayout(L.gate, TensorType::kQ4_K, MoeWeightLayout::kGguf, 512, 256, owned);
+  auto up =
+      moe::testing::MakeLayout(L.up, TensorType::kQ4_K, MoeWeightLayout::kGguf, 512, 256, owned);
+  auto down =
+      moe::testing::MakeLayout(L.down, TensorType::kQ6_K, MoeWeightLayout::kGguf, 256, 512, owned);
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kGguf};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kGguf};
+  MoeLayerWeights w;
+  w.gate = {f.gate, gate.ptrs.data()};
+  w.up = {f.up, up.ptrs.data()};
+  w.down = {f.down, down.ptrs.data()};
+  auto pool = CpuPool::Create({});
+  ASSERT_TRUE(pool.ok());
+  MoePlanOptions o;
+  o.max_tokens = 5;
+  o.max_workers = (*pool)->num_workers();
+  auto plan = MakeMoePlan(shape, f, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<float> x(5 * 256);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.1f * static_cast<float>(i));
+  const std::vector<int32_t> ids{0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 3, 5, 2, 4, 6};
+  const std::vector<float> wt(15, 0.25f);
+  std::vector<float> a(5 * 256), b(5 * 256);
+  NumaBuffer ws = (*pool)->Allocate(MoeWorkspaceSize(*plan));
+  auto run =
+      MoeRun::Begin(*plan, w, {5, x.data(), ids.data(), wt.data(), a.data()}, ws.data(), ws.size());
+  ASSERT_TRUE(run.ok()) << run.status();
+  RunMoe(*run, [&](int64_t n, auto&& fn) { (*pool)->ParallelFor(n, fn); });
+  auto serial =
+      MoeRun::Begin(*plan, w, {5, x.data(), ids.data(), wt.data(), b.data()}, ws.data(), ws.size());
+  ASSERT_TRUE(serial.ok());
+  for (int s = 0; s < MoeRun::kNumStages; ++s) RunMoeStage(*serial, s, 0, 1);
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4));
+  double norm = 0;
+  for (float v : a) norm += v * v;
+  EXPECT_GT(norm, 0.0);
+}
+
+}  // namespace
+}  // namespace ktx::runtime
