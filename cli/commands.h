@@ -12,6 +12,7 @@ class App;
 namespace ktx::cli {
 
 void AddTopologyCommands(CLI::App& app, int* exit_code);
+void AddSynthCommands(CLI::App& app, int* exit_code);
 void AddTokenizeCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli
