@@ -1,0 +1,412 @@
+// moe_benchmark: the CPU expert kernels against the machine's limits.
+//
+//   read_bw                  all-core streaming read over >= 1 GiB (GB/s)
+//   peak/vnni, peak/amx_int8, peak/amx_bf16   in-cache instruction peaks (TOPS)
+//   decode/<variant>/tokens:N   one DeepSeek-V3 MoE layer (n_embd 7168, n_ff 2048,
+//                            8 experts per token, Q4_K gate/up + Q6_K down, panel16)
+//                            with random routing: GB/s of expert weights read and
+//                            % of read_bw
+//   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
+//                            of the variant's int8 peak (amx_int8 prefill form on amx)
+//
+// Flags (before Google Benchmark's own): --ktx_smoke (tiny sizes, for ctest),
+// --ktx_experts=N (default 64: ~1.9 GiB of panel16 weights, far beyond the
+// caches), --ktx_full_layer (all 256 experts, ~7.4 GiB; also KTX_BENCH_FULL_LAYER=1),
+// --ktx_variants=avx512,amx (default: avx512 and amx where supported; scalar and
+// avx2 only when named). Typical: moe_benchmark --benchmark_filter=decode
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/moe/moe.h"
+#include "kernels/cpu/x86/cpu_variant.h"
+#include "runtime/cpu_pool/cpu_pool.h"
+#include "tests/kernels/cpu/moe/moe_benchmark_kernels.h"
+#include "tests/kernels/cpu/moe/moe_test_util.h"
+
+namespace ktx::kernels::moe::bench {
+namespace {
+
+using runtime::CpuPool;
+using runtime::NumaBuffer;
+
+struct Config {
+  bool smoke = false;
+  int64_t n_expert = 64;
+  std::vector<CpuVariant> variants;
+};
+
+Config g_config;
+CpuPool* g_pool = nullptr;
+double g_read_gbps = 0.0;
+double g_vnni_tops = 0.0;
+double g_amx_int8_tops = 0.0;
+
+double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// ---- (1) read bandwidth ----
+
+struct ReadBuffer {
+  NumaBuffer buf;
+  size_t bytes = 0;
+};
+
+ReadBuffer& Buffer() {
+  static ReadBuffer* rb = [] {
+    auto* r = new ReadBuffer;
+    r->bytes = g_config.smoke ? (16u << 20) : (size_t{1} << 30) + (size_t{256} << 20);
+    r->buf = g_pool->Allocate(r->bytes);
+    constexpr size_t kChunk = 4 << 20;
+    g_pool->ParallelFor(static_cast<int64_t>(r->bytes / kChunk), [&](int64_t t, int) {
+      std::memset(static_cast<uint8_t*>(r->buf.data()) + t * kChunk, static_cast<int>(t), kChunk);
+    });
+    return r;
+  }();
+  return *rb;
+}
+
+double MeasureReadOnce() {
+  ReadBuffer& rb = Buffer();
+  constexpr size_t kChunk = 4 << 20;
+  std::vector<uint64_t> sums(rb.bytes / kChunk);
+  const auto t0 = std::chrono::steady_clock::now();
+  g_pool->ParallelFor(static_cast<int64_t>(sums.size()), [&](int64_t t, int) {
+    sums[t] = ReadBytesAvx2(static_cast<const uint8_t*>(rb.buf.data()) + t * kChunk, kChunk);
+  });
+  const auto t1 = std::chrono::steady_clock::now();
+  benchmark::DoNotOptimize(sums.data());
+  return static_cast<double>(rb.bytes) / Seconds(t0, t1) / 1e9;
+}
+
+double ReadGbps() {
+  if (g_read_gbps == 0.0) {
+    double best = 0;
+    for (int i = 0; i < 3; ++i) best = std::max(best, MeasureReadOnce());
+    g_read_gbps = best;
+  }
+  return g_read_gbps;
+}
+
+void BM_ReadBandwidth(benchmark::State& state) {
+  double best = 0, sum = 0;
+  int n = 0;
+  for (auto _ : state) {
+    const double g = MeasureReadOnce();
+    best = std::max(best, g);
+    sum += g;
+    ++n;
+  }
+  g_read_gbps = best;
+  state.counters["GBps_best"] = best;
+  state.counters["GBps_mean"] = sum / n;
+  state.counters["bytes"] = static_cast<double>(Buffer().bytes);
+  state.counters["threads"] = g_pool->num_workers();
+}
+
+// ---- (2) peaks ----
+
+template <int64_t (*Loop)(int64_t)>
+double MeasurePeak(int64_t iters_per_task) {
+  const int64_t n_tasks = 4 * g_pool->num_workers();
+  std::vector<int64_t> ops(n_tasks);
+  const auto t0 = std::chrono::steady_clock::now();
+  g_pool->ParallelFor(n_tasks, [&](int64_t t, int) { ops[t] = Loop(iters_per_task); });
+  const auto t1 = std::chrono::steady_clock::now();
+  int64_t total = 0;
+  for (int64_t o : ops) total += o;
+  return static_cast<double>(total) / Seconds(t0, t1) / 1e12;
+}
+
+template <int64_t (*Loop)(int64_t)>
+void BM_Peak(benchmark::State& state, int64_t iters, double* store) {
+  double best = 0;
+  for (auto _ : state) best = std::max(best, MeasurePeak<Loop>(iters));
+  *store = best;
+  state.counters["TOPS"] = best;
+  state.counters["threads"] = g_pool->num_workers();
+}
+
+double VnniTops() {
+  if (g_vnni_tops == 0.0 && HostSupportsCpuVariant(CpuVariant::kAvx512)) {
+    g_vnni_tops = MeasurePeak<VnniPeakLoop>(g_config.smoke ? 1000 : 2000000);
+  }
+  return g_vnni_tops;
+}
+
+double AmxInt8Tops() {
+  if (g_amx_int8_tops == 0.0 && HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    g_amx_int8_tops = MeasurePeak<AmxInt8PeakLoop>(g_config.smoke ? 100 : 200000);
+  }
+  return g_amx_int8_tops;
+}
+
+// ---- (3), (4) the MoE layer ----
+
+struct Layer {
+  MoeShape shape;
+  std::vector<NumaBuffer> bufs;
+  std::vector<const void*> gate, up, down, gate_p, up_p, down_p;
+  MoeLayerFormat format;
+  MoeLayerWeights weights;
+};
+
+// One random expert (Q4_K gate/up, Q6_K down), repacked, copied to every expert
+// slot (distinct memory: reads come from DRAM, not from the caches).
+Layer& GetLayer(bool with_amx) {
+  static std::unique_ptr<Layer> layers[2];
+  std::unique_ptr<Layer>& slot = layers[with_amx ? 1 : 0];
+  if (slot) return *slot;
+  auto L = std::make_unique<Layer>();
+  L->shape =
+      g_config.smoke ? MoeShape{256, 256, 16, 8} : MoeShape{7168, 2048, g_config.n_expert, 8};
+  const MoeShape& s = L->shape;
+  std::mt19937 rng(1);
+  const auto g = testing::RandomMatrix(TensorType::kQ4_K, s.n_ff, s.n_embd, 0.05f, rng);
+  const auto u = testing::RandomMatrix(TensorType::kQ4_K, s.n_ff, s.n_embd, 0.05f, rng);
+  const auto d = testing::RandomMatrix(TensorType::kQ6_K, s.n_embd, s.n_ff, 0.05f, rng);
+  auto add = [&](const std::vector<uint8_t>& src, TensorType t, MoeWeightLayout layout,
+                 int64_t rows, int64_t k, std::vector<const void*>* out) {
+    const auto one = testing::MakeLayout({src}, t, layout, rows, k, {true});
+    const int64_t bytes = *MoeMatrixBytes({t, layout}, rows, k);
+    for (int64_t e = 0; e < s.n_expert; ++e) {
+      L->bufs.push_back(g_pool->Allocate(bytes));
+      uint8_t* dst = static_cast<uint8_t*>(L->bufs.back().data());
+      constexpr int64_t kChunk = 1 << 20;
+      g_pool->ParallelFor((bytes + kChunk - 1) / kChunk, [&](int64_t c, int) {
+        const int64_t n = std::min(kChunk, bytes - c * kChunk);
+        std::memcpy(dst + c * kChunk, static_cast<const uint8_t*>(one.ptrs[0]) + c * kChunk, n);
+      });
+      out->push_back(dst);
+    }
+  };
+  const MoeWeightLayout panel = MoeWeightLayout::kPanel16;
+  add(g, TensorType::kQ4_K, panel, s.n_ff, s.n_embd, &L->gate);
+  add(u, TensorType::kQ4_K, panel, s.n_ff, s.n_embd, &L->up);
+  add(d, TensorType::kQ6_K, panel, s.n_embd, s.n_ff, &L->down);
+  L->format.gate = L->format.up = {TensorType::kQ4_K, panel};
+  L->format.down = {TensorType::kQ6_K, panel};
+  L->weights.gate = {L->format.gate, L->gate.data()};
+  L->weights.up = {L->format.up, L->up.data()};
+  L->weights.down = {L->format.down, L->down.data()};
+  if (with_amx) {
+    const MoeWeightLayout amx = MoeWeightLayout::kAmxInt8;
+    add(g, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->gate_p);
+    add(u, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->up_p);
+    add(d, TensorType::kQ6_K, amx, s.n_embd, s.n_ff, &L->down_p);
+    L->format.has_prefill = true;
+    L->format.gate_prefill = L->format.up_prefill = {TensorType::kQ4_K, amx};
+    L->format.down_prefill = {TensorType::kQ6_K, amx};
+    L->weights.gate_prefill = {L->format.gate_prefill, L->gate_p.data()};
+    L->weights.up_prefill = {L->format.up_prefill, L->up_p.data()};
+    L->weights.down_prefill = {L->format.down_prefill, L->down_p.data()};
+  }
+  slot = std::move(L);
+  return *slot;
+}
+
+struct Routing {
+  std::vector<float> x, w;
+  std::vector<int32_t> ids;
+};
+
+std::vector<Routing> MakeRoutings(const MoeShape& s, int64_t n_tokens, int count) {
+  std::mt19937 rng(static_cast<uint32_t>(n_tokens * 7919 + count));
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<Routing> out(count);
+  std::vector<int32_t> perm(s.n_expert);
+  for (Routing& r : out) {
+    r.x.resize(n_tokens * s.n_embd);
+    for (float& v : r.x) v = n(rng);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      for (int64_t i = 0; i < s.n_expert; ++i) perm[i] = static_cast<int32_t>(i);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int64_t k = 0; k < s.n_expert_used; ++k) {
+        r.ids.push_back(perm[k]);
+        r.w.push_back(0.125f);
+      }
+    }
+  }
+  return out;
+}
+
+void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, bool prefill) {
+  const bool amx = variant == CpuVariant::kAmx;
+  Layer& L = GetLayer(amx && prefill);
+  MoePlanOptions o;
+  o.max_tokens = n_tokens;
+  o.max_workers = g_pool->num_workers();
+  o.force_variant = true;
+  o.variant = variant;
+  auto plan = MakeMoePlan(L.shape, L.format, o);
+  if (!plan.ok()) {
+    state.SkipWithError(std::string(plan.status().message()).c_str());
+    return;
+  }
+  NumaBuffer ws = g_pool->Allocate(MoeWorkspaceSize(*plan));
+  std::memset(ws.data(), 0, ws.size());
+  const std::vector<Routing> routings = MakeRoutings(L.shape, n_tokens, prefill ? 2 : 16);
+  std::vector<float> out(n_tokens * L.shape.n_embd);
+  double bytes = 0, ops = 0, seconds = 0;
+  int64_t prefill_experts = 0, i = 0;
+  for (auto _ : state) {
+    const Routing& r = routings[i++ % routings.size()];
+    const auto t0 = std::chrono::steady_clock::now();
+    auto run = MoeRun::Begin(*plan, L.weights,
+                             {n_tokens, r.x.data(), r.ids.data(), r.w.data(), out.data()},
+                             ws.data(), ws.size());
+    if (!run.ok()) {
+      state.SkipWithError(std::string(run.status().message()).c_str());
+      return;
+    }
+    RunMoe(*run, [&](int64_t n, auto&& fn) { g_pool->ParallelFor(n, fn); });
+    seconds += Seconds(t0, std::chrono::steady_clock::now());
+    bytes += static_cast<double>(run->weight_bytes());
+    ops += 2.0 * static_cast<double>(run->num_pairs()) * 3.0 * static_cast<double>(L.shape.n_embd) *
+           static_cast<double>(L.shape.n_ff);
+    prefill_experts += run->num_prefill_experts();
+  }
+  benchmark::DoNotOptimize(out.data());
+  state.counters["weights_GBps"] = bytes / seconds / 1e9;
+  state.counters["TOPS"] = ops / seconds / 1e12;
+  state.counters["threads"] = g_pool->num_workers();
+  state.counters["prefill_experts_per_call"] =
+      static_cast<double>(prefill_experts) / static_cast<double>(state.iterations());
+  if (!prefill) {
+    state.counters["pct_of_read_bw"] = 100.0 * (bytes / seconds / 1e9) / ReadGbps();
+  } else {
+    const double peak = amx ? AmxInt8Tops() : VnniTops();
+    if (peak > 0) state.counters["pct_of_int8_peak"] = 100.0 * (ops / seconds / 1e12) / peak;
+  }
+}
+
+void ParseFlags(int* argc, char** argv) {
+  const char* full = std::getenv("KTX_BENCH_FULL_LAYER");
+  if (full != nullptr && std::string(full) == "1") g_config.n_expert = 256;
+  std::string variants;
+  int out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--ktx_smoke") {
+      g_config.smoke = true;
+    } else if (a == "--ktx_full_layer") {
+      g_config.n_expert = 256;
+    } else if (a.rfind("--ktx_experts=", 0) == 0) {
+      g_config.n_expert = std::max<int64_t>(8, std::atoll(a.c_str() + 14));
+    } else if (a.rfind("--ktx_variants=", 0) == 0) {
+      variants = a.substr(15);
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  *argc = out;
+  if (variants.empty()) {
+    for (CpuVariant v : {CpuVariant::kAvx512, CpuVariant::kAmx}) {
+      if (HostSupportsCpuVariant(v)) g_config.variants.push_back(v);
+    }
+    if (g_config.variants.empty()) g_config.variants.push_back(BestCpuVariant(DetectCpuFeatures()));
+    if (g_config.smoke)
+      g_config.variants = {CpuVariant::kScalar, BestCpuVariant(DetectCpuFeatures())};
+  } else {
+    size_t pos = 0;
+    while (pos <= variants.size()) {
+      const size_t comma = std::min(variants.find(',', pos), variants.size());
+      const auto v = ParseCpuVariant(variants.substr(pos, comma - pos));
+      if (v) g_config.variants.push_back(*v);
+      pos = comma + 1;
+    }
+  }
+}
+
+void Register() {
+  benchmark::RegisterBenchmark("read_bw", BM_ReadBandwidth)
+      ->Iterations(g_config.smoke ? 2 : 5)
+      ->UseRealTime();
+  if (HostSupportsCpuVariant(CpuVariant::kAvx512)) {
+    benchmark::RegisterBenchmark("peak/vnni",
+                                 [](benchmark::State& s) {
+                                   BM_Peak<VnniPeakLoop>(s, g_config.smoke ? 1000 : 2000000,
+                                                         &g_vnni_tops);
+                                 })
+        ->Iterations(3)
+        ->UseRealTime();
+  }
+  if (HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    benchmark::RegisterBenchmark("peak/amx_int8",
+                                 [](benchmark::State& s) {
+                                   BM_Peak<AmxInt8PeakLoop>(s, g_config.smoke ? 100 : 200000,
+                                                            &g_amx_int8_tops);
+                                 })
+        ->Iterations(3)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("peak/amx_bf16",
+                                 [](benchmark::State& s) {
+                                   double unused = 0;
+                                   BM_Peak<AmxBf16PeakLoop>(s, g_config.smoke ? 100 : 200000,
+                                                            &unused);
+                                 })
+        ->Iterations(3)
+        ->UseRealTime();
+  }
+  for (CpuVariant v : g_config.variants) {
+    if (!HostSupportsCpuVariant(v)) {
+      std::fprintf(stderr, "moe_benchmark: skipping variant %s: %s\n", CpuVariantName(v),
+                   CpuVariantUnsupportedReason(v).c_str());
+      continue;
+    }
+    const std::vector<int64_t> decode =
+        g_config.smoke ? std::vector<int64_t>{1, 2} : std::vector<int64_t>{1, 2, 4, 8};
+    for (int64_t n : decode) {
+      benchmark::RegisterBenchmark(
+          (std::string("decode/") + CpuVariantName(v) + "/tokens:" + std::to_string(n)).c_str(),
+          [v, n](benchmark::State& s) { BM_Layer(s, v, n, false); })
+          ->UseRealTime()
+          ->MinTime(g_config.smoke ? 0.01 : 1.0)
+          ->Unit(benchmark::kMillisecond);
+    }
+    const std::vector<int64_t> prefill =
+        g_config.smoke ? std::vector<int64_t>{32} : std::vector<int64_t>{128, 512, 2048};
+    for (int64_t n : prefill) {
+      benchmark::RegisterBenchmark(
+          (std::string("prefill/") + CpuVariantName(v) + "/tokens:" + std::to_string(n)).c_str(),
+          [v, n](benchmark::State& s) { BM_Layer(s, v, n, true); })
+          ->UseRealTime()
+          ->Iterations(g_config.smoke ? 1 : 2)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ktx::kernels::moe::bench
+
+int main(int argc, char** argv) {
+  using namespace ktx::kernels::moe::bench;
+  ParseFlags(&argc, argv);
+  auto pool = ktx::runtime::CpuPool::Create({});
+  if (!pool.ok()) {
+    std::fprintf(stderr, "moe_benchmark: %s\n", std::string(pool.status().message()).c_str());
+    return 1;
+  }
+  g_pool = pool->get();
+  const auto& f = ktx::kernels::DetectCpuFeatures();
+  std::fprintf(stderr, "moe_benchmark: %s, %d workers, %lld experts%s\n", f.brand.c_str(),
+               g_pool->num_workers(), static_cast<long long>(g_config.n_expert),
+               g_config.smoke ? " (smoke)" : "");
+  Register();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
