@@ -218,6 +218,104 @@ std::string HardwareTopologyToJson(const HardwareTopology& topo, int indent) {
   return j.dump(indent);
 }
 
+absl::StatusOr<HardwareTopology> HardwareTopologyFromJson(std::string_view json,
+                                                          const std::string& source) {
+  const nlohmann::json j = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  auto error = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", what));
+  };
+  if (j.is_discarded() || !j.is_object()) {
+    return error("not a JSON object (expected the output of ktx-ctl topology show --json)");
+  }
+  if (!j.contains("nodes") || !j["nodes"].is_array() || j["nodes"].empty()) {
+    return error("expected a non-empty array \"nodes\"");
+  }
+  // Typed reads that never throw: a missing key gives the default.
+  auto get_bool = [](const nlohmann::json& o, const char* key) {
+    return o.contains(key) && o[key].is_boolean() && o[key].get<bool>();
+  };
+  auto get_u64 = [](const nlohmann::json& o, const char* key) -> uint64_t {
+    return o.contains(key) && o[key].is_number_unsigned() ? o[key].get<uint64_t>() : 0;
+  };
+  auto get_string = [](const nlohmann::json& o, const char* key) {
+    return o.contains(key) && o[key].is_string() ? o[key].get<std::string>() : std::string();
+  };
+  auto get_ints = [](const nlohmann::json& o, const char* key, std::vector<int>* out) {
+    if (!o.contains(key)) return true;
+    if (!o[key].is_array()) return false;
+    for (const nlohmann::json& v : o[key]) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > (1 << 20)) {
+        return false;
+      }
+      out->push_back(v.get<int>());
+    }
+    return true;
+  };
+  HardwareTopology topo;
+  topo.numa_available = get_bool(j, "numa_available");
+  std::set<int> ids, sockets;
+  for (size_t i = 0; i < j["nodes"].size(); ++i) {
+    const nlohmann::json& n = j["nodes"][i];
+    if (!n.is_object() || !n.contains("id") || !n["id"].is_number_integer() ||
+        n["id"].get<int64_t>() < 0 || n["id"].get<int64_t>() > (1 << 20) || !n.contains("cpus")) {
+      return error(absl::StrCat("nodes[", i, "]: expected an object with id (>= 0) and cpus[]"));
+    }
+    NumaNodeInfo info;
+    info.id = n["id"].get<int>();
+    if (!ids.insert(info.id).second) {
+      return error(absl::StrCat("nodes[", i, "]: NUMA node ", info.id, " listed twice"));
+    }
+    if (!get_ints(n, "cpus", &info.cpus) || !get_ints(n, "sockets", &info.sockets)) {
+      return error(absl::StrCat("nodes[", i, "]: cpus and sockets must be arrays of ids"));
+    }
+    std::sort(info.cpus.begin(), info.cpus.end());
+    info.memory_bytes = get_u64(n, "memory_bytes");
+    info.free_memory_bytes = get_u64(n, "free_memory_bytes");
+    topo.n_cpus += static_cast<int>(info.cpus.size());
+    sockets.insert(info.sockets.begin(), info.sockets.end());
+    topo.nodes.push_back(std::move(info));
+  }
+  topo.n_sockets = std::max<int>(1, static_cast<int>(sockets.size()));
+  if (j.contains("cpu") && j["cpu"].is_object()) {
+    topo.isa.vendor = get_string(j["cpu"], "vendor");
+    topo.isa.brand = get_string(j["cpu"], "brand");
+  }
+  if (j.contains("isa") && j["isa"].is_object()) {
+    const nlohmann::json& f = j["isa"];
+    kernels::CpuFeatures& isa = topo.isa;
+    isa.avx2 = get_bool(f, "avx2");
+    isa.fma = get_bool(f, "fma");
+    isa.avx512f = get_bool(f, "avx512f");
+    isa.avx512bw = get_bool(f, "avx512bw");
+    isa.avx512vl = get_bool(f, "avx512vl");
+    isa.avx512_vnni = get_bool(f, "avx512_vnni");
+    isa.avx512_bf16 = get_bool(f, "avx512_bf16");
+    isa.avx512_fp16 = get_bool(f, "avx512_fp16");
+    isa.avx_vnni = get_bool(f, "avx_vnni");
+    isa.amx_tile = get_bool(f, "amx_tile");
+    isa.amx_int8 = get_bool(f, "amx_int8");
+    isa.amx_bf16 = get_bool(f, "amx_bf16");
+    isa.amx_permitted = get_bool(f, "amx_permitted");
+  }
+  if (j.contains("gpus") && j["gpus"].is_array()) {
+    for (const nlohmann::json& g : j["gpus"]) {
+      if (!g.is_object()) return error("gpus[]: expected objects");
+      GpuInfo gpu;
+      gpu.index = g.contains("index") && g["index"].is_number_integer() ? g["index"].get<int>() : 0;
+      gpu.name = get_string(g, "name");
+      gpu.memory_bytes = get_u64(g, "memory_bytes");
+      gpu.free_memory_bytes = get_u64(g, "free_memory_bytes");
+      const std::string cc = get_string(g, "compute_capability");
+      if (std::sscanf(cc.c_str(), "%d.%d", &gpu.compute_major, &gpu.compute_minor) != 2) {
+        gpu.compute_major = gpu.compute_minor = 0;
+      }
+      topo.gpus.push_back(std::move(gpu));
+    }
+  }
+  topo.gpu_note = get_string(j, "gpu_note");
+  return topo;
+}
+
 std::string HardwareTopologyToTable(const HardwareTopology& topo) {
   std::ostringstream out;
   out << "CPU      " << (topo.isa.brand.empty() ? topo.isa.vendor : topo.isa.brand) << "\n";

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -79,6 +80,14 @@ absl::StatusOr<HardwareTopology> DiscoverHardware(HardwareSource& source);
 // amx_int8, amx_bf16, amx_permitted}, gpus[] {index, name, memory_bytes,
 // free_memory_bytes, compute_capability}, gpu_note.
 std::string HardwareTopologyToJson(const HardwareTopology& topology, int indent = 2);
+
+// Reads JSON written by HardwareTopologyToJson back, e.g. the output of
+// `ktx-ctl topology show --json` on another machine, so that configs can be
+// checked against it. Required: nodes[] with id and cpus[]; every other key
+// may be missing (defaults; n_cpus and n_sockets are recomputed from the
+// nodes). `source` names the input in errors (kInvalidArgument).
+absl::StatusOr<HardwareTopology> HardwareTopologyFromJson(std::string_view json,
+                                                          const std::string& source);
 
 // A human-readable table of the same facts.
 std::string HardwareTopologyToTable(const HardwareTopology& topology);

@@ -142,6 +142,44 @@ TEST(DiscoverHardwareTest, SingleNodeOwnsAllSystemMemory) {
   EXPECT_EQ(topo->nodes[0].memory_bytes, 24ULL << 30);
 }
 
+TEST(HardwareTopologyFromJsonTest, RoundTripsTheJsonWritten) {
+  FakeSource src;
+  src.node_cpus = {{0, {0, 1, 2, 3}}, {1, {4, 5, 6, 7}}};
+  src.node_memory = {{0, 8ULL << 30}, {1, 16ULL << 30}};
+  for (int c = 0; c < 8; ++c) {
+    src.allowed.push_back(c);
+    src.socket_of[c] = c / 4;
+  }
+  src.gpus.push_back({0, "NVIDIA H100", 80ULL << 30, 79ULL << 30, 9, 0});
+  auto topo = DiscoverHardware(src);
+  ASSERT_TRUE(topo.ok());
+  auto back = HardwareTopologyFromJson(HardwareTopologyToJson(*topo), "hw.json");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(HardwareTopologyToJson(*back), HardwareTopologyToJson(*topo));
+  EXPECT_EQ(back->nodes[1].memory_bytes, 16ULL << 30);
+  EXPECT_THAT(back->nodes[1].cpus, ElementsAre(4, 5, 6, 7));
+  EXPECT_EQ(back->n_sockets, 2);
+  EXPECT_EQ(back->n_cpus, 8);
+  EXPECT_EQ(back->gpus[0].compute_major, 9);
+  EXPECT_TRUE(back->isa.amx_permitted);
+}
+
+TEST(HardwareTopologyFromJsonTest, MinimalAndBadInput) {
+  auto minimal = HardwareTopologyFromJson(R"({"nodes": [{"id": 3, "cpus": [2, 1]}]})", "m.json");
+  ASSERT_TRUE(minimal.ok()) << minimal.status();
+  EXPECT_EQ(minimal->nodes[0].id, 3);
+  EXPECT_THAT(minimal->nodes[0].cpus, ElementsAre(1, 2));
+  EXPECT_EQ(minimal->n_cpus, 2);
+  EXPECT_TRUE(minimal->gpus.empty());
+  for (const char* bad : {"", "[]", R"({"nodes": []})", R"({"nodes": [{"cpus": [1]}]})",
+                          R"({"nodes": [{"id": 0, "cpus": "0-3"}]})",
+                          R"({"nodes": [{"id": 0, "cpus": [0]}, {"id": 0, "cpus": [1]}]})"}) {
+    auto topo = HardwareTopologyFromJson(bad, "bad.json");
+    EXPECT_EQ(topo.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(topo.status().message().find("bad.json"), std::string_view::npos) << bad;
+  }
+}
+
 TEST(FormatCpuListTest, Ranges) {
   EXPECT_EQ(FormatCpuList({}), "");
   EXPECT_EQ(FormatCpuList({5}), "5");
