@@ -14,5 +14,6 @@ namespace ktx::cli {
 void AddTopologyCommands(CLI::App& app, int* exit_code);
 void AddSynthCommands(CLI::App& app, int* exit_code);
 void AddTokenizeCommands(CLI::App& app, int* exit_code);
+void AddInspectCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli

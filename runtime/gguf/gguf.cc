@@ -21,7 +21,6 @@
 #include <utility>
 
 #include "absl/functional/function_ref.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -33,9 +32,6 @@ static_assert(std::endian::native == std::endian::little,
               "the GGUF reader assumes a little-endian host");
 
 namespace {
-
-// Debian's Abseil has its own string_view type (ABSL_OPTION_USE_STD_STRING_VIEW 0).
-absl::string_view AbslView(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian u32
 constexpr uint32_t kDefaultAlignment = 32;
@@ -68,10 +64,68 @@ uint64_t EncodedSize(ValueType type) {
   return 1;
 }
 
-// C-escaped, quoted, and cut to `max_bytes` for messages.
+// Length of the valid UTF-8 sequence at s[i], or 0 when the bytes there are not one.
+size_t Utf8Length(std::string_view s, size_t i) {
+  const auto b = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
+  const uint8_t c = b(i);
+  size_t n = 0;
+  uint32_t min = 0;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2, min = 0x80;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3, min = 0x800;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4, min = 0x10000;
+  } else {
+    return 0;
+  }
+  if (i + n > s.size()) return 0;
+  uint32_t cp = c & (0x7F >> n);
+  for (size_t k = 1; k < n; ++k) {
+    if ((b(i + k) & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (b(i + k) & 0x3F);
+  }
+  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+  return n;
+}
+
+// `s` for display: valid UTF-8 kept, quotes, backslashes, control and invalid
+// bytes escaped C-style; cut after `max_bytes` input bytes.
+std::string Escape(std::string_view s, size_t max_bytes) {
+  std::string out;
+  out.reserve(std::min(s.size(), max_bytes) + 2);
+  size_t i = 0;
+  while (i < s.size() && i < max_bytes) {
+    const uint8_t c = static_cast<uint8_t>(s[i]);
+    if (c >= 0x80) {
+      if (const size_t n = Utf8Length(s, i); n > 0) {
+        out.append(s.substr(i, n));
+        i += n;
+        continue;
+      }
+    }
+    switch (c) {
+      case '\\': out += "\\\\"; break;
+      case '"': out += "\\\""; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20 || c >= 0x7F) {
+          out += absl::StrFormat("\\x%02x", c);
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+    ++i;
+  }
+  if (i < s.size()) absl::StrAppend(&out, "... (", s.size(), " bytes)");
+  return out;
+}
+
+// Quoted and cut to `max_bytes` for messages.
 std::string Quote(std::string_view s, size_t max_bytes = 80) {
-  if (s.size() <= max_bytes) return absl::StrCat("'", absl::CHexEscape(AbslView(s)), "'");
-  return absl::StrCat("'", absl::CHexEscape(AbslView(s.substr(0, max_bytes))), "'... (", s.size(), " bytes)");
+  return absl::StrCat("'", Escape(s, max_bytes), "'");
 }
 
 std::string ShapeOf(const std::vector<int64_t>& ne) {
@@ -583,7 +637,7 @@ std::string Value::ToString(size_t max_items) const {
       [&](const auto& x) -> std::string {
         using T = std::decay_t<decltype(x)>;
         if constexpr (std::is_same_v<T, std::string>) {
-          return absl::StrCat("\"", absl::CHexEscape(x), "\"");
+          return absl::StrCat("\"", Escape(x, SIZE_MAX), "\"");
         } else if constexpr (std::is_same_v<T, bool>) {
           return x ? "true" : "false";
         } else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
@@ -598,7 +652,7 @@ std::string Value::ToString(size_t max_items) const {
           for (size_t i = 0; i < n; ++i) {
             if (i > 0) out += ", ";
             if constexpr (std::is_same_v<T, std::vector<std::string>>) {
-              absl::StrAppend(&out, "\"", absl::CHexEscape(x[i]), "\"");
+              absl::StrAppend(&out, "\"", Escape(x[i], SIZE_MAX), "\"");
             } else if constexpr (std::is_same_v<T, std::vector<bool>>) {
               out += x[i] ? "true" : "false";
             } else if constexpr (std::is_same_v<T, std::vector<double>>) {

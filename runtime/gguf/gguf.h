@@ -8,12 +8,29 @@
 //   KTX_ASSIGN_OR_RETURN(uint32_t n_layer, file->metadata().GetU32("deepseek2.block_count"));
 //   const TensorInfo* t = file->FindTensor("blk.0.attn_norm.weight");
 //
-// Everything in a file is checked before Open returns: magic and version, every
-// count, string and array length against the bytes that remain, known value and
-// tensor type ids, dims (1..4, positive, ne[0] a multiple of the type's block
-// size, no overflow), every tensor inside its file's data section, no two
-// tensors overlapping, unique names. Errors name the file, the key or tensor,
-// and what was expected.
+// Everything in a file is checked before Open returns: magic and version (3;
+// 2 is the same encoding and accepted; 1 is rejected), every count, string and
+// array length against the bytes that remain (so a hostile count cannot cause a
+// huge allocation), known value and tensor type ids, dims (1..4, positive,
+// ne[0] a multiple of the type's block size, no overflow), names (non-empty,
+// shorter than 64 bytes, unique), `general.alignment` (a power of two; default
+// 32), every tensor offset a multiple of the alignment and its data inside the
+// file, no two tensors overlapping (any order is accepted). Errors
+// (kInvalidArgument; kNotFound for a missing file or part) name the file, the
+// key or tensor, and what was expected versus found.
+//
+// A tensor of a known ggml type that ktx cannot compute with (e.g. q2_K) loads
+// like any other; compute code rejects it (kernels::TensorTypeTraits::supported).
+//
+// Split models: for `PREFIX-00001-of-0000N.gguf` (llama-gguf-split's naming)
+// the parts are mapped in order; each must carry split.no = its index and
+// split.count = N; split.tensors.count (when present) must equal the total.
+// Metadata comes from part 0; TensorInfo::file_index says which part holds a
+// tensor. Opening a later part fails with a message naming the first.
+//
+// Cost: Open maps the files (read-only, MAP_PRIVATE) and parses only the
+// headers; tensor data is not touched (no page of it is read) unless
+// OpenOptions::populate asks for it.
 //
 // Ownership: GgufFile owns the mappings; TensorInfo::data points into them and
 // lives as long as the GgufFile. Thread-safe after Open (read-only).

@@ -32,7 +32,9 @@ constexpr uint32_t kVersion = 3;
 constexpr uint32_t kDefaultAlignment = 32;
 constexpr size_t kMaxNameBytes = 63;
 
-std::string Quote(std::string_view s) { return absl::StrCat("'", absl::CHexEscape(AbslView(s)), "'"); }
+std::string Quote(std::string_view s) {
+  return absl::StrCat("'", absl::CHexEscape(AbslView(s)), "'");
+}
 
 absl::Status WriterError(const std::string& what, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("GgufWriter: ", what, ": ", message));

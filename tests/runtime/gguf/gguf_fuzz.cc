@@ -12,11 +12,11 @@
 //  * with -DKTX_FUZZ=ON and clang: `gguf_fuzzer`, a libFuzzer binary built
 //    with -fsanitize=fuzzer,address,undefined. To run it for longer:
 //
-//      CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DKTX_FUZZ=ON -DKTX_MINIMAL=ON -DKTX_CUDA=OFF
-//      ninja -C build-fuzz gguf_fuzzer gguf_fuzz_test
-//      mkdir -p /tmp/gguf_corpus
+//      CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DKTX_FUZZ=ON -DKTX_MINIMAL=ON
+//      -DKTX_CUDA=OFF ninja -C build-fuzz gguf_fuzzer gguf_fuzz_test mkdir -p /tmp/gguf_corpus
 //      KTX_GGUF_FUZZ_SEED_DIR=/tmp/gguf_corpus build-fuzz/tests/runtime/gguf/gguf_fuzz_test
-//      build-fuzz/tests/runtime/gguf/gguf_fuzzer -max_len=65536 -max_total_time=3600 -jobs=2 -workers=2 /tmp/gguf_corpus
+//      build-fuzz/tests/runtime/gguf/gguf_fuzzer -max_len=65536 -max_total_time=3600 -jobs=2
+//      -workers=2 /tmp/gguf_corpus
 //
 //    The first run of gguf_fuzz_test writes the seed corpus (small valid files
 //    and the first 16 KiB of the q4_k_m fixture) into the directory; libFuzzer
@@ -38,6 +38,9 @@ void Require(bool ok) {
 
 }  // namespace
 
+// Inputs the reader accepted (the deterministic driver reports the ratio).
+int64_t ktx_gguf_fuzz_accepted = 0;
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ktx::gguf::GgufFile;
   using ktx::gguf::TensorInfo;
@@ -50,6 +53,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     Require(!file.status().message().empty());
     return 0;
   }
+  ++ktx_gguf_fuzz_accepted;
   const GgufFile& f = **file;
   const uint32_t alignment = f.alignment();
   Require(alignment != 0 && (alignment & (alignment - 1)) == 0);

@@ -121,6 +121,11 @@ TEST(ValueTest, Formatting) {
   EXPECT_EQ(Value(ValueType::kInt8, int8_t{-3}).ToString(), "-3");
   EXPECT_EQ(Value(ValueType::kFloat32, 0.1f).ToString(), "0.100000001");
   EXPECT_EQ(Value(ValueType::kString, std::string("a\"b\n")).ToString(), "\"a\\\"b\\n\"");
+  // Valid UTF-8 stays readable; control and invalid bytes are escaped.
+  EXPECT_EQ(Value(ValueType::kString, std::string("\xe2\x96\x81tok\x01\xff\xc3")).ToString(),
+            "\"\xe2\x96\x81tok\\x01\\xff\\xc3\"");
+  EXPECT_EQ(Value(ValueType::kString, std::string("\xed\xa0\x80")).ToString(),  // a surrogate
+            "\"\\xed\\xa0\\x80\"");
   const Value arr(ValueType::kArray, std::vector<int64_t>{1, 2, 3, 4, 5}, ValueType::kInt32);
   EXPECT_EQ(arr.TypeString(), "array[i32]");
   EXPECT_EQ(arr.array_size(), 5u);
