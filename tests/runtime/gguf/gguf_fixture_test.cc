@@ -24,6 +24,8 @@ struct FixtureFile {
   int column;          // column of README table 2.3: 0 bf16, 1 q8_0, 2 q4_k_m
 };
 
+void PrintTo(const FixtureFile& f, std::ostream* os) { *os << f.file; }
+
 const FixtureFile kFiles[] = {
     {"dsv3-tiny-bf16.gguf", 15500192, 32, 0},
     {"dsv3-tiny-q8_0.gguf", 8261792, 7, 1},

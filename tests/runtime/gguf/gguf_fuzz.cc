@@ -77,15 +77,38 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Tensors are disjoint: their bytes add up to no more than the input.
   Require(total <= size);
   const ktx::gguf::Metadata& m = f.metadata();
+  using ktx::gguf::ValueType;
   for (const auto& [key, value] : m.entries()) {
     checksum += value.ToString(4).size() + value.array_size();
+    // The getter for the value's own kind (integer getters convert or refuse).
+    switch (value.type()) {
+      case ValueType::kString: Require(m.GetString(key).ok()); break;
+      case ValueType::kBool: Require(m.GetBool(key).ok()); break;
+      case ValueType::kFloat32:
+      case ValueType::kFloat64:
+        (void)m.GetF32(key);  // an f64 may be out of f32 range
+        break;
+      case ValueType::kArray:
+        if (value.array_type() == ValueType::kString) {
+          Require(m.GetStringArray(key).ok());
+        } else if (value.array_type() == ValueType::kFloat32 ||
+                   value.array_type() == ValueType::kFloat64) {
+          Require(m.GetFloatArray(key).ok());
+        } else if (value.array_type() != ValueType::kBool) {
+          (void)m.GetIntArray(key);  // u64 elements may not fit
+        }
+        break;
+      default:
+        (void)m.GetU32(key);
+        (void)m.GetI64(key);
+        break;
+    }
+  }
+  // The error paths, once per input (each error formats a message).
+  if (!m.entries().empty()) {
+    const std::string& key = m.entries().begin()->first;
     (void)m.GetU32(key);
-    (void)m.GetI64(key);
-    (void)m.GetF32(key);
     (void)m.GetBool(key);
-    (void)m.GetString(key);
-    (void)m.GetIntArray(key);
-    (void)m.GetFloatArray(key);
     (void)m.GetStringArray(key);
   }
   // Keep the reads alive.
