@@ -15,5 +15,6 @@ void AddTopologyCommands(CLI::App& app, int* exit_code);
 void AddSynthCommands(CLI::App& app, int* exit_code);
 void AddTokenizeCommands(CLI::App& app, int* exit_code);
 void AddInspectCommands(CLI::App& app, int* exit_code);
+void AddRunCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli

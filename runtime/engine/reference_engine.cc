@@ -146,7 +146,7 @@ absl::StatusOr<GenerateResult> ReferenceEngine::GenerateFromTokens(
   if (n_prompt >= n_ctx_) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the prompt has ", n_prompt, " tokens; the context holds ", n_ctx_,
-                     " (prompt + at least one generated token); raise n_ctx"));
+                     " (prompt + at least one generated token); raise the context size (n_ctx)"));
   }
   KTX_ASSIGN_OR_RETURN(sampler::Sampler sampler, sampler::Sampler::Create(request.sampling));
   KTX_ASSIGN_OR_RETURN(sampler::StopStringMatcher stops,

@@ -1,0 +1,251 @@
+// ktx-ctl run / logits: the reference engine on the command line.
+//
+//   ktx-ctl run --model M.gguf --prompt "Once upon a time" --max-tokens 64 --temperature 0
+//       streams the generated text to stdout (then a newline), and prints the
+//       prefill and decode throughput and the stop reason to stderr.
+//   ktx-ctl run --model M.gguf --prompt "Hi" --chat --system "Be brief." --stop "\n\n"
+//   ktx-ctl logits --model M.gguf --tokens 0,15,27 --out logits.f32
+//       writes float32 little-endian logits for every position, row-major
+//       [n_tokens, n_vocab], and prints the shape to stderr.
+//
+// Both run the scalar reference path (runtime/engine/reference_engine.h) on
+// --threads threads (default: all).
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cli/commands.h"
+#include "runtime/engine/reference_engine.h"
+#include "tbb/global_control.h"
+
+namespace ktx::cli {
+namespace {
+
+struct CommonFlags {
+  std::string model;
+  int threads = 0;  // 0: all
+  int64_t ctx_size = 4096;
+  int64_t prefill_chunk = 0;
+};
+
+struct RunFlags {
+  CommonFlags common;
+  std::string prompt;
+  bool chat = false;
+  std::string system;
+  std::string chat_template;
+  int32_t max_tokens = 256;
+  sampler::SamplingParams sampling;
+  std::vector<std::string> stop;
+};
+
+struct LogitsFlags {
+  CommonFlags common;
+  std::string tokens;
+  std::string out;
+};
+
+void AddCommonFlags(CLI::App* cmd, CommonFlags* flags) {
+  cmd->add_option("--model", flags->model, "GGUF model file (the first part of a split model)")
+      ->required();
+  cmd->add_option("--threads", flags->threads, "Worker threads (default: all cores)");
+  cmd->add_option("--prefill-chunk", flags->prefill_chunk,
+                  "Prefill in batches of at most N tokens (default 0: the whole prompt at once)");
+}
+
+// Validates the common flags, limits the thread pool and opens the engine.
+absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> OpenEngine(
+    const CommonFlags& flags, const std::string& chat_template,
+    std::optional<tbb::global_control>* threads) {
+  if (flags.threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads ", flags.threads, ": expected a positive count (or 0 for all)"));
+  }
+  if (flags.threads > 0) {
+    threads->emplace(tbb::global_control::max_allowed_parallelism,
+                     static_cast<size_t>(flags.threads));
+  }
+  if (flags.ctx_size < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ctx-size ", flags.ctx_size, ": expected >= 0 (0: the model's context)"));
+  }
+  if (flags.prefill_chunk < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--prefill-chunk ", flags.prefill_chunk,
+                                                   ": expected >= 0 (0: the whole prompt)"));
+  }
+  engine::EngineOptions options;
+  options.n_ctx = flags.ctx_size;
+  options.prefill_chunk = flags.prefill_chunk;
+  options.chat_template = chat_template;
+  return engine::ReferenceEngine::Open(flags.model, options);
+}
+
+int RunGenerate(const RunFlags& flags) {
+  std::optional<tbb::global_control> threads;
+  if (flags.max_tokens <= 0) {
+    std::cerr << "ktx-ctl run: --max-tokens " << flags.max_tokens
+              << ": expected a positive count\n";
+    return 1;
+  }
+  if (!flags.chat && (!flags.system.empty() || !flags.chat_template.empty())) {
+    std::cerr << "ktx-ctl run: --system and --chat-template need --chat\n";
+    return 1;
+  }
+  if (absl::Status s = flags.sampling.Validate(); !s.ok()) {
+    std::cerr << "ktx-ctl run: " << s.message() << "\n";
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> engine =
+      OpenEngine(flags.common, flags.chat_template, &threads);
+  if (!engine.ok()) {
+    std::cerr << "ktx-ctl run: " << engine.status() << "\n";
+    return 1;
+  }
+  engine::GenerateRequest request;
+  request.prompt = flags.prompt;
+  request.chat = flags.chat;
+  request.system = flags.system;
+  request.max_tokens = flags.max_tokens;
+  request.sampling = flags.sampling;
+  request.stop = flags.stop;
+  bool printed = false;
+  absl::StatusOr<engine::GenerateResult> result =
+      (*engine)->Generate(request, [&printed](std::string_view text) {
+        std::cout.write(text.data(), static_cast<std::streamsize>(text.size()));
+        std::cout.flush();
+        printed = true;
+        return true;
+      });
+  if (result.ok() || printed) {
+    std::cout << "\n";
+    std::cout.flush();
+  }
+  if (!result.ok()) {
+    std::cerr << "ktx-ctl run: " << result.status() << "\n";
+    return 1;
+  }
+  std::fprintf(stderr,
+               "prefill: %zu tokens in %.3f s (%.2f tok/s)\n"
+               "decode: %zu tokens, %lld passes in %.3f s (%.2f tok/s)\n"
+               "stop: %s\n",
+               result->prompt_tokens.size(), result->prefill_seconds, result->prefill_tok_s(),
+               result->tokens.size(), static_cast<long long>(result->n_decode_passes),
+               result->decode_seconds, result->decode_tok_s(),
+               engine::StopReasonName(result->stop_reason));
+  return 0;
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseTokens(const std::string& text) {
+  std::vector<int32_t> ids;
+  if (text.empty()) return absl::InvalidArgumentError("--tokens: no token ids given");
+  int index = 0;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(part, &id) || id < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--tokens: entry ", index, " ('",
+                                                     std::string(part.data(), part.size()),
+                                                     "') is not a token id (a number >= 0)"));
+    }
+    ids.push_back(id);
+    ++index;
+  }
+  return ids;
+}
+
+int RunLogits(const LogitsFlags& flags) {
+  std::optional<tbb::global_control> threads;
+  absl::StatusOr<std::vector<int32_t>> tokens = ParseTokens(flags.tokens);
+  if (!tokens.ok()) {
+    std::cerr << "ktx-ctl logits: " << tokens.status().message() << "\n";
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> engine =
+      OpenEngine(flags.common, "", &threads);
+  if (!engine.ok()) {
+    std::cerr << "ktx-ctl logits: " << engine.status() << "\n";
+    return 1;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<float>> logits = (*engine)->Logits(*tokens);
+  if (!logits.ok()) {
+    std::cerr << "ktx-ctl logits: " << logits.status() << "\n";
+    return 1;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::ofstream out(flags.out, std::ios::binary | std::ios::trunc);
+  if (out) {
+    out.write(reinterpret_cast<const char*>(logits->data()),
+              static_cast<std::streamsize>(logits->size() * sizeof(float)));
+  }
+  if (!out || !out.flush()) {
+    std::cerr << "ktx-ctl logits: cannot write " << flags.out << ": " << std::strerror(errno)
+              << "\n";
+    return 1;
+  }
+  std::fprintf(stderr, "wrote float32 logits [%zu, %lld] to %s (%.3f s, %.2f tok/s)\n",
+               tokens->size(), static_cast<long long>((*engine)->model().n_vocab()),
+               flags.out.c_str(), seconds, seconds > 0 ? tokens->size() / seconds : 0.0);
+  return 0;
+}
+
+}  // namespace
+
+void AddRunCommands(CLI::App& app, int* exit_code) {
+  auto run = std::make_shared<RunFlags>();
+  // Command-line defaults: the usual llama.cpp-like sampling.
+  run->sampling.temperature = 0.8f;
+  run->sampling.top_k = 40;
+  run->sampling.top_p = 0.95f;
+  run->sampling.min_p = 0.05f;
+  CLI::App* cmd = app.add_subcommand(
+      "run", "Generate text with the reference engine; prefill and decode tok/s on stderr");
+  AddCommonFlags(cmd, &run->common);
+  cmd->add_option("--ctx-size", run->common.ctx_size,
+                  "Context in tokens, prompt + generated (default 4096; 0: the model's)");
+  cmd->add_option("--prompt", run->prompt, "The prompt text")->required();
+  cmd->add_flag("--chat", run->chat, "Render the prompt as a user message of the chat template");
+  cmd->add_option("--system", run->system, "System message (with --chat)");
+  cmd->add_option("--chat-template", run->chat_template,
+                  "deepseek-v3 or deepseek-r1 (default: recognised from the model)");
+  cmd->add_option("--max-tokens", run->max_tokens, "Tokens to generate at most (default 256)");
+  cmd->add_option("--temperature", run->sampling.temperature,
+                  "Sampling temperature, 0 = greedy (default 0.8)");
+  cmd->add_option("--top-k", run->sampling.top_k, "Keep the k most likely tokens, 0 = off (40)");
+  cmd->add_option("--top-p", run->sampling.top_p, "Nucleus sampling, 1 = off (default 0.95)");
+  cmd->add_option("--min-p", run->sampling.min_p, "Min-p filter, 0 = off (default 0.05)");
+  cmd->add_option("--repeat-penalty", run->sampling.repetition_penalty,
+                  "Repetition penalty, 1 = off (default 1)");
+  cmd->add_option("--presence-penalty", run->sampling.presence_penalty,
+                  "Presence penalty, 0 = off (default 0)");
+  cmd->add_option("--frequency-penalty", run->sampling.frequency_penalty,
+                  "Frequency penalty, 0 = off (default 0)");
+  cmd->add_option("--repeat-last-n", run->sampling.penalty_last_n,
+                  "Penalty window in tokens (default 64)");
+  cmd->add_option("--seed", run->sampling.seed, "RNG seed (default 0)");
+  cmd->add_option("--stop", run->stop, "Stop string (repeatable); not printed");
+  cmd->callback([exit_code, run] { *exit_code = RunGenerate(*run); });
+
+  auto logits = std::make_shared<LogitsFlags>();
+  CLI::App* lcmd = app.add_subcommand(
+      "logits", "Write float32 logits of every position of a token sequence [n_tokens, n_vocab]");
+  AddCommonFlags(lcmd, &logits->common);
+  logits->common.ctx_size = 0;
+  lcmd->add_option("--tokens", logits->tokens, "Token ids, comma-separated (e.g. 0,15,27)")
+      ->required();
+  lcmd->add_option("--out", logits->out, "Output file (raw little-endian float32)")->required();
+  lcmd->callback([exit_code, logits] { *exit_code = RunLogits(*logits); });
+}
+
+}  // namespace ktx::cli
