@@ -14,6 +14,8 @@
 namespace ktx::kernels::moe::avx2 {
 namespace {
 
+#define KTX_UNROLL _Pragma("GCC unroll 16")
+
 constexpr int kMaxTokenBlock = 2;
 
 inline __m256i Bcast32(const void* p) {
@@ -60,19 +62,25 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i m10 = _mm256_set1_epi8(0x10);
   __m256 acc[T][2];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 2 * kBytes + l);
+    KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
       __m256 blk[T];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) blk[t] = _mm256_setzero_ps();
+      KTX_UNROLL
       for (int j = 0; j < 8; ++j) {
         __m256i s[T];
+        KTX_UNROLL
         for (int t = 0; t < T; ++t) s[t] = _mm256_setzero_si256();
         __m256i h = _mm256_setzero_si256();
         if constexpr (kQ5) h = Load256(pb + panel::kQ5KQh + 64 * j + ho);
+        KTX_UNROLL
         for (int gg = 0; gg < 4; ++gg) {
           const __m256i z = Load256(pb + panel::kQ4KQs + (4 * j + gg) * 64 + ho);
           __m256i lo = _mm256_and_si256(z, m4);
@@ -92,6 +100,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
               hi = OrMasked(hi, Shift16<-3>(h), m10);
             }
           }
+          KTX_UNROLL
           for (int t = 0; t < T; ++t) {
             const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
             s[t] = Dot4(s[t], lo, Bcast32(xq));
@@ -100,12 +109,15 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
         }
         const __m256 scf = _mm256_cvtepi32_ps(
             _mm256_cvtepu8_epi32(Load64(pb + panel::kQ4KSc + 16 * j + 8 * half)));
+        KTX_UNROLL
         for (int t = 0; t < T; ++t) blk[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), scf, blk[t]);
       }
       const __m256 dv = _mm256_cvtph_ps(Load128(pb + panel::kQ4KD + 16 * half));
       const __m256 dm = _mm256_cvtph_ps(Load128(pb + panel::kQ4KDmin + 16 * half));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         __m256i m = _mm256_setzero_si256();
+        KTX_UNROLL
         for (int i = 0; i < 4; ++i) {
           const __m256i mins =
               _mm256_cvtepu8_epi16(Load128(pb + panel::kQ4KM + 32 * i + 16 * half));
@@ -116,6 +128,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
       }
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) {
     _mm256_storeu_ps(out[t], acc[t][0]);
     _mm256_storeu_ps(out[t] + 8, acc[t][1]);
@@ -128,14 +141,18 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i m30 = _mm256_set1_epi8(0x30);
   __m256 acc[T][2];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 2 * kBytes + l);
+    KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
       __m256 blk[T];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) blk[t] = _mm256_setzero_ps();
+      KTX_UNROLL
       for (int j = 0; j < 16; ++j) {
         const __m256i z0 = Load256(pb + panel::kQ6KQl + 128 * j + ho);
         const __m256i z1 = Load256(pb + panel::kQ6KQl + 128 * j + 64 + ho);
@@ -148,6 +165,7 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
             OrMasked(_mm256_and_si256(_mm256_srli_epi16(z1, 4), m4), _mm256_srli_epi16(h, 2), m30);
         const __m256 scf = _mm256_cvtepi32_ps(
             _mm256_cvtepi8_epi32(Load64(pb + panel::kQ6KSc + 16 * j + 8 * half)));
+        KTX_UNROLL
         for (int t = 0; t < T; ++t) {
           const int8_t* xq = act[t][b].qs + 16 * j;
           __m256i s = _mm256_set1_epi32(act[t][b].neg32_bsum16[j]);
@@ -159,12 +177,14 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
         }
       }
       const __m256 dv = _mm256_cvtph_ps(Load128(pb + panel::kQ6KD + 16 * half));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         acc[t][half] =
             _mm256_fmadd_ps(_mm256_mul_ps(blk[t], dv), _mm256_set1_ps(act[t][b].d), acc[t][half]);
       }
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) {
     _mm256_storeu_ps(out[t], acc[t][0]);
     _mm256_storeu_ps(out[t] + 8, acc[t][1]);
@@ -176,26 +196,33 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
   constexpr int64_t kBytes = panel::kQ80Bytes;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256 acc[T][2];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 4 * kBytes + l);
+    KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       __m256i s[T];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) s[t] = _mm256_setzero_si256();
+      KTX_UNROLL
       for (int g = 0; g < 8; ++g) {
         const __m256i w = _mm256_xor_si256(Load256(pb + panel::kQ80Q + 64 * g + 32 * half), flip);
         const __m256i aw = _mm256_abs_epi8(w);
+        KTX_UNROLL
         for (int t = 0; t < T; ++t)
           s[t] = Dot4(s[t], aw, _mm256_sign_epi8(Bcast32(act[t][b].qs + 4 * g), w));
       }
       const __m256 dv = _mm256_cvtph_ps(Load128(pb + panel::kQ80D + 16 * half));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         acc[t][half] = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dv, _mm256_set1_ps(act[t][b].d)), acc[t][half]);
       }
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) {
     _mm256_storeu_ps(out[t], acc[t][0]);
     _mm256_storeu_ps(out[t] + 8, acc[t][1]);
@@ -207,17 +234,22 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
   constexpr int64_t kBytes = panel::kBf16Bytes;
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[T][2][2];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) {
+    KTX_UNROLL
     for (int h = 0; h < 2; ++h) acc[t][h][0] = acc[t][h][1] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
+    KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
       Prefetch(pb + 64 * g + 2 * kBytes);
+      KTX_UNROLL
       for (int half = 0; half < 2; ++half) {
         const __m256i z = Load256(pb + 64 * g + 32 * half);
         const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(z, 16));
         const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(z, hi_mask));
+        KTX_UNROLL
         for (int t = 0; t < T; ++t) {
           const float* x = act[t] + 32 * b + 2 * g;
           acc[t][half][0] = _mm256_fmadd_ps(we, _mm256_set1_ps(x[0]), acc[t][half][0]);
@@ -226,6 +258,7 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
       }
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) {
     _mm256_storeu_ps(out[t], _mm256_add_ps(acc[t][0][0], acc[t][0][1]));
     _mm256_storeu_ps(out[t] + 8, _mm256_add_ps(acc[t][1][0], acc[t][1][1]));
@@ -241,6 +274,7 @@ void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, K1 k1, K2
       const int T = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.n_act - t0));
       const ActT* act[kMaxTokenBlock];
       float* out[kMaxTokenBlock];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         const int64_t row = a.act_index != nullptr ? a.act_index[t0 + t] : t0 + t;
         act[t] = reinterpret_cast<const ActT*>(a.act + row * a.act_stride);
@@ -291,11 +325,13 @@ void QuantizeQ8K(const float* x, ActQ8K* y, int64_t nb) {
     const __m256 iscale = _mm256_set1_ps(127.0f / amax);
     o.d = amax / 127.0f;
     int s16[16];
+    KTX_UNROLL
     for (int j = 0; j < 16; ++j) {
       s16[j] = Quantize8(x + 16 * j, iscale, o.qs + 16 * j) +
                Quantize8(x + 16 * j + 8, iscale, o.qs + 16 * j + 8);
       o.neg32_bsum16[j] = -32 * s16[j];
     }
+    KTX_UNROLL
     for (int j = 0; j < 8; ++j) o.bsum32[j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
   }
 }

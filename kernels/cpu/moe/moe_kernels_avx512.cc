@@ -17,6 +17,8 @@
 namespace ktx::kernels::moe::avx512 {
 namespace {
 
+#define KTX_UNROLL _Pragma("GCC unroll 16")
+
 constexpr int kMaxTokenBlock = 4;
 constexpr int kPrefetchBlocks = 2;  // software prefetch distance, in panel blocks
 
@@ -60,20 +62,25 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i m10 = _mm512_set1_epi8(0x10);
   __m512 acc[T];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
     __m512 blk[T];
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
+    KTX_UNROLL
     for (int j = 0; j < 8; ++j) {
       __m512i s[T];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) s[t] = _mm512_setzero_si512();
       __m512i h = _mm512_setzero_si512();
       if constexpr (kQ5) {
         h = Load512(pb + panel::kQ5KQh + 64 * j);
         Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j);
       }
+      KTX_UNROLL
       for (int gg = 0; gg < 4; ++gg) {
         const uint8_t* qp = pb + panel::kQ4KQs + (4 * j + gg) * 64;
         Prefetch(qp + kPrefetchBlocks * kBytes);
@@ -95,6 +102,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
             hi = OrMasked(hi, Shift16<-3>(h), m10);
           }
         }
+        KTX_UNROLL
         for (int t = 0; t < T; ++t) {
           const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
           s[t] = _mm512_dpbusd_epi32(s[t], lo, Bcast32(xq));
@@ -103,14 +111,18 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
       }
       const __m512 scf =
           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(Load128(pb + panel::kQ4KSc + 16 * j)));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scf, blk[t]);
     }
     const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ4KD));
     const __m512 dm = _mm512_cvtph_ps(Load256(pb + panel::kQ4KDmin));
     __m512i mins[4];
+    KTX_UNROLL
     for (int i = 0; i < 4; ++i) mins[i] = _mm512_cvtepu8_epi16(Load256(pb + panel::kQ4KM + 32 * i));
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) {
       __m512i m = _mm512_setzero_si512();
+      KTX_UNROLL
       for (int i = 0; i < 4; ++i) {
         m = _mm512_dpwssd_epi32(m, mins[i], Bcast32(&act[t][b].bsum32[2 * i]));
       }
@@ -118,6 +130,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
       acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(act[t][b].d), acc[t]);
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
 
@@ -128,12 +141,15 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i m30 = _mm512_set1_epi8(0x30);
   __m512 acc[T];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
     __m512 blk[T];
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
+    KTX_UNROLL
     for (int j = 0; j < 16; ++j) {
       const uint8_t* ql = pb + panel::kQ6KQl + 128 * j;
       const uint8_t* qh = pb + panel::kQ6KQh + 64 * j;
@@ -151,6 +167,7 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
           OrMasked(_mm512_and_si512(_mm512_srli_epi16(z1, 4), m4), _mm512_srli_epi16(h, 2), m30);
       const __m512 scf =
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load128(pb + panel::kQ6KSc + 16 * j)));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         const int8_t* xq = act[t][b].qs + 16 * j;
         __m512i s = _mm512_set1_epi32(act[t][b].neg32_bsum16[j]);
@@ -162,10 +179,12 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
       }
     }
     const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ6KD));
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) {
       acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(blk[t], dv), _mm512_set1_ps(act[t][b].d), acc[t]);
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
 
@@ -174,24 +193,30 @@ template <int T>
 void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float* const* out) {
   constexpr int64_t kBytes = panel::kQ80Bytes;
   __m512 acc[T];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     __m512i s[T];
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) s[t] = _mm512_set1_epi32(act[t][b].neg128_sum);
+    KTX_UNROLL
     for (int g = 0; g < 8; ++g) {
       const uint8_t* qp = pb + panel::kQ80Q + 64 * g;
       Prefetch(qp + kPrefetchBlocks * 4 * kBytes);
       const __m512i z = Load512(qp);
+      KTX_UNROLL
       for (int t = 0; t < T; ++t)
         s[t] = _mm512_dpbusd_epi32(s[t], z, Bcast32(act[t][b].qs + 4 * g));
     }
     const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ80D));
+    KTX_UNROLL
     for (int t = 0; t < T; ++t) {
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]),
                                _mm512_mul_ps(dv, _mm512_set1_ps(act[t][b].d)), acc[t]);
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
 
@@ -201,14 +226,17 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
   constexpr int64_t kBytes = panel::kBf16Bytes;
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc0[T], acc1[T];
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
+    KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
       Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes);
       const __m512i z = Load512(pb + 64 * g);
       const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(z, 16));
       const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(z, hi_mask));
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         const float* x = act[t] + 32 * b + 2 * g;
         acc0[t] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[0]), acc0[t]);
@@ -216,6 +244,7 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
       }
     }
   }
+  KTX_UNROLL
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], _mm512_add_ps(acc0[t], acc1[t]));
 }
 
@@ -229,6 +258,7 @@ void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, Kernel1 k
       const int T = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.n_act - t0));
       const ActT* act[kMaxTokenBlock];
       float* out[kMaxTokenBlock];
+      KTX_UNROLL
       for (int t = 0; t < T; ++t) {
         const int64_t row = a.act_index != nullptr ? a.act_index[t0 + t] : t0 + t;
         act[t] = reinterpret_cast<const ActT*>(a.act + row * a.act_stride);
@@ -268,12 +298,14 @@ void QuantizeQ8K(const float* x, ActQ8K* y, int64_t nb) {
     o.d = amax / 127.0f;
     const __m512 iscale = _mm512_set1_ps(iscale_s);
     int s16[16];
+    KTX_UNROLL
     for (int j = 0; j < 16; ++j) {
       const __m512i q = QuantizeLanes(x + 16 * j, iscale);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o.qs + 16 * j), _mm512_cvtepi32_epi8(q));
       s16[j] = _mm512_reduce_add_epi32(q);
       o.neg32_bsum16[j] = -32 * s16[j];
     }
+    KTX_UNROLL
     for (int j = 0; j < 8; ++j) o.bsum32[j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
   }
 }

@@ -6,6 +6,8 @@
 //                            8 experts per token, Q4_K gate/up + Q6_K down, panel16)
 //                            with random routing: GB/s of expert weights read and
 //                            % of read_bw
+//   kernel_in_cache/<variant>/<type>/tokens:N  one 128-row panel16 matrix in L2, one
+//                            thread: weight bytes per CPU-second (compute headroom)
 //   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
 //                            of the variant's int8 peak (amx_int8 prefill form on amx)
 //
@@ -28,6 +30,7 @@
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/moe/moe.h"
+#include "kernels/cpu/moe/moe_internal.h"
 #include "kernels/cpu/x86/cpu_variant.h"
 #include "runtime/cpu_pool/cpu_pool.h"
 #include "tests/kernels/cpu/moe/moe_benchmark_kernels.h"
@@ -290,6 +293,43 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   }
 }
 
+// (5) One kernel call in cache, one thread: GB/s of weights per CPU-second
+// (the compute headroom of the decode path over DRAM bandwidth).
+void BM_KernelInCache(benchmark::State& state, CpuVariant variant, TensorType type, int64_t n_act) {
+  const int64_t rows = 128, k = g_config.smoke ? 512 : 7168;
+  std::mt19937 rng(3);
+  const auto m = testing::RandomMatrix(type, rows, k, 0.05f, rng);
+  const auto w = testing::MakeLayout({m}, type, MoeWeightLayout::kPanel16, rows, k, {true});
+  const MoeMatrixFormat f{type, MoeWeightLayout::kPanel16};
+  const MoeKernels& kern = MoeKernelsFor(variant);
+  const ActFormat af = ActFormatFor(f);
+  const int64_t stride = ActRowBytes(af, k);
+  testing::AlignedBuffer act(n_act * stride);
+  std::vector<float> x(k), out(n_act * rows);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (int64_t t = 0; t < n_act; ++t) {
+    for (float& v : x) v = n(rng);
+    kern.quantize(af, x.data(), act.p.get() + t * stride, k);
+  }
+  MatmulArgs a;
+  a.format = f;
+  a.w = static_cast<const uint8_t*>(w.ptrs[0]);
+  a.n_rows = rows;
+  a.k = k;
+  a.row_begin = 0;
+  a.row_end = rows;
+  a.act = act.p.get();
+  a.act_stride = stride;
+  a.n_act = n_act;
+  a.out = out.data();
+  a.out_stride = rows;
+  for (auto _ : state) {
+    kern.matmul(a);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * *MoeMatrixBytes(f, rows, k));
+}
+
 void ParseFlags(int* argc, char** argv) {
   const char* full = std::getenv("KTX_BENCH_FULL_LAYER");
   if (full != nullptr && std::string(full) == "1") g_config.n_expert = 256;
@@ -373,6 +413,16 @@ void Register() {
           ->UseRealTime()
           ->MinTime(g_config.smoke ? 0.01 : 1.0)
           ->Unit(benchmark::kMillisecond);
+    }
+    for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K}) {
+      for (int64_t n : {1, 4}) {
+        benchmark::RegisterBenchmark(
+            (std::string("kernel_in_cache/") + CpuVariantName(v) + "/" + TraitsOf(t).name +
+             "/tokens:" + std::to_string(n))
+                .c_str(),
+            [v, t, n](benchmark::State& s) { BM_KernelInCache(s, v, t, n); })
+            ->MinTime(g_config.smoke ? 0.01 : 0.5);
+      }
     }
     const std::vector<int64_t> prefill =
         g_config.smoke ? std::vector<int64_t>{32} : std::vector<int64_t>{128, 512, 2048};
