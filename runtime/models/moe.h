@@ -74,8 +74,9 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
 // `out` is resized to [n_tokens, n_embd] and overwritten (zero rows for tokens
 // with no selected entry). Partial sums over disjoint masks add up to the full
 // MoE output, which is how experts are split across sockets, GPUs and nodes.
-// Implementations document their own thread-safety; the model calls Compute
-// from one thread at a time per model instance.
+// The model does not serialise calls: a backend used by stages running
+// concurrently (several sequences or layers in flight) must be thread-safe,
+// and each implementation documents whether it is.
 class ExpertBackend {
  public:
   virtual ~ExpertBackend() = default;

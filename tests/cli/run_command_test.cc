@@ -2,8 +2,10 @@
 // against the float64 reference (tier A), greedy text against the reference's
 // continuation, and clear errors for bad flags.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -39,9 +41,12 @@ std::string ReadFile(const std::string& path) {
 
 // Runs ktx-ctl with `args` (already shell-quoted where needed).
 Output RunKtxCtl(const std::string& args) {
-  const std::string dir = ::testing::TempDir();
-  const std::string out_path = dir + "/ktx_run_stdout.txt";
-  const std::string err_path = dir + "/ktx_run_stderr.txt";
+  // Unique names: ctest runs the tests of this file as parallel processes.
+  static int counter = 0;
+  const std::string stem = ::testing::TempDir() + "/ktx_run_" + std::to_string(getpid()) + "_" +
+                           std::to_string(counter++);
+  const std::string out_path = stem + ".out";
+  const std::string err_path = stem + ".err";
   const std::string command =
       std::string(KTX_CTL_PATH) + " " + args + " >" + out_path + " 2>" + err_path;
   const int status = std::system(command.c_str());
@@ -49,6 +54,8 @@ Output RunKtxCtl(const std::string& args) {
   o.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   o.out = ReadFile(out_path);
   o.err = ReadFile(err_path);
+  std::remove(out_path.c_str());
+  std::remove(err_path.c_str());
   return o;
 }
 
@@ -65,7 +72,7 @@ std::string Join(const std::vector<int32_t>& ids) {
 
 TEST(RunCommandTest, LogitsFileMatchesFloat64Reference) {
   const nlohmann::json m = Manifest();
-  const std::string out = ::testing::TempDir() + "/ktx_logits.f32";
+  const std::string out = ::testing::TempDir() + "/ktx_logits_" + std::to_string(getpid()) + ".f32";
   const Output o =
       RunKtxCtl("logits --model " + kDataDir + "dsv3-tiny-bf16.gguf --threads 2 --tokens " +
                 Join(m["prompt_tokens"].get<std::vector<int32_t>>()) + " --out " + out);
