@@ -5,6 +5,12 @@
 // constants (documented in moe_repack.h), scalar block decoding, and the
 // per-variant kernel table. Header-only parts carry no ISA flags.
 // Thread-safe: plain data and pure functions.
+//
+// The helpers below are `static inline` on purpose: this header is included by
+// translation units compiled with different ISA flags, and a shared (COMDAT)
+// out-of-line copy built with AVX-512 could otherwise be picked by the linker
+// for the scalar path. ISA translation units must not instantiate shared
+// out-of-line code (check: `nm -C moe_kernels_<isa>.cc.o | grep ' W '` is empty).
 #pragma once
 
 #include <cmath>
@@ -65,7 +71,7 @@ struct ActQ8_0 {
 };
 static_assert(sizeof(ActQ8_0) == 40);
 
-inline ActFormat ActFormatFor(MoeMatrixFormat f) {
+static inline ActFormat ActFormatFor(MoeMatrixFormat f) {
   if (f.layout == MoeWeightLayout::kAmxInt8) return ActFormat::kQ8K;
   switch (f.type) {
     case TensorType::kQ8_0: return ActFormat::kQ8_0;
@@ -74,7 +80,7 @@ inline ActFormat ActFormatFor(MoeMatrixFormat f) {
   }
 }
 
-inline int64_t ActRowBytes(ActFormat fmt, int64_t k) {
+static inline int64_t ActRowBytes(ActFormat fmt, int64_t k) {
   switch (fmt) {
     case ActFormat::kQ8K: return k / 256 * static_cast<int64_t>(sizeof(ActQ8K));
     case ActFormat::kQ8_0: return k / 32 * static_cast<int64_t>(sizeof(ActQ8_0));
@@ -102,7 +108,7 @@ inline constexpr int kAmxS = 0, kAmxQ = 64, kAmxBytes = 4160;
 }  // namespace panel
 
 // k elements covered by one block of `format` (256 or 32).
-inline int64_t KBlock(MoeMatrixFormat f) {
+static inline int64_t KBlock(MoeMatrixFormat f) {
   if (f.layout == MoeWeightLayout::kAmxInt8) return 256;
   switch (f.type) {
     case TensorType::kQ8_0:
@@ -112,7 +118,7 @@ inline int64_t KBlock(MoeMatrixFormat f) {
 }
 
 // Bytes of one panel block (16 rows x KBlock) of a panel layout.
-inline int64_t PanelBlockBytes(MoeMatrixFormat f) {
+static inline int64_t PanelBlockBytes(MoeMatrixFormat f) {
   if (f.layout == MoeWeightLayout::kAmxInt8) return panel::kAmxBytes;
   switch (f.type) {
     case TensorType::kQ4_K: return panel::kQ4KBytes;
@@ -125,7 +131,7 @@ inline int64_t PanelBlockBytes(MoeMatrixFormat f) {
 }
 
 // Bytes of one GGUF row of k elements.
-inline int64_t GgufRowBytes(TensorType t, int64_t k) {
+static inline int64_t GgufRowBytes(TensorType t, int64_t k) {
   switch (t) {
     case TensorType::kQ4_K: return k / 256 * 144;
     case TensorType::kQ5_K: return k / 256 * 176;
@@ -137,7 +143,7 @@ inline int64_t GgufRowBytes(TensorType t, int64_t k) {
 }
 
 // ---- Scalar helpers ----
-inline float HalfToFloatScalar(uint16_t h) {
+static inline float HalfToFloatScalar(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
   const uint32_t exp = (h >> 10) & 0x1f;
   const uint32_t man = h & 0x3ff;
@@ -160,7 +166,7 @@ inline float HalfToFloatScalar(uint16_t h) {
   return out;
 }
 
-inline float Bf16Bits(uint16_t b) {
+static inline float Bf16Bits(uint16_t b) {
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
@@ -168,7 +174,7 @@ inline float Bf16Bits(uint16_t b) {
 }
 
 // Rounds to the nearest bf16 value (ties to even), returned as a float.
-inline float RoundToBf16(float f) {
+static inline float RoundToBf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   if ((bits & 0x7f800000u) == 0x7f800000u) return f;  // Inf/NaN unchanged
@@ -180,7 +186,7 @@ inline float RoundToBf16(float f) {
 }
 
 // 6-bit scale and min of sub-block j of a Q4_K/Q5_K block (get_scale_min_k4).
-inline void ScaleMinK4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+static inline void ScaleMinK4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
   if (j < 4) {
     *sc = q[j] & 63;
     *m = q[j + 4] & 63;
@@ -199,7 +205,7 @@ struct DecodedK {
   int m[8];    // Q4_K/Q5_K mins
 };
 
-inline void DecodeQ4K(const GgufQ4K& b, DecodedK* out) {
+static inline void DecodeQ4K(const GgufQ4K& b, DecodedK* out) {
   out->d = HalfToFloatScalar(b.d);
   out->dmin = HalfToFloatScalar(b.dmin);
   for (int j = 0; j < 8; ++j) {
@@ -216,7 +222,7 @@ inline void DecodeQ4K(const GgufQ4K& b, DecodedK* out) {
   }
 }
 
-inline void DecodeQ5K(const GgufQ5K& b, DecodedK* out) {
+static inline void DecodeQ5K(const GgufQ5K& b, DecodedK* out) {
   out->d = HalfToFloatScalar(b.d);
   out->dmin = HalfToFloatScalar(b.dmin);
   for (int j = 0; j < 8; ++j) {
@@ -236,7 +242,7 @@ inline void DecodeQ5K(const GgufQ5K& b, DecodedK* out) {
 }
 
 // Q6_K: q in 0..63, value d * sc[i / 16] * (q - 32).
-inline void DecodeQ6K(const GgufQ6K& b, DecodedK* out) {
+static inline void DecodeQ6K(const GgufQ6K& b, DecodedK* out) {
   out->d = HalfToFloatScalar(b.d);
   out->dmin = 0;
   for (int j = 0; j < 16; ++j) out->sc[j] = b.scales[j];
@@ -255,7 +261,7 @@ inline void DecodeQ6K(const GgufQ6K& b, DecodedK* out) {
 
 // Panel-layout decoders (the inverse of the repacker): row r (0..15) of the
 // panel block at `pb`.
-inline void DecodePanelQ4K(const uint8_t* pb, int r, bool q5, DecodedK* out) {
+static inline void DecodePanelQ4K(const uint8_t* pb, int r, bool q5, DecodedK* out) {
   uint16_t d, dmin;
   std::memcpy(&d, pb + panel::kQ4KD + 2 * r, 2);
   std::memcpy(&dmin, pb + panel::kQ4KDmin + 2 * r, 2);
@@ -285,7 +291,7 @@ inline void DecodePanelQ4K(const uint8_t* pb, int r, bool q5, DecodedK* out) {
   }
 }
 
-inline void DecodePanelQ6K(const uint8_t* pb, int r, DecodedK* out) {
+static inline void DecodePanelQ6K(const uint8_t* pb, int r, DecodedK* out) {
   uint16_t d;
   std::memcpy(&d, pb + panel::kQ6KD + 2 * r, 2);
   out->d = HalfToFloatScalar(d);
@@ -309,7 +315,7 @@ inline void DecodePanelQ6K(const uint8_t* pb, int r, DecodedK* out) {
 }
 
 // Q8_0 panel block (32 k): d and q[32] of row r.
-inline void DecodePanelQ80(const uint8_t* pb, int r, float* d, int8_t* q) {
+static inline void DecodePanelQ80(const uint8_t* pb, int r, float* d, int8_t* q) {
   uint16_t dh;
   std::memcpy(&dh, pb + panel::kQ80D + 2 * r, 2);
   *d = HalfToFloatScalar(dh);
@@ -321,12 +327,12 @@ inline void DecodePanelQ80(const uint8_t* pb, int r, float* d, int8_t* q) {
 }
 
 // BF16 panel block (32 k): the 32 bf16 bit patterns of row r.
-inline void DecodePanelBf16(const uint8_t* pb, int r, uint16_t* w) {
+static inline void DecodePanelBf16(const uint8_t* pb, int r, uint16_t* w) {
   for (int t = 0; t < 16; ++t) std::memcpy(w + 2 * t, pb + 64 * t + 4 * r, 4);
 }
 
 // amx_int8 panel block (256 k): scale and q[256] of row r.
-inline void DecodePanelAmx(const uint8_t* pb, int r, float* s, int8_t* q) {
+static inline void DecodePanelAmx(const uint8_t* pb, int r, float* s, int8_t* q) {
   std::memcpy(s, pb + panel::kAmxS + 4 * r, 4);
   for (int t = 0; t < 64; ++t) {
     for (int i = 0; i < 4; ++i) {
@@ -336,7 +342,7 @@ inline void DecodePanelAmx(const uint8_t* pb, int r, float* s, int8_t* q) {
 }
 
 // The float value of element i of a decoded K-quant block (as ggml computes it).
-inline float DecodedKValue(const DecodedK& b, TensorType type, int i) {
+static inline float DecodedKValue(const DecodedK& b, TensorType type, int i) {
   if (type == TensorType::kQ6_K) {
     return b.d * static_cast<float>(b.sc[i / 16]) * static_cast<float>(b.q[i] - 32);
   }
