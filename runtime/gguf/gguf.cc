@@ -904,7 +904,9 @@ absl::StatusOr<std::unique_ptr<GgufFile::Mapping>> GgufFile::MapFile(const std::
   if (fd < 0) {
     const int err = errno;
     const std::string msg = absl::StrCat(path, ": cannot open: ", ErrnoText(err));
-    return err == ENOENT ? absl::NotFoundError(msg) : absl::PermissionDeniedError(msg);
+    if (err == ENOENT) return absl::NotFoundError(msg);
+    if (err == EACCES || err == EPERM) return absl::PermissionDeniedError(msg);
+    return absl::InvalidArgumentError(msg);
   }
   struct stat st {};
   if (fstat(fd, &st) != 0) {

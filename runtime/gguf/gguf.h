@@ -99,8 +99,9 @@ class Value {
   size_t array_size() const;
   // "u32", "string", "array[string]".
   std::string TypeString() const;
-  // The value as text: numbers as written, strings quoted with C escapes,
-  // arrays as "[a, b, c, ...]" showing at most `max_items` elements.
+  // The value as text: numbers as written; strings in double quotes with
+  // valid UTF-8 kept and quotes, backslashes, control and invalid bytes
+  // escaped C-style; arrays as "[a, b, c, ...]" showing at most `max_items`.
   std::string ToString(size_t max_items = 8) const;
   // OK when storage() holds the alternative that type() / array_type() call
   // for (and integer array elements fit the element type). The reader only
