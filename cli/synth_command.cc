@@ -3,6 +3,8 @@
 // `ktx-ctl synth`: writes a synthetic DeepSeek-V3-shaped GGUF model (random
 // weights, real tensor names/shapes/types and metadata) or, with --dry-run,
 // prints its tensor table. See docs/synth.md.
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <iostream>
 #include <memory>
@@ -62,6 +64,19 @@ int RunSynth(const SynthFlags& flags) {
   options.seed = flags.seed;
   options.n_split = flags.split;
   options.n_threads = flags.threads;
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start;
+  options.progress = [start, last](uint64_t done, uint64_t total) mutable {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last < std::chrono::seconds(5) && done != total) return;
+    last = now;
+    const double s = std::chrono::duration<double>(now - start).count();
+    std::cerr << absl::StrFormat("ktx-ctl synth: %.2f / %.2f GiB (%.0f%%), %.2f GB/s\n",
+                                 static_cast<double>(done) / (1 << 30),
+                                 static_cast<double>(total) / (1 << 30),
+                                 100.0 * static_cast<double>(done) / static_cast<double>(total),
+                                 static_cast<double>(done) * 1e-9 / std::max(s, 1e-9));
+  };
   const uint64_t total = plan->total_bytes();
   std::cerr << absl::StrFormat("ktx-ctl synth: writing %s (%s, %d tensors, %.2f GiB)\n", flags.out,
                                synth::QuantName(*quant), plan->tensors.size(),

@@ -99,11 +99,14 @@ absl::StatusOr<GgufWriter> MakeSynthWriter(const ModelPlan& plan,
   KTX_RETURN_IF_ERROR(AddSynthMetadata(plan, &writer));
   auto arena = options.n_threads > 0 ? std::make_shared<tbb::task_arena>(options.n_threads)
                                      : std::make_shared<tbb::task_arena>();
+  // Bytes generated so far, for options.progress (fills run one at a time).
+  auto done = std::make_shared<uint64_t>(0);
+  const uint64_t total = plan.total_bytes();
   for (const TensorPlan& t : plan.tensors) {
     const TensorPlan* tp = &t;
     const uint64_t key = TensorKey(options.seed, t.name);
-    GgufWriter::FillFn fill = [tp, key, arena](int64_t row0, int64_t n_rows,
-                                               uint8_t* dst) -> absl::Status {
+    GgufWriter::FillFn fill = [tp, key, arena, done, total, progress = options.progress](
+                                  int64_t row0, int64_t n_rows, uint8_t* dst) -> absl::Status {
       const int64_t row_bytes = tp->row_bytes();
       // Tasks of about 256 KiB: enough to amortise scheduling, small enough
       // to balance 16+ threads on a 128 MiB chunk.
@@ -121,6 +124,10 @@ absl::StatusOr<GgufWriter> MakeSynthWriter(const ModelPlan& plan,
                             }
                           });
       });
+      if (first_error.ok() && progress) {
+        *done += static_cast<uint64_t>(n_rows * row_bytes);
+        progress(*done, total);
+      }
       return first_error;
     };
     KTX_RETURN_IF_ERROR(writer.AddTensor(t.name, t.ne, t.type, std::move(fill)));

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,9 @@ struct SynthWriteOptions {
   int n_threads = 0;
   // Bytes generated per step (whole rows; at least one row).
   size_t chunk_bytes = size_t{128} << 20;
+  // Called on the writing thread after each generated chunk with the tensor
+  // bytes generated so far and the total (for progress output); optional.
+  std::function<void(uint64_t done, uint64_t total)> progress;
 };
 
 struct SynthWriteResult {
