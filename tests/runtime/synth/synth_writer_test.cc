@@ -201,6 +201,23 @@ TEST(SynthWriterTest, ThreadCountAndChunkSizeDoNotChangeBytes) {
   }
 }
 
+TEST(SynthWriterTest, ProgressCountsEveryTensorByte) {
+  const ModelPlan plan = TinyPlan(Quant::kQ4_K_M);
+  SynthWriteOptions options;
+  options.chunk_bytes = 65536;
+  uint64_t last = 0;
+  int calls = 0;
+  options.progress = [&](uint64_t done, uint64_t total) {
+    EXPECT_GT(done, last);
+    EXPECT_EQ(total, plan.total_bytes());
+    last = done;
+    ++calls;
+  };
+  ASSERT_TRUE(WriteSynthModelToMemory(plan, options).ok());
+  EXPECT_EQ(last, plan.total_bytes());
+  EXPECT_GE(calls, static_cast<int>(plan.tensors.size()));
+}
+
 TEST(SynthWriterTest, SplitFilesHoldTheSameTensors) {
   const ModelPlan plan = TinyPlan(Quant::kQ8_0);
   const std::vector<uint8_t> single = ToMemory(plan, 11, 0);
