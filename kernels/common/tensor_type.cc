@@ -1,9 +1,9 @@
 #include "kernels/common/tensor_type.h"
 
+#include <strings.h>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
-#include <strings.h>
 
 namespace ktx::kernels {
 namespace {
