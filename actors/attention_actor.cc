@@ -1,0 +1,480 @@
+#include "actors/attention_actor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <map>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "actors/cpu_arena.h"
+#include "actors/status_bridge.h"
+#include "caf/actor_cast.hpp"
+#include "caf/actor_system.hpp"
+#include "caf/send.hpp"
+#include "caf/stateful_actor.hpp"
+#include "caf/typed_event_based_actor.hpp"
+#include "caf/typed_response_promise.hpp"
+#include "runtime/kv_cache/latent_kv_cache.h"
+#include "tbb/parallel_for.h"
+
+namespace ktx::actors {
+namespace {
+
+enum Stage : int32_t {
+  kMoeReady = 1,    // the job stopped at a MoE layer: h and routing are ready
+  kSharedDone = 2,  // the shared experts of that layer are done
+  kStepDone = 3,    // Head and commits are done (or the step failed)
+};
+
+// The KV pool; shared with jobs so that a killed actor never frees rows a job
+// still writes. `ids` is touched by the actor only.
+struct Core {
+  std::shared_ptr<const models::Deepseek2Model> model;
+  kv_cache::LatentKvCache kv;
+  std::map<uint64_t, kv_cache::SequenceId> ids;  // scheduler seq -> cache id
+
+  Core(std::shared_ptr<const models::Deepseek2Model> m, kv_cache::LatentKvCache cache)
+      : model(std::move(m)), kv(std::move(cache)) {}
+};
+
+// One step in flight. At any time either the actor or exactly one job writes
+// a field (the shared-experts job writes only `shared`/`shared_status` while
+// the actor writes only `moe`/`moe_status`).
+struct Step {
+  uint64_t step = 0;
+  std::vector<StepSlice> slices;
+  std::vector<int> active;                      // slices still computing, ascending
+  std::vector<kv_cache::SequenceKv*> kvs;       // [slices]
+  std::vector<std::vector<int32_t>> positions;  // [slices]
+  std::vector<models::Activations> xs;          // [slices] F32 [n_i, n_embd] residual stream
+  std::vector<int64_t> row_begin;               // [slices] first batch row (active slices)
+  int64_t n_rows = 0;                           // rows of the active slices
+  std::vector<absl::Status> status;             // [slices]
+  std::vector<Tensor> logits;                   // [slices]
+  int il = 0;
+  bool embedded = false;
+  absl::Status fatal;  // fails every slice
+
+  // At a MoE layer:
+  models::Activations x;                         // F32 [n_rows, n_embd] batch residual
+  std::shared_ptr<const models::Activations> h;  // F32 [n_rows, n_embd] FFN-normed
+  models::Routing routing;                       // [n_rows, K]
+  models::Activations shared;                    // F32 [n_rows, n_embd]
+  absl::Status shared_status;
+  MoeResult moe;
+  absl::Status moe_status;
+  bool moe_done = false;
+  bool shared_done = false;
+
+  std::chrono::steady_clock::time_point start;
+};
+
+void Recount(Step& step) {
+  step.n_rows = 0;
+  for (int s : step.active) {
+    step.row_begin[s] = step.n_rows;
+    step.n_rows += static_cast<int64_t>(step.slices[s].tokens.size());
+  }
+}
+
+void DropFailed(Step& step) {
+  std::vector<int> kept;
+  for (int s : step.active) {
+    if (step.status[s].ok()) kept.push_back(s);
+  }
+  if (kept.size() != step.active.size()) {
+    step.active = std::move(kept);
+    Recount(step);
+  }
+}
+
+void Gather(const Step& step, int64_t n_embd, models::Activations* x) {
+  x->Resize(step.n_rows, n_embd);
+  for (int s : step.active) {
+    const models::Activations& xs = step.xs[s];
+    std::copy(xs.data(), xs.data() + xs.n_tokens() * n_embd, x->row(step.row_begin[s]));
+  }
+}
+
+void Scatter(const models::Activations& x, Step* step) {
+  const int64_t n_embd = x.n_cols();
+  for (int s : step->active) {
+    models::Activations& xs = step->xs[s];
+    std::copy(x.row(step->row_begin[s]), x.row(step->row_begin[s]) + xs.n_tokens() * n_embd,
+              xs.data());
+  }
+}
+
+void Post(const attention_actor& me, uint64_t step, Stage stage) {
+  caf::anon_send(me, stage_atom::value, step, static_cast<int32_t>(stage));
+}
+
+// Runs layers from step->il until a MoE layer needs the router (posts
+// kMoeReady) or the model is done (Head, commits; posts kStepDone).
+void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
+               const attention_actor& me) {
+  const models::Deepseek2Model& model = *core->model;
+  const models::Deepseek2Hparams& hp = model.hparams();
+  Step& st = *step;
+  if (!st.embedded) {
+    for (int s : st.active) st.status[s] = model.Embed(st.slices[s].tokens, &st.xs[s]);
+    st.embedded = true;
+    DropFailed(st);
+  }
+  while (st.il < hp.n_layer && !st.active.empty()) {
+    const int il = st.il;
+    tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
+      const int s = st.active[i];
+      absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
+      if (!status.ok()) st.status[s] = std::move(status);
+    });
+    DropFailed(st);
+    if (st.active.empty()) break;
+    models::Activations x, h;
+    Gather(st, hp.n_embd, &x);
+    st.fatal = model.FfnNorm(il, x, &h);
+    if (!st.fatal.ok()) break;
+    if (!hp.IsMoeLayer(il)) {
+      models::Activations f;
+      st.fatal = model.DenseFfn(il, h, &f);
+      if (!st.fatal.ok()) break;
+      const models::Activations* parts[] = {&f};
+      st.fatal = model.Combine(parts, &x);
+      if (!st.fatal.ok()) break;
+      Scatter(x, &st);
+      st.il++;
+      continue;
+    }
+    st.fatal = model.Route(il, h, &st.routing);
+    if (!st.fatal.ok()) break;
+    st.x = std::move(x);
+    st.h = std::make_shared<const models::Activations>(std::move(h));
+    Post(me, st.step, kMoeReady);
+    return;
+  }
+  if (st.fatal.ok()) {
+    for (int s : st.active) {
+      if (!st.status[s].ok()) continue;
+      const auto want = static_cast<SliceLogits>(st.slices[s].logits);
+      if (want != SliceLogits::kNone) {
+        models::Activations logits;
+        st.status[s] = model.Head(
+            st.xs[s],
+            want == SliceLogits::kAll ? models::LogitsRows::kAll : models::LogitsRows::kLast,
+            &logits);
+        if (!st.status[s].ok()) continue;
+        st.logits[s] = Tensor::Wrap(std::move(logits));
+      }
+      st.status[s] = st.kvs[s]->Commit(static_cast<int64_t>(st.slices[s].tokens.size()));
+    }
+  }
+  Post(me, st.step, kStepDone);
+}
+
+// x += Σ routed partials (fixed order) + shared; then on to the next layer.
+void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
+                        const attention_actor& me) {
+  const models::Deepseek2Model& model = *core->model;
+  Step& st = *step;
+  const int64_t n_embd = model.n_embd();
+  const int64_t n = st.n_rows;
+  // Rows the router could not serve fail their slices.
+  for (int32_t row : st.moe.failed_rows) {
+    for (int s : st.active) {
+      const int64_t begin = st.row_begin[s];
+      if (row >= begin && row < begin + static_cast<int64_t>(st.slices[s].tokens.size())) {
+        if (st.status[s].ok()) st.status[s] = ToStatus(st.moe.code, st.moe.message);
+      }
+    }
+  }
+  const models::Activations* routed = nullptr;
+  models::Activations summed;
+  const std::vector<PlacedPartial>& parts = st.moe.parts;
+  bool identity = parts.size() == 1 && static_cast<int64_t>(parts[0].rows.size()) == n;
+  for (int64_t j = 0; identity && j < n; ++j) identity = parts[0].rows[j] == j;
+  if (identity) {
+    routed = parts[0].partial.data.get();
+  } else {
+    std::vector<double> acc(static_cast<size_t>(n * n_embd), 0.0);
+    for (const PlacedPartial& p : parts) {
+      for (size_t j = 0; j < p.rows.size(); ++j) {
+        const float* src = p.partial->row(static_cast<int64_t>(j));
+        double* dst = acc.data() + static_cast<int64_t>(p.rows[j]) * n_embd;
+        for (int64_t c = 0; c < n_embd; ++c) dst[c] += src[c];
+      }
+    }
+    summed.Resize(n, n_embd);
+    for (size_t i = 0; i < acc.size(); ++i) summed.data()[i] = static_cast<float>(acc[i]);
+    routed = &summed;
+  }
+  const models::Activations* all_parts[] = {routed, &st.shared};
+  st.fatal = model.Combine(all_parts, &st.x);
+  if (!st.fatal.ok()) {
+    Post(me, st.step, kStepDone);
+    return;
+  }
+  Scatter(st.x, &st);
+  st.x = models::Activations();
+  st.h.reset();
+  st.moe = MoeResult();
+  st.il++;
+  DropFailed(st);
+  RunLayers(core, step, me);
+}
+
+struct AttentionState {
+  AttentionConfig config;
+  std::shared_ptr<Core> core;
+  std::shared_ptr<Step> current;
+  caf::typed_response_promise<StepResult> promise;
+  std::deque<std::pair<StepRequest, caf::typed_response_promise<StepResult>>> queue;
+  std::set<uint64_t> deferred_free;
+  static inline const char* name = "ktx.attention";
+};
+
+using AttentionPointer = attention_actor::stateful_pointer<AttentionState>;
+
+void FreeSequence(AttentionState& st, uint64_t seq) {
+  auto it = st.core->ids.find(seq);
+  if (it == st.core->ids.end()) return;
+  (void)st.core->kv.FreeSequence(it->second);
+  st.core->ids.erase(it);
+}
+
+void Start(AttentionPointer self, StepRequest request,
+           caf::typed_response_promise<StepResult> promise);
+
+void FinishStep(AttentionPointer self) {
+  AttentionState& st = self->state;
+  std::shared_ptr<Step> step = std::move(st.current);
+  st.current.reset();
+  StepResult result;
+  result.step = step->step;
+  result.compute_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                          std::chrono::steady_clock::now() - step->start)
+                          .count();
+  for (size_t s = 0; s < step->slices.size(); ++s) {
+    SliceResult slice;
+    slice.seq = step->slices[s].seq;
+    absl::Status status = step->status[s];
+    if (status.ok() && !step->fatal.ok()) status = step->fatal;
+    if (!status.ok()) {
+      slice.code = static_cast<int32_t>(status.code());
+      slice.message = std::string(status.message());
+    } else {
+      slice.logits = std::move(step->logits[s]);
+    }
+    result.slices.push_back(std::move(slice));
+  }
+  st.promise.deliver(std::move(result));
+  for (uint64_t seq : st.deferred_free) FreeSequence(st, seq);
+  st.deferred_free.clear();
+  if (!st.queue.empty()) {
+    auto next = std::move(st.queue.front());
+    st.queue.pop_front();
+    Start(self, std::move(next.first), std::move(next.second));
+  }
+}
+
+void MaybeCombine(AttentionPointer self) {
+  AttentionState& st = self->state;
+  std::shared_ptr<Step> step = st.current;
+  if (!step->moe_done || !step->shared_done) return;
+  step->moe_done = false;
+  step->shared_done = false;
+  if (!step->moe_status.ok()) step->fatal = step->moe_status;
+  if (!step->shared_status.ok()) step->fatal = step->shared_status;
+  if (!step->fatal.ok()) {
+    FinishStep(self);
+    return;
+  }
+  attention_actor me = caf::actor_cast<attention_actor>(self);
+  st.config.arena->Submit([core = st.core, step, me] { CombineAndContinue(core, step, me); });
+}
+
+void OnMoeReady(AttentionPointer self) {
+  AttentionState& st = self->state;
+  std::shared_ptr<Step> step = st.current;
+  attention_actor me = caf::actor_cast<attention_actor>(self);
+  const uint64_t step_id = step->step;
+  if (!st.config.router) {
+    step->fatal = absl::FailedPreconditionError(
+        absl::StrCat("layer ", step->il, " is a MoE layer but the engine has no router"));
+    FinishStep(self);
+    return;
+  }
+  MoeWork work;
+  work.il = step->il;
+  work.h = Tensor(step->h);
+  work.n_expert_used = step->routing.n_expert_used;
+  work.expert_ids = std::move(step->routing.expert_ids);
+  work.weights = std::move(step->routing.weights);
+  step->routing = models::Routing();
+  const int il = step->il;
+  self->request(st.config.router, st.config.moe_deadline, moe_atom::value, std::move(work))
+      .then(
+          [self, step_id](MoeResult& result) {
+            AttentionState& st = self->state;
+            if (!st.current || st.current->step != step_id) return;
+            st.current->moe = std::move(result);
+            st.current->moe_done = true;
+            MaybeCombine(self);
+          },
+          [self, step_id, il](caf::error& error) {
+            AttentionState& st = self->state;
+            if (!st.current || st.current->step != step_id) return;
+            const absl::Status inner = FromCafError(error);
+            st.current->moe_status = absl::Status(
+                inner.code(), absl::StrCat("router, layer ", il, ": ", inner.message()));
+            st.current->moe_done = true;
+            MaybeCombine(self);
+          });
+  // The shared experts run on the attention arena while the shards work.
+  st.config.arena->Submit([core = st.core, step, me] {
+    step->shared_status = core->model->SharedExperts(step->il, *step->h, &step->shared);
+    Post(me, step->step, kSharedDone);
+  });
+}
+
+void Start(AttentionPointer self, StepRequest request,
+           caf::typed_response_promise<StepResult> promise) {
+  AttentionState& st = self->state;
+  auto step = std::make_shared<Step>();
+  step->start = std::chrono::steady_clock::now();
+  step->step = request.step;
+  step->slices = std::move(request.slices);
+  const size_t n = step->slices.size();
+  step->kvs.assign(n, nullptr);
+  step->positions.resize(n);
+  step->xs.resize(n);
+  step->row_begin.assign(n, 0);
+  step->status.assign(n, absl::OkStatus());
+  step->logits.resize(n);
+  std::set<uint64_t> seen;
+  for (size_t s = 0; s < n; ++s) {
+    const StepSlice& slice = step->slices[s];
+    absl::Status& status = step->status[s];
+    if (!seen.insert(slice.seq).second) {
+      status = absl::InvalidArgumentError(
+          absl::StrCat("sequence ", slice.seq, " appears twice in step ", request.step));
+      continue;
+    }
+    if (slice.tokens.empty()) {
+      status = absl::InvalidArgumentError(
+          absl::StrCat("sequence ", slice.seq, ": empty token slice in step ", request.step));
+      continue;
+    }
+    if (slice.new_capacity > 0) {
+      if (st.core->ids.count(slice.seq)) {
+        status = absl::AlreadyExistsError(
+            absl::StrCat("sequence ", slice.seq, " already has a KV cache"));
+        continue;
+      }
+      absl::StatusOr<kv_cache::SequenceId> id = st.core->kv.AddSequence(slice.new_capacity);
+      if (!id.ok()) {
+        status = absl::Status(id.status().code(),
+                              absl::StrCat("sequence ", slice.seq, ": ", id.status().message()));
+        continue;
+      }
+      st.core->ids[slice.seq] = *id;
+    }
+    auto it = st.core->ids.find(slice.seq);
+    if (it == st.core->ids.end()) {
+      status = absl::NotFoundError(absl::StrCat("sequence ", slice.seq, " has no KV cache"));
+      continue;
+    }
+    kv_cache::SequenceKv* kv = st.core->kv.Find(it->second);
+    status = kv->CheckRoom(static_cast<int64_t>(slice.tokens.size()));
+    if (!status.ok()) continue;
+    step->kvs[s] = kv;
+    step->positions[s].resize(slice.tokens.size());
+    for (size_t t = 0; t < slice.tokens.size(); ++t) {
+      step->positions[s][t] = static_cast<int32_t>(kv->length() + static_cast<int64_t>(t));
+    }
+    step->active.push_back(static_cast<int>(s));
+  }
+  Recount(*step);
+  st.current = step;
+  st.promise = std::move(promise);
+  if (step->active.empty()) {
+    FinishStep(self);
+    return;
+  }
+  attention_actor me = caf::actor_cast<attention_actor>(self);
+  st.config.arena->Submit([core = st.core, step, me] { RunLayers(core, step, me); });
+}
+
+attention_actor::behavior_type AttentionBehavior(AttentionPointer self, AttentionConfig config,
+                                                 std::shared_ptr<Core> core) {
+  self->state.config = std::move(config);
+  self->state.core = std::move(core);
+  return {
+      [self](step_atom, StepRequest& request) -> caf::typed_response_promise<StepResult> {
+        AttentionState& st = self->state;
+        auto promise = self->make_response_promise<StepResult>();
+        if (st.current) {
+          st.queue.emplace_back(std::move(request), promise);
+        } else {
+          Start(self, std::move(request), promise);
+        }
+        return promise;
+      },
+      [self](kv_free_atom, uint64_t seq) {
+        AttentionState& st = self->state;
+        if (st.current) {
+          for (const StepSlice& slice : st.current->slices) {
+            if (slice.seq == seq) {
+              st.deferred_free.insert(seq);
+              return;
+            }
+          }
+        }
+        FreeSequence(st, seq);
+      },
+      [self](kv_stats_atom) {
+        const kv_cache::LatentKvCache& kv = self->state.core->kv;
+        KvStats stats;
+        stats.budget_bytes = kv.budget_bytes();
+        stats.used_bytes = kv.used_bytes();
+        stats.n_sequences = kv.n_sequences();
+        stats.free_tokens = kv.free_tokens();
+        return stats;
+      },
+      [self](stage_atom, uint64_t step, int32_t stage) {
+        AttentionState& st = self->state;
+        if (!st.current || st.current->step != step) return;
+        switch (stage) {
+          case kMoeReady: OnMoeReady(self); break;
+          case kSharedDone:
+            st.current->shared_done = true;
+            MaybeCombine(self);
+            break;
+          case kStepDone: FinishStep(self); break;
+          default: break;
+        }
+      },
+  };
+}
+
+}  // namespace
+
+absl::StatusOr<attention_actor> SpawnAttention(caf::actor_system& system, AttentionConfig config) {
+  if (config.model == nullptr || config.arena == nullptr) {
+    return absl::InvalidArgumentError("attention actor: no model or no cpu arena");
+  }
+  KTX_ASSIGN_OR_RETURN(
+      kv_cache::LatentKvCache cache,
+      kv_cache::LatentKvCache::Create(config.model->kv_layout(), config.kv_budget_bytes));
+  if (cache.free_tokens() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache budget of ", config.kv_budget_bytes, " bytes holds no token (",
+                     config.model->kv_layout().bytes_per_token(), " bytes per token)"));
+  }
+  auto core = std::make_shared<Core>(config.model, std::move(cache));
+  return system.spawn(AttentionBehavior, std::move(config), std::move(core));
+}
+
+}  // namespace ktx::actors

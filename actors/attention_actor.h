@@ -1,0 +1,67 @@
+// File: actors/attention_actor.h
+//
+// The attention actor: owns the model's non-expert stages (Embed,
+// AttentionBlock, FfnNorm, DenseFfn, Route, SharedExperts, Combine, Head),
+// the KV caches of all sequences (a LatentKvCache pool under a byte budget)
+// and runs one step for a batch of sequences at a time:
+//
+//   Embed every slice
+//   for il in layers:
+//     AttentionBlock per sequence on its token slice (writes its KV rows)
+//     FfnNorm on the whole batch
+//     dense layer: DenseFfn, Combine
+//     MoE layer:   Route; (moe_atom, MoeWork) -> router  AND  SharedExperts
+//                  on its own arena while the shards work; then
+//                  Combine(x, Σ partials in the router's fixed order, shared)
+//   Head on the rows each slice asked for; commit the KV rows of every slice
+//   that did not fail.
+//
+// All of that runs as jobs on the actor's CpuArena (never on a CAF scheduler
+// thread); each job posts (stage_atom, step, stage) back, and the actor
+// decides the next job. Steps are served one at a time in arrival order
+// (later ones wait in a queue). A slice whose rows failed in the router (a
+// shard down, no replica) fails alone: its KV rows are not committed, the
+// other slices of the step are unaffected (every stage is per token or per
+// sequence). This is the CPU implementation; a CUDA one can sit behind the
+// same interface.
+//
+// Ownership: the KV pool and the current step's buffers live in shared state
+// that the actor and its queued jobs hold (shared_ptr), so the actor may be
+// killed mid-step without freeing memory a job still uses. The model is
+// shared (read-only). The arena is not owned and must outlive the jobs.
+// A sequence is freed with kv_free_atom; freeing one that the running step
+// uses is deferred to the end of that step.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+#include "actors/messages.h"
+#include "actors/router_actor.h"
+#include "caf/fwd.hpp"
+#include "caf/replies_to.hpp"
+#include "caf/typed_actor.hpp"
+#include "runtime/models/deepseek2.h"
+
+namespace ktx::actors {
+
+class CpuArena;
+
+using attention_actor = caf::typed_actor<caf::replies_to<step_atom, StepRequest>::with<StepResult>,
+                                         caf::reacts_to<kv_free_atom, uint64_t>,
+                                         caf::replies_to<kv_stats_atom>::with<KvStats>,
+                                         caf::reacts_to<stage_atom, uint64_t, int32_t>>;
+
+struct AttentionConfig {
+  std::shared_ptr<const models::Deepseek2Model> model;
+  CpuArena* arena = nullptr;  // not owned; outlives the actor's jobs
+  router_actor router;        // may be invalid for a model without MoE layers
+  uint64_t kv_budget_bytes = uint64_t{1} << 30;
+  std::chrono::milliseconds moe_deadline{60000};
+};
+
+// Fails (InvalidArgument) for a KV budget that cannot hold one token.
+absl::StatusOr<attention_actor> SpawnAttention(caf::actor_system& system, AttentionConfig config);
+
+}  // namespace ktx::actors

@@ -1,0 +1,98 @@
+// File: actors/cpu_arena.h
+//
+// The thread pool of one actor that computes: a oneTBB task_arena limited to
+// a set of cpus, fed by a FIFO of jobs that one dispatcher thread of its own
+// runs inside the arena. Kernel work of actors (model stages, expert
+// matmuls) never runs on CAF scheduler threads: the actor Submits a job and
+// the job posts its result back to the actor as a message.
+//
+//   KTX_ASSIGN_OR_RETURN(std::unique_ptr<CpuArena> arena,
+//                        CpuArena::Create({.name = "shard0", .cpus = {0, 1, 2, 3}}));
+//   arena->Submit([=] { ...compute...; caf::anon_send(actor, done_atom::value, ...); });
+//
+// Threads: the dispatcher thread takes the arena's one slot reserved for a
+// master, so an arena always makes progress even when every oneTBB worker is
+// busy elsewhere (or a job blocks); parallel loops inside a job (e.g.
+// models::MatMul's tbb::parallel_for) are joined by up to cpus.size() - 1
+// oneTBB workers. With cpus given, the dispatcher is pinned to them and every
+// worker is pinned to them while it is inside this arena (its previous mask is
+// restored when it leaves: workers are shared between arenas). If pinning
+// fails (e.g. a cpu outside the process's mask), a warning is logged once and
+// the arena runs unpinned.
+//
+// (runtime/cpu_pool/ may later offer a shared CpuPool; this is the minimal
+// wrapper the actors need until then.)
+//
+// Owns the dispatcher thread, the arena and the queued jobs. Submit is
+// thread-safe. The destructor drops jobs that have not started, waits for the
+// running one and joins the thread; jobs must therefore never wait for
+// something only the arena's owner would do after destruction.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace ktx::actors {
+
+class CpuArena {
+ public:
+  struct Options {
+    std::string name;       // for logs ("shard0", "attention")
+    std::vector<int> cpus;  // empty: the process's cpus, unpinned
+    // The dispatcher busy-waits this long for the next job before it sleeps
+    // (lower hand-off latency, at the cost of a spinning core). 0: never.
+    int spin_us = 0;
+  };
+
+  // InvalidArgument for a cpu id outside [0, CPU_SETSIZE) or listed twice.
+  static absl::StatusOr<std::unique_ptr<CpuArena>> Create(Options options);
+
+  ~CpuArena();
+  CpuArena(const CpuArena&) = delete;
+  CpuArena& operator=(const CpuArena&) = delete;
+
+  // Queues `job`; jobs run one after another in submission order.
+  void Submit(std::function<void()> job);
+
+  const std::string& name() const { return options_.name; }
+  const std::vector<int>& cpus() const { return cpus_; }
+  int concurrency() const { return static_cast<int>(cpus_.size()); }
+  bool pinned() const { return pinned_.load(std::memory_order_relaxed); }
+  // Jobs run so far (tests).
+  int64_t jobs_run() const { return jobs_run_.load(std::memory_order_relaxed); }
+
+ private:
+  struct TbbState;  // the task_arena and its pinning observer
+  explicit CpuArena(Options options, std::vector<int> cpus, bool pin);
+  void Run();
+
+  Options options_;
+  std::vector<int> cpus_;  // ascending; the arena's concurrency is their number
+  bool pin_ = false;       // cpus were given explicitly
+  std::atomic<bool> pinned_{false};
+  std::atomic<int64_t> jobs_run_{0};
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mu_
+  bool stop_ = false;                        // guarded by mu_
+  std::atomic<int64_t> n_queued_{0};         // mirrors queue_.size() for the spin loop
+
+  std::unique_ptr<TbbState> tbb_;
+  std::thread thread_;
+};
+
+// The cpus this process may run on (sched_getaffinity), ascending.
+std::vector<int> AllowedCpus();
+
+}  // namespace ktx::actors

@@ -1,0 +1,504 @@
+#include "actors/engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "actors/attention_actor.h"
+#include "actors/cpu_arena.h"
+#include "actors/expert_shard_actor.h"
+#include "actors/messages.h"
+#include "actors/router_actor.h"
+#include "actors/scheduler_actor.h"
+#include "actors/status_bridge.h"
+#include "caf/actor_cast.hpp"
+#include "caf/actor_system.hpp"
+#include "caf/actor_system_config.hpp"
+#include "caf/exit_reason.hpp"
+#include "caf/scoped_actor.hpp"
+#include "caf/send.hpp"
+#include "caf/system_messages.hpp"
+#include "caf/typed_event_based_actor.hpp"
+#include "runtime/base/logging.h"
+#include "runtime/tokenizer/tokenizer_gguf.h"
+#include "topology/config.h"
+#include "topology/cpu_list.h"
+#include "topology/gguf_experts.h"
+
+namespace ktx::actors {
+namespace {
+
+GenerateJob MakeJob(uint64_t id, const GenerateRequest& request) {
+  GenerateJob job;
+  job.id = id;
+  job.prompt = request.prompt;
+  job.sampling = request.sampling;
+  job.max_tokens = request.max_tokens;
+  job.stop_strings = request.stop_strings;
+  job.stop_token_ids = request.stop_token_ids;
+  job.stop_at_eos = request.stop_at_eos;
+  job.return_logits = static_cast<int32_t>(request.return_logits);
+  job.deadline_ms = request.deadline.count();
+  return job;
+}
+
+absl::StatusOr<GenerateResult> ToResult(const GenerateOutcome& outcome) {
+  if (outcome.code != 0) return ToStatus(outcome.code, outcome.message);
+  GenerateResult result;
+  result.id = outcome.id;
+  result.tokens = outcome.tokens;
+  result.text = outcome.text;
+  result.finish_reason = static_cast<FinishReason>(outcome.finish_reason);
+  if (!outcome.logits.empty()) result.logits = *outcome.logits;
+  result.queue_ms = outcome.queue_us / 1000.0;
+  result.total_ms = outcome.total_us / 1000.0;
+  return result;
+}
+
+absl::Status ScheduleDown(const caf::down_msg& msg) {
+  return absl::UnavailableError(
+      absl::StrCat("the engine's scheduler stopped: ", caf::to_string(msg.reason)));
+}
+
+struct SinkState {
+  static inline const char* name = "ktx.sink";
+};
+
+// The sink of a GenerateAsync request: forwards to the callbacks.
+token_sink_actor::behavior_type AsyncSink(token_sink_actor::stateful_pointer<SinkState> self,
+                                          scheduler_actor scheduler, uint64_t id,
+                                          TokenCallback on_token, DoneCallback on_done) {
+  auto done = std::make_shared<DoneCallback>(std::move(on_done));
+  auto cancelled = std::make_shared<bool>(false);
+  self->monitor(scheduler);
+  self->set_down_handler([self, done](caf::down_msg& msg) {
+    if (*done) (*done)(ScheduleDown(msg));
+    *done = nullptr;
+    self->quit();
+  });
+  return {
+      [self, scheduler, id, on_token, cancelled](token_atom, const TokenEvent& event) {
+        if (on_token && !*cancelled && !on_token(event.token, event.text)) {
+          *cancelled = true;
+          self->send(scheduler, cancel_atom::value, id);
+        }
+      },
+      [self, done](done_atom, const GenerateOutcome& outcome) {
+        if (*done) (*done)(ToResult(outcome));
+        *done = nullptr;
+        self->quit();
+      },
+  };
+}
+
+// Plan checks against the model: layer count, expert count, shard indices.
+absl::Status CheckPlan(const topology::PlacementPlan& plan, const models::Deepseek2Hparams& hp,
+                       size_t n_shards) {
+  if (plan.n_layer != hp.n_layer || static_cast<int>(plan.layers.size()) != hp.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("placement plan has ", plan.n_layer, " (",
+                                                   plan.layers.size(), ") layers, the model ",
+                                                   hp.n_layer));
+  }
+  if (plan.shards.size() != n_shards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement plan has ", plan.shards.size(), " shards, the engine ", n_shards));
+  }
+  for (int il = 0; il < hp.n_layer; ++il) {
+    if (!hp.IsMoeLayer(il)) continue;
+    const auto& of = plan.layers[il].shards_of_expert;
+    if (static_cast<int>(of.size()) != hp.n_expert) {
+      return absl::InvalidArgumentError(absl::StrCat("placement plan, layer ", il, ": ", of.size(),
+                                                     " experts, the model has ", hp.n_expert));
+    }
+    for (int e = 0; e < hp.n_expert; ++e) {
+      if (of[e].empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement plan, layer ", il, ": expert ", e, " is on no shard"));
+      }
+      for (int s : of[e]) {
+        if (s < 0 || s >= static_cast<int>(n_shards)) {
+          return absl::InvalidArgumentError(absl::StrCat("placement plan, layer ", il, ": expert ",
+                                                         e, " names shard ", s, " of ", n_shards));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  std::shared_ptr<const models::Deepseek2Model> model;
+  EngineOptions options;
+  topology::PlacementPlan plan;
+  std::optional<tokenizer::Tokenizer> tokenizer;
+  int64_t n_ctx = 0;
+  int caf_threads = 0;
+  std::vector<std::shared_ptr<ShardExperts>> experts;
+
+  // Destroyed by ~Impl in this order: actors, arenas, handles, system, config.
+  std::unique_ptr<caf::actor_system_config> cfg;
+  std::unique_ptr<caf::actor_system> system;
+  std::unique_ptr<CpuArena> attention_arena;
+  std::vector<std::unique_ptr<CpuArena>> shard_arenas;
+  std::vector<expert_shard_actor> shards;
+  router_actor router;
+  attention_actor attention;
+  scheduler_actor scheduler;
+  std::atomic<uint64_t> next_id{1};
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+
+  ~Impl() {
+    if (system) {
+      if (scheduler) caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+      if (attention) caf::anon_send_exit(attention, caf::exit_reason::user_shutdown);
+      if (router) caf::anon_send_exit(router, caf::exit_reason::user_shutdown);
+      for (const auto& shard : shards) caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+      system->await_all_actors_done();
+    }
+    // Jobs still queued or running post to dead actors (dropped); the arenas
+    // join their threads before the system goes away.
+    shard_arenas.clear();
+    attention_arena.reset();
+    scheduler = scheduler_actor{};
+    attention = attention_actor{};
+    router = router_actor{};
+    shards.clear();
+    system.reset();
+    cfg.reset();
+  }
+};
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    std::shared_ptr<const models::Deepseek2Model> model, EngineOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("Engine::Create: no model");
+  const models::Deepseek2Hparams& hp = model->hparams();
+  auto impl = std::make_unique<Impl>();
+  impl->model = model;
+  if (options.shards.empty()) options.shards.push_back(ShardOptions{"shard0", {}});
+  if (options.prefill_chunk <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill_chunk = ", options.prefill_chunk, " must be positive"));
+  }
+  if (options.max_running <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_running = ", options.max_running, " must be positive"));
+  }
+  if (options.n_ctx < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("n_ctx = ", options.n_ctx, " is negative"));
+  }
+  if (options.shard_deadline.count() <= 0 || options.step_deadline.count() <= 0) {
+    return absl::InvalidArgumentError("shard_deadline and step_deadline must be positive");
+  }
+  {
+    std::vector<std::string> names;
+    for (size_t s = 0; s < options.shards.size(); ++s) {
+      if (options.shards[s].name.empty()) options.shards[s].name = absl::StrCat("shard", s);
+      names.push_back(options.shards[s].name);
+    }
+    std::sort(names.begin(), names.end());
+    if (auto dup = std::adjacent_find(names.begin(), names.end()); dup != names.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("shard name '", *dup, "' is used twice"));
+    }
+  }
+  impl->n_ctx = options.n_ctx > 0 ? std::min(options.n_ctx, hp.n_ctx_train) : hp.n_ctx_train;
+  const size_t n_shards = options.shards.size();
+
+  // Placement.
+  if (options.plan) {
+    impl->plan = *options.plan;
+  } else {
+    KTX_ASSIGN_OR_RETURN(topology::ModelExpertTable table,
+                         topology::ModelExpertTableFromGguf(model->file()));
+    std::vector<topology::ShardSpec> specs;
+    for (const ShardOptions& s : options.shards) specs.push_back({s.name, s.memory_budget_bytes});
+    KTX_ASSIGN_OR_RETURN(impl->plan,
+                         topology::PlanExpertPlacement(table, specs, options.placement));
+  }
+  KTX_RETURN_IF_ERROR(CheckPlan(impl->plan, hp, n_shards));
+  std::vector<HeldExperts> held(n_shards, HeldExperts(hp.n_layer));
+  std::vector<std::vector<std::vector<int>>> holders(hp.n_layer);
+  for (int il = 0; il < hp.n_layer; ++il) {
+    if (!hp.IsMoeLayer(il)) continue;
+    holders[il] = impl->plan.layers[il].shards_of_expert;
+    for (int e = 0; e < hp.n_expert; ++e) {
+      std::sort(holders[il][e].begin(), holders[il][e].end());
+      holders[il][e].erase(std::unique(holders[il][e].begin(), holders[il][e].end()),
+                           holders[il][e].end());
+      for (int s : holders[il][e]) held[s][il].push_back(e);
+    }
+  }
+
+  if (options.use_tokenizer) {
+    absl::StatusOr<tokenizer::Tokenizer> tok =
+        tokenizer::TokenizerFromGguf(model->file().metadata());
+    if (tok.ok()) {
+      impl->tokenizer = std::move(*tok);
+    } else {
+      KTX_LOG(INFO, "engine") << "no tokenizer (" << tok.status().message()
+                              << "): tokens only, no text or stop strings";
+    }
+  }
+
+  // Arenas and expert stores.
+  KTX_ASSIGN_OR_RETURN(impl->attention_arena, CpuArena::Create({"attention", options.attention_cpus,
+                                                                options.arena_spin_us}));
+  ExpertBackendFactory factory = options.expert_backend_factory ? options.expert_backend_factory
+                                                                : MappedExpertBackendFactory(model);
+  for (size_t s = 0; s < n_shards; ++s) {
+    const ShardOptions& shard = options.shards[s];
+    KTX_ASSIGN_OR_RETURN(std::unique_ptr<CpuArena> arena,
+                         CpuArena::Create({shard.name, shard.cpus, options.arena_spin_us}));
+    impl->shard_arenas.push_back(std::move(arena));
+    absl::StatusOr<std::shared_ptr<models::ExpertBackend>> backend =
+        factory(static_cast<int>(s), held[s]);
+    if (!backend.ok()) {
+      return absl::Status(
+          backend.status().code(),
+          absl::StrCat("expert shard '", shard.name, "': backend: ", backend.status().message()));
+    }
+    KTX_ASSIGN_OR_RETURN(std::shared_ptr<ShardExperts> experts,
+                         ShardExperts::Create(static_cast<int>(s), shard.name, hp.n_expert, held[s],
+                                              std::move(*backend)));
+    impl->experts.push_back(std::move(experts));
+  }
+
+  // The actor system.
+  impl->caf_threads = options.caf_threads > 0
+                          ? options.caf_threads
+                          : std::clamp(static_cast<int>(AllowedCpus().size()), 2, 4);
+  impl->cfg = std::make_unique<caf::actor_system_config>();
+  AddActorMessageTypes(*impl->cfg);
+  impl->cfg->set("scheduler.max-threads", impl->caf_threads);
+  impl->system = std::make_unique<caf::actor_system>(*impl->cfg);
+
+  std::vector<std::string> names;
+  for (size_t s = 0; s < n_shards; ++s) {
+    ExpertShardConfig config;
+    config.index = static_cast<int>(s);
+    config.name = options.shards[s].name;
+    config.experts = impl->experts[s];
+    config.arena = impl->shard_arenas[s].get();
+    impl->shards.push_back(SpawnExpertShard(*impl->system, std::move(config)));
+    names.push_back(options.shards[s].name);
+  }
+  RouterConfig router;
+  router.shards = impl->shards;
+  router.names = names;
+  router.holders = std::move(holders);
+  router.n_expert = hp.n_expert;
+  router.shard_deadline = options.shard_deadline;
+  impl->router = SpawnRouter(*impl->system, std::move(router));
+
+  AttentionConfig attention;
+  attention.model = model;
+  attention.arena = impl->attention_arena.get();
+  attention.router = impl->router;
+  attention.kv_budget_bytes = options.kv_budget_bytes;
+  attention.moe_deadline = options.shard_deadline * 3;
+  KTX_ASSIGN_OR_RETURN(impl->attention, SpawnAttention(*impl->system, std::move(attention)));
+
+  SchedulerConfig scheduler;
+  scheduler.attention = impl->attention;
+  scheduler.n_vocab = hp.n_vocab;
+  scheduler.n_ctx = impl->n_ctx;
+  scheduler.kv_budget_tokens =
+      static_cast<int64_t>(options.kv_budget_bytes / model->kv_layout().bytes_per_token());
+  scheduler.prefill_chunk = options.prefill_chunk;
+  scheduler.max_running = options.max_running;
+  scheduler.step_deadline = std::max(options.step_deadline, options.shard_deadline * 4);
+  scheduler.tokenizer = impl->tokenizer;
+  impl->scheduler = SpawnScheduler(*impl->system, std::move(scheduler));
+  impl->options = std::move(options);
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
+                                                const TokenCallback& on_token) {
+  caf::scoped_actor self{*impl_->system};
+  const uint64_t id = impl_->next_id.fetch_add(1);
+  const scheduler_actor& scheduler = impl_->scheduler;
+  self->monitor(scheduler);
+  self->send(scheduler, generate_atom::value, MakeJob(id, request),
+             caf::actor_cast<token_sink_actor>(self));
+  bool done = false;
+  bool cancelled = false;
+  absl::StatusOr<GenerateResult> result = absl::UnknownError("no outcome");
+  self->receive_while([&done] { return !done; })(
+      [&](token_atom, const TokenEvent& event) {
+        if (on_token && !cancelled && !on_token(event.token, event.text)) {
+          cancelled = true;
+          self->send(scheduler, cancel_atom::value, id);
+        }
+      },
+      [&](done_atom, const GenerateOutcome& outcome) {
+        result = ToResult(outcome);
+        done = true;
+      },
+      [&](caf::down_msg& msg) {
+        result = ScheduleDown(msg);
+        done = true;
+      });
+  self->demonitor(scheduler.address());
+  return result;
+}
+
+uint64_t Engine::GenerateAsync(const GenerateRequest& request, TokenCallback on_token,
+                               DoneCallback on_done) {
+  const uint64_t id = impl_->next_id.fetch_add(1);
+  token_sink_actor sink = impl_->system->spawn(AsyncSink, impl_->scheduler, id, std::move(on_token),
+                                               std::move(on_done));
+  caf::anon_send(impl_->scheduler, generate_atom::value, MakeJob(id, request), sink);
+  return id;
+}
+
+void Engine::Cancel(uint64_t id) { caf::anon_send(impl_->scheduler, cancel_atom::value, id); }
+
+absl::StatusOr<models::Activations> Engine::Logits(std::span<const int32_t> tokens) {
+  GenerateRequest request;
+  request.prompt.assign(tokens.begin(), tokens.end());
+  request.max_tokens = 0;
+  request.stop_at_eos = false;
+  request.return_logits = ReturnLogits::kAll;
+  KTX_ASSIGN_OR_RETURN(GenerateResult result, Generate(request));
+  return std::move(result.logits);
+}
+
+absl::StatusOr<KvCacheStats> Engine::KvStats() {
+  caf::scoped_actor self{*impl_->system};
+  absl::StatusOr<KvCacheStats> out = absl::UnknownError("no answer");
+  self->request(impl_->attention, std::chrono::seconds(30), kv_stats_atom::value)
+      .receive(
+          [&](const actors::KvStats& stats) {
+            out = KvCacheStats{stats.budget_bytes, stats.used_bytes, stats.n_sequences,
+                               stats.free_tokens};
+          },
+          [&](caf::error& error) { out = FromCafError(error); });
+  return out;
+}
+
+absl::StatusOr<std::vector<StepRecord>> Engine::StepLog() {
+  caf::scoped_actor self{*impl_->system};
+  absl::StatusOr<std::vector<StepRecord>> out = absl::UnknownError("no answer");
+  self->request(impl_->scheduler, std::chrono::seconds(30), step_log_atom::value)
+      .receive(
+          [&](const std::vector<StepLogEntry>& log) {
+            std::vector<StepRecord> records;
+            for (const StepLogEntry& e : log) {
+              records.push_back(StepRecord{e.step, e.decode_ids, e.prefill_id, e.prefill_tokens,
+                                           e.start_us / 1000.0, e.end_us / 1000.0,
+                                           static_cast<absl::StatusCode>(e.code)});
+            }
+            out = std::move(records);
+          },
+          [&](caf::error& error) { out = FromCafError(error); });
+  return out;
+}
+
+absl::StatusOr<RouterCounters> Engine::RouterStats() {
+  caf::scoped_actor self{*impl_->system};
+  absl::StatusOr<RouterCounters> out = absl::UnknownError("no answer");
+  self->request(impl_->router, std::chrono::seconds(30), router_stats_atom::value)
+      .receive(
+          [&](const actors::RouterStats& stats) {
+            RouterCounters c;
+            c.parts_sent = stats.parts_sent;
+            for (uint8_t a : stats.alive) c.alive.push_back(a != 0);
+            c.requests = stats.requests;
+            c.rerouted_parts = stats.rerouted_parts;
+            c.failed_rows = stats.failed_rows;
+            out = std::move(c);
+          },
+          [&](caf::error& error) { out = FromCafError(error); });
+  return out;
+}
+
+absl::Status Engine::KillShard(int index) {
+  if (index < 0 || index >= static_cast<int>(impl_->shards.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard index ", index, " outside [0, ", impl_->shards.size(), ")"));
+  }
+  caf::anon_send_exit(impl_->shards[index], caf::exit_reason::kill);
+  return absl::OkStatus();
+}
+
+const models::Deepseek2Model& Engine::model() const { return *impl_->model; }
+const topology::PlacementPlan& Engine::plan() const { return impl_->plan; }
+const std::vector<ShardOptions>& Engine::shards() const { return impl_->options.shards; }
+int64_t Engine::n_ctx() const { return impl_->n_ctx; }
+bool Engine::has_tokenizer() const { return impl_->tokenizer.has_value(); }
+
+std::string Engine::Describe() const {
+  const Impl& im = *impl_;
+  std::string out;
+  for (size_t s = 0; s < im.options.shards.size(); ++s) {
+    const CpuArena& arena = *im.shard_arenas[s];
+    absl::StrAppend(&out, "shard ", s, " '", im.options.shards[s].name, "': cpus ",
+                    topology::FormatIdRanges(arena.cpus()),
+                    arena.pinned() ? " (pinned)" : " (unpinned)", ", ", im.experts[s]->n_held(),
+                    " routed experts\n");
+  }
+  absl::StrAppend(&out, "attention: cpus ", topology::FormatIdRanges(im.attention_arena->cpus()),
+                  im.attention_arena->pinned() ? " (pinned)" : " (unpinned)", "\n");
+  absl::StrAppend(&out, "kv cache: ", topology::FormatBytes(im.options.kv_budget_bytes), ", ",
+                  im.options.kv_budget_bytes / im.model->kv_layout().bytes_per_token(),
+                  " tokens; context ", im.n_ctx, "; prefill chunk ", im.options.prefill_chunk,
+                  "; caf threads ", im.caf_threads, "\n");
+  return out;
+}
+
+std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus) {
+  std::vector<ShardOptions> shards;
+  const std::vector<int> cpus = AllowedCpus();
+  const bool split = split_cpus && static_cast<int>(cpus.size()) >= n_shards;
+  for (int s = 0; s < n_shards; ++s) {
+    ShardOptions shard;
+    shard.name = absl::StrCat("shard", s);
+    if (split) {
+      const size_t begin = cpus.size() * s / n_shards;
+      const size_t end = cpus.size() * (s + 1) / n_shards;
+      shard.cpus.assign(cpus.begin() + begin, cpus.begin() + end);
+    }
+    shards.push_back(std::move(shard));
+  }
+  return shards;
+}
+
+absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& path) {
+  KTX_ASSIGN_OR_RETURN(topology::ParsedTopologyConfig parsed,
+                       topology::ParseTopologyConfigFile(path));
+  EngineOptions options;
+  for (const ktx::v1::NodeConfig& node : parsed.config.nodes()) {
+    if (node.head() && !node.attention_device().empty() && node.attention_device() != "cpu") {
+      KTX_LOG(WARNING, "engine") << path << ": node '" << node.name() << "' asks for attention on "
+                                 << node.attention_device()
+                                 << "; the actor runtime runs attention on the CPU for now";
+    }
+    for (const ktx::v1::ShardConfig& shard : node.shards()) {
+      ShardOptions s;
+      s.name = shard.name();
+      if (!shard.cpus().empty()) {
+        absl::StatusOr<std::vector<int>> cpus = topology::ParseCpuList(shard.cpus());
+        if (!cpus.ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(path, ": shard '", shard.name(), "': ", cpus.status().message()));
+        }
+        s.cpus = std::move(*cpus);
+      }
+      if (shard.memory_budget_bytes() > 0) s.memory_budget_bytes = shard.memory_budget_bytes();
+      options.shards.push_back(std::move(s));
+    }
+  }
+  if (options.shards.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": the topology has no expert shard"));
+  }
+  return options;
+}
+
+}  // namespace ktx::actors

@@ -1,0 +1,201 @@
+// File: actors/engine.h
+//
+// The facade of ktx's in-process actor runtime. Engine::Create spawns, in one
+// CAF actor system, one expert shard actor per shard of the topology (each
+// with its own CpuArena on its cpus and the experts the placement plan gives
+// it), the router, the attention actor (non-expert stages, KV caches, head;
+// its own arena) and the scheduler (continuous batching, sampling,
+// streaming). It offers a blocking and an asynchronous C++ API; no CAF type
+// appears here.
+//
+//   KTX_ASSIGN_OR_RETURN(auto model, models::Deepseek2Model::Open(path));
+//   EngineOptions options;
+//   options.shards = EvenShards(2);  // or EngineOptionsFromTopologyFile(...)
+//   KTX_ASSIGN_OR_RETURN(auto engine, Engine::Create(std::move(model), options));
+//   GenerateRequest request;
+//   request.prompt = prompt_ids;
+//   request.sampling.temperature = 0;
+//   request.max_tokens = 32;
+//   KTX_ASSIGN_OR_RETURN(GenerateResult result, engine->Generate(request,
+//       [](int32_t token, std::string_view text) { std::cout << text; return true; }));
+//
+// Placement: options.plan when given (checked against the model), else
+// topology::PlanExpertPlacement over the model's expert table and the shards'
+// budgets (with options.placement: profile, replication). docs/architecture.md
+// ("Actors") describes the actors, their messages and who owns which memory.
+//
+// Ownership: the Engine owns the actor system, the arenas (destroyed after
+// the actors have stopped) and shares the model with the expert backends.
+// Thread-safety: every public method may be called from any thread
+// concurrently, except that the Engine must not be destroyed while a call is
+// in progress. Callbacks of Generate run on the calling thread; callbacks of
+// GenerateAsync run on an actor thread of the engine and must return quickly.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "actors/generation.h"
+#include "actors/shard_experts.h"
+#include "runtime/models/activations.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/sampler/sampler.h"
+#include "topology/placement.h"
+
+namespace ktx::actors {
+
+// One expert shard of this process.
+struct ShardOptions {
+  std::string name;
+  std::vector<int> cpus;                               // empty: every cpu of the process, unpinned
+  uint64_t memory_budget_bytes = topology::kNoBudget;  // for the planner
+};
+
+struct EngineOptions {
+  // Empty: one shard "shard0" on every cpu.
+  std::vector<ShardOptions> shards;
+  // A ready plan (its shards in the order of `shards`); empty: planned here.
+  std::optional<topology::PlacementPlan> plan;
+  topology::PlacementOptions placement;  // profile / replication for the planner
+  std::vector<int> attention_cpus;       // empty: every cpu, unpinned
+  uint64_t kv_budget_bytes = uint64_t{1} << 30;
+  int64_t n_ctx = 0;            // tokens per sequence at most; 0: the model's context_length
+  int64_t prefill_chunk = 128;  // N: prompt tokens per step
+  int max_running = 64;         // sequences admitted at once
+  // Every expert request has this deadline; a MoE request gets 3x (one
+  // re-send to a replica fits), a step the larger of step_deadline and 4x.
+  std::chrono::milliseconds shard_deadline{30000};
+  std::chrono::milliseconds step_deadline{300000};
+  int caf_threads = 0;    // CAF scheduler threads; 0: min(4, max(2, cpus))
+  int arena_spin_us = 0;  // see CpuArena::Options::spin_us
+  // Makes each shard's expert backend; empty: MappedExpertBackendFactory.
+  ExpertBackendFactory expert_backend_factory;
+  bool use_tokenizer = true;  // text, EOS/EOT and stop strings from the GGUF tokenizer
+};
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;  // token ids, non-empty
+  sampler::SamplingParams sampling;
+  int32_t max_tokens = 16;  // >= 0; 0: prompt only (logits)
+  std::vector<std::string> stop_strings;
+  std::vector<int32_t> stop_token_ids;
+  bool stop_at_eos = true;  // also stop at the tokenizer's EOS / EOT
+  ReturnLogits return_logits = ReturnLogits::kNone;
+  std::chrono::milliseconds deadline{0};  // 0: none
+};
+
+struct GenerateResult {
+  uint64_t id = 0;
+  std::vector<int32_t> tokens;  // generated (a final stop token included)
+  std::string text;             // everything streamed (empty without a tokenizer)
+  FinishReason finish_reason = FinishReason::kNone;
+  models::Activations logits;  // F32 [n_rows, n_vocab] per return_logits
+  double queue_ms = 0;         // arrival to admission
+  double total_ms = 0;         // arrival to end
+};
+
+// Receives every sampled token with the text that became safe to show (token
+// -1: text held back until the end). Returning false cancels the request.
+using TokenCallback = std::function<bool(int32_t token, std::string_view text)>;
+using DoneCallback = std::function<void(absl::StatusOr<GenerateResult> result)>;
+
+struct KvCacheStats {
+  uint64_t budget_bytes = 0;
+  uint64_t used_bytes = 0;
+  int64_t n_sequences = 0;
+  int64_t free_tokens = 0;
+};
+
+// One scheduler step (Engine::StepLog).
+struct StepRecord {
+  uint64_t step = 0;
+  std::vector<uint64_t> decode_ids;  // requests that decoded a token
+  uint64_t prefill_id = 0;           // request whose prompt chunk ran (0: none)
+  int32_t prefill_tokens = 0;
+  double start_ms = 0;  // since the engine started
+  double end_ms = 0;
+  absl::StatusCode code = absl::StatusCode::kOk;
+};
+
+struct RouterCounters {
+  std::vector<int64_t> parts_sent;  // [n_shards]
+  std::vector<bool> alive;          // [n_shards]
+  int64_t requests = 0;
+  int64_t rerouted_parts = 0;
+  int64_t failed_rows = 0;
+};
+
+class Engine {
+ public:
+  // Errors: InvalidArgument for bad options or a plan that does not match the
+  // model (naming the layer / expert / shard), the planner's errors
+  // (ResourceExhausted when the experts do not fit the budgets), the expert
+  // backend factory's errors.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      std::shared_ptr<const models::Deepseek2Model> model, EngineOptions options);
+
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Blocks until the request ends. Errors: the request's validation
+  // (InvalidArgument, ResourceExhausted when it can never fit the KV budget),
+  // CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE naming a shard that is down.
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
+                                          const TokenCallback& on_token = {});
+  // Starts a request and returns its id at once; `on_done` is called exactly
+  // once (also when the engine shuts down first: UNAVAILABLE).
+  uint64_t GenerateAsync(const GenerateRequest& request, TokenCallback on_token,
+                         DoneCallback on_done);
+  // Ends a request with CANCELLED and frees its KV cache (no-op for ids that
+  // are done or unknown).
+  void Cancel(uint64_t id);
+
+  // Logits of every position of `tokens` as one fresh sequence (prefilled in
+  // chunks through the scheduler): F32 [n_tokens, n_vocab].
+  absl::StatusOr<models::Activations> Logits(std::span<const int32_t> tokens);
+
+  absl::StatusOr<KvCacheStats> KvStats();
+  absl::StatusOr<std::vector<StepRecord>> StepLog();
+  absl::StatusOr<RouterCounters> RouterStats();
+
+  // Fault injection: kills shard `index`'s actor (its arena and memory stay
+  // until the engine is destroyed). InvalidArgument for a bad index.
+  absl::Status KillShard(int index);
+
+  const models::Deepseek2Model& model() const;
+  const topology::PlacementPlan& plan() const;
+  const std::vector<ShardOptions>& shards() const;
+  int64_t n_ctx() const;
+  bool has_tokenizer() const;
+  // Shards (cpus, experts held), attention cpus, KV budget, threads.
+  std::string Describe() const;
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// `n_shards` shards "shard0".. splitting the process's cpus into contiguous
+// groups; with fewer cpus than shards (or split_cpus false) every shard runs
+// on every cpu, unpinned.
+std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus = true);
+
+// The shards of a topology config (text-format ktx.v1.TopologyConfig): in
+// this one-process runtime every node's shards run here, with their names,
+// cpus and budgets (0: no budget). The head's attention_device must be "cpu"
+// or empty; "cuda:N" runs on the CPU for now, with a warning. Errors name the
+// file and line (parse) or the shard (cpu list).
+absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& path);
+
+}  // namespace ktx::actors

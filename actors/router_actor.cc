@@ -1,0 +1,397 @@
+#include "actors/router_actor.h"
+
+#include <algorithm>
+#include <map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "actors/status_bridge.h"
+#include "caf/actor_cast.hpp"
+#include "caf/actor_system.hpp"
+#include "caf/error.hpp"
+#include "caf/sec.hpp"
+#include "caf/stateful_actor.hpp"
+#include "caf/system_messages.hpp"
+#include "caf/typed_event_based_actor.hpp"
+#include "caf/typed_response_promise.hpp"
+#include "runtime/base/logging.h"
+
+namespace ktx::actors {
+namespace {
+
+// One shard's share of a MoE request.
+struct Part {
+  int shard = 0;
+  std::vector<int32_t> rows;  // ascending batch rows
+  std::vector<uint8_t> mask;  // [n_expert]
+  int64_t entries = 0;        // (row, k) entries it computes: its load
+  std::vector<int> excluded;  // shards that already failed these experts
+  bool resolved = false;
+  bool ok = false;
+  Tensor result;  // F32 [rows.size(), n_embd] when ok
+};
+
+struct Call {
+  caf::typed_response_promise<MoeResult> promise;
+  MoeWork work;  // h shared, routing copied (small)
+  std::vector<Part> parts;
+  int outstanding = 0;
+  std::vector<uint8_t> row_failed;  // [n_tokens]
+  int32_t code = 0;
+  std::string message;
+};
+
+struct RouterState {
+  RouterConfig config;
+  std::vector<uint8_t> alive;
+  std::vector<std::string> down_reason;
+  std::vector<int64_t> load;  // outstanding entries per shard
+  uint64_t next_call = 1;
+  std::map<uint64_t, Call> calls;
+  RouterStats stats;
+  static inline const char* name = "ktx.router";
+};
+
+using RouterPointer = router_actor::stateful_pointer<RouterState>;
+
+std::string ShardLabel(const RouterState& st, int s) {
+  return absl::StrCat("expert shard '", st.config.names[s], "' (#", s, ")");
+}
+
+// The live holder of `expert` with the least load (plus `extra`), skipping
+// `excluded`; -1 if none.
+int PickHolder(const RouterState& st, int il, int expert, const std::vector<int64_t>& extra,
+               const std::vector<int>& excluded) {
+  int best = -1;
+  for (int s : st.config.holders[il][expert]) {
+    if (!st.alive[s]) continue;
+    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
+    if (best < 0 || st.load[s] + extra[s] < st.load[best] + extra[best]) best = s;
+  }
+  return best;
+}
+
+void Finish(RouterPointer self, uint64_t call_id) {
+  RouterState& st = self->state;
+  auto it = st.calls.find(call_id);
+  if (it == st.calls.end()) return;
+  Call& call = it->second;
+  MoeResult result;
+  std::vector<const Part*> ok;
+  for (const Part& p : call.parts) {
+    if (p.ok) ok.push_back(&p);
+  }
+  std::stable_sort(ok.begin(), ok.end(),
+                   [](const Part* a, const Part* b) { return a->shard < b->shard; });
+  for (const Part* p : ok) {
+    // A row that failed elsewhere is dropped from the parts too: nobody reads it.
+    PlacedPartial placed;
+    placed.shard = p->shard;
+    placed.rows = p->rows;
+    placed.partial = p->result;
+    result.parts.push_back(std::move(placed));
+  }
+  for (size_t t = 0; t < call.row_failed.size(); ++t) {
+    if (call.row_failed[t]) result.failed_rows.push_back(static_cast<int32_t>(t));
+  }
+  result.code = call.code;
+  result.message = call.message;
+  st.stats.requests++;
+  st.stats.failed_rows += static_cast<int64_t>(result.failed_rows.size());
+  call.promise.deliver(std::move(result));
+  st.calls.erase(it);
+}
+
+void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index);
+
+// A part that cannot be answered by its shard: re-sent to replicas when every
+// one of its experts has another live holder, else its rows fail.
+void OnPartFailure(RouterPointer self, uint64_t call_id, size_t part_index,
+                   const absl::Status& status) {
+  RouterState& st = self->state;
+  auto it = st.calls.find(call_id);
+  if (it == st.calls.end()) return;
+  Call& call = it->second;
+  if (part_index >= call.parts.size() || call.parts[part_index].resolved) return;
+  {
+    Part& p = call.parts[part_index];
+    p.resolved = true;
+    // A part that timed out is still queued at its shard: its entries stay in
+    // the shard's load (a penalty that steers later work to replicas).
+    if (status.code() != absl::StatusCode::kDeadlineExceeded) st.load[p.shard] -= p.entries;
+    call.outstanding--;
+  }
+  const Part failed = call.parts[part_index];  // copy: parts may grow below
+  const int il = call.work.il;
+  const int k_used = call.work.n_expert_used;
+  std::vector<int> excluded = failed.excluded;
+  excluded.push_back(failed.shard);
+  std::vector<int> assign(failed.mask.size(), -1);
+  std::vector<int64_t> extra(st.config.shards.size(), 0);
+  bool all_rerouted = true;
+  for (size_t e = 0; e < failed.mask.size(); ++e) {
+    if (!failed.mask[e]) continue;
+    assign[e] = PickHolder(st, il, static_cast<int>(e), extra, excluded);
+    if (assign[e] < 0) {
+      all_rerouted = false;
+      break;
+    }
+    extra[assign[e]] += 1;
+  }
+  if (all_rerouted) {
+    std::map<int, size_t> new_parts;  // shard -> index in call.parts
+    for (int32_t row : failed.rows) {
+      for (int k = 0; k < k_used; ++k) {
+        const int32_t e = call.work.expert_ids[static_cast<size_t>(row) * k_used + k];
+        if (!failed.mask[e]) continue;
+        const int s = assign[e];
+        auto [pos, inserted] = new_parts.emplace(s, call.parts.size());
+        if (inserted) {
+          Part p;
+          p.shard = s;
+          p.mask.assign(failed.mask.size(), 0);
+          p.excluded = excluded;
+          call.parts.push_back(std::move(p));
+        }
+        Part& p = call.parts[pos->second];
+        p.mask[e] = 1;
+        p.entries++;
+        if (p.rows.empty() || p.rows.back() != row) p.rows.push_back(row);
+      }
+    }
+    KTX_LOG(WARNING, "router") << ShardLabel(st, failed.shard) << " failed layer " << il << " ("
+                               << status.message() << "); re-sent " << failed.rows.size()
+                               << " rows to " << new_parts.size() << " replica shard(s)";
+    for (const auto& [s, index] : new_parts) {
+      st.stats.rerouted_parts++;
+      Dispatch(self, call_id, index);
+    }
+  } else {
+    for (int32_t row : failed.rows) call.row_failed[row] = 1;
+    if (call.code == 0) {
+      call.code = static_cast<int32_t>(status.code());
+      call.message = std::string(status.message());
+    }
+  }
+  if (call.outstanding == 0) Finish(self, call_id);
+}
+
+void OnPartDone(RouterPointer self, uint64_t call_id, size_t part_index, ExpertPartial& result) {
+  RouterState& st = self->state;
+  auto it = st.calls.find(call_id);
+  if (it == st.calls.end()) return;
+  Call& call = it->second;
+  if (part_index >= call.parts.size() || call.parts[part_index].resolved) return;
+  Part& p = call.parts[part_index];
+  if (result.partial.n_rows() != static_cast<int64_t>(p.rows.size()) ||
+      result.partial.n_cols() != call.work.h.n_cols()) {
+    OnPartFailure(self, call_id, part_index,
+                  absl::InternalError(absl::StrCat(
+                      ShardLabel(st, p.shard), " answered layer ", call.work.il, " with [",
+                      result.partial.n_rows(), ", ", result.partial.n_cols(), "], expected [",
+                      p.rows.size(), ", ", call.work.h.n_cols(), "]")));
+    return;
+  }
+  p.resolved = true;
+  p.ok = true;
+  p.result = std::move(result.partial);
+  st.load[p.shard] -= p.entries;
+  call.outstanding--;
+  if (call.outstanding == 0) Finish(self, call_id);
+}
+
+absl::Status DescribePartError(const RouterState& st, int shard, int il, const caf::error& error) {
+  const std::string label = ShardLabel(st, shard);
+  if (error.category() == caf::atom("system")) {
+    const auto sec = static_cast<caf::sec>(error.code());
+    if (sec == caf::sec::request_timeout) {
+      return absl::DeadlineExceededError(absl::StrCat(label, " did not answer layer ", il,
+                                                      " within ", st.config.shard_deadline.count(),
+                                                      " ms"));
+    }
+    if (sec == caf::sec::request_receiver_down) {
+      return absl::UnavailableError(absl::StrCat(label, " is down"));
+    }
+  }
+  const absl::Status inner = FromCafError(error);
+  return absl::Status(inner.code(),
+                      absl::StrCat(label, " failed layer ", il, ": ", inner.message()));
+}
+
+void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
+  RouterState& st = self->state;
+  Call& call = st.calls.at(call_id);
+  Part& p = call.parts[part_index];
+  const int k_used = call.work.n_expert_used;
+  ExpertWork work;
+  work.il = call.work.il;
+  work.h = call.work.h;
+  work.rows = p.rows;
+  work.n_expert_used = k_used;
+  work.expert_ids.reserve(p.rows.size() * k_used);
+  work.weights.reserve(p.rows.size() * k_used);
+  for (int32_t row : p.rows) {
+    const size_t base = static_cast<size_t>(row) * k_used;
+    work.expert_ids.insert(work.expert_ids.end(), call.work.expert_ids.begin() + base,
+                           call.work.expert_ids.begin() + base + k_used);
+    work.weights.insert(work.weights.end(), call.work.weights.begin() + base,
+                        call.work.weights.begin() + base + k_used);
+  }
+  work.expert_mask = p.mask;
+  st.load[p.shard] += p.entries;
+  st.stats.parts_sent[p.shard]++;
+  call.outstanding++;
+  const int shard = p.shard;
+  const int il = work.il;
+  self->request(st.config.shards[shard], st.config.shard_deadline, expert_atom::value,
+                std::move(work))
+      .then([self, call_id,
+             part_index](ExpertPartial& result) { OnPartDone(self, call_id, part_index, result); },
+            [self, call_id, part_index, shard, il](caf::error& error) {
+              OnPartFailure(self, call_id, part_index,
+                            DescribePartError(self->state, shard, il, error));
+            });
+}
+
+caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWork& work) {
+  RouterState& st = self->state;
+  auto promise = self->make_response_promise<MoeResult>();
+  const int il = work.il;
+  const int n_expert = st.config.n_expert;
+  const int64_t n = work.h.n_rows();
+  const int k_used = work.n_expert_used;
+  absl::Status invalid;
+  if (il < 0 || il >= static_cast<int>(st.config.holders.size()) || st.config.holders[il].empty()) {
+    invalid = absl::InvalidArgumentError(
+        absl::StrCat("router: layer ", il, " has no routed experts in the plan"));
+  } else if (n <= 0 || k_used <= 0 || static_cast<int64_t>(work.expert_ids.size()) != n * k_used ||
+             work.weights.size() != work.expert_ids.size()) {
+    invalid = absl::InvalidArgumentError(absl::StrCat(
+        "router: layer ", il, ": ", n, " rows with ", work.expert_ids.size(), " expert ids and ",
+        work.weights.size(), " weights for ", k_used, " experts per token"));
+  } else {
+    for (int32_t e : work.expert_ids) {
+      if (e < 0 || e >= n_expert) {
+        invalid = absl::InvalidArgumentError(
+            absl::StrCat("router: layer ", il, ": expert id ", e, " outside [0, ", n_expert, ")"));
+        break;
+      }
+    }
+  }
+  if (!invalid.ok()) {
+    promise.deliver(ToCafError(invalid));
+    return promise;
+  }
+
+  const uint64_t call_id = st.next_call++;
+  Call& call = st.calls[call_id];
+  call.promise = promise;
+  call.work = work;
+  call.row_failed.assign(static_cast<size_t>(n), 0);
+
+  std::vector<int64_t> count(n_expert, 0);
+  for (int32_t e : work.expert_ids) count[e]++;
+  std::vector<int> assign(n_expert, -1);
+  std::vector<int64_t> extra(st.config.shards.size(), 0);
+  const std::vector<int> none;
+  for (int e = 0; e < n_expert; ++e) {
+    if (count[e] == 0) continue;
+    assign[e] = PickHolder(st, il, e, extra, none);
+    if (assign[e] >= 0) extra[assign[e]] += count[e];
+  }
+  // Rows that need an expert nobody alive holds fail now.
+  for (int64_t t = 0; t < n; ++t) {
+    for (int k = 0; k < k_used; ++k) {
+      const int32_t e = work.expert_ids[t * k_used + k];
+      if (assign[e] >= 0) continue;
+      call.row_failed[t] = 1;
+      if (call.code == 0) {
+        std::vector<std::string> holders;
+        for (int s : st.config.holders[il][e]) {
+          holders.push_back(absl::StrCat(ShardLabel(st, s), ", down: ", st.down_reason[s]));
+        }
+        call.code = static_cast<int32_t>(absl::StatusCode::kUnavailable);
+        call.message = holders.empty()
+                           ? absl::StrCat("layer ", il, " expert ", e, " is held by no shard")
+                           : absl::StrCat("layer ", il, " expert ", e,
+                                          " has no live shard: ", absl::StrJoin(holders, "; "));
+      }
+    }
+  }
+  // Group rows by shard (ascending shard index).
+  std::vector<int> part_of_shard(st.config.shards.size(), -1);
+  for (int64_t t = 0; t < n; ++t) {
+    if (call.row_failed[t]) continue;
+    for (int k = 0; k < k_used; ++k) {
+      const int32_t e = work.expert_ids[t * k_used + k];
+      const int s = assign[e];
+      if (part_of_shard[s] < 0) {
+        part_of_shard[s] = static_cast<int>(call.parts.size());
+        Part p;
+        p.shard = s;
+        p.mask.assign(static_cast<size_t>(n_expert), 0);
+        call.parts.push_back(std::move(p));
+      }
+      Part& p = call.parts[part_of_shard[s]];
+      p.mask[e] = 1;
+      p.entries++;
+      if (p.rows.empty() || p.rows.back() != t) p.rows.push_back(static_cast<int32_t>(t));
+    }
+  }
+  std::stable_sort(call.parts.begin(), call.parts.end(),
+                   [](const Part& a, const Part& b) { return a.shard < b.shard; });
+  const size_t n_parts = call.parts.size();
+  for (size_t i = 0; i < n_parts; ++i) Dispatch(self, call_id, i);
+  if (n_parts == 0) Finish(self, call_id);
+  return promise;
+}
+
+router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig config) {
+  RouterState& st = self->state;
+  st.config = std::move(config);
+  const size_t n_shards = st.config.shards.size();
+  st.alive.assign(n_shards, 1);
+  st.down_reason.assign(n_shards, "");
+  st.load.assign(n_shards, 0);
+  st.stats.parts_sent.assign(n_shards, 0);
+  for (const expert_shard_actor& shard : st.config.shards) self->monitor(shard);
+  self->set_down_handler([self](caf::down_msg& msg) {
+    RouterState& st = self->state;
+    int shard = -1;
+    for (size_t s = 0; s < st.config.shards.size(); ++s) {
+      if (msg.source == caf::actor_cast<caf::actor_addr>(st.config.shards[s])) {
+        shard = static_cast<int>(s);
+      }
+    }
+    if (shard < 0) return;
+    st.alive[shard] = 0;
+    st.down_reason[shard] = caf::to_string(msg.reason);
+    KTX_LOG(WARNING, "router") << ShardLabel(st, shard) << " is down: " << st.down_reason[shard];
+    const absl::Status status = absl::UnavailableError(
+        absl::StrCat(ShardLabel(st, shard), " is down: ", st.down_reason[shard]));
+    std::vector<std::pair<uint64_t, size_t>> affected;
+    for (const auto& [id, call] : st.calls) {
+      for (size_t i = 0; i < call.parts.size(); ++i) {
+        if (call.parts[i].shard == shard && !call.parts[i].resolved) affected.emplace_back(id, i);
+      }
+    }
+    for (const auto& [id, index] : affected) OnPartFailure(self, id, index, status);
+  });
+  return {
+      [self](moe_atom, const MoeWork& work) { return HandleMoe(self, work); },
+      [self](router_stats_atom) {
+        RouterStats stats = self->state.stats;
+        stats.alive = self->state.alive;
+        return stats;
+      },
+  };
+}
+
+}  // namespace
+
+router_actor SpawnRouter(caf::actor_system& system, RouterConfig config) {
+  return system.spawn(RouterBehavior, std::move(config));
+}
+
+}  // namespace ktx::actors

@@ -1,0 +1,60 @@
+// File: actors/router_actor.h
+//
+// The router actor: for one MoE layer of a batch it takes the FFN-normed
+// hidden states h and the Routing, assigns every selected expert to one live
+// shard that holds it (replicas: the least-loaded holder, ties to the lower
+// shard index), groups the tokens by shard (a token goes to every shard that
+// computes one of its experts), fans the ExpertWork out and gathers the
+// partial sums. It does no arithmetic: the MoeResult lists the partials in a
+// FIXED order (ascending shard index, then dispatch order) and the attention
+// actor sums them in that order, so results do not depend on timing. (Which
+// replica computes an expert does depend on load; see docs/architecture.md:
+// without replicas results are bit-reproducible, with replicas they may differ
+// by float rounding.)
+//
+// Failures never hang a request:
+//  - every ExpertWork is a request with a deadline (shard_deadline);
+//  - the router monitors every shard; when one goes down, its in-flight parts
+//    fail at once;
+//  - a failed part (down, deadline, shard error) is re-sent to replicas that
+//    hold the same experts when every one of its experts has a live replica;
+//    otherwise its rows are answered as failed, with an error naming the shard
+//    (UNAVAILABLE when it is down, DEADLINE_EXCEEDED when it did not answer,
+//    else the shard's own code);
+//  - experts whose every holder is down fail their rows immediately with
+//    UNAVAILABLE naming the shard(s); rows that need no dead expert are
+//    computed as usual, so the engine keeps serving what the plan can serve.
+//
+// Ownership: holds handles to the shards and a copy of the plan's holder
+// table; the activations of a request are shared (never copied) with the
+// shards. Runs on the CAF scheduler; no kernel work.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "actors/expert_shard_actor.h"
+#include "actors/messages.h"
+#include "caf/fwd.hpp"
+#include "caf/replies_to.hpp"
+#include "caf/typed_actor.hpp"
+
+namespace ktx::actors {
+
+using router_actor = caf::typed_actor<caf::replies_to<moe_atom, MoeWork>::with<MoeResult>,
+                                      caf::replies_to<router_stats_atom>::with<RouterStats>>;
+
+struct RouterConfig {
+  std::vector<expert_shard_actor> shards;  // [n_shards]
+  std::vector<std::string> names;          // [n_shards]
+  // holders[il][e] = ascending indices of the shards holding expert e of layer
+  // il ([n_layer][n_expert]; empty rows for dense layers).
+  std::vector<std::vector<std::vector<int>>> holders;
+  int n_expert = 0;
+  std::chrono::milliseconds shard_deadline{30000};
+};
+
+router_actor SpawnRouter(caf::actor_system& system, RouterConfig config);
+
+}  // namespace ktx::actors

@@ -1,0 +1,84 @@
+// File: actors/shard_experts.h
+//
+// What one expert shard holds: per MoE layer the routed experts the placement
+// plan gave it, and the ExpertBackend that computes them. The shard actor
+// (expert_shard_actor.h) owns one ShardExperts through a shared_ptr that its
+// in-flight pool jobs also hold, so replacing the backend (today: references
+// into the model's mmapped weights; later: NUMA-local repacked copies made by
+// the shard on its own node) is a change to the factory alone:
+//
+//   ExpertBackendFactory factory = MappedExpertBackendFactory(model);
+//   KTX_ASSIGN_OR_RETURN(std::shared_ptr<models::ExpertBackend> backend, factory(s, held));
+//   KTX_ASSIGN_OR_RETURN(auto experts, ShardExperts::Create(s, "shard0", n_expert, held, backend));
+//   KTX_RETURN_IF_ERROR(experts->Compute(il, h, routing, mask, &partial));
+//
+// Thread-safety: immutable after Create except for the backend, which is
+// called one Compute at a time (the shard's arena runs one job at a time).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "runtime/models/activations.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/models/moe.h"
+
+namespace ktx::actors {
+
+// held[il] = ascending expert ids of layer il that a shard holds ([n_layer];
+// empty for dense layers and for layers where it holds nothing).
+using HeldExperts = std::vector<std::vector<int>>;
+
+// Makes the backend of shard `shard` for the experts it holds. The backend
+// must compute (at least) every held expert; Compute is only ever asked for
+// held ones.
+using ExpertBackendFactory = std::function<absl::StatusOr<std::shared_ptr<models::ExpertBackend>>(
+    int shard, const HeldExperts& held)>;
+
+// The default factory: the model's reference expert path over its mmapped
+// weights (no copies). The backend keeps `model` alive.
+ExpertBackendFactory MappedExpertBackendFactory(
+    std::shared_ptr<const models::Deepseek2Model> model);
+
+class ShardExperts {
+ public:
+  // InvalidArgument (naming the shard and layer) for an expert id outside
+  // [0, n_expert), a list not ascending, or a null backend.
+  static absl::StatusOr<std::shared_ptr<ShardExperts>> Create(
+      int shard, std::string name, int n_expert, HeldExperts held,
+      std::shared_ptr<models::ExpertBackend> backend);
+
+  int shard() const { return shard_; }
+  const std::string& name() const { return name_; }
+  int n_layer() const { return static_cast<int>(held_.size()); }
+  const HeldExperts& held() const { return held_; }
+  bool Holds(int il, int expert) const;
+  // Experts held over all layers.
+  int64_t n_held() const;
+
+  // out[t] = Σ over entries of token t whose expert is in `expert_mask` of
+  // weight · expert(h[t]) (see models::ExpertBackend): F32 [n_tokens, n_embd].
+  // FailedPrecondition naming the shard, the layer and the expert when the
+  // mask selects an expert this shard does not hold; InvalidArgument for a
+  // mask that is not n_expert long.
+  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
+                       std::span<const uint8_t> expert_mask, models::Activations* out) const;
+
+ private:
+  ShardExperts() = default;
+
+  int shard_ = 0;
+  std::string name_;
+  int n_expert_ = 0;
+  HeldExperts held_;
+  std::vector<std::vector<uint8_t>> held_mask_;  // [n_layer][n_expert]
+  std::shared_ptr<models::ExpertBackend> backend_;
+};
+
+}  // namespace ktx::actors
