@@ -82,10 +82,17 @@ sanitizer_tests() {
     ctest --test-dir "$dir" --output-on-failure -j "$JOBS" -L sanitize
 }
 
+# The main job: this machine's topology, then a generation with the shipped tiny
+# DeepSeek-V3-architecture model (random weights: the text is gibberish, the math is DeepSeek-V3's).
+# KTX_DEMO_MODEL overrides the model (any deepseek2 GGUF, e.g. one made by `ktx-ctl synth`).
 demo() {
   build
-  log "main job: ktx-ctl topology show"
+  local model=${KTX_DEMO_MODEL:-tests/data/dsv3-tiny-q4_k_m.gguf}
+  log "main job 1/2: ktx-ctl topology show"
   "$BUILD_DIR/cli/ktx-ctl" topology show
+  log "main job 2/2: ktx-ctl run --model $model"
+  "$BUILD_DIR/cli/ktx-ctl" run --model "$model" --prompt "Tom found an old map in the attic." \
+    --max-tokens 48 --temperature 0.8 --seed 7
 }
 
 tidy() {
