@@ -473,6 +473,18 @@ std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus) {
 absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& path) {
   KTX_ASSIGN_OR_RETURN(topology::ParsedTopologyConfig parsed,
                        topology::ParseTopologyConfigFile(path));
+  // Structural checks only (names, head, addresses, cpu lists): the config may
+  // describe other machines; cpus this process cannot use are reported when
+  // the shard arenas fail to pin.
+  const std::vector<topology::ConfigProblem> problems =
+      topology::ValidateTopologyConfig(parsed, topology::ValidationOptions{});
+  if (!problems.empty()) {
+    std::vector<std::string> lines;
+    for (const topology::ConfigProblem& p : problems) {
+      lines.push_back(topology::FormatProblem(path, p));
+    }
+    return absl::InvalidArgumentError(absl::StrJoin(lines, "\n"));
+  }
   EngineOptions options;
   for (const ktx::v1::NodeConfig& node : parsed.config.nodes()) {
     if (node.head() && !node.attention_device().empty() && node.attention_device() != "cpu") {

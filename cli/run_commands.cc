@@ -9,7 +9,9 @@
 //       [n_tokens, n_vocab], and prints the shape to stderr.
 //
 // Both run the scalar reference path (runtime/engine/reference_engine.h) on
-// --threads threads (default: all).
+// --threads threads (default: all). With --topology FILE or --shards N they
+// run on the in-process actor runtime (actors/engine.h) instead.
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -25,6 +27,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "actors/engine.h"
 #include "cli/commands.h"
 #include "runtime/engine/reference_engine.h"
 #include "tbb/global_control.h"
@@ -200,6 +203,147 @@ int RunLogits(const LogitsFlags& flags) {
   return 0;
 }
 
+// ---- --topology FILE / --shards N: the same commands on the in-process actor
+// runtime (actors/engine.h) instead of the reference engine. ----
+
+struct ActorFlags {
+  std::string topology;
+  int shards = 0;
+  bool enabled() const { return !topology.empty() || shards != 0; }
+};
+
+std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
+  auto flags = std::make_shared<ActorFlags>();
+  cmd->add_option("--topology", flags->topology,
+                  "Run on the actor runtime with the expert shards of this topology config");
+  cmd->add_option("--shards", flags->shards, "Run on the actor runtime with N even expert shards");
+  return flags;
+}
+
+absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlags& common,
+                                                                const ActorFlags& actor,
+                                                                int64_t n_ctx) {
+  if (!actor.topology.empty() && actor.shards != 0) {
+    return absl::InvalidArgumentError("give --topology or --shards, not both");
+  }
+  if (actor.shards < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shards ", actor.shards, ": expected a positive count"));
+  }
+  actors::EngineOptions options;
+  if (!actor.topology.empty()) {
+    KTX_ASSIGN_OR_RETURN(options, actors::EngineOptionsFromTopologyFile(actor.topology));
+  } else {
+    options.shards = actors::EvenShards(actor.shards);
+  }
+  KTX_ASSIGN_OR_RETURN(std::unique_ptr<models::Deepseek2Model> model,
+                       models::Deepseek2Model::Open(common.model));
+  options.n_ctx = n_ctx;
+  const int64_t ctx =
+      n_ctx > 0 ? std::min(n_ctx, model->hparams().n_ctx_train) : model->hparams().n_ctx_train;
+  options.prefill_chunk = common.prefill_chunk > 0 ? common.prefill_chunk : ctx;
+  options.kv_budget_bytes = std::max<uint64_t>(
+      options.kv_budget_bytes, static_cast<uint64_t>(ctx) * model->kv_layout().bytes_per_token());
+  return actors::Engine::Create(std::move(model), options);
+}
+
+int RunGenerateWithActors(const RunFlags& flags, const ActorFlags& actor) {
+  std::optional<tbb::global_control> threads;
+  if (flags.max_tokens <= 0 || (!flags.chat && !flags.system.empty())) {
+    return RunGenerate(flags);  // its checks print the error
+  }
+  // The reference engine tokenizes exactly as `run` does without --topology.
+  absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> reference =
+      OpenEngine(flags.common, flags.chat_template, &threads);
+  if (!reference.ok()) {
+    std::cerr << "ktx-ctl run: " << reference.status() << "\n";
+    return 1;
+  }
+  engine::GenerateRequest text_request;
+  text_request.prompt = flags.prompt;
+  text_request.chat = flags.chat;
+  text_request.system = flags.system;
+  absl::StatusOr<std::vector<int32_t>> ids = (*reference)->TokenizePrompt(text_request);
+  if (!ids.ok()) {
+    std::cerr << "ktx-ctl run: " << ids.status() << "\n";
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<actors::Engine>> engine =
+      OpenActorEngine(flags.common, actor, (*reference)->n_ctx());
+  if (!engine.ok()) {
+    std::cerr << "ktx-ctl run: " << engine.status() << "\n";
+    return 1;
+  }
+  actors::GenerateRequest request;
+  request.prompt = std::move(*ids);
+  request.sampling = flags.sampling;
+  request.max_tokens = flags.max_tokens;
+  request.stop_strings = flags.stop;
+  const auto t0 = std::chrono::steady_clock::now();
+  double first_s = 0;
+  absl::StatusOr<actors::GenerateResult> result =
+      (*engine)->Generate(request, [&](int32_t, std::string_view text) {
+        if (first_s == 0) {
+          first_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        }
+        std::cout.write(text.data(), static_cast<std::streamsize>(text.size()));
+        std::cout.flush();
+        return true;
+      });
+  std::cout << "\n";
+  if (!result.ok()) {
+    std::cerr << "ktx-ctl run: " << result.status() << "\n";
+    return 1;
+  }
+  const double total_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const size_t n = result->tokens.size();
+  std::fprintf(stderr,
+               "actor runtime: prompt %zu tokens, first token after %.3f s\n"
+               "decode: %zu tokens in %.3f s (%.2f tok/s after the first)\nstop: %s\n",
+               request.prompt.size(), first_s, n, total_s,
+               n > 1 && total_s > first_s ? (n - 1) / (total_s - first_s) : 0.0,
+               actors::FinishReasonName(result->finish_reason));
+  return 0;
+}
+
+int RunLogitsWithActors(const LogitsFlags& flags, const ActorFlags& actor) {
+  std::optional<tbb::global_control> threads;
+  if (flags.common.threads > 0) {
+    threads.emplace(tbb::global_control::max_allowed_parallelism,
+                    static_cast<size_t>(flags.common.threads));
+  }
+  absl::StatusOr<std::vector<int32_t>> tokens = ParseTokens(flags.tokens);
+  if (!tokens.ok()) {
+    std::cerr << "ktx-ctl logits: " << tokens.status().message() << "\n";
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<actors::Engine>> engine = OpenActorEngine(flags.common, actor, 0);
+  if (!engine.ok()) {
+    std::cerr << "ktx-ctl logits: " << engine.status() << "\n";
+    return 1;
+  }
+  absl::StatusOr<models::Activations> logits = (*engine)->Logits(*tokens);
+  if (!logits.ok()) {
+    std::cerr << "ktx-ctl logits: " << logits.status() << "\n";
+    return 1;
+  }
+  std::ofstream out(flags.out, std::ios::binary | std::ios::trunc);
+  if (out) {
+    out.write(reinterpret_cast<const char*>(logits->data()),
+              static_cast<std::streamsize>(logits->values().size() * sizeof(float)));
+  }
+  if (!out || !out.flush()) {
+    std::cerr << "ktx-ctl logits: cannot write " << flags.out << ": " << std::strerror(errno)
+              << "\n";
+    return 1;
+  }
+  std::fprintf(stderr, "wrote float32 logits [%lld, %lld] to %s (actor runtime)\n",
+               static_cast<long long>(logits->n_tokens()), static_cast<long long>(logits->n_cols()),
+               flags.out.c_str());
+  return 0;
+}
+
 }  // namespace
 
 void AddRunCommands(CLI::App& app, int* exit_code) {
@@ -235,7 +379,11 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
                   "Penalty window in tokens (default 64)");
   cmd->add_option("--seed", run->sampling.seed, "RNG seed (default 0)");
   cmd->add_option("--stop", run->stop, "Stop string (repeatable); not printed");
-  cmd->callback([exit_code, run] { *exit_code = RunGenerate(*run); });
+  auto run_actors = AddActorFlags(cmd);
+  cmd->callback([exit_code, run, run_actors] {
+    *exit_code =
+        run_actors->enabled() ? RunGenerateWithActors(*run, *run_actors) : RunGenerate(*run);
+  });
 
   auto logits = std::make_shared<LogitsFlags>();
   CLI::App* lcmd = app.add_subcommand(
@@ -245,7 +393,11 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   lcmd->add_option("--tokens", logits->tokens, "Token ids, comma-separated (e.g. 0,15,27)")
       ->required();
   lcmd->add_option("--out", logits->out, "Output file (raw little-endian float32)")->required();
-  lcmd->callback([exit_code, logits] { *exit_code = RunLogits(*logits); });
+  auto logits_actors = AddActorFlags(lcmd);
+  lcmd->callback([exit_code, logits, logits_actors] {
+    *exit_code = logits_actors->enabled() ? RunLogitsWithActors(*logits, *logits_actors)
+                                          : RunLogits(*logits);
+  });
 }
 
 }  // namespace ktx::cli
