@@ -1,0 +1,59 @@
+// File: kernels/cuda/cuda_util.cuh
+//
+// Device-side helpers shared by ktx's CUDA kernels (warp reductions, bf16
+// pair unpacking, ceil division). Included only by .cu files.
+//
+// Thread-safety: pure functions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ktx::kernels::cuda {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024). `scratch`
+// holds 32 floats of shared memory. Every thread gets the result.
+__device__ __forceinline__ float BlockSum(float v, float* scratch) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int n_warps = blockDim.x / 32;
+  v = WarpSum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = lane < n_warps ? scratch[lane] : 0.0f;
+  return WarpSum(total);
+}
+
+// Two bf16 packed in one 32-bit word (low half first) as floats.
+__device__ __forceinline__ float2 Bf16PairToFloat2(uint32_t w) {
+  float2 f;
+  f.x = __uint_as_float(w << 16);
+  f.y = __uint_as_float(w & 0xffff0000u);
+  return f;
+}
+
+__device__ __forceinline__ float HalfBitsToFloat(uint16_t h) {
+  return __half2float(__ushort_as_half(h));
+}
+
+__host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace ktx::kernels::cuda

@@ -1,0 +1,361 @@
+#include "kernels/cuda/mla.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/cuda_util.cuh"
+#include "kernels/cuda/rope.cuh"
+
+namespace ktx::kernels::cuda {
+namespace {
+
+constexpr int kMaxPairs = 128;
+constexpr int kTile = 32;                   // KV rows per shared-memory tile
+constexpr int kMaxKvLora = 512;             // accumulators per lane: kv_lora / 32
+constexpr int kAccWords = kMaxKvLora / 64;  // bf16 pairs of the latent per lane
+constexpr int64_t kMinSplitLen = 256;       // rows: below this a split is not worth it
+constexpr int32_t kMaxSplits = 256;
+constexpr size_t kWorkspaceAlign = 256;
+
+size_t AlignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+__device__ __forceinline__ __nv_bfloat16* CacheRow(const MlaPagedKv& kv, int32_t seq, int64_t pos,
+                                                   int row_width) {
+  const int32_t page =
+      kv.block_table[static_cast<int64_t>(seq) * kv.block_table_stride + pos / kv.page_size];
+  return kv.data + static_cast<int64_t>(page) * kv.page_stride + (pos % kv.page_size) * row_width;
+}
+
+__global__ void WriteKvKernel(const float* kva, int64_t kva_stride, const float* kv_norm, float eps,
+                              int32_t kv_lora, RopeParams rope, const int32_t* positions,
+                              const int32_t* seq_index, MlaPagedKv kv) {
+  __shared__ float scratch[32];
+  __shared__ double cos_t[kMaxPairs];
+  __shared__ double sin_t[kMaxPairs];
+  const int64_t t = blockIdx.x;
+  const float* src = kva + t * kva_stride;
+  const int64_t pos = positions[t];
+  RopeTable(rope, pos, cos_t, sin_t);
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
+  ss = BlockSum(ss, scratch);  // its barriers also publish the rope table
+  const float scale = 1.0f / sqrtf(ss / static_cast<float>(kv_lora) + eps);
+  __nv_bfloat16* row = CacheRow(kv, seq_index[t], pos, kv_lora + rope.n_rot);
+  for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+    row[i] = __float2bfloat16_rn(src[i] * scale * kv_norm[i]);
+  }
+  for (int i = threadIdx.x; i < rope.n_rot / 2; i += blockDim.x) {
+    float a, b;
+    RopePair(cos_t, sin_t, i, src + kv_lora, &a, &b);
+    row[kv_lora + 2 * i] = __float2bfloat16_rn(a);
+    row[kv_lora + 2 * i + 1] = __float2bfloat16_rn(b);
+  }
+}
+
+__global__ void PrepareQKernel(const float* q, int64_t q_stride, int32_t n_head, int32_t qk_nope,
+                               int32_t kv_lora, RopeParams rope, const int32_t* positions,
+                               __nv_bfloat16* q_nope, int64_t q_nope_stride, float* big_q,
+                               int64_t big_q_stride) {
+  __shared__ double cos_t[kMaxPairs];
+  __shared__ double sin_t[kMaxPairs];
+  const int64_t t = blockIdx.x;
+  RopeTable(rope, positions[t], cos_t, sin_t);
+  __syncthreads();
+  const int hd = qk_nope + rope.n_rot;
+  const int rw = kv_lora + rope.n_rot;
+  const float* src = q + t * q_stride;
+  for (int j = threadIdx.x; j < n_head * qk_nope; j += blockDim.x) {
+    const int h = j / qk_nope, c = j % qk_nope;
+    q_nope[t * q_nope_stride + j] = __float2bfloat16_rn(src[h * hd + c]);
+  }
+  const int n_pairs = rope.n_rot / 2;
+  for (int j = threadIdx.x; j < n_head * n_pairs; j += blockDim.x) {
+    const int h = j / n_pairs, i = j % n_pairs;
+    float a, b;
+    RopePair(cos_t, sin_t, i, src + h * hd + qk_nope, &a, &b);
+    float* dst = big_q + t * big_q_stride + static_cast<int64_t>(h) * rw + kv_lora;
+    dst[2 * i] = a;
+    dst[2 * i + 1] = b;
+  }
+}
+
+// One block: one query token, kHeads heads (one warp each), one KV range.
+// Shared memory: the kHeads query rows (F32) and a tile of kTile cache rows
+// (bf16 pairs, row stride odd in words so that lane r reading column w of row
+// r hits bank (r * stride + w) % 32: all different).
+template <int kHeads>
+__global__ void __launch_bounds__(kHeads * 32)
+    MlaSplitKernel(MlaAttentionArgs a, int32_t n_splits, int32_t split_len, float* part_acc,
+                   float2* part_ml) {
+  extern __shared__ float smem[];
+  const int rw = a.kv_lora + a.n_rot;
+  const int rw_words = rw / 2;
+  const int kvl_words = a.kv_lora / 2;
+  const int stride_words = rw_words | 1;
+  float* sq = smem;
+  uint32_t* skv = reinterpret_cast<uint32_t*>(smem + kHeads * rw);
+  const int64_t qi = blockIdx.x;
+  const int h0 = blockIdx.y * kHeads;
+  const int split = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head = h0 + warp;
+  const bool head_ok = head < a.n_head;
+  const int32_t seq = a.q_seq[qi];
+  const int64_t n_kv = static_cast<int64_t>(a.q_pos[qi]) + 1;
+  const int64_t begin = static_cast<int64_t>(split) * split_len;
+  const int64_t end = min(n_kv, begin + split_len);
+
+  for (int i = threadIdx.x; i < kHeads * rw; i += blockDim.x) {
+    const int hh = i / rw;
+    sq[i] = h0 + hh < a.n_head ? a.q[qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw + i % rw]
+                               : 0.0f;
+  }
+  float m = -INFINITY;
+  float l = 0.0f;
+  float acc[2 * kAccWords];
+#pragma unroll
+  for (int k = 0; k < 2 * kAccWords; ++k) acc[k] = 0.0f;
+  const int32_t* table = a.kv.block_table + static_cast<int64_t>(seq) * a.kv.block_table_stride;
+
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and sq is written on the first pass)
+    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
+    for (int i = threadIdx.x; i < n_rows * rw_words; i += blockDim.x) {
+      const int r = i / rw_words, w = i % rw_words;
+      const int64_t pos = t0 + r;
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(
+          a.kv.data + static_cast<int64_t>(table[pos / a.kv.page_size]) * a.kv.page_stride +
+          (pos % a.kv.page_size) * rw);
+      skv[r * stride_words + w] = src[w];
+    }
+    __syncthreads();
+    if (head_ok) {  // warp-uniform
+      float s = -INFINITY;
+      if (lane < n_rows) {
+        const float* qh = sq + warp * rw;
+        const uint32_t* row = skv + lane * stride_words;
+        float dot0 = 0.0f, dot1 = 0.0f;
+        for (int w = 0; w < rw_words; ++w) {
+          const float2 c = Bf16PairToFloat2(row[w]);
+          dot0 = fmaf(qh[2 * w], c.x, dot0);
+          dot1 = fmaf(qh[2 * w + 1], c.y, dot1);
+        }
+        s = (dot0 + dot1) * a.scale;
+      }
+      const float m_new = fmaxf(m, WarpMax(s));
+      const float p = lane < n_rows ? expf(s - m_new) : 0.0f;
+      const float alpha = expf(m - m_new);  // 0 on the first tile
+      l = l * alpha + WarpSum(p);
+      m = m_new;
+#pragma unroll
+      for (int k = 0; k < 2 * kAccWords; ++k) acc[k] *= alpha;
+      for (int r = 0; r < n_rows; ++r) {
+        const float pr = __shfl_sync(kFullMask, p, r);
+        const uint32_t* row = skv + r * stride_words;
+#pragma unroll
+        for (int k = 0; k < kAccWords; ++k) {
+          const int w = lane + 32 * k;
+          if (w < kvl_words) {
+            const float2 c = Bf16PairToFloat2(row[w]);
+            acc[2 * k] = fmaf(pr, c.x, acc[2 * k]);
+            acc[2 * k + 1] = fmaf(pr, c.y, acc[2 * k + 1]);
+          }
+        }
+      }
+    }
+  }
+  if (!head_ok) return;
+  if (n_splits == 1) {
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int k = 0; k < kAccWords; ++k) {
+      const int w = lane + 32 * k;
+      if (w >= kvl_words) continue;
+      const int64_t d = static_cast<int64_t>(head) * a.kv_lora + 2 * w;
+      const float v0 = acc[2 * k] * inv, v1 = acc[2 * k + 1] * inv;
+      if (a.out_bf16 != nullptr) {
+        a.out_bf16[qi * a.out_bf16_stride + d] = __float2bfloat16_rn(v0);
+        a.out_bf16[qi * a.out_bf16_stride + d + 1] = __float2bfloat16_rn(v1);
+      }
+      if (a.out_f32 != nullptr) {
+        a.out_f32[qi * a.out_f32_stride + d] = v0;
+        a.out_f32[qi * a.out_f32_stride + d + 1] = v1;
+      }
+    }
+  } else {
+    const int64_t slot = (qi * a.n_head + head) * n_splits + split;
+    float* dst = part_acc + slot * a.kv_lora;
+#pragma unroll
+    for (int k = 0; k < kAccWords; ++k) {
+      const int w = lane + 32 * k;
+      if (w >= kvl_words) continue;
+      dst[2 * w] = acc[2 * k];
+      dst[2 * w + 1] = acc[2 * k + 1];
+    }
+    if (lane == 0) part_ml[slot] = make_float2(m, l);
+  }
+}
+
+// Merges the splits of one (query, head): out = Σ_s e^(m_s - M) acc_s / Σ_s e^(m_s - M) l_s.
+__global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float* part_acc,
+                               const float2* part_ml) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float inv_total;
+  const int64_t qi = blockIdx.x;
+  const int head = blockIdx.y;
+  const int64_t base = (qi * a.n_head + head) * n_splits;
+  if (threadIdx.x == 0) {
+    float mx = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) {
+      if (part_ml[base + s].y > 0.0f) mx = fmaxf(mx, part_ml[base + s].x);
+    }
+    float total = 0.0f;
+    for (int s = 0; s < n_splits; ++s) {
+      const float2 ml = part_ml[base + s];
+      weight[s] = ml.y > 0.0f ? expf(ml.x - mx) : 0.0f;
+      total += weight[s] * ml.y;
+    }
+    inv_total = 1.0f / total;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < a.kv_lora; d += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < n_splits; ++s) {
+      if (weight[s] != 0.0f) o = fmaf(weight[s], part_acc[(base + s) * a.kv_lora + d], o);
+    }
+    o *= inv_total;
+    const int64_t idx = static_cast<int64_t>(head) * a.kv_lora + d;
+    if (a.out_bf16 != nullptr) a.out_bf16[qi * a.out_bf16_stride + idx] = __float2bfloat16_rn(o);
+    if (a.out_f32 != nullptr) a.out_f32[qi * a.out_f32_stride + idx] = o;
+  }
+}
+
+size_t SplitSharedBytes(int heads, int row_width) {
+  return static_cast<size_t>(heads) * row_width * sizeof(float) +
+         static_cast<size_t>(kTile) * ((row_width / 2) | 1) * sizeof(uint32_t);
+}
+
+template <int kHeads>
+cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, float* part_acc,
+                        float2* part_ml, cudaStream_t stream) {
+  const size_t smem = SplitSharedBytes(kHeads, a.kv_lora + a.n_rot);
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(MlaSplitKernel<kHeads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kHeads)),
+                  static_cast<unsigned>(plan.n_splits));
+  MlaSplitKernel<kHeads>
+      <<<grid, kHeads * 32, smem, stream>>>(a, plan.n_splits, plan.split_len, part_acc, part_ml);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t MlaWriteKv(const float* kva, int64_t kva_stride, const float* kv_norm, float eps,
+                       int32_t kv_lora, const RopeParams& rope, const int32_t* positions,
+                       const int32_t* seq_index, int64_t n_tokens, const MlaPagedKv& kv,
+                       cudaStream_t stream) {
+  if (kv_lora <= 0 || rope.n_rot <= 0 || rope.n_rot % 2 != 0 || rope.n_rot / 2 > kMaxPairs ||
+      kva_stride < kv_lora + rope.n_rot || kv.page_size <= 0 || n_tokens < 0 ||
+      n_tokens > (int64_t{1} << 31) - 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (n_tokens == 0) return cudaSuccess;
+  WriteKvKernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(
+      kva, kva_stride, kv_norm, eps, kv_lora, rope, positions, seq_index, kv);
+  return cudaGetLastError();
+}
+
+cudaError_t MlaPrepareQ(const float* q, int64_t q_stride, int32_t n_head, int32_t qk_nope,
+                        int32_t kv_lora, const RopeParams& rope, const int32_t* positions,
+                        int64_t n_tokens, __nv_bfloat16* q_nope, int64_t q_nope_stride,
+                        float* big_q, int64_t big_q_stride, cudaStream_t stream) {
+  if (n_head <= 0 || qk_nope <= 0 || kv_lora <= 0 || rope.n_rot <= 0 || rope.n_rot % 2 != 0 ||
+      rope.n_rot / 2 > kMaxPairs || q_stride < int64_t{n_head} * (qk_nope + rope.n_rot) ||
+      q_nope_stride < int64_t{n_head} * qk_nope ||
+      big_q_stride < int64_t{n_head} * (kv_lora + rope.n_rot) || n_tokens < 0 ||
+      n_tokens > (int64_t{1} << 31) - 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (n_tokens == 0) return cudaSuccess;
+  PrepareQKernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(
+      q, q_stride, n_head, qk_nope, kv_lora, rope, positions, q_nope, q_nope_stride, big_q,
+      big_q_stride);
+  return cudaGetLastError();
+}
+
+MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int64_t max_kv_len,
+                                  int32_t n_multiprocessors, size_t workspace_capacity) {
+  MlaAttentionPlan plan;
+  plan.heads_per_block = 4;
+  while (plan.heads_per_block < n_head && plan.heads_per_block < 16) plan.heads_per_block *= 2;
+  max_kv_len = std::max<int64_t>(max_kv_len, 1);
+  const int64_t groups = CeilDiv(std::max(n_head, 1), plan.heads_per_block);
+  const int64_t base_blocks = std::max<int64_t>(n_q, 1) * groups;
+  const int64_t target = 2 * std::max(n_multiprocessors, 1);
+  int64_t splits = base_blocks < target ? CeilDiv(target, base_blocks) : 1;
+  splits = std::min(splits, CeilDiv(max_kv_len, kMinSplitLen));
+  splits = std::min<int64_t>(splits, kMaxSplits);
+  const size_t per_split = static_cast<size_t>(std::max<int64_t>(n_q, 1)) * n_head *
+                           (static_cast<size_t>(kv_lora) * sizeof(float) + sizeof(float2));
+  if (splits > 1) {
+    const int64_t fit =
+        static_cast<int64_t>(workspace_capacity > 2 * kWorkspaceAlign
+                                 ? (workspace_capacity - 2 * kWorkspaceAlign) / per_split
+                                 : 0);
+    splits = std::min(splits, fit);
+    if (splits < 2) splits = 1;
+  }
+  int64_t split_len = CeilDiv(CeilDiv(max_kv_len, splits), kTile) * kTile;
+  splits = CeilDiv(max_kv_len, split_len);
+  plan.n_splits = static_cast<int32_t>(splits);
+  plan.split_len = static_cast<int32_t>(split_len);
+  if (plan.n_splits > 1) {
+    const size_t n_slots = static_cast<size_t>(n_q) * n_head * plan.n_splits;
+    plan.workspace_bytes = AlignUp(n_slots * kv_lora * sizeof(float), kWorkspaceAlign) +
+                           AlignUp(n_slots * sizeof(float2), kWorkspaceAlign);
+  }
+  return plan;
+}
+
+cudaError_t MlaAttention(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, void* workspace,
+                         cudaStream_t stream) {
+  if (a.n_q < 0 || a.n_q > (int64_t{1} << 31) - 1 || a.n_head <= 0 || a.kv_lora <= 0 ||
+      a.kv_lora % 2 != 0 || a.kv_lora > kMaxKvLora || a.n_rot < 0 || a.n_rot % 2 != 0 ||
+      a.q_stride < int64_t{a.n_head} * (a.kv_lora + a.n_rot) || a.kv.page_size <= 0 ||
+      a.kv.page_stride % 2 != 0 || (a.out_bf16 == nullptr && a.out_f32 == nullptr) ||
+      plan.n_splits < 1 || plan.n_splits > kMaxSplits || plan.split_len <= 0 ||
+      (plan.n_splits > 1 && workspace == nullptr) ||
+      (a.out_bf16 != nullptr && a.out_bf16_stride < int64_t{a.n_head} * a.kv_lora) ||
+      (a.out_f32 != nullptr && a.out_f32_stride < int64_t{a.n_head} * a.kv_lora) ||
+      CeilDiv(a.n_head, plan.heads_per_block) > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.n_q == 0) return cudaSuccess;
+  float* part_acc = nullptr;
+  float2* part_ml = nullptr;
+  if (plan.n_splits > 1) {
+    const size_t n_slots = static_cast<size_t>(a.n_q) * a.n_head * plan.n_splits;
+    part_acc = static_cast<float*>(workspace);
+    part_ml =
+        reinterpret_cast<float2*>(static_cast<char*>(workspace) +
+                                  AlignUp(n_slots * a.kv_lora * sizeof(float), kWorkspaceAlign));
+  }
+  cudaError_t err;
+  switch (plan.heads_per_block) {
+    case 4: err = LaunchSplit<4>(a, plan, part_acc, part_ml, stream); break;
+    case 8: err = LaunchSplit<8>(a, plan, part_acc, part_ml, stream); break;
+    case 16: err = LaunchSplit<16>(a, plan, part_acc, part_ml, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || plan.n_splits == 1) return err;
+  const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(a.n_head));
+  MlaMergeKernel<<<grid, 128, 0, stream>>>(a, plan.n_splits, part_acc, part_ml);
+  return cudaGetLastError();
+}
+
+}  // namespace ktx::kernels::cuda

@@ -1,0 +1,373 @@
+// MLA attention (absorbed form, paged bf16 latent cache) on the GPU against a
+// float64 reference, for decode batches of 1, 3 and 17 sequences over
+// contexts of 1, 63 and 1000 rows, causal prefill and chunked prefill, at
+// DeepSeek-V3 width (128 heads, 512 + 64) and at odd widths. Pages are
+// assigned in shuffled order and every unused cache slot holds NaN, so a
+// wrong page lookup shows. Tolerances: the kernel accumulates in F32 from
+// bf16 rows (exact in F32); the scores' rounding (~1e-6 relative) moves the
+// softmax weights by ~1e-6, so the F32 output is held to 2e-5 relative L2 per
+// (query, head); the bf16 output adds one rounding (2^-9), held to 3e-3.
+#include "kernels/cuda/mla.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "runtime/models/reference_ops.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
+
+namespace ktx::kernels::cuda {
+namespace {
+
+using cuda_test::Bf16BitsToFloat;
+using cuda_test::DeviceArray;
+using cuda_test::FloatToBf16Bits;
+
+constexpr uint16_t kNanBf16 = 0xffff;
+
+struct Dims {
+  int32_t n_head, kv_lora, n_rot;
+};
+
+// A paged cache for `lengths.size()` sequences, pages in shuffled physical order.
+struct PagedCache {
+  int32_t page_size = 0;
+  int32_t row_width = 0;
+  int32_t max_pages = 0;
+  std::vector<int32_t> block_table;  // [n_seq][max_pages], -1 unused
+  std::vector<uint16_t> data;        // bf16 [n_pages][page_size][row_width]
+
+  uint16_t* Row(int32_t seq, int64_t pos) {
+    const int32_t page = block_table[seq * max_pages + pos / page_size];
+    return data.data() + (static_cast<int64_t>(page) * page_size + pos % page_size) * row_width;
+  }
+};
+
+PagedCache MakeCache(std::mt19937& rng, const std::vector<int64_t>& lengths, int32_t page_size,
+                     int32_t row_width, bool fill) {
+  PagedCache c;
+  c.page_size = page_size;
+  c.row_width = row_width;
+  int64_t n_pages = 3;  // spare pages never referenced
+  for (int64_t len : lengths) {
+    c.max_pages =
+        std::max<int32_t>(c.max_pages, static_cast<int32_t>((len + page_size - 1) / page_size));
+    n_pages += (len + page_size - 1) / page_size;
+  }
+  std::vector<int32_t> order(n_pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  c.block_table.assign(lengths.size() * c.max_pages, -1);
+  int64_t next = 0;
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    for (int64_t p = 0; p < (lengths[s] + page_size - 1) / page_size; ++p) {
+      c.block_table[s * c.max_pages + p] = order[next++];
+    }
+  }
+  c.data.assign(n_pages * page_size * row_width, kNanBf16);
+  if (fill) {
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (size_t s = 0; s < lengths.size(); ++s) {
+      for (int64_t pos = 0; pos < lengths[s]; ++pos) {
+        uint16_t* row = c.Row(static_cast<int32_t>(s), pos);
+        for (int32_t i = 0; i < row_width; ++i) row[i] = FloatToBf16Bits(dist(rng));
+      }
+    }
+  }
+  return c;
+}
+
+// ctx[d] for one (query, head): float64 softmax attention over rows 0..pos.
+std::vector<double> Reference(PagedCache& cache, int32_t seq, int32_t pos, const float* q,
+                              int32_t kv_lora, float scale) {
+  const int32_t rw = cache.row_width;
+  std::vector<double> scores(pos + 1);
+  double mx = -INFINITY;
+  for (int32_t s = 0; s <= pos; ++s) {
+    const uint16_t* row = cache.Row(seq, s);
+    double dot = 0.0;
+    for (int32_t j = 0; j < rw; ++j) dot += static_cast<double>(q[j]) * Bf16BitsToFloat(row[j]);
+    scores[s] = dot * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  double sum = 0.0;
+  for (double& v : scores) sum += (v = std::exp(v - mx));
+  std::vector<double> ctx(kv_lora, 0.0);
+  for (int32_t s = 0; s <= pos; ++s) {
+    const uint16_t* row = cache.Row(seq, s);
+    for (int32_t d = 0; d < kv_lora; ++d) ctx[d] += scores[s] / sum * Bf16BitsToFloat(row[d]);
+  }
+  return ctx;
+}
+
+struct Query {
+  int32_t seq, pos;
+};
+
+// Runs MlaAttention for `queries` under `plan_kind` (0: automatic for 132
+// multiprocessors, 1: no split, 2: as many splits as possible) and checks
+// sampled heads against the reference and every head for being written.
+void CheckAttention(std::mt19937& rng, const Dims& dims, PagedCache& cache,
+                    const std::vector<Query>& queries, int plan_kind) {
+  const int32_t rw = dims.kv_lora + dims.n_rot;
+  const int64_t n_q = static_cast<int64_t>(queries.size());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(rw)) * 2.0f;
+  const std::vector<float> q = cuda_test::RandomF32(rng, n_q * dims.n_head * rw, 1.0f);
+  std::vector<int32_t> q_seq(n_q), q_pos(n_q);
+  int64_t max_len = 1;
+  for (int64_t i = 0; i < n_q; ++i) {
+    q_seq[i] = queries[i].seq;
+    q_pos[i] = queries[i].pos;
+    max_len = std::max<int64_t>(max_len, queries[i].pos + 1);
+  }
+  DeviceArray<float> d_q(q);
+  DeviceArray<int32_t> d_seq(q_seq), d_pos(q_pos), d_table(cache.block_table);
+  DeviceArray<uint16_t> d_kv(cache.data);
+  const int64_t out_stride = int64_t{dims.n_head} * dims.kv_lora;
+  DeviceArray<float> d_out(n_q * out_stride);
+  DeviceArray<uint16_t> d_out_bf16(n_q * out_stride);
+  d_out.Poison();
+  d_out_bf16.Poison();
+
+  MlaAttentionArgs a;
+  a.q = d_q.get();
+  a.q_stride = int64_t{dims.n_head} * rw;
+  a.n_q = n_q;
+  a.n_head = dims.n_head;
+  a.kv_lora = dims.kv_lora;
+  a.n_rot = dims.n_rot;
+  a.scale = scale;
+  a.q_seq = d_seq.get();
+  a.q_pos = d_pos.get();
+  a.kv.data = reinterpret_cast<__nv_bfloat16*>(d_kv.get());
+  a.kv.page_stride = int64_t{cache.page_size} * rw;
+  a.kv.page_size = cache.page_size;
+  a.kv.block_table = d_table.get();
+  a.kv.block_table_stride = cache.max_pages;
+  a.out_f32 = d_out.get();
+  a.out_f32_stride = out_stride;
+  a.out_bf16 = reinterpret_cast<__nv_bfloat16*>(d_out_bf16.get());
+  a.out_bf16_stride = out_stride;
+  const size_t capacity = plan_kind == 1 ? 0 : size_t{1} << 30;
+  const int32_t n_sm = plan_kind == 2 ? 100000 : 132;
+  const MlaAttentionPlan plan =
+      PlanMlaAttention(n_q, dims.n_head, dims.kv_lora, max_len, n_sm, capacity);
+  SCOPED_TRACE(testing::Message() << "plan: heads/block " << plan.heads_per_block << " splits "
+                                  << plan.n_splits << " split_len " << plan.split_len);
+  ASSERT_GE(static_cast<int64_t>(plan.n_splits) * plan.split_len, max_len);
+  if (plan_kind == 1) {
+    ASSERT_EQ(plan.n_splits, 1);
+  }
+  DeviceArray<uint8_t> workspace(std::max<size_t>(plan.workspace_bytes, 1));
+  workspace.Poison();
+  ASSERT_CUDA_OK(MlaAttention(a, plan, workspace.get(), nullptr));
+  const std::vector<float> out = d_out.Download();
+  const std::vector<uint16_t> out_bf16 = d_out_bf16.Download();
+  for (size_t i = 0; i < out.size(); ++i) {
+    ASSERT_FALSE(std::isnan(out[i])) << "output element " << i << " not written (or NaN)";
+    ASSERT_NE(out_bf16[i], kNanBf16) << "bf16 output element " << i;
+  }
+  std::vector<int32_t> heads = {0, dims.n_head - 1, dims.n_head / 2 + 1};
+  for (int64_t i = 0; i < n_q; ++i) {
+    for (int32_t h : heads) {
+      if (h >= dims.n_head) continue;
+      const std::vector<double> ref = Reference(
+          cache, q_seq[i], q_pos[i], q.data() + (i * dims.n_head + h) * rw, dims.kv_lora, scale);
+      double diff = 0.0, diff_b = 0.0, norm = 0.0;
+      for (int32_t d = 0; d < dims.kv_lora; ++d) {
+        const double g = out[i * out_stride + h * dims.kv_lora + d];
+        const double gb = Bf16BitsToFloat(out_bf16[i * out_stride + h * dims.kv_lora + d]);
+        diff += (g - ref[d]) * (g - ref[d]);
+        diff_b += (gb - ref[d]) * (gb - ref[d]);
+        norm += ref[d] * ref[d];
+      }
+      ASSERT_LE(std::sqrt(diff / norm), 2e-5)
+          << "query " << i << " (seq " << q_seq[i] << ", pos " << q_pos[i] << ") head " << h;
+      ASSERT_LE(std::sqrt(diff_b / norm), 3e-3) << "bf16, query " << i << " head " << h;
+    }
+  }
+}
+
+class MlaAttentionTest : public ::testing::TestWithParam<Dims> {};
+
+TEST_P(MlaAttentionTest, DecodeBatchesOverPagedContexts) {
+  KTX_SKIP_WITHOUT_GPU();
+  const Dims dims = GetParam();
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed << " heads " << dims.n_head << " kv_lora "
+                                  << dims.kv_lora << " n_rot " << dims.n_rot);
+  std::mt19937 rng(seed);
+  for (const int64_t batch : {1, 3, 17}) {
+    for (const int64_t ctx : {1, 63, 1000}) {
+      SCOPED_TRACE(testing::Message() << "batch " << batch << " context " << ctx);
+      std::vector<int64_t> lengths(batch);
+      for (int64_t b = 0; b < batch; ++b) lengths[b] = b == 0 ? ctx : 1 + rng() % ctx;
+      PagedCache cache = MakeCache(rng, lengths, 16, dims.kv_lora + dims.n_rot, true);
+      std::vector<Query> queries;
+      for (int64_t b = 0; b < batch; ++b) {
+        queries.push_back({static_cast<int32_t>(b), static_cast<int32_t>(lengths[b] - 1)});
+      }
+      for (int plan_kind = 0; plan_kind < 3; ++plan_kind) {
+        CheckAttention(rng, dims, cache, queries, plan_kind);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST_P(MlaAttentionTest, CausalAndChunkedPrefill) {
+  KTX_SKIP_WITHOUT_GPU();
+  const Dims dims = GetParam();
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  // One prompt of 63 tokens, every position a query (causal); then a chunk of
+  // 17 tokens at positions 46..62 after 46 cached ones; then two sequences
+  // mixed in one batch (prefill of one, decode of the other).
+  PagedCache cache = MakeCache(rng, {63, 1000}, 64, dims.kv_lora + dims.n_rot, true);
+  std::vector<Query> full, chunk, mixed;
+  for (int32_t p = 0; p < 63; ++p) full.push_back({0, p});
+  for (int32_t p = 46; p < 63; ++p) chunk.push_back({0, p});
+  mixed = chunk;
+  mixed.push_back({1, 999});
+  for (const auto* queries : {&full, &chunk, &mixed}) {
+    CheckAttention(rng, dims, cache, *queries, 0);
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Widths, MlaAttentionTest,
+                         ::testing::Values(Dims{128, 512, 64}, Dims{4, 64, 16}, Dims{20, 96, 32}),
+                         [](const auto& info) {
+                           return "h" + std::to_string(info.param.n_head) + "_kvl" +
+                                  std::to_string(info.param.kv_lora) + "_rot" +
+                                  std::to_string(info.param.n_rot);
+                         });
+
+RopeParams Dsv3Rope(models::RopeYarnParams* cpu) {
+  cpu->n_rot = 64;
+  cpu->freq_base = 10000.0;
+  cpu->freq_scale = 1.0 / 40.0;
+  cpu->ext_factor = 1.0;
+  cpu->attn_factor = 1.0 / (1.0 + 0.1 * std::log(40.0));
+  cpu->SetCorrDims(4096, 32.0, 1.0);
+  RopeParams g;
+  g.n_rot = 64;
+  g.freq_base = cpu->freq_base;
+  g.freq_scale = cpu->freq_scale;
+  g.ext_factor = cpu->ext_factor;
+  g.attn_factor = cpu->attn_factor;
+  g.corr_low = cpu->corr_low;
+  g.corr_high = cpu->corr_high;
+  return g;
+}
+
+TEST(MlaWriteKv, WritesNormedAndRopedRowsIntoTheirPages) {
+  KTX_SKIP_WITHOUT_GPU();
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  models::RopeYarnParams cpu_rope;
+  const RopeParams rope = Dsv3Rope(&cpu_rope);
+  const int32_t kvl = 512, rw = kvl + 64;
+  for (const int64_t n_tokens : {1, 3, 17}) {
+    // Two sequences; the batch writes the next rows of each.
+    const std::vector<int64_t> lengths = {40, 70};
+    PagedCache cache = MakeCache(rng, lengths, 16, rw, false);
+    std::vector<int32_t> pos(n_tokens), seq(n_tokens);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      seq[t] = static_cast<int32_t>(t % 2);
+      pos[t] = static_cast<int32_t>(t / 2 + (seq[t] == 0 ? 20 : 50));
+    }
+    const int64_t kva_stride = rw + 8;
+    const std::vector<float> kva = cuda_test::RandomF32(rng, n_tokens * kva_stride, 1.5f);
+    const std::vector<float> norm = cuda_test::RandomF32(rng, kvl, 1.0f);
+    DeviceArray<float> d_kva(kva), d_norm(norm);
+    DeviceArray<int32_t> d_pos(pos), d_seq(seq), d_table(cache.block_table);
+    DeviceArray<uint16_t> d_kv(cache.data);
+    MlaPagedKv kv;
+    kv.data = reinterpret_cast<__nv_bfloat16*>(d_kv.get());
+    kv.page_stride = int64_t{16} * rw;
+    kv.page_size = 16;
+    kv.block_table = d_table.get();
+    kv.block_table_stride = cache.max_pages;
+    ASSERT_CUDA_OK(MlaWriteKv(d_kva.get(), kva_stride, d_norm.get(), 1e-6f, kvl, rope, d_pos.get(),
+                              d_seq.get(), n_tokens, kv, nullptr));
+    const std::vector<uint16_t> got = d_kv.Download();
+    PagedCache want = cache;
+    std::vector<double> c(32), s(32);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      std::vector<float> row(rw);
+      models::RmsNorm(kva.data() + t * kva_stride, norm.data(), kvl, 1e-6, row.data());
+      std::copy(kva.data() + t * kva_stride + kvl, kva.data() + t * kva_stride + rw,
+                row.begin() + kvl);
+      models::RopeAngles(cpu_rope, pos[t], c.data(), s.data());
+      models::ApplyRope(c.data(), s.data(), 64, row.data() + kvl);
+      uint16_t* dst = want.Row(seq[t], pos[t]);
+      for (int32_t i = 0; i < rw; ++i) dst[i] = FloatToBf16Bits(row[i]);
+    }
+    ASSERT_EQ(got.size(), want.data.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (want.data[i] == kNanBf16) {
+        ASSERT_EQ(got[i], kNanBf16) << "slot " << i << " written but no token maps to it";
+        continue;
+      }
+      const double w = Bf16BitsToFloat(want.data[i]);
+      ASSERT_NEAR(Bf16BitsToFloat(got[i]), w, std::fabs(w) / 128.0) << "slot " << i;
+    }
+  }
+}
+
+TEST(MlaPrepareQ, SplitsNopeAndRopesThePositionalPart) {
+  KTX_SKIP_WITHOUT_GPU();
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  models::RopeYarnParams cpu_rope;
+  const RopeParams rope = Dsv3Rope(&cpu_rope);
+  const int32_t n_head = 128, nope = 128, kvl = 512, hd = nope + 64, rw = kvl + 64;
+  for (const int64_t n_tokens : {1, 3, 17}) {
+    std::vector<int32_t> pos(n_tokens);
+    for (auto& p : pos) p = static_cast<int32_t>(rng() % 100000);
+    const std::vector<float> q = cuda_test::RandomF32(rng, n_tokens * n_head * hd, 1.0f);
+    DeviceArray<float> d_q(q), d_big(n_tokens * n_head * rw);
+    DeviceArray<int32_t> d_pos(pos);
+    DeviceArray<uint16_t> d_nope(n_tokens * n_head * nope);
+    d_big.Poison(0x00);
+    d_nope.Poison();
+    ASSERT_CUDA_OK(MlaPrepareQ(d_q.get(), int64_t{n_head} * hd, n_head, nope, kvl, rope,
+                               d_pos.get(), n_tokens,
+                               reinterpret_cast<__nv_bfloat16*>(d_nope.get()),
+                               int64_t{n_head} * nope, d_big.get(), int64_t{n_head} * rw, nullptr));
+    const std::vector<float> big = d_big.Download();
+    const std::vector<uint16_t> qn = d_nope.Download();
+    std::vector<double> c(32), s(32);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      models::RopeAngles(cpu_rope, pos[t], c.data(), s.data());
+      for (int32_t h = 0; h < n_head; ++h) {
+        const float* src = q.data() + (t * n_head + h) * hd;
+        for (int32_t i = 0; i < nope; ++i) {
+          ASSERT_EQ(qn[(t * n_head + h) * nope + i], FloatToBf16Bits(src[i]));
+        }
+        std::vector<float> pe(src + nope, src + hd);
+        models::ApplyRope(c.data(), s.data(), 64, pe.data());
+        const float* got = big.data() + (t * n_head + h) * rw;
+        for (int32_t i = 0; i < kvl; ++i) ASSERT_EQ(got[i], 0.0f) << "q_abs part touched";
+        for (int32_t i = 0; i < 64; ++i) {
+          ASSERT_NEAR(
+              got[kvl + i], pe[i],
+              3e-7 * (std::fabs(src[nope + (i & ~1)]) + std::fabs(src[nope + (i | 1)])) + 1e-30);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ktx::kernels::cuda
