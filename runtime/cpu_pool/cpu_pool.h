@@ -31,7 +31,9 @@
 
 namespace ktx::runtime {
 
-// Memory from CpuPool::Allocate (64-byte aligned; freed on destruction).
+// Memory from CpuPool::Allocate (64-byte aligned; buffers of 4 MiB and more
+// are 2 MiB aligned where plain and advised for transparent huge pages;
+// freed on destruction).
 class NumaBuffer {
  public:
   NumaBuffer() = default;

@@ -17,6 +17,7 @@ namespace {
 #define KTX_UNROLL _Pragma("GCC unroll 16")
 
 constexpr int kMaxTokenBlock = 2;
+constexpr int kPrefetchBlocks = 12;  // software prefetch distance, in panel blocks (into L2)
 
 inline __m256i Bcast32(const void* p) {
   int32_t v;
@@ -33,7 +34,7 @@ inline __m128i Load64(const uint8_t* p) {
   return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
 }
 inline void Prefetch(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
 }
 
 // s + Σ over groups of 4 bytes of u8(w) * s8(x) (as vpdpbusd, for |products| small).
@@ -66,7 +67,8 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 2 * kBytes + l);
+    for (int l = 0; l < static_cast<int>(kBytes); l += 64)
+      Prefetch(pb + kPrefetchBlocks * kBytes + l);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
@@ -145,7 +147,8 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 2 * kBytes + l);
+    for (int l = 0; l < static_cast<int>(kBytes); l += 64)
+      Prefetch(pb + kPrefetchBlocks * kBytes + l);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
@@ -200,7 +203,8 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < static_cast<int>(kBytes); l += 64) Prefetch(pb + 4 * kBytes + l);
+    for (int l = 0; l < static_cast<int>(kBytes); l += 64)
+      Prefetch(pb + 4 * kPrefetchBlocks * kBytes + l);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       __m256i s[T];
@@ -243,7 +247,7 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
     const uint8_t* pb = panel + b * kBytes;
     KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
-      Prefetch(pb + 64 * g + 2 * kBytes);
+      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes);
       KTX_UNROLL
       for (int half = 0; half < 2; ++half) {
         const __m256i z = Load256(pb + 64 * g + 32 * half);
