@@ -33,8 +33,10 @@ inline __m128i Load128(const uint8_t* p) {
 inline __m128i Load64(const uint8_t* p) {
   return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
 }
-inline void Prefetch(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
+// Prefetches stop at the end of the rows the call reads (short streams,
+// e.g. 64-row down-projection tasks, would otherwise fetch useless bytes).
+inline void Prefetch(const uint8_t* p, const uint8_t* end) {
+  if (p < end) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
 }
 
 // s + Σ over groups of 4 bytes of u8(w) * s8(x) (as vpdpbusd, for |products| small).
@@ -58,7 +60,8 @@ inline __m256i OrMasked(__m256i lo, __m256i hs, __m256i mask) {
 }
 
 template <int T, bool kQ5>
-void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = kQ5 ? panel::kQ5KBytes : panel::kQ4KBytes;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i m10 = _mm256_set1_epi8(0x10);
@@ -68,7 +71,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64)
-      Prefetch(pb + kPrefetchBlocks * kBytes + l);
+      Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
@@ -138,7 +141,8 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
 }
 
 template <int T>
-void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = panel::kQ6KBytes;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i m30 = _mm256_set1_epi8(0x30);
@@ -148,7 +152,7 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64)
-      Prefetch(pb + kPrefetchBlocks * kBytes + l);
+      Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int ho = 32 * half;
@@ -195,7 +199,8 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
 }
 
 template <int T>
-void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float* const* out) {
+void PanelQ80(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8_0* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = panel::kQ80Bytes;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256 acc[T][2];
@@ -204,7 +209,7 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
     for (int l = 0; l < static_cast<int>(kBytes); l += 64)
-      Prefetch(pb + 4 * kPrefetchBlocks * kBytes + l);
+      Prefetch(pb + 4 * kPrefetchBlocks * kBytes + l, pf_end);
     KTX_UNROLL
     for (int half = 0; half < 2; ++half) {
       __m256i s[T];
@@ -234,7 +239,8 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
 }
 
 template <int T>
-void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float* const* out) {
+void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const float* const* act,
+               float* const* out) {
   constexpr int64_t kBytes = panel::kBf16Bytes;
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[T][2][2];
@@ -247,7 +253,7 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
     const uint8_t* pb = panel + b * kBytes;
     KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
-      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes);
+      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes, pf_end);
       KTX_UNROLL
       for (int half = 0; half < 2; ++half) {
         const __m256i z = Load256(pb + 64 * g + 32 * half);
@@ -273,6 +279,7 @@ template <typename ActT, typename K1, typename K2>
 void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, K1 k1, K2 k2) {
   for (int64_t p = a.row_begin / kPanelRows; p < a.row_end / kPanelRows; ++p) {
     const uint8_t* panel = a.w + p * nb * panel_bytes;
+    const uint8_t* pf_end = a.w + (a.row_end / kPanelRows) * nb * panel_bytes;
     const int64_t col = p * kPanelRows - a.row_begin;
     for (int64_t t0 = 0; t0 < a.n_act; t0 += kMaxTokenBlock) {
       const int T = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.n_act - t0));
@@ -285,9 +292,9 @@ void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, K1 k1, K2
         out[t] = a.out + (t0 + t) * a.out_stride + col;
       }
       if (T == 1) {
-        k1(panel, nb, act, out);
+        k1(panel, pf_end, nb, act, out);
       } else {
-        k2(panel, nb, act, out);
+        k2(panel, pf_end, nb, act, out);
       }
     }
   }

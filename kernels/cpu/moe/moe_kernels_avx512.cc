@@ -38,8 +38,10 @@ inline __m256i Load256(const uint8_t* p) {
 // Prefetch into L2, 12 panel blocks ahead: on the Zen 4 build machine this
 // doubled the single-core DRAM streaming rate of the Q6_K kernel (8 -> 17 GB/s
 // per CPU-second) over an L1 prefetch 4 blocks ahead (moe_benchmark kernel_dram).
-inline void Prefetch(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
+// Prefetches stop at the end of the rows the call reads (short streams,
+// e.g. 64-row down-projection tasks, would otherwise fetch useless bytes).
+inline void Prefetch(const uint8_t* p, const uint8_t* end) {
+  if (p < end) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
 }
 
 // lo | (hs & mask) per byte.
@@ -60,7 +62,8 @@ inline __m512i Shift16(__m512i h) {
 
 // Q4_K / Q5_K panel x T activation rows (act[t] = the row's Q8K blocks).
 template <int T, bool kQ5>
-void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = kQ5 ? panel::kQ5KBytes : panel::kQ4KBytes;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i m10 = _mm512_set1_epi8(0x10);
@@ -69,7 +72,7 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
+    for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
     __m512 blk[T];
     KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
@@ -81,12 +84,12 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
       __m512i h = _mm512_setzero_si512();
       if constexpr (kQ5) {
         h = Load512(pb + panel::kQ5KQh + 64 * j);
-        Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j);
+        Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j, pf_end);
       }
       KTX_UNROLL
       for (int gg = 0; gg < 4; ++gg) {
         const uint8_t* qp = pb + panel::kQ4KQs + (4 * j + gg) * 64;
-        Prefetch(qp + kPrefetchBlocks * kBytes);
+        Prefetch(qp + kPrefetchBlocks * kBytes, pf_end);
         const __m512i z = Load512(qp);
         __m512i lo = _mm512_and_si512(z, m4);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
@@ -139,7 +142,8 @@ void PanelQ4K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
 
 // Q6_K panel x T activation rows.
 template <int T>
-void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float* const* out) {
+void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = panel::kQ6KBytes;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i m30 = _mm512_set1_epi8(0x30);
@@ -148,7 +152,7 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l);
+    for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
     __m512 blk[T];
     KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
@@ -156,9 +160,9 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
     for (int j = 0; j < 16; ++j) {
       const uint8_t* ql = pb + panel::kQ6KQl + 128 * j;
       const uint8_t* qh = pb + panel::kQ6KQh + 64 * j;
-      Prefetch(ql + kPrefetchBlocks * kBytes);
-      Prefetch(ql + 64 + kPrefetchBlocks * kBytes);
-      Prefetch(qh + kPrefetchBlocks * kBytes);
+      Prefetch(ql + kPrefetchBlocks * kBytes, pf_end);
+      Prefetch(ql + 64 + kPrefetchBlocks * kBytes, pf_end);
+      Prefetch(qh + kPrefetchBlocks * kBytes, pf_end);
       const __m512i z0 = Load512(ql);
       const __m512i z1 = Load512(ql + 64);
       const __m512i h = Load512(qh);
@@ -193,7 +197,8 @@ void PanelQ6K(const uint8_t* panel, int64_t nb, const ActQ8K* const* act, float*
 
 // Q8_0 panel x T activation rows (blocks of 32).
 template <int T>
-void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float* const* out) {
+void PanelQ80(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8_0* const* act,
+              float* const* out) {
   constexpr int64_t kBytes = panel::kQ80Bytes;
   __m512 acc[T];
   KTX_UNROLL
@@ -206,7 +211,7 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
     KTX_UNROLL
     for (int g = 0; g < 8; ++g) {
       const uint8_t* qp = pb + panel::kQ80Q + 64 * g;
-      Prefetch(qp + kPrefetchBlocks * 4 * kBytes);
+      Prefetch(qp + kPrefetchBlocks * 4 * kBytes, pf_end);
       const __m512i z = Load512(qp);
       KTX_UNROLL
       for (int t = 0; t < T; ++t)
@@ -225,7 +230,8 @@ void PanelQ80(const uint8_t* panel, int64_t nb, const ActQ8_0* const* act, float
 
 // BF16 panel x T activation rows (floats already rounded to bf16).
 template <int T>
-void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float* const* out) {
+void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const float* const* act,
+               float* const* out) {
   constexpr int64_t kBytes = panel::kBf16Bytes;
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc0[T], acc1[T];
@@ -235,7 +241,7 @@ void PanelBf16(const uint8_t* panel, int64_t nb, const float* const* act, float*
     const uint8_t* pb = panel + b * kBytes;
     KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
-      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes);
+      Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes, pf_end);
       const __m512i z = Load512(pb + 64 * g);
       const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(z, 16));
       const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(z, hi_mask));
@@ -256,6 +262,7 @@ void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, Kernel1 k
                  Kernel3 k3, Kernel4 k4) {
   for (int64_t p = a.row_begin / kPanelRows; p < a.row_end / kPanelRows; ++p) {
     const uint8_t* panel = a.w + p * nb * panel_bytes;
+    const uint8_t* pf_end = a.w + (a.row_end / kPanelRows) * nb * panel_bytes;
     const int64_t col = p * kPanelRows - a.row_begin;
     for (int64_t t0 = 0; t0 < a.n_act; t0 += kMaxTokenBlock) {
       const int T = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.n_act - t0));
@@ -268,10 +275,10 @@ void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, Kernel1 k
         out[t] = a.out + (t0 + t) * a.out_stride + col;
       }
       switch (T) {
-        case 1: k1(panel, nb, act, out); break;
-        case 2: k2(panel, nb, act, out); break;
-        case 3: k3(panel, nb, act, out); break;
-        default: k4(panel, nb, act, out); break;
+        case 1: k1(panel, pf_end, nb, act, out); break;
+        case 2: k2(panel, pf_end, nb, act, out); break;
+        case 3: k3(panel, pf_end, nb, act, out); break;
+        default: k4(panel, pf_end, nb, act, out); break;
       }
     }
   }
