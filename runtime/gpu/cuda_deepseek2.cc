@@ -1,0 +1,625 @@
+#include "runtime/gpu/cuda_deepseek2.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/basic_ops.h"
+#include "kernels/cuda/dequant.h"
+#include "kernels/cuda/gemm.h"
+#include "runtime/base/logging.h"
+#include "runtime/base/status.h"
+#include "runtime/models/reference_ops.h"
+
+namespace ktx::gpu {
+
+namespace kc = kernels::cuda;
+using models::Activations;
+using models::LogitsRows;
+
+namespace {
+
+// What the GPU kernels support; every DeepSeek-V2/V3 and Kimi-K2 file is inside.
+absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
+  if (hp.kv_lora_rank > 512 || hp.kv_lora_rank % 2 != 0 || hp.n_rot > 256 || hp.n_expert > 1024 ||
+      hp.n_expert_used > 32 || hp.n_expert_groups > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the GPU path supports kv_lora_rank <= 512 (even), rope dimension <= 256, <= 1024 "
+        "experts, <= 32 used per token and <= 64 groups; this model has ",
+        hp.kv_lora_rank, ", ", hp.n_rot, ", ", hp.n_expert, ", ", hp.n_expert_used, ", ",
+        hp.n_expert_groups));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
+    const models::Deepseek2Model& model, const CudaModelOptions& options) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("no usable CUDA device", err != cudaSuccess ? ": " : "",
+                     err != cudaSuccess ? cudaGetErrorString(err) : ""));
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", options.device, " does not exist (", count, " present)"));
+  }
+  KTX_RETURN_IF_ERROR(CudaOk(cudaSetDevice(options.device), "cudaSetDevice"));
+  KTX_RETURN_IF_ERROR(CheckSupported(model.hparams()));
+  size_t free_bytes = 0, total_bytes = 0;
+  KTX_RETURN_IF_ERROR(CudaOk(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo"));
+  std::unique_ptr<CudaDeepseek2> gpu(new CudaDeepseek2(model));
+  gpu->hp_ = model.hparams();
+  KTX_ASSIGN_OR_RETURN(gpu->plan_,
+                       PlanGpuMemory(gpu->hp_, options, free_bytes, model.weights().output_tied));
+  KTX_RETURN_IF_ERROR(gpu->Load(options, free_bytes));
+  KTX_LOG(INFO, "gpu") << "loaded the non-expert weights on GPU " << options.device << "\n"
+                       << gpu->plan_.ToString();
+  return gpu;
+}
+
+CudaDeepseek2::~CudaDeepseek2() {
+  if (runner_ != nullptr) cudaStreamSynchronize(runner_->stream());
+  if (routed_ready_ != nullptr) cudaEventDestroy(routed_ready_);
+}
+
+absl::StatusOr<Bf16*> CudaDeepseek2::AllocBf16(int64_t n, const char* what) {
+  KTX_ASSIGN_OR_RETURN(DeviceBuffer b,
+                       DeviceBuffer::Allocate(static_cast<size_t>(n) * sizeof(Bf16), what));
+  Bf16* p = b.as<Bf16>();
+  weight_buffers_.push_back(std::move(b));
+  return p;
+}
+
+absl::Status CudaDeepseek2::UploadMatrix(const gguf::TensorInfo& t, Bf16* dst, const char* what) {
+  if (!kc::CanDequantizeOnGpu(t.type)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", t.name, "' (", what, ") has type ", kernels::TraitsOf(t.type).name,
+        ", which the GPU path cannot dequantize (F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, "
+        "Q6_K, IQ4_XS)"));
+  }
+  const int64_t cols = t.ne[0];
+  const int64_t rows = t.n_rows();
+  const int64_t row_bytes = t.row_bytes();
+  const int64_t rows_per_chunk = static_cast<int64_t>(staging_.bytes()) / row_bytes;
+  if (rows_per_chunk < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "': a row of ", row_bytes,
+                                                   " bytes exceeds the load staging buffer"));
+  }
+  const cudaStream_t stream = runner_->stream();
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_chunk) {
+    const int64_t n = std::min(rows_per_chunk, rows - r0);
+    KTX_RETURN_IF_ERROR(
+        CudaOk(cudaMemcpyAsync(staging_.get(), t.data + r0 * row_bytes,
+                               static_cast<size_t>(n * row_bytes), cudaMemcpyHostToDevice, stream),
+               absl::StrCat("uploading tensor '", t.name, "'")));
+    KTX_RETURN_IF_ERROR(CudaOk(kc::DequantizeToBf16(t.type, staging_.get(), row_bytes, n, cols,
+                                                    dst + r0 * cols, cols, stream),
+                               absl::StrCat("dequantizing tensor '", t.name, "'")));
+    KTX_RETURN_IF_ERROR(
+        CudaOk(cudaStreamSynchronize(stream), absl::StrCat("dequantizing tensor '", t.name, "'")));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const float*> CudaDeepseek2::UploadVector(const gguf::TensorInfo& t,
+                                                         const char* what) {
+  const std::vector<float> host = models::DequantizeTensor(t);
+  KTX_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(host.size() * sizeof(float), what));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaMemcpy(b.get(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice),
+             absl::StrCat("uploading tensor '", t.name, "'")));
+  const float* p = b.as<float>();
+  weight_buffers_.push_back(std::move(b));
+  return p;
+}
+
+absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_bytes) {
+  const models::Deepseek2Weights& w = model_.weights();
+  const int64_t n_embd = hp_.n_embd;
+  const int64_t n_head = hp_.n_head;
+  const int64_t hd = hp_.n_embd_head_qk;
+  const int64_t kvl = hp_.kv_lora_rank;
+  const int64_t rw = kvl + hp_.n_rot;
+  const int64_t hdv = hp_.n_embd_head_v;
+  KTX_ASSIGN_OR_RETURN(runner_, GpuLayerRunner::Create(hp_, options.max_batch_tokens, options));
+  KTX_ASSIGN_OR_RETURN(staging_,
+                       DeviceBuffer::Allocate(options.load_staging_bytes, "load staging"));
+
+  // A matrix of the model into a new bf16 buffer.
+  auto matrix = [&](const gguf::TensorInfo* t, const char* what) -> absl::StatusOr<const Bf16*> {
+    KTX_ASSIGN_OR_RETURN(Bf16 * dst, AllocBf16(t->n_elements(), what));
+    KTX_RETURN_IF_ERROR(UploadMatrix(*t, dst, what));
+    return dst;
+  };
+  // gate and up stacked: [gate rows | up rows].
+  auto gate_up = [&](const gguf::TensorInfo* gate, const gguf::TensorInfo* up,
+                     const char* what) -> absl::StatusOr<const Bf16*> {
+    KTX_ASSIGN_OR_RETURN(Bf16 * dst, AllocBf16(gate->n_elements() + up->n_elements(), what));
+    KTX_RETURN_IF_ERROR(UploadMatrix(*gate, dst, what));
+    KTX_RETURN_IF_ERROR(UploadMatrix(*up, dst + gate->n_elements(), what));
+    return dst;
+  };
+
+  KTX_ASSIGN_OR_RETURN(token_embd_, matrix(w.token_embd, "token_embd"));
+  output_ = token_embd_;
+  if (!w.output_tied) {
+    KTX_ASSIGN_OR_RETURN(output_, matrix(w.output, "output"));
+  }
+  KTX_ASSIGN_OR_RETURN(output_norm_, UploadVector(*w.output_norm, "output_norm"));
+  layers_.resize(hp_.n_layer);
+  for (int il = 0; il < hp_.n_layer; ++il) {
+    const models::Deepseek2LayerWeights& l = w.layers[il];
+    GpuLayerWeights& g = layers_[il];
+    KTX_ASSIGN_OR_RETURN(g.attn_norm, UploadVector(*l.attn_norm, "attn_norm"));
+    if (hp_.is_lite()) {
+      KTX_ASSIGN_OR_RETURN(g.attn_q, matrix(l.attn_q, "attn_q"));
+    } else {
+      KTX_ASSIGN_OR_RETURN(g.attn_q_a, matrix(l.attn_q_a, "attn_q_a"));
+      KTX_ASSIGN_OR_RETURN(g.attn_q_a_norm, UploadVector(*l.attn_q_a_norm, "attn_q_a_norm"));
+      KTX_ASSIGN_OR_RETURN(g.attn_q_b, matrix(l.attn_q_b, "attn_q_b"));
+    }
+    KTX_ASSIGN_OR_RETURN(g.attn_kv_a_mqa, matrix(l.attn_kv_a_mqa, "attn_kv_a_mqa"));
+    KTX_ASSIGN_OR_RETURN(g.attn_kv_a_norm, UploadVector(*l.attn_kv_a_norm, "attn_kv_a_norm"));
+    KTX_ASSIGN_OR_RETURN(g.attn_k_b, matrix(l.attn_k_b, "attn_k_b"));
+    KTX_ASSIGN_OR_RETURN(g.attn_v_b, matrix(l.attn_v_b, "attn_v_b"));
+    KTX_ASSIGN_OR_RETURN(g.attn_output, matrix(l.attn_output, "attn_output"));
+    KTX_ASSIGN_OR_RETURN(g.ffn_norm, UploadVector(*l.ffn_norm, "ffn_norm"));
+    if (!hp_.IsMoeLayer(il)) {
+      KTX_ASSIGN_OR_RETURN(g.ffn_gate_up, gate_up(l.ffn_gate, l.ffn_up, "ffn_gate/up"));
+      KTX_ASSIGN_OR_RETURN(g.ffn_down, matrix(l.ffn_down, "ffn_down"));
+    } else {
+      KTX_ASSIGN_OR_RETURN(g.ffn_gate_inp, UploadVector(*l.ffn_gate_inp, "ffn_gate_inp"));
+      if (l.exp_probs_b != nullptr) {
+        KTX_ASSIGN_OR_RETURN(g.exp_probs_b, UploadVector(*l.exp_probs_b, "exp_probs_b"));
+      }
+      if (hp_.n_expert_shared > 0) {
+        KTX_ASSIGN_OR_RETURN(g.shexp_gate_up,
+                             gate_up(l.ffn_gate_shexp, l.ffn_up_shexp, "ffn_gate/up_shexp"));
+        KTX_ASSIGN_OR_RETURN(g.shexp_down, matrix(l.ffn_down_shexp, "ffn_down_shexp"));
+      }
+    }
+  }
+  staging_ = DeviceBuffer();
+  (void)n_embd, (void)n_head, (void)hd, (void)hdv, (void)free_bytes;
+
+  const int64_t pages = plan_.kv_pages;
+  KTX_ASSIGN_OR_RETURN(kv_pages_, DeviceBuffer::Allocate(static_cast<size_t>(hp_.n_layer) * pages *
+                                                             plan_.kv_page_size * rw * sizeof(Bf16),
+                                                         "the KV cache"));
+  kv_ = std::make_unique<PagedKvAllocator>(pages, plan_.kv_page_size, plan_.max_sequences,
+                                           plan_.max_context);
+  const size_t table_bytes =
+      static_cast<size_t>(plan_.max_sequences) * kv_->max_pages_per_sequence() * sizeof(int32_t);
+  KTX_ASSIGN_OR_RETURN(block_table_, DeviceBuffer::Allocate(table_bytes, "the KV block table"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaMemsetAsync(block_table_.get(), 0, table_bytes, runner_->stream()), "cudaMemset"));
+  KTX_ASSIGN_OR_RETURN(pinned_table_, PinnedBuffer::Allocate(table_bytes, "the block table"));
+  std::memset(pinned_table_.as<int32_t>(), 0, table_bytes);
+  const GpuWorkLayout& l = runner_->layout();
+  KTX_ASSIGN_OR_RETURN(pinned_indices_, PinnedBuffer::Allocate(l.indices * 4, "token indices"));
+  KTX_ASSIGN_OR_RETURN(pinned_h_, PinnedBuffer::Allocate(l.h_f32 * 4, "hidden states"));
+  KTX_ASSIGN_OR_RETURN(pinned_routed_, PinnedBuffer::Allocate(l.routed * 4, "routed output"));
+  KTX_ASSIGN_OR_RETURN(pinned_ids_, PinnedBuffer::Allocate(l.expert_ids * 4, "expert ids"));
+  KTX_ASSIGN_OR_RETURN(pinned_weights_,
+                       PinnedBuffer::Allocate(l.expert_weights * 4, "expert weights"));
+  KTX_ASSIGN_OR_RETURN(pinned_logits_, PinnedBuffer::Allocate(l.logits * 4, "logits"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaEventCreateWithFlags(&routed_ready_, cudaEventDisableTiming), "cudaEventCreate"));
+  return Sync("loading the model");
+}
+
+kc::MlaPagedKv CudaDeepseek2::LayerKv(int il) const {
+  kc::MlaPagedKv kv;
+  const int64_t rw = hp_.kv_lora_rank + hp_.n_rot;
+  kv.page_stride = static_cast<int64_t>(plan_.kv_page_size) * rw;
+  kv.data = kv_pages_.as<Bf16>() + static_cast<int64_t>(il) * plan_.kv_pages * kv.page_stride;
+  kv.page_size = plan_.kv_page_size;
+  kv.block_table = block_table_.as<int32_t>();
+  kv.block_table_stride = kv_->max_pages_per_sequence();
+  return kv;
+}
+
+absl::Status CudaDeepseek2::Upload(const void* host, void* device, size_t bytes) {
+  return CudaOk(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, runner_->stream()),
+                "copying to the GPU");
+}
+
+absl::Status CudaDeepseek2::Download(const void* device, void* host, size_t bytes) {
+  return CudaOk(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, runner_->stream()),
+                "copying from the GPU");
+}
+
+absl::Status CudaDeepseek2::Sync(const char* what) {
+  return CudaOk(cudaStreamSynchronize(runner_->stream()), what);
+}
+
+absl::Status CudaDeepseek2::UploadBlockTable(std::span<const SequenceId> seqs) {
+  const int32_t width = kv_->max_pages_per_sequence();
+  for (SequenceId seq : seqs) {
+    const std::vector<int32_t>& pages = kv_->pages(seq);
+    int32_t* row = pinned_table_.as<int32_t>() + static_cast<int64_t>(seq) * width;
+    std::copy(pages.begin(), pages.end(), row);
+    KTX_RETURN_IF_ERROR(Upload(row, block_table_.as<int32_t>() + static_cast<int64_t>(seq) * width,
+                               pages.size() * sizeof(int32_t)));
+  }
+  return absl::OkStatus();
+}
+
+// ---- sequences ----
+
+absl::StatusOr<SequenceId> CudaDeepseek2::AddSequence(int64_t capacity_tokens) {
+  return kv_->AddSequence(capacity_tokens);
+}
+
+absl::Status CudaDeepseek2::FreeSequence(SequenceId seq) { return kv_->FreeSequence(seq); }
+
+absl::StatusOr<int64_t> CudaDeepseek2::SequenceLength(SequenceId seq) const {
+  if (!kv_->Has(seq)) return absl::NotFoundError(absl::StrCat("no GPU sequence ", seq));
+  return kv_->length(seq);
+}
+
+absl::Status CudaDeepseek2::Truncate(SequenceId seq, int64_t n_keep) {
+  return kv_->Truncate(seq, n_keep);
+}
+
+absl::Status CudaDeepseek2::Commit(SequenceId seq, int64_t n_new) {
+  return kv_->Commit(seq, n_new);
+}
+
+// ---- forward ----
+
+absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch) {
+  const int64_t n = batch.n_tokens;
+  const int64_t n_embd = hp_.n_embd;
+  const int32_t k_used = hp_.n_expert_used;
+  const cudaStream_t stream = runner_->stream();
+  float* x = runner_->x();
+  Activations h, routed;
+  models::Routing routing;
+  for (int il = 0; il < hp_.n_layer; ++il) {
+    const GpuLayerWeights& w = layers_[il];
+    KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
+    KTX_RETURN_IF_ERROR(runner_->Norm(w.ffn_norm, x, n));
+    if (!hp_.IsMoeLayer(il)) {
+      KTX_RETURN_IF_ERROR(
+          runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f));
+      continue;
+    }
+    // Routing and h to the host; the shared expert runs on the GPU meanwhile.
+    KTX_RETURN_IF_ERROR(runner_->Route(w, n));
+    KTX_RETURN_IF_ERROR(Download(runner_->h_f32(), pinned_h_.as<float>(), n * n_embd * 4));
+    KTX_RETURN_IF_ERROR(Download(runner_->expert_ids(), pinned_ids_.as<int32_t>(), n * k_used * 4));
+    KTX_RETURN_IF_ERROR(
+        Download(runner_->expert_weights(), pinned_weights_.as<float>(), n * k_used * 4));
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(routed_ready_, stream), "cudaEventRecord"));
+    if (hp_.n_expert_shared > 0) {
+      KTX_RETURN_IF_ERROR(runner_->GatedFfn(
+          w.shexp_gate_up, w.shexp_down, hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd, 1.0f));
+    }
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(routed_ready_), "waiting for the routing"));
+    h.Resize(n, n_embd);
+    std::memcpy(h.data(), pinned_h_.as<float>(), n * n_embd * 4);
+    routing.n_tokens = n;
+    routing.n_expert_used = k_used;
+    routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
+    routing.weights.assign(pinned_weights_.as<float>(), pinned_weights_.as<float>() + n * k_used);
+    KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, routing, {}, &routed));
+    if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
+      return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),
+                                              ", ", routed.n_cols(), "], expected [", n, ", ",
+                                              n_embd, "]"));
+    }
+    std::memcpy(pinned_routed_.as<float>(), routed.data(), n * n_embd * 4);
+    KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
+    KTX_RETURN_IF_ERROR(CudaOk(kc::AddRows(x, n_embd, runner_->routed(), n_embd, n, n_embd, stream),
+                               "residual add"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::RunHead(std::span<const int32_t> rows, Activations* logits) {
+  const int64_t n_out = static_cast<int64_t>(rows.size());
+  const int64_t n_embd = hp_.n_embd;
+  const int64_t n_vocab = hp_.n_vocab;
+  const int64_t T = runner_->max_tokens();
+  int32_t* d_rows = runner_->indices() + 3 * T;
+  int32_t* h_rows = pinned_indices_.as<int32_t>() + 3 * T;
+  std::copy(rows.begin(), rows.end(), h_rows);
+  KTX_RETURN_IF_ERROR(Upload(h_rows, d_rows, n_out * 4));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::RmsNorm(runner_->x(), n_embd, d_rows, output_norm_, n_embd, n_out, hp_.rms_eps,
+                         nullptr, 0, runner_->h_bf16(), n_embd, runner_->stream()),
+             "output norm"));
+  KTX_RETURN_IF_ERROR(
+      CublasOk(kc::LinearBf16(runner_->cublas(), output_, n_embd, runner_->h_bf16(), n_embd,
+                              runner_->logits(), CUDA_R_32F, n_vocab, n_vocab, n_embd, n_out),
+               "output head"));
+  KTX_RETURN_IF_ERROR(Download(runner_->logits(), pinned_logits_.as<float>(), n_out * n_vocab * 4));
+  KTX_RETURN_IF_ERROR(Sync("the forward pass"));
+  logits->Resize(n_out, n_vocab);
+  std::memcpy(logits->data(), pinned_logits_.as<float>(), n_out * n_vocab * 4);
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Activations* logits) {
+  if (entries.empty()) return absl::InvalidArgumentError("ForwardBatch: no entries");
+  const int64_t T = runner_->max_tokens();
+  int64_t n = 0;
+  std::set<SequenceId> seen;
+  for (const BatchEntry& e : entries) {
+    if (!kv_->Has(e.seq)) return absl::NotFoundError(absl::StrCat("no GPU sequence ", e.seq));
+    if (!seen.insert(e.seq).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ForwardBatch: sequence ", e.seq, " appears twice in one batch"));
+    }
+    if (e.tokens.empty()) return absl::InvalidArgumentError("ForwardBatch: an entry has no tokens");
+    for (size_t t = 0; t < e.tokens.size(); ++t) {
+      if (e.tokens[t] < 0 || e.tokens[t] >= hp_.n_vocab) {
+        return absl::OutOfRangeError(absl::StrCat("token ", t, " of sequence ", e.seq, " has id ",
+                                                  e.tokens[t], ", outside the vocabulary [0, ",
+                                                  hp_.n_vocab, ")"));
+      }
+    }
+    const int64_t len = kv_->length(e.seq) + static_cast<int64_t>(e.tokens.size());
+    if (len > std::numeric_limits<int32_t>::max()) {
+      return absl::OutOfRangeError("ForwardBatch: positions beyond 2^31");
+    }
+    n += static_cast<int64_t>(e.tokens.size());
+  }
+  if (n > T) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ForwardBatch: ", n, " tokens exceed max_batch_tokens = ", T));
+  }
+  std::vector<SequenceId> seqs;
+  for (const BatchEntry& e : entries) {
+    KTX_RETURN_IF_ERROR(kv_->Reserve(e.seq, kv_->length(e.seq) + e.tokens.size()));
+    seqs.push_back(e.seq);
+  }
+  int32_t* idx = pinned_indices_.as<int32_t>();
+  std::vector<int32_t> rows;
+  int64_t t = 0, max_kv_len = 0;
+  for (const BatchEntry& e : entries) {
+    const int64_t base = kv_->length(e.seq);
+    const int64_t m = static_cast<int64_t>(e.tokens.size());
+    for (int64_t i = 0; i < m; ++i, ++t) {
+      idx[t] = e.tokens[i];
+      idx[T + t] = static_cast<int32_t>(base + i);
+      idx[2 * T + t] = e.seq;
+      if (e.rows == LogitsRows::kAll || i == m - 1) rows.push_back(static_cast<int32_t>(t));
+    }
+    max_kv_len = std::max(max_kv_len, base + m);
+  }
+  KTX_RETURN_IF_ERROR(UploadBlockTable(seqs));
+  int32_t* d_idx = runner_->indices();
+  KTX_RETURN_IF_ERROR(Upload(idx, d_idx, n * 4));
+  KTX_RETURN_IF_ERROR(Upload(idx + T, d_idx + T, n * 4));
+  KTX_RETURN_IF_ERROR(Upload(idx + 2 * T, d_idx + 2 * T, n * 4));
+  KTX_RETURN_IF_ERROR(CudaOk(
+      kc::EmbedRows(token_embd_, hp_.n_embd, d_idx, n, runner_->x(), hp_.n_embd, runner_->stream()),
+      "embedding"));
+  GpuBatchView batch;
+  batch.n_tokens = n;
+  batch.positions = d_idx + T;
+  batch.seq_index = d_idx + 2 * T;
+  batch.max_kv_len = max_kv_len;
+  absl::Status status = RunLayers(batch);
+  if (status.ok()) status = RunHead(rows, logits);
+  if (!status.ok()) {
+    Sync("after a failed forward pass").IgnoreError();
+    return status;
+  }
+  for (const BatchEntry& e : entries) {
+    KTX_RETURN_IF_ERROR(kv_->Commit(e.seq, static_cast<int64_t>(e.tokens.size())));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::Forward(std::span<const int32_t> tokens, SequenceId seq,
+                                    LogitsRows rows, Activations* logits) {
+  if (tokens.empty()) return absl::InvalidArgumentError("Forward: empty token batch");
+  if (!kv_->Has(seq)) return absl::NotFoundError(absl::StrCat("no GPU sequence ", seq));
+  const int64_t T = runner_->max_tokens();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (kv_->length(seq) + n > kv_->capacity(seq)) {
+    return absl::ResourceExhaustedError(absl::StrCat("GPU sequence ", seq, " holds at most ",
+                                                     kv_->capacity(seq), " tokens; ",
+                                                     kv_->length(seq), " + ", n, " requested"));
+  }
+  if (n <= T) {
+    const BatchEntry entry{seq, tokens, rows};
+    return ForwardBatch(std::span<const BatchEntry>(&entry, 1), logits);
+  }
+  // Chunked prefill; on error the sequence is rolled back.
+  const int64_t start = kv_->length(seq);
+  std::vector<float> all;
+  Activations part;
+  for (int64_t b = 0; b < n; b += T) {
+    const int64_t m = std::min(T, n - b);
+    const bool last = b + m == n;
+    const BatchEntry entry{seq, tokens.subspan(b, m),
+                           rows == LogitsRows::kAll ? rows : LogitsRows::kLast};
+    absl::Status s = ForwardBatch(std::span<const BatchEntry>(&entry, 1), &part);
+    if (!s.ok()) {
+      kv_->Truncate(seq, start).IgnoreError();
+      return s;
+    }
+    if (rows == LogitsRows::kAll || last) {
+      all.insert(all.end(), part.values().begin(), part.values().end());
+    }
+  }
+  const int64_t n_rows = rows == LogitsRows::kAll ? n : 1;
+  logits->Resize(n_rows, hp_.n_vocab);
+  std::copy(all.begin(), all.end(), logits->data());
+  return absl::OkStatus();
+}
+
+// ---- stages ----
+
+absl::Status CudaDeepseek2::CheckLayer(int il) const {
+  if (il < 0 || il >= hp_.n_layer) {
+    return absl::OutOfRangeError(absl::StrCat("layer ", il, " outside [0, ", hp_.n_layer, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::CheckRows(const Activations& a, const char* what) const {
+  if (a.n_cols() != hp_.n_embd || a.n_tokens() <= 0 || a.n_tokens() > runner_->max_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": activations of shape [", a.n_tokens(),
+                                                   ", ", a.n_cols(), "], expected [1 .. ",
+                                                   runner_->max_tokens(), ", ", hp_.n_embd, "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::Embed(std::span<const int32_t> tokens, Activations* x) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n <= 0 || n > runner_->max_tokens()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Embed: ", n, " tokens, expected 1 .. ", runner_->max_tokens()));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= hp_.n_vocab) {
+      return absl::OutOfRangeError(absl::StrCat("token ", t, " has id ", tokens[t],
+                                                ", outside the vocabulary [0, ", hp_.n_vocab, ")"));
+    }
+  }
+  std::copy(tokens.begin(), tokens.end(), pinned_indices_.as<int32_t>());
+  KTX_RETURN_IF_ERROR(Upload(pinned_indices_.as<int32_t>(), runner_->indices(), n * 4));
+  KTX_RETURN_IF_ERROR(CudaOk(kc::EmbedRows(token_embd_, hp_.n_embd, runner_->indices(), n,
+                                           runner_->x(), hp_.n_embd, runner_->stream()),
+                             "embedding"));
+  x->Resize(n, hp_.n_embd);
+  KTX_RETURN_IF_ERROR(Download(runner_->x(), x->data(), n * hp_.n_embd * 4));
+  return Sync("Embed");
+}
+
+absl::Status CudaDeepseek2::AttentionBlock(int il, SequenceId seq,
+                                           std::span<const int32_t> positions, Activations* x) {
+  KTX_RETURN_IF_ERROR(CheckLayer(il));
+  KTX_RETURN_IF_ERROR(CheckRows(*x, "AttentionBlock"));
+  if (!kv_->Has(seq)) return absl::NotFoundError(absl::StrCat("no GPU sequence ", seq));
+  const int64_t n = x->n_tokens();
+  const int64_t T = runner_->max_tokens();
+  if (static_cast<int64_t>(positions.size()) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AttentionBlock: ", positions.size(), " positions for ", n, " tokens"));
+  }
+  const int64_t base = kv_->length(seq);
+  for (int64_t t = 0; t < n; ++t) {
+    if (positions[t] != base + t) {
+      return absl::InvalidArgumentError(absl::StrCat("AttentionBlock: token ", t, " has position ",
+                                                     positions[t], ", expected ", base + t,
+                                                     " (the batch must continue the sequence)"));
+    }
+  }
+  KTX_RETURN_IF_ERROR(kv_->Reserve(seq, base + n));
+  const SequenceId seqs[] = {seq};
+  KTX_RETURN_IF_ERROR(UploadBlockTable(seqs));
+  int32_t* idx = pinned_indices_.as<int32_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    idx[T + t] = positions[t];
+    idx[2 * T + t] = seq;
+  }
+  int32_t* d_idx = runner_->indices();
+  KTX_RETURN_IF_ERROR(Upload(idx + T, d_idx + T, n * 4));
+  KTX_RETURN_IF_ERROR(Upload(idx + 2 * T, d_idx + 2 * T, n * 4));
+  KTX_RETURN_IF_ERROR(Upload(x->data(), runner_->x(), n * hp_.n_embd * 4));
+  GpuBatchView batch;
+  batch.n_tokens = n;
+  batch.positions = d_idx + T;
+  batch.seq_index = d_idx + 2 * T;
+  batch.max_kv_len = base + n;
+  KTX_RETURN_IF_ERROR(runner_->Attention(layers_[il], LayerKv(il), batch, runner_->x()));
+  KTX_RETURN_IF_ERROR(Download(runner_->x(), x->data(), n * hp_.n_embd * 4));
+  return Sync("AttentionBlock");
+}
+
+absl::Status CudaDeepseek2::FfnNorm(int il, const Activations& x, Activations* h) {
+  KTX_RETURN_IF_ERROR(CheckLayer(il));
+  KTX_RETURN_IF_ERROR(CheckRows(x, "FfnNorm"));
+  const int64_t n = x.n_tokens();
+  KTX_RETURN_IF_ERROR(Upload(x.data(), runner_->x(), n * hp_.n_embd * 4));
+  KTX_RETURN_IF_ERROR(runner_->Norm(layers_[il].ffn_norm, runner_->x(), n));
+  h->Resize(n, hp_.n_embd);
+  KTX_RETURN_IF_ERROR(Download(runner_->h_f32(), h->data(), n * hp_.n_embd * 4));
+  return Sync("FfnNorm");
+}
+
+absl::Status CudaDeepseek2::DenseFfn(int il, const Activations& h, Activations* out) {
+  KTX_RETURN_IF_ERROR(CheckLayer(il));
+  KTX_RETURN_IF_ERROR(CheckRows(h, "DenseFfn"));
+  if (hp_.IsMoeLayer(il)) {
+    return absl::FailedPreconditionError(absl::StrCat("layer ", il, " is a MoE layer, not dense"));
+  }
+  const int64_t n = h.n_tokens(), n_embd = hp_.n_embd;
+  KTX_RETURN_IF_ERROR(Upload(h.data(), runner_->h_f32(), n * n_embd * 4));
+  KTX_RETURN_IF_ERROR(CudaOk(kc::ConvertF32ToBf16(runner_->h_f32(), n_embd, n, n_embd,
+                                                  runner_->h_bf16(), n_embd, runner_->stream()),
+                             "DenseFfn input"));
+  KTX_RETURN_IF_ERROR(runner_->GatedFfn(layers_[il].ffn_gate_up, layers_[il].ffn_down, hp_.n_ff, n,
+                                        runner_->routed(), n_embd, 0.0f));
+  out->Resize(n, n_embd);
+  KTX_RETURN_IF_ERROR(Download(runner_->routed(), out->data(), n * n_embd * 4));
+  return Sync("DenseFfn");
+}
+
+absl::Status CudaDeepseek2::Route(int il, const Activations& h, models::Routing* routing) {
+  KTX_RETURN_IF_ERROR(CheckLayer(il));
+  KTX_RETURN_IF_ERROR(CheckRows(h, "Route"));
+  if (!hp_.IsMoeLayer(il)) {
+    return absl::FailedPreconditionError(absl::StrCat("layer ", il, " is dense, it has no router"));
+  }
+  const int64_t n = h.n_tokens();
+  const int32_t k = hp_.n_expert_used;
+  KTX_RETURN_IF_ERROR(Upload(h.data(), runner_->h_f32(), n * hp_.n_embd * 4));
+  KTX_RETURN_IF_ERROR(runner_->Route(layers_[il], n));
+  routing->n_tokens = n;
+  routing->n_expert_used = k;
+  routing->expert_ids.resize(n * k);
+  routing->weights.resize(n * k);
+  KTX_RETURN_IF_ERROR(Download(runner_->expert_ids(), routing->expert_ids.data(), n * k * 4));
+  KTX_RETURN_IF_ERROR(Download(runner_->expert_weights(), routing->weights.data(), n * k * 4));
+  return Sync("Route");
+}
+
+absl::Status CudaDeepseek2::SharedExperts(int il, const Activations& h, Activations* out) {
+  KTX_RETURN_IF_ERROR(CheckLayer(il));
+  KTX_RETURN_IF_ERROR(CheckRows(h, "SharedExperts"));
+  if (!hp_.IsMoeLayer(il)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layer ", il, " is dense, it has no shared experts"));
+  }
+  const int64_t n = h.n_tokens(), n_embd = hp_.n_embd;
+  out->Resize(n, n_embd);
+  if (hp_.n_expert_shared == 0) return absl::OkStatus();
+  KTX_RETURN_IF_ERROR(Upload(h.data(), runner_->h_f32(), n * n_embd * 4));
+  KTX_RETURN_IF_ERROR(CudaOk(kc::ConvertF32ToBf16(runner_->h_f32(), n_embd, n, n_embd,
+                                                  runner_->h_bf16(), n_embd, runner_->stream()),
+                             "SharedExperts input"));
+  KTX_RETURN_IF_ERROR(runner_->GatedFfn(layers_[il].shexp_gate_up, layers_[il].shexp_down,
+                                        hp_.n_ff_exp * hp_.n_expert_shared, n, runner_->routed(),
+                                        n_embd, 0.0f));
+  KTX_RETURN_IF_ERROR(Download(runner_->routed(), out->data(), n * n_embd * 4));
+  return Sync("SharedExperts");
+}
+
+absl::Status CudaDeepseek2::Head(const Activations& x, LogitsRows rows, Activations* logits) {
+  KTX_RETURN_IF_ERROR(CheckRows(x, "Head"));
+  const int64_t n = x.n_tokens();
+  KTX_RETURN_IF_ERROR(Upload(x.data(), runner_->x(), n * hp_.n_embd * 4));
+  std::vector<int32_t> idx;
+  for (int64_t t = rows == LogitsRows::kAll ? 0 : n - 1; t < n; ++t) {
+    idx.push_back(static_cast<int32_t>(t));
+  }
+  return RunHead(idx, logits);
+}
+
+}  // namespace ktx::gpu

@@ -1,0 +1,151 @@
+// File: runtime/gpu/cuda_deepseek2.h
+//
+// The non-expert part of a `deepseek2` model (DeepSeek-V2/V3, Kimi-K2) on one
+// CUDA GPU, with the routed experts computed by the model's ExpertBackend on
+// the CPU. Built from a loaded Deepseek2Model (hyper-parameters, weight views,
+// expert backend), it owns:
+//   * bf16 copies of every non-routed weight, dequantized ON the GPU from the
+//     GGUF blocks (kernels/cuda/dequant.h), F32 norms and routers;
+//   * a paged bf16 latent KV cache (kv_lora + n_rot per token per layer),
+//     sized by a memory plan (memory_plan.h) against the device's free memory;
+//   * pinned host staging buffers, a stream and a cuBLAS handle (GpuLayerRunner).
+//
+// Forward / ForwardBatch have the semantics of Deepseek2Model::Forward for one
+// or several sequences at once: the batch's tokens are appended to their
+// sequences (positions length, length + 1, ...), rows are committed only on
+// success. In each MoE layer the routing and the normed hidden state go to the
+// host, the CPU computes the routed experts (Deepseek2Model::RoutedExperts,
+// i.e. the model's expert backend) while the GPU computes the shared expert,
+// and the GPU waits for the CPU's result only at the residual add.
+//
+//   KTX_ASSIGN_OR_RETURN(auto model, models::Deepseek2Model::Open(path));
+//   KTX_ASSIGN_OR_RETURN(auto gpu, gpu::CudaDeepseek2::Create(*model, {}));
+//   KTX_ASSIGN_OR_RETURN(gpu::SequenceId seq, gpu->AddSequence(4096));
+//   models::Activations logits;  // F32 [n_out, n_vocab]
+//   KTX_RETURN_IF_ERROR(gpu->Forward(prompt, seq, models::LogitsRows::kLast, &logits));
+//
+// The stage methods (Embed, AttentionBlock, FfnNorm, DenseFfn, Route,
+// SharedExperts, Head) mirror Deepseek2Model's stages with host activations
+// in and out (a copy each way), for stage-by-stage runtimes and tests.
+//
+// Numerics: bf16 weights and bf16 activations into every matrix product
+// (F32 accumulation), bf16 KV cache, F32 elsewhere: llama.cpp-like "tier B"
+// accuracy (docs/gpu.md gives the measured errors).
+//
+// Thread-safety: none; one caller at a time (one stream, shared buffers). The
+// model must outlive this object; its expert backend is called from the
+// calling thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "runtime/gpu/cuda_buffers.h"
+#include "runtime/gpu/gpu_layer.h"
+#include "runtime/gpu/memory_plan.h"
+#include "runtime/gpu/paged_kv.h"
+#include "runtime/models/activations.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/models/moe.h"
+
+namespace ktx::gpu {
+
+using SequenceId = int32_t;
+
+class CudaDeepseek2 {
+ public:
+  // Plans GPU memory (FailedPrecondition without a usable device;
+  // ResourceExhausted with the plan when it does not fit), uploads and
+  // dequantizes the weights, allocates the KV cache.
+  static absl::StatusOr<std::unique_ptr<CudaDeepseek2>> Create(const models::Deepseek2Model& model,
+                                                               const CudaModelOptions& options);
+  ~CudaDeepseek2();
+  CudaDeepseek2(const CudaDeepseek2&) = delete;
+  CudaDeepseek2& operator=(const CudaDeepseek2&) = delete;
+
+  const GpuMemoryPlan& memory_plan() const { return plan_; }
+  const models::Deepseek2Model& model() const { return model_; }
+
+  // ---- sequences (paged GPU KV cache) ----
+  absl::StatusOr<SequenceId> AddSequence(int64_t capacity_tokens);
+  absl::Status FreeSequence(SequenceId seq);
+  absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const;
+  // Rollback to the first n_keep tokens.
+  absl::Status Truncate(SequenceId seq, int64_t n_keep);
+  // Commits n_new rows written by AttentionBlock stage calls (Forward commits itself).
+  absl::Status Commit(SequenceId seq, int64_t n_new);
+
+  // ---- whole forward pass ----
+  struct BatchEntry {
+    SequenceId seq = -1;
+    std::span<const int32_t> tokens;
+    models::LogitsRows rows = models::LogitsRows::kLast;
+  };
+  // Appends each entry's tokens to its sequence (distinct sequences, at most
+  // max_batch_tokens tokens together). logits: F32 [n_out, n_vocab], the
+  // entries' rows in entry order. On error no sequence changes length.
+  absl::Status ForwardBatch(std::span<const BatchEntry> entries, models::Activations* logits);
+  // One sequence, any number of tokens (chunks of max_batch_tokens: chunked
+  // prefill); same semantics as Deepseek2Model::Forward.
+  absl::Status Forward(std::span<const int32_t> tokens, SequenceId seq, models::LogitsRows rows,
+                       models::Activations* logits);
+
+  // ---- stages, host activations in and out (see Deepseek2Model) ----
+  absl::Status Embed(std::span<const int32_t> tokens, models::Activations* x);
+  // positions must continue the sequence (length, length + 1, ...); rows are
+  // written, not committed.
+  absl::Status AttentionBlock(int il, SequenceId seq, std::span<const int32_t> positions,
+                              models::Activations* x);
+  absl::Status FfnNorm(int il, const models::Activations& x, models::Activations* h);
+  absl::Status DenseFfn(int il, const models::Activations& h, models::Activations* out);
+  absl::Status Route(int il, const models::Activations& h, models::Routing* routing);
+  absl::Status SharedExperts(int il, const models::Activations& h, models::Activations* out);
+  absl::Status Head(const models::Activations& x, models::LogitsRows rows,
+                    models::Activations* logits);
+
+ private:
+  explicit CudaDeepseek2(const models::Deepseek2Model& model) : model_(model) {}
+  absl::Status Load(const CudaModelOptions& options, uint64_t free_bytes);
+  absl::Status UploadMatrix(const gguf::TensorInfo& t, Bf16* dst, const char* what);
+  absl::StatusOr<const float*> UploadVector(const gguf::TensorInfo& t, const char* what);
+  absl::StatusOr<Bf16*> AllocBf16(int64_t n, const char* what);
+  kernels::cuda::MlaPagedKv LayerKv(int il) const;
+  absl::Status CheckLayer(int il) const;
+  absl::Status CheckRows(const models::Activations& a, const char* what) const;
+  // Mirrors the block table rows of `seqs` to the device (stream order).
+  absl::Status UploadBlockTable(std::span<const SequenceId> seqs);
+  absl::Status Upload(const void* host, void* device, size_t bytes);
+  absl::Status Download(const void* device, void* host, size_t bytes);
+  absl::Status Sync(const char* what);
+  // The layers of a batch already embedded in runner_->x(); routed experts via the model.
+  absl::Status RunLayers(const GpuBatchView& batch);
+  absl::Status RunHead(std::span<const int32_t> rows, models::Activations* logits);
+
+  const models::Deepseek2Model& model_;
+  models::Deepseek2Hparams hp_;
+  GpuMemoryPlan plan_;
+  std::unique_ptr<GpuLayerRunner> runner_;
+  std::vector<DeviceBuffer> weight_buffers_;  // every weight allocation
+  std::vector<GpuLayerWeights> layers_;       // [n_layer] views into weight_buffers_
+  const Bf16* token_embd_ = nullptr;          // bf16 [n_vocab, n_embd]
+  const Bf16* output_ = nullptr;              // bf16 [n_vocab, n_embd] (= token_embd_ if tied)
+  const float* output_norm_ = nullptr;        // F32 [n_embd]
+  DeviceBuffer staging_;                      // raw GGUF rows during Load
+  DeviceBuffer kv_pages_;                     // bf16 [n_layer][n_pages][page_size][kv_lora + n_rot]
+  DeviceBuffer block_table_;                  // I32 [max_sequences][max_pages_per_sequence]
+  PinnedBuffer pinned_table_;                 // host mirror of block_table_
+  PinnedBuffer pinned_indices_;               // I32 [4, T]
+  PinnedBuffer pinned_h_;                     // F32 [T, n_embd]
+  PinnedBuffer pinned_routed_;                // F32 [T, n_embd]
+  PinnedBuffer pinned_ids_;                   // I32 [T, n_expert_used]
+  PinnedBuffer pinned_weights_;               // F32 [T, n_expert_used]
+  PinnedBuffer pinned_logits_;                // F32 [T, n_vocab]
+  cudaEvent_t routed_ready_ = nullptr;        // h and routing are on the host
+  std::unique_ptr<PagedKvAllocator> kv_;
+};
+
+}  // namespace ktx::gpu

@@ -1,0 +1,208 @@
+#include "runtime/gpu/gpu_layer.h"
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/basic_ops.h"
+#include "kernels/cuda/gemm.h"
+#include "runtime/base/status.h"
+
+namespace ktx::gpu {
+
+namespace kc = kernels::cuda;
+
+absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
+    const models::Deepseek2Hparams& hp, int64_t max_tokens, const CudaModelOptions& options) {
+  std::unique_ptr<GpuLayerRunner> r(new GpuLayerRunner());
+  r->hp_ = hp;
+  r->layout_ = GpuWorkLayout::For(hp, max_tokens);
+  r->rope_.n_rot = static_cast<int32_t>(hp.rope.n_rot);
+  r->rope_.freq_base = hp.rope.freq_base;
+  r->rope_.freq_scale = hp.rope.freq_scale;
+  r->rope_.ext_factor = hp.rope.ext_factor;
+  r->rope_.attn_factor = hp.rope.attn_factor;
+  r->rope_.corr_low = hp.rope.corr_low;
+  r->rope_.corr_high = hp.rope.corr_high;
+  const models::RoutingParams rp = hp.routing();
+  r->routing_.n_expert = rp.n_expert;
+  r->routing_.n_expert_used = rp.n_expert_used;
+  r->routing_.n_group = rp.n_group;
+  r->routing_.n_group_used = rp.n_group_used;
+  r->routing_.sigmoid = rp.gating == models::GatingFunc::kSigmoid;
+  r->routing_.norm_weights = rp.norm_weights;
+  r->routing_.weights_scale = rp.weights_scale;
+
+  int device = 0;
+  KTX_RETURN_IF_ERROR(CudaOk(cudaGetDevice(&device), "cudaGetDevice"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaDeviceGetAttribute(&r->n_multiprocessors_, cudaDevAttrMultiProcessorCount, device),
+             "reading the multiprocessor count"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaStreamCreateWithFlags(&r->stream_, cudaStreamNonBlocking), "creating a stream"));
+  KTX_RETURN_IF_ERROR(CublasOk(cublasCreate(&r->cublas_), "creating the cuBLAS handle"));
+  KTX_RETURN_IF_ERROR(CublasOk(cublasSetStream(r->cublas_, r->stream_), "cublasSetStream"));
+
+  const GpuWorkLayout& l = r->layout_;
+  struct Alloc {
+    DeviceBuffer* buf;
+    int64_t n;
+    size_t elem;
+    const char* name;
+  };
+  const Alloc allocs[] = {
+      {&r->x_, l.x, 4, "x"},
+      {&r->h_f32_, l.h_f32, 4, "h"},
+      {&r->h_bf16_, l.h_bf16, 2, "h (bf16)"},
+      {&r->qa_, l.qa, 4, "q_a output"},
+      {&r->qa_bf16_, l.qa_bf16, 2, "q_a output (bf16)"},
+      {&r->q_, l.q, 4, "q"},
+      {&r->q_nope_, l.q_nope, 2, "q_nope"},
+      {&r->big_q_, l.big_q, 4, "attention query"},
+      {&r->kva_, l.kva, 4, "kv_a output"},
+      {&r->ctx_, l.ctx, 2, "attention context"},
+      {&r->o_, l.o, 2, "attention heads' output"},
+      {&r->gu_, l.gu, 4, "FFN gate/up"},
+      {&r->act_, l.act, 2, "FFN activation"},
+      {&r->router_logits_, l.router_logits, 4, "router logits"},
+      {&r->expert_ids_, l.expert_ids, 4, "expert ids"},
+      {&r->expert_weights_, l.expert_weights, 4, "expert weights"},
+      {&r->routed_, l.routed, 4, "routed experts' output"},
+      {&r->logits_, l.logits, 4, "logits"},
+      {&r->indices_, l.indices, 4, "token indices"},
+  };
+  for (const Alloc& a : allocs) {
+    KTX_ASSIGN_OR_RETURN(*a.buf, DeviceBuffer::Allocate(static_cast<size_t>(a.n) * a.elem, a.name));
+  }
+  KTX_ASSIGN_OR_RETURN(
+      r->attention_workspace_,
+      DeviceBuffer::Allocate(options.attention_workspace_bytes, "the attention workspace"));
+  KTX_ASSIGN_OR_RETURN(r->cublas_workspace_, DeviceBuffer::Allocate(options.cublas_workspace_bytes,
+                                                                    "the cuBLAS workspace"));
+  if (r->cublas_workspace_.bytes() > 0) {
+    KTX_RETURN_IF_ERROR(CublasOk(
+        cublasSetWorkspace(r->cublas_, r->cublas_workspace_.get(), r->cublas_workspace_.bytes()),
+        "cublasSetWorkspace"));
+  }
+  return r;
+}
+
+GpuLayerRunner::~GpuLayerRunner() {
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPagedKv& kv,
+                                       const GpuBatchView& b, float* x) {
+  const int64_t n = b.n_tokens;
+  if (n <= 0 || n > layout_.max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPU attention: ", n, " tokens, at most ", layout_.max_tokens));
+  }
+  const int64_t n_embd = hp_.n_embd;
+  const int64_t n_head = hp_.n_head;
+  const int64_t hd = hp_.n_embd_head_qk;
+  const int64_t nope = hp_.qk_nope();
+  const int64_t kvl = hp_.kv_lora_rank;
+  const int64_t rw = kvl + hp_.n_rot;
+  const int64_t hdv = hp_.n_embd_head_v;
+  const float eps = hp_.rms_eps;
+  KTX_RETURN_IF_ERROR(CudaOk(kc::RmsNorm(x, n_embd, nullptr, w.attn_norm, n_embd, n, eps, nullptr,
+                                         0, h_bf16(), n_embd, stream_),
+                             "attention norm"));
+  float* q = q_.as<float>();
+  if (hp_.is_lite()) {
+    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q, n_embd, h_bf16(), n_embd, q,
+                                                CUDA_R_32F, n_head * hd, n_head * hd, n_embd, n),
+                                 "attn_q"));
+  } else {
+    const int64_t ql = hp_.q_lora_rank;
+    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q_a, n_embd, h_bf16(), n_embd,
+                                                qa_.get(), CUDA_R_32F, ql, ql, n_embd, n),
+                                 "attn_q_a"));
+    KTX_RETURN_IF_ERROR(CudaOk(kc::RmsNorm(qa_.as<float>(), ql, nullptr, w.attn_q_a_norm, ql, n,
+                                           eps, nullptr, 0, qa_bf16_.as<Bf16>(), ql, stream_),
+                               "q_a norm"));
+    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q_b, ql, qa_bf16_.as<Bf16>(), ql, q,
+                                                CUDA_R_32F, n_head * hd, n_head * hd, ql, n),
+                                 "attn_q_b"));
+  }
+  KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_kv_a_mqa, n_embd, h_bf16(), n_embd,
+                                              kva_.get(), CUDA_R_32F, rw, rw, n_embd, n),
+                               "attn_kv_a_mqa"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::MlaWriteKv(kva_.as<float>(), rw, w.attn_kv_a_norm, eps, static_cast<int32_t>(kvl),
+                            rope_, b.positions, b.seq_index, n, kv, stream_),
+             "writing the latent KV rows"));
+  float* big_q = big_q_.as<float>();
+  KTX_RETURN_IF_ERROR(CudaOk(
+      kc::MlaPrepareQ(q, n_head * hd, static_cast<int32_t>(n_head), static_cast<int32_t>(nope),
+                      static_cast<int32_t>(kvl), rope_, b.positions, n, q_nope_.as<Bf16>(),
+                      n_head * nope, big_q, n_head * rw, stream_),
+      "preparing the queries"));
+  // q_abs[t, h] = k_b[h] · q_nope[t, h], written into the query rows' first kv_lora.
+  KTX_RETURN_IF_ERROR(
+      CublasOk(kc::LinearBf16Batched(cublas_, w.attn_k_b, nope, kvl * nope, q_nope_.as<Bf16>(),
+                                     n_head * nope, nope, big_q, CUDA_R_32F, n_head * rw, rw, kvl,
+                                     nope, n, n_head),
+               "attn_k_b (absorbed queries)"));
+  kc::MlaAttentionArgs a;
+  a.q = big_q;
+  a.q_stride = n_head * rw;
+  a.n_q = n;
+  a.n_head = static_cast<int32_t>(n_head);
+  a.kv_lora = static_cast<int32_t>(kvl);
+  a.n_rot = static_cast<int32_t>(hp_.n_rot);
+  a.scale = static_cast<float>(hp_.kq_scale);
+  a.q_seq = b.seq_index;
+  a.q_pos = b.positions;
+  a.kv = kv;
+  a.out_bf16 = ctx_.as<Bf16>();
+  a.out_bf16_stride = n_head * kvl;
+  const kc::MlaAttentionPlan plan = kc::PlanMlaAttention(
+      n, a.n_head, a.kv_lora, b.max_kv_len, n_multiprocessors_, attention_workspace_.bytes());
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::MlaAttention(a, plan, attention_workspace_.get(), stream_), "MLA attention"));
+  // o[t, h] = v_b[h] · ctx[t, h], then x += attn_output · o.
+  KTX_RETURN_IF_ERROR(CublasOk(
+      kc::LinearBf16Batched(cublas_, w.attn_v_b, kvl, hdv * kvl, ctx_.as<Bf16>(), n_head * kvl, kvl,
+                            o_.get(), CUDA_R_16BF, n_head * hdv, hdv, hdv, kvl, n, n_head),
+      "attn_v_b"));
+  return CublasOk(kc::LinearBf16(cublas_, w.attn_output, n_head * hdv, o_.as<Bf16>(), n_head * hdv,
+                                 x, CUDA_R_32F, n_embd, n_embd, n_head * hdv, n, 1.0f),
+                  "attn_output");
+}
+
+absl::Status GpuLayerRunner::Norm(const float* norm, const float* x, int64_t n) {
+  return CudaOk(kc::RmsNorm(x, hp_.n_embd, nullptr, norm, hp_.n_embd, n, hp_.rms_eps, h_f32(),
+                            hp_.n_embd, h_bf16(), hp_.n_embd, stream_),
+                "FFN norm");
+}
+
+absl::Status GpuLayerRunner::GatedFfn(const Bf16* gate_up, const Bf16* down, int64_t n_ff,
+                                      int64_t n, float* out, int64_t out_stride, float beta) {
+  if (n_ff > layout_.ff_max || n > layout_.max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPU FFN of width ", n_ff, " for ", n, " tokens exceeds the work buffers"));
+  }
+  const int64_t n_embd = hp_.n_embd;
+  float* gu = gu_.as<float>();
+  KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, gate_up, n_embd, h_bf16(), n_embd, gu,
+                                              CUDA_R_32F, 2 * n_ff, 2 * n_ff, n_embd, n),
+                               "FFN gate/up"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::SiluMulToBf16(gu, 2 * n_ff, n, n_ff, act_.as<Bf16>(), n_ff, stream_), "SiLU"));
+  return CublasOk(kc::LinearBf16(cublas_, down, n_ff, act_.as<Bf16>(), n_ff, out, CUDA_R_32F,
+                                 out_stride, n_embd, n_ff, n, beta),
+                  "FFN down");
+}
+
+absl::Status GpuLayerRunner::Route(const GpuLayerWeights& w, int64_t n) {
+  const int64_t n_expert = hp_.n_expert;
+  KTX_RETURN_IF_ERROR(
+      CublasOk(kc::LinearF32(cublas_, w.ffn_gate_inp, hp_.n_embd, h_f32(), hp_.n_embd,
+                             router_logits_.as<float>(), n_expert, n_expert, hp_.n_embd, n),
+               "router"));
+  return CudaOk(kc::RouteTopK(routing_, router_logits_.as<float>(), n_expert, n, w.exp_probs_b,
+                              expert_ids(), expert_weights(), stream_),
+                "routing");
+}
+
+}  // namespace ktx::gpu

@@ -1,0 +1,118 @@
+// File: runtime/gpu/memory_plan.h
+//
+// What the GPU model path keeps in device memory, and whether it fits: the
+// bf16 copies of every non-routed weight (attention, dense FFNs, shared
+// experts, embedding, output head; F32 norms and router), the work buffers
+// of one batch of up to `max_batch_tokens` tokens, fixed workspaces, and the
+// paged bf16 latent KV cache, which gets what is left (or a requested
+// number of tokens). Pure arithmetic over the hyper-parameters, so it is
+// computed and tested without a GPU; CudaDeepseek2 allocates exactly these
+// amounts.
+//
+//   KTX_ASSIGN_OR_RETURN(GpuMemoryPlan plan, PlanGpuMemory(hparams, options, free_bytes));
+//   std::cout << plan.ToString();
+//
+// When the plan does not fit, the error (ResourceExhausted) carries the whole
+// table and what to change. Thread-safety: plain data and pure functions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "runtime/models/deepseek2.h"
+
+namespace ktx::gpu {
+
+struct CudaModelOptions {
+  int device = 0;                  // CUDA device index
+  int64_t max_batch_tokens = 512;  // tokens per forward call over all sequences (longer
+                                   // single-sequence prompts run in chunks of this size)
+  int32_t max_sequences = 64;      // sequences alive at once
+  int64_t max_context = 0;         // tokens per sequence; 0: min(n_ctx_train, 32768)
+  int32_t kv_page_size = 64;       // tokens per KV page
+  int64_t kv_tokens = 0;           // KV cache size in tokens; 0: what fits, at most
+                                   // max_sequences * max_context
+  uint64_t reserve_bytes = uint64_t{512} << 20;  // left free for the CUDA context, cuBLAS, ...
+  uint64_t attention_workspace_bytes = uint64_t{64} << 20;  // split-KV partial results
+  uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
+  uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
+};
+
+// Element counts of the per-batch work buffers for `max_tokens` tokens (the
+// dtype of each is in the comment); GpuLayerRunner allocates exactly these.
+struct GpuWorkLayout {
+  int64_t max_tokens = 0;
+  int64_t ff_max = 0;          // widest SiLU-gated FFN (dense or shared experts)
+  int64_t x = 0;               // F32 [T, n_embd] residual stream
+  int64_t h_f32 = 0;           // F32 [T, n_embd] normed hidden state (router, CPU experts)
+  int64_t h_bf16 = 0;          // bf16 [T, n_embd]
+  int64_t qa = 0;              // F32 [T, q_lora]
+  int64_t qa_bf16 = 0;         // bf16 [T, q_lora]
+  int64_t q = 0;               // F32 [T, n_head * (qk_nope + n_rot)]
+  int64_t q_nope = 0;          // bf16 [T, n_head * qk_nope]
+  int64_t big_q = 0;           // F32 [T, n_head * (kv_lora + n_rot)] attention query
+  int64_t kva = 0;             // F32 [T, kv_lora + n_rot]
+  int64_t ctx = 0;             // bf16 [T, n_head * kv_lora]
+  int64_t o = 0;               // bf16 [T, n_head * n_embd_head_v]
+  int64_t gu = 0;              // F32 [T, 2 * ff_max]
+  int64_t act = 0;             // bf16 [T, ff_max]
+  int64_t router_logits = 0;   // F32 [T, n_expert]
+  int64_t expert_ids = 0;      // I32 [T, n_expert_used]
+  int64_t expert_weights = 0;  // F32 [T, n_expert_used]
+  int64_t routed = 0;          // F32 [T, n_embd] routed experts' output from the CPU
+  int64_t logits = 0;          // F32 [T, n_vocab]
+  int64_t indices = 0;         // I32 [4, T]: tokens, positions, sequence slots, head rows
+
+  static GpuWorkLayout For(const models::Deepseek2Hparams& hp, int64_t max_tokens);
+  uint64_t device_bytes() const;
+  // Pinned host staging: indices, h, routed, ids, weights, logits.
+  uint64_t pinned_bytes() const;
+};
+
+struct GpuMemoryPlan {
+  // Weights on the GPU (bf16 matrices, F32 vectors and router).
+  uint64_t attention_bytes = 0;      // all layers: norms, q, kv_a, k_b, v_b, output
+  uint64_t dense_ffn_bytes = 0;      // the leading dense layers' FFNs
+  uint64_t shared_expert_bytes = 0;  // MoE layers' shared experts
+  uint64_t router_bytes = 0;         // F32 routers and selection biases
+  uint64_t embedding_bytes = 0;      // token_embd in bf16
+  uint64_t head_bytes = 0;           // output_norm + output (the norm only when tied)
+  // Work memory.
+  uint64_t activation_bytes = 0;   // GpuWorkLayout::device_bytes()
+  uint64_t workspace_bytes = 0;    // attention + cuBLAS workspaces + load staging
+  uint64_t pinned_host_bytes = 0;  // host side, not device memory
+  // Paged latent KV cache, bf16.
+  int32_t kv_page_size = 0;
+  int64_t kv_pages = 0;
+  int64_t kv_tokens = 0;            // kv_pages * kv_page_size
+  uint64_t kv_bytes_per_token = 0;  // n_layer * (kv_lora + n_rot) * 2
+  uint64_t kv_bytes = 0;
+  int64_t max_context = 0;
+  int64_t max_batch_tokens = 0;
+  int32_t max_sequences = 0;
+  // The device.
+  uint64_t free_bytes = 0;
+  uint64_t reserve_bytes = 0;
+
+  uint64_t weight_bytes() const {
+    return attention_bytes + dense_ffn_bytes + shared_expert_bytes + router_bytes +
+           embedding_bytes + head_bytes;
+  }
+  uint64_t total_bytes() const {
+    return weight_bytes() + activation_bytes + workspace_bytes + kv_bytes;
+  }
+  // A table, one item per line, sizes in GiB/MiB.
+  std::string ToString() const;
+};
+
+// Plans the GPU memory for `hp` on a device with `free_bytes` free;
+// `output_tied`: the head reuses the embedding (no `output.weight`).
+// InvalidArgument for bad options; ResourceExhausted (with the table and
+// advice) when the weights and buffers, plus one sequence of max_context
+// tokens of KV cache, do not fit, or when options.kv_tokens does not.
+absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
+                                            const CudaModelOptions& options, uint64_t free_bytes,
+                                            bool output_tied = false);
+
+}  // namespace ktx::gpu

@@ -1,0 +1,292 @@
+// gpu_benchmark: GPU time of one DeepSeek-V3 MoE layer's non-expert work at
+// decode (attention block + FFN norm + shared expert; the routed experts run
+// on the CPU and are not part of it), with random bf16 weights of full width
+// (one layer allocated) and a paged bf16 KV cache of the given context, for
+// decode batches of 1 and 16 sequences at 1K and 8K tokens of context. Also:
+// the MLA attention kernel alone, and the card's device-to-device copy
+// bandwidth (bytes read + written), measured in the same run, against which
+// the achieved bandwidth (weights + KV bytes read once per step) is given.
+//
+//   gpu_benchmark --benchmark_out=gpu.json --benchmark_out_format=json
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "kernels/cuda/basic_ops.h"
+#include "kernels/cuda/device_query.h"
+#include "kernels/cuda/mla.h"
+#include "runtime/gpu/gpu_layer.h"
+#include "tests/runtime/gpu/dsv3_hparams.h"
+
+namespace ktx::gpu {
+namespace {
+
+namespace kc = kernels::cuda;
+
+#define BENCH_CHECK(expr)                                                             \
+  do {                                                                                \
+    const auto ktx_s_ = (expr);                                                       \
+    if (!ktx_s_.ok()) {                                                               \
+      std::fprintf(stderr, "%s: %s\n", #expr, std::string(ktx_s_.message()).c_str()); \
+      std::abort();                                                                   \
+    }                                                                                 \
+  } while (false)
+
+#define CUDA_BENCH_CHECK(expr)                                             \
+  do {                                                                     \
+    const cudaError_t ktx_e_ = (expr);                                     \
+    if (ktx_e_ != cudaSuccess) {                                           \
+      std::fprintf(stderr, "%s: %s\n", #expr, cudaGetErrorString(ktx_e_)); \
+      std::abort();                                                        \
+    }                                                                      \
+  } while (false)
+
+constexpr int64_t kMaxBatch = 16;
+constexpr int64_t kMaxContext = 8192;
+constexpr int32_t kPageSize = 64;
+
+double g_copy_gbps = 0.0;  // measured by BM_DeviceCopy, which runs first
+
+// One random DeepSeek-V3 MoE layer and a KV cache for kMaxBatch x kMaxContext.
+struct Layer {
+  models::Deepseek2Hparams hp = Dsv3Hparams();
+  std::unique_ptr<GpuLayerRunner> runner;
+  std::vector<DeviceBuffer> buffers;
+  GpuLayerWeights w;
+  uint64_t weight_bytes = 0;  // bf16 matrices read per step
+  DeviceBuffer kv_pages, block_table, positions, seq_index;
+  kc::MlaPagedKv kv;
+
+  const Bf16* Matrix(int64_t rows, int64_t cols, uint64_t seed) {
+    auto b = DeviceBuffer::Allocate(rows * cols * 2, "weights");
+    BENCH_CHECK(b.status());
+    CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), rows * cols, seed,
+                                        1.7f / std::sqrt(static_cast<float>(cols)), nullptr));
+    weight_bytes += rows * cols * 2;
+    buffers.push_back(std::move(*b));
+    return buffers.back().as<Bf16>();
+  }
+  const float* Vector(int64_t n, uint64_t seed) {
+    auto b = DeviceBuffer::Allocate(n * 4, "norm");
+    BENCH_CHECK(b.status());
+    CUDA_BENCH_CHECK(kc::FillRandomF32(b->as<float>(), n, seed, 1.0f, nullptr));
+    buffers.push_back(std::move(*b));
+    return buffers.back().as<float>();
+  }
+
+  Layer() {
+    CudaModelOptions o;
+    auto r = GpuLayerRunner::Create(hp, kMaxBatch, o);
+    BENCH_CHECK(r.status());
+    runner = std::move(*r);
+    const int64_t n_embd = hp.n_embd, n_head = hp.n_head, hd = hp.n_embd_head_qk;
+    const int64_t kvl = hp.kv_lora_rank, rw = kvl + hp.n_rot, ql = hp.q_lora_rank;
+    const int64_t ff = hp.n_ff_exp * hp.n_expert_shared;
+    w.attn_norm = Vector(n_embd, 1);
+    w.attn_q_a = Matrix(ql, n_embd, 2);
+    w.attn_q_a_norm = Vector(ql, 3);
+    w.attn_q_b = Matrix(n_head * hd, ql, 4);
+    w.attn_kv_a_mqa = Matrix(rw, n_embd, 5);
+    w.attn_kv_a_norm = Vector(kvl, 6);
+    w.attn_k_b = Matrix(n_head * kvl, hp.qk_nope(), 7);
+    w.attn_v_b = Matrix(n_head * hp.n_embd_head_v, kvl, 8);
+    w.attn_output = Matrix(n_embd, n_head * hp.n_embd_head_v, 9);
+    w.ffn_norm = Vector(n_embd, 10);
+    w.shexp_gate_up = Matrix(2 * ff, n_embd, 11);
+    w.shexp_down = Matrix(n_embd, ff, 12);
+    const int64_t pages_per_seq = kMaxContext / kPageSize;
+    const int64_t n_pages = kMaxBatch * pages_per_seq;
+    auto kvb = DeviceBuffer::Allocate(n_pages * kPageSize * rw * 2, "kv");
+    BENCH_CHECK(kvb.status());
+    kv_pages = std::move(*kvb);
+    CUDA_BENCH_CHECK(
+        kc::FillRandomBf16(kv_pages.as<Bf16>(), n_pages * kPageSize * rw, 13, 1.0f, nullptr));
+    std::vector<int32_t> table(n_pages);
+    for (int64_t p = 0; p < n_pages; ++p) table[p] = static_cast<int32_t>((p * 7919) % n_pages);
+    auto tb = DeviceBuffer::Allocate(n_pages * 4, "block table");
+    BENCH_CHECK(tb.status());
+    block_table = std::move(*tb);
+    CUDA_BENCH_CHECK(
+        cudaMemcpy(block_table.get(), table.data(), n_pages * 4, cudaMemcpyHostToDevice));
+    kv.data = kv_pages.as<Bf16>();
+    kv.page_stride = kPageSize * rw;
+    kv.page_size = kPageSize;
+    kv.block_table = block_table.as<int32_t>();
+    kv.block_table_stride = static_cast<int32_t>(pages_per_seq);
+    auto pb = DeviceBuffer::Allocate(kMaxBatch * 4, "positions");
+    auto sb = DeviceBuffer::Allocate(kMaxBatch * 4, "seq");
+    BENCH_CHECK(pb.status());
+    BENCH_CHECK(sb.status());
+    positions = std::move(*pb);
+    seq_index = std::move(*sb);
+    std::vector<int32_t> seq(kMaxBatch);
+    for (int64_t b = 0; b < kMaxBatch; ++b) seq[b] = static_cast<int32_t>(b);
+    CUDA_BENCH_CHECK(
+        cudaMemcpy(seq_index.get(), seq.data(), kMaxBatch * 4, cudaMemcpyHostToDevice));
+    CUDA_BENCH_CHECK(kc::FillRandomF32(runner->x(), kMaxBatch * n_embd, 14, 1.0f, nullptr));
+    CUDA_BENCH_CHECK(cudaDeviceSynchronize());
+  }
+
+  GpuBatchView Batch(int64_t batch, int64_t ctx) {
+    std::vector<int32_t> pos(batch, static_cast<int32_t>(ctx - 1));  // decode the ctx-th token
+    CUDA_BENCH_CHECK(cudaMemcpy(positions.get(), pos.data(), batch * 4, cudaMemcpyHostToDevice));
+    GpuBatchView v;
+    v.n_tokens = batch;
+    v.positions = positions.as<int32_t>();
+    v.seq_index = seq_index.as<int32_t>();
+    v.max_kv_len = ctx;
+    return v;
+  }
+
+  void Step(const GpuBatchView& v) {
+    BENCH_CHECK(runner->Attention(w, kv, v, runner->x()));
+    BENCH_CHECK(runner->Norm(w.ffn_norm, runner->x(), v.n_tokens));
+    BENCH_CHECK(runner->GatedFfn(w.shexp_gate_up, w.shexp_down, hp.n_ff_exp * hp.n_expert_shared,
+                                 v.n_tokens, runner->x(), hp.n_embd, 1.0f));
+  }
+};
+
+Layer& GetLayer() {
+  static Layer* layer = new Layer();
+  return *layer;
+}
+
+// Times `fn` with CUDA events per iteration (manual time); returns the total
+// GPU seconds of the timed iterations.
+template <typename Fn>
+double TimeWithEvents(benchmark::State& state, cudaStream_t stream, Fn fn) {
+  cudaEvent_t start, stop;
+  CUDA_BENCH_CHECK(cudaEventCreate(&start));
+  CUDA_BENCH_CHECK(cudaEventCreate(&stop));
+  double total = 0.0;
+  for (int i = 0; i < 3; ++i) fn();  // warm-up: handles, module load, cuBLAS heuristics
+  CUDA_BENCH_CHECK(cudaStreamSynchronize(stream));
+  for (auto _ : state) {
+    CUDA_BENCH_CHECK(cudaEventRecord(start, stream));
+    fn();
+    CUDA_BENCH_CHECK(cudaEventRecord(stop, stream));
+    CUDA_BENCH_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms / 1000.0);
+    total += ms / 1000.0;
+  }
+  CUDA_BENCH_CHECK(cudaGetLastError());
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return total;
+}
+
+void BM_DeviceCopy(benchmark::State& state) {
+  const size_t bytes = size_t{1} << 30;
+  auto a = DeviceBuffer::Allocate(bytes, "copy source");
+  auto b = DeviceBuffer::Allocate(bytes, "copy destination");
+  BENCH_CHECK(a.status());
+  BENCH_CHECK(b.status());
+  CUDA_BENCH_CHECK(kc::FillRandomF32(a->as<float>(), bytes / 4, 1, 1.0f, nullptr));
+  cudaStream_t stream;
+  CUDA_BENCH_CHECK(cudaStreamCreate(&stream));
+  const double secs = TimeWithEvents(state, stream, [&] {
+    CUDA_BENCH_CHECK(cudaMemcpyAsync(b->get(), a->get(), bytes, cudaMemcpyDeviceToDevice, stream));
+  });
+  // Bytes read + written per second of GPU time.
+  g_copy_gbps = 2.0 * static_cast<double>(bytes) * state.iterations() / secs / 1e9;
+  state.counters["GB/s(r+w)"] = g_copy_gbps;
+  cudaStreamDestroy(stream);
+}
+
+void Report(benchmark::State& state, double secs, double bytes) {
+  const double per_step = secs / static_cast<double>(state.iterations());
+  state.counters["us/step"] = per_step * 1e6;
+  state.counters["MB/step"] = bytes / 1e6;
+  state.counters["GB/s"] = bytes / per_step / 1e9;
+  if (g_copy_gbps > 0.0) state.counters["HBM%"] = 100.0 * bytes / per_step / 1e9 / g_copy_gbps;
+}
+
+// Attention block + FFN norm + shared expert of one layer, decode.
+void BM_LayerAttentionSharedExpert(benchmark::State& state) {
+  Layer& l = GetLayer();
+  const int64_t batch = state.range(0), ctx = state.range(1);
+  const GpuBatchView v = l.Batch(batch, ctx);
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] { l.Step(v); });
+  const double kv_bytes = static_cast<double>(batch) * ctx * (l.hp.kv_lora_rank + l.hp.n_rot) * 2;
+  Report(state, secs, static_cast<double>(l.weight_bytes) + kv_bytes);
+}
+
+// The MLA attention kernel alone (scores, softmax, context) over the paged cache.
+void BM_MlaAttentionKernel(benchmark::State& state) {
+  Layer& l = GetLayer();
+  const int64_t batch = state.range(0), ctx = state.range(1);
+  const GpuBatchView v = l.Batch(batch, ctx);
+  l.Step(v);  // fills the query buffers
+  const int64_t n_head = l.hp.n_head, kvl = l.hp.kv_lora_rank, rw = kvl + l.hp.n_rot;
+  auto q = DeviceBuffer::Allocate(batch * n_head * rw * 4, "q");
+  auto out = DeviceBuffer::Allocate(batch * n_head * kvl * 2, "ctx");
+  auto ws = DeviceBuffer::Allocate(64 << 20, "workspace");
+  BENCH_CHECK(q.status());
+  BENCH_CHECK(out.status());
+  BENCH_CHECK(ws.status());
+  CUDA_BENCH_CHECK(kc::FillRandomF32(q->as<float>(), batch * n_head * rw, 3, 0.1f, nullptr));
+  kc::MlaAttentionArgs a;
+  a.q = q->as<float>();
+  a.q_stride = n_head * rw;
+  a.n_q = batch;
+  a.n_head = static_cast<int32_t>(n_head);
+  a.kv_lora = static_cast<int32_t>(kvl);
+  a.n_rot = static_cast<int32_t>(l.hp.n_rot);
+  a.scale = static_cast<float>(l.hp.kq_scale);
+  a.q_seq = v.seq_index;
+  a.q_pos = v.positions;
+  a.kv = l.kv;
+  a.out_bf16 = out->as<Bf16>();
+  a.out_bf16_stride = n_head * kvl;
+  int device = 0, n_sm = 0;
+  CUDA_BENCH_CHECK(cudaGetDevice(&device));
+  CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+  const kc::MlaAttentionPlan plan =
+      kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, ctx, n_sm, ws->bytes());
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
+    CUDA_BENCH_CHECK(kc::MlaAttention(a, plan, ws->get(), l.runner->stream()));
+  });
+  Report(state, secs, static_cast<double>(batch) * ctx * rw * 2);
+  // Multiply-adds: scores (rw) and context (kvl) per head and row.
+  state.counters["TFLOP/s"] = 2.0 * batch * n_head * ctx * (rw + kvl) /
+                              (secs / static_cast<double>(state.iterations())) / 1e12;
+  state.counters["splits"] = plan.n_splits;
+}
+
+}  // namespace
+}  // namespace ktx::gpu
+
+int main(int argc, char** argv) {
+  std::string note;
+  const auto devices = ktx::kernels::QueryCudaDevices(&note);
+  if (devices.empty()) {
+    std::printf("gpu_benchmark: no CUDA device (%s); nothing to measure\n", note.c_str());
+    return 0;
+  }
+  std::printf("device: %s, %d SMs, %.1f GiB\n", devices[0].name.c_str(), devices[0].multiprocessors,
+              devices[0].memory_bytes / double(1 << 30));
+  benchmark::Initialize(&argc, argv);
+  benchmark::RegisterBenchmark("BM_DeviceCopy_1GiB", ktx::gpu::BM_DeviceCopy)
+      ->UseManualTime()
+      ->Iterations(20);
+  for (const char* name : {"BM_LayerAttentionSharedExpert", "BM_MlaAttentionKernel"}) {
+    auto* b = benchmark::RegisterBenchmark(name, std::string(name) == "BM_MlaAttentionKernel"
+                                                     ? ktx::gpu::BM_MlaAttentionKernel
+                                                     : ktx::gpu::BM_LayerAttentionSharedExpert);
+    b->ArgNames({"batch", "ctx"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    for (int64_t batch : {1, 16}) {
+      for (int64_t ctx : {1024, 8192}) b->Args({batch, ctx});
+    }
+  }
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,119 @@
+// The GPU memory plan and the paged-KV bookkeeping: plain C++, run everywhere
+// (no GPU needed). The plan is checked against DeepSeek-V3's published size
+// (671.026 B parameters without MTP, of which 58 x 256 routed experts of
+// 3 x 7168 x 2048 stay off the GPU), not against its own formula.
+#include <algorithm>
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "runtime/gpu/memory_plan.h"
+#include "runtime/gpu/paged_kv.h"
+#include "tests/runtime/gpu/dsv3_hparams.h"
+
+namespace ktx::gpu {
+namespace {
+
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+TEST(GpuMemoryPlan, DeepSeekV3FitsAnH100WithAlargeKvCache) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  CudaModelOptions o;
+  auto plan = PlanGpuMemory(hp, o, 79 * kGiB);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  // Non-routed parameters: 671.026e9 - 58 * 256 * 3 * 7168 * 2048 = 16.83e9; in bf16,
+  // plus 2 more bytes for each F32 router weight (58 * 256 * 7168).
+  const double non_routed = 671.026e9 - 58.0 * 256 * 3 * 7168 * 2048;
+  const double want = 2.0 * non_routed + 2.0 * 58 * 256 * 7168;
+  EXPECT_NEAR(static_cast<double>(plan->weight_bytes()), want, 0.01 * want);
+  EXPECT_EQ(plan->kv_bytes_per_token, 61u * 576u * 2u);  // 70,272 bytes
+  EXPECT_GT(plan->kv_tokens, 400000);                    // ~35 GiB of cache
+  EXPECT_LE(plan->total_bytes() + o.reserve_bytes, 79 * kGiB);
+  EXPECT_EQ(plan->kv_tokens % o.kv_page_size, 0);
+  EXPECT_NE(plan->ToString().find("KV cache"), std::string::npos);
+  std::printf("%s", plan->ToString().c_str());
+}
+
+TEST(GpuMemoryPlan, TooSmallADeviceGetsThePlanAndAdvice) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  auto plan = PlanGpuMemory(hp, CudaModelOptions{}, 24 * kGiB);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kResourceExhausted);
+  const std::string msg(plan.status().message());
+  EXPECT_NE(msg.find("does not fit"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("attention weights"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("max_batch_tokens"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("24.00 GiB"), std::string::npos) << msg;
+}
+
+TEST(GpuMemoryPlan, RequestedKvTokensAreHonouredOrRefused) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  CudaModelOptions o;
+  o.kv_tokens = 100000;
+  auto plan = PlanGpuMemory(hp, o, 79 * kGiB);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kv_pages, (100000 + 63) / 64);
+  o.kv_tokens = 1000000;  // 65 GiB of cache
+  plan = PlanGpuMemory(hp, o, 79 * kGiB);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kResourceExhausted);
+  o.max_batch_tokens = 0;
+  EXPECT_EQ(PlanGpuMemory(hp, o, 79 * kGiB).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GpuMemoryPlan, ActivationsGrowWithTheBatch) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  const GpuWorkLayout a = GpuWorkLayout::For(hp, 1), b = GpuWorkLayout::For(hp, 100);
+  EXPECT_EQ(b.device_bytes(), 100 * a.device_bytes());
+  EXPECT_EQ(a.ff_max, 18432);  // the dense FFN is wider than the shared expert
+  EXPECT_EQ(a.big_q, 128 * 576);
+  EXPECT_EQ(a.logits, 129280);
+}
+
+TEST(PagedKvAllocator, SequencesGrowPageByPageFromOnePool) {
+  PagedKvAllocator kv(/*n_pages=*/9, /*page_size=*/16, /*max_sequences=*/3, /*max_context=*/100);
+  EXPECT_EQ(kv.max_pages_per_sequence(), 7);
+  auto a = kv.AddSequence(100);
+  auto b = kv.AddSequence(40);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE(*a, *b);
+  ASSERT_TRUE(kv.Reserve(*a, 17).ok());  // 2 pages
+  EXPECT_EQ(kv.pages(*a).size(), 2u);
+  ASSERT_TRUE(kv.Reserve(*a, 32).ok());  // still 2
+  EXPECT_EQ(kv.pages(*a).size(), 2u);
+  ASSERT_TRUE(kv.Reserve(*b, 40).ok());  // 3 pages
+  EXPECT_EQ(kv.free_pages(), 4);
+  std::set<int32_t> all(kv.pages(*a).begin(), kv.pages(*a).end());
+  all.insert(kv.pages(*b).begin(), kv.pages(*b).end());
+  EXPECT_EQ(all.size(), 5u);  // no page shared
+  // Capacity and pool limits, with nothing changed on failure.
+  EXPECT_EQ(kv.Reserve(*b, 41).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(kv.Reserve(*a, 100).code(), absl::StatusCode::kResourceExhausted);  // 7 > 2 + 4
+  EXPECT_EQ(kv.pages(*a).size(), 2u);
+  EXPECT_EQ(kv.free_pages(), 4);
+  // Commit only what is reserved.
+  EXPECT_TRUE(kv.Commit(*a, 30).ok());
+  EXPECT_EQ(kv.Commit(*a, 3).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(kv.length(*a), 30);
+  // Truncate returns pages past the kept tokens.
+  EXPECT_TRUE(kv.Truncate(*a, 10).ok());
+  EXPECT_EQ(kv.pages(*a).size(), 1u);
+  EXPECT_EQ(kv.free_pages(), 5);
+  EXPECT_EQ(kv.Truncate(*a, 11).code(), absl::StatusCode::kInvalidArgument);
+  // Slots.
+  auto c = kv.AddSequence(10);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(kv.AddSequence(10).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(kv.AddSequence(101).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(kv.FreeSequence(*b).ok());
+  EXPECT_EQ(kv.free_pages(), 8);
+  EXPECT_FALSE(kv.Has(*b));
+  EXPECT_EQ(kv.FreeSequence(*b).code(), absl::StatusCode::kNotFound);
+  auto d = kv.AddSequence(10);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(*d, *b);  // the slot is reused
+  EXPECT_EQ(kv.length(*d), 0);
+}
+
+}  // namespace
+}  // namespace ktx::gpu
