@@ -1,13 +1,15 @@
 // The AMX variant: prefill matmuls over amx_int8 weights with AMX int8 tiles;
 // everything else (decode on panel16, quantizers, SiLU) is the AVX-512 code.
 //
-// Blocking: 32 output rows (two 16-row panels) x 32 activation rows per step,
+// Blocking: 32 output rows (two 16-row panels) x 32 activation rows per step:
 // four int32 C tiles (tmm0-3), two A tiles of activations (tmm4-5, 16 rows x 64
 // int8 of Q8K blocks, stride = activation row bytes) and two B tiles of weights
 // (tmm6-7, 16 k-groups x 64 bytes, stride 64). Per 256-k block: 4 x 4 tdpbssd,
 // then the C tiles are scaled by (weight row scale x activation block scale)
-// and accumulated in fp32. The weights of a 32-row panel pair (K x 32 int8:
-// 224 KiB at K = 7168) stay in L2 while the activation blocks pass over them.
+// and accumulated in fp32 into the output rows. k-blocks run outside the
+// token blocks, so the pair's B tiles of one k-block (8 KiB) stay in L1 while
+// the token blocks pass and only activation tiles stream from L2.
+// Not yet measured on AMX hardware (see docs/performance.md).
 //
 // Built twice: with the AMX flags for the real variant, and (tests only, with
 // -DKTX_MOE_AMX_EMULATE and no AMX flags) with scalar tile emulation, so that
@@ -104,49 +106,52 @@ void ConfigureTiles() {
 
 constexpr int64_t kActBlockBytes = sizeof(ActQ8K);  // 384: qs[256] then d at 256
 
-// Adds the four 16x16 int32 C tiles, scaled, into acc[32][32].
+// out[m][0..16 * n_panels) += C[m][..] * (weight row scale * activation block
+// scale dx[m]) for the m_valid first of the 32 rows of the four C tiles.
 inline void ScaleAccumulate(const int32_t (*c)[16 * 16], const float* sw0, const float* sw1,
-                            const float* dx, int n_panels, float (*acc)[32]) {
+                            const float* dx, int n_panels, int m_valid, float* out,
+                            int64_t out_stride) {
   const __m512 w0 = _mm512_loadu_ps(sw0);
   const __m512 w1 = n_panels > 1 ? _mm512_loadu_ps(sw1) : _mm512_setzero_ps();
-  for (int mt = 0; mt < 2; ++mt) {
-    for (int i = 0; i < 16; ++i) {
-      const int m = 16 * mt + i;
-      const __m512 d = _mm512_set1_ps(dx[m]);
-      __m512 a0 = _mm512_loadu_ps(acc[m]);
-      a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * mt] + 16 * i)),
-                           _mm512_mul_ps(w0, d), a0);
-      _mm512_storeu_ps(acc[m], a0);
-      if (n_panels > 1) {
-        __m512 a1 = _mm512_loadu_ps(acc[m] + 16);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * mt + 1] + 16 * i)),
-                             _mm512_mul_ps(w1, d), a1);
-        _mm512_storeu_ps(acc[m] + 16, a1);
-      }
+  for (int m = 0; m < m_valid; ++m) {
+    const int mt = m / 16, i = m % 16;
+    const __m512 d = _mm512_set1_ps(dx[m]);
+    float* o = out + m * out_stride;
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * mt] + 16 * i)),
+                                        _mm512_mul_ps(w0, d), _mm512_loadu_ps(o)));
+    if (n_panels > 1) {
+      _mm512_storeu_ps(
+          o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * mt + 1] + 16 * i)),
+                                  _mm512_mul_ps(w1, d), _mm512_loadu_ps(o + 16)));
     }
   }
 }
 
-// amx_int8 weights x contiguous, padded Q8K activation rows.
+// amx_int8 weights x contiguous, padded Q8K activation rows. Loop order per
+// 32-row panel pair: k-blocks outside, 32-token blocks inside, so that the
+// pair's B tiles of one k-block (8 KiB) stay in L1 across the token blocks
+// and only the activation tiles come from L2; fp32 sums go straight to `out`.
 void MatmulTiles(const MatmulArgs& a) {
   const int64_t nb = a.k / 256;
   const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
   ConfigureTiles();
   alignas(64) int32_t c[4][16 * 16];
-  alignas(64) float acc[32][32];
   float dx[32];
   for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) {
     const int n_panels = p0 + 1 < p_end ? 2 : 1;
     const uint8_t* w0 = a.w + p0 * nb * panel::kAmxBytes;
     const uint8_t* w1 = w0 + nb * panel::kAmxBytes;
-    for (int64_t m0 = 0; m0 < a.n_act; m0 += 32) {
-      const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
-      std::memset(acc, 0, sizeof(acc));
-      const uint8_t* act0 = a.act + m0 * a.act_stride;
-      const uint8_t* act1 = act0 + 16 * a.act_stride;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* pb0 = w0 + b * panel::kAmxBytes;
-        const uint8_t* pb1 = w1 + b * panel::kAmxBytes;
+    float* out = a.out + (p0 * kPanelRows - a.row_begin);
+    for (int64_t m = 0; m < a.n_act; ++m) {
+      std::memset(out + m * a.out_stride, 0, sizeof(float) * 16 * n_panels);
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb0 = w0 + b * panel::kAmxBytes;
+      const uint8_t* pb1 = w1 + b * panel::kAmxBytes;
+      for (int64_t m0 = 0; m0 < a.n_act; m0 += 32) {
+        const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
+        const uint8_t* act0 = a.act + m0 * a.act_stride;
+        const uint8_t* act1 = act0 + 16 * a.act_stride;
         KTX_TILE_ZERO(0);
         KTX_TILE_ZERO(1);
         KTX_TILE_ZERO(2);
@@ -168,16 +173,12 @@ void MatmulTiles(const MatmulArgs& a) {
         KTX_TILE_STORE(1, c[1], 64);
         KTX_TILE_STORE(2, c[2], 64);
         KTX_TILE_STORE(3, c[3], 64);
-        for (int m = 0; m < 32; ++m) {
+        for (int m = 0; m < m_valid; ++m) {
           std::memcpy(&dx[m], a.act + (m0 + m) * a.act_stride + b * kActBlockBytes + 256, 4);
-          if (m >= m_valid) dx[m] = 0.0f;  // padding rows: keep them finite
         }
         ScaleAccumulate(c, reinterpret_cast<const float*>(pb0 + panel::kAmxS),
-                        reinterpret_cast<const float*>(pb1 + panel::kAmxS), dx, n_panels, acc);
-      }
-      const int64_t col = p0 * kPanelRows - a.row_begin;
-      for (int m = 0; m < m_valid; ++m) {
-        std::memcpy(a.out + (m0 + m) * a.out_stride + col, acc[m], 4 * 16 * n_panels);
+                        reinterpret_cast<const float*>(pb1 + panel::kAmxS), dx, n_panels, m_valid,
+                        out + m0 * a.out_stride, a.out_stride);
       }
     }
   }
