@@ -1,0 +1,522 @@
+#include "runtime/moe_backend/cpu_moe_backend.h"
+
+#include <numa.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "runtime/base/logging.h"
+#include "runtime/base/status.h"
+
+namespace ktx::moe_backend {
+namespace {
+
+using kernels::CpuVariant;
+using kernels::TensorType;
+using kernels::moe::MoeLayerFormat;
+using kernels::moe::MoeMatrixFormat;
+using kernels::moe::MoeWeightLayout;
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string TypeName(TensorType t) {
+  const auto traits = kernels::GetTensorTypeTraits(static_cast<uint32_t>(t));
+  return traits ? std::string(traits->name) : absl::StrCat("type ", static_cast<uint32_t>(t));
+}
+
+// Load progress on stderr: a bar redrawn in place (terminal) or a log line
+// every 5 s. Called from the loading thread only.
+class LoadProgress {
+ public:
+  LoadProgress(ProgressMode mode, uint64_t total) : total_(total) {
+    if (mode == ProgressMode::kAuto) {
+      mode = isatty(STDERR_FILENO) ? ProgressMode::kBar : ProgressMode::kLines;
+    }
+    mode_ = total > 0 ? mode : ProgressMode::kOff;
+    start_ = last_ = Clock::now();
+  }
+
+  void Update(uint64_t done) {
+    const auto now = Clock::now();
+    const double since_last = std::chrono::duration<double>(now - last_).count();
+    const double elapsed = std::chrono::duration<double>(now - start_).count();
+    const double gbps = elapsed > 0 ? static_cast<double>(done) / elapsed / 1e9 : 0.0;
+    const double frac = static_cast<double>(done) / static_cast<double>(total_);
+    if (mode_ == ProgressMode::kBar) {
+      if (since_last < 0.1 && done < total_) return;
+      constexpr int kWidth = 30;
+      const int filled = static_cast<int>(frac * kWidth);
+      std::string bar(filled, '#');
+      bar.resize(kWidth, ' ');
+      std::fprintf(stderr, "\rrepacking experts [%s] %3.0f%% %.2f / %.2f GiB %.2f GB/s",
+                   bar.c_str(), 100.0 * frac, static_cast<double>(done) / (1 << 30),
+                   static_cast<double>(total_) / (1 << 30), gbps);
+      if (done >= total_) std::fputc('\n', stderr);
+      std::fflush(stderr);
+      drew_ = true;
+    } else if (mode_ == ProgressMode::kLines) {
+      if (since_last < 5.0) return;
+      KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
+          "repacking experts: %.0f%% (%.2f of %.2f GiB, %.2f GB/s)", 100.0 * frac,
+          static_cast<double>(done) / (1 << 30), static_cast<double>(total_) / (1 << 30), gbps);
+    }
+    last_ = now;
+  }
+
+  // Ends a bar that did not reach 100 % (an error).
+  ~LoadProgress() {
+    if (drew_ && mode_ == ProgressMode::kBar && !finished_) std::fputc('\n', stderr);
+  }
+  void Finish() { finished_ = true; }
+
+ private:
+  ProgressMode mode_;
+  uint64_t total_;
+  Clock::time_point start_, last_;
+  bool drew_ = false;
+  bool finished_ = false;
+};
+
+// One repacking: the job plus the arrays it points into.
+struct RepackJob {
+  kernels::moe::MoeRepackJob job;
+  std::vector<const void*> src;
+  std::vector<void*> dst;
+  int il = 0;
+};
+
+std::vector<int> AllowedCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+// Indices of the six per-call pointer tables.
+enum Which : int { kGate = 0, kUp = 1, kDown = 2, kGateP = 3, kUpP = 4, kDownP = 5 };
+
+}  // namespace
+
+// One MoE layer.
+struct CpuMoeBackend::Layer {
+  bool fast = false;          // on the kernels (else: reference fallback)
+  std::vector<uint8_t> held;  // U8 [n_expert], nonzero = held
+  int64_t n_held = 0;
+  kernels::moe::MoePlan plan;
+  // Expert matrices of each kind: [n_expert] pointers (null = not held), into
+  // decode_mem / prefill_mem (or the mapping for the gguf layout).
+  std::vector<const void*> ptrs[6];
+  runtime::NumaBuffer decode_mem;   // held experts x [gate | up | down], decode layout
+  runtime::NumaBuffer prefill_mem;  // the same in amx_int8 (when the plan has_prefill)
+};
+
+CpuMoeBackend::~CpuMoeBackend() = default;
+
+absl::StatusOr<std::unique_ptr<CpuMoeBackend>> CpuMoeBackend::Create(
+    const models::Deepseek2Model& model, runtime::CpuPool* pool,
+    const CpuMoeBackendOptions& options) {
+  return Create(model.hparams(), model.weights(), pool, options);
+}
+
+absl::StatusOr<std::unique_ptr<CpuMoeBackend>> CpuMoeBackend::Create(
+    const models::Deepseek2Hparams& hparams, const models::Deepseek2Weights& weights,
+    runtime::CpuPool* pool, const CpuMoeBackendOptions& options) {
+  if (pool == nullptr) return absl::InvalidArgumentError("CpuMoeBackend: no CpuPool given");
+  std::unique_ptr<CpuMoeBackend> b(new CpuMoeBackend());
+  b->hparams_ = &hparams;
+  b->weights_ = &weights;
+  b->pool_ = pool;
+  KTX_RETURN_IF_ERROR(b->Load(options));
+  return b;
+}
+
+absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
+  const auto t0 = Clock::now();
+  const models::Deepseek2Hparams& hp = *hparams_;
+  const int n_layer = hp.n_layer;
+  const int64_t n_expert = hp.n_expert;
+  if (options.max_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CpuMoeBackend: max_tokens = ", options.max_tokens, ", expected > 0"));
+  }
+  if (options.prefill_min_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CpuMoeBackend: prefill_min_tokens = ", options.prefill_min_tokens, ", expected > 0"));
+  }
+  if (options.decode_layout != MoeWeightLayout::kPanel16 &&
+      options.decode_layout != MoeWeightLayout::kGguf) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CpuMoeBackend: decode_layout must be panel16 or gguf, got ",
+                     kernels::moe::MoeWeightLayoutName(options.decode_layout)));
+  }
+  if (!options.owned_experts.empty()) {
+    if (static_cast<int>(options.owned_experts.size()) != n_layer) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuMoeBackend: owned_experts has ", options.owned_experts.size(),
+                       " layers, expected n_layer = ", n_layer, " (or none: all experts)"));
+    }
+    for (int il = 0; il < n_layer; ++il) {
+      const auto& m = options.owned_experts[il];
+      if (!m.empty() && static_cast<int64_t>(m.size()) != n_expert) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("CpuMoeBackend: owned_experts of layer ", il, " has ", m.size(),
+                         " entries, expected n_expert = ", n_expert, " (or none)"));
+      }
+    }
+  }
+  variant_ = options.variant.has_value() ? *options.variant : kernels::ActiveCpuVariant();
+  if (const std::string why = kernels::CpuVariantUnsupportedReason(variant_); !why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("CpuMoeBackend: CPU variant ",
+                                                   kernels::CpuVariantName(variant_),
+                                                   " cannot run on this machine: ", why));
+  }
+  max_tokens_ = options.max_tokens;
+  reference_ = std::make_unique<models::ReferenceExpertBackend>(hp, *weights_);
+  layers_.resize(n_layer);
+  load_stats_.variant = kernels::CpuVariantName(variant_);
+  load_stats_.decode_layout = kernels::moe::MoeWeightLayoutName(options.decode_layout);
+  load_stats_.numa_node = -1;
+
+  std::vector<RepackJob> jobs;
+  const kernels::moe::MoeShape shape{hp.n_embd, hp.n_ff_exp, hp.n_expert, hp.n_expert_used};
+  size_t workspace_bytes = 0;
+  for (int il = 0; il < n_layer; ++il) {
+    if (!hp.IsMoeLayer(il)) continue;
+    auto layer = std::make_unique<Layer>();
+    Layer& L = *layer;
+    layers_[il] = std::move(layer);
+    L.held.assign(n_expert, 1);
+    if (!options.owned_experts.empty()) {
+      const auto& m = options.owned_experts[il];
+      for (int64_t e = 0; e < n_expert; ++e) L.held[e] = !m.empty() && m[e] != 0;
+    }
+    L.n_held = std::count_if(L.held.begin(), L.held.end(), [](uint8_t v) { return v != 0; });
+
+    const models::Deepseek2LayerWeights& lw = weights_->layers[il];
+    const gguf::TensorInfo* tensors[3] = {lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps};
+    MoeLayerFormat format;
+    format.gate = {lw.ffn_gate_exps->type, options.decode_layout};
+    format.up = {lw.ffn_up_exps->type, options.decode_layout};
+    format.down = {lw.ffn_down_exps->type, options.decode_layout};
+    const bool want_prefill = variant_ == CpuVariant::kAmx && options.amx_prefill;
+    if (want_prefill) {
+      const MoeMatrixFormat g{format.gate.type, MoeWeightLayout::kAmxInt8};
+      const MoeMatrixFormat d{format.down.type, MoeWeightLayout::kAmxInt8};
+      if (kernels::moe::MoeFormatSupported(g) && kernels::moe::MoeFormatSupported(d)) {
+        format.has_prefill = true;
+        format.gate_prefill = format.up_prefill = g;
+        format.down_prefill = d;
+      }
+    }
+    kernels::moe::MoePlanOptions po;
+    po.max_tokens = options.max_tokens;
+    po.max_workers = pool_->num_workers();
+    po.prefill_min_tokens = options.prefill_min_tokens;
+    po.force_variant = true;
+    po.variant = variant_;
+    absl::StatusOr<kernels::moe::MoePlan> plan = kernels::moe::MakeMoePlan(shape, format, po);
+    if (!plan.ok()) {
+      const std::string why =
+          absl::StrCat("layer ", il, " (experts ", TypeName(format.gate.type), "/",
+                       TypeName(format.up.type), "/", TypeName(format.down.type), ", n_embd ",
+                       hp.n_embd, ", n_ff_exp ", hp.n_ff_exp, "): ", plan.status().message());
+      if (!options.allow_reference_fallback) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("CpuMoeBackend: the CPU kernels cannot run ", why));
+      }
+      KTX_LOG(WARNING, "moe_backend") << "reference experts for " << why;
+      ++load_stats_.n_reference_layers;
+      continue;
+    }
+    L.fast = true;
+    L.plan = *plan;
+    ++load_stats_.n_fast_layers;
+    load_stats_.n_experts_held += L.n_held;
+    load_stats_.prefill_form = load_stats_.prefill_form || format.has_prefill;
+    workspace_bytes = std::max(workspace_bytes, kernels::moe::MoeWorkspaceSize(L.plan));
+    for (auto& p : L.ptrs) p.assign(n_expert, nullptr);
+
+    // Matrix geometry: gate/up [n_ff rows][n_embd], down [n_embd rows][n_ff].
+    const int64_t rows[3] = {hp.n_ff_exp, hp.n_ff_exp, hp.n_embd};
+    const int64_t ks[3] = {hp.n_embd, hp.n_embd, hp.n_ff_exp};
+    auto add_form = [&](bool prefill) -> absl::Status {
+      const MoeMatrixFormat f[3] = {prefill ? format.gate_prefill : format.gate,
+                                    prefill ? format.up_prefill : format.up,
+                                    prefill ? format.down_prefill : format.down};
+      const int base = prefill ? kGateP : kGate;
+      if (f[0].layout == MoeWeightLayout::kGguf) {  // no copy: the mapping
+        for (int m = 0; m < 3; ++m) {
+          for (int64_t e = 0; e < n_expert; ++e) {
+            if (L.held[e]) L.ptrs[base + m][e] = models::WeightMatrix::Slab(*tensors[m], e).data;
+          }
+        }
+        return absl::OkStatus();
+      }
+      int64_t bytes[3];
+      for (int m = 0; m < 3; ++m) {
+        KTX_ASSIGN_OR_RETURN(bytes[m], kernels::moe::MoeMatrixBytes(f[m], rows[m], ks[m]));
+      }
+      const int64_t per_expert = bytes[0] + bytes[1] + bytes[2];
+      const size_t total = static_cast<size_t>(per_expert * L.n_held);
+      if (total == 0) return absl::OkStatus();
+      runtime::NumaBuffer mem = pool_->Allocate(total);
+      if (mem.data() == nullptr) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("CpuMoeBackend: cannot allocate ", total, " bytes for the ",
+                         prefill ? "amx_int8 prefill" : "decode", " experts of layer ", il));
+      }
+      load_stats_.numa_node = mem.numa_node();
+      uint8_t* at = static_cast<uint8_t*>(mem.data());
+      for (int m = 0; m < 3; ++m) {
+        RepackJob& j = jobs.emplace_back();
+        j.il = il;
+        j.src.assign(n_expert, nullptr);
+        j.dst.assign(n_expert, nullptr);
+        int64_t slot = 0;
+        for (int64_t e = 0; e < n_expert; ++e) {
+          if (!L.held[e]) continue;
+          j.src[e] = models::WeightMatrix::Slab(*tensors[m], e).data;
+          uint8_t* d = at + slot * per_expert +
+                       (m == 0   ? 0
+                        : m == 1 ? bytes[0]
+                                 : bytes[0] + bytes[1]);
+          j.dst[e] = d;
+          L.ptrs[base + m][e] = d;
+          ++slot;
+        }
+        j.job.type = f[m].type;
+        j.job.to = f[m].layout;
+        j.job.n_rows = rows[m];
+        j.job.k = ks[m];
+        j.job.n_expert = n_expert;
+      }
+      (prefill ? L.prefill_mem : L.decode_mem) = std::move(mem);
+      return absl::OkStatus();
+    };
+    KTX_RETURN_IF_ERROR(add_form(false));
+    if (format.has_prefill) KTX_RETURN_IF_ERROR(add_form(true));
+  }
+
+  // Repack everything on the pool, one job at a time (each job's tasks in
+  // parallel), with progress between jobs.
+  uint64_t total = 0;
+  for (RepackJob& j : jobs) {
+    j.job.src = j.src.data();
+    j.job.dst = j.dst.data();
+    KTX_RETURN_IF_ERROR(kernels::moe::ValidateMoeRepackJob(j.job));
+    total += static_cast<uint64_t>(kernels::moe::MoeRepackBytes(j.job));
+  }
+  LoadProgress progress(options.progress, total);
+  uint64_t done = 0;
+  for (const RepackJob& j : jobs) {
+    pool_->ParallelFor(kernels::moe::MoeRepackNumTasks(j.job),
+                       [&j](int64_t task, int) { kernels::moe::MoeRepackTask(j.job, task); });
+    done += static_cast<uint64_t>(kernels::moe::MoeRepackBytes(j.job));
+    progress.Update(done);
+  }
+  progress.Finish();
+  load_stats_.repacked_bytes = total;
+
+  if (workspace_bytes > 0) {
+    workspace_ = pool_->Allocate(workspace_bytes);
+    if (workspace_.data() == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("CpuMoeBackend: cannot allocate the ",
+                                                       workspace_bytes, "-byte kernel workspace"));
+    }
+  }
+  load_stats_.workspace_bytes = workspace_bytes;
+  table_.assign(6 * static_cast<size_t>(n_expert), nullptr);
+  load_stats_.seconds = SecondsSince(t0);
+  KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
+      "CPU experts ready: %d MoE layers on the %s kernels (%s%s), %d on the reference path, "
+      "%d experts held, %.2f GiB repacked in %.2f s (%.2f GB/s), NUMA node %d, workspace %.1f "
+      "MiB, %d threads",
+      load_stats_.n_fast_layers, load_stats_.variant, load_stats_.decode_layout,
+      load_stats_.prefill_form ? " + amx_int8 prefill" : "", load_stats_.n_reference_layers,
+      load_stats_.n_experts_held, static_cast<double>(total) / (1 << 30), load_stats_.seconds,
+      load_stats_.seconds > 0 ? static_cast<double>(total) / load_stats_.seconds / 1e9 : 0.0,
+      load_stats_.numa_node, static_cast<double>(workspace_bytes) / (1 << 20),
+      pool_->num_workers());
+  return absl::OkStatus();
+}
+
+bool CpuMoeBackend::IsFastLayer(int il) const {
+  return il >= 0 && il < static_cast<int>(layers_.size()) && layers_[il] != nullptr &&
+         layers_[il]->fast;
+}
+
+bool CpuMoeBackend::Holds(int il, int e) const {
+  return il >= 0 && il < static_cast<int>(layers_.size()) && layers_[il] != nullptr && e >= 0 &&
+         e < static_cast<int>(layers_[il]->held.size()) && layers_[il]->held[e] != 0;
+}
+
+CpuMoeRunStats CpuMoeBackend::run_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void CpuMoeBackend::ResetRunStats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_ = {};
+}
+
+absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
+                                    const models::Routing& routing,
+                                    std::span<const uint8_t> expert_mask,
+                                    models::Activations* out) {
+  const models::Deepseek2Hparams& hp = *hparams_;
+  if (il < 0 || il >= hp.n_layer || layers_[il] == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", il, " is not a MoE layer"));
+  }
+  if (out == nullptr) return absl::InvalidArgumentError("routed experts: no output given");
+  const Layer& L = *layers_[il];
+  const int64_t n = h.n_tokens();
+  const int64_t n_embd = hp.n_embd;
+  const int32_t k_used = routing.n_expert_used;
+  if (h.n_cols() != n_embd || routing.n_tokens != n || k_used != hp.n_expert_used ||
+      static_cast<int64_t>(routing.expert_ids.size()) != n * k_used ||
+      routing.weights.size() != routing.expert_ids.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("routed experts of layer ", il, ": activations [", h.n_tokens(), ", ",
+                     h.n_cols(), "] and routing of ", routing.n_tokens, " tokens x ", k_used,
+                     " do not match (n_embd ", n_embd, ", n_expert_used ", hp.n_expert_used, ")"));
+  }
+  if (!expert_mask.empty() && static_cast<int64_t>(expert_mask.size()) != hp.n_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("expert mask has ", expert_mask.size(),
+                                                   " entries, expected n_expert = ", hp.n_expert));
+  }
+  for (int64_t i = 0; i < n * k_used; ++i) {
+    const int32_t e = routing.expert_ids[i];
+    if (e < 0 || e >= hp.n_expert) {
+      return absl::InvalidArgumentError(absl::StrCat("routing of token ", i / k_used,
+                                                     " names expert ", e, ", outside [0, ",
+                                                     hp.n_expert, ")"));
+    }
+    if ((expert_mask.empty() || expert_mask[e] != 0) && L.held[e] == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("routed experts: expert ", e, " of layer ", il,
+                       " is selected but not held by this CPU expert backend"));
+    }
+  }
+  if (!L.fast) return reference_->Compute(il, h, routing, expert_mask, out);
+
+  out->Resize(n, n_embd);
+  if (n == 0) return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t n_expert = hp.n_expert;
+  const void** table[6];
+  for (int m = 0; m < 6; ++m) {
+    table[m] = table_.data() + m * n_expert;
+    const bool present = !L.ptrs[m].empty();
+    for (int64_t e = 0; e < n_expert; ++e) {
+      const bool selected = expert_mask.empty() || expert_mask[e] != 0;
+      table[m][e] = present && selected ? L.ptrs[m][e] : nullptr;
+    }
+  }
+  const auto& f = L.plan.format;
+  kernels::moe::MoeLayerWeights w;
+  w.gate = {f.gate, table[kGate]};
+  w.up = {f.up, table[kUp]};
+  w.down = {f.down, table[kDown]};
+  if (f.has_prefill) {
+    w.gate_prefill = {f.gate_prefill, table[kGateP]};
+    w.up_prefill = {f.up_prefill, table[kUpP]};
+    w.down_prefill = {f.down_prefill, table[kDownP]};
+  }
+  ++stats_.calls;
+  for (int64_t t0 = 0; t0 < n; t0 += max_tokens_) {
+    const int64_t cnt = std::min(max_tokens_, n - t0);
+    kernels::moe::MoeInput input;
+    input.n_tokens = cnt;
+    input.x = h.row(t0);
+    input.ids = routing.expert_ids.data() + t0 * k_used;
+    input.weights = routing.weights.data() + t0 * k_used;
+    input.out = out->row(t0);
+    KTX_ASSIGN_OR_RETURN(
+        kernels::moe::MoeRun run,
+        kernels::moe::MoeRun::Begin(L.plan, w, input, workspace_.data(), workspace_.size()));
+    kernels::moe::RunMoe(run,
+                         [this](int64_t n_tasks, auto&& fn) { pool_->ParallelFor(n_tasks, fn); });
+    ++stats_.runs;
+    stats_.tokens += cnt;
+    stats_.pairs += run.num_pairs();
+    stats_.active_experts += run.num_active_experts();
+    stats_.weight_bytes += run.weight_bytes();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<runtime::CpuPool>> CreateCpuPool(int n_threads) {
+  if (n_threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("thread count ", n_threads, ": expected >= 0 (0: all cpus)"));
+  }
+  std::vector<int> cpus = AllowedCpus();
+  if (cpus.empty()) return absl::InternalError("no cpu in this process's affinity mask");
+  if (n_threads > 0 && n_threads < static_cast<int>(cpus.size())) cpus.resize(n_threads);
+  runtime::CpuPool::Options options;
+  options.cpus = cpus;
+  options.numa_node = numa_available() >= 0 ? numa_node_of_cpu(cpus.front()) : -1;
+  return runtime::CpuPool::Create(options);
+}
+
+absl::StatusOr<std::vector<std::vector<uint8_t>>> OwnedExpertMasks(
+    const std::vector<std::vector<int>>& held, int n_expert) {
+  std::vector<std::vector<uint8_t>> masks(held.size());
+  for (size_t il = 0; il < held.size(); ++il) {
+    if (held[il].empty()) continue;
+    masks[il].assign(n_expert, 0);
+    for (int e : held[il]) {
+      if (e < 0 || e >= n_expert) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("held expert ", e, " of layer ", il, " is outside [0, ", n_expert, ")"));
+      }
+      masks[il][e] = 1;
+    }
+  }
+  return masks;
+}
+
+absl::StatusOr<std::unique_ptr<CpuExperts>> CpuExperts::Attach(
+    models::Deepseek2Model* model, int n_threads, const CpuMoeBackendOptions& options) {
+  if (model == nullptr) return absl::InvalidArgumentError("CpuExperts: no model given");
+  std::unique_ptr<CpuExperts> experts(new CpuExperts());
+  KTX_ASSIGN_OR_RETURN(experts->pool_, CreateCpuPool(n_threads));
+  KTX_ASSIGN_OR_RETURN(experts->backend_,
+                       CpuMoeBackend::Create(*model, experts->pool_.get(), options));
+  experts->model_ = model;
+  model->SetExpertBackend(experts->backend_.get());
+  return experts;
+}
+
+CpuExperts::~CpuExperts() { Detach(); }
+
+void CpuExperts::Detach() {
+  if (model_ != nullptr && model_->expert_backend() == backend_.get()) {
+    model_->SetExpertBackend(nullptr);
+  }
+  model_ = nullptr;
+}
+
+absl::StatusOr<bool> ParseExpertsFlag(const std::string& value) {
+  if (value == "fast") return true;
+  if (value == "reference") return false;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--experts ", value, ": expected fast or reference"));
+}
+
+}  // namespace ktx::moe_backend

@@ -1,0 +1,217 @@
+// File: runtime/moe_backend/cpu_moe_backend.h
+//
+// The fast CPU expert backend: the fused MoE operator of kernels/cpu/moe
+// (moe.h: plan/run, caller-owned workspace, ISA variants) plugged into the
+// model as a models::ExpertBackend, so that Deepseek2Model::RoutedExperts (and
+// everything built on it: Forward, the engines, the bench) runs routed experts
+// with the int8/VNNI/AMX kernels instead of the scalar reference path.
+//
+//   KTX_ASSIGN_OR_RETURN(auto pool, runtime::CpuPool::Create({}));
+//   KTX_ASSIGN_OR_RETURN(auto experts, CpuMoeBackend::Create(*model, pool.get()));
+//   model->SetExpertBackend(experts.get());   // nullptr restores the reference path
+//
+// Load. For every MoE layer, the expert tensors (ffn_gate_exps, ffn_up_exps,
+// ffn_down_exps) of the held experts (CpuMoeBackendOptions::owned_experts: a
+// shard holds only its experts) are repacked into the kernel layout (panel16 by
+// default; on the amx variant also the lossy amx_int8 prefill form) in
+// parallel on the pool, into memory allocated on the pool's NUMA node (the
+// pool's pinned workers write it, so pages are first touched there too). A
+// progress bar goes to stderr when it is a terminal, else a log line every 5 s;
+// a final log line gives the time and the bytes.
+//
+// A layer the kernels cannot run (expert types other than Q4_K, Q5_K, Q6_K,
+// Q8_0, BF16; n_embd or n_ff_exp not a multiple of 256, e.g. DeepSeek-V2-Lite's
+// 1408) falls back to the reference backend with a warning (or fails, see
+// allow_reference_fallback).
+//
+// Compute. Runs the operator's three stages on the pool (ParallelFor) with a
+// workspace allocated at load (no allocation per call after the first, except
+// `out`'s own growth); batches larger than max_tokens run in chunks. The
+// result of a given variant is bitwise independent of the pool's thread count.
+// Accuracy: activations are quantized to int8 blocks (Q8_K / Q8_0) or rounded
+// to bf16 before the dot products: NMSE against the float reference about 1e-4
+// (the kernel states <= 1e-3; <= 1.5e-3 with amx_int8 prefill weights), i.e.
+// tier B of tests/data/README.md section 6 for the whole model.
+//
+// Ownership and thread-safety: owns the repacked weights, the plans, the
+// workspace and the per-call pointer tables; borrows the model's hparams and
+// weights (mapping) and the pool, which must outlive it. Compute calls are
+// serialised by an internal mutex (the pool runs one fork-join at a time), so
+// concurrent callers are safe but do not run in parallel.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cpu/moe/moe.h"
+#include "kernels/cpu/moe/moe_repack.h"
+#include "kernels/cpu/x86/cpu_variant.h"
+#include "runtime/cpu_pool/cpu_pool.h"
+#include "runtime/models/activations.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/models/moe.h"
+
+namespace ktx::moe_backend {
+
+// How load progress is reported on stderr.
+enum class ProgressMode {
+  kAuto,   // a bar when stderr is a terminal, else kLines
+  kBar,    // a one-line bar redrawn with '\r'
+  kLines,  // a log line every 5 s
+  kOff,    // only the final log line
+};
+
+struct CpuMoeBackendOptions {
+  // The experts this backend holds. Empty: every expert of every MoE layer.
+  // Otherwise n_layer entries; entry il is n_expert bytes (nonzero = held) or
+  // empty (nothing held in layer il; always so for dense layers).
+  std::vector<std::vector<uint8_t>> owned_experts;
+  // Largest token count of one kernel run; larger batches run in chunks. The
+  // workspace grows linearly with it (~150 KiB per token at DeepSeek-V3 width
+  // with 16 workers).
+  int64_t max_tokens = 512;
+  // Kernel variant; unset: kernels::ActiveCpuVariant() (KTX_CPU_VARIANT or
+  // the best one the host supports). InvalidArgument if the host cannot run it.
+  std::optional<kernels::CpuVariant> variant;
+  // Layout of the decode form: kPanel16 (repacked copy, the fast one) or kGguf
+  // (no copy: the kernels read the model's mapping directly).
+  kernels::moe::MoeWeightLayout decode_layout = kernels::moe::MoeWeightLayout::kPanel16;
+  // On the amx variant, also build the amx_int8 prefill form (lossy int8
+  // weights, AMX tiles; about 1.8x the Q4_K bytes more memory) used by experts
+  // with at least prefill_min_tokens tokens in a call.
+  bool amx_prefill = true;
+  int64_t prefill_min_tokens = 32;
+  ProgressMode progress = ProgressMode::kAuto;
+  // Layers the kernels cannot run use the reference backend (true), or Create
+  // fails naming the layer and the reason (false).
+  bool allow_reference_fallback = true;
+};
+
+// What loading did.
+struct CpuMoeLoadStats {
+  std::string variant;           // "avx512", ...
+  std::string decode_layout;     // "panel16" / "gguf"
+  bool prefill_form = false;     // amx_int8 copies were made
+  int n_fast_layers = 0;         // MoE layers on the kernels
+  int n_reference_layers = 0;    // MoE layers that fell back to the reference path
+  int64_t n_experts_held = 0;    // over all fast layers
+  uint64_t repacked_bytes = 0;   // bytes written by repacking (allocated expert memory)
+  uint64_t workspace_bytes = 0;  // the Compute workspace
+  double seconds = 0.0;          // wall time of Create
+  int numa_node = -1;            // node of the expert memory, -1 = plain memory
+};
+
+// Counters of Compute calls on fast layers since the last ResetRunStats().
+struct CpuMoeRunStats {
+  int64_t calls = 0;           // Compute calls
+  int64_t runs = 0;            // kernel runs (chunks)
+  int64_t tokens = 0;          // token rows computed
+  int64_t pairs = 0;           // (token, held expert) pairs computed
+  int64_t active_experts = 0;  // sum over runs of the distinct experts used
+  int64_t weight_bytes = 0;    // expert weight bytes the runs read (MoeRun::weight_bytes)
+};
+
+class CpuMoeBackend final : public models::ExpertBackend {
+ public:
+  // Builds the backend for `model` (kept by reference: it must outlive the
+  // backend) on `pool` (likewise). Errors: InvalidArgument for bad options (a
+  // mask of the wrong size, max_tokens <= 0, a variant the host cannot run) or,
+  // without fallback, a layer the kernels cannot run; ResourceExhausted when
+  // the expert memory cannot be allocated.
+  static absl::StatusOr<std::unique_ptr<CpuMoeBackend>> Create(
+      const models::Deepseek2Model& model, runtime::CpuPool* pool,
+      const CpuMoeBackendOptions& options = {});
+  // The same from the model's parts (both must outlive the backend).
+  static absl::StatusOr<std::unique_ptr<CpuMoeBackend>> Create(
+      const models::Deepseek2Hparams& hparams, const models::Deepseek2Weights& weights,
+      runtime::CpuPool* pool, const CpuMoeBackendOptions& options = {});
+
+  ~CpuMoeBackend() override;
+  CpuMoeBackend(const CpuMoeBackend&) = delete;
+  CpuMoeBackend& operator=(const CpuMoeBackend&) = delete;
+
+  // See models::ExpertBackend. Besides its errors: InvalidArgument for h,
+  // routing or mask shapes that do not match the layer, FailedPrecondition
+  // naming the layer and the expert when an entry selected by the mask (or by
+  // an empty mask) uses an expert this backend does not hold.
+  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
+                       std::span<const uint8_t> expert_mask, models::Activations* out) override;
+
+  kernels::CpuVariant variant() const { return variant_; }
+  const CpuMoeLoadStats& load_stats() const { return load_stats_; }
+  // True when MoE layer il runs on the kernels (false: reference fallback or dense).
+  bool IsFastLayer(int il) const;
+  // Whether this backend holds expert e of layer il.
+  bool Holds(int il, int e) const;
+
+  CpuMoeRunStats run_stats() const;
+  void ResetRunStats();
+
+ private:
+  struct Layer;
+  CpuMoeBackend() = default;
+  absl::Status Load(const CpuMoeBackendOptions& options);
+
+  const models::Deepseek2Hparams* hparams_ = nullptr;
+  const models::Deepseek2Weights* weights_ = nullptr;
+  runtime::CpuPool* pool_ = nullptr;
+  kernels::CpuVariant variant_ = kernels::CpuVariant::kScalar;
+  int64_t max_tokens_ = 0;
+  std::vector<std::unique_ptr<Layer>> layers_;  // [n_layer]; null for dense layers
+  std::unique_ptr<models::ReferenceExpertBackend> reference_;
+  CpuMoeLoadStats load_stats_;
+
+  // Serialises Compute (the pool runs one fork-join at a time) and guards
+  // everything below.
+  mutable std::mutex mu_;
+  runtime::NumaBuffer workspace_;   // U8 [max over layers of MoeWorkspaceSize], 64-aligned
+  std::vector<const void*> table_;  // per call: [6][n_expert] expert pointers (null = skip)
+  CpuMoeRunStats stats_;
+};
+
+// A pool on the first `n_threads` cpus of this process's affinity mask (0 or
+// more than there are: all of them), memory on the NUMA node of the first cpu.
+absl::StatusOr<std::unique_ptr<runtime::CpuPool>> CreateCpuPool(int n_threads);
+
+// Per-layer held-expert masks (the CpuMoeBackendOptions::owned_experts form)
+// from per-layer ascending id lists (actors::HeldExperts). InvalidArgument
+// for an id outside [0, n_expert).
+absl::StatusOr<std::vector<std::vector<uint8_t>>> OwnedExpertMasks(
+    const std::vector<std::vector<int>>& held, int n_expert);
+
+// A pool and a CpuMoeBackend attached to a model: what `ktx-ctl run/logits
+// --experts fast` and `ktx-ctl bench` hold. Detach() (or the destructor)
+// gives the model its reference backend back.
+class CpuExperts {
+ public:
+  // Creates the pool (CreateCpuPool(n_threads)) and the backend, and sets it
+  // as the model's expert backend. The model must outlive the CpuExperts.
+  static absl::StatusOr<std::unique_ptr<CpuExperts>> Attach(
+      models::Deepseek2Model* model, int n_threads, const CpuMoeBackendOptions& options = {});
+  ~CpuExperts();
+  CpuExperts(const CpuExperts&) = delete;
+  CpuExperts& operator=(const CpuExperts&) = delete;
+
+  void Detach();
+  runtime::CpuPool& pool() { return *pool_; }
+  CpuMoeBackend& backend() { return *backend_; }
+
+ private:
+  CpuExperts() = default;
+  models::Deepseek2Model* model_ = nullptr;
+  std::unique_ptr<runtime::CpuPool> pool_;  // destroyed after the backend
+  std::unique_ptr<CpuMoeBackend> backend_;
+};
+
+// Parses "fast" / "reference" (the --experts flag); InvalidArgument naming
+// the flag otherwise. true = fast.
+absl::StatusOr<bool> ParseExpertsFlag(const std::string& value);
+
+}  // namespace ktx::moe_backend

@@ -1,0 +1,500 @@
+// CpuMoeBackend: the model with the fast CPU experts against the float64
+// fixtures (tests/data/README.md section 6, tier B) for every CPU variant the
+// host supports; each MoE layer against the ReferenceExpertBackend on the
+// model's own activations within the kernel's stated tolerance (NMSE <= 1e-3,
+// 1.5e-3 with amx_int8 prefill weights: kernels/cpu/moe tests); results
+// independent of the pool's thread count; held-expert masks; fallback.
+#include "runtime/moe_backend/cpu_moe_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/x86/cpu_variant.h"
+#include "nlohmann/json.hpp"
+#include "runtime/kv_cache/latent_kv_cache.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/synth/synth_plan.h"
+#include "runtime/synth/synth_writer.h"
+
+namespace ktx::moe_backend {
+namespace {
+
+using kernels::CpuVariant;
+using models::Activations;
+using models::Deepseek2Model;
+using models::Routing;
+
+const std::string kDataDir = std::string(KTX_SOURCE_DIR) + "/tests/data/";
+
+const nlohmann::json& Manifest() {
+  static const nlohmann::json* m = [] {
+    std::ifstream in(kDataDir + "manifest.json");
+    return new nlohmann::json(nlohmann::json::parse(in));
+  }();
+  return *m;
+}
+
+std::vector<float> LoadF32(const std::string& name) {
+  std::ifstream in(kDataDir + name, std::ios::binary);
+  EXPECT_TRUE(in.good()) << name;
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+std::vector<CpuVariant> HostVariants() {
+  std::vector<CpuVariant> v;
+  for (CpuVariant c : kernels::kAllCpuVariants) {
+    if (kernels::HostSupportsCpuVariant(c)) v.push_back(c);
+  }
+  return v;
+}
+
+std::unique_ptr<runtime::CpuPool> Pool(int n_threads) {
+  auto pool = CreateCpuPool(n_threads);
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  return std::move(*pool);
+}
+
+std::unique_ptr<Deepseek2Model> OpenFixture(const std::string& type) {
+  auto model = Deepseek2Model::Open(kDataDir + "dsv3-tiny-" + type + ".gguf");
+  EXPECT_TRUE(model.ok()) << model.status();
+  return std::move(*model);
+}
+
+CpuMoeBackendOptions Quiet(CpuVariant variant) {
+  CpuMoeBackendOptions o;
+  o.variant = variant;
+  o.progress = ProgressMode::kOff;
+  return o;
+}
+
+int64_t Argmax(const float* row, int64_t n) { return std::max_element(row, row + n) - row; }
+
+// Tier B statistics of `got` against `want` ([n_rows, n_vocab]).
+struct TierB {
+  double rel_l2 = 0;
+  double median_row_rel_l2 = 0;
+  double argmax_agreement = 1;  // over rows with margin > 1.0
+  int n_margin_rows = 0;
+};
+
+TierB Compare(const std::vector<float>& got, const std::vector<float>& want,
+              const std::vector<double>& margins, int64_t n_vocab) {
+  TierB s;
+  const int64_t n_rows = static_cast<int64_t>(want.size()) / n_vocab;
+  EXPECT_EQ(got.size(), want.size());
+  EXPECT_EQ(static_cast<int64_t>(margins.size()), n_rows);
+  double diff_all = 0, ref_all = 0;
+  std::vector<double> rows;
+  int agree = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    double diff = 0, ref = 0;
+    for (int64_t i = 0; i < n_vocab; ++i) {
+      const double d = static_cast<double>(got[r * n_vocab + i]) - want[r * n_vocab + i];
+      diff += d * d;
+      ref += static_cast<double>(want[r * n_vocab + i]) * want[r * n_vocab + i];
+    }
+    diff_all += diff;
+    ref_all += ref;
+    rows.push_back(std::sqrt(diff / ref));
+    if (margins[r] > 1.0) {
+      ++s.n_margin_rows;
+      agree += Argmax(&got[r * n_vocab], n_vocab) == Argmax(&want[r * n_vocab], n_vocab);
+    }
+  }
+  s.rel_l2 = std::sqrt(diff_all / ref_all);
+  std::sort(rows.begin(), rows.end());
+  s.median_row_rel_l2 = rows.size() % 2 ? rows[rows.size() / 2]
+                                        : 0.5 * (rows[rows.size() / 2 - 1] + rows[rows.size() / 2]);
+  s.argmax_agreement = s.n_margin_rows ? static_cast<double>(agree) / s.n_margin_rows : 1.0;
+  return s;
+}
+
+// Prompt as one batch (all rows), then the greedy tokens one at a time
+// (teacher forcing): the logits of all 97 rows, [97, n_vocab].
+std::vector<float> TeacherForced(const Deepseek2Model& model, const std::string& type) {
+  const auto prompt = Manifest()["prompt_tokens"].get<std::vector<int32_t>>();
+  const auto gen = Manifest()["files"][type]["llama_greedy_tokens"].get<std::vector<int32_t>>();
+  auto kv = kv_cache::SequenceKv::Create(model.kv_layout(), 128);
+  EXPECT_TRUE(kv.ok());
+  Activations logits;
+  EXPECT_TRUE(model.Forward(prompt, kv->get(), models::LogitsRows::kAll, &logits).ok());
+  std::vector<float> all = logits.values();
+  for (int32_t token : gen) {
+    const int32_t one[] = {token};
+    EXPECT_TRUE(model.Forward(one, kv->get(), models::LogitsRows::kLast, &logits).ok());
+    all.insert(all.end(), logits.values().begin(), logits.values().end());
+  }
+  return all;
+}
+
+struct Case {
+  std::string type;
+  CpuVariant variant;
+};
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.type << "/" << kernels::CpuVariantName(c.variant);
+}
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  return info.param.type + "_" + kernels::CpuVariantName(info.param.variant);
+}
+
+std::vector<Case> AllCases() {
+  std::vector<Case> cases;
+  for (const char* type : {"bf16", "q8_0", "q4_k_m"}) {
+    for (CpuVariant v : HostVariants()) cases.push_back({type, v});
+  }
+  return cases;
+}
+
+class CpuMoeBackendFixtureTest : public ::testing::TestWithParam<Case> {};
+
+// Tier B bounds of README section 6, and the backend really ran.
+TEST_P(CpuMoeBackendFixtureTest, ModelMatchesFloat64ReferenceWithinTierB) {
+  const Case& c = GetParam();
+  auto model = OpenFixture(c.type);
+  auto pool = Pool(0);
+  auto backend = CpuMoeBackend::Create(*model, pool.get(), Quiet(c.variant));
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_EQ((*backend)->load_stats().n_fast_layers, 2);
+  EXPECT_EQ((*backend)->load_stats().n_reference_layers, 0);
+  EXPECT_EQ((*backend)->variant(), c.variant);
+  model->SetExpertBackend(backend->get());
+  const std::vector<float> got = TeacherForced(*model, c.type);
+  const CpuMoeRunStats stats = (*backend)->run_stats();
+  EXPECT_EQ(stats.calls, 2 * (1 + 32));  // two MoE layers, 33 forward passes
+  EXPECT_EQ(stats.tokens, 2 * (65 + 32));
+  EXPECT_GT(stats.weight_bytes, 0);
+
+  const auto& files = Manifest()["files"][c.type];
+  std::vector<float> want = LoadF32(files["ref64_prompt_logits"]["file"]);
+  const std::vector<float> want_gen = LoadF32(files["ref64_gen_logits"]["file"]);
+  want.insert(want.end(), want_gen.begin(), want_gen.end());
+  std::vector<double> margins = files["ref64_prompt_top2_margin"].get<std::vector<double>>();
+  const auto gen_margins = files["ref64_gen_top2_margin"].get<std::vector<double>>();
+  margins.insert(margins.end(), gen_margins.begin(), gen_margins.end());
+  const int64_t n_vocab = Manifest()["n_vocab"].get<int64_t>();
+  const TierB s = Compare(got, want, margins, n_vocab);
+  std::printf(
+      "[ measured ] %s/%s: rel L2 %.3e, median row rel L2 %.3e, argmax agreement %.3f "
+      "(%d rows with margin > 1)\n",
+      c.type.c_str(), kernels::CpuVariantName(c.variant), s.rel_l2, s.median_row_rel_l2,
+      s.argmax_agreement, s.n_margin_rows);
+  struct Bound {
+    const char* type;
+    double rel_l2, median;
+  };
+  const Bound bounds[] = {{"bf16", 0.16, 0.022}, {"q8_0", 0.23, 0.046}, {"q4_k_m", 0.30, 0.074}};
+  for (const Bound& b : bounds) {
+    if (c.type != b.type) continue;
+    EXPECT_LE(s.rel_l2, b.rel_l2);
+    EXPECT_LE(s.median_row_rel_l2, b.median);
+  }
+  EXPECT_GE(s.argmax_agreement, 0.90);
+  // Not the reference path in disguise: the activations were rounded.
+  model->SetExpertBackend(nullptr);
+  const std::vector<float> ref = TeacherForced(*model, c.type);
+  EXPECT_NE(0, std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)));
+}
+
+// The model's FFN input of every layer for the prompt (reference path):
+// h [65, n_embd] and its routing, per MoE layer.
+struct LayerInput {
+  int il = 0;
+  Activations h;
+  Routing routing;
+};
+
+std::vector<LayerInput> CaptureMoeInputs(const Deepseek2Model& model) {
+  const auto prompt = Manifest()["prompt_tokens"].get<std::vector<int32_t>>();
+  auto kv = kv_cache::SequenceKv::Create(model.kv_layout(), 128);
+  EXPECT_TRUE(kv.ok());
+  std::vector<int32_t> pos(prompt.size());
+  for (size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<int32_t>(i);
+  std::vector<LayerInput> out;
+  Activations x, h, f, s;
+  EXPECT_TRUE(model.Embed(prompt, &x).ok());
+  for (int il = 0; il < model.hparams().n_layer; ++il) {
+    EXPECT_TRUE(model.AttentionBlock(il, pos, kv->get(), &x).ok());
+    EXPECT_TRUE(model.FfnNorm(il, x, &h).ok());
+    if (!model.hparams().IsMoeLayer(il)) {
+      EXPECT_TRUE(model.DenseFfn(il, h, &f).ok());
+      const Activations* parts[] = {&f};
+      EXPECT_TRUE(model.Combine(parts, &x).ok());
+      continue;
+    }
+    LayerInput& in = out.emplace_back();
+    in.il = il;
+    in.h = h;
+    EXPECT_TRUE(model.Route(il, h, &in.routing).ok());
+    models::ReferenceExpertBackend ref(model.hparams(), model.weights());
+    EXPECT_TRUE(ref.Compute(il, h, in.routing, {}, &f).ok());
+    EXPECT_TRUE(model.SharedExperts(il, h, &s).ok());
+    const Activations* parts[] = {&f, &s};
+    EXPECT_TRUE(model.Combine(parts, &x).ok());
+  }
+  return out;
+}
+
+double Nmse(const Activations& got, const Activations& want) {
+  double d = 0, r = 0;
+  for (size_t i = 0; i < want.values().size(); ++i) {
+    const double e = static_cast<double>(got.values()[i]) - want.values()[i];
+    d += e * e;
+    r += static_cast<double>(want.values()[i]) * want.values()[i];
+  }
+  return d / r;
+}
+
+// Every MoE layer, full and under expert masks, against the reference backend
+// on the model's own activations.
+TEST_P(CpuMoeBackendFixtureTest, EachLayerMatchesTheReferenceBackend) {
+  const Case& c = GetParam();
+  auto model = OpenFixture(c.type);
+  auto pool = Pool(0);
+  auto backend = CpuMoeBackend::Create(*model, pool.get(), Quiet(c.variant));
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  models::ReferenceExpertBackend ref(model->hparams(), model->weights());
+  const double tol = (*backend)->load_stats().prefill_form ? 1.5e-3 : 1e-3;
+  const int n_expert = model->hparams().n_expert;
+  std::vector<uint8_t> even(n_expert), odd(n_expert);
+  for (int e = 0; e < n_expert; ++e) (e % 2 ? odd : even)[e] = 1;
+  for (const LayerInput& in : CaptureMoeInputs(*model)) {
+    const std::vector<uint8_t>* masks[] = {nullptr, &even, &odd};
+    for (const std::vector<uint8_t>* mask : masks) {
+      std::span<const uint8_t> m;
+      if (mask != nullptr) m = *mask;
+      Activations want, got;
+      ASSERT_TRUE(ref.Compute(in.il, in.h, in.routing, m, &want).ok());
+      ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, m, &got).ok());
+      ASSERT_EQ(got.n_tokens(), want.n_tokens());
+      ASSERT_EQ(got.n_cols(), want.n_cols());
+      const double nmse = Nmse(got, want);
+      std::printf("[ measured ] %s/%s layer %d mask %s: NMSE %.2e\n", c.type.c_str(),
+                  kernels::CpuVariantName(c.variant), in.il,
+                  mask == nullptr ? "all"
+                  : mask == &even ? "even"
+                                  : "odd",
+                  nmse);
+      EXPECT_LT(nmse, tol) << "layer " << in.il;
+    }
+    // The two halves add up to the whole (fp32 rounding of one more sum).
+    Activations all, a, b;
+    ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, {}, &all).ok());
+    ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, even, &a).ok());
+    ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, odd, &b).ok());
+    for (size_t i = 0; i < a.values().size(); ++i) a.data()[i] += b.values()[i];
+    EXPECT_LT(Nmse(a, all), 1e-10);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(FixturesAndVariants, CpuMoeBackendFixtureTest,
+                         ::testing::ValuesIn(AllCases()), CaseName);
+
+// Bitwise the same logits with 1 worker and with every cpu, for each variant;
+// and the same with the batch split into kernel runs of 7 tokens (except where
+// the amx prefill form makes the per-expert token count matter).
+TEST(CpuMoeBackendTest, ResultsIndependentOfThreadCountAndChunking) {
+  auto model = OpenFixture("q4_k_m");
+  for (CpuVariant v : HostVariants()) {
+    std::vector<std::vector<float>> runs;
+    for (int threads : {1, 0}) {
+      for (int64_t max_tokens : {int64_t{512}, int64_t{7}}) {
+        auto pool = Pool(threads);
+        CpuMoeBackendOptions o = Quiet(v);
+        o.max_tokens = max_tokens;
+        o.amx_prefill = false;
+        auto backend = CpuMoeBackend::Create(*model, pool.get(), o);
+        ASSERT_TRUE(backend.ok()) << backend.status();
+        model->SetExpertBackend(backend->get());
+        runs.push_back(TeacherForced(*model, "q4_k_m"));
+        model->SetExpertBackend(nullptr);
+        if (max_tokens == 7) {
+          EXPECT_GT((*backend)->run_stats().runs, (*backend)->run_stats().calls);
+        }
+      }
+    }
+    for (size_t i = 1; i < runs.size(); ++i) {
+      ASSERT_EQ(runs[i].size(), runs[0].size());
+      EXPECT_EQ(0, std::memcmp(runs[i].data(), runs[0].data(), runs[0].size() * sizeof(float)))
+          << kernels::CpuVariantName(v) << " run " << i;
+    }
+  }
+}
+
+// A shard holding only the even experts: half the bytes, the same partial
+// sums as a full backend under the even mask, and an error when asked for an
+// expert it does not hold.
+TEST(CpuMoeBackendTest, HeldExpertsOnly) {
+  auto model = OpenFixture("q8_0");
+  auto pool = Pool(0);
+  const int n_layer = model->hparams().n_layer;
+  const int n_expert = model->hparams().n_expert;
+  std::vector<std::vector<int>> held(n_layer);
+  for (int il = 1; il < n_layer; ++il) {
+    for (int e = 0; e < n_expert; e += 2) held[il].push_back(e);
+  }
+  auto masks = OwnedExpertMasks(held, n_expert);
+  ASSERT_TRUE(masks.ok());
+  CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  o.owned_experts = *masks;
+  auto shard = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto full = CpuMoeBackend::Create(*model, pool.get(), Quiet(kernels::ActiveCpuVariant()));
+  ASSERT_TRUE(full.ok());
+  EXPECT_EQ((*shard)->load_stats().n_experts_held, 2 * n_expert / 2);
+  EXPECT_EQ(2 * (*shard)->load_stats().repacked_bytes, (*full)->load_stats().repacked_bytes);
+  EXPECT_TRUE((*shard)->Holds(1, 4));
+  EXPECT_FALSE((*shard)->Holds(1, 5));
+  EXPECT_FALSE((*shard)->Holds(0, 0));  // dense layer
+
+  std::vector<uint8_t> even(n_expert);
+  for (int e = 0; e < n_expert; e += 2) even[e] = 1;
+  for (const LayerInput& in : CaptureMoeInputs(*model)) {
+    Activations a, b;
+    ASSERT_TRUE((*shard)->Compute(in.il, in.h, in.routing, even, &a).ok());
+    ASSERT_TRUE((*full)->Compute(in.il, in.h, in.routing, even, &b).ok());
+    EXPECT_EQ(a.values(), b.values());
+    const absl::Status s = (*shard)->Compute(in.il, in.h, in.routing, {}, &a);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_NE(s.message().find("layer " + std::to_string(in.il)), std::string::npos) << s;
+  }
+}
+
+// The gguf decode layout (kernels read the mapping, nothing copied) is within
+// the same tolerance.
+TEST(CpuMoeBackendTest, GgufLayoutReadsTheMapping) {
+  auto model = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  o.decode_layout = kernels::moe::MoeWeightLayout::kGguf;
+  o.amx_prefill = false;
+  auto backend = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_EQ((*backend)->load_stats().repacked_bytes, 0u);
+  models::ReferenceExpertBackend ref(model->hparams(), model->weights());
+  for (const LayerInput& in : CaptureMoeInputs(*model)) {
+    Activations want, got;
+    ASSERT_TRUE(ref.Compute(in.il, in.h, in.routing, {}, &want).ok());
+    ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, {}, &got).ok());
+    EXPECT_LT(Nmse(got, want), 1e-3);
+  }
+}
+
+TEST(CpuMoeBackendTest, BadOptionsAndInputsAreNamed) {
+  auto model = OpenFixture("q8_0");
+  auto pool = Pool(0);
+  CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  o.owned_experts.resize(2);
+  auto b = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(b.status().message().find("owned_experts"), std::string::npos) << b.status();
+  o.owned_experts.assign(3, std::vector<uint8_t>(5, 1));
+  EXPECT_FALSE(CpuMoeBackend::Create(*model, pool.get(), o).ok());
+  o = Quiet(kernels::ActiveCpuVariant());
+  o.max_tokens = 0;
+  EXPECT_FALSE(CpuMoeBackend::Create(*model, pool.get(), o).ok());
+  if (!kernels::HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    auto amx = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kAmx));
+    EXPECT_EQ(amx.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(amx.status().message().find("amx"), std::string::npos) << amx.status();
+  }
+  EXPECT_FALSE(CpuMoeBackend::Create(*model, nullptr).ok());
+
+  auto backend = CpuMoeBackend::Create(*model, pool.get(), Quiet(kernels::ActiveCpuVariant()));
+  ASSERT_TRUE(backend.ok());
+  const std::vector<LayerInput> inputs = CaptureMoeInputs(*model);
+  const LayerInput& in = inputs.front();
+  Activations out;
+  EXPECT_EQ((*backend)->Compute(0, in.h, in.routing, {}, &out).code(),
+            absl::StatusCode::kInvalidArgument);  // dense layer
+  std::vector<uint8_t> short_mask(3, 1);
+  EXPECT_EQ((*backend)->Compute(in.il, in.h, in.routing, short_mask, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  Routing bad = in.routing;
+  bad.expert_ids[5] = 99;
+  EXPECT_EQ((*backend)->Compute(in.il, in.h, bad, {}, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  Activations narrow(in.h.n_tokens(), 128);
+  EXPECT_EQ((*backend)->Compute(in.il, narrow, in.routing, {}, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  // An empty batch gives an empty output.
+  Routing none;
+  none.n_expert_used = in.routing.n_expert_used;
+  ASSERT_TRUE((*backend)->Compute(in.il, Activations(0, in.h.n_cols()), none, {}, &out).ok());
+  EXPECT_EQ(out.n_tokens(), 0);
+
+  EXPECT_TRUE(*ParseExpertsFlag("fast"));
+  EXPECT_FALSE(*ParseExpertsFlag("reference"));
+  EXPECT_FALSE(ParseExpertsFlag("slow").ok());
+  EXPECT_FALSE(CreateCpuPool(-1).ok());
+  EXPECT_FALSE(OwnedExpertMasks({{0, 16}}, 16).ok());
+}
+
+// A synthetic model whose expert width (384) the kernels cannot run (not a
+// multiple of 256; llama-quantize's fallback types): reference fallback with
+// reference results, or an error naming the layer without fallback.
+TEST(CpuMoeBackendTest, UnsupportedLayersFallBackToTheReference) {
+  auto config = synth::MakeConfig(synth::Preset::kTiny, {});
+  ASSERT_TRUE(config.ok());
+  config->n_ff_exp = 384;
+  auto plan = synth::PlanModel(*config, synth::Quant::kQ4_K_M);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto bytes = synth::WriteSynthModelToMemory(*plan, {});
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto file = gguf::GgufFile::FromMemory(bytes->data(), bytes->size(), "synth384.gguf");
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto model = Deepseek2Model::Load(std::move(*file));
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto pool = Pool(0);
+  CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  o.allow_reference_fallback = false;
+  auto strict = CpuMoeBackend::Create(**model, pool.get(), o);
+  EXPECT_EQ(strict.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(strict.status().message().find("layer 1"), std::string::npos) << strict.status();
+  o.allow_reference_fallback = true;
+  auto backend = CpuMoeBackend::Create(**model, pool.get(), o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_EQ((*backend)->load_stats().n_fast_layers, 0);
+  EXPECT_EQ((*backend)->load_stats().n_reference_layers, 2);
+  EXPECT_FALSE((*backend)->IsFastLayer(1));
+  const std::vector<int32_t> tokens = {0, 17, 300, 42, 5};
+  auto kv1 = kv_cache::SequenceKv::Create((*model)->kv_layout(), 16);
+  auto kv2 = kv_cache::SequenceKv::Create((*model)->kv_layout(), 16);
+  Activations a, b;
+  ASSERT_TRUE((*model)->Forward(tokens, kv1->get(), models::LogitsRows::kAll, &a).ok());
+  (*model)->SetExpertBackend(backend->get());
+  ASSERT_TRUE((*model)->Forward(tokens, kv2->get(), models::LogitsRows::kAll, &b).ok());
+  (*model)->SetExpertBackend(nullptr);
+  EXPECT_EQ(a.values(), b.values());
+}
+
+// CpuExperts attaches to the model and gives the reference backend back.
+TEST(CpuMoeBackendTest, CpuExpertsAttachAndDetach) {
+  auto model = OpenFixture("bf16");
+  models::ExpertBackend* reference = model->expert_backend();
+  {
+    CpuMoeBackendOptions o;
+    o.progress = ProgressMode::kLines;
+    auto experts = CpuExperts::Attach(model.get(), 1, o);
+    ASSERT_TRUE(experts.ok()) << experts.status();
+    EXPECT_EQ(model->expert_backend(), &(*experts)->backend());
+    EXPECT_EQ((*experts)->pool().num_workers(), 1);
+  }
+  EXPECT_EQ(model->expert_backend(), reference);
+}
+
+}  // namespace
+}  // namespace ktx::moe_backend
