@@ -72,7 +72,9 @@ void RepackPanelBlock(TensorType type, MoeWeightLayout to, const uint8_t* const*
       std::memcpy(pb + panel::kAmxS + 4 * r, &scale, 4);
       for (int t = 0; t < 64; ++t) {
         for (int i = 0; i < 4; ++i) {
-          const float q = std::nearbyint(w[4 * t + i] * iscale);
+          // Round half to even without a libm call (|v| <= 127 here).
+          const float v = w[4 * t + i] * iscale;
+          const float q = (v + 12582912.0f) - 12582912.0f;
           pb[panel::kAmxQ + 64 * t + 4 * r + i] =
               static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f)));
         }

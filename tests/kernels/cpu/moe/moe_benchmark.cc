@@ -8,6 +8,7 @@
 //                            % of read_bw
 //   kernel_in_cache/<variant>/<type>/tokens:N  one 128-row panel16 matrix in L2, one
 //                            thread: weight bytes per CPU-second (compute headroom)
+//   repack/<type>/<layout>   load-time repacking, one thread (GGUF bytes per second)
 //   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
 //                            of the variant's int8 peak (amx_int8 prefill form on amx)
 //
@@ -351,6 +352,30 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   state.SetBytesProcessed(state.iterations() * *MoeMatrixBytes(f, rows, k));
 }
 
+// (6) Load-time repacking, one thread: GGUF bytes read per second.
+void BM_Repack(benchmark::State& state, TensorType type, MoeWeightLayout to) {
+  const int64_t rows = 256, k = g_config.smoke ? 512 : 7168;
+  std::mt19937 rng(4);
+  const auto m = testing::RandomMatrix(type, rows, k, 0.05f, rng);
+  const int64_t out_bytes = *MoeMatrixBytes({type, to}, rows, k);
+  testing::AlignedBuffer dst(out_bytes);
+  const void* src_ptr = m.data();
+  void* dst_ptr = dst.p.get();
+  MoeRepackJob job;
+  job.type = type;
+  job.to = to;
+  job.n_rows = rows;
+  job.k = k;
+  job.n_expert = 1;
+  job.src = &src_ptr;
+  job.dst = &dst_ptr;
+  for (auto _ : state) {
+    for (int64_t t = 0; t < MoeRepackNumTasks(job); ++t) MoeRepackTask(job, t);
+    benchmark::DoNotOptimize(dst.p.get());
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(m.size()));
+}
+
 void ParseFlags(int* argc, char** argv) {
   const char* full = std::getenv("KTX_BENCH_FULL_LAYER");
   if (full != nullptr && std::string(full) == "1") g_config.n_expert = 256;
@@ -420,6 +445,14 @@ void Register() {
                                  })
         ->Iterations(3)
         ->UseRealTime();
+  }
+  for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K}) {
+    for (MoeWeightLayout to : {MoeWeightLayout::kPanel16, MoeWeightLayout::kAmxInt8}) {
+      benchmark::RegisterBenchmark(
+          (std::string("repack/") + TraitsOf(t).name + "/" + MoeWeightLayoutName(to)).c_str(),
+          [t, to](benchmark::State& s) { BM_Repack(s, t, to); })
+          ->MinTime(g_config.smoke ? 0.01 : 0.3);
+    }
   }
   for (CpuVariant v : g_config.variants) {
     if (!HostSupportsCpuVariant(v)) {
