@@ -468,6 +468,14 @@ TEST(MoePlanTest, RejectsBadShapesAndInputs) {
   EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size).ok());
   in.n_tokens = 4;
   EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size - 64).ok());
+  // No tokens: a valid run with no tasks.
+  auto empty =
+      MoeRun::Begin(*plan, W->w, {0, nullptr, nullptr, nullptr, nullptr}, ws.p.get(), ws.size);
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  for (int s = 0; s < MoeRun::kNumStages; ++s) EXPECT_EQ(empty->NumTasks(s), 0);
+  r.ids[0] = -1;
+  EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size).ok());
+  r.ids[0] = 0;
   MoeLayerWeights wrong = W->w;
   wrong.down.format = {TensorType::kQ4_K, MoeWeightLayout::kGguf};
   EXPECT_FALSE(MoeRun::Begin(*plan, wrong, in, ws.p.get(), ws.size).ok());
