@@ -264,10 +264,19 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
     if (!prefill) {
       ref_sum += MeasureReadOnce();
       read_per_cpu_sum += g_last_read_per_cpu;
-    } else if (amx) {
-      ref_sum += MeasurePeak<AmxInt8PeakLoop>(g_config.smoke ? 100 : 20000);
-    } else if (HostSupportsCpuVariant(CpuVariant::kAvx512)) {
-      ref_sum += MeasurePeak<VnniPeakLoop>(g_config.smoke ? 1000 : 200000);
+    } else {
+      const double c0 = ProcessCpuSeconds();
+      const auto t0 = std::chrono::steady_clock::now();
+      double tops = 0;
+      if (amx) {
+        tops = MeasurePeak<AmxInt8PeakLoop>(g_config.smoke ? 100 : 20000);
+      } else if (HostSupportsCpuVariant(CpuVariant::kAvx512)) {
+        tops = MeasurePeak<VnniPeakLoop>(g_config.smoke ? 1000 : 200000);
+      }
+      ref_sum += tops;
+      // Peak per CPU-second: ops = tops * wall seconds.
+      const double wall = Seconds(t0, std::chrono::steady_clock::now());
+      read_per_cpu_sum += tops * wall / (ProcessCpuSeconds() - c0);
     }
     state.ResumeTiming();
     const Routing& r = routings[i++ % routings.size()];
@@ -308,6 +317,10 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   } else if (ref > 0) {
     state.counters["int8_peak_TOPS_interleaved"] = ref;
     state.counters["pct_of_int8_peak"] = 100.0 * (ops / seconds / 1e12) / ref;
+    // Per CPU-second of the process (robust to other processes on the cores).
+    const double peak_per_cpu = read_per_cpu_sum / static_cast<double>(state.iterations());
+    state.counters["pct_of_int8_peak_per_cpu_s"] =
+        100.0 * (ops / cpu_seconds / 1e12) / peak_per_cpu;
   }
 }
 
