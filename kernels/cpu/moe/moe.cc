@@ -390,6 +390,8 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     const int64_t e = active[i];
     const bool prefill = ws_[p.off_path + e] != 0;
     const MoeMatrix& m = Matrix(2, prefill);
+    if (i + 1 < n_active_)
+      PrefetchRows(Matrix(2, ws_[p.off_path + active[i + 1]] != 0), active[i + 1], r0, rows);
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
@@ -402,6 +404,17 @@ void MoeRun::DownTask(int64_t task, int worker) const {
       for (int64_t r = 0; r < rows; ++r) o[r] += w * yq[r];
     }
   }
+}
+
+void MoeRun::PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const {
+  // The kernels prefetch within their own rows; the first ~48 KiB of the next
+  // short stream (the next expert's slice) would otherwise start cold.
+  if (m.format.layout == MoeWeightLayout::kGguf) return;
+  const int64_t nb = plan_->shape.n_ff / KBlock(m.format);
+  const int64_t panel_bytes = nb * PanelBlockBytes(m.format);
+  const uint8_t* base = static_cast<const uint8_t*>(m.experts[e]) + (r0 / kPanelRows) * panel_bytes;
+  const int64_t bytes = std::min<int64_t>(rows / kPanelRows * panel_bytes, 48 << 10);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 0, 1);
 }
 
 void RunMoeStage(const MoeRun& run, int stage, int ith, int nth) {

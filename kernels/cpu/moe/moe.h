@@ -182,6 +182,7 @@ class MoeRun {
   void GateUpTask(int64_t task, int worker) const;
   void DownTask(int64_t task, int worker) const;
   const MoeMatrix& Matrix(int which, bool prefill) const;
+  void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
 
   const MoePlan* plan_ = nullptr;
   const MoeLayerWeights* weights_ = nullptr;

@@ -26,7 +26,6 @@
 #include <cstring>
 #include <ctime>
 
-#include <sys/mman.h>
 #include <memory>
 #include <random>
 #include <string>
@@ -245,6 +244,7 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   o.max_workers = g_pool->num_workers();
   o.force_variant = true;
   o.variant = variant;
+  if (const char* e = std::getenv("KTX_BENCH_DOWN_ROWS")) o.down_rows_per_task = std::atoll(e);
   auto plan = MakeMoePlan(L.shape, L.format, o);
   if (!plan.ok()) {
     state.SkipWithError(std::string(plan.status().message()).c_str());
@@ -332,9 +332,16 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   std::mt19937 rng(3);
   const auto m = testing::RandomMatrix(type, rows, k, 0.05f, rng);
   const auto w = testing::MakeLayout({m}, type, MoeWeightLayout::kPanel16, rows, k, {true});
-  if (rows > 1024)
-    madvise(const_cast<void*>(w.ptrs[0]),
-            *MoeMatrixBytes({type, MoeWeightLayout::kPanel16}, rows, k), MADV_HUGEPAGE);
+  // Large matrices in pool memory (2 MiB aligned, transparent huge pages), as
+  // the layer benchmarks have them.
+  NumaBuffer big;
+  const uint8_t* wp = static_cast<const uint8_t*>(w.ptrs[0]);
+  if (rows > 1024) {
+    const int64_t bytes = *MoeMatrixBytes({type, MoeWeightLayout::kPanel16}, rows, k);
+    big = g_pool->Allocate(bytes);
+    std::memcpy(big.data(), wp, bytes);
+    wp = static_cast<const uint8_t*>(big.data());
+  }
   const MoeMatrixFormat f{type, MoeWeightLayout::kPanel16};
   const MoeKernels& kern = MoeKernelsFor(variant);
   const ActFormat af = ActFormatFor(f);
@@ -348,7 +355,7 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   }
   MatmulArgs a;
   a.format = f;
-  a.w = static_cast<const uint8_t*>(w.ptrs[0]);
+  a.w = wp;
   a.n_rows = rows;
   a.k = k;
   a.row_begin = 0;
