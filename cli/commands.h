@@ -16,5 +16,6 @@ void AddSynthCommands(CLI::App& app, int* exit_code);
 void AddTokenizeCommands(CLI::App& app, int* exit_code);
 void AddInspectCommands(CLI::App& app, int* exit_code);
 void AddRunCommands(CLI::App& app, int* exit_code);
+void AddBenchCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   ktx::cli::AddTokenizeCommands(app, &exit_code);
   ktx::cli::AddInspectCommands(app, &exit_code);
   ktx::cli::AddRunCommands(app, &exit_code);
+  ktx::cli::AddBenchCommands(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

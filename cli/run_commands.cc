@@ -8,9 +8,12 @@
 //       writes float32 little-endian logits for every position, row-major
 //       [n_tokens, n_vocab], and prints the shape to stderr.
 //
-// Both run the scalar reference path (runtime/engine/reference_engine.h) on
-// --threads threads (default: all). With --topology FILE or --shards N they
-// run on the in-process actor runtime (actors/engine.h) instead.
+// Both run the reference engine (runtime/engine/reference_engine.h) on
+// --threads threads (default: all), its routed experts on the fast CPU kernels
+// (--experts fast, the default: runtime/moe_backend) or on the scalar
+// reference path (--experts reference, the oracle). With --topology FILE or
+// --shards N they run on the in-process actor runtime (actors/engine.h)
+// instead (--experts does not apply there).
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -30,6 +33,7 @@
 #include "actors/engine.h"
 #include "cli/commands.h"
 #include "runtime/engine/reference_engine.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
 #include "tbb/global_control.h"
 
 namespace ktx::cli {
@@ -40,6 +44,7 @@ struct CommonFlags {
   int threads = 0;  // 0: all
   int64_t ctx_size = 4096;
   int64_t prefill_chunk = 0;
+  std::string experts = "fast";  // fast | reference
 };
 
 struct RunFlags {
@@ -65,12 +70,18 @@ void AddCommonFlags(CLI::App* cmd, CommonFlags* flags) {
   cmd->add_option("--threads", flags->threads, "Worker threads (default: all cores)");
   cmd->add_option("--prefill-chunk", flags->prefill_chunk,
                   "Prefill in batches of at most N tokens (default 0: the whole prompt at once)");
+  cmd->add_option("--experts", flags->experts,
+                  "Routed experts: fast (CPU kernels, default) or reference (scalar oracle)");
 }
 
-// Validates the common flags, limits the thread pool and opens the engine.
+// Validates the common flags, limits the thread pool and opens the engine;
+// with --experts fast (and `experts` given) attaches the CPU expert kernels,
+// held in *experts, which must outlive the engine's use.
 absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> OpenEngine(
     const CommonFlags& flags, const std::string& chat_template,
-    std::optional<tbb::global_control>* threads) {
+    std::optional<tbb::global_control>* threads,
+    std::unique_ptr<moe_backend::CpuExperts>* experts = nullptr) {
+  KTX_ASSIGN_OR_RETURN(const bool fast_experts, moe_backend::ParseExpertsFlag(flags.experts));
   if (flags.threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--threads ", flags.threads, ": expected a positive count (or 0 for all)"));
@@ -91,11 +102,18 @@ absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> OpenEngine(
   options.n_ctx = flags.ctx_size;
   options.prefill_chunk = flags.prefill_chunk;
   options.chat_template = chat_template;
-  return engine::ReferenceEngine::Open(flags.model, options);
+  KTX_ASSIGN_OR_RETURN(std::unique_ptr<engine::ReferenceEngine> engine,
+                       engine::ReferenceEngine::Open(flags.model, options));
+  if (fast_experts && experts != nullptr) {
+    KTX_ASSIGN_OR_RETURN(*experts,
+                         moe_backend::CpuExperts::Attach(&engine->mutable_model(), flags.threads));
+  }
+  return engine;
 }
 
 int RunGenerate(const RunFlags& flags) {
   std::optional<tbb::global_control> threads;
+  std::unique_ptr<moe_backend::CpuExperts> experts;
   if (flags.max_tokens <= 0) {
     std::cerr << "ktx-ctl run: --max-tokens " << flags.max_tokens
               << ": expected a positive count\n";
@@ -110,7 +128,7 @@ int RunGenerate(const RunFlags& flags) {
     return 1;
   }
   absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> engine =
-      OpenEngine(flags.common, flags.chat_template, &threads);
+      OpenEngine(flags.common, flags.chat_template, &threads, &experts);
   if (!engine.ok()) {
     std::cerr << "ktx-ctl run: " << engine.status() << "\n";
     return 1;
@@ -168,13 +186,14 @@ absl::StatusOr<std::vector<int32_t>> ParseTokens(const std::string& text) {
 
 int RunLogits(const LogitsFlags& flags) {
   std::optional<tbb::global_control> threads;
+  std::unique_ptr<moe_backend::CpuExperts> experts;
   absl::StatusOr<std::vector<int32_t>> tokens = ParseTokens(flags.tokens);
   if (!tokens.ok()) {
     std::cerr << "ktx-ctl logits: " << tokens.status().message() << "\n";
     return 1;
   }
   absl::StatusOr<std::unique_ptr<engine::ReferenceEngine>> engine =
-      OpenEngine(flags.common, "", &threads);
+      OpenEngine(flags.common, "", &threads, &experts);
   if (!engine.ok()) {
     std::cerr << "ktx-ctl logits: " << engine.status() << "\n";
     return 1;

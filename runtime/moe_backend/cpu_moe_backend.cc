@@ -503,7 +503,7 @@ absl::StatusOr<std::unique_ptr<CpuExperts>> CpuExperts::Attach(
   return experts;
 }
 
-CpuExperts::~CpuExperts() { Detach(); }
+CpuExperts::~CpuExperts() = default;
 
 void CpuExperts::Detach() {
   if (model_ != nullptr && model_->expert_backend() == backend_.get()) {

@@ -187,18 +187,21 @@ absl::StatusOr<std::vector<std::vector<uint8_t>>> OwnedExpertMasks(
     const std::vector<std::vector<int>>& held, int n_expert);
 
 // A pool and a CpuMoeBackend attached to a model: what `ktx-ctl run/logits
-// --experts fast` and `ktx-ctl bench` hold. Detach() (or the destructor)
-// gives the model its reference backend back.
+// --experts fast` and `ktx-ctl bench` hold. Detach() gives the model its
+// reference backend back. The destructor does not touch the model (which may
+// already be gone): a model that outlives its CpuExperts must be detached
+// first.
 class CpuExperts {
  public:
   // Creates the pool (CreateCpuPool(n_threads)) and the backend, and sets it
-  // as the model's expert backend. The model must outlive the CpuExperts.
+  // as the model's expert backend.
   static absl::StatusOr<std::unique_ptr<CpuExperts>> Attach(
       models::Deepseek2Model* model, int n_threads, const CpuMoeBackendOptions& options = {});
   ~CpuExperts();
   CpuExperts(const CpuExperts&) = delete;
   CpuExperts& operator=(const CpuExperts&) = delete;
 
+  // Restores the model's reference backend (if this one is still set).
   void Detach();
   runtime::CpuPool& pool() { return *pool_; }
   CpuMoeBackend& backend() { return *backend_; }

@@ -74,7 +74,8 @@ TEST(RunCommandTest, LogitsFileMatchesFloat64Reference) {
   const nlohmann::json m = Manifest();
   const std::string out = ::testing::TempDir() + "/ktx_logits_" + std::to_string(getpid()) + ".f32";
   const Output o =
-      RunKtxCtl("logits --model " + kDataDir + "dsv3-tiny-bf16.gguf --threads 2 --tokens " +
+      RunKtxCtl("logits --model " + kDataDir +
+                "dsv3-tiny-bf16.gguf --experts reference --threads 2 --tokens " +
                 Join(m["prompt_tokens"].get<std::vector<int32_t>>()) + " --out " + out);
   ASSERT_EQ(o.rc, 0) << o.err;
   EXPECT_THAT(o.err, HasSubstr("[65, 512]"));
@@ -98,7 +99,7 @@ TEST(RunCommandTest, GreedyRunPrintsTheReferenceContinuation) {
   const std::string model = kDataDir + "dsv3-tiny-q8_0.gguf";
   const Output o =
       RunKtxCtl("run --model " + model + " --prompt '" + m["prompt"].get<std::string>() +
-                "' --temperature 0 --max-tokens 32 --threads 2");
+                "' --temperature 0 --max-tokens 32 --threads 2 --experts reference");
   ASSERT_EQ(o.rc, 0) << o.err;
   auto file = gguf::GgufFile::Open(model);
   ASSERT_TRUE(file.ok());
@@ -136,6 +137,7 @@ TEST(RunCommandTest, BadFlagsGiveClearErrors) {
       {"run" + model + " --prompt hi --ctx-size 2", "context"},
       {"run" + model + " --prompt hi --no-such-flag", "no-such-flag"},
       {"run --prompt hi", "--model"},
+      {"run" + model + " --prompt hi --experts slow", "--experts"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.args);

@@ -492,6 +492,7 @@ TEST(CpuMoeBackendTest, CpuExpertsAttachAndDetach) {
     ASSERT_TRUE(experts.ok()) << experts.status();
     EXPECT_EQ(model->expert_backend(), &(*experts)->backend());
     EXPECT_EQ((*experts)->pool().num_workers(), 1);
+    (*experts)->Detach();
   }
   EXPECT_EQ(model->expert_backend(), reference);
 }

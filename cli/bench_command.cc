@@ -1,0 +1,178 @@
+// ktx-ctl bench: the end-to-end benchmark (runtime/bench/bench.h) on a model.
+//
+//   ktx-ctl bench --model M.gguf [--prompt-len 512,2048] [--gen 128] [--batch 1,4,16]
+//                 [--threads N] [--experts fast|reference] [--json FILE]
+//                 [--decode-ctx N] [--prefill-chunk N] [--seed S] [--temperature T]
+//                 [--read-mib N]
+//
+// Loads the model (the CPU experts repack with a progress bar), measures the
+// all-core read bandwidth, warms up, then prefill tok/s per prompt length and
+// batched decode tok/s per batch size with a per-stage and per-layer
+// breakdown. The table goes to stdout, progress to stderr, everything (with
+// the machine's topology facts and the date) to --json FILE.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "cli/commands.h"
+#include "runtime/bench/bench.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
+#include "tbb/global_control.h"
+#include "topology/hardware.h"
+
+namespace ktx::cli {
+namespace {
+
+struct BenchFlags {
+  std::string model;
+  std::string prompt_lens = "512,2048";
+  int64_t gen = 128;
+  std::string batches = "1,4,16";
+  int threads = 0;
+  std::string experts = "fast";
+  std::string json;
+  int64_t decode_ctx = 0;
+  int64_t prefill_chunk = 0;
+  uint64_t seed = 1234;
+  float temperature = 1.0f;
+  int64_t read_mib = 1024;
+};
+
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " ", text, ": '",
+                                                     std::string(part.data(), part.size()),
+                                                     "' is not a positive number"));
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+absl::Status RunBench(const BenchFlags& flags) {
+  bench::BenchOptions options;
+  KTX_ASSIGN_OR_RETURN(options.prompt_lens, ParseList("--prompt-len", flags.prompt_lens));
+  KTX_ASSIGN_OR_RETURN(options.batch_sizes, ParseList("--batch", flags.batches));
+  options.n_gen = flags.gen;
+  options.decode_context = flags.decode_ctx;
+  options.prefill_chunk = flags.prefill_chunk;
+  options.seed = flags.seed;
+  options.temperature = flags.temperature;
+  if (flags.read_mib <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--read-mib ", flags.read_mib,
+                                                   ": expected > 0 (1024 or more for the figure)"));
+  }
+  options.read_bytes = static_cast<uint64_t>(flags.read_mib) << 20;
+  options.progress = [](const std::string& line) { std::cerr << "bench: " << line << std::endl; };
+  KTX_RETURN_IF_ERROR(options.Validate());
+  KTX_ASSIGN_OR_RETURN(const bool fast, moe_backend::ParseExpertsFlag(flags.experts));
+  if (flags.threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads ", flags.threads, ": expected a positive count (or 0 for all)"));
+  }
+  std::optional<tbb::global_control> limit;
+  if (flags.threads > 0) {
+    limit.emplace(tbb::global_control::max_allowed_parallelism, static_cast<size_t>(flags.threads));
+  }
+
+  std::cerr << "bench: loading " << flags.model << std::endl;
+  const auto t0 = std::chrono::steady_clock::now();
+  KTX_ASSIGN_OR_RETURN(std::unique_ptr<models::Deepseek2Model> model,
+                       models::Deepseek2Model::Open(flags.model));
+  const double open_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::unique_ptr<moe_backend::CpuExperts> experts;
+  std::unique_ptr<runtime::CpuPool> own_pool;
+  runtime::CpuPool* pool = nullptr;
+  if (fast) {
+    moe_backend::CpuMoeBackendOptions eo;
+    int64_t largest = 1;
+    for (int64_t p : options.prompt_lens) {
+      largest = std::max(largest, options.prefill_chunk > 0 ? options.prefill_chunk : p);
+    }
+    for (int64_t b : options.batch_sizes) largest = std::max(largest, b);
+    eo.max_tokens = std::min<int64_t>(largest, 2048);
+    KTX_ASSIGN_OR_RETURN(experts, moe_backend::CpuExperts::Attach(model.get(), flags.threads, eo));
+    pool = &experts->pool();
+  } else {
+    KTX_ASSIGN_OR_RETURN(own_pool, moe_backend::CreateCpuPool(flags.threads));
+    pool = own_pool.get();
+  }
+  const double load_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  KTX_ASSIGN_OR_RETURN(
+      bench::BenchResult result,
+      bench::RunBenchmark(*model, *pool, fast ? &experts->backend() : nullptr, options));
+  result.model_path = flags.model;
+  result.load["model_open_seconds"] = open_s;
+  result.load["load_seconds"] = load_s;
+  {
+    auto source = topology::SystemHardwareSource();
+    absl::StatusOr<topology::HardwareTopology> hw = topology::DiscoverHardware(*source);
+    if (hw.ok()) {
+      result.machine["topology"] = nlohmann::json::parse(topology::HardwareTopologyToJson(*hw));
+    } else {
+      result.machine["topology_error"] = std::string(hw.status().message());
+    }
+  }
+  std::cout << bench::FormatBenchTable(result) << std::flush;
+  if (!flags.json.empty()) {
+    std::ofstream out(flags.json, std::ios::trunc);
+    out << bench::BenchResultToJson(result).dump(2) << "\n";
+    if (!out.flush()) {
+      return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
+    }
+    std::cerr << "bench: wrote " << flags.json << std::endl;
+  }
+  if (experts) experts->Detach();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void AddBenchCommands(CLI::App& app, int* exit_code) {
+  auto flags = std::make_shared<BenchFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Benchmark prefill and batched decode (tok/s, per-stage times, expert bandwidth)");
+  cmd->add_option("--model", flags->model, "GGUF model file (the first part of a split model)")
+      ->required();
+  cmd->add_option("--prompt-len", flags->prompt_lens,
+                  "Prompt lengths for prefill, comma-separated (default 512,2048)");
+  cmd->add_option("--gen", flags->gen, "Decode steps per batch size (default 128)");
+  cmd->add_option("--batch", flags->batches,
+                  "Decode batch sizes (independent sequences), comma-separated (default 1,4,16)");
+  cmd->add_option("--threads", flags->threads, "Worker threads (default: all cores)");
+  cmd->add_option("--experts", flags->experts,
+                  "Routed experts: fast (CPU kernels, default) or reference (scalar oracle)");
+  cmd->add_option("--json", flags->json, "Write the results as JSON to this file");
+  cmd->add_option("--decode-ctx", flags->decode_ctx,
+                  "Context tokens before decoding (default: the smallest --prompt-len)");
+  cmd->add_option("--prefill-chunk", flags->prefill_chunk,
+                  "Prefill in batches of at most N tokens (default 0: the whole prompt)");
+  cmd->add_option("--seed", flags->seed, "Seed of the prompt tokens and the sampling (1234)");
+  cmd->add_option("--temperature", flags->temperature, "Sampling temperature, > 0 (default 1)");
+  cmd->add_option("--read-mib", flags->read_mib,
+                  "MiB read by the bandwidth measurement (default 1024)");
+  cmd->callback([flags, exit_code] {
+    const absl::Status s = RunBench(*flags);
+    if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";
+    *exit_code = s.ok() ? 0 : 1;
+  });
+}
+
+}  // namespace ktx::cli

@@ -1,0 +1,135 @@
+// File: runtime/bench/bench.h
+//
+// The end-to-end benchmark behind `ktx-ctl bench` (docs/performance.md,
+// "Method"): on a loaded model, after a warm-up,
+//
+//   * prefill: for each prompt length, one fresh sequence fed the prompt
+//     (random token ids, fixed seed) in chunks of prefill_chunk: tok/s;
+//   * decode: for each batch size B, B independent sequences (each a copy of
+//     the KV cache of a decode_context-token prompt) decoded together for
+//     n_gen steps with BatchedForward; every sequence samples its next token
+//     (temperature > 0, its own fixed seed), so tokens and routing vary as in
+//     real generation: tok/s = B * n_gen / wall time (sampling included);
+//   * per phase, a per-stage and per-layer breakdown (steady-clock time of
+//     every stage call, as ms per token per layer), the routed-expert weight
+//     bytes per token (GGUF bytes of the distinct experts each MoE layer used
+//     per step, and the kernels' own count when the fast backend runs) and the
+//     rate at which the experts stage read them, against
+//   * the machine's all-core read bandwidth, measured in the same run: a
+//     STREAM-like read of >= 1 GiB on the same CpuPool (best of N).
+//
+// The result converts to JSON (BenchResultToJson, with machine facts and the
+// date) and to a readable table (FormatBenchTable).
+//
+// Thread-safety: RunBenchmark uses the model (and its expert backend) and the
+// pool exclusively for its duration.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "runtime/bench/batched_forward.h"
+#include "runtime/cpu_pool/cpu_pool.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
+
+namespace ktx::bench {
+
+struct BenchOptions {
+  std::vector<int64_t> prompt_lens = {512, 2048};
+  int64_t n_gen = 128;  // decode steps per batch size
+  std::vector<int64_t> batch_sizes = {1, 4, 16};
+  int64_t decode_context = 0;               // prompt tokens before decoding; 0: min(prompt_lens)
+  int64_t prefill_chunk = 0;                // 0: the whole prompt as one batch
+  uint64_t seed = 1234;                     // prompt tokens and sampling
+  float temperature = 1.0f;                 // > 0
+  int64_t warmup_tokens = 16;               // warm-up prefill (and 2 decode steps)
+  uint64_t read_bytes = uint64_t{1} << 30;  // bandwidth buffer, >= 1 GiB for the real figure
+  int read_repeats = 5;
+  // Called with a line of progress ("prefill 512: ...") when set.
+  std::function<void(const std::string&)> progress;
+
+  // InvalidArgument naming the field for empty lists, non-positive sizes or
+  // temperature <= 0.
+  absl::Status Validate() const;
+};
+
+struct ReadBandwidth {
+  uint64_t bytes = 0;
+  int threads = 0;
+  double best_gbps = 0;
+  double mean_gbps = 0;
+};
+
+// Reads a buffer of `bytes` (allocated on the pool's NUMA node, first touched
+// by the pool's workers) with every worker of `pool`, `repeats` times: GB/s.
+ReadBandwidth MeasureReadBandwidth(runtime::CpuPool& pool, uint64_t bytes, int repeats);
+
+// Stage times of one phase, as ms per token per layer.
+struct StageBreakdown {
+  // [kNumStages]: ms per token per layer where the stage ran (embed and head:
+  // ms per token).
+  std::vector<double> ms_per_token_layer;
+  // [n_layer][kNumStages]: ms per token of each stage in each layer.
+  std::vector<std::vector<double>> layer_ms_per_token;
+  double total_ms_per_token = 0;  // all stages
+};
+
+struct PrefillResult {
+  int64_t prompt_len = 0;
+  double seconds = 0;
+  double tok_s = 0;
+  StageBreakdown stages;
+  double expert_bytes_per_token = 0;
+};
+
+struct DecodeResult {
+  int64_t batch = 0;
+  int64_t steps = 0;
+  int64_t context = 0;  // tokens in each sequence before the first step
+  double seconds = 0;   // all steps, sampling included
+  double tok_s = 0;     // batch * steps / seconds
+  double step_ms = 0;
+  int64_t distinct_tokens = 0;  // over all generated tokens
+  int64_t generated = 0;
+  StageBreakdown stages;
+  double expert_bytes_per_token = 0;  // GGUF bytes of the distinct experts per step / batch
+  double kernel_bytes_per_token = 0;  // MoeRun::weight_bytes per token (fast backend; else 0)
+  double experts_ms_per_token = 0;    // experts stage, all layers
+  double expert_read_gbps = 0;        // bytes read by the experts stage / its time
+  double pct_of_read_bw = 0;          // expert_read_gbps / machine read bandwidth
+};
+
+struct BenchResult {
+  std::string date;  // UTC, ISO 8601
+  std::string host;
+  std::string model_path;
+  std::string experts;  // "fast" / "reference"
+  std::string variant;  // CPU variant of the fast experts ("" for reference)
+  int threads = 0;
+  std::vector<int> cpus;
+  ReadBandwidth read_bw;
+  nlohmann::json machine;  // cpu, isa (+ "topology" when the caller adds it)
+  nlohmann::json model;    // hyper-parameters and sizes
+  nlohmann::json load;     // load / repack figures
+  BenchOptions options;
+  std::vector<PrefillResult> prefill;
+  std::vector<DecodeResult> decode;
+};
+
+// Runs the benchmark. `experts` is the fast backend when the model uses one
+// (for its kernel byte counts and load figures), else null. Errors: bad
+// options, a model error (e.g. a context larger than the model's).
+absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
+                                         runtime::CpuPool& pool,
+                                         moe_backend::CpuMoeBackend* experts,
+                                         const BenchOptions& options);
+
+nlohmann::json BenchResultToJson(const BenchResult& result);
+std::string FormatBenchTable(const BenchResult& result);
+
+}  // namespace ktx::bench

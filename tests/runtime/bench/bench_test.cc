@@ -1,0 +1,173 @@
+// RunBenchmark on the tiny fixture with tiny sizes: every figure present and
+// consistent with the others (tok/s = tokens / seconds, stage times add up,
+// expert bytes within what the routing allows, sampled tokens vary), the JSON
+// and the table carry them; the read-bandwidth loop and option checks.
+#include "runtime/bench/bench.h"
+
+#include <string>
+
+#include "gtest/gtest.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
+
+namespace ktx::bench {
+namespace {
+
+const std::string kDataDir = std::string(KTX_SOURCE_DIR) + "/tests/data/";
+
+BenchOptions TinyOptions() {
+  BenchOptions o;
+  o.prompt_lens = {12, 7};
+  o.n_gen = 5;
+  o.batch_sizes = {1, 3};
+  o.read_bytes = 16 << 20;
+  o.read_repeats = 2;
+  o.warmup_tokens = 4;
+  return o;
+}
+
+void CheckResult(const BenchResult& r, const models::Deepseek2Model& model, bool fast) {
+  ASSERT_EQ(r.prefill.size(), 2u);
+  ASSERT_EQ(r.decode.size(), 2u);
+  EXPECT_GT(r.read_bw.best_gbps, 0.0);
+  EXPECT_GE(r.read_bw.best_gbps, r.read_bw.mean_gbps);
+  EXPECT_EQ(r.read_bw.bytes, 16u << 20);
+  EXPECT_EQ(r.options.decode_context, 7);  // min of the prompt lengths
+  const double max_bytes = r.model["expert_bytes_per_token_max"].get<double>();
+  // 2 MoE layers x 4 experts x Q4_K/Q6_K slabs: positive, bounded.
+  EXPECT_GT(max_bytes, 0.0);
+  for (const PrefillResult& p : r.prefill) {
+    EXPECT_GT(p.seconds, 0.0);
+    EXPECT_NEAR(p.tok_s, p.prompt_len / p.seconds, 1e-9 * p.tok_s);
+    EXPECT_GT(p.stages.ms_per_token_layer[static_cast<int>(Stage::kAttention)], 0.0);
+    EXPECT_GT(p.expert_bytes_per_token, 0.0);
+    EXPECT_LE(p.expert_bytes_per_token, max_bytes * (1 + 1e-12));
+    // The stage times cannot exceed the wall time of the phase.
+    EXPECT_LE(p.stages.total_ms_per_token * p.prompt_len / 1e3, p.seconds * (1 + 1e-9));
+  }
+  for (const DecodeResult& d : r.decode) {
+    EXPECT_EQ(d.steps, 5);
+    EXPECT_EQ(d.context, 7);
+    EXPECT_NEAR(d.tok_s, d.batch * d.steps / d.seconds, 1e-9 * d.tok_s);
+    EXPECT_NEAR(d.step_ms, 1e3 * d.seconds / d.steps, 1e-9 * d.step_ms);
+    EXPECT_EQ(d.generated, d.batch * (d.steps + 1));
+    EXPECT_GT(d.distinct_tokens, 1);  // sampled, not one token over and over
+    EXPECT_GT(d.expert_bytes_per_token, 0.0);
+    EXPECT_LE(d.expert_bytes_per_token, max_bytes * (1 + 1e-12));
+    EXPECT_GT(d.expert_read_gbps, 0.0);
+    EXPECT_NEAR(d.pct_of_read_bw, 100.0 * d.expert_read_gbps / r.read_bw.best_gbps, 1e-9);
+    if (fast) {
+      // panel16 bytes per row are a little above GGUF's (148 vs 144 for Q4_K).
+      EXPECT_GT(d.kernel_bytes_per_token, d.expert_bytes_per_token);
+      EXPECT_LT(d.kernel_bytes_per_token, 1.05 * d.expert_bytes_per_token);
+    } else {
+      EXPECT_EQ(d.kernel_bytes_per_token, 0.0);
+    }
+    EXPECT_EQ(d.stages.layer_ms_per_token.size(), 3u);
+    EXPECT_GT(d.stages.layer_ms_per_token[0][static_cast<int>(Stage::kDenseFfn)], 0.0);
+    EXPECT_EQ(d.stages.layer_ms_per_token[1][static_cast<int>(Stage::kDenseFfn)], 0.0);
+    EXPECT_GT(d.stages.layer_ms_per_token[2][static_cast<int>(Stage::kExperts)], 0.0);
+  }
+  const nlohmann::json j = BenchResultToJson(r);
+  for (const char* key : {"schema", "date", "host", "machine", "model", "config", "load", "prefill",
+                          "decode", "units"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
+  }
+  EXPECT_EQ(j["machine"]["threads"].get<int>(), r.threads);
+  EXPECT_TRUE(j["machine"].contains("cpu_brand"));
+  EXPECT_TRUE(j["machine"]["isa"].contains("avx512_vnni"));
+  EXPECT_GT(j["machine"]["read_bandwidth"]["best_gbps"].get<double>(), 0.0);
+  EXPECT_EQ(j["model"]["n_layer"].get<int>(), model.hparams().n_layer);
+  EXPECT_EQ(j["config"]["experts"].get<std::string>(), fast ? "fast" : "reference");
+  EXPECT_EQ(j["decode"][1]["batch"].get<int>(), 3);
+  for (const char* key : {"tok_s", "step_ms", "expert_bytes_per_token", "expert_read_gbps",
+                          "pct_of_read_bw", "stages", "layers", "distinct_tokens"}) {
+    EXPECT_TRUE(j["decode"][0].contains(key)) << key;
+  }
+  for (const char* stage : {"attention", "route", "experts", "shared", "combine", "head"}) {
+    EXPECT_TRUE(j["decode"][0]["stages"].contains(stage)) << stage;
+    EXPECT_TRUE(j["prefill"][0]["stages"].contains(stage)) << stage;
+  }
+  EXPECT_EQ(j["decode"][0]["layers"].size(), 3u);
+  EXPECT_TRUE(j["date"].get<std::string>().ends_with("Z"));
+
+  const std::string table = FormatBenchTable(r);
+  for (const char* text :
+       {"prefill", "decode", "read bandwidth", "attention", "experts", "per layer", "tok/s"}) {
+    EXPECT_NE(table.find(text), std::string::npos) << text << "\n" << table;
+  }
+}
+
+TEST(BenchTest, FastExpertsOnTheTinyModel) {
+  auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q4_k_m.gguf");
+  ASSERT_TRUE(model.ok());
+  moe_backend::CpuMoeBackendOptions eo;
+  eo.progress = moe_backend::ProgressMode::kOff;
+  auto experts = moe_backend::CpuExperts::Attach(model->get(), 0, eo);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  int lines = 0;
+  BenchOptions o = TinyOptions();
+  o.progress = [&lines](const std::string&) { ++lines; };
+  auto r = RunBenchmark(**model, (*experts)->pool(), &(*experts)->backend(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(lines, 5);
+  EXPECT_EQ(r->experts, "fast");
+  EXPECT_FALSE(r->variant.empty());
+  EXPECT_GT(r->load["repacked_bytes"].get<double>(), 0.0);
+  CheckResult(*r, **model, true);
+  (*experts)->Detach();
+}
+
+TEST(BenchTest, ReferenceExpertsOnTheTinyModel) {
+  auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q4_k_m.gguf");
+  ASSERT_TRUE(model.ok());
+  auto pool = moe_backend::CreateCpuPool(1);
+  ASSERT_TRUE(pool.ok());
+  auto r = RunBenchmark(**model, **pool, nullptr, TinyOptions());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->threads, 1);
+  EXPECT_EQ(r->experts, "reference");
+  CheckResult(*r, **model, false);
+}
+
+TEST(BenchTest, BadOptionsAreNamed) {
+  auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q8_0.gguf");
+  ASSERT_TRUE(model.ok());
+  auto pool = moe_backend::CreateCpuPool(1);
+  ASSERT_TRUE(pool.ok());
+  struct Case {
+    BenchOptions options;
+    std::string words;
+  };
+  std::vector<Case> cases(6, {TinyOptions(), ""});
+  cases[0].options.prompt_lens = {};
+  cases[0].words = "--prompt-len";
+  cases[1].options.prompt_lens = {8, 0};
+  cases[1].words = "--prompt-len";
+  cases[2].options.batch_sizes = {0};
+  cases[2].words = "--batch";
+  cases[3].options.n_gen = 0;
+  cases[3].words = "--gen";
+  cases[4].options.temperature = 0;
+  cases[4].words = "temperature";
+  cases[5].options.prompt_lens = {200000};
+  cases[5].words = "context";
+  for (const Case& c : cases) {
+    auto r = RunBenchmark(**model, **pool, nullptr, c.options);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.words;
+    EXPECT_NE(r.status().message().find(c.words), std::string::npos) << r.status();
+  }
+}
+
+TEST(BenchTest, ReadBandwidthIsMeasuredOnThePool) {
+  auto pool = moe_backend::CreateCpuPool(0);
+  ASSERT_TRUE(pool.ok());
+  const ReadBandwidth bw = MeasureReadBandwidth(**pool, (8 << 20) + 1, 3);
+  EXPECT_EQ(bw.bytes, 12u << 20);  // whole 4 MiB chunks
+  EXPECT_EQ(bw.threads, (*pool)->num_workers());
+  EXPECT_GT(bw.best_gbps, 0.1);
+  EXPECT_LT(bw.best_gbps, 10000.0);
+}
+
+}  // namespace
+}  // namespace ktx::bench
