@@ -198,11 +198,17 @@ void RunMoeStage(const MoeRun& run, int stage, int ith, int nth);
 
 // Runs all stages with the caller's pool: parallel_for(n_tasks, fn) must call
 // fn(task, worker) for every task in [0, n_tasks) and return when all are done.
+// A stage of at most one task runs on the calling thread as worker 0 (no
+// fork-join for the single activation-quantization task of a 1-8 token decode).
 template <typename ParallelFor>
 void RunMoe(const MoeRun& run, ParallelFor&& parallel_for) {
   for (int s = 0; s < MoeRun::kNumStages; ++s) {
-    parallel_for(run.NumTasks(s),
-                 [&run, s](int64_t task, int worker) { run.RunTask(s, task, worker); });
+    const int64_t n = run.NumTasks(s);
+    if (n <= 1) {
+      if (n == 1) run.RunTask(s, 0, 0);
+      continue;
+    }
+    parallel_for(n, [&run, s](int64_t task, int worker) { run.RunTask(s, task, worker); });
   }
 }
 

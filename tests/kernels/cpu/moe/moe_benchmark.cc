@@ -258,6 +258,7 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   // The reference (read bandwidth or int8 peak) is measured between the timed
   // calls, so that both see the same machine load (shared build machines).
   double ref_sum = 0, read_per_cpu_sum = 0, cpu_seconds = 0;
+  double stage_seconds[MoeRun::kNumStages] = {};
   int64_t prefill_experts = 0, i = 0;
   for (auto _ : state) {
     state.PauseTiming();
@@ -289,7 +290,16 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
       state.SkipWithError(std::string(run.status().message()).c_str());
       return;
     }
-    RunMoe(*run, [&](int64_t n, auto&& fn) { g_pool->ParallelFor(n, fn); });
+    for (int st = 0; st < MoeRun::kNumStages; ++st) {
+      const auto s0 = std::chrono::steady_clock::now();
+      if (run->NumTasks(st) == 1) {
+        run->RunTask(st, 0, 0);  // as RunMoe does
+      } else {
+        g_pool->ParallelFor(run->NumTasks(st),
+                            [&](int64_t task, int worker) { run->RunTask(st, task, worker); });
+      }
+      stage_seconds[st] += Seconds(s0, std::chrono::steady_clock::now());
+    }
     seconds += Seconds(t0, std::chrono::steady_clock::now());
     cpu_seconds += ProcessCpuSeconds() - c0;
     bytes += static_cast<double>(run->weight_bytes());
@@ -301,6 +311,9 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   state.counters["weights_GBps"] = bytes / seconds / 1e9;
   state.counters["TOPS"] = ops / seconds / 1e12;
   state.counters["threads"] = g_pool->num_workers();
+  for (int st = 0; st < MoeRun::kNumStages; ++st) {
+    state.counters["stage" + std::to_string(st) + "_pct"] = 100.0 * stage_seconds[st] / seconds;
+  }
   state.counters["prefill_experts_per_call"] =
       static_cast<double>(prefill_experts) / static_cast<double>(state.iterations());
   const double ref = ref_sum / static_cast<double>(state.iterations());
