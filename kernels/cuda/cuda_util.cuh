@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 namespace ktx::kernels::cuda {
@@ -52,6 +54,27 @@ __device__ __forceinline__ float2 Bf16PairToFloat2(uint32_t w) {
 
 __device__ __forceinline__ float HalfBitsToFloat(uint16_t h) {
   return __half2float(__ushort_as_half(h));
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` when above the
+// default 48 KiB, once per device and high-water mark (`raised` holds one
+// counter per device, at most 16 devices), so that launches stay cheap and
+// capturable in CUDA graphs. Thread-safe.
+template <typename Kernel>
+cudaError_t EnsureDynamicSmem(Kernel kernel, size_t bytes, std::atomic<size_t> (&raised)[16]) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::atomic<size_t>& mark = raised[device & 15];
+  if (bytes <= mark.load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  size_t cur = mark.load(std::memory_order_relaxed);
+  while (cur < bytes && !mark.compare_exchange_weak(cur, bytes, std::memory_order_acq_rel)) {
+  }
+  return cudaSuccess;
 }
 
 __host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

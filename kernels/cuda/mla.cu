@@ -13,7 +13,7 @@ constexpr int kMaxPairs = 128;
 constexpr int kTile = 32;                   // KV rows per shared-memory tile
 constexpr int kMaxKvLora = 512;             // accumulators per lane: kv_lora / 32
 constexpr int kAccWords = kMaxKvLora / 64;  // bf16 pairs of the latent per lane
-constexpr int64_t kMinSplitLen = 256;       // rows: below this a split is not worth it
+constexpr int64_t kMinSplitLen = 64;        // rows: two tiles; shorter splits cost more to merge
 constexpr int32_t kMaxSplits = 256;
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -24,6 +24,40 @@ __device__ __forceinline__ __nv_bfloat16* CacheRow(const MlaPagedKv& kv, int32_t
   const int32_t page =
       kv.block_table[static_cast<int64_t>(seq) * kv.block_table_stride + pos / kv.page_size];
   return kv.data + static_cast<int64_t>(page) * kv.page_stride + (pos % kv.page_size) * row_width;
+}
+
+// Asynchronous global -> shared copies (sm_80+): issued back to back, so a
+// tile's loads are all in flight at once; src_bytes 0 writes zeros.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Element offsets of the cache rows t0 .. t0 + n_rows - 1 of one sequence
+// (-1 past n_rows), written by the first kTile threads.
+__device__ __forceinline__ void TileRowOffsets(const MlaPagedKv& kv, const int32_t* table,
+                                               int64_t t0, int n_rows, int row_width, int n,
+                                               int64_t* out) {
+  if (static_cast<int>(threadIdx.x) < n) {
+    const int r = threadIdx.x;
+    const int64_t pos = t0 + r;
+    out[r] = r < n_rows ? static_cast<int64_t>(table[pos / kv.page_size]) * kv.page_stride +
+                              (pos % kv.page_size) * row_width
+                        : -1;
+  }
 }
 
 __global__ void WriteKvKernel(const float* kva, int64_t kva_stride, const float* kv_norm, float eps,
@@ -94,6 +128,7 @@ __global__ void __launch_bounds__(kHeads * 32)
   const int stride_words = rw_words | 1;
   float* sq = smem;
   uint32_t* skv = reinterpret_cast<uint32_t*>(smem + kHeads * rw);
+  int64_t* s_rowoff = reinterpret_cast<int64_t*>(skv + kTile * stride_words);
   const int64_t qi = blockIdx.x;
   const int h0 = blockIdx.y * kHeads;
   const int split = blockIdx.z;
@@ -121,14 +156,14 @@ __global__ void __launch_bounds__(kHeads * 32)
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and sq is written on the first pass)
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
+    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTile, s_rowoff);
+    __syncthreads();
     for (int i = threadIdx.x; i < n_rows * rw_words; i += blockDim.x) {
       const int r = i / rw_words, w = i % rw_words;
-      const int64_t pos = t0 + r;
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(
-          a.kv.data + static_cast<int64_t>(table[pos / a.kv.page_size]) * a.kv.page_stride +
-          (pos % a.kv.page_size) * rw);
-      skv[r * stride_words + w] = src[w];
+      CpAsync4(&skv[r * stride_words + w],
+               reinterpret_cast<const uint32_t*>(a.kv.data + s_rowoff[r]) + w);
     }
+    CpAsyncWaitAll();
     __syncthreads();
     if (head_ok) {  // warp-uniform
       float s = -INFINITY;
@@ -233,24 +268,322 @@ __global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float
 
 size_t SplitSharedBytes(int heads, int row_width) {
   return static_cast<size_t>(heads) * row_width * sizeof(float) +
-         static_cast<size_t>(kTile) * ((row_width / 2) | 1) * sizeof(uint32_t);
+         static_cast<size_t>(kTile) * ((row_width / 2) | 1) * sizeof(uint32_t) +
+         kTile * sizeof(int64_t);
 }
 
 template <int kHeads>
 cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, float* part_acc,
                         float2* part_ml, cudaStream_t stream) {
   const size_t smem = SplitSharedBytes(kHeads, a.kv_lora + a.n_rot);
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(MlaSplitKernel<kHeads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  static std::atomic<size_t> raised[16];
+  const cudaError_t err = EnsureDynamicSmem(MlaSplitKernel<kHeads>, smem, raised);
+  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kHeads)),
                   static_cast<unsigned>(plan.n_splits));
   MlaSplitKernel<kHeads>
       <<<grid, kHeads * 32, smem, stream>>>(a, plan.n_splits, plan.split_len, part_acc, part_ml);
   return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core variant (mma.sync m16n8k16, bf16 inputs, F32 accumulation).
+// One block: one query token, 16 heads (the MMA's 16 rows), one KV range, 4
+// warps. Per tile of 32 cache rows:
+//   S[16 x 32] = Q · K^T: warp w computes positions 8w .. 8w + 7;
+//   online softmax of each head's row (8 threads per row);
+//   O[16 x kv_lora] += P · V: warp w owns kv_lora / 4 columns.
+// Q and P are split into bf16 hi + lo parts (x = hi + lo + O(2^-17 x)) and
+// both are multiplied, so the products keep F32-level accuracy although the
+// tensor cores take bf16; the cache rows are bf16 already (exact).
+// Shared rows are padded to an odd number of 16-byte chunks so that the 8
+// row addresses of an ldmatrix hit 8 different bank groups.
+
+constexpr int kTcHeads = 16;
+constexpr int kTcTile = 32;
+constexpr int kTcWarps = 4;
+constexpr int kTcMaxNt = kMaxKvLora / (8 * kTcWarps);  // n8 tiles of O per warp (16)
+constexpr int kTcPStride = 40;                         // bf16 per P row (5 chunks: odd)
+constexpr int kTcSStride = kTcTile + 1;                // floats per S row
+
+__host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
+  return ((row_width / 8) | 1) * 8;
+}
+
+size_t TcSharedBytes(int row_width) {
+  const size_t rs = TcRowStride(row_width);
+  return 2 * kTcHeads * rs * 2 +                  // Q hi, lo
+         kTcTile * rs * 2 +                       // cache tile
+         kTcHeads * kTcSStride * sizeof(float) +  // scores
+         2 * kTcHeads * kTcPStride * 2 +          // P hi, lo
+         3 * kTcHeads * sizeof(float) +           // m, l, alpha per head
+         kTcTile * sizeof(int64_t);               // the tile's row offsets
+}
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void Ldmatrix4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+__device__ __forceinline__ void Ldmatrix2(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+__device__ __forceinline__ void Ldmatrix4Trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+// c += a (16x16, row) · b (16x8, col), bf16 in, F32 accumulate.
+__device__ __forceinline__ void Mma(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__global__ void __launch_bounds__(kTcWarps * 32)
+    MlaSplitTcKernel(MlaAttentionArgs a, int32_t n_splits, int32_t split_len, float* part_acc,
+                     float2* part_ml) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int rw = a.kv_lora + a.n_rot;
+  const int rs = TcRowStride(rw);
+  __nv_bfloat16* s_qhi = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  __nv_bfloat16* s_qlo = s_qhi + kTcHeads * rs;
+  __nv_bfloat16* s_kv = s_qlo + kTcHeads * rs;
+  float* s_s = reinterpret_cast<float*>(s_kv + kTcTile * rs);
+  __nv_bfloat16* s_phi = reinterpret_cast<__nv_bfloat16*>(s_s + kTcHeads * kTcSStride);
+  __nv_bfloat16* s_plo = s_phi + kTcHeads * kTcPStride;
+  float* s_m = reinterpret_cast<float*>(s_plo + kTcHeads * kTcPStride);
+  float* s_l = s_m + kTcHeads;
+  float* s_alpha = s_l + kTcHeads;
+  int64_t* s_rowoff = reinterpret_cast<int64_t*>(s_alpha + kTcHeads);
+
+  const int64_t qi = blockIdx.x;
+  const int h0 = blockIdx.y * kTcHeads;
+  const int split = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;  // MMA row group
+  const int t = lane % 4;  // thread in group
+  const int32_t seq = a.q_seq[qi];
+  const int64_t n_kv = static_cast<int64_t>(a.q_pos[qi]) + 1;
+  const int64_t begin = static_cast<int64_t>(split) * split_len;
+  const int64_t end = min(n_kv, begin + split_len);
+
+  for (int i = tid; i < kTcHeads * rw; i += blockDim.x) {
+    const int hh = i / rw, j = i % rw;
+    const float v =
+        h0 + hh < a.n_head ? a.q[qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw + j] : 0.0f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    s_qhi[hh * rs + j] = hi;
+    s_qlo[hh * rs + j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+  if (tid < kTcHeads) {
+    s_m[tid] = -INFINITY;
+    s_l[tid] = 0.0f;
+  }
+  const int cols_per_warp = a.kv_lora / kTcWarps;  // multiple of 16
+  const int n_pairs = cols_per_warp / 16;          // pairs of n8 tiles of O
+  const int col0 = warp * cols_per_warp;
+  float acc[kTcMaxNt][4];
+#pragma unroll
+  for (int j = 0; j < kTcMaxNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  const int32_t* table = a.kv.block_table + static_cast<int64_t>(seq) * a.kv.block_table_stride;
+  const int chunks = rw / 8;  // 16-byte chunks per cache row
+
+  for (int64_t t0 = begin; t0 < end; t0 += kTcTile) {
+    __syncthreads();  // previous tile consumed; Q, m, l written on the first pass
+    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTcTile), end - t0));
+    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTcTile, s_rowoff);
+    __syncthreads();
+    for (int i = tid; i < kTcTile * chunks; i += blockDim.x) {
+      const int r = i / chunks, c = i % chunks;
+      const int64_t off = s_rowoff[r];
+      // Rows past the range are zero-filled: P is 0 there, and 0 * garbage could be NaN.
+      CpAsync16(s_kv + r * rs + c * 8, off >= 0 ? a.kv.data + off + c * 8 : a.kv.data,
+                off >= 0 ? 16 : 0);
+    }
+    CpAsyncWaitAll();
+    __syncthreads();
+
+    // Scores of positions 8 * warp .. + 7 for the 16 heads.
+    // Four independent accumulators (hi/lo x even/odd k-step) keep four MMA
+    // chains in flight instead of one dependent chain of 2 * rw / 16.
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    {
+      float part[3][4] = {};
+      const int mat = lane / 8, r8 = lane % 8;
+      const __nv_bfloat16* a_hi = s_qhi + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
+      const __nv_bfloat16* a_lo = s_qlo + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
+      const __nv_bfloat16* b_ptr = s_kv + (8 * warp + r8) * rs + 8 * (mat % 2);
+      int k0 = 0;
+      for (; k0 + 32 <= rw; k0 += 32) {
+        uint32_t fa_hi[4], fa_lo[4], fb[2], ga_hi[4], ga_lo[4], gb[2];
+        Ldmatrix4(fa_hi, a_hi + k0);
+        Ldmatrix4(fa_lo, a_lo + k0);
+        Ldmatrix2(fb, b_ptr + k0);
+        Ldmatrix4(ga_hi, a_hi + k0 + 16);
+        Ldmatrix4(ga_lo, a_lo + k0 + 16);
+        Ldmatrix2(gb, b_ptr + k0 + 16);
+        Mma(sc, fa_hi, fb);
+        Mma(part[0], fa_lo, fb);
+        Mma(part[1], ga_hi, gb);
+        Mma(part[2], ga_lo, gb);
+      }
+      if (k0 < rw) {  // rw % 32 == 16
+        uint32_t fa_hi[4], fa_lo[4], fb[2];
+        Ldmatrix4(fa_hi, a_hi + k0);
+        Ldmatrix4(fa_lo, a_lo + k0);
+        Ldmatrix2(fb, b_ptr + k0);
+        Mma(sc, fa_hi, fb);
+        Mma(part[0], fa_lo, fb);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sc[j] += (part[0][j] + part[1][j]) + part[2][j];
+    }
+    {
+      const int p0 = 8 * warp + 2 * t;
+      s_s[g * kTcSStride + p0] = p0 < n_rows ? sc[0] * a.scale : -INFINITY;
+      s_s[g * kTcSStride + p0 + 1] = p0 + 1 < n_rows ? sc[1] * a.scale : -INFINITY;
+      s_s[(g + 8) * kTcSStride + p0] = p0 < n_rows ? sc[2] * a.scale : -INFINITY;
+      s_s[(g + 8) * kTcSStride + p0 + 1] = p0 + 1 < n_rows ? sc[3] * a.scale : -INFINITY;
+    }
+    __syncthreads();
+
+    // Online softmax: 8 threads per head row, 4 positions each.
+    {
+      const int row = tid / 8, part = tid % 8;
+      const float m_old = s_m[row];
+      const float l_old = s_l[row];
+      float v[4];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v[j] = s_s[row * kTcSStride + 4 * part + j];
+        mx = fmaxf(mx, v[j]);
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+      const float m_new = fmaxf(m_old, mx);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p = expf(v[j] - m_new);  // 0 for masked positions
+        sum += p;
+        const __nv_bfloat16 hi = __float2bfloat16_rn(p);
+        s_phi[row * kTcPStride + 4 * part + j] = hi;
+        s_plo[row * kTcPStride + 4 * part + j] = __float2bfloat16_rn(p - __bfloat162float(hi));
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+      __syncwarp();  // every lane of the row has read m_old / l_old
+      if (part == 0) {
+        const float alpha = expf(m_old - m_new);  // 0 on the first tile
+        s_alpha[row] = alpha;
+        s_m[row] = m_new;
+        s_l[row] = l_old * alpha + sum;
+      }
+    }
+    __syncthreads();
+
+    // O = alpha · O + P · V over this warp's columns.
+    {
+      const float al_lo = s_alpha[g], al_hi = s_alpha[g + 8];
+#pragma unroll
+      for (int j = 0; j < kTcMaxNt; ++j) {
+        acc[j][0] *= al_lo;
+        acc[j][1] *= al_lo;
+        acc[j][2] *= al_hi;
+        acc[j][3] *= al_hi;
+      }
+      const int mat = lane / 8, r8 = lane % 8;
+#pragma unroll
+      for (int ks = 0; ks < kTcTile / 16; ++ks) {
+        uint32_t fp_hi[4], fp_lo[4];
+        Ldmatrix4(fp_hi, s_phi + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
+        Ldmatrix4(fp_lo, s_plo + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
+        const __nv_bfloat16* v_row =
+            s_kv + (16 * ks + r8 + 8 * (mat % 2)) * rs + col0 + 8 * (mat / 2);
+#pragma unroll
+        for (int jp = 0; jp < kTcMaxNt / 2; ++jp) {
+          if (jp < n_pairs) {
+            uint32_t fb[4];
+            Ldmatrix4Trans(fb, v_row + 16 * jp);
+            Mma(acc[2 * jp], fp_hi, fb);
+            Mma(acc[2 * jp], fp_lo, fb);
+            Mma(acc[2 * jp + 1], fp_hi, fb + 2);
+            Mma(acc[2 * jp + 1], fp_lo, fb + 2);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // final m, l visible
+
+  const int heads[2] = {h0 + g, h0 + g + 8};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int head = heads[half];
+    if (head >= a.n_head) continue;
+    const int row = g + 8 * half;
+    const float l = s_l[row];
+#pragma unroll
+    for (int j = 0; j < kTcMaxNt; ++j) {
+      if (j >= 2 * n_pairs) continue;
+      const int d = col0 + 8 * j + 2 * t;
+      const float v0 = acc[j][2 * half], v1 = acc[j][2 * half + 1];
+      if (n_splits == 1) {
+        const float inv = 1.0f / l;
+        const int64_t idx = static_cast<int64_t>(head) * a.kv_lora + d;
+        if (a.out_bf16 != nullptr) {
+          a.out_bf16[qi * a.out_bf16_stride + idx] = __float2bfloat16_rn(v0 * inv);
+          a.out_bf16[qi * a.out_bf16_stride + idx + 1] = __float2bfloat16_rn(v1 * inv);
+        }
+        if (a.out_f32 != nullptr) {
+          a.out_f32[qi * a.out_f32_stride + idx] = v0 * inv;
+          a.out_f32[qi * a.out_f32_stride + idx + 1] = v1 * inv;
+        }
+      } else {
+        const int64_t slot = (qi * a.n_head + head) * n_splits + split;
+        part_acc[slot * a.kv_lora + d] = v0;
+        part_acc[slot * a.kv_lora + d + 1] = v1;
+      }
+    }
+    if (n_splits > 1 && t == 0 && warp == 0) {
+      part_ml[(qi * a.n_head + head) * n_splits + split] = make_float2(s_m[row], l);
+    }
+  }
+}
+
+cudaError_t LaunchSplitTc(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, float* part_acc,
+                          float2* part_ml, cudaStream_t stream) {
+  const size_t smem = TcSharedBytes(a.kv_lora + a.n_rot);
+  static std::atomic<size_t> raised[16];
+  const cudaError_t err = EnsureDynamicSmem(MlaSplitTcKernel, smem, raised);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kTcHeads)),
+                  static_cast<unsigned>(plan.n_splits));
+  MlaSplitTcKernel<<<grid, kTcWarps * 32, smem, stream>>>(a, plan.n_splits, plan.split_len,
+                                                          part_acc, part_ml);
+  return cudaGetLastError();
+}
+
+bool TcSupported(int32_t kv_lora, int32_t n_rot) {
+  return kv_lora % (16 * kTcWarps) == 0 && kv_lora <= kMaxKvLora && (kv_lora + n_rot) % 16 == 0;
 }
 
 }  // namespace
@@ -288,11 +621,14 @@ cudaError_t MlaPrepareQ(const float* q, int64_t q_stride, int32_t n_head, int32_
   return cudaGetLastError();
 }
 
-MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int64_t max_kv_len,
-                                  int32_t n_multiprocessors, size_t workspace_capacity) {
+MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int32_t n_rot,
+                                  int64_t max_kv_len, int32_t n_multiprocessors,
+                                  size_t workspace_capacity) {
   MlaAttentionPlan plan;
+  plan.tensor_cores = TcSupported(kv_lora, n_rot);
   plan.heads_per_block = 4;
   while (plan.heads_per_block < n_head && plan.heads_per_block < 16) plan.heads_per_block *= 2;
+  if (plan.tensor_cores) plan.heads_per_block = kTcHeads;
   max_kv_len = std::max<int64_t>(max_kv_len, 1);
   const int64_t groups = CeilDiv(std::max(n_head, 1), plan.heads_per_block);
   const int64_t base_blocks = std::max<int64_t>(n_q, 1) * groups;
@@ -346,11 +682,18 @@ cudaError_t MlaAttention(const MlaAttentionArgs& a, const MlaAttentionPlan& plan
                                   AlignUp(n_slots * a.kv_lora * sizeof(float), kWorkspaceAlign));
   }
   cudaError_t err;
-  switch (plan.heads_per_block) {
-    case 4: err = LaunchSplit<4>(a, plan, part_acc, part_ml, stream); break;
-    case 8: err = LaunchSplit<8>(a, plan, part_acc, part_ml, stream); break;
-    case 16: err = LaunchSplit<16>(a, plan, part_acc, part_ml, stream); break;
-    default: return cudaErrorInvalidValue;
+  if (plan.tensor_cores) {
+    if (!TcSupported(a.kv_lora, a.n_rot) || plan.heads_per_block != kTcHeads) {
+      return cudaErrorInvalidValue;
+    }
+    err = LaunchSplitTc(a, plan, part_acc, part_ml, stream);
+  } else {
+    switch (plan.heads_per_block) {
+      case 4: err = LaunchSplit<4>(a, plan, part_acc, part_ml, stream); break;
+      case 8: err = LaunchSplit<8>(a, plan, part_acc, part_ml, stream); break;
+      case 16: err = LaunchSplit<16>(a, plan, part_acc, part_ml, stream); break;
+      default: return cudaErrorInvalidValue;
+    }
   }
   if (err != cudaSuccess || plan.n_splits == 1) return err;
   const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(a.n_head));

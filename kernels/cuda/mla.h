@@ -83,17 +83,23 @@ struct MlaAttentionArgs {
 };
 
 struct MlaAttentionPlan {
-  int32_t heads_per_block = 16;  // 4, 8 or 16
+  // Tensor-core kernel (mma.sync bf16 with hi/lo splitting of Q and the
+  // softmax weights: F32-level accuracy); chosen when kv_lora % 64 == 0 and
+  // (kv_lora + n_rot) % 16 == 0 (DeepSeek-V2/V3, Kimi-K2). Otherwise, or when
+  // a caller clears it, the CUDA-core kernel runs.
+  bool tensor_cores = false;
+  int32_t heads_per_block = 16;  // 4, 8 or 16 (16 with tensor cores)
   int32_t n_splits = 1;          // KV ranges per query, merged afterwards
   int32_t split_len = 0;         // rows per range (multiple of 32)
   size_t workspace_bytes = 0;    // needed by MlaAttention (0 when n_splits == 1)
 };
 
-// Chooses heads per block and the split of the longest context `max_kv_len`
+// Chooses the kernel, heads per block and the split of the longest context `max_kv_len`
 // so that about 2 blocks per multiprocessor run, within `workspace_capacity`
 // bytes of workspace.
-MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int64_t max_kv_len,
-                                  int32_t n_multiprocessors, size_t workspace_capacity);
+MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int32_t n_rot,
+                                  int64_t max_kv_len, int32_t n_multiprocessors,
+                                  size_t workspace_capacity);
 
 // Runs the plan. `workspace` (device) holds at least plan.workspace_bytes.
 // Every query's position must lie below max_kv_len of the plan and its rows

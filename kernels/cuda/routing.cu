@@ -164,11 +164,9 @@ cudaError_t RouteTopK(const RoutingConfig& cfg, const float* logits, int64_t log
   const size_t doubles_per_warp = 2 * static_cast<size_t>(E) + G;
   const size_t bytes_per_warp = (std::max(E, G) + 7) / 8 * 8;
   const size_t smem = kWarpsPerBlock * (doubles_per_warp * sizeof(double) + bytes_per_warp);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        RouteKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  static std::atomic<size_t> raised[16];
+  const cudaError_t err = EnsureDynamicSmem(RouteKernel, smem, raised);
+  if (err != cudaSuccess) return err;
   const int64_t blocks = CeilDiv(n_tokens, kWarpsPerBlock);
   if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidValue;
   RouteKernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(

@@ -14,6 +14,7 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   std::unique_ptr<GpuLayerRunner> r(new GpuLayerRunner());
   r->hp_ = hp;
   r->layout_ = GpuWorkLayout::For(hp, max_tokens);
+  r->attention_tensor_cores_ = options.attention_tensor_cores;
   r->rope_.n_rot = static_cast<int32_t>(hp.rope.n_rot);
   r->rope_.freq_base = hp.rope.freq_base;
   r->rope_.freq_scale = hp.rope.freq_scale;
@@ -156,8 +157,10 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
   a.kv = kv;
   a.out_bf16 = ctx_.as<Bf16>();
   a.out_bf16_stride = n_head * kvl;
-  const kc::MlaAttentionPlan plan = kc::PlanMlaAttention(
-      n, a.n_head, a.kv_lora, b.max_kv_len, n_multiprocessors_, attention_workspace_.bytes());
+  kc::MlaAttentionPlan plan =
+      kc::PlanMlaAttention(n, a.n_head, a.kv_lora, a.n_rot, b.max_kv_len, n_multiprocessors_,
+                           attention_workspace_.bytes());
+  plan.tensor_cores = plan.tensor_cores && attention_tensor_cores_;
   KTX_RETURN_IF_ERROR(
       CudaOk(kc::MlaAttention(a, plan, attention_workspace_.get(), stream_), "MLA attention"));
   // o[t, h] = v_b[h] · ctx[t, h], then x += attn_output · o.

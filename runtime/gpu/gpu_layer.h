@@ -115,6 +115,7 @@ class GpuLayerRunner {
   kernels::cuda::RopeParams rope_;
   kernels::cuda::RoutingConfig routing_;
   int32_t n_multiprocessors_ = 1;
+  bool attention_tensor_cores_ = true;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,

@@ -37,6 +37,7 @@ struct CudaModelOptions {
   uint64_t attention_workspace_bytes = uint64_t{64} << 20;  // split-KV partial results
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
+  bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
 };
 
 // Element counts of the per-batch work buffers for `max_tokens` tokens (the

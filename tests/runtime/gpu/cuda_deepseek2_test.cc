@@ -81,6 +81,43 @@ double Margin(const float* row, int64_t n) {
   return static_cast<double>(v[0]) - v[1];
 }
 
+// Two runs of the same rows that differ only in rounding: their typical row
+// agrees to ~1e-3, but where a rounding difference flips one routed expert
+// (the tiny model's routing gaps can be ~1e-4 on a GPU-rounded hidden state)
+// that row moves by up to ~0.6 (README section 5). So: the median row within
+// 1e-2, and the same argmax wherever the reference's top-2 margin exceeds 1.
+struct RowAgreement {
+  double median = 0.0, worst = 0.0;
+  int confident = 0, agree = 0;
+};
+
+RowAgreement CompareRows(const Activations& got, const Activations& want) {
+  EXPECT_EQ(got.n_tokens(), want.n_tokens());
+  EXPECT_EQ(got.n_cols(), want.n_cols());
+  RowAgreement a;
+  std::vector<double> rows;
+  for (int64_t r = 0; r < std::min(got.n_tokens(), want.n_tokens()); ++r) {
+    rows.push_back(RelL2(got.row(r), want.row(r), want.n_cols()));
+    if (Margin(want.row(r), want.n_cols()) > 1.0) {
+      ++a.confident;
+      a.agree += Argmax(got.row(r), got.n_cols()) == Argmax(want.row(r), want.n_cols());
+    }
+  }
+  std::sort(rows.begin(), rows.end());
+  if (!rows.empty()) {
+    a.median = rows[rows.size() / 2];
+    a.worst = rows.back();
+  }
+  return a;
+}
+
+void ExpectAgree(const RowAgreement& a, const char* what, const std::string& file) {
+  std::printf("[ measured ] %s: %s, median row rel L2 %.2e, worst row %.2e, argmax %d/%d\n",
+              file.c_str(), what, a.median, a.worst, a.agree, a.confident);
+  EXPECT_LE(a.median, 1e-2) << what;
+  EXPECT_EQ(a.agree, a.confident) << what;
+}
+
 CudaModelOptions TestOptions() {
   CudaModelOptions o;
   o.max_batch_tokens = 128;
@@ -296,28 +333,24 @@ TEST_P(CudaDeepseek2Test, BatchOfSequencesMatchesOneAtATime) {
   }
   Activations batch;
   ASSERT_TRUE(gpu_->ForwardBatch(entries, &batch).ok());
+  // The one-at-a-time rows in batch order.
+  Activations alone_all(batch.n_tokens(), n_vocab_);
   int64_t row = 0;
-  double worst = 0.0;
   for (int i = 0; i < 3; ++i) {
-    for (int64_t r = 0; r < alone[i].n_tokens(); ++r, ++row) {
-      worst = std::max(worst, RelL2(batch.row(row), alone[i].row(r), n_vocab_));
-      if (Margin(alone[i].row(r), n_vocab_) > 0.5) {
-        EXPECT_EQ(Argmax(batch.row(row), n_vocab_), Argmax(alone[i].row(r), n_vocab_));
-      }
+    for (int64_t r = 0; r < alone[i].n_tokens() && row < batch.n_tokens(); ++r, ++row) {
+      std::copy(alone[i].row(r), alone[i].row(r) + n_vocab_, alone_all.row(row));
     }
   }
   EXPECT_EQ(row, batch.n_tokens());
+  ExpectAgree(CompareRows(batch, alone_all), "prefill batch of 3 vs one at a time", GetParam());
   for (int i = 0; i < 3; ++i) entries[i] = {seqs[i], {&next[i], 1}, LogitsRows::kLast};
   ASSERT_TRUE(gpu_->ForwardBatch(entries, &batch).ok());
   ASSERT_EQ(batch.n_tokens(), 3);
+  Activations next_all(3, n_vocab_);
   for (int i = 0; i < 3; ++i) {
-    worst = std::max(worst, RelL2(batch.row(i), alone_next[i].row(0), n_vocab_));
+    std::copy(alone_next[i].row(0), alone_next[i].row(0) + n_vocab_, next_all.row(i));
   }
-  std::printf("[ measured ] %s: batched vs one at a time, worst row rel L2 %.2e\n",
-              GetParam().c_str(), worst);
-  // Only the grouping differs: the same bf16 roundings up to where a float
-  // difference in the last bit flips one (then ~2^-9 locally).
-  EXPECT_LE(worst, 1e-2);
+  ExpectAgree(CompareRows(batch, next_all), "decode batch of 3 vs one at a time", GetParam());
 }
 
 // A prompt longer than max_batch_tokens runs in chunks (chunked prefill) and
@@ -334,19 +367,32 @@ TEST_P(CudaDeepseek2Test, ChunkedPrefillAndRollback) {
   Activations a, b;
   ASSERT_TRUE((*chunked)->Forward(prompt_, *s1, LogitsRows::kAll, &a).ok());
   ASSERT_TRUE(gpu_->Forward(prompt_, *s2, LogitsRows::kAll, &b).ok());
-  ASSERT_EQ(a.n_tokens(), b.n_tokens());
-  double worst = 0.0;
-  for (int64_t r = 0; r < a.n_tokens(); ++r)
-    worst = std::max(worst, RelL2(a.row(r), b.row(r), n_vocab_));
-  std::printf("[ measured ] %s: chunked (16) vs one batch, worst row rel L2 %.2e\n",
-              GetParam().c_str(), worst);
-  EXPECT_LE(worst, 1e-2);
+  ExpectAgree(CompareRows(a, b), "chunked (16) vs one batch", GetParam());
   // Roll back to 40 tokens and replay the rest: the last row again.
   ASSERT_TRUE(gpu_->Truncate(*s2, 40).ok());
   Activations replay;
   std::span<const int32_t> rest(prompt_.data() + 40, prompt_.size() - 40);
   ASSERT_TRUE(gpu_->Forward(rest, *s2, LogitsRows::kLast, &replay).ok());
-  EXPECT_LE(RelL2(replay.row(0), b.row(b.n_tokens() - 1), n_vocab_), 1e-2);
+  Activations last(1, n_vocab_);
+  std::copy(b.row(b.n_tokens() - 1), b.row(b.n_tokens() - 1) + n_vocab_, last.row(0));
+  ExpectAgree(CompareRows(replay, last), "replay after Truncate(40)", GetParam());
+}
+
+// The tensor-core attention kernel (default) and the CUDA-core one give the
+// same logits up to F32 rounding (amplified where a bf16 rounding or an
+// expert choice flips; see CompareRows).
+TEST_P(CudaDeepseek2Test, AttentionKernelsAgree) {
+  CudaModelOptions cores = TestOptions();
+  cores.attention_tensor_cores = false;
+  auto other = CudaDeepseek2::Create(*model_, cores);
+  ASSERT_TRUE(other.ok()) << other.status();
+  auto s1 = (*other)->AddSequence(128);
+  auto s2 = gpu_->AddSequence(128);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  Activations a, b;
+  ASSERT_TRUE((*other)->Forward(prompt_, *s1, LogitsRows::kAll, &a).ok());
+  ASSERT_TRUE(gpu_->Forward(prompt_, *s2, LogitsRows::kAll, &b).ok());
+  ExpectAgree(CompareRows(b, a), "tensor-core vs CUDA-core attention", GetParam());
 }
 
 TEST_P(CudaDeepseek2Test, ErrorsLeaveSequencesUnchanged) {

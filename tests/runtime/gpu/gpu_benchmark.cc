@@ -3,7 +3,9 @@
 // on the CPU and are not part of it), with random bf16 weights of full width
 // (one layer allocated) and a paged bf16 KV cache of the given context, for
 // decode batches of 1 and 16 sequences at 1K and 8K tokens of context. Also:
-// the MLA attention kernel alone, and the card's device-to-device copy
+// the same step replayed from a CUDA graph (no launch gaps), the MLA
+// attention kernel alone (CUDA-core and tensor-core variants), and the card's
+// device-to-device copy
 // bandwidth (bytes read + written), measured in the same run, against which
 // the achieved bandwidth (weights + KV bytes read once per step) is given.
 //
@@ -219,6 +221,28 @@ void BM_LayerAttentionSharedExpert(benchmark::State& state) {
   Report(state, secs, static_cast<double>(l.weight_bytes) + kv_bytes);
 }
 
+// The same step captured once into a CUDA graph and replayed: no launch gaps.
+void BM_LayerAttentionSharedExpertGraph(benchmark::State& state) {
+  Layer& l = GetLayer();
+  const int64_t batch = state.range(0), ctx = state.range(1);
+  const GpuBatchView v = l.Batch(batch, ctx);
+  const cudaStream_t stream = l.runner->stream();
+  l.Step(v);  // warm-up outside the capture (cuBLAS heuristics, attributes)
+  CUDA_BENCH_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  l.Step(v);
+  CUDA_BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+  CUDA_BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double secs =
+      TimeWithEvents(state, stream, [&] { CUDA_BENCH_CHECK(cudaGraphLaunch(exec, stream)); });
+  const double kv_bytes = static_cast<double>(batch) * ctx * (l.hp.kv_lora_rank + l.hp.n_rot) * 2;
+  Report(state, secs, static_cast<double>(l.weight_bytes) + kv_bytes);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 // The MLA attention kernel alone (scores, softmax, context) over the paged cache.
 void BM_MlaAttentionKernel(benchmark::State& state) {
   Layer& l = GetLayer();
@@ -249,8 +273,9 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   int device = 0, n_sm = 0;
   CUDA_BENCH_CHECK(cudaGetDevice(&device));
   CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
-  const kc::MlaAttentionPlan plan =
-      kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, ctx, n_sm, ws->bytes());
+  kc::MlaAttentionPlan plan =
+      kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, a.n_rot, ctx, n_sm, ws->bytes());
+  plan.tensor_cores = state.range(2) != 0;
   const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
     CUDA_BENCH_CHECK(kc::MlaAttention(a, plan, ws->get(), l.runner->stream()));
   });
@@ -277,13 +302,22 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("BM_DeviceCopy_1GiB", ktx::gpu::BM_DeviceCopy)
       ->UseManualTime()
       ->Iterations(20);
-  for (const char* name : {"BM_LayerAttentionSharedExpert", "BM_MlaAttentionKernel"}) {
-    auto* b = benchmark::RegisterBenchmark(name, std::string(name) == "BM_MlaAttentionKernel"
-                                                     ? ktx::gpu::BM_MlaAttentionKernel
-                                                     : ktx::gpu::BM_LayerAttentionSharedExpert);
+  auto* eager = benchmark::RegisterBenchmark("BM_LayerAttentionSharedExpert",
+                                             ktx::gpu::BM_LayerAttentionSharedExpert);
+  auto* graph = benchmark::RegisterBenchmark("BM_LayerAttentionSharedExpertGraph",
+                                             ktx::gpu::BM_LayerAttentionSharedExpertGraph);
+  auto* kernel =
+      benchmark::RegisterBenchmark("BM_MlaAttentionKernel", ktx::gpu::BM_MlaAttentionKernel);
+  for (auto* b : {eager, graph}) {
     b->ArgNames({"batch", "ctx"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-    for (int64_t batch : {1, 16}) {
-      for (int64_t ctx : {1024, 8192}) b->Args({batch, ctx});
+  }
+  kernel->ArgNames({"batch", "ctx", "tc"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  for (int64_t batch : {1, 16}) {
+    for (int64_t ctx : {1024, 8192}) {
+      eager->Args({batch, ctx});
+      graph->Args({batch, ctx});
+      kernel->Args({batch, ctx, 0});
+      kernel->Args({batch, ctx, 1});
     }
   }
   benchmark::RunSpecifiedBenchmarks();
