@@ -98,7 +98,8 @@ TEST(KtxNodeTest, GreedyTextEqualsTheReferenceEngine) {
   const std::string prompt =
       "--prompt 'Tom found an old map in the attic.' --max-tokens 24 "
       "--temperature 0";
-  const Output reference = RunBinary(KTX_CTL_PATH, "run --model " + Model("bf16") + " " + prompt);
+  const Output reference =
+      RunBinary(KTX_CTL_PATH, "run --model " + Model("bf16") + " --experts reference " + prompt);
   ASSERT_EQ(reference.rc, 0) << reference.err;
   ASSERT_FALSE(reference.out.empty());
   const Output node =
