@@ -40,6 +40,8 @@
 //            q[64][64] i8: group t (k = 4t..4t+3), byte r*4+i = q[r][4t+i].
 //            The 1 KiB from 64 + 1024c is the B tile of k = 64c..64c+63 (16
 //            rows of 64 bytes, stride 64). Sources Q4_K, Q5_K, Q6_K, Q8_0.
+//            Meant as the prefill form on AMX machines: only the amx variant
+//            has a fast kernel for it (others run the scalar code).
 //
 // Repacking runs once at load, in parallel: MoeRepackNumTasks() tasks, each a
 // range of panels of one expert, any order, any thread (the caller's pool).
