@@ -5,6 +5,7 @@
 #include <deque>
 #include <map>
 #include <set>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -13,8 +14,10 @@
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
+#include "caf/duration.hpp"
 #include "caf/send.hpp"
 #include "caf/stateful_actor.hpp"
+#include "caf/system_messages.hpp"
 #include "caf/typed_event_based_actor.hpp"
 #include "caf/typed_response_promise.hpp"
 #include "runtime/kv_cache/latent_kv_cache.h"
@@ -232,6 +235,8 @@ struct AttentionState {
   caf::typed_response_promise<StepResult> promise;
   std::deque<std::pair<StepRequest, caf::typed_response_promise<StepResult>>> queue;
   std::set<uint64_t> deferred_free;
+  bool waiting_moe = false;  // a moe_atom request to the router is out
+  std::string router_down;   // the router's exit reason once it is down
   static inline const char* name = "ktx.attention";
 };
 
@@ -300,9 +305,12 @@ void OnMoeReady(AttentionPointer self) {
   std::shared_ptr<Step> step = st.current;
   attention_actor me = caf::actor_cast<attention_actor>(self);
   const uint64_t step_id = step->step;
-  if (!st.config.router) {
-    step->fatal = absl::FailedPreconditionError(
-        absl::StrCat("layer ", step->il, " is a MoE layer but the engine has no router"));
+  if (!st.config.router || !st.router_down.empty()) {
+    step->fatal =
+        st.config.router
+            ? absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"))
+            : absl::FailedPreconditionError(
+                  absl::StrCat("layer ", step->il, " is a MoE layer but the engine has no router"));
     FinishStep(self);
     return;
   }
@@ -314,18 +322,24 @@ void OnMoeReady(AttentionPointer self) {
   work.weights = std::move(step->routing.weights);
   step->routing = models::Routing();
   const int il = step->il;
-  self->request(st.config.router, st.config.moe_deadline, moe_atom::value, std::move(work))
+  st.waiting_moe = true;
+  // No CAF timeout (it would wake CAF's clock thread once per layer): the
+  // router answers every request within its shard deadlines, and its death
+  // reaches this actor as a down message.
+  self->request(st.config.router, caf::infinite, moe_atom::value, std::move(work))
       .then(
           [self, step_id](MoeResult& result) {
             AttentionState& st = self->state;
-            if (!st.current || st.current->step != step_id) return;
+            if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
+            st.waiting_moe = false;
             st.current->moe = std::move(result);
             st.current->moe_done = true;
             MaybeCombine(self);
           },
           [self, step_id, il](caf::error& error) {
             AttentionState& st = self->state;
-            if (!st.current || st.current->step != step_id) return;
+            if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
+            st.waiting_moe = false;
             const absl::Status inner = FromCafError(error);
             st.current->moe_status = absl::Status(
                 inner.code(), absl::StrCat("router, layer ", il, ": ", inner.message()));
@@ -411,6 +425,19 @@ attention_actor::behavior_type AttentionBehavior(AttentionPointer self, Attentio
                                                  std::shared_ptr<Core> core) {
   self->state.config = std::move(config);
   self->state.core = std::move(core);
+  if (self->state.config.router) self->monitor(self->state.config.router);
+  self->set_down_handler([self](caf::down_msg& msg) {
+    AttentionState& st = self->state;
+    if (msg.source != caf::actor_cast<caf::actor_addr>(st.config.router)) return;
+    st.router_down = caf::to_string(msg.reason);
+    if (st.current && st.waiting_moe) {
+      st.waiting_moe = false;
+      st.current->moe_status =
+          absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"));
+      st.current->moe_done = true;
+      MaybeCombine(self);
+    }
+  });
   return {
       [self](step_atom, StepRequest& request) -> caf::typed_response_promise<StepResult> {
         AttentionState& st = self->state;

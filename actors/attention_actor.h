@@ -31,9 +31,13 @@
 // shared (read-only). The arena is not owned and must outlive the jobs.
 // A sequence is freed with kv_free_atom; freeing one that the running step
 // uses is deferred to the end of that step.
+//
+// Deadlines: the router answers every MoE request within its shard deadlines
+// (see router_actor.h); the actor monitors the router and fails the step in
+// flight with UNAVAILABLE if the router goes down. The step itself has the
+// scheduler's deadline.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <memory>
 
@@ -58,7 +62,6 @@ struct AttentionConfig {
   CpuArena* arena = nullptr;  // not owned; outlives the actor's jobs
   router_actor router;        // may be invalid for a model without MoE layers
   uint64_t kv_budget_bytes = uint64_t{1} << 30;
-  std::chrono::milliseconds moe_deadline{60000};
 };
 
 // Fails (InvalidArgument) for a KV budget that cannot hold one token.

@@ -274,8 +274,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
                           ? options.caf_threads
                           : std::clamp(static_cast<int>(AllowedCpus().size()), 2, 4);
   impl->cfg = std::make_unique<caf::actor_system_config>();
-  AddActorMessageTypes(*impl->cfg);
-  impl->cfg->set("scheduler.max-threads", impl->caf_threads);
+  ConfigureActorSystem(*impl->cfg, impl->caf_threads);
   impl->system = std::make_unique<caf::actor_system>(*impl->cfg);
 
   std::vector<std::string> names;
@@ -301,7 +300,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   attention.arena = impl->attention_arena.get();
   attention.router = impl->router;
   attention.kv_budget_bytes = options.kv_budget_bytes;
-  attention.moe_deadline = options.shard_deadline * 3;
   KTX_ASSIGN_OR_RETURN(impl->attention, SpawnAttention(*impl->system, std::move(attention)));
 
   SchedulerConfig scheduler;

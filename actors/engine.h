@@ -71,8 +71,9 @@ struct EngineOptions {
   int64_t n_ctx = 0;            // tokens per sequence at most; 0: the model's context_length
   int64_t prefill_chunk = 128;  // N: prompt tokens per step
   int max_running = 64;         // sequences admitted at once
-  // Every expert request has this deadline; a MoE request gets 3x (one
-  // re-send to a replica fits), a step the larger of step_deadline and 4x.
+  // Every expert request has this deadline (a late part is re-sent to a
+  // replica or fails its rows); a step has the larger of step_deadline and
+  // 4 x shard_deadline.
   std::chrono::milliseconds shard_deadline{30000};
   std::chrono::milliseconds step_deadline{300000};
   int caf_threads = 0;    // CAF scheduler threads; 0: min(4, max(2, cpus))

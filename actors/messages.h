@@ -336,6 +336,14 @@ inline absl::Status ToStatus(int32_t code, const std::string& message) {
 // Registers every type above (the ktx_actors type-ID block) with CAF.
 void AddActorMessageTypes(caf::actor_system_config& cfg);
 
+// AddActorMessageTypes plus the scheduler settings of ktx's actor systems:
+// `scheduler_threads` CAF workers, and workers that go from their short busy
+// poll straight to a condition-variable sleep that a new message ends at once
+// (work-stealing.moderate-poll-attempts = 0). CAF's default middle phase
+// polls with 50 us sleep_for steps, which Linux stretches to ~100 us, and
+// which doubled the per-MoE-layer latency of actors_benchmark.
+void ConfigureActorSystem(caf::actor_system_config& cfg, int scheduler_threads);
+
 }  // namespace ktx::actors
 
 namespace ktx::sampler {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -9,6 +10,7 @@
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
+#include "caf/duration.hpp"
 #include "caf/error.hpp"
 #include "caf/sec.hpp"
 #include "caf/stateful_actor.hpp"
@@ -29,7 +31,8 @@ struct Part {
   std::vector<int> excluded;  // shards that already failed these experts
   bool resolved = false;
   bool ok = false;
-  Tensor result;  // F32 [rows.size(), n_embd] when ok
+  Tensor result;                                   // F32 [rows.size(), n_embd] when ok
+  std::chrono::steady_clock::time_point deadline;  // set when dispatched
 };
 
 struct Call {
@@ -50,6 +53,7 @@ struct RouterState {
   uint64_t next_call = 1;
   std::map<uint64_t, Call> calls;
   RouterStats stats;
+  bool sweep_scheduled = false;  // a (tick_atom) is on its way
   static inline const char* name = "ktx.router";
 };
 
@@ -219,6 +223,48 @@ absl::Status DescribePartError(const RouterState& st, int shard, int il, const c
                       absl::StrCat(label, " failed layer ", il, ": ", inner.message()));
 }
 
+// Deadlines: while parts are outstanding, one (tick_atom) per sweep period
+// checks them; a part past its deadline fails as if its shard had answered
+// DEADLINE_EXCEEDED (a late answer is then ignored).
+std::chrono::milliseconds SweepPeriod(const RouterState& st) {
+  return std::clamp(st.config.shard_deadline / 8, std::chrono::milliseconds(1),
+                    std::chrono::milliseconds(250));
+}
+
+void ScheduleSweep(RouterPointer self) {
+  RouterState& st = self->state;
+  if (st.sweep_scheduled) return;
+  st.sweep_scheduled = true;
+  self->delayed_send(self, SweepPeriod(st), tick_atom::value);
+}
+
+void Sweep(RouterPointer self) {
+  RouterState& st = self->state;
+  st.sweep_scheduled = false;
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<std::tuple<uint64_t, size_t, int, int>> expired;  // call, part, shard, il
+  bool outstanding = false;
+  for (const auto& [id, call] : st.calls) {
+    for (size_t i = 0; i < call.parts.size(); ++i) {
+      const Part& p = call.parts[i];
+      if (p.resolved) continue;
+      if (p.deadline <= now) {
+        expired.emplace_back(id, i, p.shard, call.work.il);
+      } else {
+        outstanding = true;
+      }
+    }
+  }
+  for (const auto& [id, index, shard, il] : expired) {
+    OnPartFailure(self, id, index,
+                  absl::DeadlineExceededError(
+                      absl::StrCat(ShardLabel(st, shard), " did not answer layer ", il, " within ",
+                                   st.config.shard_deadline.count(), " ms")));
+  }
+  // Re-sent parts scheduled a sweep themselves; others still need one.
+  if (outstanding) ScheduleSweep(self);
+}
+
 void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
   RouterState& st = self->state;
   Call& call = st.calls.at(call_id);
@@ -242,10 +288,13 @@ void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
   st.load[p.shard] += p.entries;
   st.stats.parts_sent[p.shard]++;
   call.outstanding++;
+  p.deadline = std::chrono::steady_clock::now() + st.config.shard_deadline;
   const int shard = p.shard;
   const int il = work.il;
-  self->request(st.config.shards[shard], st.config.shard_deadline, expert_atom::value,
-                std::move(work))
+  ScheduleSweep(self);
+  // No CAF timeout: scheduling one per request costs a wake-up of CAF's clock
+  // thread each time; the sweep enforces the deadline instead.
+  self->request(st.config.shards[shard], caf::infinite, expert_atom::value, std::move(work))
       .then([self, call_id,
              part_index](ExpertPartial& result) { OnPartDone(self, call_id, part_index, result); },
             [self, call_id, part_index, shard, il](caf::error& error) {
@@ -380,6 +429,7 @@ router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig conf
   });
   return {
       [self](moe_atom, const MoeWork& work) { return HandleMoe(self, work); },
+      [self](tick_atom) { Sweep(self); },
       [self](router_stats_atom) {
         RouterStats stats = self->state.stats;
         stats.alive = self->state.alive;

@@ -13,7 +13,12 @@
 // by float rounding.)
 //
 // Failures never hang a request:
-//  - every ExpertWork is a request with a deadline (shard_deadline);
+//  - every ExpertWork has a deadline (shard_deadline), enforced by a sweep
+//    that runs every shard_deadline / 8 (1..250 ms) while work is out (not by
+//    CAF request timeouts: each of those wakes CAF's clock thread, which
+//    doubled the per-layer latency in actors_benchmark); a part that timed
+//    out keeps counting in its shard's load (it is still queued there), which
+//    steers later work to replicas;
 //  - the router monitors every shard; when one goes down, its in-flight parts
 //    fail at once;
 //  - a failed part (down, deadline, shard error) is re-sent to replicas that
@@ -43,7 +48,8 @@
 namespace ktx::actors {
 
 using router_actor = caf::typed_actor<caf::replies_to<moe_atom, MoeWork>::with<MoeResult>,
-                                      caf::replies_to<router_stats_atom>::with<RouterStats>>;
+                                      caf::replies_to<router_stats_atom>::with<RouterStats>,
+                                      caf::reacts_to<tick_atom>>;  // internal: deadline sweep
 
 struct RouterConfig {
   std::vector<expert_shard_actor> shards;  // [n_shards]
