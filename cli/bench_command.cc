@@ -3,13 +3,16 @@
 //   ktx-ctl bench --model M.gguf [--prompt-len 512,2048] [--gen 128] [--batch 1,4,16]
 //                 [--threads N] [--experts fast|reference] [--json FILE]
 //                 [--decode-ctx N] [--prefill-chunk N] [--seed S] [--temperature T]
-//                 [--read-mib N]
+//                 [--read-mib N] [--max-seconds S]
 //
 // Loads the model (the CPU experts repack with a progress bar), measures the
 // all-core read bandwidth, warms up, then prefill tok/s per prompt length and
 // batched decode tok/s per batch size with a per-stage and per-layer
 // breakdown. The table goes to stdout, progress to stderr, everything (with
-// the machine's topology facts and the date) to --json FILE.
+// the machine's topology facts and the date) to --json FILE, which is
+// rewritten after every phase ("complete": false until the end), so that a run
+// stopped by a timeout keeps what it measured. --max-seconds skips phases that
+// would overrun a time budget (listed under "skipped").
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -47,6 +50,7 @@ struct BenchFlags {
   uint64_t seed = 1234;
   float temperature = 1.0f;
   int64_t read_mib = 1024;
+  double max_seconds = 0;
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -78,6 +82,7 @@ absl::Status RunBench(const BenchFlags& flags) {
   }
   options.read_bytes = static_cast<uint64_t>(flags.read_mib) << 20;
   options.progress = [](const std::string& line) { std::cerr << "bench: " << line << std::endl; };
+  options.max_seconds = flags.max_seconds;
   KTX_RETURN_IF_ERROR(options.Validate());
   KTX_ASSIGN_OR_RETURN(const bool fast, moe_backend::ParseExpertsFlag(flags.experts));
   if (flags.threads < 0) {
@@ -89,6 +94,12 @@ absl::Status RunBench(const BenchFlags& flags) {
     limit.emplace(tbb::global_control::max_allowed_parallelism, static_cast<size_t>(flags.threads));
   }
 
+  if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
+    std::ofstream probe(flags.json, std::ios::trunc);
+    if (!(probe << "{}\n") || !probe.flush()) {
+      return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
+    }
+  }
   std::cerr << "bench: loading " << flags.model << std::endl;
   const auto t0 = std::chrono::steady_clock::now();
   KTX_ASSIGN_OR_RETURN(std::unique_ptr<models::Deepseek2Model> model,
@@ -115,30 +126,44 @@ absl::Status RunBench(const BenchFlags& flags) {
   const double load_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  KTX_ASSIGN_OR_RETURN(
-      bench::BenchResult result,
-      bench::RunBenchmark(*model, *pool, fast ? &experts->backend() : nullptr, options));
-  result.model_path = flags.model;
-  result.load["model_open_seconds"] = open_s;
-  result.load["load_seconds"] = load_s;
+  nlohmann::json topology_json;
   {
     auto source = topology::SystemHardwareSource();
     absl::StatusOr<topology::HardwareTopology> hw = topology::DiscoverHardware(*source);
-    if (hw.ok()) {
-      result.machine["topology"] = nlohmann::json::parse(topology::HardwareTopologyToJson(*hw));
-    } else {
-      result.machine["topology_error"] = std::string(hw.status().message());
-    }
+    topology_json = hw.ok() ? nlohmann::json::parse(topology::HardwareTopologyToJson(*hw))
+                            : nlohmann::json{{"error", std::string(hw.status().message())}};
   }
-  std::cout << bench::FormatBenchTable(result) << std::flush;
-  if (!flags.json.empty()) {
+  // What this command adds to the library's result.
+  auto complete = [&](bench::BenchResult r) {
+    r.model_path = flags.model;
+    r.load["model_open_seconds"] = open_s;
+    r.load["load_seconds"] = load_s;
+    r.machine["topology"] = topology_json;
+    return r;
+  };
+  auto write_json = [&](const bench::BenchResult& r) -> absl::Status {
+    if (flags.json.empty()) return absl::OkStatus();
     std::ofstream out(flags.json, std::ios::trunc);
-    out << bench::BenchResultToJson(result).dump(2) << "\n";
+    out << bench::BenchResultToJson(complete(r)).dump(2) << "\n";
     if (!out.flush()) {
       return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
     }
-    std::cerr << "bench: wrote " << flags.json << std::endl;
-  }
+    return absl::OkStatus();
+  };
+  // Keep --json current after every phase.
+  absl::Status json_status;
+  options.on_phase = [&](const bench::BenchResult& r) {
+    if (json_status.ok()) json_status = write_json(r);
+  };
+
+  KTX_ASSIGN_OR_RETURN(
+      bench::BenchResult result,
+      bench::RunBenchmark(*model, *pool, fast ? &experts->backend() : nullptr, options));
+  result = complete(std::move(result));
+  std::cout << bench::FormatBenchTable(result) << std::flush;
+  KTX_RETURN_IF_ERROR(json_status);
+  KTX_RETURN_IF_ERROR(write_json(result));
+  if (!flags.json.empty()) std::cerr << "bench: wrote " << flags.json << std::endl;
   if (experts) experts->Detach();
   return absl::OkStatus();
 }
@@ -168,6 +193,8 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--temperature", flags->temperature, "Sampling temperature, > 0 (default 1)");
   cmd->add_option("--read-mib", flags->read_mib,
                   "MiB read by the bandwidth measurement (default 1024)");
+  cmd->add_option("--max-seconds", flags->max_seconds,
+                  "Time budget: skip phases that would overrun it (default 0: none)");
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";

@@ -251,6 +251,10 @@ absl::Status BenchOptions::Validate() const {
         absl::StrCat("temperature ", temperature, ": the benchmark samples, expected (0, 100]"));
   }
   if (read_repeats <= 0) return absl::InvalidArgumentError("read_repeats must be > 0");
+  if (!(max_seconds >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-seconds ", max_seconds, ": expected >= 0 (0: no budget)"));
+  }
   return absl::OkStatus();
 }
 
@@ -359,17 +363,36 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     }
   }
 
-  // Prefill; keeps the KV of the decode context when it is one of the lengths.
+  const auto bench_start = Clock::now();
+  auto elapsed = [&] { return Seconds(bench_start, Clock::now()); };
+  // Whether a phase estimated to take `estimate` seconds still fits the budget.
+  auto fits = [&](const std::string& phase, double estimate) {
+    if (options.max_seconds <= 0 || elapsed() + estimate <= options.max_seconds) return true;
+    say(absl::StrFormat("skipping %s: estimated %.0f s, %.0f s of the %.0f s budget left", phase,
+                        estimate, options.max_seconds - elapsed(), options.max_seconds));
+    result.skipped.push_back(phase);
+    return false;
+  };
+  auto phase_done = [&] {
+    if (options.on_phase) options.on_phase(result);
+  };
+
   std::unique_ptr<kv_cache::SequenceKv> context_kv;
   std::vector<float> context_logits;
-  for (int64_t p : options.prompt_lens) {
+  // One prefill phase; keeps the KV and logits when p is the decode context.
+  auto run_prefill = [&](int64_t p, bool report) -> absl::Status {
     const std::vector<int32_t> prompt = RandomTokens(p, n_vocab, options.seed + p);
-    KTX_ASSIGN_OR_RETURN(auto kv, kv_cache::SequenceKv::Create(layout, p + options.n_gen + 1));
+    KTX_ASSIGN_OR_RETURN(auto kv, kv_cache::SequenceKv::Create(layout, p + 1));
     profile.Reset();
     if (experts != nullptr) experts->ResetRunStats();
-    say(absl::StrCat("prefill ", p, " tokens"));
+    say(absl::StrCat(report ? "prefill " : "decode context: prefill ", p, " tokens"));
     const auto t0 = Clock::now();
     KTX_RETURN_IF_ERROR(Prefill(model, prompt, options.prefill_chunk, kv.get(), &logits, &profile));
+    if (p == context && context_kv == nullptr) {
+      context_kv = std::move(kv);
+      context_logits = logits.values();
+    }
+    if (!report) return absl::OkStatus();
     PrefillResult r;
     r.prompt_len = p;
     r.seconds = Seconds(t0, Clock::now());
@@ -378,22 +401,11 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     r.expert_bytes_per_token = profile.expert_bytes() / static_cast<double>(p);
     say(absl::StrFormat("prefill %d tokens: %.2f s, %.2f tok/s", p, r.seconds, r.tok_s));
     result.prefill.push_back(std::move(r));
-    if (p == context && context_kv == nullptr) {
-      context_kv = std::move(kv);
-      context_logits = logits.values();
-    }
-  }
-  if (context_kv == nullptr) {
-    const std::vector<int32_t> prompt = RandomTokens(context, n_vocab, options.seed + context);
-    KTX_ASSIGN_OR_RETURN(context_kv, kv_cache::SequenceKv::Create(layout, context + 1));
-    say(absl::StrCat("decode context: prefill ", context, " tokens"));
-    KTX_RETURN_IF_ERROR(
-        Prefill(model, prompt, options.prefill_chunk, context_kv.get(), &logits, nullptr));
-    context_logits = logits.values();
-  }
+    phase_done();
+    return absl::OkStatus();
+  };
 
-  // Decode, one batch size at a time.
-  for (int64_t batch : options.batch_sizes) {
+  auto run_decode = [&](int64_t batch) -> absl::Status {
     std::vector<std::unique_ptr<kv_cache::SequenceKv>> kvs;
     std::vector<sampler::Sampler> samplers;
     std::vector<int32_t> next(batch);
@@ -458,7 +470,39 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     say(absl::StrFormat("decode batch %d: %.2f tok/s, experts %.2f GB/s (%.0f%% of read bw)", batch,
                         r.tok_s, r.expert_read_gbps, r.pct_of_read_bw));
     result.decode.push_back(std::move(r));
+    phase_done();
+    return absl::OkStatus();
+  };
+
+  // Order: the decode context's prefill, the decode batches, the other
+  // prompt lengths (so that a time budget keeps the decode figures).
+  const bool context_listed = std::find(options.prompt_lens.begin(), options.prompt_lens.end(),
+                                        context) != options.prompt_lens.end();
+  KTX_RETURN_IF_ERROR(run_prefill(context, context_listed));
+  for (int64_t batch : options.batch_sizes) {
+    double estimate = 0;
+    if (!result.decode.empty()) {  // the last phase's time per token, no batching gain assumed
+      const DecodeResult& last = result.decode.back();
+      estimate = last.seconds / static_cast<double>(last.batch * last.steps) *
+                 static_cast<double>(batch * options.n_gen);
+    }
+    if (!fits(absl::StrCat("decode batch ", batch), estimate)) continue;
+    KTX_RETURN_IF_ERROR(run_decode(batch));
   }
+  std::set<int64_t> done = {context};
+  for (int64_t p : options.prompt_lens) {
+    if (!done.insert(p).second) continue;
+    double estimate = 0;
+    if (!result.prefill.empty()) {  // linear in length, x1.5 for the attention's quadratic part
+      const PrefillResult& last = result.prefill.back();
+      estimate = last.seconds * static_cast<double>(p) / static_cast<double>(last.prompt_len) *
+                 (p > last.prompt_len ? 1.5 : 1.0);
+    }
+    if (!fits(absl::StrCat("prefill ", p), estimate)) continue;
+    KTX_RETURN_IF_ERROR(run_prefill(p, true));
+  }
+  result.complete = result.skipped.empty();
+  result.seconds = elapsed();
   return result;
 }
 
@@ -485,8 +529,12 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
                  {"prefill_chunk", r.options.prefill_chunk},
                  {"seed", r.options.seed},
                  {"temperature", r.options.temperature},
-                 {"warmup_tokens", r.options.warmup_tokens}};
+                 {"warmup_tokens", r.options.warmup_tokens},
+                 {"max_seconds", r.options.max_seconds}};
   j["load"] = r.load;
+  j["complete"] = r.complete;
+  j["skipped"] = r.skipped;
+  j["bench_seconds"] = r.seconds;
   j["units"] = {{"stages", "ms per token per layer (embed, head: ms per token)"},
                 {"layers", "ms per token"},
                 {"bytes", "bytes"},
@@ -588,6 +636,9 @@ std::string FormatBenchTable(const BenchResult& r) {
   for (const DecodeResult& d : r.decode) {
     absl::StrAppend(&out, absl::StrFormat("%6d %9s", d.batch, Fmt(d.stages.total_ms_per_token)),
                     stage_cells(d.stages), "\n");
+  }
+  if (!r.skipped.empty()) {
+    absl::StrAppend(&out, "\nskipped (time budget): ", absl::StrJoin(r.skipped, ", "), "\n");
   }
   // Per layer: decode at the first batch size, prefill at the first length.
   auto per_layer = [&](const std::string& title, const StageBreakdown& b) {

@@ -4,7 +4,9 @@
 // "Method"): on a loaded model, after a warm-up,
 //
 //   * prefill: for each prompt length, one fresh sequence fed the prompt
-//     (random token ids, fixed seed) in chunks of prefill_chunk: tok/s;
+//     (random token ids, fixed seed) in chunks of prefill_chunk: tok/s (the
+//     decode context's length first, then the decode batches, then the other
+//     lengths, so that a time budget keeps the decode figures);
 //   * decode: for each batch size B, B independent sequences (each a copy of
 //     the KV cache of a decode_context-token prompt) decoded together for
 //     n_gen steps with BatchedForward; every sequence samples its next token
@@ -39,6 +41,8 @@
 
 namespace ktx::bench {
 
+struct BenchResult;
+
 struct BenchOptions {
   std::vector<int64_t> prompt_lens = {512, 2048};
   int64_t n_gen = 128;  // decode steps per batch size
@@ -50,8 +54,15 @@ struct BenchOptions {
   int64_t warmup_tokens = 16;               // warm-up prefill (and 2 decode steps)
   uint64_t read_bytes = uint64_t{1} << 30;  // bandwidth buffer, >= 1 GiB for the real figure
   int read_repeats = 5;
+  // Time budget of the measurements in seconds (0: none). A phase whose
+  // estimated time (from the phases measured before it) would overrun it is
+  // skipped and listed in BenchResult::skipped.
+  double max_seconds = 0;
   // Called with a line of progress ("prefill 512: ...") when set.
   std::function<void(const std::string&)> progress;
+  // Called with the results so far after every phase (e.g. to rewrite a JSON
+  // file, so that a run killed by a timeout leaves what it measured).
+  std::function<void(const BenchResult&)> on_phase;
 
   // InvalidArgument naming the field for empty lists, non-positive sizes or
   // temperature <= 0.
@@ -117,8 +128,11 @@ struct BenchResult {
   nlohmann::json model;    // hyper-parameters and sizes
   nlohmann::json load;     // load / repack figures
   BenchOptions options;
-  std::vector<PrefillResult> prefill;
+  std::vector<PrefillResult> prefill;  // in the order run
   std::vector<DecodeResult> decode;
+  std::vector<std::string> skipped;  // phases left out by the time budget
+  bool complete = false;             // every phase ran
+  double seconds = 0;                // wall time of the phases (after warm-up)
 };
 
 // Runs the benchmark. `experts` is the fast backend when the model uses one

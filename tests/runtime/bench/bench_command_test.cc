@@ -85,6 +85,7 @@ TEST_F(BenchCommandTest, WritesTableAndJson) {
   const nlohmann::json j = nlohmann::json::parse(ReadFile(json));
   std::remove(json.c_str());
   EXPECT_EQ(j["schema"], "ktx-bench/1");
+  EXPECT_TRUE(j["complete"].get<bool>());
   EXPECT_FALSE(j["date"].get<std::string>().empty());
   EXPECT_FALSE(j["machine"]["cpu_brand"].get<std::string>().empty());
   EXPECT_EQ(j["machine"]["threads"].get<int>(), std::min<long>(2, sysconf(_SC_NPROCESSORS_ONLN)));

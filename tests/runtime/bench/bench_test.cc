@@ -29,6 +29,10 @@ BenchOptions TinyOptions() {
 void CheckResult(const BenchResult& r, const models::Deepseek2Model& model, bool fast) {
   ASSERT_EQ(r.prefill.size(), 2u);
   ASSERT_EQ(r.decode.size(), 2u);
+  EXPECT_TRUE(r.complete);
+  EXPECT_TRUE(r.skipped.empty());
+  EXPECT_EQ(r.prefill[0].prompt_len, 7);  // the decode context first, then the others
+  EXPECT_EQ(r.prefill[1].prompt_len, 12);
   EXPECT_GT(r.read_bw.best_gbps, 0.0);
   EXPECT_GE(r.read_bw.best_gbps, r.read_bw.mean_gbps);
   EXPECT_EQ(r.read_bw.bytes, 16u << 20);
@@ -130,6 +134,37 @@ TEST(BenchTest, ReferenceExpertsOnTheTinyModel) {
   CheckResult(*r, **model, false);
 }
 
+// A budget spent before the first phase ends: the decode context's prefill
+// (always needed) runs, every later phase is skipped and named; on_phase sees
+// the phase that ran.
+TEST(BenchTest, TimeBudgetSkipsPhasesAndReportsThem) {
+  auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q8_0.gguf");
+  ASSERT_TRUE(model.ok());
+  auto pool = moe_backend::CreateCpuPool(1);
+  ASSERT_TRUE(pool.ok());
+  BenchOptions o = TinyOptions();
+  o.max_seconds = 1e-6;
+  int phases = 0;
+  o.on_phase = [&phases](const BenchResult& partial) {
+    ++phases;
+    EXPECT_FALSE(partial.complete);
+  };
+  auto r = RunBenchmark(**model, **pool, nullptr, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->complete);
+  ASSERT_EQ(r->prefill.size(), 1u);
+  EXPECT_EQ(r->prefill[0].prompt_len, 7);  // the decode context runs first
+  EXPECT_TRUE(r->decode.empty());
+  EXPECT_EQ(r->skipped,
+            (std::vector<std::string>{"decode batch 1", "decode batch 3", "prefill 12"}));
+  EXPECT_EQ(phases, 1);
+  const nlohmann::json j = BenchResultToJson(*r);
+  EXPECT_FALSE(j["complete"].get<bool>());
+  EXPECT_EQ(j["skipped"].size(), 3u);
+  EXPECT_NE(FormatBenchTable(*r).find("skipped (time budget): decode batch 1, decode batch 3"),
+            std::string::npos);
+}
+
 TEST(BenchTest, BadOptionsAreNamed) {
   auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q8_0.gguf");
   ASSERT_TRUE(model.ok());
@@ -139,7 +174,7 @@ TEST(BenchTest, BadOptionsAreNamed) {
     BenchOptions options;
     std::string words;
   };
-  std::vector<Case> cases(6, {TinyOptions(), ""});
+  std::vector<Case> cases(7, {TinyOptions(), ""});
   cases[0].options.prompt_lens = {};
   cases[0].words = "--prompt-len";
   cases[1].options.prompt_lens = {8, 0};
@@ -152,6 +187,8 @@ TEST(BenchTest, BadOptionsAreNamed) {
   cases[4].words = "temperature";
   cases[5].options.prompt_lens = {200000};
   cases[5].words = "context";
+  cases[6].options.max_seconds = -1;
+  cases[6].words = "--max-seconds";
   for (const Case& c : cases) {
     auto r = RunBenchmark(**model, **pool, nullptr, c.options);
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.words;
