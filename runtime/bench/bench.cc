@@ -242,9 +242,9 @@ absl::Status BenchOptions::Validate() const {
   if (n_gen <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--gen ", n_gen, ": expected > 0 steps"));
   }
-  if (decode_context < 0 || prefill_chunk < 0 || warmup_tokens < 0) {
+  if (decode_context < 0 || decode_suffix < 0 || prefill_chunk < 0 || warmup_tokens < 0) {
     return absl::InvalidArgumentError(
-        "--decode-ctx, --prefill-chunk and the warm-up size must be >= 0");
+        "--decode-ctx, the decode suffix, --prefill-chunk and the warm-up size must be >= 0");
   }
   if (!(temperature > 0.0f) || temperature > 100.0f) {
     return absl::InvalidArgumentError(
@@ -301,7 +301,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
           : *std::min_element(options.prompt_lens.begin(), options.prompt_lens.end());
   const int64_t longest =
       std::max(*std::max_element(options.prompt_lens.begin(), options.prompt_lens.end()),
-               context + options.n_gen);
+               context + options.decode_suffix + options.n_gen);
   if (longest > hp.n_ctx_train) {
     return absl::InvalidArgumentError(absl::StrCat("benchmark sequences of ", longest,
                                                    " tokens exceed the model's context of ",
@@ -410,8 +410,11 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     std::vector<sampler::Sampler> samplers;
     std::vector<int32_t> next(batch);
     std::set<int32_t> distinct;
+    const int64_t suffix = options.decode_suffix;
+    std::vector<std::vector<int32_t>> suffixes(batch);
     for (int64_t b = 0; b < batch; ++b) {
-      KTX_ASSIGN_OR_RETURN(auto kv, kv_cache::SequenceKv::Create(layout, context + options.n_gen));
+      KTX_ASSIGN_OR_RETURN(auto kv,
+                           kv_cache::SequenceKv::Create(layout, context + suffix + options.n_gen));
       for (int il = 0; il < layout.n_layer; ++il) {
         for (int64_t pos = 0; pos < context; ++pos) {
           std::memcpy(kv->Row(il, pos), context_kv->Row(il, pos),
@@ -424,11 +427,18 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
       sp.temperature = options.temperature;
       sp.seed = options.seed + 1000003 * static_cast<uint64_t>(b + 1);
       KTX_ASSIGN_OR_RETURN(sampler::Sampler s, sampler::Sampler::Create(sp));
-      next[b] = s.Sample(context_logits.data(), n_vocab);
-      distinct.insert(next[b]);
+      if (suffix == 0) next[b] = s.Sample(context_logits.data(), n_vocab);
       samplers.push_back(std::move(s));
+      suffixes[b] =
+          RandomTokens(suffix, n_vocab, options.seed + 7919 * static_cast<uint64_t>(b + 1));
     }
     std::vector<SequenceBatchEntry> entries(batch);
+    if (suffix > 0) {  // untimed: every sequence gets its own last tokens
+      for (int64_t b = 0; b < batch; ++b) entries[b] = {suffixes[b], kvs[b].get()};
+      KTX_RETURN_IF_ERROR(BatchedForward(model, entries, models::LogitsRows::kLast, &logits));
+      for (int64_t b = 0; b < batch; ++b) next[b] = samplers[b].Sample(logits.row(b), n_vocab);
+    }
+    for (int32_t t : next) distinct.insert(t);
     profile.Reset();
     if (experts != nullptr) experts->ResetRunStats();
     say(absl::StrCat("decode batch ", batch, ": ", options.n_gen, " steps"));
@@ -447,7 +457,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     DecodeResult r;
     r.batch = batch;
     r.steps = options.n_gen;
-    r.context = context;
+    r.context = context + suffix;
     r.seconds = Seconds(t0, Clock::now());
     r.generated = batch * (options.n_gen + 1);
     r.distinct_tokens = static_cast<int64_t>(distinct.size());
@@ -526,6 +536,7 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
                  {"gen", r.options.n_gen},
                  {"batch_sizes", r.options.batch_sizes},
                  {"decode_context", r.options.decode_context},
+                 {"decode_suffix", r.options.decode_suffix},
                  {"prefill_chunk", r.options.prefill_chunk},
                  {"seed", r.options.seed},
                  {"temperature", r.options.temperature},
@@ -619,8 +630,9 @@ std::string FormatBenchTable(const BenchResult& r) {
                     stage_cells(p.stages), "\n");
   }
   absl::StrAppend(&out, "\ndecode (", r.options.n_gen, " steps from a ", r.options.decode_context,
-                  "-token context, sampled at T = ", absl::StrFormat("%g", r.options.temperature),
-                  ")\n");
+                  "-token context + ", r.options.decode_suffix,
+                  " distinct tokens per sequence, sampled at T = ",
+                  absl::StrFormat("%g", r.options.temperature), ")\n");
   absl::StrAppend(&out,
                   absl::StrFormat("%6s %9s %9s %11s %10s %8s %9s\n", "batch", "tok/s", "step ms",
                                   "expert MB/t", "exp GB/s", "% read", "distinct"));

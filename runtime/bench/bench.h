@@ -7,11 +7,15 @@
 //     (random token ids, fixed seed) in chunks of prefill_chunk: tok/s (the
 //     decode context's length first, then the decode batches, then the other
 //     lengths, so that a time budget keeps the decode figures);
-//   * decode: for each batch size B, B independent sequences (each a copy of
-//     the KV cache of a decode_context-token prompt) decoded together for
-//     n_gen steps with BatchedForward; every sequence samples its next token
-//     (temperature > 0, its own fixed seed), so tokens and routing vary as in
-//     real generation: tok/s = B * n_gen / wall time (sampling included);
+//   * decode: for each batch size B, B independent sequences decoded together
+//     for n_gen steps with BatchedForward. Each sequence is a copy of the KV
+//     cache of a decode_context-token prompt followed by its own random
+//     suffix of decode_suffix tokens (prefilled untimed), so that the
+//     sequences differ from the first step on (copies alone would sample the
+//     same tokens and route to the same experts, flattering batched expert
+//     traffic); every sequence samples its next token (temperature > 0, its
+//     own fixed seed), so tokens and routing vary as in real generation:
+//     tok/s = B * n_gen / wall time (sampling included);
 //   * per phase, a per-stage and per-layer breakdown (steady-clock time of
 //     every stage call, as ms per token per layer), the routed-expert weight
 //     bytes per token (GGUF bytes of the distinct experts each MoE layer used
@@ -48,6 +52,7 @@ struct BenchOptions {
   int64_t n_gen = 128;  // decode steps per batch size
   std::vector<int64_t> batch_sizes = {1, 4, 16};
   int64_t decode_context = 0;               // prompt tokens before decoding; 0: min(prompt_lens)
+  int64_t decode_suffix = 8;                // distinct tokens per sequence after the context
   int64_t prefill_chunk = 0;                // 0: the whole prompt as one batch
   uint64_t seed = 1234;                     // prompt tokens and sampling
   float temperature = 1.0f;                 // > 0
@@ -101,7 +106,7 @@ struct PrefillResult {
 struct DecodeResult {
   int64_t batch = 0;
   int64_t steps = 0;
-  int64_t context = 0;  // tokens in each sequence before the first step
+  int64_t context = 0;  // tokens in each sequence before the first step (incl. suffix)
   double seconds = 0;   // all steps, sampling included
   double tok_s = 0;     // batch * steps / seconds
   double step_ms = 0;

@@ -105,7 +105,7 @@ TEST_F(BenchCommandTest, WritesTableAndJson) {
   EXPECT_GT(j["prefill"][1]["tok_s"].get<double>(), 0.0);
   for (const nlohmann::json& d : j["decode"]) {
     EXPECT_EQ(d["steps"].get<int>(), 4);
-    EXPECT_EQ(d["context"].get<int>(), 16);
+    EXPECT_EQ(d["context"].get<int>(), 16 + 8);
     EXPECT_GT(d["tok_s"].get<double>(), 0.0);
     EXPECT_GT(d["expert_bytes_per_token"].get<double>(), 0.0);
     EXPECT_GT(d["kernel_bytes_per_token"].get<double>(), 0.0);
