@@ -53,6 +53,7 @@ struct RunFlags {
   bool chat = false;
   std::string system;
   std::string chat_template;
+  std::string think;  // "", "on", "off"
   int32_t max_tokens = 256;
   sampler::SamplingParams sampling;
   std::vector<std::string> stop;
@@ -119,8 +120,9 @@ int RunGenerate(const RunFlags& flags) {
               << ": expected a positive count\n";
     return 1;
   }
-  if (!flags.chat && (!flags.system.empty() || !flags.chat_template.empty())) {
-    std::cerr << "ktx-ctl run: --system and --chat-template need --chat\n";
+  if (!flags.chat &&
+      (!flags.system.empty() || !flags.chat_template.empty() || !flags.think.empty())) {
+    std::cerr << "ktx-ctl run: --system, --chat-template and --think need --chat\n";
     return 1;
   }
   if (absl::Status s = flags.sampling.Validate(); !s.ok()) {
@@ -137,6 +139,7 @@ int RunGenerate(const RunFlags& flags) {
   request.prompt = flags.prompt;
   request.chat = flags.chat;
   request.system = flags.system;
+  if (!flags.think.empty()) request.force_think = flags.think == "on";
   request.max_tokens = flags.max_tokens;
   request.sampling = flags.sampling;
   request.stop = flags.stop;
@@ -382,6 +385,10 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--system", run->system, "System message (with --chat)");
   cmd->add_option("--chat-template", run->chat_template,
                   "deepseek-v3 or deepseek-r1 (default: recognised from the model)");
+  cmd->add_option("--think", run->think,
+                  "deepseek-r1: on = force the answer to open with <think>, off = never "
+                  "(default: the template's)")
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--max-tokens", run->max_tokens, "Tokens to generate at most (default 256)");
   cmd->add_option("--temperature", run->sampling.temperature,
                   "Sampling temperature, 0 = greedy (default 0.8)");

@@ -81,6 +81,9 @@ absl::StatusOr<std::vector<int32_t>> ReferenceEngine::TokenizePrompt(
     if (!request.system.empty()) {
       return absl::InvalidArgumentError("a system message needs chat mode");
     }
+    if (request.force_think.has_value()) {
+      return absl::InvalidArgumentError("force_think needs chat mode");
+    }
     return tok->Tokenize(request.prompt);
   }
   KTX_ASSIGN_OR_RETURN(
@@ -89,8 +92,10 @@ absl::StatusOr<std::vector<int32_t>> ReferenceEngine::TokenizePrompt(
   std::vector<tokenizer::ChatMessage> messages;
   if (!request.system.empty()) messages.push_back({"system", request.system});
   messages.push_back({"user", request.prompt});
+  tokenizer::ChatOptions chat_options;
+  chat_options.force_think = request.force_think;
   KTX_ASSIGN_OR_RETURN(const std::vector<tokenizer::ChatSegment> segments,
-                       chat.ApplySegments(messages));
+                       chat.ApplySegments(messages, chat_options));
   tokenizer::TokenizeOptions options;
   options.parse_special = false;  // message contents are untrusted text
   return tokenizer::TokenizeChat(*tok, segments, options);

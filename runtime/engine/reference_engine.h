@@ -60,7 +60,10 @@ struct GenerateRequest {
   // are tokenized without parsing special-token text); otherwise the prompt is
   // tokenized as is, special-token text included.
   bool chat = false;
-  std::string system;        // system message when chat (empty: none)
+  std::string system;  // system message when chat (empty: none)
+  // deepseek-r1 template: open the answer with "<think>\n" (true), never
+  // (false), or as the template does by default (nullopt). Needs chat.
+  std::optional<bool> force_think;
   int32_t max_tokens = 256;  // > 0
   sampler::SamplingParams sampling;
   std::vector<std::string> stop;  // stop strings (not emitted)

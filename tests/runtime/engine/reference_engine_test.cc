@@ -245,6 +245,34 @@ TEST_F(ReferenceEngineTest, ChatNeedsATemplate) {
   EXPECT_FALSE(engine_->Generate(raw, {}).ok());
 }
 
+TEST_F(ReferenceEngineTest, ForceThinkOpensTheR1Answer) {
+  EngineOptions options;
+  options.chat_template = "deepseek-r1";
+  auto engine = ReferenceEngine::Open(kDataDir + "dsv3-tiny-q8_0.gguf", options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto tok = (*engine)->tokenizer();
+  ASSERT_TRUE(tok.ok());
+  GenerateRequest request = Greedy(2);
+  request.chat = true;
+  const std::string head = std::string(tokenizer::kDeepSeekBos) +
+                           std::string(tokenizer::kDeepSeekUser) + request.prompt +
+                           std::string(tokenizer::kDeepSeekAssistant);
+  for (const bool think : {true, false}) {
+    request.force_think = think;
+    auto ids = (*engine)->TokenizePrompt(request);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    auto text = (*tok)->Detokenize(*ids);
+    ASSERT_TRUE(text.ok());
+    EXPECT_EQ(*text, head + (think ? "<think>\n" : "")) << "force_think=" << think;
+  }
+  // force_think without chat mode is an error that names it.
+  GenerateRequest raw = Greedy(2);
+  raw.force_think = true;
+  auto ids = (*engine)->TokenizePrompt(raw);
+  ASSERT_FALSE(ids.ok());
+  EXPECT_THAT(std::string(ids.status().message()), HasSubstr("force_think"));
+}
+
 TEST_F(ReferenceEngineTest, BadRequests) {
   GenerateRequest request = Greedy(0);
   EXPECT_THAT(std::string(engine_->Generate(request, {}).status().message()),
