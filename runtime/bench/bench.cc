@@ -292,6 +292,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
                                          runtime::CpuPool& pool,
                                          moe_backend::CpuMoeBackend* experts,
                                          const BenchOptions& options) {
+  const auto bench_start = Clock::now();
   KTX_RETURN_IF_ERROR(options.Validate());
   const models::Deepseek2Hparams& hp = model.hparams();
   const int64_t n_vocab = hp.n_vocab;
@@ -363,7 +364,6 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     }
   }
 
-  const auto bench_start = Clock::now();
   auto elapsed = [&] { return Seconds(bench_start, Clock::now()); };
   // Whether a phase estimated to take `estimate` seconds still fits the budget.
   auto fits = [&](const std::string& phase, double estimate) {

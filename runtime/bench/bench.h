@@ -59,9 +59,9 @@ struct BenchOptions {
   int64_t warmup_tokens = 16;               // warm-up prefill (and 2 decode steps)
   uint64_t read_bytes = uint64_t{1} << 30;  // bandwidth buffer, >= 1 GiB for the real figure
   int read_repeats = 5;
-  // Time budget of the measurements in seconds (0: none). A phase whose
-  // estimated time (from the phases measured before it) would overrun it is
-  // skipped and listed in BenchResult::skipped.
+  // Time budget of RunBenchmark in seconds, from its start (0: none). A phase
+  // whose estimated time (from the phases measured before it) would overrun
+  // it is skipped and listed in BenchResult::skipped.
   double max_seconds = 0;
   // Called with a line of progress ("prefill 512: ...") when set.
   std::function<void(const std::string&)> progress;
@@ -137,7 +137,7 @@ struct BenchResult {
   std::vector<DecodeResult> decode;
   std::vector<std::string> skipped;  // phases left out by the time budget
   bool complete = false;             // every phase ran
-  double seconds = 0;                // wall time of the phases (after warm-up)
+  double seconds = 0;                // wall time of RunBenchmark
 };
 
 // Runs the benchmark. `experts` is the fast backend when the model uses one

@@ -137,6 +137,7 @@ TEST_F(BenchCommandTest, BadFlagsGiveClearErrors) {
       {"bench" + model + " --experts slow", "--experts"},
       {"bench" + model + " --threads -1", "--threads"},
       {"bench" + model + " --temperature 0", "temperature"},
+      {"bench" + model + " --max-seconds -5", "--max-seconds"},
       {"bench --model /nonexistent.gguf --read-mib 8", "/nonexistent.gguf"},
       {"bench" + model +
            " --read-mib 8 --gen 2 --batch 1 --prompt-len 8 --json /nonexistent/x.json",
