@@ -222,6 +222,57 @@ std::string Fmt(double v) {
   return absl::StrFormat("%.2e", v);
 }
 
+double Nmse(const models::Activations& got, const models::Activations& want) {
+  double d = 0, r = 0;
+  for (size_t i = 0; i < want.values().size(); ++i) {
+    const double e = static_cast<double>(got.values()[i]) - want.values()[i];
+    d += e * e;
+    r += static_cast<double>(want.values()[i]) * want.values()[i];
+  }
+  return r > 0 ? d / r : (d > 0 ? 1.0 : 0.0);
+}
+
+absl::StatusOr<KernelCheck> CheckKernels(const models::Deepseek2Model& model,
+                                         moe_backend::CpuMoeBackend& experts, uint64_t seed) {
+  KernelCheck c;
+  const models::Deepseek2Hparams& hp = model.hparams();
+  for (int il = 0; il < hp.n_layer && c.layer < 0; ++il) {
+    if (experts.IsFastLayer(il)) c.layer = il;
+  }
+  if (c.layer < 0) return c;  // nothing runs on the kernels
+  constexpr int64_t kTokens = 40;
+  const std::vector<int32_t> tokens = RandomTokens(kTokens, hp.n_vocab, seed ^ 0x9e3779b9);
+  models::Activations x, h, h4, want, got;
+  KTX_RETURN_IF_ERROR(model.Embed(tokens, &x));
+  KTX_RETURN_IF_ERROR(model.FfnNorm(c.layer, x, &h));
+  h4.Resize(4, hp.n_embd);
+  std::memcpy(h4.data(), h.data(), sizeof(float) * 4 * hp.n_embd);
+  models::ReferenceExpertBackend reference(hp, model.weights());
+  models::Routing routing;
+  KTX_RETURN_IF_ERROR(model.Route(c.layer, h4, &routing));
+  KTX_RETURN_IF_ERROR(reference.Compute(c.layer, h4, routing, {}, &want));
+  KTX_RETURN_IF_ERROR(experts.Compute(c.layer, h4, routing, {}, &got));
+  c.nmse_decode = Nmse(got, want);
+  models::Routing same;
+  same.n_tokens = kTokens;
+  same.n_expert_used = hp.n_expert_used;
+  for (int64_t t = 0; t < kTokens; ++t) {
+    for (int k = 0; k < hp.n_expert_used; ++k) {
+      same.expert_ids.push_back(k);
+      same.weights.push_back(1.0f / static_cast<float>(hp.n_expert_used));
+    }
+  }
+  experts.ResetRunStats();
+  KTX_RETURN_IF_ERROR(reference.Compute(c.layer, h, same, {}, &want));
+  KTX_RETURN_IF_ERROR(experts.Compute(c.layer, h, same, {}, &got));
+  c.prefill_experts = experts.run_stats().prefill_experts;
+  c.nmse_prefill = Nmse(got, want);
+  c.tolerance = experts.load_stats().prefill_form ? 1.5e-3 : 1e-3;
+  c.ok = c.nmse_decode < c.tolerance && c.nmse_prefill < c.tolerance;
+  c.ran = true;
+  return c;
+}
+
 }  // namespace
 
 absl::Status BenchOptions::Validate() const {
@@ -337,6 +388,18 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
                    {"numa_node", ls.numa_node}};
   } else {
     result.load = nlohmann::json::object();
+  }
+
+  if (experts != nullptr) {
+    say("checking the CPU expert kernels against the reference backend");
+    KTX_ASSIGN_OR_RETURN(result.check, CheckKernels(model, *experts, options.seed));
+    if (result.check.ran) {
+      say(absl::StrFormat(
+          "kernel check, layer %d: NMSE %.2e (decode), %.2e (40 tokens per expert, "
+          "%d on the prefill form), bound %.1e: %s",
+          result.check.layer, result.check.nmse_decode, result.check.nmse_prefill,
+          result.check.prefill_experts, result.check.tolerance, result.check.ok ? "ok" : "FAILED"));
+    }
   }
 
   // Read bandwidth first, on an idle machine.
@@ -543,6 +606,14 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
                  {"warmup_tokens", r.options.warmup_tokens},
                  {"max_seconds", r.options.max_seconds}};
   j["load"] = r.load;
+  if (r.check.ran) {
+    j["check"] = {{"layer", r.check.layer},
+                  {"nmse_decode", r.check.nmse_decode},
+                  {"nmse_prefill", r.check.nmse_prefill},
+                  {"prefill_experts", r.check.prefill_experts},
+                  {"tolerance", r.check.tolerance},
+                  {"ok", r.check.ok}};
+  }
   j["complete"] = r.complete;
   j["skipped"] = r.skipped;
   j["bench_seconds"] = r.seconds;
@@ -606,7 +677,16 @@ std::string FormatBenchTable(const BenchResult& r) {
                                     r.load.value("repacked_bytes", 0.0) / (1 << 30),
                                     r.load.value("repack_seconds", 0.0)));
   }
-  absl::StrAppend(&out, "\n\n");
+  absl::StrAppend(&out, "\n");
+  if (r.check.ran) {
+    absl::StrAppend(
+        &out,
+        absl::StrFormat("check      layer %d vs reference experts: NMSE %.2e decode, "
+                        "%.2e prefill (%d prefill-form runs), bound %.1e: %s\n",
+                        r.check.layer, r.check.nmse_decode, r.check.nmse_prefill,
+                        r.check.prefill_experts, r.check.tolerance, r.check.ok ? "ok" : "FAILED"));
+  }
+  absl::StrAppend(&out, "\n");
 
   const Stage cols[] = {Stage::kAttention, Stage::kFfnNorm, Stage::kRoute,    Stage::kExperts,
                         Stage::kShared,    Stage::kCombine, Stage::kDenseFfn, Stage::kHead};

@@ -21,6 +21,8 @@
 //     bytes per token (GGUF bytes of the distinct experts each MoE layer used
 //     per step, and the kernels' own count when the fast backend runs) and the
 //     rate at which the experts stage read them, against
+//   * a check of the fast experts against the reference backend on one MoE
+//     layer (KernelCheck; a broken kernel would otherwise only look fast);
 //   * the machine's all-core read bandwidth, measured in the same run: a
 //     STREAM-like read of >= 1 GiB on the same CpuPool (best of N).
 //
@@ -120,6 +122,20 @@ struct DecodeResult {
   double pct_of_read_bw = 0;          // expert_read_gbps / machine read bandwidth
 };
 
+// The fast experts against the reference backend on one MoE layer, before
+// the measurements: 4 tokens routed by the model (decode form) and 40 tokens
+// all routed to experts 0..n_expert_used-1 (the prefill form where the variant
+// has one). NMSE = ||fast - reference||^2 / ||reference||^2.
+struct KernelCheck {
+  bool ran = false;
+  int layer = -1;
+  double nmse_decode = 0;
+  double nmse_prefill = 0;
+  int64_t prefill_experts = 0;  // expert runs on the prefill form in the 40-token call
+  double tolerance = 0;         // the kernel's stated bound (1e-3; 1.5e-3 with amx_int8)
+  bool ok = false;
+};
+
 struct BenchResult {
   std::string date;  // UTC, ISO 8601
   std::string host;
@@ -132,6 +148,7 @@ struct BenchResult {
   nlohmann::json machine;  // cpu, isa (+ "topology" when the caller adds it)
   nlohmann::json model;    // hyper-parameters and sizes
   nlohmann::json load;     // load / repack figures
+  KernelCheck check;       // fast backend only
   BenchOptions options;
   std::vector<PrefillResult> prefill;  // in the order run
   std::vector<DecodeResult> decode;

@@ -455,6 +455,7 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
     stats_.tokens += cnt;
     stats_.pairs += run.num_pairs();
     stats_.active_experts += run.num_active_experts();
+    stats_.prefill_experts += run.num_prefill_experts();
     stats_.weight_bytes += run.weight_bytes();
   }
   return absl::OkStatus();

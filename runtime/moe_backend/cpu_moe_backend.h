@@ -110,12 +110,13 @@ struct CpuMoeLoadStats {
 
 // Counters of Compute calls on fast layers since the last ResetRunStats().
 struct CpuMoeRunStats {
-  int64_t calls = 0;           // Compute calls
-  int64_t runs = 0;            // kernel runs (chunks)
-  int64_t tokens = 0;          // token rows computed
-  int64_t pairs = 0;           // (token, held expert) pairs computed
-  int64_t active_experts = 0;  // sum over runs of the distinct experts used
-  int64_t weight_bytes = 0;    // expert weight bytes the runs read (MoeRun::weight_bytes)
+  int64_t calls = 0;            // Compute calls
+  int64_t runs = 0;             // kernel runs (chunks)
+  int64_t tokens = 0;           // token rows computed
+  int64_t pairs = 0;            // (token, held expert) pairs computed
+  int64_t active_experts = 0;   // sum over runs of the distinct experts used
+  int64_t prefill_experts = 0;  // of those, experts that ran the prefill (amx_int8) form
+  int64_t weight_bytes = 0;     // expert weight bytes the runs read (MoeRun::weight_bytes)
 };
 
 class CpuMoeBackend final : public models::ExpertBackend {

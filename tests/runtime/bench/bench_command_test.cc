@@ -98,6 +98,7 @@ TEST_F(BenchCommandTest, WritesTableAndJson) {
   EXPECT_EQ(j["config"]["prompt_lens"], nlohmann::json({16, 24}));
   EXPECT_EQ(j["config"]["batch_sizes"], nlohmann::json({1, 2}));
   EXPECT_GT(j["load"]["repacked_bytes"].get<double>(), 0.0);
+  EXPECT_TRUE(j["check"]["ok"].get<bool>());
   EXPECT_TRUE(j["load"].contains("model_open_seconds"));
   ASSERT_EQ(j["prefill"].size(), 2u);
   ASSERT_EQ(j["decode"].size(), 2u);

@@ -123,6 +123,18 @@ TEST(BenchTest, FastExpertsOnTheTinyModel) {
   EXPECT_EQ(r->experts, "fast");
   EXPECT_FALSE(r->variant.empty());
   EXPECT_GT(r->load["repacked_bytes"].get<double>(), 0.0);
+  // The kernel check ran on the first MoE layer, within the kernel's bound;
+  // 40 tokens on 4 experts use the prefill form exactly where one exists.
+  EXPECT_TRUE(r->check.ran);
+  EXPECT_TRUE(r->check.ok);
+  EXPECT_EQ(r->check.layer, 1);
+  EXPECT_GT(r->check.nmse_decode, 0.0);  // activations were rounded: not the reference
+  EXPECT_LT(r->check.nmse_decode, r->check.tolerance);
+  EXPECT_LT(r->check.nmse_prefill, r->check.tolerance);
+  EXPECT_EQ(r->check.prefill_experts, r->load["prefill_form"].get<bool>() ? 4 : 0);
+  const nlohmann::json j = BenchResultToJson(*r);
+  EXPECT_TRUE(j["check"]["ok"].get<bool>());
+  EXPECT_NE(FormatBenchTable(*r).find("check      layer 1"), std::string::npos);
   CheckResult(*r, **model, true);
   (*experts)->Detach();
 }
@@ -136,6 +148,8 @@ TEST(BenchTest, ReferenceExpertsOnTheTinyModel) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->threads, 1);
   EXPECT_EQ(r->experts, "reference");
+  EXPECT_FALSE(r->check.ran);
+  EXPECT_FALSE(BenchResultToJson(*r).contains("check"));
   CheckResult(*r, **model, false);
 }
 
