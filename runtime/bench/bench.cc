@@ -390,6 +390,13 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     result.load = nlohmann::json::object();
   }
 
+  // Read bandwidth first, on an idle machine.
+  say(absl::StrFormat("measuring read bandwidth (%.2f GiB, %d threads)",
+                      static_cast<double>(options.read_bytes) / (1 << 30), pool.num_workers()));
+  result.read_bw = MeasureReadBandwidth(pool, options.read_bytes, options.read_repeats);
+  say(absl::StrFormat("read bandwidth %.1f GB/s (best of %d)", result.read_bw.best_gbps,
+                      options.read_repeats));
+
   if (experts != nullptr) {
     say("checking the CPU expert kernels against the reference backend");
     KTX_ASSIGN_OR_RETURN(result.check, CheckKernels(model, *experts, options.seed));
@@ -401,13 +408,6 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
           result.check.prefill_experts, result.check.tolerance, result.check.ok ? "ok" : "FAILED"));
     }
   }
-
-  // Read bandwidth first, on an idle machine.
-  say(absl::StrFormat("measuring read bandwidth (%.2f GiB, %d threads)",
-                      static_cast<double>(options.read_bytes) / (1 << 30), pool.num_workers()));
-  result.read_bw = MeasureReadBandwidth(pool, options.read_bytes, options.read_repeats);
-  say(absl::StrFormat("read bandwidth %.1f GB/s (best of %d)", result.read_bw.best_gbps,
-                      options.read_repeats));
 
   const kv_cache::LatentKvLayout layout = model.kv_layout();
   StageProfile profile(model);
