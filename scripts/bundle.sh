@@ -49,10 +49,18 @@ done
 for f in "$OUT"/lib/*; do copy_deps "$f"; done
 strip --strip-unneeded "$OUT"/lib/* 2>/dev/null || true
 
-cat > "$OUT/run-tests.sh" <<'RUN'
+cat > "$OUT/run-tests.sh" <<RUN
 #!/usr/bin/env bash
 # Runs every bundled test binary from the current directory (the repository root, for tests/data).
 # Prints one line per binary and a closing "N passed, N failed" line.
+# The tests find tests/data under the source root they were built from ($ROOT); when that path
+# does not exist on this machine, it is made a link to the current directory.
+built_root="$ROOT"
+RUN
+cat >> "$OUT/run-tests.sh" <<'RUN'
+if [ ! -e "$built_root/tests/data" ] && [ -d tests/data ]; then
+  mkdir -p "$(dirname "$built_root")" && ln -sfn "$PWD" "$built_root"
+fi
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}${LD_LIBRARY_PATH:+:}/usr/local/nvidia/lib64
 passed=0; failed=0
