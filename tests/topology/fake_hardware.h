@@ -23,6 +23,7 @@ class FakeHardwareSource : public HardwareSource {
   std::map<int, int> socket_of;
   uint64_t system_memory = 0;
   std::vector<GpuInfo> gpus;
+  kernels::CpuFeatures isa;
 
   bool NumaAvailable() override { return numa; }
   int MaxNumaNode() override { return node_cpus.empty() ? 0 : node_cpus.rbegin()->first; }
@@ -46,7 +47,7 @@ class FakeHardwareSource : public HardwareSource {
     *total = system_memory;
     *free = system_memory / 4;
   }
-  kernels::CpuFeatures Isa() override { return {}; }
+  kernels::CpuFeatures Isa() override { return isa; }
   std::vector<GpuInfo> Gpus(std::string* note) override {
     if (gpus.empty()) *note = "no CUDA device";
     return gpus;

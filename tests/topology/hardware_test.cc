@@ -1,6 +1,6 @@
 #include "topology/hardware.h"
 
-#include <map>
+#include "tests/topology/fake_hardware.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -11,49 +11,13 @@ namespace {
 
 using ::testing::ElementsAre;
 
-// A machine described by tables: nodes -> cpus, cpu -> socket.
-class FakeSource : public HardwareSource {
+// A fake machine (tests/topology/fake_hardware.h) with AVX-512 and AMX granted.
+class FakeSource : public testing::FakeHardwareSource {
  public:
-  bool numa = true;
-  std::map<int, std::vector<int>> node_cpus;
-  std::map<int, uint64_t> node_memory;
-  std::vector<int> allowed;
-  std::map<int, int> socket_of;
-  uint64_t system_memory = 0;
-  std::vector<GpuInfo> gpus;
-
-  bool NumaAvailable() override { return numa; }
-  int MaxNumaNode() override { return node_cpus.empty() ? 0 : node_cpus.rbegin()->first; }
-  std::vector<int> NumaNodeCpus(int node) override {
-    auto it = node_cpus.find(node);
-    return it == node_cpus.end() ? std::vector<int>{} : it->second;
-  }
-  bool NumaNodeMemory(int node, uint64_t* total, uint64_t* free) override {
-    auto it = node_memory.find(node);
-    if (it == node_memory.end()) return false;
-    *total = it->second;
-    *free = it->second / 2;
-    return true;
-  }
-  std::vector<int> AllowedCpus() override { return allowed; }
-  int CpuSocket(int cpu) override {
-    auto it = socket_of.find(cpu);
-    return it == socket_of.end() ? -1 : it->second;
-  }
-  void SystemMemory(uint64_t* total, uint64_t* free) override {
-    *total = system_memory;
-    *free = system_memory / 4;
-  }
-  kernels::CpuFeatures Isa() override {
-    kernels::CpuFeatures f;
-    f.avx512f = true;
-    f.amx_tile = true;
-    f.amx_permitted = true;
-    return f;
-  }
-  std::vector<GpuInfo> Gpus(std::string* note) override {
-    if (gpus.empty()) *note = "no CUDA device";
-    return gpus;
+  FakeSource() {
+    isa.avx512f = true;
+    isa.amx_tile = true;
+    isa.amx_permitted = true;
   }
 };
 
