@@ -275,6 +275,30 @@ absl::StatusOr<KernelCheck> CheckKernels(const models::Deepseek2Model& model,
 
 }  // namespace
 
+double EstimatePrefillSeconds(const std::vector<PrefillResult>& done, int64_t p) {
+  if (done.empty()) return 0;
+  // The shortest and the longest lengths measured.
+  const PrefillResult* a = &done.front();
+  const PrefillResult* b = &done.front();
+  for (const PrefillResult& r : done) {
+    if (r.prompt_len < a->prompt_len) a = &r;
+    if (r.prompt_len > b->prompt_len) b = &r;
+  }
+  if (b->prompt_len == a->prompt_len) b = nullptr;
+  auto per_token = [](const PrefillResult& r) {
+    return r.seconds / static_cast<double>(r.prompt_len);
+  };
+  const double n = static_cast<double>(p);
+  if (b != nullptr) {
+    const double slope =
+        (per_token(*b) - per_token(*a)) / static_cast<double>(b->prompt_len - a->prompt_len);
+    const double at_p = per_token(*b) + std::max(0.0, slope) * (n - b->prompt_len);
+    return n * std::max(at_p, std::min(per_token(*a), per_token(*b)));
+  }
+  const double ratio = n / static_cast<double>(a->prompt_len);
+  return n * per_token(*a) * std::max(1.0, (1.0 + ratio) / 2.0);
+}
+
 absl::Status BenchOptions::Validate() const {
   if (prompt_lens.empty()) return absl::InvalidArgumentError("--prompt-len: no length given");
   for (int64_t p : prompt_lens) {
@@ -565,12 +589,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
   std::set<int64_t> done = {context};
   for (int64_t p : options.prompt_lens) {
     if (!done.insert(p).second) continue;
-    double estimate = 0;
-    if (!result.prefill.empty()) {  // linear in length, x1.5 for the attention's quadratic part
-      const PrefillResult& last = result.prefill.back();
-      estimate = last.seconds * static_cast<double>(p) / static_cast<double>(last.prompt_len) *
-                 (p > last.prompt_len ? 1.5 : 1.0);
-    }
+    const double estimate = EstimatePrefillSeconds(result.prefill, p);
     if (!fits(absl::StrCat("prefill ", p), estimate)) continue;
     KTX_RETURN_IF_ERROR(run_prefill(p, true));
   }

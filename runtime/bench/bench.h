@@ -165,6 +165,14 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
                                          moe_backend::CpuMoeBackend* experts,
                                          const BenchOptions& options);
 
+// Seconds a prefill of p tokens should take, from the prefills measured so
+// far (0: none; what the time budget uses). The time per token grows with the
+// length (causal attention over the tokens before it): with two lengths
+// measured, a line through their per-token times; with one length q, its
+// per-token time x (1 + p / q) / 2 for p > q, as if all of it grew with the
+// context (an upper bound).
+double EstimatePrefillSeconds(const std::vector<PrefillResult>& done, int64_t p);
+
 nlohmann::json BenchResultToJson(const BenchResult& result);
 std::string FormatBenchTable(const BenchResult& result);
 

@@ -184,6 +184,25 @@ TEST(BenchTest, TimeBudgetSkipsPhasesAndReportsThem) {
             std::string::npos);
 }
 
+TEST(BenchTest, PrefillEstimates) {
+  EXPECT_EQ(EstimatePrefillSeconds({}, 512), 0.0);
+  PrefillResult q512;
+  q512.prompt_len = 512;
+  q512.seconds = 10;
+  // One length: per-token time x (1 + 4) / 2 at 4x the length; no growth below it.
+  EXPECT_DOUBLE_EQ(EstimatePrefillSeconds({q512}, 2048), 2048 * (10.0 / 512) * 2.5);
+  EXPECT_DOUBLE_EQ(EstimatePrefillSeconds({q512}, 256), 5.0);
+  // Two lengths: a line through the per-token times 8 ms (128) and 12 ms (512).
+  PrefillResult q128;
+  q128.prompt_len = 128;
+  q128.seconds = 128 * 0.008;
+  q512.seconds = 512 * 0.012;
+  EXPECT_NEAR(EstimatePrefillSeconds({q128, q512}, 2048), 2048 * (0.012 + 0.004 / 384 * 1536),
+              1e-9);
+  EXPECT_NEAR(EstimatePrefillSeconds({q512, q128}, 2048), 2048 * (0.012 + 0.004 / 384 * 1536),
+              1e-9);  // any order
+}
+
 TEST(BenchTest, BadOptionsAreNamed) {
   auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q8_0.gguf");
   ASSERT_TRUE(model.ok());
