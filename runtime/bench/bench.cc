@@ -275,6 +275,15 @@ absl::StatusOr<KernelCheck> CheckKernels(const models::Deepseek2Model& model,
 
 }  // namespace
 
+int64_t DecodeStepsWithinBudget(double seconds_left, double step_seconds, int64_t n_gen) {
+  if (!(step_seconds > 0)) return n_gen;
+  if (!(seconds_left > 0)) return 0;
+  const double fit = std::floor(seconds_left / step_seconds);
+  if (fit >= static_cast<double>(n_gen)) return n_gen;
+  const int64_t steps = static_cast<int64_t>(fit);
+  return steps >= std::min<int64_t>(kMinDecodeSteps, n_gen) ? steps : 0;
+}
+
 double EstimatePrefillSeconds(const std::vector<PrefillResult>& done, int64_t p) {
   if (done.empty()) return 0;
   // The shortest and the longest lengths measured.
@@ -492,7 +501,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     return absl::OkStatus();
   };
 
-  auto run_decode = [&](int64_t batch) -> absl::Status {
+  auto run_decode = [&](int64_t batch, int64_t steps) -> absl::Status {
     std::vector<std::unique_ptr<kv_cache::SequenceKv>> kvs;
     std::vector<sampler::Sampler> samplers;
     std::vector<int32_t> next(batch);
@@ -500,8 +509,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     const int64_t suffix = options.decode_suffix;
     std::vector<std::vector<int32_t>> suffixes(batch);
     for (int64_t b = 0; b < batch; ++b) {
-      KTX_ASSIGN_OR_RETURN(auto kv,
-                           kv_cache::SequenceKv::Create(layout, context + suffix + options.n_gen));
+      KTX_ASSIGN_OR_RETURN(auto kv, kv_cache::SequenceKv::Create(layout, context + suffix + steps));
       for (int il = 0; il < layout.n_layer; ++il) {
         for (int64_t pos = 0; pos < context; ++pos) {
           std::memcpy(kv->Row(il, pos), context_kv->Row(il, pos),
@@ -528,9 +536,9 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     for (int32_t t : next) distinct.insert(t);
     profile.Reset();
     if (experts != nullptr) experts->ResetRunStats();
-    say(absl::StrCat("decode batch ", batch, ": ", options.n_gen, " steps"));
+    say(absl::StrCat("decode batch ", batch, ": ", steps, " steps"));
     const auto t0 = Clock::now();
-    for (int64_t step = 0; step < options.n_gen; ++step) {
+    for (int64_t step = 0; step < steps; ++step) {
       for (int64_t b = 0; b < batch; ++b) {
         entries[b] = {std::span<const int32_t>(&next[b], 1), kvs[b].get()};
       }
@@ -543,14 +551,14 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     }
     DecodeResult r;
     r.batch = batch;
-    r.steps = options.n_gen;
+    r.steps = steps;
     r.context = context + suffix;
     r.seconds = Seconds(t0, Clock::now());
-    r.generated = batch * (options.n_gen + 1);
+    r.generated = batch * (steps + 1);
     r.distinct_tokens = static_cast<int64_t>(distinct.size());
-    const double tokens = static_cast<double>(batch * options.n_gen);
+    const double tokens = static_cast<double>(batch * steps);
     r.tok_s = tokens / r.seconds;
-    r.step_ms = 1e3 * r.seconds / static_cast<double>(options.n_gen);
+    r.step_ms = 1e3 * r.seconds / static_cast<double>(steps);
     r.stages = Breakdown(profile);
     r.expert_bytes_per_token = profile.expert_bytes() / tokens;
     const double experts_s = profile.total_seconds(Stage::kExperts);
@@ -577,14 +585,27 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
                                         context) != options.prompt_lens.end();
   KTX_RETURN_IF_ERROR(run_prefill(context, context_listed));
   for (int64_t batch : options.batch_sizes) {
-    double estimate = 0;
-    if (!result.decode.empty()) {  // the last phase's time per token, no batching gain assumed
+    const std::string phase = absl::StrCat("decode batch ", batch);
+    int64_t steps = options.n_gen;
+    if (!result.decode.empty() && options.max_seconds > 0) {
+      // The last phase's time per token, no batching gain assumed; as many
+      // steps as the budget allows, at least kMinDecodeSteps.
       const DecodeResult& last = result.decode.back();
-      estimate = last.seconds / static_cast<double>(last.batch * last.steps) *
-                 static_cast<double>(batch * options.n_gen);
+      const double step_s =
+          last.seconds / static_cast<double>(last.batch * last.steps) * static_cast<double>(batch);
+      steps = DecodeStepsWithinBudget(options.max_seconds - elapsed(), step_s, options.n_gen);
+      if (steps == 0) {
+        fits(phase, step_s * static_cast<double>(options.n_gen));  // records the skip
+        continue;
+      }
+      if (steps < options.n_gen) {
+        result.reduced.push_back(absl::StrCat(phase, ": ", steps, " of ", options.n_gen, " steps"));
+        say(absl::StrCat("time budget: ", result.reduced.back()));
+      }
+    } else if (!fits(phase, 0)) {
+      continue;
     }
-    if (!fits(absl::StrCat("decode batch ", batch), estimate)) continue;
-    KTX_RETURN_IF_ERROR(run_decode(batch));
+    KTX_RETURN_IF_ERROR(run_decode(batch, steps));
   }
   std::set<int64_t> done = {context};
   for (int64_t p : options.prompt_lens) {
@@ -593,7 +614,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     if (!fits(absl::StrCat("prefill ", p), estimate)) continue;
     KTX_RETURN_IF_ERROR(run_prefill(p, true));
   }
-  result.complete = result.skipped.empty();
+  result.complete = result.skipped.empty() && result.reduced.empty();
   result.seconds = elapsed();
   return result;
 }
@@ -635,6 +656,7 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
   }
   j["complete"] = r.complete;
   j["skipped"] = r.skipped;
+  j["reduced"] = r.reduced;
   j["bench_seconds"] = r.seconds;
   j["units"] = {{"stages", "ms per token per layer (embed, head: ms per token)"},
                 {"layers", "ms per token"},
@@ -728,20 +750,20 @@ std::string FormatBenchTable(const BenchResult& r) {
                     absl::StrFormat("%8d %9s %10s", p.prompt_len, Fmt(p.seconds), Fmt(p.tok_s)),
                     stage_cells(p.stages), "\n");
   }
-  absl::StrAppend(&out, "\ndecode (", r.options.n_gen, " steps from a ", r.options.decode_context,
-                  "-token context + ", r.options.decode_suffix,
+  absl::StrAppend(&out, "\ndecode (up to ", r.options.n_gen, " steps from a ",
+                  r.options.decode_context, "-token context + ", r.options.decode_suffix,
                   " distinct tokens per sequence, sampled at T = ",
                   absl::StrFormat("%g", r.options.temperature), ")\n");
   absl::StrAppend(&out,
-                  absl::StrFormat("%6s %9s %9s %11s %10s %8s %9s\n", "batch", "tok/s", "step ms",
-                                  "expert MB/t", "exp GB/s", "% read", "distinct"));
+                  absl::StrFormat("%6s %6s %9s %9s %11s %10s %8s %9s\n", "batch", "steps", "tok/s",
+                                  "step ms", "expert MB/t", "exp GB/s", "% read", "distinct"));
   for (const DecodeResult& d : r.decode) {
     const double bytes =
         d.kernel_bytes_per_token > 0 ? d.kernel_bytes_per_token : d.expert_bytes_per_token;
-    absl::StrAppend(
-        &out, absl::StrFormat("%6d %9s %9s %11s %10s %7.0f%% %4d/%-4d\n", d.batch, Fmt(d.tok_s),
-                              Fmt(d.step_ms), Fmt(bytes / 1e6), Fmt(d.expert_read_gbps),
-                              d.pct_of_read_bw, d.distinct_tokens, d.generated));
+    absl::StrAppend(&out, absl::StrFormat("%6d %6d %9s %9s %11s %10s %7.0f%% %4d/%-4d\n", d.batch,
+                                          d.steps, Fmt(d.tok_s), Fmt(d.step_ms), Fmt(bytes / 1e6),
+                                          Fmt(d.expert_read_gbps), d.pct_of_read_bw,
+                                          d.distinct_tokens, d.generated));
   }
   absl::StrAppend(&out, "\n", header(absl::StrFormat("%6s %9s", "batch", "ms/tok")));
   for (const DecodeResult& d : r.decode) {
@@ -750,6 +772,9 @@ std::string FormatBenchTable(const BenchResult& r) {
   }
   if (!r.skipped.empty()) {
     absl::StrAppend(&out, "\nskipped (time budget): ", absl::StrJoin(r.skipped, ", "), "\n");
+  }
+  if (!r.reduced.empty()) {
+    absl::StrAppend(&out, "\nreduced (time budget): ", absl::StrJoin(r.reduced, ", "), "\n");
   }
   // Per layer: decode at the first batch size, prefill at the first length.
   auto per_layer = [&](const std::string& title, const StageBreakdown& b) {

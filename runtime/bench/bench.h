@@ -63,7 +63,9 @@ struct BenchOptions {
   int read_repeats = 5;
   // Time budget of RunBenchmark in seconds, from its start (0: none). A phase
   // whose estimated time (from the phases measured before it) would overrun
-  // it is skipped and listed in BenchResult::skipped.
+  // it is skipped and listed in BenchResult::skipped; a decode phase first
+  // runs fewer steps (at least kMinDecodeSteps) when those fit (listed in
+  // BenchResult::reduced).
   double max_seconds = 0;
   // Called with a line of progress ("prefill 512: ...") when set.
   std::function<void(const std::string&)> progress;
@@ -153,7 +155,8 @@ struct BenchResult {
   std::vector<PrefillResult> prefill;  // in the order run
   std::vector<DecodeResult> decode;
   std::vector<std::string> skipped;  // phases left out by the time budget
-  bool complete = false;             // every phase ran
+  std::vector<std::string> reduced;  // decode phases run with fewer steps ("... 40 of 128 steps")
+  bool complete = false;             // every phase ran in full
   double seconds = 0;                // wall time of RunBenchmark
 };
 
@@ -164,6 +167,12 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
                                          runtime::CpuPool& pool,
                                          moe_backend::CpuMoeBackend* experts,
                                          const BenchOptions& options);
+
+// Decode steps that fit in `seconds_left` at `step_seconds` each: n_gen when
+// all fit (or nothing is known), else as many as fit if at least
+// min(kMinDecodeSteps, n_gen), else 0 (skip).
+inline constexpr int64_t kMinDecodeSteps = 8;
+int64_t DecodeStepsWithinBudget(double seconds_left, double step_seconds, int64_t n_gen);
 
 // Seconds a prefill of p tokens should take, from the prefills measured so
 // far (0: none; what the time budget uses). The time per token grows with the

@@ -180,8 +180,20 @@ TEST(BenchTest, TimeBudgetSkipsPhasesAndReportsThem) {
   const nlohmann::json j = BenchResultToJson(*r);
   EXPECT_FALSE(j["complete"].get<bool>());
   EXPECT_EQ(j["skipped"].size(), 3u);
+  EXPECT_TRUE(r->reduced.empty());
   EXPECT_NE(FormatBenchTable(*r).find("skipped (time budget): decode batch 1, decode batch 3"),
             std::string::npos);
+}
+
+TEST(BenchTest, DecodeStepsWithinBudget) {
+  EXPECT_EQ(DecodeStepsWithinBudget(100, 0.5, 128), 128);  // 200 fit
+  EXPECT_EQ(DecodeStepsWithinBudget(30, 0.5, 128), 60);
+  EXPECT_EQ(DecodeStepsWithinBudget(3.9, 0.5, 128), 0);  // 7 < kMinDecodeSteps
+  EXPECT_EQ(DecodeStepsWithinBudget(4.0, 0.5, 128), 8);
+  EXPECT_EQ(DecodeStepsWithinBudget(2.0, 0.5, 4), 4);  // all fit
+  EXPECT_EQ(DecodeStepsWithinBudget(1.5, 0.5, 4), 0);  // 3 of 4: below min(8, n_gen)
+  EXPECT_EQ(DecodeStepsWithinBudget(-1, 0.5, 128), 0);
+  EXPECT_EQ(DecodeStepsWithinBudget(10, 0, 128), 128);  // nothing known
 }
 
 TEST(BenchTest, PrefillEstimates) {
