@@ -20,6 +20,7 @@
 #include "runtime/gguf/gguf.h"
 #include "runtime/tokenizer/tokenizer_gguf.h"
 #include "runtime/tokenizer/utf8.h"
+#include "tests/cli/ktx_ctl_runner.h"
 
 namespace ktx::cli {
 namespace {
@@ -28,36 +29,9 @@ using ::testing::HasSubstr;
 
 const std::string kDataDir = std::string(KTX_SOURCE_DIR) + "/tests/data/";
 
-struct Output {
-  int rc = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-// Runs ktx-ctl with `args` (already shell-quoted where needed).
-Output RunKtxCtl(const std::string& args) {
-  // Unique names: ctest runs the tests of this file as parallel processes.
-  static int counter = 0;
-  const std::string stem = ::testing::TempDir() + "/ktx_run_" + std::to_string(getpid()) + "_" +
-                           std::to_string(counter++);
-  const std::string out_path = stem + ".out";
-  const std::string err_path = stem + ".err";
-  const std::string command =
-      std::string(KTX_CTL_PATH) + " " + args + " >" + out_path + " 2>" + err_path;
-  const int status = std::system(command.c_str());
-  Output o;
-  o.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  o.out = ReadFile(out_path);
-  o.err = ReadFile(err_path);
-  std::remove(out_path.c_str());
-  std::remove(err_path.c_str());
-  return o;
-}
+using Output = testing_util::CommandOutput;
+using testing_util::RunKtxCtl;
+const auto& ReadFile = testing_util::ReadWholeFile;
 
 nlohmann::json Manifest() {
   std::ifstream in(kDataDir + "manifest.json");

@@ -17,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/cli/ktx_ctl_runner.h"
 
 namespace ktx::bench {
 namespace {
@@ -25,34 +26,12 @@ using ::testing::HasSubstr;
 
 const std::string kDataDir = std::string(KTX_SOURCE_DIR) + "/tests/data/";
 
-struct Output {
-  int rc = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using Output = testing_util::CommandOutput;
+using testing_util::RunKtxCtl;
+const auto& ReadFile = testing_util::ReadWholeFile;
 
 std::string Temp(const std::string& name) {
   return ::testing::TempDir() + "/ktx_bench_" + std::to_string(getpid()) + "_" + name;
-}
-
-Output RunKtxCtl(const std::string& args) {
-  static int counter = 0;
-  const std::string stem = Temp(std::to_string(counter++));
-  const std::string command =
-      std::string(KTX_CTL_PATH) + " " + args + " >" + stem + ".out 2>" + stem + ".err";
-  const int status = std::system(command.c_str());
-  Output o;
-  o.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  o.out = ReadFile(stem + ".out");
-  o.err = ReadFile(stem + ".err");
-  std::remove((stem + ".out").c_str());
-  std::remove((stem + ".err").c_str());
-  return o;
 }
 
 class BenchCommandTest : public ::testing::Test {
