@@ -56,6 +56,12 @@ namespace ktx::actors {
 // One expert shard of this process.
 struct ShardOptions {
   std::string name;
+  // Where the shard runs: empty, in this process; else host:port of the
+  // ktx-node that hosts it (actors/remote/: the engine talks to it through
+  // a proxy actor over the ExpertShard service). `node` is that node's name
+  // (for messages).
+  std::string address;
+  std::string node;
   std::vector<int> cpus;                               // empty: every cpu of the process, unpinned
   uint64_t memory_budget_bytes = topology::kNoBudget;  // for the planner
 };
