@@ -150,7 +150,19 @@ absl::Status BatchedForward(const models::Deepseek2Model& model,
     }
   }
 
-  models::Activations x, xs, h, f, shared;
+  // Token policies (one per row when any sequence brings its own).
+  std::vector<const models::RoutingPolicy*> token_policies;
+  bool may_defer = model.routing_policy() != nullptr && model.routing_policy()->HasDeferral();
+  for (size_t s = 0; s < n_seq; ++s) {
+    const models::RoutingPolicy* p = batch[s].policy;
+    if (p == nullptr) continue;
+    KTX_RETURN_IF_ERROR(p->Validate(hp.n_layer, hp.n_expert_used));
+    may_defer = may_defer || p->HasDeferral();
+    if (token_policies.empty()) token_policies.assign(n, nullptr);
+    std::fill(token_policies.begin() + begin[s], token_policies.begin() + begin[s + 1], p);
+  }
+  models::ExpertDeferral deferral;
+  models::Activations x, xs, h, f, shared, late;
   models::Routing routing;
   {
     StageTimer timer(profile, Stage::kEmbed, -1);
@@ -172,9 +184,23 @@ absl::Status BatchedForward(const models::Deepseek2Model& model,
         }
       }
     }
+    if (deferral.pending(models::DeferJoin::kNextAttention)) {
+      {
+        StageTimer timer(profile, Stage::kExperts, il);
+        KTX_RETURN_IF_ERROR(deferral.Take(model, models::DeferJoin::kNextAttention, &late));
+      }
+      StageTimer timer(profile, Stage::kCombine, il);
+      const models::Activations* parts[] = {&late};
+      KTX_RETURN_IF_ERROR(model.Combine(parts, &x));
+    }
     {
       StageTimer timer(profile, Stage::kFfnNorm, il);
       KTX_RETURN_IF_ERROR(model.FfnNorm(il, x, &h));
+    }
+    const bool late_here = deferral.pending(models::DeferJoin::kNextMoe);
+    if (late_here) {
+      StageTimer timer(profile, Stage::kExperts, il);
+      KTX_RETURN_IF_ERROR(deferral.Take(model, models::DeferJoin::kNextMoe, &late));
     }
     if (!hp.IsMoeLayer(il)) {
       {
@@ -182,13 +208,14 @@ absl::Status BatchedForward(const models::Deepseek2Model& model,
         KTX_RETURN_IF_ERROR(model.DenseFfn(il, h, &f));
       }
       StageTimer timer(profile, Stage::kCombine, il);
-      const models::Activations* parts[] = {&f};
-      KTX_RETURN_IF_ERROR(model.Combine(parts, &x));
+      const models::Activations* parts[] = {&f, &late};
+      KTX_RETURN_IF_ERROR(model.Combine(std::span(parts, late_here ? 2 : 1), &x));
       continue;
     }
     {
       StageTimer timer(profile, Stage::kRoute, il);
-      KTX_RETURN_IF_ERROR(model.Route(il, h, &routing));
+      KTX_RETURN_IF_ERROR(model.Route(il, h, token_policies, &routing));
+      if (may_defer) KTX_RETURN_IF_ERROR(deferral.Defer(model, il, h, token_policies, &routing));
     }
     if (profile != nullptr) profile->AddRouting(il, routing);
     {
@@ -200,8 +227,11 @@ absl::Status BatchedForward(const models::Deepseek2Model& model,
       KTX_RETURN_IF_ERROR(model.SharedExperts(il, h, &shared));
     }
     StageTimer timer(profile, Stage::kCombine, il);
-    const models::Activations* parts[] = {&f, &shared};
-    KTX_RETURN_IF_ERROR(model.Combine(parts, &x));
+    const models::Activations* parts[] = {&f, &shared, &late};
+    KTX_RETURN_IF_ERROR(model.Combine(std::span(parts, late_here ? 3 : 2), &x));
+  }
+  if (deferral.any_pending()) {
+    return absl::InternalError("BatchedForward: deferred experts left after the last layer");
   }
   {
     StageTimer timer(profile, Stage::kHead, -1);

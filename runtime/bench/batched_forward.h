@@ -41,6 +41,11 @@ namespace ktx::bench {
 struct SequenceBatchEntry {
   std::span<const int32_t> tokens;
   kv_cache::SequenceKv* kv = nullptr;
+  // This sequence's routing policy (a request's own; not owned); null: the
+  // model's. Sequences with different policies share one batch: the router
+  // applies each token's own, and deferred experts (if any) join one layer
+  // later exactly as in Deepseek2Model::Forward.
+  const models::RoutingPolicy* policy = nullptr;
 };
 
 // The stages a step is made of, as timed by StageProfile.

@@ -101,8 +101,15 @@ absl::StatusOr<std::vector<int32_t>> ReferenceEngine::TokenizePrompt(
   return tokenizer::TokenizeChat(*tok, segments, options);
 }
 
+absl::Status ReferenceEngine::CheckPolicy(const models::RoutingPolicy* policy) const {
+  if (policy == nullptr) return absl::OkStatus();
+  return policy->Validate(model_->hparams().n_layer, model_->hparams().n_expert_used);
+}
+
 absl::Status ReferenceEngine::Prefill(std::span<const int32_t> tokens, kv_cache::SequenceKv* kv,
-                                      models::LogitsRows rows, std::vector<float>* logits) const {
+                                      models::LogitsRows rows,
+                                      const models::ForwardOptions& forward,
+                                      std::vector<float>* logits) const {
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t chunk = options_.prefill_chunk == 0 ? n : options_.prefill_chunk;
   models::Activations out;
@@ -111,7 +118,7 @@ absl::Status ReferenceEngine::Prefill(std::span<const int32_t> tokens, kv_cache:
     const bool last = begin + len == n;
     const models::LogitsRows chunk_rows =
         rows == models::LogitsRows::kAll ? models::LogitsRows::kAll : models::LogitsRows::kLast;
-    KTX_RETURN_IF_ERROR(model_->Forward(tokens.subspan(begin, len), kv, chunk_rows, &out));
+    KTX_RETURN_IF_ERROR(model_->Forward(tokens.subspan(begin, len), kv, chunk_rows, &out, forward));
     if (rows == models::LogitsRows::kAll) {
       logits->insert(logits->end(), out.values().begin(), out.values().end());
     } else if (last) {
@@ -121,14 +128,18 @@ absl::Status ReferenceEngine::Prefill(std::span<const int32_t> tokens, kv_cache:
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> ReferenceEngine::Logits(std::span<const int32_t> tokens) {
+absl::StatusOr<std::vector<float>> ReferenceEngine::Logits(std::span<const int32_t> tokens,
+                                                           const models::RoutingPolicy* policy) {
   if (tokens.empty()) return absl::InvalidArgumentError("no tokens to compute logits for");
+  KTX_RETURN_IF_ERROR(CheckPolicy(policy));
+  models::ForwardOptions forward;
+  forward.policy = policy;
   KTX_ASSIGN_OR_RETURN(
       std::unique_ptr<kv_cache::SequenceKv> kv,
       kv_cache::SequenceKv::Create(model_->kv_layout(), static_cast<int64_t>(tokens.size())));
   std::vector<float> logits;
   logits.reserve(tokens.size() * model_->n_vocab());
-  KTX_RETURN_IF_ERROR(Prefill(tokens, kv.get(), models::LogitsRows::kAll, &logits));
+  KTX_RETURN_IF_ERROR(Prefill(tokens, kv.get(), models::LogitsRows::kAll, forward, &logits));
   return logits;
 }
 
@@ -153,6 +164,9 @@ absl::StatusOr<GenerateResult> ReferenceEngine::GenerateFromTokens(
         absl::StrCat("the prompt has ", n_prompt, " tokens; the context holds ", n_ctx_,
                      " (prompt + at least one generated token); raise the context size (n_ctx)"));
   }
+  KTX_RETURN_IF_ERROR(CheckPolicy(request.routing_policy.get()));
+  models::ForwardOptions forward;
+  forward.policy = request.routing_policy.get();
   KTX_ASSIGN_OR_RETURN(sampler::Sampler sampler, sampler::Sampler::Create(request.sampling));
   KTX_ASSIGN_OR_RETURN(sampler::StopStringMatcher stops,
                        sampler::StopStringMatcher::Create(request.stop));
@@ -173,7 +187,8 @@ absl::StatusOr<GenerateResult> ReferenceEngine::GenerateFromTokens(
 
   const auto t0 = Clock::now();
   std::vector<float> logits;
-  KTX_RETURN_IF_ERROR(Prefill(prompt_tokens, kv.get(), models::LogitsRows::kLast, &logits));
+  KTX_RETURN_IF_ERROR(
+      Prefill(prompt_tokens, kv.get(), models::LogitsRows::kLast, forward, &logits));
   const auto t1 = Clock::now();
   result.prefill_seconds = Seconds(t0, t1);
 
@@ -212,7 +227,7 @@ absl::StatusOr<GenerateResult> ReferenceEngine::GenerateFromTokens(
       break;
     }
     const int32_t one[] = {token};
-    KTX_RETURN_IF_ERROR(model_->Forward(one, kv.get(), models::LogitsRows::kLast, &out));
+    KTX_RETURN_IF_ERROR(model_->Forward(one, kv.get(), models::LogitsRows::kLast, &out, forward));
     ++result.n_decode_passes;
     logits.assign(out.values().begin(), out.values().end());
   }

@@ -67,6 +67,11 @@ struct GenerateRequest {
   int32_t max_tokens = 256;  // > 0
   sampler::SamplingParams sampling;
   std::vector<std::string> stop;  // stop strings (not emitted)
+  // This request's routing policy (runtime/models/routing_policy.h: fewer or
+  // deferred routed experts); null: the model's (Deepseek2Model::
+  // SetRoutingPolicy). Checked against the model (InvalidArgument naming the
+  // field).
+  std::shared_ptr<const models::RoutingPolicy> routing_policy;
 };
 
 enum class StopReason {
@@ -130,15 +135,20 @@ class ReferenceEngine {
                                                     const TextCallback& on_text);
 
   // Logits of every position of `tokens` run as one fresh sequence (chunked
-  // per prefill_chunk): F32 [n_tokens, n_vocab], row-major.
-  absl::StatusOr<std::vector<float>> Logits(std::span<const int32_t> tokens);
+  // per prefill_chunk): F32 [n_tokens, n_vocab], row-major. `policy`: the
+  // routing policy of this call (null: the model's).
+  absl::StatusOr<std::vector<float>> Logits(std::span<const int32_t> tokens,
+                                            const models::RoutingPolicy* policy = nullptr);
 
  private:
   ReferenceEngine() = default;
   // Runs `tokens` through the model in chunks; `logits` gets the last row
   // (kLast) or all rows (kAll, appended).
   absl::Status Prefill(std::span<const int32_t> tokens, kv_cache::SequenceKv* kv,
-                       models::LogitsRows rows, std::vector<float>* logits) const;
+                       models::LogitsRows rows, const models::ForwardOptions& forward,
+                       std::vector<float>* logits) const;
+  // OK for null, else the policy's Validate against the model.
+  absl::Status CheckPolicy(const models::RoutingPolicy* policy) const;
 
   EngineOptions options_;
   int64_t n_ctx_ = 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -505,6 +506,7 @@ absl::Status ReferenceExpertBackend::Compute(int il, const Activations& h, const
   for (int64_t t = 0; t < n; ++t) {
     for (int k = 0; k < k_used; ++k) {
       const int32_t e = routing.id(t, k);
+      if (e == kNoExpert) continue;
       if (e < 0 || e >= hparams_.n_expert) {
         return absl::InvalidArgumentError(absl::StrCat("routing of token ", t, " names expert ", e,
                                                        ", outside [0, ", hparams_.n_expert, ")"));
@@ -584,6 +586,15 @@ absl::StatusOr<std::unique_ptr<Deepseek2Model>> Deepseek2Model::Load(
 
 void Deepseek2Model::SetExpertBackend(ExpertBackend* backend) {
   expert_backend_ = backend != nullptr ? backend : reference_experts_.get();
+}
+
+absl::Status Deepseek2Model::SetRoutingPolicy(std::shared_ptr<const RoutingPolicy> policy) {
+  if (policy != nullptr) {
+    KTX_RETURN_IF_ERROR(policy->Validate(hparams_.n_layer, hparams_.n_expert_used));
+    if (policy->empty()) policy = nullptr;
+  }
+  routing_policy_ = std::move(policy);
+  return absl::OkStatus();
 }
 
 absl::Status Deepseek2Model::CheckLayer(int il) const {
@@ -783,6 +794,12 @@ absl::Status Deepseek2Model::DenseFfn(int il, const Activations& h, Activations*
 }
 
 absl::Status Deepseek2Model::Route(int il, const Activations& h, Routing* routing) const {
+  return Route(il, h, {}, routing);
+}
+
+absl::Status Deepseek2Model::Route(int il, const Activations& h,
+                                   std::span<const RoutingPolicy* const> policies,
+                                   Routing* routing) const {
   KTX_RETURN_IF_ERROR(CheckLayer(il));
   KTX_RETURN_IF_ERROR(CheckActivations(h, "Route"));
   if (!hparams_.IsMoeLayer(il)) {
@@ -795,7 +812,42 @@ absl::Status Deepseek2Model::Route(int il, const Activations& h, Routing* routin
             hparams_.n_expert);
   std::vector<float> bias;
   if (l.exp_probs_b != nullptr) bias = DequantizeTensor(*l.exp_probs_b);
-  RouteFromLogits(hparams_.routing(), logits.data(), n, bias.empty() ? nullptr : bias.data(),
+  if (!(policies.empty() || policies.size() == 1 || static_cast<int64_t>(policies.size()) == n)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Route: ", policies.size(), " token policies for ", n, " tokens"));
+  }
+  // Each token's top-k rule (null: keeps all K); distinct policies resolved once.
+  const int32_t k_used = hparams_.n_expert_used;
+  std::vector<TopKRule> resolved;
+  std::vector<const RoutingPolicy*> resolved_of;
+  auto rule_of = [&](const RoutingPolicy* p) -> std::optional<size_t> {
+    if (p == nullptr) p = routing_policy_.get();
+    if (p == nullptr) return std::nullopt;
+    for (size_t i = 0; i < resolved_of.size(); ++i) {
+      if (resolved_of[i] == p) return i;
+    }
+    const TopKRule rule = p->ForLayer(il).rule;
+    KTX_CHECK(rule.top_k <= k_used && rule.min_k <= k_used);  // Validate()d policies only
+    resolved_of.push_back(p);
+    resolved.push_back(rule);
+    return resolved.size() - 1;
+  };
+  const size_t n_rules = policies.size() <= 1 ? 1 : policies.size();
+  std::vector<std::optional<size_t>> index(n_rules);
+  bool any_rule = false;
+  for (size_t t = 0; t < n_rules; ++t) {
+    index[t] = rule_of(policies.empty() ? nullptr : policies[t]);
+    if (index[t].has_value() && resolved[*index[t]].KeepsAll(k_used)) index[t].reset();
+    any_rule = any_rule || index[t].has_value();
+  }
+  std::vector<const TopKRule*> rules;
+  if (any_rule) {
+    rules.resize(n_rules, nullptr);
+    for (size_t t = 0; t < n_rules; ++t) {
+      if (index[t].has_value()) rules[t] = &resolved[*index[t]];
+    }
+  }
+  RouteFromLogits(hparams_.routing(), logits.data(), n, bias.empty() ? nullptr : bias.data(), rules,
                   routing);
   return absl::OkStatus();
 }
@@ -864,7 +916,8 @@ absl::Status Deepseek2Model::Head(const Activations& x, LogitsRows rows,
 }
 
 absl::Status Deepseek2Model::Forward(std::span<const int32_t> tokens, kv_cache::SequenceKv* kv,
-                                     LogitsRows rows, Activations* logits) const {
+                                     LogitsRows rows, Activations* logits,
+                                     const ForwardOptions& options) const {
   if (tokens.empty()) return absl::InvalidArgumentError("Forward: empty token batch");
   if (kv == nullptr) return absl::InvalidArgumentError("Forward: no KV cache sequence");
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -875,23 +928,44 @@ absl::Status Deepseek2Model::Forward(std::span<const int32_t> tokens, kv_cache::
   std::vector<int32_t> positions(n);
   for (int64_t t = 0; t < n; ++t) positions[t] = static_cast<int32_t>(kv->length() + t);
 
-  Activations x, h, f, shared;
+  Activations x, h, f, shared, late;
   Routing routing;
+  const RoutingPolicy* policy_list[] = {options.policy};
+  const std::span<const RoutingPolicy* const> policies =
+      options.policy != nullptr ? std::span<const RoutingPolicy* const>(policy_list)
+                                : std::span<const RoutingPolicy* const>();
+  const RoutingPolicy* effective =
+      options.policy != nullptr ? options.policy : routing_policy_.get();
+  const bool may_defer = effective != nullptr && effective->HasDeferral();
+  ExpertDeferral deferral;
   KTX_RETURN_IF_ERROR(Embed(tokens, &x));
   for (int il = 0; il < hparams_.n_layer; ++il) {
     KTX_RETURN_IF_ERROR(AttentionBlock(il, positions, kv, &x));
-    KTX_RETURN_IF_ERROR(FfnNorm(il, x, &h));
-    if (!hparams_.IsMoeLayer(il)) {
-      KTX_RETURN_IF_ERROR(DenseFfn(il, h, &f));
-      const Activations* parts[] = {&f};
-      KTX_RETURN_IF_ERROR(Combine(parts, &x));
-    } else {
-      KTX_RETURN_IF_ERROR(Route(il, h, &routing));
-      KTX_RETURN_IF_ERROR(RoutedExperts(il, h, routing, {}, &f));
-      KTX_RETURN_IF_ERROR(SharedExperts(il, h, &shared));
-      const Activations* parts[] = {&f, &shared};
+    if (deferral.pending(DeferJoin::kNextAttention)) {
+      KTX_RETURN_IF_ERROR(deferral.Take(*this, DeferJoin::kNextAttention, &late));
+      const Activations* parts[] = {&late};
       KTX_RETURN_IF_ERROR(Combine(parts, &x));
     }
+    KTX_RETURN_IF_ERROR(FfnNorm(il, x, &h));
+    const bool late_here = deferral.pending(DeferJoin::kNextMoe);
+    if (!hparams_.IsMoeLayer(il)) {
+      KTX_RETURN_IF_ERROR(DenseFfn(il, h, &f));
+      if (late_here) KTX_RETURN_IF_ERROR(deferral.Take(*this, DeferJoin::kNextMoe, &late));
+      const Activations* parts[] = {&f, &late};
+      KTX_RETURN_IF_ERROR(Combine(std::span(parts, late_here ? 2 : 1), &x));
+    } else {
+      KTX_RETURN_IF_ERROR(Route(il, h, policies, &routing));
+      if (options.on_routing) options.on_routing(il, routing);
+      if (late_here) KTX_RETURN_IF_ERROR(deferral.Take(*this, DeferJoin::kNextMoe, &late));
+      if (may_defer) KTX_RETURN_IF_ERROR(deferral.Defer(*this, il, h, policies, &routing));
+      KTX_RETURN_IF_ERROR(RoutedExperts(il, h, routing, {}, &f));
+      KTX_RETURN_IF_ERROR(SharedExperts(il, h, &shared));
+      const Activations* parts[] = {&f, &shared, &late};
+      KTX_RETURN_IF_ERROR(Combine(std::span(parts, late_here ? 3 : 2), &x));
+    }
+  }
+  if (deferral.any_pending()) {
+    return absl::InternalError("Forward: deferred experts left after the last layer");
   }
   KTX_RETURN_IF_ERROR(Head(x, rows, logits));
   return kv->Commit(n);

@@ -20,7 +20,7 @@
 //   AttentionBlock  il, positions, kv, x      -> x += MLA(rmsnorm(x))   (writes the kv rows)
 //   FfnNorm         il, x                     -> h  [n_tokens, n_embd]
 //   DenseFfn        il, h                     -> f  [n_tokens, n_embd]   (il < n_layer_dense_lead)
-//   Route           il, h                     -> Routing (ids, weights [n_tokens, n_expert_used])
+//   Route           il, h [, policies]        -> Routing (ids, weights [n_tokens, n_expert_used])
 //   RoutedExperts   il, h, routing, mask      -> partial [n_tokens, n_embd] (via ExpertBackend)
 //   SharedExperts   il, h                     -> s  [n_tokens, n_embd]
 //   Combine         parts                     -> x += Σ parts
@@ -28,6 +28,11 @@
 //
 // The reference path keeps activations in F32 and accumulates in double
 // (reference_ops.h); it matches the float64 fixtures to ~2e-7 rel L2 (tier A).
+//
+// Routing policies (routing_policy.h): a policy set on the model applies to
+// every Route call; Route and Forward also take per-token / per-call policies
+// (a request's own). Route applies the top-k reductions; Forward also runs
+// expert deferral (ExpertDeferral) when a policy asks for it.
 //
 // Thread-safety: a loaded model is immutable; stages may run concurrently as
 // long as each call has its own outputs and KV sequence. RoutedExperts passes
@@ -37,6 +42,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -49,6 +55,7 @@
 #include "runtime/models/activations.h"
 #include "runtime/models/moe.h"
 #include "runtime/models/reference_ops.h"
+#include "runtime/models/routing_policy.h"
 
 namespace ktx::models {
 
@@ -161,6 +168,16 @@ enum class LogitsRows {
   kLast,  // only the last token's row
 };
 
+// Per-call settings of Deepseek2Model::Forward.
+struct ForwardOptions {
+  // The routing policy of this call (a request's own; not owned, must outlive
+  // the call); null: the model's policy (SetRoutingPolicy), if any.
+  const RoutingPolicy* policy = nullptr;
+  // Called with every MoE layer's routing as Route produced it (after the
+  // policy's top-k reduction, before deferral); e.g. an expert-usage profile.
+  std::function<void(int il, const Routing& routing)> on_routing;
+};
+
 // The scalar reference implementation of routed experts: for each expert used
 // by the batch, its tokens are gathered and pushed through gate/up/down
 // (reference_ops MatMul). Holds references to the model's hparams and
@@ -200,6 +217,14 @@ class Deepseek2Model {
   void SetExpertBackend(ExpertBackend* backend);
   ExpertBackend* expert_backend() const { return expert_backend_; }
 
+  // The routing policy of every Route / Forward call that brings none of its
+  // own (null or an empty policy: the model's routing). Validated against the
+  // hyper-parameters (InvalidArgument naming the field). Like
+  // SetExpertBackend, must not race with stages.
+  absl::Status SetRoutingPolicy(std::shared_ptr<const RoutingPolicy> policy);
+  // Null when none is set.
+  const RoutingPolicy* routing_policy() const { return routing_policy_.get(); }
+
   // ---- stages ----
 
   // x = token_embd rows of `tokens`: F32 [n_tokens, n_embd]. OutOfRange for an
@@ -222,8 +247,14 @@ class Deepseek2Model {
   // FailedPrecondition for a MoE layer.
   absl::Status DenseFfn(int il, const Activations& h, Activations* out) const;
 
-  // Router of MoE layer il on h (see RouteFromLogits).
+  // Router of MoE layer il on h (see RouteFromLogits), under the model's
+  // routing policy (its top-k reductions; deferral is the engine's business).
   absl::Status Route(int il, const Activations& h, Routing* routing) const;
+  // The same with token policies: `policies` is empty (the model's policy),
+  // one entry (every token) or one entry per token; a null entry means the
+  // model's policy. Policies must be valid for this model (Validate).
+  absl::Status Route(int il, const Activations& h, std::span<const RoutingPolicy* const> policies,
+                     Routing* routing) const;
 
   // The weighted sum of the routed experts selected by `expert_mask` (empty:
   // all), computed by the expert backend: F32 [n_tokens, n_embd].
@@ -243,8 +274,10 @@ class Deepseek2Model {
   // The whole forward pass of `tokens` appended to the sequence in `kv`
   // (positions kv->length() ...). On success the batch's rows are committed;
   // on error nothing is. ResourceExhausted when the sequence is full.
+  // With a policy that defers experts, the deferred outputs join the
+  // residual stream one layer later (ExpertDeferral).
   absl::Status Forward(std::span<const int32_t> tokens, kv_cache::SequenceKv* kv, LogitsRows rows,
-                       Activations* logits) const;
+                       Activations* logits, const ForwardOptions& options = {}) const;
 
  private:
   Deepseek2Model() = default;
@@ -256,6 +289,7 @@ class Deepseek2Model {
   Deepseek2Weights weights_;
   std::unique_ptr<ReferenceExpertBackend> reference_experts_;
   ExpertBackend* expert_backend_ = nullptr;
+  std::shared_ptr<const RoutingPolicy> routing_policy_;
 };
 
 // Shared helper: out = down · (silu(gate · h) ⊙ (up · h)) for h F32 [n_tokens,

@@ -9,8 +9,53 @@
 
 namespace ktx::models {
 
+int32_t Routing::kept(int64_t t) const {
+  int32_t n = 0;
+  for (int k = 0; k < n_expert_used; ++k) n += id(t, k) != kNoExpert;
+  return n;
+}
+
+namespace {
+
+// Which of the K selected experts of one token a rule keeps: keep[k] for the
+// k-th in selection order; returns the count. prob_sel[k] = p of the k-th.
+int32_t ApplyTopKRule(const TopKRule& rule, const double* prob_sel, int32_t k_used, uint8_t* keep) {
+  KTX_CHECK(rule.top_k >= 0 && rule.top_k <= k_used && rule.min_mass > 0.0 && rule.min_k >= 1);
+  const int32_t n_cand = rule.top_k == 0 ? k_used : rule.top_k;
+  std::fill(keep, keep + k_used, 0);
+  if (rule.min_mass >= 1.0) {
+    std::fill(keep, keep + n_cand, 1);
+    return n_cand;
+  }
+  // Candidates by falling gate weight (ties: selection order).
+  std::vector<int32_t> by_weight(n_cand);
+  std::iota(by_weight.begin(), by_weight.end(), 0);
+  std::stable_sort(by_weight.begin(), by_weight.end(),
+                   [prob_sel](int32_t a, int32_t b) { return prob_sel[a] > prob_sel[b]; });
+  double total = 0.0;
+  for (int32_t k = 0; k < n_cand; ++k) total += prob_sel[k];
+  const int32_t min_k = std::min(rule.min_k, n_cand);
+  double cum = 0.0;
+  int32_t n = 0;
+  while (n < n_cand) {
+    cum += prob_sel[by_weight[n]];
+    keep[by_weight[n]] = 1;
+    ++n;
+    if (n >= min_k && total > 0.0 && cum >= rule.min_mass * total) break;
+  }
+  return n;
+}
+
+}  // namespace
+
 void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
                      const float* bias, Routing* routing) {
+  RouteFromLogits(params, logits, n_tokens, bias, {}, routing);
+}
+
+void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
+                     const float* bias, std::span<const TopKRule* const> rules, Routing* routing) {
+  KTX_CHECK(rules.empty() || rules.size() == 1 || static_cast<int64_t>(rules.size()) == n_tokens);
   const int32_t n_expert = params.n_expert;
   const int32_t k_used = params.n_expert_used;
   KTX_CHECK(n_expert > 0 && k_used > 0 && k_used <= n_expert);
@@ -24,10 +69,12 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
   }
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-  routing->n_tokens = n_tokens;
-  routing->n_expert_used = k_used;
-  routing->expert_ids.assign(static_cast<size_t>(n_tokens * k_used), 0);
-  routing->weights.assign(static_cast<size_t>(n_tokens * k_used), 0.0f);
+  // Per token: the K selected experts in selection order, their p, which the
+  // rule keeps.
+  std::vector<int32_t> sel_ids(static_cast<size_t>(n_tokens * k_used));
+  std::vector<double> sel_prob(static_cast<size_t>(n_tokens * k_used));
+  std::vector<uint8_t> sel_keep(static_cast<size_t>(n_tokens * k_used), 1);
+  int32_t width = 0;
 
   std::vector<double> prob(n_expert), sel(n_expert), group_score(std::max(params.n_group, 1));
   std::vector<int32_t> order(n_expert), group_order(std::max(params.n_group, 1));
@@ -80,15 +127,44 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
     std::iota(order.begin(), order.end(), 0);
     std::partial_sort(order.begin(), order.begin() + k_used, order.end(), by_score(sel));
 
-    double sum = 0.0;
-    for (int32_t k = 0; k < k_used; ++k) sum += prob[order[k]];
-    const double denom = params.norm_weights ? std::max(sum, kMinRoutingWeightSum) : 1.0;
-    const double scale = (params.weights_scale != 0.0f && params.weights_scale != 1.0f)
-                             ? static_cast<double>(params.weights_scale)
-                             : 1.0;
+    int32_t* ids_t = sel_ids.data() + t * k_used;
+    double* prob_t = sel_prob.data() + t * k_used;
     for (int32_t k = 0; k < k_used; ++k) {
-      routing->expert_ids[t * k_used + k] = order[k];
-      routing->weights[t * k_used + k] = static_cast<float>(prob[order[k]] / denom * scale);
+      ids_t[k] = order[k];
+      prob_t[k] = prob[order[k]];
+    }
+    const TopKRule* rule =
+        rules.empty() ? nullptr : (rules.size() == 1 ? rules[0] : rules[static_cast<size_t>(t)]);
+    int32_t n_kept = k_used;
+    if (rule != nullptr && !rule->KeepsAll(k_used)) {
+      n_kept = ApplyTopKRule(*rule, prob_t, k_used, sel_keep.data() + t * k_used);
+    }
+    width = std::max(width, n_kept);
+  }
+
+  const double scale = (params.weights_scale != 0.0f && params.weights_scale != 1.0f)
+                           ? static_cast<double>(params.weights_scale)
+                           : 1.0;
+  routing->n_tokens = n_tokens;
+  routing->n_expert_used = n_tokens > 0 ? width : k_used;
+  const int32_t w_out = routing->n_expert_used;
+  routing->expert_ids.assign(static_cast<size_t>(n_tokens * w_out), kNoExpert);
+  routing->weights.assign(static_cast<size_t>(n_tokens * w_out), 0.0f);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const int32_t* ids_t = sel_ids.data() + t * k_used;
+    const double* prob_t = sel_prob.data() + t * k_used;
+    const uint8_t* keep_t = sel_keep.data() + t * k_used;
+    double sum = 0.0;
+    for (int32_t k = 0; k < k_used; ++k) {
+      if (keep_t[k]) sum += prob_t[k];
+    }
+    const double denom = params.norm_weights ? std::max(sum, kMinRoutingWeightSum) : 1.0;
+    int32_t j = 0;
+    for (int32_t k = 0; k < k_used; ++k) {
+      if (!keep_t[k]) continue;
+      routing->expert_ids[t * w_out + j] = ids_t[k];
+      routing->weights[t * w_out + j] = static_cast<float>(prob_t[k] / denom * scale);
+      ++j;
     }
   }
 }

@@ -7,6 +7,9 @@
 // and the interface through which routed experts are computed
 // (`ExpertBackend`). The scalar reference backend lives with the model
 // (deepseek2.h); fast CPU kernels, GPU and remote shards plug in here.
+// Routing policies (routing_policy.h) reduce the model's top-k per token
+// through `TopKRule`; a token that keeps fewer experts than its row holds has
+// its row padded with `kNoExpert` entries, which every backend skips.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +40,14 @@ struct RoutingParams {
   float weights_scale = 0.0f;  // w *= scale, applied unless scale is 0 or 1
 };
 
+// The expert id of a padding entry of a Routing row: no expert, weight 0.
+// Backends skip it (it selects nothing and adds nothing).
+inline constexpr int32_t kNoExpert = -1;
+
 // The router's decision for a batch. Entries of a token are ordered by
-// descending selection score (ties: lower expert id first).
+// descending selection score (ties: lower expert id first); a token that keeps
+// fewer than n_expert_used experts (a routing policy) has its kept entries
+// first, then kNoExpert entries with weight 0.
 struct Routing {
   int64_t n_tokens = 0;
   int32_t n_expert_used = 0;
@@ -47,8 +56,31 @@ struct Routing {
 
   int32_t id(int64_t t, int k) const { return expert_ids[t * n_expert_used + k]; }
   float weight(int64_t t, int k) const { return weights[t * n_expert_used + k]; }
+  // Entries of token t that name an expert (not kNoExpert).
+  int32_t kept(int64_t t) const;
 };
 
+// A per-token reduction of the model's top-k (routing_policy.h makes them
+// from a policy). Applied between selection (steps 1-4 below) and weighting
+// (step 5): of the n_expert_used selected experts, in selection order,
+//   a. fixed: only the first top_k are candidates (0: all) -- the same
+//      experts a model with expert_used_count = top_k would select;
+//   b. adaptive (min_mass < 1): the candidates are ranked by gate weight p
+//      (descending, ties: selection order) and kept until their cumulative
+//      share of the candidates' Σ p reaches min_mass, at least min_k of them
+//      (clipped to the candidates);
+// then the kept experts are weighted by the model's rule over the kept set
+// only (renormalised: w = p / max(Σ_kept p, floor) when norm_weights, times
+// weights_scale). A rule that keeps every expert gives bit-identical results
+// to no rule.
+struct TopKRule {
+  int32_t top_k = 0;      // 0: the model's n_expert_used
+  double min_mass = 1.0;  // (0, 1]; >= 1: adaptive off
+  int32_t min_k = 1;      // >= 1
+  bool KeepsAll(int32_t n_expert_used) const {
+    return (top_k == 0 || top_k >= n_expert_used) && min_mass >= 1.0;
+  }
+};
 // Routes a batch from router logits (F64 [n_tokens, n_expert]) and an optional
 // selection bias (F32 [n_expert], `exp_probs_b`; null = none):
 //   1. p = sigmoid(logits) or softmax(logits) (params.gating), in double;
@@ -65,11 +97,22 @@ struct Routing {
 void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
                      const float* bias, Routing* routing);
 
+// The same with a TopKRule per token: `rules` is empty (no rule), one entry
+// (every token) or n_tokens entries; a null entry means no rule. The routing's
+// n_expert_used is the largest kept count of the batch (shorter rows padded
+// with kNoExpert); with no reduction it equals params.n_expert_used and the
+// result is bitwise that of the overload above. Rules must be valid
+// (KTX_CHECKed: top_k in [0, K], min_mass in (0, 1] or >= 1, min_k >= 1;
+// RoutingPolicy::Validate reports them as errors first).
+void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
+                     const float* bias, std::span<const TopKRule* const> rules, Routing* routing);
+
 // Computes routed experts for one MoE layer. Given the FFN-normed hidden state
 // h (F32 [n_tokens, n_embd]) and the routing, an implementation writes
 //   out[t] = Σ_k weight(t, k) · expert_{id(t, k)}(h[t])
 // over the entries whose expert is selected by `expert_mask` (n_expert bytes,
-// nonzero = computed here; empty = all experts), where
+// nonzero = computed here; empty = all experts), skipping kNoExpert entries
+// (a routing may have any width n_expert_used >= 1), where
 //   expert_e(v) = down_e · (silu(gate_e · v) ⊙ (up_e · v)).
 // `out` is resized to [n_tokens, n_embd] and overwritten (zero rows for tokens
 // with no selected entry). Partial sums over disjoint masks add up to the full

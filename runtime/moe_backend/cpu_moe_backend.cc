@@ -387,13 +387,13 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
   const int64_t n = h.n_tokens();
   const int64_t n_embd = hp.n_embd;
   const int32_t k_used = routing.n_expert_used;
-  if (h.n_cols() != n_embd || routing.n_tokens != n || k_used != hp.n_expert_used ||
+  if (h.n_cols() != n_embd || routing.n_tokens != n || k_used < 1 || k_used > hp.n_expert_used ||
       static_cast<int64_t>(routing.expert_ids.size()) != n * k_used ||
       routing.weights.size() != routing.expert_ids.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("routed experts of layer ", il, ": activations [", h.n_tokens(), ", ",
-                     h.n_cols(), "] and routing of ", routing.n_tokens, " tokens x ", k_used,
-                     " do not match (n_embd ", n_embd, ", n_expert_used ", hp.n_expert_used, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "routed experts of layer ", il, ": activations [", h.n_tokens(), ", ", h.n_cols(),
+        "] and routing of ", routing.n_tokens, " tokens x ", k_used, " do not match (n_embd ",
+        n_embd, ", n_expert_used <= ", hp.n_expert_used, ")"));
   }
   if (!expert_mask.empty() && static_cast<int64_t>(expert_mask.size()) != hp.n_expert) {
     return absl::InvalidArgumentError(absl::StrCat("expert mask has ", expert_mask.size(),
@@ -401,6 +401,7 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
   }
   for (int64_t i = 0; i < n * k_used; ++i) {
     const int32_t e = routing.expert_ids[i];
+    if (e == models::kNoExpert) continue;  // padding (routing policies)
     if (e < 0 || e >= hp.n_expert) {
       return absl::InvalidArgumentError(absl::StrCat("routing of token ", i / k_used,
                                                      " names expert ", e, ", outside [0, ",
@@ -437,14 +438,32 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
     w.up_prefill = {f.up_prefill, table[kUpP]};
     w.down_prefill = {f.down_prefill, table[kDownP]};
   }
+  // The kernels' plan has rows of n_expert_used entries: a narrower routing
+  // (a routing policy) is padded with kMoeNoExpert entries, which they skip.
+  const int32_t k_plan = hp.n_expert_used;
+  const int32_t* ids = routing.expert_ids.data();
+  const float* weights = routing.weights.data();
+  std::vector<int32_t> padded_ids;
+  std::vector<float> padded_weights;
+  static_assert(models::kNoExpert == kernels::moe::kMoeNoExpert);
+  if (k_used != k_plan) {
+    padded_ids.assign(static_cast<size_t>(n * k_plan), kernels::moe::kMoeNoExpert);
+    padded_weights.assign(static_cast<size_t>(n * k_plan), 0.0f);
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy_n(ids + t * k_used, k_used, padded_ids.data() + t * k_plan);
+      std::copy_n(weights + t * k_used, k_used, padded_weights.data() + t * k_plan);
+    }
+    ids = padded_ids.data();
+    weights = padded_weights.data();
+  }
   ++stats_.calls;
   for (int64_t t0 = 0; t0 < n; t0 += max_tokens_) {
     const int64_t cnt = std::min(max_tokens_, n - t0);
     kernels::moe::MoeInput input;
     input.n_tokens = cnt;
     input.x = h.row(t0);
-    input.ids = routing.expert_ids.data() + t0 * k_used;
-    input.weights = routing.weights.data() + t0 * k_used;
+    input.ids = ids + t0 * k_plan;
+    input.weights = weights + t0 * k_plan;
     input.out = out->row(t0);
     KTX_ASSIGN_OR_RETURN(
         kernels::moe::MoeRun run,

@@ -13,6 +13,11 @@ constexpr int64_t kFfRowsPerTask = 256;
 constexpr int64_t kQuantChunk = 8;  // tokens (or pairs) per stage-0 task
 constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile loads)
 
+// Per-expert path of a run (workspace byte per expert).
+constexpr uint8_t kPathDecode = 0;       // decode form, x per token
+constexpr uint8_t kPathPrefillForm = 1;  // separate prefill weights (amx_int8), x per pair
+constexpr uint8_t kPathTile = 2;         // tile kernel over the decode form, x per pair
+
 int64_t Align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 std::string FormatName(MoeMatrixFormat f) {
@@ -107,6 +112,55 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   }
 
   plan.max_pairs = options.max_tokens * shape.n_expert_used;
+
+  // The tile path and its geometry.
+  plan.tile = options.tile_prefill && kern.tile_matmul != nullptr &&
+              kern.quantize_tile != nullptr && TileFormatSupported(format.gate) &&
+              TileFormatSupported(format.down);
+  if (plan.tile) {
+    int64_t g = options.tile_group;
+    if (g == 0) g = shape.n_embd % 512 == 0 && shape.n_ff % 512 == 0 ? 512 : 256;
+    if ((g != 256 && g != 512 && g != 1024) || shape.n_embd % g != 0 || shape.n_ff % g != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MoE plan: tile_group (", g, ") must be 256, 512 or 1024 dividing n_embd (",
+                       shape.n_embd, ") and n_ff (", shape.n_ff, ")"));
+    }
+    int64_t fb = options.tile_ff_rows;
+    if (fb == 0) fb = shape.n_ff % 512 == 0 && 512 % g == 0 ? 512 : g;
+    if (fb % g != 0 || shape.n_ff % fb != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_ff_rows (", fb,
+                                                     ") must be a multiple of tile_group (", g,
+                                                     ") dividing n_ff (", shape.n_ff, ")"));
+    }
+    if (options.tile_max_tokens <= 0 || options.tile_max_tokens % 32 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_max_tokens (",
+                                                     options.tile_max_tokens,
+                                                     ") must be a positive multiple of 32"));
+    }
+    plan.tile_group = g;
+    plan.tile_ff_rows = fb;
+    plan.tile_max_tokens = options.tile_max_tokens;
+  }
+  int64_t pdr = options.prefill_down_rows_per_task;
+  if (pdr == 0) {
+    pdr = 32;  // n_embd is a multiple of 256
+    for (int64_t r = 64; r <= 512; r += 32) {
+      if (shape.n_embd % r == 0 && shape.n_embd / r >= options.max_workers) pdr = r;
+    }
+  }
+  if (pdr <= 0 || pdr % kPanelRows != 0 || shape.n_embd % pdr != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE plan: prefill_down_rows_per_task (", pdr,
+                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd, ")"));
+  }
+  plan.prefill_down_rows = pdr;
+  const int64_t ff_tasks_per_expert = shape.n_ff / kFfRowsPerTask;
+  plan.max_gateup_tasks = shape.n_expert * ff_tasks_per_expert;
+  if (plan.tile) {
+    plan.max_gateup_tasks +=
+        (plan.max_pairs / plan.tile_max_tokens + 1) * (shape.n_ff / plan.tile_ff_rows);
+  }
+
   plan.x_row_bytes = ActRowBytes(ActFormatFor(format.gate), shape.n_embd);
   plan.xp_row_bytes =
       format.has_prefill ? ActRowBytes(ActFormatFor(format.gate_prefill), shape.n_embd) : 0;
@@ -115,16 +169,25 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
     plan.h_row_bytes =
         std::max(plan.h_row_bytes, ActRowBytes(ActFormatFor(format.down_prefill), shape.n_ff));
   }
+  if (plan.tile) {
+    plan.xp_row_bytes = std::max(plan.xp_row_bytes, TileActRowBytes(shape.n_embd, plan.tile_group));
+    plan.h_row_bytes = std::max(plan.h_row_bytes, TileActRowBytes(shape.n_ff, plan.tile_group));
+  }
   int64_t ks = std::max(kern.matmul_scratch_bytes(format.gate, shape.n_embd),
                         kern.matmul_scratch_bytes(format.down, shape.n_ff));
   if (format.has_prefill) {
     ks = std::max({ks, kern.matmul_scratch_bytes(format.gate_prefill, shape.n_embd),
                    kern.matmul_scratch_bytes(format.down_prefill, shape.n_ff)});
   }
+  if (plan.tile) ks = std::max(ks, TileScratchBytes(plan.tile_group));
   plan.kernel_scratch_bytes = Align64(ks);
-  const int64_t floats_per_token = std::max(2 * kFfRowsPerTask, options.down_rows_per_task);
-  plan.worker_scratch_bytes =
-      Align64(options.max_tokens * floats_per_token * 4) + plan.kernel_scratch_bytes;
+  int64_t floats = options.max_tokens * std::max({2 * kFfRowsPerTask, options.down_rows_per_task,
+                                                  plan.prefill_down_rows});
+  if (plan.tile) {
+    floats = std::max(floats,
+                      2 * std::min(options.max_tokens, plan.tile_max_tokens) * plan.tile_ff_rows);
+  }
+  plan.worker_scratch_bytes = Align64(floats * 4) + plan.kernel_scratch_bytes;
 
   int64_t off = 0;
   auto take = [&off](int64_t bytes) {
@@ -136,6 +199,8 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   plan.off_offset = take(4 * (shape.n_expert + 1));
   plan.off_active = take(4 * shape.n_expert);
   plan.off_path = take(shape.n_expert);
+  plan.off_order = take(4 * shape.n_expert);
+  plan.off_task = take(16 * plan.max_gateup_tasks);
   plan.off_pair_token = take(4 * plan.max_pairs);
   plan.off_pair_weight = take(4 * plan.max_pairs);
   plan.off_xq = take(options.max_tokens * plan.x_row_bytes);
@@ -210,6 +275,7 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
   const int64_t n_ids = input.n_tokens * sh.n_expert_used;
   for (int64_t i = 0; i < n_ids; ++i) {
     const int32_t e = input.ids[i];
+    if (e == kMoeNoExpert) continue;  // padding of a shorter routing row
     if (e < 0 || e >= sh.n_expert) {
       return absl::InvalidArgumentError(absl::StrCat("MoE run: expert id ", e, " of token ",
                                                      i / sh.n_expert_used, " outside [0, ",
@@ -228,13 +294,14 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
         weights.up_prefill.experts != nullptr && weights.down_prefill.experts != nullptr &&
         weights.gate_prefill.experts[e] != nullptr && weights.up_prefill.experts[e] != nullptr &&
         weights.down_prefill.experts[e] != nullptr;
-    if (prefill_weights && count[e] >= plan.options.prefill_min_tokens) {
-      path[e] = 1;
+    if (count[e] >= plan.options.prefill_min_tokens && (prefill_weights || plan.tile)) {
+      path[e] = prefill_weights ? kPathPrefillForm : kPathTile;
       ++run.n_prefill_;
       run.n_prefill_pairs_ += count[e];
     }
-    const MoeMatrixFormat g = path[e] ? plan.format.gate_prefill : plan.format.gate;
-    const MoeMatrixFormat d = path[e] ? plan.format.down_prefill : plan.format.down;
+    const bool form = path[e] == kPathPrefillForm;
+    const MoeMatrixFormat g = form ? plan.format.gate_prefill : plan.format.gate;
+    const MoeMatrixFormat d = form ? plan.format.down_prefill : plan.format.down;
     run.weight_bytes_ +=
         2 * *MoeMatrixBytes(g, sh.n_ff, sh.n_embd) + *MoeMatrixBytes(d, sh.n_embd, sh.n_ff);
   }
@@ -243,24 +310,62 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
   std::fill(count, count + sh.n_expert, 0);
   for (int64_t i = 0; i < n_ids; ++i) {
     const int32_t e = input.ids[i];
-    if (!owned(e)) continue;
+    if (e == kMoeNoExpert || !owned(e)) continue;
     const int32_t p = offset[e] + count[e]++;
     pair_token[p] = static_cast<int32_t>(i / sh.n_expert_used);
     pair_weight[p] = input.weights[i];
   }
-  run.n_token_chunks_ = (input.n_tokens + kQuantChunk - 1) / kQuantChunk;
+  // x per token (decode format) only when some expert runs the decode path.
+  run.n_token_chunks_ =
+      run.n_active_ > run.n_prefill_ ? (input.n_tokens + kQuantChunk - 1) / kQuantChunk : 0;
   run.n_pair_chunks_ =
       run.n_prefill_pairs_ > 0 ? (run.n_pairs_ + kQuantChunk - 1) / kQuantChunk : 0;
-  run.ff_blocks_ = sh.n_ff / kFfRowsPerTask;
+  run.down_rows_ = run.n_prefill_ > 0 ? plan.prefill_down_rows : plan.options.down_rows_per_task;
+
+  // Stage-1 tasks: tile experts first, the most tokens first (their tasks are
+  // the longest), each split into near-equal token blocks of at most
+  // tile_max_tokens (multiples of 32) x blocks of tile_ff_rows rows; then the
+  // other experts in id order, blocks of 256 rows.
+  int32_t* task = reinterpret_cast<int32_t*>(run.ws_ + plan.off_task);
+  int32_t* order = reinterpret_cast<int32_t*>(run.ws_ + plan.off_order);
+  int64_t n_tile = 0, n_task = 0;
+  for (int64_t i = 0; i < run.n_active_; ++i) {
+    if (path[active[i]] == kPathTile) order[n_tile++] = active[i];
+  }
+  std::sort(order, order + n_tile, [count](int32_t a, int32_t b) {
+    return count[a] != count[b] ? count[a] > count[b] : a < b;
+  });
+  auto add_task = [&](int64_t e, int64_t t0, int64_t nt, int64_t f0) {
+    int32_t* t = task + 4 * n_task++;
+    t[0] = static_cast<int32_t>(e);
+    t[1] = static_cast<int32_t>(t0);
+    t[2] = static_cast<int32_t>(nt);
+    t[3] = static_cast<int32_t>(f0);
+  };
+  for (int64_t i = 0; i < n_tile; ++i) {
+    const int64_t e = order[i], m = count[e];
+    const int64_t n_blk = (m + plan.tile_max_tokens - 1) / plan.tile_max_tokens;
+    const int64_t blk = std::min(plan.tile_max_tokens, ((m + n_blk - 1) / n_blk + 31) / 32 * 32);
+    for (int64_t t0 = 0; t0 < m; t0 += blk) {
+      for (int64_t f0 = 0; f0 < sh.n_ff; f0 += plan.tile_ff_rows) {
+        add_task(e, t0, std::min(blk, m - t0), f0);
+      }
+    }
+  }
+  for (int64_t i = 0; i < run.n_active_; ++i) {
+    const int64_t e = active[i];
+    if (path[e] == kPathTile) continue;
+    for (int64_t f0 = 0; f0 < sh.n_ff; f0 += kFfRowsPerTask) add_task(e, 0, count[e], f0);
+  }
+  run.n_gateup_tasks_ = n_task;
   return run;
 }
 
 int64_t MoeRun::NumTasks(int stage) const {
   switch (stage) {
     case 0: return n_token_chunks_ + n_pair_chunks_;
-    case 1: return n_active_ * ff_blocks_;
-    case 2:
-      return input_.n_tokens > 0 ? plan_->shape.n_embd / plan_->options.down_rows_per_task : 0;
+    case 1: return n_gateup_tasks_;
+    case 2: return input_.n_tokens > 0 ? plan_->shape.n_embd / down_rows_ : 0;
     default: return 0;
   }
 }
@@ -295,7 +400,6 @@ void MoeRun::QuantizeTask(int64_t task) const {
     return;
   }
   // Prefill experts read x per (token, expert) pair, contiguous per expert.
-  const ActFormat fmt = ActFormatFor(p.format.gate_prefill);
   const int32_t* pair_token = reinterpret_cast<const int32_t*>(ws_ + p.off_pair_token);
   const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
   const uint8_t* path = ws_ + p.off_path;
@@ -306,20 +410,29 @@ void MoeRun::QuantizeTask(int64_t task) const {
               offset - 1;
   for (int64_t q = q0; q < q1; ++q) {
     while (offset[e + 1] <= q) ++e;
-    if (!path[e]) continue;
-    p.kernels->quantize(fmt, input_.x + pair_token[q] * n_embd, ws_ + p.off_xp + q * p.xp_row_bytes,
-                        n_embd);
+    const float* x = input_.x + pair_token[q] * n_embd;
+    uint8_t* row = ws_ + p.off_xp + q * p.xp_row_bytes;
+    if (path[e] == kPathPrefillForm) {
+      p.kernels->quantize(ActFormatFor(p.format.gate_prefill), x, row, n_embd);
+    } else if (path[e] == kPathTile) {
+      p.kernels->quantize_tile(x, reinterpret_cast<int8_t*>(row),
+                               reinterpret_cast<float*>(row + n_embd), n_embd, p.tile_group);
+    }
   }
 }
 
 void MoeRun::GateUpTask(int64_t task, int worker) const {
   const MoePlan& p = *plan_;
-  const int32_t* active = reinterpret_cast<const int32_t*>(ws_ + p.off_active);
+  const int32_t* tk = reinterpret_cast<const int32_t*>(ws_ + p.off_task) + 4 * task;
+  const int64_t e = tk[0];
+  const uint8_t path = ws_[p.off_path + e];
+  if (path == kPathTile) {
+    TileGateUp(e, tk[1], tk[2], tk[3], worker);
+    return;
+  }
   const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
   const int32_t* pair_token = reinterpret_cast<const int32_t*>(ws_ + p.off_pair_token);
-  const int64_t e = active[task / ff_blocks_];
-  const int64_t fb = task % ff_blocks_;
-  const bool prefill = ws_[p.off_path + e] != 0;
+  const bool prefill = path == kPathPrefillForm;
   const int64_t n = offset[e + 1] - offset[e];
   uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
   float* g = reinterpret_cast<float*>(scratch);
@@ -328,7 +441,7 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   MatmulArgs a;
   a.n_rows = p.shape.n_ff;
   a.k = p.shape.n_embd;
-  a.row_begin = fb * kFfRowsPerTask;
+  a.row_begin = tk[3];
   a.row_end = a.row_begin + kFfRowsPerTask;
   a.n_act = n;
   a.out_stride = kFfRowsPerTask;
@@ -360,9 +473,49 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   }
 }
 
+// Tile path, stage 1: gate and up rows [f0, f0 + tile_ff_rows) for the pairs
+// [t0, t0 + nt) of expert e, SiLU, and h of those rows in the tile format.
+void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const {
+  const MoePlan& p = *plan_;
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
+  const int64_t fb = p.tile_ff_rows, n_ff = p.shape.n_ff;
+  uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
+  float* g = reinterpret_cast<float*>(scratch);  // F32 [nt][fb]
+  float* u = g + nt * fb;                        // F32 [nt][fb]
+  const int64_t q0 = offset[e] + t0;
+
+  MatmulArgs a;
+  a.n_rows = n_ff;
+  a.k = p.shape.n_embd;
+  a.row_begin = f0;
+  a.row_end = f0 + fb;
+  a.act = ws_ + p.off_xp + q0 * p.xp_row_bytes;
+  a.act_stride = p.xp_row_bytes;
+  a.act_padded = true;
+  a.act_group = p.tile_group;
+  a.n_act = nt;
+  a.out_stride = fb;
+  a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
+  a.scratch_bytes = p.kernel_scratch_bytes;
+  for (int which = 0; which < 2; ++which) {
+    const MoeMatrix& m = Matrix(which, false);
+    a.format = m.format;
+    a.w = static_cast<const uint8_t*>(m.experts[e]);
+    a.out = which == 0 ? g : u;
+    p.kernels->tile_matmul(a);
+  }
+  p.kernels->silu_mul(g, u, g, nt * fb);
+  for (int64_t i = 0; i < nt; ++i) {
+    uint8_t* row = ws_ + p.off_hq + (q0 + i) * p.h_row_bytes;
+    p.kernels->quantize_tile(g + i * fb, reinterpret_cast<int8_t*>(row) + f0,
+                             reinterpret_cast<float*>(row + n_ff) + f0 / p.tile_group, fb,
+                             p.tile_group);
+  }
+}
+
 void MoeRun::DownTask(int64_t task, int worker) const {
   const MoePlan& p = *plan_;
-  const int64_t rows = p.options.down_rows_per_task;
+  const int64_t rows = down_rows_;
   const int64_t r0 = task * rows;
   const int64_t n_embd = p.shape.n_embd;
   for (int64_t t = 0; t < input_.n_tokens; ++t) {
@@ -374,6 +527,7 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   const float* pair_weight = reinterpret_cast<const float*>(ws_ + p.off_pair_weight);
   uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
   float* y = reinterpret_cast<float*>(scratch);
+  const uint8_t* path = ws_ + p.off_path;
 
   MatmulArgs a;
   a.n_rows = n_embd;
@@ -386,23 +540,39 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   a.out_stride = rows;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
-  for (int64_t i = 0; i < n_active_; ++i) {
-    const int64_t e = active[i];
-    const bool prefill = ws_[p.off_path + e] != 0;
-    const MoeMatrix& m = Matrix(2, prefill);
-    if (i + 1 < n_active_)
-      PrefetchRows(Matrix(2, ws_[p.off_path + active[i + 1]] != 0), active[i + 1], r0, rows);
-    a.format = m.format;
-    a.w = static_cast<const uint8_t*>(m.experts[e]);
-    a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
-    a.n_act = offset[e + 1] - offset[e];
-    p.kernels->matmul(a);
-    for (int64_t q = 0; q < a.n_act; ++q) {
-      const float w = pair_weight[offset[e] + q];
-      float* o = input_.out + pair_token[offset[e] + q] * n_embd + r0;
+  // out rows of pairs [q0, q0 + n) += weight * y.
+  auto accumulate = [&](int64_t q0, int64_t n) {
+    for (int64_t q = 0; q < n; ++q) {
+      const float w = pair_weight[q0 + q];
+      float* o = input_.out + pair_token[q0 + q] * n_embd + r0;
       const float* yq = y + q * rows;
       for (int64_t r = 0; r < rows; ++r) o[r] += w * yq[r];
     }
+  };
+  for (int64_t i = 0; i < n_active_; ++i) {
+    const int64_t e = active[i];
+    const bool form = path[e] == kPathPrefillForm;
+    const MoeMatrix& m = Matrix(2, form);
+    if (i + 1 < n_active_) {
+      PrefetchRows(Matrix(2, path[active[i + 1]] == kPathPrefillForm), active[i + 1], r0, rows);
+    }
+    a.format = m.format;
+    a.w = static_cast<const uint8_t*>(m.experts[e]);
+    const int64_t n = offset[e + 1] - offset[e];
+    if (path[e] == kPathTile) {
+      a.act_group = p.tile_group;
+      for (int64_t t0 = 0; t0 < n; t0 += p.tile_max_tokens) {
+        a.act = ws_ + p.off_hq + (offset[e] + t0) * p.h_row_bytes;
+        a.n_act = std::min(p.tile_max_tokens, n - t0);
+        p.kernels->tile_matmul(a);
+        accumulate(offset[e] + t0, a.n_act);
+      }
+      continue;
+    }
+    a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
+    a.n_act = n;
+    p.kernels->matmul(a);
+    accumulate(offset[e], n);
   }
 }
 

@@ -85,6 +85,29 @@ struct MoePlanOptions {
   int max_workers = 1;              // worker indices are in [0, max_workers)
   int64_t prefill_min_tokens = 32;  // decode/prefill switch point (tokens per expert)
   int64_t down_rows_per_task = 64;  // rows of n_embd per stage-2 task (multiple of 16)
+  // The tile prefill path: experts with at least prefill_min_tokens tokens run
+  // int8 tile matmuls (AMX) over the decode-form panel16 weights themselves,
+  // converted to int8 per (row, tile_group) on the fly: no second copy of the
+  // weights. Ignored (decode path) where the variant has no tile kernel (only
+  // amx has one; the scalar variant has its reference) or the formats do not
+  // fit (panel16 Q4_K/Q5_K/Q6_K/Q8_0). Experts that have a separate prefill
+  // form (MoeLayerFormat::has_prefill) use that form instead.
+  bool tile_prefill = false;
+  // k per int8 scale group of the tile path (activations and converted
+  // weights): 256, 512 or 1024 dividing n_embd and n_ff; 0: 512 where both
+  // allow it, else 256.
+  int64_t tile_group = 0;
+  // Rows of n_ff per stage-1 tile task (a multiple of tile_group dividing
+  // n_ff); 0: 512 where possible, else tile_group.
+  int64_t tile_ff_rows = 0;
+  // Tokens per tile call (multiple of 32): an expert with more is split into
+  // near-equal token blocks (its weights are converted once per block).
+  int64_t tile_max_tokens = 128;
+  // Rows of n_embd per stage-2 task in runs where some expert takes a prefill
+  // path (multiple of 16 dividing n_embd; fewer, larger tasks read the
+  // activations h fewer times); 0: the largest multiple of 32 up to 512 that
+  // still gives every worker a task.
+  int64_t prefill_down_rows_per_task = 0;
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
@@ -100,14 +123,20 @@ struct MoePlan {
   CpuVariant variant = CpuVariant::kScalar;
   const MoeKernels* kernels = nullptr;
   int64_t max_pairs = 0;  // max_tokens * n_expert_used
+  // The tile path (options.tile_prefill where supported) and its geometry.
+  bool tile = false;
+  int64_t tile_group = 0, tile_ff_rows = 0, tile_max_tokens = 0;
+  int64_t prefill_down_rows = 0;  // stage-2 rows per task when an expert runs a prefill path
+  int64_t max_gateup_tasks = 0;   // bound on stage-1 tasks of one run
   // Row bytes of the quantized activations.
   int64_t x_row_bytes = 0;   // decode format of x, per token
-  int64_t xp_row_bytes = 0;  // prefill format of x (Q8_K), per (token, expert) pair
-  int64_t h_row_bytes = 0;   // h, per pair (max of the two down formats)
+  int64_t xp_row_bytes = 0;  // prefill formats of x (Q8_K or tile), per (token, expert) pair
+  int64_t h_row_bytes = 0;   // h, per pair (max of the down formats)
   int64_t worker_scratch_bytes = 0;
   int64_t kernel_scratch_bytes = 0;
   // Workspace offsets (bytes, 64-aligned).
-  int64_t off_count = 0, off_offset = 0, off_active = 0, off_path = 0;
+  int64_t off_count = 0, off_offset = 0, off_active = 0, off_path = 0, off_order = 0;
+  int64_t off_task = 0;  // I32 [max_gateup_tasks][4]: expert, first pair, pairs, first n_ff row
   int64_t off_pair_token = 0, off_pair_weight = 0;
   int64_t off_xq = 0, off_xp = 0, off_hq = 0, off_worker = 0;
   int64_t workspace_bytes = 0;
@@ -140,10 +169,14 @@ struct MoeLayerWeights {
   MoeMatrix gate_prefill, up_prefill, down_prefill;
 };
 
+// An id entry that names no expert: skipped (it adds nothing). Routing
+// policies that keep fewer experts for some tokens pad their rows with it.
+inline constexpr int32_t kMoeNoExpert = -1;
+
 struct MoeInput {
   int64_t n_tokens = 0;
-  const float* x = nullptr;        // F32 [n_tokens, n_embd]
-  const int32_t* ids = nullptr;    // I32 [n_tokens, n_expert_used], in [0, n_expert)
+  const float* x = nullptr;      // F32 [n_tokens, n_embd]
+  const int32_t* ids = nullptr;  // I32 [n_tokens, n_expert_used], in [0, n_expert) or kMoeNoExpert
   const float* weights = nullptr;  // F32 [n_tokens, n_expert_used]
   float* out = nullptr;            // F32 [n_tokens, n_embd], fully written
 };
@@ -180,6 +213,7 @@ class MoeRun {
   MoeRun() = default;
   void QuantizeTask(int64_t task) const;
   void GateUpTask(int64_t task, int worker) const;
+  void TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const;
   void DownTask(int64_t task, int worker) const;
   const MoeMatrix& Matrix(int which, bool prefill) const;
   void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
@@ -190,7 +224,7 @@ class MoeRun {
   uint8_t* ws_ = nullptr;
   int64_t n_active_ = 0, n_prefill_ = 0, n_pairs_ = 0, n_prefill_pairs_ = 0;
   int64_t weight_bytes_ = 0;
-  int64_t n_token_chunks_ = 0, n_pair_chunks_ = 0, ff_blocks_ = 0;
+  int64_t n_token_chunks_ = 0, n_pair_chunks_ = 0, n_gateup_tasks_ = 0, down_rows_ = 0;
 };
 
 // Runs every task t of `stage` with t % nth == ith (ggml's ith/nth split).

@@ -473,12 +473,50 @@ TEST(MoePlanTest, RejectsBadShapesAndInputs) {
       MoeRun::Begin(*plan, W->w, {0, nullptr, nullptr, nullptr, nullptr}, ws.p.get(), ws.size);
   ASSERT_TRUE(empty.ok()) << empty.status();
   for (int s = 0; s < MoeRun::kNumStages; ++s) EXPECT_EQ(empty->NumTasks(s), 0);
-  r.ids[0] = -1;
+  r.ids[0] = -2;  // -1 (kMoeNoExpert) is padding, any other negative id an error
   EXPECT_FALSE(MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size).ok());
   r.ids[0] = 0;
   MoeLayerWeights wrong = W->w;
   wrong.down.format = {TensorType::kQ4_K, MoeWeightLayout::kGguf};
   EXPECT_FALSE(MoeRun::Begin(*plan, wrong, in, ws.p.get(), ws.size).ok());
+}
+
+// Rows padded with kMoeNoExpert (routing policies that keep fewer experts for
+// some tokens): the padding adds nothing; the result is the float64 reference
+// of the routing with those entries' weights set to 0.
+TEST(MoePlanTest, NoExpertEntriesAreSkipped) {
+  const MoeShape shape{256, 256, 16, 4};
+  const TestLayer L = MakeTestLayer(shape, TensorType::kQ8_0, TensorType::kQ8_0, 11);
+  const std::vector<bool> owned(16, true);
+  auto W = BuildWeights(L, MoeWeightLayout::kGguf, owned, false);
+  MoePlanOptions o;
+  o.max_tokens = 7;
+  o.force_variant = true;
+  o.variant = CpuVariant::kScalar;
+  auto plan = MakeMoePlan(shape, W->f, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  Routing r = RandomRouting(shape, 7, 12);
+  std::vector<float> w_ref = r.w;
+  int padded = 0;
+  for (int64_t t = 0; t < 7; ++t) {
+    for (int64_t k = 4 - (t % 4); k < 4; ++k) {  // token t keeps 4 - t % 4 entries
+      r.ids[t * 4 + k] = kMoeNoExpert;
+      w_ref[t * 4 + k] = 0.0f;
+      ++padded;
+    }
+  }
+  ASSERT_GT(padded, 0);
+  std::vector<int32_t> ids_ref = r.ids;
+  for (int32_t& e : ids_ref) e = e == kMoeNoExpert ? 0 : e;  // any valid id: weight 0
+  RunStats stats;
+  const std::vector<float> y = RunLayer(*plan, *W, r, 7, 0, &stats);
+  const std::vector<double> ref =
+      ReferenceMoe(L, owned, 7, r.x.data(), ids_ref.data(), w_ref.data());
+  EXPECT_LT(Nmse(y.data(), ref), kTolerance);
+  // A token whose every entry is padding gets zeros.
+  for (int64_t k = 0; k < 4; ++k) r.ids[k] = kMoeNoExpert;
+  const std::vector<float> y0 = RunLayer(*plan, *W, r, 7, 0);
+  for (int64_t i = 0; i < 256; ++i) ASSERT_EQ(y0[i], 0.0f) << i;
 }
 
 TEST(CpuVariantTest, NamesParseAndForcingChecksTheHost) {
