@@ -29,10 +29,14 @@
 // or, ggml-style, every worker ith of nth calls RunMoeStage(run, s, ith, nth)
 // between barriers. The kernels never allocate and never start threads.
 //
-// Work split. Stage 0 quantizes activations (chunks of tokens). Stage 1 runs
-// gate and up for one (expert, block of 256 rows of n_ff) per task, applies
-// SiLU and quantizes h. Stage 2 runs down for one block of n_embd rows per task
-// over every active expert in increasing id order and accumulates into out.
+// Work split. Stage 0 quantizes activations (chunks of tokens, or of
+// (token, expert) pairs for experts on a prefill path). Stage 1 runs gate and
+// up for one (expert, block of 256 rows of n_ff) per task (tile path: one
+// (expert, token block of <= tile_max_tokens, block of tile_ff_rows rows),
+// the experts with the most tokens first), applies SiLU and quantizes h.
+// Stage 2 runs down for one block of n_embd rows per task over every active
+// expert in increasing id order and accumulates into out (larger blocks when
+// some expert is on a prefill path: each task reads every expert's h).
 // Each task reads a disjoint range of weights, and every output element is
 // computed by one task in a fixed order, so the result of a given variant is
 // bitwise independent of the worker count and of the task-to-worker mapping.
@@ -41,12 +45,18 @@
 // in fp32; BF16 weights are multiplied in fp32 with bf16-rounded activations
 // (shift + FMA; no vdpbf16ps). Every variant agrees with the scalar one up to
 // fp32 summation order (tests/kernels/cpu/moe/moe_test.cc: NMSE < 1e-6), and
-// with a float64 reference within the int8 activation rounding (NMSE < 1e-3).
+// with a float64 reference within the int8 activation rounding (NMSE < 1e-3;
+// < 1.5e-3 on the prefill paths, which also round the weights to int8).
 //
-// Decode and prefill. An expert with at least `prefill_min_tokens` tokens uses
-// the prefill form of its weights when the layer has one (e.g. amx_int8 tiles
-// on AMX machines); otherwise the decode form (kGguf or kPanel16: VNNI dot
-// products with register-blocked tokens).
+// Decode and prefill. An expert with at least `prefill_min_tokens` tokens
+// takes a prefill path when the plan has one: a separate prefill form of its
+// weights (MoeLayerFormat::has_prefill, e.g. amx_int8), else the tile path
+// (MoePlanOptions::tile_prefill: AMX int8 tiles over the panel16 weights,
+// converted to int8 per (row, tile_group) on the fly in L1; one copy of the
+// weights serves both paths; contract in moe_internal.h). Otherwise the decode
+// form (kGguf or kPanel16: VNNI dot products with register-blocked tokens).
+// The switch point should be where the two paths' measured times cross
+// (CpuMoeBackend calibrates it at load; moe_benchmark reports it).
 //
 // Thread-safety: MoePlan is immutable plain data. A MoeRun's RunTask may be
 // called concurrently for distinct tasks of the same stage with distinct

@@ -80,6 +80,14 @@ static inline ActFormat ActFormatFor(MoeMatrixFormat f) {
   }
 }
 
+// The tile activation format (the int8 tile path, see TileMatmul below): k
+// int8 values quantized per group of `group` (a multiple of 256 dividing k)
+// with d = max|x| / 127 of the group and q = round(x / d), clamped to +-127;
+// a row is q[k] at byte 0, then float d[k / group] at byte k, padded to 64.
+static inline int64_t TileActRowBytes(int64_t k, int64_t group) {
+  return (k + 4 * (k / group) + 63) / 64 * 64;
+}
+
 static inline int64_t ActRowBytes(ActFormat fmt, int64_t k) {
   switch (fmt) {
     case ActFormat::kQ8K: return k / 256 * static_cast<int64_t>(sizeof(ActQ8K));
@@ -374,7 +382,34 @@ struct MatmulArgs {
   int64_t out_stride = 0;
   uint8_t* scratch = nullptr;  // per-worker, MoeKernels::matmul_scratch_bytes
   int64_t scratch_bytes = 0;
+  // Tile path only: activation rows in the tile format with this group.
+  int64_t act_group = 0;
 };
+
+// The int8 tile path (the prefill path of the amx variant). Weights stay in
+// their panel16 form (Q4_K, Q5_K, Q6_K, Q8_0): per (row, group of
+// `act_group` k) they are converted on the fly to int8 v with one float scale
+// s = amax / 127, amax = the largest |value| the row's blocks in the group can
+// take (from their scales and mins), so that s * v approximates the GGUF value
+// within (0.5 + (0.5 * qmax + 0.5) / 128) * s (Q4_K: 0.5625 s, Q5_K: 0.625 s,
+// Q6_K: 0.625 s, Q8_0: 0.75 s; TileConvertPanelScalar below is the specification).
+// Per group the int8 x int8 products are summed exactly in int32 (I), then
+//   out[t][r] = fma((float)I, s_r * d_t, out[t][r])
+// group after group, starting from 0: every implementation of this contract
+// (scalar, AMX, emulated AMX) gives bitwise equal results.
+// Requirements: act_padded (rows up to n_act rounded up to 32 are readable),
+// row_begin / row_end multiples of 16, k % act_group == 0.
+
+// Whether the tile path takes `format`, and the scalar converter (the
+// specification the AVX-512 converters equal bitwise): TileConvertPanelScalar converts 16 rows
+// (panel p of the matrix) x `group` k starting at k0 into int8 v[k - k0][r] stored as the B-tile
+// rows of the group: row kk (k = k0 + 4kk .. 4kk + 3) is 64 bytes, byte 4r + i = v of row r at k0 +
+// 4kk + i; s[r] gets the row scale.
+bool TileFormatSupported(MoeMatrixFormat format);
+void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,
+                            int64_t k0, int64_t group, int8_t* tiles, float* s);
+// Bytes of per-worker scratch the tile kernels of any variant need.
+int64_t TileScratchBytes(int64_t group);
 
 struct MoeKernels {
   CpuVariant variant;
@@ -387,6 +422,11 @@ struct MoeKernels {
   int64_t (*matmul_scratch_bytes)(MoeMatrixFormat format, int64_t k);
   // h[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
   void (*silu_mul)(const float* g, const float* u, float* h, int64_t n);
+  // Tile path (null where the variant has none). quantize_tile writes n
+  // values of x in the tile format: q[n] to `q`, float d[n / group] to `d`.
+  void (*quantize_tile)(const float* x, int8_t* q, float* d, int64_t n, int64_t group);
+  // The tile matmul (contract above); args.scratch holds TileScratchBytes.
+  void (*tile_matmul)(const MatmulArgs& args);
 };
 
 // The table of each variant (moe_kernels_<variant>.cc).
@@ -402,6 +442,8 @@ namespace scalar {
 void Quantize(ActFormat fmt, const float* x, uint8_t* dst, int64_t k);
 void Matmul(const MatmulArgs& args);
 void SiluMul(const float* g, const float* u, float* h, int64_t n);
+void QuantizeTile(const float* x, int8_t* q, float* d, int64_t n, int64_t group);
+void TileMatmul(const MatmulArgs& args);
 }  // namespace scalar
 
 }  // namespace ktx::kernels::moe

@@ -1,15 +1,25 @@
-// The AMX variant: prefill matmuls over amx_int8 weights with AMX int8 tiles;
-// everything else (decode on panel16, quantizers, SiLU) is the AVX-512 code.
+// The AMX variant. Two tile kernels; everything else (decode on panel16,
+// quantizers, SiLU) is the AVX-512 code.
 //
-// Blocking: 32 output rows (two 16-row panels) x 32 activation rows per step:
-// four int32 C tiles (tmm0-3), two A tiles of activations (tmm4-5, 16 rows x 64
-// int8 of Q8K blocks, stride = activation row bytes) and two B tiles of weights
-// (tmm6-7, 16 k-groups x 64 bytes, stride 64). Per 256-k block: 4 x 4 tdpbssd,
-// then the C tiles are scaled by (weight row scale x activation block scale)
-// and accumulated in fp32 into the output rows. k-blocks run outside the
-// token blocks, so the pair's B tiles of one k-block (8 KiB) stay in L1 while
-// the token blocks pass and only activation tiles stream from L2.
-// Not yet measured on AMX hardware (see docs/performance.md).
+// TileMatmulT: the prefill path over the panel16 weights themselves (the one
+// copy the decode kernels read too), contract in moe_internal.h. Work items
+// are (group gi of k, pair of 16-row panels), gi outer, so that the
+// activation slice of a group (n_act x group bytes) stays in L2 while the
+// panel pairs pass. Per item the weights of the two panels are converted to
+// int8 B tiles (AVX-512, 16-bit fixed point, TileConvert* below) into one of
+// two L1 buffers (2 x 8 KiB for a group of 512), while the tiles of the
+// previous item run: the conversion of item i + 1 is spread over the k-steps
+// of item i (software pipelining, so the vector ports and the tile unit work
+// at the same time), and the weights of item i + 2 are prefetched into L2.
+// Per 32-token block: four int32 C tiles (tmm0-3: 32 tokens x 32 rows), A
+// tiles of activations (tmm4-5), B tiles of weights (tmm6-7), G / 64 k-steps
+// of 4 tdpbssd each, then one store of the C tiles and the fp32 fix-up per
+// group (int32 -> float, times weight row scale x activation group scale,
+// accumulated into `out`): one fix-up per 8 k-steps (group 512) instead of
+// one per 4.
+//
+// MatmulTiles: the older amx_int8 form (int8 weights stored with a scale per
+// (row, 256); a second copy of the weights), kept for comparison.
 //
 // Built twice: with the AMX flags for the real variant, and (tests only, with
 // -DKTX_MOE_AMX_EMULATE and no AMX flags) with scalar tile emulation, so that
@@ -185,10 +195,398 @@ void MatmulTiles(const MatmulArgs& a) {
   Release();
 }
 
+// ---- the tile path: panel16 -> int8 B tiles on the fly ----
+
+inline __m512i Load512(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline __m256i Load256(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline __m128i Load128(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// Each dword lane's low 16 bits copied into both of its words.
+inline __m512i DupWords(__m512i v) {
+  const __m512i idx = _mm512_set4_epi32(0x0d0c0d0c, 0x09080908, 0x05040504, 0x01000100);
+  return _mm512_shuffle_epi8(v, idx);
+}
+
+// 64 bytes of unsigned quants x (byte 4r + i: row r) -> 64 int8
+// (a * x - b) >> 7 with a, b the 16-bit factors of row r (DupWords form).
+inline __m512i ConvertBytes7(__m512i x, __m512i a, __m512i b) {
+  const __m512i lo_mask = _mm512_set1_epi16(0x00FF);
+  const __m512i e = _mm512_and_si512(x, lo_mask);
+  const __m512i o = _mm512_srli_epi16(x, 8);
+  const __m512i te = _mm512_sub_epi16(_mm512_mullo_epi16(e, a), b);
+  const __m512i to = _mm512_sub_epi16(_mm512_mullo_epi16(o, a), b);
+  // even bytes: bits 7..14 of te; odd bytes: bits 7..14 of to.
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi16(te, 7), _mm512_slli_epi16(to, 1), lo_mask,
+                                   0xE4);
+}
+
+// 1 / 0 mask of amax > 0: 127 / amax, else 0.
+inline __m512 InvScale(__m512 amax) {
+  const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_maskz_div_ps(pos, _mm512_set1_ps(127.0f), amax);
+}
+
+inline __m512 U8ToFloat(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+
+// Per-format converters. Setup(pb0, nbg, fac, s) reads the nbg panel blocks
+// of one panel in the group (pb0 = its first one), writes the row scales s[16]
+// and the factor vectors; Unit(pb0, fac, u, dst) converts unit u (128
+// weights: 16 rows x 8 k) into two B-tile rows (128 bytes) at dst. Units are in
+// k order: unit u covers k = 8u .. 8u + 7 of the group. Bitwise equal to
+// TileConvertPanelScalar.
+template <bool kQ5>
+struct ConvQ4K {
+  static constexpr int64_t kBlockBytes = kQ5 ? panel::kQ5KBytes : panel::kQ4KBytes;
+  static constexpr int64_t kUnitsPerBlock = 32;
+  static constexpr float kQMax = kQ5 ? 31.0f : 15.0f;
+
+  static __m512 Mins(const uint8_t* pb, int j) {
+    const __m512i w = _mm512_cvtepu16_epi32(Load256(pb + panel::kQ4KM + 32 * (j / 2)));
+    const __m512i m =
+        (j % 2) ? _mm512_srli_epi32(w, 8) : _mm512_and_si512(w, _mm512_set1_epi32(255));
+    return _mm512_cvtepi32_ps(m);
+  }
+
+  static void Setup(const uint8_t* pb0, int64_t nbg, __m512i* fac, float* s) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nbg; ++b) {
+      const uint8_t* pb = pb0 + b * kBlockBytes;
+      const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ4KD));
+      const __m512 mv = _mm512_cvtph_ps(Load256(pb + panel::kQ4KDmin));
+      for (int j = 0; j < 8; ++j) {
+        const __m512 scq =
+            _mm512_mul_ps(U8ToFloat(Load128(pb + panel::kQ4KSc + 16 * j)), _mm512_set1_ps(kQMax));
+        const __m512 mm = _mm512_mul_ps(mv, Mins(pb, j));
+        const __m512 hi = _mm512_fmsub_ps(dv, scq, mm);
+        amax = _mm512_max_ps(amax, _mm512_max_ps(_mm512_abs_ps(hi), _mm512_abs_ps(mm)));
+      }
+    }
+    _mm512_storeu_ps(s, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
+    const __m512 inv = InvScale(amax);
+    const __m512 c128 = _mm512_set1_ps(128.0f);
+    for (int64_t b = 0; b < nbg; ++b) {
+      const uint8_t* pb = pb0 + b * kBlockBytes;
+      const __m512 dq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ4KD)), inv);
+      const __m512 mq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ4KDmin)), inv);
+      for (int j = 0; j < 8; ++j) {
+        const __m512 sc = _mm512_mul_ps(U8ToFloat(Load128(pb + panel::kQ4KSc + 16 * j)), c128);
+        const __m512 mm = _mm512_mul_ps(Mins(pb, j), c128);
+        fac[2 * (8 * b + j)] = DupWords(_mm512_cvtps_epi32(_mm512_mul_ps(dq, sc)));
+        fac[2 * (8 * b + j) + 1] = DupWords(
+            _mm512_sub_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(mq, mm)), _mm512_set1_epi32(64)));
+      }
+    }
+  }
+
+  static void Unit(const uint8_t* pb0, const __m512i* fac, int64_t u, uint8_t* dst) {
+    const int64_t b = u / kUnitsPerBlock;
+    const int g = static_cast<int>(u % kUnitsPerBlock), j = g / 4;
+    const uint8_t* pb = pb0 + b * kBlockBytes;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i z = Load512(pb + panel::kQ4KQs + 64 * g);
+    __m512i lo = _mm512_and_si512(z, m4);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+    if constexpr (kQ5) {  // bit t of h -> bit 4; t = 2 (g % 4) (lo), t + 1 (hi)
+      const __m512i h = Load512(pb + panel::kQ5KQh + 64 * j);
+      const __m512i m10 = _mm512_set1_epi8(0x10);
+      const int t = 2 * (g % 4);
+      const __m512i hl = t <= 4 ? _mm512_slli_epi16(h, 4 - t) : _mm512_srli_epi16(h, t - 4);
+      const __m512i hh = t + 1 <= 4 ? _mm512_slli_epi16(h, 3 - t) : _mm512_srli_epi16(h, t - 3);
+      lo = _mm512_ternarylogic_epi32(lo, hl, m10, 0xF8);
+      hi = _mm512_ternarylogic_epi32(hi, hh, m10, 0xF8);
+    }
+    const __m512i a = fac[2 * (8 * b + j)], bb = fac[2 * (8 * b + j) + 1];
+    _mm512_storeu_si512(dst, ConvertBytes7(lo, a, bb));
+    _mm512_storeu_si512(dst + 64, ConvertBytes7(hi, a, bb));
+  }
+};
+
+struct ConvQ6K {
+  static constexpr int64_t kBlockBytes = panel::kQ6KBytes;
+  static constexpr int64_t kUnitsPerBlock = 32;
+
+  static __m512 Scales(const uint8_t* pb, int j) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load128(pb + panel::kQ6KSc + 16 * j)));
+  }
+
+  static void Setup(const uint8_t* pb0, int64_t nbg, __m512i* fac, float* s) {
+    __m512 amax = _mm512_setzero_ps();
+    const __m512 c32 = _mm512_set1_ps(32.0f);
+    for (int64_t b = 0; b < nbg; ++b) {
+      const uint8_t* pb = pb0 + b * kBlockBytes;
+      const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ6KD));
+      for (int j = 0; j < 16; ++j) {
+        amax = _mm512_max_ps(amax,
+                             _mm512_mul_ps(_mm512_abs_ps(_mm512_mul_ps(dv, Scales(pb, j))), c32));
+      }
+    }
+    _mm512_storeu_ps(s, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
+    const __m512 inv = InvScale(amax);
+    const __m512 c128 = _mm512_set1_ps(128.0f);
+    for (int64_t b = 0; b < nbg; ++b) {
+      const uint8_t* pb = pb0 + b * kBlockBytes;
+      const __m512 dq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ6KD)), inv);
+      for (int j = 0; j < 16; ++j) {
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(dq, _mm512_mul_ps(Scales(pb, j), c128)));
+        fac[2 * (16 * b + j)] = DupWords(a);
+        fac[2 * (16 * b + j) + 1] =
+            DupWords(_mm512_sub_epi32(_mm512_slli_epi32(a, 5), _mm512_set1_epi32(64)));
+      }
+    }
+  }
+
+  static void Unit(const uint8_t* pb0, const __m512i* fac, int64_t u, uint8_t* dst) {
+    const int64_t b = u / kUnitsPerBlock;
+    const int g = static_cast<int>(u % kUnitsPerBlock), j = g / 2;
+    const uint8_t* pb = pb0 + b * kBlockBytes;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    const __m512i z = Load512(pb + panel::kQ6KQl + 64 * g);
+    const __m512i h = Load512(pb + panel::kQ6KQh + 64 * j);
+    // bits 2t..2t+1 of h -> bits 4..5; t = 2 (g % 2) (lo), t + 1 (hi).
+    const __m512i hl = (g % 2) ? h : _mm512_slli_epi16(h, 4);
+    const __m512i hh = (g % 2) ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+    const __m512i lo = _mm512_ternarylogic_epi32(_mm512_and_si512(z, m4), hl, m30, 0xF8);
+    const __m512i hi =
+        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), hh, m30, 0xF8);
+    const __m512i a = fac[2 * (16 * b + j)], bb = fac[2 * (16 * b + j) + 1];
+    _mm512_storeu_si512(dst, ConvertBytes7(lo, a, bb));
+    _mm512_storeu_si512(dst + 64, ConvertBytes7(hi, a, bb));
+  }
+};
+
+struct ConvQ80 {
+  static constexpr int64_t kBlockBytes = panel::kQ80Bytes;
+  static constexpr int64_t kUnitsPerBlock = 4;
+
+  static void Setup(const uint8_t* pb0, int64_t nbg, __m512i* fac, float* s) {
+    __m512 amax = _mm512_setzero_ps();
+    const __m512 c128 = _mm512_set1_ps(128.0f);
+    for (int64_t b = 0; b < nbg; ++b) {
+      const __m512 dv = _mm512_cvtph_ps(Load256(pb0 + b * kBlockBytes + panel::kQ80D));
+      amax = _mm512_max_ps(amax, _mm512_mul_ps(_mm512_abs_ps(dv), c128));
+    }
+    _mm512_storeu_ps(s, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
+    const __m512 inv = InvScale(amax);
+    for (int64_t b = 0; b < nbg; ++b) {
+      const __m512 dv = _mm512_cvtph_ps(Load256(pb0 + b * kBlockBytes + panel::kQ80D));
+      fac[b] = DupWords(
+          _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(dv, inv), _mm512_set1_ps(256.0f))));
+    }
+  }
+
+  // (a * q + 128) >> 8 for the signed quants of one 64-byte row (stored q + 128).
+  static __m512i Row(__m512i z, __m512i a) {
+    const __m512i x = _mm512_xor_si512(z, _mm512_set1_epi8(static_cast<char>(0x80)));
+    const __m512i e = _mm512_srai_epi16(_mm512_slli_epi16(x, 8), 8);
+    const __m512i o = _mm512_srai_epi16(x, 8);
+    const __m512i r = _mm512_set1_epi16(128);
+    const __m512i te = _mm512_add_epi16(_mm512_mullo_epi16(e, a), r);
+    const __m512i to = _mm512_add_epi16(_mm512_mullo_epi16(o, a), r);
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi16(te, 8), to, _mm512_set1_epi16(0x00FF), 0xE4);
+  }
+
+  static void Unit(const uint8_t* pb0, const __m512i* fac, int64_t u, uint8_t* dst) {
+    const int64_t b = u / kUnitsPerBlock;
+    const uint8_t* q = pb0 + b * kBlockBytes + panel::kQ80Q + 128 * (u % kUnitsPerBlock);
+    _mm512_storeu_si512(dst, Row(Load512(q), fac[b]));
+    _mm512_storeu_si512(dst + 64, Row(Load512(q + 64), fac[b]));
+  }
+};
+
+// Scratch of TileMatmulT (fits TileScratchBytes(group)).
+struct TileScratch {
+  uint8_t* bbuf[2][2];  // [buffer][panel]: group / 4 B-tile rows of 64 bytes
+  float* sw[2][2];      // [buffer][panel]: row scales
+  __m512i* fac[2];      // [panel]: factors of the item being converted
+  int32_t* cst[2];      // C-tile staging, 4 tiles of 16 x 16 int32 each
+};
+
+TileScratch CarveTileScratch(uint8_t* p, int64_t group) {
+  TileScratch t;
+  p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+  for (auto& buf : t.bbuf) {
+    for (auto& panel : buf) {
+      panel = p;
+      p += 16 * group;
+    }
+  }
+  for (auto& buf : t.sw) {
+    for (auto& panel : buf) {
+      panel = reinterpret_cast<float*>(p);
+      p += 64;
+    }
+  }
+  for (auto& f : t.fac) {
+    f = reinterpret_cast<__m512i*>(p);
+    p += 2 * (group / 256) * 16 * 128;
+  }
+  for (auto& c : t.cst) {
+    c = reinterpret_cast<int32_t*>(p);
+    p += 4096;
+  }
+  return t;
+}
+
+template <typename Conv>
+void TileMatmulT(const MatmulArgs& a) {
+  const int64_t group = a.act_group;
+  const int64_t n_groups = a.k / group;
+  const int64_t kb = KBlock(a.format);
+  const int64_t nb = a.k / kb, nbg = group / kb;
+  const int64_t panel_bytes = nb * Conv::kBlockBytes;
+  const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
+  const int64_t n_pairs = (p_end - p_begin + 1) / 2;
+  const int64_t n_items = n_groups * n_pairs;
+  const int64_t units_per_panel = nbg * Conv::kUnitsPerBlock;  // group / 8
+  const int64_t k_steps = group / 64;
+  const int64_t n_blocks = (a.n_act + 31) / 32;
+  TileScratch ts = CarveTileScratch(a.scratch, group);
+
+  for (int64_t t = 0; t < a.n_act; ++t) {
+    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
+  }
+  // Item it: group it / n_pairs, panels p0, p0 + 1 (the second only if < p_end).
+  auto item_panels = [&](int64_t it, int64_t* gi, int64_t* p0) {
+    *gi = it / n_pairs;
+    *p0 = p_begin + 2 * (it % n_pairs);
+    return *p0 + 1 < p_end ? 2 : 1;
+  };
+  auto block0 = [&](int64_t gi, int64_t p) {
+    return a.w + p * panel_bytes + gi * nbg * Conv::kBlockBytes;
+  };
+  auto setup = [&](int64_t it, int buf) {
+    int64_t gi, p0;
+    const int np = item_panels(it, &gi, &p0);
+    for (int pp = 0; pp < np; ++pp)
+      Conv::Setup(block0(gi, p0 + pp), nbg, ts.fac[pp], ts.sw[buf][pp]);
+  };
+  // Units [u0, u1) of item it (both panels: u < units_per_panel is panel 0).
+  auto convert = [&](int64_t it, int buf, int64_t u0, int64_t u1) {
+    int64_t gi, p0;
+    item_panels(it, &gi, &p0);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int pp = u < units_per_panel ? 0 : 1;
+      const int64_t uu = u - pp * units_per_panel;
+      Conv::Unit(block0(gi, p0 + pp), ts.fac[pp], uu, ts.bbuf[buf][pp] + 128 * uu);
+    }
+  };
+  auto item_units = [&](int64_t it) {
+    int64_t gi, p0;
+    return item_panels(it, &gi, &p0) * units_per_panel;
+  };
+  // Prefetch (into L2) the 64-byte lines [l0, l1) of item it's weights.
+  auto prefetch = [&](int64_t it, int64_t l0, int64_t l1) {
+    int64_t gi, p0;
+    const int np = item_panels(it, &gi, &p0);
+    const int64_t lines = nbg * Conv::kBlockBytes / 64;
+    for (int64_t l = l0; l < std::min(l1, np * lines); ++l) {
+      const int pp = l < lines ? 0 : 1;
+      _mm_prefetch(reinterpret_cast<const char*>(block0(gi, p0 + pp) + 64 * (l - pp * lines)),
+                   _MM_HINT_T1);
+    }
+  };
+  const int64_t item_lines = 2 * nbg * Conv::kBlockBytes / 64;
+
+  ConfigureTiles();
+  setup(0, 0);
+  convert(0, 0, 0, item_units(0));
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int buf = static_cast<int>(it & 1);
+    int64_t gi, p0;
+    const int np = item_panels(it, &gi, &p0);
+    const bool has_next = it + 1 < n_items;
+    const int64_t next_units = has_next ? item_units(it + 1) : 0;
+    if (has_next) setup(it + 1, buf ^ 1);
+    const int64_t steps = n_blocks * k_steps;
+    const int64_t per_step = (next_units + steps - 1) / steps;
+    const int64_t pf_per_step = (item_lines + steps - 1) / steps;
+    int64_t next_u = 0, pf_l = 0;
+    const uint8_t* b0 = ts.bbuf[buf][0];
+    const uint8_t* b1 = ts.bbuf[buf][1];
+    float* out = a.out + (p0 * kPanelRows - a.row_begin);
+    int cb = 0;
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t m0 = 32 * blk;
+      const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
+      const bool two_a = m_valid > 16;
+      const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
+      const uint8_t* act1 = act0 + 16 * a.act_stride;
+      KTX_TILE_ZERO(0);
+      KTX_TILE_ZERO(1);
+      KTX_TILE_ZERO(2);
+      KTX_TILE_ZERO(3);
+      for (int64_t ks = 0; ks < k_steps; ++ks) {
+        KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
+        KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
+        KTX_TILE_DPBSSD(0, 4, 6);
+        if (two_a) {
+          KTX_TILE_LOAD(5, act1 + 64 * ks, a.act_stride);
+          KTX_TILE_DPBSSD(2, 5, 6);
+        }
+        if (np > 1) {
+          KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
+          KTX_TILE_DPBSSD(1, 4, 7);
+          if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
+        }
+        if (has_next) {  // the next item's conversion, a slice per k-step
+          const int64_t u1 = std::min(next_units, next_u + per_step);
+          convert(it + 1, buf ^ 1, next_u, u1);
+          next_u = u1;
+        }
+        if (it + 2 < n_items) {
+          prefetch(it + 2, pf_l, pf_l + pf_per_step);
+          pf_l += pf_per_step;
+        }
+      }
+      int32_t* c = ts.cst[cb];
+      cb ^= 1;
+      KTX_TILE_STORE(0, c, 64);
+      KTX_TILE_STORE(1, c + 256, 64);
+      KTX_TILE_STORE(2, c + 512, 64);
+      KTX_TILE_STORE(3, c + 768, 64);
+      const __m512 sw0 = _mm512_loadu_ps(ts.sw[buf][0]);
+      const __m512 sw1 = _mm512_loadu_ps(ts.sw[buf][1]);
+      for (int m = 0; m < m_valid; ++m) {
+        const int mt = m / 16, i = m % 16;
+        float sx;
+        std::memcpy(&sx, a.act + (m0 + m) * a.act_stride + a.k + 4 * gi, 4);
+        const __m512 sv = _mm512_set1_ps(sx);
+        float* o = out + (m0 + m) * a.out_stride;
+        _mm512_storeu_ps(
+            o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 512 * mt + 16 * i)),
+                               _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
+        if (np > 1) {
+          _mm512_storeu_ps(
+              o + 16,
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 512 * mt + 256 + 16 * i)),
+                              _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
+        }
+      }
+    }
+    if (has_next) convert(it + 1, buf ^ 1, next_u, next_units);
+  }
+  Release();
+}
+
 bool Supports(MoeMatrixFormat f) { return MoeFormatSupported(f); }
 int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 
 }  // namespace
+
+void TileMatmul(const MatmulArgs& a) {
+  switch (a.format.type) {
+    case TensorType::kQ4_K: TileMatmulT<ConvQ4K<false>>(a); break;
+    case TensorType::kQ5_K: TileMatmulT<ConvQ4K<true>>(a); break;
+    case TensorType::kQ6_K: TileMatmulT<ConvQ6K>(a); break;
+    case TensorType::kQ8_0: TileMatmulT<ConvQ80>(a); break;
+    default: break;  // not TileFormatSupported: the driver never calls it
+  }
+}
 
 void Matmul(const MatmulArgs& a) {
   if (a.format.layout == MoeWeightLayout::kAmxInt8 && a.act_index == nullptr && a.act_padded &&
@@ -205,16 +603,18 @@ namespace ktx::kernels::moe {
 
 #ifdef KTX_MOE_AMX_EMULATE
 const MoeKernels& MoeKernelsAmxEmulated() {
-  static const MoeKernels k = {CpuVariant::kAvx512, "amx-emulated",        &amx_emulated::Supports,
-                               &avx512::Quantize,   &amx_emulated::Matmul, &amx_emulated::NoScratch,
-                               &avx512::SiluMul};
+  static const MoeKernels k = {
+      CpuVariant::kAvx512, "amx-emulated",        &amx_emulated::Supports,
+      &avx512::Quantize,   &amx_emulated::Matmul, &amx_emulated::NoScratch,
+      &avx512::SiluMul,    &avx512::QuantizeTile, &amx_emulated::TileMatmul};
   return k;
 }
 #else
 const MoeKernels& MoeKernelsAmx() {
-  static const MoeKernels k = {CpuVariant::kAmx,  "amx",        &amx::Supports,
-                               &avx512::Quantize, &amx::Matmul, &amx::NoScratch,
-                               &avx512::SiluMul};
+  static const MoeKernels k = {
+      CpuVariant::kAmx, "amx",           &amx::Supports,   &avx512::Quantize,
+      &amx::Matmul,     &amx::NoScratch, &avx512::SiluMul, &avx512::QuantizeTile,
+      &amx::TileMatmul};
   return k;
 }
 #endif

@@ -433,7 +433,7 @@ namespace ktx::kernels::moe {
 const MoeKernels& MoeKernelsAvx2() {
   static const MoeKernels k = {CpuVariant::kAvx2, "avx2",        &avx2::Supports,
                                &avx2::Quantize,   &avx2::Matmul, &avx2::NoScratch,
-                               &avx2::SiluMul};
+                               &avx2::SiluMul,    nullptr,       nullptr};
   return k;
 }
 

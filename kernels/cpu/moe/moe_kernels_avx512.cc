@@ -382,6 +382,23 @@ void Quantize(ActFormat fmt, const float* x, uint8_t* dst, int64_t k) {
   }
 }
 
+void QuantizeTile(const float* x, int8_t* q, float* d, int64_t n, int64_t group) {
+  for (int64_t g = 0; g < n / group; ++g, x += group, q += group) {
+    const float amax = ReduceMaxAbs(x, static_cast<int>(group));
+    if (amax == 0.0f) {
+      std::memset(q, 0, group);
+      d[g] = 0.0f;
+      continue;
+    }
+    const __m512 iscale = _mm512_set1_ps(127.0f / amax);
+    d[g] = amax / 127.0f;
+    for (int64_t i = 0; i < group; i += 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                       _mm512_cvtepi32_epi8(QuantizeLanes(x + i, iscale)));
+    }
+  }
+}
+
 void SiluMul(const float* g, const float* u, float* h, int64_t n) {
   int64_t i = 0;
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -433,8 +450,9 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 }  // namespace
 
 const MoeKernels& MoeKernelsAvx512() {
-  static const MoeKernels k = {CpuVariant::kAvx512, "avx512",   &Supports,       &avx512::Quantize,
-                               &avx512::Matmul,     &NoScratch, &avx512::SiluMul};
+  static const MoeKernels k = {CpuVariant::kAvx512, "avx512",        &Supports,
+                               &avx512::Quantize,   &avx512::Matmul, &NoScratch,
+                               &avx512::SiluMul,    nullptr,         nullptr};
   return k;
 }
 

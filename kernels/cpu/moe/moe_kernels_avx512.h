@@ -14,6 +14,8 @@ namespace ktx::kernels::moe::avx512 {
 
 void Quantize(ActFormat fmt, const float* x, uint8_t* dst, int64_t k);
 void SiluMul(const float* g, const float* u, float* h, int64_t n);
+// The tile-format quantizer (bitwise equal to scalar::QuantizeTile).
+void QuantizeTile(const float* x, int8_t* q, float* d, int64_t n, int64_t group);
 // Runs `a` when it is a panel16 matrix and returns true; false otherwise.
 bool MatmulPanel(const MatmulArgs& a);
 // Panel16 kernels, else the scalar code.

@@ -188,7 +188,147 @@ void Matmul(const MatmulArgs& a) {
   }
 }
 
+void QuantizeTile(const float* x, int8_t* q, float* d, int64_t n, int64_t group) {
+  for (int64_t g = 0; g < n / group; ++g, x += group, q += group) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(x[i]));
+    if (amax == 0.0f) {
+      std::memset(q, 0, group);
+      d[g] = 0.0f;
+      continue;
+    }
+    const float iscale = 127.0f / amax;
+    d[g] = amax / 127.0f;
+    for (int64_t i = 0; i < group; ++i) q[i] = static_cast<int8_t>(NearestClamp127(x[i] * iscale));
+  }
+}
+
+void TileMatmul(const MatmulArgs& a) {
+  const int64_t group = a.act_group;
+  const int64_t n_rows_out = a.row_end - a.row_begin;
+  for (int64_t t = 0; t < a.n_act; ++t) {
+    std::fill(a.out + t * a.out_stride, a.out + t * a.out_stride + n_rows_out, 0.0f);
+  }
+  int8_t* tiles = reinterpret_cast<int8_t*>(a.scratch);  // 16 * group bytes
+  float s[kPanelRows];
+  for (int64_t p = a.row_begin / kPanelRows; p < a.row_end / kPanelRows; ++p) {
+    for (int64_t gi = 0; gi < a.k / group; ++gi) {
+      TileConvertPanelScalar(a.format, a.w, a.k, p, gi * group, group, tiles, s);
+      for (int64_t t = 0; t < a.n_act; ++t) {
+        const int8_t* x = reinterpret_cast<const int8_t*>(ActRow(a, t)) + gi * group;
+        float dx;
+        std::memcpy(&dx, ActRow(a, t) + a.k + 4 * gi, 4);
+        for (int r = 0; r < kPanelRows; ++r) {
+          int32_t isum = 0;
+          for (int64_t kk = 0; kk < group / 4; ++kk) {
+            for (int i = 0; i < 4; ++i) isum += x[4 * kk + i] * tiles[64 * kk + 4 * r + i];
+          }
+          float* o = a.out + t * a.out_stride + p * kPanelRows + r - a.row_begin;
+          *o = std::fma(static_cast<float>(isum), s[r] * dx, *o);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace scalar
+
+bool TileFormatSupported(MoeMatrixFormat f) {
+  if (f.layout != MoeWeightLayout::kPanel16) return false;
+  return f.type == TensorType::kQ4_K || f.type == TensorType::kQ5_K ||
+         f.type == TensorType::kQ6_K || f.type == TensorType::kQ8_0;
+}
+
+int64_t TileScratchBytes(int64_t group) {
+  // Two converted groups of two panels (16 * group bytes each), their row
+  // scales, the per-sub-block factors of one group (<= 2 panels x 32
+  // sub-blocks x 128 B) and two C-tile staging areas (4 KiB each).
+  return 2 * 2 * 16 * group + 4 * 64 + 2 * (group / 256) * 16 * 128 * 2 + 2 * 4096 + 256;
+}
+
+void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,
+                            int64_t k0, int64_t group, int8_t* tiles, float* s) {
+  const TensorType type = format.type;
+  const int64_t kb = KBlock(format), nb = k / kb, pbb = PanelBlockBytes(format);
+  const uint8_t* pw = w + panel * nb * pbb;
+  const int64_t b0 = k0 / kb, nbg = group / kb;
+  const bool q5 = type == TensorType::kQ5_K;
+  const int qmax = q5 ? 31 : 15;
+  auto put = [&](int64_t kk_elem, int r, int v) {  // kk_elem: k - k0
+    tiles[64 * (kk_elem / 4) + 4 * r + kk_elem % 4] = static_cast<int8_t>(v);
+  };
+  for (int r = 0; r < kPanelRows; ++r) {
+    float amax = 0.0f;
+    for (int64_t b = b0; b < b0 + nbg; ++b) {
+      const uint8_t* pb = pw + b * pbb;
+      DecodedK dk;
+      switch (type) {
+        case TensorType::kQ4_K:
+        case TensorType::kQ5_K:
+          DecodePanelQ4K(pb, r, q5, &dk);
+          for (int j = 0; j < 8; ++j) {
+            const float mm = dk.dmin * static_cast<float>(dk.m[j]);
+            const float hi = std::fma(dk.d, static_cast<float>(dk.sc[j] * qmax), -mm);
+            amax = std::max(amax, std::max(std::fabs(hi), std::fabs(mm)));
+          }
+          break;
+        case TensorType::kQ6_K:
+          DecodePanelQ6K(pb, r, &dk);
+          for (int j = 0; j < 16; ++j) {
+            amax = std::max(amax, std::fabs(dk.d * static_cast<float>(dk.sc[j])) * 32.0f);
+          }
+          break;
+        default: {  // Q8_0
+          float d;
+          int8_t q[32];
+          DecodePanelQ80(pb, r, &d, q);
+          amax = std::max(amax, std::fabs(d) * 128.0f);
+          break;
+        }
+      }
+    }
+    s[r] = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t b = b0; b < b0 + nbg; ++b) {
+      const uint8_t* pb = pw + b * pbb;
+      const int64_t kb0 = (b - b0) * kb;
+      DecodedK dk;
+      switch (type) {
+        case TensorType::kQ4_K:
+        case TensorType::kQ5_K: {
+          DecodePanelQ4K(pb, r, q5, &dk);
+          const float dq = dk.d * inv, mq = dk.dmin * inv;
+          for (int j = 0; j < 8; ++j) {
+            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 128)));
+            const int bc =
+                static_cast<int>(std::nearbyint(mq * static_cast<float>(dk.m[j] * 128))) - 64;
+            for (int i = 0; i < 32; ++i) put(kb0 + 32 * j + i, r, (a * dk.q[32 * j + i] - bc) >> 7);
+          }
+          break;
+        }
+        case TensorType::kQ6_K: {
+          DecodePanelQ6K(pb, r, &dk);
+          const float dq = dk.d * inv;
+          for (int j = 0; j < 16; ++j) {
+            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 128)));
+            for (int i = 0; i < 16; ++i) {
+              put(kb0 + 16 * j + i, r, (a * dk.q[16 * j + i] - (32 * a - 64)) >> 7);
+            }
+          }
+          break;
+        }
+        default: {  // Q8_0
+          float d;
+          int8_t q[32];
+          DecodePanelQ80(pb, r, &d, q);
+          const int a = static_cast<int>(std::nearbyint(d * inv * 256.0f));
+          for (int i = 0; i < 32; ++i) put(kb0 + i, r, (a * q[i] + 128) >> 8);
+          break;
+        }
+      }
+    }
+  }
+}
 
 namespace {
 
@@ -198,8 +338,10 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 }  // namespace
 
 const MoeKernels& MoeKernelsScalar() {
-  static const MoeKernels k = {CpuVariant::kScalar, "scalar",   &Supports,       &scalar::Quantize,
-                               &scalar::Matmul,     &NoScratch, &scalar::SiluMul};
+  static const MoeKernels k = {
+      CpuVariant::kScalar, "scalar",   &Supports,        &scalar::Quantize,
+      &scalar::Matmul,     &NoScratch, &scalar::SiluMul, &scalar::QuantizeTile,
+      &scalar::TileMatmul};
   return k;
 }
 

@@ -4,7 +4,9 @@
 // AMX. (On AMX machines moe_test runs the real tiles.) Needs AVX-512.
 #include "kernels/cpu/moe/moe_kernels_amx_emulated.h"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -78,6 +80,89 @@ TEST_F(AmxEmulationTest, TileMatmulMatchesScalar) {
   }
 }
 
+// The tile path over panel16 weights (on-the-fly int8 conversion): the
+// emulated AMX kernel must equal the scalar reference of the contract bitwise
+// (same int8 weights, exact int32 sums, the same fp32 fix-up order), on odd
+// panel counts, partial token blocks and both group sizes.
+TEST_F(AmxEmulationTest, TileMatmulOverPanel16EqualsScalarBitwise) {
+  std::mt19937 rng(23);
+  const int64_t rows = 80, k = 1024;
+  for (TensorType t :
+       {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
+    for (int64_t group : {256, 512}) {
+      for (int64_t n_act : {1, 3, 17, 40, 67}) {
+        SCOPED_TRACE(::testing::Message()
+                     << TraitsOf(t).name << " group " << group << " n_act " << n_act);
+        const int64_t stride = TileActRowBytes(k, group) + 64;  // any stride >= the row
+        AlignedBuffer act((n_act + 32) * stride);
+        std::memset(act.p.get(), 0x7f, act.size);  // padding rows hold junk
+        std::normal_distribution<float> n(0.0f, 1.0f);
+        std::vector<float> x(k);
+        for (int64_t r = 0; r < n_act; ++r) {
+          for (float& v : x) v = n(rng);
+          uint8_t* row = act.p.get() + r * stride;
+          MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
+                                           reinterpret_cast<float*>(row + k), k, group);
+        }
+        AlignedBuffer scratch(TileScratchBytes(group) + 64);
+        for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}, {32, 48}}) {
+          MatmulArgs a;
+          a.format = {t, MoeWeightLayout::kPanel16};
+          a.w = static_cast<const uint8_t*>(w.ptrs[0]);
+          a.n_rows = rows;
+          a.k = k;
+          a.row_begin = r0;
+          a.row_end = r1;
+          a.act = act.p.get();
+          a.act_stride = stride;
+          a.n_act = n_act;
+          a.act_padded = true;
+          a.act_group = group;
+          a.out_stride = r1 - r0 + 3;
+          a.scratch = scratch.p.get();
+          a.scratch_bytes = static_cast<int64_t>(scratch.size);
+          std::vector<float> y_emu(n_act * a.out_stride, -7.0f), y_ref(n_act * a.out_stride, -7.0f);
+          a.out = y_emu.data();
+          MoeKernelsAmxEmulated().tile_matmul(a);
+          a.out = y_ref.data();
+          MoeKernelsScalar().tile_matmul(a);
+          double den = 0;
+          for (int64_t i = 0; i < n_act; ++i) {
+            for (int64_t r = 0; r < a.out_stride; ++r) {
+              ASSERT_EQ(y_emu[i * a.out_stride + r], y_ref[i * a.out_stride + r])
+                  << "token " << i << " row " << r0 + r;
+              if (r < r1 - r0) den += std::fabs(y_ref[i * a.out_stride + r]);
+            }
+            for (int64_t r = r1 - r0; r < a.out_stride; ++r) {
+              ASSERT_EQ(y_emu[i * a.out_stride + r], -7.0f) << "wrote past row_end";
+            }
+          }
+          ASSERT_GT(den, 0.0);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(AmxEmulationTest, TileQuantizerEqualsScalarBitwise) {
+  std::mt19937 rng(24);
+  std::normal_distribution<float> n(0.0f, 3.0f);
+  std::vector<float> x(2048);
+  for (float& v : x) v = n(rng);
+  std::fill(x.begin() + 512, x.begin() + 1024, 0.0f);  // an all-zero group
+  x[3] = 1e-30f;
+  for (int64_t group : {256, 512, 1024}) {
+    std::vector<int8_t> qa(2048), qb(2048);
+    std::vector<float> da(2048 / group), db(2048 / group);
+    MoeKernelsAmxEmulated().quantize_tile(x.data(), qa.data(), da.data(), 2048, group);
+    MoeKernelsScalar().quantize_tile(x.data(), qb.data(), db.data(), 2048, group);
+    EXPECT_EQ(qa, qb) << group;
+    EXPECT_EQ(da, db) << group;
+  }
+}
+
 TEST_F(AmxEmulationTest, LayerWithTilePrefillMatchesScalarVariant) {
   const MoeShape shape{256, 512, 16, 6};
   const auto L = testing::MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 31);
@@ -145,6 +230,86 @@ TEST_F(AmxEmulationTest, LayerWithTilePrefillMatchesScalarVariant) {
               nmse_scalar);
   EXPECT_LT(nmse_ref, 1.5e-3);
   EXPECT_LT(nmse_scalar, 1e-6);
+}
+
+// The whole layer through MoeRun with the tile path over the panel16 weights
+// (no second copy), the emulated AMX table substituted: against the scalar
+// variant's reference of the same path and against float64, on awkward token
+// counts (a 255-token run splits experts into token blocks of 64).
+TEST_F(AmxEmulationTest, LayerWithTilePathOverPanel16MatchesScalarVariant) {
+  const MoeShape shape{512, 1024, 16, 6};
+  const auto L = testing::MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 37);
+  std::vector<bool> owned(16, true);
+  owned[5] = false;
+  auto gate =
+      testing::MakeLayout(L.gate, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 1024, 512, owned);
+  auto up =
+      testing::MakeLayout(L.up, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 1024, 512, owned);
+  auto down =
+      testing::MakeLayout(L.down, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 512, 1024, owned);
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  MoeLayerWeights w;
+  w.gate = {f.gate, gate.ptrs.data()};
+  w.up = {f.up, up.ptrs.data()};
+  w.down = {f.down, down.ptrs.data()};
+  uint32_t seed = 40;
+  for (int64_t n_tokens : {1, 3, 17, 255}) {
+    SCOPED_TRACE(n_tokens);
+    std::mt19937 rng(seed++);
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    std::uniform_real_distribution<float> uw(0.05f, 1.0f);
+    std::vector<float> x(n_tokens * 512), wt;
+    for (float& v : x) v = n(rng);
+    std::vector<int32_t> ids;
+    std::vector<int32_t> perm(16);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int k = 0; k < 6; ++k) {
+        ids.push_back(perm[k]);
+        wt.push_back(uw(rng));
+      }
+    }
+    std::vector<float> y[2];
+    int64_t tiles = 0;
+    for (int which = 0; which < 2; ++which) {
+      MoePlanOptions o;
+      o.max_tokens = n_tokens;
+      o.max_workers = 2;
+      o.prefill_min_tokens = 1;
+      o.tile_prefill = true;
+      o.tile_max_tokens = 64;
+      o.force_variant = true;
+      o.variant = CpuVariant::kScalar;  // has the reference tile kernel
+      auto plan = MakeMoePlan(shape, f, o);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      if (which == 1) plan->kernels = &MoeKernelsAmxEmulated();  // test-only substitution
+      ASSERT_TRUE(plan->tile);
+      AlignedBuffer ws(MoeWorkspaceSize(*plan));
+      std::memset(ws.p.get(), 0xC3, ws.size);
+      y[which].assign(n_tokens * 512, -1.0f);
+      auto run =
+          MoeRun::Begin(*plan, w, {n_tokens, x.data(), ids.data(), wt.data(), y[which].data()},
+                        ws.p.get(), ws.size);
+      ASSERT_TRUE(run.ok()) << run.status();
+      tiles = run->num_prefill_experts();
+      EXPECT_EQ(run->num_prefill_experts(), run->num_active_experts());
+      for (int s = 0; s < MoeRun::kNumStages; ++s) RunMoeStage(*run, s, 0, 1);
+    }
+    const std::vector<double> ref =
+        testing::ReferenceMoe(L, owned, n_tokens, x.data(), ids.data(), wt.data());
+    std::vector<double> ys(y[0].begin(), y[0].end());
+    const double nmse_ref = testing::Nmse(y[1].data(), ref);
+    const double nmse_scalar = testing::Nmse(y[1].data(), ys);
+    std::printf(
+        "  amx-emulated tile layer t%lld (%lld experts on tiles): nmse vs float64 %.3g, vs "
+        "scalar variant %.3g\n",
+        static_cast<long long>(n_tokens), static_cast<long long>(tiles), nmse_ref, nmse_scalar);
+    EXPECT_LT(nmse_ref, 1.5e-3);
+    EXPECT_LT(nmse_scalar, 1e-6);
+  }
 }
 
 }  // namespace

@@ -12,6 +12,11 @@
 // int8 rounding (three matrices, max/rms of a weight block ~ 2-3: ~3 * 4e-5),
 // so the prefill-form tests allow 1.5e-3. BF16 pairs with bf16-rounded
 // activations (eps ~ 2^-18 per rounding), far below these.
+// The tile prefill path (int8 tiles over panel16 weights converted on the fly)
+// quantizes x and h per group of 512 (256 on small shapes) and converts the
+// weights to int8 per (row, group) within 0.56-0.75 of a step (moe_internal.h):
+// three int8 roundings of the same order as amx_int8's, with a slightly larger
+// max/rms for the coarser activation groups: the same 1.5e-3 bound.
 // A wrong scale, nibble or row order gives NMSE >= 1e-2.
 #include "kernels/cpu/moe/moe.h"
 
@@ -276,15 +281,76 @@ TEST_P(MoeVariantTest, PrefillFormMatchesFloat64Reference) {
   }
 }
 
+// The tile prefill path on awkward token counts: every expert with at least
+// one token takes it where the variant has a tile kernel (amx; scalar's
+// reference); the other variants run the decode path on the same plan.
+TEST_P(MoeVariantTest, TilePrefillMatchesFloat64Reference) {
+  struct TileCase {
+    TensorType gate_type, down_type;
+    int64_t n_embd, n_ff, n_used;
+    bool subset;
+  };
+  const TileCase cases[] = {{TensorType::kQ4_K, TensorType::kQ6_K, 512, 1024, 6, false},
+                            {TensorType::kQ5_K, TensorType::kQ8_0, 256, 512, 4, true},
+                            {TensorType::kQ8_0, TensorType::kQ4_K, 768, 256, 3, false}};
+  uint32_t seed = 300;
+  for (const TileCase& c : cases) {
+    for (int64_t n_tokens : {1, 3, 17, 255}) {
+      SCOPED_TRACE(::testing::Message() << TraitsOf(c.gate_type).name << "/"
+                                        << TraitsOf(c.down_type).name << " tokens " << n_tokens);
+      const MoeShape shape{c.n_embd, c.n_ff, 16, c.n_used};
+      const TestLayer L = MakeTestLayer(shape, c.gate_type, c.down_type, seed++);
+      std::vector<bool> owned(16, true);
+      if (c.subset) {
+        for (int e = 1; e < 16; e += 3) owned[e] = false;
+      }
+      auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, false);
+      MoePlanOptions o = Options(n_tokens, 3);
+      o.prefill_min_tokens = 1;
+      o.tile_prefill = true;
+      o.tile_max_tokens = 64;  // 255 tokens: experts split into token blocks
+      auto plan = MakeMoePlan(shape, W->f, o);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      const Routing r = RandomRouting(shape, n_tokens, seed++);
+      RunStats stats;
+      const std::vector<float> y = RunLayer(*plan, *W, r, n_tokens, 3, &stats);
+      if (plan->tile) {
+        EXPECT_EQ(stats.prefill, stats.active);
+      }
+      const std::vector<double> ref =
+          ReferenceMoe(L, owned, n_tokens, r.x.data(), r.ids.data(), r.w.data());
+      ASSERT_GT(testing::Rms(ref), 1e-2);
+      const double nmse = Nmse(y.data(), ref);
+      std::printf("  %-8s tile %s/%s t%-4lld nmse %.3g (%lld of %lld experts on tiles)\n",
+                  CpuVariantName(GetParam()), TraitsOf(c.gate_type).name,
+                  TraitsOf(c.down_type).name, static_cast<long long>(n_tokens), nmse,
+                  static_cast<long long>(stats.prefill), static_cast<long long>(stats.active));
+      EXPECT_LT(nmse, kAmxTolerance);
+      if (plan->tile && GetParam() != CpuVariant::kScalar) {
+        // Against the scalar reference of the same path: the int8 parts are
+        // bitwise equal; SiLU's exp differs in the last bits.
+        MoePlanOptions so = o;
+        so.variant = CpuVariant::kScalar;
+        const std::vector<float> ys = RunLayer(*MakeMoePlan(shape, W->f, so), *W, r, n_tokens, 1);
+        std::vector<double> ysd(ys.begin(), ys.end());
+        EXPECT_LT(Nmse(y.data(), ysd), kVsScalarTolerance);
+      }
+    }
+  }
+}
+
 TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
   const MoeShape shape{512, 256, 16, 4};
   const TestLayer L = MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 7, false);
   std::vector<bool> owned(16, true);
-  for (bool prefill : {false, true}) {
+  for (int mode : {0, 1, 2}) {  // decode only, amx_int8 prefill form, tile prefill
+    const bool prefill = mode == 1;
     auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, prefill);
     const Routing r = RandomRouting(shape, 40, 8);
     MoePlanOptions o1 = Options(40, 1), o3 = Options(40, 3);
     o1.prefill_min_tokens = o3.prefill_min_tokens = 8;
+    o1.tile_prefill = o3.tile_prefill = mode == 2;
+    o1.tile_max_tokens = o3.tile_max_tokens = 32;
     auto p1 = MakeMoePlan(shape, W->f, o1);
     auto p3 = MakeMoePlan(shape, W->f, o3);
     ASSERT_TRUE(p1.ok() && p3.ok());
@@ -292,8 +358,8 @@ TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
     const std::vector<float> b = RunLayer(*p3, *W, r, 40, 3);
     const std::vector<float> c = RunLayer(*p3, *W, r, 40, 0);  // reversed task order
     ASSERT_EQ(a.size(), b.size());
-    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << "prefill " << prefill;
-    EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * 4)) << "prefill " << prefill;
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << "mode " << mode;
+    EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * 4)) << "mode " << mode;
   }
 }
 
@@ -419,6 +485,55 @@ TEST(MoeRepackTest, AmxInt8IsWithinHalfAStepOfTheGgufValues) {
               << "type " << static_cast<int>(t) << " row " << r << " i " << b * 256 + i;
         }
       }
+    }
+  }
+}
+
+// The tile path's on-the-fly int8 form of panel16 weights (the scalar
+// specification, which the AMX kernels equal bitwise): every value within its
+// stated fraction of a step of the GGUF value (dequantized by the test's own
+// code), the scale from the row's largest representable |value|.
+TEST(MoeRepackTest, TileConversionIsWithinItsBoundOfTheGgufValues) {
+  std::mt19937 rng(13);
+  struct Bound {
+    TensorType type;
+    double steps;  // 0.5 + (0.5 * max|q| + 0.5) / 2^shift
+  };
+  for (Bound bd : {Bound{TensorType::kQ4_K, 0.5625}, Bound{TensorType::kQ5_K, 0.625},
+                   Bound{TensorType::kQ6_K, 0.625}, Bound{TensorType::kQ8_0, 0.75}}) {
+    const int64_t rows = 32, k = 1024;
+    const std::vector<uint8_t> m = testing::RandomMatrix(bd.type, rows, k, 1.0f, rng);
+    const LayoutCopy c = MakeLayout({m}, bd.type, MoeWeightLayout::kPanel16, rows, k, {true});
+    const MoeMatrixFormat f{bd.type, MoeWeightLayout::kPanel16};
+    for (int64_t group : {256, 512}) {
+      std::vector<int8_t> tiles(16 * group);
+      float s[16];
+      double worst = 0;
+      for (int64_t p = 0; p < rows / 16; ++p) {
+        for (int64_t k0 = 0; k0 < k; k0 += group) {
+          TileConvertPanelScalar(f, static_cast<const uint8_t*>(c.ptrs[0]), k, p, k0, group,
+                                 tiles.data(), s);
+          for (int r = 0; r < 16; ++r) {
+            std::vector<double> ref(k);
+            const int64_t row = 16 * p + r;
+            testing::DequantRow(bd.type, m.data() + row * testing::RowBytesOf(bd.type, k), k,
+                                ref.data());
+            double amax = 0;
+            for (int64_t i = k0; i < k0 + group; ++i) amax = std::max(amax, std::fabs(ref[i]));
+            ASSERT_GE(s[r] * 127.0 * (1 + 1e-6), amax) << "row " << row;
+            for (int64_t i = 0; i < group; ++i) {
+              const int v = tiles[64 * (i / 4) + 4 * r + i % 4];
+              ASSERT_LE(std::abs(v), 127);
+              const double err = std::fabs(s[r] * v - ref[k0 + i]);
+              worst = std::max(worst, s[r] > 0 ? err / s[r] : err);
+              ASSERT_LE(err, (bd.steps + 1e-4) * s[r] + 1e-30)
+                  << TraitsOf(bd.type).name << " row " << row << " k " << k0 + i << " v " << v;
+            }
+          }
+        }
+      }
+      std::printf("  tile conversion %-5s group %4lld: worst error %.3f steps (bound %.4f)\n",
+                  TraitsOf(bd.type).name, static_cast<long long>(group), worst, bd.steps);
     }
   }
 }
