@@ -17,9 +17,12 @@ OUT=$ROOT/bundle/ktx
 JOBS=${KTX_JOBS:-$(nproc)}
 
 bash scripts/setup.sh deps
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKTX_CUDA=ON -DKTX_BUNDLE=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
-cmake --build "$BUILD_DIR" -j "$JOBS"
+# KTX_BUNDLE_CUDA=OFF: a CPU-only bundle (faster to build; for CPU measurements).
+# KTX_BUNDLE_TARGETS="ktx_ctl moe_benchmark ...": build (and bundle) only these targets.
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKTX_CUDA="${KTX_BUNDLE_CUDA:-ON}" \
+  -DKTX_BUNDLE=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+# shellcheck disable=SC2086
+cmake --build "$BUILD_DIR" -j "$JOBS" ${KTX_BUNDLE_TARGETS:+--target $KTX_BUNDLE_TARGETS}
 
 rm -rf "$OUT" && mkdir -p "$OUT/bin" "$OUT/lib" "$OUT/tests"
 for exe in $(find "$BUILD_DIR/cli" -maxdepth 1 -type f -executable -name 'ktx-*'); do
