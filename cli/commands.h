@@ -17,5 +17,6 @@ void AddTokenizeCommands(CLI::App& app, int* exit_code);
 void AddInspectCommands(CLI::App& app, int* exit_code);
 void AddRunCommands(CLI::App& app, int* exit_code);
 void AddBenchCommands(CLI::App& app, int* exit_code);
+void AddClientCommands(CLI::App& app, int* exit_code);  // generate, chat, status --target
 
 }  // namespace ktx::cli

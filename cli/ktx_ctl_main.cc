@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   });
   int exit_code = 0;
   ktx::cli::AddTopologyCommands(app, &exit_code);
+  ktx::cli::AddClientCommands(app, &exit_code);
   ktx::cli::AddSynthCommands(app, &exit_code);
   ktx::cli::AddTokenizeCommands(app, &exit_code);
   ktx::cli::AddInspectCommands(app, &exit_code);
