@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -106,8 +109,12 @@ std::vector<int> AllowedCpus() {
   return cpus;
 }
 
-// Indices of the six per-call pointer tables.
+// Indices of the six per-call pointer tables (the prefill ones stay empty: the
+// AMX tile path reads the decode weights).
 enum Which : int { kGate = 0, kUp = 1, kDown = 2, kGateP = 3, kUpP = 4, kDownP = 5 };
+
+// A switch point no call reaches (decode path only).
+constexpr int64_t kNoPrefill = int64_t{1} << 40;
 
 }  // namespace
 
@@ -120,8 +127,7 @@ struct CpuMoeBackend::Layer {
   // Expert matrices of each kind: [n_expert] pointers (null = not held), into
   // decode_mem / prefill_mem (or the mapping for the gguf layout).
   std::vector<const void*> ptrs[6];
-  runtime::NumaBuffer decode_mem;   // held experts x [gate | up | down], decode layout
-  runtime::NumaBuffer prefill_mem;  // the same in amx_int8 (when the plan has_prefill)
+  runtime::NumaBuffer decode_mem;  // held experts x [gate | up | down], decode layout
 };
 
 CpuMoeBackend::~CpuMoeBackend() = default;
@@ -153,9 +159,25 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("CpuMoeBackend: max_tokens = ", options.max_tokens, ", expected > 0"));
   }
-  if (options.prefill_min_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "CpuMoeBackend: prefill_min_tokens = ", options.prefill_min_tokens, ", expected > 0"));
+  if (options.prefill_min_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CpuMoeBackend: prefill_min_tokens = ", options.prefill_min_tokens,
+                     ", expected > 0 (or 0: calibrate at load)"));
+  }
+  // The decode/prefill switch: the option, else the environment, else calibrated below.
+  int64_t prefill_min_tokens = options.prefill_min_tokens;
+  std::string prefill_switch = "option";
+  if (prefill_min_tokens == 0) {
+    if (const char* env = std::getenv("KTX_MOE_PREFILL_MIN_TOKENS"); env != nullptr && *env) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end == env || *end != '\0' || v <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "KTX_MOE_PREFILL_MIN_TOKENS=", env, ": expected a positive token count per expert"));
+      }
+      prefill_min_tokens = v;
+      prefill_switch = "KTX_MOE_PREFILL_MIN_TOKENS";
+    }
   }
   if (options.decode_layout != MoeWeightLayout::kPanel16 &&
       options.decode_layout != MoeWeightLayout::kGguf) {
@@ -212,20 +234,16 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     format.gate = {lw.ffn_gate_exps->type, options.decode_layout};
     format.up = {lw.ffn_up_exps->type, options.decode_layout};
     format.down = {lw.ffn_down_exps->type, options.decode_layout};
-    const bool want_prefill = variant_ == CpuVariant::kAmx && options.amx_prefill;
-    if (want_prefill) {
-      const MoeMatrixFormat g{format.gate.type, MoeWeightLayout::kAmxInt8};
-      const MoeMatrixFormat d{format.down.type, MoeWeightLayout::kAmxInt8};
-      if (kernels::moe::MoeFormatSupported(g) && kernels::moe::MoeFormatSupported(d)) {
-        format.has_prefill = true;
-        format.gate_prefill = format.up_prefill = g;
-        format.down_prefill = d;
-      }
-    }
     kernels::moe::MoePlanOptions po;
     po.max_tokens = options.max_tokens;
     po.max_workers = pool_->num_workers();
-    po.prefill_min_tokens = options.prefill_min_tokens;
+    // Until calibrated (below) the switch is out of reach: decode path only.
+    po.prefill_min_tokens = prefill_min_tokens > 0 ? prefill_min_tokens : kNoPrefill;
+    // The AMX tile path over the same panel16 weights (the plan ignores it
+    // where the variant or the formats have none).
+    po.tile_prefill =
+        options.amx_prefill && (variant_ == CpuVariant::kAmx ||
+                                (variant_ == CpuVariant::kScalar && options.scalar_tile_reference));
     po.force_variant = true;
     po.variant = variant_;
     absl::StatusOr<kernels::moe::MoePlan> plan = kernels::moe::MakeMoePlan(shape, format, po);
@@ -246,18 +264,22 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     L.plan = *plan;
     ++load_stats_.n_fast_layers;
     load_stats_.n_experts_held += L.n_held;
-    load_stats_.prefill_form = load_stats_.prefill_form || format.has_prefill;
+    load_stats_.prefill_form = load_stats_.prefill_form || L.plan.tile;
+    for (int m = 0; m < 3; ++m) {
+      load_stats_.gguf_bytes +=
+          static_cast<uint64_t>(L.n_held) * [](const models::WeightMatrix& wm) {
+            return static_cast<uint64_t>(wm.n_rows * wm.row_bytes);
+          }(models::WeightMatrix::Slab(*tensors[m], 0));
+    }
     workspace_bytes = std::max(workspace_bytes, kernels::moe::MoeWorkspaceSize(L.plan));
     for (auto& p : L.ptrs) p.assign(n_expert, nullptr);
 
     // Matrix geometry: gate/up [n_ff rows][n_embd], down [n_embd rows][n_ff].
     const int64_t rows[3] = {hp.n_ff_exp, hp.n_ff_exp, hp.n_embd};
     const int64_t ks[3] = {hp.n_embd, hp.n_embd, hp.n_ff_exp};
-    auto add_form = [&](bool prefill) -> absl::Status {
-      const MoeMatrixFormat f[3] = {prefill ? format.gate_prefill : format.gate,
-                                    prefill ? format.up_prefill : format.up,
-                                    prefill ? format.down_prefill : format.down};
-      const int base = prefill ? kGateP : kGate;
+    auto add_form = [&]() -> absl::Status {
+      const MoeMatrixFormat f[3] = {format.gate, format.up, format.down};
+      const int base = kGate;
       if (f[0].layout == MoeWeightLayout::kGguf) {  // no copy: the mapping
         for (int m = 0; m < 3; ++m) {
           for (int64_t e = 0; e < n_expert; ++e) {
@@ -275,9 +297,8 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
       if (total == 0) return absl::OkStatus();
       runtime::NumaBuffer mem = pool_->Allocate(total);
       if (mem.data() == nullptr) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("CpuMoeBackend: cannot allocate ", total, " bytes for the ",
-                         prefill ? "amx_int8 prefill" : "decode", " experts of layer ", il));
+        return absl::ResourceExhaustedError(absl::StrCat("CpuMoeBackend: cannot allocate ", total,
+                                                         " bytes for the experts of layer ", il));
       }
       load_stats_.numa_node = mem.numa_node();
       uint8_t* at = static_cast<uint8_t*>(mem.data());
@@ -304,11 +325,10 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
         j.job.k = ks[m];
         j.job.n_expert = n_expert;
       }
-      (prefill ? L.prefill_mem : L.decode_mem) = std::move(mem);
+      L.decode_mem = std::move(mem);
       return absl::OkStatus();
     };
-    KTX_RETURN_IF_ERROR(add_form(false));
-    if (format.has_prefill) KTX_RETURN_IF_ERROR(add_form(true));
+    KTX_RETURN_IF_ERROR(add_form());
   }
 
   // Repack everything on the pool, one job at a time (each job's tasks in
@@ -321,6 +341,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     total += static_cast<uint64_t>(kernels::moe::MoeRepackBytes(j.job));
   }
   LoadProgress progress(options.progress, total);
+  const auto repack_t0 = Clock::now();
   uint64_t done = 0;
   for (const RepackJob& j : jobs) {
     pool_->ParallelFor(kernels::moe::MoeRepackNumTasks(j.job),
@@ -329,6 +350,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     progress.Update(done);
   }
   progress.Finish();
+  load_stats_.repack_seconds = SecondsSince(repack_t0);
   load_stats_.repacked_bytes = total;
 
   if (workspace_bytes > 0) {
@@ -340,18 +362,151 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
   }
   load_stats_.workspace_bytes = workspace_bytes;
   table_.assign(6 * static_cast<size_t>(n_expert), nullptr);
+
+  // The decode/prefill switch: calibrated on the first layer with a tile path
+  // unless given; then every plan gets it.
+  int calib_layer = -1;
+  for (int il = 0; il < n_layer && calib_layer < 0; ++il) {
+    if (IsFastLayer(il) && layers_[il]->plan.tile && layers_[il]->n_held > 0) calib_layer = il;
+  }
+  if (calib_layer < 0) {
+    prefill_min_tokens = 0;
+    prefill_switch = "none";
+  } else if (prefill_min_tokens == 0) {
+    // Once per process and layer shape (see the header).
+    static std::mutex cache_mu;
+    static std::map<std::string, std::pair<int64_t, std::vector<CpuMoeLoadStats::SwitchPoint>>>
+        cache;
+    const kernels::moe::MoePlan& cp = layers_[calib_layer]->plan;
+    const std::string key =
+        absl::StrCat(kernels::CpuVariantName(variant_), "/", cp.shape.n_embd, "/", cp.shape.n_ff,
+                     "/", TypeName(cp.format.gate.type), "/", TypeName(cp.format.down.type));
+    std::lock_guard<std::mutex> lock(cache_mu);
+    if (auto it = cache.find(key); it != cache.end()) {
+      prefill_min_tokens = it->second.first;
+      load_stats_.calibration = it->second.second;
+      prefill_switch = "calibrated (earlier in this process)";
+    } else {
+      KTX_ASSIGN_OR_RETURN(prefill_min_tokens, CalibratePrefillSwitch(calib_layer));
+      prefill_switch = "calibrated";
+      cache[key] = {prefill_min_tokens, load_stats_.calibration};
+    }
+  }
+  if (prefill_min_tokens > 0) {
+    for (auto& layer : layers_) {
+      if (layer == nullptr || !layer->fast) continue;
+      kernels::moe::MoePlanOptions po = layer->plan.options;
+      po.prefill_min_tokens = prefill_min_tokens;
+      KTX_ASSIGN_OR_RETURN(layer->plan,
+                           kernels::moe::MakeMoePlan(layer->plan.shape, layer->plan.format, po));
+    }
+  }
+  load_stats_.prefill_min_tokens = prefill_min_tokens;
+  load_stats_.prefill_switch = prefill_switch;
+
   load_stats_.seconds = SecondsSince(t0);
+  const double repack_gbps =
+      load_stats_.repack_seconds > 0
+          ? static_cast<double>(load_stats_.gguf_bytes) / load_stats_.repack_seconds / 1e9
+          : 0.0;
+  std::string calib;
+  for (const auto& p : load_stats_.calibration) {
+    absl::StrAppend(&calib, calib.empty() ? "" : ", ", p.tokens_per_expert, ": ",
+                    absl::StrFormat("%.2f/%.2f", p.decode_ms, p.tile_ms));
+  }
   KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
       "CPU experts ready: %d MoE layers on the %s kernels (%s%s), %d on the reference path, "
-      "%d experts held, %.2f GiB repacked in %.2f s (%.2f GB/s), NUMA node %d, workspace %.1f "
-      "MiB, %d threads",
+      "%d experts held, %.2f GiB repacked (%.3fx the %.2f GiB of GGUF expert bytes, one copy) in "
+      "%.2f s of %.2f s: %.2f GB/s, %.2f GB/s per core; prefill switch %s (%s)%s; NUMA node %d, "
+      "workspace %.1f MiB, %d threads",
       load_stats_.n_fast_layers, load_stats_.variant, load_stats_.decode_layout,
-      load_stats_.prefill_form ? " + amx_int8 prefill" : "", load_stats_.n_reference_layers,
-      load_stats_.n_experts_held, static_cast<double>(total) / (1 << 30), load_stats_.seconds,
-      load_stats_.seconds > 0 ? static_cast<double>(total) / load_stats_.seconds / 1e9 : 0.0,
+      load_stats_.prefill_form ? " + AMX tile prefill" : "", load_stats_.n_reference_layers,
+      load_stats_.n_experts_held, static_cast<double>(total) / (1 << 30),
+      load_stats_.gguf_bytes > 0
+          ? static_cast<double>(total) / static_cast<double>(load_stats_.gguf_bytes)
+          : 0.0,
+      static_cast<double>(load_stats_.gguf_bytes) / (1 << 30), load_stats_.repack_seconds,
+      load_stats_.seconds, repack_gbps, repack_gbps / pool_->num_workers(),
+      prefill_min_tokens > 0 ? absl::StrCat(">= ", prefill_min_tokens, " tokens per expert")
+                             : std::string("off"),
+      prefill_switch, calib.empty() ? "" : absl::StrCat(" [tokens: decode/tile ms ", calib, "]"),
       load_stats_.numa_node, static_cast<double>(workspace_bytes) / (1 << 20),
       pool_->num_workers());
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
+  const Layer& L = *layers_[il];
+  const models::Deepseek2Hparams& hp = *hparams_;
+  const int64_t n_expert = hp.n_expert, k_used = hp.n_expert_used, n_embd = hp.n_embd;
+  // The first n_expert_used held experts; every token goes to all of them.
+  std::vector<int32_t> chosen;
+  for (int64_t e = 0; e < n_expert && static_cast<int64_t>(chosen.size()) < k_used; ++e) {
+    if (L.held[e]) chosen.push_back(static_cast<int32_t>(e));
+  }
+  std::vector<int64_t> grid;
+  for (int64_t n : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128}) {
+    if (n <= max_tokens_) grid.push_back(n);
+  }
+  const int64_t max_n = grid.back();
+  kernels::moe::MoePlanOptions po = L.plan.options;
+  po.max_tokens = max_n;
+  po.prefill_min_tokens = kNoPrefill;
+  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan decode_plan,
+                       kernels::moe::MakeMoePlan(L.plan.shape, L.plan.format, po));
+  po.prefill_min_tokens = 1;
+  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan tile_plan,
+                       kernels::moe::MakeMoePlan(L.plan.shape, L.plan.format, po));
+  runtime::NumaBuffer ws = pool_->Allocate(std::max(kernels::moe::MoeWorkspaceSize(decode_plan),
+                                                    kernels::moe::MoeWorkspaceSize(tile_plan)));
+  if (ws.data() == nullptr) {
+    return absl::ResourceExhaustedError("CpuMoeBackend: no memory for the calibration workspace");
+  }
+  std::mt19937 rng(12345);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(max_n * n_embd), out(max_n * n_embd), wts(max_n * k_used, 0.0f);
+  for (float& v : x) v = normal(rng);
+  std::vector<int32_t> ids(max_n * k_used, kernels::moe::kMoeNoExpert);
+  for (int64_t t = 0; t < max_n; ++t) {
+    for (size_t i = 0; i < chosen.size(); ++i) {
+      ids[t * k_used + i] = chosen[i];
+      wts[t * k_used + i] = 1.0f / static_cast<float>(chosen.size());
+    }
+  }
+  const auto& f = L.plan.format;
+  kernels::moe::MoeLayerWeights w;
+  w.gate = {f.gate, L.ptrs[kGate].data()};
+  w.up = {f.up, L.ptrs[kUp].data()};
+  w.down = {f.down, L.ptrs[kDown].data()};
+  auto time_call = [&](const kernels::moe::MoePlan& plan, int64_t n) -> absl::StatusOr<double> {
+    const auto c0 = Clock::now();
+    KTX_ASSIGN_OR_RETURN(
+        kernels::moe::MoeRun run,
+        kernels::moe::MoeRun::Begin(plan, w, {n, x.data(), ids.data(), wts.data(), out.data()},
+                                    ws.data(), ws.size()));
+    kernels::moe::RunMoe(run,
+                         [this](int64_t n_tasks, auto&& fn) { pool_->ParallelFor(n_tasks, fn); });
+    return 1e3 * SecondsSince(c0);
+  };
+  load_stats_.calibration.clear();
+  for (int64_t n : grid) {
+    double best[2] = {1e30, 1e30};
+    for (int rep = 0; rep < 4; ++rep) {  // the first round warms up and is not counted
+      for (int path = 0; path < 2; ++path) {
+        KTX_ASSIGN_OR_RETURN(double ms, time_call(path == 0 ? decode_plan : tile_plan, n));
+        if (rep > 0) best[path] = std::min(best[path], ms);
+      }
+    }
+    load_stats_.calibration.push_back({n, best[0], best[1]});
+  }
+  // The smallest count from which the tile path is never slower; past the
+  // grid when it never wins.
+  int64_t crossing = max_n + 1;
+  for (auto it = load_stats_.calibration.rbegin(); it != load_stats_.calibration.rend(); ++it) {
+    if (it->tile_ms > it->decode_ms) break;
+    crossing = it->tokens_per_expert;
+  }
+  return crossing;
 }
 
 bool CpuMoeBackend::IsFastLayer(int il) const {

@@ -13,11 +13,26 @@
 // Load. For every MoE layer, the expert tensors (ffn_gate_exps, ffn_up_exps,
 // ffn_down_exps) of the held experts (CpuMoeBackendOptions::owned_experts: a
 // shard holds only its experts) are repacked into the kernel layout (panel16 by
-// default; on the amx variant also the lossy amx_int8 prefill form) in
-// parallel on the pool, into memory allocated on the pool's NUMA node (the
-// pool's pinned workers write it, so pages are first touched there too). A
-// progress bar goes to stderr when it is a terminal, else a log line every 5 s;
-// a final log line gives the time and the bytes.
+// default: one copy, about 1.02x the GGUF bytes, read by the decode kernels and,
+// on the amx variant, by the AMX tile prefill path too) in parallel on the
+// pool, into memory allocated on the pool's NUMA node (the pool's pinned
+// workers write it, so pages are first touched there too). A progress bar goes
+// to stderr when it is a terminal, else a log line every 5 s; a final log line
+// gives the time, the bytes (and their ratio to the GGUF bytes), the repacking
+// rate per core and the decode/prefill switch point.
+//
+// Decode/prefill switch. On the amx variant, experts with at least
+// prefill_min_tokens tokens in a call run the AMX tile path. The switch is set
+// at the measured crossing: with prefill_min_tokens = 0 (the default) Load
+// times one call of the first MoE layer's experts with 1..128 tokens each on
+// both paths on this pool (about a second) and takes the smallest token count
+// from which the tile path is never slower (load_stats().calibration); the
+// environment variable KTX_MOE_PREFILL_MIN_TOKENS=N (e.g. the crossing
+// moe_benchmark printed) or the option set N instead, without timing. The
+// calibration is made once per process and layer shape (variant, n_embd,
+// n_ff_exp, expert types): backends created later (other shards, a second
+// model instance) reuse it, so that every backend of a process routes an
+// expert with a given token count to the same path.
 //
 // A layer the kernels cannot run (expert types other than Q4_K, Q5_K, Q6_K,
 // Q8_0, BF16; n_embd or n_ff_exp not a multiple of 256, e.g. DeepSeek-V2-Lite's
@@ -30,8 +45,12 @@
 // result of a given variant is bitwise independent of the pool's thread count.
 // Accuracy: activations are quantized to int8 blocks (Q8_K / Q8_0) or rounded
 // to bf16 before the dot products: NMSE against the float reference about 1e-4
-// (the kernel states <= 1e-3; <= 1.5e-3 with amx_int8 prefill weights), i.e.
-// tier B of tests/data/README.md section 6 for the whole model.
+// (the kernel states <= 1e-3; <= 1.5e-3 on the AMX tile prefill path, which
+// also rounds the weights to int8), i.e. tier B of tests/data/README.md
+// section 6 for the whole model. The path of an expert depends on its token
+// count in the call (and the calibrated switch), so only a fixed
+// prefill_min_tokens (or amx_prefill = false) makes results reproducible
+// across loads.
 //
 // Ownership and thread-safety: owns the repacked weights, the plans, the
 // workspace and the per-call pointer tables; borrows the model's hparams and
@@ -83,11 +102,16 @@ struct CpuMoeBackendOptions {
   // Layout of the decode form: kPanel16 (repacked copy, the fast one) or kGguf
   // (no copy: the kernels read the model's mapping directly).
   kernels::moe::MoeWeightLayout decode_layout = kernels::moe::MoeWeightLayout::kPanel16;
-  // On the amx variant, also build the amx_int8 prefill form (lossy int8
-  // weights, AMX tiles; about 1.8x the Q4_K bytes more memory) used by experts
-  // with at least prefill_min_tokens tokens in a call.
+  // On the amx variant, experts with at least prefill_min_tokens tokens in a
+  // call run the AMX tile path over the same panel16 weights (int8 conversion
+  // on the fly, no second copy; needs decode_layout panel16).
   bool amx_prefill = true;
-  int64_t prefill_min_tokens = 32;
+  // Tests only: run the tile path on the scalar variant too (its reference
+  // implementation of the AMX contract), to check the wiring without AMX.
+  bool scalar_tile_reference = false;
+  // The decode/prefill switch (tokens per expert in a call). 0: the value of
+  // KTX_MOE_PREFILL_MIN_TOKENS if set, else calibrated at load (see above).
+  int64_t prefill_min_tokens = 0;
   ProgressMode progress = ProgressMode::kAuto;
   // Layers the kernels cannot run use the reference backend (true), or Create
   // fails naming the layer and the reason (false).
@@ -98,14 +122,27 @@ struct CpuMoeBackendOptions {
 struct CpuMoeLoadStats {
   std::string variant;           // "avx512", ...
   std::string decode_layout;     // "panel16" / "gguf"
-  bool prefill_form = false;     // amx_int8 copies were made
+  bool prefill_form = false;     // the AMX tile prefill path is on (lossy int8 weights)
   int n_fast_layers = 0;         // MoE layers on the kernels
   int n_reference_layers = 0;    // MoE layers that fell back to the reference path
   int64_t n_experts_held = 0;    // over all fast layers
   uint64_t repacked_bytes = 0;   // bytes written by repacking (allocated expert memory)
+  uint64_t gguf_bytes = 0;       // GGUF bytes of the held experts of the fast layers
+  double repack_seconds = 0.0;   // wall time of the repacking itself
   uint64_t workspace_bytes = 0;  // the Compute workspace
   double seconds = 0.0;          // wall time of Create
   int numa_node = -1;            // node of the expert memory, -1 = plain memory
+  // The decode/prefill switch in use (0: no prefill path) and where it came
+  // from: "calibrated", "option", "KTX_MOE_PREFILL_MIN_TOKENS" or "none".
+  int64_t prefill_min_tokens = 0;
+  std::string prefill_switch = "none";
+  // The calibration's measurements: one call of one layer's experts with
+  // `tokens_per_expert` tokens each, best of 3, on each path.
+  struct SwitchPoint {
+    int64_t tokens_per_expert = 0;
+    double decode_ms = 0, tile_ms = 0;
+  };
+  std::vector<SwitchPoint> calibration;
 };
 
 // Counters of Compute calls on fast layers since the last ResetRunStats().
@@ -115,7 +152,7 @@ struct CpuMoeRunStats {
   int64_t tokens = 0;           // token rows computed
   int64_t pairs = 0;            // (token, held expert) pairs computed
   int64_t active_experts = 0;   // sum over runs of the distinct experts used
-  int64_t prefill_experts = 0;  // of those, experts that ran the prefill (amx_int8) form
+  int64_t prefill_experts = 0;  // of those, experts that ran the prefill (AMX tile) path
   int64_t weight_bytes = 0;     // expert weight bytes the runs read (MoeRun::weight_bytes)
 };
 
@@ -159,6 +196,9 @@ class CpuMoeBackend final : public models::ExpertBackend {
   struct Layer;
   CpuMoeBackend() = default;
   absl::Status Load(const CpuMoeBackendOptions& options);
+  // Measures the crossing of the decode and tile paths on MoE layer il (see
+  // the file comment); fills load_stats_.calibration.
+  absl::StatusOr<int64_t> CalibratePrefillSwitch(int il);
 
   const models::Deepseek2Hparams* hparams_ = nullptr;
   const models::Deepseek2Weights* weights_ = nullptr;

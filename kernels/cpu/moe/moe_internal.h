@@ -391,8 +391,10 @@ struct MatmulArgs {
 // `act_group` k) they are converted on the fly to int8 v with one float scale
 // s = amax / 127, amax = the largest |value| the row's blocks in the group can
 // take (from their scales and mins), so that s * v approximates the GGUF value
-// within (0.5 + (0.5 * qmax + 0.5) / 128) * s (Q4_K: 0.5625 s, Q5_K: 0.625 s,
-// Q6_K: 0.625 s, Q8_0: 0.75 s; TileConvertPanelScalar below is the specification).
+// within (0.5 + (0.5 * |q|max + 0.5) / 256) * s (Q4_K: 0.531 s, Q5_K: 0.5625 s,
+// Q6_K: 0.5625 s, Q8_0: 0.75 s): v = (A q - B) >> 8 in 16-bit fixed point with
+// per-(row, sub-block) factors A, B (TileConvertPanelScalar below is the
+// specification).
 // Per group the int8 x int8 products are summed exactly in int32 (I), then
 //   out[t][r] = fma((float)I, s_r * d_t, out[t][r])
 // group after group, starting from 0: every implementation of this contract
@@ -427,6 +429,10 @@ struct MoeKernels {
   void (*quantize_tile)(const float* x, int8_t* q, float* d, int64_t n, int64_t group);
   // The tile matmul (contract above); args.scratch holds TileScratchBytes.
   void (*tile_matmul)(const MatmulArgs& args);
+  // The conversion the tile matmul uses (TileConvertPanelScalar's contract),
+  // exposed for tests and benchmarks; null where tile_matmul is.
+  void (*tile_convert)(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,
+                       int64_t k0, int64_t group, int8_t* tiles, float* s);
 };
 
 // The table of each variant (moe_kernels_<variant>.cc).

@@ -211,17 +211,20 @@ inline __m512i DupWords(__m512i v) {
   return _mm512_shuffle_epi8(v, idx);
 }
 
-// 64 bytes of unsigned quants x (byte 4r + i: row r) -> 64 int8
-// (a * x - b) >> 7 with a, b the 16-bit factors of row r (DupWords form).
-inline __m512i ConvertBytes7(__m512i x, __m512i a, __m512i b) {
-  const __m512i lo_mask = _mm512_set1_epi16(0x00FF);
-  const __m512i e = _mm512_and_si512(x, lo_mask);
-  const __m512i o = _mm512_srli_epi16(x, 8);
+// The 16-bit quants of even (e) and odd (o) bytes -> 64 int8 (a * q - b) >> 8
+// with a, b the 16-bit factors of each row (DupWords form). The products may
+// wrap; a * q - b itself fits int16 (moe_internal.h), so its high byte is the
+// result: odd bytes take it in place, even bytes shifted down.
+inline __m512i ConvertWords8(__m512i e, __m512i o, __m512i a, __m512i b) {
   const __m512i te = _mm512_sub_epi16(_mm512_mullo_epi16(e, a), b);
   const __m512i to = _mm512_sub_epi16(_mm512_mullo_epi16(o, a), b);
-  // even bytes: bits 7..14 of te; odd bytes: bits 7..14 of to.
-  return _mm512_ternarylogic_epi32(_mm512_srli_epi16(te, 7), _mm512_slli_epi16(to, 1), lo_mask,
-                                   0xE4);
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi16(te, 8), to, _mm512_set1_epi16(0x00FF), 0xE4);
+}
+
+// 64 bytes of unsigned quants x (byte 4r + i: row r) -> 64 int8.
+inline __m512i ConvertBytes8(__m512i x, __m512i a, __m512i b) {
+  return ConvertWords8(_mm512_and_si512(x, _mm512_set1_epi16(0x00FF)), _mm512_srli_epi16(x, 8), a,
+                       b);
 }
 
 // 1 / 0 mask of amax > 0: 127 / amax, else 0.
@@ -267,17 +270,17 @@ struct ConvQ4K {
     }
     _mm512_storeu_ps(s, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
     const __m512 inv = InvScale(amax);
-    const __m512 c128 = _mm512_set1_ps(128.0f);
+    const __m512 c256 = _mm512_set1_ps(256.0f);
     for (int64_t b = 0; b < nbg; ++b) {
       const uint8_t* pb = pb0 + b * kBlockBytes;
       const __m512 dq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ4KD)), inv);
       const __m512 mq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ4KDmin)), inv);
       for (int j = 0; j < 8; ++j) {
-        const __m512 sc = _mm512_mul_ps(U8ToFloat(Load128(pb + panel::kQ4KSc + 16 * j)), c128);
-        const __m512 mm = _mm512_mul_ps(Mins(pb, j), c128);
+        const __m512 sc = _mm512_mul_ps(U8ToFloat(Load128(pb + panel::kQ4KSc + 16 * j)), c256);
+        const __m512 mm = _mm512_mul_ps(Mins(pb, j), c256);
         fac[2 * (8 * b + j)] = DupWords(_mm512_cvtps_epi32(_mm512_mul_ps(dq, sc)));
         fac[2 * (8 * b + j) + 1] = DupWords(
-            _mm512_sub_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(mq, mm)), _mm512_set1_epi32(64)));
+            _mm512_sub_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(mq, mm)), _mm512_set1_epi32(128)));
       }
     }
   }
@@ -286,22 +289,29 @@ struct ConvQ4K {
     const int64_t b = u / kUnitsPerBlock;
     const int g = static_cast<int>(u % kUnitsPerBlock), j = g / 4;
     const uint8_t* pb = pb0 + b * kBlockBytes;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i z = Load512(pb + panel::kQ4KQs + 64 * g);
-    __m512i lo = _mm512_and_si512(z, m4);
-    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+    const __m512i a = fac[2 * (8 * b + j)], bb = fac[2 * (8 * b + j) + 1];
     if constexpr (kQ5) {  // bit t of h -> bit 4; t = 2 (g % 4) (lo), t + 1 (hi)
-      const __m512i h = Load512(pb + panel::kQ5KQh + 64 * j);
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
       const __m512i m10 = _mm512_set1_epi8(0x10);
+      const __m512i h = Load512(pb + panel::kQ5KQh + 64 * j);
       const int t = 2 * (g % 4);
       const __m512i hl = t <= 4 ? _mm512_slli_epi16(h, 4 - t) : _mm512_srli_epi16(h, t - 4);
       const __m512i hh = t + 1 <= 4 ? _mm512_slli_epi16(h, 3 - t) : _mm512_srli_epi16(h, t - 3);
-      lo = _mm512_ternarylogic_epi32(lo, hl, m10, 0xF8);
-      hi = _mm512_ternarylogic_epi32(hi, hh, m10, 0xF8);
+      const __m512i lo = _mm512_ternarylogic_epi32(_mm512_and_si512(z, m4), hl, m10, 0xF8);
+      const __m512i hi =
+          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), hh, m10, 0xF8);
+      _mm512_storeu_si512(dst, ConvertBytes8(lo, a, bb));
+      _mm512_storeu_si512(dst + 64, ConvertBytes8(hi, a, bb));
+    } else {  // the four nibbles of each 16-bit lane straight into words
+      const __m512i m = _mm512_set1_epi16(0x000F);
+      const __m512i e_lo = _mm512_and_si512(z, m);
+      const __m512i e_hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m);
+      const __m512i o_lo = _mm512_and_si512(_mm512_srli_epi16(z, 8), m);
+      const __m512i o_hi = _mm512_srli_epi16(z, 12);
+      _mm512_storeu_si512(dst, ConvertWords8(e_lo, o_lo, a, bb));
+      _mm512_storeu_si512(dst + 64, ConvertWords8(e_hi, o_hi, a, bb));
     }
-    const __m512i a = fac[2 * (8 * b + j)], bb = fac[2 * (8 * b + j) + 1];
-    _mm512_storeu_si512(dst, ConvertBytes7(lo, a, bb));
-    _mm512_storeu_si512(dst + 64, ConvertBytes7(hi, a, bb));
   }
 };
 
@@ -326,15 +336,15 @@ struct ConvQ6K {
     }
     _mm512_storeu_ps(s, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
     const __m512 inv = InvScale(amax);
-    const __m512 c128 = _mm512_set1_ps(128.0f);
+    const __m512 c256 = _mm512_set1_ps(256.0f);
     for (int64_t b = 0; b < nbg; ++b) {
       const uint8_t* pb = pb0 + b * kBlockBytes;
       const __m512 dq = _mm512_mul_ps(_mm512_cvtph_ps(Load256(pb + panel::kQ6KD)), inv);
       for (int j = 0; j < 16; ++j) {
-        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(dq, _mm512_mul_ps(Scales(pb, j), c128)));
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(dq, _mm512_mul_ps(Scales(pb, j), c256)));
         fac[2 * (16 * b + j)] = DupWords(a);
         fac[2 * (16 * b + j) + 1] =
-            DupWords(_mm512_sub_epi32(_mm512_slli_epi32(a, 5), _mm512_set1_epi32(64)));
+            DupWords(_mm512_sub_epi32(_mm512_slli_epi32(a, 5), _mm512_set1_epi32(128)));
       }
     }
   }
@@ -354,8 +364,8 @@ struct ConvQ6K {
     const __m512i hi =
         _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), hh, m30, 0xF8);
     const __m512i a = fac[2 * (16 * b + j)], bb = fac[2 * (16 * b + j) + 1];
-    _mm512_storeu_si512(dst, ConvertBytes7(lo, a, bb));
-    _mm512_storeu_si512(dst + 64, ConvertBytes7(hi, a, bb));
+    _mm512_storeu_si512(dst, ConvertBytes8(lo, a, bb));
+    _mm512_storeu_si512(dst + 64, ConvertBytes8(hi, a, bb));
   }
 };
 
@@ -578,6 +588,34 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 
 }  // namespace
 
+template <typename Conv>
+void TileConvertT(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel, int64_t k0,
+                  int64_t group, int8_t* tiles, float* s) {
+  const int64_t kb = KBlock(format);
+  const int64_t nbg = group / kb;
+  __m512i fac[2 * 16 * 4];  // group <= 1024: <= 64 sub-blocks
+  const uint8_t* pb0 = w + (panel * (k / kb) + k0 / kb) * Conv::kBlockBytes;
+  Conv::Setup(pb0, nbg, fac, s);
+  for (int64_t u = 0; u < nbg * Conv::kUnitsPerBlock; ++u) {
+    Conv::Unit(pb0, fac, u, reinterpret_cast<uint8_t*>(tiles) + 128 * u);
+  }
+}
+
+void TileConvert(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel, int64_t k0,
+                 int64_t group, int8_t* tiles, float* s) {
+  switch (format.type) {
+    case TensorType::kQ4_K:
+      TileConvertT<ConvQ4K<false>>(format, w, k, panel, k0, group, tiles, s);
+      break;
+    case TensorType::kQ5_K:
+      TileConvertT<ConvQ4K<true>>(format, w, k, panel, k0, group, tiles, s);
+      break;
+    case TensorType::kQ6_K: TileConvertT<ConvQ6K>(format, w, k, panel, k0, group, tiles, s); break;
+    case TensorType::kQ8_0: TileConvertT<ConvQ80>(format, w, k, panel, k0, group, tiles, s); break;
+    default: break;
+  }
+}
+
 void TileMatmul(const MatmulArgs& a) {
   switch (a.format.type) {
     case TensorType::kQ4_K: TileMatmulT<ConvQ4K<false>>(a); break;
@@ -603,18 +641,20 @@ namespace ktx::kernels::moe {
 
 #ifdef KTX_MOE_AMX_EMULATE
 const MoeKernels& MoeKernelsAmxEmulated() {
-  static const MoeKernels k = {
-      CpuVariant::kAvx512, "amx-emulated",        &amx_emulated::Supports,
-      &avx512::Quantize,   &amx_emulated::Matmul, &amx_emulated::NoScratch,
-      &avx512::SiluMul,    &avx512::QuantizeTile, &amx_emulated::TileMatmul};
+  static const MoeKernels k = {CpuVariant::kAvx512,       "amx-emulated",
+                               &amx_emulated::Supports,   &avx512::Quantize,
+                               &amx_emulated::Matmul,     &amx_emulated::NoScratch,
+                               &avx512::SiluMul,          &avx512::QuantizeTile,
+                               &amx_emulated::TileMatmul, &amx_emulated::TileConvert};
   return k;
 }
 #else
 const MoeKernels& MoeKernelsAmx() {
-  static const MoeKernels k = {
-      CpuVariant::kAmx, "amx",           &amx::Supports,   &avx512::Quantize,
-      &amx::Matmul,     &amx::NoScratch, &avx512::SiluMul, &avx512::QuantizeTile,
-      &amx::TileMatmul};
+  static const MoeKernels k = {CpuVariant::kAmx, "amx",
+                               &amx::Supports,   &avx512::Quantize,
+                               &amx::Matmul,     &amx::NoScratch,
+                               &avx512::SiluMul, &avx512::QuantizeTile,
+                               &amx::TileMatmul, &amx::TileConvert};
   return k;
 }
 #endif

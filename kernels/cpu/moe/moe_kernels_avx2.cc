@@ -431,9 +431,9 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 namespace ktx::kernels::moe {
 
 const MoeKernels& MoeKernelsAvx2() {
-  static const MoeKernels k = {CpuVariant::kAvx2, "avx2",        &avx2::Supports,
-                               &avx2::Quantize,   &avx2::Matmul, &avx2::NoScratch,
-                               &avx2::SiluMul,    nullptr,       nullptr};
+  static const MoeKernels k = {
+      CpuVariant::kAvx2, "avx2",         &avx2::Supports, &avx2::Quantize, &avx2::Matmul,
+      &avx2::NoScratch,  &avx2::SiluMul, nullptr,         nullptr,         nullptr};
   return k;
 }
 

@@ -450,9 +450,9 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 }  // namespace
 
 const MoeKernels& MoeKernelsAvx512() {
-  static const MoeKernels k = {CpuVariant::kAvx512, "avx512",        &Supports,
-                               &avx512::Quantize,   &avx512::Matmul, &NoScratch,
-                               &avx512::SiluMul,    nullptr,         nullptr};
+  static const MoeKernels k = {
+      CpuVariant::kAvx512, "avx512",         &Supports, &avx512::Quantize, &avx512::Matmul,
+      &NoScratch,          &avx512::SiluMul, nullptr,   nullptr,           nullptr};
   return k;
 }
 

@@ -299,10 +299,10 @@ void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k,
           DecodePanelQ4K(pb, r, q5, &dk);
           const float dq = dk.d * inv, mq = dk.dmin * inv;
           for (int j = 0; j < 8; ++j) {
-            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 128)));
+            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 256)));
             const int bc =
-                static_cast<int>(std::nearbyint(mq * static_cast<float>(dk.m[j] * 128))) - 64;
-            for (int i = 0; i < 32; ++i) put(kb0 + 32 * j + i, r, (a * dk.q[32 * j + i] - bc) >> 7);
+                static_cast<int>(std::nearbyint(mq * static_cast<float>(dk.m[j] * 256))) - 128;
+            for (int i = 0; i < 32; ++i) put(kb0 + 32 * j + i, r, (a * dk.q[32 * j + i] - bc) >> 8);
           }
           break;
         }
@@ -310,9 +310,9 @@ void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k,
           DecodePanelQ6K(pb, r, &dk);
           const float dq = dk.d * inv;
           for (int j = 0; j < 16; ++j) {
-            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 128)));
+            const int a = static_cast<int>(std::nearbyint(dq * static_cast<float>(dk.sc[j] * 256)));
             for (int i = 0; i < 16; ++i) {
-              put(kb0 + 16 * j + i, r, (a * dk.q[16 * j + i] - (32 * a - 64)) >> 7);
+              put(kb0 + 16 * j + i, r, (a * dk.q[16 * j + i] - (32 * a - 128)) >> 8);
             }
           }
           break;
@@ -338,10 +338,11 @@ int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 }  // namespace
 
 const MoeKernels& MoeKernelsScalar() {
-  static const MoeKernels k = {
-      CpuVariant::kScalar, "scalar",   &Supports,        &scalar::Quantize,
-      &scalar::Matmul,     &NoScratch, &scalar::SiluMul, &scalar::QuantizeTile,
-      &scalar::TileMatmul};
+  static const MoeKernels k = {CpuVariant::kScalar, "scalar",
+                               &Supports,           &scalar::Quantize,
+                               &scalar::Matmul,     &NoScratch,
+                               &scalar::SiluMul,    &scalar::QuantizeTile,
+                               &scalar::TileMatmul, &TileConvertPanelScalar};
   return k;
 }
 

@@ -2,13 +2,16 @@
 // fixtures (tests/data/README.md section 6, tier B) for every CPU variant the
 // host supports; each MoE layer against the ReferenceExpertBackend on the
 // model's own activations within the kernel's stated tolerance (NMSE <= 1e-3,
-// 1.5e-3 with amx_int8 prefill weights: kernels/cpu/moe tests); results
-// independent of the pool's thread count; held-expert masks; fallback.
+// 1.5e-3 with the AMX tile prefill path: kernels/cpu/moe tests); results
+// independent of the pool's thread count; held-expert masks; fallback; the
+// tile prefill path (its scalar reference here) with one copy of the weights
+// and the calibrated decode/prefill switch.
 #include "runtime/moe_backend/cpu_moe_backend.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -479,6 +482,99 @@ TEST(CpuMoeBackendTest, UnsupportedLayersFallBackToTheReference) {
   ASSERT_TRUE((*model)->Forward(tokens, kv2->get(), models::LogitsRows::kAll, &b).ok());
   (*model)->SetExpertBackend(nullptr);
   EXPECT_EQ(a.values(), b.values());
+}
+
+// The tile prefill path wired through the backend (the scalar variant's
+// reference of the AMX contract, so that it runs on any host): every layer
+// within the tile path's bound of the reference backend with every expert on
+// the tile path, one copy of the weights (panel16: at most 1.03x the GGUF
+// expert bytes).
+TEST(CpuMoeBackendTest, TilePrefillPathOnOneCopy) {
+  for (const std::string type : {"q4_k_m", "q8_0"}) {
+    auto model = OpenFixture(type);
+    auto pool = Pool(0);
+    CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+    o.scalar_tile_reference = true;
+    o.prefill_min_tokens = 1;
+    auto backend = CpuMoeBackend::Create(*model, pool.get(), o);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    const CpuMoeLoadStats& ls = (*backend)->load_stats();
+    EXPECT_TRUE(ls.prefill_form);
+    EXPECT_EQ(ls.prefill_min_tokens, 1);
+    EXPECT_EQ(ls.prefill_switch, "option");
+    EXPECT_GT(ls.gguf_bytes, 0u);
+    EXPECT_LE(static_cast<double>(ls.repacked_bytes), 1.03 * static_cast<double>(ls.gguf_bytes));
+    EXPECT_GE(ls.repacked_bytes, ls.gguf_bytes);
+    models::ReferenceExpertBackend ref(model->hparams(), model->weights());
+    for (const LayerInput& in : CaptureMoeInputs(*model)) {
+      Activations want, got;
+      (*backend)->ResetRunStats();
+      ASSERT_TRUE(ref.Compute(in.il, in.h, in.routing, {}, &want).ok());
+      ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, {}, &got).ok());
+      const CpuMoeRunStats rs = (*backend)->run_stats();
+      EXPECT_EQ(rs.prefill_experts, rs.active_experts);
+      const double nmse = Nmse(got, want);
+      std::printf("[ measured ] %s tile path (scalar reference) layer %d: NMSE %.2e\n",
+                  type.c_str(), in.il, nmse);
+      EXPECT_LT(nmse, 1.5e-3) << "layer " << in.il;
+    }
+  }
+}
+
+// prefill_min_tokens = 0: the switch is measured at load (once per process
+// and layer shape; a second backend reuses it), or taken from
+// KTX_MOE_PREFILL_MIN_TOKENS.
+TEST(CpuMoeBackendTest, PrefillSwitchIsCalibratedOnceOrGiven) {
+  auto model = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  unsetenv("KTX_MOE_PREFILL_MIN_TOKENS");
+  CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+  o.scalar_tile_reference = true;
+  o.max_tokens = 24;
+  auto a = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const CpuMoeLoadStats& la = (*a)->load_stats();
+  EXPECT_EQ(la.prefill_switch, "calibrated");
+  ASSERT_EQ(la.calibration.size(), 9u);  // 1, 2, 3, 4, 6, 8, 12, 16, 24 tokens per expert
+  EXPECT_EQ(la.calibration.back().tokens_per_expert, 24);
+  for (const auto& p : la.calibration) {
+    EXPECT_GT(p.decode_ms, 0.0);
+    EXPECT_GT(p.tile_ms, 0.0);
+    std::printf("[ measured ] scalar, %lld tokens per expert: decode %.3f ms, tile %.3f ms\n",
+                static_cast<long long>(p.tokens_per_expert), p.decode_ms, p.tile_ms);
+  }
+  // The crossing: from it on the tile path is never slower (or past the grid).
+  EXPECT_GE(la.prefill_min_tokens, 1);
+  EXPECT_LE(la.prefill_min_tokens, 25);
+  for (const auto& p : la.calibration) {
+    if (p.tokens_per_expert >= la.prefill_min_tokens) {
+      EXPECT_LE(p.tile_ms, p.decode_ms);
+    }
+  }
+  auto b = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)->load_stats().prefill_switch, "calibrated (earlier in this process)");
+  EXPECT_EQ((*b)->load_stats().prefill_min_tokens, la.prefill_min_tokens);
+
+  setenv("KTX_MOE_PREFILL_MIN_TOKENS", "5", 1);
+  auto c = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ((*c)->load_stats().prefill_min_tokens, 5);
+  EXPECT_EQ((*c)->load_stats().prefill_switch, "KTX_MOE_PREFILL_MIN_TOKENS");
+  EXPECT_TRUE((*c)->load_stats().calibration.empty());
+  setenv("KTX_MOE_PREFILL_MIN_TOKENS", "five", 1);
+  auto bad = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_MOE_PREFILL_MIN_TOKENS"), std::string::npos)
+      << bad.status();
+  unsetenv("KTX_MOE_PREFILL_MIN_TOKENS");
+  // Without a tile path there is no switch.
+  CpuMoeBackendOptions plain = Quiet(CpuVariant::kScalar);
+  auto d = CpuMoeBackend::Create(*model, pool.get(), plain);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ((*d)->load_stats().prefill_switch, "none");
+  EXPECT_EQ((*d)->load_stats().prefill_min_tokens, 0);
+  EXPECT_FALSE((*d)->load_stats().prefill_form);
 }
 
 // CpuExperts attaches to the model and gives the reference backend back.

@@ -146,6 +146,35 @@ TEST_F(AmxEmulationTest, TileMatmulOverPanel16EqualsScalarBitwise) {
   }
 }
 
+// The AVX-512 converters (used by the AMX kernels) equal the scalar
+// specification bitwise: int8 tiles and row scales, every format and group.
+TEST_F(AmxEmulationTest, TileConversionEqualsScalarBitwise) {
+  std::mt19937 rng(25);
+  const int64_t rows = 48, k = 2048;
+  for (TensorType t :
+       {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
+    const MoeMatrixFormat f{t, MoeWeightLayout::kPanel16};
+    for (int64_t group : {256, 512, 1024}) {
+      std::vector<int8_t> ta(16 * group), tb(16 * group);
+      float sa[16], sb[16];
+      for (int64_t p = 0; p < rows / 16; ++p) {
+        for (int64_t k0 = 0; k0 < k; k0 += group) {
+          SCOPED_TRACE(::testing::Message()
+                       << TraitsOf(t).name << " group " << group << " panel " << p << " k0 " << k0);
+          MoeKernelsAmxEmulated().tile_convert(f, static_cast<const uint8_t*>(w.ptrs[0]), k, p, k0,
+                                               group, ta.data(), sa);
+          MoeKernelsScalar().tile_convert(f, static_cast<const uint8_t*>(w.ptrs[0]), k, p, k0,
+                                          group, tb.data(), sb);
+          ASSERT_EQ(0, std::memcmp(sa, sb, sizeof(sa)));
+          ASSERT_EQ(ta, tb);
+        }
+      }
+    }
+  }
+}
+
 TEST_F(AmxEmulationTest, TileQuantizerEqualsScalarBitwise) {
   std::mt19937 rng(24);
   std::normal_distribution<float> n(0.0f, 3.0f);

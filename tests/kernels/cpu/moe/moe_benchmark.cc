@@ -9,14 +9,27 @@
 //   kernel_in_cache/<variant>/<type>/tokens:N  one 128-row panel16 matrix in L2, one
 //                            thread: weight bytes per CPU-second (compute headroom)
 //   repack/<type>/<layout>   load-time repacking, one thread (GGUF bytes per second)
+//   tile_convert/<type>      the AMX path's panel16 -> int8 conversion, one thread,
+//                            in L2 (ns per 1024 weights; emulated table without AMX)
+//   crossing/<variant>       the decode/prefill switch: the layer with every expert
+//                            at exactly N tokens (N = 1 .. 64), decode path vs tile
+//                            path, best of 3; the crossing is the smallest N from
+//                            which the tile path is never slower
 //   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
-//                            of the variant's int8 peak (amx_int8 prefill form on amx)
+//                            of the variant's int8 peak (amx: the tile path over the
+//                            panel16 weights, switched at the measured crossing)
+//   prefill/amx_int8/tokens:N   the older amx form (a second, int8 copy of the
+//                            weights) for comparison
+//
+// At the end a summary table (machine, date, the limits, decode and prefill per
+// ISA, the crossing) goes to stdout, and with --ktx_summary_json=PATH as JSON.
 //
 // Flags (before Google Benchmark's own): --ktx_smoke (tiny sizes, for ctest),
 // --ktx_experts=N (default 64: ~1.9 GiB of panel16 weights, far beyond the
 // caches), --ktx_full_layer (all 256 experts, ~7.4 GiB; also KTX_BENCH_FULL_LAYER=1),
 // --ktx_threads=N (first N allowed cpus), --ktx_variants=avx512,amx (default: avx512 and amx where
-// supported; scalar and avx2 only when named). Typical: moe_benchmark --benchmark_filter=decode
+// supported; scalar and avx2 only when named), --ktx_summary_json=PATH.
+// Typical: moe_benchmark --benchmark_filter=decode
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -26,14 +39,19 @@
 #include <cstring>
 #include <ctime>
 
+#include <fstream>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "nlohmann/json.hpp"
+
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/moe/moe.h"
 #include "kernels/cpu/moe/moe_internal.h"
+#include "kernels/cpu/moe/moe_kernels_amx_emulated.h"
 #include "kernels/cpu/x86/cpu_variant.h"
 #include "runtime/cpu_pool/cpu_pool.h"
 #include "tests/kernels/cpu/moe/moe_benchmark_kernels.h"
@@ -50,6 +68,7 @@ struct Config {
   int64_t n_expert = 64;
   int threads = 0;  // 0: every allowed cpu
   std::vector<CpuVariant> variants;
+  std::string summary_json;
 };
 
 Config g_config;
@@ -57,6 +76,9 @@ CpuPool* g_pool = nullptr;
 double g_read_gbps = 0.0;
 double g_vnni_tops = 0.0;
 double g_amx_int8_tops = 0.0;
+double g_amx_bf16_tops = 0.0;
+// Figures for the closing summary, by name ("decode/avx512/1/GBps", ...).
+std::map<std::string, double> g_results;
 
 // CPU seconds of the whole process (all threads), for load-robust rates.
 double ProcessCpuSeconds() {
@@ -118,6 +140,7 @@ void BM_ReadBandwidth(benchmark::State& state) {
     ++n;
   }
   g_read_gbps = best;
+  g_results["read_bw/GBps"] = best;
   state.counters["GBps_best"] = best;
   state.counters["GBps_mean"] = sum / n;
   state.counters["bytes"] = static_cast<double>(Buffer().bytes);
@@ -139,10 +162,11 @@ double MeasurePeak(int64_t iters_per_task) {
 }
 
 template <int64_t (*Loop)(int64_t)>
-void BM_Peak(benchmark::State& state, int64_t iters, double* store) {
+void BM_Peak(benchmark::State& state, int64_t iters, double* store, const char* key) {
   double best = 0;
   for (auto _ : state) best = std::max(best, MeasurePeak<Loop>(iters));
   *store = best;
+  g_results[std::string(key) + "/TOPS"] = best;
   state.counters["TOPS"] = best;
   state.counters["threads"] = g_pool->num_workers();
 }
@@ -158,10 +182,11 @@ struct Layer {
 };
 
 // One random expert (Q4_K gate/up, Q6_K down), repacked, copied to every expert
-// slot (distinct memory: reads come from DRAM, not from the caches).
-Layer& GetLayer(bool with_amx) {
+// slot (distinct memory: reads come from DRAM, not from the caches). With
+// `with_amx_int8` also the older amx_int8 prefill copies.
+Layer& GetLayer(bool with_amx_int8) {
   static std::unique_ptr<Layer> layers[2];
-  std::unique_ptr<Layer>& slot = layers[with_amx ? 1 : 0];
+  std::unique_ptr<Layer>& slot = layers[with_amx_int8 ? 1 : 0];
   if (slot) return *slot;
   auto L = std::make_unique<Layer>();
   L->shape =
@@ -195,7 +220,7 @@ Layer& GetLayer(bool with_amx) {
   L->weights.gate = {L->format.gate, L->gate.data()};
   L->weights.up = {L->format.up, L->up.data()};
   L->weights.down = {L->format.down, L->down.data()};
-  if (with_amx) {
+  if (with_amx_int8) {
     const MoeWeightLayout amx = MoeWeightLayout::kAmxInt8;
     add(g, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->gate_p);
     add(u, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->up_p);
@@ -236,15 +261,27 @@ std::vector<Routing> MakeRoutings(const MoeShape& s, int64_t n_tokens, int count
   return out;
 }
 
-void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, bool prefill) {
+// How the prefill benchmarks run the amx variant.
+enum class Mode { kDecode, kPrefill, kPrefillGroup1024, kPrefillAmxInt8 };
+
+int64_t Crossing(CpuVariant variant);
+
+void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mode mode) {
+  const bool prefill = mode != Mode::kDecode;
   const bool amx = variant == CpuVariant::kAmx;
-  Layer& L = GetLayer(amx && prefill);
+  Layer& L = GetLayer(amx && mode == Mode::kPrefillAmxInt8);
   MoePlanOptions o;
   o.max_tokens = n_tokens;
   o.max_workers = g_pool->num_workers();
   o.force_variant = true;
   o.variant = variant;
   if (const char* e = std::getenv("KTX_BENCH_DOWN_ROWS")) o.down_rows_per_task = std::atoll(e);
+  if ((mode == Mode::kPrefill || mode == Mode::kPrefillGroup1024) &&
+      MoeKernelsFor(variant).tile_matmul != nullptr) {
+    o.tile_prefill = true;
+    o.prefill_min_tokens = Crossing(variant);
+    if (mode == Mode::kPrefillGroup1024) o.tile_group = 1024;
+  }
   auto plan = MakeMoePlan(L.shape, L.format, o);
   if (!plan.ok()) {
     state.SkipWithError(std::string(plan.status().message()).c_str());
@@ -316,7 +353,24 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
   }
   state.counters["prefill_experts_per_call"] =
       static_cast<double>(prefill_experts) / static_cast<double>(state.iterations());
+  if (mode != Mode::kDecode && plan->tile) {
+    state.counters["prefill_min_tokens"] = static_cast<double>(plan->options.prefill_min_tokens);
+  }
   const double ref = ref_sum / static_cast<double>(state.iterations());
+  std::string form = CpuVariantName(variant);
+  if (mode == Mode::kPrefillAmxInt8) form = "amx_int8";
+  if (mode == Mode::kPrefillGroup1024) form += "_g1024";
+  const std::string key = std::string(mode == Mode::kDecode ? "decode/" : "prefill/") + form + "/" +
+                          std::to_string(n_tokens);
+  g_results[key + "/GBps"] = bytes / seconds / 1e9;
+  g_results[key + "/TOPS"] = ops / seconds / 1e12;
+  g_results[key + "/ms"] = 1e3 * seconds / static_cast<double>(state.iterations());
+  if (!prefill) {
+    g_results[key + "/pct_of_read_bw"] = 100.0 * (bytes / seconds / 1e9) / ref;
+  } else if (ref > 0) {
+    g_results[key + "/pct_of_int8_peak"] = 100.0 * (ops / seconds / 1e12) / ref;
+    g_results[key + "/int8_peak_TOPS"] = ref;
+  }
   if (!prefill) {
     state.counters["read_GBps_interleaved"] = ref;
     state.counters["pct_of_read_bw"] = 100.0 * (bytes / seconds / 1e9) / ref;
@@ -335,6 +389,124 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, boo
     state.counters["pct_of_int8_peak_per_cpu_s"] =
         100.0 * (ops / cpu_seconds / 1e12) / peak_per_cpu;
   }
+}
+
+// The decode/prefill crossing of `variant` (tile path vs decode path) on the
+// layer: every expert at exactly n tokens (token t routed to experts 8t .. 8t
+// + 7 mod n_expert), each path best of 3 after a warm-up call. Computed once.
+struct CrossingPoint {
+  int64_t tokens_per_expert;
+  double decode_ms, tile_ms;
+};
+std::map<CpuVariant, std::vector<CrossingPoint>> g_crossing_points;
+
+int64_t Crossing(CpuVariant variant) {
+  static std::map<CpuVariant, int64_t> memo;
+  if (auto it = memo.find(variant); it != memo.end()) return it->second;
+  Layer& L = GetLayer(false);
+  const MoeShape& s = L.shape;
+  const int64_t per_token = s.n_expert_used;
+  const std::vector<int64_t> grid = g_config.smoke
+                                        ? std::vector<int64_t>{1, 2, 4}
+                                        : std::vector<int64_t>{1, 2, 4, 8, 12, 16, 24, 32, 48, 64};
+  const int64_t max_tokens = grid.back() * s.n_expert / per_token;
+  MoePlanOptions o;
+  o.max_tokens = max_tokens;
+  o.max_workers = g_pool->num_workers();
+  o.force_variant = true;
+  o.variant = variant;
+  o.tile_prefill = true;
+  o.prefill_min_tokens = int64_t{1} << 40;
+  auto decode_plan = MakeMoePlan(s, L.format, o);
+  o.prefill_min_tokens = 1;
+  auto tile_plan = MakeMoePlan(s, L.format, o);
+  if (!decode_plan.ok() || !tile_plan.ok() || !tile_plan->tile) return memo[variant] = 1 << 30;
+  NumaBuffer ws = g_pool->Allocate(MoeWorkspaceSize(*tile_plan));
+  std::memset(ws.data(), 0, ws.size());
+  std::mt19937 rng(77);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> x(max_tokens * s.n_embd), out(max_tokens * s.n_embd);
+  for (float& v : x) v = n(rng);
+  std::vector<int32_t> ids(max_tokens * per_token);
+  std::vector<float> w(max_tokens * per_token, 1.0f / static_cast<float>(per_token));
+  for (int64_t t = 0; t < max_tokens; ++t) {
+    for (int64_t k = 0; k < per_token; ++k) {
+      ids[t * per_token + k] = static_cast<int32_t>((t * per_token + k) % s.n_expert);
+    }
+  }
+  auto time_ms = [&](const MoePlan& plan, int64_t n_tokens) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto run =
+        MoeRun::Begin(plan, L.weights, {n_tokens, x.data(), ids.data(), w.data(), out.data()},
+                      ws.data(), ws.size());
+    if (!run.ok()) return 1e30;
+    RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
+    return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
+  };
+  std::vector<CrossingPoint>& points = g_crossing_points[variant];
+  for (int64_t tpe : grid) {
+    const int64_t n_tokens = tpe * s.n_expert / per_token;
+    double best[2] = {1e30, 1e30};
+    for (int rep = 0; rep < 4; ++rep) {
+      for (int path = 0; path < 2; ++path) {
+        const double ms = time_ms(path == 0 ? *decode_plan : *tile_plan, n_tokens);
+        if (rep > 0) best[path] = std::min(best[path], ms);
+      }
+    }
+    points.push_back({tpe, best[0], best[1]});
+  }
+  int64_t crossing = grid.back() + 1;
+  for (auto it = points.rbegin(); it != points.rend(); ++it) {
+    if (it->tile_ms > it->decode_ms) break;
+    crossing = it->tokens_per_expert;
+  }
+  return memo[variant] = crossing;
+}
+
+void BM_Crossing(benchmark::State& state, CpuVariant variant) {
+  int64_t crossing = 0;
+  for (auto _ : state) crossing = Crossing(variant);
+  for (const CrossingPoint& p : g_crossing_points[variant]) {
+    const std::string n = std::to_string(p.tokens_per_expert);
+    state.counters["tpe" + n + "_decode_ms"] = p.decode_ms;
+    state.counters["tpe" + n + "_tile_ms"] = p.tile_ms;
+    const std::string key = std::string("crossing/") + CpuVariantName(variant) + "/" + n;
+    g_results[key + "/decode_ms"] = p.decode_ms;
+    g_results[key + "/tile_ms"] = p.tile_ms;
+  }
+  state.counters["crossing_tokens_per_expert"] = static_cast<double>(crossing);
+  g_results[std::string("crossing/") + CpuVariantName(variant) + "/tokens_per_expert"] =
+      static_cast<double>(crossing);
+}
+
+// The tile path's weight conversion alone (panel16 -> int8 B tiles), one
+// thread, one 16-row panel in L2, group by group: ns per 1024 weights.
+void BM_TileConvert(benchmark::State& state, TensorType type) {
+  const MoeKernels& kern = HostSupportsCpuVariant(CpuVariant::kAmx)
+                               ? MoeKernelsFor(CpuVariant::kAmx)
+                               : MoeKernelsAmxEmulated();
+  const int64_t k = type == TensorType::kQ6_K ? 2048 : 7168, group = 512;
+  std::mt19937 rng(5);
+  const auto m = testing::RandomMatrix(type, 16, k, 0.05f, rng);
+  const auto w = testing::MakeLayout({m}, type, MoeWeightLayout::kPanel16, 16, k, {true});
+  const MoeMatrixFormat f{type, MoeWeightLayout::kPanel16};
+  std::vector<int8_t> tiles(16 * group);
+  float sc[16];
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t k0 = 0; k0 < k; k0 += group) {
+      kern.tile_convert(f, static_cast<const uint8_t*>(w.ptrs[0]), k, 0, k0, group, tiles.data(),
+                        sc);
+    }
+    benchmark::DoNotOptimize(tiles.data());
+    seconds += Seconds(t0, std::chrono::steady_clock::now());
+  }
+  const double weights = static_cast<double>(state.iterations()) * 16.0 * static_cast<double>(k);
+  const double ns_per_k = 1e9 * seconds / (weights / 1024.0);
+  state.counters["ns_per_1k_weights"] = ns_per_k;
+  g_results[std::string("tile_convert/") + TraitsOf(type).name + "/ns_per_1k_weights"] = ns_per_k;
+  state.SetBytesProcessed(state.iterations() * *MoeMatrixBytes(f, 16, k));
 }
 
 // (5) One kernel call in cache, one thread: GB/s of weights per CPU-second
@@ -402,11 +574,17 @@ void BM_Repack(benchmark::State& state, TensorType type, MoeWeightLayout to) {
   job.n_expert = 1;
   job.src = &src_ptr;
   job.dst = &dst_ptr;
+  double seconds = 0;
   for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
     for (int64_t t = 0; t < MoeRepackNumTasks(job); ++t) MoeRepackTask(job, t);
     benchmark::DoNotOptimize(dst.p.get());
+    seconds += Seconds(t0, std::chrono::steady_clock::now());
   }
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(m.size()));
+  g_results[std::string("repack/") + TraitsOf(type).name + "/" + MoeWeightLayoutName(to) +
+            "/GBps_per_core"] =
+      static_cast<double>(state.iterations()) * static_cast<double>(m.size()) / seconds / 1e9;
 }
 
 void ParseFlags(int* argc, char** argv) {
@@ -426,6 +604,8 @@ void ParseFlags(int* argc, char** argv) {
       g_config.threads = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--ktx_variants=", 0) == 0) {
       variants = a.substr(15);
+    } else if (a.rfind("--ktx_summary_json=", 0) == 0) {
+      g_config.summary_json = a.substr(19);
     } else {
       argv[out++] = argv[i];
     }
@@ -457,7 +637,7 @@ void Register() {
     benchmark::RegisterBenchmark("peak/vnni",
                                  [](benchmark::State& s) {
                                    BM_Peak<VnniPeakLoop>(s, g_config.smoke ? 1000 : 2000000,
-                                                         &g_vnni_tops);
+                                                         &g_vnni_tops, "peak/vnni");
                                  })
         ->Iterations(3)
         ->UseRealTime();
@@ -466,18 +646,24 @@ void Register() {
     benchmark::RegisterBenchmark("peak/amx_int8",
                                  [](benchmark::State& s) {
                                    BM_Peak<AmxInt8PeakLoop>(s, g_config.smoke ? 100 : 200000,
-                                                            &g_amx_int8_tops);
+                                                            &g_amx_int8_tops, "peak/amx_int8");
                                  })
         ->Iterations(3)
         ->UseRealTime();
     benchmark::RegisterBenchmark("peak/amx_bf16",
                                  [](benchmark::State& s) {
-                                   double unused = 0;
                                    BM_Peak<AmxBf16PeakLoop>(s, g_config.smoke ? 100 : 200000,
-                                                            &unused);
+                                                            &g_amx_bf16_tops, "peak/amx_bf16");
                                  })
         ->Iterations(3)
         ->UseRealTime();
+  }
+  if (HostSupportsCpuVariant(CpuVariant::kAvx512)) {  // AMX, or its emulated table
+    for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K}) {
+      benchmark::RegisterBenchmark((std::string("tile_convert/") + TraitsOf(t).name).c_str(),
+                                   [t](benchmark::State& s) { BM_TileConvert(s, t); })
+          ->MinTime(g_config.smoke ? 0.01 : 0.3);
+    }
   }
   for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K}) {
     for (MoeWeightLayout to : {MoeWeightLayout::kPanel16, MoeWeightLayout::kAmxInt8}) {
@@ -498,7 +684,7 @@ void Register() {
     for (int64_t n : decode) {
       benchmark::RegisterBenchmark(
           (std::string("decode/") + CpuVariantName(v) + "/tokens:" + std::to_string(n)).c_str(),
-          [v, n](benchmark::State& s) { BM_Layer(s, v, n, false); })
+          [v, n](benchmark::State& s) { BM_Layer(s, v, n, Mode::kDecode); })
           ->UseRealTime()
           ->MinTime(g_config.smoke ? 0.01 : 1.0)
           ->Unit(benchmark::kMillisecond);
@@ -521,14 +707,120 @@ void Register() {
     }
     const std::vector<int64_t> prefill =
         g_config.smoke ? std::vector<int64_t>{32} : std::vector<int64_t>{128, 512, 2048};
+    if (MoeKernelsFor(v).tile_matmul != nullptr) {
+      benchmark::RegisterBenchmark((std::string("crossing/") + CpuVariantName(v)).c_str(),
+                                   [v](benchmark::State& s) { BM_Crossing(s, v); })
+          ->UseRealTime()
+          ->Iterations(1)
+          ->Unit(benchmark::kMillisecond);
+    }
     for (int64_t n : prefill) {
       benchmark::RegisterBenchmark(
           (std::string("prefill/") + CpuVariantName(v) + "/tokens:" + std::to_string(n)).c_str(),
-          [v, n](benchmark::State& s) { BM_Layer(s, v, n, true); })
+          [v, n](benchmark::State& s) { BM_Layer(s, v, n, Mode::kPrefill); })
           ->UseRealTime()
           ->Iterations(g_config.smoke ? 1 : 2)
           ->Unit(benchmark::kMillisecond);
     }
+    if (v == CpuVariant::kAmx && !g_config.smoke) {  // the tile path with groups of 1024
+      benchmark::RegisterBenchmark(
+          "prefill/amx_g1024/tokens:2048",
+          [v](benchmark::State& s) { BM_Layer(s, v, 2048, Mode::kPrefillGroup1024); })
+          ->UseRealTime()
+          ->Iterations(2)
+          ->Unit(benchmark::kMillisecond);
+    }
+    if (v == CpuVariant::kAmx) {
+      for (int64_t n : prefill) {
+        benchmark::RegisterBenchmark(
+            (std::string("prefill/amx_int8/tokens:") + std::to_string(n)).c_str(),
+            [v, n](benchmark::State& s) { BM_Layer(s, v, n, Mode::kPrefillAmxInt8); })
+            ->UseRealTime()
+            ->Iterations(g_config.smoke ? 1 : 2)
+            ->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+}
+
+std::string Fmt(const char* fmt, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), fmt, v);
+  return buf;
+}
+
+// The closing summary: one table for what the issue asks, and JSON.
+void PrintSummary(const std::string& brand) {
+  auto get = [](const std::string& k) {
+    auto it = g_results.find(k);
+    return it == g_results.end() ? -1.0 : it->second;
+  };
+  char date[64];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof(date), "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
+  std::printf("\n== moe_benchmark summary: %s, %d threads, %lld experts%s, %s ==\n", brand.c_str(),
+              g_pool->num_workers(), static_cast<long long>(g_config.n_expert),
+              g_config.smoke ? " (smoke: a 256-wide toy layer of 16)" : "", date);
+  std::printf("limits: read %s GB/s | VNNI int8 %s TOPS | AMX int8 %s TOPS | AMX bf16 %s TFLOPS\n",
+              Fmt("%.1f", get("read_bw/GBps")).c_str(), Fmt("%.2f", get("peak/vnni/TOPS")).c_str(),
+              Fmt("%.1f", get("peak/amx_int8/TOPS")).c_str(),
+              Fmt("%.1f", get("peak/amx_bf16/TOPS")).c_str());
+  std::printf(
+      "| form | decode 1 | 2 | 4 | 8 (GB/s, %% of read bw) | prefill 128 | 512 | 2048 (TOPS, "
+      "%% of int8 peak) | crossing (tokens/expert) |\n|---|---|---|---|---|---|---|---|---|\n");
+  std::vector<std::string> forms;
+  for (CpuVariant v : g_config.variants) forms.push_back(CpuVariantName(v));
+  for (const char* extra : {"amx_g1024", "amx_int8"}) {
+    for (const auto& [k, v] : g_results) {
+      if (k.rfind(std::string("prefill/") + extra + "/", 0) == 0) {
+        forms.push_back(extra);
+        break;
+      }
+    }
+  }
+  nlohmann::json j;
+  j["machine"] = brand;
+  j["date"] = date;
+  j["threads"] = g_pool->num_workers();
+  j["experts"] = g_config.n_expert;
+  j["limits"] = {{"read_GBps", get("read_bw/GBps")},
+                 {"vnni_int8_TOPS", get("peak/vnni/TOPS")},
+                 {"amx_int8_TOPS", get("peak/amx_int8/TOPS")},
+                 {"amx_bf16_TFLOPS", get("peak/amx_bf16/TOPS")}};
+  for (const std::string& f : forms) {
+    std::string row = "| " + f + " |";
+    nlohmann::json jf;
+    for (int64_t n : {1, 2, 4, 8}) {
+      const std::string k = "decode/" + f + "/" + std::to_string(n);
+      const double g = get(k + "/GBps"), pct = get(k + "/pct_of_read_bw");
+      row += g < 0 ? " - |" : " " + Fmt("%.1f", g) + " (" + Fmt("%.0f", pct) + " %) |";
+      if (g >= 0) jf["decode"][std::to_string(n)] = {{"GBps", g}, {"pct_of_read_bw", pct}};
+    }
+    for (int64_t n : {128, 512, 2048}) {
+      const std::string k = "prefill/" + f + "/" + std::to_string(n);
+      const double t = get(k + "/TOPS"), pct = get(k + "/pct_of_int8_peak");
+      row += t < 0 ? " - |" : " " + Fmt("%.2f", t) + " (" + Fmt("%.1f", pct) + " %) |";
+      if (t >= 0) {
+        jf["prefill"][std::to_string(n)] = {
+            {"TOPS", t}, {"pct_of_int8_peak", pct}, {"ms", get(k + "/ms")}};
+      }
+    }
+    const double c = get("crossing/" + f + "/tokens_per_expert");
+    row += c < 0 ? " - |" : " " + Fmt("%.0f", c) + " |";
+    if (c >= 0) jf["crossing_tokens_per_expert"] = c;
+    std::printf("%s\n", row.c_str());
+    j["forms"][f] = jf;
+  }
+  for (const auto& [k, v] : g_results) {
+    if (k.rfind("crossing/", 0) == 0 || k.rfind("repack/", 0) == 0 ||
+        k.rfind("tile_convert/", 0) == 0) {
+      j["detail"][k] = v;
+    }
+  }
+  if (!g_config.summary_json.empty()) {
+    std::ofstream out(g_config.summary_json);
+    out << j.dump(2) << "\n";
+    std::printf("summary JSON: %s\n", g_config.summary_json.c_str());
   }
 }
 
@@ -561,6 +853,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
+  PrintSummary(f.brand);
   benchmark::Shutdown();
   return 0;
 }

@@ -497,10 +497,10 @@ TEST(MoeRepackTest, TileConversionIsWithinItsBoundOfTheGgufValues) {
   std::mt19937 rng(13);
   struct Bound {
     TensorType type;
-    double steps;  // 0.5 + (0.5 * max|q| + 0.5) / 2^shift
+    double steps;  // 0.5 + (0.5 * max|q| + 0.5) / 256
   };
-  for (Bound bd : {Bound{TensorType::kQ4_K, 0.5625}, Bound{TensorType::kQ5_K, 0.625},
-                   Bound{TensorType::kQ6_K, 0.625}, Bound{TensorType::kQ8_0, 0.75}}) {
+  for (Bound bd : {Bound{TensorType::kQ4_K, 0.53125}, Bound{TensorType::kQ5_K, 0.5625},
+                   Bound{TensorType::kQ6_K, 0.5625}, Bound{TensorType::kQ8_0, 0.75}}) {
     const int64_t rows = 32, k = 1024;
     const std::vector<uint8_t> m = testing::RandomMatrix(bd.type, rows, k, 1.0f, rng);
     const LayoutCopy c = MakeLayout({m}, bd.type, MoeWeightLayout::kPanel16, rows, k, {true});
