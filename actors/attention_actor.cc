@@ -71,9 +71,21 @@ struct Step {
   absl::Status moe_status;
   bool moe_done = false;
   bool shared_done = false;
+  std::vector<int64_t> moe_shard_us;  // [n_shards] this layer's shard compute (actor writes)
+  int64_t moe_shared_us = 0;          // this layer's shared experts (shared job writes)
 
   std::chrono::steady_clock::time_point start;
+  // Stage timings (actors/profile.h): jobs write their stage's fields, the
+  // actor the shard times of a MoE result.
+  StepProfile prof;
+  std::chrono::steady_clock::time_point moe_posted;  // end of Route of the current MoE layer
 };
+
+using Clock = std::chrono::steady_clock;
+
+int64_t MicrosSince(Clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count();
+}
 
 void Recount(Step& step) {
   step.n_rows = 0;
@@ -123,42 +135,64 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
   const models::Deepseek2Hparams& hp = model.hparams();
   Step& st = *step;
   if (!st.embedded) {
+    const Clock::time_point t0 = Clock::now();
     for (int s : st.active) st.status[s] = model.Embed(st.slices[s].tokens, &st.xs[s]);
     st.embedded = true;
     DropFailed(st);
+    st.prof.embed_us += MicrosSince(t0);
   }
   while (st.il < hp.n_layer && !st.active.empty()) {
     const int il = st.il;
+    LayerTiming& timing = st.prof.layers[il];
+    Clock::time_point t0 = Clock::now();
     tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
       const int s = st.active[i];
       absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
       if (!status.ok()) st.status[s] = std::move(status);
     });
     DropFailed(st);
+    timing.attention_us += MicrosSince(t0);
     if (st.active.empty()) break;
+    t0 = Clock::now();
     models::Activations x, h;
     Gather(st, hp.n_embd, &x);
     st.fatal = model.FfnNorm(il, x, &h);
+    timing.ffn_norm_us += MicrosSince(t0);
     if (!st.fatal.ok()) break;
     if (!hp.IsMoeLayer(il)) {
+      t0 = Clock::now();
       models::Activations f;
       st.fatal = model.DenseFfn(il, h, &f);
+      timing.dense_ffn_us += MicrosSince(t0);
       if (!st.fatal.ok()) break;
+      t0 = Clock::now();
       const models::Activations* parts[] = {&f};
       st.fatal = model.Combine(parts, &x);
       if (!st.fatal.ok()) break;
       Scatter(x, &st);
+      timing.combine_us += MicrosSince(t0);
       st.il++;
       continue;
     }
+    t0 = Clock::now();
     st.fatal = model.Route(il, h, &st.routing);
+    timing.gate_us += MicrosSince(t0);
     if (!st.fatal.ok()) break;
+    {
+      std::vector<uint8_t> used(static_cast<size_t>(hp.n_expert), 0);
+      for (int32_t e : st.routing.expert_ids) {
+        if (e >= 0 && e < hp.n_expert) used[e] = 1;
+      }
+      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
+    }
     st.x = std::move(x);
     st.h = std::make_shared<const models::Activations>(std::move(h));
+    st.moe_posted = Clock::now();
     Post(me, st.step, kMoeReady);
     return;
   }
   if (st.fatal.ok()) {
+    const Clock::time_point t0 = Clock::now();
     for (int s : st.active) {
       if (!st.status[s].ok()) continue;
       const auto want = static_cast<SliceLogits>(st.slices[s].logits);
@@ -173,6 +207,7 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
       }
       st.status[s] = st.kvs[s]->Commit(static_cast<int64_t>(st.slices[s].tokens.size()));
     }
+    st.prof.head_us += MicrosSince(t0);
   }
   Post(me, st.step, kStepDone);
 }
@@ -182,6 +217,10 @@ void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr
                         const attention_actor& me) {
   const models::Deepseek2Model& model = *core->model;
   Step& st = *step;
+  const Clock::time_point t0 = Clock::now();
+  LayerTiming& timing = st.prof.layers[st.il];
+  timing.moe_us +=
+      std::chrono::duration_cast<std::chrono::microseconds>(t0 - st.moe_posted).count();
   const int64_t n_embd = model.n_embd();
   const int64_t n = st.n_rows;
   // Rows the router could not serve fail their slices.
@@ -220,6 +259,18 @@ void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr
     return;
   }
   Scatter(st.x, &st);
+  timing.combine_us += MicrosSince(t0);
+  {
+    const int64_t moe_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(t0 - st.moe_posted).count();
+    int64_t critical = 0;
+    for (int64_t us : st.moe_shard_us) critical = std::max(critical, us);
+    timing.experts_us += critical;
+    timing.dispatch_us += std::max<int64_t>(0, moe_us - std::max(critical, st.moe_shared_us));
+    for (size_t s = 0; s < st.moe_shard_us.size() && s < timing.shard_us.size(); ++s) {
+      timing.shard_us[s] += st.moe_shard_us[s];
+    }
+  }
   st.x = models::Activations();
   st.h.reset();
   st.moe = MoeResult();
@@ -261,6 +312,11 @@ void FinishStep(AttentionPointer self) {
   result.compute_us = std::chrono::duration_cast<std::chrono::microseconds>(
                           std::chrono::steady_clock::now() - step->start)
                           .count();
+  if (st.config.profile) {
+    step->prof.step = step->step;
+    step->prof.wall_us = result.compute_us;
+    st.config.profile->Add(std::move(step->prof));
+  }
   for (size_t s = 0; s < step->slices.size(); ++s) {
     SliceResult slice;
     slice.seq = step->slices[s].seq;
@@ -332,6 +388,13 @@ void OnMoeReady(AttentionPointer self) {
             AttentionState& st = self->state;
             if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
             st.waiting_moe = false;
+            std::vector<int64_t>& shard_us = st.current->moe_shard_us;
+            shard_us.assign(static_cast<size_t>(std::max(st.config.n_shards, 0)), 0);
+            for (const PlacedPartial& p : result.parts) {
+              if (p.shard >= 0 && p.shard < static_cast<int32_t>(shard_us.size())) {
+                shard_us[p.shard] += p.compute_us;
+              }
+            }
             st.current->moe = std::move(result);
             st.current->moe_done = true;
             MaybeCombine(self);
@@ -348,7 +411,10 @@ void OnMoeReady(AttentionPointer self) {
           });
   // The shared experts run on the attention arena while the shards work.
   st.config.arena->Submit([core = st.core, step, me] {
+    const Clock::time_point t0 = Clock::now();
     step->shared_status = core->model->SharedExperts(step->il, *step->h, &step->shared);
+    step->moe_shared_us = MicrosSince(t0);
+    step->prof.layers[step->il].shared_us += step->moe_shared_us;
     Post(me, step->step, kSharedDone);
   });
 }
@@ -411,6 +477,11 @@ void Start(AttentionPointer self, StepRequest request,
     step->active.push_back(static_cast<int>(s));
   }
   Recount(*step);
+  step->prof.n_rows = step->n_rows;
+  step->prof.layers.resize(static_cast<size_t>(st.core->model->hparams().n_layer));
+  for (LayerTiming& layer : step->prof.layers) {
+    layer.shard_us.assign(static_cast<size_t>(std::max(st.config.n_shards, 0)), 0);
+  }
   st.current = step;
   st.promise = std::move(promise);
   if (step->active.empty()) {

@@ -32,6 +32,11 @@
 // A sequence is freed with kv_free_atom; freeing one that the running step
 // uses is deferred to the end of that step.
 //
+// Profile: with AttentionConfig::profile set, each step records the time of
+// every stage per layer, the MoE wait and each shard's compute time
+// (actors/profile.h); the jobs write their own stage's fields, the actor the
+// shard times, so no field has two writers.
+//
 // Deadlines: the router answers every MoE request within its shard deadlines
 // (see router_actor.h); the actor monitors the router and fails the step in
 // flight with UNAVAILABLE if the router goes down. The step itself has the
@@ -42,6 +47,7 @@
 #include <memory>
 
 #include "actors/messages.h"
+#include "actors/profile.h"
 #include "actors/router_actor.h"
 #include "caf/fwd.hpp"
 #include "caf/replies_to.hpp"
@@ -62,6 +68,10 @@ struct AttentionConfig {
   CpuArena* arena = nullptr;  // not owned; outlives the actor's jobs
   router_actor router;        // may be invalid for a model without MoE layers
   uint64_t kv_budget_bytes = uint64_t{1} << 30;
+  // When set, every finished step's stage timings are added to it
+  // (actors/profile.h); n_shards sizes LayerTiming::shard_us.
+  std::shared_ptr<ProfileLog> profile;
+  int n_shards = 0;
 };
 
 // Fails (InvalidArgument) for a KV budget that cannot hold one token.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -9,6 +10,7 @@
 #include "actors/attention_actor.h"
 #include "actors/cpu_arena.h"
 #include "actors/expert_shard_actor.h"
+#include "actors/fast_experts.h"
 #include "actors/messages.h"
 #include "actors/router_actor.h"
 #include "actors/scheduler_actor.h"
@@ -138,6 +140,7 @@ struct Engine::Impl {
   int64_t n_ctx = 0;
   int caf_threads = 0;
   std::vector<std::shared_ptr<ShardExperts>> experts;
+  std::shared_ptr<ProfileLog> profile;  // null: profiling off
 
   // Destroyed by ~Impl in this order: actors, arenas, handles, system, config.
   std::unique_ptr<caf::actor_system_config> cfg;
@@ -249,15 +252,33 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   // Arenas and expert stores.
   KTX_ASSIGN_OR_RETURN(impl->attention_arena, CpuArena::Create({"attention", options.attention_cpus,
                                                                 options.arena_spin_us}));
-  ExpertBackendFactory factory = options.expert_backend_factory ? options.expert_backend_factory
-                                                                : MappedExpertBackendFactory(model);
+  ExpertBackendFactory factory = options.expert_backend_factory;
+  if (!factory && options.experts == ExpertsBackend::kReference) {
+    factory = MappedExpertBackendFactory(model);
+  } else if (!factory) {
+    std::vector<FastShardSpec> specs;
+    for (const ShardOptions& shard : options.shards) {
+      specs.push_back({shard.name, shard.cpus, shard.numa_node});
+    }
+    factory = FastExpertBackendFactory(model, std::move(specs), options.fast_experts);
+  }
+  // Every shard's backend at once (the fast one repacks on the shard's own
+  // pool, so shards on disjoint cpus load in parallel).
+  std::vector<absl::StatusOr<std::shared_ptr<models::ExpertBackend>>> backends(
+      n_shards, absl::UnknownError("not made"));
+  {
+    std::vector<std::thread> loaders;
+    for (size_t s = 0; s < n_shards; ++s) {
+      loaders.emplace_back([&, s] { backends[s] = factory(static_cast<int>(s), held[s]); });
+    }
+    for (std::thread& t : loaders) t.join();
+  }
   for (size_t s = 0; s < n_shards; ++s) {
     const ShardOptions& shard = options.shards[s];
     KTX_ASSIGN_OR_RETURN(std::unique_ptr<CpuArena> arena,
                          CpuArena::Create({shard.name, shard.cpus, options.arena_spin_us}));
     impl->shard_arenas.push_back(std::move(arena));
-    absl::StatusOr<std::shared_ptr<models::ExpertBackend>> backend =
-        factory(static_cast<int>(s), held[s]);
+    absl::StatusOr<std::shared_ptr<models::ExpertBackend>>& backend = backends[s];
     if (!backend.ok()) {
       return absl::Status(
           backend.status().code(),
@@ -300,6 +321,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   attention.arena = impl->attention_arena.get();
   attention.router = impl->router;
   attention.kv_budget_bytes = options.kv_budget_bytes;
+  if (options.profile_steps > 0) {
+    impl->profile = std::make_shared<ProfileLog>(static_cast<size_t>(options.profile_steps));
+  }
+  attention.profile = impl->profile;
+  attention.n_shards = static_cast<int>(n_shards);
   KTX_ASSIGN_OR_RETURN(impl->attention, SpawnAttention(*impl->system, std::move(attention)));
 
   SchedulerConfig scheduler;
@@ -411,6 +437,7 @@ absl::StatusOr<RouterCounters> Engine::RouterStats() {
             c.requests = stats.requests;
             c.rerouted_parts = stats.rerouted_parts;
             c.failed_rows = stats.failed_rows;
+            c.compute_us = stats.compute_us;
             out = std::move(c);
           },
           [&](caf::error& error) { out = FromCafError(error); });
@@ -426,9 +453,32 @@ absl::Status Engine::KillShard(int index) {
   return absl::OkStatus();
 }
 
+std::vector<StepProfile> Engine::Profile() const {
+  return impl_->profile ? impl_->profile->Snapshot() : std::vector<StepProfile>{};
+}
+
+void Engine::ClearProfile() {
+  if (impl_->profile) impl_->profile->Clear();
+}
+
+std::vector<ShardInfo> Engine::ShardInfos() const {
+  std::vector<ShardInfo> out;
+  for (size_t s = 0; s < impl_->experts.size(); ++s) {
+    ShardInfo info;
+    info.name = impl_->options.shards[s].name;
+    info.cpus = impl_->shard_arenas[s]->cpus();
+    info.pinned = impl_->shard_arenas[s]->pinned();
+    info.n_experts = impl_->experts[s]->n_held();
+    info.backend = impl_->experts[s]->info();
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
 const models::Deepseek2Model& Engine::model() const { return *impl_->model; }
 const topology::PlacementPlan& Engine::plan() const { return impl_->plan; }
 const std::vector<ShardOptions>& Engine::shards() const { return impl_->options.shards; }
+const EngineOptions& Engine::options() const { return impl_->options; }
 int64_t Engine::n_ctx() const { return impl_->n_ctx; }
 bool Engine::has_tokenizer() const { return impl_->tokenizer.has_value(); }
 
@@ -437,10 +487,19 @@ std::string Engine::Describe() const {
   std::string out;
   for (size_t s = 0; s < im.options.shards.size(); ++s) {
     const CpuArena& arena = *im.shard_arenas[s];
+    const ShardBackendInfo info = im.experts[s]->info();
+    std::string where = info.numa_node >= 0 ? absl::StrCat(" on NUMA node ", info.numa_node)
+                                            : std::string(" in plain memory");
+    if (!info.copies) where = info.variant == "custom" ? "" : " mapped (not copied)";
+    std::string layers;
+    if (info.n_fast_layers > 0 && info.n_reference_layers > 0) {
+      layers = absl::StrCat(", ", info.n_reference_layers, " layer(s) on the reference path");
+    }
     absl::StrAppend(&out, "shard ", s, " '", im.options.shards[s].name, "': cpus ",
                     topology::FormatIdRanges(arena.cpus()),
                     arena.pinned() ? " (pinned)" : " (unpinned)", ", ", im.experts[s]->n_held(),
-                    " routed experts\n");
+                    " routed experts, ", topology::FormatBytes(info.bytes_held), where,
+                    ", experts ", info.variant, layers, "\n");
   }
   absl::StrAppend(&out, "attention: cpus ", topology::FormatIdRanges(im.attention_arena->cpus()),
                   im.attention_arena->pinned() ? " (pinned)" : " (unpinned)", "\n");
@@ -449,6 +508,10 @@ std::string Engine::Describe() const {
                   " tokens; context ", im.n_ctx, "; prefill chunk ", im.options.prefill_chunk,
                   "; caf threads ", im.caf_threads, "\n");
   return out;
+}
+
+const char* ExpertsBackendName(ExpertsBackend experts) {
+  return experts == ExpertsBackend::kFast ? "fast" : "reference";
 }
 
 std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus) {
@@ -502,6 +565,7 @@ absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& p
         s.cpus = std::move(*cpus);
       }
       if (shard.memory_budget_bytes() > 0) s.memory_budget_bytes = shard.memory_budget_bytes();
+      s.numa_node = shard.numa_node();
       options.shards.push_back(std::move(s));
     }
   }

@@ -21,8 +21,11 @@
 //
 // Placement: options.plan when given (checked against the model), else
 // topology::PlanExpertPlacement over the model's expert table and the shards'
-// budgets (with options.placement: profile, replication). docs/architecture.md
-// ("Actors") describes the actors, their messages and who owns which memory.
+// budgets (with options.placement: profile, replication). Experts: each shard
+// holds only the experts the plan gives it, by default as NUMA-local copies
+// for the fast CPU kernels on a pool of its own cpus (options.experts).
+// docs/architecture.md ("Actors") describes the actors, their messages and
+// who owns which memory.
 //
 // Ownership: the Engine owns the actor system, the arenas (destroyed after
 // the actors have stopped) and shares the model with the expert backends.
@@ -45,9 +48,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "actors/generation.h"
+#include "actors/profile.h"
 #include "actors/shard_experts.h"
 #include "runtime/models/activations.h"
 #include "runtime/models/deepseek2.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
 #include "runtime/sampler/sampler.h"
 #include "topology/placement.h"
 
@@ -64,7 +69,25 @@ struct ShardOptions {
   std::string node;
   std::vector<int> cpus;                               // empty: every cpu of the process, unpinned
   uint64_t memory_budget_bytes = topology::kNoBudget;  // for the planner
+  // NUMA node of the shard's expert copies (fast experts); -1: the node of
+  // its first cpu.
+  int numa_node = -1;
 };
+
+// What computes the routed experts of every shard.
+enum class ExpertsBackend {
+  // The fast CPU kernels (runtime/moe_backend) on a CpuPool per shard, over
+  // NUMA-local repacked copies of ONLY the shard's experts
+  // (actors/fast_experts.h). Layers the kernels cannot run (expert types or
+  // widths they do not support) use the reference path, with a warning.
+  kFast,
+  // The scalar reference path over the model's mmapped weights (the oracle:
+  // bit-equal to Deepseek2Model::Forward, slow).
+  kReference,
+};
+
+// "fast" / "reference".
+const char* ExpertsBackendName(ExpertsBackend experts);
 
 struct EngineOptions {
   // Empty: one shard "shard0" on every cpu.
@@ -84,8 +107,17 @@ struct EngineOptions {
   std::chrono::milliseconds step_deadline{300000};
   int caf_threads = 0;    // CAF scheduler threads; 0: min(4, max(2, cpus))
   int arena_spin_us = 0;  // see CpuArena::Options::spin_us
-  // Makes each shard's expert backend; empty: MappedExpertBackendFactory.
+  // What computes the routed experts (ignored when expert_backend_factory
+  // is set), and the options of the fast backend (owned_experts and progress
+  // are set per shard; max_tokens bounds one kernel run: larger batches run
+  // in chunks).
+  ExpertsBackend experts = ExpertsBackend::kFast;
+  moe_backend::CpuMoeBackendOptions fast_experts;
+  // Makes each shard's expert backend (called for all shards at once, one
+  // thread each); empty: by `experts`.
   ExpertBackendFactory expert_backend_factory;
+  // Keep the stage timings of the last N steps (Engine::Profile); 0: off.
+  int profile_steps = 0;
   bool use_tokenizer = true;  // text, EOS/EOT and stop strings from the GGUF tokenizer
 };
 
@@ -139,6 +171,16 @@ struct RouterCounters {
   int64_t requests = 0;
   int64_t rerouted_parts = 0;
   int64_t failed_rows = 0;
+  std::vector<int64_t> compute_us;  // [n_shards] the shards' compute time, summed
+};
+
+// One shard as built (Engine::ShardInfos).
+struct ShardInfo {
+  std::string name;
+  std::vector<int> cpus;  // its arena's cpus
+  bool pinned = false;    // the arena's threads are pinned to them
+  int64_t n_experts = 0;  // routed experts held, over all layers
+  ShardBackendInfo backend;
 };
 
 class Engine {
@@ -174,6 +216,11 @@ class Engine {
   absl::StatusOr<KvCacheStats> KvStats();
   absl::StatusOr<std::vector<StepRecord>> StepLog();
   absl::StatusOr<RouterCounters> RouterStats();
+  // Stage timings of the last EngineOptions::profile_steps steps, oldest
+  // first (actors/profile.h); empty when profiling is off. ClearProfile
+  // forgets them.
+  std::vector<StepProfile> Profile() const;
+  void ClearProfile();
 
   // Fault injection: kills shard `index`'s actor (its arena and memory stay
   // until the engine is destroyed). InvalidArgument for a bad index.
@@ -182,9 +229,14 @@ class Engine {
   const models::Deepseek2Model& model() const;
   const topology::PlacementPlan& plan() const;
   const std::vector<ShardOptions>& shards() const;
+  // The options the engine runs with (defaults filled in: shard names, ...).
+  const EngineOptions& options() const;
+  // Per shard: cpus, experts held, bytes held, NUMA node, backend variant.
+  std::vector<ShardInfo> ShardInfos() const;
   int64_t n_ctx() const;
   bool has_tokenizer() const;
-  // Shards (cpus, experts held), attention cpus, KV budget, threads.
+  // Shards (cpus, experts and bytes held, NUMA node, variant), attention
+  // cpus, KV budget, threads.
   std::string Describe() const;
 
  private:

@@ -161,11 +161,13 @@ struct PlacedPartial {
   int32_t shard = 0;
   std::vector<int32_t> rows;  // ascending rows of the batch
   Tensor partial;             // F32 [rows.size(), n_embd]
+  int64_t compute_us = 0;     // the shard's ExpertPartial::compute_us (profiles)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, PlacedPartial& x) {
-  return f(caf::meta::type_name("ktx::actors::PlacedPartial"), x.shard, x.rows, x.partial);
+  return f(caf::meta::type_name("ktx::actors::PlacedPartial"), x.shard, x.rows, x.partial,
+           x.compute_us);
 }
 
 // The router's answer. The routed-expert output of row t is the sum over
@@ -192,12 +194,13 @@ struct RouterStats {
   int64_t requests = 0;             // MoE requests handled
   int64_t rerouted_parts = 0;       // parts re-sent to a replica after a failure
   int64_t failed_rows = 0;          // rows answered without output
+  std::vector<int64_t> compute_us;  // [n_shards] Σ ExpertPartial::compute_us of answered parts
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, RouterStats& x) {
   return f(caf::meta::type_name("ktx::actors::RouterStats"), x.parts_sent, x.alive, x.requests,
-           x.rerouted_parts, x.failed_rows);
+           x.rerouted_parts, x.failed_rows, x.compute_us);
 }
 
 // ---- scheduler -> attention ----

@@ -32,6 +32,7 @@ struct Part {
   bool resolved = false;
   bool ok = false;
   Tensor result;                                   // F32 [rows.size(), n_embd] when ok
+  int64_t compute_us = 0;                          // the shard's, when ok
   std::chrono::steady_clock::time_point deadline;  // set when dispatched
 };
 
@@ -94,6 +95,7 @@ void Finish(RouterPointer self, uint64_t call_id) {
     placed.shard = p->shard;
     placed.rows = p->rows;
     placed.partial = p->result;
+    placed.compute_us = p->compute_us;
     result.parts.push_back(std::move(placed));
   }
   for (size_t t = 0; t < call.row_failed.size(); ++t) {
@@ -200,6 +202,8 @@ void OnPartDone(RouterPointer self, uint64_t call_id, size_t part_index, ExpertP
   p.resolved = true;
   p.ok = true;
   p.result = std::move(result.partial);
+  p.compute_us = result.compute_us;
+  st.stats.compute_us[p.shard] += result.compute_us;
   st.load[p.shard] -= p.entries;
   call.outstanding--;
   if (call.outstanding == 0) Finish(self, call_id);
@@ -404,6 +408,7 @@ router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig conf
   st.down_reason.assign(n_shards, "");
   st.load.assign(n_shards, 0);
   st.stats.parts_sent.assign(n_shards, 0);
+  st.stats.compute_us.assign(n_shards, 0);
   for (const expert_shard_actor& shard : st.config.shards) self->monitor(shard);
   self->set_down_handler([self](caf::down_msg& msg) {
     RouterState& st = self->state;

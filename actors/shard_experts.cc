@@ -8,28 +8,50 @@ namespace ktx::actors {
 namespace {
 
 // The reference expert path over the model's mapping; keeps the model alive.
-class MappedExpertBackend final : public models::ExpertBackend {
+class MappedExpertBackend final : public ShardExpertBackend {
  public:
-  explicit MappedExpertBackend(std::shared_ptr<const models::Deepseek2Model> model)
-      : model_(std::move(model)), reference_(model_->hparams(), model_->weights()) {}
+  MappedExpertBackend(std::shared_ptr<const models::Deepseek2Model> model, const HeldExperts& held)
+      : model_(std::move(model)), reference_(model_->hparams(), model_->weights()) {
+    info_.variant = "reference";
+    info_.bytes_held = MappedExpertBytes(*model_, held);
+    const models::Deepseek2Hparams& hp = model_->hparams();
+    for (int il = 0; il < hp.n_layer; ++il) info_.n_reference_layers += hp.IsMoeLayer(il) ? 1 : 0;
+  }
 
   absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
                        std::span<const uint8_t> expert_mask, models::Activations* out) override {
     return reference_.Compute(il, h, routing, expert_mask, out);
   }
+  ShardBackendInfo Info() const override { return info_; }
 
  private:
   std::shared_ptr<const models::Deepseek2Model> model_;
   models::ReferenceExpertBackend reference_;
+  ShardBackendInfo info_;
 };
 
 }  // namespace
 
+uint64_t MappedExpertBytes(const models::Deepseek2Model& model, const HeldExperts& held) {
+  const models::Deepseek2Hparams& hp = model.hparams();
+  uint64_t bytes = 0;
+  for (int il = 0; il < hp.n_layer && il < static_cast<int>(held.size()); ++il) {
+    if (!hp.IsMoeLayer(il) || held[il].empty()) continue;
+    const models::Deepseek2LayerWeights& w = model.weights().layers[il];
+    for (const gguf::TensorInfo* t : {w.ffn_gate_exps, w.ffn_up_exps, w.ffn_down_exps}) {
+      // Every expert's slab of a [.., .., n_expert] tensor has the same size.
+      bytes += t->n_bytes / static_cast<uint64_t>(t->ne[2]) * held[il].size();
+    }
+  }
+  return bytes;
+}
+
 ExpertBackendFactory MappedExpertBackendFactory(
     std::shared_ptr<const models::Deepseek2Model> model) {
   return
-      [model](int, const HeldExperts&) -> absl::StatusOr<std::shared_ptr<models::ExpertBackend>> {
-        return std::make_shared<MappedExpertBackend>(model);
+      [model](int,
+              const HeldExperts& held) -> absl::StatusOr<std::shared_ptr<models::ExpertBackend>> {
+        return std::make_shared<MappedExpertBackend>(model, held);
       };
 }
 
@@ -79,6 +101,15 @@ int64_t ShardExperts::n_held() const {
   int64_t n = 0;
   for (const std::vector<int>& layer : held_) n += static_cast<int64_t>(layer.size());
   return n;
+}
+
+ShardBackendInfo ShardExperts::info() const {
+  if (const auto* described = dynamic_cast<const ShardExpertBackend*>(backend_.get())) {
+    return described->Info();
+  }
+  ShardBackendInfo info;
+  info.variant = "custom";
+  return info;
 }
 
 absl::Status ShardExperts::Compute(int il, const models::Activations& h,

@@ -3,9 +3,11 @@
 // What one expert shard holds: per MoE layer the routed experts the placement
 // plan gave it, and the ExpertBackend that computes them. The shard actor
 // (expert_shard_actor.h) owns one ShardExperts through a shared_ptr that its
-// in-flight pool jobs also hold, so replacing the backend (today: references
-// into the model's mmapped weights; later: NUMA-local repacked copies made by
-// the shard on its own node) is a change to the factory alone:
+// in-flight pool jobs also hold; the backend comes from a factory: the fast
+// CPU kernels over NUMA-local repacked copies of the held experts
+// (FastExpertBackendFactory, actors/fast_experts.h, the Engine's default) or
+// the reference path over the model's mmapped weights
+// (MappedExpertBackendFactory below):
 //
 //   ExpertBackendFactory factory = MappedExpertBackendFactory(model);
 //   KTX_ASSIGN_OR_RETURN(std::shared_ptr<models::ExpertBackend> backend, factory(s, held));
@@ -35,16 +37,54 @@ namespace ktx::actors {
 // empty for dense layers and for layers where it holds nothing).
 using HeldExperts = std::vector<std::vector<int>>;
 
+// What a shard's expert backend holds and where it computes (Engine::Describe,
+// ktx-node, tests).
+struct ShardBackendInfo {
+  // "reference" (the scalar path over the mapping), or the CPU kernel variant
+  // of the fast backend ("scalar", "avx2", "avx512", "amx").
+  std::string variant;
+  // Bytes of expert weights the backend computes from: its own repacked
+  // copies for the fast backend (copies = true, on numa_node), the GGUF bytes
+  // of the held experts in the model's mapping for the reference one (copies
+  // = false: shared page cache, not owned).
+  uint64_t bytes_held = 0;
+  bool copies = false;
+  int numa_node = -1;            // node of the copies; -1: plain memory or none
+  std::vector<int> cpus;         // cpus of the backend's own pool (empty: the shard's arena)
+  bool pinned = false;           // the pool's workers are pinned to those cpus
+  int n_fast_layers = 0;         // MoE layers on the kernels
+  int n_reference_layers = 0;    // MoE layers on the reference path
+  std::string decode_layout;     // fast backend: "panel16" / "gguf"
+  bool prefill_form = false;     // fast backend: amx_int8 prefill copies too
+  uint64_t workspace_bytes = 0;  // kernel workspace (fast backend)
+  // Kernel runs so far and the expert weight bytes they read (fast backend;
+  // moe_backend::CpuMoeRunStats).
+  int64_t kernel_runs = 0;
+  int64_t kernel_weight_bytes = 0;
+};
+
+// An ExpertBackend that describes itself (ShardExperts::info()). The
+// factories of ktx_actors make these; a factory may also return a plain
+// models::ExpertBackend (then info() says "custom").
+class ShardExpertBackend : public models::ExpertBackend {
+ public:
+  virtual ShardBackendInfo Info() const = 0;
+};
+
 // Makes the backend of shard `shard` for the experts it holds. The backend
 // must compute (at least) every held expert; Compute is only ever asked for
 // held ones.
 using ExpertBackendFactory = std::function<absl::StatusOr<std::shared_ptr<models::ExpertBackend>>(
     int shard, const HeldExperts& held)>;
 
-// The default factory: the model's reference expert path over its mmapped
-// weights (no copies). The backend keeps `model` alive.
+// The reference factory: the model's reference expert path over its mmapped
+// weights (no copies; ShardBackendInfo::bytes_held = MappedExpertBytes). The
+// backend keeps `model` alive.
 ExpertBackendFactory MappedExpertBackendFactory(
     std::shared_ptr<const models::Deepseek2Model> model);
+
+// GGUF bytes (gate + up + down slabs) of the experts in `held`.
+uint64_t MappedExpertBytes(const models::Deepseek2Model& model, const HeldExperts& held);
 
 class ShardExperts {
  public:
@@ -61,6 +101,10 @@ class ShardExperts {
   bool Holds(int il, int expert) const;
   // Experts held over all layers.
   int64_t n_held() const;
+  // The backend's description (variant "custom" for a backend that is not a
+  // ShardExpertBackend).
+  ShardBackendInfo info() const;
+  const std::shared_ptr<models::ExpertBackend>& backend() const { return backend_; }
 
   // out[t] = Σ over entries of token t whose expert is in `expert_mask` of
   // weight · expert(h[t]) (see models::ExpertBackend): F32 [n_tokens, n_embd].

@@ -8,6 +8,11 @@
 //   ktx-node --model M.gguf                          # readiness + layout, exit 0
 //   ktx-node --model M.gguf --shards 2 --prompt "Once upon a time" --max-tokens 32
 //   ktx-node --model M.gguf --topology configs/node.textproto --prompt "Hi" --chat
+//   ktx-node --model M.gguf --shards 2 --experts reference   # the scalar oracle experts
+//
+// The layout printed per shard: cpus, routed experts and bytes held, NUMA node
+// of the copies, kernel variant (fast experts: each shard repacks only its own
+// experts on its own node; actors/fast_experts.h).
 //
 // Generated text goes to stdout; readiness, layout and statistics to stderr.
 // Exit 1 on any error (message on stderr).
@@ -23,6 +28,7 @@
 #include "actors/engine.h"
 #include "runtime/base/logging.h"
 #include "runtime/models/deepseek2.h"
+#include "runtime/moe_backend/cpu_moe_backend.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer_gguf.h"
 
@@ -42,6 +48,7 @@ struct Flags {
   int64_t ctx_size = 4096;
   int64_t prefill_chunk = 128;
   int caf_threads = 0;
+  std::string experts = "fast";  // fast | reference
   std::string log_level;
 };
 
@@ -100,6 +107,13 @@ int Run(const Flags& flags) {
   options.n_ctx = flags.ctx_size;
   options.prefill_chunk = flags.prefill_chunk;
   options.caf_threads = flags.caf_threads;
+  absl::StatusOr<bool> fast = ktx::moe_backend::ParseExpertsFlag(flags.experts);
+  if (!fast.ok()) {
+    std::cerr << "ktx-node: " << fast.status().message() << "\n";
+    return 1;
+  }
+  options.experts =
+      *fast ? ktx::actors::ExpertsBackend::kFast : ktx::actors::ExpertsBackend::kReference;
   absl::StatusOr<std::unique_ptr<ktx::actors::Engine>> engine =
       ktx::actors::Engine::Create(shared_model, options);
   if (!engine.ok()) {
@@ -193,6 +207,9 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", flags.prefill_chunk,
                  "Prompt tokens per scheduler step (default 128)");
   app.add_option("--caf-threads", flags.caf_threads, "CAF scheduler threads (default: auto)");
+  app.add_option("--experts", flags.experts,
+                 "Routed experts: fast (CPU kernels on NUMA-local copies, default) or reference "
+                 "(scalar oracle)");
   app.add_option("--log-level", flags.log_level,
                  "debug|info|warning|error|off (default: KTX_LOG_LEVEL or info)");
   CLI11_PARSE(app, argc, argv);

@@ -13,7 +13,7 @@
 // (--experts fast, the default: runtime/moe_backend) or on the scalar
 // reference path (--experts reference, the oracle). With --topology FILE or
 // --shards N they run on the in-process actor runtime (actors/engine.h)
-// instead (--experts does not apply there).
+// instead (--experts picks the shards' expert backend there).
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -258,6 +258,9 @@ absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlag
   } else {
     options.shards = actors::EvenShards(actor.shards);
   }
+  KTX_ASSIGN_OR_RETURN(const bool fast_experts, moe_backend::ParseExpertsFlag(common.experts));
+  options.experts =
+      fast_experts ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
   KTX_ASSIGN_OR_RETURN(std::unique_ptr<models::Deepseek2Model> model,
                        models::Deepseek2Model::Open(common.model));
   options.n_ctx = n_ctx;

@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "oneapi/tbb/blocked_range.h"
@@ -46,19 +48,21 @@ bool NumaNodeUsable(int node) {
   return node >= 0 && numa_available() >= 0 && node <= numa_max_node();
 }
 
-// Pins threads entering the arena to cpus[slot]; restores the affinity of
-// non-worker threads (the caller of execute) when they leave.
+// Pins threads entering the arena to cpus[slot] and restores their affinity
+// when they leave: the caller of execute, and also oneTBB's workers, which
+// are shared by every arena of the process (a worker left pinned to one cpu
+// would take that pin into the next arena it joins, e.g. an unpinned one,
+// where several such workers could crowd one cpu).
 class PinningObserver : public tbb::task_scheduler_observer {
  public:
   PinningObserver(tbb::task_arena& arena, std::vector<int> cpus)
       : tbb::task_scheduler_observer(arena), cpus_(std::move(cpus)) {}
 
-  void on_scheduler_entry(bool is_worker) override {
+  void on_scheduler_entry(bool /*is_worker*/) override {
+    inside_.fetch_add(1);
     const int slot = tbb::this_task_arena::current_thread_index();
     if (slot < 0 || slot >= static_cast<int>(cpus_.size())) return;
-    if (!is_worker) {
-      saved_valid_ = pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) == 0;
-    }
+    saved_valid_ = pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) == 0;
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpus_[slot], &set);
@@ -67,17 +71,23 @@ class PinningObserver : public tbb::task_scheduler_observer {
     }
   }
 
-  void on_scheduler_exit(bool is_worker) override {
-    if (!is_worker && saved_valid_) {
+  void on_scheduler_exit(bool /*is_worker*/) override {
+    if (saved_valid_) {
       pthread_setaffinity_np(pthread_self(), sizeof(saved_), &saved_);
       saved_valid_ = false;
     }
+    inside_.fetch_sub(1);
   }
+
+  // Threads inside the arena now (entered, not yet left).
+  int inside() const { return inside_.load(); }
 
  private:
   std::vector<int> cpus_;
   std::atomic<bool> warned_{false};
-  // The caller's affinity (only one thread calls ParallelFor at a time).
+  std::atomic<int> inside_{0};
+  // The thread's affinity before it entered (a thread is in one pool's arena
+  // at a time).
   static thread_local cpu_set_t saved_;
   static thread_local bool saved_valid_;
 };
@@ -156,7 +166,17 @@ CpuPool::CpuPool(std::vector<int> cpus, const Options& options)
 }
 
 CpuPool::~CpuPool() {
-  if (impl_->observer) impl_->observer->observe(false);
+  if (impl_->observer) {
+    // Workers linger in an idle arena for a short while; once the observer
+    // stops observing they would leave without their exit callback, i.e.
+    // still pinned to this pool's cpus. Wait (briefly) until they are gone.
+    const auto start = std::chrono::steady_clock::now();
+    while (impl_->observer->inside() > 0 &&
+           std::chrono::steady_clock::now() - start < std::chrono::seconds(1)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    impl_->observer->observe(false);
+  }
   impl_->arena.terminate();
 }
 

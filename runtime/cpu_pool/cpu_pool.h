@@ -13,7 +13,9 @@
 //
 // The calling thread joins the arena as worker 0 for the duration of a
 // ParallelFor (pinned to cpus[0] meanwhile; its previous affinity is restored
-// afterwards). Idle workers block in oneTBB's sleep (after its short spin):
+// afterwards; oneTBB's workers, shared by every arena of the process, get
+// their previous affinity back too when they leave the pool's arena). Idle
+// workers block in oneTBB's sleep (after its short spin):
 // no busy waiting between calls.
 //
 // Thread-safety: ParallelFor may be called from one thread at a time per pool

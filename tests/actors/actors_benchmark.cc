@@ -13,11 +13,20 @@
 //           the router's fixed order. Timed inside the driver, from the send to
 //           the end of the sum (manual time: the benchmark thread's own wake-up
 //           is not counted).
-// Two backends: `null` (returns zeros at once: the pure overhead of the actor
-// path) and `tiny` (the reference expert path on the bf16 fixture: real, small
-// matmuls). Overhead per MoE layer = Actors/null (Direct/null is ~0).
+// Three backends: `null` (returns zeros at once: the pure overhead of the
+// actor path), `tiny` (the reference expert path on the bf16 fixture: real,
+// small matmuls) and `fast` (the shards' default: the CPU expert kernels on a
+// CpuPool per shard over the shard's cpus, holding only its experts:
+// actors/fast_experts.h). Overhead per MoE layer = Actors/null (Direct/null is
+// ~0); Actors/fast - Direct/fast is what the actor path adds to the kernels.
 // Arguments: batch, shards, arena spin in microseconds.
+//
+// The fixture is found under the source tree this was built from, else under
+// ./tests/data (run from a repository root, e.g. the bundle on another
+// machine).
 // docs/performance.md ("Actor runtime") records the results.
+#include <unistd.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -31,6 +40,7 @@
 
 #include "actors/cpu_arena.h"
 #include "actors/expert_shard_actor.h"
+#include "actors/fast_experts.h"
 #include "actors/messages.h"
 #include "actors/router_actor.h"
 #include "actors/shard_experts.h"
@@ -54,10 +64,15 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int kMoeLayer = 1;  // the fixture's first MoE layer
 
+std::string FixturePath() {
+  const std::string built = std::string(KTX_SOURCE_DIR) + "/tests/data/dsv3-tiny-bf16.gguf";
+  if (access(built.c_str(), R_OK) == 0) return built;
+  return "tests/data/dsv3-tiny-bf16.gguf";
+}
+
 std::shared_ptr<const models::Deepseek2Model> TinyModel() {
   static std::shared_ptr<const models::Deepseek2Model> model = [] {
-    auto m = models::Deepseek2Model::Open(std::string(KTX_SOURCE_DIR) +
-                                          "/tests/data/dsv3-tiny-bf16.gguf");
+    auto m = models::Deepseek2Model::Open(FixturePath());
     if (!m.ok()) return std::shared_ptr<const models::Deepseek2Model>();
     return std::shared_ptr<const models::Deepseek2Model>(std::move(*m));
   }();
@@ -113,12 +128,23 @@ struct Shards {
   std::vector<std::vector<std::vector<int>>> holders;
 };
 
-Shards MakeShards(const models::Deepseek2Hparams& hp, int n_shards, bool null_backend,
-                  int spin_us) {
+enum class Backend { kNull, kTiny, kFast };
+
+Shards MakeShards(const models::Deepseek2Hparams& hp, int n_shards, Backend kind, int spin_us) {
   Shards s;
   s.holders.resize(hp.n_layer);
   s.holders[kMoeLayer].resize(hp.n_expert);
   const std::vector<int> cpus = AllowedCpus();
+  std::vector<FastShardSpec> specs;
+  for (int i = 0; i < n_shards; ++i) {
+    std::vector<int> mine;
+    if (static_cast<int>(cpus.size()) >= n_shards) {
+      mine.assign(cpus.begin() + cpus.size() * i / n_shards,
+                  cpus.begin() + cpus.size() * (i + 1) / n_shards);
+    }
+    specs.push_back({"shard" + std::to_string(i), mine, -1});
+  }
+  ExpertBackendFactory fast = FastExpertBackendFactory(TinyModel(), specs);
   for (int i = 0; i < n_shards; ++i) {
     HeldExperts held(hp.n_layer);
     std::vector<uint8_t> mask(hp.n_expert, 0);
@@ -128,19 +154,16 @@ Shards MakeShards(const models::Deepseek2Hparams& hp, int n_shards, bool null_ba
       s.holders[kMoeLayer][e] = {i};
     }
     std::shared_ptr<models::ExpertBackend> backend;
-    if (null_backend) {
+    if (kind == Backend::kNull) {
       backend = std::make_shared<NullBackend>(hp.n_embd);
-    } else {
+    } else if (kind == Backend::kTiny) {
       backend = *MappedExpertBackendFactory(TinyModel())(i, held);
+    } else {
+      backend = *fast(i, held);
     }
     s.experts.push_back(*ShardExperts::Create(i, "shard" + std::to_string(i), hp.n_expert, held,
                                               std::move(backend)));
-    std::vector<int> mine;
-    if (static_cast<int>(cpus.size()) >= n_shards) {
-      mine.assign(cpus.begin() + cpus.size() * i / n_shards,
-                  cpus.begin() + cpus.size() * (i + 1) / n_shards);
-    }
-    s.arenas.push_back(*CpuArena::Create({"shard" + std::to_string(i), mine, spin_us}));
+    s.arenas.push_back(*CpuArena::Create({"shard" + std::to_string(i), specs[i].cpus, spin_us}));
     s.masks.push_back(std::move(mask));
   }
   return s;
@@ -161,7 +184,7 @@ void SumParts(const std::vector<PlacedPartial>& parts, int64_t n, int64_t n_embd
   for (size_t i = 0; i < acc->size(); ++i) out->data()[i] = static_cast<float>((*acc)[i]);
 }
 
-void BM_MoeLayerDirect(benchmark::State& state, bool null_backend) {
+void BM_MoeLayerDirect(benchmark::State& state, Backend kind) {
   auto model = TinyModel();
   if (!model) {
     state.SkipWithError("cannot open tests/data/dsv3-tiny-bf16.gguf");
@@ -170,7 +193,7 @@ void BM_MoeLayerDirect(benchmark::State& state, bool null_backend) {
   const auto& hp = model->hparams();
   const int batch = static_cast<int>(state.range(0));
   const int n_shards = static_cast<int>(state.range(1));
-  Shards shards = MakeShards(hp, n_shards, null_backend, 0);
+  Shards shards = MakeShards(hp, n_shards, kind, 0);
   const LayerBatch b = MakeBatch(batch, hp.n_embd, hp.n_expert, hp.n_expert_used);
   std::vector<models::Activations> partials(n_shards);
   std::vector<double> acc;
@@ -225,7 +248,7 @@ driver_actor::behavior_type Driver(driver_actor::stateful_pointer<DriverState> s
   };
 }
 
-void BM_MoeLayerActors(benchmark::State& state, bool null_backend) {
+void BM_MoeLayerActors(benchmark::State& state, Backend kind) {
   auto model = TinyModel();
   if (!model) {
     state.SkipWithError("cannot open tests/data/dsv3-tiny-bf16.gguf");
@@ -235,7 +258,7 @@ void BM_MoeLayerActors(benchmark::State& state, bool null_backend) {
   const int batch = static_cast<int>(state.range(0));
   const int n_shards = static_cast<int>(state.range(1));
   const int spin_us = static_cast<int>(state.range(2));
-  Shards shards = MakeShards(hp, n_shards, null_backend, spin_us);
+  Shards shards = MakeShards(hp, n_shards, kind, spin_us);
   caf::actor_system_config cfg;
   ConfigureActorSystem(cfg, 2);
   {
@@ -405,12 +428,15 @@ void Args(benchmark::internal::Benchmark* b, bool with_spin) {
   b->ArgNames({"batch", "shards", "spin_us"});
 }
 
-BENCHMARK_CAPTURE(BM_MoeLayerDirect, null, true)->Apply([](auto* b) { Args(b, false); });
-BENCHMARK_CAPTURE(BM_MoeLayerActors, null, true)
+BENCHMARK_CAPTURE(BM_MoeLayerDirect, null, Backend::kNull)->Apply([](auto* b) { Args(b, false); });
+BENCHMARK_CAPTURE(BM_MoeLayerActors, null, Backend::kNull)
     ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
-BENCHMARK_CAPTURE(BM_MoeLayerDirect, tiny, false)->Apply([](auto* b) { Args(b, false); });
-BENCHMARK_CAPTURE(BM_MoeLayerActors, tiny, false)
+BENCHMARK_CAPTURE(BM_MoeLayerDirect, tiny, Backend::kTiny)->Apply([](auto* b) { Args(b, false); });
+BENCHMARK_CAPTURE(BM_MoeLayerActors, tiny, Backend::kTiny)
     ->Apply([](auto* b) { Args(b, false); }) -> UseManualTime();
+BENCHMARK_CAPTURE(BM_MoeLayerDirect, fast, Backend::kFast)->Apply([](auto* b) { Args(b, false); });
+BENCHMARK_CAPTURE(BM_MoeLayerActors, fast, Backend::kFast)
+    ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
 
 }  // namespace
 }  // namespace ktx::actors

@@ -261,6 +261,7 @@ TEST(EngineFaultTest, RemainingPlanKeepsServing) {
   EngineOptions options;
   options.shards = EvenShards(2);
   options.plan = plan;
+  options.experts = ExpertsBackend::kReference;  // the same experts as the recording passes
   auto engine_or = Engine::Create(model, options);
   ASSERT_TRUE(engine_or.ok()) << engine_or.status();
   auto& engine = *engine_or;

@@ -92,6 +92,16 @@ TEST(KtxNodeTest, PrintsReadinessAndExits) {
   EXPECT_THAT(o.err, HasSubstr("shard 0 'shard0'"));
   EXPECT_THAT(o.err, HasSubstr("shard 1 'shard1'"));
   EXPECT_THAT(o.err, HasSubstr("nothing to serve yet"));
+  // Fast experts by default: each shard reports its copies and the kernels.
+  EXPECT_THAT(o.err, ::testing::ContainsRegex("routed experts, [0-9.]+ [KM]iB"));
+  EXPECT_THAT(o.err, ::testing::Not(HasSubstr("experts reference")));
+  const Output reference =
+      RunBinary(KTX_NODE_PATH, "--model " + Model("q8_0") + " --shards 2 --experts reference");
+  ASSERT_EQ(reference.rc, 0) << reference.err;
+  EXPECT_THAT(reference.err, HasSubstr("mapped (not copied), experts reference"));
+  const Output bad = RunBinary(KTX_NODE_PATH, "--model " + Model("q8_0") + " --experts quick");
+  EXPECT_EQ(bad.rc, 1);
+  EXPECT_THAT(bad.err, HasSubstr("--experts quick"));
 }
 
 TEST(KtxNodeTest, GreedyTextEqualsTheReferenceEngine) {
@@ -102,13 +112,13 @@ TEST(KtxNodeTest, GreedyTextEqualsTheReferenceEngine) {
       RunBinary(KTX_CTL_PATH, "run --model " + Model("bf16") + " --experts reference " + prompt);
   ASSERT_EQ(reference.rc, 0) << reference.err;
   ASSERT_FALSE(reference.out.empty());
-  const Output node =
-      RunBinary(KTX_NODE_PATH, "--model " + Model("bf16") + " --shards 3 " + prompt);
+  const Output node = RunBinary(
+      KTX_NODE_PATH, "--model " + Model("bf16") + " --shards 3 --experts reference " + prompt);
   ASSERT_EQ(node.rc, 0) << node.err;
   EXPECT_EQ(node.out, reference.out);
   const std::string topology = WriteTopology(kThreeShards);
-  const Output ctl = RunBinary(
-      KTX_CTL_PATH, "run --model " + Model("bf16") + " --topology " + topology + " " + prompt);
+  const Output ctl = RunBinary(KTX_CTL_PATH, "run --model " + Model("bf16") + " --topology " +
+                                                 topology + " --experts reference " + prompt);
   ASSERT_EQ(ctl.rc, 0) << ctl.err;
   EXPECT_EQ(ctl.out, reference.out);
   EXPECT_THAT(ctl.err, HasSubstr("actor runtime"));
@@ -121,7 +131,8 @@ TEST(KtxNodeTest, LogitsWithShardsMatchFloat64Reference) {
   for (size_t i = 0; i < tokens.size(); ++i) list += (i ? "," : "") + std::to_string(tokens[i]);
   const std::string out = TempPath("logits.f32");
   const Output o = RunBinary(KTX_CTL_PATH, "logits --model " + Model("q8_0") +
-                                               " --shards 2 --tokens " + list + " --out " + out);
+                                               " --shards 2 --experts reference --tokens " + list +
+                                               " --out " + out);
   ASSERT_EQ(o.rc, 0) << o.err;
   EXPECT_THAT(o.err, HasSubstr("[65, 512]"));
   const std::vector<float> got = [&] {

@@ -7,12 +7,17 @@
 #include <sched.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/moe/moe.h"
+#include "oneapi/tbb/parallel_for.h"
 #include "tests/kernels/cpu/moe/moe_test_util.h"
 
 namespace ktx::runtime {
@@ -76,6 +81,59 @@ TEST(CpuPoolTest, WorkersRunOnTheirCpusAndTheCallerIsRestored) {
       if (sched_getcpu() != (*pool2)->cpus()[worker]) wrong2.fetch_add(1);
     });
     EXPECT_EQ(wrong2.load(), 0);
+  }
+}
+
+// oneTBB's workers are shared by every arena: one that served a pool slot
+// must not stay pinned to that slot's cpu when it later works elsewhere (an
+// unpinned arena would otherwise crowd such workers onto one cpu), neither
+// while the pool lives nor after it is destroyed.
+std::set<std::vector<int>> DefaultArenaMasks() {
+  std::mutex mu;
+  std::set<std::vector<int>> masks;
+  tbb::parallel_for(0, 2000, [&](int) {
+    volatile double s = 0;
+    for (int i = 0; i < 20000; ++i) s = s + i;
+    cpu_set_t set;
+    pthread_getaffinity_np(pthread_self(), sizeof(set), &set);
+    std::vector<int> mask;
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &set)) mask.push_back(c);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    masks.insert(mask);
+  });
+  return masks;
+}
+
+TEST(CpuPoolTest, WorkersLeaveThePoolWithTheirOwnAffinity) {
+  const std::vector<int> allowed = Allowed();
+  if (allowed.size() < 2) GTEST_SKIP() << "needs two cpus";
+  for (const bool destroy : {false, true}) {
+    SCOPED_TRACE(destroy ? "pool destroyed" : "pool alive");
+    auto pool = CpuPool::Create({.cpus = {allowed[0], allowed[1]}});
+    ASSERT_TRUE(pool.ok());
+    // Two tasks that wait for each other (up to 2 s): a oneTBB worker runs one.
+    std::atomic<int> started{0};
+    std::atomic<int> on_workers{0};
+    (*pool)->ParallelFor(2, [&](int64_t, int worker) {
+      started.fetch_add(1);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (started.load() < 2 && std::chrono::steady_clock::now() < until) {
+      }
+      if (worker > 0) on_workers.fetch_add(1);
+    });
+    EXPECT_EQ(on_workers.load(), 1);
+    if (destroy) {
+      const auto t0 = std::chrono::steady_clock::now();
+      pool->reset();
+      std::printf(
+          "[ measured ] pool destroyed in %.2f ms\n",
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    // The same threads in the default arena: every one must have the whole
+    // process mask again (the pool's pins were single cpus).
+    for (const std::vector<int>& mask : DefaultArenaMasks()) EXPECT_EQ(mask, allowed);
   }
 }
 
