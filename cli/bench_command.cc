@@ -3,7 +3,7 @@
 //   ktx-ctl bench --model M.gguf [--prompt-len 512,2048] [--gen 128] [--batch 1,4,16]
 //                 [--threads N] [--experts fast|reference] [--json FILE]
 //                 [--decode-ctx N] [--prefill-chunk N] [--seed S] [--temperature T]
-//                 [--read-mib N] [--max-seconds S]
+//                 [--read-mib N] [--max-seconds S] [--topology FILE | --shards N]
 //
 // Loads the model (the CPU experts repack with a progress bar), measures the
 // all-core read bandwidth, warms up, then prefill tok/s per prompt length and
@@ -14,6 +14,13 @@
 // stopped by a timeout keeps what it measured. --max-seconds skips phases that
 // would overrun a time budget for the whole command, load included (listed
 // under "skipped").
+//
+// With --topology FILE (or --shards N) the same phases run through the actor
+// runtime (actors/actor_bench.h): an Engine with the topology's expert shards
+// (fast experts on NUMA-local copies unless --experts reference), plus a
+// per-layer breakdown of attention, gate, dispatch, each shard's compute and
+// combine, and the shards' layout, in the table and under "actors" in the
+// JSON.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -29,6 +36,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "actors/actor_bench.h"
+#include "actors/engine.h"
 #include "cli/commands.h"
 #include "runtime/bench/bench.h"
 #include "runtime/models/deepseek2.h"
@@ -53,6 +62,8 @@ struct BenchFlags {
   float temperature = 1.0f;
   int64_t read_mib = 1024;
   double max_seconds = 0;
+  std::string topology;  // non-empty: through the actor runtime
+  int shards = 0;        // > 0: through the actor runtime with N even shards
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -68,6 +79,9 @@ absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const st
   }
   return out;
 }
+
+absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options, bool fast,
+                           const nlohmann::json& topology_json);
 
 absl::Status RunBench(const BenchFlags& flags) {
   bench::BenchOptions options;
@@ -93,6 +107,24 @@ absl::Status RunBench(const BenchFlags& flags) {
   if (flags.threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--threads ", flags.threads, ": expected a positive count (or 0 for all)"));
+  }
+  if (!flags.topology.empty() || flags.shards != 0) {
+    if (!flags.topology.empty() && flags.shards != 0) {
+      return absl::InvalidArgumentError("give --topology or --shards, not both");
+    }
+    if (flags.shards < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--shards ", flags.shards, ": expected a positive count"));
+    }
+    if (flags.threads != 0) {
+      return absl::InvalidArgumentError(
+          "--threads does not apply with --topology/--shards: the shards' cpus do");
+    }
+    auto source = topology::SystemHardwareSource();
+    absl::StatusOr<topology::HardwareTopology> hw = topology::DiscoverHardware(*source);
+    return RunActorBench(flags, std::move(options), fast,
+                         hw.ok() ? nlohmann::json::parse(topology::HardwareTopologyToJson(*hw))
+                                 : nlohmann::json{{"error", std::string(hw.status().message())}});
   }
   std::optional<tbb::global_control> limit;
   if (flags.threads > 0) {
@@ -175,6 +207,77 @@ absl::Status RunBench(const BenchFlags& flags) {
   return absl::OkStatus();
 }
 
+// The benchmark through the actor runtime (actors/actor_bench.h).
+absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options, bool fast,
+                           const nlohmann::json& topology_json) {
+  actors::EngineOptions engine_options;
+  if (!flags.topology.empty()) {
+    KTX_ASSIGN_OR_RETURN(engine_options, actors::EngineOptionsFromTopologyFile(flags.topology));
+  } else {
+    engine_options.shards = actors::EvenShards(flags.shards);
+  }
+  engine_options.experts =
+      fast ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
+  if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
+    std::ofstream probe(flags.json, std::ios::trunc);
+    if (!(probe << "{}\n") || !probe.flush()) {
+      return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
+    }
+  }
+  std::cerr << "bench: loading " << flags.model << " (actor runtime)" << std::endl;
+  const auto t0 = std::chrono::steady_clock::now();
+  KTX_ASSIGN_OR_RETURN(std::unique_ptr<models::Deepseek2Model> model,
+                       models::Deepseek2Model::Open(flags.model));
+  const double open_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  KTX_RETURN_IF_ERROR(actors::PrepareEngineOptionsForBench(options, *model, &engine_options));
+  KTX_ASSIGN_OR_RETURN(std::unique_ptr<actors::Engine> engine,
+                       actors::Engine::Create(std::move(model), engine_options));
+  const double load_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cerr << engine->Describe();
+  if (flags.max_seconds > 0) options.max_seconds = std::max(1e-3, flags.max_seconds - load_s);
+
+  auto complete = [&](actors::ActorBenchResult r) {
+    r.engine_seconds = load_s - open_s;
+    r.bench.model_path = flags.model;
+    r.bench.load["model_open_seconds"] = open_s;
+    r.bench.load["load_seconds"] = load_s;
+    r.bench.load["repack_seconds"] = load_s - open_s;  // Engine::Create, shards in parallel
+    r.bench.machine["topology"] = topology_json;
+    return r;
+  };
+  auto write_json = [&](const actors::ActorBenchResult& r) -> absl::Status {
+    if (flags.json.empty()) return absl::OkStatus();
+    std::ofstream out(flags.json, std::ios::trunc);
+    nlohmann::json j = actors::ActorBenchResultToJson(complete(r));
+    j["config"]["topology"] = flags.topology;
+    j["config"]["shards"] = static_cast<int>(engine->shards().size());
+    out << j.dump(2) << "\n";
+    if (!out.flush()) {
+      return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
+    }
+    return absl::OkStatus();
+  };
+  // Keep --json current after every phase (the actor part at the end).
+  absl::Status json_status;
+  options.on_phase = [&](const bench::BenchResult& r) {
+    if (!json_status.ok()) return;
+    actors::ActorBenchResult partial;
+    partial.bench = r;
+    partial.shards = engine->ShardInfos();
+    json_status = write_json(partial);
+  };
+  KTX_ASSIGN_OR_RETURN(actors::ActorBenchResult result,
+                       actors::RunActorBenchmark(*engine, options));
+  result = complete(std::move(result));
+  std::cout << actors::FormatActorBenchTable(result) << std::flush;
+  KTX_RETURN_IF_ERROR(json_status);
+  KTX_RETURN_IF_ERROR(write_json(result));
+  if (!flags.json.empty()) std::cerr << "bench: wrote " << flags.json << std::endl;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void AddBenchCommands(CLI::App& app, int* exit_code) {
@@ -203,6 +306,12 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--max-seconds", flags->max_seconds,
                   "Time budget of the command, load included: skip phases that would overrun it "
                   "(default 0: none)");
+  cmd->add_option("--topology", flags->topology,
+                  "Run through the actor runtime with the expert shards of this topology config "
+                  "(per-layer breakdown: attention, gate, dispatch, each shard, combine)");
+  cmd->add_option("--shards", flags->shards,
+                  "Run through the actor runtime with N even expert shards over this process's "
+                  "cpus");
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";

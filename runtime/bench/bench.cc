@@ -798,4 +798,12 @@ std::string FormatBenchTable(const BenchResult& r) {
   return out;
 }
 
+std::string BenchUtcNow() { return UtcNow(); }
+std::string BenchHostName() { return HostName(); }
+nlohmann::json BenchMachineJson(const runtime::CpuPool& pool) { return MachineJson(pool); }
+nlohmann::json BenchModelJson(const models::Deepseek2Model& model) { return ModelJson(model); }
+std::vector<int32_t> BenchRandomTokens(int64_t n, int64_t n_vocab, uint64_t seed) {
+  return RandomTokens(n, n_vocab, seed);
+}
+
 }  // namespace ktx::bench

@@ -185,4 +185,14 @@ double EstimatePrefillSeconds(const std::vector<PrefillResult>& done, int64_t p)
 nlohmann::json BenchResultToJson(const BenchResult& result);
 std::string FormatBenchTable(const BenchResult& result);
 
+// The pieces of RunBenchmark that other benchmarks reuse (the actor-path
+// bench, actors/actor_bench.h): BenchResult::date, ::host, ::machine (for
+// `pool`), ::model; the benchmark's random token ids (ids >= 3 where the
+// vocabulary allows, fixed by `seed`).
+std::string BenchUtcNow();
+std::string BenchHostName();
+nlohmann::json BenchMachineJson(const runtime::CpuPool& pool);
+nlohmann::json BenchModelJson(const models::Deepseek2Model& model);
+std::vector<int32_t> BenchRandomTokens(int64_t n, int64_t n_vocab, uint64_t seed);
+
 }  // namespace ktx::bench
