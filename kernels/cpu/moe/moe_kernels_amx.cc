@@ -460,61 +460,64 @@ void TileMatmulT(const MatmulArgs& a) {
   for (int64_t t = 0; t < a.n_act; ++t) {
     std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
   }
-  // Item it: group it / n_pairs, panels p0, p0 + 1 (the second only if < p_end).
-  auto item_panels = [&](int64_t it, int64_t* gi, int64_t* p0) {
-    *gi = it / n_pairs;
-    *p0 = p_begin + 2 * (it % n_pairs);
-    return *p0 + 1 < p_end ? 2 : 1;
+  // Work item it: group gi = it / n_pairs of panels p0 and p0 + 1 (the second
+  // only when < p_end); pb: each panel's first block of the group.
+  struct Item {
+    int64_t gi = 0, p0 = 0;
+    int np = 0;
+    const uint8_t* pb[2] = {nullptr, nullptr};
   };
-  auto block0 = [&](int64_t gi, int64_t p) {
-    return a.w + p * panel_bytes + gi * nbg * Conv::kBlockBytes;
+  auto item = [&](int64_t it) {
+    Item x;
+    x.gi = it / n_pairs;
+    x.p0 = p_begin + 2 * (it % n_pairs);
+    x.np = x.p0 + 1 < p_end ? 2 : 1;
+    for (int pp = 0; pp < x.np; ++pp) {
+      x.pb[pp] = a.w + (x.p0 + pp) * panel_bytes + x.gi * nbg * Conv::kBlockBytes;
+    }
+    return x;
   };
-  auto setup = [&](int64_t it, int buf) {
-    int64_t gi, p0;
-    const int np = item_panels(it, &gi, &p0);
-    for (int pp = 0; pp < np; ++pp)
-      Conv::Setup(block0(gi, p0 + pp), nbg, ts.fac[pp], ts.sw[buf][pp]);
+  auto setup = [&](const Item& x, int buf) {
+    for (int pp = 0; pp < x.np; ++pp) Conv::Setup(x.pb[pp], nbg, ts.fac[pp], ts.sw[buf][pp]);
   };
-  // Units [u0, u1) of item it (both panels: u < units_per_panel is panel 0).
-  auto convert = [&](int64_t it, int buf, int64_t u0, int64_t u1) {
-    int64_t gi, p0;
-    item_panels(it, &gi, &p0);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int pp = u < units_per_panel ? 0 : 1;
-      const int64_t uu = u - pp * units_per_panel;
-      Conv::Unit(block0(gi, p0 + pp), ts.fac[pp], uu, ts.bbuf[buf][pp] + 128 * uu);
+  // Units [u0, u1) of an item (u < units_per_panel: panel 0, then panel 1).
+  auto convert = [&](const Item& x, int buf, int64_t u0, int64_t u1) {
+    for (int pp = 0; pp < x.np; ++pp) {
+      const int64_t lo = std::max(u0, pp * units_per_panel) - pp * units_per_panel;
+      const int64_t hi = std::min(u1, (pp + 1) * units_per_panel) - pp * units_per_panel;
+      for (int64_t u = lo; u < hi; ++u) {
+        Conv::Unit(x.pb[pp], ts.fac[pp], u, ts.bbuf[buf][pp] + 128 * u);
+      }
     }
   };
-  auto item_units = [&](int64_t it) {
-    int64_t gi, p0;
-    return item_panels(it, &gi, &p0) * units_per_panel;
-  };
-  // Prefetch (into L2) the 64-byte lines [l0, l1) of item it's weights.
-  auto prefetch = [&](int64_t it, int64_t l0, int64_t l1) {
-    int64_t gi, p0;
-    const int np = item_panels(it, &gi, &p0);
-    const int64_t lines = nbg * Conv::kBlockBytes / 64;
-    for (int64_t l = l0; l < std::min(l1, np * lines); ++l) {
-      const int pp = l < lines ? 0 : 1;
-      _mm_prefetch(reinterpret_cast<const char*>(block0(gi, p0 + pp) + 64 * (l - pp * lines)),
-                   _MM_HINT_T1);
+  // Prefetch (into L2) the 64-byte lines [l0, l1) of an item's weights.
+  const int64_t panel_lines = nbg * Conv::kBlockBytes / 64;
+  auto prefetch = [&](const Item& x, int64_t l0, int64_t l1) {
+    for (int pp = 0; pp < x.np; ++pp) {
+      const int64_t lo = std::max(l0, pp * panel_lines) - pp * panel_lines;
+      const int64_t hi = std::min(l1, (pp + 1) * panel_lines) - pp * panel_lines;
+      for (int64_t l = lo; l < hi; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(x.pb[pp] + 64 * l), _MM_HINT_T1);
+      }
     }
   };
-  const int64_t item_lines = 2 * nbg * Conv::kBlockBytes / 64;
 
   ConfigureTiles();
-  setup(0, 0);
-  convert(0, 0, 0, item_units(0));
+  Item cur = item(0);
+  setup(cur, 0);
+  convert(cur, 0, 0, cur.np * units_per_panel);
   for (int64_t it = 0; it < n_items; ++it) {
     const int buf = static_cast<int>(it & 1);
-    int64_t gi, p0;
-    const int np = item_panels(it, &gi, &p0);
+    const int64_t gi = cur.gi, p0 = cur.p0;
+    const int np = cur.np;
     const bool has_next = it + 1 < n_items;
-    const int64_t next_units = has_next ? item_units(it + 1) : 0;
-    if (has_next) setup(it + 1, buf ^ 1);
+    const Item next = has_next ? item(it + 1) : Item{};
+    const Item after = it + 2 < n_items ? item(it + 2) : Item{};
+    const int64_t next_units = next.np * units_per_panel;
+    if (has_next) setup(next, buf ^ 1);
     const int64_t steps = n_blocks * k_steps;
     const int64_t per_step = (next_units + steps - 1) / steps;
-    const int64_t pf_per_step = (item_lines + steps - 1) / steps;
+    const int64_t pf_per_step = (after.np * panel_lines + steps - 1) / steps;
     int64_t next_u = 0, pf_l = 0;
     const uint8_t* b0 = ts.bbuf[buf][0];
     const uint8_t* b1 = ts.bbuf[buf][1];
@@ -543,13 +546,13 @@ void TileMatmulT(const MatmulArgs& a) {
           KTX_TILE_DPBSSD(1, 4, 7);
           if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
         }
-        if (has_next) {  // the next item's conversion, a slice per k-step
+        if (next_u < next_units) {  // the next item's conversion, a slice per k-step
           const int64_t u1 = std::min(next_units, next_u + per_step);
-          convert(it + 1, buf ^ 1, next_u, u1);
+          convert(next, buf ^ 1, next_u, u1);
           next_u = u1;
         }
-        if (it + 2 < n_items) {
-          prefetch(it + 2, pf_l, pf_l + pf_per_step);
+        if (after.np > 0) {  // and the weights of the one after it
+          prefetch(after, pf_l, pf_l + pf_per_step);
           pf_l += pf_per_step;
         }
       }
@@ -578,7 +581,8 @@ void TileMatmulT(const MatmulArgs& a) {
         }
       }
     }
-    if (has_next) convert(it + 1, buf ^ 1, next_u, next_units);
+    if (has_next) convert(next, buf ^ 1, next_u, next_units);
+    cur = next;
   }
   Release();
 }

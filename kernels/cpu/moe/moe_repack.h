@@ -7,9 +7,10 @@
 // kGguf      the bytes of the GGUF file: n_rows rows of k/block elements.
 //
 // kPanel16   exact re-arrangement (no precision change) for AVX-512 VNNI / AVX2
-//            kernels. Rows are grouped in panels of 16 (n_rows % 16 == 0);
-//            panel p holds rows 16p..16p+15, panels are consecutive, and a
-//            panel is a sequence of "panel blocks", one per k-block, so that a
+//            kernels, and the one copy the AMX tile prefill path reads too
+//            (converted to int8 per (row, group) on the fly, moe_internal.h). Rows are grouped in
+//            panels of 16 (n_rows % 16 == 0); panel p holds rows 16p..16p+15, panels are
+//            consecutive, and a panel is a sequence of "panel blocks", one per k-block, so that a
 //            kernel streams a panel linearly. Quants of 16 rows are
 //            interleaved 4 consecutive k at a time (the operand shape of
 //            vpdpbusd and of AMX B tiles): a 64-byte vector holds, for rows
@@ -40,8 +41,10 @@
 //            q[64][64] i8: group t (k = 4t..4t+3), byte r*4+i = q[r][4t+i].
 //            The 1 KiB from 64 + 1024c is the B tile of k = 64c..64c+63 (16
 //            rows of 64 bytes, stride 64). Sources Q4_K, Q5_K, Q6_K, Q8_0.
-//            Meant as the prefill form on AMX machines: only the amx variant
-//            has a fast kernel for it (others run the scalar code).
+//            The first AMX prefill form, now only for comparison (a second
+//            copy at ~1.8x the Q4_K bytes; the backend no longer builds it):
+//            only the amx variant has a fast kernel for it (others run the
+//            scalar code).
 //
 // Repacking runs once at load, in parallel: MoeRepackNumTasks() tasks, each a
 // range of panels of one expert, any order, any thread (the caller's pool).
