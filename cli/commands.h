@@ -18,5 +18,7 @@ void AddInspectCommands(CLI::App& app, int* exit_code);
 void AddRunCommands(CLI::App& app, int* exit_code);
 void AddBenchCommands(CLI::App& app, int* exit_code);
 void AddClientCommands(CLI::App& app, int* exit_code);  // generate, chat, status --target
+void AddProfileCommands(CLI::App& app, int* exit_code);
+void AddEvalCommands(CLI::App& app, int* exit_code);
 
 }  // namespace ktx::cli

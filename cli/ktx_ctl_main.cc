@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
   ktx::cli::AddInspectCommands(app, &exit_code);
   ktx::cli::AddRunCommands(app, &exit_code);
   ktx::cli::AddBenchCommands(app, &exit_code);
+  ktx::cli::AddProfileCommands(app, &exit_code);
+  ktx::cli::AddEvalCommands(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -6,7 +6,7 @@
 //   init [--out FILE] [--listen ADDR]  a config for this machine
 //   validate FILE [--node N] [--model GGUF]
 //                                      every problem of a config, with its line
-//   plan --model GGUF --topology FILE [--profile JSON] [--json]
+//   plan --model GGUF --topology FILE [--profile FILE] [--json]
 //                                      which shard holds which experts
 // `--hardware FILE` (JSON from `topology show --json`) makes init, validate
 // and plan use that machine instead of this one. Results go to stdout; errors
@@ -26,6 +26,7 @@
 #include "topology/gguf_experts.h"
 #include "topology/hardware.h"
 #include "topology/placement.h"
+#include "topology/profile_file.h"
 
 namespace ktx::cli {
 namespace {
@@ -61,7 +62,8 @@ void AddCheckFlags(CLI::App* cmd, CheckFlags* flags) {
   cmd->add_option("--node", flags->node,
                   "The config's node that runs on this machine (loopback nodes are local too)");
   cmd->add_option("--profile", flags->profile,
-                  "Expert-usage profile, JSON {\"layers\": {\"3\": [w0, w1, ...]}}");
+                  "Expert-usage profile: a `ktx-ctl profile` file (profile.pb, binary or text) "
+                  "or JSON {\"layers\": {\"3\": [w0, w1, ...]}}");
   cmd->add_option("--replicate-hot", flags->replicate_hot,
                   "Replicate the N hottest experts of each profiled layer (needs --profile)");
   cmd->add_option("--replicas", flags->replicas,
@@ -101,7 +103,7 @@ absl::StatusOr<Loaded> Load(const CheckFlags& flags) {
     out.model = std::make_unique<topology::ModelExpertTable>(*std::move(model));
   }
   if (!flags.profile.empty()) {
-    absl::StatusOr<topology::ExpertProfile> profile = topology::LoadExpertProfile(flags.profile);
+    absl::StatusOr<topology::ExpertProfile> profile = topology::LoadPlacementProfile(flags.profile);
     if (!profile.ok()) return profile.status();
     out.placement.profile = *std::move(profile);
   }

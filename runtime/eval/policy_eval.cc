@@ -220,7 +220,7 @@ std::string FormatEvalTable(const EvalReport& report) {
   out += "|---|---:|---:|---:|---:|---:|---:|\n";
   auto line = [&](const PolicyEvalResult& r, bool baseline) {
     out += absl::StrFormat(
-        "| %s | %.2f | %.2f | %s | %s | %.2f%% | %.3f |\n", r.policy, r.experts_per_token,
+        "| %s | %.2f | %.2f | %s | %s | %.2f%% | %.4g |\n", r.policy, r.experts_per_token,
         r.deferred_per_token, baseline ? "-" : absl::StrFormat("%.3g", r.kl_mean),
         baseline ? "-" : absl::StrFormat("%.3g", r.kl_max), 100.0 * r.top1_agreement, r.perplexity);
   };
