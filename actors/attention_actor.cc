@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "actors/cpu_arena.h"
+#include "actors/remote/wire_dtype.h"
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
@@ -38,6 +39,7 @@ struct Core {
   std::shared_ptr<const models::Deepseek2Model> model;
   kv_cache::LatentKvCache kv;
   std::map<uint64_t, kv_cache::SequenceId> ids;  // scheduler seq -> cache id
+  bool bf16_expert_input = false;                // AttentionConfig::bf16_expert_input
 
   Core(std::shared_ptr<const models::Deepseek2Model> m, kv_cache::LatentKvCache cache)
       : model(std::move(m)), kv(std::move(cache)) {}
@@ -64,8 +66,11 @@ struct Step {
   // At a MoE layer:
   models::Activations x;                         // F32 [n_rows, n_embd] batch residual
   std::shared_ptr<const models::Activations> h;  // F32 [n_rows, n_embd] FFN-normed
-  models::Routing routing;                       // [n_rows, K]
-  models::Activations shared;                    // F32 [n_rows, n_embd]
+  // F32 [n_rows, n_embd] h rounded to bf16 for the routed experts (wire
+  // dtype bf16); null: they get h.
+  std::shared_ptr<const models::Activations> h_experts;
+  models::Routing routing;     // [n_rows, K]
+  models::Activations shared;  // F32 [n_rows, n_embd]
   absl::Status shared_status;
   MoeResult moe;
   absl::Status moe_status;
@@ -186,6 +191,14 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
       timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
     }
     st.x = std::move(x);
+    if (core->bf16_expert_input) {
+      models::Activations rounded = h;
+      float* v = rounded.data();
+      for (int64_t i = 0; i < rounded.n_tokens() * rounded.n_cols(); ++i) {
+        v[i] = RoundToWireBf16(v[i]);
+      }
+      st.h_experts = std::make_shared<const models::Activations>(std::move(rounded));
+    }
     st.h = std::make_shared<const models::Activations>(std::move(h));
     st.moe_posted = Clock::now();
     Post(me, st.step, kMoeReady);
@@ -273,6 +286,7 @@ void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr
   }
   st.x = models::Activations();
   st.h.reset();
+  st.h_experts.reset();
   st.moe = MoeResult();
   st.il++;
   DropFailed(st);
@@ -372,7 +386,7 @@ void OnMoeReady(AttentionPointer self) {
   }
   MoeWork work;
   work.il = step->il;
-  work.h = Tensor(step->h);
+  work.h = Tensor(step->h_experts ? step->h_experts : step->h);
   work.n_expert_used = step->routing.n_expert_used;
   work.expert_ids = std::move(step->routing.expert_ids);
   work.weights = std::move(step->routing.weights);
@@ -572,6 +586,7 @@ absl::StatusOr<attention_actor> SpawnAttention(caf::actor_system& system, Attent
                      config.model->kv_layout().bytes_per_token(), " bytes per token)"));
   }
   auto core = std::make_shared<Core>(config.model, std::move(cache));
+  core->bf16_expert_input = config.bf16_expert_input;
   return system.spawn(AttentionBehavior, std::move(config), std::move(core));
 }
 

@@ -68,6 +68,10 @@ struct AttentionConfig {
   CpuArena* arena = nullptr;  // not owned; outlives the actor's jobs
   router_actor router;        // may be invalid for a model without MoE layers
   uint64_t kv_budget_bytes = uint64_t{1} << 30;
+  // Wire dtype bf16 (EngineOptions::wire_dtype): the routed experts' input
+  // h is rounded to bf16 before it goes to the router, for every shard
+  // (the shared experts still get the F32 h).
+  bool bf16_expert_input = false;
   // When set, every finished step's stage timings are added to it
   // (actors/profile.h); n_shards sizes LayerTiming::shard_us.
   std::shared_ptr<ProfileLog> profile;

@@ -12,6 +12,8 @@
 #include "actors/expert_shard_actor.h"
 #include "actors/fast_experts.h"
 #include "actors/messages.h"
+#include "actors/remote/remote_shards.h"
+#include "actors/remote/topology_shards.h"
 #include "actors/router_actor.h"
 #include "actors/scheduler_actor.h"
 #include "actors/status_bridge.h"
@@ -140,7 +142,8 @@ struct Engine::Impl {
   int64_t n_ctx = 0;
   int caf_threads = 0;
   std::vector<std::shared_ptr<ShardExperts>> experts;
-  std::shared_ptr<ProfileLog> profile;  // null: profiling off
+  std::unique_ptr<RemoteShards> remote;  // the shards on other nodes (null: none)
+  std::shared_ptr<ProfileLog> profile;   // null: profiling off
 
   // Destroyed by ~Impl in this order: actors, arenas, handles, system, config.
   std::unique_ptr<caf::actor_system_config> cfg;
@@ -162,8 +165,10 @@ struct Engine::Impl {
       for (const auto& shard : shards) caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
       system->await_all_actors_done();
     }
-    // Jobs still queued or running post to dead actors (dropped); the arenas
-    // join their threads before the system goes away.
+    // Remote nodes fail what is still pending into dead mailboxes and join
+    // their threads; jobs still queued or running post to dead actors
+    // (dropped); the arenas join their threads before the system goes away.
+    remote.reset();
     shard_arenas.clear();
     attention_arena.reset();
     scheduler = scheduler_actor{};
@@ -210,6 +215,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
       return absl::InvalidArgumentError(absl::StrCat("shard name '", *dup, "' is used twice"));
     }
   }
+  if (options.remote_wait.count() < 0) {
+    return absl::InvalidArgumentError("remote_wait must not be negative");
+  }
+  // A remote shard's cpus are its own machine's: here it is only a proxy.
+  for (ShardOptions& shard : options.shards) {
+    if (!shard.address.empty()) shard.cpus.clear();
+  }
   impl->n_ctx = options.n_ctx > 0 ? std::min(options.n_ctx, hp.n_ctx_train) : hp.n_ctx_train;
   const size_t n_shards = options.shards.size();
 
@@ -217,12 +229,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.plan) {
     impl->plan = *options.plan;
   } else {
-    KTX_ASSIGN_OR_RETURN(topology::ModelExpertTable table,
-                         topology::ModelExpertTableFromGguf(model->file()));
-    std::vector<topology::ShardSpec> specs;
-    for (const ShardOptions& s : options.shards) specs.push_back({s.name, s.memory_budget_bytes});
-    KTX_ASSIGN_OR_RETURN(impl->plan,
-                         topology::PlanExpertPlacement(table, specs, options.placement));
+    // The same function plans on every shard node (ShardHost).
+    KTX_ASSIGN_OR_RETURN(impl->plan, PlanShards(*model, options.shards, options.placement));
   }
   KTX_RETURN_IF_ERROR(CheckPlan(impl->plan, hp, n_shards));
   std::vector<HeldExperts> held(n_shards, HeldExperts(hp.n_layer));
@@ -262,6 +270,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     }
     factory = FastExpertBackendFactory(model, std::move(specs), options.fast_experts);
   }
+  // Shards on other nodes load nothing here: a placeholder backend keeps
+  // their place (and held experts) in the plan.
+  factory = WithRemotePlaceholders(std::move(factory), options.shards);
   // Every shard's backend at once (the fast one repacks on the shard's own
   // pool, so shards on disjoint cpus load in parallel).
   std::vector<absl::StatusOr<std::shared_ptr<models::ExpertBackend>>> backends(
@@ -290,6 +301,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     impl->experts.push_back(std::move(experts));
   }
 
+  // Shards on other nodes: wait until each node serves this model and the
+  // plan's experts, then open one stream per node.
+  if (std::any_of(options.shards.begin(), options.shards.end(),
+                  [](const ShardOptions& s) { return !s.address.empty(); })) {
+    RemoteShardsOptions remote;
+    remote.security = options.rpc_security;
+    remote.wire_dtype = options.wire_dtype;
+    remote.wait = options.remote_wait;
+    remote.shard_deadline = options.shard_deadline;
+    KTX_ASSIGN_OR_RETURN(impl->remote, RemoteShards::Connect(*model, options.shards, held, remote));
+  }
+
   // The actor system.
   impl->caf_threads = options.caf_threads > 0
                           ? options.caf_threads
@@ -305,7 +328,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     config.name = options.shards[s].name;
     config.experts = impl->experts[s];
     config.arena = impl->shard_arenas[s].get();
-    impl->shards.push_back(SpawnExpertShard(*impl->system, std::move(config)));
+    impl->shards.push_back(impl->remote && impl->remote->IsRemote(static_cast<int>(s))
+                               ? impl->remote->Spawn(*impl->system, static_cast<int>(s))
+                               : SpawnExpertShard(*impl->system, std::move(config)));
     names.push_back(options.shards[s].name);
   }
   RouterConfig router;
@@ -321,6 +346,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   attention.arena = impl->attention_arena.get();
   attention.router = impl->router;
   attention.kv_budget_bytes = options.kv_budget_bytes;
+  attention.bf16_expert_input = options.wire_dtype == WireDtype::kBf16;
   if (options.profile_steps > 0) {
     impl->profile = std::make_shared<ProfileLog>(static_cast<size_t>(options.profile_steps));
   }
@@ -444,6 +470,10 @@ absl::StatusOr<RouterCounters> Engine::RouterStats() {
   return out;
 }
 
+std::vector<RemoteShardStatus> Engine::RemoteShardStates() const {
+  return impl_->remote ? impl_->remote->Status() : std::vector<RemoteShardStatus>{};
+}
+
 absl::Status Engine::KillShard(int index) {
   if (index < 0 || index >= static_cast<int>(impl_->shards.size())) {
     return absl::InvalidArgumentError(
@@ -486,6 +516,12 @@ std::string Engine::Describe() const {
   const Impl& im = *impl_;
   std::string out;
   for (size_t s = 0; s < im.options.shards.size(); ++s) {
+    if (im.remote && im.remote->IsRemote(static_cast<int>(s))) {
+      const ShardOptions& shard = im.options.shards[s];
+      absl::StrAppend(&out, "shard ", s, " '", shard.name, "': remote, node '", shard.node, "' at ",
+                      shard.address, ", ", im.experts[s]->n_held(), " routed experts\n");
+      continue;
+    }
     const CpuArena& arena = *im.shard_arenas[s];
     const ShardBackendInfo info = im.experts[s]->info();
     std::string where = info.numa_node >= 0 ? absl::StrCat(" on NUMA node ", info.numa_node)

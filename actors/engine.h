@@ -27,6 +27,15 @@
 // docs/architecture.md ("Actors") describes the actors, their messages and
 // who owns which memory.
 //
+// Remote shards: a shard whose ShardOptions::address is set lives in another
+// ktx-node (a ShardHost, actors/remote/shard_host.h). The engine talks to it
+// through a proxy actor with the local shard's interface, over one
+// long-lived ExpertShard stream per node; Create waits (remote_wait) until
+// every such node serves this model (fingerprint) and the plan's experts.
+// A node that dies or stalls fails the parts in flight with UNAVAILABLE
+// naming the shard, node and address; the proxy reconnects in the
+// background and the next request is served once the node is back.
+//
 // Ownership: the Engine owns the actor system, the arenas (destroyed after
 // the actors have stopped) and shares the model with the expert backends.
 // Thread-safety: every public method may be called from any thread
@@ -49,12 +58,18 @@
 #include "absl/status/statusor.h"
 #include "actors/generation.h"
 #include "actors/profile.h"
+#include "actors/remote/wire_dtype.h"
+#include "actors/rpc/security.h"
 #include "actors/shard_experts.h"
 #include "runtime/models/activations.h"
 #include "runtime/models/deepseek2.h"
 #include "runtime/moe_backend/cpu_moe_backend.h"
 #include "runtime/sampler/sampler.h"
 #include "topology/placement.h"
+
+namespace ktx::topology {
+struct ParsedTopologyConfig;
+}
 
 namespace ktx::actors {
 
@@ -119,6 +134,16 @@ struct EngineOptions {
   // Keep the stage timings of the last N steps (Engine::Profile); 0: off.
   int profile_steps = 0;
   bool use_tokenizer = true;  // text, EOS/EOT and stop strings from the GGUF tokenizer
+  // Shards with an address (actors/remote/): the channels' security (token,
+  // TLS, message limits); how long Create waits for their nodes (each must
+  // answer with this model's fingerprint and the plan's experts; the error
+  // names every shard, node and address still missing); and how hidden
+  // states cross to ALL shards: with kBf16 the routed experts' input is
+  // rounded to bf16 for local shards too, so results never depend on where
+  // a shard lives (partial sums return as F32).
+  rpc::RpcSecurity rpc_security;
+  std::chrono::milliseconds remote_wait{60000};
+  WireDtype wire_dtype = WireDtype::kF32;
 };
 
 struct GenerateRequest {
@@ -163,6 +188,21 @@ struct StepRecord {
   double start_ms = 0;  // since the engine started
   double end_ms = 0;
   absl::StatusCode code = absl::StatusCode::kOk;
+};
+
+// A shard on another node as this engine sees it (Engine::RemoteShardStates).
+struct RemoteShardStatus {
+  int index = 0;  // in the plan
+  std::string name;
+  std::string node;
+  std::string address;
+  bool connected = false;  // its node's stream is up
+  std::string last_error;  // why it is (or last was) not
+  int64_t sessions = 0;    // streams opened to its node so far (1 + reconnects)
+  // Of its node's stream (shared by the node's shards):
+  int64_t node_parts_sent = 0;
+  int64_t node_messages_sent = 0;  // parts are coalesced into messages
+  int64_t node_in_flight = 0;
 };
 
 struct RouterCounters {
@@ -216,6 +256,8 @@ class Engine {
   absl::StatusOr<KvCacheStats> KvStats();
   absl::StatusOr<std::vector<StepRecord>> StepLog();
   absl::StatusOr<RouterCounters> RouterStats();
+  // The shards that run on other nodes (empty when all are in this process).
+  std::vector<RemoteShardStatus> RemoteShardStates() const;
   // Stage timings of the last EngineOptions::profile_steps steps, oldest
   // first (actors/profile.h); empty when profiling is off. ClearProfile
   // forgets them.
@@ -256,5 +298,18 @@ std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus = true);
 // or empty; "cuda:N" runs on the CPU for now, with a warning. Errors name the
 // file and line (parse) or the shard (cpu list).
 absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& path);
+
+// The head's options for a multi-process topology (ktx-node --node NAME):
+// the shards of every node in config order (the plan's order on every
+// node), those of `node_name` in this process and every other node's remote
+// at its listen_address (actors/remote/); budgets as written (0: none), so
+// the head and every shard node compute the same plan (ShardsFromTopology,
+// PlanShards in actors/remote/topology_shards.h); rpc_security from the
+// named node's entry (token and TLS files relative to the config's folder);
+// wire_dtype from the config's expert_wire_dtype. InvalidArgument naming the
+// file, line and field: `node_name` missing or not the head, a bad cpu list
+// or wire dtype, no shard at all; the token and TLS files' errors.
+absl::StatusOr<EngineOptions> EngineOptionsFromTopology(
+    const topology::ParsedTopologyConfig& parsed, std::string_view node_name);
 
 }  // namespace ktx::actors

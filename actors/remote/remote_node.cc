@@ -320,7 +320,16 @@ void RemoteNode::RunSession(std::unique_ptr<Session> session) {
     }
     last_error_ = why;
   }
-  KTX_LOG(WARNING, "remote") << Label() << ": stream closed: " << why;
+  bool stopping = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping = stop_;
+  }
+  if (stopping) {
+    KTX_LOG(INFO, "remote") << Label() << ": stream closed: " << why;
+  } else {
+    KTX_LOG(WARNING, "remote") << Label() << ": stream closed: " << why;
+  }
   FailAll(why);
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "actors/cpu_arena.h"
+#include "actors/fast_experts.h"
 #include "actors/remote/topology_shards.h"
 #include "actors/remote/wire_codec.h"
 #include "actors/status_bridge.h"
@@ -140,7 +142,7 @@ std::string HeldRanges(const std::vector<int>& experts) {
 }  // namespace
 
 struct ShardHost::Impl {
-  std::shared_ptr<const models::Deepseek2Model> model;
+  models::Deepseek2Hparams hp;  // of the model the shards come from
   std::string node;
   std::string fingerprint;
   ShardHostOptions options;
@@ -187,7 +189,6 @@ class ShardHost::Service final : public ktx::v1::ExpertShard::Service {
 void ShardHost::Impl::HandlePart(const std::shared_ptr<Session>& session,
                                  const ktx::v1::ExpertPart& part, int index) {
   const Clock::time_point arrived = Clock::now();
-  const models::Deepseek2Hparams& hp = model->hparams();
   const std::string f = absl::StrCat("parts[", index, "]");
   session->Accept();
   Hosted* shard = Find(part.shard());
@@ -340,6 +341,22 @@ grpc::Status ShardHost::Service::Compute(grpc::ServerContext* context, Stream* s
   return grpc::Status::OK;
 }
 
+absl::StatusOr<ShardHostOptions> ShardHostOptionsFromTopology(
+    const topology::ParsedTopologyConfig& parsed, std::string_view node_name) {
+  for (const ktx::v1::NodeConfig& node : parsed.config.nodes()) {
+    if (node.name() != node_name) continue;
+    const std::string dir = parsed.path.empty()
+                                ? std::string()
+                                : std::filesystem::path(parsed.path).parent_path().string();
+    ShardHostOptions options;
+    KTX_ASSIGN_OR_RETURN(options.security, rpc::RpcSecurityFromNode(node, dir));
+    return options;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(parsed.path.empty() ? std::string("topology") : parsed.path,
+                   ": no node is named '", std::string(node_name), "'"));
+}
+
 ShardHost::ShardHost(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ShardHost::~ShardHost() = default;
 
@@ -369,7 +386,27 @@ absl::StatusOr<std::unique_ptr<ShardHost>> ShardHost::CreateWithPlan(
     const std::vector<ShardOptions>& shards, const topology::PlacementPlan& plan,
     const std::vector<int>& hosted, ShardHostOptions options) {
   if (model == nullptr) return absl::InvalidArgumentError("ShardHost: no model");
-  const models::Deepseek2Hparams& hp = model->hparams();
+  if (!options.expert_backend_factory && options.experts == ExpertsBackend::kReference) {
+    options.expert_backend_factory = MappedExpertBackendFactory(model);
+  } else if (!options.expert_backend_factory) {
+    std::vector<FastShardSpec> specs;
+    for (const ShardOptions& shard : shards) {
+      specs.push_back({shard.name, shard.cpus, shard.numa_node});
+    }
+    options.expert_backend_factory =
+        FastExpertBackendFactory(model, std::move(specs), options.fast_experts);
+  }
+  return CreateWithPlan(model->hparams(), gguf::ModelFingerprint(model->file()),
+                        std::move(node_name), shards, plan, hosted, std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<ShardHost>> ShardHost::CreateWithPlan(
+    const models::Deepseek2Hparams& hp, std::string fingerprint, std::string node_name,
+    const std::vector<ShardOptions>& shards, const topology::PlacementPlan& plan,
+    const std::vector<int>& hosted, ShardHostOptions options) {
+  if (!options.expert_backend_factory) {
+    return absl::InvalidArgumentError("ShardHost: no expert backend factory");
+  }
   if (plan.n_layer != hp.n_layer || static_cast<int>(plan.layers.size()) != hp.n_layer) {
     return absl::InvalidArgumentError(absl::StrCat(
         "ShardHost: the placement plan has ", plan.n_layer, " layers, the model ", hp.n_layer));
@@ -388,15 +425,13 @@ absl::StatusOr<std::unique_ptr<ShardHost>> ShardHost::CreateWithPlan(
     }
   }
   auto impl = std::make_unique<Impl>();
-  impl->model = model;
+  impl->hp = hp;
   impl->node = std::move(node_name);
   impl->plan = plan;
   impl->options = std::move(options);
-  impl->fingerprint = gguf::ModelFingerprint(model->file());
+  impl->fingerprint = std::move(fingerprint);
   const std::vector<HeldExperts> held = HeldByShard(plan, hp);
-  ExpertBackendFactory factory = impl->options.expert_backend_factory
-                                     ? impl->options.expert_backend_factory
-                                     : MappedExpertBackendFactory(model);
+  const ExpertBackendFactory& factory = impl->options.expert_backend_factory;
   for (int s : hosted) {
     if (s < 0 || s >= static_cast<int>(shards.size())) {
       return absl::InvalidArgumentError(
@@ -434,7 +469,7 @@ ktx::v1::ShardInfoResponse ShardHost::Info() const { return InfoOf(*impl_); }
 ktx::v1::ShardStatsResponse ShardHost::Stats() const { return StatsOf(*impl_); }
 
 ktx::v1::ShardInfoResponse ShardHost::InfoOf(const Impl& im) {
-  const models::Deepseek2Hparams& hp = im.model->hparams();
+  const models::Deepseek2Hparams& hp = im.hp;
   ktx::v1::ShardInfoResponse info;
   info.set_node(im.node);
   info.set_model_fingerprint(im.fingerprint);

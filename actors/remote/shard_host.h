@@ -69,10 +69,15 @@ struct ShardHostOptions {
   // Must equal the head's EngineOptions::placement (profile, replication):
   // the plan is computed on every node from (config, model, placement).
   topology::PlacementOptions placement;
-  // Makes each hosted shard's expert backend (called with the shard's plan
-  // index); empty: MappedExpertBackendFactory(model), the reference path.
-  // Use the same factory kind as the head's in-process shards for results
-  // that do not depend on where a shard lives.
+  // What computes the routed experts, as EngineOptions::experts and
+  // fast_experts (default: the fast CPU kernels over NUMA-local copies of
+  // only the shard's experts, actors/fast_experts.h). Give a shard node the
+  // same kind as the head's in-process shards: the results then do not
+  // depend on where a shard lives.
+  ExpertsBackend experts = ExpertsBackend::kFast;
+  moe_backend::CpuMoeBackendOptions fast_experts;
+  // Makes each hosted shard's backend (called with the shard's plan index);
+  // when set, `experts` is ignored.
   ExpertBackendFactory expert_backend_factory;
   int arena_spin_us = 0;  // see CpuArena::Options::spin_us
   // Largest n_rows of one part (a prefill chunk of the head is one part per
@@ -80,6 +85,13 @@ struct ShardHostOptions {
   int64_t max_rows = 1 << 16;
   std::string version;  // reported by Info
 };
+
+// A shard node's options from its topology entry: security (token and TLS
+// files, relative to the config's folder) from node `node_name`; the rest
+// default. InvalidArgument naming the node when it is not in the config;
+// the token and TLS files' errors.
+absl::StatusOr<ShardHostOptions> ShardHostOptionsFromTopology(
+    const topology::ParsedTopologyConfig& parsed, std::string_view node_name);
 
 class ShardHost {
  public:
@@ -99,6 +111,14 @@ class ShardHost {
   // match the model or an index outside the plan.
   static absl::StatusOr<std::unique_ptr<ShardHost>> CreateWithPlan(
       std::shared_ptr<const models::Deepseek2Model> model, std::string node_name,
+      const std::vector<ShardOptions>& shards, const topology::PlacementPlan& plan,
+      const std::vector<int>& hosted, ShardHostOptions options);
+
+  // Lowest level (benchmarks with a model's shape but no model file): the
+  // model's hyper-parameters and fingerprint; options.expert_backend_factory
+  // is required (InvalidArgument without it).
+  static absl::StatusOr<std::unique_ptr<ShardHost>> CreateWithPlan(
+      const models::Deepseek2Hparams& hp, std::string fingerprint, std::string node_name,
       const std::vector<ShardOptions>& shards, const topology::PlacementPlan& plan,
       const std::vector<int>& hosted, ShardHostOptions options);
 

@@ -2,10 +2,15 @@
 #include "actors/remote/topology_shards.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "actors/remote/wire_dtype.h"
+#include "actors/rpc/security.h"
+#include "runtime/base/logging.h"
 #include "runtime/base/status.h"
 #include "topology/cpu_list.h"
 #include "topology/gguf_experts.h"
@@ -40,6 +45,7 @@ absl::StatusOr<std::vector<ShardOptions>> ShardsFromTopology(
         s.cpus = *std::move(cpus);
       }
       if (shard.memory_budget_bytes() > 0) s.memory_budget_bytes = shard.memory_budget_bytes();
+      s.numa_node = shard.numa_node();
       shards.push_back(std::move(s));
     }
   }
@@ -76,6 +82,67 @@ std::vector<HeldExperts> HeldByShard(const topology::PlacementPlan& plan,
     }
   }
   return held;
+}
+
+absl::StatusOr<EngineOptions> EngineOptionsFromTopology(
+    const topology::ParsedTopologyConfig& parsed, std::string_view node_name) {
+  const std::string source = parsed.path.empty() ? std::string("topology") : parsed.path;
+  const std::string name(node_name);
+  // Structural checks only: the other nodes' cpus and budgets are their
+  // machines' business.
+  topology::ValidationOptions validation;
+  validation.local_node = name;
+  const std::vector<topology::ConfigProblem> problems =
+      topology::ValidateTopologyConfig(parsed, validation);
+  if (!problems.empty()) {
+    std::vector<std::string> lines;
+    for (const topology::ConfigProblem& p : problems) {
+      lines.push_back(topology::FormatProblem(source, p));
+    }
+    return absl::InvalidArgumentError(absl::StrJoin(lines, "\n"));
+  }
+  const ktx::v1::NodeConfig* self = nullptr;
+  int self_index = -1;
+  for (int i = 0; i < parsed.config.nodes_size(); ++i) {
+    if (parsed.config.nodes(i).name() == name) {
+      self = &parsed.config.nodes(i);
+      self_index = i;
+    }
+  }
+  if (self == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": no node is named '", name, "'"));
+  }
+  if (!self->head()) {
+    return absl::InvalidArgumentError(topology::FormatProblem(
+        source, {parsed.locations.LineOf(absl::StrCat("nodes[", self_index, "]")),
+                 absl::StrCat("node '", name,
+                              "' is not the head: it hosts expert shards (ShardHost), the "
+                              "engine runs on the head")}));
+  }
+  if (!self->attention_device().empty() && self->attention_device() != "cpu") {
+    KTX_LOG(WARNING, "engine") << source << ": node '" << name << "' asks for attention on "
+                               << self->attention_device()
+                               << "; the actor runtime runs attention on the CPU for now";
+  }
+  EngineOptions options;
+  KTX_ASSIGN_OR_RETURN(options.shards, ShardsFromTopology(parsed, name));
+  if (options.shards.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": the topology has no expert shard"));
+  }
+  const std::string dir = parsed.path.empty()
+                              ? std::string()
+                              : std::filesystem::path(parsed.path).parent_path().string();
+  KTX_ASSIGN_OR_RETURN(options.rpc_security, rpc::RpcSecurityFromNode(*self, dir));
+  if (!parsed.config.expert_wire_dtype().empty()) {
+    absl::StatusOr<WireDtype> dtype = ParseWireDtype(parsed.config.expert_wire_dtype());
+    if (!dtype.ok()) {
+      return absl::InvalidArgumentError(topology::FormatProblem(
+          source, {parsed.locations.LineOf("expert_wire_dtype"),
+                   absl::StrCat("expert_wire_dtype: ", dtype.status().message())}));
+    }
+    options.wire_dtype = *dtype;
+  }
+  return options;
 }
 
 }  // namespace ktx::actors

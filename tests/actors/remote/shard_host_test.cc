@@ -53,6 +53,7 @@ class ShardHostTest : public ::testing::Test {
   }
 
   void Serve(ShardHostOptions options = {}) {
+    options.experts = ExpertsBackend::kReference;  // Expected() computes with it
     auto host = ShardHost::CreateWithPlan(model_, "node1", shards_, plan_, {0, 1}, options);
     ASSERT_TRUE(host.ok()) << host.status();
     host_ = std::move(*host);
