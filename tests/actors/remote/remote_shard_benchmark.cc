@@ -22,6 +22,7 @@
 // (the ShardHost answers it at once: no arena hop), over the same loopback.
 // docs/performance.md ("Remote shards") records the results.
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <string>
@@ -358,7 +359,38 @@ BENCHMARK_CAPTURE(BM_MoeLayer, dsv3_null_remote_bf16, true, Where::kRemoteBf16)-
 BENCHMARK_CAPTURE(BM_MoeLayer, tiny_inproc, false, Where::kInProcess)->Apply(Args);
 BENCHMARK_CAPTURE(BM_MoeLayer, tiny_remote_f32, false, Where::kRemoteF32)->Apply(Args);
 
+// The console reporter, counting runs that ended in an error (SkipWithError),
+// so that the ctest smoke run fails when the remote path does.
+class CountingReporter final : public benchmark::ConsoleReporter {
+ public:
+  CountingReporter() : ConsoleReporter(OO_None) {}
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs) failures_ += run.error_occurred ? 1 : 0;
+    ConsoleReporter::ReportRuns(runs);
+  }
+  int failures() const { return failures_; }
+
+ private:
+  int failures_ = 0;
+};
+
 }  // namespace
 }  // namespace ktx::actors
 
-BENCHMARK_MAIN();
+// Exit status 1 when no benchmark matched the filter or one failed.
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  ktx::actors::CountingReporter reporter;
+  const size_t n = benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  if (n == 0) {
+    std::fprintf(stderr, "remote_shard_benchmark: no benchmark matched the filter\n");
+    return 1;
+  }
+  if (reporter.failures() > 0) {
+    std::fprintf(stderr, "remote_shard_benchmark: %d benchmark(s) failed\n", reporter.failures());
+    return 1;
+  }
+  return 0;
+}
