@@ -89,9 +89,12 @@ token_sink_actor::behavior_type AsyncSink(token_sink_actor::stateful_pointer<Sin
           self->send(scheduler, cancel_atom::value, id);
         }
       },
-      [self, done](done_atom, const GenerateOutcome& outcome) {
+      [self, scheduler, done](done_atom, const GenerateOutcome& outcome) {
         if (*done) (*done)(ToResult(outcome));
         *done = nullptr;
+        // Without this the scheduler keeps this sink's monitor (and, through
+        // its weak reference, the sink's memory) until it ends itself.
+        self->demonitor(scheduler.address());
         self->quit();
       },
   };

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "actors/status_bridge.h"
 #include "runtime/base/logging.h"
+#include "runtime/gguf/fingerprint.h"
 #include "runtime/tokenizer/utf8.h"
 
 namespace ktx::service {
@@ -59,7 +60,8 @@ absl::StatusOr<std::unique_ptr<GenerationService>> GenerationService::Create(
   absl::StatusOr<ServedModel> model = ServedModel::FromModel(
       engine->model(), engine->n_ctx(), options.chat_template, options.model_name);
   if (!model.ok()) return model.status();
-  model->fingerprint = options.fingerprint;
+  model->fingerprint = options.fingerprint.empty() ? gguf::ModelFingerprint(engine->model().file())
+                                                   : options.fingerprint;
   if (!engine->has_tokenizer()) model->tokenizer.reset();  // the engine streams no text then
   return std::unique_ptr<GenerationService>(
       new GenerationService(engine, std::move(options), *std::move(model)));

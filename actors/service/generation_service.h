@@ -55,7 +55,7 @@ struct GenerationServiceOptions {
   // the GGUF (needed for models without tokenizer.chat_template).
   std::string chat_template;
   std::string model_name;   // empty: GGUF general.name, else the file name
-  std::string fingerprint;  // reported by ListModels (gguf::ModelFingerprint)
+  std::string fingerprint;  // reported by ListModels; empty: gguf::ModelFingerprint of the model
   RequestLimits limits;
   // Generate calls at once; beyond: RESOURCE_EXHAUSTED. Keep it below
   // NodeServerOptions::max_threads so that other calls still get a thread.

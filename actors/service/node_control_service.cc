@@ -178,7 +178,11 @@ ktx::v1::NodeStatusResponse NodeControlService::BuildStatus() const {
     model_name = options_.generation->served_model().name;
   }
   out.set_model_name(model_name);
-  out.set_model_fingerprint(options_.model_fingerprint);
+  std::string fingerprint = options_.model_fingerprint;
+  if (fingerprint.empty() && options_.generation != nullptr) {
+    fingerprint = options_.generation->served_model().fingerprint;
+  }
+  out.set_model_fingerprint(fingerprint);
 
   std::vector<std::string> down;
   if (options_.engine != nullptr) {
@@ -193,7 +197,11 @@ ktx::v1::NodeStatusResponse NodeControlService::BuildStatus() const {
     for (size_t s = 0; s < statuses.size(); ++s) {
       ktx::v1::ShardStatus& st = statuses[s];
       ShardLocation where;
-      if (s < options_.shard_locations.size()) where = options_.shard_locations[s];
+      if (s < options_.shard_locations.size()) {
+        where = options_.shard_locations[s];
+      } else if (s < shards.size()) {
+        where = {shards[s].node, shards[s].address};  // ShardOptions: remote shards
+      }
       st.set_node(where.node.empty() ? options_.node_name : where.node);
       st.set_address(where.address);
       if (s < shards.size()) st.set_cpus(topology::FormatIdRanges(shards[s].cpus));

@@ -68,9 +68,10 @@ struct NodeControlOptions {
   NodeServer* server = nullptr;             // drain, address
   std::string topology_path;                // the file ReloadPlan re-reads
   std::string model_name;                   // empty: from the generation service
-  std::string model_fingerprint;
+  std::string model_fingerprint;            // empty: from the generation service
   // [engine shards]: where each shard of the plan runs; empty or shorter:
-  // the rest run in this process (this node, no address).
+  // the rest as the engine's ShardOptions say (node, address; empty: this
+  // node, in this process).
   std::vector<ShardLocation> shard_locations;
   // The machine; absent: discovered once at Create (a failure is logged and
   // leaves the report empty).

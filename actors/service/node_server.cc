@@ -49,6 +49,8 @@ absl::Status NodeServer::Start() {
   grpc::ResourceQuota quota(absl::StrCat("ktx-node ", options_.address));
   quota.SetMaxThreads(options_.max_threads);
   builder.SetResourceQuota(quota);
+  builder.SetSyncServerOption(grpc::ServerBuilder::MIN_POLLERS, options_.min_pollers);
+  builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, options_.max_pollers);
   // A port already in use is an error, not a second server sharing it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,

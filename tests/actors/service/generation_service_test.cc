@@ -18,6 +18,7 @@
 
 #include "actors/service/health_client.h"
 #include "gtest/gtest.h"
+#include "runtime/gguf/fingerprint.h"
 #include "runtime/tokenizer/tokenizer_gguf.h"
 #include "runtime/tokenizer/utf8.h"
 #include "tests/actors/service/service_test_util.h"
@@ -197,6 +198,9 @@ TEST(GenerationServiceTest, TokenizeDetokenizeAndListModels) {
   EXPECT_EQ(models.models(0).context_length(), 512);
   EXPECT_EQ(models.models(0).n_vocab(), 512);
   EXPECT_EQ(models.models(0).chat_template(), "deepseek-r1");
+  // The fingerprint is the model file's (computed by runtime/gguf, not here).
+  EXPECT_EQ(models.models(0).fingerprint(), gguf::ModelFingerprint(node.engine().model().file()));
+  EXPECT_EQ(models.models(0).fingerprint().size(), 64u);
 
   // The model name is accepted by requests.
   v1::GenerateRequest named = testing::GreedyTokensRequest({0, 87, 290}, 2);
@@ -483,6 +487,7 @@ TEST(NodeControlServiceTest, StatusReportsShardsKvAndLoad) {
   EXPECT_FALSE(status.version().empty());
   EXPECT_EQ(status.address(), node.address());
   EXPECT_EQ(status.model_name(), "dsv3-tiny");
+  EXPECT_EQ(status.model_fingerprint(), node.generation().served_model().fingerprint);
   EXPECT_GT(status.uptime_seconds(), 0);
   EXPECT_GE(status.hardware().nodes_size(), 1);
   EXPECT_EQ(status.health(), "serving");
@@ -520,6 +525,26 @@ TEST(NodeControlServiceTest, StatusReportsShardsKvAndLoad) {
   EXPECT_EQ(status.requests().in_flight(), 0);
   EXPECT_EQ(status.peers_size(), 0);  // every shard is in this process
 
+  // Shards on other nodes (as ktx-node describes them) make peers.
+  NodeControlOptions remote;
+  remote.node_name = "head";
+  remote.engine = &node.engine();
+  remote.hardware = topology::HardwareTopology{};
+  remote.shard_locations = {{}, {"node1", "127.0.0.1:50052"}};
+  auto with_peers = NodeControlService::Create(remote);
+  ASSERT_TRUE(with_peers.ok()) << with_peers.status();
+  const v1::NodeStatusResponse peered = (*with_peers)->BuildStatus();
+  EXPECT_EQ(peered.shards(0).node(), "head");
+  EXPECT_EQ(peered.shards(1).node(), "node1");
+  EXPECT_EQ(peered.shards(1).address(), "127.0.0.1:50052");
+  ASSERT_EQ(peered.peers_size(), 1);
+  EXPECT_EQ(peered.peers(0).name(), "node1");
+  EXPECT_EQ(peered.peers(0).address(), "127.0.0.1:50052");
+  EXPECT_TRUE(peered.peers(0).reachable());
+  ASSERT_EQ(peered.peers(0).shards_size(), 1);
+  EXPECT_EQ(peered.peers(0).shards(0), "shard1");
+  EXPECT_FALSE(peered.has_requests());  // no generation service given
+
   // A dead shard makes the node degraded, naming it.
   ASSERT_TRUE(node.engine().KillShard(1).ok());
   ASSERT_TRUE(PollUntil(
@@ -531,6 +556,10 @@ TEST(NodeControlServiceTest, StatusReportsShardsKvAndLoad) {
   const v1::NodeStatusResponse degraded = node.control().BuildStatus();
   EXPECT_FALSE(degraded.shards(1).alive());
   EXPECT_TRUE(StartsWith(degraded.health(), "degraded: shard 'shard1'")) << degraded.health();
+  const v1::NodeStatusResponse peer_down = (*with_peers)->BuildStatus();
+  EXPECT_FALSE(peer_down.peers(0).reachable());
+  EXPECT_NE(peer_down.health().find("node 'node1', 127.0.0.1:50052"), std::string::npos)
+      << peer_down.health();
 }
 
 TEST(NodeControlServiceTest, ReloadPlanComparesAndAppliesNothing) {

@@ -37,6 +37,8 @@ struct TestNodeOptions {
   std::string topology_path;
   int max_concurrent = 128;
   int max_threads = 512;
+  std::chrono::milliseconds shard_deadline{30000};
+  std::chrono::milliseconds step_deadline{300000};
 };
 
 class TestNode {
@@ -47,6 +49,8 @@ class TestNode {
     engine_options.n_ctx = options_.n_ctx;
     engine_options.kv_budget_bytes = options_.kv_budget_bytes;
     engine_options.prefill_chunk = 64;
+    engine_options.shard_deadline = options_.shard_deadline;
+    engine_options.step_deadline = options_.step_deadline;
     auto engine =
         actors::Engine::Create(actors::testing::FixtureModel(options_.fixture), engine_options);
     EXPECT_TRUE(engine.ok()) << engine.status();
