@@ -385,6 +385,7 @@ nodes {
   listen_address: "127.0.0.1:PORT1"
   auth_token_file: "token.txt"
   shards { name: "n1/a" cpus: "1" }
+  shards { name: "n1/b" cpus: "3" }
 }
 nodes {
   name: "n2"
@@ -415,7 +416,7 @@ TEST_F(TopologyOptionsTest, LocalAndRemoteShardsSecurityAndWireDtype) {
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   auto options = EngineOptionsFromTopology(*parsed, "head");
   ASSERT_TRUE(options.ok()) << options.status();
-  ASSERT_EQ(options->shards.size(), 3u);
+  ASSERT_EQ(options->shards.size(), 4u);
   EXPECT_EQ(options->shards[0].name, "head/a");
   EXPECT_EQ(options->shards[0].address, "");
   EXPECT_EQ(options->shards[0].memory_budget_bytes, 4000000000u);
@@ -424,7 +425,9 @@ TEST_F(TopologyOptionsTest, LocalAndRemoteShardsSecurityAndWireDtype) {
   EXPECT_EQ(options->shards[1].address, "127.0.0.1:50052");
   EXPECT_EQ(options->shards[1].cpus, std::vector<int>{1});
   EXPECT_EQ(options->shards[1].memory_budget_bytes, topology::kNoBudget);
-  EXPECT_EQ(options->shards[2].address, "127.0.0.1:50053");
+  EXPECT_EQ(options->shards[2].name, "n1/b");
+  EXPECT_EQ(options->shards[2].address, "127.0.0.1:50052");
+  EXPECT_EQ(options->shards[3].address, "127.0.0.1:50053");
   EXPECT_EQ(options->rpc_security.token, "topology-token");
   EXPECT_EQ(options->wire_dtype, WireDtype::kBf16);
 
@@ -483,6 +486,19 @@ TEST_F(TopologyOptionsTest, HeadAndShardNodesFromOneTopologyEqualOneProcess) {
   auto engine = Engine::Create(model, *options);
   ASSERT_TRUE(engine.ok()) << engine.status();
   const EngineRun got = RunEngine(**engine);
+  // n1's two shards share one stream: the counters they report are its.
+  const std::vector<RemoteShardStatus> states = (*engine)->RemoteShardStates();
+  ASSERT_EQ(states.size(), 3u);
+  EXPECT_EQ(states[0].name, "n1/a");
+  EXPECT_EQ(states[1].name, "n1/b");
+  EXPECT_EQ(states[0].node_parts_sent, states[1].node_parts_sent);
+  EXPECT_GT(states[0].node_parts_sent, 0);
+  EXPECT_LE(states[0].node_messages_sent, states[0].node_parts_sent);
+  const ktx::v1::ShardStatsResponse n1_stats = hosts[0]->Stats();
+  ASSERT_EQ(n1_stats.shards_size(), 2);
+  EXPECT_GT(n1_stats.shards(0).parts_served(), 0);
+  EXPECT_GT(n1_stats.shards(1).parts_served(), 0);
+  EXPECT_EQ(n1_stats.streams(), 1);
   engine->reset();
 
   EngineOptions local = *options;
