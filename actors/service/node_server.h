@@ -52,10 +52,10 @@ struct NodeServerOptions {
   rpc::RpcSecurity security;
   // Threads of the synchronous server (calls in progress plus pollers).
   int max_threads = 512;
-  // Idle server threads kept waiting for calls: a thread that ends a call
-  // while more than max_pollers wait exits, and a busy server then creates
-  // new ones. Keeping up to 64 avoids that churn (it leaked memory per
-  // thread in the libraries a call uses), at the cost of idle threads.
+  // Idle server threads kept waiting for calls (gRPC's sync server options):
+  // a thread that ends a call while more than max_pollers wait exits, and a
+  // busy server then starts new ones. Up to 64 idle threads avoid that
+  // thread churn under a steady load of streams.
   int min_pollers = 1;
   int max_pollers = 64;
   // Streams one client connection may have open at once.
