@@ -105,7 +105,7 @@ absl::StatusOr<std::unique_ptr<RemoteShards>> RemoteShards::Connect(
     std::vector<std::thread> waiters;
     for (size_t i = 0; i < order.size(); ++i) {
       waiters.emplace_back([&, i] {
-        RemoteNode& node = *out->nodes_[order[i]];
+        RemoteNode& node = *out->nodes_.at(order[i]);
         for (;;) {
           const Clock::time_point step = std::min(deadline, Clock::now() + std::chrono::seconds(1));
           result[i] = node.CheckInfo(step);
@@ -123,7 +123,7 @@ absl::StatusOr<std::unique_ptr<RemoteShards>> RemoteShards::Connect(
       return absl::Status(result[i].code(),
                           absl::StrCat("remote expert shards: ", result[i].message()));
     }
-    const RemoteNodeOptions& node = out->nodes_[order[i]]->options();
+    const RemoteNodeOptions& node = out->nodes_.at(order[i])->options();
     for (const ExpectedShard& shard : node.shards) {
       missing.push_back(
           absl::StrCat("shard '", shard.name, "' (node '", node.node, "' at ", node.address, ")"));
@@ -140,9 +140,9 @@ absl::StatusOr<std::unique_ptr<RemoteShards>> RemoteShards::Connect(
   const Clock::time_point stream_deadline =
       std::max(deadline, Clock::now() + std::chrono::seconds(5));
   for (const std::string& address : order) {
-    KTX_RETURN_IF_ERROR(out->nodes_[address]->WaitConnected(stream_deadline));
-    KTX_LOG(INFO, "remote") << out->nodes_[address]->Label() << ": "
-                            << out->nodes_[address]->options().shards.size()
+    KTX_RETURN_IF_ERROR(out->nodes_.at(address)->WaitConnected(stream_deadline));
+    KTX_LOG(INFO, "remote") << out->nodes_.at(address)->Label() << ": "
+                            << out->nodes_.at(address)->options().shards.size()
                             << " expert shard(s) connected, model "
                             << gguf::ShortFingerprint(fingerprint);
   }
