@@ -258,9 +258,10 @@ void ShardHost::Impl::HandlePart(const std::shared_ptr<Session>& session,
   }
   for (int j = 0; j < part.expert_ids_size(); ++j) {
     const int32_t e = part.expert_ids(j);
-    if (e < 0 || e >= hp.n_expert) {
+    if ((e < 0 || e >= hp.n_expert) && e != models::kNoExpert) {
       return fail(absl::InvalidArgumentError(
-          absl::StrCat(f, ".expert_ids[", j, "] = ", e, ": outside [0, ", hp.n_expert, ")")));
+          absl::StrCat(f, ".expert_ids[", j, "] = ", e, ": outside [0, ", hp.n_expert,
+                       ") and not kNoExpert (", models::kNoExpert, ")")));
     }
   }
   if (part.weights_size() != n_rows * k) {

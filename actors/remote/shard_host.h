@@ -28,7 +28,8 @@
 // from its sizes: the shard is hosted here, il is a MoE layer, h has dtype
 // F32/BF16, shape [n_rows, n_embd] with 1 <= n_rows <= max_rows and the
 // matching byte count, n_expert_used in [1, n_expert], expert_ids and weights
-// hold n_rows * n_expert_used entries (ids in range, weights finite), experts
+// hold n_rows * n_expert_used entries (ids in range or models::kNoExpert,
+// the padding of a routing policy; weights finite), experts
 // is non-empty, ascending, in range and held by the shard. A malformed part
 // is answered with code INVALID_ARGUMENT and a message naming the field
 // ("parts[0].h.shape[1] = 100, expected n_embd = 256"); the stream stays open.

@@ -269,6 +269,32 @@ TEST_F(ShardHostTest, MalformedPartsGetInvalidArgumentNamingTheField) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// A routing policy pads rows with kNoExpert (weight 0): accepted and skipped,
+// as in process.
+TEST_F(ShardHostTest, RoutingPaddingIsAccepted) {
+  Serve();
+  Part p = MakePart(7, 9, 99, WireDtype::kF32);
+  const int k = p.routing.n_expert_used;
+  for (int64_t t = 0; t < p.routing.n_tokens; t += 2) {
+    p.routing.expert_ids[t * k + k - 1] = models::kNoExpert;
+    p.routing.weights[t * k + k - 1] = 0.0f;
+  }
+  p.proto.mutable_expert_ids()->Assign(p.routing.expert_ids.begin(), p.routing.expert_ids.end());
+  p.proto.mutable_weights()->Assign(p.routing.weights.begin(), p.routing.weights.end());
+  grpc::ClientContext context;
+  context.set_deadline(Deadline());
+  auto stream = stub_->Compute(&context);
+  ktx::v1::ComputeRequest request;
+  *request.add_parts() = p.proto;
+  ASSERT_TRUE(stream->Write(request));
+  ktx::v1::ComputeResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_EQ(response.results_size(), 1);
+  ExpectBitEqual(response.results(0), Expected(p, WireDtype::kF32));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(ShardHostTest, TokenIsRequiredWhenConfigured) {
   ShardHostOptions options;
   options.security.token = "s3cret-token";
