@@ -55,7 +55,7 @@ struct ShardBackendInfo {
   int n_fast_layers = 0;         // MoE layers on the kernels
   int n_reference_layers = 0;    // MoE layers on the reference path
   std::string decode_layout;     // fast backend: "panel16" / "gguf"
-  bool prefill_form = false;     // fast backend: amx_int8 prefill copies too
+  bool prefill_form = false;     // fast backend: the AMX tile prefill path is on
   uint64_t workspace_bytes = 0;  // kernel workspace (fast backend)
   // Kernel runs so far and the expert weight bytes they read (fast backend;
   // moe_backend::CpuMoeRunStats).

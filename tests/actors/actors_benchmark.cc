@@ -55,6 +55,7 @@
 #include "caf/stateful_actor.hpp"
 #include "caf/typed_event_based_actor.hpp"
 #include "caf/typed_response_promise.hpp"
+#include "runtime/base/logging.h"
 #include "runtime/models/deepseek2.h"
 
 namespace ktx::actors {
@@ -144,6 +145,9 @@ Shards MakeShards(const models::Deepseek2Hparams& hp, int n_shards, Backend kind
     }
     specs.push_back({"shard" + std::to_string(i), mine, -1});
   }
+  // One "CPU experts ready" line per shard and run would drown the table
+  // (KTX_LOG_LEVEL=debug shows them).
+  if (kind == Backend::kFast && GetLogLevel() == LogLevel::kInfo) SetLogLevel(LogLevel::kWarning);
   ExpertBackendFactory fast = FastExpertBackendFactory(TinyModel(), specs);
   for (int i = 0; i < n_shards; ++i) {
     HeldExperts held(hp.n_layer);
