@@ -32,10 +32,12 @@ absl::StatusOr<WireDtype> ParseWireDtype(std::string_view text);
 
 // bf16 bits of `f`: round to nearest, ties to even; NaN stays NaN (quiet);
 // overflow rounds to +-Inf. Equals kernels::FloatToBf16 (tested).
+// Branch-free, so that loops over it vectorize.
 inline uint16_t WireFloatToBf16(float f) {
   const uint32_t x = std::bit_cast<uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 inline float WireBf16ToFloat(uint16_t b) {
