@@ -17,10 +17,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -270,6 +273,89 @@ TEST(RemoteEngineFaultTest, ServerShutDownMidGenerationFailsFastThenRecovers) {
       EXPECT_EQ(s.sessions, 2);
     }
   }
+}
+
+// Holds every Compute of a backend until opened.
+class Gate {
+ public:
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return open_; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+class GatedBackend final : public models::ExpertBackend {
+ public:
+  GatedBackend(std::shared_ptr<models::ExpertBackend> inner, std::shared_ptr<Gate> gate)
+      : inner_(std::move(inner)), gate_(std::move(gate)) {}
+  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
+                       std::span<const uint8_t> mask, models::Activations* out) override {
+    gate_->Wait();
+    return inner_->Compute(il, h, routing, mask, out);
+  }
+
+ private:
+  std::shared_ptr<models::ExpertBackend> inner_;
+  std::shared_ptr<Gate> gate_;
+};
+
+// A node that stops answering (its shard hangs) is a stalled peer: the parts
+// in flight fail with UNAVAILABLE naming it before the router's deadline
+// would report DEADLINE_EXCEEDED; once it answers again, so does the engine.
+TEST(RemoteEngineFaultTest, StalledNodeFailsWithUnavailableThenServesAgain) {
+  auto model = FixtureModel("bf16");
+  ASSERT_NE(model, nullptr);
+  const std::vector<ShardOptions> plan_shards = HeadShards("", "");
+  auto gate = std::make_shared<Gate>();
+  ShardHostOptions gated;
+  gated.expert_backend_factory = [model, gate](int s, const HeldExperts& held)
+      -> absl::StatusOr<std::shared_ptr<models::ExpertBackend>> {
+    KTX_ASSIGN_OR_RETURN(std::shared_ptr<models::ExpertBackend> inner,
+                         MappedExpertBackendFactory(model)(s, held));
+    return std::make_shared<GatedBackend>(std::move(inner), gate);
+  };
+  auto n1 = StartNode(model, "n1", 0, plan_shards);
+  auto n2 = StartNode(model, "n2", 1, plan_shards, gated);
+  ASSERT_TRUE(n1 && n2);
+  struct OpenOnExit {
+    std::shared_ptr<Gate> gate;
+    ~OpenOnExit() { gate->Open(); }
+  } open_on_exit{gate};
+  EngineOptions options = BaseOptions();
+  options.shards = HeadShards(n1->server.address, n2->server.address);
+  options.shard_deadline = std::chrono::seconds(4);  // stall reset after 3 s
+  auto engine = Engine::Create(model, options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const Clock::time_point t0 = Clock::now();
+  auto stalled = (*engine)->Generate(GreedyRequest());
+  const auto took = Clock::now() - t0;
+  ASSERT_FALSE(stalled.ok());
+  EXPECT_EQ(stalled.status().code(), absl::StatusCode::kUnavailable) << stalled.status();
+  EXPECT_NE(stalled.status().message().find("n2/a"), std::string::npos) << stalled.status();
+  EXPECT_NE(stalled.status().message().find("stalled"), std::string::npos) << stalled.status();
+  EXPECT_LT(took, std::chrono::seconds(4)) << "not before the router's deadline";
+  EXPECT_GE(took, std::chrono::milliseconds(2900));
+
+  gate->Open();
+  const Clock::time_point limit = Clock::now() + std::chrono::seconds(15);
+  absl::StatusOr<GenerateResult> again = absl::UnknownError("not tried");
+  while (Clock::now() < limit) {
+    again = (*engine)->Generate(GreedyRequest());
+    if (again.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(static_cast<int>(again->tokens.size()), kGreedyTokens);
 }
 
 TEST(RemoteEngineCreateTest, AnotherModelIsRefusedNamingTheNode) {
