@@ -100,6 +100,7 @@ class StopSignal {
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGUSR1);  // the waiter's wake-up at exit: never delivered as a signal
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
   }
   StopSignal() {
