@@ -87,12 +87,10 @@ sanitizer_tests() {
 # KTX_DEMO_MODEL overrides the model (any deepseek2 GGUF, e.g. one made by `ktx-ctl synth`).
 demo() {
   build
-  local model=${KTX_DEMO_MODEL:-tests/data/dsv3-tiny-q4_k_m.gguf}
-  log "main job 1/2: ktx-ctl topology show"
-  "$BUILD_DIR/cli/ktx-ctl" topology show
-  log "main job 2/2: ktx-ctl run --model $model"
-  "$BUILD_DIR/cli/ktx-ctl" run --model "$model" --prompt "Tom found an old map in the attic." \
-    --max-tokens 48 --temperature 0.8 --seed 7
+  # The main job (scripts/demo.sh): a synthesized DeepSeek-V3-architecture model (or
+  # KTX_DEMO_MODEL=path.gguf), a head and a shard node on loopback, a generation streamed
+  # through `ktx-ctl generate` with its timings, `ktx-ctl status`, then SIGTERM to both nodes.
+  bash scripts/demo.sh "$BUILD_DIR"
 }
 
 tidy() {
