@@ -94,11 +94,12 @@ TEST(KtxNodeTest, PrintsReadinessAndExits) {
   // Fast experts by default: each shard reports its copies and the kernels.
   EXPECT_THAT(o.err, ::testing::ContainsRegex("routed experts, [0-9.]+ [KM]iB"));
   EXPECT_THAT(o.err, ::testing::Not(HasSubstr("experts reference")));
-  const Output reference =
-      RunBinary(KTX_NODE_PATH, "--model " + Model("q8_0") + " --shards 2 --experts reference --check");
+  const Output reference = RunBinary(
+      KTX_NODE_PATH, "--model " + Model("q8_0") + " --shards 2 --experts reference --check");
   ASSERT_EQ(reference.rc, 0) << reference.err;
   EXPECT_THAT(reference.err, HasSubstr("mapped (not copied), experts reference"));
-  const Output bad = RunBinary(KTX_NODE_PATH, "--model " + Model("q8_0") + " --experts quick --check");
+  const Output bad =
+      RunBinary(KTX_NODE_PATH, "--model " + Model("q8_0") + " --experts quick --check");
   EXPECT_EQ(bad.rc, 1);
   EXPECT_THAT(bad.err, HasSubstr("--experts quick"));
 }
