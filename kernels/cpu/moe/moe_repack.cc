@@ -83,8 +83,9 @@ inline void Store32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 template <typename Src>
 inline void PackRowNibbles(Src src, int r, uint8_t* dst) {
   for (int g = 0; g < 32; ++g) {
-    int shift;
-    const uint64_t s = src(g, &shift) >> shift;
+    int shift = 0;
+    const uint64_t w = src(g, &shift);  // call first, then read shift (UBSan misorders `>>`)
+    const uint64_t s = w >> shift;
     const uint32_t lo = static_cast<uint32_t>(s) & 0x0F0F0F0Fu;
     const uint32_t hi = static_cast<uint32_t>(s >> 32) & 0x0F0F0F0Fu;
     Store32(dst + 64 * g + 4 * r, lo | (hi << 4));
