@@ -44,9 +44,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "actors/engine.h"
-#include "actors/fast_experts.h"
 #include "actors/remote/shard_host.h"
-#include "actors/remote/topology_shards.h"
 #include "actors/rpc/security.h"
 #include "actors/service/generation_service.h"
 #include "actors/service/node_control_service.h"
@@ -246,6 +244,14 @@ absl::StatusOr<ServerSetup> ServerSetupFor(const ktx::topology::ParsedTopologyCo
   return setup;
 }
 
+ktx::service::NodeServerOptions ServerOptionsFor(const ServerSetup& setup) {
+  ktx::service::NodeServerOptions options;
+  options.address = setup.address;
+  options.allow_remote = setup.allow_remote;
+  options.security = setup.security;
+  return options;
+}
+
 void PrintReady(const std::string& node, const std::string& role, const std::string& address) {
   std::cerr << "ktx-node: node '" << node << "' (" << role << ") serving on " << address
             << std::endl;
@@ -262,11 +268,7 @@ int ServeHead(StopSignal& stop, std::shared_ptr<const ktx::models::Deepseek2Mode
       ktx::service::GenerationService::Create(engine.get(), gen_options);
   if (!generation.ok()) return Fail(generation.status());
 
-  ktx::service::NodeServerOptions server_options;
-  server_options.address = setup.address;
-  server_options.allow_remote = setup.allow_remote;
-  server_options.security = setup.security;
-  ktx::service::NodeServer server(server_options);
+  ktx::service::NodeServer server(ServerOptionsFor(setup));
 
   ktx::service::NodeControlOptions control_options;
   control_options.security = setup.security;
@@ -315,30 +317,13 @@ int ServeShards(StopSignal& stop, std::shared_ptr<const ktx::models::Deepseek2Mo
   host_options.security = setup.security;
   absl::StatusOr<ktx::actors::ExpertsBackend> experts = ParseExperts(flags.experts);
   if (!experts.ok()) return Fail(experts.status());
-  if (*experts == ktx::actors::ExpertsBackend::kReference) {
-    host_options.expert_backend_factory = ktx::actors::MappedExpertBackendFactory(model);
-  } else {
-    // The factory is indexed by plan index: a spec for every shard of the topology.
-    absl::StatusOr<std::vector<ktx::actors::ShardOptions>> all =
-        ktx::actors::ShardsFromTopology(parsed, node_name);
-    if (!all.ok()) return Fail(all.status());
-    std::vector<ktx::actors::FastShardSpec> specs;
-    for (const ktx::actors::ShardOptions& s : *all) {
-      specs.push_back({s.name, s.cpus, s.numa_node});
-    }
-    host_options.expert_backend_factory =
-        ktx::actors::FastExpertBackendFactory(model, std::move(specs));
-  }
+  host_options.experts = *experts;  // fast: NUMA-local copies of this node's shards
   absl::StatusOr<std::unique_ptr<ktx::actors::ShardHost>> host =
       ktx::actors::ShardHost::Create(model, parsed, node_name, host_options);
   if (!host.ok()) return Fail(host.status());
   std::cerr << (*host)->Describe();
 
-  ktx::service::NodeServerOptions server_options;
-  server_options.address = setup.address;
-  server_options.allow_remote = setup.allow_remote;
-  server_options.security = setup.security;
-  ktx::service::NodeServer server(server_options);
+  ktx::service::NodeServer server(ServerOptionsFor(setup));
 
   ktx::service::NodeControlOptions control_options;
   control_options.security = setup.security;
