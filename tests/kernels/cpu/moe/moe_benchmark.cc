@@ -11,6 +11,9 @@
 //   repack/<type>/<layout>   load-time repacking, one thread (GGUF bytes per second)
 //   tile_convert/<type>      the AMX path's panel16 -> int8 conversion, one thread,
 //                            in L2 (ns per 1024 weights; emulated table without AMX)
+//   tile_kernel/{l2,dram}/tokens:N  the AMX tile matmul alone, one thread, one Q4_K
+//                            matrix (k 7168) in L2 or streamed from DRAM: ns per
+//                            1024 weights and TOPS of one core (AMX hosts only)
 //   crossing/<variant>       the decode/prefill switch: the layer with every expert
 //                            at exactly N tokens (N = 1 .. 64), decode path vs tile
 //                            path, best of 3; the crossing is the smallest N from
@@ -557,6 +560,78 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   state.SetBytesProcessed(state.iterations() * *MoeMatrixBytes(f, rows, k));
 }
 
+// (5b) The tile path alone, one thread: one Q4_K gate-shaped matrix (k 7168)
+// with n_act tokens, either in L2 (64 rows, the same matrix every call) or
+// streamed from DRAM (512-row matrices cycled over ~1 GiB). ns per 1024
+// weights and TOPS, to split the prefill cost into conversion + tiles (hot)
+// and memory (cold minus hot) on the machine itself.
+void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold) {
+  const MoeKernels& kern = MoeKernelsFor(CpuVariant::kAmx);
+  const TensorType type = TensorType::kQ4_K;
+  const int64_t k = g_config.smoke ? 512 : 7168, group = 512;
+  const int64_t rows = cold ? 512 : 64;
+  const MoeMatrixFormat f{type, MoeWeightLayout::kPanel16};
+  std::mt19937 rng(6);
+  const auto m = testing::RandomMatrix(type, rows, k, 0.05f, rng);
+  const auto w = testing::MakeLayout({m}, type, MoeWeightLayout::kPanel16, rows, k, {true});
+  const int64_t mat_bytes = *MoeMatrixBytes(f, rows, k);
+  const int64_t n_mats =
+      cold ? std::max<int64_t>(2, (g_config.smoke ? (64 << 20) : (1 << 30)) / mat_bytes) : 1;
+  NumaBuffer big = g_pool->Allocate(n_mats * mat_bytes);
+  g_pool->ParallelFor(n_mats, [&](int64_t i, int) {
+    std::memcpy(static_cast<uint8_t*>(big.data()) + i * mat_bytes, w.ptrs[0], mat_bytes);
+  });
+  const int64_t row_bytes = (k + 4 * (k / group) + 63) / 64 * 64;
+  const int64_t n_pad = (n_act + 31) / 32 * 32;
+  testing::AlignedBuffer act(n_pad * row_bytes);
+  std::memset(act.p.get(), 0, n_pad * row_bytes);
+  std::vector<float> x(k);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t t = 0; t < n_act; ++t) {
+    for (float& v : x) v = nd(rng);
+    uint8_t* row = act.p.get() + t * row_bytes;
+    kern.quantize_tile(x.data(), reinterpret_cast<int8_t*>(row), reinterpret_cast<float*>(row + k),
+                       k, group);
+  }
+  testing::AlignedBuffer scratch(TileScratchBytes(group) + 64);
+  std::vector<float> out(n_act * rows);
+  MatmulArgs a;
+  a.format = f;
+  a.n_rows = rows;
+  a.k = k;
+  a.row_begin = 0;
+  a.row_end = rows;
+  a.act = act.p.get();
+  a.act_stride = row_bytes;
+  a.act_padded = true;
+  a.act_group = group;
+  a.n_act = n_act;
+  a.out = out.data();
+  a.out_stride = rows;
+  a.scratch = scratch.p.get();
+  a.scratch_bytes = TileScratchBytes(group) + 64;
+  int64_t i = 0;
+  double seconds = 0;
+  for (auto _ : state) {
+    a.w = static_cast<const uint8_t*>(big.data()) + (i++ % n_mats) * mat_bytes;
+    const auto t0 = std::chrono::steady_clock::now();
+    kern.tile_matmul(a);
+    seconds += Seconds(t0, std::chrono::steady_clock::now());
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double weights = static_cast<double>(state.iterations()) * static_cast<double>(rows * k);
+  const double ns_per_k = 1e9 * seconds / (weights / 1024.0);
+  const double tops = 2.0 * static_cast<double>(n_act) * weights / seconds / 1e12;
+  state.counters["ns_per_1k_weights"] = ns_per_k;
+  state.counters["TOPS_one_core"] = tops;
+  state.counters["weights_GBps"] =
+      static_cast<double>(state.iterations() * mat_bytes) / seconds / 1e9;
+  const std::string key =
+      std::string("tile_kernel/") + (cold ? "dram" : "l2") + "/" + std::to_string(n_act);
+  g_results[key + "/ns_per_1k_weights"] = ns_per_k;
+  g_results[key + "/TOPS_one_core"] = tops;
+}
+
 // (6) Load-time repacking, one thread: GGUF bytes read per second.
 void BM_Repack(benchmark::State& state, TensorType type, MoeWeightLayout to) {
   const int64_t rows = 256, k = g_config.smoke ? 512 : 7168;
@@ -663,6 +738,17 @@ void Register() {
       benchmark::RegisterBenchmark((std::string("tile_convert/") + TraitsOf(t).name).c_str(),
                                    [t](benchmark::State& s) { BM_TileConvert(s, t); })
           ->MinTime(g_config.smoke ? 0.01 : 0.3);
+    }
+  }
+  if (HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    for (bool cold : {false, true}) {
+      for (int64_t n : {1, 32, 64, 128, 256}) {
+        benchmark::RegisterBenchmark(
+            (std::string("tile_kernel/") + (cold ? "dram" : "l2") + "/tokens:" + std::to_string(n))
+                .c_str(),
+            [n, cold](benchmark::State& s) { BM_TileKernel(s, n, cold); })
+            ->MinTime(g_config.smoke ? 0.01 : 0.3);
+      }
     }
   }
   for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K}) {
