@@ -276,7 +276,7 @@ absl::Status CudaDeepseek2::Commit(SequenceId seq, int64_t n_new) {
 
 // ---- forward ----
 
-absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch) {
+absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHooks& hooks) {
   const int64_t n = batch.n_tokens;
   const int64_t n_embd = hp_.n_embd;
   const int32_t k_used = hp_.n_expert_used;
@@ -311,7 +311,11 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch) {
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
     routing.weights.assign(pinned_weights_.as<float>(), pinned_weights_.as<float>() + n * k_used);
-    KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, routing, {}, &routed));
+    if (hooks.routed_experts) {
+      KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, routing, &routed));
+    } else {
+      KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, routing, {}, &routed));
+    }
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),
                                               ", ", routed.n_cols(), "], expected [", n, ", ",
@@ -350,6 +354,11 @@ absl::Status CudaDeepseek2::RunHead(std::span<const int32_t> rows, Activations* 
 }
 
 absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Activations* logits) {
+  return ForwardBatch(entries, logits, ForwardHooks{});
+}
+
+absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Activations* logits,
+                                         const ForwardHooks& hooks) {
   if (entries.empty()) return absl::InvalidArgumentError("ForwardBatch: no entries");
   const int64_t T = runner_->max_tokens();
   int64_t n = 0;
@@ -410,12 +419,13 @@ absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Ac
   batch.positions = d_idx + T;
   batch.seq_index = d_idx + 2 * T;
   batch.max_kv_len = max_kv_len;
-  absl::Status status = RunLayers(batch);
+  absl::Status status = RunLayers(batch, hooks);
   if (status.ok()) status = RunHead(rows, logits);
   if (!status.ok()) {
     Sync("after a failed forward pass").IgnoreError();
     return status;
   }
+  if (!hooks.commit) return absl::OkStatus();
   for (const BatchEntry& e : entries) {
     KTX_RETURN_IF_ERROR(kv_->Commit(e.seq, static_cast<int64_t>(e.tokens.size())));
   }

@@ -38,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -85,10 +86,31 @@ class CudaDeepseek2 {
     std::span<const int32_t> tokens;
     models::LogitsRows rows = models::LogitsRows::kLast;
   };
+  // Optional callbacks of ForwardBatch (the actor runtime's GPU attention
+  // actor, actors/gpu_attention_actor.h, sends the routed experts to its
+  // expert shards through them).
+  struct ForwardHooks {
+    // Computes the routed experts of MoE layer il instead of the model's
+    // ExpertBackend: h F32 [n, n_embd] (FFN-normed), routing [n, K] ->
+    // routed F32 [n, n_embd] (resized by the hook). Called on the calling
+    // thread once h and the routing are on the host, while the shared expert
+    // is already enqueued on the GPU stream (they overlap). An error fails
+    // the whole batch. Unset: Deepseek2Model::RoutedExperts.
+    std::function<absl::Status(int il, const models::Activations& h, const models::Routing& routing,
+                               models::Activations* routed)>
+        routed_experts;
+    // false: on success no entry is committed; the caller commits the ones it
+    // keeps with Commit(seq, tokens.size()) (the rows stay reserved, so an
+    // uncommitted entry is simply overwritten by its next batch).
+    bool commit = true;
+  };
+
   // Appends each entry's tokens to its sequence (distinct sequences, at most
   // max_batch_tokens tokens together). logits: F32 [n_out, n_vocab], the
   // entries' rows in entry order. On error no sequence changes length.
   absl::Status ForwardBatch(std::span<const BatchEntry> entries, models::Activations* logits);
+  absl::Status ForwardBatch(std::span<const BatchEntry> entries, models::Activations* logits,
+                            const ForwardHooks& hooks);
   // One sequence, any number of tokens (chunks of max_batch_tokens: chunked
   // prefill); same semantics as Deepseek2Model::Forward.
   absl::Status Forward(std::span<const int32_t> tokens, SequenceId seq, models::LogitsRows rows,
@@ -121,8 +143,9 @@ class CudaDeepseek2 {
   absl::Status Upload(const void* host, void* device, size_t bytes);
   absl::Status Download(const void* device, void* host, size_t bytes);
   absl::Status Sync(const char* what);
-  // The layers of a batch already embedded in runner_->x(); routed experts via the model.
-  absl::Status RunLayers(const GpuBatchView& batch);
+  // The layers of a batch already embedded in runner_->x(); routed experts via
+  // hooks.routed_experts, else the model.
+  absl::Status RunLayers(const GpuBatchView& batch, const ForwardHooks& hooks);
   absl::Status RunHead(std::span<const int32_t> rows, models::Activations* logits);
 
   const models::Deepseek2Model& model_;
