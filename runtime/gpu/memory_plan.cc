@@ -65,6 +65,32 @@ uint64_t GpuWorkLayout::pinned_bytes() const {
   return 4 * U(indices + expert_ids) + kF32 * U(h_f32 + routed + expert_weights + logits);
 }
 
+ExpertStreamLayout ExpertStreamLayout::For(const models::Deepseek2Hparams& hp, int64_t max_tokens,
+                                           int32_t n_slots, uint64_t expert_raw_bytes) {
+  ExpertStreamLayout l;
+  const int64_t T = max_tokens;
+  l.max_tokens = T;
+  l.n_embd = hp.n_embd;
+  l.n_ff = hp.n_ff_exp;
+  l.n_slots = n_slots;
+  l.slot_bytes = (expert_raw_bytes + 255) / 256 * 256;
+  l.w_gate_up = 2 * hp.n_ff_exp * hp.n_embd;
+  l.w_down = hp.n_embd * hp.n_ff_exp;
+  l.xg = T * hp.n_embd;
+  l.gu = T * 2 * hp.n_ff_exp;
+  l.act = T * hp.n_ff_exp;
+  l.y = T * hp.n_embd;
+  l.entries = T * hp.n_expert_used;
+  return l;
+}
+
+uint64_t ExpertStreamLayout::device_bytes() const {
+  return U(n_slots) * slot_bytes + kBf16 * U(w_gate_up + w_down + xg + act) + kF32 * U(gu + y) +
+         8 * U(entries);
+}
+
+uint64_t ExpertStreamLayout::pinned_bytes() const { return 2 * 8 * U(entries); }
+
 std::string GpuMemoryPlan::ToString() const {
   std::string s;
   auto line = [&s](const char* what, const std::string& v) {
@@ -81,6 +107,7 @@ std::string GpuMemoryPlan::ToString() const {
   line(absl::StrCat("activations (", max_batch_tokens, " tokens/batch)").c_str(),
        Size(activation_bytes));
   line("workspaces (attention, cuBLAS, load)", Size(workspace_bytes));
+  if (expert_stream_bytes > 0) line("routed-expert streaming", Size(expert_stream_bytes));
   line(absl::StrCat("KV cache (", kv_tokens, " tokens, ", kv_pages, " pages of ", kv_page_size, ")")
            .c_str(),
        Size(kv_bytes));
@@ -96,7 +123,7 @@ std::string GpuMemoryPlan::ToString() const {
 
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& o, uint64_t free_bytes,
-                                            bool output_tied) {
+                                            bool output_tied, uint64_t expert_raw_bytes) {
   if (o.max_batch_tokens <= 0 || o.max_sequences <= 0 || o.kv_page_size <= 0 || o.max_context < 0 ||
       o.kv_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -148,8 +175,20 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   p.pinned_host_bytes += pinned_table;
   p.free_bytes = free_bytes;
   p.reserve_bytes = o.reserve_bytes;
+  if (o.experts.mode != GpuExpertMode::kOff && hp.n_layer_dense_lead < hp.n_layer &&
+      hp.n_expert > 0 && expert_raw_bytes > 0) {
+    if (o.experts.n_slots < 2) {
+      return absl::InvalidArgumentError(absl::StrCat("GPU options: experts.n_slots (",
+                                                     o.experts.n_slots, ") must be at least 2"));
+    }
+    const ExpertStreamLayout stream =
+        ExpertStreamLayout::For(hp, o.max_batch_tokens, o.experts.n_slots, expert_raw_bytes);
+    p.expert_stream_bytes = stream.device_bytes();
+    p.pinned_host_bytes += stream.pinned_bytes();
+  }
 
-  const uint64_t fixed = p.weight_bytes() + p.activation_bytes + p.workspace_bytes;
+  const uint64_t fixed =
+      p.weight_bytes() + p.activation_bytes + p.workspace_bytes + p.expert_stream_bytes;
   const uint64_t usable = free_bytes > o.reserve_bytes ? free_bytes - o.reserve_bytes : 0;
   const uint64_t left = usable > fixed ? usable - fixed : 0;
   const int64_t want_pages = o.kv_tokens > 0 ? (o.kv_tokens + o.kv_page_size - 1) / o.kv_page_size
@@ -170,7 +209,9 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
         Size(need.total_bytes() + o.reserve_bytes), " (with the reserve) but ", Size(free_bytes),
         " are free.\n", need.ToString(), "To fit: lower max_batch_tokens (", Size(per_batch_token),
         " per token of batch), max_context or kv_tokens (", Size(p.kv_bytes_per_token),
-        " per token of KV cache), or reserve_bytes; or use a GPU with more memory. Keeping the "
+        " per token of KV cache), reserve_bytes, experts.n_slots (", Size(p.expert_stream_bytes),
+        " for routed-expert streaming; experts.mode = kOff frees "
+        "it); or use a GPU with more memory. Keeping the "
         "embedding or output head in host memory is not implemented yet."));
   }
   return p;

@@ -24,6 +24,28 @@
 
 namespace ktx::gpu {
 
+// Routed experts computed on the GPU from weights streamed over PCIe
+// (gpu_experts.h, docs/gpu.md "Routed experts on the GPU").
+enum class GpuExpertMode {
+  kOff,     // all routed experts on the CPU; nothing allocated for streaming
+  kAuto,    // the cost model (expert_cost_model.h) splits large batches CPU/GPU
+  kAllGpu,  // every routed expert of every batch on the GPU (measurement)
+  kAllCpu,  // streaming set up (buffers, calibration) but every expert on the CPU
+};
+
+struct GpuExpertOptions {
+  GpuExpertMode mode = GpuExpertMode::kAuto;
+  int32_t n_slots = 32;              // device buffers of one expert's raw blocks (copy ring)
+  int64_t min_batch_tokens = 256;    // kAuto: smaller batches run all experts on the CPU
+  bool prefetch = true;              // kAuto/kAllGpu: copy the next MoE layer's experts early
+  bool register_host_memory = true;  // page-lock the mapped file (false: pinned bounce copy)
+  // The CPU expert backend's time for one expert with m tokens:
+  // fixed + per_token * m (defaults: ~250 ms per DeepSeek-V3 layer at 2048 tokens
+  // on the GPU machine's 16 AMX cores). KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
+  double cpu_expert_fixed_ms = 0.05;
+  double cpu_expert_per_token_us = 14.5;
+};
+
 struct CudaModelOptions {
   int device = 0;                  // CUDA device index
   int64_t max_batch_tokens = 512;  // tokens per forward call over all sequences (longer
@@ -38,6 +60,33 @@ struct CudaModelOptions {
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
+  // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
+  // in the environment overrides experts.mode.
+  GpuExpertOptions experts;
+};
+
+// The device and pinned memory of the routed-expert streamer (gpu_experts.h)
+// for batches of up to max_tokens tokens; GpuExpertStreamer allocates exactly
+// these. slot_bytes: one expert's raw gate + up + down blocks, rounded up to
+// 256 bytes.
+struct ExpertStreamLayout {
+  int64_t max_tokens = 0;
+  int64_t n_embd = 0;
+  int64_t n_ff = 0;  // n_ff_exp
+  int32_t n_slots = 0;
+  uint64_t slot_bytes = 0;
+  int64_t w_gate_up = 0;  // bf16 [2 * n_ff, n_embd] dequantized gate rows, then up rows
+  int64_t w_down = 0;     // bf16 [n_embd, n_ff]
+  int64_t xg = 0;         // bf16 [T, n_embd] gathered rows of one expert's tokens
+  int64_t gu = 0;         // F32 [T, 2 * n_ff]
+  int64_t act = 0;        // bf16 [T, n_ff]
+  int64_t y = 0;          // F32 [T, n_embd]
+  int64_t entries = 0;    // T * n_expert_used: I32 rows and F32 weights (device + pinned)
+
+  static ExpertStreamLayout For(const models::Deepseek2Hparams& hp, int64_t max_tokens,
+                                int32_t n_slots, uint64_t expert_raw_bytes);
+  uint64_t device_bytes() const;  // slots + dequantized weights + work buffers
+  uint64_t pinned_bytes() const;  // two sets of routing entries
 };
 
 // Element counts of the per-batch work buffers for `max_tokens` tokens (the
@@ -80,9 +129,10 @@ struct GpuMemoryPlan {
   uint64_t embedding_bytes = 0;      // token_embd in bf16
   uint64_t head_bytes = 0;           // output_norm + output (the norm only when tied)
   // Work memory.
-  uint64_t activation_bytes = 0;   // GpuWorkLayout::device_bytes()
-  uint64_t workspace_bytes = 0;    // attention + cuBLAS workspaces + load staging
-  uint64_t pinned_host_bytes = 0;  // host side, not device memory
+  uint64_t activation_bytes = 0;     // GpuWorkLayout::device_bytes()
+  uint64_t workspace_bytes = 0;      // attention + cuBLAS workspaces + load staging
+  uint64_t pinned_host_bytes = 0;    // host side, not device memory
+  uint64_t expert_stream_bytes = 0;  // routed-expert streaming (ExpertStreamLayout), 0 if off
   // Paged latent KV cache, bf16.
   int32_t kv_page_size = 0;
   int64_t kv_pages = 0;
@@ -101,7 +151,7 @@ struct GpuMemoryPlan {
            embedding_bytes + head_bytes;
   }
   uint64_t total_bytes() const {
-    return weight_bytes() + activation_bytes + workspace_bytes + kv_bytes;
+    return weight_bytes() + activation_bytes + workspace_bytes + expert_stream_bytes + kv_bytes;
   }
   // A table, one item per line, sizes in GiB/MiB.
   std::string ToString() const;
@@ -112,8 +162,12 @@ struct GpuMemoryPlan {
 // InvalidArgument for bad options; ResourceExhausted (with the table and
 // advice) when the weights and buffers, plus one sequence of max_context
 // tokens of KV cache, do not fit, or when options.kv_tokens does not.
+// `expert_raw_bytes`: one routed expert's gate + up + down blocks in the file;
+// with options.experts.mode != kOff and a MoE layer, the streamer's
+// ExpertStreamLayout is planned too (expert_stream_bytes).
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& options, uint64_t free_bytes,
-                                            bool output_tied = false);
+                                            bool output_tied = false,
+                                            uint64_t expert_raw_bytes = 0);
 
 }  // namespace ktx::gpu

@@ -1,0 +1,160 @@
+#include "runtime/gpu/expert_cost_model.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace ktx::gpu {
+namespace {
+
+// The GPU time of a set with Σ copy `copy_s`, Σ compute `compute_s` and first copy `first_s`.
+double GpuSetSeconds(double copy_s, double compute_s, double first_s) {
+  if (copy_s <= 0 && compute_s <= 0) return 0;
+  return std::max(copy_s, compute_s) + first_s;
+}
+
+// Experts with m > 0, by descending m, ties by lower id.
+std::vector<int32_t> ByTokensDescending(std::span<const int64_t> m) {
+  std::vector<int32_t> ids;
+  for (size_t e = 0; e < m.size(); ++e) {
+    if (m[e] > 0) ids.push_back(static_cast<int32_t>(e));
+  }
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return m[a] > m[b]; });
+  return ids;
+}
+
+}  // namespace
+
+std::string ExpertCostModel::Validate() const {
+  if (!(pcie_bytes_per_s > 0) || !(gpu_flops_per_s > 0)) {
+    return absl::StrCat("expert cost model: PCIe rate (", pcie_bytes_per_s, " B/s) and GPU rate (",
+                        gpu_flops_per_s, " flop/s) must be positive");
+  }
+  if (!(gpu_expert_fixed_s >= 0) || !(gpu_layer_fixed_s >= 0) || !(cpu_fixed_s >= 0) ||
+      !(cpu_per_token_s >= 0) || cpu_fixed_s + cpu_per_token_s <= 0) {
+    return absl::StrCat(
+        "expert cost model: times must not be negative and the CPU time of an "
+        "expert must grow (fixed ",
+        cpu_fixed_s, " s, per token ", cpu_per_token_s, " s)");
+  }
+  return "";
+}
+
+double CpuExpertSeconds(const ExpertCostModel& model, int64_t m) {
+  return m > 0 ? model.cpu_fixed_s + model.cpu_per_token_s * static_cast<double>(m) : 0.0;
+}
+
+double GpuCopySeconds(const ExpertCostModel& model, const ExpertShape& shape) {
+  return static_cast<double>(shape.expert_bytes) / model.pcie_bytes_per_s;
+}
+
+double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape, int64_t m) {
+  const double flops = 6.0 * static_cast<double>(m) * static_cast<double>(shape.n_embd) *
+                       static_cast<double>(shape.n_ff);
+  return model.gpu_expert_fixed_s + flops / model.gpu_flops_per_s;
+}
+
+ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
+                            std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
+                            int64_t n_tokens) {
+  ExpertSplit split;
+  const std::vector<int32_t> order = ByTokensDescending(tokens_per_expert);
+  for (int32_t e : order) split.all_cpu_s += CpuExpertSeconds(model, tokens_per_expert[e]);
+  split.cpu_s = split.all_cpu_s;
+  if (n_tokens < model.min_batch_tokens || order.empty() || !model.Validate().empty()) {
+    return split;
+  }
+  const double copy1 = GpuCopySeconds(model, shape);
+  // Prefix k of `order` on the GPU: evaluate every k, keep the best (smallest k on ties).
+  double cpu_left = split.all_cpu_s, copy = 0, compute = 0;
+  double best = split.all_cpu_s;
+  size_t best_k = 0;
+  double best_gpu = 0, best_cpu = split.all_cpu_s;
+  for (size_t k = 1; k <= order.size(); ++k) {
+    const int64_t m = tokens_per_expert[order[k - 1]];
+    cpu_left -= CpuExpertSeconds(model, m);
+    copy += copy1;
+    compute += GpuComputeSeconds(model, shape, m);
+    const double gpu = GpuSetSeconds(copy, compute, copy1);
+    const double t = std::max(gpu, std::max(cpu_left, 0.0));
+    if (t < best) {
+      best = t;
+      best_k = k;
+      best_gpu = gpu;
+      best_cpu = std::max(cpu_left, 0.0);
+    }
+  }
+  if (best_k == 0 || split.all_cpu_s - best <= model.gpu_layer_fixed_s) return split;
+  split.gpu_experts.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(best_k));
+  for (int32_t e : split.gpu_experts) split.gpu_tokens += tokens_per_expert[e];
+  split.gpu_s = best_gpu + model.gpu_layer_fixed_s;
+  split.cpu_s = best_cpu;
+  return split;
+}
+
+ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,
+                            std::span<const int64_t> tokens_per_expert, const ExpertShape& shape) {
+  ExpertSplit split;
+  split.gpu_experts = ByTokensDescending(tokens_per_expert);
+  double copy = 0, compute = 0;
+  const double copy1 = model.pcie_bytes_per_s > 0 ? GpuCopySeconds(model, shape) : 0;
+  for (int32_t e : split.gpu_experts) {
+    const int64_t m = tokens_per_expert[e];
+    split.all_cpu_s += CpuExpertSeconds(model, m);
+    split.gpu_tokens += m;
+    copy += copy1;
+    if (model.gpu_flops_per_s > 0) compute += GpuComputeSeconds(model, shape, m);
+  }
+  split.gpu_s = GpuSetSeconds(copy, compute, copy1);
+  return split;
+}
+
+std::vector<int64_t> UniformTokensPerExpert(int64_t n_tokens, int32_t n_expert_used,
+                                            int32_t n_expert) {
+  std::vector<int64_t> m(std::max(n_expert, 0), 0);
+  if (n_expert <= 0) return m;
+  const int64_t total = n_tokens * std::min(n_expert_used, n_expert);
+  for (int32_t e = 0; e < n_expert; ++e) {
+    // Each token picks an expert at most once.
+    m[e] = std::min(n_tokens, total / n_expert + (e < total % n_expert ? 1 : 0));
+  }
+  return m;
+}
+
+int64_t BreakEvenTokens(const ExpertCostModel& model, const ExpertShape& shape,
+                        int32_t n_expert_used, int32_t n_expert, int64_t max_tokens) {
+  ExpertCostModel m = model;
+  m.min_batch_tokens = 0;
+  auto pays = [&](int64_t n) {
+    const std::vector<int64_t> counts = UniformTokensPerExpert(n, n_expert_used, n_expert);
+    return !PlanExpertSplit(m, counts, shape, n).gpu_experts.empty();
+  };
+  int64_t lo = 0, hi = 1;  // pays(lo) false (lo = 0: no tokens), pays(hi) to be found
+  while (hi <= max_tokens && !pays(hi)) {
+    lo = hi;
+    hi *= 2;
+  }
+  if (hi > max_tokens) {
+    if (lo >= max_tokens || !pays(max_tokens)) return max_tokens + 1;
+    hi = max_tokens;
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (pays(mid) ? hi : lo) = mid;
+  }
+  return hi;
+}
+
+std::string DescribeCostModel(const ExpertCostModel& model, const ExpertShape& shape) {
+  return absl::StrFormat(
+      "PCIe %.1f GB/s, GPU %.0f TFLOP/s + %.0f us per expert, CPU %.0f us + %.2f us per token "
+      "per expert; one expert (%.1f MB) copies in %.2f ms; all CPU below %d tokens",
+      model.pcie_bytes_per_s / 1e9, model.gpu_flops_per_s / 1e12, model.gpu_expert_fixed_s * 1e6,
+      model.cpu_fixed_s * 1e6, model.cpu_per_token_s * 1e6,
+      static_cast<double>(shape.expert_bytes) / 1e6,
+      model.pcie_bytes_per_s > 0 ? GpuCopySeconds(model, shape) * 1e3 : 0.0,
+      static_cast<int>(model.min_batch_tokens));
+}
+
+}  // namespace ktx::gpu

@@ -1,0 +1,92 @@
+// File: runtime/gpu/expert_cost_model.h
+//
+// Which routed experts of a MoE layer the GPU should take for a batch, so
+// that the GPU (streaming each expert's raw blocks over PCIe, then
+// dequantizing and multiplying) and the CPU expert backend (the rest) finish
+// together. Plain data and pure functions, built and tested without a GPU.
+//
+// Model, for an expert with m tokens:
+//   CPU time   = cpu_fixed_s + cpu_per_token_s * m          (backend, measured outside)
+//   GPU copy   = expert_bytes / pcie_bytes_per_s            (copy stream)
+//   GPU compute= gpu_expert_fixed_s + 6 m n_embd n_ff / gpu_flops_per_s  (compute stream)
+// A set S on the GPU costs max(Σ copy, Σ compute) plus one expert's copy (the
+// pipeline fills); the CPU costs Σ over the other experts with m > 0. The GPU
+// saves most on the experts with the most tokens (its cost hardly depends on
+// m), so S is a prefix of the experts sorted by m (descending, ties: lower
+// id): the prefix that minimises max(GPU, CPU), the smaller one on ties, and
+// none when the batch is below min_batch_tokens or no prefix beats the CPU
+// alone by gpu_layer_fixed_s.
+//
+//   ExpertCostModel m = ...;  // Calibrate on the GPU, CPU figures from outside
+//   ExpertSplit s = PlanExpertSplit(m, tokens_per_expert, shape, n_tokens);
+//   // s.gpu_experts: ids for the GPU, in the order to stream them
+//
+// Thread-safety: plain data; the functions are pure.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace ktx::gpu {
+
+struct ExpertCostModel {
+  double pcie_bytes_per_s = 0;        // pinned host -> device copy rate (measured)
+  double gpu_flops_per_s = 0;         // bf16 GEMM rate at expert shape (measured)
+  double gpu_expert_fixed_s = 0;      // per expert on the GPU: dequantize + launches (measured)
+  double gpu_layer_fixed_s = 0.5e-3;  // per layer: routing lists, launches; a split must save more
+  double cpu_fixed_s = 0;             // CPU time of an expert: fixed + per token * m
+  double cpu_per_token_s = 0;
+  int64_t min_batch_tokens = 0;  // below: all experts on the CPU
+
+  // InvalidArgument-like text when a rate is not positive or a time negative; "" if valid.
+  std::string Validate() const;
+};
+
+// The layer's expert geometry.
+struct ExpertShape {
+  int64_t n_embd = 0;
+  int64_t n_ff = 0;           // n_ff_exp
+  uint64_t expert_bytes = 0;  // one expert's raw gate + up + down blocks
+};
+
+struct ExpertSplit {
+  std::vector<int32_t> gpu_experts;  // ids, by descending token count (ties: lower id)
+  int64_t gpu_tokens = 0;            // Σ m over gpu_experts
+  double gpu_s = 0;                  // modelled GPU time of gpu_experts
+  double cpu_s = 0;                  // modelled CPU time of the others
+  double all_cpu_s = 0;              // modelled CPU time of every expert
+  double time_s() const { return gpu_s > cpu_s ? gpu_s : cpu_s; }
+};
+
+// Modelled times of single experts with m tokens.
+double CpuExpertSeconds(const ExpertCostModel& model, int64_t m);
+double GpuCopySeconds(const ExpertCostModel& model, const ExpertShape& shape);
+double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape, int64_t m);
+
+// tokens_per_expert: I64 [n_expert], token count of each expert in the batch
+// (actual after routing, or expected before it). n_tokens: the batch size.
+ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
+                            std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
+                            int64_t n_tokens);
+
+// Every expert with m > 0 on the GPU (forced all-GPU), with the modelled times.
+ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,
+                            std::span<const int64_t> tokens_per_expert, const ExpertShape& shape);
+
+// Expected token counts before routing: n_tokens * n_expert_used spread evenly
+// over n_expert experts (the remainder to the lower ids).
+std::vector<int64_t> UniformTokensPerExpert(int64_t n_tokens, int32_t n_expert_used,
+                                            int32_t n_expert);
+
+// The smallest batch size (uniform routing, powers of two up to max_tokens,
+// then refined by bisection) from which PlanExpertSplit gives the GPU at
+// least one expert; max_tokens + 1 when none.
+int64_t BreakEvenTokens(const ExpertCostModel& model, const ExpertShape& shape,
+                        int32_t n_expert_used, int32_t n_expert, int64_t max_tokens);
+
+// One line: rates and per-expert times, for logs and the benchmark.
+std::string DescribeCostModel(const ExpertCostModel& model, const ExpertShape& shape);
+
+}  // namespace ktx::gpu

@@ -1,0 +1,177 @@
+// The CPU/GPU expert split against an exhaustive search over every subset of
+// experts (small layers, copy-bound GPU, where the best set is provably a
+// prefix by token count, so the planner must find the true optimum), the
+// closed-form balance point of a uniform DeepSeek-V3 layer, and the edges
+// (small batches, empty batches, invalid rates). No GPU needed.
+#include "runtime/gpu/expert_cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace ktx::gpu {
+namespace {
+
+// DeepSeek-V3 Q4_K_M: gate/up Q4_K (144 B per 256), down Q6_K (210 B per 256).
+ExpertShape Dsv3Shape() {
+  ExpertShape s;
+  s.n_embd = 7168;
+  s.n_ff = 2048;
+  s.expert_bytes = 2 * 2048ull * (7168 / 256) * 144 + 7168ull * (2048 / 256) * 210;
+  return s;
+}
+
+// The GPU machine's figures (task brief): 50 GB/s H2D, ~250 ms per layer at 2048 tokens on the CPU.
+ExpertCostModel Dsv3Model() {
+  ExpertCostModel m;
+  m.pcie_bytes_per_s = 50e9;
+  m.gpu_flops_per_s = 400e12;
+  m.gpu_expert_fixed_s = 40e-6;
+  m.gpu_layer_fixed_s = 0.5e-3;
+  m.cpu_fixed_s = 50e-6;
+  m.cpu_per_token_s = 14.5e-6;
+  m.min_batch_tokens = 256;
+  return m;
+}
+
+// max(GPU, CPU) of an arbitrary set, straight from the model's definition.
+double SetSeconds(const ExpertCostModel& m, const ExpertShape& s, const std::vector<int64_t>& count,
+                  const std::vector<bool>& on_gpu) {
+  double copy = 0, compute = 0, cpu = 0;
+  bool any = false;
+  for (size_t e = 0; e < count.size(); ++e) {
+    if (count[e] == 0) continue;
+    if (on_gpu[e]) {
+      any = true;
+      copy += static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
+      compute += m.gpu_expert_fixed_s + 6.0 * count[e] * s.n_embd * s.n_ff / m.gpu_flops_per_s;
+    } else {
+      cpu += m.cpu_fixed_s + m.cpu_per_token_s * count[e];
+    }
+  }
+  const double gpu = any ? std::max(copy, compute) +
+                               static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s +
+                               m.gpu_layer_fixed_s
+                         : 0.0;
+  return std::max(gpu, cpu);
+}
+
+TEST(ExpertCostModel, PlanIsTheOptimumOverEverySubset) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  const ExpertShape s = Dsv3Shape();
+  for (int trial = 0; trial < 40; ++trial) {
+    ExpertCostModel m = Dsv3Model();
+    m.min_batch_tokens = 0;
+    m.gpu_layer_fixed_s = 0;  // the exhaustive search charges it to every non-empty set
+    // CPU per-expert times from 0.05x to 3x the copy time of an expert.
+    const double copy1 = static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
+    m.cpu_per_token_s = copy1 / 64 * std::uniform_real_distribution<double>(0.05, 3.0)(rng);
+    const int n_expert = 11;
+    std::vector<int64_t> count(n_expert);
+    for (auto& c : count) c = rng() % 4 == 0 ? 0 : 1 + rng() % 200;
+    const int64_t n_tokens = std::accumulate(count.begin(), count.end(), int64_t{0});
+    const ExpertSplit split = PlanExpertSplit(m, count, s, n_tokens);
+    double best = 1e30;
+    for (uint32_t mask = 0; mask < (1u << n_expert); ++mask) {
+      std::vector<bool> on(n_expert);
+      for (int e = 0; e < n_expert; ++e) on[e] = (mask >> e) & 1;
+      best = std::min(best, SetSeconds(m, s, count, on));
+    }
+    std::vector<bool> chosen(n_expert, false);
+    for (int32_t e : split.gpu_experts) {
+      ASSERT_GE(e, 0);
+      ASSERT_LT(e, n_expert);
+      EXPECT_GT(count[e], 0) << "an expert without tokens was streamed";
+      chosen[e] = true;
+    }
+    const double got = SetSeconds(m, s, count, chosen);
+    EXPECT_NEAR(got, best, 1e-12 + 1e-9 * best) << "trial " << trial;
+    EXPECT_NEAR(split.time_s(), got, 1e-12 + 1e-9 * got);
+  }
+}
+
+TEST(ExpertCostModel, UniformDsv3LayerBalancesAtTheClosedForm) {
+  const ExpertShape s = Dsv3Shape();
+  const ExpertCostModel m = Dsv3Model();
+  const int64_t n = 2048;
+  const std::vector<int64_t> count = UniformTokensPerExpert(n, 8, 256);
+  const ExpertSplit split = PlanExpertSplit(m, count, s, n);
+  // Copy-bound GPU: (k + 1) copy1 + layer_fixed = (256 - k) cpu1.
+  const double copy1 = static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
+  const double cpu1 = m.cpu_fixed_s + m.cpu_per_token_s * 64;
+  const double k = (256 * cpu1 - copy1 - m.gpu_layer_fixed_s) / (copy1 + cpu1);
+  EXPECT_NEAR(static_cast<double>(split.gpu_experts.size()), k, 1.0);
+  EXPECT_NEAR(split.all_cpu_s, 256 * cpu1, 1e-9);
+  EXPECT_LT(split.time_s(), 0.45 * split.all_cpu_s);  // ~250 ms -> ~84 ms per layer
+  EXPECT_NEAR(split.gpu_s, split.cpu_s, copy1 + cpu1);
+  EXPECT_EQ(split.gpu_tokens, 64 * static_cast<int64_t>(split.gpu_experts.size()));
+}
+
+TEST(ExpertCostModel, HottestExpertsGoToTheGpuFirst) {
+  const ExpertShape s = Dsv3Shape();
+  const ExpertCostModel m = Dsv3Model();
+  std::vector<int64_t> count(256, 10);
+  count[7] = 900;
+  count[200] = 900;  // tie with 7: the lower id first
+  count[3] = 400;
+  count[5] = 0;
+  const ExpertSplit split = PlanExpertSplit(m, count, s, 2048);
+  ASSERT_GE(split.gpu_experts.size(), 3u);
+  EXPECT_EQ(split.gpu_experts[0], 7);
+  EXPECT_EQ(split.gpu_experts[1], 200);
+  EXPECT_EQ(split.gpu_experts[2], 3);
+  EXPECT_EQ(std::count(split.gpu_experts.begin(), split.gpu_experts.end(), 5), 0);
+}
+
+TEST(ExpertCostModel, SmallBatchesStayOnTheCpu) {
+  const ExpertShape s = Dsv3Shape();
+  ExpertCostModel m = Dsv3Model();
+  // Below min_batch_tokens: all CPU whatever the rates.
+  EXPECT_TRUE(PlanExpertSplit(m, UniformTokensPerExpert(255, 8, 256), s, 255).gpu_experts.empty());
+  EXPECT_TRUE(PlanExpertSplit(m, std::vector<int64_t>(256, 0), s, 0).gpu_experts.empty());
+  // Decode-sized batches never pay: 8 experts with one token each take the CPU
+  // 8 * 64.5 us, less than one expert's copy (0.57 ms).
+  m.min_batch_tokens = 0;
+  EXPECT_TRUE(PlanExpertSplit(m, UniformTokensPerExpert(1, 8, 256), s, 1).gpu_experts.empty());
+  const int64_t be = BreakEvenTokens(m, s, 8, 256, 1 << 16);
+  ASSERT_GT(be, 1);
+  ASSERT_LE(be, 1 << 16);
+  EXPECT_FALSE(PlanExpertSplit(m, UniformTokensPerExpert(be, 8, 256), s, be).gpu_experts.empty());
+  EXPECT_TRUE(
+      PlanExpertSplit(m, UniformTokensPerExpert(be - 1, 8, 256), s, be - 1).gpu_experts.empty());
+  // Invalid rates: all CPU, and Validate says why.
+  m.pcie_bytes_per_s = 0;
+  EXPECT_FALSE(m.Validate().empty());
+  EXPECT_TRUE(
+      PlanExpertSplit(m, UniformTokensPerExpert(2048, 8, 256), s, 2048).gpu_experts.empty());
+  EXPECT_TRUE(Dsv3Model().Validate().empty());
+}
+
+TEST(ExpertCostModel, AllOnGpuTakesEveryUsedExpert) {
+  const ExpertShape s = Dsv3Shape();
+  std::vector<int64_t> count = {0, 3, 1, 0, 3};
+  const ExpertSplit split = AllExpertsOnGpu(Dsv3Model(), count, s);
+  EXPECT_EQ(split.gpu_experts, (std::vector<int32_t>{1, 4, 2}));
+  EXPECT_EQ(split.gpu_tokens, 7);
+  EXPECT_GT(split.gpu_s, 0);
+  EXPECT_EQ(split.cpu_s, 0);
+}
+
+TEST(ExpertCostModel, UniformCountsSumToTheSelections) {
+  for (const int64_t n : {1, 3, 31, 32, 33, 2048}) {
+    const std::vector<int64_t> c = UniformTokensPerExpert(n, 8, 256);
+    EXPECT_EQ(std::accumulate(c.begin(), c.end(), int64_t{0}), n * 8);
+    for (int64_t v : c) EXPECT_LE(v, n);
+  }
+  const std::vector<int64_t> c = UniformTokensPerExpert(2, 6, 4);  // K > E / ... capped at n
+  for (int64_t v : c) EXPECT_LE(v, 2);
+}
+
+}  // namespace
+}  // namespace ktx::gpu
