@@ -1,6 +1,8 @@
 #include "runtime/gpu/cuda_deepseek2.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -35,6 +37,41 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
   return absl::OkStatus();
 }
 
+// KTX_GPU_EXPERTS=off|auto|gpu|cpu and KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
+absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
+  if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
+    const std::string mode = v;
+    if (mode == "off") {
+      o->mode = GpuExpertMode::kOff;
+    } else if (mode == "auto") {
+      o->mode = GpuExpertMode::kAuto;
+    } else if (mode == "gpu") {
+      o->mode = GpuExpertMode::kAllGpu;
+    } else if (mode == "cpu") {
+      o->mode = GpuExpertMode::kAllCpu;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_GPU_EXPERTS='", mode,
+                       "': expected off, auto, gpu (all routed experts on the GPU) "
+                       "or cpu (all on the CPU, streaming set up)"));
+    }
+  }
+  if (const char* v = std::getenv("KTX_GPU_EXPERTS_CPU"); v != nullptr && *v != '\0') {
+    double fixed_ms = 0, per_token_us = 0;
+    char extra = 0;
+    if (std::sscanf(v, "%lf,%lf%c", &fixed_ms, &per_token_us, &extra) != 2 || fixed_ms < 0 ||
+        per_token_us < 0 || fixed_ms + per_token_us <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_EXPERTS_CPU='", v,
+          "': expected \"fixed_ms,per_token_us\", the CPU backend's time for one expert with m "
+          "tokens = fixed + per_token * m (e.g. 0.05,14.5)"));
+    }
+    o->cpu_expert_fixed_ms = fixed_ms;
+    o->cpu_expert_per_token_us = per_token_us;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
@@ -57,12 +94,96 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
   KTX_RETURN_IF_ERROR(CudaOk(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo"));
   std::unique_ptr<CudaDeepseek2> gpu(new CudaDeepseek2(model));
   gpu->hp_ = model.hparams();
-  KTX_ASSIGN_OR_RETURN(gpu->plan_,
-                       PlanGpuMemory(gpu->hp_, options, free_bytes, model.weights().output_tied));
-  KTX_RETURN_IF_ERROR(gpu->Load(options, free_bytes));
+  // Routed experts on the GPU: the environment overrides the options; a model
+  // whose experts cannot be streamed runs them all on the CPU (logged).
+  CudaModelOptions opts = options;
+  KTX_RETURN_IF_ERROR(ApplyExpertEnvironment(&opts.experts));
+  uint64_t expert_raw_bytes = 0;
+  if (opts.experts.mode != GpuExpertMode::kOff) {
+    absl::StatusOr<std::vector<ExpertLayerTensors>> tensors =
+        gpu->hp_.n_layer_dense_lead < gpu->hp_.n_layer
+            ? ExpertTensorsOf(gpu->hp_, model.weights())
+            : absl::FailedPreconditionError("the model has no MoE layer");
+    if (!tensors.ok()) {
+      KTX_LOG(WARNING, "gpu") << "routed experts stay on the CPU: " << tensors.status().message();
+      opts.experts.mode = GpuExpertMode::kOff;
+    } else {
+      for (const ExpertLayerTensors& l : *tensors) {
+        if (l.present()) {
+          expert_raw_bytes =
+              std::max(expert_raw_bytes, l.ExpertSlotBytes(gpu->hp_.n_embd, gpu->hp_.n_ff_exp));
+        }
+      }
+    }
+  }
+  KTX_ASSIGN_OR_RETURN(gpu->plan_, PlanGpuMemory(gpu->hp_, opts, free_bytes,
+                                                 model.weights().output_tied, expert_raw_bytes));
+  KTX_RETURN_IF_ERROR(gpu->Load(opts, free_bytes));
+  KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
   KTX_LOG(INFO, "gpu") << "loaded the non-expert weights on GPU " << options.device << "\n"
                        << gpu->plan_.ToString();
   return gpu;
+}
+
+absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
+  expert_options_ = options.experts;
+  expert_mode_ = GpuExpertMode::kOff;
+  if (options.experts.mode == GpuExpertMode::kOff) return absl::OkStatus();
+  KTX_ASSIGN_OR_RETURN(std::vector<ExpertLayerTensors> tensors,
+                       ExpertTensorsOf(hp_, model_.weights()));
+  GpuExpertStreamerConfig config;
+  config.n_embd = hp_.n_embd;
+  config.n_ff = hp_.n_ff_exp;
+  config.n_expert = hp_.n_expert;
+  config.n_expert_used = hp_.n_expert_used;
+  config.max_tokens = runner_->max_tokens();
+  config.n_slots = options.experts.n_slots;
+  config.register_host_memory = options.experts.register_host_memory;
+  KTX_ASSIGN_OR_RETURN(experts_,
+                       GpuExpertStreamer::Create(config, std::move(tensors), runner_->stream()));
+  KTX_RETURN_IF_ERROR(experts_->Calibrate(&expert_cost_));
+  expert_cost_.cpu_fixed_s = options.experts.cpu_expert_fixed_ms * 1e-3;
+  expert_cost_.cpu_per_token_s = options.experts.cpu_expert_per_token_us * 1e-6;
+  expert_cost_.min_batch_tokens = options.experts.min_batch_tokens;
+  const std::string invalid = expert_cost_.Validate();
+  if (!invalid.empty()) return absl::InvalidArgumentError(invalid);
+  expert_mode_ = options.experts.mode;
+  KTX_LOG(INFO, "gpu") << "routed-expert cost model: "
+                       << DescribeCostModel(expert_cost_, experts_->shape())
+                       << "; the split pays from "
+                       << BreakEvenTokens(expert_cost_, experts_->shape(), hp_.n_expert_used,
+                                          hp_.n_expert, runner_->max_tokens())
+                       << " tokens (uniform routing)";
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::SetExpertMode(GpuExpertMode mode) {
+  if (mode != GpuExpertMode::kOff && experts_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "routed experts cannot run on the GPU: the model was created with experts.mode = kOff "
+        "(or KTX_GPU_EXPERTS=off), or its expert tensors cannot be streamed (see the log)");
+  }
+  expert_mode_ = mode;
+  return absl::OkStatus();
+}
+
+bool CudaDeepseek2::StreamsExperts(int64_t n_tokens) const {
+  switch (expert_mode_) {
+    case GpuExpertMode::kAllGpu: return true;
+    case GpuExpertMode::kAuto: return n_tokens >= expert_cost_.min_batch_tokens;
+    default: return false;
+  }
+}
+
+std::vector<int32_t> CudaDeepseek2::GpuExpertsFor(int64_t n_tokens,
+                                                  std::span<const int64_t> counts) const {
+  if (expert_mode_ == GpuExpertMode::kAllGpu) {
+    return AllExpertsOnGpu(expert_cost_, counts, experts_->shape()).gpu_experts;
+  }
+  if (expert_mode_ == GpuExpertMode::kAuto) {
+    return PlanExpertSplit(expert_cost_, counts, experts_->shape(), n_tokens).gpu_experts;
+  }
+  return {};
 }
 
 CudaDeepseek2::~CudaDeepseek2() {
@@ -284,6 +405,31 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   float* x = runner_->x();
   Activations h, routed;
   models::Routing routing;
+  // Routed experts on the GPU (large batches): the GPU's share of the first MoE
+  // layer is chosen from expected counts and its copies start now, behind the
+  // dense layers and the attention; each MoE layer starts the next one's.
+  const bool stream_experts = experts_ != nullptr && StreamsExperts(n);
+  const bool prefetch = stream_experts && expert_options_.prefetch;
+  std::vector<int32_t> prefetched;  // the GPU's experts of the next MoE layer, copying
+  if (experts_ != nullptr && !experts_->idle()) {
+    KTX_RETURN_IF_ERROR(experts_->Reset());  // left over from a failed pass
+  }
+  auto prefetch_layer = [&](int il) -> absl::Status {
+    prefetched.clear();
+    if (!prefetch || il >= hp_.n_layer || !hp_.IsMoeLayer(il)) return absl::OkStatus();
+    const std::vector<int64_t> expected =
+        UniformTokensPerExpert(n, hp_.n_expert_used, hp_.n_expert);
+    prefetched = GpuExpertsFor(n, expected);
+    return experts_->Prefetch(il, prefetched);
+  };
+  if (prefetch) {
+    int first_moe = 0;
+    while (first_moe < hp_.n_layer && !hp_.IsMoeLayer(first_moe)) ++first_moe;
+    KTX_RETURN_IF_ERROR(prefetch_layer(first_moe));
+  }
+  models::Routing cpu_routing;
+  std::vector<int64_t> counts;
+  std::vector<uint8_t> on_gpu;
   for (int il = 0; il < hp_.n_layer; ++il) {
     const GpuLayerWeights& w = layers_[il];
     KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
@@ -311,10 +457,54 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
     routing.weights.assign(pinned_weights_.as<float>(), pinned_weights_.as<float>() + n * k_used);
+    const models::Routing* cpu_side = &routing;
+    if (stream_experts) {
+      // The GPU's experts: the prefetched ones (plus, all-GPU, every other used
+      // expert), else the cost model's choice from the actual counts. They run
+      // on the stream (after the shared expert) while the CPU computes the rest.
+      counts.assign(hp_.n_expert, 0);
+      for (int32_t e : routing.expert_ids) {
+        if (e >= 0 && e < hp_.n_expert) ++counts[e];
+      }
+      std::vector<int32_t> gpu_experts = prefetch ? prefetched : GpuExpertsFor(n, counts);
+      on_gpu.assign(hp_.n_expert, 0);
+      for (int32_t e : gpu_experts) on_gpu[e] = 1;
+      if (prefetch && expert_mode_ == GpuExpertMode::kAllGpu) {
+        for (int32_t e = 0; e < hp_.n_expert; ++e) {
+          if (counts[e] > 0 && !on_gpu[e]) {
+            gpu_experts.push_back(e);
+            on_gpu[e] = 1;
+          }
+        }
+      }
+      KTX_RETURN_IF_ERROR(
+          experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+      KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
+      // The CPU's routing: the GPU's entries removed, rows compacted and padded
+      // with kNoExpert (weight 0).
+      cpu_routing.n_tokens = n;
+      cpu_routing.n_expert_used = k_used;
+      cpu_routing.expert_ids.assign(n * k_used, models::kNoExpert);
+      cpu_routing.weights.assign(n * k_used, 0.0f);
+      int64_t cpu_entries = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        int32_t j = 0;
+        for (int32_t k = 0; k < k_used; ++k) {
+          const int32_t e = routing.id(t, k);
+          if (e == models::kNoExpert || (e >= 0 && e < hp_.n_expert && on_gpu[e])) continue;
+          cpu_routing.expert_ids[t * k_used + j] = e;
+          cpu_routing.weights[t * k_used + j] = routing.weight(t, k);
+          ++j;
+        }
+        cpu_entries += j;
+      }
+      if (cpu_entries == 0) continue;  // every expert on the GPU
+      cpu_side = &cpu_routing;
+    }
     if (hooks.routed_experts) {
-      KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, routing, &routed));
+      KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
     } else {
-      KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, routing, {}, &routed));
+      KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
     }
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),

@@ -46,6 +46,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "runtime/gpu/cuda_buffers.h"
+#include "runtime/gpu/expert_cost_model.h"
+#include "runtime/gpu/gpu_experts.h"
 #include "runtime/gpu/gpu_layer.h"
 #include "runtime/gpu/memory_plan.h"
 #include "runtime/gpu/paged_kv.h"
@@ -70,6 +72,16 @@ class CudaDeepseek2 {
 
   const GpuMemoryPlan& memory_plan() const { return plan_; }
   const models::Deepseek2Model& model() const { return model_; }
+
+  // ---- routed experts on the GPU (large batches; docs/gpu.md) ----
+  // The mode in use (options.experts.mode or KTX_GPU_EXPERTS; kOff when the
+  // experts cannot be streamed). Switching to kAuto/kAllGpu/kAllCpu needs a
+  // streamer (FailedPrecondition when the model was created with kOff).
+  GpuExpertMode expert_mode() const { return expert_mode_; }
+  absl::Status SetExpertMode(GpuExpertMode mode);
+  // Calibrated GPU rates and the CPU figures; null streamer when off.
+  const ExpertCostModel& expert_cost_model() const { return expert_cost_; }
+  const GpuExpertStreamer* expert_streamer() const { return experts_.get(); }
 
   // ---- sequences (paged GPU KV cache) ----
   absl::StatusOr<SequenceId> AddSequence(int64_t capacity_tokens);
@@ -169,6 +181,15 @@ class CudaDeepseek2 {
   PinnedBuffer pinned_logits_;                // F32 [T, n_vocab]
   cudaEvent_t routed_ready_ = nullptr;        // h and routing are on the host
   std::unique_ptr<PagedKvAllocator> kv_;
+  // Routed experts on the GPU: set up by SetUpGpuExperts; the GPU's share of
+  // MoE layer il for a batch of n tokens comes from GpuExpertsFor.
+  absl::Status SetUpGpuExperts(const CudaModelOptions& options);
+  bool StreamsExperts(int64_t n_tokens) const;
+  std::vector<int32_t> GpuExpertsFor(int64_t n_tokens, std::span<const int64_t> counts) const;
+  GpuExpertMode expert_mode_ = GpuExpertMode::kOff;
+  GpuExpertOptions expert_options_;
+  ExpertCostModel expert_cost_;
+  std::unique_ptr<GpuExpertStreamer> experts_;  // null when off
 };
 
 }  // namespace ktx::gpu

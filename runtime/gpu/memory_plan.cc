@@ -86,7 +86,7 @@ ExpertStreamLayout ExpertStreamLayout::For(const models::Deepseek2Hparams& hp, i
 
 uint64_t ExpertStreamLayout::device_bytes() const {
   return U(n_slots) * slot_bytes + kBf16 * U(w_gate_up + w_down + xg + act) + kF32 * U(gu + y) +
-         8 * U(entries);
+         8 * U(entries) + cublas_workspace_bytes;
 }
 
 uint64_t ExpertStreamLayout::pinned_bytes() const { return 2 * 8 * U(entries); }

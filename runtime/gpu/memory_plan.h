@@ -82,6 +82,7 @@ struct ExpertStreamLayout {
   int64_t act = 0;        // bf16 [T, n_ff]
   int64_t y = 0;          // F32 [T, n_embd]
   int64_t entries = 0;    // T * n_expert_used: I32 rows and F32 weights (device + pinned)
+  uint64_t cublas_workspace_bytes = uint64_t{32} << 20;  // the streamer's own cuBLAS handle
 
   static ExpertStreamLayout For(const models::Deepseek2Hparams& hp, int64_t max_tokens,
                                 int32_t n_slots, uint64_t expert_raw_bytes);

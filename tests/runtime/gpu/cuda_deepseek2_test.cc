@@ -421,6 +421,62 @@ TEST_P(CudaDeepseek2Test, ErrorsLeaveSequencesUnchanged) {
   EXPECT_NE(too_big.status().message().find("does not fit"), std::string::npos);
 }
 
+// Routed experts on the GPU (streamed from the mapped file): all on the GPU,
+// and a CPU/GPU split made by the cost model, give the logits of the all-CPU
+// path within the tolerance above; the streamer really computed experts.
+TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
+  unsetenv("KTX_GPU_EXPERTS");  // the options below decide
+  unsetenv("KTX_GPU_EXPERTS_CPU");
+  if (gpu_->expert_streamer() == nullptr) {
+    GTEST_SKIP() << "routed experts of this file cannot be streamed (see the log)";
+  }
+  auto run = [&](CudaDeepseek2& gpu, GpuExpertMode mode, Activations* logits) {
+    ASSERT_TRUE(gpu.SetExpertMode(mode).ok());
+    auto seq = gpu.AddSequence(128);
+    ASSERT_TRUE(seq.ok());
+    ASSERT_TRUE(gpu.Forward(prompt_, *seq, LogitsRows::kAll, logits).ok());
+    ASSERT_TRUE(gpu.FreeSequence(*seq).ok());
+  };
+  Activations cpu, all_gpu, split;
+  run(*gpu_, GpuExpertMode::kAllCpu, &cpu);
+  EXPECT_EQ(gpu_->expert_streamer()->stats().experts_computed, 0);
+  run(*gpu_, GpuExpertMode::kAllGpu, &all_gpu);
+  const int64_t computed = gpu_->expert_streamer()->stats().experts_computed;
+  EXPECT_GT(computed, 0);
+  ExpectAgree(CompareRows(all_gpu, cpu), "all routed experts on the GPU vs CPU", GetParam());
+  // A split: the CPU's per-expert time set to one expert's measured copy time
+  // plus a share of the GPU's fixed cost per layer, so that the cost model
+  // gives each side about half of the experts.
+  const ExpertCostModel& m = gpu_->expert_cost_model();
+  CudaModelOptions o = TestOptions();
+  o.experts.mode = GpuExpertMode::kAuto;
+  o.experts.min_batch_tokens = 1;
+  o.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
+                                  2e3 * m.gpu_layer_fixed_s / model_->hparams().n_expert;
+  o.experts.cpu_expert_per_token_us = 1e-3;
+  for (const bool prefetch : {false, true}) {
+    SCOPED_TRACE(prefetch ? "prefetch" : "no prefetch");
+    o.experts.prefetch = prefetch;
+    auto other = CudaDeepseek2::Create(*model_, o);
+    ASSERT_TRUE(other.ok()) << other.status();
+    run(**other, GpuExpertMode::kAuto, &split);
+    const GpuExpertStreamer::Stats& st = (*other)->expert_streamer()->stats();
+    std::printf("[ measured ] %s: split (prefetch %d): %lld experts on the GPU in %d MoE layers\n",
+                GetParam().c_str(), prefetch, static_cast<long long>(st.experts_computed),
+                model_->hparams().n_layer - model_->hparams().n_layer_dense_lead);
+    EXPECT_GT(st.experts_computed, 0);
+    EXPECT_LT(st.experts_computed, computed) << "the split gave the CPU nothing";
+    ExpectAgree(CompareRows(split, cpu), "CPU/GPU split vs CPU", GetParam());
+  }
+  // Off: no streamer; switching on is refused.
+  o.experts.mode = GpuExpertMode::kOff;
+  auto off = CudaDeepseek2::Create(*model_, o);
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_EQ((*off)->expert_streamer(), nullptr);
+  EXPECT_EQ((*off)->SetExpertMode(GpuExpertMode::kAllGpu).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaDeepseek2Test, ::testing::Values("bf16", "q8_0", "q4_k_m"));
 
 }  // namespace

@@ -1,0 +1,203 @@
+// File: runtime/gpu/gpu_experts.h
+//
+// Routed experts of MoE layers computed on the GPU from weights that stay in
+// host memory (the mapped GGUF file) and are streamed over PCIe per batch: the
+// large-batch prefill path of issue 7 (docs/gpu.md, "Routed experts on the
+// GPU"). For one layer, a set of experts, the batch's bf16 hidden state on the
+// device and the routing, the streamer
+//   * copies each expert's raw gate / up / down blocks into one of n_slots
+//     device slots on its own copy stream (only experts with >= 1 token,
+//     unless they were prefetched before the routing was known),
+//   * on the compute stream waits for that copy (event), dequantizes the
+//     blocks to bf16 (kernels/cuda/dequant.h), releases the slot (event),
+//     gathers the expert's tokens, runs gate/up (one GEMM), SiLU gate, down,
+//     and adds weight * output into an F32 accumulator at the tokens' rows,
+// with no host synchronisation inside the layer: copies of later experts
+// (and, through Prefetch, of the next layer's experts) run while earlier ones
+// are multiplied. Experts are processed one at a time in the given order on
+// one stream, so the sums are bitwise reproducible.
+//
+// Host memory: the expert tensors of every MoE layer are page-locked once at
+// creation (cudaHostRegister, read-only, over the mapped file ranges) so that
+// copies run at full PCIe speed straight from the mapping. When that fails (or
+// register_host_memory is off), each expert is first copied by a host callback
+// on the copy stream into one pinned bounce buffer, then to the device:
+// slower (a host memcpy per expert), said in the log (host_memory()).
+//
+//   KTX_ASSIGN_OR_RETURN(auto s, GpuExpertStreamer::Create(config, layers, stream));
+//   s->Prefetch(il, gpu_experts);           // optional, before the routing is known
+//   s->Compute(il, gpu_experts, routing, h_bf16, n_embd, x, n_embd);  // x += experts(h)
+//
+// Owns: the slots, dequantized-weight and work buffers (ExpertStreamLayout,
+// counted in the GPU memory plan), a copy stream, events, a cuBLAS handle on
+// the compute stream (borrowed), the host-memory registrations and a pinned
+// bounce buffer when used. Borrows the mapped tensors, which must outlive it.
+// Not thread-safe: one caller at a time, and the compute stream's other users
+// must order their work with it (same stream).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/common/tensor_type.h"
+#include "runtime/gpu/cuda_buffers.h"
+#include "runtime/gpu/expert_cost_model.h"
+#include "runtime/gpu/memory_plan.h"
+#include "runtime/models/deepseek2.h"
+#include "runtime/models/moe.h"
+
+namespace ktx::gpu {
+
+// One MoE layer's routed expert tensors in host memory, GGUF block layout:
+// expert e's gate rows (n_ff rows of n_embd) start at gate + e * n_ff *
+// gate_row_bytes, its up rows likewise, its down rows (n_embd rows of n_ff)
+// at down + e * n_embd * down_row_bytes. A layer with gate == nullptr has no
+// routed experts (dense).
+struct ExpertLayerTensors {
+  const uint8_t* gate = nullptr;
+  const uint8_t* up = nullptr;
+  const uint8_t* down = nullptr;
+  kernels::TensorType gate_type = kernels::TensorType::kF32;
+  kernels::TensorType up_type = kernels::TensorType::kF32;
+  kernels::TensorType down_type = kernels::TensorType::kF32;
+  int64_t gate_row_bytes = 0;
+  int64_t up_row_bytes = 0;
+  int64_t down_row_bytes = 0;
+
+  bool present() const { return gate != nullptr; }
+  // One expert's raw bytes, each part rounded up to 256 (its layout in a slot).
+  uint64_t ExpertSlotBytes(int64_t n_embd, int64_t n_ff) const;
+};
+
+// The layers of a Deepseek2 model (dense layers absent). InvalidArgument
+// naming the tensor when an expert tensor's type cannot be dequantized on the
+// GPU or its shape is not {n_embd, n_ff_exp, n_expert} / {n_ff_exp, n_embd, n_expert}.
+absl::StatusOr<std::vector<ExpertLayerTensors>> ExpertTensorsOf(
+    const models::Deepseek2Hparams& hp, const models::Deepseek2Weights& weights);
+
+struct GpuExpertStreamerConfig {
+  int64_t n_embd = 0;
+  int64_t n_ff = 0;  // n_ff_exp
+  int32_t n_expert = 0;
+  int32_t n_expert_used = 0;
+  int64_t max_tokens = 0;  // batch size bound (work buffers)
+  int32_t n_slots = 32;    // >= 2
+  bool register_host_memory = true;
+};
+
+enum class HostMemoryMode { kRegistered, kBounce };
+
+class GpuExpertStreamer {
+ public:
+  // `layers`: indexed by layer (absent entries for dense layers). Allocates
+  // ExpertStreamLayout::For(..) on the current device, page-locks the expert
+  // tensors (or sets up the bounce path), creates the copy stream and events.
+  static absl::StatusOr<std::unique_ptr<GpuExpertStreamer>> Create(
+      const GpuExpertStreamerConfig& config, std::vector<ExpertLayerTensors> layers,
+      cudaStream_t compute_stream);
+  ~GpuExpertStreamer();
+  GpuExpertStreamer(const GpuExpertStreamer&) = delete;
+  GpuExpertStreamer& operator=(const GpuExpertStreamer&) = delete;
+
+  const ExpertStreamLayout& layout() const { return layout_; }
+  HostMemoryMode host_memory() const { return host_memory_; }
+  const std::string& host_memory_note() const { return host_memory_note_; }
+  // The largest expert of any layer (raw bytes, slot layout), for the cost model.
+  uint64_t expert_bytes() const { return layout_.slot_bytes; }
+  ExpertShape shape() const { return {config_.n_embd, config_.n_ff, layout_.slot_bytes}; }
+
+  // Measures, blocking (both streams synchronised), the H2D rate of expert
+  // copies, the bf16 GEMM rate at expert shape and the fixed GPU time per
+  // expert, into the GPU fields of `model` (pcie_bytes_per_s, gpu_flops_per_s,
+  // gpu_expert_fixed_s). Uses the first MoE layer's first experts; must not
+  // run while copies are planned.
+  absl::Status Calibrate(ExpertCostModel* model);
+
+  // Plans the copies of layer il's `experts` (in this order) and starts as
+  // many as free slots allow; the rest start as Compute frees slots. The next
+  // Compute must be for layer il with these experts first.
+  absl::Status Prefetch(int il, std::span<const int32_t> experts);
+
+  // Enqueues on the compute stream: for every routing entry (t, k) whose
+  // expert is in `experts` (distinct ids),
+  //   acc[t, :] += weight(t, k) * expert(h[t, :])
+  // h: bf16 [routing.n_tokens, h_stride] (device); acc: F32 [n_tokens,
+  // acc_stride] (device). Experts with no token are not copied (unless
+  // prefetched) and not computed. Returns once everything is enqueued; the
+  // host-side routing may be reused then. FailedPrecondition when copies of
+  // another layer, or other experts, are planned first.
+  absl::Status Compute(int il, std::span<const int32_t> experts, const models::Routing& routing,
+                       const __nv_bfloat16* h, int64_t h_stride, float* acc, int64_t acc_stride);
+
+  // Drops planned copies and waits for both streams (after an error, or to
+  // cancel a prefetch).
+  absl::Status Reset();
+  bool idle() const { return queue_.empty(); }
+
+  struct Stats {
+    int64_t experts_copied = 0;
+    uint64_t bytes_copied = 0;
+    int64_t experts_computed = 0;
+    int64_t tokens_computed = 0;
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  struct Pending {
+    int il = 0;
+    int32_t expert = 0;
+    int slot = -1;  // -1: not issued yet
+  };
+
+  GpuExpertStreamer() = default;
+  absl::Status RegisterHostMemory();
+  absl::Status CheckExperts(int il, std::span<const int32_t> experts) const;
+  // Issues planned copies into free slots, in queue order.
+  absl::Status Issue();
+  absl::Status CopyExpert(int il, int32_t expert, int slot);
+  // Dequantizes slot's expert into w_gate_up_ / w_down_ on the compute stream.
+  absl::Status Dequantize(int il, int slot);
+  // The FFN of m gathered tokens (rows/weights: device, m entries) into acc.
+  absl::Status RunExpert(int64_t m, const int32_t* rows, const float* weights,
+                         const __nv_bfloat16* h, int64_t h_stride, float* acc, int64_t acc_stride);
+
+  GpuExpertStreamerConfig config_;
+  ExpertStreamLayout layout_;
+  std::vector<ExpertLayerTensors> layers_;
+  cudaStream_t compute_ = nullptr;  // borrowed
+  cudaStream_t copy_ = nullptr;     // owned
+  cublasHandle_t cublas_ = nullptr;
+  HostMemoryMode host_memory_ = HostMemoryMode::kBounce;
+  std::string host_memory_note_;
+  std::vector<void*> registered_;  // page-aligned starts passed to cudaHostRegister
+  DeviceBuffer slots_;             // raw blocks [n_slots][slot_bytes]
+  DeviceBuffer w_gate_up_;         // bf16 [2 * n_ff, n_embd]
+  DeviceBuffer w_down_;            // bf16 [n_embd, n_ff]
+  DeviceBuffer xg_;                // bf16 [T, n_embd]
+  DeviceBuffer gu_;                // F32 [T, 2 * n_ff]
+  DeviceBuffer act_;               // bf16 [T, n_ff]
+  DeviceBuffer y_;                 // F32 [T, n_embd]
+  DeviceBuffer entries_;           // I32 rows [T * K], then F32 weights [T * K]
+  DeviceBuffer cublas_workspace_;
+  PinnedBuffer pinned_entries_[2];  // host staging of entries_, alternating per Compute
+  cudaEvent_t entries_done_[2] = {nullptr, nullptr};
+  int entries_parity_ = 0;
+  PinnedBuffer bounce_;              // one expert's raw blocks (kBounce only)
+  std::vector<cudaEvent_t> copied_;  // per slot: its copy finished (copy stream)
+  std::vector<cudaEvent_t> freed_;   // per slot: its blocks were dequantized (compute stream)
+  std::vector<int> free_slots_;
+  std::deque<Pending> queue_;  // planned copies in order; issued ones first
+  Stats stats_;
+};
+
+}  // namespace ktx::gpu
