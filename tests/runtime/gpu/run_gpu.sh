@@ -8,12 +8,12 @@ export LD_LIBRARY_PATH=$here/lib:${LD_LIBRARY_PATH:-}${LD_LIBRARY_PATH:+:}/usr/l
 export KTX_LOG_LEVEL=warning
 { date -u; pwd; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; } 2>&1 | tee "$out/machine.txt"
 status=0
-for t in gpu_plan_test cuda_kernels_test cuda_deepseek2_test; do
+for t in gpu_plan_test expert_cost_model_test cuda_kernels_test gpu_experts_test cuda_deepseek2_test; do
   timeout 200 "$here/tests/$t" --gtest_brief=1 >"$out/$t.log" 2>&1; rc=$?
   [ $rc -ne 0 ] && status=1
   echo "== $t rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$t.log" | tr '\n' ' ')"
 done
-grep -h "measured" "$out"/cuda_deepseek2_test.log
+grep -h "measured" "$out"/cuda_deepseek2_test.log "$out"/gpu_experts_test.log
 grep -h -B2 -A12 "Failure" "$out"/*.log | head -100
 if [[ " $* " == *" sanitize "* ]]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -25,5 +25,10 @@ fi
 if [[ " $* " == *" bench "* ]]; then
   timeout 200 "$here/tests/gpu_benchmark" --benchmark_out="$out/gpu_benchmark.json" \
     --benchmark_out_format=json 2>&1 | tee "$out/gpu_benchmark.log" | grep -E "^BM_|^device"
+fi
+if [[ " $* " == *" experts "* ]]; then
+  # Routed experts streamed over PCIe (needs ~7 GB of host memory; ~1-2 min).
+  timeout 400 "$here/tests/gpu_experts_benchmark" --json "$out/gpu_experts_benchmark.json" 2>&1 \
+    | tee "$out/gpu_experts_benchmark.log"
 fi
 exit $status
