@@ -4,7 +4,9 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <memory>
 #include <set>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,9 +30,34 @@ namespace ktx::actors {
 namespace {
 
 enum Stage : int32_t {
-  kMoeReady = 1,    // the job stopped at a MoE layer: h and routing are ready
-  kSharedDone = 2,  // the shared experts of that layer are done
-  kStepDone = 3,    // Head and commits are done (or the step failed)
+  kMoeReady = 1,      // the job stopped at a MoE layer: h and routing are ready
+  kSharedDone = 2,    // the shared experts of that layer are done
+  kStepDone = 3,      // Head and commits are done (or the step failed)
+  kLateAttention = 4  // the job stopped after a layer's attention: deferred experts join here
+};
+
+constexpr int kJoinMoe = static_cast<int>(models::DeferJoin::kNextMoe);
+constexpr int kJoinAttention = static_cast<int>(models::DeferJoin::kNextAttention);
+
+// The deferred experts of one MoE layer (expert deferral, routing_policy.h):
+// made by the job that routed the layer, sent to the router by the actor
+// right after the layer's immediate experts, joined one layer later (per
+// DeferJoin) so that the shards compute them while the next layer's
+// attention runs. The job writes the routing before posting kMoeReady; the
+// actor writes sent/done/result/status; a job reads a result only after the
+// actor handed it over (done).
+struct LateWork {
+  int il = 0;                      // the deferring layer
+  int64_t n_rows = 0;              // rows of layer il's batch
+  std::vector<int64_t> row_begin;  // [slices] first batch row at layer il (-1: inactive)
+  models::Routing routing[2];      // [join] rows of layer il's batch; all-kNoExpert rows: none
+  int64_t entries[2] = {0, 0};     // [join] deferred (token, expert) entries
+  bool sent[2] = {false, false};
+  bool done[2] = {false, false};
+  bool joined[2] = {false, false};
+  MoeResult result[2];
+  absl::Status status[2];
+  bool pending() const { return (sent[0] && !joined[0]) || (sent[1] && !joined[1]); }
 };
 
 // The KV pool; shared with jobs so that a killed actor never frees rows a job
@@ -78,6 +105,18 @@ struct Step {
   bool shared_done = false;
   std::vector<int64_t> moe_shard_us;  // [n_shards] this layer's shard compute (actor writes)
   int64_t moe_shared_us = 0;          // this layer's shared experts (shared job writes)
+
+  // Routing policies: some slice brings its own, or the model has one (the
+  // batch is then routed full and the policies applied per slice); one of
+  // them defers experts.
+  bool any_policy = false;
+  bool may_defer = false;
+  std::shared_ptr<LateWork> late_made;                 // the job -> the actor at kMoeReady
+  std::vector<std::shared_ptr<LateWork>> late_flight;  // actor only: sent, not yet joined
+  bool waiting_late_attention = false;                 // actor only
+  int late_join_attention_il = -1;  // jobs: deferred experts join after this layer's attention
+  int late_join_moe_il = -1;        // jobs: deferred experts join this MoE layer's output
+  int attention_done_il = -1;       // jobs: this layer's attention ran (resuming after a join)
 
   std::chrono::steady_clock::time_point start;
   // Stage timings (actors/profile.h): jobs write their stage's fields, the
@@ -132,6 +171,88 @@ void Post(const attention_actor& me, uint64_t step, Stage stage) {
   caf::anon_send(me, stage_atom::value, step, static_cast<int32_t>(stage));
 }
 
+// The batch's routing policies: one range per active slice.
+std::vector<models::RowPolicy> RowPolicies(const Step& st) {
+  std::vector<models::RowPolicy> rows;
+  for (int s : st.active) {
+    const int64_t n = static_cast<int64_t>(st.slices[s].tokens.size());
+    rows.push_back({st.row_begin[s], st.row_begin[s] + n, st.slices[s].routing_policy.get()});
+  }
+  return rows;
+}
+
+// Routes MoE layer il into step->routing under the slices' policies; moves
+// deferred entries into step->late_made.
+absl::Status RouteLayer(const models::Deepseek2Model& model, int il, const models::Activations& h,
+                        const std::shared_ptr<Step>& step) {
+  Step& st = *step;
+  const models::Deepseek2Hparams& hp = model.hparams();
+  if (!st.any_policy) return model.Route(il, h, &st.routing);
+  // Full routing, then each slice's policy (the one function the attention
+  // actors share, routing_policy.h).
+  const models::RoutingPolicy* full[] = {models::FullRoutingPolicy()};
+  KTX_RETURN_IF_ERROR(model.Route(il, h, full, &st.routing));
+  const std::vector<models::RowPolicy> rows = RowPolicies(st);
+  models::ApplyRoutingPolicies(hp.routing(), il, rows, model.routing_policy(), &st.routing);
+  if (!st.may_defer) return absl::OkStatus();
+  auto late = std::make_shared<LateWork>();
+  const models::DeferredCount count = models::SplitDeferredRows(
+      il, hp.n_layer, rows, model.routing_policy(), &st.routing, late->routing);
+  if (count.total() == 0) return absl::OkStatus();
+  if (!hp.IsMoeLayer(il + 1)) {
+    return absl::InternalError(
+        absl::StrCat("expert deferral: layer ", il + 1, " after deferring layer ", il,
+                     " is dense (the actor runtime joins deferred experts at MoE layers)"));
+  }
+  late->il = il;
+  late->n_rows = st.n_rows;
+  late->row_begin.assign(st.slices.size(), -1);
+  for (int s : st.active) late->row_begin[s] = st.row_begin[s];
+  for (int j = 0; j < 2; ++j) late->entries[j] = count.entries[j];
+  if (count.entries[kJoinAttention] > 0) st.late_join_attention_il = il + 1;
+  if (count.entries[kJoinMoe] > 0) st.late_join_moe_il = il + 1;
+  st.late_made = std::move(late);
+  return absl::OkStatus();
+}
+
+// The deferred result of `join` as rows of the current batch, F32 [n_rows,
+// n_embd] (partials summed in double, in the router's fixed order); rows the
+// router could not serve fail their slices.
+void PlaceLate(const LateWork& late, int join, int64_t n_embd, Step* step,
+               models::Activations* out) {
+  Step& st = *step;
+  const MoeResult& result = late.result[join];
+  auto slice_of = [&](int64_t row) {
+    for (int s : st.active) {
+      const int64_t b = late.row_begin[s];
+      if (b >= 0 && row >= b && row < b + static_cast<int64_t>(st.slices[s].tokens.size())) {
+        return s;
+      }
+    }
+    return -1;
+  };
+  for (int32_t row : result.failed_rows) {
+    const int s = slice_of(row);
+    if (s >= 0 && st.status[s].ok()) st.status[s] = ToStatus(result.code, result.message);
+  }
+  const int64_t n_late = late.n_rows;
+  std::vector<double> acc(static_cast<size_t>(n_late * n_embd), 0.0);
+  for (const PlacedPartial& p : result.parts) {
+    for (size_t j = 0; j < p.rows.size(); ++j) {
+      const float* src = p.partial->row(static_cast<int64_t>(j));
+      double* dst = acc.data() + static_cast<int64_t>(p.rows[j]) * n_embd;
+      for (int64_t c = 0; c < n_embd; ++c) dst[c] += src[c];
+    }
+  }
+  out->Resize(st.n_rows, n_embd);
+  for (int s : st.active) {
+    const int64_t n = static_cast<int64_t>(st.slices[s].tokens.size());
+    const double* src = acc.data() + late.row_begin[s] * n_embd;
+    float* dst = out->row(st.row_begin[s]);
+    for (int64_t i = 0; i < n * n_embd; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
 // Runs layers from step->il until a MoE layer needs the router (posts
 // kMoeReady) or the model is done (Head, commits; posts kStepDone).
 void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
@@ -150,13 +271,22 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
     const int il = st.il;
     LayerTiming& timing = st.prof.layers[il];
     Clock::time_point t0 = Clock::now();
-    tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
-      const int s = st.active[i];
-      absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
-      if (!status.ok()) st.status[s] = std::move(status);
-    });
-    DropFailed(st);
-    timing.attention_us += MicrosSince(t0);
+    if (st.attention_done_il != il) {
+      tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
+        const int s = st.active[i];
+        absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
+        if (!status.ok()) st.status[s] = std::move(status);
+      });
+      DropFailed(st);
+      timing.attention_us += MicrosSince(t0);
+      st.attention_done_il = il;
+      if (st.active.empty()) break;
+      if (st.late_join_attention_il == il) {
+        // Deferred experts of layer il - 1 join right after this attention.
+        Post(me, st.step, kLateAttention);
+        return;
+      }
+    }
     if (st.active.empty()) break;
     t0 = Clock::now();
     models::Activations x, h;
@@ -180,7 +310,7 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
       continue;
     }
     t0 = Clock::now();
-    st.fatal = model.Route(il, h, &st.routing);
+    st.fatal = RouteLayer(model, il, h, step);
     timing.gate_us += MicrosSince(t0);
     if (!st.fatal.ok()) break;
     {
@@ -227,7 +357,7 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
 
 // x += Σ routed partials (fixed order) + shared; then on to the next layer.
 void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
-                        const attention_actor& me) {
+                        const attention_actor& me, std::shared_ptr<const LateWork> late) {
   const models::Deepseek2Model& model = *core->model;
   Step& st = *step;
   const Clock::time_point t0 = Clock::now();
@@ -265,8 +395,15 @@ void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr
     for (size_t i = 0; i < acc.size(); ++i) summed.data()[i] = static_cast<float>(acc[i]);
     routed = &summed;
   }
-  const models::Activations* all_parts[] = {routed, &st.shared};
-  st.fatal = model.Combine(all_parts, &st.x);
+  // Deferred experts of the previous layer joining this layer's output (as
+  // Deepseek2Model::Forward: x += routed + shared + deferred).
+  models::Activations late_part;
+  if (late != nullptr) {
+    PlaceLate(*late, kJoinMoe, n_embd, &st, &late_part);
+    st.late_join_moe_il = -1;
+  }
+  const models::Activations* all_parts[] = {routed, &st.shared, &late_part};
+  st.fatal = model.Combine(std::span(all_parts, late != nullptr ? 3 : 2), &st.x);
   if (!st.fatal.ok()) {
     Post(me, st.step, kStepDone);
     return;
@@ -289,6 +426,28 @@ void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr
   st.h_experts.reset();
   st.moe = MoeResult();
   st.il++;
+  DropFailed(st);
+  RunLayers(core, step, me);
+}
+
+// x += the deferred experts of the previous layer (join next_attention),
+// then on with this layer's FFN.
+void JoinLateAttention(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
+                       const attention_actor& me, std::shared_ptr<const LateWork> late) {
+  const models::Deepseek2Model& model = *core->model;
+  Step& st = *step;
+  const int64_t n_embd = model.n_embd();
+  models::Activations late_part, x;
+  PlaceLate(*late, kJoinAttention, n_embd, &st, &late_part);
+  Gather(st, n_embd, &x);
+  const models::Activations* parts[] = {&late_part};
+  st.fatal = model.Combine(parts, &x);
+  if (!st.fatal.ok()) {
+    Post(me, st.step, kStepDone);
+    return;
+  }
+  Scatter(x, &st);
+  st.late_join_attention_il = -1;
   DropFailed(st);
   RunLayers(core, step, me);
 }
@@ -354,20 +513,119 @@ void FinishStep(AttentionPointer self) {
   }
 }
 
+// The in-flight deferred work of layer il that joins at `join` (null: none).
+std::shared_ptr<LateWork> FindLate(Step& step, int il, int join) {
+  for (const std::shared_ptr<LateWork>& late : step.late_flight) {
+    if (late->il == il && late->sent[join] && !late->joined[join]) return late;
+  }
+  return nullptr;
+}
+
+// Marks `join` of `late` as handed to a job; forgets works with nothing left.
+void Consume(Step& step, const std::shared_ptr<LateWork>& late, int join) {
+  late->joined[join] = true;
+  if (!late->pending()) {
+    std::erase_if(step.late_flight, [](const auto& l) { return !l->pending(); });
+  }
+}
+
 void MaybeCombine(AttentionPointer self) {
   AttentionState& st = self->state;
   std::shared_ptr<Step> step = st.current;
   if (!step->moe_done || !step->shared_done) return;
+  // Deferred experts of the previous layer that join this layer's output.
+  std::shared_ptr<LateWork> late = FindLate(*step, step->il - 1, kJoinMoe);
+  if (late != nullptr && !late->done[kJoinMoe]) return;
   step->moe_done = false;
   step->shared_done = false;
   if (!step->moe_status.ok()) step->fatal = step->moe_status;
   if (!step->shared_status.ok()) step->fatal = step->shared_status;
+  if (late != nullptr) {
+    Consume(*step, late, kJoinMoe);
+    if (!late->status[kJoinMoe].ok()) step->fatal = late->status[kJoinMoe];
+  }
   if (!step->fatal.ok()) {
     FinishStep(self);
     return;
   }
   attention_actor me = caf::actor_cast<attention_actor>(self);
-  st.config.arena->Submit([core = st.core, step, me] { CombineAndContinue(core, step, me); });
+  st.config.arena->Submit([core = st.core, step, me, late = std::shared_ptr<const LateWork>(late)] {
+    CombineAndContinue(core, step, me, late);
+  });
+}
+
+// After a layer's attention (kLateAttention): once the previous layer's
+// deferred experts (join next_attention) are back, a job adds them and goes
+// on with the layer.
+void MaybeJoinAttention(AttentionPointer self) {
+  AttentionState& st = self->state;
+  std::shared_ptr<Step> step = st.current;
+  if (!step->waiting_late_attention) return;
+  std::shared_ptr<LateWork> late = FindLate(*step, step->il - 1, kJoinAttention);
+  if (late == nullptr) {
+    step->waiting_late_attention = false;
+    step->fatal = absl::InternalError(absl::StrCat(
+        "expert deferral: layer ", step->il, " waits for deferred experts that were never sent"));
+    FinishStep(self);
+    return;
+  }
+  if (!late->done[kJoinAttention]) return;
+  step->waiting_late_attention = false;
+  Consume(*step, late, kJoinAttention);
+  if (!late->status[kJoinAttention].ok()) {
+    step->fatal = late->status[kJoinAttention];
+    FinishStep(self);
+    return;
+  }
+  attention_actor me = caf::actor_cast<attention_actor>(self);
+  st.config.arena->Submit([core = st.core, step, me, late = std::shared_ptr<const LateWork>(late)] {
+    JoinLateAttention(core, step, me, late);
+  });
+}
+
+// Sends the deferred experts the job made at this MoE layer (right after the
+// layer's immediate experts, so the shards compute them while the next
+// layer's attention runs).
+void SendLate(AttentionPointer self, const Tensor& h) {
+  AttentionState& st = self->state;
+  std::shared_ptr<Step> step = st.current;
+  std::shared_ptr<LateWork> late = std::move(step->late_made);
+  step->late_made.reset();
+  if (late == nullptr) return;
+  const uint64_t step_id = step->step;
+  for (int j = 0; j < 2; ++j) {
+    if (late->entries[j] == 0) continue;
+    MoeWork work;
+    work.il = late->il;
+    work.h = h;
+    work.n_expert_used = late->routing[j].n_expert_used;
+    work.expert_ids = std::move(late->routing[j].expert_ids);
+    work.weights = std::move(late->routing[j].weights);
+    late->routing[j].expert_ids.clear();
+    late->routing[j].weights.clear();
+    late->sent[j] = true;
+    const int il = late->il;
+    auto on_done = [self, step_id, late, j](absl::Status status, MoeResult result) {
+      if (late->done[j]) return;
+      late->done[j] = true;
+      late->status[j] = std::move(status);
+      late->result[j] = std::move(result);
+      AttentionState& st = self->state;
+      if (!st.current || st.current->step != step_id) return;
+      MaybeJoinAttention(self);
+      if (st.current && st.current->step == step_id) MaybeCombine(self);
+    };
+    self->request(st.config.router, caf::infinite, moe_atom::value, std::move(work))
+        .then([on_done](MoeResult& result) { on_done(absl::OkStatus(), std::move(result)); },
+              [on_done, il](caf::error& error) {
+                const absl::Status inner = FromCafError(error);
+                on_done(
+                    absl::Status(inner.code(), absl::StrCat("router, deferred experts of layer ",
+                                                            il, ": ", inner.message())),
+                    MoeResult());
+              });
+  }
+  step->late_flight.push_back(std::move(late));
 }
 
 void OnMoeReady(AttentionPointer self) {
@@ -387,6 +645,7 @@ void OnMoeReady(AttentionPointer self) {
   MoeWork work;
   work.il = step->il;
   work.h = Tensor(step->h_experts ? step->h_experts : step->h);
+  const Tensor h_experts = work.h;
   work.n_expert_used = step->routing.n_expert_used;
   work.expert_ids = std::move(step->routing.expert_ids);
   work.weights = std::move(step->routing.weights);
@@ -423,6 +682,7 @@ void OnMoeReady(AttentionPointer self) {
             st.current->moe_done = true;
             MaybeCombine(self);
           });
+  SendLate(self, h_experts);
   // The shared experts run on the attention arena while the shards work.
   st.config.arena->Submit([core = st.core, step, me] {
     const Clock::time_point t0 = Clock::now();
@@ -491,6 +751,17 @@ void Start(AttentionPointer self, StepRequest request,
     step->active.push_back(static_cast<int>(s));
   }
   Recount(*step);
+  {
+    const models::RoutingPolicy* model_policy = st.core->model->routing_policy();
+    step->any_policy = model_policy != nullptr;
+    step->may_defer = model_policy != nullptr && model_policy->HasDeferral();
+    for (int s : step->active) {
+      const models::RoutingPolicy* p = step->slices[s].routing_policy.get();
+      if (p == nullptr) continue;
+      step->any_policy = true;
+      step->may_defer = step->may_defer || p->HasDeferral();
+    }
+  }
   step->prof.n_rows = step->n_rows;
   step->prof.layers.resize(static_cast<size_t>(st.core->model->hparams().n_layer));
   for (LayerTiming& layer : step->prof.layers) {
@@ -515,6 +786,17 @@ attention_actor::behavior_type AttentionBehavior(AttentionPointer self, Attentio
     AttentionState& st = self->state;
     if (msg.source != caf::actor_cast<caf::actor_addr>(st.config.router)) return;
     st.router_down = caf::to_string(msg.reason);
+    if (st.current) {
+      for (const std::shared_ptr<LateWork>& late : st.current->late_flight) {
+        for (int j = 0; j < 2; ++j) {
+          if (!late->sent[j] || late->done[j]) continue;
+          late->done[j] = true;
+          late->status[j] =
+              absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"));
+        }
+      }
+      MaybeJoinAttention(self);
+    }
     if (st.current && st.waiting_moe) {
       st.waiting_moe = false;
       st.current->moe_status =
@@ -565,6 +847,10 @@ attention_actor::behavior_type AttentionBehavior(AttentionPointer self, Attentio
             MaybeCombine(self);
             break;
           case kStepDone: FinishStep(self); break;
+          case kLateAttention:
+            st.current->waiting_late_attention = true;
+            MaybeJoinAttention(self);
+            break;
           default: break;
         }
       },

@@ -34,8 +34,37 @@
 namespace ktx::actors {
 namespace {
 
-GenerateJob MakeJob(uint64_t id, const GenerateRequest& request) {
+// The request's routing policy, parsed and checked against the model.
+absl::StatusOr<PolicyRef> ResolvePolicy(uint64_t id, const GenerateRequest& request,
+                                        const models::Deepseek2Model& model) {
+  PolicyRef ref;
+  auto field_error = [id](const absl::Status& status) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request ", id, ": routing_policy: ", status.message()));
+  };
+  if (!request.routing_policy_text.empty() && request.routing_policy != nullptr) {
+    return field_error(absl::InvalidArgumentError(
+        "give the text form (routing_policy_text) or a parsed policy, not both"));
+  }
+  if (!request.routing_policy_text.empty()) {
+    absl::StatusOr<models::RoutingPolicy> parsed =
+        models::RoutingPolicy::Parse(request.routing_policy_text);
+    if (!parsed.ok()) return field_error(parsed.status());
+    ref.policy = std::make_shared<const models::RoutingPolicy>(std::move(*parsed));
+  } else {
+    ref.policy = request.routing_policy;
+  }
+  if (ref.policy != nullptr) {
+    const models::Deepseek2Hparams& hp = model.hparams();
+    const absl::Status valid = ref.policy->Validate(hp.n_layer, hp.n_expert_used);
+    if (!valid.ok()) return field_error(valid);
+  }
+  return ref;
+}
+
+GenerateJob MakeJob(uint64_t id, const GenerateRequest& request, PolicyRef policy) {
   GenerateJob job;
+  job.routing_policy = std::move(policy);
   job.id = id;
   job.prompt = request.prompt;
   job.sampling = request.sampling;
@@ -377,8 +406,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   caf::scoped_actor self{*impl_->system};
   const uint64_t id = impl_->next_id.fetch_add(1);
   const scheduler_actor& scheduler = impl_->scheduler;
+  KTX_ASSIGN_OR_RETURN(PolicyRef policy, ResolvePolicy(id, request, *impl_->model));
   self->monitor(scheduler);
-  self->send(scheduler, generate_atom::value, MakeJob(id, request),
+  self->send(scheduler, generate_atom::value, MakeJob(id, request, std::move(policy)),
              caf::actor_cast<token_sink_actor>(self));
   bool done = false;
   bool cancelled = false;
@@ -405,16 +435,24 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
 uint64_t Engine::GenerateAsync(const GenerateRequest& request, TokenCallback on_token,
                                DoneCallback on_done) {
   const uint64_t id = impl_->next_id.fetch_add(1);
+  absl::StatusOr<PolicyRef> policy = ResolvePolicy(id, request, *impl_->model);
+  if (!policy.ok()) {
+    if (on_done) on_done(policy.status());
+    return id;
+  }
   token_sink_actor sink = impl_->system->spawn(AsyncSink, impl_->scheduler, id, std::move(on_token),
                                                std::move(on_done));
-  caf::anon_send(impl_->scheduler, generate_atom::value, MakeJob(id, request), sink);
+  caf::anon_send(impl_->scheduler, generate_atom::value, MakeJob(id, request, std::move(*policy)),
+                 sink);
   return id;
 }
 
 void Engine::Cancel(uint64_t id) { caf::anon_send(impl_->scheduler, cancel_atom::value, id); }
 
-absl::StatusOr<models::Activations> Engine::Logits(std::span<const int32_t> tokens) {
+absl::StatusOr<models::Activations> Engine::Logits(
+    std::span<const int32_t> tokens, std::shared_ptr<const models::RoutingPolicy> policy) {
   GenerateRequest request;
+  request.routing_policy = std::move(policy);
   request.prompt.assign(tokens.begin(), tokens.end());
   request.max_tokens = 0;
   request.stop_at_eos = false;
@@ -467,6 +505,7 @@ absl::StatusOr<RouterCounters> Engine::RouterStats() {
             c.rerouted_parts = stats.rerouted_parts;
             c.failed_rows = stats.failed_rows;
             c.compute_us = stats.compute_us;
+            c.entries_sent = stats.entries_sent;
             out = std::move(c);
           },
           [&](caf::error& error) { out = FromCafError(error); });

@@ -155,6 +155,16 @@ struct GenerateRequest {
   bool stop_at_eos = true;  // also stop at the tokenizer's EOS / EOT
   ReturnLogits return_logits = ReturnLogits::kNone;
   std::chrono::milliseconds deadline{0};  // 0: none
+  // This request's routing policy (runtime/models/routing_policy.h,
+  // docs/experts.md): the text form (`--policy`: "top_k=6",
+  // "mass=0.8,min_k=2;layers=3-10,defer=1") or a parsed policy, not both.
+  // Validated against the model when the request is submitted
+  // (InvalidArgument naming `routing_policy`). Neither: the model's policy
+  // (Deepseek2Model::SetRoutingPolicy), if any; "full" runs the model's
+  // routing even where the model has a policy. Requests with different
+  // policies share steps: each row is routed under its own request's policy.
+  std::string routing_policy_text;
+  std::shared_ptr<const models::RoutingPolicy> routing_policy;
 };
 
 struct GenerateResult {
@@ -212,6 +222,9 @@ struct RouterCounters {
   int64_t rerouted_parts = 0;
   int64_t failed_rows = 0;
   std::vector<int64_t> compute_us;  // [n_shards] the shards' compute time, summed
+  // [n_shards] (token, expert) entries sent per shard: expert evaluations
+  // (routing policies lower them; kNoExpert padding is never sent).
+  std::vector<int64_t> entries_sent;
 };
 
 // One shard as built (Engine::ShardInfos).
@@ -237,7 +250,8 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Blocks until the request ends. Errors: the request's validation
-  // (InvalidArgument, ResourceExhausted when it can never fit the KV budget),
+  // (InvalidArgument, also for a routing policy the model cannot run;
+  // ResourceExhausted when it can never fit the KV budget),
   // CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE naming a shard that is down.
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const TokenCallback& on_token = {});
@@ -250,8 +264,11 @@ class Engine {
   void Cancel(uint64_t id);
 
   // Logits of every position of `tokens` as one fresh sequence (prefilled in
-  // chunks through the scheduler): F32 [n_tokens, n_vocab].
-  absl::StatusOr<models::Activations> Logits(std::span<const int32_t> tokens);
+  // chunks through the scheduler): F32 [n_tokens, n_vocab]. `policy`: the
+  // request's routing policy (GenerateRequest::routing_policy).
+  absl::StatusOr<models::Activations> Logits(
+      std::span<const int32_t> tokens,
+      std::shared_ptr<const models::RoutingPolicy> policy = nullptr);
 
   absl::StatusOr<KvCacheStats> KvStats();
   absl::StatusOr<std::vector<StepRecord>> StepLog();

@@ -34,6 +34,7 @@
 #include "caf/meta/type_name.hpp"
 #include "caf/type_id.hpp"
 #include "runtime/models/activations.h"
+#include "runtime/models/routing_policy.h"
 #include "runtime/sampler/sampler.h"
 
 namespace ktx::actors {
@@ -88,6 +89,32 @@ typename Inspector::result_type inspect(Inspector& f, Tensor& x) {
       x = Tensor::Wrap(std::move(a));
     } else {
       x = Tensor();
+    }
+    return result;
+  }
+}
+
+// A request's routing policy (routing_policy.h), shared and immutable like
+// Tensor; null: the model's policy. `inspect` carries its text form
+// (RoutingPolicy::ToString / Parse).
+struct PolicyRef {
+  std::shared_ptr<const models::RoutingPolicy> policy;
+  const models::RoutingPolicy* get() const { return policy.get(); }
+  bool empty() const { return policy == nullptr; }
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, PolicyRef& x) {
+  if constexpr (Inspector::reads_state) {
+    std::string text = x.policy ? x.policy->ToString() : std::string();
+    return f(caf::meta::type_name("ktx::actors::PolicyRef"), text);
+  } else {
+    std::string text;
+    auto result = f(caf::meta::type_name("ktx::actors::PolicyRef"), text);
+    x.policy.reset();
+    if (!text.empty()) {
+      absl::StatusOr<models::RoutingPolicy> parsed = models::RoutingPolicy::Parse(text);
+      if (parsed.ok()) x.policy = std::make_shared<const models::RoutingPolicy>(*parsed);
     }
     return result;
   }
@@ -195,12 +222,15 @@ struct RouterStats {
   int64_t rerouted_parts = 0;       // parts re-sent to a replica after a failure
   int64_t failed_rows = 0;          // rows answered without output
   std::vector<int64_t> compute_us;  // [n_shards] Σ ExpertPartial::compute_us of answered parts
+  // [n_shards] (row, expert) entries dispatched per shard: expert evaluations
+  // asked for (kNoExpert padding never counts; re-sent parts count again).
+  std::vector<int64_t> entries_sent;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, RouterStats& x) {
   return f(caf::meta::type_name("ktx::actors::RouterStats"), x.parts_sent, x.alive, x.requests,
-           x.rerouted_parts, x.failed_rows, x.compute_us);
+           x.rerouted_parts, x.failed_rows, x.compute_us, x.entries_sent);
 }
 
 // ---- scheduler -> attention ----
@@ -211,12 +241,14 @@ struct StepSlice {
   int64_t new_capacity = 0;     // > 0: allocate the sequence's KV with this many tokens first
   std::vector<int32_t> tokens;  // appended at positions kv.length() ...
   int32_t logits = 0;           // SliceLogits
+  // The request's routing policy (validated at submit); null: the model's.
+  PolicyRef routing_policy;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, StepSlice& x) {
   return f(caf::meta::type_name("ktx::actors::StepSlice"), x.seq, x.new_capacity, x.tokens,
-           x.logits);
+           x.logits, x.routing_policy);
 }
 
 struct StepRequest {
@@ -278,6 +310,7 @@ struct GenerateJob {
   bool stop_at_eos = true;    // also stop at the tokenizer's EOS / EOT (when one is known)
   int32_t return_logits = 0;  // ReturnLogits
   int64_t deadline_ms = 0;    // 0: none; else fail with DEADLINE_EXCEEDED after this long
+  PolicyRef routing_policy;   // validated by the Engine; null: the model's policy
 };
 
 // ADL for SamplingParams lives in its namespace; see below.
@@ -363,7 +396,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, GenerateJob& x) {
   return f(caf::meta::type_name("ktx::actors::GenerateJob"), x.id, x.prompt, x.sampling,
            x.max_tokens, x.stop_strings, x.stop_token_ids, x.stop_at_eos, x.return_logits,
-           x.deadline_ms);
+           x.deadline_ms, x.routing_policy);
 }
 }  // namespace ktx::actors
 

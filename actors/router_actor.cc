@@ -18,6 +18,7 @@
 #include "caf/typed_event_based_actor.hpp"
 #include "caf/typed_response_promise.hpp"
 #include "runtime/base/logging.h"
+#include "runtime/models/moe.h"
 
 namespace ktx::actors {
 namespace {
@@ -150,7 +151,7 @@ void OnPartFailure(RouterPointer self, uint64_t call_id, size_t part_index,
     for (int32_t row : failed.rows) {
       for (int k = 0; k < k_used; ++k) {
         const int32_t e = call.work.expert_ids[static_cast<size_t>(row) * k_used + k];
-        if (!failed.mask[e]) continue;
+        if (e == models::kNoExpert || !failed.mask[e]) continue;
         const int s = assign[e];
         auto [pos, inserted] = new_parts.emplace(s, call.parts.size());
         if (inserted) {
@@ -291,6 +292,7 @@ void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
   work.expert_mask = p.mask;
   st.load[p.shard] += p.entries;
   st.stats.parts_sent[p.shard]++;
+  st.stats.entries_sent[p.shard] += p.entries;
   call.outstanding++;
   p.deadline = std::chrono::steady_clock::now() + st.config.shard_deadline;
   const int shard = p.shard;
@@ -325,9 +327,10 @@ caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWo
         work.weights.size(), " weights for ", k_used, " experts per token"));
   } else {
     for (int32_t e : work.expert_ids) {
-      if (e < 0 || e >= n_expert) {
+      if ((e < 0 || e >= n_expert) && e != models::kNoExpert) {
         invalid = absl::InvalidArgumentError(
-            absl::StrCat("router: layer ", il, ": expert id ", e, " outside [0, ", n_expert, ")"));
+            absl::StrCat("router: layer ", il, ": expert id ", e, " outside [0, ", n_expert,
+                         ") and not kNoExpert (", models::kNoExpert, ")"));
         break;
       }
     }
@@ -344,7 +347,9 @@ caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWo
   call.row_failed.assign(static_cast<size_t>(n), 0);
 
   std::vector<int64_t> count(n_expert, 0);
-  for (int32_t e : work.expert_ids) count[e]++;
+  for (int32_t e : work.expert_ids) {
+    if (e != models::kNoExpert) count[e]++;
+  }
   std::vector<int> assign(n_expert, -1);
   std::vector<int64_t> extra(st.config.shards.size(), 0);
   const std::vector<int> none;
@@ -357,7 +362,7 @@ caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWo
   for (int64_t t = 0; t < n; ++t) {
     for (int k = 0; k < k_used; ++k) {
       const int32_t e = work.expert_ids[t * k_used + k];
-      if (assign[e] >= 0) continue;
+      if (e == models::kNoExpert || assign[e] >= 0) continue;
       call.row_failed[t] = 1;
       if (call.code == 0) {
         std::vector<std::string> holders;
@@ -378,6 +383,7 @@ caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWo
     if (call.row_failed[t]) continue;
     for (int k = 0; k < k_used; ++k) {
       const int32_t e = work.expert_ids[t * k_used + k];
+      if (e == models::kNoExpert) continue;  // routing-policy padding: no work anywhere
       const int s = assign[e];
       if (part_of_shard[s] < 0) {
         part_of_shard[s] = static_cast<int>(call.parts.size());
@@ -408,6 +414,7 @@ router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig conf
   st.down_reason.assign(n_shards, "");
   st.load.assign(n_shards, 0);
   st.stats.parts_sent.assign(n_shards, 0);
+  st.stats.entries_sent.assign(n_shards, 0);
   st.stats.compute_us.assign(n_shards, 0);
   for (const expert_shard_actor& shard : st.config.shards) self->monitor(shard);
   self->set_down_handler([self](caf::down_msg& msg) {

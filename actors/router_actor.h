@@ -12,6 +12,12 @@
 // without replicas results are bit-reproducible, with replicas they may differ
 // by float rounding.)
 //
+// Routing-policy padding (models::kNoExpert entries, routing_policy.h):
+// those entries select no expert, so no shard receives work for them; a row
+// whose entries are all kNoExpert is in no part, and the attention actor
+// adds a zero partial for it without any shard call. MoeWork of any width
+// K >= 1 is accepted (reduced top-k rows are narrower than the model's K).
+//
 // Failures never hang a request:
 //  - every ExpertWork has a deadline (shard_deadline), enforced by a sweep
 //    that runs every shard_deadline / 8 (1..250 ms) while work is out (not by

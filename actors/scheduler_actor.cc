@@ -205,6 +205,7 @@ void MaybeStep(SchedulerPointer self) {
     slice.seq = id;
     slice.tokens = {r.next_token};
     slice.logits = static_cast<int32_t>(SliceLogits::kLast);
+    slice.routing_policy = r.job.routing_policy;
     request.slices.push_back(std::move(slice));
     st.in_step[id] = SliceInfo{false, 1};
     r.in_step = true;
@@ -233,6 +234,7 @@ void MaybeStep(SchedulerPointer self) {
       want = SliceLogits::kLast;
     }
     slice.logits = static_cast<int32_t>(want);
+    slice.routing_policy = r.job.routing_policy;
     request.slices.push_back(std::move(slice));
     st.in_step[id] = SliceInfo{true, chunk};
     r.in_step = true;

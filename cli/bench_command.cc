@@ -84,6 +84,7 @@ absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const st
 }
 
 absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options, bool fast,
+                           std::shared_ptr<const models::RoutingPolicy> policy,
                            const nlohmann::json& topology_json);
 
 absl::Status RunBench(const BenchFlags& flags) {
@@ -114,10 +115,6 @@ absl::Status RunBench(const BenchFlags& flags) {
   KTX_ASSIGN_OR_RETURN(std::shared_ptr<const models::RoutingPolicy> policy,
                        ParsePolicyFlag(flags.policy));
   if (!flags.topology.empty() || flags.shards != 0) {
-    if (policy != nullptr) {
-      // TODO(lead): the actor bench could set the policy on its model like `run --topology`.
-      return absl::UnimplementedError("--policy is not supported with --topology/--shards yet");
-    }
     if (!flags.topology.empty() && flags.shards != 0) {
       return absl::InvalidArgumentError("give --topology or --shards, not both");
     }
@@ -131,7 +128,7 @@ absl::Status RunBench(const BenchFlags& flags) {
     }
     auto source = topology::SystemHardwareSource();
     absl::StatusOr<topology::HardwareTopology> hw = topology::DiscoverHardware(*source);
-    return RunActorBench(flags, std::move(options), fast,
+    return RunActorBench(flags, std::move(options), fast, std::move(policy),
                          hw.ok() ? nlohmann::json::parse(topology::HardwareTopologyToJson(*hw))
                                  : nlohmann::json{{"error", std::string(hw.status().message())}});
   }
@@ -220,6 +217,7 @@ absl::Status RunBench(const BenchFlags& flags) {
 
 // The benchmark through the actor runtime (actors/actor_bench.h).
 absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options, bool fast,
+                           std::shared_ptr<const models::RoutingPolicy> policy,
                            const nlohmann::json& topology_json) {
   actors::EngineOptions engine_options;
   if (!flags.topology.empty()) {
@@ -241,6 +239,9 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
                        models::Deepseek2Model::Open(flags.model));
   const double open_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The model's policy routes every sequence (the attention actor applies it
+  // per row; deferred experts overlap the next layer: docs/experts.md).
+  KTX_RETURN_IF_ERROR(model->SetRoutingPolicy(policy));
   KTX_RETURN_IF_ERROR(actors::PrepareEngineOptionsForBench(options, *model, &engine_options));
   KTX_ASSIGN_OR_RETURN(std::unique_ptr<actors::Engine> engine,
                        actors::Engine::Create(std::move(model), engine_options));
@@ -256,6 +257,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     r.bench.load["load_seconds"] = load_s;
     r.bench.load["repack_seconds"] = load_s - open_s;  // Engine::Create, shards in parallel
     r.bench.machine["topology"] = topology_json;
+    r.bench.model["routing_policy"] = policy != nullptr ? policy->ToString() : "full";
     return r;
   };
   auto write_json = [&](const actors::ActorBenchResult& r) -> absl::Status {
@@ -264,6 +266,14 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     nlohmann::json j = actors::ActorBenchResultToJson(complete(r));
     j["config"]["topology"] = flags.topology;
     j["config"]["shards"] = static_cast<int>(engine->shards().size());
+    j["config"]["routing_policy"] = policy != nullptr ? policy->ToString() : "full";
+    // Expert evaluations the shards were asked for (routing policies lower
+    // them; deferral moves them to the next layer).
+    if (absl::StatusOr<actors::RouterCounters> rs = engine->RouterStats(); rs.ok()) {
+      j["router"] = {{"requests", rs->requests},
+                     {"parts_sent", rs->parts_sent},
+                     {"entries_sent", rs->entries_sent}};
+    }
     out << j.dump(2) << "\n";
     if (!out.flush()) {
       return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));

@@ -173,6 +173,7 @@ struct SamplingFlags {
   std::string model;
   bool think = false;
   bool no_think = false;
+  std::string policy;  // --policy: this request's routing policy ("": the node's)
 };
 
 void AddSamplingFlags(CLI::App* cmd, SamplingFlags* f) {
@@ -192,6 +193,10 @@ void AddSamplingFlags(CLI::App* cmd, SamplingFlags* f) {
   cmd->add_flag("--ignore-eos", f->ignore_eos, "Keep generating after the end-of-sequence token");
   cmd->add_flag("--think", f->think, "DeepSeek-R1 chat: force the answer to open with <think>");
   cmd->add_flag("--no-think", f->no_think, "DeepSeek-R1 chat: never open with <think>");
+  cmd->add_option("--policy", f->policy,
+                  "This request's routing policy (docs/experts.md), e.g. top_k=6 or "
+                  "mass=0.9,min_k=4;layers=3-10,defer=1; 'full': the model's routing "
+                  "(default: the node's policy)");
 }
 
 void FillRequest(const SamplingFlags& f, v1::GenerateRequest* r) {
@@ -209,6 +214,7 @@ void FillRequest(const SamplingFlags& f, v1::GenerateRequest* r) {
   s->set_seed(f.seed);
   for (const std::string& stop : f.stop) r->add_stop(stop);
   r->set_ignore_eos(f.ignore_eos);
+  if (!f.policy.empty()) r->set_routing_policy(f.policy);
 }
 
 // Runs one Generate call: text to stdout as it comes (or JSON lines), the

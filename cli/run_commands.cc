@@ -15,8 +15,8 @@
 // --shards N they run on the in-process actor runtime (actors/engine.h)
 // instead (--experts picks the shards' expert backend there).
 // --policy SPEC sets a routing policy (docs/experts.md); on the actor runtime
-// it may also come from the topology config's routing_policy (fixed top-k
-// only there).
+// it may also come from the topology config's routing_policy (every policy
+// runs there: reduced top-k, adaptive, deferral).
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -261,36 +261,6 @@ std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
   return flags;
 }
 
-// What the actor runtime supports of a routing policy today: fixed top-k
-// (global or per layer). Adaptive top-k pads routing rows with kNoExpert,
-// which the router does not take yet, and deferral needs the overlap that is
-// later work (docs/experts.md).
-// TODO(lead): skip models::kNoExpert entries in actors/router_actor.cc
-// (HandleMoe's id check, counts and grouping) to allow adaptive top-k here;
-// per-request policies need a policy field on actors::GenerateRequest passed
-// through the scheduler to the attention actor's Route call (per-row policies,
-// as BatchedForward does with SequenceBatchEntry::policy).
-absl::Status CheckActorRoutingPolicy(const models::RoutingPolicy& policy,
-                                     const models::Deepseek2Hparams& hp) {
-  KTX_RETURN_IF_ERROR(policy.Validate(hp.n_layer, hp.n_expert_used));
-  for (int il = 0; il < hp.n_layer; ++il) {
-    const models::LayerRoutingPolicy l = policy.ForLayer(il);
-    if (l.rule.min_mass < 1.0) {
-      return absl::UnimplementedError(
-          absl::StrCat("routing policy '", policy.ToString(),
-                       "': adaptive top-k (mass) does not run on the actor runtime yet; use "
-                       "top_k, or the reference engine (no --topology/--shards)"));
-    }
-    if (l.defer > 0 && il + 1 < hp.n_layer) {
-      return absl::UnimplementedError(
-          absl::StrCat("routing policy '", policy.ToString(),
-                       "': expert deferral runs only on the reference engine for now (the "
-                       "overlap in the actor runtime is later work)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlags& common,
                                                                 const ActorFlags& actor,
                                                                 int64_t n_ctx) {
@@ -318,10 +288,10 @@ absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlag
   if (policy == nullptr && !actor.topology.empty()) {
     KTX_ASSIGN_OR_RETURN(policy, RoutingPolicyFromTopologyFile(actor.topology));
   }
-  if (policy != nullptr) {
-    KTX_RETURN_IF_ERROR(CheckActorRoutingPolicy(*policy, model->hparams()));
-    KTX_RETURN_IF_ERROR(model->SetRoutingPolicy(policy));
-  }
+  // Every policy runs on the actor runtime: reduced top-k rows (padding
+  // skipped by the router and the shards) and deferral overlapped with the
+  // next layer (docs/experts.md).
+  if (policy != nullptr) KTX_RETURN_IF_ERROR(model->SetRoutingPolicy(policy));
   options.n_ctx = n_ctx;
   const int64_t ctx =
       n_ctx > 0 ? std::min(n_ctx, model->hparams().n_ctx_train) : model->hparams().n_ctx_train;

@@ -3,11 +3,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/status.h"
+#include "runtime/models/routing_policy.h"
 #include "runtime/tokenizer/tokenizer_gguf.h"
 #include "runtime/tokenizer/utf8.h"
 
@@ -292,6 +294,16 @@ absl::StatusOr<actors::GenerateRequest> BuildGenerateRequest(
   KTX_RETURN_IF_ERROR(CheckIds(model, request.stop_token_ids(), "stop_token_ids"));
   out.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
   out.stop_at_eos = !request.ignore_eos();
+  if (request.has_routing_policy() && !request.routing_policy().empty()) {
+    absl::StatusOr<models::RoutingPolicy> policy =
+        models::RoutingPolicy::Parse(request.routing_policy());
+    if (!policy.ok()) return FieldError("routing_policy", policy.status().message());
+    if (model.n_layer > 0 && model.n_expert_used > 0) {
+      const absl::Status valid = policy->Validate(model.n_layer, model.n_expert_used);
+      if (!valid.ok()) return FieldError("routing_policy", valid.message());
+    }
+    out.routing_policy = std::make_shared<const models::RoutingPolicy>(std::move(*policy));
+  }
   return out;
 }
 

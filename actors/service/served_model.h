@@ -84,7 +84,8 @@ absl::StatusOr<std::vector<int32_t>> ChatPromptIds(const ServedModel& model,
                                                    std::string_view field);
 
 // Validates `request` and builds the engine request (prompt ids, sampling,
-// max_tokens, stop strings and ids, EOS handling). The deadline is left 0:
+// max_tokens, stop strings and ids, EOS handling, the routing policy parsed
+// and checked against the model: "routing_policy: ..."). The deadline is left 0:
 // the caller sets it from the RPC's.
 absl::StatusOr<actors::GenerateRequest> BuildGenerateRequest(
     const ServedModel& model, const RequestLimits& limits, const ktx::v1::GenerateRequest& request);

@@ -15,11 +15,7 @@ int32_t Routing::kept(int64_t t) const {
   return n;
 }
 
-namespace {
-
-// Which of the K selected experts of one token a rule keeps: keep[k] for the
-// k-th in selection order; returns the count. prob_sel[k] = p of the k-th.
-int32_t ApplyTopKRule(const TopKRule& rule, const double* prob_sel, int32_t k_used, uint8_t* keep) {
+int32_t KeptByRule(const TopKRule& rule, const double* prob_sel, int32_t k_used, uint8_t* keep) {
   KTX_CHECK(rule.top_k >= 0 && rule.top_k <= k_used && rule.min_mass > 0.0 && rule.min_k >= 1);
   const int32_t n_cand = rule.top_k == 0 ? k_used : rule.top_k;
   std::fill(keep, keep + k_used, 0);
@@ -45,8 +41,6 @@ int32_t ApplyTopKRule(const TopKRule& rule, const double* prob_sel, int32_t k_us
   }
   return n;
 }
-
-}  // namespace
 
 void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t n_tokens,
                      const float* bias, Routing* routing) {
@@ -137,7 +131,7 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
         rules.empty() ? nullptr : (rules.size() == 1 ? rules[0] : rules[static_cast<size_t>(t)]);
     int32_t n_kept = k_used;
     if (rule != nullptr && !rule->KeepsAll(k_used)) {
-      n_kept = ApplyTopKRule(*rule, prob_t, k_used, sel_keep.data() + t * k_used);
+      n_kept = KeptByRule(*rule, prob_t, k_used, sel_keep.data() + t * k_used);
     }
     width = std::max(width, n_kept);
   }

@@ -81,6 +81,12 @@ struct TopKRule {
     return (top_k == 0 || top_k >= n_expert_used) && min_mass >= 1.0;
   }
 };
+// Which of one token's K selected experts `rule` keeps (steps a and b above):
+// prob_sel[k] is the gate weight p of the k-th in selection order (any
+// positive multiple of p, the same for the token, keeps the same experts);
+// sets keep[k] (K bytes) and returns the count. The rule must be valid.
+int32_t KeptByRule(const TopKRule& rule, const double* prob_sel, int32_t k_used, uint8_t* keep);
+
 // Routes a batch from router logits (F64 [n_tokens, n_expert]) and an optional
 // selection bias (F32 [n_expert], `exp_probs_b`; null = none):
 //   1. p = sigmoid(logits) or softmax(logits) (params.gating), in double;

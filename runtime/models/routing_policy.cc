@@ -367,6 +367,151 @@ void SplitDeferred(const Routing& routing, std::span<const int32_t> defer, Routi
   *deferred = std::move(later);
 }
 
+// ---------------------------------------------------------------------------
+// Per-request policies in batched engines.
+
+const RoutingPolicy* FullRoutingPolicy() {
+  static const RoutingPolicy* const kFull = new RoutingPolicy();
+  return kFull;
+}
+
+void ReduceRoutingRows(const RoutingParams& params, const TopKRule& rule, int64_t begin,
+                       int64_t end, Routing* routing) {
+  KTX_CHECK(begin >= 0 && begin <= end && end <= routing->n_tokens);
+  const int32_t width = routing->n_expert_used;
+  if (rule.KeepsAll(width) || begin == end) return;
+  std::vector<double> w(width);
+  std::vector<uint8_t> keep(width);
+  std::vector<int32_t> ids(width);
+  for (int64_t t = begin; t < end; ++t) {
+    int32_t* id = routing->expert_ids.data() + t * width;
+    float* wt = routing->weights.data() + t * width;
+    int32_t n = 0;  // the row's entries (a full row: all of them)
+    while (n < width && id[n] != kNoExpert) {
+      w[n] = wt[n];
+      ++n;
+    }
+    if (n == 0) continue;
+    TopKRule r = rule;
+    if (r.top_k > n) r.top_k = n;
+    if (r.min_k > n) r.min_k = n;
+    if (r.KeepsAll(n)) continue;
+    KeptByRule(r, w.data(), n, keep.data());
+    double sum_all = 0.0, sum_kept = 0.0;
+    for (int32_t k = 0; k < n; ++k) {
+      sum_all += w[k];
+      if (keep[k]) sum_kept += w[k];
+    }
+    const double factor = params.norm_weights && sum_kept > 0.0 ? sum_all / sum_kept : 1.0;
+    int32_t j = 0;
+    for (int32_t k = 0; k < n; ++k) {
+      if (!keep[k]) continue;
+      id[j] = id[k];
+      wt[j] = static_cast<float>(w[k] * factor);
+      ++j;
+    }
+    for (; j < width; ++j) {
+      id[j] = kNoExpert;
+      wt[j] = 0.0f;
+    }
+  }
+}
+
+void CompactRouting(Routing* routing) {
+  const int32_t width = routing->n_expert_used;
+  int32_t w = 1;
+  for (int64_t t = 0; t < routing->n_tokens; ++t) w = std::max(w, routing->kept(t));
+  if (w >= width) return;
+  Routing out;
+  out.n_tokens = routing->n_tokens;
+  out.n_expert_used = w;
+  out.expert_ids.resize(static_cast<size_t>(out.n_tokens * w));
+  out.weights.resize(out.expert_ids.size());
+  for (int64_t t = 0; t < routing->n_tokens; ++t) {
+    std::copy_n(routing->expert_ids.begin() + t * width, w, out.expert_ids.begin() + t * w);
+    std::copy_n(routing->weights.begin() + t * width, w, out.weights.begin() + t * w);
+  }
+  *routing = std::move(out);
+}
+
+namespace {
+
+// The policy of every row of an n-row batch.
+std::vector<const RoutingPolicy*> PolicyPerRow(int64_t n, std::span<const RowPolicy> rows,
+                                               const RoutingPolicy* model_policy) {
+  std::vector<const RoutingPolicy*> of(static_cast<size_t>(n), model_policy);
+  for (const RowPolicy& r : rows) {
+    KTX_CHECK(r.begin >= 0 && r.begin <= r.end && r.end <= n);
+    if (r.policy == nullptr) continue;
+    std::fill(of.begin() + r.begin, of.begin() + r.end, r.policy);
+  }
+  return of;
+}
+
+}  // namespace
+
+void ApplyRoutingPolicies(const RoutingParams& params, int il, std::span<const RowPolicy> rows,
+                          const RoutingPolicy* model_policy, Routing* routing) {
+  const std::vector<const RoutingPolicy*> of = PolicyPerRow(routing->n_tokens, rows, model_policy);
+  bool reduced = false;
+  int64_t t = 0;
+  while (t < routing->n_tokens) {
+    int64_t end = t + 1;
+    while (end < routing->n_tokens && of[end] == of[t]) ++end;
+    if (of[t] != nullptr) {
+      const TopKRule rule = of[t]->ForLayer(il).rule;
+      KTX_CHECK(rule.top_k <= params.n_expert_used && rule.min_k <= params.n_expert_used);
+      if (!rule.KeepsAll(routing->n_expert_used)) {
+        ReduceRoutingRows(params, rule, t, end, routing);
+        reduced = true;
+      }
+    }
+    t = end;
+  }
+  if (reduced) CompactRouting(routing);
+}
+
+DeferredCount SplitDeferredRows(int il, int32_t n_layer, std::span<const RowPolicy> rows,
+                                const RoutingPolicy* model_policy, Routing* routing,
+                                Routing deferred[2]) {
+  DeferredCount count;
+  const int64_t n = routing->n_tokens;
+  for (int j = 0; j < 2; ++j) {
+    deferred[j].n_tokens = n;
+    deferred[j].n_expert_used = 1;
+    deferred[j].expert_ids.assign(static_cast<size_t>(n), kNoExpert);
+    deferred[j].weights.assign(static_cast<size_t>(n), 0.0f);
+  }
+  if (il + 1 >= n_layer) return count;
+  const std::vector<const RoutingPolicy*> of = PolicyPerRow(n, rows, model_policy);
+  // d per row for each join point (0 elsewhere).
+  std::vector<int32_t> d[2] = {std::vector<int32_t>(n, 0), std::vector<int32_t>(n, 0)};
+  const RoutingPolicy* last = nullptr;
+  LayerRoutingPolicy resolved;
+  bool any = false;
+  for (int64_t t = 0; t < n; ++t) {
+    if (of[t] == nullptr) continue;
+    if (of[t] != last) {
+      resolved = of[t]->ForLayer(il);
+      last = of[t];
+    }
+    if (resolved.defer > 0) {
+      d[static_cast<int>(resolved.join)][t] = resolved.defer;
+      any = true;
+    }
+  }
+  if (!any) return count;
+  Routing rest;
+  SplitDeferred(*routing, d[static_cast<int>(DeferJoin::kNextMoe)], &rest,
+                &deferred[static_cast<int>(DeferJoin::kNextMoe)]);
+  SplitDeferred(rest, d[static_cast<int>(DeferJoin::kNextAttention)], routing,
+                &deferred[static_cast<int>(DeferJoin::kNextAttention)]);
+  for (int j = 0; j < 2; ++j) {
+    for (int32_t e : deferred[j].expert_ids) count.entries[j] += e != kNoExpert;
+  }
+  return count;
+}
+
 absl::Status ExpertDeferral::Defer(const Deepseek2Model& model, int il, const Activations& h,
                                    std::span<const RoutingPolicy* const> policies,
                                    Routing* routing) {

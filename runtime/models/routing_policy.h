@@ -151,6 +151,69 @@ class RoutingPolicy {
 void SplitDeferred(const Routing& routing, std::span<const int32_t> defer, Routing* immediate,
                    Routing* deferred);
 
+// ---- Per-request policies in batched engines ----
+//
+// The actor runtime's attention actors (CPU: actors/attention_actor.cc; GPU)
+// route a whole step at once, where each request's slice of rows may bring
+// its own policy. They route the batch FULL (the model's K experts per row:
+// Route under FullRoutingPolicy(), or a GPU router), then apply the slices'
+// policies with ApplyRoutingPolicies and move deferred entries out with
+// SplitDeferredRows:
+//
+//   std::vector<RowPolicy> rows = {{0, 5, request_a_policy}, {5, 6, nullptr}};
+//   ApplyRoutingPolicies(hp.routing(), il, rows, model.routing_policy(), &routing);
+//   Routing late[2];
+//   SplitDeferredRows(il, hp.n_layer, rows, model.routing_policy(), &routing, late);
+
+// Rows [begin, end) of a batch under one policy (a request's own; not owned).
+// A null policy, and every row outside the ranges, takes the model's policy.
+struct RowPolicy {
+  int64_t begin = 0;
+  int64_t end = 0;
+  const RoutingPolicy* policy = nullptr;
+};
+
+// An empty policy: as a per-token policy of Deepseek2Model::Route it
+// overrides the model's own and gives the full routing.
+const RoutingPolicy* FullRoutingPolicy();
+
+// Reduces rows [begin, end) of a FULL routing (each row the model's K
+// entries in selection order with the model's weights) by `rule`: the kept
+// entries stay first, in order, reweighted over the kept set as
+// RouteFromLogits with the rule does (norm_weights: w' = w * Σ_all w /
+// Σ_kept w, in double: p / Σ_kept p up to float rounding, unless a token's
+// whole gate mass is below kMinRoutingWeightSum); the dropped ones become
+// kNoExpert entries of weight 0. The width stays (CompactRouting shrinks
+// it). A rule that keeps all leaves the rows bitwise untouched.
+void ReduceRoutingRows(const RoutingParams& params, const TopKRule& rule, int64_t begin,
+                       int64_t end, Routing* routing);
+
+// Shrinks routing->n_expert_used to its widest row (at least 1); rows must
+// have their kNoExpert entries last.
+void CompactRouting(Routing* routing);
+
+// Applies, to a FULL routing of MoE layer il, each row's top-k reduction:
+// rows of a range with a policy take that policy's ForLayer(il).rule, all
+// others `model_policy`'s (null: none); then CompactRouting. Policies must
+// be Validate()d for the model (KTX_CHECKed ranges inside the batch). With
+// no reducing rule anywhere the routing is bitwise untouched.
+void ApplyRoutingPolicies(const RoutingParams& params, int il, std::span<const RowPolicy> rows,
+                          const RoutingPolicy* model_policy, Routing* routing);
+
+// Expert deferral of MoE layer il in a batched engine, per row policy as
+// ExpertDeferral::Defer does per token: each row's min(defer, kept - 1)
+// lowest-weight entries move out of `routing` into deferred[join] (indexed by
+// DeferJoin: [kNextMoe], [kNextAttention]); both have all n_tokens rows
+// (rows without deferral are all kNoExpert). Nothing moves on the last layer
+// (il + 1 >= n_layer). Returns the entries moved per join.
+struct DeferredCount {
+  int64_t entries[2] = {0, 0};
+  int64_t total() const { return entries[0] + entries[1]; }
+};
+DeferredCount SplitDeferredRows(int il, int32_t n_layer, std::span<const RowPolicy> rows,
+                                const RoutingPolicy* model_policy, Routing* routing,
+                                Routing deferred[2]);
+
 // Carries the deferred experts of one MoE layer to the next layer within one
 // forward pass (the reference form of expert deferral). Per step:
 //

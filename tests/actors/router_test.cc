@@ -3,6 +3,7 @@
 // it answers when a shard is down or does not answer.
 #include "actors/router_actor.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -227,6 +228,61 @@ TEST_F(RouterTest, LateShardFailsAtTheDeadlineOrItsWorkMovesToAReplica) {
   r = Ask(Work(1, {{2, 5}, {3, 6}}));
   EXPECT_TRUE(r.failed_rows.empty()) << r.message;
   for (const PlacedPartial& p : r.parts) EXPECT_EQ(p.shard, 0);
+  EXPECT_GE(Stats().rerouted_parts, 1);
+}
+
+TEST_F(RouterTest, SkipsNoExpertPaddingAndSendsNothingForAllPaddingRows) {
+  Start({false, false, false}, std::chrono::seconds(10));
+  constexpr int32_t kNo = models::kNoExpert;
+  // Row 0 keeps one expert (3, shard 0), row 1 none, row 2 two (2 on shard 2,
+  // 7 on shard 1), row 3 none: padding selects nothing and costs nothing.
+  const MoeResult r = Ask(Work(0, {{3, kNo}, {kNo, kNo}, {2, 7}, {kNo, kNo}}));
+  EXPECT_EQ(r.code, 0) << r.message;
+  EXPECT_TRUE(r.failed_rows.empty());
+  ASSERT_EQ(r.parts.size(), 3u);
+  const std::vector<std::vector<int32_t>> rows = {{0}, {2}, {2}};
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_EQ(r.parts[s].shard, s);
+    EXPECT_EQ(r.parts[s].rows, rows[s]) << "shard " << s;
+    const auto works = journal_->Of(s);
+    ASSERT_EQ(works.size(), 1u);
+    int masked = 0;
+    for (int e = 0; e < kNExpert; ++e) masked += works[0].expert_mask[e] != 0;
+    EXPECT_EQ(masked, 1) << "shard " << s;
+  }
+  RouterStats stats = Stats();
+  EXPECT_EQ(stats.entries_sent, (std::vector<int64_t>{1, 1, 1}));
+  // A batch of padding only: answered at once, no shard asked, no row failed.
+  const MoeResult empty = Ask(Work(0, {{kNo, kNo}, {kNo, kNo}}));
+  EXPECT_EQ(empty.code, 0) << empty.message;
+  EXPECT_TRUE(empty.parts.empty());
+  EXPECT_TRUE(empty.failed_rows.empty());
+  stats = Stats();
+  EXPECT_EQ(stats.parts_sent, (std::vector<int64_t>{1, 1, 1}));
+  EXPECT_EQ(stats.requests, 2);
+  // Any other negative id is still refused.
+  caf::scoped_actor self{*system_};
+  bool refused = false;
+  self->request(router_, std::chrono::seconds(10), moe_atom::value, Work(0, {{-2, 1}}))
+      .receive([&](MoeResult&) {}, [&](caf::error&) { refused = true; });
+  EXPECT_TRUE(refused);
+}
+
+TEST_F(RouterTest, PaddedRowsMoveToAReplicaWhenTheirShardIsLate) {
+  Start({false, true, false}, std::chrono::milliseconds(100));
+  constexpr int32_t kNo = models::kNoExpert;
+  // Layer 1: every expert on shards 0 and 1. The row of (2, pad) goes to
+  // shard 0 (ties), then (5, pad) to shard 1 (load), which never answers:
+  // its part is re-sent to shard 0, padding and all.
+  const MoeResult r = Ask(Work(1, {{2, kNo}, {5, kNo}, {kNo, kNo}}));
+  EXPECT_TRUE(r.failed_rows.empty()) << r.message;
+  std::vector<int32_t> rows;
+  for (const PlacedPartial& p : r.parts) {
+    EXPECT_EQ(p.shard, 0);
+    rows.insert(rows.end(), p.rows.begin(), p.rows.end());
+  }
+  std::sort(rows.begin(), rows.end());
+  EXPECT_EQ(rows, (std::vector<int32_t>{0, 1}));
   EXPECT_GE(Stats().rerouted_parts, 1);
 }
 

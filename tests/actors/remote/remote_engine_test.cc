@@ -197,6 +197,55 @@ TEST_P(RemoteEngineTest, TwoRemoteShardsEqualInProcessBitForBit) {
   EXPECT_EQ(stats.shards(0).parts_failed(), 0);
 }
 
+// Routing policies through remote shards: adaptive top-k pads rows with
+// kNoExpert (the wire's expert_ids carries -1 and the ShardHost skips it),
+// deferral sends a second MoE request per layer; both equal the in-process
+// engine bit for bit (same plan, F32 wire), and no part fails.
+TEST(RemoteEnginePolicyTest, PaddedRowsAndDeferralOnRemoteShardsEqualInProcess) {
+  auto model = FixtureModel("bf16");
+  ASSERT_NE(model, nullptr);
+  const std::vector<ShardOptions> plan_shards = HeadShards("", "");
+  auto n1 = StartNode(model, "n1", 0, plan_shards);
+  auto n2 = StartNode(model, "n2", 1, plan_shards);
+  ASSERT_TRUE(n1 && n2);
+  EngineOptions local = BaseOptions();
+  local.shards = plan_shards;
+  auto in_process = Engine::Create(model, local);
+  ASSERT_TRUE(in_process.ok()) << in_process.status();
+  EngineOptions remote = local;
+  remote.shards = HeadShards(n1->server.address, n2->server.address);
+  auto engine = Engine::Create(model, remote);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<int32_t> sequence = testing::PromptTokens();
+  for (const std::string text : {"mass=0.4", "top_k=1;layers=2,mass=0.5", "top_k=3,defer=1",
+                                 "defer=2,join=next_attention"}) {
+    absl::StatusOr<models::RoutingPolicy> parsed = models::RoutingPolicy::Parse(text);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    auto policy = std::make_shared<const models::RoutingPolicy>(*parsed);
+    auto want = (*in_process)->Logits(sequence, policy);
+    ASSERT_TRUE(want.ok()) << text << ": " << want.status();
+    auto got = (*engine)->Logits(sequence, policy);
+    ASSERT_TRUE(got.ok()) << text << ": " << got.status();
+    EXPECT_EQ(got->values(), want->values()) << text;
+    GenerateRequest request = GreedyRequest();
+    request.routing_policy = policy;
+    auto a = (*in_process)->Generate(request);
+    auto b = (*engine)->Generate(request);
+    ASSERT_TRUE(a.ok() && b.ok()) << text;
+    EXPECT_EQ(b->tokens, a->tokens) << text;
+  }
+  // Padded rows were served like any other: nothing failed anywhere.
+  auto stats = (*engine)->RouterStats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->failed_rows, 0);
+  for (Node* node : {n1.get(), n2.get()}) {
+    const ktx::v1::ShardStatsResponse s = node->host->Stats();
+    ASSERT_EQ(s.shards_size(), 1);
+    EXPECT_GT(s.shards(0).parts_served(), 0);
+    EXPECT_EQ(s.shards(0).parts_failed(), 0);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, RemoteEngineTest,
                          ::testing::Values(std::tuple<std::string, bool>{"bf16", false},
                                            std::tuple<std::string, bool>{"q4_k_m", false},

@@ -139,6 +139,12 @@ std::vector<BadCase> BadCases() {
          r->set_parse_special(true);
        },
        "parse_special"},
+      {"routing_policy not parsable",
+       [](v1::GenerateRequest* r) { r->set_routing_policy("top_k=x"); }, "routing_policy"},
+      {"routing_policy top_k above the model's",
+       [](v1::GenerateRequest* r) { r->set_routing_policy("top_k=5"); }, "routing_policy"},
+      {"routing_policy layers outside the model",
+       [](v1::GenerateRequest* r) { r->set_routing_policy("layers=3,defer=1"); }, "routing_policy"},
   };
 }
 
@@ -198,6 +204,18 @@ TEST(ServedModelTest, GoodRequestBecomesEngineRequest) {
   EXPECT_EQ(out->stop_token_ids, (std::vector<int32_t>{3}));
   EXPECT_FALSE(out->stop_at_eos);
   EXPECT_EQ(out->deadline.count(), 0);
+  EXPECT_EQ(out->routing_policy, nullptr);  // absent: the node's policy
+
+  // A routing policy travels parsed; "" is the same as absent.
+  r.set_routing_policy("mass=0.8,min_k=2;layers=2,defer=1");
+  out = BuildGenerateRequest(Model(), {}, r);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_NE(out->routing_policy, nullptr);
+  EXPECT_EQ(out->routing_policy->ToString(), "mass=0.8,min_k=2;layers=2,defer=1");
+  r.set_routing_policy("");
+  out = BuildGenerateRequest(Model(), {}, r);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->routing_policy, nullptr);
 
   // Absent fields: the sampler's defaults; max_tokens 256 capped by the context.
   v1::GenerateRequest plain;
