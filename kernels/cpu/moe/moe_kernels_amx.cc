@@ -27,7 +27,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 #include "kernels/cpu/moe/moe_internal.h"
@@ -443,19 +442,6 @@ TileScratch CarveTileScratch(uint8_t* p, int64_t group) {
   return t;
 }
 
-// Item order of TileMatmulT. Groups outer (default) keeps one group's
-// activation slice hot; pairs outer reads each panel's weights in address
-// order, which the hardware prefetchers follow (an experiment until measured on
-// AMX hardware: KTX_MOE_TILE_ORDER=pair). Both give bitwise equal results
-// (every output still sums its groups in order).
-bool PairOuter() {
-  static const bool pair = [] {
-    const char* v = std::getenv("KTX_MOE_TILE_ORDER");
-    return v != nullptr && std::strcmp(v, "pair") == 0;
-  }();
-  return pair;
-}
-
 template <typename Conv>
 void TileMatmulT(const MatmulArgs& a) {
   const int64_t group = a.act_group;
@@ -483,13 +469,8 @@ void TileMatmulT(const MatmulArgs& a) {
   };
   auto item = [&](int64_t it) {
     Item x;
-    if (PairOuter()) {  // each panel's bytes in address order (sequential streams)
-      x.gi = it % n_groups;
-      x.p0 = p_begin + 2 * (it / n_groups);
-    } else {
-      x.gi = it / n_pairs;
-      x.p0 = p_begin + 2 * (it % n_pairs);
-    }
+    x.gi = it / n_pairs;
+    x.p0 = p_begin + 2 * (it % n_pairs);
     x.np = x.p0 + 1 < p_end ? 2 : 1;
     for (int pp = 0; pp < x.np; ++pp) {
       x.pb[pp] = a.w + (x.p0 + pp) * panel_bytes + x.gi * nbg * Conv::kBlockBytes;
