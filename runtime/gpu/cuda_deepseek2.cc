@@ -217,8 +217,15 @@ absl::Status CudaDeepseek2::UploadMatrix(const gguf::TensorInfo& t, Bf16* dst, c
   const cudaStream_t stream = runner_->stream();
   for (int64_t r0 = 0; r0 < rows; r0 += rows_per_chunk) {
     const int64_t n = std::min(rows_per_chunk, rows - r0);
+    // Through a pinned copy, never straight from the mapping: pages of the
+    // mapping may be page-locked by the expert streamer (its ranges rounded
+    // to whole pages), and a copy from a range that is partly registered
+    // fails with cudaErrorInvalidValue. The previous chunk's copy has
+    // finished (synchronized below).
+    std::memcpy(load_pinned_.as<uint8_t>(), t.data + r0 * row_bytes,
+                static_cast<size_t>(n * row_bytes));
     KTX_RETURN_IF_ERROR(
-        CudaOk(cudaMemcpyAsync(staging_.get(), t.data + r0 * row_bytes,
+        CudaOk(cudaMemcpyAsync(staging_.get(), load_pinned_.as<uint8_t>(),
                                static_cast<size_t>(n * row_bytes), cudaMemcpyHostToDevice, stream),
                absl::StrCat("uploading tensor '", t.name, "'")));
     KTX_RETURN_IF_ERROR(CudaOk(kc::DequantizeToBf16(t.type, staging_.get(), row_bytes, n, cols,
@@ -253,6 +260,8 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
   KTX_ASSIGN_OR_RETURN(runner_, GpuLayerRunner::Create(hp_, options.max_batch_tokens, options));
   KTX_ASSIGN_OR_RETURN(staging_,
                        DeviceBuffer::Allocate(options.load_staging_bytes, "load staging"));
+  KTX_ASSIGN_OR_RETURN(load_pinned_,
+                       PinnedBuffer::Allocate(options.load_staging_bytes, "pinned load staging"));
 
   // A matrix of the model into a new bf16 buffer.
   auto matrix = [&](const gguf::TensorInfo* t, const char* what) -> absl::StatusOr<const Bf16*> {
@@ -309,6 +318,7 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
     }
   }
   staging_ = DeviceBuffer();
+  load_pinned_ = PinnedBuffer();
   (void)n_embd, (void)n_head, (void)hd, (void)hdv, (void)free_bytes;
 
   const int64_t pages = plan_.kv_pages;

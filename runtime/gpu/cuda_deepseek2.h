@@ -71,6 +71,9 @@ class CudaDeepseek2 {
   CudaDeepseek2& operator=(const CudaDeepseek2&) = delete;
 
   const GpuMemoryPlan& memory_plan() const { return plan_; }
+  // The KV cache's pages and sequences (capacity, length, free pages); read
+  // it only between calls that change them.
+  const PagedKvAllocator& kv_allocator() const { return *kv_; }
   const models::Deepseek2Model& model() const { return model_; }
 
   // ---- routed experts on the GPU (large batches; docs/gpu.md) ----
@@ -170,6 +173,7 @@ class CudaDeepseek2 {
   const Bf16* output_ = nullptr;              // bf16 [n_vocab, n_embd] (= token_embd_ if tied)
   const float* output_norm_ = nullptr;        // F32 [n_embd]
   DeviceBuffer staging_;                      // raw GGUF rows during Load
+  PinnedBuffer load_pinned_;                  // the same rows on the host, during Load
   DeviceBuffer kv_pages_;                     // bf16 [n_layer][n_pages][page_size][kv_lora + n_rot]
   DeviceBuffer block_table_;                  // I32 [max_sequences][max_pages_per_sequence]
   PinnedBuffer pinned_table_;                 // host mirror of block_table_

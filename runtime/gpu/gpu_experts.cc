@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -191,6 +193,23 @@ GpuExpertStreamer::~GpuExpertStreamer() {
   if (copy_ != nullptr) cudaStreamDestroy(copy_);
 }
 
+namespace {
+
+// MemAvailable of /proc/meminfo in bytes; 0 when unknown.
+uint64_t MemAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+}  // namespace
+
 absl::Status GpuExpertStreamer::RegisterHostMemory() {
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
   const int64_t E = config_.n_expert;
@@ -216,6 +235,18 @@ absl::Status GpuExpertStreamer::RegisterHostMemory() {
     } else {
       merged.push_back(r);
     }
+  }
+  // Locking pins the pages in RAM next to the CPU shards' own repacked
+  // copies: refuse (bounce path) when that would take more than half of the
+  // memory the system has available now (e.g. a 377 GB DeepSeek-V3).
+  uint64_t total = 0;
+  for (const auto& [begin, end] : merged) total += end - begin;
+  const uint64_t available = MemAvailableBytes();
+  if (available > 0 && total > available / 2) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "locking %.1f GiB of mapped expert weights would take more than half of the %.1f GiB of "
+        "memory available",
+        total / 1073741824.0, available / 1073741824.0));
   }
   absl::Status status;
   for (const auto& [begin, end] : merged) {
