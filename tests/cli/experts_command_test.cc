@@ -8,6 +8,8 @@
 //  * eval: a policy equal to the full routing has KL 0, top_k=2 does not;
 //  * --policy errors name the field, and a policy that changes nothing keeps
 //    `run` and `logits` output identical.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -196,9 +198,40 @@ TEST(ExpertsCommandTest, PolicyFlagErrorsNameTheField) {
   EXPECT_EQ(r.rc, 1);
   EXPECT_THAT(r.err, HasSubstr("mass: 2 outside (0, 1]"));
   r = RunKtxCtl("run --model " + kModel +
-                " --shards 1 --prompt hi --max-tokens 2 --policy defer=1");
+                " --shards 1 --prompt hi --max-tokens 2 --policy defer=4");
   EXPECT_EQ(r.rc, 1);
-  EXPECT_THAT(r.err, HasSubstr("deferral runs only on the reference engine"));
+  EXPECT_THAT(r.err, HasSubstr("defer = 4"));
+}
+
+// The actor runtime runs every policy (adaptive top-k pads rows, deferral
+// overlaps the next layer): its logits equal the reference engine's with the
+// same policy (to float rounding of the 2 shards' partial sums).
+TEST(ExpertsCommandTest, ActorRuntimeRunsEveryPolicyLikeTheReferenceEngine) {
+  const std::string tokens = " --tokens 1,5,9,200,31,77,402,6,18,250 --experts reference";
+  for (const std::string policy : {"mass=0.6", "top_k=3,defer=1", "defer=2,join=next_attention"}) {
+    SCOPED_TRACE(policy);
+    const std::string a = Temp("ref.f32"), b = Temp("actors.f32");
+    auto ref =
+        RunKtxCtl("logits --model " + kModel + tokens + " --policy '" + policy + "' --out " + a);
+    ASSERT_EQ(ref.rc, 0) << ref.err;
+    auto act = RunKtxCtl("logits --model " + kModel + tokens + " --shards 2 --policy '" + policy +
+                         "' --out " + b);
+    ASSERT_EQ(act.rc, 0) << act.err;
+    const std::string x = ReadWholeFile(a), y = ReadWholeFile(b);
+    ASSERT_EQ(x.size(), y.size());
+    ASSERT_FALSE(x.empty());
+    const float* fx = reinterpret_cast<const float*>(x.data());
+    const float* fy = reinterpret_cast<const float*>(y.data());
+    const size_t n = x.size() / sizeof(float);
+    double scale = 0, diff = 0;
+    for (size_t i = 0; i < n; ++i) {
+      scale = std::max(scale, std::fabs(static_cast<double>(fx[i])));
+      diff = std::max(diff, std::fabs(static_cast<double>(fx[i]) - fy[i]));
+    }
+    EXPECT_LE(diff, 1e-5 * scale);
+    std::remove(a.c_str());
+    std::remove(b.c_str());
+  }
 }
 
 TEST(ExpertsCommandTest, PoliciesThatChangeNothingKeepRunAndLogitsOutput) {
