@@ -208,6 +208,35 @@ TEST(GenerationServiceTest, TokenizeDetokenizeAndListModels) {
   EXPECT_TRUE(ReadStream(*stub, named).status.ok());
 }
 
+// GenerateRequest.routing_policy: the stream equals the engine's Generate
+// under the same policy, and differs from the node's (full) routing.
+TEST(GenerationServiceTest, RoutingPolicyOfTheRequestIsUsed) {
+  TestNode node;
+  ASSERT_TRUE(node.ok());
+  auto stub = node.GenerationStub();
+  const std::vector<int32_t> prompt = actors::testing::PromptTokens();
+  std::vector<std::vector<int32_t>> streams;
+  for (const std::string policy : {"", "top_k=1", "mass=0.5,defer=1"}) {
+    SCOPED_TRACE(policy);
+    v1::GenerateRequest request = testing::GreedyTokensRequest(prompt, 16);
+    request.set_ignore_eos(true);
+    if (!policy.empty()) request.set_routing_policy(policy);
+    const testing::StreamOutcome got = ReadStream(*stub, request);
+    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+    actors::GenerateRequest direct;
+    direct.prompt = prompt;
+    direct.max_tokens = 16;
+    direct.sampling.temperature = 0.0f;
+    direct.stop_at_eos = false;
+    direct.routing_policy_text = policy;
+    auto want = node.engine().Generate(direct);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(got.tokens, want->tokens);
+    streams.push_back(got.tokens);
+  }
+  EXPECT_NE(streams[1], streams[0]);  // one expert per token changes the tokens
+}
+
 TEST(GenerationServiceTest, ErrorsKeepTheirCodeAndNameTheField) {
   TestNode node;
   ASSERT_TRUE(node.ok());
@@ -241,6 +270,12 @@ TEST(GenerationServiceTest, ErrorsKeepTheirCodeAndNameTheField) {
   {
     Case c{testing::GreedyTokensRequest({1, 2}, 4), grpc::StatusCode::INVALID_ARGUMENT, "model: "};
     c.request.set_model("nope");
+    cases.push_back(c);
+  }
+  {
+    Case c{testing::GreedyTokensRequest({1, 2}, 4), grpc::StatusCode::INVALID_ARGUMENT,
+           "routing_policy: "};
+    c.request.set_routing_policy("top_k=9");
     cases.push_back(c);
   }
   for (const Case& c : cases) {
