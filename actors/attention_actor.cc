@@ -5,6 +5,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -13,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "actors/cpu_arena.h"
+#include "actors/moe_combine.h"
 #include "actors/remote/wire_dtype.h"
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
@@ -117,6 +119,9 @@ struct Step {
   int late_join_attention_il = -1;  // jobs: deferred experts join after this layer's attention
   int late_join_moe_il = -1;        // jobs: deferred experts join this MoE layer's output
   int attention_done_il = -1;       // jobs: this layer's attention ran (resuming after a join)
+  std::chrono::steady_clock::time_point late_posted;  // jobs: stop for a next_attention join
+  // actor only: when the layer's MoE was ready while the deferred experts were not
+  std::optional<std::chrono::steady_clock::time_point> late_blocked;
 
   std::chrono::steady_clock::time_point start;
   // Stage timings (actors/profile.h): jobs write their stage's fields, the
@@ -199,6 +204,7 @@ absl::Status RouteLayer(const models::Deepseek2Model& model, int il, const model
   const models::DeferredCount count = models::SplitDeferredRows(
       il, hp.n_layer, rows, model.routing_policy(), &st.routing, late->routing);
   if (count.total() == 0) return absl::OkStatus();
+  st.prof.layers[il].deferred_entries += count.total();
   if (!hp.IsMoeLayer(il + 1)) {
     return absl::InternalError(
         absl::StrCat("expert deferral: layer ", il + 1, " after deferring layer ", il,
@@ -283,6 +289,7 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
       if (st.active.empty()) break;
       if (st.late_join_attention_il == il) {
         // Deferred experts of layer il - 1 join right after this attention.
+        st.late_posted = Clock::now();
         Post(me, st.step, kLateAttention);
         return;
       }
@@ -357,44 +364,31 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
 
 // x += Σ routed partials (fixed order) + shared; then on to the next layer.
 void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
-                        const attention_actor& me, std::shared_ptr<const LateWork> late) {
+                        const attention_actor& me, std::shared_ptr<const LateWork> late,
+                        int64_t late_wait_us) {
   const models::Deepseek2Model& model = *core->model;
   Step& st = *step;
   const Clock::time_point t0 = Clock::now();
   LayerTiming& timing = st.prof.layers[st.il];
+  timing.late_wait_us += late_wait_us;
   timing.moe_us +=
       std::chrono::duration_cast<std::chrono::microseconds>(t0 - st.moe_posted).count();
   const int64_t n_embd = model.n_embd();
   const int64_t n = st.n_rows;
   // Rows the router could not serve fail their slices.
-  for (int32_t row : st.moe.failed_rows) {
+  if (!st.moe.failed_rows.empty()) {
+    std::vector<int64_t> begin, count;
     for (int s : st.active) {
-      const int64_t begin = st.row_begin[s];
-      if (row >= begin && row < begin + static_cast<int64_t>(st.slices[s].tokens.size())) {
-        if (st.status[s].ok()) st.status[s] = ToStatus(st.moe.code, st.moe.message);
-      }
+      begin.push_back(st.row_begin[s]);
+      count.push_back(static_cast<int64_t>(st.slices[s].tokens.size()));
+    }
+    for (int i : SlicesOwningRows(st.moe.failed_rows, begin, count)) {
+      const int s = st.active[i];
+      if (st.status[s].ok()) st.status[s] = ToStatus(st.moe.code, st.moe.message);
     }
   }
-  const models::Activations* routed = nullptr;
   models::Activations summed;
-  const std::vector<PlacedPartial>& parts = st.moe.parts;
-  bool identity = parts.size() == 1 && static_cast<int64_t>(parts[0].rows.size()) == n;
-  for (int64_t j = 0; identity && j < n; ++j) identity = parts[0].rows[j] == j;
-  if (identity) {
-    routed = parts[0].partial.data.get();
-  } else {
-    std::vector<double> acc(static_cast<size_t>(n * n_embd), 0.0);
-    for (const PlacedPartial& p : parts) {
-      for (size_t j = 0; j < p.rows.size(); ++j) {
-        const float* src = p.partial->row(static_cast<int64_t>(j));
-        double* dst = acc.data() + static_cast<int64_t>(p.rows[j]) * n_embd;
-        for (int64_t c = 0; c < n_embd; ++c) dst[c] += src[c];
-      }
-    }
-    summed.Resize(n, n_embd);
-    for (size_t i = 0; i < acc.size(); ++i) summed.data()[i] = static_cast<float>(acc[i]);
-    routed = &summed;
-  }
+  const models::Activations* routed = SumPlacedPartials(st.moe.parts, n, n_embd, &summed);
   // Deferred experts of the previous layer joining this layer's output (as
   // Deepseek2Model::Forward: x += routed + shared + deferred).
   models::Activations late_part;
@@ -436,6 +430,7 @@ void JoinLateAttention(const std::shared_ptr<Core>& core, const std::shared_ptr<
                        const attention_actor& me, std::shared_ptr<const LateWork> late) {
   const models::Deepseek2Model& model = *core->model;
   Step& st = *step;
+  st.prof.layers[st.il].late_wait_us += MicrosSince(st.late_posted);
   const int64_t n_embd = model.n_embd();
   models::Activations late_part, x;
   PlaceLate(*late, kJoinAttention, n_embd, &st, &late_part);
@@ -535,7 +530,15 @@ void MaybeCombine(AttentionPointer self) {
   if (!step->moe_done || !step->shared_done) return;
   // Deferred experts of the previous layer that join this layer's output.
   std::shared_ptr<LateWork> late = FindLate(*step, step->il - 1, kJoinMoe);
-  if (late != nullptr && !late->done[kJoinMoe]) return;
+  if (late != nullptr && !late->done[kJoinMoe]) {
+    if (!step->late_blocked) step->late_blocked = Clock::now();
+    return;
+  }
+  int64_t late_wait_us = 0;
+  if (step->late_blocked) {
+    late_wait_us = MicrosSince(*step->late_blocked);
+    step->late_blocked.reset();
+  }
   step->moe_done = false;
   step->shared_done = false;
   if (!step->moe_status.ok()) step->fatal = step->moe_status;
@@ -549,9 +552,10 @@ void MaybeCombine(AttentionPointer self) {
     return;
   }
   attention_actor me = caf::actor_cast<attention_actor>(self);
-  st.config.arena->Submit([core = st.core, step, me, late = std::shared_ptr<const LateWork>(late)] {
-    CombineAndContinue(core, step, me, late);
-  });
+  st.config.arena->Submit(
+      [core = st.core, step, me, late = std::shared_ptr<const LateWork>(late), late_wait_us] {
+        CombineAndContinue(core, step, me, late, late_wait_us);
+      });
 }
 
 // After a layer's attention (kLateAttention): once the previous layer's
@@ -661,13 +665,7 @@ void OnMoeReady(AttentionPointer self) {
             AttentionState& st = self->state;
             if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
             st.waiting_moe = false;
-            std::vector<int64_t>& shard_us = st.current->moe_shard_us;
-            shard_us.assign(static_cast<size_t>(std::max(st.config.n_shards, 0)), 0);
-            for (const PlacedPartial& p : result.parts) {
-              if (p.shard >= 0 && p.shard < static_cast<int32_t>(shard_us.size())) {
-                shard_us[p.shard] += p.compute_us;
-              }
-            }
+            st.current->moe_shard_us = ShardComputeUs(result.parts, st.config.n_shards);
             st.current->moe = std::move(result);
             st.current->moe_done = true;
             MaybeCombine(self);

@@ -11,6 +11,7 @@
 #include "actors/cpu_arena.h"
 #include "actors/expert_shard_actor.h"
 #include "actors/fast_experts.h"
+#include "actors/gpu_attention_actor.h"
 #include "actors/messages.h"
 #include "actors/remote/remote_shards.h"
 #include "actors/remote/topology_shards.h"
@@ -176,6 +177,9 @@ struct Engine::Impl {
   std::vector<std::shared_ptr<ShardExperts>> experts;
   std::unique_ptr<RemoteShards> remote;  // the shards on other nodes (null: none)
   std::shared_ptr<ProfileLog> profile;   // null: profiling off
+  int attention_device = -1;             // -1: CPU attention actor; N: cuda:N
+  gpu::GpuMemoryPlan gpu_plan;           // with attention on the GPU
+  int64_t kv_budget_tokens = 0;          // the scheduler's
 
   // Destroyed by ~Impl in this order: actors, arenas, handles, system, config.
   std::unique_ptr<caf::actor_system_config> cfg;
@@ -249,6 +253,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   }
   if (options.remote_wait.count() < 0) {
     return absl::InvalidArgumentError("remote_wait must not be negative");
+  }
+  // Before anything is loaded: a device this build cannot use fails at once.
+  KTX_ASSIGN_OR_RETURN(impl->attention_device,
+                       ParseAttentionDevice(options.attention_device, "attention_device"));
+  if (impl->attention_device >= 0 && !GpuAttentionAvailable()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "attention_device \"", options.attention_device,
+        "\": ktx was built without CUDA (configure with -DKTX_CUDA=ON on a machine with nvcc), "
+        "or run attention on the CPU (--attention-device cpu)"));
   }
   // A remote shard's cpus are its own machine's: here it is only a proxy.
   for (ShardOptions& shard : options.shards) {
@@ -384,14 +397,38 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   }
   attention.profile = impl->profile;
   attention.n_shards = static_cast<int>(n_shards);
-  KTX_ASSIGN_OR_RETURN(impl->attention, SpawnAttention(*impl->system, std::move(attention)));
+  impl->kv_budget_tokens =
+      static_cast<int64_t>(options.kv_budget_bytes / model->kv_layout().bytes_per_token());
+  if (impl->attention_device < 0) {
+    KTX_ASSIGN_OR_RETURN(impl->attention, SpawnAttention(*impl->system, std::move(attention)));
+  } else {
+    GpuAttentionOptions gpu_options;
+    gpu_options.gpu = options.gpu;
+    gpu_options.gpu.device = impl->attention_device;
+    gpu_options.gpu.max_batch_tokens = options.prefill_chunk + options.max_running;
+    gpu_options.gpu.max_sequences = options.max_running;
+    gpu_options.gpu.max_context = impl->n_ctx;
+    const int64_t page = std::max<int32_t>(gpu_options.gpu.kv_page_size, 1);
+    gpu_options.gpu.kv_tokens =
+        impl->kv_budget_tokens + static_cast<int64_t>(options.max_running) * page;
+    // The router answers within its shard deadlines (a re-sent part gets
+    // another); this only catches a router that hangs.
+    gpu_options.moe_deadline = options.shard_deadline * 2 + std::chrono::seconds(5);
+    absl::StatusOr<attention_actor> spawned =
+        SpawnGpuAttention(*impl->system, std::move(attention), gpu_options, &impl->gpu_plan);
+    if (!spawned.ok()) {
+      return absl::Status(spawned.status().code(),
+                          absl::StrCat("attention_device \"", options.attention_device,
+                                       "\": ", spawned.status().message()));
+    }
+    impl->attention = std::move(*spawned);
+  }
 
   SchedulerConfig scheduler;
   scheduler.attention = impl->attention;
   scheduler.n_vocab = hp.n_vocab;
   scheduler.n_ctx = impl->n_ctx;
-  scheduler.kv_budget_tokens =
-      static_cast<int64_t>(options.kv_budget_bytes / model->kv_layout().bytes_per_token());
+  scheduler.kv_budget_tokens = impl->kv_budget_tokens;
   scheduler.prefill_chunk = options.prefill_chunk;
   scheduler.max_running = options.max_running;
   scheduler.step_deadline = std::max(options.step_deadline, options.shard_deadline * 4);
@@ -579,6 +616,19 @@ std::string Engine::Describe() const {
                     " routed experts, ", topology::FormatBytes(info.bytes_held), where,
                     ", experts ", info.variant, layers, "\n");
   }
+  if (im.attention_device >= 0) {
+    const gpu::GpuMemoryPlan& plan = im.gpu_plan;
+    absl::StrAppend(&out, "attention: GPU cuda:", im.attention_device,
+                    " (non-expert stages; routed experts on the shards), host thread on cpus ",
+                    topology::FormatIdRanges(im.attention_arena->cpus()), "\n");
+    absl::StrAppend(&out, "kv cache: GPU, ", plan.kv_tokens, " tokens (bf16, ",
+                    topology::FormatBytes(plan.kv_bytes), ", pages of ", plan.kv_page_size,
+                    "); scheduler budget ", im.kv_budget_tokens, " tokens; context ", im.n_ctx,
+                    "; prefill chunk ", im.options.prefill_chunk, "; batch ", plan.max_batch_tokens,
+                    " tokens; caf threads ", im.caf_threads, "\n");
+    absl::StrAppend(&out, plan.ToString());
+    return out;
+  }
   absl::StrAppend(&out, "attention: cpus ", topology::FormatIdRanges(im.attention_arena->cpus()),
                   im.attention_arena->pinned() ? " (pinned)" : " (unpinned)", "\n");
   absl::StrAppend(&out, "kv cache: ", topology::FormatBytes(im.options.kv_budget_bytes), ", ",
@@ -586,6 +636,36 @@ std::string Engine::Describe() const {
                   " tokens; context ", im.n_ctx, "; prefill chunk ", im.options.prefill_chunk,
                   "; caf threads ", im.caf_threads, "\n");
   return out;
+}
+
+std::string Engine::attention_device() const {
+  return impl_->attention_device < 0 ? std::string("cpu")
+                                     : absl::StrCat("cuda:", impl_->attention_device);
+}
+
+std::optional<gpu::GpuMemoryPlan> Engine::gpu_memory_plan() const {
+  if (impl_->attention_device < 0) return std::nullopt;
+  return impl_->gpu_plan;
+}
+
+int64_t Engine::kv_budget_tokens() const { return impl_->kv_budget_tokens; }
+
+absl::StatusOr<int> ParseAttentionDevice(std::string_view device, std::string_view option) {
+  if (device.empty() || device == "cpu") return -1;
+  constexpr std::string_view kCuda = "cuda:";
+  if (device.substr(0, kCuda.size()) == kCuda) {
+    const std::string_view digits = device.substr(kCuda.size());
+    int index = 0;
+    bool ok = !digits.empty() && digits.size() <= 4;
+    for (char c : digits) {
+      if (c < '0' || c > '9') ok = false;
+      index = index * 10 + (c - '0');
+    }
+    if (ok) return index;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(std::string(option), " \"", std::string(device),
+                                                 "\" is not \"cpu\" or \"cuda:N\" (N: a CUDA "
+                                                 "device index)"));
 }
 
 const char* ExpertsBackendName(ExpertsBackend experts) {
@@ -626,10 +706,8 @@ absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& p
   }
   EngineOptions options;
   for (const ktx::v1::NodeConfig& node : parsed.config.nodes()) {
-    if (node.head() && !node.attention_device().empty() && node.attention_device() != "cpu") {
-      KTX_LOG(WARNING, "engine") << path << ": node '" << node.name() << "' asks for attention on "
-                                 << node.attention_device()
-                                 << "; the actor runtime runs attention on the CPU for now";
+    if (node.head() && !node.attention_device().empty()) {
+      options.attention_device = node.attention_device();
     }
     for (const ktx::v1::ShardConfig& shard : node.shards()) {
       ShardOptions s;

@@ -61,6 +61,7 @@
 #include "actors/remote/wire_dtype.h"
 #include "actors/rpc/security.h"
 #include "actors/shard_experts.h"
+#include "runtime/gpu/memory_plan.h"
 #include "runtime/models/activations.h"
 #include "runtime/models/deepseek2.h"
 #include "runtime/moe_backend/cpu_moe_backend.h"
@@ -111,6 +112,30 @@ struct EngineOptions {
   std::optional<topology::PlacementPlan> plan;
   topology::PlacementOptions placement;  // profile / replication for the planner
   std::vector<int> attention_cpus;       // empty: every cpu, unpinned
+  // Where the attention actor runs the non-expert stages (embedding,
+  // attention, dense layers, shared experts, routing, head): "cpu" (the CPU
+  // actor, actors/attention_actor.h, on attention_cpus) or "cuda:N" (the GPU
+  // attention actor, actors/gpu_attention_actor.h, on CUDA device N; needs a
+  // KTX_CUDA build, else Create fails with FailedPrecondition). The routed
+  // experts are computed by the shards either way. ParseAttentionDevice
+  // below checks the string.
+  std::string attention_device = "cpu";
+  // GPU attention only. experts.mode defaults to kOff here: the routed
+  // experts go to the shards (GPU expert streaming, runtime/gpu/gpu_experts.h,
+  // would send the rest with kNoExpert padding; KTX_GPU_EXPERTS overrides).
+  // Create sets device, max_batch_tokens (prefill_chunk +
+  // max_running: the largest step), max_sequences (max_running), max_context
+  // (the engine's n_ctx) and kv_tokens (the scheduler's KV budget,
+  // kv_budget_bytes / the CPU cache's bytes per token, plus one page per
+  // sequence for page rounding: so the scheduler's admission holds on the
+  // GPU); the page size, reserve and workspaces are used as given.
+  // Create fails with ResourceExhausted and the memory plan when it does not
+  // fit the device.
+  gpu::CudaModelOptions gpu = [] {
+    gpu::CudaModelOptions o;
+    o.experts.mode = gpu::GpuExpertMode::kOff;
+    return o;
+  }();
   uint64_t kv_budget_bytes = uint64_t{1} << 30;
   int64_t n_ctx = 0;            // tokens per sequence at most; 0: the model's context_length
   int64_t prefill_chunk = 128;  // N: prompt tokens per step
@@ -295,8 +320,15 @@ class Engine {
   int64_t n_ctx() const;
   bool has_tokenizer() const;
   // Shards (cpus, experts and bytes held, NUMA node, variant), attention
-  // cpus, KV budget, threads.
+  // cpus or GPU (with the GPU memory plan), KV budget, threads.
   std::string Describe() const;
+  // "cpu" or "cuda:N": where the attention actor runs.
+  std::string attention_device() const;
+  // The GPU attention actor's memory plan; nullopt with attention on the CPU.
+  std::optional<gpu::GpuMemoryPlan> gpu_memory_plan() const;
+  // The scheduler's KV budget in tokens (kv_budget_bytes / the CPU cache's
+  // bytes per token, also with attention on the GPU).
+  int64_t kv_budget_tokens() const;
 
  private:
   struct Impl;
@@ -309,11 +341,16 @@ class Engine {
 // on every cpu, unpinned.
 std::vector<ShardOptions> EvenShards(int n_shards, bool split_cpus = true);
 
+// Where attention runs, from `device` ("cpu" or empty: -1; "cuda:N": N).
+// InvalidArgument naming `option` (e.g. "--attention-device") and the
+// accepted forms otherwise.
+absl::StatusOr<int> ParseAttentionDevice(std::string_view device, std::string_view option);
+
 // The shards of a topology config (text-format ktx.v1.TopologyConfig): in
 // this one-process runtime every node's shards run here, with their names,
-// cpus and budgets (0: no budget). The head's attention_device must be "cpu"
-// or empty; "cuda:N" runs on the CPU for now, with a warning. Errors name the
-// file and line (parse) or the shard (cpu list).
+// cpus and budgets (0: no budget); attention_device is the head's ("cpu" when
+// it sets none). Errors name the file and line (parse) or the shard (cpu
+// list).
 absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& path);
 
 // The head's options for a multi-process topology (ktx-node --node NAME):
@@ -323,7 +360,8 @@ absl::StatusOr<EngineOptions> EngineOptionsFromTopologyFile(const std::string& p
 // the head and every shard node compute the same plan (ShardsFromTopology,
 // PlanShards in actors/remote/topology_shards.h); rpc_security from the
 // named node's entry (token and TLS files relative to the config's folder);
-// wire_dtype from the config's expert_wire_dtype. InvalidArgument naming the
+// wire_dtype from the config's expert_wire_dtype; attention_device from the
+// named node's attention_device. InvalidArgument naming the
 // file, line and field: `node_name` missing or not the head, a bad cpu list
 // or wire dtype, no shard at all; the token and TLS files' errors.
 absl::StatusOr<EngineOptions> EngineOptionsFromTopology(

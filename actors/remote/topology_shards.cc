@@ -119,12 +119,8 @@ absl::StatusOr<EngineOptions> EngineOptionsFromTopology(
                               "' is not the head: it hosts expert shards (ShardHost), the "
                               "engine runs on the head")}));
   }
-  if (!self->attention_device().empty() && self->attention_device() != "cpu") {
-    KTX_LOG(WARNING, "engine") << source << ": node '" << name << "' asks for attention on "
-                               << self->attention_device()
-                               << "; the actor runtime runs attention on the CPU for now";
-  }
   EngineOptions options;
+  if (!self->attention_device().empty()) options.attention_device = self->attention_device();
   KTX_ASSIGN_OR_RETURN(options.shards, ShardsFromTopology(parsed, name));
   if (options.shards.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": the topology has no expert shard"));

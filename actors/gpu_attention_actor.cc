@@ -1,0 +1,525 @@
+#include "actors/gpu_attention_actor.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+#if KTX_ACTORS_CUDA
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "actors/cpu_arena.h"
+#include "actors/moe_combine.h"
+#include "actors/remote/wire_dtype.h"
+#include "actors/status_bridge.h"
+#include "caf/actor_cast.hpp"
+#include "caf/actor_system.hpp"
+#include "caf/after.hpp"
+#include "caf/scoped_actor.hpp"
+#include "caf/send.hpp"
+#include "caf/stateful_actor.hpp"
+#include "caf/system_messages.hpp"
+#include "caf/typed_event_based_actor.hpp"
+#include "caf/typed_response_promise.hpp"
+#include "runtime/base/status.h"
+#include "runtime/gpu/cuda_buffers.h"
+#include "runtime/gpu/cuda_deepseek2.h"
+
+namespace ktx::actors {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using models::Activations;
+
+constexpr int32_t kStepDone = 3;  // the step's job is done (same value as the CPU actor's)
+
+int64_t Micros(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(to - from).count();
+}
+
+// Shared by the actor and its running job (the job may outlive the actor).
+struct Core {
+  std::shared_ptr<const models::Deepseek2Model> model;  // outlives `gpu` (member order)
+  std::unique_ptr<gpu::CudaDeepseek2> gpu;
+  caf::actor_system* system = nullptr;
+  router_actor router;
+  int device = 0;
+  bool bf16_expert_input = false;
+  int n_shards = 0;
+  std::chrono::milliseconds moe_deadline{120000};
+};
+
+// One step in flight. The actor fills it before the job starts and reads it
+// after the job posted kStepDone; in between only the job touches it.
+struct Step {
+  uint64_t step = 0;
+  std::vector<StepSlice> slices;
+  std::vector<gpu::SequenceId> ids;  // [slices] GPU sequence of each valid slice
+  std::vector<int> active;           // slices that go to the GPU, ascending
+  std::vector<absl::Status> status;  // [slices]
+  std::vector<Tensor> logits;        // [slices]
+  Clock::time_point start;
+  StepProfile prof;
+};
+
+// The routed experts of one MoE layer through the router, from the arena
+// thread: `self` is the job's hidden scoped actor, monitoring the router.
+class MoeClient {
+ public:
+  MoeClient(Core& core, Step& step, std::vector<int64_t> row_begin, std::vector<int64_t> row_count)
+      : core_(core),
+        step_(step),
+        row_begin_(std::move(row_begin)),
+        row_count_(std::move(row_count)),
+        last_(Clock::now()) {
+    any_policy_ = core_.model->routing_policy() != nullptr;
+    for (size_t i = 0; i < step_.active.size(); ++i) {
+      const models::RoutingPolicy* policy = step_.slices[step_.active[i]].routing_policy.get();
+      any_policy_ = any_policy_ || policy != nullptr;
+      row_policies_.push_back({row_begin_[i], row_begin_[i] + row_count_[i], policy});
+    }
+    if (core_.router) {
+      self_.emplace(*core_.system, /*hide=*/true);
+      (*self_)->monitor(core_.router);
+    }
+  }
+
+  absl::Status RoutedExperts(int il, const Activations& h, const models::Routing& routing,
+                             Activations* routed) {
+    const Clock::time_point t_ready = Clock::now();
+    LayerTiming& timing = step_.prof.layers[il];
+    timing.attention_us += Micros(last_, t_ready);
+    {
+      const int64_t n_expert = core_.model->hparams().n_expert;
+      std::vector<uint8_t> used(static_cast<size_t>(std::max<int64_t>(n_expert, 0)), 0);
+      for (int32_t e : routing.expert_ids) {
+        if (e >= 0 && e < n_expert) used[e] = 1;
+      }
+      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
+    }
+    if (!self_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("layer ", il, " is a MoE layer but the engine has no router"));
+    }
+    if (!router_down_.empty()) {
+      return absl::UnavailableError(absl::StrCat("the router is down (", router_down_, ")"));
+    }
+    const int64_t n = h.n_tokens();
+    const int64_t n_embd = h.n_cols();
+    MoeWork work;
+    work.il = il;
+    {
+      Activations copy = h;  // the shards read it asynchronously: a buffer of its own
+      if (core_.bf16_expert_input) {
+        float* v = copy.data();
+        for (int64_t i = 0; i < n * n_embd; ++i) v[i] = RoundToWireBf16(v[i]);
+      }
+      work.h = Tensor::Wrap(std::move(copy));
+    }
+    if (any_policy_) {
+      // The GPU routed the batch full: each slice's top-k policy (or the
+      // model's), by the function the CPU attention actor uses too.
+      models::Routing reduced = routing;
+      models::ApplyRoutingPolicies(core_.model->hparams().routing(), il, row_policies_,
+                                   core_.model->routing_policy(), &reduced);
+      work.n_expert_used = reduced.n_expert_used;
+      work.expert_ids = std::move(reduced.expert_ids);
+      work.weights = std::move(reduced.weights);
+    } else {
+      work.n_expert_used = routing.n_expert_used;
+      work.expert_ids = routing.expert_ids;
+      work.weights = routing.weights;
+    }
+    caf::scoped_actor& self = *self_;
+    // An async send: the router's answer comes back as an ordinary message.
+    // Requests of one job are strictly sequential (each is answered or the
+    // step ends), so the next MoeResult in this mailbox is this layer's.
+    self->send(caf::actor_cast<caf::actor>(core_.router), moe_atom::value, std::move(work));
+    MoeResult result;
+    absl::Status wait;
+    self->receive([&](MoeResult& r) { result = std::move(r); },
+                  [&](caf::down_msg& msg) {
+                    router_down_ = caf::to_string(msg.reason);
+                    wait = absl::UnavailableError(absl::StrCat("the router is down (", router_down_,
+                                                               ") while layer ", il,
+                                                               " waited for its routed experts"));
+                  },
+                  [&](caf::error& error) {
+                    const absl::Status inner = FromCafError(error);
+                    wait = absl::Status(inner.code(),
+                                        absl::StrCat("router, layer ", il, ": ", inner.message()));
+                  },
+                  caf::after(core_.moe_deadline) >>
+                      [&] {
+                        wait = absl::DeadlineExceededError(
+                            absl::StrCat("the router did not answer the routed experts of layer ",
+                                         il, " within ", core_.moe_deadline.count(), " ms"));
+                      });
+    if (!wait.ok()) return wait;
+    const Clock::time_point t_result = Clock::now();
+    // Rows the router could not serve fail their slices; they get zeros.
+    if (!result.failed_rows.empty()) {
+      for (int i : SlicesOwningRows(result.failed_rows, row_begin_, row_count_)) {
+        absl::Status& status = step_.status[step_.active[i]];
+        if (status.ok()) status = ToStatus(result.code, result.message);
+      }
+    }
+    Activations scratch;
+    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, &scratch);
+    if (sum == &scratch) {
+      *routed = std::move(scratch);
+    } else {
+      *routed = *sum;
+    }
+    for (int32_t row : result.failed_rows) {
+      if (row >= 0 && row < n) std::fill(routed->row(row), routed->row(row) + n_embd, 0.0f);
+    }
+    const int64_t moe_us = Micros(t_ready, t_result);
+    const std::vector<int64_t> shard_us = ShardComputeUs(result.parts, core_.n_shards);
+    int64_t critical = 0;
+    for (size_t s = 0; s < shard_us.size(); ++s) {
+      critical = std::max(critical, shard_us[s]);
+      if (s < timing.shard_us.size()) timing.shard_us[s] += shard_us[s];
+    }
+    timing.moe_us += moe_us;
+    timing.experts_us += critical;
+    timing.dispatch_us += std::max<int64_t>(0, moe_us - critical);
+    last_ = Clock::now();
+    timing.combine_us += Micros(t_result, last_);
+    return absl::OkStatus();
+  }
+
+  Clock::time_point last() const { return last_; }
+
+ private:
+  Core& core_;
+  Step& step_;
+  const std::vector<int64_t> row_begin_;  // [active] first batch row of each active slice
+  const std::vector<int64_t> row_count_;  // [active]
+  Clock::time_point last_;                // when the previous hook returned (or the job began)
+  std::optional<caf::scoped_actor> self_;
+  std::string router_down_;
+  bool any_policy_ = false;                      // a slice or the model has a routing policy
+  std::vector<models::RowPolicy> row_policies_;  // [active] each slice's rows and policy
+};
+
+void Post(const attention_actor& me, uint64_t step) {
+  caf::anon_send(me, stage_atom::value, step, kStepDone);
+}
+
+// The job: one ForwardBatch over the active slices, commits, logits per slice.
+void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
+             const attention_actor& me) {
+  Step& st = *step;
+  const int64_t n_vocab = core->model->hparams().n_vocab;
+  std::vector<gpu::CudaDeepseek2::BatchEntry> entries;
+  std::vector<int64_t> row_begin, row_count;
+  int64_t n_rows = 0;
+  for (int s : st.active) {
+    const StepSlice& slice = st.slices[s];
+    const bool all = static_cast<SliceLogits>(slice.logits) == SliceLogits::kAll;
+    entries.push_back(
+        {st.ids[s], slice.tokens, all ? models::LogitsRows::kAll : models::LogitsRows::kLast});
+    row_begin.push_back(n_rows);
+    row_count.push_back(static_cast<int64_t>(slice.tokens.size()));
+    n_rows += static_cast<int64_t>(slice.tokens.size());
+  }
+  st.prof.n_rows = n_rows;
+  absl::Status status = gpu::CudaOk(cudaSetDevice(core->device), "cudaSetDevice");
+  Clock::time_point last = Clock::now();
+  Activations logits;
+  {
+    MoeClient client(*core, st, row_begin, row_count);
+    gpu::CudaDeepseek2::ForwardHooks hooks;
+    hooks.commit = false;
+    hooks.routed_experts = [&client](int il, const Activations& h, const models::Routing& routing,
+                                     Activations* routed) {
+      return client.RoutedExperts(il, h, routing, routed);
+    };
+    if (status.ok()) status = core->gpu->ForwardBatch(entries, &logits, hooks);
+    last = client.last();
+  }
+  if (!status.ok()) {
+    for (int s : st.active) {
+      if (st.status[s].ok()) st.status[s] = status;
+    }
+  } else {
+    int64_t row = 0;
+    for (int s : st.active) {
+      const StepSlice& slice = st.slices[s];
+      const auto want = static_cast<SliceLogits>(slice.logits);
+      const int64_t n_out =
+          want == SliceLogits::kAll ? static_cast<int64_t>(slice.tokens.size()) : 1;
+      if (st.status[s].ok()) {
+        if (want != SliceLogits::kNone) {
+          Activations out(n_out, n_vocab);
+          std::memcpy(out.data(), logits.row(row), sizeof(float) * n_out * n_vocab);
+          st.logits[s] = Tensor::Wrap(std::move(out));
+        }
+        st.status[s] = core->gpu->Commit(st.ids[s], static_cast<int64_t>(slice.tokens.size()));
+      }
+      row += n_out;
+    }
+  }
+  st.prof.head_us += Micros(last, Clock::now());
+  Post(me, st.step);
+}
+
+struct SeqInfo {
+  gpu::SequenceId id = -1;
+  int64_t capacity = 0;
+};
+
+struct GpuAttentionState {
+  AttentionConfig config;
+  std::shared_ptr<Core> core;
+  std::shared_ptr<Step> current;
+  caf::typed_response_promise<StepResult> promise;
+  std::deque<std::pair<StepRequest, caf::typed_response_promise<StepResult>>> queue;
+  std::set<uint64_t> deferred_free;  // freed at the end of the running step
+  std::map<uint64_t, SeqInfo> ids;   // scheduler seq -> GPU sequence
+  KvStats stats;                     // refreshed whenever no step is in flight
+  static inline const char* name = "ktx.gpu_attention";
+};
+
+using GpuAttentionPointer = attention_actor::stateful_pointer<GpuAttentionState>;
+
+// Only while no job runs (the GPU object is not thread-safe).
+void RefreshStats(GpuAttentionState& st) {
+  const gpu::PagedKvAllocator& kv = st.core->gpu->kv_allocator();
+  const gpu::GpuMemoryPlan& plan = st.core->gpu->memory_plan();
+  const uint64_t page_bytes = plan.kv_bytes_per_token * static_cast<uint64_t>(kv.page_size());
+  st.stats.budget_bytes = plan.kv_bytes;
+  st.stats.used_bytes = static_cast<uint64_t>(kv.n_pages() - kv.free_pages()) * page_bytes;
+  st.stats.n_sequences = static_cast<int64_t>(st.ids.size());
+  st.stats.free_tokens = kv.free_pages() * kv.page_size();
+}
+
+void FreeSequence(GpuAttentionState& st, uint64_t seq) {
+  auto it = st.ids.find(seq);
+  if (it == st.ids.end()) return;
+  (void)st.core->gpu->FreeSequence(it->second.id);
+  st.ids.erase(it);
+}
+
+void Start(GpuAttentionPointer self, StepRequest request,
+           caf::typed_response_promise<StepResult> promise);
+
+void FinishStep(GpuAttentionPointer self) {
+  GpuAttentionState& st = self->state;
+  std::shared_ptr<Step> step = std::move(st.current);
+  st.current.reset();
+  StepResult result;
+  result.step = step->step;
+  result.compute_us = Micros(step->start, Clock::now());
+  if (st.config.profile) {
+    step->prof.step = step->step;
+    step->prof.wall_us = result.compute_us;
+    st.config.profile->Add(std::move(step->prof));
+  }
+  for (size_t s = 0; s < step->slices.size(); ++s) {
+    SliceResult slice;
+    slice.seq = step->slices[s].seq;
+    const absl::Status& status = step->status[s];
+    if (!status.ok()) {
+      slice.code = static_cast<int32_t>(status.code());
+      slice.message = std::string(status.message());
+    } else {
+      slice.logits = std::move(step->logits[s]);
+    }
+    result.slices.push_back(std::move(slice));
+  }
+  st.promise.deliver(std::move(result));
+  for (uint64_t seq : st.deferred_free) FreeSequence(st, seq);
+  st.deferred_free.clear();
+  RefreshStats(st);
+  if (!st.queue.empty()) {
+    auto next = std::move(st.queue.front());
+    st.queue.pop_front();
+    Start(self, std::move(next.first), std::move(next.second));
+  }
+}
+
+// Checks the slices, adds new sequences; the valid ones become `active`.
+void Start(GpuAttentionPointer self, StepRequest request,
+           caf::typed_response_promise<StepResult> promise) {
+  GpuAttentionState& st = self->state;
+  gpu::CudaDeepseek2& gpu = *st.core->gpu;
+  const models::Deepseek2Hparams& hp = st.core->model->hparams();
+  auto step = std::make_shared<Step>();
+  step->start = Clock::now();
+  step->step = request.step;
+  step->slices = std::move(request.slices);
+  const size_t n = step->slices.size();
+  step->ids.assign(n, -1);
+  step->status.assign(n, absl::OkStatus());
+  step->logits.resize(n);
+  std::set<uint64_t> seen;
+  for (size_t s = 0; s < n; ++s) {
+    const StepSlice& slice = step->slices[s];
+    absl::Status& status = step->status[s];
+    if (!seen.insert(slice.seq).second) {
+      status = absl::InvalidArgumentError(
+          absl::StrCat("sequence ", slice.seq, " appears twice in step ", request.step));
+      continue;
+    }
+    if (slice.tokens.empty()) {
+      status = absl::InvalidArgumentError(
+          absl::StrCat("sequence ", slice.seq, ": empty token slice in step ", request.step));
+      continue;
+    }
+    for (size_t t = 0; t < slice.tokens.size() && status.ok(); ++t) {
+      if (slice.tokens[t] < 0 || slice.tokens[t] >= hp.n_vocab) {
+        status = absl::OutOfRangeError(
+            absl::StrCat("sequence ", slice.seq, ": token ", t, " has id ", slice.tokens[t],
+                         ", outside the vocabulary [0, ", hp.n_vocab, ")"));
+      }
+    }
+    if (!status.ok()) continue;
+    {
+      const models::RoutingPolicy* policy = slice.routing_policy.get();
+      if (policy == nullptr) policy = st.core->model->routing_policy();
+      if (policy != nullptr && policy->HasDeferral()) {
+        status = absl::UnimplementedError(
+            absl::StrCat("sequence ", slice.seq, ": routing policy '", policy->ToString(),
+                         "' defers experts, which runs only with attention on the CPU for now"));
+        continue;
+      }
+    }
+    if (slice.new_capacity > 0) {
+      if (st.ids.count(slice.seq)) {
+        status = absl::AlreadyExistsError(
+            absl::StrCat("sequence ", slice.seq, " already has a KV cache"));
+        continue;
+      }
+      absl::StatusOr<gpu::SequenceId> id = gpu.AddSequence(slice.new_capacity);
+      if (!id.ok()) {
+        status = absl::Status(id.status().code(), absl::StrCat("sequence ", slice.seq, ": GPU ",
+                                                               id.status().message()));
+        continue;
+      }
+      st.ids[slice.seq] = SeqInfo{*id, slice.new_capacity};
+    }
+    auto it = st.ids.find(slice.seq);
+    if (it == st.ids.end()) {
+      status = absl::NotFoundError(absl::StrCat("sequence ", slice.seq, " has no KV cache"));
+      continue;
+    }
+    const absl::StatusOr<int64_t> length = gpu.SequenceLength(it->second.id);
+    if (!length.ok()) {
+      status = length.status();
+      continue;
+    }
+    const int64_t want = *length + static_cast<int64_t>(slice.tokens.size());
+    if (want > it->second.capacity) {
+      status = absl::ResourceExhaustedError(
+          absl::StrCat("sequence ", slice.seq, ": its KV cache holds ", it->second.capacity,
+                       " tokens; ", *length, " + ", slice.tokens.size(), " requested"));
+      continue;
+    }
+    step->ids[s] = it->second.id;
+    step->active.push_back(static_cast<int>(s));
+  }
+  step->prof.layers.resize(static_cast<size_t>(hp.n_layer));
+  for (LayerTiming& layer : step->prof.layers) {
+    layer.shard_us.assign(static_cast<size_t>(std::max(st.config.n_shards, 0)), 0);
+  }
+  st.current = step;
+  st.promise = std::move(promise);
+  if (step->active.empty()) {
+    FinishStep(self);
+    return;
+  }
+  attention_actor me = caf::actor_cast<attention_actor>(self);
+  st.config.arena->Submit([core = st.core, step, me] { RunStep(core, step, me); });
+}
+
+attention_actor::behavior_type GpuAttentionBehavior(GpuAttentionPointer self,
+                                                    AttentionConfig config,
+                                                    std::shared_ptr<Core> core) {
+  self->state.config = std::move(config);
+  self->state.core = std::move(core);
+  RefreshStats(self->state);
+  return {
+      [self](step_atom, StepRequest& request) -> caf::typed_response_promise<StepResult> {
+        GpuAttentionState& st = self->state;
+        auto promise = self->make_response_promise<StepResult>();
+        if (st.current) {
+          st.queue.emplace_back(std::move(request), promise);
+        } else {
+          Start(self, std::move(request), promise);
+        }
+        return promise;
+      },
+      [self](kv_free_atom, uint64_t seq) {
+        GpuAttentionState& st = self->state;
+        if (st.current) {
+          st.deferred_free.insert(seq);  // the job uses the GPU object now
+          return;
+        }
+        FreeSequence(st, seq);
+        RefreshStats(st);
+      },
+      [self](kv_stats_atom) { return self->state.stats; },
+      [self](stage_atom, uint64_t step, int32_t stage) {
+        GpuAttentionState& st = self->state;
+        if (!st.current || st.current->step != step || stage != kStepDone) return;
+        FinishStep(self);
+      },
+  };
+}
+
+}  // namespace
+
+bool GpuAttentionAvailable() { return true; }
+
+absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system& system, AttentionConfig config,
+                                                  GpuAttentionOptions options,
+                                                  gpu::GpuMemoryPlan* plan) {
+  if (config.model == nullptr || config.arena == nullptr) {
+    return absl::InvalidArgumentError("GPU attention actor: no model or no cpu arena");
+  }
+  if (options.moe_deadline.count() <= 0) {
+    return absl::InvalidArgumentError("GPU attention actor: moe_deadline must be positive");
+  }
+  auto core = std::make_shared<Core>();
+  core->model = config.model;
+  KTX_ASSIGN_OR_RETURN(core->gpu, gpu::CudaDeepseek2::Create(*config.model, options.gpu));
+  if (plan != nullptr) *plan = core->gpu->memory_plan();
+  core->system = &system;
+  core->router = config.router;
+  core->device = options.gpu.device;
+  core->bf16_expert_input = config.bf16_expert_input;
+  core->n_shards = config.n_shards;
+  core->moe_deadline = options.moe_deadline;
+  return system.spawn(GpuAttentionBehavior, std::move(config), std::move(core));
+}
+
+}  // namespace ktx::actors
+
+#else  // !KTX_ACTORS_CUDA
+
+namespace ktx::actors {
+
+bool GpuAttentionAvailable() { return false; }
+
+absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system&, AttentionConfig,
+                                                  GpuAttentionOptions options,
+                                                  gpu::GpuMemoryPlan*) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("attention on cuda:", options.gpu.device,
+                   " needs the GPU attention actor, but ktx was built without CUDA (configure with "
+                   "-DKTX_CUDA=ON on a machine with nvcc)"));
+}
+
+}  // namespace ktx::actors
+
+#endif  // KTX_ACTORS_CUDA
