@@ -59,7 +59,7 @@ std::vector<double> BytesPerExpert(const models::Deepseek2Model& model) {
 
 void Scale(double f, ActorStageTimes* t) {
   for (double* v : {&t->attention, &t->ffn_norm, &t->gate, &t->dense_ffn, &t->moe, &t->experts,
-                    &t->shared, &t->dispatch, &t->combine}) {
+                    &t->shared, &t->dispatch, &t->combine, &t->late_wait}) {
     *v *= f;
   }
   for (double& v : t->shards) v *= f;
@@ -75,6 +75,7 @@ void Add(const LayerTiming& l, ActorStageTimes* t) {
   t->shared += static_cast<double>(l.shared_us);
   t->dispatch += static_cast<double>(l.dispatch_us);
   t->combine += static_cast<double>(l.combine_us);
+  t->late_wait += static_cast<double>(l.late_wait_us);
   for (size_t s = 0; s < l.shard_us.size() && s < t->shards.size(); ++s) {
     t->shards[s] += static_cast<double>(l.shard_us[s]);
   }
@@ -90,6 +91,7 @@ void AddTimes(const ActorStageTimes& a, ActorStageTimes* t) {
   t->shared += a.shared;
   t->dispatch += a.dispatch;
   t->combine += a.combine;
+  t->late_wait += a.late_wait;
   for (size_t s = 0; s < a.shards.size() && s < t->shards.size(); ++s) t->shards[s] += a.shards[s];
 }
 
@@ -171,7 +173,7 @@ nlohmann::json TimesJson(const ActorStageTimes& t) {
   return {{"attention", t.attention}, {"ffn_norm", t.ffn_norm}, {"gate", t.gate},
           {"dense_ffn", t.dense_ffn}, {"moe", t.moe},           {"experts", t.experts},
           {"shared", t.shared},       {"dispatch", t.dispatch}, {"combine", t.combine},
-          {"shards", t.shards}};
+          {"late_wait", t.late_wait}, {"shards", t.shards}};
 }
 
 std::string Fmt(double v) {

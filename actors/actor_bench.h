@@ -67,6 +67,7 @@ struct ActorStageTimes {
   double shared = 0;    // overlaps moe
   double dispatch = 0;  // moe - max(experts, shared)
   double combine = 0;
+  double late_wait = 0;        // LayerTiming::late_wait_us (expert deferral joins)
   std::vector<double> shards;  // [n_shards] each shard's compute
 };
 

@@ -47,6 +47,13 @@ struct LayerTiming {
   int64_t combine_us = 0;         // Σ partials + residual add + scatter to the sequences
   std::vector<int64_t> shard_us;  // [n_shards] compute time of each shard in this layer
   int32_t distinct_experts = 0;   // routed experts the batch used (MoE layers)
+  // Expert deferral (routing_policy.h): (token, expert) entries this layer
+  // deferred to the next one, and how long this layer waited for the previous
+  // layer's deferred experts at its join point (next_attention: from the end
+  // of its attention to the join, CAF hops included; next_moe: from its own
+  // MoE being ready to the deferred result). ~0: the overlap hid them.
+  int64_t deferred_entries = 0;
+  int64_t late_wait_us = 0;
 };
 
 struct StepProfile {

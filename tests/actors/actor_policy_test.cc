@@ -107,6 +107,7 @@ class EnginePolicyTest : public ::testing::TestWithParam<Param> {
     options.experts = ExpertsBackend::kReference;  // comparable with Forward to float rounding
     options.prefill_chunk = 16;
     options.kv_budget_bytes = 64 << 20;
+    options.profile_steps = 64;
     auto engine = Engine::Create(model != nullptr ? model : FixtureModel(type), options);
     EXPECT_TRUE(engine.ok()) << engine.status();
     return engine.ok() ? std::move(*engine) : nullptr;
@@ -271,6 +272,15 @@ TEST_P(EnginePolicyTest, DeferralMatchesForward) {
     if (text == "defer=1" || text == "defer=2") {
       EXPECT_EQ(Sum(engine->RouterStats()->entries_sent),
                 static_cast<int64_t>(tokens.size()) * 4 * 2);
+      // The step profiles count them at the deferring layer (1; the last never defers).
+      int64_t deferred[3] = {0, 0, 0};
+      for (const StepProfile& p : engine->Profile()) {
+        for (int il = 0; il < 3; ++il) deferred[il] += p.layers[il].deferred_entries;
+      }
+      const int64_t d = text == "defer=1" ? 1 : 2;
+      EXPECT_EQ(deferred[0], 0);
+      EXPECT_EQ(deferred[1], static_cast<int64_t>(tokens.size()) * d);
+      EXPECT_EQ(deferred[2], 0);
     }
   }
 }
