@@ -124,20 +124,11 @@ class MoeClient {
       }
       work.h = Tensor::Wrap(std::move(copy));
     }
-    if (any_policy_) {
-      // The GPU routed the batch full: each slice's top-k policy (or the
-      // model's), by the function the CPU attention actor uses too.
-      models::Routing reduced = routing;
-      models::ApplyRoutingPolicies(core_.model->hparams().routing(), il, row_policies_,
-                                   core_.model->routing_policy(), &reduced);
-      work.n_expert_used = reduced.n_expert_used;
-      work.expert_ids = std::move(reduced.expert_ids);
-      work.weights = std::move(reduced.weights);
-    } else {
-      work.n_expert_used = routing.n_expert_used;
-      work.expert_ids = routing.expert_ids;
-      work.weights = routing.weights;
-    }
+    // The slices' policies were applied by AdjustRouting, before the GPU took
+    // its experts: `routing` is the CPU's part.
+    work.n_expert_used = routing.n_expert_used;
+    work.expert_ids = routing.expert_ids;
+    work.weights = routing.weights;
     caf::scoped_actor& self = *self_;
     // An async send: the router's answer comes back as an ordinary message.
     // Requests of one job are strictly sequential (each is answered or the
@@ -197,6 +188,17 @@ class MoeClient {
     return absl::OkStatus();
   }
 
+  // The GPU routed the batch full: each slice's top-k policy (or the model's),
+  // by the function the CPU attention actor uses too, on the full routing
+  // before CudaDeepseek2 splits it between its GPU experts and this hook.
+  // Without any policy the routing stays bitwise as routed.
+  absl::Status AdjustRouting(int il, models::Routing* routing) const {
+    if (!any_policy_) return absl::OkStatus();
+    models::ApplyRoutingPolicies(core_.model->hparams().routing(), il, row_policies_,
+                                 core_.model->routing_policy(), routing);
+    return absl::OkStatus();
+  }
+
   Clock::time_point last() const { return last_; }
 
  private:
@@ -243,6 +245,9 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
     hooks.routed_experts = [&client](int il, const Activations& h, const models::Routing& routing,
                                      Activations* routed) {
       return client.RoutedExperts(il, h, routing, routed);
+    };
+    hooks.adjust_routing = [&client](int il, models::Routing* routing) {
+      return client.AdjustRouting(il, routing);
     };
     if (status.ok()) status = core->gpu->ForwardBatch(entries, &logits, hooks);
     last = client.last();

@@ -23,11 +23,13 @@
 // going down fails the step with UNAVAILABLE, the router not answering within
 // `moe_deadline` with DEADLINE_EXCEEDED, both naming the router and layer.
 //
-// Routing policies (routing_policy.h): the GPU routes every row full; the
-// hook applies each slice's policy (or the model's) with
-// ApplyRoutingPolicies, as the CPU actor does, before the router sees the
-// rows. Expert deferral is not implemented here: a slice whose policy defers
-// fails with UNIMPLEMENTED.
+// Routing policies (routing_policy.h): the GPU routes every row full; a
+// ForwardHooks::adjust_routing hook applies each slice's policy (or the
+// model's) with ApplyRoutingPolicies, as the CPU actor does, to the FULL
+// routing before CudaDeepseek2 splits it between its GPU experts (resident
+// hot experts, streamed experts) and the routed-experts hook, so a policy
+// gives the same result whatever the split. Expert deferral is not
+// implemented here: a slice whose policy defers fails with UNIMPLEMENTED.
 //
 // Slices: new_capacity > 0 adds the sequence to the GPU KV cache; kv_free_atom
 // frees it (deferred to the end of the running step while a step is in

@@ -15,6 +15,7 @@
 #include "runtime/base/logging.h"
 #include "runtime/base/status.h"
 #include "runtime/models/reference_ops.h"
+#include "runtime/models/routing_policy.h"
 
 namespace ktx::gpu {
 
@@ -407,6 +408,38 @@ absl::Status CudaDeepseek2::Commit(SequenceId seq, int64_t n_new) {
 
 // ---- forward ----
 
+absl::Status CudaDeepseek2::AdjustRouting(int il, const ForwardHooks& hooks,
+                                          models::Routing* routing) const {
+  const int64_t n = routing->n_tokens;
+  if (hooks.adjust_routing) {
+    KTX_RETURN_IF_ERROR(hooks.adjust_routing(il, routing));
+  } else if (const models::RoutingPolicy* policy = model_.routing_policy(); policy != nullptr) {
+    if (policy->HasDeferral()) {
+      return absl::UnimplementedError(
+          absl::StrCat("routing policy '", policy->ToString(),
+                       "' defers experts, which the GPU path does not run (attention on the CPU "
+                       "does)"));
+    }
+    models::ApplyRoutingPolicies(hp_.routing(), il, {}, policy, routing);
+  }
+  const int32_t k = routing->n_expert_used;
+  if (routing->n_tokens != n || k < 1 || k > hp_.n_expert_used ||
+      routing->expert_ids.size() != static_cast<size_t>(n * k) ||
+      routing->weights.size() != routing->expert_ids.size()) {
+    return absl::InternalError(
+        absl::StrCat("layer ", il, ": the adjusted routing has ", routing->n_tokens, " tokens x ",
+                     k, " (", routing->expert_ids.size(), " ids, ", routing->weights.size(),
+                     " weights), expected ", n, " tokens x 1 .. ", hp_.n_expert_used));
+  }
+  for (int32_t e : routing->expert_ids) {
+    if (e != models::kNoExpert && (e < 0 || e >= hp_.n_expert)) {
+      return absl::InternalError(absl::StrCat("layer ", il, ": the adjusted routing names expert ",
+                                              e, ", outside [0, ", hp_.n_expert, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHooks& hooks) {
   const int64_t n = batch.n_tokens;
   const int64_t n_embd = hp_.n_embd;
@@ -467,6 +500,8 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
     routing.weights.assign(pinned_weights_.as<float>(), pinned_weights_.as<float>() + n * k_used);
+    // Routing policies act on the full top-k, before the GPU/CPU split.
+    KTX_RETURN_IF_ERROR(AdjustRouting(il, hooks, &routing));
     const models::Routing* cpu_side = &routing;
     if (stream_experts) {
       // The GPU's experts: the prefetched ones (plus, all-GPU, every other used
@@ -492,23 +527,7 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
       // The CPU's routing: the GPU's entries removed, rows compacted and padded
       // with kNoExpert (weight 0).
-      cpu_routing.n_tokens = n;
-      cpu_routing.n_expert_used = k_used;
-      cpu_routing.expert_ids.assign(n * k_used, models::kNoExpert);
-      cpu_routing.weights.assign(n * k_used, 0.0f);
-      int64_t cpu_entries = 0;
-      for (int64_t t = 0; t < n; ++t) {
-        int32_t j = 0;
-        for (int32_t k = 0; k < k_used; ++k) {
-          const int32_t e = routing.id(t, k);
-          if (e == models::kNoExpert || (e >= 0 && e < hp_.n_expert && on_gpu[e])) continue;
-          cpu_routing.expert_ids[t * k_used + j] = e;
-          cpu_routing.weights[t * k_used + j] = routing.weight(t, k);
-          ++j;
-        }
-        cpu_entries += j;
-      }
-      if (cpu_entries == 0) continue;  // every expert on the GPU
+      if (CpuPartOfRouting(routing, on_gpu, &cpu_routing) == 0) continue;  // all on the GPU
       cpu_side = &cpu_routing;
     }
     if (hooks.routed_experts) {

@@ -105,9 +105,23 @@ class CudaDeepseek2 {
   // actor, actors/gpu_attention_actor.h, sends the routed experts to its
   // expert shards through them).
   struct ForwardHooks {
+    // Adjusts the routing of MoE layer il on the host right after the GPU's
+    // full top-k was downloaded (routing [n, K] in the router's selection
+    // order), BEFORE the routed experts are split between the GPU (resident
+    // and streamed experts) and the CPU: e.g. per-slice routing policies
+    // (routing_policy.h ApplyRoutingPolicies). It may reweight entries, turn
+    // them into kNoExpert (weight 0) and narrow n_expert_used; ids must stay
+    // in [0, n_expert) or be kNoExpert. Both sides then use the adjusted
+    // routing, so the result does not depend on the split. An error fails
+    // the batch. Unset: the model's routing policy (Deepseek2Model::
+    // routing_policy(), its top-k part) when it has one, else nothing; a
+    // model policy that defers experts fails the batch (Unimplemented).
+    std::function<absl::Status(int il, models::Routing* routing)> adjust_routing;
     // Computes the routed experts of MoE layer il instead of the model's
-    // ExpertBackend: h F32 [n, n_embd] (FFN-normed), routing [n, K] ->
-    // routed F32 [n, n_embd] (resized by the hook). Called on the calling
+    // ExpertBackend: h F32 [n, n_embd] (FFN-normed), routing [n, K'] (after
+    // adjust_routing; with experts on the GPU only the CPU's entries, rows
+    // compacted and padded with kNoExpert) -> routed F32 [n, n_embd] (resized
+    // by the hook). Not called when the GPU computes every entry. Called on the calling
     // thread once h and the routing are on the host, while the shared expert
     // is already enqueued on the GPU stream (they overlap). An error fails
     // the whole batch. Unset: Deepseek2Model::RoutedExperts.
@@ -162,6 +176,9 @@ class CudaDeepseek2 {
   // hooks.routed_experts, else the model.
   absl::Status RunLayers(const GpuBatchView& batch, const ForwardHooks& hooks);
   absl::Status RunHead(std::span<const int32_t> rows, models::Activations* logits);
+  // hooks.adjust_routing (or the model's policy) on layer il's full routing,
+  // then checks its shape and ids.
+  absl::Status AdjustRouting(int il, const ForwardHooks& hooks, models::Routing* routing) const;
 
   const models::Deepseek2Model& model_;
   models::Deepseek2Hparams hp_;

@@ -157,4 +157,28 @@ std::string DescribeCostModel(const ExpertCostModel& model, const ExpertShape& s
       static_cast<int>(model.min_batch_tokens));
 }
 
+int64_t CpuPartOfRouting(const models::Routing& routing, std::span<const uint8_t> on_gpu,
+                         models::Routing* cpu) {
+  const int64_t n = routing.n_tokens;
+  const int32_t k_used = routing.n_expert_used;
+  const int64_t n_expert = static_cast<int64_t>(on_gpu.size());
+  cpu->n_tokens = n;
+  cpu->n_expert_used = k_used;
+  cpu->expert_ids.assign(static_cast<size_t>(n * k_used), models::kNoExpert);
+  cpu->weights.assign(static_cast<size_t>(n * k_used), 0.0f);
+  int64_t cpu_entries = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    int32_t j = 0;
+    for (int32_t k = 0; k < k_used; ++k) {
+      const int32_t e = routing.id(t, k);
+      if (e == models::kNoExpert || (e >= 0 && e < n_expert && on_gpu[e])) continue;
+      cpu->expert_ids[t * k_used + j] = e;
+      cpu->weights[t * k_used + j] = routing.weight(t, k);
+      ++j;
+    }
+    cpu_entries += j;
+  }
+  return cpu_entries;
+}
+
 }  // namespace ktx::gpu

@@ -29,6 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/models/moe.h"
+
 namespace ktx::gpu {
 
 struct ExpertCostModel {
@@ -88,5 +90,15 @@ int64_t BreakEvenTokens(const ExpertCostModel& model, const ExpertShape& shape,
 
 // One line: rates and per-expert times, for logs and the benchmark.
 std::string DescribeCostModel(const ExpertCostModel& model, const ExpertShape& shape);
+
+// The CPU's part of a MoE layer's routing when the experts with on_gpu[e] != 0
+// (I8 [n_expert]; resident and streamed ones) run on the GPU: `cpu` gets the
+// routing's shape, each row holding the entries whose expert is not on the
+// GPU (in order, with their weights), padded with kNoExpert (weight 0).
+// Every entry that names an expert goes to exactly one side (ids outside
+// [0, on_gpu.size()) stay on the CPU, which rejects them). Returns the CPU's
+// entries; 0 means the GPU computes the whole layer.
+int64_t CpuPartOfRouting(const models::Routing& routing, std::span<const uint8_t> on_gpu,
+                         models::Routing* cpu);
 
 }  // namespace ktx::gpu

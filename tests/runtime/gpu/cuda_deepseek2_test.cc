@@ -29,6 +29,7 @@
 #include "nlohmann/json.hpp"
 #include "runtime/kv_cache/latent_kv_cache.h"
 #include "runtime/models/deepseek2.h"
+#include "runtime/models/routing_policy.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace ktx::gpu {
@@ -475,6 +476,95 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
   EXPECT_EQ((*off)->expert_streamer(), nullptr);
   EXPECT_EQ((*off)->SetExpertMode(GpuExpertMode::kAllGpu).code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+// Routing policies act on the FULL top-k before the routed experts are split
+// between the GPU and the CPU (ForwardHooks::adjust_routing): with every
+// routed expert on the GPU (kAllGpu) and with a cost-model split (kAuto), a
+// reduced and an adaptive top-k give the logits of the all-CPU path under the
+// same policy. The policy really changes the logits (a GPU computing the full
+// top-k fails the comparison), the CPU hook sees only the CPU's entries, and
+// the model's own policy (no hook) is the hook's result bit for bit.
+TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
+  unsetenv("KTX_GPU_EXPERTS");
+  unsetenv("KTX_GPU_EXPERTS_CPU");
+  if (gpu_->expert_streamer() == nullptr) {
+    GTEST_SKIP() << "routed experts of this file cannot be streamed (see the log)";
+  }
+  const models::Deepseek2Hparams& hp = model_->hparams();
+  // The split model: as in RoutedExpertsOnGpuMatchTheCpuPath, about half of
+  // the experts on each side.
+  const ExpertCostModel& m = gpu_->expert_cost_model();
+  CudaModelOptions o = TestOptions();
+  o.experts.mode = GpuExpertMode::kAuto;
+  o.experts.min_batch_tokens = 1;
+  o.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
+                                  2e3 * m.gpu_layer_fixed_s / hp.n_expert;
+  o.experts.cpu_expert_per_token_us = 1e-3;
+  auto split_gpu = CudaDeepseek2::Create(*model_, o);
+  ASSERT_TRUE(split_gpu.ok()) << split_gpu.status();
+
+  // One forward pass of the prompt; *cpu_entries: the entries the CPU hook got.
+  auto run = [&](CudaDeepseek2& gpu, GpuExpertMode mode, const models::RoutingPolicy* policy,
+                 Activations* logits, int64_t* cpu_entries) {
+    ASSERT_TRUE(gpu.SetExpertMode(mode).ok());
+    *cpu_entries = 0;
+    CudaDeepseek2::ForwardHooks hooks;
+    if (policy != nullptr) {
+      hooks.adjust_routing = [&hp, policy](int il, models::Routing* routing) {
+        models::ApplyRoutingPolicies(hp.routing(), il, {}, policy, routing);
+        return absl::OkStatus();
+      };
+    }
+    hooks.routed_experts = [&](int il, const Activations& h, const models::Routing& routing,
+                               Activations* routed) {
+      for (int32_t e : routing.expert_ids) *cpu_entries += e != models::kNoExpert;
+      return model_->RoutedExperts(il, h, routing, {}, routed);
+    };
+    auto seq = gpu.AddSequence(128);
+    ASSERT_TRUE(seq.ok());
+    const CudaDeepseek2::BatchEntry entry{*seq, prompt_, LogitsRows::kAll};
+    ASSERT_TRUE(
+        gpu.ForwardBatch(std::span<const CudaDeepseek2::BatchEntry>(&entry, 1), logits, hooks)
+            .ok());
+    ASSERT_TRUE(gpu.FreeSequence(*seq).ok());
+  };
+  Activations full;
+  int64_t full_entries = 0;
+  run(*gpu_, GpuExpertMode::kAllCpu, nullptr, &full, &full_entries);
+  const models::RoutingPolicy policies[] = {
+      models::RoutingPolicy::TopK(std::max(1, hp.n_expert_used / 2)),
+      models::RoutingPolicy::Adaptive(0.6, 1)};
+  for (const models::RoutingPolicy& policy : policies) {
+    SCOPED_TRACE(policy.ToString());
+    Activations cpu, all_gpu, split;
+    int64_t cpu_entries = 0, all_gpu_entries = 0, split_entries = 0;
+    run(*gpu_, GpuExpertMode::kAllCpu, &policy, &cpu, &cpu_entries);
+    EXPECT_LT(cpu_entries, full_entries) << "the policy dropped no expert";
+    const RowAgreement changed = CompareRows(cpu, full);
+    std::printf("[ measured ] %s: %s vs full routing (all CPU): median row rel L2 %.2e\n",
+                GetParam().c_str(), policy.ToString().c_str(), changed.median);
+    EXPECT_GT(changed.median, 2e-2) << "the policy hardly changes the logits: the test "
+                                       "could not tell a GPU that ignores it";
+    run(*gpu_, GpuExpertMode::kAllGpu, &policy, &all_gpu, &all_gpu_entries);
+    EXPECT_EQ(all_gpu_entries, 0) << "all-GPU mode gave the CPU entries";
+    ExpectAgree(CompareRows(all_gpu, cpu), "policy, all routed experts on the GPU vs CPU",
+                GetParam());
+    const int64_t before = (*split_gpu)->expert_streamer()->stats().experts_computed;
+    run(**split_gpu, GpuExpertMode::kAuto, &policy, &split, &split_entries);
+    EXPECT_GT((*split_gpu)->expert_streamer()->stats().experts_computed, before);
+    EXPECT_GT(split_entries, 0);
+    EXPECT_LT(split_entries, cpu_entries);
+    ExpectAgree(CompareRows(split, cpu), "policy, CPU/GPU split vs CPU", GetParam());
+    // The model's own policy, no hook: the same routing bit for bit.
+    ASSERT_TRUE(model_->SetRoutingPolicy(std::make_shared<models::RoutingPolicy>(policy)).ok());
+    Activations own;
+    int64_t own_entries = 0;
+    run(*gpu_, GpuExpertMode::kAllCpu, nullptr, &own, &own_entries);
+    ASSERT_TRUE(model_->SetRoutingPolicy(nullptr).ok());
+    EXPECT_EQ(own_entries, cpu_entries);
+    EXPECT_EQ(own.values(), cpu.values());
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaDeepseek2Test, ::testing::Values("bf16", "q8_0", "q4_k_m"));

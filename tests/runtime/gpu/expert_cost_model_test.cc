@@ -9,6 +9,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -171,6 +172,83 @@ TEST(ExpertCostModel, UniformCountsSumToTheSelections) {
   }
   const std::vector<int64_t> c = UniformTokensPerExpert(2, 6, 4);  // K > E / ... capped at n
   for (int64_t v : c) EXPECT_LE(v, 2);
+}
+
+}  // namespace
+}  // namespace ktx::gpu
+
+namespace ktx::gpu {
+namespace {
+
+// The CPU's part of a routing: every entry naming an expert lands on exactly
+// one side (the GPU's experts by on_gpu, the CPU's in its row in order, with
+// its weight), CPU rows are compacted and padded with kNoExpert, on narrow
+// (policy-reduced) and padded routings of awkward sizes.
+TEST(CpuPartOfRoutingTest, EveryEntryLandsOnExactlyOneSide) {
+  std::mt19937 rng(20261126);
+  for (const int32_t k_used : {1, 3, 8}) {
+    for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{33}}) {
+      const int32_t n_expert = 13;
+      models::Routing routing;
+      routing.n_tokens = n;
+      routing.n_expert_used = k_used;
+      for (int64_t t = 0; t < n; ++t) {
+        std::vector<int32_t> ids(n_expert);
+        std::iota(ids.begin(), ids.end(), 0);
+        std::shuffle(ids.begin(), ids.end(), rng);
+        const int32_t kept = 1 + static_cast<int32_t>(rng() % k_used);  // the rest: padding
+        for (int32_t k = 0; k < k_used; ++k) {
+          routing.expert_ids.push_back(k < kept ? ids[k] : models::kNoExpert);
+          routing.weights.push_back(k < kept ? 0.01f * (1 + rng() % 97) : 0.0f);
+        }
+      }
+      std::vector<uint8_t> on_gpu(n_expert);
+      for (uint8_t& g : on_gpu) g = rng() % 3 == 0;
+      models::Routing cpu;
+      const int64_t cpu_entries = CpuPartOfRouting(routing, on_gpu, &cpu);
+      ASSERT_EQ(cpu.n_tokens, n);
+      ASSERT_EQ(cpu.n_expert_used, k_used);
+      ASSERT_EQ(cpu.expert_ids.size(), routing.expert_ids.size());
+      int64_t counted = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        // Independent: the row's CPU entries in order, then padding.
+        std::vector<std::pair<int32_t, float>> want;
+        int64_t gpu_side = 0, named = 0;
+        for (int32_t k = 0; k < k_used; ++k) {
+          const int32_t e = routing.id(t, k);
+          if (e == models::kNoExpert) continue;
+          ++named;
+          if (on_gpu[e]) {
+            ++gpu_side;
+          } else {
+            want.emplace_back(e, routing.weight(t, k));
+          }
+        }
+        for (int32_t k = 0; k < k_used; ++k) {
+          if (k < static_cast<int32_t>(want.size())) {
+            EXPECT_EQ(cpu.id(t, k), want[k].first) << "token " << t << " entry " << k;
+            EXPECT_EQ(cpu.weight(t, k), want[k].second);
+          } else {
+            EXPECT_EQ(cpu.id(t, k), models::kNoExpert);
+            EXPECT_EQ(cpu.weight(t, k), 0.0f);
+          }
+        }
+        EXPECT_EQ(gpu_side + static_cast<int64_t>(want.size()), named);
+        counted += static_cast<int64_t>(want.size());
+      }
+      EXPECT_EQ(cpu_entries, counted);
+    }
+  }
+  // Everything on the GPU: nothing left for the CPU.
+  models::Routing routing;
+  routing.n_tokens = 2;
+  routing.n_expert_used = 2;
+  routing.expert_ids = {0, 1, 1, models::kNoExpert};
+  routing.weights = {0.5f, 0.5f, 1.0f, 0.0f};
+  const std::vector<uint8_t> all = {1, 1};
+  models::Routing cpu;
+  EXPECT_EQ(CpuPartOfRouting(routing, all, &cpu), 0);
+  EXPECT_EQ(cpu.expert_ids, std::vector<int32_t>(4, models::kNoExpert));
 }
 
 }  // namespace
