@@ -52,6 +52,25 @@ absl::Status ValidateInputs(const ModelExpertTable& model, const std::vector<Sha
           absl::StrCat(where, ": the weights sum to ", sum, " (expected a positive finite sum)"));
     }
   }
+  for (const auto& [il, ids] : options.excluded) {
+    const std::string where = absl::StrCat("excluded experts, layer ", il);
+    if (il < 0 || il >= model.n_layer || !model.layers[il].is_moe) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": not a MoE layer of the model (", model.n_layer, " layers)"));
+    }
+    std::vector<int> sorted = ids;
+    std::sort(sorted.begin(), sorted.end());
+    for (size_t i = 0; i < sorted.size(); ++i) {
+      if (sorted[i] < 0 || sorted[i] >= model.layers[il].n_expert) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": expert ", sorted[i], " outside [0, ", model.layers[il].n_expert, ")"));
+      }
+      if (i > 0 && sorted[i] == sorted[i - 1]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": expert ", sorted[i], " given twice"));
+      }
+    }
+  }
   const ReplicationOptions& rep = options.replication;
   if (rep.n_hot < 0) {
     return absl::InvalidArgumentError(
@@ -73,21 +92,31 @@ absl::Status ValidateInputs(const ModelExpertTable& model, const std::vector<Sha
 
 // Plans one layer into `plan`, updating the shards' bytes, loads and experts.
 void PlanLayer(int il, const LayerExperts& layer, const std::vector<double>* profile,
-               const ReplicationOptions& rep, PlacementPlan* plan) {
+               const ReplicationOptions& rep, const std::vector<int>* excluded,
+               PlacementPlan* plan) {
   const int n_shard = static_cast<int>(plan->shards.size());
-  const int n = layer.n_expert;
+  const int n_expert = layer.n_expert;
   const uint64_t b = layer.bytes_per_expert;
   LayerPlacement& out = plan->layers[il];
-  out.shards_of_expert.assign(n, {});
-  out.weight.assign(n, 1.0);
+  out.shards_of_expert.assign(n_expert, {});
+  out.weight.assign(n_expert, 1.0);
   if (profile != nullptr) {
     const double sum = std::accumulate(profile->begin(), profile->end(), 0.0);
-    for (int e = 0; e < n; ++e) out.weight[e] = (*profile)[e] * n / sum;
+    for (int e = 0; e < n_expert; ++e) out.weight[e] = (*profile)[e] * n_expert / sum;
   }
+  // The experts the shards hold: all but the excluded ones, ascending.
+  std::vector<uint8_t> skip(n_expert, 0);
+  if (excluded != nullptr) {
+    for (int e : *excluded) skip[e] = 1;
+  }
+  std::vector<int> placed;
+  for (int e = 0; e < n_expert; ++e) {
+    if (!skip[e]) placed.push_back(e);
+  }
+  const int n = static_cast<int>(placed.size());
 
   // Expert order: heaviest first, ties by lower id (stable over equal weights).
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
+  std::vector<int> order = placed;
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int c) { return out.weight[a] > out.weight[c]; });
   const int n_hot = profile != nullptr && rep.n_copies > 1 ? std::min(rep.n_hot, n) : 0;
@@ -123,9 +152,9 @@ void PlanLayer(int il, const LayerExperts& layer, const std::vector<double>* pro
     load[s] += out.weight[e] / copies;
   };
   if (profile == nullptr) {
-    int e = 0;
+    int i = 0;
     for (int s = 0; s < n_shard; ++s) {
-      for (int k = 0; k < quota[s]; ++k) place(e++, s, 1);
+      for (int k = 0; k < quota[s]; ++k) place(placed[i++], s, 1);
     }
   } else {
     for (int h = 0; h < n_hot; ++h) {
@@ -166,7 +195,7 @@ void PlanLayer(int il, const LayerExperts& layer, const std::vector<double>* pro
       place(e, best, 1);
     }
   }
-  for (int e = 0; e < n; ++e)
+  for (int e = 0; e < n_expert; ++e)
     std::sort(out.shards_of_expert[e].begin(), out.shards_of_expert[e].end());
   if (n_hot > 0) plan->n_replicated += n_hot;
 
@@ -177,7 +206,7 @@ void PlanLayer(int il, const LayerExperts& layer, const std::vector<double>* pro
     shard.load += load[s];
     shard.layer_load[il] = load[s];
   }
-  for (int e = 0; e < n; ++e) {
+  for (int e = 0; e < n_expert; ++e) {
     for (int s : out.shards_of_expert[e]) plan->shards[s].experts[il].push_back(e);
   }
   for (int s = 0; s < n_shard; ++s) {
@@ -310,8 +339,9 @@ absl::StatusOr<PlacementPlan> ComputeExpertPlacement(const ModelExpertTable& mod
   for (int il = 0; il < model.n_layer; ++il) {
     if (!model.layers[il].is_moe) continue;
     auto it = options.profile.weights.find(il);
+    auto ex = options.excluded.find(il);
     PlanLayer(il, model.layers[il], it == options.profile.weights.end() ? nullptr : &it->second,
-              options.replication, &plan);
+              options.replication, ex == options.excluded.end() ? nullptr : &ex->second, &plan);
   }
   for (size_t s = 0; s < plan.shards.size(); ++s) {
     const ShardPlacement& shard = plan.shards[s];

@@ -101,12 +101,19 @@ struct ReplicationOptions {
 struct PlacementOptions {
   ExpertProfile profile;  // empty: every expert weighs the same
   ReplicationOptions replication;
+  // Experts served elsewhere, held by no shard (the hot experts resident on
+  // the attention GPU, gpu_hot_experts.h): il -> distinct ids of MoE layer
+  // il. They get no slot and no load (shards_of_expert[e] stays empty, their
+  // weight is still reported); the other experts are planned as above, and
+  // replication takes the hottest experts that remain.
+  std::map<int, std::vector<int>> excluded;
 };
 
 // Where the experts of one layer live.
 struct LayerPlacement {
   // [n_expert] -> ascending indices of the shards holding the expert; empty
-  // for dense layers. One entry per expert unless it is replicated.
+  // for dense layers and for excluded experts. One entry per expert unless
+  // it is replicated.
   std::vector<std::vector<int>> shards_of_expert;
   // [n_expert] the expert's weight scaled to mean 1 (all 1 without a profile).
   std::vector<double> weight;
@@ -139,7 +146,7 @@ struct PlacementPlan {
   std::vector<ShardPlacement> shards;  // in the order given
   uint64_t total_bytes = 0;            // sum of shard bytes (replicas included)
   uint64_t budget_bytes = kNoBudget;   // sum of budgets (kNoBudget if any has none)
-  double total_load = 0;               // sum of shard loads (= number of MoE experts)
+  double total_load = 0;               // sum of shard loads (= number of placed MoE experts)
   int n_replicated = 0;                // experts (over all layers) with more than one copy
   // Shards over budget, ascending index. Non-empty only from
   // ComputeExpertPlacement when the experts do not fit.
