@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -287,6 +288,13 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
   }
   result.model = bench::BenchModelJson(model);
   result.load = {{"shards", n_shards}, {"repacked_bytes", held}, {"repack_seconds", 0.0}};
+  result.load["attention_device"] = engine.attention_device();
+  if (const std::optional<gpu::GpuMemoryPlan> plan = engine.gpu_memory_plan()) {
+    result.load["gpu_kv_tokens"] = plan->kv_tokens;
+    result.load["gpu_weight_bytes"] = plan->weight_bytes();
+    result.load["gpu_total_bytes"] = plan->total_bytes();
+    result.load["gpu_max_batch_tokens"] = plan->max_batch_tokens;
+  }
   if (!out.shards.empty()) {
     result.load["decode_layout"] = out.shards[0].backend.decode_layout;
     result.load["prefill_form"] = out.shards[0].backend.prefill_form;
@@ -346,18 +354,17 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
   const std::vector<int32_t> context_tokens =
       bench::BenchRandomTokens(context, n_vocab, options.seed + context);
   {
-    // Every decode batch must fit the KV budget at once (else the scheduler
-    // would run its sequences one after another).
-    KTX_ASSIGN_OR_RETURN(KvCacheStats kv, engine.KvStats());
+    // Every decode batch must fit the scheduler's KV budget at once (else
+    // it would run its sequences one after another). In tokens: the GPU
+    // attention actor's cache has other bytes per token than the CPU's.
+    const int64_t budget_tokens = engine.kv_budget_tokens();
     for (int64_t b : options.batch_sizes) {
-      const uint64_t need =
-          static_cast<uint64_t>(
-              b * (context + suffix + DecodeMaxTokens(options.n_gen, b, context + suffix, chunk))) *
-          model.kv_layout().bytes_per_token();
-      if (need > kv.budget_bytes) {
+      const int64_t need =
+          b * (context + suffix + DecodeMaxTokens(options.n_gen, b, context + suffix, chunk));
+      if (need > budget_tokens) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "decode batch ", b, " needs a KV budget of ", need, " bytes, the engine has ",
-            kv.budget_bytes, " (see PrepareEngineOptionsForBench)"));
+            "decode batch ", b, " needs a KV budget of ", need, " tokens, the engine has ",
+            budget_tokens, " (see PrepareEngineOptionsForBench)"));
       }
     }
   }

@@ -97,14 +97,6 @@ class MoeClient {
     const Clock::time_point t_ready = Clock::now();
     LayerTiming& timing = step_.prof.layers[il];
     timing.attention_us += Micros(last_, t_ready);
-    {
-      const int64_t n_expert = core_.model->hparams().n_expert;
-      std::vector<uint8_t> used(static_cast<size_t>(std::max<int64_t>(n_expert, 0)), 0);
-      for (int32_t e : routing.expert_ids) {
-        if (e >= 0 && e < n_expert) used[e] = 1;
-      }
-      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
-    }
     if (!self_) {
       return absl::FailedPreconditionError(
           absl::StrCat("layer ", il, " is a MoE layer but the engine has no router"));
@@ -129,6 +121,14 @@ class MoeClient {
     work.n_expert_used = routing.n_expert_used;
     work.expert_ids = routing.expert_ids;
     work.weights = routing.weights;
+    {
+      const int64_t n_expert = core_.model->hparams().n_expert;
+      std::vector<uint8_t> used(static_cast<size_t>(std::max<int64_t>(n_expert, 0)), 0);
+      for (int32_t e : work.expert_ids) {
+        if (e >= 0 && e < n_expert) used[e] = 1;
+      }
+      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
+    }
     caf::scoped_actor& self = *self_;
     // An async send: the router's answer comes back as an ordinary message.
     // Requests of one job are strictly sequential (each is answered or the

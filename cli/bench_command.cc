@@ -64,9 +64,10 @@ struct BenchFlags {
   float temperature = 1.0f;
   int64_t read_mib = 1024;
   double max_seconds = 0;
-  std::string topology;  // non-empty: through the actor runtime
-  int shards = 0;        // > 0: through the actor runtime with N even shards
-  std::string policy;    // --policy: routing policy of every sequence (docs/experts.md)
+  std::string topology;          // non-empty: through the actor runtime
+  int shards = 0;                // > 0: through the actor runtime with N even shards
+  std::string attention_device;  // --attention-device cpu|cuda:N (actor runtime)
+  std::string policy;            // --policy: routing policy of every sequence (docs/experts.md)
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -114,6 +115,14 @@ absl::Status RunBench(const BenchFlags& flags) {
   }
   KTX_ASSIGN_OR_RETURN(std::shared_ptr<const models::RoutingPolicy> policy,
                        ParsePolicyFlag(flags.policy));
+  if (!flags.attention_device.empty()) {
+    if (flags.topology.empty() && flags.shards == 0) {
+      return absl::InvalidArgumentError(
+          "--attention-device runs on the actor runtime: give --topology FILE or --shards N too");
+    }
+    KTX_RETURN_IF_ERROR(
+        actors::ParseAttentionDevice(flags.attention_device, "--attention-device").status());
+  }
   if (!flags.topology.empty() || flags.shards != 0) {
     if (!flags.topology.empty() && flags.shards != 0) {
       return absl::InvalidArgumentError("give --topology or --shards, not both");
@@ -225,6 +234,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
   } else {
     engine_options.shards = actors::EvenShards(flags.shards);
   }
+  if (!flags.attention_device.empty()) engine_options.attention_device = flags.attention_device;
   engine_options.experts =
       fast ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
   if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
@@ -334,6 +344,9 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                   "Run through the actor runtime with N even expert shards over this process's "
                   "cpus");
   cmd->add_option("--policy", flags->policy, kPolicyFlagHelp);
+  cmd->add_option("--attention-device", flags->attention_device,
+                  "With --topology/--shards: where attention (all non-expert stages) runs, cpu "
+                  "or cuda:N (overrides the topology's attention_device)");
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";

@@ -81,6 +81,7 @@ struct Flags {
   double remote_wait_s = 60;
   double drain_timeout_s = 60;
   std::string log_level;
+  std::string attention_device;  // empty: the topology's (else cpu)
 };
 
 int Fail(const absl::Status& status) {
@@ -383,6 +384,11 @@ int Run(const Flags& flags) {
   }
   absl::StatusOr<ktx::actors::ExpertsBackend> experts = ParseExperts(flags.experts);
   if (!experts.ok()) return Fail(experts.status());
+  if (!flags.attention_device.empty()) {
+    const absl::Status device =
+        ktx::actors::ParseAttentionDevice(flags.attention_device, "--attention-device").status();
+    if (!device.ok()) return Fail(device);
+  }
 
   // Parse (and check) the config before the long model load.
   std::optional<ktx::topology::ParsedTopologyConfig> parsed;
@@ -450,6 +456,7 @@ int Run(const Flags& flags) {
   }
   ApplyEngineFlags(flags, &options);
   options.experts = *experts;
+  if (!flags.attention_device.empty()) options.attention_device = flags.attention_device;
   absl::StatusOr<std::unique_ptr<ktx::actors::Engine>> engine =
       ktx::actors::Engine::Create(model, options);
   if (!engine.ok()) return Fail(engine.status());
@@ -504,6 +511,9 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", flags.prefill_chunk,
                  "Prompt tokens per scheduler step (default 128)");
   app.add_option("--caf-threads", flags.caf_threads, "CAF scheduler threads (default: auto)");
+  app.add_option("--attention-device", flags.attention_device,
+                 "Head: where attention (all non-expert stages) runs: cpu or cuda:N (default: the "
+                 "topology's attention_device, else cpu); routed experts stay on the shards");
   app.add_option("--experts", flags.experts,
                  "Routed experts: fast (CPU kernels on NUMA-local copies, default) or reference "
                  "(scalar oracle)");

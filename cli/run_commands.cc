@@ -250,7 +250,8 @@ int RunLogits(const LogitsFlags& flags) {
 struct ActorFlags {
   std::string topology;
   int shards = 0;
-  bool enabled() const { return !topology.empty() || shards != 0; }
+  std::string attention_device;  // empty: the topology's (else cpu)
+  bool enabled() const { return !topology.empty() || shards != 0 || !attention_device.empty(); }
 };
 
 std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
@@ -258,6 +259,9 @@ std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
   cmd->add_option("--topology", flags->topology,
                   "Run on the actor runtime with the expert shards of this topology config");
   cmd->add_option("--shards", flags->shards, "Run on the actor runtime with N even expert shards");
+  cmd->add_option("--attention-device", flags->attention_device,
+                  "With --topology/--shards: where attention (all non-expert stages) runs, cpu "
+                  "or cuda:N (overrides the topology's attention_device)");
   return flags;
 }
 
@@ -271,12 +275,22 @@ absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlag
     return absl::InvalidArgumentError(
         absl::StrCat("--shards ", actor.shards, ": expected a positive count"));
   }
+  if (!actor.attention_device.empty()) {
+    if (actor.topology.empty() && actor.shards == 0) {
+      return absl::InvalidArgumentError(
+          "--attention-device runs on the actor runtime: give --topology FILE or --shards N too");
+    }
+    KTX_RETURN_IF_ERROR(
+        actors::ParseAttentionDevice(actor.attention_device, "--attention-device").status());
+  }
   actors::EngineOptions options;
   if (!actor.topology.empty()) {
     KTX_ASSIGN_OR_RETURN(options, actors::EngineOptionsFromTopologyFile(actor.topology));
   } else {
     options.shards = actors::EvenShards(actor.shards);
   }
+  if (!actor.attention_device.empty()) options.attention_device = actor.attention_device;
+  const bool gpu_attention = options.attention_device != "cpu" && !options.attention_device.empty();
   KTX_ASSIGN_OR_RETURN(const bool fast_experts, moe_backend::ParseExpertsFlag(common.experts));
   options.experts =
       fast_experts ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
@@ -295,7 +309,11 @@ absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlag
   options.n_ctx = n_ctx;
   const int64_t ctx =
       n_ctx > 0 ? std::min(n_ctx, model->hparams().n_ctx_train) : model->hparams().n_ctx_train;
-  options.prefill_chunk = common.prefill_chunk > 0 ? common.prefill_chunk : ctx;
+  // On the GPU a step's tokens size the work buffers: whole-context chunks
+  // would not fit, so the default chunk is at most 512 there.
+  options.prefill_chunk = common.prefill_chunk > 0 ? common.prefill_chunk
+                          : gpu_attention          ? std::min<int64_t>(ctx, 512)
+                                                   : ctx;
   options.kv_budget_bytes = std::max<uint64_t>(
       options.kv_budget_bytes, static_cast<uint64_t>(ctx) * model->kv_layout().bytes_per_token());
   return actors::Engine::Create(std::move(model), options);
