@@ -27,9 +27,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "kernels/cpu/moe/moe_internal.h"
 #include "kernels/cpu/moe/moe_kernels_avx512.h"
@@ -444,29 +442,8 @@ TileScratch CarveTileScratch(uint8_t* p, int64_t group) {
   return t;
 }
 
-// Benchmark-only decomposition of TileMatmulT's cost (KTX_MOE_TILE_EXPERIMENT,
-// read once; results are WRONG with any of them set): "noconvert" skips the
-// weight conversion (B tiles keep stale bytes), "notiles" skips the tile loads
-// and products, "noprefetch" the software prefetch, "serial" converts the next
-// item in one go instead of spreading it over the k-steps.
-enum TileExperiment : int { kExpNone = 0, kExpNoConvert, kExpNoTiles, kExpNoPrefetch, kExpSerial };
-int TileExperimentMode() {
-  static const int mode = [] {
-    const char* v = std::getenv("KTX_MOE_TILE_EXPERIMENT");
-    if (v == nullptr) return static_cast<int>(kExpNone);
-    const std::string s(v);
-    if (s == "noconvert") return static_cast<int>(kExpNoConvert);
-    if (s == "notiles") return static_cast<int>(kExpNoTiles);
-    if (s == "noprefetch") return static_cast<int>(kExpNoPrefetch);
-    if (s == "serial") return static_cast<int>(kExpSerial);
-    return static_cast<int>(kExpNone);
-  }();
-  return mode;
-}
-
 template <typename Conv>
 void TileMatmulT(const MatmulArgs& a) {
-  const int exp_mode = TileExperimentMode();
   const int64_t group = a.act_group;
   const int64_t n_groups = a.k / group;
   const int64_t kb = KBlock(a.format);
@@ -501,12 +478,10 @@ void TileMatmulT(const MatmulArgs& a) {
     return x;
   };
   auto setup = [&](const Item& x, int buf) {
-    if (exp_mode == kExpNoConvert) return;
     for (int pp = 0; pp < x.np; ++pp) Conv::Setup(x.pb[pp], nbg, ts.fac[pp], ts.sw[buf][pp]);
   };
   // Units [u0, u1) of an item (u < units_per_panel: panel 0, then panel 1).
   auto convert = [&](const Item& x, int buf, int64_t u0, int64_t u1) {
-    if (exp_mode == kExpNoConvert) return;
     for (int pp = 0; pp < x.np; ++pp) {
       const int64_t lo = std::max(u0, pp * units_per_panel) - pp * units_per_panel;
       const int64_t hi = std::min(u1, (pp + 1) * units_per_panel) - pp * units_per_panel;
@@ -518,7 +493,6 @@ void TileMatmulT(const MatmulArgs& a) {
   // Prefetch (into L2) the 64-byte lines [l0, l1) of an item's weights.
   const int64_t panel_lines = nbg * Conv::kBlockBytes / 64;
   auto prefetch = [&](const Item& x, int64_t l0, int64_t l1) {
-    if (exp_mode == kExpNoPrefetch) return;
     for (int pp = 0; pp < x.np; ++pp) {
       const int64_t lo = std::max(l0, pp * panel_lines) - pp * panel_lines;
       const int64_t hi = std::min(l1, (pp + 1) * panel_lines) - pp * panel_lines;
@@ -541,11 +515,10 @@ void TileMatmulT(const MatmulArgs& a) {
     const Item after = it + 2 < n_items ? item(it + 2) : Item{};
     const int64_t next_units = next.np * units_per_panel;
     if (has_next) setup(next, buf ^ 1);
-    if (has_next && exp_mode == kExpSerial) convert(next, buf ^ 1, 0, next.np * units_per_panel);
     const int64_t steps = n_blocks * k_steps;
     const int64_t per_step = (next_units + steps - 1) / steps;
     const int64_t pf_per_step = (after.np * panel_lines + steps - 1) / steps;
-    int64_t next_u = exp_mode == kExpSerial ? next_units : 0, pf_l = 0;
+    int64_t next_u = 0, pf_l = 0;
     const uint8_t* b0 = ts.bbuf[buf][0];
     const uint8_t* b1 = ts.bbuf[buf][1];
     float* out = a.out + (p0 * kPanelRows - a.row_begin);
@@ -561,7 +534,6 @@ void TileMatmulT(const MatmulArgs& a) {
       KTX_TILE_ZERO(2);
       KTX_TILE_ZERO(3);
       for (int64_t ks = 0; ks < k_steps; ++ks) {
-        if (exp_mode == kExpNoTiles) goto after_tiles;
         KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
         KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
         KTX_TILE_DPBSSD(0, 4, 6);
@@ -574,7 +546,6 @@ void TileMatmulT(const MatmulArgs& a) {
           KTX_TILE_DPBSSD(1, 4, 7);
           if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
         }
-      after_tiles:
         if (next_u < next_units) {  // the next item's conversion, a slice per k-step
           const int64_t u1 = std::min(next_units, next_u + per_step);
           convert(next, buf ^ 1, next_u, u1);
