@@ -73,6 +73,35 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   return absl::OkStatus();
 }
 
+// CudaModelOptions::resident_experts against the model: MoE layers only,
+// ids in range and distinct (InvalidArgument naming the layer).
+absl::Status CheckResidentExperts(const models::Deepseek2Hparams& hp,
+                                  const std::vector<std::vector<int32_t>>& resident) {
+  if (static_cast<int64_t>(resident.size()) > hp.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("resident_experts: ", resident.size(),
+                                                   " layers given, the model has ", hp.n_layer));
+  }
+  for (int il = 0; il < static_cast<int>(resident.size()); ++il) {
+    if (resident[il].empty()) continue;
+    if (!hp.IsMoeLayer(il)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("resident_experts, layer ", il, ": a dense layer has no routed experts"));
+    }
+    std::vector<uint8_t> seen(hp.n_expert, 0);
+    for (int32_t e : resident[il]) {
+      if (e < 0 || e >= hp.n_expert) {
+        return absl::InvalidArgumentError(absl::StrCat("resident_experts, layer ", il, ": expert ",
+                                                       e, " outside [0, ", hp.n_expert, ")"));
+      }
+      if (seen[e]++) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("resident_experts, layer ", il, ": expert ", e, " given twice"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
@@ -99,12 +128,18 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
   // whose experts cannot be streamed runs them all on the CPU (logged).
   CudaModelOptions opts = options;
   KTX_RETURN_IF_ERROR(ApplyExpertEnvironment(&opts.experts));
-  uint64_t expert_raw_bytes = 0;
-  if (opts.experts.mode != GpuExpertMode::kOff) {
+  uint64_t expert_raw_bytes = 0, resident_bytes = 0;
+  const bool resident = CountResidentExperts(opts) > 0;
+  if (opts.experts.mode != GpuExpertMode::kOff || resident) {
     absl::StatusOr<std::vector<ExpertLayerTensors>> tensors =
         gpu->hp_.n_layer_dense_lead < gpu->hp_.n_layer
             ? ExpertTensorsOf(gpu->hp_, model.weights())
             : absl::FailedPreconditionError("the model has no MoE layer");
+    if (!tensors.ok() && resident) {
+      return absl::Status(tensors.status().code(),
+                          absl::StrCat("hot routed experts cannot be kept on the GPU: ",
+                                       tensors.status().message()));
+    }
     if (!tensors.ok()) {
       KTX_LOG(WARNING, "gpu") << "routed experts stay on the CPU: " << tensors.status().message();
       opts.experts.mode = GpuExpertMode::kOff;
@@ -115,10 +150,16 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
               std::max(expert_raw_bytes, l.ExpertSlotBytes(gpu->hp_.n_embd, gpu->hp_.n_ff_exp));
         }
       }
+      KTX_RETURN_IF_ERROR(CheckResidentExperts(gpu->hp_, opts.resident_experts));
+      for (size_t il = 0; il < opts.resident_experts.size(); ++il) {
+        resident_bytes += opts.resident_experts[il].size() *
+                          (*tensors)[il].ExpertSlotBytes(gpu->hp_.n_embd, gpu->hp_.n_ff_exp);
+      }
     }
   }
-  KTX_ASSIGN_OR_RETURN(gpu->plan_, PlanGpuMemory(gpu->hp_, opts, free_bytes,
-                                                 model.weights().output_tied, expert_raw_bytes));
+  KTX_ASSIGN_OR_RETURN(gpu->plan_,
+                       PlanGpuMemory(gpu->hp_, opts, free_bytes, model.weights().output_tied,
+                                     expert_raw_bytes, resident_bytes));
   KTX_RETURN_IF_ERROR(gpu->Load(opts, free_bytes));
   KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
   KTX_LOG(INFO, "gpu") << "loaded the non-expert weights on GPU " << options.device << "\n"
@@ -129,7 +170,9 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
 absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   expert_options_ = options.experts;
   expert_mode_ = GpuExpertMode::kOff;
-  if (options.experts.mode == GpuExpertMode::kOff) return absl::OkStatus();
+  streaming_ready_ = false;
+  const int32_t slots = ExpertStreamSlots(options);
+  if (slots == 0) return absl::OkStatus();
   KTX_ASSIGN_OR_RETURN(std::vector<ExpertLayerTensors> tensors,
                        ExpertTensorsOf(hp_, model_.weights()));
   GpuExpertStreamerConfig config;
@@ -138,10 +181,16 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   config.n_expert = hp_.n_expert;
   config.n_expert_used = hp_.n_expert_used;
   config.max_tokens = runner_->max_tokens();
-  config.n_slots = options.experts.n_slots;
-  config.register_host_memory = options.experts.register_host_memory;
+  config.n_slots = slots;
+  // Only resident experts: no streaming, so nothing to page-lock.
+  config.register_host_memory =
+      options.experts.register_host_memory && options.experts.mode != GpuExpertMode::kOff;
   KTX_ASSIGN_OR_RETURN(experts_,
                        GpuExpertStreamer::Create(config, std::move(tensors), runner_->stream()));
+  if (CountResidentExperts(options) > 0) {
+    KTX_RETURN_IF_ERROR(experts_->LoadResident(options.resident_experts));
+  }
+  if (options.experts.mode == GpuExpertMode::kOff) return absl::OkStatus();
   KTX_RETURN_IF_ERROR(experts_->Calibrate(&expert_cost_));
   expert_cost_.cpu_fixed_s = options.experts.cpu_expert_fixed_ms * 1e-3;
   expert_cost_.cpu_per_token_s = options.experts.cpu_expert_per_token_us * 1e-6;
@@ -149,6 +198,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   const std::string invalid = expert_cost_.Validate();
   if (!invalid.empty()) return absl::InvalidArgumentError(invalid);
   expert_mode_ = options.experts.mode;
+  streaming_ready_ = true;
   KTX_LOG(INFO, "gpu") << "routed-expert cost model: "
                        << DescribeCostModel(expert_cost_, experts_->shape())
                        << "; the split pays from "
@@ -159,7 +209,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
 }
 
 absl::Status CudaDeepseek2::SetExpertMode(GpuExpertMode mode) {
-  if (mode != GpuExpertMode::kOff && experts_ == nullptr) {
+  if (mode != GpuExpertMode::kOff && !streaming_ready_) {
     return absl::FailedPreconditionError(
         "routed experts cannot run on the GPU: the model was created with experts.mode = kOff "
         "(or KTX_GPU_EXPERTS=off), or its expert tensors cannot be streamed (see the log)");
@@ -460,8 +510,8 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   auto prefetch_layer = [&](int il) -> absl::Status {
     prefetched.clear();
     if (!prefetch || il >= hp_.n_layer || !hp_.IsMoeLayer(il)) return absl::OkStatus();
-    const std::vector<int64_t> expected =
-        UniformTokensPerExpert(n, hp_.n_expert_used, hp_.n_expert);
+    std::vector<int64_t> expected = UniformTokensPerExpert(n, hp_.n_expert_used, hp_.n_expert);
+    for (int32_t e : experts_->ResidentExperts(il)) expected[e] = 0;  // never streamed
     prefetched = GpuExpertsFor(n, expected);
     return experts_->Prefetch(il, prefetched);
   };
@@ -503,28 +553,43 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // Routing policies act on the full top-k, before the GPU/CPU split.
     KTX_RETURN_IF_ERROR(AdjustRouting(il, hooks, &routing));
     const models::Routing* cpu_side = &routing;
-    if (stream_experts) {
-      // The GPU's experts: the prefetched ones (plus, all-GPU, every other used
-      // expert), else the cost model's choice from the actual counts. They run
-      // on the stream (after the shared expert) while the CPU computes the rest.
+    const bool resident = experts_ != nullptr && !experts_->ResidentExperts(il).empty();
+    if (stream_experts || resident) {
+      // The GPU's experts: the resident ones with tokens (every batch size),
+      // then, streaming, the prefetched ones (plus, all-GPU, every other used
+      // expert), else the cost model's choice among the non-resident experts
+      // from the actual counts. They run on the stream (after the shared
+      // expert) while the CPU computes the rest.
       counts.assign(hp_.n_expert, 0);
       for (int32_t e : routing.expert_ids) {
         if (e >= 0 && e < hp_.n_expert) ++counts[e];
       }
-      std::vector<int32_t> gpu_experts = prefetch ? prefetched : GpuExpertsFor(n, counts);
+      std::vector<int32_t> gpu_experts;
       on_gpu.assign(hp_.n_expert, 0);
-      for (int32_t e : gpu_experts) on_gpu[e] = 1;
-      if (prefetch && expert_mode_ == GpuExpertMode::kAllGpu) {
-        for (int32_t e = 0; e < hp_.n_expert; ++e) {
-          if (counts[e] > 0 && !on_gpu[e]) {
-            gpu_experts.push_back(e);
-            on_gpu[e] = 1;
+      for (int32_t e : experts_->ResidentExperts(il)) {
+        if (counts[e] == 0) continue;
+        gpu_experts.push_back(e);
+        on_gpu[e] = 1;
+      }
+      if (stream_experts) {
+        std::vector<int64_t> rest = counts;
+        for (int32_t e : experts_->ResidentExperts(il)) rest[e] = 0;
+        for (int32_t e : prefetch ? prefetched : GpuExpertsFor(n, rest)) {
+          gpu_experts.push_back(e);
+          on_gpu[e] = 1;
+        }
+        if (prefetch && expert_mode_ == GpuExpertMode::kAllGpu) {
+          for (int32_t e = 0; e < hp_.n_expert; ++e) {
+            if (counts[e] > 0 && !on_gpu[e]) {
+              gpu_experts.push_back(e);
+              on_gpu[e] = 1;
+            }
           }
         }
       }
       KTX_RETURN_IF_ERROR(
           experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
-      KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
+      if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
       // The CPU's routing: the GPU's entries removed, rows compacted and padded
       // with kNoExpert (weight 0).
       if (CpuPartOfRouting(routing, on_gpu, &cpu_routing) == 0) continue;  // all on the GPU

@@ -82,9 +82,23 @@ class CudaDeepseek2 {
   // streamer (FailedPrecondition when the model was created with kOff).
   GpuExpertMode expert_mode() const { return expert_mode_; }
   absl::Status SetExpertMode(GpuExpertMode mode);
-  // Calibrated GPU rates and the CPU figures; null streamer when off.
+  // Calibrated GPU rates and the CPU figures; null streamer when off and no
+  // expert is resident.
   const ExpertCostModel& expert_cost_model() const { return expert_cost_; }
   const GpuExpertStreamer* expert_streamer() const { return experts_.get(); }
+
+  // ---- hot routed experts resident on the GPU ----
+  // CudaModelOptions::resident_experts, loaded once at Create (their raw
+  // blocks: memory_plan().resident_expert_bytes). In every MoE layer of every
+  // batch (decode too, whatever the mode) the GPU computes the entries of
+  // these experts (dequantize + GEMMs + the deterministic scatter-add of the
+  // streamer, without the copy); streaming picks among the other experts;
+  // the CPU gets the rest (kNoExpert-compacted routing). Each routing entry
+  // is computed exactly once.
+  int64_t resident_experts() const { return experts_ ? experts_->n_resident() : 0; }
+  std::span<const int32_t> ResidentExperts(int il) const {
+    return experts_ ? experts_->ResidentExperts(il) : std::span<const int32_t>();
+  }
 
   // ---- sequences (paged GPU KV cache) ----
   absl::StatusOr<SequenceId> AddSequence(int64_t capacity_tokens);
@@ -208,6 +222,7 @@ class CudaDeepseek2 {
   bool StreamsExperts(int64_t n_tokens) const;
   std::vector<int32_t> GpuExpertsFor(int64_t n_tokens, std::span<const int64_t> counts) const;
   GpuExpertMode expert_mode_ = GpuExpertMode::kOff;
+  bool streaming_ready_ = false;  // the streamer is calibrated: modes other than kOff allowed
   GpuExpertOptions expert_options_;
   ExpertCostModel expert_cost_;
   std::unique_ptr<GpuExpertStreamer> experts_;  // null when off

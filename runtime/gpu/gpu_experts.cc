@@ -344,9 +344,13 @@ absl::Status GpuExpertStreamer::Prefetch(int il, std::span<const int32_t> expert
 }
 
 absl::Status GpuExpertStreamer::Dequantize(int il, int slot) {
+  return DequantizeFrom(il,
+                        slots_.as<uint8_t>() + static_cast<uint64_t>(slot) * layout_.slot_bytes);
+}
+
+absl::Status GpuExpertStreamer::DequantizeFrom(int il, const uint8_t* src) {
   const ExpertLayerTensors& l = layers_[il];
   const int64_t n_ff = config_.n_ff, n_embd = config_.n_embd;
-  const uint8_t* src = slots_.as<uint8_t>() + static_cast<uint64_t>(slot) * layout_.slot_bytes;
   const uint64_t gate_bytes = Round256(static_cast<uint64_t>(n_ff * l.gate_row_bytes));
   const uint64_t up_bytes = Round256(static_cast<uint64_t>(n_ff * l.up_row_bytes));
   Bf16* gu = w_gate_up_.as<Bf16>();
@@ -399,10 +403,13 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
   if (h == nullptr || acc == nullptr || h_stride < config_.n_embd || acc_stride < config_.n_embd) {
     return absl::InvalidArgumentError("GPU expert streamer: bad h or accumulator");
   }
-  // Planned copies must be this layer's, in the order of `experts`.
+  // Resident experts run from device memory; the rest are streamed.
+  std::vector<int32_t> resident, streamed;
+  for (int32_t e : experts) (IsResident(il, e) ? resident : streamed).push_back(e);
+  // Planned copies must be this layer's, in the order of the streamed experts.
   size_t n_planned = 0;
   for (const Pending& p : queue_) {
-    if (p.il != il || n_planned >= experts.size() || p.expert != experts[n_planned]) {
+    if (p.il != il || n_planned >= streamed.size() || p.expert != streamed[n_planned]) {
       return absl::FailedPreconditionError(absl::StrCat(
           "GPU expert streamer: copies planned for layer ", p.il, " (expert ", p.expert,
           ") do not match Compute for layer ", il, "; Reset() cancels them"));
@@ -456,13 +463,25 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
                "uploading expert weights"));
   }
   KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(entries_done_[parity], compute_), "cudaEventRecord"));
-  // Experts not prefetched: copy only those with tokens.
-  for (size_t j = n_planned; j < experts.size(); ++j) {
-    if (count[experts[j]] > 0) queue_.push_back({il, experts[j], -1});
+  // Resident experts first: nothing to copy.
+  for (int32_t e : resident) {
+    const int64_t m = count[e];
+    if (m == 0) continue;
+    KTX_RETURN_IF_ERROR(DequantizeFrom(il, resident_.as<uint8_t>() + resident_offset_[il][e]));
+    KTX_RETURN_IF_ERROR(
+        RunExpert(m, d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+    ++stats_.experts_computed;
+    stats_.tokens_computed += m;
+    ++stats_.resident_experts_computed;
+    stats_.resident_tokens_computed += m;
+  }
+  // Streamed experts not prefetched: copy only those with tokens.
+  for (size_t j = n_planned; j < streamed.size(); ++j) {
+    if (count[streamed[j]] > 0) queue_.push_back({il, streamed[j], -1});
   }
   KTX_RETURN_IF_ERROR(Issue());
-  for (size_t j = 0; j < experts.size(); ++j) {
-    const int32_t e = experts[j];
+  for (size_t j = 0; j < streamed.size(); ++j) {
+    const int32_t e = streamed[j];
     const bool queued = !queue_.empty() && queue_.front().expert == e && queue_.front().il == il;
     if (!queued) continue;  // not prefetched and no token
     const int slot = queue_.front().slot;
@@ -481,6 +500,76 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
     ++stats_.experts_computed;
     stats_.tokens_computed += m;
   }
+  return absl::OkStatus();
+}
+
+absl::Status GpuExpertStreamer::LoadResident(std::span<const std::vector<int32_t>> experts) {
+  const int n_layer = static_cast<int>(layers_.size());
+  if (static_cast<int>(experts.size()) > n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("resident experts: ", experts.size(),
+                                                   " layers given, the model has ", n_layer));
+  }
+  std::vector<std::vector<int64_t>> offsets(n_layer);
+  std::vector<std::vector<int32_t>> ids(n_layer);
+  uint64_t total = 0;
+  int64_t count = 0;
+  for (int il = 0; il < static_cast<int>(experts.size()); ++il) {
+    if (experts[il].empty()) continue;
+    if (!layers_[il].present()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("resident experts, layer ", il, ": not a MoE layer"));
+    }
+    offsets[il].assign(config_.n_expert, -1);
+    const uint64_t bytes = layers_[il].ExpertSlotBytes(config_.n_embd, config_.n_ff);
+    for (int32_t e : experts[il]) {
+      if (e < 0 || e >= config_.n_expert) {
+        return absl::InvalidArgumentError(absl::StrCat("resident experts, layer ", il, ": expert ",
+                                                       e, " outside [0, ", config_.n_expert, ")"));
+      }
+      if (offsets[il][e] >= 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("resident experts, layer ", il, ": expert ", e, " given twice"));
+      }
+      offsets[il][e] = static_cast<int64_t>(total);
+      total += bytes;
+      ++count;
+    }
+    ids[il] = experts[il];
+    std::sort(ids[il].begin(), ids[il].end());
+  }
+  KTX_RETURN_IF_ERROR(Reset());
+  resident_ = DeviceBuffer();
+  if (total > 0) {
+    KTX_ASSIGN_OR_RETURN(resident_, DeviceBuffer::Allocate(total, "hot routed experts (resident)"));
+    KTX_ASSIGN_OR_RETURN(PinnedBuffer staging,
+                         PinnedBuffer::Allocate(layout_.slot_bytes, "resident expert staging"));
+    for (int il = 0; il < n_layer; ++il) {
+      const ExpertLayerTensors& l = layers_[il];
+      const int64_t n_ff = config_.n_ff, n_embd = config_.n_embd;
+      const uint64_t sizes[3] = {static_cast<uint64_t>(n_ff * l.gate_row_bytes),
+                                 static_cast<uint64_t>(n_ff * l.up_row_bytes),
+                                 static_cast<uint64_t>(n_embd * l.down_row_bytes)};
+      for (int32_t e : ids[il]) {
+        const uint8_t* src[3] = {l.gate + e * sizes[0], l.up + e * sizes[1], l.down + e * sizes[2]};
+        // Through pinned memory: the mapping may be page-locked only in part
+        // (whole pages of the expert tensors), and a copy from a range that is
+        // partly registered fails.
+        uint64_t off = 0;
+        for (int p = 0; p < 3; ++p) {
+          std::memcpy(staging.as<uint8_t>() + off, src[p], sizes[p]);
+          off += Round256(sizes[p]);
+        }
+        KTX_RETURN_IF_ERROR(CudaOk(cudaMemcpy(resident_.as<uint8_t>() + offsets[il][e],
+                                              staging.as<uint8_t>(), off, cudaMemcpyHostToDevice),
+                                   absl::StrCat("loading resident expert ", e, " of layer ", il)));
+      }
+    }
+  }
+  resident_offset_ = std::move(offsets);
+  resident_ids_ = std::move(ids);
+  n_resident_ = count;
+  KTX_LOG(INFO, "gpu") << "hot routed experts resident on the GPU: " << count << " ("
+                       << absl::StrFormat("%.2f GiB", total / 1073741824.0) << ")";
   return absl::OkStatus();
 }
 

@@ -131,6 +131,9 @@ class GpuExpertStreamer {
   // Enqueues on the compute stream: for every routing entry (t, k) whose
   // expert is in `experts` (distinct ids),
   //   acc[t, :] += weight(t, k) * expert(h[t, :])
+  // Resident experts of the list (LoadResident) run first, in list order,
+  // from device memory; the others are streamed (the rules below apply to
+  // them alone, in list order).
   // h: bf16 [routing.n_tokens, h_stride] (device); acc: F32 [n_tokens,
   // acc_stride] (device). Experts with no token are not copied (unless
   // prefetched) and not computed. Returns once everything is enqueued; the
@@ -138,6 +141,25 @@ class GpuExpertStreamer {
   // another layer, or other experts, are planned first.
   absl::Status Compute(int il, std::span<const int32_t> experts, const models::Routing& routing,
                        const __nv_bfloat16* h, int64_t h_stride, float* acc, int64_t acc_stride);
+
+  // ---- hot experts resident in device memory ----
+  // Copies the raw blocks of experts[il] (distinct ids of MoE layers;
+  // experts.size() <= n_layer) into one device buffer, once (through a pinned
+  // buffer, blocking); replaces an earlier set. From then on Compute runs
+  // those experts from device memory: no copy, no slot. InvalidArgument
+  // naming the layer for a dense layer, an id out of range or twice.
+  absl::Status LoadResident(std::span<const std::vector<int32_t>> experts);
+  bool IsResident(int il, int32_t expert) const {
+    return il >= 0 && il < static_cast<int>(resident_offset_.size()) &&
+           !resident_offset_[il].empty() && resident_offset_[il][expert] >= 0;
+  }
+  // Layer il's resident experts, ascending.
+  std::span<const int32_t> ResidentExperts(int il) const {
+    if (il < 0 || il >= static_cast<int>(resident_ids_.size())) return {};
+    return resident_ids_[il];
+  }
+  int64_t n_resident() const { return n_resident_; }
+  uint64_t resident_bytes() const { return resident_.bytes(); }
 
   // Drops planned copies and waits for both streams (after an error, or to
   // cancel a prefetch).
@@ -147,8 +169,10 @@ class GpuExpertStreamer {
   struct Stats {
     int64_t experts_copied = 0;
     uint64_t bytes_copied = 0;
-    int64_t experts_computed = 0;
-    int64_t tokens_computed = 0;
+    int64_t experts_computed = 0;  // streamed and resident
+    int64_t tokens_computed = 0;   // routing entries computed, streamed and resident
+    int64_t resident_experts_computed = 0;
+    int64_t resident_tokens_computed = 0;
   };
   const Stats& stats() const { return stats_; }
 
@@ -167,6 +191,8 @@ class GpuExpertStreamer {
   absl::Status CopyExpert(int il, int32_t expert, int slot);
   // Dequantizes slot's expert into w_gate_up_ / w_down_ on the compute stream.
   absl::Status Dequantize(int il, int slot);
+  // The same from raw blocks in the slot layout at `src` (device).
+  absl::Status DequantizeFrom(int il, const uint8_t* src);
   // The FFN of m gathered tokens (rows/weights: device, m entries) into acc.
   absl::Status RunExpert(int64_t m, const int32_t* rows, const float* weights,
                          const __nv_bfloat16* h, int64_t h_stride, float* acc, int64_t acc_stride);
@@ -197,6 +223,10 @@ class GpuExpertStreamer {
   std::vector<cudaEvent_t> freed_;   // per slot: its blocks were dequantized (compute stream)
   std::vector<int> free_slots_;
   std::deque<Pending> queue_;  // planned copies in order; issued ones first
+  DeviceBuffer resident_;      // raw blocks of the resident experts, slot layout each
+  std::vector<std::vector<int64_t>> resident_offset_;  // [n_layer][n_expert] byte offset or -1
+  std::vector<std::vector<int32_t>> resident_ids_;     // [n_layer] ascending resident ids
+  int64_t n_resident_ = 0;
   Stats stats_;
 };
 

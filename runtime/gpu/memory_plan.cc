@@ -108,6 +108,10 @@ std::string GpuMemoryPlan::ToString() const {
        Size(activation_bytes));
   line("workspaces (attention, cuBLAS, load)", Size(workspace_bytes));
   if (expert_stream_bytes > 0) line("routed-expert streaming", Size(expert_stream_bytes));
+  if (resident_experts > 0) {
+    line(absl::StrCat("hot routed experts (", resident_experts, ", resident)").c_str(),
+         Size(resident_expert_bytes));
+  }
   line(absl::StrCat("KV cache (", kv_tokens, " tokens, ", kv_pages, " pages of ", kv_page_size, ")")
            .c_str(),
        Size(kv_bytes));
@@ -121,9 +125,23 @@ std::string GpuMemoryPlan::ToString() const {
   return s;
 }
 
+int64_t CountResidentExperts(const CudaModelOptions& options) {
+  int64_t n = 0;
+  for (const std::vector<int32_t>& ids : options.resident_experts) {
+    n += static_cast<int64_t>(ids.size());
+  }
+  return n;
+}
+
+int32_t ExpertStreamSlots(const CudaModelOptions& options) {
+  if (options.experts.mode != GpuExpertMode::kOff) return options.experts.n_slots;
+  return CountResidentExperts(options) > 0 ? 2 : 0;
+}
+
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& o, uint64_t free_bytes,
-                                            bool output_tied, uint64_t expert_raw_bytes) {
+                                            bool output_tied, uint64_t expert_raw_bytes,
+                                            uint64_t resident_expert_bytes) {
   if (o.max_batch_tokens <= 0 || o.max_sequences <= 0 || o.kv_page_size <= 0 || o.max_context < 0 ||
       o.kv_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -175,20 +193,23 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   p.pinned_host_bytes += pinned_table;
   p.free_bytes = free_bytes;
   p.reserve_bytes = o.reserve_bytes;
-  if (o.experts.mode != GpuExpertMode::kOff && hp.n_layer_dense_lead < hp.n_layer &&
-      hp.n_expert > 0 && expert_raw_bytes > 0) {
-    if (o.experts.n_slots < 2) {
+  const int32_t stream_slots = ExpertStreamSlots(o);
+  if (stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
+      expert_raw_bytes > 0) {
+    if (stream_slots < 2) {
       return absl::InvalidArgumentError(absl::StrCat("GPU options: experts.n_slots (",
                                                      o.experts.n_slots, ") must be at least 2"));
     }
     const ExpertStreamLayout stream =
-        ExpertStreamLayout::For(hp, o.max_batch_tokens, o.experts.n_slots, expert_raw_bytes);
+        ExpertStreamLayout::For(hp, o.max_batch_tokens, stream_slots, expert_raw_bytes);
     p.expert_stream_bytes = stream.device_bytes();
     p.pinned_host_bytes += stream.pinned_bytes();
   }
+  p.resident_experts = CountResidentExperts(o);
+  p.resident_expert_bytes = p.resident_experts > 0 ? resident_expert_bytes : 0;
 
-  const uint64_t fixed =
-      p.weight_bytes() + p.activation_bytes + p.workspace_bytes + p.expert_stream_bytes;
+  const uint64_t fixed = p.weight_bytes() + p.activation_bytes + p.workspace_bytes +
+                         p.expert_stream_bytes + p.resident_expert_bytes;
   const uint64_t usable = free_bytes > o.reserve_bytes ? free_bytes - o.reserve_bytes : 0;
   const uint64_t left = usable > fixed ? usable - fixed : 0;
   const int64_t want_pages = o.kv_tokens > 0 ? (o.kv_tokens + o.kv_page_size - 1) / o.kv_page_size
@@ -211,7 +232,9 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
         " per token of batch), max_context or kv_tokens (", Size(p.kv_bytes_per_token),
         " per token of KV cache), reserve_bytes, experts.n_slots (", Size(p.expert_stream_bytes),
         " for routed-expert streaming; experts.mode = kOff frees "
-        "it); or use a GPU with more memory. Keeping the "
+        "it), the hot experts kept on the GPU (",
+        Size(p.resident_expert_bytes),
+        "; --gpu-hot-experts-gib); or use a GPU with more memory. Keeping the "
         "embedding or output head in host memory is not implemented yet."));
   }
   return p;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/models/deepseek2.h"
@@ -63,6 +64,12 @@ struct CudaModelOptions {
   // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
   // in the environment overrides experts.mode.
   GpuExpertOptions experts;
+  // Hot routed experts kept resident in device memory (their raw GGUF blocks,
+  // loaded once) and computed on the GPU at every batch size, whatever
+  // experts.mode: resident_experts[il] = distinct expert ids of MoE layer il
+  // (shorter than n_layer or empty: none). topology/gpu_hot_experts.h
+  // chooses them from a usage profile and a byte budget.
+  std::vector<std::vector<int32_t>> resident_experts;
 };
 
 // The device and pinned memory of the routed-expert streamer (gpu_experts.h)
@@ -134,6 +141,10 @@ struct GpuMemoryPlan {
   uint64_t workspace_bytes = 0;      // attention + cuBLAS workspaces + load staging
   uint64_t pinned_host_bytes = 0;    // host side, not device memory
   uint64_t expert_stream_bytes = 0;  // routed-expert streaming (ExpertStreamLayout), 0 if off
+  // Hot routed experts resident on the device (raw blocks; CudaModelOptions::
+  // resident_experts): their count and bytes.
+  int64_t resident_experts = 0;
+  uint64_t resident_expert_bytes = 0;
   // Paged latent KV cache, bf16.
   int32_t kv_page_size = 0;
   int64_t kv_pages = 0;
@@ -152,7 +163,8 @@ struct GpuMemoryPlan {
            embedding_bytes + head_bytes;
   }
   uint64_t total_bytes() const {
-    return weight_bytes() + activation_bytes + workspace_bytes + expert_stream_bytes + kv_bytes;
+    return weight_bytes() + activation_bytes + workspace_bytes + expert_stream_bytes +
+           resident_expert_bytes + kv_bytes;
   }
   // A table, one item per line, sizes in GiB/MiB.
   std::string ToString() const;
@@ -166,9 +178,22 @@ struct GpuMemoryPlan {
 // `expert_raw_bytes`: one routed expert's gate + up + down blocks in the file;
 // with options.experts.mode != kOff and a MoE layer, the streamer's
 // ExpertStreamLayout is planned too (expert_stream_bytes).
+// `resident_expert_bytes`: the raw blocks of options.resident_experts (each
+// expert's slot layout, ExpertLayerTensors::ExpertSlotBytes); with any
+// resident expert the streamer's buffers are planned even when
+// experts.mode = kOff (2 slots then: the resident experts need its compute
+// buffers, not its copy ring).
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& options, uint64_t free_bytes,
-                                            bool output_tied = false,
-                                            uint64_t expert_raw_bytes = 0);
+                                            bool output_tied = false, uint64_t expert_raw_bytes = 0,
+                                            uint64_t resident_expert_bytes = 0);
+
+// The streamer's slot count for these options: experts.n_slots when
+// streaming (mode != kOff), 2 when only resident experts use it, 0 when
+// nothing does.
+int32_t ExpertStreamSlots(const CudaModelOptions& options);
+
+// Experts in options.resident_experts.
+int64_t CountResidentExperts(const CudaModelOptions& options);
 
 }  // namespace ktx::gpu

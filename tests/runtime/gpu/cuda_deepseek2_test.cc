@@ -567,6 +567,155 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
   }
 }
 
+// Hot routed experts resident on the GPU (CudaModelOptions::resident_experts):
+// computed at every batch size (a prefill and one-token decode steps),
+// alone (experts.mode kOff: no streaming) and with streaming (kAllGpu, and a
+// cost-model split among the other experts); the logits equal the all-CPU
+// path within the tolerance, every routing entry is computed exactly once
+// (resident + streamed + CPU entries = tokens x K x MoE layers), and bad
+// sets are refused naming the layer.
+TEST_P(CudaDeepseek2Test, HotExpertsResidentOnTheGpuMatchTheCpuPath) {
+  unsetenv("KTX_GPU_EXPERTS");
+  unsetenv("KTX_GPU_EXPERTS_CPU");
+  if (gpu_->expert_streamer() == nullptr) {
+    GTEST_SKIP() << "routed experts of this file cannot be run on the GPU (see the log)";
+  }
+  const models::Deepseek2Hparams& hp = model_->hparams();
+  const int n_moe = hp.n_layer - hp.n_layer_dense_lead;
+  const int64_t n_prefill = std::min<int64_t>(40, static_cast<int64_t>(prompt_.size()) - 8);
+  ASSERT_GT(n_prefill, 0);
+  const int64_t n_decode = 8;
+  const int64_t total_entries = (n_prefill + n_decode) * hp.n_expert_used * n_moe;
+  CudaModelOptions o = TestOptions();
+  o.resident_experts.resize(hp.n_layer);
+  int64_t n_resident = 0;
+  for (int il = hp.n_layer_dense_lead; il < hp.n_layer; ++il) {
+    for (int32_t e = (il % 2); e < hp.n_expert; e += 2) {
+      o.resident_experts[il].push_back(e);
+      ++n_resident;
+    }
+  }
+
+  struct Run {
+    Activations prefill;
+    Activations decode;  // [n_decode, n_vocab]
+    int64_t cpu_entries = 0;
+    int64_t gpu_entries = 0;       // streamed + resident
+    int64_t resident_entries = 0;  // resident only
+    int64_t resident_decode = 0;   // resident entries in the decode steps
+  };
+  auto run = [&](CudaDeepseek2& gpu, Run* r) {
+    const GpuExpertStreamer* s = gpu.expert_streamer();
+    const GpuExpertStreamer::Stats before = s ? s->stats() : GpuExpertStreamer::Stats{};
+    CudaDeepseek2::ForwardHooks hooks;
+    hooks.routed_experts = [&](int il, const Activations& h, const models::Routing& routing,
+                               Activations* routed) {
+      for (int32_t e : routing.expert_ids) r->cpu_entries += e != models::kNoExpert;
+      return model_->RoutedExperts(il, h, routing, {}, routed);
+    };
+    auto seq = gpu.AddSequence(128);
+    ASSERT_TRUE(seq.ok());
+    const std::span<const int32_t> prompt(prompt_);
+    const CudaDeepseek2::BatchEntry entry{*seq, prompt.first(n_prefill), LogitsRows::kAll};
+    ASSERT_TRUE(
+        gpu.ForwardBatch(std::span<const CudaDeepseek2::BatchEntry>(&entry, 1), &r->prefill, hooks)
+            .ok());
+    const int64_t resident_prefill = s ? s->stats().resident_tokens_computed : 0;
+    r->decode.Resize(n_decode, n_vocab_);
+    for (int64_t i = 0; i < n_decode; ++i) {
+      Activations step;
+      const CudaDeepseek2::BatchEntry one{*seq, prompt.subspan(n_prefill + i, 1),
+                                          LogitsRows::kLast};
+      ASSERT_TRUE(
+          gpu.ForwardBatch(std::span<const CudaDeepseek2::BatchEntry>(&one, 1), &step, hooks).ok());
+      std::copy(step.values().begin(), step.values().end(), r->decode.row(i));
+    }
+    ASSERT_TRUE(gpu.FreeSequence(*seq).ok());
+    if (s != nullptr) {
+      r->gpu_entries = s->stats().tokens_computed - before.tokens_computed;
+      r->resident_entries = s->stats().resident_tokens_computed - before.resident_tokens_computed;
+      r->resident_decode = s->stats().resident_tokens_computed - resident_prefill;
+    }
+  };
+  Run cpu;
+  ASSERT_TRUE(gpu_->SetExpertMode(GpuExpertMode::kOff).ok());
+  run(*gpu_, &cpu);
+  EXPECT_EQ(cpu.cpu_entries, total_entries);
+  EXPECT_EQ(cpu.gpu_entries, 0);
+
+  auto check = [&](const Run& r, const char* what) {
+    SCOPED_TRACE(what);
+    EXPECT_EQ(r.cpu_entries + r.gpu_entries, total_entries) << "an entry was lost or doubled";
+    EXPECT_GT(r.resident_entries, 0);
+    EXPECT_GT(r.resident_decode, 0) << "decode steps did not use the resident experts";
+    ExpectAgree(CompareRows(r.prefill, cpu.prefill), what, GetParam());
+    ExpectAgree(CompareRows(r.decode, cpu.decode), what, GetParam());
+  };
+  // Resident only: no streaming.
+  {
+    CudaModelOptions only = o;
+    only.experts.mode = GpuExpertMode::kOff;
+    auto hot = CudaDeepseek2::Create(*model_, only);
+    ASSERT_TRUE(hot.ok()) << hot.status();
+    EXPECT_EQ((*hot)->resident_experts(), n_resident);
+    EXPECT_EQ((*hot)->memory_plan().resident_experts, n_resident);
+    ASSERT_NE((*hot)->expert_streamer(), nullptr);
+    EXPECT_EQ((*hot)->memory_plan().resident_expert_bytes,
+              (*hot)->expert_streamer()->resident_bytes());
+    EXPECT_NE((*hot)->memory_plan().ToString().find("hot routed experts"), std::string::npos);
+    EXPECT_EQ((*hot)->SetExpertMode(GpuExpertMode::kAllGpu).code(),
+              absl::StatusCode::kFailedPrecondition);
+    Run r;
+    run(**hot, &r);
+    EXPECT_EQ(r.gpu_entries, r.resident_entries);
+    EXPECT_GT(r.cpu_entries, 0);
+    check(r, "resident hot experts vs CPU");
+  }
+  // Resident + every other expert streamed: the CPU gets nothing.
+  {
+    CudaModelOptions all = o;
+    all.experts.mode = GpuExpertMode::kAllGpu;
+    auto hot = CudaDeepseek2::Create(*model_, all);
+    ASSERT_TRUE(hot.ok()) << hot.status();
+    Run r;
+    run(**hot, &r);
+    EXPECT_EQ(r.cpu_entries, 0);
+    EXPECT_GT(r.gpu_entries, r.resident_entries) << "nothing was streamed";
+    check(r, "resident + streamed experts vs CPU");
+  }
+  // Resident + a cost-model split of the others (about half each side).
+  {
+    const ExpertCostModel& m = gpu_->expert_cost_model();
+    CudaModelOptions split = o;
+    split.experts.mode = GpuExpertMode::kAuto;
+    split.experts.min_batch_tokens = 1;
+    split.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
+                                        2e3 * m.gpu_layer_fixed_s / hp.n_expert;
+    split.experts.cpu_expert_per_token_us = 1e-3;
+    auto hot = CudaDeepseek2::Create(*model_, split);
+    ASSERT_TRUE(hot.ok()) << hot.status();
+    Run r;
+    run(**hot, &r);
+    EXPECT_GT(r.cpu_entries, 0);
+    check(r, "resident + CPU/GPU split vs CPU");
+  }
+  // Bad sets name the layer.
+  CudaModelOptions bad = TestOptions();
+  bad.resident_experts.resize(hp.n_layer);
+  bad.resident_experts[hp.n_layer - 1] = {hp.n_expert};
+  auto refused = CudaDeepseek2::Create(*model_, bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("resident_experts, layer"), std::string::npos)
+      << refused.status();
+  if (hp.n_layer_dense_lead > 0) {
+    bad.resident_experts[hp.n_layer - 1].clear();
+    bad.resident_experts[0] = {0};
+    refused = CudaDeepseek2::Create(*model_, bad);
+    EXPECT_NE(refused.status().message().find("dense layer"), std::string::npos)
+        << refused.status();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaDeepseek2Test, ::testing::Values("bf16", "q8_0", "q4_k_m"));
 
 }  // namespace

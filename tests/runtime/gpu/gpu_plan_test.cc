@@ -70,6 +70,49 @@ TEST(GpuMemoryPlan, ActivationsGrowWithTheBatch) {
   EXPECT_EQ(a.logits, 129280);
 }
 
+// Hot routed experts resident on the GPU: their bytes are a line of the plan
+// and come out of the KV cache; with streaming off the streamer's compute
+// buffers are still planned (2 slots), since the resident experts use them.
+TEST(GpuMemoryPlan, ResidentHotExpertsAreALineAndShrinkTheKvCache) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  // DeepSeek-V3 Q4_K_M: gate/up Q4_K, down Q6_K; 256-byte aligned parts.
+  const uint64_t expert = 2 * 2048ull * (7168 / 256) * 144 + 7168ull * (2048 / 256) * 210;
+  CudaModelOptions o;
+  o.experts.mode = GpuExpertMode::kOff;
+  auto base = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
+  ASSERT_TRUE(base.ok()) << base.status();
+  EXPECT_EQ(base->expert_stream_bytes, 0u);
+  EXPECT_EQ(ExpertStreamSlots(o), 0);
+  o.resident_experts.resize(hp.n_layer);
+  o.resident_experts[3] = {0, 5, 7};
+  o.resident_experts[60] = {255};
+  EXPECT_EQ(CountResidentExperts(o), 4);
+  EXPECT_EQ(ExpertStreamSlots(o), 2);
+  const uint64_t resident = 4 * expert;
+  auto plan = PlanGpuMemory(hp, o, 79 * kGiB, false, expert, resident);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->resident_experts, 4);
+  EXPECT_EQ(plan->resident_expert_bytes, resident);
+  EXPECT_EQ(plan->expert_stream_bytes,
+            ExpertStreamLayout::For(hp, o.max_batch_tokens, 2, expert).device_bytes());
+  EXPECT_EQ(plan->total_bytes(), plan->weight_bytes() + plan->activation_bytes +
+                                     plan->workspace_bytes + plan->expert_stream_bytes + resident +
+                                     plan->kv_bytes);
+  EXPECT_LT(plan->kv_tokens, base->kv_tokens);
+  EXPECT_LE(plan->total_bytes() + o.reserve_bytes, 79 * kGiB);
+  EXPECT_NE(plan->ToString().find("hot routed experts (4, resident)"), std::string::npos)
+      << plan->ToString();
+  // Streaming on: its own slot count.
+  o.experts.mode = GpuExpertMode::kAuto;
+  EXPECT_EQ(ExpertStreamSlots(o), o.experts.n_slots);
+  // Too many for the device: the error names them.
+  o.experts.mode = GpuExpertMode::kOff;
+  auto too_big = PlanGpuMemory(hp, o, 79 * kGiB, false, expert, 60 * kGiB);
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_big.status().message().find("hot routed experts"), std::string::npos);
+  EXPECT_NE(too_big.status().message().find("--gpu-hot-experts-gib"), std::string::npos);
+}
+
 TEST(PagedKvAllocator, SequencesGrowPageByPageFromOnePool) {
   PagedKvAllocator kv(/*n_pages=*/9, /*page_size=*/16, /*max_sequences=*/3, /*max_context=*/100);
   EXPECT_EQ(kv.max_pages_per_sequence(), 7);
