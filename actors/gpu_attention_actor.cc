@@ -32,6 +32,7 @@
 #include "runtime/base/status.h"
 #include "runtime/gpu/cuda_buffers.h"
 #include "runtime/gpu/cuda_deepseek2.h"
+#include "runtime/models/parallel_copy.h"
 
 namespace ktx::actors {
 namespace {
@@ -55,6 +56,10 @@ struct Core {
   bool bf16_expert_input = false;
   int n_shards = 0;
   std::chrono::milliseconds moe_deadline{120000};
+  // F32 [n, n_embd] the routed experts' input of the MoE layer in flight, reused
+  // while no shard or router still holds it (use_count 1): jobs run one at a
+  // time on the arena, and each waits for its layer's answer.
+  std::shared_ptr<models::Activations> expert_input;
 };
 
 // One step in flight. The actor fills it before the job starts and reads it
@@ -109,12 +114,19 @@ class MoeClient {
     MoeWork work;
     work.il = il;
     {
-      Activations copy = h;  // the shards read it asynchronously: a buffer of its own
+      // The shards read it asynchronously: a buffer of its own (reused when
+      // nobody holds the previous layer's any more: no page faults per layer).
+      if (core_.expert_input == nullptr || core_.expert_input.use_count() != 1) {
+        core_.expert_input = std::make_shared<Activations>();
+      }
+      Activations& copy = *core_.expert_input;
+      copy.ResizeForOverwrite(n, n_embd);
+      models::ParallelCopy(copy.data(), h.data(), static_cast<size_t>(n * n_embd) * sizeof(float));
       if (core_.bf16_expert_input) {
         float* v = copy.data();
         for (int64_t i = 0; i < n * n_embd; ++i) v[i] = RoundToWireBf16(v[i]);
       }
-      work.h = Tensor::Wrap(std::move(copy));
+      work.h = Tensor(std::shared_ptr<const Activations>(core_.expert_input));
     }
     // The slices' policies were applied by AdjustRouting, before the GPU took
     // its experts: `routing` is the CPU's part.
@@ -168,7 +180,9 @@ class MoeClient {
     if (sum == &scratch) {
       *routed = std::move(scratch);
     } else {
-      *routed = *sum;
+      routed->ResizeForOverwrite(n, n_embd);
+      models::ParallelCopy(routed->data(), sum->data(),
+                           static_cast<size_t>(n * n_embd) * sizeof(float));
     }
     for (int32_t row : result.failed_rows) {
       if (row >= 0 && row < n) std::fill(routed->row(row), routed->row(row) + n_embd, 0.0f);

@@ -14,6 +14,7 @@
 #include "kernels/cuda/gemm.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/status.h"
+#include "runtime/models/parallel_copy.h"
 #include "runtime/models/reference_ops.h"
 #include "runtime/models/routing_policy.h"
 
@@ -496,7 +497,10 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   const int32_t k_used = hp_.n_expert_used;
   const cudaStream_t stream = runner_->stream();
   float* x = runner_->x();
-  Activations h, routed;
+  // Host copies of h and of the routed experts' sum: members, so that their
+  // pages are reused from step to step (tens of MiB at prefill).
+  Activations& h = host_h_;
+  Activations& routed = host_routed_;
   models::Routing routing;
   // Routed experts on the GPU (large batches): the GPU's share of the first MoE
   // layer is chosen from expected counts and its copies start now, behind the
@@ -544,8 +548,8 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
           w.shexp_gate_up, w.shexp_down, hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd, 1.0f));
     }
     KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(routed_ready_), "waiting for the routing"));
-    h.Resize(n, n_embd);
-    std::memcpy(h.data(), pinned_h_.as<float>(), n * n_embd * 4);
+    h.ResizeForOverwrite(n, n_embd);
+    models::ParallelCopy(h.data(), pinned_h_.as<float>(), n * n_embd * 4);
     routing.n_tokens = n;
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
@@ -605,7 +609,7 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
                                               ", ", routed.n_cols(), "], expected [", n, ", ",
                                               n_embd, "]"));
     }
-    std::memcpy(pinned_routed_.as<float>(), routed.data(), n * n_embd * 4);
+    models::ParallelCopy(pinned_routed_.as<float>(), routed.data(), n * n_embd * 4);
     KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
     KTX_RETURN_IF_ERROR(CudaOk(kc::AddRows(x, n_embd, runner_->routed(), n_embd, n, n_embd, stream),
                                "residual add"));

@@ -214,6 +214,8 @@ class CudaDeepseek2 {
   PinnedBuffer pinned_ids_;                   // I32 [T, n_expert_used]
   PinnedBuffer pinned_weights_;               // F32 [T, n_expert_used]
   PinnedBuffer pinned_logits_;                // F32 [T, n_vocab]
+  models::Activations host_h_;                // F32 [n, n_embd] h of the MoE layer in flight
+  models::Activations host_routed_;           // F32 [n, n_embd] its routed experts' sum
   cudaEvent_t routed_ready_ = nullptr;        // h and routing are on the host
   std::unique_ptr<PagedKvAllocator> kv_;
   // Routed experts on the GPU: set up by SetUpGpuExperts; the GPU's share of

@@ -30,6 +30,14 @@ class Activations {
     n_cols_ = n_cols;
     data_.assign(static_cast<size_t>(n_tokens * n_cols), 0.0f);
   }
+  // Sets the shape for a caller that overwrites every element next: kept
+  // elements keep their old values (no zeroing pass over a reused buffer).
+  void ResizeForOverwrite(int64_t n_tokens, int64_t n_cols) {
+    KTX_CHECK(n_tokens >= 0 && n_cols >= 0);
+    n_tokens_ = n_tokens;
+    n_cols_ = n_cols;
+    data_.resize(static_cast<size_t>(n_tokens * n_cols));
+  }
   void SetZero() { std::fill(data_.begin(), data_.end(), 0.0f); }
 
   int64_t n_tokens() const { return n_tokens_; }
