@@ -132,7 +132,7 @@ token_sink_actor::behavior_type AsyncSink(token_sink_actor::stateful_pointer<Sin
 
 // Plan checks against the model: layer count, expert count, shard indices.
 absl::Status CheckPlan(const topology::PlacementPlan& plan, const models::Deepseek2Hparams& hp,
-                       size_t n_shards) {
+                       size_t n_shards, const std::map<int, std::vector<int>>& on_gpu) {
   if (plan.n_layer != hp.n_layer || static_cast<int>(plan.layers.size()) != hp.n_layer) {
     return absl::InvalidArgumentError(absl::StrCat("placement plan has ", plan.n_layer, " (",
                                                    plan.layers.size(), ") layers, the model ",
@@ -149,8 +149,11 @@ absl::Status CheckPlan(const topology::PlacementPlan& plan, const models::Deepse
       return absl::InvalidArgumentError(absl::StrCat("placement plan, layer ", il, ": ", of.size(),
                                                      " experts, the model has ", hp.n_expert));
     }
+    auto gpu = on_gpu.find(il);
     for (int e = 0; e < hp.n_expert; ++e) {
-      if (of[e].empty()) {
+      const bool resident = gpu != on_gpu.end() && std::find(gpu->second.begin(), gpu->second.end(),
+                                                             e) != gpu->second.end();
+      if (of[e].empty() && !resident) {
         return absl::InvalidArgumentError(
             absl::StrCat("placement plan, layer ", il, ": expert ", e, " is on no shard"));
       }
@@ -179,6 +182,7 @@ struct Engine::Impl {
   std::shared_ptr<ProfileLog> profile;   // null: profiling off
   int attention_device = -1;             // -1: CPU attention actor; N: cuda:N
   gpu::GpuMemoryPlan gpu_plan;           // with attention on the GPU
+  topology::GpuHotExperts hot;           // routed experts resident on the GPU
   int64_t kv_budget_tokens = 0;          // the scheduler's
 
   // Destroyed by ~Impl in this order: actors, arenas, handles, system, config.
@@ -270,14 +274,48 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   impl->n_ctx = options.n_ctx > 0 ? std::min(options.n_ctx, hp.n_ctx_train) : hp.n_ctx_train;
   const size_t n_shards = options.shards.size();
 
+  // Hot routed experts on the GPU: chosen before the placement, which leaves
+  // them to no shard.
+  topology::PlacementOptions placement = options.placement;
+  if (options.gpu_hot_experts_bytes > 0) {
+    if (impl->attention_device < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gpu_hot_experts_bytes (", topology::FormatBytes(options.gpu_hot_experts_bytes),
+          ") keeps routed experts on the attention GPU: it needs attention_device cuda:N"));
+    }
+    for (const ShardOptions& shard : options.shards) {
+      if (!shard.address.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "gpu_hot_experts_bytes: shard '", shard.name,
+            "' is remote, and shard nodes plan their experts without the GPU's hot experts; "
+            "hot experts on the GPU work with local shards only for now"));
+      }
+    }
+    KTX_ASSIGN_OR_RETURN(topology::ModelExpertTable table,
+                         topology::ModelExpertTableFromGguf(model->file()));
+    absl::StatusOr<topology::GpuHotExperts> hot =
+        topology::ChooseGpuHotExperts(table, placement.profile, options.gpu_hot_experts_bytes);
+    if (!hot.ok()) {
+      return absl::Status(hot.status().code(),
+                          absl::StrCat("gpu_hot_experts_bytes: ", hot.status().message()));
+    }
+    impl->hot = std::move(*hot);
+    for (const auto& [il, ids] : impl->hot.experts) {
+      std::vector<int>& ex = placement.excluded[il];
+      ex.insert(ex.end(), ids.begin(), ids.end());
+      std::sort(ex.begin(), ex.end());
+      ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
+    }
+    KTX_LOG(INFO, "engine") << topology::DescribeGpuHotExperts(impl->hot);
+  }
   // Placement.
   if (options.plan) {
     impl->plan = *options.plan;
   } else {
     // The same function plans on every shard node (ShardHost).
-    KTX_ASSIGN_OR_RETURN(impl->plan, PlanShards(*model, options.shards, options.placement));
+    KTX_ASSIGN_OR_RETURN(impl->plan, PlanShards(*model, options.shards, placement));
   }
-  KTX_RETURN_IF_ERROR(CheckPlan(impl->plan, hp, n_shards));
+  KTX_RETURN_IF_ERROR(CheckPlan(impl->plan, hp, n_shards, impl->hot.experts));
   std::vector<HeldExperts> held(n_shards, HeldExperts(hp.n_layer));
   std::vector<std::vector<std::vector<int>>> holders(hp.n_layer);
   for (int il = 0; il < hp.n_layer; ++il) {
@@ -405,6 +443,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     GpuAttentionOptions gpu_options;
     gpu_options.gpu = options.gpu;
     gpu_options.gpu.device = impl->attention_device;
+    gpu_options.gpu.resident_experts.assign(static_cast<size_t>(hp.n_layer), {});
+    for (const auto& [il, ids] : impl->hot.experts) {
+      gpu_options.gpu.resident_experts[il].assign(ids.begin(), ids.end());
+    }
     gpu_options.gpu.max_batch_tokens = options.prefill_chunk + options.max_running;
     gpu_options.gpu.max_sequences = options.max_running;
     gpu_options.gpu.max_context = impl->n_ctx;
@@ -621,6 +663,15 @@ std::string Engine::Describe() const {
     absl::StrAppend(&out, "attention: GPU cuda:", im.attention_device,
                     " (non-expert stages; routed experts on the shards), host thread on cpus ",
                     topology::FormatIdRanges(im.attention_arena->cpus()), "\n");
+    if (im.hot.count > 0) {
+      const std::vector<int> per_layer = im.hot.PerLayer(im.model->hparams().n_layer);
+      std::vector<std::string> layers;
+      for (int il = 0; il < static_cast<int>(per_layer.size()); ++il) {
+        if (im.model->hparams().IsMoeLayer(il)) layers.push_back(absl::StrCat(per_layer[il]));
+      }
+      absl::StrAppend(&out, "routed experts on the GPU: ", topology::DescribeGpuHotExperts(im.hot),
+                      "; per MoE layer in order: ", absl::StrJoin(layers, " "), "\n");
+    }
     absl::StrAppend(&out, "kv cache: GPU, ", plan.kv_tokens, " tokens (bf16, ",
                     topology::FormatBytes(plan.kv_bytes), ", pages of ", plan.kv_page_size,
                     "); scheduler budget ", im.kv_budget_tokens, " tokens; context ", im.n_ctx,
@@ -642,6 +693,8 @@ std::string Engine::attention_device() const {
   return impl_->attention_device < 0 ? std::string("cpu")
                                      : absl::StrCat("cuda:", impl_->attention_device);
 }
+
+const topology::GpuHotExperts& Engine::gpu_hot_experts() const { return impl_->hot; }
 
 std::optional<gpu::GpuMemoryPlan> Engine::gpu_memory_plan() const {
   if (impl_->attention_device < 0) return std::nullopt;

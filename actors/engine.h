@@ -66,6 +66,7 @@
 #include "runtime/models/deepseek2.h"
 #include "runtime/moe_backend/cpu_moe_backend.h"
 #include "runtime/sampler/sampler.h"
+#include "topology/gpu_hot_experts.h"
 #include "topology/placement.h"
 
 namespace ktx::topology {
@@ -120,6 +121,16 @@ struct EngineOptions {
   // experts are computed by the shards either way. ParseAttentionDevice
   // below checks the string.
   std::string attention_device = "cpu";
+  // GPU attention only: device memory (bytes) for hot routed experts kept
+  // resident on the GPU; 0: none. topology/gpu_hot_experts.h chooses them
+  // from placement.profile (hottest per byte; uniform without a profile),
+  // the GPU computes them at every batch size (CudaModelOptions::
+  // resident_experts), and the placement plan leaves them to no shard
+  // (PlacementOptions::excluded), so ShardInfos' bytes drop by theirs.
+  // InvalidArgument with attention on the CPU or with remote shards (their
+  // nodes plan without the exclusion); ResourceExhausted when the budget
+  // fits no expert.
+  uint64_t gpu_hot_experts_bytes = 0;
   // GPU attention only. experts.mode defaults to kOff here: the routed
   // experts go to the shards (GPU expert streaming, runtime/gpu/gpu_experts.h,
   // would send the rest with kNoExpert padding; KTX_GPU_EXPERTS overrides).
@@ -326,6 +337,9 @@ class Engine {
   std::string attention_device() const;
   // The GPU attention actor's memory plan; nullopt with attention on the CPU.
   std::optional<gpu::GpuMemoryPlan> gpu_memory_plan() const;
+  // The hot routed experts resident on the attention GPU (empty: none);
+  // PerLayer(n_layer) counts them per layer.
+  const topology::GpuHotExperts& gpu_hot_experts() const;
   // The scheduler's KV budget in tokens (kv_budget_bytes / the CPU cache's
   // bytes per token, also with attention on the GPU).
   int64_t kv_budget_tokens() const;

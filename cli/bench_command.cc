@@ -40,6 +40,7 @@
 #include "actors/actor_bench.h"
 #include "actors/engine.h"
 #include "cli/commands.h"
+#include "cli/gpu_hot_experts_flags.h"
 #include "cli/routing_policy_flags.h"
 #include "runtime/bench/bench.h"
 #include "runtime/models/deepseek2.h"
@@ -64,10 +65,12 @@ struct BenchFlags {
   float temperature = 1.0f;
   int64_t read_mib = 1024;
   double max_seconds = 0;
-  std::string topology;          // non-empty: through the actor runtime
-  int shards = 0;                // > 0: through the actor runtime with N even shards
-  std::string attention_device;  // --attention-device cpu|cuda:N (actor runtime)
-  std::string policy;            // --policy: routing policy of every sequence (docs/experts.md)
+  std::string topology;            // non-empty: through the actor runtime
+  int shards = 0;                  // > 0: through the actor runtime with N even shards
+  std::string attention_device;    // --attention-device cpu|cuda:N (actor runtime)
+  std::string policy;              // --policy: routing policy of every sequence (docs/experts.md)
+  double gpu_hot_experts_gib = 0;  // --gpu-hot-experts-gib: hot experts resident on the GPU
+  std::string profile;             // --profile: expert-usage profile for the placement
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -122,6 +125,12 @@ absl::Status RunBench(const BenchFlags& flags) {
     }
     KTX_RETURN_IF_ERROR(
         actors::ParseAttentionDevice(flags.attention_device, "--attention-device").status());
+  }
+  if ((flags.gpu_hot_experts_gib != 0 || !flags.profile.empty()) && flags.topology.empty() &&
+      flags.shards == 0) {
+    return absl::InvalidArgumentError(
+        "--gpu-hot-experts-gib and --profile run on the actor runtime: give --topology FILE or "
+        "--shards N (and --attention-device cuda:N) too");
   }
   if (!flags.topology.empty() || flags.shards != 0) {
     if (!flags.topology.empty() && flags.shards != 0) {
@@ -235,6 +244,8 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     engine_options.shards = actors::EvenShards(flags.shards);
   }
   if (!flags.attention_device.empty()) engine_options.attention_device = flags.attention_device;
+  KTX_RETURN_IF_ERROR(
+      ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &engine_options));
   engine_options.experts =
       fast ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
   if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
@@ -347,6 +358,8 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--attention-device", flags->attention_device,
                   "With --topology/--shards: where attention (all non-expert stages) runs, cpu "
                   "or cuda:N (overrides the topology's attention_device)");
+  cmd->add_option("--gpu-hot-experts-gib", flags->gpu_hot_experts_gib, kGpuHotExpertsFlagHelp);
+  cmd->add_option("--profile", flags->profile, kPlacementProfileFlagHelp);
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";

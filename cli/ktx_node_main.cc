@@ -49,6 +49,7 @@
 #include "actors/service/generation_service.h"
 #include "actors/service/node_control_service.h"
 #include "actors/service/node_server.h"
+#include "cli/gpu_hot_experts_flags.h"
 #include "runtime/base/logging.h"
 #include "runtime/gguf/fingerprint.h"
 #include "runtime/models/deepseek2.h"
@@ -81,7 +82,9 @@ struct Flags {
   double remote_wait_s = 60;
   double drain_timeout_s = 60;
   std::string log_level;
-  std::string attention_device;  // empty: the topology's (else cpu)
+  std::string attention_device;    // empty: the topology's (else cpu)
+  double gpu_hot_experts_gib = 0;  // head: hot routed experts resident on the attention GPU
+  std::string profile;             // head: expert-usage profile for the placement
 };
 
 int Fail(const absl::Status& status) {
@@ -457,6 +460,11 @@ int Run(const Flags& flags) {
   ApplyEngineFlags(flags, &options);
   options.experts = *experts;
   if (!flags.attention_device.empty()) options.attention_device = flags.attention_device;
+  if (const absl::Status hot =
+          ktx::cli::ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &options);
+      !hot.ok()) {
+    return Fail(hot);
+  }
   absl::StatusOr<std::unique_ptr<ktx::actors::Engine>> engine =
       ktx::actors::Engine::Create(model, options);
   if (!engine.ok()) return Fail(engine.status());
@@ -514,6 +522,9 @@ int main(int argc, char** argv) {
   app.add_option("--attention-device", flags.attention_device,
                  "Head: where attention (all non-expert stages) runs: cpu or cuda:N (default: the "
                  "topology's attention_device, else cpu); routed experts stay on the shards");
+  app.add_option("--gpu-hot-experts-gib", flags.gpu_hot_experts_gib,
+                 ktx::cli::kGpuHotExpertsFlagHelp);
+  app.add_option("--profile", flags.profile, ktx::cli::kPlacementProfileFlagHelp);
   app.add_option("--experts", flags.experts,
                  "Routed experts: fast (CPU kernels on NUMA-local copies, default) or reference "
                  "(scalar oracle)");

@@ -35,6 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "actors/engine.h"
 #include "cli/commands.h"
+#include "cli/gpu_hot_experts_flags.h"
 #include "cli/routing_policy_flags.h"
 #include "runtime/engine/reference_engine.h"
 #include "runtime/moe_backend/cpu_moe_backend.h"
@@ -250,8 +251,13 @@ int RunLogits(const LogitsFlags& flags) {
 struct ActorFlags {
   std::string topology;
   int shards = 0;
-  std::string attention_device;  // empty: the topology's (else cpu)
-  bool enabled() const { return !topology.empty() || shards != 0 || !attention_device.empty(); }
+  std::string attention_device;    // empty: the topology's (else cpu)
+  double gpu_hot_experts_gib = 0;  // hot routed experts resident on the GPU
+  std::string profile;             // expert-usage profile for the placement
+  bool enabled() const {
+    return !topology.empty() || shards != 0 || !attention_device.empty() ||
+           gpu_hot_experts_gib != 0 || !profile.empty();
+  }
 };
 
 std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
@@ -262,6 +268,8 @@ std::shared_ptr<ActorFlags> AddActorFlags(CLI::App* cmd) {
   cmd->add_option("--attention-device", flags->attention_device,
                   "With --topology/--shards: where attention (all non-expert stages) runs, cpu "
                   "or cuda:N (overrides the topology's attention_device)");
+  cmd->add_option("--gpu-hot-experts-gib", flags->gpu_hot_experts_gib, kGpuHotExpertsFlagHelp);
+  cmd->add_option("--profile", flags->profile, kPlacementProfileFlagHelp);
   return flags;
 }
 
@@ -290,6 +298,13 @@ absl::StatusOr<std::unique_ptr<actors::Engine>> OpenActorEngine(const CommonFlag
     options.shards = actors::EvenShards(actor.shards);
   }
   if (!actor.attention_device.empty()) options.attention_device = actor.attention_device;
+  if ((actor.gpu_hot_experts_gib != 0 || !actor.profile.empty()) && actor.topology.empty() &&
+      actor.shards == 0) {
+    return absl::InvalidArgumentError(
+        "--gpu-hot-experts-gib and --profile run on the actor runtime: give --topology FILE or "
+        "--shards N (and --attention-device cuda:N) too");
+  }
+  KTX_RETURN_IF_ERROR(ApplyGpuHotExpertsFlags(actor.gpu_hot_experts_gib, actor.profile, &options));
   const bool gpu_attention = options.attention_device != "cpu" && !options.attention_device.empty();
   KTX_ASSIGN_OR_RETURN(const bool fast_experts, moe_backend::ParseExpertsFlag(common.experts));
   options.experts =

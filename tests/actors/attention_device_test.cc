@@ -83,6 +83,21 @@ TEST(AttentionDeviceTest, CudaDeviceWithoutCudaBuildOrGpuFailsClearly) {
   std::printf("[ measured ] cuda:0 here: %s\n", std::string(engine.status().message()).c_str());
 }
 
+// Hot experts on the GPU need the GPU attention actor: with attention on the
+// CPU the option fails before anything is loaded, naming it.
+TEST(AttentionDeviceTest, GpuHotExpertsNeedGpuAttention) {
+  auto model = FixtureModel("q8_0");
+  ASSERT_NE(model, nullptr);
+  EngineOptions options;
+  options.attention_device = "cpu";
+  options.gpu_hot_experts_bytes = uint64_t{1} << 20;
+  auto engine = Engine::Create(model, options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument) << engine.status();
+  EXPECT_TRUE(HasSubstr(engine.status(), "gpu_hot_experts_bytes")) << engine.status();
+  EXPECT_TRUE(HasSubstr(engine.status(), "cuda:N")) << engine.status();
+}
+
 TEST(AttentionDeviceTest, CpuStillServes) {
   auto model = FixtureModel("q8_0");
   ASSERT_NE(model, nullptr);

@@ -30,6 +30,8 @@
 #include "kernels/cuda/device_query.h"
 #include "runtime/base/status.h"
 #include "tests/actors/actors_test_util.h"
+#include "topology/gguf_experts.h"
+#include "topology/gpu_hot_experts.h"
 
 namespace ktx::actors {
 namespace {
@@ -194,6 +196,93 @@ TEST_P(GpuAttentionFixtureTest, MatchesTheReferenceAndTheCpuEngine) {
   ASSERT_TRUE(kv.ok());
   EXPECT_EQ(kv->n_sequences, 0);
   EXPECT_EQ(kv->used_bytes, 0u);
+}
+
+// Hot routed experts resident on the GPU (EngineOptions::gpu_hot_experts_bytes,
+// 1.5 layers' worth, uniform without a profile): the shards hold exactly the
+// other experts (ShardInfos), Describe names them, the prompt logits stay
+// within tier B of the float64 reference and greedy tokens equal the CPU
+// engine's while the reference is confident.
+TEST_P(GpuAttentionFixtureTest, HotExpertsOnTheGpuMatchTheReference) {
+  KTX_SKIP_WITHOUT_GPU_LOUDLY();
+  const Param p = GetParam();
+  auto model = FixtureModel(p.file);
+  ASSERT_NE(model, nullptr);
+  const models::Deepseek2Hparams& hp = model->hparams();
+  const nlohmann::json& files = Manifest()["files"][p.file];
+  const int64_t n_vocab = model->n_vocab();
+  const std::vector<int32_t> prompt = testing::PromptTokens();
+  auto table = topology::ModelExpertTableFromGguf(model->file());
+  ASSERT_TRUE(table.ok()) << table.status();
+  uint64_t per_expert = 0;
+  for (const topology::LayerExperts& l : table->layers) {
+    per_expert = std::max(per_expert, l.bytes_per_expert);
+  }
+  EngineOptions options = Options(p.shards, "cuda:0");
+  options.gpu_hot_experts_bytes = per_expert * (hp.n_expert + hp.n_expert / 2);
+  auto gpu = Engine::Create(model, options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const topology::GpuHotExperts& hot = (*gpu)->gpu_hot_experts();
+  EXPECT_GE(hot.count, hp.n_expert);
+  EXPECT_LE(hot.bytes, options.gpu_hot_experts_bytes);
+  EXPECT_EQ((*gpu)->gpu_memory_plan()->resident_experts, hot.count);
+  const std::string described = (*gpu)->Describe();
+  std::printf("%s", described.c_str());
+  EXPECT_NE(described.find("routed experts on the GPU"), std::string::npos);
+  auto base = Engine::Create(model, Options(p.shards, "cuda:0"));
+  ASSERT_TRUE(base.ok()) << base.status();
+  int64_t held = 0, held_base = 0;
+  for (const ShardInfo& s : (*gpu)->ShardInfos()) held += s.n_experts;
+  for (const ShardInfo& s : (*base)->ShardInfos()) held_base += s.n_experts;
+  EXPECT_EQ(held + hot.count, held_base) << "the shards still hold the GPU's experts";
+  base->reset();
+
+  auto logits = (*gpu)->Logits(prompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  const std::vector<float> want = LoadF32(files["ref64_prompt_logits"]["file"]);
+  ASSERT_EQ(logits->values().size(), want.size());
+  const int64_t n_rows = static_cast<int64_t>(want.size()) / n_vocab;
+  std::vector<double> rows;
+  int confident = 0, agree = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* g = logits->row(r);
+    const float* w = want.data() + r * n_vocab;
+    rows.push_back(RelL2(g, w, n_vocab));
+    if (Margin(w, n_vocab) > 1.0) {
+      ++confident;
+      agree += testing::Argmax(g, n_vocab) == testing::Argmax(w, n_vocab);
+    }
+  }
+  std::sort(rows.begin(), rows.end());
+  const double all = RelL2(logits->data(), want.data(), static_cast<int64_t>(want.size()));
+  const double median = rows[rows.size() / 2];
+  const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+  std::printf(
+      "[ measured ] %s, %d shard(s), %d hot experts on the GPU: prompt logits rel L2 %.3e, "
+      "median row %.3e, argmax agreement %.3f\n",
+      p.file.c_str(), p.shards, hot.count, all, median, agreement);
+  const TierB b = Bounds(p.file);
+  EXPECT_LE(all, b.rel_l2);
+  EXPECT_LE(median, b.median_row);
+  EXPECT_GE(agreement, b.argmax_agree);
+
+  const auto ref_tokens = files["ref64_greedy_tokens"].get<std::vector<int32_t>>();
+  const auto margins = files["ref64_greedy_top2_margin"].get<std::vector<double>>();
+  const int n_gen = static_cast<int>(ref_tokens.size());
+  auto gpu_run = (*gpu)->Generate(Greedy(prompt, n_gen));
+  ASSERT_TRUE(gpu_run.ok()) << gpu_run.status();
+  size_t same_ref = 0;
+  while (same_ref < ref_tokens.size() && same_ref < gpu_run->tokens.size() &&
+         gpu_run->tokens[same_ref] == ref_tokens[same_ref]) {
+    ++same_ref;
+  }
+  size_t required = 0;
+  while (required < margins.size() && margins[required] >= 1.0) ++required;
+  std::printf(
+      "[ measured ] %s: with hot experts, greedy tokens equal to the reference for %zu "
+      "of %d (required: %zu)\n",
+      p.file.c_str(), same_ref, n_gen, required);
+  EXPECT_GE(same_ref, required);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuAttentionFixtureTest,
