@@ -131,9 +131,11 @@ struct EngineOptions {
   // nodes plan without the exclusion); ResourceExhausted when the budget
   // fits no expert.
   uint64_t gpu_hot_experts_bytes = 0;
-  // GPU attention only. experts.mode defaults to kOff here: the routed
-  // experts go to the shards (GPU expert streaming, runtime/gpu/gpu_experts.h,
-  // would send the rest with kNoExpert padding; KTX_GPU_EXPERTS overrides).
+  // GPU attention only. experts.mode is kAuto: batches of at least
+  // experts.min_batch_tokens (prefill) stream the experts the cost model picks
+  // to the GPU (runtime/gpu/gpu_experts.h) and send the rest to the shards
+  // with kNoExpert padding; smaller batches (decode) go to the shards whole.
+  // KTX_GPU_EXPERTS=off|auto|gpu|cpu overrides.
   // Create sets device, max_batch_tokens (prefill_chunk +
   // max_running: the largest step), max_sequences (max_running), max_context
   // (the engine's n_ctx) and kv_tokens (the scheduler's KV budget,
@@ -144,7 +146,7 @@ struct EngineOptions {
   // fit the device.
   gpu::CudaModelOptions gpu = [] {
     gpu::CudaModelOptions o;
-    o.experts.mode = gpu::GpuExpertMode::kOff;
+    o.experts.mode = gpu::GpuExpertMode::kAuto;
     return o;
   }();
   uint64_t kv_budget_bytes = uint64_t{1} << 30;
