@@ -271,6 +271,65 @@ TEST_F(GpuExpertsTest, MismatchedPrefetchAndBadIdsAreErrors) {
   EXPECT_TRUE(s->Compute(1, a, r, h, kEmbd, acc.get(), kEmbd).ok());        // still usable
 }
 
+// Hot experts resident in device memory (LoadResident): mixed into the
+// subset, they are computed from device memory without a copy, the others
+// streamed (with and without prefetch of the streamed ones), and the sum
+// equals the float64 reference; bad sets are errors naming the layer.
+TEST_F(GpuExpertsTest, ResidentExpertsMatchFloat64ReferenceWithoutCopies) {
+  SCOPED_TRACE(testing::Message() << "seed " << seed_);
+  const models::Routing r1 = RandomRouting(rng_);
+  const models::Routing r2 = RandomRouting(rng_);
+  const std::vector<int32_t> subset = {4, 0, 6, 7, 2, 5, 1};  // 6: no token
+  const std::vector<double> want1 = Reference(*layers_[1], h_, r1, subset, acc0_);
+  std::vector<float> acc1(acc0_.size());
+  for (size_t i = 0; i < acc1.size(); ++i) acc1[i] = static_cast<float>(want1[i]);
+  const std::vector<double> want2 = Reference(*layers_[2], h_, r2, subset, acc1);
+  cuda_test::DeviceArray<uint16_t> d_h(h_);
+  const auto* h = reinterpret_cast<const __nv_bfloat16*>(d_h.get());
+  // Layer 1: 4, 7, 1 resident (streamed: 0, 6, 2, 5); layer 2: 0 and 6.
+  const std::vector<std::vector<int32_t>> resident = {{}, {7, 4, 1}, {6, 0}};
+  const std::vector<int32_t> streamed1 = {0, 6, 2, 5}, streamed2 = {4, 7, 2, 5, 1};
+  for (const bool prefetch : {false, true}) {
+    SCOPED_TRACE(prefetch ? "prefetch" : "no prefetch");
+    std::unique_ptr<GpuExpertStreamer> s = Make(2, true);
+    ASSERT_NE(s, nullptr);
+    ASSERT_TRUE(s->LoadResident(resident).ok());
+    EXPECT_EQ(s->n_resident(), 5);
+    EXPECT_TRUE(s->IsResident(1, 4));
+    EXPECT_FALSE(s->IsResident(1, 0));
+    EXPECT_EQ(std::vector<int32_t>(s->ResidentExperts(1).begin(), s->ResidentExperts(1).end()),
+              (std::vector<int32_t>{1, 4, 7}));
+    EXPECT_EQ(s->resident_bytes(), 3 * layers_[1]->tensors.ExpertSlotBytes(kEmbd, kFf) +
+                                       2 * layers_[2]->tensors.ExpertSlotBytes(kEmbd, kFf));
+    cuda_test::DeviceArray<float> acc(acc0_);
+    if (prefetch) {
+      ASSERT_TRUE(s->Prefetch(1, streamed1).ok());
+    }
+    ASSERT_TRUE(s->Compute(1, subset, r1, h, kEmbd, acc.get(), kEmbd).ok());
+    EXPECT_LE(RelErr(acc.Download(), want1, acc0_), 2e-3);
+    if (prefetch) {
+      ASSERT_TRUE(s->Prefetch(2, streamed2).ok());
+    }
+    ASSERT_TRUE(s->Compute(2, subset, r2, h, kEmbd, acc.get(), kEmbd).ok());
+    EXPECT_LE(RelErr(acc.Download(), want2, acc1), 2e-3);
+    // Resident: 3 + 1 computed (layer 2's 6 has no token), none copied.
+    EXPECT_EQ(s->stats().resident_experts_computed, 4);
+    EXPECT_EQ(s->stats().experts_computed, 12);
+    EXPECT_EQ(s->stats().experts_copied, prefetch ? 4 + 5 : 3 + 5);
+    EXPECT_TRUE(s->idle());
+  }
+  std::unique_ptr<GpuExpertStreamer> s = Make(2, true);
+  ASSERT_NE(s, nullptr);
+  const std::vector<std::vector<int32_t>> dense = {{1}}, out_of_range = {{}, {9}},
+                                          twice = {{}, {}, {3, 3}};
+  EXPECT_EQ(s->LoadResident(dense).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s->LoadResident(out_of_range).code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status t = s->LoadResident(twice);
+  EXPECT_EQ(t.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(t.message().find("layer 2"), std::string::npos) << t;
+  EXPECT_EQ(s->n_resident(), 0);
+}
+
 TEST_F(GpuExpertsTest, CalibrationGivesPositiveRates) {
   std::unique_ptr<GpuExpertStreamer> s = Make(4, true);
   ASSERT_NE(s, nullptr);
