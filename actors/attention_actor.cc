@@ -5,24 +5,23 @@
 #include <deque>
 #include <map>
 #include <memory>
-#include <optional>
 #include <set>
 #include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "actors/cpu_arena.h"
+#include "actors/moe_client.h"
 #include "actors/moe_combine.h"
 #include "actors/remote/wire_dtype.h"
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
-#include "caf/duration.hpp"
 #include "caf/send.hpp"
 #include "caf/stateful_actor.hpp"
-#include "caf/system_messages.hpp"
 #include "caf/typed_event_based_actor.hpp"
 #include "caf/typed_response_promise.hpp"
 #include "runtime/kv_cache/latent_kv_cache.h"
@@ -32,34 +31,24 @@ namespace ktx::actors {
 namespace {
 
 enum Stage : int32_t {
-  kMoeReady = 1,      // the job stopped at a MoE layer: h and routing are ready
-  kSharedDone = 2,    // the shared experts of that layer are done
-  kStepDone = 3,      // Head and commits are done (or the step failed)
-  kLateAttention = 4  // the job stopped after a layer's attention: deferred experts join here
+  kStepDone = 3,  // the step's job is done (Head and commits, or the step failed)
 };
 
 constexpr int kJoinMoe = static_cast<int>(models::DeferJoin::kNextMoe);
 constexpr int kJoinAttention = static_cast<int>(models::DeferJoin::kNextAttention);
 
 // The deferred experts of one MoE layer (expert deferral, routing_policy.h):
-// made by the job that routed the layer, sent to the router by the actor
-// right after the layer's immediate experts, joined one layer later (per
-// DeferJoin) so that the shards compute them while the next layer's
-// attention runs. The job writes the routing before posting kMoeReady; the
-// actor writes sent/done/result/status; a job reads a result only after the
-// actor handed it over (done).
+// made when the job routes the layer, sent to the router right after the
+// layer's immediate experts, joined one layer later (per DeferJoin) so that
+// the shards compute them while the next layer's attention runs. Only the
+// step's job touches it.
 struct LateWork {
   int il = 0;                      // the deferring layer
   int64_t n_rows = 0;              // rows of layer il's batch
   std::vector<int64_t> row_begin;  // [slices] first batch row at layer il (-1: inactive)
   models::Routing routing[2];      // [join] rows of layer il's batch; all-kNoExpert rows: none
   int64_t entries[2] = {0, 0};     // [join] deferred (token, expert) entries
-  bool sent[2] = {false, false};
-  bool done[2] = {false, false};
-  bool joined[2] = {false, false};
-  MoeResult result[2];
-  absl::Status status[2];
-  bool pending() const { return (sent[0] && !joined[0]) || (sent[1] && !joined[1]); }
+  uint64_t ticket[2] = {0, 0};     // [join] MoeClient ticket once sent, 0 when not out
 };
 
 // The KV pool; shared with jobs so that a killed actor never frees rows a job
@@ -69,14 +58,16 @@ struct Core {
   kv_cache::LatentKvCache kv;
   std::map<uint64_t, kv_cache::SequenceId> ids;  // scheduler seq -> cache id
   bool bf16_expert_input = false;                // AttentionConfig::bf16_expert_input
+  caf::actor_system* system = nullptr;           // outlives the jobs (the Engine's)
+  router_actor router;                           // may be invalid
+  MoeClient::Options moe;                        // AttentionConfig::moe_deadline / moe_spin_us
 
   Core(std::shared_ptr<const models::Deepseek2Model> m, kv_cache::LatentKvCache cache)
       : model(std::move(m)), kv(std::move(cache)) {}
 };
 
-// One step in flight. At any time either the actor or exactly one job writes
-// a field (the shared-experts job writes only `shared`/`shared_status` while
-// the actor writes only `moe`/`moe_status`).
+// One step in flight. The actor fills it before the job starts and reads it
+// after the job posted kStepDone; in between only the job touches it.
 struct Step {
   uint64_t step = 0;
   std::vector<StepSlice> slices;
@@ -89,45 +80,23 @@ struct Step {
   std::vector<absl::Status> status;             // [slices]
   std::vector<Tensor> logits;                   // [slices]
   int il = 0;
-  bool embedded = false;
   absl::Status fatal;  // fails every slice
 
   // At a MoE layer:
-  models::Activations x;                         // F32 [n_rows, n_embd] batch residual
-  std::shared_ptr<const models::Activations> h;  // F32 [n_rows, n_embd] FFN-normed
-  // F32 [n_rows, n_embd] h rounded to bf16 for the routed experts (wire
-  // dtype bf16); null: they get h.
-  std::shared_ptr<const models::Activations> h_experts;
-  models::Routing routing;     // [n_rows, K]
-  models::Activations shared;  // F32 [n_rows, n_embd]
-  absl::Status shared_status;
-  MoeResult moe;
-  absl::Status moe_status;
-  bool moe_done = false;
-  bool shared_done = false;
-  std::vector<int64_t> moe_shard_us;  // [n_shards] this layer's shard compute (actor writes)
-  int64_t moe_shared_us = 0;          // this layer's shared experts (shared job writes)
+  models::Routing routing;  // [n_rows, K]
 
   // Routing policies: some slice brings its own, or the model has one (the
   // batch is then routed full and the policies applied per slice); one of
   // them defers experts.
   bool any_policy = false;
   bool may_defer = false;
-  std::shared_ptr<LateWork> late_made;                 // the job -> the actor at kMoeReady
-  std::vector<std::shared_ptr<LateWork>> late_flight;  // actor only: sent, not yet joined
-  bool waiting_late_attention = false;                 // actor only
-  int late_join_attention_il = -1;  // jobs: deferred experts join after this layer's attention
-  int late_join_moe_il = -1;        // jobs: deferred experts join this MoE layer's output
-  int attention_done_il = -1;       // jobs: this layer's attention ran (resuming after a join)
-  std::chrono::steady_clock::time_point late_posted;  // jobs: stop for a next_attention join
-  // actor only: when the layer's MoE was ready while the deferred experts were not
-  std::optional<std::chrono::steady_clock::time_point> late_blocked;
+  std::unique_ptr<LateWork> late_made;                 // made by RouteLayer of the current layer
+  std::vector<std::unique_ptr<LateWork>> late_flight;  // sent, not yet joined
+  int late_join_attention_il = -1;  // deferred experts join after this layer's attention
+  int late_join_moe_il = -1;        // deferred experts join this MoE layer's output
 
   std::chrono::steady_clock::time_point start;
-  // Stage timings (actors/profile.h): jobs write their stage's fields, the
-  // actor the shard times of a MoE result.
-  StepProfile prof;
-  std::chrono::steady_clock::time_point moe_posted;  // end of Route of the current MoE layer
+  StepProfile prof;  // the job writes it; the actor reads it after kStepDone
 };
 
 using Clock = std::chrono::steady_clock;
@@ -172,10 +141,6 @@ void Scatter(const models::Activations& x, Step* step) {
   }
 }
 
-void Post(const attention_actor& me, uint64_t step, Stage stage) {
-  caf::anon_send(me, stage_atom::value, step, static_cast<int32_t>(stage));
-}
-
 // The batch's routing policies: one range per active slice.
 std::vector<models::RowPolicy> RowPolicies(const Step& st) {
   std::vector<models::RowPolicy> rows;
@@ -189,7 +154,7 @@ std::vector<models::RowPolicy> RowPolicies(const Step& st) {
 // Routes MoE layer il into step->routing under the slices' policies; moves
 // deferred entries into step->late_made.
 absl::Status RouteLayer(const models::Deepseek2Model& model, int il, const models::Activations& h,
-                        const std::shared_ptr<Step>& step) {
+                        Step* step) {
   Step& st = *step;
   const models::Deepseek2Hparams& hp = model.hparams();
   if (!st.any_policy) return model.Route(il, h, &st.routing);
@@ -200,7 +165,7 @@ absl::Status RouteLayer(const models::Deepseek2Model& model, int il, const model
   const std::vector<models::RowPolicy> rows = RowPolicies(st);
   models::ApplyRoutingPolicies(hp.routing(), il, rows, model.routing_policy(), &st.routing);
   if (!st.may_defer) return absl::OkStatus();
-  auto late = std::make_shared<LateWork>();
+  auto late = std::make_unique<LateWork>();
   const models::DeferredCount count = models::SplitDeferredRows(
       il, hp.n_layer, rows, model.routing_policy(), &st.routing, late->routing);
   if (count.total() == 0) return absl::OkStatus();
@@ -221,13 +186,12 @@ absl::Status RouteLayer(const models::Deepseek2Model& model, int il, const model
   return absl::OkStatus();
 }
 
-// The deferred result of `join` as rows of the current batch, F32 [n_rows,
-// n_embd] (partials summed in double, in the router's fixed order); rows the
-// router could not serve fail their slices.
-void PlaceLate(const LateWork& late, int join, int64_t n_embd, Step* step,
+// The deferred result `result` (of `late`) as rows of the current batch, F32
+// [n_rows, n_embd] (partials summed in double, in the router's fixed order);
+// rows the router could not serve fail their slices.
+void PlaceLate(const LateWork& late, const MoeResult& result, int64_t n_embd, Step* step,
                models::Activations* out) {
   Step& st = *step;
-  const MoeResult& result = late.result[join];
   auto slice_of = [&](int64_t row) {
     for (int s : st.active) {
       const int64_t b = late.row_begin[s];
@@ -259,17 +223,186 @@ void PlaceLate(const LateWork& late, int join, int64_t n_embd, Step* step,
   }
 }
 
-// Runs layers from step->il until a MoE layer needs the router (posts
-// kMoeReady) or the model is done (Head, commits; posts kStepDone).
-void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
-               const attention_actor& me) {
+// A failed wait for the router, as the step's error: the router's own
+// conditions (no router, router down) as they are, the rest naming `what`.
+absl::Status MoeError(const absl::Status& status, const std::string& what) {
+  if (status.code() == absl::StatusCode::kFailedPrecondition ||
+      (status.code() == absl::StatusCode::kUnavailable &&
+       absl::StartsWith(status.message(), "the router is down"))) {
+    return status;
+  }
+  return absl::Status(status.code(), absl::StrCat("router, ", what, ": ", status.message()));
+}
+
+// Sends the deferred experts RouteLayer made at this MoE layer (right after
+// the layer's immediate experts, so the shards compute them while the next
+// layer's attention runs).
+absl::Status SendLate(MoeClient& client, const Tensor& h, Step* step) {
+  Step& st = *step;
+  std::unique_ptr<LateWork> late = std::move(st.late_made);
+  st.late_made.reset();
+  if (late == nullptr) return absl::OkStatus();
+  for (int j = 0; j < 2; ++j) {
+    if (late->entries[j] == 0) continue;
+    MoeWork work;
+    work.il = late->il;
+    work.h = h;
+    work.n_expert_used = late->routing[j].n_expert_used;
+    work.expert_ids = std::move(late->routing[j].expert_ids);
+    work.weights = std::move(late->routing[j].weights);
+    late->routing[j] = models::Routing();
+    absl::StatusOr<uint64_t> ticket = client.Send(std::move(work));
+    if (!ticket.ok()) {
+      return MoeError(ticket.status(), absl::StrCat("deferred experts of layer ", late->il));
+    }
+    late->ticket[j] = *ticket;
+  }
+  st.late_flight.push_back(std::move(late));
+  return absl::OkStatus();
+}
+
+// Waits for the deferred experts of layer il that join at `join` and returns
+// their part of the current batch in *out (F32 [n_rows, n_embd]); failed rows
+// fail their slices. *wait_us: how long the job waited for them.
+absl::Status JoinLate(MoeClient& client, int il, int join, int64_t n_embd, Step* step,
+                      models::Activations* out, int64_t* wait_us) {
+  Step& st = *step;
+  auto it = std::find_if(st.late_flight.begin(), st.late_flight.end(), [&](const auto& late) {
+    return late->il == il && late->ticket[join] != 0;
+  });
+  if (it == st.late_flight.end()) {
+    return absl::InternalError(absl::StrCat("expert deferral: layer ", il + 1,
+                                            " waits for deferred experts that were never sent"));
+  }
+  LateWork& late = **it;
+  const Clock::time_point t0 = Clock::now();
+  absl::StatusOr<MoeResult> result = client.Wait(late.ticket[join]);
+  *wait_us = MicrosSince(t0);
+  late.ticket[join] = 0;
+  if (!result.ok()) {
+    return MoeError(result.status(), absl::StrCat("deferred experts of layer ", il));
+  }
+  PlaceLate(late, *result, n_embd, &st, out);
+  if (late.ticket[0] == 0 && late.ticket[1] == 0) st.late_flight.erase(it);
+  return absl::OkStatus();
+}
+
+// One MoE layer il from the FFN-normed batch h (x: the batch residual, F32
+// [n_rows, n_embd]): routes, sends the routed experts (and any deferred ones)
+// to the router, computes the shared experts in place while the shards
+// work, waits for the router, then x += Σ routed partials (fixed order) +
+// shared (+ the previous layer's deferred experts joining here).
+absl::Status MoeLayer(const Core& core, MoeClient& client, int il, models::Activations h,
+                      Step* step, models::Activations* x) {
+  const models::Deepseek2Model& model = *core.model;
+  const models::Deepseek2Hparams& hp = model.hparams();
+  Step& st = *step;
+  LayerTiming& timing = st.prof.layers[il];
+  Clock::time_point t0 = Clock::now();
+  KTX_RETURN_IF_ERROR(RouteLayer(model, il, h, step));
+  timing.gate_us += MicrosSince(t0);
+  {
+    std::vector<uint8_t> used(static_cast<size_t>(hp.n_expert), 0);
+    for (int32_t e : st.routing.expert_ids) {
+      if (e >= 0 && e < hp.n_expert) used[e] = 1;
+    }
+    timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
+  }
+  auto h_shared = std::make_shared<const models::Activations>(std::move(h));
+  Tensor h_experts(h_shared);
+  if (core.bf16_expert_input) {
+    models::Activations rounded = *h_shared;
+    float* v = rounded.data();
+    for (int64_t i = 0; i < rounded.n_tokens() * rounded.n_cols(); ++i) {
+      v[i] = RoundToWireBf16(v[i]);
+    }
+    h_experts = Tensor::Wrap(std::move(rounded));
+  }
+  const Clock::time_point moe_posted = Clock::now();
+  MoeWork work;
+  work.il = il;
+  work.h = h_experts;
+  work.n_expert_used = st.routing.n_expert_used;
+  work.expert_ids = std::move(st.routing.expert_ids);
+  work.weights = std::move(st.routing.weights);
+  st.routing = models::Routing();
+  absl::StatusOr<uint64_t> ticket = client.Send(std::move(work));
+  if (!ticket.ok()) return MoeError(ticket.status(), absl::StrCat("layer ", il));
+  KTX_RETURN_IF_ERROR(SendLate(client, h_experts, step));
+
+  // The shared experts on this thread while the shards work.
+  models::Activations shared;
+  t0 = Clock::now();
+  const absl::Status shared_status = model.SharedExperts(il, *h_shared, &shared);
+  const int64_t shared_us = MicrosSince(t0);
+  timing.shared_us += shared_us;
+
+  absl::StatusOr<MoeResult> moe = client.Wait(*ticket);
+  absl::Status status =
+      moe.ok() ? absl::OkStatus() : MoeError(moe.status(), absl::StrCat("layer ", il));
+  if (!shared_status.ok()) status = shared_status;
+  // Deferred experts of the previous layer that join this layer's output.
+  models::Activations late_part;
+  const bool join_late = st.late_join_moe_il == il;
+  if (join_late) {
+    int64_t late_wait_us = 0;
+    absl::Status late_status =
+        JoinLate(client, il - 1, kJoinMoe, hp.n_embd, step, &late_part, &late_wait_us);
+    timing.late_wait_us += late_wait_us;
+    st.late_join_moe_il = -1;
+    if (!late_status.ok()) status = std::move(late_status);
+  }
+  KTX_RETURN_IF_ERROR(status);
+
+  t0 = Clock::now();
+  const MoeResult& result = *moe;
+  const int64_t n_embd = hp.n_embd;
+  const int64_t n = st.n_rows;
+  // Rows the router could not serve fail their slices.
+  if (!result.failed_rows.empty()) {
+    std::vector<int64_t> begin, count;
+    for (int s : st.active) {
+      begin.push_back(st.row_begin[s]);
+      count.push_back(static_cast<int64_t>(st.slices[s].tokens.size()));
+    }
+    for (int i : SlicesOwningRows(result.failed_rows, begin, count)) {
+      const int s = st.active[i];
+      if (st.status[s].ok()) st.status[s] = ToStatus(result.code, result.message);
+    }
+  }
+  models::Activations summed;
+  const models::Activations* routed = SumPlacedPartials(result.parts, n, n_embd, &summed);
+  // As Deepseek2Model::Forward: x += routed + shared (+ deferred).
+  const models::Activations* all_parts[] = {routed, &shared, &late_part};
+  KTX_RETURN_IF_ERROR(model.Combine(std::span(all_parts, join_late ? 3 : 2), x));
+  timing.combine_us += MicrosSince(t0);
+  {
+    const int64_t moe_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(t0 - moe_posted).count();
+    const std::vector<int64_t> shard_us =
+        ShardComputeUs(result.parts, static_cast<int>(timing.shard_us.size()));
+    int64_t critical = 0;
+    for (int64_t us : shard_us) critical = std::max(critical, us);
+    timing.moe_us += moe_us;
+    timing.experts_us += critical;
+    timing.dispatch_us += std::max<int64_t>(0, moe_us - std::max(critical, shared_us));
+    for (size_t s = 0; s < shard_us.size(); ++s) timing.shard_us[s] += shard_us[s];
+  }
+  return absl::OkStatus();
+}
+
+// The step's one job: every layer (MoE layers through the router, waited for
+// on this thread), then Head on the rows each slice asked for and the
+// commits of the slices that did not fail; posts kStepDone.
+void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
+             const attention_actor& me) {
   const models::Deepseek2Model& model = *core->model;
   const models::Deepseek2Hparams& hp = model.hparams();
   Step& st = *step;
-  if (!st.embedded) {
+  MoeClient client(*core->system, core->router, core->moe);
+  {
     const Clock::time_point t0 = Clock::now();
     for (int s : st.active) st.status[s] = model.Embed(st.slices[s].tokens, &st.xs[s]);
-    st.embedded = true;
     DropFailed(st);
     st.prof.embed_us += MicrosSince(t0);
   }
@@ -277,24 +410,31 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
     const int il = st.il;
     LayerTiming& timing = st.prof.layers[il];
     Clock::time_point t0 = Clock::now();
-    if (st.attention_done_il != il) {
-      tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
-        const int s = st.active[i];
-        absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
-        if (!status.ok()) st.status[s] = std::move(status);
-      });
-      DropFailed(st);
-      timing.attention_us += MicrosSince(t0);
-      st.attention_done_il = il;
-      if (st.active.empty()) break;
-      if (st.late_join_attention_il == il) {
-        // Deferred experts of layer il - 1 join right after this attention.
-        st.late_posted = Clock::now();
-        Post(me, st.step, kLateAttention);
-        return;
-      }
-    }
+    tbb::parallel_for(size_t{0}, st.active.size(), [&](size_t i) {
+      const int s = st.active[i];
+      absl::Status status = model.AttentionBlock(il, st.positions[s], st.kvs[s], &st.xs[s]);
+      if (!status.ok()) st.status[s] = std::move(status);
+    });
+    DropFailed(st);
+    timing.attention_us += MicrosSince(t0);
     if (st.active.empty()) break;
+    if (st.late_join_attention_il == il) {
+      // Deferred experts of layer il - 1 join right after this attention.
+      models::Activations late_part, x;
+      int64_t late_wait_us = 0;
+      st.fatal = JoinLate(client, il - 1, kJoinAttention, hp.n_embd, step.get(), &late_part,
+                          &late_wait_us);
+      timing.late_wait_us += late_wait_us;
+      st.late_join_attention_il = -1;
+      if (!st.fatal.ok()) break;
+      Gather(st, hp.n_embd, &x);
+      const models::Activations* parts[] = {&late_part};
+      st.fatal = model.Combine(parts, &x);
+      if (!st.fatal.ok()) break;
+      Scatter(x, &st);
+      DropFailed(st);
+      if (st.active.empty()) break;
+    }
     t0 = Clock::now();
     models::Activations x, h;
     Gather(st, hp.n_embd, &x);
@@ -313,33 +453,13 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
       if (!st.fatal.ok()) break;
       Scatter(x, &st);
       timing.combine_us += MicrosSince(t0);
-      st.il++;
-      continue;
+    } else {
+      st.fatal = MoeLayer(*core, client, il, std::move(h), step.get(), &x);
+      if (!st.fatal.ok()) break;
+      Scatter(x, &st);
     }
-    t0 = Clock::now();
-    st.fatal = RouteLayer(model, il, h, step);
-    timing.gate_us += MicrosSince(t0);
-    if (!st.fatal.ok()) break;
-    {
-      std::vector<uint8_t> used(static_cast<size_t>(hp.n_expert), 0);
-      for (int32_t e : st.routing.expert_ids) {
-        if (e >= 0 && e < hp.n_expert) used[e] = 1;
-      }
-      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
-    }
-    st.x = std::move(x);
-    if (core->bf16_expert_input) {
-      models::Activations rounded = h;
-      float* v = rounded.data();
-      for (int64_t i = 0; i < rounded.n_tokens() * rounded.n_cols(); ++i) {
-        v[i] = RoundToWireBf16(v[i]);
-      }
-      st.h_experts = std::make_shared<const models::Activations>(std::move(rounded));
-    }
-    st.h = std::make_shared<const models::Activations>(std::move(h));
-    st.moe_posted = Clock::now();
-    Post(me, st.step, kMoeReady);
-    return;
+    st.il++;
+    DropFailed(st);
   }
   if (st.fatal.ok()) {
     const Clock::time_point t0 = Clock::now();
@@ -359,92 +479,7 @@ void RunLayers(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& s
     }
     st.prof.head_us += MicrosSince(t0);
   }
-  Post(me, st.step, kStepDone);
-}
-
-// x += Σ routed partials (fixed order) + shared; then on to the next layer.
-void CombineAndContinue(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
-                        const attention_actor& me, std::shared_ptr<const LateWork> late,
-                        int64_t late_wait_us) {
-  const models::Deepseek2Model& model = *core->model;
-  Step& st = *step;
-  const Clock::time_point t0 = Clock::now();
-  LayerTiming& timing = st.prof.layers[st.il];
-  timing.late_wait_us += late_wait_us;
-  timing.moe_us +=
-      std::chrono::duration_cast<std::chrono::microseconds>(t0 - st.moe_posted).count();
-  const int64_t n_embd = model.n_embd();
-  const int64_t n = st.n_rows;
-  // Rows the router could not serve fail their slices.
-  if (!st.moe.failed_rows.empty()) {
-    std::vector<int64_t> begin, count;
-    for (int s : st.active) {
-      begin.push_back(st.row_begin[s]);
-      count.push_back(static_cast<int64_t>(st.slices[s].tokens.size()));
-    }
-    for (int i : SlicesOwningRows(st.moe.failed_rows, begin, count)) {
-      const int s = st.active[i];
-      if (st.status[s].ok()) st.status[s] = ToStatus(st.moe.code, st.moe.message);
-    }
-  }
-  models::Activations summed;
-  const models::Activations* routed = SumPlacedPartials(st.moe.parts, n, n_embd, &summed);
-  // Deferred experts of the previous layer joining this layer's output (as
-  // Deepseek2Model::Forward: x += routed + shared + deferred).
-  models::Activations late_part;
-  if (late != nullptr) {
-    PlaceLate(*late, kJoinMoe, n_embd, &st, &late_part);
-    st.late_join_moe_il = -1;
-  }
-  const models::Activations* all_parts[] = {routed, &st.shared, &late_part};
-  st.fatal = model.Combine(std::span(all_parts, late != nullptr ? 3 : 2), &st.x);
-  if (!st.fatal.ok()) {
-    Post(me, st.step, kStepDone);
-    return;
-  }
-  Scatter(st.x, &st);
-  timing.combine_us += MicrosSince(t0);
-  {
-    const int64_t moe_us =
-        std::chrono::duration_cast<std::chrono::microseconds>(t0 - st.moe_posted).count();
-    int64_t critical = 0;
-    for (int64_t us : st.moe_shard_us) critical = std::max(critical, us);
-    timing.experts_us += critical;
-    timing.dispatch_us += std::max<int64_t>(0, moe_us - std::max(critical, st.moe_shared_us));
-    for (size_t s = 0; s < st.moe_shard_us.size() && s < timing.shard_us.size(); ++s) {
-      timing.shard_us[s] += st.moe_shard_us[s];
-    }
-  }
-  st.x = models::Activations();
-  st.h.reset();
-  st.h_experts.reset();
-  st.moe = MoeResult();
-  st.il++;
-  DropFailed(st);
-  RunLayers(core, step, me);
-}
-
-// x += the deferred experts of the previous layer (join next_attention),
-// then on with this layer's FFN.
-void JoinLateAttention(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& step,
-                       const attention_actor& me, std::shared_ptr<const LateWork> late) {
-  const models::Deepseek2Model& model = *core->model;
-  Step& st = *step;
-  st.prof.layers[st.il].late_wait_us += MicrosSince(st.late_posted);
-  const int64_t n_embd = model.n_embd();
-  models::Activations late_part, x;
-  PlaceLate(*late, kJoinAttention, n_embd, &st, &late_part);
-  Gather(st, n_embd, &x);
-  const models::Activations* parts[] = {&late_part};
-  st.fatal = model.Combine(parts, &x);
-  if (!st.fatal.ok()) {
-    Post(me, st.step, kStepDone);
-    return;
-  }
-  Scatter(x, &st);
-  st.late_join_attention_il = -1;
-  DropFailed(st);
-  RunLayers(core, step, me);
+  caf::anon_send(me, stage_atom::value, st.step, static_cast<int32_t>(kStepDone));
 }
 
 struct AttentionState {
@@ -454,8 +489,6 @@ struct AttentionState {
   caf::typed_response_promise<StepResult> promise;
   std::deque<std::pair<StepRequest, caf::typed_response_promise<StepResult>>> queue;
   std::set<uint64_t> deferred_free;
-  bool waiting_moe = false;  // a moe_atom request to the router is out
-  std::string router_down;   // the router's exit reason once it is down
   static inline const char* name = "ktx.attention";
 };
 
@@ -506,189 +539,6 @@ void FinishStep(AttentionPointer self) {
     st.queue.pop_front();
     Start(self, std::move(next.first), std::move(next.second));
   }
-}
-
-// The in-flight deferred work of layer il that joins at `join` (null: none).
-std::shared_ptr<LateWork> FindLate(Step& step, int il, int join) {
-  for (const std::shared_ptr<LateWork>& late : step.late_flight) {
-    if (late->il == il && late->sent[join] && !late->joined[join]) return late;
-  }
-  return nullptr;
-}
-
-// Marks `join` of `late` as handed to a job; forgets works with nothing left.
-void Consume(Step& step, const std::shared_ptr<LateWork>& late, int join) {
-  late->joined[join] = true;
-  if (!late->pending()) {
-    std::erase_if(step.late_flight, [](const auto& l) { return !l->pending(); });
-  }
-}
-
-void MaybeCombine(AttentionPointer self) {
-  AttentionState& st = self->state;
-  std::shared_ptr<Step> step = st.current;
-  if (!step->moe_done || !step->shared_done) return;
-  // Deferred experts of the previous layer that join this layer's output.
-  std::shared_ptr<LateWork> late = FindLate(*step, step->il - 1, kJoinMoe);
-  if (late != nullptr && !late->done[kJoinMoe]) {
-    if (!step->late_blocked) step->late_blocked = Clock::now();
-    return;
-  }
-  int64_t late_wait_us = 0;
-  if (step->late_blocked) {
-    late_wait_us = MicrosSince(*step->late_blocked);
-    step->late_blocked.reset();
-  }
-  step->moe_done = false;
-  step->shared_done = false;
-  if (!step->moe_status.ok()) step->fatal = step->moe_status;
-  if (!step->shared_status.ok()) step->fatal = step->shared_status;
-  if (late != nullptr) {
-    Consume(*step, late, kJoinMoe);
-    if (!late->status[kJoinMoe].ok()) step->fatal = late->status[kJoinMoe];
-  }
-  if (!step->fatal.ok()) {
-    FinishStep(self);
-    return;
-  }
-  attention_actor me = caf::actor_cast<attention_actor>(self);
-  st.config.arena->Submit(
-      [core = st.core, step, me, late = std::shared_ptr<const LateWork>(late), late_wait_us] {
-        CombineAndContinue(core, step, me, late, late_wait_us);
-      });
-}
-
-// After a layer's attention (kLateAttention): once the previous layer's
-// deferred experts (join next_attention) are back, a job adds them and goes
-// on with the layer.
-void MaybeJoinAttention(AttentionPointer self) {
-  AttentionState& st = self->state;
-  std::shared_ptr<Step> step = st.current;
-  if (!step->waiting_late_attention) return;
-  std::shared_ptr<LateWork> late = FindLate(*step, step->il - 1, kJoinAttention);
-  if (late == nullptr) {
-    step->waiting_late_attention = false;
-    step->fatal = absl::InternalError(absl::StrCat(
-        "expert deferral: layer ", step->il, " waits for deferred experts that were never sent"));
-    FinishStep(self);
-    return;
-  }
-  if (!late->done[kJoinAttention]) return;
-  step->waiting_late_attention = false;
-  Consume(*step, late, kJoinAttention);
-  if (!late->status[kJoinAttention].ok()) {
-    step->fatal = late->status[kJoinAttention];
-    FinishStep(self);
-    return;
-  }
-  attention_actor me = caf::actor_cast<attention_actor>(self);
-  st.config.arena->Submit([core = st.core, step, me, late = std::shared_ptr<const LateWork>(late)] {
-    JoinLateAttention(core, step, me, late);
-  });
-}
-
-// Sends the deferred experts the job made at this MoE layer (right after the
-// layer's immediate experts, so the shards compute them while the next
-// layer's attention runs).
-void SendLate(AttentionPointer self, const Tensor& h) {
-  AttentionState& st = self->state;
-  std::shared_ptr<Step> step = st.current;
-  std::shared_ptr<LateWork> late = std::move(step->late_made);
-  step->late_made.reset();
-  if (late == nullptr) return;
-  const uint64_t step_id = step->step;
-  for (int j = 0; j < 2; ++j) {
-    if (late->entries[j] == 0) continue;
-    MoeWork work;
-    work.il = late->il;
-    work.h = h;
-    work.n_expert_used = late->routing[j].n_expert_used;
-    work.expert_ids = std::move(late->routing[j].expert_ids);
-    work.weights = std::move(late->routing[j].weights);
-    late->routing[j].expert_ids.clear();
-    late->routing[j].weights.clear();
-    late->sent[j] = true;
-    const int il = late->il;
-    auto on_done = [self, step_id, late, j](absl::Status status, MoeResult result) {
-      if (late->done[j]) return;
-      late->done[j] = true;
-      late->status[j] = std::move(status);
-      late->result[j] = std::move(result);
-      AttentionState& st = self->state;
-      if (!st.current || st.current->step != step_id) return;
-      MaybeJoinAttention(self);
-      if (st.current && st.current->step == step_id) MaybeCombine(self);
-    };
-    self->request(st.config.router, caf::infinite, moe_atom::value, std::move(work))
-        .then([on_done](MoeResult& result) { on_done(absl::OkStatus(), std::move(result)); },
-              [on_done, il](caf::error& error) {
-                const absl::Status inner = FromCafError(error);
-                on_done(
-                    absl::Status(inner.code(), absl::StrCat("router, deferred experts of layer ",
-                                                            il, ": ", inner.message())),
-                    MoeResult());
-              });
-  }
-  step->late_flight.push_back(std::move(late));
-}
-
-void OnMoeReady(AttentionPointer self) {
-  AttentionState& st = self->state;
-  std::shared_ptr<Step> step = st.current;
-  attention_actor me = caf::actor_cast<attention_actor>(self);
-  const uint64_t step_id = step->step;
-  if (!st.config.router || !st.router_down.empty()) {
-    step->fatal =
-        st.config.router
-            ? absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"))
-            : absl::FailedPreconditionError(
-                  absl::StrCat("layer ", step->il, " is a MoE layer but the engine has no router"));
-    FinishStep(self);
-    return;
-  }
-  MoeWork work;
-  work.il = step->il;
-  work.h = Tensor(step->h_experts ? step->h_experts : step->h);
-  const Tensor h_experts = work.h;
-  work.n_expert_used = step->routing.n_expert_used;
-  work.expert_ids = std::move(step->routing.expert_ids);
-  work.weights = std::move(step->routing.weights);
-  step->routing = models::Routing();
-  const int il = step->il;
-  st.waiting_moe = true;
-  // No CAF timeout (it would wake CAF's clock thread once per layer): the
-  // router answers every request within its shard deadlines, and its death
-  // reaches this actor as a down message.
-  self->request(st.config.router, caf::infinite, moe_atom::value, std::move(work))
-      .then(
-          [self, step_id](MoeResult& result) {
-            AttentionState& st = self->state;
-            if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
-            st.waiting_moe = false;
-            st.current->moe_shard_us = ShardComputeUs(result.parts, st.config.n_shards);
-            st.current->moe = std::move(result);
-            st.current->moe_done = true;
-            MaybeCombine(self);
-          },
-          [self, step_id, il](caf::error& error) {
-            AttentionState& st = self->state;
-            if (!st.current || st.current->step != step_id || !st.waiting_moe) return;
-            st.waiting_moe = false;
-            const absl::Status inner = FromCafError(error);
-            st.current->moe_status = absl::Status(
-                inner.code(), absl::StrCat("router, layer ", il, ": ", inner.message()));
-            st.current->moe_done = true;
-            MaybeCombine(self);
-          });
-  SendLate(self, h_experts);
-  // The shared experts run on the attention arena while the shards work.
-  st.config.arena->Submit([core = st.core, step, me] {
-    const Clock::time_point t0 = Clock::now();
-    step->shared_status = core->model->SharedExperts(step->il, *step->h, &step->shared);
-    step->moe_shared_us = MicrosSince(t0);
-    step->prof.layers[step->il].shared_us += step->moe_shared_us;
-    Post(me, step->step, kSharedDone);
-  });
 }
 
 void Start(AttentionPointer self, StepRequest request,
@@ -772,37 +622,13 @@ void Start(AttentionPointer self, StepRequest request,
     return;
   }
   attention_actor me = caf::actor_cast<attention_actor>(self);
-  st.config.arena->Submit([core = st.core, step, me] { RunLayers(core, step, me); });
+  st.config.arena->Submit([core = st.core, step, me] { RunStep(core, step, me); });
 }
 
 attention_actor::behavior_type AttentionBehavior(AttentionPointer self, AttentionConfig config,
                                                  std::shared_ptr<Core> core) {
   self->state.config = std::move(config);
   self->state.core = std::move(core);
-  if (self->state.config.router) self->monitor(self->state.config.router);
-  self->set_down_handler([self](caf::down_msg& msg) {
-    AttentionState& st = self->state;
-    if (msg.source != caf::actor_cast<caf::actor_addr>(st.config.router)) return;
-    st.router_down = caf::to_string(msg.reason);
-    if (st.current) {
-      for (const std::shared_ptr<LateWork>& late : st.current->late_flight) {
-        for (int j = 0; j < 2; ++j) {
-          if (!late->sent[j] || late->done[j]) continue;
-          late->done[j] = true;
-          late->status[j] =
-              absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"));
-        }
-      }
-      MaybeJoinAttention(self);
-    }
-    if (st.current && st.waiting_moe) {
-      st.waiting_moe = false;
-      st.current->moe_status =
-          absl::UnavailableError(absl::StrCat("the router is down (", st.router_down, ")"));
-      st.current->moe_done = true;
-      MaybeCombine(self);
-    }
-  });
   return {
       [self](step_atom, StepRequest& request) -> caf::typed_response_promise<StepResult> {
         AttentionState& st = self->state;
@@ -838,19 +664,7 @@ attention_actor::behavior_type AttentionBehavior(AttentionPointer self, Attentio
       [self](stage_atom, uint64_t step, int32_t stage) {
         AttentionState& st = self->state;
         if (!st.current || st.current->step != step) return;
-        switch (stage) {
-          case kMoeReady: OnMoeReady(self); break;
-          case kSharedDone:
-            st.current->shared_done = true;
-            MaybeCombine(self);
-            break;
-          case kStepDone: FinishStep(self); break;
-          case kLateAttention:
-            st.current->waiting_late_attention = true;
-            MaybeJoinAttention(self);
-            break;
-          default: break;
-        }
+        if (stage == kStepDone) FinishStep(self);
       },
   };
 }
@@ -871,6 +685,15 @@ absl::StatusOr<attention_actor> SpawnAttention(caf::actor_system& system, Attent
   }
   auto core = std::make_shared<Core>(config.model, std::move(cache));
   core->bf16_expert_input = config.bf16_expert_input;
+  if (config.moe_deadline.count() <= 0 || config.moe_spin_us < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention actor: moe_deadline (", config.moe_deadline.count(),
+        " ms) must be positive and moe_spin_us (", config.moe_spin_us, ") not negative"));
+  }
+  core->system = &system;
+  core->router = config.router;
+  core->moe.deadline = config.moe_deadline;
+  core->moe.spin_us = config.moe_spin_us;
   return system.spawn(AttentionBehavior, std::move(config), std::move(core));
 }
 

@@ -16,14 +16,18 @@
 //   Head on the rows each slice asked for; commit the KV rows of every slice
 //   that did not fail.
 //
-// All of that runs as jobs on the actor's CpuArena (never on a CAF scheduler
-// thread); each job posts (stage_atom, step, stage) back, and the actor
-// decides the next job. Steps are served one at a time in arrival order
-// (later ones wait in a queue). A slice whose rows failed in the router (a
-// shard down, no replica) fails alone: its KV rows are not committed, the
-// other slices of the step are unaffected (every stage is per token or per
-// sequence). This is the CPU implementation; a CUDA one can sit behind the
-// same interface.
+// All of that runs as ONE job per step on the actor's CpuArena (never on a
+// CAF scheduler thread): at a MoE layer the job sends the MoeWork to the
+// router itself through a MoeClient (moe_client.h), computes the shared
+// experts in place while the shards work, and waits for the MoeResult on its
+// own thread; deferred experts (routing policies) go out right after the
+// layer's own and are waited for where they join. The job posts (stage_atom,
+// step, kStepDone) when the step is done. Steps are served one at a time in
+// arrival order (later ones wait in a queue). A slice whose rows failed in
+// the router (a shard down, no replica) fails alone: its KV rows are not
+// committed, the other slices of the step are unaffected (every stage is per
+// token or per sequence). This is the CPU implementation; the CUDA one
+// (gpu_attention_actor.h) sits behind the same interface.
 //
 // Ownership: the KV pool and the current step's buffers live in shared state
 // that the actor and its queued jobs hold (shared_ptr), so the actor may be
@@ -34,15 +38,17 @@
 //
 // Profile: with AttentionConfig::profile set, each step records the time of
 // every stage per layer, the MoE wait and each shard's compute time
-// (actors/profile.h); the jobs write their own stage's fields, the actor the
-// shard times, so no field has two writers.
+// (actors/profile.h); the step's job writes them all, the actor adds them
+// to the log after the job is done.
 //
 // Deadlines: the router answers every MoE request within its shard deadlines
-// (see router_actor.h); the actor monitors the router and fails the step in
-// flight with UNAVAILABLE if the router goes down. The step itself has the
+// (see router_actor.h); the job's MoeClient monitors the router and fails the
+// step with UNAVAILABLE if it goes down, or with DEADLINE_EXCEEDED if no
+// answer comes within AttentionConfig::moe_deadline. The step itself has the
 // scheduler's deadline.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 
@@ -76,6 +82,13 @@ struct AttentionConfig {
   // (actors/profile.h); n_shards sizes LayerTiming::shard_us.
   std::shared_ptr<ProfileLog> profile;
   int n_shards = 0;
+  // The step's job waits for the router on its own thread (MoeClient): no
+  // answer within moe_deadline fails the step with DEADLINE_EXCEEDED (the
+  // router answers within its shard deadlines; this catches a router that
+  // hangs). moe_spin_us: how long the job polls for an answer before it
+  // sleeps (MoeClient::Options::spin_us; adaptive, only while waiting).
+  std::chrono::milliseconds moe_deadline{120000};
+  int moe_spin_us = 0;
 };
 
 // Fails (InvalidArgument) for a KV budget that cannot hold one token.

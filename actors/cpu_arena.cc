@@ -136,6 +136,7 @@ CpuArena::~CpuArena() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
+    stopping_.store(true, std::memory_order_release);
     queue_.clear();
     n_queued_.store(0);
   }
@@ -151,6 +152,7 @@ void CpuArena::Submit(std::function<void()> job) {
     if (stop_) return;
     queue_.push_back(std::move(job));
     n_queued_.fetch_add(1, std::memory_order_release);
+    if (!sleeping_) return;  // running or spinning: it finds the job without a wake-up
   }
   cv_.notify_one();
 }
@@ -162,7 +164,15 @@ void CpuArena::Run() {
                                << "': cannot pin the dispatcher thread to its cpus; running "
                                   "unpinned";
   }
+  // The dispatcher enters the task_arena once and drains the queue from
+  // inside it: a task_arena::execute per job (attach to a slot, set up a task
+  // dispatcher, leave) cost several microseconds on every hand-off.
+  tbb_->arena.execute([this] { Drain(); });
+}
+
+void CpuArena::Drain() {
   const auto spin = std::chrono::microseconds(options_.spin_us);
+  std::deque<std::function<void()>> batch;
   for (;;) {
     if (spin.count() > 0 && n_queued_.load(std::memory_order_acquire) == 0) {
       const auto until = std::chrono::steady_clock::now() + spin;
@@ -173,23 +183,30 @@ void CpuArena::Run() {
 #endif
       }
     }
-    std::function<void()> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty() && !stop_) {
+        sleeping_ = true;
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        sleeping_ = false;
+      }
       if (stop_) return;
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      n_queued_.fetch_sub(1, std::memory_order_release);
+      // Take every queued job at once (one lock per burst, not per job).
+      batch.swap(queue_);
+      n_queued_.fetch_sub(static_cast<int64_t>(batch.size()), std::memory_order_release);
     }
-    tbb_->arena.execute([&job, this] {
+    while (!batch.empty()) {
+      std::function<void()> job = std::move(batch.front());
+      batch.pop_front();
       try {
         job();
       } catch (const std::exception& e) {
         KTX_LOG(ERROR, "actors") << "cpu arena '" << options_.name << "': job threw: " << e.what();
       }
-    });
-    jobs_run_.fetch_add(1, std::memory_order_relaxed);
+      job = nullptr;  // captured state goes before the next job (and before jobs_run counts it)
+      jobs_run_.fetch_add(1, std::memory_order_relaxed);
+      if (stopping_.load(std::memory_order_acquire)) return;  // drop the rest: destructor semantics
+    }
   }
 }
 

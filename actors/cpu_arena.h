@@ -23,6 +23,10 @@
 // (runtime/cpu_pool/ may later offer a shared CpuPool; this is the minimal
 // wrapper the actors need until then.)
 //
+// The dispatcher enters the task_arena once and drains the FIFO from inside it
+// (no task_arena::execute per job), takes all queued jobs under one lock, and
+// Submit wakes it (futex) only when it sleeps.
+//
 // Owns the dispatcher thread, the arena and the queued jobs. Submit is
 // thread-safe. The destructor drops jobs that have not started, waits for the
 // running one and joins the thread; jobs must therefore never wait for
@@ -75,6 +79,7 @@ class CpuArena {
   struct TbbState;  // the task_arena and its pinning observer
   explicit CpuArena(Options options, std::vector<int> cpus, bool pin);
   void Run();
+  void Drain();  // the dispatcher's loop, inside the task_arena
 
   Options options_;
   std::vector<int> cpus_;  // ascending; the arena's concurrency is their number
@@ -86,6 +91,8 @@ class CpuArena {
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;  // guarded by mu_
   bool stop_ = false;                        // guarded by mu_
+  bool sleeping_ = false;                    // guarded by mu_: the dispatcher waits on cv_
+  std::atomic<bool> stopping_{false};        // stop_, readable without mu_
   std::atomic<int64_t> n_queued_{0};         // mirrors queue_.size() for the spin loop
 
   std::unique_ptr<TbbState> tbb_;

@@ -430,6 +430,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   attention.router = impl->router;
   attention.kv_budget_bytes = options.kv_budget_bytes;
   attention.bf16_expert_input = options.wire_dtype == WireDtype::kBf16;
+  // The router answers within its shard deadlines (a re-sent part gets
+  // another); this only catches a router that hangs.
+  attention.moe_deadline = options.shard_deadline * 2 + std::chrono::seconds(5);
+  attention.moe_spin_us = options.moe_spin_us;
   if (options.profile_steps > 0) {
     impl->profile = std::make_shared<ProfileLog>(static_cast<size_t>(options.profile_steps));
   }

@@ -160,6 +160,10 @@ struct EngineOptions {
   std::chrono::milliseconds step_deadline{300000};
   int caf_threads = 0;    // CAF scheduler threads; 0: min(4, max(2, cpus))
   int arena_spin_us = 0;  // see CpuArena::Options::spin_us
+  // How long the attention job polls for the router's answer of a MoE layer
+  // before it sleeps (MoeClient::Options::spin_us: only while a step waits,
+  // and only while answers come back within 2 x this).
+  int moe_spin_us = 0;
   // What computes the routed experts (ignored when expert_backend_factory
   // is set), and the options of the fast backend (owned_experts and progress
   // are set per shard; max_tokens bounds one kernel run: larger batches run

@@ -175,12 +175,16 @@ struct MoeWork {
   int32_t n_expert_used = 0;        // K
   std::vector<int32_t> expert_ids;  // I32 [n_tokens, K]
   std::vector<float> weights;       // F32 [n_tokens, K]
+  // The sender's label for this request; the router copies it into the
+  // MoeResult (MoeClient matches answers to requests by it when several are
+  // out at once). 0 when unused.
+  uint64_t tag = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, MoeWork& x) {
   return f(caf::meta::type_name("ktx::actors::MoeWork"), x.il, x.h, x.n_expert_used, x.expert_ids,
-           x.weights);
+           x.weights, x.tag);
 }
 
 // One shard's partial sums, placed: `rows` of the batch.
@@ -206,12 +210,13 @@ struct MoeResult {
   std::vector<int32_t> failed_rows;  // ascending
   int32_t code = 0;                  // absl::StatusCode of the failure, 0 if none
   std::string message;
+  uint64_t tag = 0;  // MoeWork::tag of the request
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, MoeResult& x) {
   return f(caf::meta::type_name("ktx::actors::MoeResult"), x.parts, x.failed_rows, x.code,
-           x.message);
+           x.message, x.tag);
 }
 
 // Counters of the router (tests, logs).

@@ -11,10 +11,10 @@
 //
 //   ... Route | moe_us ........................................ | combine ...
 //             | router, messages, shards (in parallel)          |
-//             | shared experts (attention arena, meanwhile)     |
+//             | shared experts (the attention job, meanwhile)   |
 //
-//   moe_us      from the end of Route (the job posts "moe ready") to the start
-//               of the combine job: everything between, on the critical path;
+//   moe_us      from the send of the MoeWork (right after Route) to the start
+//               of the combine: everything between, on the critical path;
 //   experts_us  the longest shard's compute time in that layer (the shards
 //               run in parallel, so the critical one);
 //   shared_us   the shared experts' compute (overlaps the routed experts);
@@ -50,8 +50,8 @@ struct LayerTiming {
   // Expert deferral (routing_policy.h): (token, expert) entries this layer
   // deferred to the next one, and how long this layer waited for the previous
   // layer's deferred experts at its join point (next_attention: from the end
-  // of its attention to the join, CAF hops included; next_moe: from its own
-  // MoE being ready to the deferred result). ~0: the overlap hid them.
+  // of its attention to the join; next_moe: from its own MoE result to the
+  // deferred result: the attention job's wait in both). ~0: the overlap hid them.
   int64_t deferred_entries = 0;
   int64_t late_wait_us = 0;
 };

@@ -104,6 +104,7 @@ void Finish(RouterPointer self, uint64_t call_id) {
   }
   result.code = call.code;
   result.message = call.message;
+  result.tag = call.work.tag;
   st.stats.requests++;
   st.stats.failed_rows += static_cast<int64_t>(result.failed_rows.size());
   call.promise.deliver(std::move(result));

@@ -13,13 +13,23 @@
 //           the router's fixed order. Timed inside the driver, from the send to
 //           the end of the sum (manual time: the benchmark thread's own wake-up
 //           is not counted).
+// Two more drivers, the attention actor's paths per MoE layer:
+//   Arena   (the CPU attention actor's path since H5) a job on an "attention"
+//           CpuArena sends MoeWork to the router through a MoeClient and
+//           waits for the answer on its own thread, then sums the partials;
+//           timed inside the job;
+//   Hops    (the path before: each stage posted back to the actor) the job
+//           posts to a driver actor, which requests the router and, on the
+//           answer, submits a job to the arena that sums the partials;
+//           timed from the first job to the end of the sum.
 // Three backends: `null` (returns zeros at once: the pure overhead of the
 // actor path), `tiny` (the reference expert path on the bf16 fixture: real,
 // small matmuls) and `fast` (the shards' default: the CPU expert kernels on a
 // CpuPool per shard over the shard's cpus, holding only its experts:
 // actors/fast_experts.h). Overhead per MoE layer = Actors/null (Direct/null is
 // ~0); Actors/fast - Direct/fast is what the actor path adds to the kernels.
-// Arguments: batch, shards, arena spin in microseconds.
+// Arguments: batch, shards, spin in microseconds (the shard arenas'
+// dispatchers and, for Arena, the MoeClient's wait).
 //
 // The fixture is found under the source tree this was built from, else under
 // ./tests/data (run from a repository root, e.g. the bundle on another
@@ -42,6 +52,8 @@
 #include "actors/expert_shard_actor.h"
 #include "actors/fast_experts.h"
 #include "actors/messages.h"
+#include "actors/moe_client.h"
+#include "actors/moe_combine.h"
 #include "actors/router_actor.h"
 #include "actors/shard_experts.h"
 #include "benchmark/benchmark.h"
@@ -307,6 +319,169 @@ void BM_MoeLayerActors(benchmark::State& state, Backend kind) {
   }
 }
 
+// ---- the attention actor's paths: from an arena thread ----
+
+// What the benchmark thread waits for: one job's result.
+struct JobDone {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  int64_t ns = -1;
+  void Set(int64_t value) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ns = value;
+      done = true;
+    }
+    cv.notify_one();
+  }
+  int64_t Take() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return done; });
+    done = false;
+    return ns;
+  }
+};
+
+MoeWork LayerWork(const LayerBatch& batch) {
+  MoeWork work;
+  work.il = kMoeLayer;
+  work.h = Tensor(batch.h);
+  work.n_expert_used = batch.routing.n_expert_used;
+  work.expert_ids = batch.routing.expert_ids;
+  work.weights = batch.routing.weights;
+  return work;
+}
+
+int64_t NanosSince(Clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+}
+
+using hop_atom = caf::atom_constant<caf::atom("hop")>;
+using hop_actor = caf::typed_actor<caf::reacts_to<hop_atom, int64_t>>;
+
+struct HopState {
+  static inline const char* name = "bench.hop";
+};
+
+// The old attention actor's share of a MoE layer: (stage) from the job, a
+// request to the router, the sum as a new job on the arena.
+hop_actor::behavior_type HopDriver(hop_actor::stateful_pointer<HopState> self, router_actor router,
+                                   CpuArena* arena, LayerBatch batch, int64_t n_embd,
+                                   JobDone* out) {
+  return {
+      [=](hop_atom, int64_t start_ns) {
+        self->request(router, caf::infinite, moe_atom::value, LayerWork(batch))
+            .then(
+                [=](MoeResult& result) {
+                  arena->Submit([result = std::move(result), start_ns, batch, n_embd, out] {
+                    models::Activations scratch;
+                    const models::Activations* sum =
+                        SumPlacedPartials(result.parts, batch.h->n_tokens(), n_embd, &scratch);
+                    benchmark::DoNotOptimize(sum->data());
+                    out->Set(Clock::now().time_since_epoch().count() - start_ns);
+                  });
+                },
+                [=](caf::error&) { out->Set(-1); });
+      },
+  };
+}
+
+enum class Path { kArena, kHops };
+
+void BM_MoeLayerFromArena(benchmark::State& state, Backend kind, Path path) {
+  auto model = TinyModel();
+  if (!model) {
+    state.SkipWithError("cannot open tests/data/dsv3-tiny-bf16.gguf");
+    return;
+  }
+  const auto& hp = model->hparams();
+  const int batch = static_cast<int>(state.range(0));
+  const int n_shards = static_cast<int>(state.range(1));
+  const int spin_us = static_cast<int>(state.range(2));
+  Shards shards = MakeShards(hp, n_shards, kind, spin_us);
+  std::unique_ptr<CpuArena> attention = *CpuArena::Create({"attention", {}, 0});
+  const LayerBatch layer = MakeBatch(batch, hp.n_embd, hp.n_expert, hp.n_expert_used);
+  caf::actor_system_config cfg;
+  ConfigureActorSystem(cfg, 2);
+  {
+    caf::actor_system system{cfg};
+    RouterConfig rc;
+    for (int s = 0; s < n_shards; ++s) {
+      ExpertShardConfig sc;
+      sc.index = s;
+      sc.name = "shard" + std::to_string(s);
+      sc.experts = shards.experts[s];
+      sc.arena = shards.arenas[s].get();
+      rc.shards.push_back(SpawnExpertShard(system, std::move(sc)));
+      rc.names.push_back("shard" + std::to_string(s));
+    }
+    rc.holders = shards.holders;
+    rc.n_expert = hp.n_expert;
+    rc.shard_deadline = std::chrono::seconds(10);
+    std::vector<expert_shard_actor> shard_handles = rc.shards;
+    router_actor router = SpawnRouter(system, std::move(rc));
+    JobDone done;
+    hop_actor hop;
+    std::unique_ptr<MoeClient> client;  // created, used and destroyed on the arena thread
+    if (path == Path::kHops) {
+      hop = system.spawn(HopDriver, router, attention.get(), layer, hp.n_embd, &done);
+    } else {
+      attention->Submit([&] {
+        client = std::make_unique<MoeClient>(system, router,
+                                             MoeClient::Options{std::chrono::seconds(10), spin_us});
+        done.Set(0);
+      });
+      done.Take();
+    }
+    for (auto _ : state) {
+      if (path == Path::kArena) {
+        attention->Submit([&] {
+          const Clock::time_point start = Clock::now();
+          absl::StatusOr<uint64_t> ticket = client->Send(LayerWork(layer));
+          absl::StatusOr<MoeResult> result =
+              ticket.ok() ? client->Wait(*ticket) : absl::StatusOr<MoeResult>(ticket.status());
+          if (!result.ok()) {
+            done.Set(-1);
+            return;
+          }
+          models::Activations scratch;
+          const models::Activations* sum =
+              SumPlacedPartials(result->parts, layer.h->n_tokens(), hp.n_embd, &scratch);
+          benchmark::DoNotOptimize(sum->data());
+          done.Set(NanosSince(start));
+        });
+      } else {
+        attention->Submit([&] {
+          caf::anon_send(hop, hop_atom::value,
+                         static_cast<int64_t>(Clock::now().time_since_epoch().count()));
+        });
+      }
+      const int64_t ns = done.Take();
+      if (ns < 0) {
+        state.SkipWithError("MoE request failed");
+        break;
+      }
+      state.SetIterationTime(static_cast<double>(ns) * 1e-9);
+    }
+    if (client) {
+      attention->Submit([&] {
+        client.reset();
+        done.Set(0);
+      });
+      done.Take();
+    }
+    if (hop) caf::anon_send_exit(hop, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(router, caf::exit_reason::user_shutdown);
+    for (const auto& shard : shard_handles) {
+      caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+    }
+    system.await_all_actors_done();
+    attention.reset();
+    shards.arenas.clear();  // jobs hold actor handles: gone before the system
+  }
+}
+
 // ---- the floor: what one request costs without any MoE work ----
 // BM_CafRequest: driver -> echo actor -> driver (same CAF system, no thread
 // hand-off needed). BM_ArenaRequest: driver -> actor -> CpuArena job ->
@@ -435,6 +610,10 @@ void Args(benchmark::internal::Benchmark* b, bool with_spin) {
 BENCHMARK_CAPTURE(BM_MoeLayerDirect, null, Backend::kNull)->Apply([](auto* b) { Args(b, false); });
 BENCHMARK_CAPTURE(BM_MoeLayerActors, null, Backend::kNull)
     ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
+BENCHMARK_CAPTURE(BM_MoeLayerFromArena, null_arena, Backend::kNull, Path::kArena)
+    ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
+BENCHMARK_CAPTURE(BM_MoeLayerFromArena, null_hops, Backend::kNull, Path::kHops)
+    ->Apply([](auto* b) { Args(b, false); }) -> UseManualTime();
 BENCHMARK_CAPTURE(BM_MoeLayerDirect, tiny, Backend::kTiny)->Apply([](auto* b) { Args(b, false); });
 BENCHMARK_CAPTURE(BM_MoeLayerActors, tiny, Backend::kTiny)
     ->Apply([](auto* b) { Args(b, false); }) -> UseManualTime();

@@ -12,7 +12,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "actors/messages.h"
+#include "actors/moe_client.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
 #include "caf/actor_system_config.hpp"
@@ -284,6 +286,73 @@ TEST_F(RouterTest, PaddedRowsMoveToAReplicaWhenTheirShardIsLate) {
   std::sort(rows.begin(), rows.end());
   EXPECT_EQ(rows, (std::vector<int32_t>{0, 1}));
   EXPECT_GE(Stats().rerouted_parts, 1);
+}
+
+// MoeClient (actors/moe_client.h), against the real router: answers arrive
+// out of order and are matched to their requests by the tag the router
+// copies; with the poll before blocking (spin_us) as without.
+TEST_F(RouterTest, MoeClientMatchesOutOfOrderAnswersToTheirRequests) {
+  Start({false, true, false}, std::chrono::milliseconds(150));
+  for (int spin_us : {0, 2000}) {
+    MoeClient client(*system_, router_, {std::chrono::seconds(10), spin_us});
+    // Layer 0: expert e on shard e % 3; shard 1 never answers.
+    absl::StatusOr<uint64_t> late = client.Send(Work(0, {{1, 4}, {0, 3}}));  // rows 0 -> shard 1
+    absl::StatusOr<uint64_t> fast = client.Send(Work(0, {{0, 3}, {2, 5}, {3, 6}}));
+    ASSERT_TRUE(late.ok() && fast.ok());
+    EXPECT_NE(*late, *fast);
+    // The slow one first: the fast answer arrives meanwhile and is kept.
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<MoeResult> a = client.Wait(*late);
+    ASSERT_TRUE(a.ok()) << a.status();
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(100));
+    EXPECT_EQ(a->tag, *late);
+    EXPECT_EQ(a->failed_rows, (std::vector<int32_t>{0}));
+    EXPECT_EQ(a->code, static_cast<int32_t>(absl::StatusCode::kDeadlineExceeded)) << a->message;
+    absl::StatusOr<MoeResult> b = client.Wait(*fast);
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(b->tag, *fast);
+    EXPECT_TRUE(b->failed_rows.empty()) << b->message;
+    ASSERT_EQ(b->parts.size(), 2u);
+    EXPECT_EQ(b->parts[0].shard, 0);
+    EXPECT_EQ(b->parts[0].rows, (std::vector<int32_t>{0, 2}));
+    EXPECT_EQ(b->parts[0].partial->row(1)[0], 2.0f);  // 1000 * shard 0 + row 2
+    EXPECT_EQ(b->parts[1].shard, 2);
+    EXPECT_EQ(b->parts[1].rows, (std::vector<int32_t>{1}));
+    EXPECT_EQ(b->parts[1].partial->row(0)[0], 2001.0f);
+  }
+}
+
+TEST_F(RouterTest, MoeClientFailsWaitsAndSendsOnceTheRouterIsDown) {
+  Start({true, true, true}, std::chrono::seconds(10));
+  MoeClient client(*system_, router_, {std::chrono::seconds(10), 0});
+  absl::StatusOr<uint64_t> ticket = client.Send(Work(0, {{0, 1}}));
+  ASSERT_TRUE(ticket.ok());
+  caf::anon_send_exit(router_, caf::exit_reason::kill);
+  absl::StatusOr<MoeResult> r = client.Wait(*ticket);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_TRUE(absl::StartsWith(r.status().message(), "the router is down (")) << r.status();
+  EXPECT_FALSE(client.router_down().empty());
+  EXPECT_EQ(client.Send(Work(0, {{0, 1}})).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(RouterTest, MoeClientGivesUpAfterItsDeadline) {
+  Start({true, true, true}, std::chrono::seconds(10));
+  MoeClient client(*system_, router_, {std::chrono::milliseconds(100), 0});
+  absl::StatusOr<uint64_t> ticket = client.Send(Work(0, {{0, 1}}));
+  ASSERT_TRUE(ticket.ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<MoeResult> r = client.Wait(*ticket);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
+  EXPECT_GE(waited, std::chrono::milliseconds(90));
+  EXPECT_LT(waited, std::chrono::seconds(5));
+}
+
+TEST_F(RouterTest, MoeClientWithoutARouterRefusesToSend) {
+  MoeClient client(*system_, router_actor(), {});
+  absl::StatusOr<uint64_t> ticket = client.Send(Work(3, {{0, 1}}));
+  EXPECT_EQ(ticket.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(ticket.status().message().find("layer 3"), std::string::npos) << ticket.status();
 }
 
 }  // namespace
