@@ -1,6 +1,9 @@
 #include "actors/moe_combine.h"
 
 #include <algorithm>
+#include <vector>
+
+#include "tbb/parallel_for.h"
 
 namespace ktx::actors {
 
@@ -10,20 +13,40 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
                   !parts[0].partial.empty() && parts[0].partial.n_cols() == n_embd;
   for (int64_t j = 0; identity && j < n_rows; ++j) identity = parts[0].rows[j] == j;
   if (identity) return parts[0].partial.data.get();
-  std::vector<double> acc(static_cast<size_t>(n_rows * n_embd), 0.0);
+  // Each output row sums its contributions in the fixed order (parts in
+  // order, rows of a part in order) in double; rows are independent, so they
+  // run in parallel on the caller's arena with the same result bit for bit.
+  std::vector<int64_t> begin(static_cast<size_t>(n_rows) + 1, 0);
   for (const PlacedPartial& p : parts) {
     if (p.partial.empty()) continue;
-    for (size_t j = 0; j < p.rows.size(); ++j) {
-      const int64_t row = p.rows[j];
-      if (row < 0 || row >= n_rows) continue;
-      const float* src = p.partial->row(static_cast<int64_t>(j));
-      double* dst = acc.data() + row * n_embd;
-      for (int64_t c = 0; c < n_embd; ++c) dst[c] += src[c];
+    for (int32_t row : p.rows) {
+      if (row >= 0 && row < n_rows) ++begin[static_cast<size_t>(row) + 1];
     }
   }
-  scratch->Resize(n_rows, n_embd);
+  for (int64_t r = 0; r < n_rows; ++r) begin[r + 1] += begin[r];
+  std::vector<const float*> src(static_cast<size_t>(begin[n_rows]));
+  {
+    std::vector<int64_t> fill(begin.begin(), begin.end() - 1);
+    for (const PlacedPartial& p : parts) {
+      if (p.partial.empty()) continue;
+      for (size_t j = 0; j < p.rows.size(); ++j) {
+        const int64_t row = p.rows[j];
+        if (row < 0 || row >= n_rows) continue;
+        src[static_cast<size_t>(fill[row]++)] = p.partial->row(static_cast<int64_t>(j));
+      }
+    }
+  }
+  scratch->ResizeForOverwrite(n_rows, n_embd);
   float* out = scratch->data();
-  for (size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i]);
+  tbb::parallel_for(int64_t{0}, n_rows, [&](int64_t r) {
+    std::vector<double> acc(static_cast<size_t>(n_embd), 0.0);
+    for (int64_t i = begin[r]; i < begin[r + 1]; ++i) {
+      const float* row = src[static_cast<size_t>(i)];
+      for (int64_t c = 0; c < n_embd; ++c) acc[c] += row[c];
+    }
+    float* dst = out + r * n_embd;
+    for (int64_t c = 0; c < n_embd; ++c) dst[c] = static_cast<float>(acc[c]);
+  });
   return scratch;
 }
 

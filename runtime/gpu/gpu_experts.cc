@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -37,6 +39,53 @@ void CUDART_CB RunBounceJob(void* arg) {
   BounceJob* job = static_cast<BounceJob*>(arg);
   std::memcpy(job->dst, job->src, job->bytes);
   delete job;
+}
+
+// Page-locked ranges of this process, shared by streamers over the same
+// mapping (several engines or tests on one model): an identical range is
+// registered once and unregistered by its last user. A range that overlaps a
+// registered one without being identical is refused (the caller falls back
+// to the bounce buffer).
+struct HostRegistry {
+  std::mutex mu;
+  std::map<uintptr_t, std::pair<uintptr_t, int>> ranges;  // begin -> (end, users)
+};
+HostRegistry& Registry() {
+  static HostRegistry* r = new HostRegistry;
+  return *r;
+}
+
+cudaError_t RegisterShared(uintptr_t begin, uintptr_t end) {
+  HostRegistry& r = Registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.ranges.find(begin);
+  if (it != r.ranges.end() && it->second.first == end) {
+    ++it->second.second;
+    return cudaSuccess;
+  }
+  for (const auto& [b, e] : r.ranges) {
+    if (b < end && begin < e.first) return cudaErrorHostMemoryAlreadyRegistered;
+  }
+  void* start = reinterpret_cast<void*>(begin);
+  cudaError_t err =
+      cudaHostRegister(start, end - begin, cudaHostRegisterPortable | cudaHostRegisterReadOnly);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    err = cudaHostRegister(start, end - begin, cudaHostRegisterPortable);  // no read-only support
+  }
+  if (err == cudaSuccess) r.ranges[begin] = {end, 1};
+  return err;
+}
+
+void UnregisterShared(uintptr_t begin) {
+  HostRegistry& r = Registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.ranges.find(begin);
+  if (it == r.ranges.end()) return;
+  if (--it->second.second == 0) {
+    cudaHostUnregister(reinterpret_cast<void*>(begin));
+    r.ranges.erase(it);
+  }
 }
 
 }  // namespace
@@ -179,7 +228,7 @@ absl::StatusOr<std::unique_ptr<GpuExpertStreamer>> GpuExpertStreamer::Create(
 GpuExpertStreamer::~GpuExpertStreamer() {
   if (copy_ != nullptr) cudaStreamSynchronize(copy_);
   if (compute_ != nullptr) cudaStreamSynchronize(compute_);
-  for (void* p : registered_) cudaHostUnregister(p);
+  for (void* p : registered_) UnregisterShared(reinterpret_cast<uintptr_t>(p));
   for (cudaEvent_t e : copied_) {
     if (e != nullptr) cudaEventDestroy(e);
   }
@@ -251,12 +300,7 @@ absl::Status GpuExpertStreamer::RegisterHostMemory() {
   absl::Status status;
   for (const auto& [begin, end] : merged) {
     void* start = reinterpret_cast<void*>(begin);
-    cudaError_t err =
-        cudaHostRegister(start, end - begin, cudaHostRegisterPortable | cudaHostRegisterReadOnly);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      err = cudaHostRegister(start, end - begin, cudaHostRegisterPortable);  // no read-only support
-    }
+    const cudaError_t err = RegisterShared(begin, end);
     if (err != cudaSuccess) {
       status = CudaOk(err, absl::StrCat("cudaHostRegister of ", end - begin,
                                         " bytes of mapped expert weights"));
@@ -265,7 +309,7 @@ absl::Status GpuExpertStreamer::RegisterHostMemory() {
     registered_.push_back(start);
   }
   if (!status.ok()) {
-    for (void* p : registered_) cudaHostUnregister(p);
+    for (void* p : registered_) UnregisterShared(reinterpret_cast<uintptr_t>(p));
     registered_.clear();
   }
   return status;
