@@ -1,6 +1,8 @@
 #include "runtime/gpu/cuda_deepseek2.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -217,6 +219,18 @@ absl::Status CudaDeepseek2::SetExpertMode(GpuExpertMode mode) {
   }
   expert_mode_ = mode;
   return absl::OkStatus();
+}
+
+void CudaDeepseek2::CorrectCpuCost(double ratio) {
+  if (!(ratio > 0) || !std::isfinite(ratio)) return;
+  // Damped (ratio^0.7) and kept within [1/4, 8] x the configured figures.
+  const double base_fixed = expert_options_.cpu_expert_fixed_ms * 1e-3;
+  const double base_token = expert_options_.cpu_expert_per_token_us * 1e-6;
+  const double f = std::pow(ratio, 0.7);
+  expert_cost_.cpu_fixed_s =
+      std::clamp(expert_cost_.cpu_fixed_s * f, base_fixed / 4, base_fixed * 8);
+  expert_cost_.cpu_per_token_s =
+      std::clamp(expert_cost_.cpu_per_token_s * f, base_token / 4, base_token * 8);
 }
 
 bool CudaDeepseek2::StreamsExperts(int64_t n_tokens) const {
@@ -593,17 +607,38 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       }
       KTX_RETURN_IF_ERROR(
           experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
-      if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
       // The CPU's routing: the GPU's entries removed, rows compacted and padded
       // with kNoExpert (weight 0).
-      if (CpuPartOfRouting(routing, on_gpu, &cpu_routing) == 0) continue;  // all on the GPU
+      if (CpuPartOfRouting(routing, on_gpu, &cpu_routing) == 0) {  // all on the GPU
+        if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
+        continue;
+      }
       cpu_side = &cpu_routing;
     }
+    // With a cost-model split, the CPU side's measured time corrects the
+    // model's CPU figures before the next MoE layer's experts are chosen (the
+    // defaults are estimates; the shards' speed depends on the machine, the
+    // load and the PCIe traffic beside them).
+    const bool learn = stream_experts && expert_mode_ == GpuExpertMode::kAuto;
+    double modelled_cpu_s = 0;
+    if (learn) {
+      for (int32_t e = 0; e < hp_.n_expert; ++e) {
+        if (counts[e] > 0 && !on_gpu[e])
+          modelled_cpu_s += CpuExpertSeconds(expert_cost_, counts[e]);
+      }
+    }
+    const auto cpu_t0 = std::chrono::steady_clock::now();
     if (hooks.routed_experts) {
       KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
     } else {
       KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
     }
+    if (learn && modelled_cpu_s > 0) {
+      const double measured_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();
+      CorrectCpuCost(measured_s / modelled_cpu_s);
+    }
+    if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),
                                               ", ", routed.n_cols(), "], expected [", n, ", ",

@@ -222,6 +222,9 @@ class CudaDeepseek2 {
   // MoE layer il for a batch of n tokens comes from GpuExpertsFor.
   absl::Status SetUpGpuExperts(const CudaModelOptions& options);
   bool StreamsExperts(int64_t n_tokens) const;
+  // Scales the cost model's CPU figures by ratio^0.7 (measured / modelled CPU
+  // time of a split layer), within [1/4, 8] x the configured figures.
+  void CorrectCpuCost(double ratio);
   std::vector<int32_t> GpuExpertsFor(int64_t n_tokens, std::span<const int64_t> counts) const;
   GpuExpertMode expert_mode_ = GpuExpertMode::kOff;
   bool streaming_ready_ = false;  // the streamer is calibrated: modes other than kOff allowed
