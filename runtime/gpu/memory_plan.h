@@ -41,10 +41,12 @@ struct GpuExpertOptions {
   bool prefetch = true;              // kAuto/kAllGpu: copy the next MoE layer's experts early
   bool register_host_memory = true;  // page-lock the mapped file (false: pinned bounce copy)
   // The CPU expert backend's time for one expert with m tokens:
-  // fixed + per_token * m (defaults: ~250 ms per DeepSeek-V3 layer at 2048 tokens
-  // on the GPU machine's 16 AMX cores). KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
-  double cpu_expert_fixed_ms = 0.05;
-  double cpu_expert_per_token_us = 14.5;
+  // fixed + per_token * m. Defaults from the AMX tile path on the GPU machine's
+  // 16 cores (moe_benchmark's crossing sweep: 165-210 ms for 256 DeepSeek-V3
+  // experts at 1-64 tokens each); a split layer's measured CPU time corrects
+  // them at run time (CudaDeepseek2). KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
+  double cpu_expert_fixed_ms = 0.65;
+  double cpu_expert_per_token_us = 2.8;
 };
 
 struct CudaModelOptions {
