@@ -175,11 +175,10 @@ class MoeClient {
         if (status.ok()) status = ToStatus(result.code, result.message);
       }
     }
-    Activations scratch;
-    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, &scratch);
-    if (sum == &scratch) {
-      *routed = std::move(scratch);
-    } else {
+    // Summed straight into `routed` (CudaDeepseek2's reused host buffer: no
+    // fresh pages per layer) unless one part covers the batch in order.
+    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, routed);
+    if (sum != routed) {
       routed->ResizeForOverwrite(n, n_embd);
       models::ParallelCopy(routed->data(), sum->data(),
                            static_cast<size_t>(n * n_embd) * sizeof(float));

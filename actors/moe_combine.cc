@@ -38,6 +38,22 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
   }
   scratch->ResizeForOverwrite(n_rows, n_embd);
   float* out = scratch->data();
+  bool disjoint = true;  // every row has at most one contribution: copy, no sum
+  for (int64_t r = 0; disjoint && r < n_rows; ++r) disjoint = begin[r + 1] - begin[r] <= 1;
+  if (disjoint) {
+    // float -> double -> float of 0 + one value is exact: v + 0.0f gives the
+    // same bits as the sum (including -0 -> +0).
+    tbb::parallel_for(int64_t{0}, n_rows, [&](int64_t r) {
+      float* dst = out + r * n_embd;
+      if (begin[r + 1] > begin[r]) {
+        const float* row = src[static_cast<size_t>(begin[r])];
+        for (int64_t c = 0; c < n_embd; ++c) dst[c] = row[c] + 0.0f;
+      } else {
+        std::fill(dst, dst + n_embd, 0.0f);
+      }
+    });
+    return scratch;
+  }
   tbb::parallel_for(int64_t{0}, n_rows, [&](int64_t r) {
     std::vector<double> acc(static_cast<size_t>(n_embd), 0.0);
     for (int64_t i = begin[r]; i < begin[r + 1]; ++i) {

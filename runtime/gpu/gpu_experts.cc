@@ -64,7 +64,13 @@ cudaError_t RegisterShared(uintptr_t begin, uintptr_t end) {
     return cudaSuccess;
   }
   for (const auto& [b, e] : r.ranges) {
-    if (b < end && begin < e.first) return cudaErrorHostMemoryAlreadyRegistered;
+    if (b < end && begin < e.first) {
+      KTX_LOG(WARNING, "gpu") << "expert weights [" << std::hex << begin << ", " << end
+                              << ") overlap the page-locked range [" << b << ", " << e.first
+                              << ") of another streamer (" << std::dec << e.second
+                              << " users) without being identical";
+      return cudaErrorHostMemoryAlreadyRegistered;
+    }
   }
   void* start = reinterpret_cast<void*>(begin);
   cudaError_t err =
@@ -73,7 +79,13 @@ cudaError_t RegisterShared(uintptr_t begin, uintptr_t end) {
     cudaGetLastError();
     err = cudaHostRegister(start, end - begin, cudaHostRegisterPortable);  // no read-only support
   }
-  if (err == cudaSuccess) r.ranges[begin] = {end, 1};
+  if (err == cudaSuccess) {
+    r.ranges[begin] = {end, 1};
+  } else {
+    KTX_LOG(WARNING, "gpu") << "cudaHostRegister [" << std::hex << begin << ", " << end << std::dec
+                            << "): " << cudaGetErrorString(err) << " (" << r.ranges.size()
+                            << " ranges registered by streamers of this process)";
+  }
   return err;
 }
 
