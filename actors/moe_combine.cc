@@ -38,12 +38,23 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
   }
   scratch->ResizeForOverwrite(n_rows, n_embd);
   float* out = scratch->data();
+  // Small sums (decode batches of small models) stay on the calling thread:
+  // waking oneTBB workers for a few KiB costs more than the sum (issue #5,
+  // per-MoE-layer overhead). Same result either way: rows are independent.
+  constexpr int64_t kParallelMinElements = int64_t{1} << 16;
+  auto for_rows = [&](auto&& body) {
+    if (n_rows * n_embd < kParallelMinElements) {
+      for (int64_t r = 0; r < n_rows; ++r) body(r);
+    } else {
+      tbb::parallel_for(int64_t{0}, n_rows, body);
+    }
+  };
   bool disjoint = true;  // every row has at most one contribution: copy, no sum
   for (int64_t r = 0; disjoint && r < n_rows; ++r) disjoint = begin[r + 1] - begin[r] <= 1;
   if (disjoint) {
     // float -> double -> float of 0 + one value is exact: v + 0.0f gives the
     // same bits as the sum (including -0 -> +0).
-    tbb::parallel_for(int64_t{0}, n_rows, [&](int64_t r) {
+    for_rows([&](int64_t r) {
       float* dst = out + r * n_embd;
       if (begin[r + 1] > begin[r]) {
         const float* row = src[static_cast<size_t>(begin[r])];
@@ -54,7 +65,7 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
     });
     return scratch;
   }
-  tbb::parallel_for(int64_t{0}, n_rows, [&](int64_t r) {
+  for_rows([&](int64_t r) {
     std::vector<double> acc(static_cast<size_t>(n_embd), 0.0);
     for (int64_t i = begin[r]; i < begin[r + 1]; ++i) {
       const float* row = src[static_cast<size_t>(i)];
