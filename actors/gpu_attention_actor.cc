@@ -213,6 +213,8 @@ class MoeClient {
   }
 
   Clock::time_point last() const { return last_; }
+  // A slice or the model has a routing policy (AdjustRouting changes the routing).
+  bool any_policy() const { return any_policy_; }
 
  private:
   Core& core_;
@@ -262,6 +264,7 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
     hooks.adjust_routing = [&client](int il, models::Routing* routing) {
       return client.AdjustRouting(il, routing);
     };
+    hooks.routing_adjusted = client.any_policy();
     if (status.ok()) status = core->gpu->ForwardBatch(entries, &logits, hooks);
     last = client.last();
   }
