@@ -71,6 +71,8 @@ struct BenchFlags {
   std::string policy;              // --policy: routing policy of every sequence (docs/experts.md)
   double gpu_hot_experts_gib = 0;  // --gpu-hot-experts-gib: hot experts resident on the GPU
   std::string profile;             // --profile: expert-usage profile for the placement
+  int moe_spin_us = 0;             // --moe-spin-us: EngineOptions::moe_spin_us (actor runtime)
+  int arena_spin_us = 0;           // --arena-spin-us: EngineOptions::arena_spin_us (actor runtime)
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -125,6 +127,18 @@ absl::Status RunBench(const BenchFlags& flags) {
     }
     KTX_RETURN_IF_ERROR(
         actors::ParseAttentionDevice(flags.attention_device, "--attention-device").status());
+  }
+  for (const auto& [name, value] :
+       {std::pair<const char*, int>{"--moe-spin-us", flags.moe_spin_us},
+        std::pair<const char*, int>{"--arena-spin-us", flags.arena_spin_us}}) {
+    if (value < 0 || value > 10000) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " ", value, ": expected 0 (no polling) .. 10000 microseconds"));
+    }
+    if (value > 0 && flags.topology.empty() && flags.shards == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " tunes the actor runtime: give --topology FILE or --shards N too"));
+    }
   }
   if ((flags.gpu_hot_experts_gib != 0 || !flags.profile.empty()) && flags.topology.empty() &&
       flags.shards == 0) {
@@ -244,6 +258,8 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     engine_options.shards = actors::EvenShards(flags.shards);
   }
   if (!flags.attention_device.empty()) engine_options.attention_device = flags.attention_device;
+  if (flags.moe_spin_us > 0) engine_options.moe_spin_us = flags.moe_spin_us;
+  if (flags.arena_spin_us > 0) engine_options.arena_spin_us = flags.arena_spin_us;
   KTX_RETURN_IF_ERROR(
       ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &engine_options));
   engine_options.experts =
@@ -360,6 +376,13 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                   "or cuda:N (overrides the topology's attention_device)");
   cmd->add_option("--gpu-hot-experts-gib", flags->gpu_hot_experts_gib, kGpuHotExpertsFlagHelp);
   cmd->add_option("--profile", flags->profile, kPlacementProfileFlagHelp);
+  cmd->add_option("--moe-spin-us", flags->moe_spin_us,
+                  "With --topology/--shards: the CPU attention job polls this long for the "
+                  "router's answer of a MoE layer before it sleeps (adaptive; default 0: no "
+                  "polling)");
+  cmd->add_option("--arena-spin-us", flags->arena_spin_us,
+                  "With --topology/--shards: the actors' arena dispatchers poll this long for the "
+                  "next job before they sleep (default 0)");
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";
