@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 
 namespace ktx::actors {
@@ -42,11 +43,14 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
   // waking oneTBB workers for a few KiB costs more than the sum (issue #5,
   // per-MoE-layer overhead). Same result either way: rows are independent.
   constexpr int64_t kParallelMinElements = int64_t{1} << 16;
+  // body(r0, r1) runs rows [r0, r1): one range inline, or ranges in parallel.
   auto for_rows = [&](auto&& body) {
     if (n_rows * n_embd < kParallelMinElements) {
-      for (int64_t r = 0; r < n_rows; ++r) body(r);
+      body(int64_t{0}, n_rows);
     } else {
-      tbb::parallel_for(int64_t{0}, n_rows, body);
+      tbb::parallel_for(
+          tbb::blocked_range<int64_t>(0, n_rows),
+          [&](const tbb::blocked_range<int64_t>& range) { body(range.begin(), range.end()); });
     }
   };
   bool disjoint = true;  // every row has at most one contribution: copy, no sum
@@ -54,25 +58,30 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
   if (disjoint) {
     // float -> double -> float of 0 + one value is exact: v + 0.0f gives the
     // same bits as the sum (including -0 -> +0).
-    for_rows([&](int64_t r) {
-      float* dst = out + r * n_embd;
-      if (begin[r + 1] > begin[r]) {
-        const float* row = src[static_cast<size_t>(begin[r])];
-        for (int64_t c = 0; c < n_embd; ++c) dst[c] = row[c] + 0.0f;
-      } else {
-        std::fill(dst, dst + n_embd, 0.0f);
+    for_rows([&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* dst = out + r * n_embd;
+        if (begin[r + 1] > begin[r]) {
+          const float* row = src[static_cast<size_t>(begin[r])];
+          for (int64_t c = 0; c < n_embd; ++c) dst[c] = row[c] + 0.0f;
+        } else {
+          std::fill(dst, dst + n_embd, 0.0f);
+        }
       }
     });
     return scratch;
   }
-  for_rows([&](int64_t r) {
-    std::vector<double> acc(static_cast<size_t>(n_embd), 0.0);
-    for (int64_t i = begin[r]; i < begin[r + 1]; ++i) {
-      const float* row = src[static_cast<size_t>(i)];
-      for (int64_t c = 0; c < n_embd; ++c) acc[c] += row[c];
+  for_rows([&](int64_t r0, int64_t r1) {
+    std::vector<double> acc(static_cast<size_t>(n_embd));  // one per range, not per row
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = begin[r]; i < begin[r + 1]; ++i) {
+        const float* row = src[static_cast<size_t>(i)];
+        for (int64_t c = 0; c < n_embd; ++c) acc[c] += row[c];
+      }
+      float* dst = out + r * n_embd;
+      for (int64_t c = 0; c < n_embd; ++c) dst[c] = static_cast<float>(acc[c]);
     }
-    float* dst = out + r * n_embd;
-    for (int64_t c = 0; c < n_embd; ++c) dst[c] = static_cast<float>(acc[c]);
   });
   return scratch;
 }
