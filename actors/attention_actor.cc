@@ -519,17 +519,9 @@ void FinishStep(AttentionPointer self) {
     st.config.profile->Add(std::move(step->prof));
   }
   for (size_t s = 0; s < step->slices.size(); ++s) {
-    SliceResult slice;
-    slice.seq = step->slices[s].seq;
-    absl::Status status = step->status[s];
-    if (status.ok() && !step->fatal.ok()) status = step->fatal;
-    if (!status.ok()) {
-      slice.code = static_cast<int32_t>(status.code());
-      slice.message = std::string(status.message());
-    } else {
-      slice.logits = std::move(step->logits[s]);
-    }
-    result.slices.push_back(std::move(slice));
+    const absl::Status& status = step->status[s].ok() ? step->fatal : step->status[s];
+    result.slices.push_back(
+        MakeSliceResult(step->slices[s].seq, status, std::move(step->logits[s])));
   }
   st.promise.deliver(std::move(result));
   for (uint64_t seq : st.deferred_free) FreeSequence(st, seq);
@@ -559,16 +551,8 @@ void Start(AttentionPointer self, StepRequest request,
   for (size_t s = 0; s < n; ++s) {
     const StepSlice& slice = step->slices[s];
     absl::Status& status = step->status[s];
-    if (!seen.insert(slice.seq).second) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("sequence ", slice.seq, " appears twice in step ", request.step));
-      continue;
-    }
-    if (slice.tokens.empty()) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("sequence ", slice.seq, ": empty token slice in step ", request.step));
-      continue;
-    }
+    status = CheckSliceShape(slice, request.step, &seen);
+    if (!status.ok()) continue;
     if (slice.new_capacity > 0) {
       if (st.core->ids.count(slice.seq)) {
         status = absl::AlreadyExistsError(

@@ -347,16 +347,8 @@ void FinishStep(GpuAttentionPointer self) {
     st.config.profile->Add(std::move(step->prof));
   }
   for (size_t s = 0; s < step->slices.size(); ++s) {
-    SliceResult slice;
-    slice.seq = step->slices[s].seq;
-    const absl::Status& status = step->status[s];
-    if (!status.ok()) {
-      slice.code = static_cast<int32_t>(status.code());
-      slice.message = std::string(status.message());
-    } else {
-      slice.logits = std::move(step->logits[s]);
-    }
-    result.slices.push_back(std::move(slice));
+    result.slices.push_back(
+        MakeSliceResult(step->slices[s].seq, step->status[s], std::move(step->logits[s])));
   }
   st.promise.deliver(std::move(result));
   for (uint64_t seq : st.deferred_free) FreeSequence(st, seq);
@@ -387,16 +379,8 @@ void Start(GpuAttentionPointer self, StepRequest request,
   for (size_t s = 0; s < n; ++s) {
     const StepSlice& slice = step->slices[s];
     absl::Status& status = step->status[s];
-    if (!seen.insert(slice.seq).second) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("sequence ", slice.seq, " appears twice in step ", request.step));
-      continue;
-    }
-    if (slice.tokens.empty()) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("sequence ", slice.seq, ": empty token slice in step ", request.step));
-      continue;
-    }
+    status = CheckSliceShape(slice, request.step, &seen);
+    if (!status.ok()) continue;
     for (size_t t = 0; t < slice.tokens.size() && status.ok(); ++t) {
       if (slice.tokens[t] < 0 || slice.tokens[t] >= hp.n_vocab) {
         status = absl::OutOfRangeError(

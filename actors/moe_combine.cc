@@ -1,8 +1,11 @@
 #include "actors/moe_combine.h"
 
 #include <algorithm>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 
@@ -106,6 +109,30 @@ std::vector<int64_t> ShardComputeUs(std::span<const PlacedPartial> parts, int n_
     if (p.shard >= 0 && p.shard < n_shards) us[p.shard] += p.compute_us;
   }
   return us;
+}
+
+absl::Status CheckSliceShape(const StepSlice& slice, uint64_t step, std::set<uint64_t>* seen) {
+  if (!seen->insert(slice.seq).second) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sequence ", slice.seq, " appears twice in step ", step));
+  }
+  if (slice.tokens.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sequence ", slice.seq, ": empty token slice in step ", step));
+  }
+  return absl::OkStatus();
+}
+
+SliceResult MakeSliceResult(uint64_t seq, const absl::Status& status, Tensor logits) {
+  SliceResult slice;
+  slice.seq = seq;
+  if (!status.ok()) {
+    slice.code = static_cast<int32_t>(status.code());
+    slice.message = std::string(status.message());
+  } else {
+    slice.logits = std::move(logits);
+  }
+  return slice;
 }
 
 }  // namespace ktx::actors

@@ -7,7 +7,8 @@
 // accumulation, so the sum does not depend on which shard answered first),
 // find the slices that own failed rows, and add up each shard's compute time
 // for the step profile. One implementation, so both attention actors give
-// bit-identical routed sums for the same partials.
+// bit-identical routed sums for the same partials. Also the per-step checks
+// and results both attention actors share (CheckSliceShape, MakeSliceResult).
 //
 //   models::Activations scratch;
 //   const models::Activations* routed = SumPlacedPartials(result.parts, n, n_embd, &scratch);
@@ -17,8 +18,11 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <span>
 #include <vector>
+
+#include "absl/status/status.h"
 
 #include "actors/messages.h"
 #include "runtime/models/activations.h"
@@ -43,5 +47,13 @@ std::vector<int> SlicesOwningRows(std::span<const int32_t> failed_rows,
 // per shard): [n_shards]; parts naming a shard outside [0, n_shards) are
 // ignored.
 std::vector<int64_t> ShardComputeUs(std::span<const PlacedPartial> parts, int n_shards);
+
+// The checks every attention actor makes on a slice of step `step` before
+// anything else: its sequence appears once in the step (`seen` collects the
+// step's sequences) and it has tokens (InvalidArgument naming both).
+absl::Status CheckSliceShape(const StepSlice& slice, uint64_t step, std::set<uint64_t>* seen);
+
+// A slice's answer: its error (code, message), else its logits.
+SliceResult MakeSliceResult(uint64_t seq, const absl::Status& status, Tensor logits);
 
 }  // namespace ktx::actors
