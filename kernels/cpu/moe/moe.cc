@@ -1,9 +1,14 @@
 #include "kernels/cpu/moe/moe.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kernels/cpu/moe/moe_internal.h"
 
 namespace ktx::kernels::moe {
@@ -44,7 +49,83 @@ bool SameFormat(MoeMatrixFormat a, MoeMatrixFormat b) {
   return a.type == b.type && a.layout == b.layout;
 }
 
+// The tile-kernel fields of MatmulArgs from the plan.
+void SetTileKernelArgs(const MoePlan& p, MatmulArgs* a) {
+  a->tile_phased = p.options.tile_phased;
+  a->tile_chunk_bytes = p.options.tile_chunk_kib << 10;
+  a->tile_chunk_groups = p.options.tile_chunk_groups;
+  a->tile_skew = p.options.tile_skew;
+}
+
 }  // namespace
+
+absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* options) {
+  const std::string spec(spec_view);
+  MoePlanOptions o = *options;
+  bool first = true;
+  for (const std::string& part : std::vector<std::string>(absl::StrSplit(spec, ':'))) {
+    if (first) {
+      first = false;
+      if (part == "phased") {
+        o.tile_phased = true;
+      } else if (part == "inloop") {
+        o.tile_phased = false;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("tile spec '", spec, "': kernel '", part,
+                                                       "' is neither phased nor inloop"));
+      }
+      continue;
+    }
+    const size_t eq = part.find('=');
+    int64_t v = 0;
+    if (eq == std::string::npos || !absl::SimpleAtoi(part.substr(eq + 1), &v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tile spec '", spec, "': '", part, "' is not key=integer"));
+    }
+    const std::string key = part.substr(0, eq);
+    if (key == "chunk") {
+      o.tile_chunk_kib = v;
+    } else if (key == "groups") {
+      o.tile_chunk_groups = v;
+    } else if (key == "skew") {
+      o.tile_skew = v;
+    } else if (key == "group") {
+      o.tile_group = v;
+    } else if (key == "ff") {
+      o.tile_ff_rows = v;
+    } else if (key == "maxtok") {
+      o.tile_max_tokens = v;
+    } else if (key == "down") {
+      o.prefill_down_rows_per_task = v;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tile spec '", spec, "': unknown key '", key,
+                       "' (chunk, groups, skew, group, ff, maxtok, down)"));
+    }
+  }
+  *options = o;
+  return absl::OkStatus();
+}
+
+absl::Status ApplyMoeTileEnv(MoePlanOptions* options) {
+  const char* env = std::getenv("KTX_AMX_PREFILL");
+  if (env == nullptr || *env == '\0') return absl::OkStatus();
+  absl::Status s = ApplyMoeTileSpec(env, options);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("KTX_AMX_PREFILL: ", s.message()));
+  }
+  return s;
+}
+
+std::string MoeTileSpec(const MoePlanOptions& o) {
+  std::string spec = o.tile_phased ? "phased" : "inloop";
+  if (o.tile_phased) {
+    absl::StrAppend(&spec, ":chunk=", o.tile_chunk_kib, ":groups=", o.tile_chunk_groups);
+  }
+  absl::StrAppend(&spec, ":skew=", o.tile_skew, ":group=", o.tile_group, ":ff=", o.tile_ff_rows,
+                  ":maxtok=", o.tile_max_tokens, ":down=", o.prefill_down_rows_per_task);
+  return spec;
+}
 
 const MoeKernels& MoeKernelsFor(CpuVariant variant) {
   switch (variant) {
@@ -137,6 +218,18 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
                                                      options.tile_max_tokens,
                                                      ") must be a positive multiple of 32"));
     }
+    if (options.tile_chunk_kib < 32 || options.tile_chunk_kib > 4096) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "MoE plan: tile_chunk_kib (", options.tile_chunk_kib, ") must be in [32, 4096]"));
+    }
+    if (options.tile_chunk_groups < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_chunk_groups (",
+                                                     options.tile_chunk_groups, ") must be >= 0"));
+    }
+    if (options.tile_skew < 0 || options.tile_skew > 4032 || options.tile_skew % 64 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_skew (", options.tile_skew,
+                                                     ") must be a multiple of 64 in [0, 4032]"));
+    }
     plan.tile_group = g;
     plan.tile_ff_rows = fb;
     plan.tile_max_tokens = options.tile_max_tokens;
@@ -179,7 +272,11 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
     ks = std::max({ks, kern.matmul_scratch_bytes(format.gate_prefill, shape.n_embd),
                    kern.matmul_scratch_bytes(format.down_prefill, shape.n_ff)});
   }
-  if (plan.tile) ks = std::max(ks, TileScratchBytes(plan.tile_group));
+  if (plan.tile) {
+    ks = std::max(ks, TileScratchBytes(plan.tile_group,
+                                       options.tile_phased ? options.tile_chunk_kib << 10 : 0,
+                                       options.tile_skew));
+  }
   plan.kernel_scratch_bytes = Align64(ks);
   int64_t floats = options.max_tokens * std::max({2 * kFfRowsPerTask, options.down_rows_per_task,
                                                   plan.prefill_down_rows});
@@ -493,6 +590,7 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   a.act_stride = p.xp_row_bytes;
   a.act_padded = true;
   a.act_group = p.tile_group;
+  SetTileKernelArgs(p, &a);
   a.n_act = nt;
   a.out_stride = fb;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
@@ -561,9 +659,14 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     const int64_t n = offset[e + 1] - offset[e];
     if (path[e] == kPathTile) {
       a.act_group = p.tile_group;
-      for (int64_t t0 = 0; t0 < n; t0 += p.tile_max_tokens) {
+      SetTileKernelArgs(p, &a);
+      // The phased kernel converts each weight once per call: all the
+      // expert's tokens in one call (y holds max_tokens rows); the in-loop
+      // kernel in blocks of tile_max_tokens, as before.
+      const int64_t step = p.options.tile_phased ? p.options.max_tokens : p.tile_max_tokens;
+      for (int64_t t0 = 0; t0 < n; t0 += step) {
         a.act = ws_ + p.off_hq + (offset[e] + t0) * p.h_row_bytes;
-        a.n_act = std::min(p.tile_max_tokens, n - t0);
+        a.n_act = std::min(step, n - t0);
         p.kernels->tile_matmul(a);
         accumulate(offset[e] + t0, a.n_act);
       }

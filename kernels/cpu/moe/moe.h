@@ -52,8 +52,9 @@
 // takes a prefill path when the plan has one: a separate prefill form of its
 // weights (MoeLayerFormat::has_prefill, e.g. amx_int8), else the tile path
 // (MoePlanOptions::tile_prefill: AMX int8 tiles over the panel16 weights,
-// converted to int8 per (row, tile_group) on the fly in L1; one copy of the
-// weights serves both paths; contract in moe_internal.h). Otherwise the decode
+// converted to int8 per (row, tile_group) on the fly, by default one
+// L2-sized chunk at a time before its tiles run (tile_phased); one copy of
+// the weights serves both paths; contract in moe_internal.h). Otherwise the decode
 // form (kGguf or kPanel16: VNNI dot products with register-blocked tokens).
 // The switch point should be where the two paths' measured times cross
 // (CpuMoeBackend calibrates it at load; moe_benchmark reports it).
@@ -65,6 +66,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -118,6 +121,19 @@ struct MoePlanOptions {
   // activations h fewer times); 0: the largest multiple of 32 up to 512 that
   // still gives every worker a task.
   int64_t prefill_down_rows_per_task = 0;
+  // How the amx tile kernel runs (same results either way; moe_kernels_amx.cc):
+  // phased (default): per chunk of weights, convert all of it to int8 into
+  // per-worker scratch, then run the tiles of every token block over it;
+  // else the in-loop kernel (the next item's conversion interleaved with the
+  // current item's tiles). tile_chunk_kib: int8 KiB per phased chunk (32 ..
+  // 4096; the chunk is per-worker scratch, so keep it within half of L2);
+  // tile_chunk_groups: groups of k per chunk (0: all that fit, i.e. whole
+  // rows of k for as many panel pairs as fit); tile_skew: bytes (multiple of
+  // 64, 0 .. 4032) between the kernel's scratch buffers against 4K aliasing.
+  bool tile_phased = true;
+  int64_t tile_chunk_kib = 512;
+  int64_t tile_chunk_groups = 0;
+  int64_t tile_skew = 256;
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
@@ -151,6 +167,18 @@ struct MoePlan {
   int64_t off_xq = 0, off_xp = 0, off_hq = 0, off_worker = 0;
   int64_t workspace_bytes = 0;
 };
+
+// Sets tile-path options from a spec "phased|inloop[:key=value]..." with keys
+// chunk (KiB), groups (per chunk), skew (bytes), group (tile_group), ff
+// (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task);
+// e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
+// InvalidArgument names the part it cannot parse. For benchmarks and experiments.
+absl::Status ApplyMoeTileSpec(std::string_view spec, MoePlanOptions* options);
+// ApplyMoeTileSpec with the environment variable KTX_AMX_PREFILL where it is
+// set and non-empty (OK and no change otherwise); errors name the variable.
+absl::Status ApplyMoeTileEnv(MoePlanOptions* options);
+// The spec that reproduces the tile options of `options` (for reports).
+std::string MoeTileSpec(const MoePlanOptions& options);
 
 // Validates the shape (multiples of 256, n_expert_used <= n_expert), the
 // formats (MoeFormatSupported, supported by the variant, shape fits: panels

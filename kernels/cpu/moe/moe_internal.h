@@ -384,6 +384,19 @@ struct MatmulArgs {
   int64_t scratch_bytes = 0;
   // Tile path only: activation rows in the tile format with this group.
   int64_t act_group = 0;
+  // Tile path only: how the amx kernel schedules the work (every choice gives
+  // the same bits; the scalar reference ignores them). tile_phased: convert a
+  // chunk of (panel pairs x groups) of at most tile_chunk_bytes int8 weights
+  // (tile_chunk_groups groups per chunk, 0: all that fit) into scratch, then
+  // run all tiles of all token blocks over it; else the in-loop kernel (the
+  // next item converted during the k-steps of the current one).
+  // tile_skew: bytes (multiple of 64) added after each scratch buffer so that
+  // live buffers are not a multiple of 4 KiB apart. Scratch must hold
+  // TileScratchBytes(act_group, tile_phased ? tile_chunk_bytes : 0, tile_skew).
+  bool tile_phased = false;
+  int64_t tile_chunk_bytes = 0;
+  int64_t tile_chunk_groups = 0;
+  int64_t tile_skew = 0;
 };
 
 // The int8 tile path (the prefill path of the amx variant). Weights stay in
@@ -400,7 +413,9 @@ struct MatmulArgs {
 // group after group, starting from 0: every implementation of this contract
 // (scalar, AMX, emulated AMX) gives bitwise equal results.
 // Requirements: act_padded (rows up to n_act rounded up to 32 are readable),
-// row_begin / row_end multiples of 16, k % act_group == 0.
+// row_begin / row_end multiples of 16, k % act_group == 0, scratch of
+// TileScratchBytes(act_group, tile_phased ? tile_chunk_bytes : 0, tile_skew)
+// bytes (MatmulArgs: the tile_* fields choose the amx kernel's schedule).
 
 // Whether the tile path takes `format`, and the scalar converter (the
 // specification the AVX-512 converters equal bitwise): TileConvertPanelScalar converts 16 rows
@@ -410,8 +425,16 @@ struct MatmulArgs {
 bool TileFormatSupported(MoeMatrixFormat format);
 void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,
                             int64_t k0, int64_t group, int8_t* tiles, float* s);
-// Bytes of per-worker scratch the tile kernels of any variant need.
-int64_t TileScratchBytes(int64_t group);
+// Bytes of per-worker scratch the tile kernels of any variant need: the
+// in-loop buffers, plus (chunk_bytes > 0) the phased kernel's chunk of
+// TileChunkItems(group, chunk_bytes) items, with `skew` bytes after each buffer.
+int64_t TileScratchBytes(int64_t group, int64_t chunk_bytes = 0, int64_t skew = 0);
+// Items (one pair of 16-row panels x one group of k: 32 * group int8 bytes) a
+// phased chunk of chunk_bytes holds (at least 1).
+static inline int64_t TileChunkItems(int64_t group, int64_t chunk_bytes) {
+  const int64_t n = chunk_bytes / (32 * group);
+  return n > 0 ? n : 1;
+}
 
 struct MoeKernels {
   CpuVariant variant;

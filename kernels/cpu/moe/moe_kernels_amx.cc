@@ -18,6 +18,19 @@
 // accumulated into `out`): one fix-up per 8 k-steps (group 512) instead of
 // one per 4.
 //
+// TileMatmulPhasedT (MatmulArgs::tile_phased, the default of MoePlanOptions):
+// the same contract and the same bits, in two phases per chunk of (panel
+// pairs x groups) sized for L2 (tile_chunk_bytes, 512 KiB by default): first
+// the AVX-512 conversion of the whole chunk into per-worker scratch, then the
+// tile loop over it, with the fp32 fix-up of each token block deferred behind
+// the next block's tile instructions. Reason (docs/performance.md, "Where the
+// AMX prefill time goes"): interleaved with the tiles, the conversion cost
+// 2.7x what it costs alone, and without it the layer ran at 38 % of the peak
+// instead of 13 %. The in-loop kernel stays selectable (KTX_AMX_PREFILL=inloop).
+// Both place their scratch buffers `tile_skew` bytes off 4 KiB multiples of
+// each other (the in-loop kernel's two B buffers were exactly 8 KiB apart, so
+// the conversion stores into one aliased the tile loads of the other).
+//
 // MatmulTiles: the older amx_int8 form (int8 weights stored with a scale per
 // (row, 256); a second copy of the weights), kept for comparison.
 //
@@ -408,21 +421,30 @@ struct ConvQ80 {
   }
 };
 
-// Scratch of TileMatmulT (fits TileScratchBytes(group)).
+// Scratch of TileMatmulT and TileMatmulPhasedT (fits TileScratchBytes(group,
+// chunk_bytes, skew)). `skew` bytes after each B buffer, the C staging areas
+// and before the chunk, so that (skew not a multiple of 4 KiB) the tile loads
+// of one buffer do not alias the AVX-512 stores into another in the low 12
+// address bits (4K aliasing stalls the loads behind the stores).
 struct TileScratch {
   uint8_t* bbuf[2][2];  // [buffer][panel]: group / 4 B-tile rows of 64 bytes
   float* sw[2][2];      // [buffer][panel]: row scales
   __m512i* fac[2];      // [panel]: factors of the item being converted
   int32_t* cst[2];      // C-tile staging, 4 tiles of 16 x 16 int32 each
+  // Phased kernel: chunk_items items of 32 * group int8 (panel 0 then panel
+  // 1, B-tile rows of 64 bytes), then their row scales (2 x 16 floats each).
+  uint8_t* chunk = nullptr;
+  float* chunk_sw = nullptr;
+  int64_t chunk_items = 0;
 };
 
-TileScratch CarveTileScratch(uint8_t* p, int64_t group) {
+TileScratch CarveTileScratch(uint8_t* p, int64_t group, int64_t chunk_bytes, int64_t skew) {
   TileScratch t;
   p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
   for (auto& buf : t.bbuf) {
     for (auto& panel : buf) {
       panel = p;
-      p += 16 * group;
+      p += 16 * group + skew;
     }
   }
   for (auto& buf : t.sw) {
@@ -437,7 +459,14 @@ TileScratch CarveTileScratch(uint8_t* p, int64_t group) {
   }
   for (auto& c : t.cst) {
     c = reinterpret_cast<int32_t*>(p);
-    p += 4096;
+    p += 4096 + skew;
+  }
+  if (chunk_bytes > 0) {
+    p += skew;
+    t.chunk_items = TileChunkItems(group, chunk_bytes);
+    t.chunk = p;
+    p += t.chunk_items * 32 * group;
+    t.chunk_sw = reinterpret_cast<float*>(p);
   }
   return t;
 }
@@ -455,7 +484,7 @@ void TileMatmulT(const MatmulArgs& a) {
   const int64_t units_per_panel = nbg * Conv::kUnitsPerBlock;  // group / 8
   const int64_t k_steps = group / 64;
   const int64_t n_blocks = (a.n_act + 31) / 32;
-  TileScratch ts = CarveTileScratch(a.scratch, group);
+  TileScratch ts = CarveTileScratch(a.scratch, group, 0, a.tile_skew);
 
   for (int64_t t = 0; t < a.n_act; ++t) {
     std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
@@ -587,6 +616,154 @@ void TileMatmulT(const MatmulArgs& a) {
   Release();
 }
 
+// The phased tile kernel (MatmulArgs::tile_phased). Per chunk of (panel pairs
+// x groups), at most ts.chunk_items items of one pair x one group: phase 1
+// converts the whole chunk (AVX-512 only, each panel's blocks in address
+// order) into scratch; phase 2 runs the tiles over it (groups outer, pairs
+// inner, 32-token blocks innermost: a pair's 16 KiB of B tiles stay in L1
+// across the token blocks, a group's activation slice across the pairs). No
+// conversion store is in flight while the tiles load, and each weight is
+// converted once per call whatever the number of tokens. The fp32 fix-up of a
+// token block runs after the next block's tile instructions are issued (C
+// staging double-buffered), so that it overlaps with the tile unit; the
+// fix-ups of each output element still come in group order, so the result is
+// bitwise that of the contract (and of TileMatmulT).
+template <typename Conv>
+void TileMatmulPhasedT(const MatmulArgs& a) {
+  const int64_t group = a.act_group;
+  const int64_t n_groups = a.k / group;
+  const int64_t kb = KBlock(a.format);
+  const int64_t nb = a.k / kb, nbg = group / kb;
+  const int64_t panel_bytes = nb * Conv::kBlockBytes;
+  const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
+  const int64_t n_pairs = (p_end - p_begin + 1) / 2;
+  const int64_t units_per_panel = nbg * Conv::kUnitsPerBlock;  // group / 8
+  const int64_t k_steps = group / 64;
+  const int64_t n_blocks = (a.n_act + 31) / 32;
+  TileScratch ts =
+      CarveTileScratch(a.scratch, group, std::max<int64_t>(a.tile_chunk_bytes, 1), a.tile_skew);
+  int64_t gpc = a.tile_chunk_groups > 0 ? std::min(a.tile_chunk_groups, n_groups) : n_groups;
+  gpc = std::min(gpc, ts.chunk_items);
+  const int64_t ppc = std::max<int64_t>(1, std::min(n_pairs, ts.chunk_items / gpc));
+
+  for (int64_t t = 0; t < a.n_act; ++t) {
+    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
+  }
+  // The fix-up of the last stored token block, deferred (see above).
+  struct Pending {
+    const int32_t* c = nullptr;
+    const float* sw = nullptr;  // 2 x 16 row scales
+    float* out = nullptr;       // row 0 of the block, column of the pair's first row
+    int64_t m0 = 0, gi = 0;
+    int m_valid = 0, np = 0;
+  };
+  Pending pend;
+  auto fixup = [&](const Pending& f) {
+    const __m512 sw0 = _mm512_loadu_ps(f.sw);
+    const __m512 sw1 = _mm512_loadu_ps(f.sw + 16);
+    for (int m = 0; m < f.m_valid; ++m) {
+      const int mt = m / 16, i = m % 16;
+      float sx;
+      std::memcpy(&sx, a.act + (f.m0 + m) * a.act_stride + a.k + 4 * f.gi, 4);
+      const __m512 sv = _mm512_set1_ps(sx);
+      float* o = f.out + m * a.out_stride;
+      _mm512_storeu_ps(
+          o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 16 * i)),
+                             _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
+      if (f.np > 1) {
+        _mm512_storeu_ps(
+            o + 16,
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 256 + 16 * i)),
+                            _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
+      }
+    }
+  };
+
+  ConfigureTiles();
+  int cb = 0;
+  for (int64_t pc0 = 0; pc0 < n_pairs; pc0 += ppc) {
+    const int64_t pc1 = std::min(n_pairs, pc0 + ppc), npc = pc1 - pc0;
+    for (int64_t gc0 = 0; gc0 < n_groups; gc0 += gpc) {
+      const int64_t gc1 = std::min(n_groups, gc0 + gpc);
+      // Item (pair pi, group gi) of the chunk: slot (gi - gc0) * npc + (pi - pc0),
+      // in the order phase 2 reads them.
+      auto slot = [&](int64_t pi, int64_t gi) { return (gi - gc0) * npc + (pi - pc0); };
+      if (pend.m_valid > 0) {  // it reads the chunk's scales: finish it first
+        fixup(pend);
+        pend = Pending{};
+      }
+      // Phase 1: convert, each panel's bytes in address order.
+      for (int64_t pi = pc0; pi < pc1; ++pi) {
+        const int64_t p0 = p_begin + 2 * pi;
+        const int np = p0 + 1 < p_end ? 2 : 1;
+        for (int pp = 0; pp < np; ++pp) {
+          const uint8_t* wp = a.w + (p0 + pp) * panel_bytes;
+          for (int64_t gi = gc0; gi < gc1; ++gi) {
+            const int64_t sl = slot(pi, gi);
+            const uint8_t* pb = wp + gi * nbg * Conv::kBlockBytes;
+            uint8_t* dst = ts.chunk + sl * 32 * group + pp * 16 * group;
+            Conv::Setup(pb, nbg, ts.fac[0], ts.chunk_sw + 32 * sl + 16 * pp);
+            for (int64_t u = 0; u < units_per_panel; ++u)
+              Conv::Unit(pb, ts.fac[0], u, dst + 128 * u);
+          }
+        }
+      }
+      // Phase 2: the tiles.
+      for (int64_t gi = gc0; gi < gc1; ++gi) {
+        for (int64_t pi = pc0; pi < pc1; ++pi) {
+          const int64_t p0 = p_begin + 2 * pi;
+          const int np = p0 + 1 < p_end ? 2 : 1;
+          const int64_t sl = slot(pi, gi);
+          const uint8_t* b0 = ts.chunk + sl * 32 * group;
+          const uint8_t* b1 = b0 + 16 * group;
+          float* out = a.out + (p0 * kPanelRows - a.row_begin);
+          for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const int64_t m0 = 32 * blk;
+            const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
+            const bool two_a = m_valid > 16;
+            const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
+            const uint8_t* act1 = act0 + 16 * a.act_stride;
+            KTX_TILE_ZERO(0);
+            KTX_TILE_ZERO(1);
+            KTX_TILE_ZERO(2);
+            KTX_TILE_ZERO(3);
+            for (int64_t ks = 0; ks < k_steps; ++ks) {
+              KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
+              KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
+              KTX_TILE_DPBSSD(0, 4, 6);
+              if (two_a) {
+                KTX_TILE_LOAD(5, act1 + 64 * ks, a.act_stride);
+                KTX_TILE_DPBSSD(2, 5, 6);
+              }
+              if (np > 1) {
+                KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
+                KTX_TILE_DPBSSD(1, 4, 7);
+                if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
+              }
+            }
+            int32_t* c = ts.cst[cb];
+            cb ^= 1;
+            KTX_TILE_STORE(0, c, 64);
+            KTX_TILE_STORE(1, c + 256, 64);
+            KTX_TILE_STORE(2, c + 512, 64);
+            KTX_TILE_STORE(3, c + 768, 64);
+            if (pend.m_valid > 0) fixup(pend);
+            pend.c = c;
+            pend.sw = ts.chunk_sw + 32 * sl;
+            pend.out = out + m0 * a.out_stride;
+            pend.m0 = m0;
+            pend.gi = gi;
+            pend.m_valid = m_valid;
+            pend.np = np;
+          }
+        }
+      }
+    }
+  }
+  if (pend.m_valid > 0) fixup(pend);
+  Release();
+}
+
 bool Supports(MoeMatrixFormat f) { return MoeFormatSupported(f); }
 int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
 
@@ -621,6 +798,16 @@ void TileConvert(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t pa
 }
 
 void TileMatmul(const MatmulArgs& a) {
+  if (a.tile_phased) {
+    switch (a.format.type) {
+      case TensorType::kQ4_K: TileMatmulPhasedT<ConvQ4K<false>>(a); break;
+      case TensorType::kQ5_K: TileMatmulPhasedT<ConvQ4K<true>>(a); break;
+      case TensorType::kQ6_K: TileMatmulPhasedT<ConvQ6K>(a); break;
+      case TensorType::kQ8_0: TileMatmulPhasedT<ConvQ80>(a); break;
+      default: break;  // not TileFormatSupported: the driver never calls it
+    }
+    return;
+  }
   switch (a.format.type) {
     case TensorType::kQ4_K: TileMatmulT<ConvQ4K<false>>(a); break;
     case TensorType::kQ5_K: TileMatmulT<ConvQ4K<true>>(a); break;

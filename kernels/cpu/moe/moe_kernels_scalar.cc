@@ -239,11 +239,17 @@ bool TileFormatSupported(MoeMatrixFormat f) {
          f.type == TensorType::kQ6_K || f.type == TensorType::kQ8_0;
 }
 
-int64_t TileScratchBytes(int64_t group) {
+int64_t TileScratchBytes(int64_t group, int64_t chunk_bytes, int64_t skew) {
   // Two converted groups of two panels (16 * group bytes each), their row
   // scales, the per-sub-block factors of one group (<= 2 panels x 32
-  // sub-blocks x 128 B) and two C-tile staging areas (4 KiB each).
-  return 2 * 2 * 16 * group + 4 * 64 + 2 * (group / 256) * 16 * 128 * 2 + 2 * 4096 + 256;
+  // sub-blocks x 128 B) and two C-tile staging areas (4 KiB each); a skew
+  // after each of the 4 + 2 + 1 buffers (moe_kernels_amx.cc CarveTileScratch).
+  int64_t bytes = 2 * 2 * 16 * group + 4 * 64 + 2 * (group / 256) * 16 * 128 * 2 + 2 * 4096 + 256;
+  bytes += 8 * skew;
+  if (chunk_bytes > 0) {  // the phased chunk: int8 items, then 2 x 16 row scales per item
+    bytes += TileChunkItems(group, chunk_bytes) * (32 * group + 128) + 64;
+  }
+  return bytes;
 }
 
 void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,

@@ -341,5 +341,200 @@ TEST_F(AmxEmulationTest, LayerWithTilePathOverPanel16MatchesScalarVariant) {
   }
 }
 
+// The phased tile kernel (convert a chunk, then its tiles; deferred fix-ups)
+// equals the scalar reference of the contract bitwise, and so the in-loop
+// kernel too: awkward token counts (1, 3, 17, 255), partial pairs (a single
+// tail panel), chunks that split the pairs, the groups or both, and skews.
+TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
+  std::mt19937 rng(29);
+  const int64_t rows = 112, k = 1536;  // 7 panels; 3 groups of 512, 6 of 256
+  struct Cfg {
+    int64_t chunk_bytes, groups, skew;
+  };
+  const Cfg cfgs[] = {{512 << 10, 0, 256},  // everything in one chunk
+                      {32 << 10, 0, 0},     // one item per chunk
+                      {48 << 10, 2, 192},   // groups split 2 + 1 (or 2 + 2 + 2)
+                      {96 << 10, 0, 64}};   // pairs split, groups whole where they fit
+  for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
+    for (int64_t group : {256, 512}) {
+      for (int64_t n_act : {1, 3, 17, 255}) {
+        const int64_t stride = TileActRowBytes(k, group);
+        AlignedBuffer act((n_act + 32) * stride);
+        std::memset(act.p.get(), 0x7f, act.size);  // padding rows hold junk
+        std::normal_distribution<float> n(0.0f, 1.0f);
+        std::vector<float> x(k);
+        for (int64_t r = 0; r < n_act; ++r) {
+          for (float& v : x) v = n(rng);
+          uint8_t* row = act.p.get() + r * stride;
+          MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
+                                           reinterpret_cast<float*>(row + k), k, group);
+        }
+        for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 112}, {16, 80}, {96, 112}}) {
+          MatmulArgs a;
+          a.format = {t, MoeWeightLayout::kPanel16};
+          a.w = static_cast<const uint8_t*>(w.ptrs[0]);
+          a.n_rows = rows;
+          a.k = k;
+          a.row_begin = r0;
+          a.row_end = r1;
+          a.act = act.p.get();
+          a.act_stride = stride;
+          a.n_act = n_act;
+          a.act_padded = true;
+          a.act_group = group;
+          a.out_stride = r1 - r0 + 5;
+          AlignedBuffer ref_scratch(TileScratchBytes(group) + 64);
+          a.scratch = ref_scratch.p.get();
+          std::vector<float> y_ref(n_act * a.out_stride, -7.0f);
+          a.out = y_ref.data();
+          MoeKernelsScalar().tile_matmul(a);
+          for (const Cfg& c : cfgs) {
+            SCOPED_TRACE(::testing::Message()
+                         << TraitsOf(t).name << " group " << group << " n_act " << n_act << " rows "
+                         << r0 << ".." << r1 << " chunk " << c.chunk_bytes << " groups " << c.groups
+                         << " skew " << c.skew);
+            for (bool phased : {true, false}) {
+              AlignedBuffer scratch(TileScratchBytes(group, phased ? c.chunk_bytes : 0, c.skew));
+              a.scratch = scratch.p.get();
+              a.scratch_bytes = static_cast<int64_t>(scratch.size);
+              a.tile_phased = phased;
+              a.tile_chunk_bytes = c.chunk_bytes;
+              a.tile_chunk_groups = c.groups;
+              a.tile_skew = c.skew;
+              std::vector<float> y(n_act * a.out_stride, -7.0f);
+              a.out = y.data();
+              MoeKernelsAmxEmulated().tile_matmul(a);
+              ASSERT_EQ(0, std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float)))
+                  << (phased ? "phased" : "in-loop") << " kernel differs from the scalar reference";
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Layers whose experts have very different token counts (1, 3, 17, 255 and
+// others; max_tokens 300): the emulated AMX table, phased and in-loop, with
+// 1 and 3 workers (stages run in reverse worker order), against the scalar variant (same plan) and
+// each other.
+TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
+  const MoeShape shape{512, 1024, 8, 2};
+  const auto L = testing::MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 41);
+  const std::vector<bool> owned(8, true);
+  auto gate =
+      testing::MakeLayout(L.gate, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 1024, 512, owned);
+  auto up =
+      testing::MakeLayout(L.up, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 1024, 512, owned);
+  auto down =
+      testing::MakeLayout(L.down, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 512, 1024, owned);
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  MoeLayerWeights w;
+  w.gate = {f.gate, gate.ptrs.data()};
+  w.up = {f.up, up.ptrs.data()};
+  w.down = {f.down, down.ptrs.data()};
+  // Slot 0 of token t: expert 0 for t < 255, else 6; slot 1 cycles through
+  // experts 1..5 and 7 with counts 1, 3, 17, ... (expert 6: rest).
+  const int64_t n_tokens = 300;
+  std::vector<int32_t> ids(2 * n_tokens);
+  const int64_t want[] = {1, 3, 17, 64, 33};  // experts 1..5 in slot 1
+  int64_t t = 0;
+  for (int64_t e = 0; e < 5; ++e) {
+    for (int64_t i = 0; i < want[e]; ++i, ++t) ids[2 * t + 1] = static_cast<int32_t>(e + 1);
+  }
+  for (; t < n_tokens; ++t) ids[2 * t + 1] = 7;
+  for (t = 0; t < n_tokens; ++t) ids[2 * t] = t < 255 ? 0 : 6;
+  std::mt19937 rng(43);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uw(0.05f, 1.0f);
+  std::vector<float> x(n_tokens * 512), wt(2 * n_tokens);
+  for (float& v : x) v = n(rng);
+  for (float& v : wt) v = uw(rng);
+  auto run_layer = [&](const char* spec, bool emulated, int nth) {
+    MoePlanOptions o;
+    o.max_tokens = n_tokens;
+    o.max_workers = 3;
+    o.prefill_min_tokens = 1;
+    o.tile_prefill = true;
+    o.force_variant = true;
+    o.variant = CpuVariant::kScalar;
+    EXPECT_TRUE(ApplyMoeTileSpec(spec, &o).ok()) << spec;
+    auto plan = MakeMoePlan(shape, f, o);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    if (!plan.ok()) return std::vector<float>();
+    if (emulated) plan->kernels = &MoeKernelsAmxEmulated();  // test-only substitution
+    AlignedBuffer ws(MoeWorkspaceSize(*plan));
+    std::memset(ws.p.get(), 0xC3, ws.size);
+    std::vector<float> y(n_tokens * 512, -1.0f);
+    auto run = MoeRun::Begin(*plan, w, {n_tokens, x.data(), ids.data(), wt.data(), y.data()},
+                             ws.p.get(), ws.size);
+    EXPECT_TRUE(run.ok()) << run.status();
+    if (!run.ok()) return y;
+    EXPECT_EQ(run->num_prefill_experts(), 8);
+    for (int s = 0; s < MoeRun::kNumStages; ++s) {
+      for (int ith = nth - 1; ith >= 0; --ith) RunMoeStage(*run, s, ith, nth);
+    }
+    return y;
+  };
+  const std::vector<double> ref =
+      testing::ReferenceMoe(L, owned, n_tokens, x.data(), ids.data(), wt.data());
+  const std::vector<float> base = run_layer("phased", true, 1);
+  const std::vector<float> scalar = run_layer("phased", false, 1);
+  std::vector<double> sd(scalar.begin(), scalar.end());
+  EXPECT_LT(testing::Nmse(base.data(), ref), 1.5e-3);
+  EXPECT_LT(testing::Nmse(base.data(), sd), 1e-6);
+  for (const char* spec : {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
+                           "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0", "inloop:skew=256",
+                           "inloop:maxtok=64:down=128"}) {
+    for (int nth : {1, 3}) {
+      SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
+      const std::vector<float> y = run_layer(spec, true, nth);
+      ASSERT_EQ(y.size(), base.size());
+      EXPECT_EQ(0, std::memcmp(y.data(), base.data(), y.size() * sizeof(float)));
+    }
+  }
+}
+
+TEST(MoeTileSpecTest, ParsesAndRejects) {
+  MoePlanOptions o;
+  ASSERT_TRUE(ApplyMoeTileSpec("inloop:skew=0:group=1024:ff=1024:maxtok=64:down=256", &o).ok());
+  EXPECT_FALSE(o.tile_phased);
+  EXPECT_EQ(o.tile_skew, 0);
+  EXPECT_EQ(o.tile_group, 1024);
+  EXPECT_EQ(o.tile_ff_rows, 1024);
+  EXPECT_EQ(o.tile_max_tokens, 64);
+  EXPECT_EQ(o.prefill_down_rows_per_task, 256);
+  ASSERT_TRUE(ApplyMoeTileSpec("phased:chunk=256:groups=2", &o).ok());
+  EXPECT_TRUE(o.tile_phased);
+  EXPECT_EQ(o.tile_chunk_kib, 256);
+  EXPECT_EQ(o.tile_chunk_groups, 2);
+  EXPECT_EQ(MoeTileSpec(o),
+            "phased:chunk=256:groups=2:skew=0:group=1024:ff=1024:maxtok=64:down=256");
+  const MoePlanOptions before = o;
+  for (const char* bad : {"fast", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
+    const absl::Status s = ApplyMoeTileSpec(bad, &o);
+    EXPECT_FALSE(s.ok()) << bad;
+    EXPECT_EQ(MoeTileSpec(o), MoeTileSpec(before)) << "changed by a bad spec: " << bad;
+  }
+  // Values are checked by the plan.
+  const MoeShape shape{512, 1024, 8, 2};
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  for (const char* bad :
+       {"phased:chunk=8", "phased:skew=100", "phased:skew=8192", "inloop:groups=-1"}) {
+    MoePlanOptions p;
+    p.tile_prefill = true;
+    p.force_variant = true;
+    p.variant = CpuVariant::kScalar;
+    ASSERT_TRUE(ApplyMoeTileSpec(bad, &p).ok()) << bad;
+    EXPECT_FALSE(MakeMoePlan(shape, f, p).ok()) << bad;
+  }
+}
+
 }  // namespace
 }  // namespace ktx::kernels::moe

@@ -23,6 +23,11 @@
 //                            panel16 weights, switched at the measured crossing)
 //   prefill/amx_int8/tokens:N   the older amx form (a second, int8 copy of the
 //                            weights) for comparison
+//   prefill/<variant>@SPEC/tokens:N, tile_kernel/{l2,dram}@SPEC/tokens:64
+//                            the tile path run as SPEC says (--ktx_amx_configs;
+//                            ApplyMoeTileSpec in moe.h: phased|inloop[:key=value]),
+//                            one set of rows per spec; the rows without @ use the
+//                            defaults, or KTX_AMX_PREFILL=SPEC where it is set
 //
 // At the end a summary table (machine, date, the limits, decode and prefill per
 // ISA, the crossing) goes to stdout, and with --ktx_summary_json=PATH as JSON.
@@ -31,7 +36,11 @@
 // --ktx_experts=N (default 64: ~1.9 GiB of panel16 weights, far beyond the
 // caches), --ktx_full_layer (all 256 experts, ~7.4 GiB; also KTX_BENCH_FULL_LAYER=1),
 // --ktx_threads=N (first N allowed cpus), --ktx_variants=avx512,amx (default: avx512 and amx where
-// supported; scalar and avx2 only when named), --ktx_summary_json=PATH.
+// supported; scalar and avx2 only when named), --ktx_summary_json=PATH,
+// --ktx_amx_configs=SPEC,SPEC,... (tile-path variants to compare, see above),
+// --ktx_prefill_tokens=N,N,... (prefill sizes; default 128,512,2048),
+// --ktx_prefill_min_tokens=N (switch point of the prefill rows instead of the
+// measured crossing, which then is not swept; also KTX_BENCH_PREFILL_MIN_TOKENS).
 // Typical: moe_benchmark --benchmark_filter=decode
 #include <benchmark/benchmark.h>
 
@@ -68,6 +77,11 @@ using runtime::NumaBuffer;
 
 struct Config {
   bool smoke = false;
+  // Tile-path specs (ApplyMoeTileSpec) to compare: one set of prefill/amx@SPEC
+  // and tile_kernel/...@SPEC rows each.
+  std::vector<std::string> amx_specs;
+  std::vector<int64_t> prefill_tokens;  // default 128, 512, 2048
+  int64_t prefill_min_tokens = 0;       // > 0: instead of the measured crossing
   int64_t n_expert = 64;
   int threads = 0;  // 0: every allowed cpu
   std::vector<CpuVariant> variants;
@@ -269,7 +283,17 @@ enum class Mode { kDecode, kPrefill, kPrefillGroup1024, kPrefillAmxInt8 };
 
 int64_t Crossing(CpuVariant variant);
 
-void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mode mode) {
+// The plan options of a tile-path spec: `spec` where given, else the
+// defaults with KTX_AMX_PREFILL applied. False (and the benchmark skipped)
+// where it does not parse.
+bool TileOptions(benchmark::State& state, const std::string& spec, MoePlanOptions* o) {
+  const absl::Status st = spec.empty() ? ApplyMoeTileEnv(o) : ApplyMoeTileSpec(spec, o);
+  if (!st.ok()) state.SkipWithError(std::string(st.message()).c_str());
+  return st.ok();
+}
+
+void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mode mode,
+              const std::string& spec = "") {
   const bool prefill = mode != Mode::kDecode;
   const bool amx = variant == CpuVariant::kAmx;
   Layer& L = GetLayer(amx && mode == Mode::kPrefillAmxInt8);
@@ -282,8 +306,11 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
   if ((mode == Mode::kPrefill || mode == Mode::kPrefillGroup1024) &&
       MoeKernelsFor(variant).tile_matmul != nullptr) {
     o.tile_prefill = true;
-    o.prefill_min_tokens = Crossing(variant);
+    o.prefill_min_tokens =
+        g_config.prefill_min_tokens > 0 ? g_config.prefill_min_tokens : Crossing(variant);
+    if (!TileOptions(state, spec, &o)) return;
     if (mode == Mode::kPrefillGroup1024) o.tile_group = 1024;
+    state.SetLabel(MoeTileSpec(o));
   }
   auto plan = MakeMoePlan(L.shape, L.format, o);
   if (!plan.ok()) {
@@ -363,6 +390,7 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
   std::string form = CpuVariantName(variant);
   if (mode == Mode::kPrefillAmxInt8) form = "amx_int8";
   if (mode == Mode::kPrefillGroup1024) form += "_g1024";
+  if (!spec.empty()) form += "@" + spec;
   const std::string key = std::string(mode == Mode::kDecode ? "decode/" : "prefill/") + form + "/" +
                           std::to_string(n_tokens);
   g_results[key + "/GBps"] = bytes / seconds / 1e9;
@@ -565,8 +593,12 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
 // streamed from DRAM (512-row matrices cycled over ~1 GiB). ns per 1024
 // weights and TOPS, to split the prefill cost into conversion + tiles (hot)
 // and memory (cold minus hot) on the machine itself.
-void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold) {
+void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold, const std::string& spec) {
   const MoeKernels& kern = MoeKernelsFor(CpuVariant::kAmx);
+  MoePlanOptions o;
+  if (!TileOptions(state, spec, &o)) return;
+  state.SetLabel(MoeTileSpec(o));
+  const int64_t chunk_bytes = o.tile_phased ? o.tile_chunk_kib << 10 : 0;
   const TensorType type = TensorType::kQ4_K;
   const int64_t k = g_config.smoke ? 512 : 7168, group = 512;
   const int64_t rows = cold ? 512 : 64;
@@ -593,7 +625,8 @@ void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold) {
     kern.quantize_tile(x.data(), reinterpret_cast<int8_t*>(row), reinterpret_cast<float*>(row + k),
                        k, group);
   }
-  testing::AlignedBuffer scratch(TileScratchBytes(group) + 64);
+  const int64_t scratch_bytes = TileScratchBytes(group, chunk_bytes, o.tile_skew) + 64;
+  testing::AlignedBuffer scratch(scratch_bytes);
   std::vector<float> out(n_act * rows);
   MatmulArgs a;
   a.format = f;
@@ -609,7 +642,11 @@ void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold) {
   a.out = out.data();
   a.out_stride = rows;
   a.scratch = scratch.p.get();
-  a.scratch_bytes = TileScratchBytes(group) + 64;
+  a.scratch_bytes = scratch_bytes;
+  a.tile_phased = o.tile_phased;
+  a.tile_chunk_bytes = chunk_bytes;
+  a.tile_chunk_groups = o.tile_chunk_groups;
+  a.tile_skew = o.tile_skew;
   int64_t i = 0;
   double seconds = 0;
   for (auto _ : state) {
@@ -626,8 +663,8 @@ void BM_TileKernel(benchmark::State& state, int64_t n_act, bool cold) {
   state.counters["TOPS_one_core"] = tops;
   state.counters["weights_GBps"] =
       static_cast<double>(state.iterations() * mat_bytes) / seconds / 1e9;
-  const std::string key =
-      std::string("tile_kernel/") + (cold ? "dram" : "l2") + "/" + std::to_string(n_act);
+  const std::string key = std::string("tile_kernel/") + (cold ? "dram" : "l2") +
+                          (spec.empty() ? "" : "@" + spec) + "/" + std::to_string(n_act);
   g_results[key + "/ns_per_1k_weights"] = ns_per_k;
   g_results[key + "/TOPS_one_core"] = tops;
 }
@@ -662,7 +699,22 @@ void BM_Repack(benchmark::State& state, TensorType type, MoeWeightLayout to) {
       static_cast<double>(state.iterations()) * static_cast<double>(m.size()) / seconds / 1e9;
 }
 
+// "a,b,c" -> {"a", "b", "c"} (empty items dropped).
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    const size_t comma = std::min(s.find(',', pos), s.size());
+    if (comma > pos) out.push_back(s.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
+
 void ParseFlags(int* argc, char** argv) {
+  if (const char* e = std::getenv("KTX_BENCH_PREFILL_MIN_TOKENS")) {
+    g_config.prefill_min_tokens = std::atoll(e);
+  }
   const char* full = std::getenv("KTX_BENCH_FULL_LAYER");
   if (full != nullptr && std::string(full) == "1") g_config.n_expert = 256;
   std::string variants;
@@ -681,6 +733,14 @@ void ParseFlags(int* argc, char** argv) {
       variants = a.substr(15);
     } else if (a.rfind("--ktx_summary_json=", 0) == 0) {
       g_config.summary_json = a.substr(19);
+    } else if (a.rfind("--ktx_amx_configs=", 0) == 0) {
+      for (const std::string& spec : SplitList(a.substr(18))) g_config.amx_specs.push_back(spec);
+    } else if (a.rfind("--ktx_prefill_tokens=", 0) == 0) {
+      for (const std::string& n : SplitList(a.substr(21))) {
+        g_config.prefill_tokens.push_back(std::max<int64_t>(1, std::atoll(n.c_str())));
+      }
+    } else if (a.rfind("--ktx_prefill_min_tokens=", 0) == 0) {
+      g_config.prefill_min_tokens = std::atoll(a.c_str() + 25);
     } else {
       argv[out++] = argv[i];
     }
@@ -746,7 +806,14 @@ void Register() {
         benchmark::RegisterBenchmark(
             (std::string("tile_kernel/") + (cold ? "dram" : "l2") + "/tokens:" + std::to_string(n))
                 .c_str(),
-            [n, cold](benchmark::State& s) { BM_TileKernel(s, n, cold); })
+            [n, cold](benchmark::State& s) { BM_TileKernel(s, n, cold, ""); })
+            ->MinTime(g_config.smoke ? 0.01 : 0.3);
+      }
+      for (const std::string& spec : g_config.amx_specs) {  // per spec: 64 tokens only
+        benchmark::RegisterBenchmark(
+            (std::string("tile_kernel/") + (cold ? "dram" : "l2") + "@" + spec + "/tokens:64")
+                .c_str(),
+            [spec, cold](benchmark::State& s) { BM_TileKernel(s, 64, cold, spec); })
             ->MinTime(g_config.smoke ? 0.01 : 0.3);
       }
     }
@@ -791,8 +858,9 @@ void Register() {
             ->MinTime(g_config.smoke ? 0.01 : 0.5);
       }
     }
-    const std::vector<int64_t> prefill =
+    std::vector<int64_t> prefill =
         g_config.smoke ? std::vector<int64_t>{32} : std::vector<int64_t>{128, 512, 2048};
+    if (!g_config.prefill_tokens.empty()) prefill = g_config.prefill_tokens;
     if (MoeKernelsFor(v).tile_matmul != nullptr) {
       benchmark::RegisterBenchmark((std::string("crossing/") + CpuVariantName(v)).c_str(),
                                    [v](benchmark::State& s) { BM_Crossing(s, v); })
@@ -807,6 +875,20 @@ void Register() {
           ->UseRealTime()
           ->Iterations(g_config.smoke ? 1 : 2)
           ->Unit(benchmark::kMillisecond);
+    }
+    if (MoeKernelsFor(v).tile_matmul != nullptr) {  // each tile-path spec to compare
+      for (const std::string& spec : g_config.amx_specs) {
+        for (int64_t n : prefill) {
+          benchmark::RegisterBenchmark(
+              (std::string("prefill/") + CpuVariantName(v) + "@" + spec +
+               "/tokens:" + std::to_string(n))
+                  .c_str(),
+              [v, n, spec](benchmark::State& s) { BM_Layer(s, v, n, Mode::kPrefill, spec); })
+              ->UseRealTime()
+              ->Iterations(g_config.smoke ? 1 : 3)
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
     }
     if (v == CpuVariant::kAmx && !g_config.smoke) {  // the tile path with groups of 1024
       benchmark::RegisterBenchmark(
@@ -856,13 +938,15 @@ void PrintSummary(const std::string& brand) {
       "%% of int8 peak) | crossing (tokens/expert) |\n|---|---|---|---|---|---|---|---|---|\n");
   std::vector<std::string> forms;
   for (CpuVariant v : g_config.variants) forms.push_back(CpuVariantName(v));
-  for (const char* extra : {"amx_g1024", "amx_int8"}) {
-    for (const auto& [k, v] : g_results) {
-      if (k.rfind(std::string("prefill/") + extra + "/", 0) == 0) {
-        forms.push_back(extra);
-        break;
-      }
-    }
+  // Every other prefill form measured (amx_g1024, amx_int8, <variant>@<spec>).
+  for (const auto& [k, v] : g_results) {
+    if (k.rfind("prefill/", 0) != 0) continue;
+    // The form is what lies between "prefill/" and "/<tokens>/<what>".
+    const size_t last = k.rfind('/');
+    const size_t prev = last <= 8 ? std::string::npos : k.rfind('/', last - 1);
+    if (prev == std::string::npos || prev <= 8) continue;
+    const std::string form = k.substr(8, prev - 8);
+    if (std::find(forms.begin(), forms.end(), form) == forms.end()) forms.push_back(form);
   }
   nlohmann::json j;
   j["machine"] = brand;
@@ -899,7 +983,8 @@ void PrintSummary(const std::string& brand) {
   }
   for (const auto& [k, v] : g_results) {
     if (k.rfind("crossing/", 0) == 0 || k.rfind("repack/", 0) == 0 ||
-        k.rfind("tile_convert/", 0) == 0) {
+        k.rfind("tile_convert/", 0) == 0 || k.rfind("tile_kernel/", 0) == 0 ||
+        k.rfind("prefill/", 0) == 0) {
       j["detail"][k] = v;
     }
   }

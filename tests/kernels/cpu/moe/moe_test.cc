@@ -343,13 +343,16 @@ TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
   const MoeShape shape{512, 256, 16, 4};
   const TestLayer L = MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 7, false);
   std::vector<bool> owned(16, true);
-  for (int mode : {0, 1, 2}) {  // decode only, amx_int8 prefill form, tile prefill
+  std::vector<float> tile_results[2];  // tile prefill, phased and in-loop kernel
+  for (int mode : {0, 1, 2, 3}) {      // decode only, amx_int8 prefill form, tile prefill x2
     const bool prefill = mode == 1;
     auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, prefill);
     const Routing r = RandomRouting(shape, 40, 8);
     MoePlanOptions o1 = Options(40, 1), o3 = Options(40, 3);
     o1.prefill_min_tokens = o3.prefill_min_tokens = 8;
-    o1.tile_prefill = o3.tile_prefill = mode == 2;
+    o1.tile_prefill = o3.tile_prefill = mode >= 2;
+    o1.tile_phased = o3.tile_phased = mode != 3;
+    o1.tile_chunk_kib = o3.tile_chunk_kib = 32;  // several chunks per call
     o1.tile_max_tokens = o3.tile_max_tokens = 32;
     auto p1 = MakeMoePlan(shape, W->f, o1);
     auto p3 = MakeMoePlan(shape, W->f, o3);
@@ -360,7 +363,12 @@ TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
     ASSERT_EQ(a.size(), b.size());
     EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << "mode " << mode;
     EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * 4)) << "mode " << mode;
+    if (mode >= 2) tile_results[mode - 2] = a;
   }
+  // The phased and the in-loop tile kernels give the same bits.
+  ASSERT_EQ(tile_results[0].size(), tile_results[1].size());
+  EXPECT_EQ(
+      0, std::memcmp(tile_results[0].data(), tile_results[1].data(), tile_results[0].size() * 4));
 }
 
 TEST_P(MoeVariantTest, ActivationQuantizersAgreeBitwiseWithScalar) {
