@@ -17,7 +17,7 @@ mkdir -p "$OUT/tests" "$OUT/lib"
 for f in tests/kernels/cuda/cuda_kernels_test tests/runtime/gpu/cuda_deepseek2_test \
          tests/runtime/gpu/gpu_plan_test tests/runtime/gpu/gpu_benchmark \
          tests/runtime/gpu/gpu_experts_test tests/runtime/gpu/expert_cost_model_test \
-         tests/runtime/gpu/gpu_experts_benchmark; do
+         tests/runtime/gpu/gpu_experts_benchmark tests/runtime/gpu/gemv_benchmark; do
   cp "$B/$f" "$OUT/tests/" && strip --strip-debug "$OUT/tests/$(basename "$f")"
 done
 present='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libstdc\+\+|libgcc_s|libprotobuf\.so\.32|libnuma\.so\.1|libssl\.so\.3|libcrypto\.so\.3|libz\.so\.1|libcublas|libcublasLt|libcuda\.so|libcudart)'

@@ -1,0 +1,369 @@
+#include "kernels/cuda/gemv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_util.cuh"
+#include "kernels/cuda/gemv_decode.cuh"
+
+namespace ktx::kernels::cuda {
+namespace {
+
+using gemv_internal::BlockBytes;
+using gemv_internal::BlockElems;
+using gemv_internal::DecodePiece;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStages = 4;  // cp.async ring depth per warp
+constexpr int kMaxTokensPerPass = 8;
+
+// Elements per tile (a whole number of blocks), bytes per tile and per ring
+// slot (the tile's bytes rounded out to 16-byte units on both sides).
+template <TensorType T>
+struct Geometry {
+  static constexpr int kBlock = BlockElems(T);
+  static constexpr int kBytes = BlockBytes(T);
+  static constexpr int kTile = (T == TensorType::kBF16 || T == TensorType::kF16) ? 1024 : 2048;
+  static constexpr int kTileBytes = kTile / kBlock * kBytes;
+  static constexpr int kSlot = (kTileBytes + 30 + 15) / 16 * 16;
+  static_assert(kTile % kBlock == 0);
+};
+
+__device__ __forceinline__ void CpAsync16(void* dst, uintptr_t src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// One block: kWarps warps, x of NT tokens staged in shared memory (bf16
+// [NT][n_in]), then per warp a cp.async ring of kStages tiles.
+template <TensorType T, int NT>
+__global__ void __launch_bounds__(kThreads)
+    QuantGemvKernel(const uint8_t* __restrict__ w, int64_t row_bytes, int64_t n_out, int n_in,
+                    int tiles_per_row, const __nv_bfloat16* __restrict__ x, int64_t ldx,
+                    bool x_vector, float* __restrict__ y, int64_t ldy, float beta) {
+  using G = Geometry<T>;
+  extern __shared__ uint4 smem_u4[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem_u4);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  uint16_t* xs = reinterpret_cast<uint16_t*>(smem);
+  const int64_t x_bytes = (static_cast<int64_t>(NT) * n_in * 2 + 15) / 16 * 16;
+  uint8_t* ring = smem + x_bytes + warp * (kStages * G::kSlot);
+
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t my_rows = first_row < n_out ? (n_out - 1 - first_row) / row_step + 1 : 0;
+  const int64_t n_tiles = my_rows * tiles_per_row;
+
+  // Tile i of this warp: row, tile index in the row, source address.
+  auto tile_src = [&](int64_t i, int* k, int* elems) -> uintptr_t {
+    const int64_t r = first_row + (i / tiles_per_row) * row_step;
+    *k = static_cast<int>(i % tiles_per_row);
+    *elems = min(G::kTile, n_in - *k * G::kTile);
+    return reinterpret_cast<uintptr_t>(
+        w + r * row_bytes + static_cast<int64_t>(*k) * (G::kTile / G::kBlock) * G::kBytes);
+  };
+  auto issue = [&](int64_t i) {
+    if (i < n_tiles) {
+      int k = 0, elems = 0;
+      const uintptr_t src = tile_src(i, &k, &elems);
+      const int bytes = elems / G::kBlock * G::kBytes;
+      const uintptr_t a0 = src & ~uintptr_t{15};
+      const uintptr_t a1 = (src + bytes + 15) & ~uintptr_t{15};
+      const int n16 = static_cast<int>((a1 - a0) >> 4);
+      uint8_t* dst = ring + (i % kStages) * G::kSlot;
+      for (int j = lane; j < n16; j += 32) CpAsync16(dst + 16 * j, a0 + 16 * j);
+    }
+    CpAsyncCommit();  // always: keeps the group count uniform
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+
+  // Stage x (the weight copies are already in flight).
+  if (x_vector) {
+    const int n8 = n_in / 8;
+    for (int t = 0; t < NT; ++t) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + t * ldx);
+      uint4* dst = reinterpret_cast<uint4*>(xs + static_cast<int64_t>(t) * n_in);
+      for (int i = threadIdx.x; i < n8; i += kThreads) dst[i] = src[i];
+    }
+  } else {
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
+    for (int t = 0; t < NT; ++t) {
+      for (int i = threadIdx.x; i < n_in; i += kThreads) {
+        xs[static_cast<int64_t>(t) * n_in + i] = xb[t * ldx + i];
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    issue(i + kStages - 1);
+    CpAsyncWait<kStages - 1>();
+    __syncwarp();
+    int k = 0, elems = 0;
+    const uintptr_t src = tile_src(i, &k, &elems);
+    const uint8_t* tile = ring + (i % kStages) * G::kSlot + (src & 15);
+    const int n_pieces = elems / 8;
+    const int col0 = k * G::kTile;
+    for (int p = lane; p < n_pieces; p += 32) {
+      float wv[8];
+      DecodePiece<T>(tile, 8 * p, wv);
+      const int c = col0 + 8 * p;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * n_in + c);
+        const float2 x0 = Bf16PairToFloat2(xv.x), x1 = Bf16PairToFloat2(xv.y);
+        const float2 x2 = Bf16PairToFloat2(xv.z), x3 = Bf16PairToFloat2(xv.w);
+        float a = acc[t];
+        a = fmaf(wv[0], x0.x, a);
+        a = fmaf(wv[1], x0.y, a);
+        a = fmaf(wv[2], x1.x, a);
+        a = fmaf(wv[3], x1.y, a);
+        a = fmaf(wv[4], x2.x, a);
+        a = fmaf(wv[5], x2.y, a);
+        a = fmaf(wv[6], x3.x, a);
+        a = fmaf(wv[7], x3.y, a);
+        acc[t] = a;
+      }
+    }
+    __syncwarp();  // the slot is refilled by the next issue
+    if (k == tiles_per_row - 1) {
+      const int64_t r = first_row + (i / tiles_per_row) * row_step;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float s = WarpSum(acc[t]);
+        if (lane == t) {
+          float* out = y + t * ldy + r;
+          *out = beta != 0.0f ? fmaf(beta, *out, s) : s;
+        }
+        acc[t] = 0.0f;
+      }
+    }
+  }
+  CpAsyncWait<0>();
+}
+
+struct DeviceLimits {
+  int n_sm = 0;
+  int smem_per_sm = 0;
+  int smem_per_block = 0;  // opt-in maximum
+};
+
+cudaError_t GetLimits(DeviceLimits* out) {
+  static std::atomic<int> cache[16][3];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::atomic<int>* c = cache[device & 15];
+  if (c[0].load(std::memory_order_acquire) == 0) {
+    int v[3] = {0, 0, 0};
+    const cudaDeviceAttr attrs[3] = {cudaDevAttrMultiProcessorCount,
+                                     cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                     cudaDevAttrMaxSharedMemoryPerBlockOptin};
+    for (int i = 0; i < 3; ++i) {
+      err = cudaDeviceGetAttribute(&v[i], attrs[i], device);
+      if (err != cudaSuccess) return err;
+    }
+    c[2].store(v[2], std::memory_order_relaxed);
+    c[1].store(v[1], std::memory_order_relaxed);
+    c[0].store(v[0], std::memory_order_release);
+  }
+  out->n_sm = c[0].load(std::memory_order_acquire);
+  out->smem_per_sm = c[1].load(std::memory_order_relaxed);
+  out->smem_per_block = c[2].load(std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+int64_t XBytes(int nt, int64_t n_in) { return (nt * n_in * 2 + 15) / 16 * 16; }
+
+template <TensorType T>
+int64_t RingBytes() {
+  return static_cast<int64_t>(kWarps) * kStages * Geometry<T>::kSlot;
+}
+
+template <TensorType T>
+int TokensPerPass(int64_t n_in, const DeviceLimits& lim) {
+  // Leave 1 KiB per SM for the runtime's reserved shared memory.
+  const int64_t budget = std::min<int64_t>(lim.smem_per_block, lim.smem_per_sm - 1024);
+  int nt = kMaxTokensPerPass;
+  while (nt > 0 && XBytes(nt, n_in) + RingBytes<T>() > budget) --nt;
+  return nt;
+}
+
+template <TensorType T, int NT>
+cudaError_t LaunchPass(const uint8_t* w, int64_t row_bytes, int64_t n_out, int64_t n_in,
+                       const __nv_bfloat16* x, int64_t ldx, float* y, int64_t ldy, float beta,
+                       const DeviceLimits& lim, cudaStream_t stream) {
+  static std::atomic<size_t> raised[16];
+  static std::atomic<int> regs{0};  // registers per thread of this instantiation
+  const int64_t smem = XBytes(NT, n_in) + RingBytes<T>();
+  cudaError_t err = EnsureDynamicSmem(QuantGemvKernel<T, NT>, static_cast<size_t>(smem), raised);
+  if (err != cudaSuccess) return err;
+  if (regs.load(std::memory_order_relaxed) == 0) {
+    cudaFuncAttributes attr;
+    err = cudaFuncGetAttributes(&attr, QuantGemvKernel<T, NT>);
+    if (err != cudaSuccess) return err;
+    regs.store(std::max(attr.numRegs, 1), std::memory_order_relaxed);
+  }
+  // Blocks resident per SM (threads, shared memory, registers: 64 K per SM,
+  // allocated per warp in units of 256), so that the grid is one wave.
+  const int64_t regs_per_block =
+      kWarps * CeilDiv(int64_t{32} * regs.load(std::memory_order_relaxed), 256) * 256;
+  const int64_t per_sm = std::max<int64_t>(
+      1, std::min({int64_t{2048 / kThreads}, lim.smem_per_sm / (smem + 1024),
+                   int64_t{65536} / regs_per_block}));
+  const int64_t blocks = std::min<int64_t>(CeilDiv(n_out, kWarps), lim.n_sm * per_sm);
+  const int tiles_per_row = static_cast<int>(CeilDiv(n_in, Geometry<T>::kTile));
+  const bool x_vector = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0;
+  QuantGemvKernel<T, NT>
+      <<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(smem), stream>>>(
+          w, row_bytes, n_out, static_cast<int>(n_in), tiles_per_row, x, ldx, x_vector, y, ldy,
+          beta);
+  return cudaGetLastError();
+}
+
+template <TensorType T>
+cudaError_t Launch(const void* w, int64_t row_bytes, int64_t n_out, int64_t n_in,
+                   const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y, int64_t ldy,
+                   float beta, cudaStream_t stream) {
+  using G = Geometry<T>;
+  if (row_bytes < n_in / G::kBlock * G::kBytes || row_bytes % 2 != 0 ||
+      ((T == TensorType::kQ4_K || T == TensorType::kQ5_K) && row_bytes % 16 != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  if (n_out == 0 || n_tokens == 0) return cudaSuccess;
+  if (w == nullptr || x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  DeviceLimits lim;
+  cudaError_t err = GetLimits(&lim);
+  if (err != cudaSuccess) return err;
+  const int per_pass = TokensPerPass<T>(n_in, lim);
+  if (per_pass == 0) return cudaErrorInvalidValue;
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
+  for (int64_t t0 = 0; t0 < n_tokens; t0 += per_pass) {
+    const int nt = static_cast<int>(std::min<int64_t>(per_pass, n_tokens - t0));
+    const __nv_bfloat16* xp = x + t0 * ldx;
+    float* yp = y + t0 * ldy;
+    switch (nt) {
+      case 1:
+        err = LaunchPass<T, 1>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 2:
+        err = LaunchPass<T, 2>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 3:
+        err = LaunchPass<T, 3>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 4:
+        err = LaunchPass<T, 4>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 5:
+        err = LaunchPass<T, 5>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 6:
+        err = LaunchPass<T, 6>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      case 7:
+        err = LaunchPass<T, 7>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+      default:
+        err = LaunchPass<T, 8>(wb, row_bytes, n_out, n_in, xp, ldx, yp, ldy, beta, lim, stream);
+        break;
+    }
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+bool CanQuantGemv(TensorType type) {
+  switch (type) {
+    case TensorType::kBF16:
+    case TensorType::kF16:
+    case TensorType::kQ4_0:
+    case TensorType::kQ5_0:
+    case TensorType::kQ8_0:
+    case TensorType::kQ4_K:
+    case TensorType::kQ5_K:
+    case TensorType::kQ6_K:
+    case TensorType::kIQ4_XS: return true;
+    default: return false;
+  }
+}
+
+int QuantGemvTokensPerPass(TensorType type, int64_t n_in) {
+  DeviceLimits lim;
+  if (!CanQuantGemv(type) || n_in <= 0 || GetLimits(&lim) != cudaSuccess) return 0;
+  switch (type) {
+    case TensorType::kBF16: return TokensPerPass<TensorType::kBF16>(n_in, lim);
+    case TensorType::kF16: return TokensPerPass<TensorType::kF16>(n_in, lim);
+    case TensorType::kQ4_0: return TokensPerPass<TensorType::kQ4_0>(n_in, lim);
+    case TensorType::kQ5_0: return TokensPerPass<TensorType::kQ5_0>(n_in, lim);
+    case TensorType::kQ8_0: return TokensPerPass<TensorType::kQ8_0>(n_in, lim);
+    case TensorType::kQ4_K: return TokensPerPass<TensorType::kQ4_K>(n_in, lim);
+    case TensorType::kQ5_K: return TokensPerPass<TensorType::kQ5_K>(n_in, lim);
+    case TensorType::kQ6_K: return TokensPerPass<TensorType::kQ6_K>(n_in, lim);
+    case TensorType::kIQ4_XS: return TokensPerPass<TensorType::kIQ4_XS>(n_in, lim);
+    default: return 0;
+  }
+}
+
+cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
+                      int64_t n_in, const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y,
+                      int64_t ldy, float beta, cudaStream_t stream) {
+  if (!CanQuantGemv(type) || n_out < 0 || n_in <= 0 || n_in > (int64_t{1} << 24) ||
+      n_in % 32 != 0 || n_in % BlockElems(type) != 0 || n_tokens < 0 || ldx < n_in || ldy < n_out) {
+    return cudaErrorInvalidValue;
+  }
+  switch (type) {
+    case TensorType::kBF16:
+      return Launch<TensorType::kBF16>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kF16:
+      return Launch<TensorType::kF16>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                      stream);
+    case TensorType::kQ4_0:
+      return Launch<TensorType::kQ4_0>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kQ5_0:
+      return Launch<TensorType::kQ5_0>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kQ8_0:
+      return Launch<TensorType::kQ8_0>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kQ4_K:
+      return Launch<TensorType::kQ4_K>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kQ5_K:
+      return Launch<TensorType::kQ5_K>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kQ6_K:
+      return Launch<TensorType::kQ6_K>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                       stream);
+    case TensorType::kIQ4_XS:
+      return Launch<TensorType::kIQ4_XS>(w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                                         stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace ktx::kernels::cuda

@@ -1,0 +1,74 @@
+// File: kernels/cuda/gemv.h
+//
+// Quantized matrix-vector products for small token counts (decode): the
+// weights are read straight from their GGUF blocks on the device (0.56 bytes
+// per weight for Q4_K .. 1.06 for Q8_0, against 2 for a bf16 copy), so a
+// memory-bound product at 1..8 tokens moves fewer bytes than cuBLAS on the
+// dequantized bf16 matrix.
+//
+//   y[t, r] = Σ_c W[r, c] · x[t, c]  (+ beta · y[t, r])   r < n_out, t < n_tokens
+//
+// W: n_out rows of `row_bytes` bytes (GGUF block layout, as uploaded from the
+// file); x: bf16 [n_tokens, ldx]; y: F32 [n_tokens, ldy].
+//
+//   QuantGemv(TensorType::kQ4_K, d_blocks, row_bytes, n_out, n_in, d_x, n_in, 1, d_y, n_out,
+//             0.0f, stream);
+//
+// Numerics: every weight is expanded with the float operations of
+// dequant.h (= kernels/cpu/quant DequantizeRow), in F32 (not rounded to
+// bf16), multiplied by the bf16 activation and accumulated in F32: per lane
+// sequentially over its elements (at most 8 · ceil(n_in / 256) of them, by
+// fused multiply-adds: one rounding each), then a warp tree over 32 lanes (5
+// roundings), then beta · y (2). Error against the exact dot product of the
+// dequantized row is thus within (8 · ceil(n_in / 256) + 8) · 2^-24 ·
+// (Σ|w·x| + |beta · y|): the tests' bound.
+// The result differs from cuBLAS on the bf16 copy by that copy's rounding
+// of each weight (2^-9 relative), i.e. the GEMV is slightly MORE accurate.
+//
+// How (docs/gpu.md, "Weight forms and the quantized GEMV"): blocks of 8
+// warps; x for the block's token group is staged once in shared memory as
+// bf16; each warp owns rows (grid-stride) and streams their bytes in tiles of
+// 2048 elements (1024 for BF16/F16) through a 4-deep cp.async ring (16-byte
+// copies) in its own shared memory; lanes expand 8 consecutive weights at a
+// time and multiply them with every token of the group, so each weight byte
+// is read from memory once per group. Token groups: up to 8 tokens, fewer
+// when n_in · group · 2 bytes of x does not fit shared memory next to the
+// rings (n_in 16384: 6 tokens; 18432: 5); more tokens than one group run as
+// several passes (each pass re-reads W).
+//
+// Requirements (cudaErrorInvalidValue otherwise): a supported type; n_in a
+// multiple of 32 and of the block size; row_bytes >= the row's bytes; w 16-byte
+// aligned and READABLE up to the next multiple of 16 bytes past its last row
+// (cp.async copies whole 16-byte units; allocations from cudaMalloc padded to
+// 16 bytes are); for Q4_K / Q5_K row_bytes a multiple of 16; ldx >= n_in;
+// ldy >= n_out; n_tokens >= 0. x rows 16-byte aligned (ldx % 8 == 0) are
+// staged with 16-byte loads, others element by element.
+//
+// Never allocates; one launch per token group, on `stream`; capturable in
+// CUDA graphs after the first call per device (which may raise the kernel's
+// shared-memory limit). Thread-safety: reentrant.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/common/tensor_type.h"
+
+namespace ktx::kernels::cuda {
+
+// True for the storage types QuantGemv accepts: BF16, F16, Q4_0, Q5_0, Q8_0,
+// Q4_K, Q5_K, Q6_K, IQ4_XS.
+bool CanQuantGemv(TensorType type);
+
+// The most tokens one pass of QuantGemv handles for rows of n_in elements of
+// `type` on the current device (<= 8; 0 when not even one token's x fits, or
+// on a query error). More tokens run in ceil(n_tokens / this) passes.
+int QuantGemvTokensPerPass(TensorType type, int64_t n_in);
+
+cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
+                      int64_t n_in, const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y,
+                      int64_t ldy, float beta, cudaStream_t stream);
+
+}  // namespace ktx::kernels::cuda

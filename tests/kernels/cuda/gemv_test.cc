@@ -1,0 +1,305 @@
+// The quantized GEMV (kernels/cuda/gemv.h) against a float64 host reference:
+// weights are random rows quantized with kernels/cpu/quant QuantizeRow and
+// expanded with its DequantizeRow (the CPU dequantizer, not the GPU one),
+// activations are random bf16, and
+//   ref[t, r] = Σ_c double(W[r, c]) · double(x[t, c]) + beta · y0[t, r].
+// The GEMV expands each weight exactly as DequantizeRow does (F32, not
+// rounded to bf16) and multiplies it with the exact bf16 activation, so its
+// only error is F32 accumulation: at most 8 · ceil(n_in / 256) fused
+// multiply-adds per lane, a 5-level warp tree and the beta add, each one
+// rounding of at most 2^-24 relative to the magnitudes involved:
+//   |got - ref| <= (8 · ceil(n_in / 256) + 8) · 2^-24 · (Σ|w·x| + |beta · y0|).
+// A decoding mistake (a wrong nibble, scale or block) moves a row by a
+// sizeable fraction of Σ|w·x| and fails by orders of magnitude.
+//
+// Awkward sizes: n_out 1, 5, 17, 33, 255, 576, 2112; n_in from 96 to 18432
+// (partial last tiles, 18432 needs several token passes at 8 tokens);
+// n_tokens 1, 3, 8, 11 (11: two passes); x strides that are / are not 16-byte
+// multiples; y strides wider than n_out (padding must stay untouched); rows
+// padded beyond their bytes (row_bytes > needed); beta 0 (y poisoned with
+// NaN: must not be read) and 1.
+#include "kernels/cuda/gemv.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/common/tensor_type.h"
+#include "kernels/cpu/quant/quant.h"
+#include "kernels/cuda/gemv_decode.cuh"
+#include "tests/kernels/cuda/cuda_test_util.h"
+
+namespace ktx::kernels::cuda {
+namespace {
+
+using cuda_test::Bf16BitsToFloat;
+using cuda_test::DeviceArray;
+
+struct Shape {
+  int64_t n_out;
+  int64_t n_in;
+};
+
+// One product checked against the float64 reference; returns the worst
+// |error| / tolerance seen (for the log).
+double CheckOne(TensorType type, const Shape& s, int64_t n_tokens, bool x_aligned, float beta,
+                std::mt19937& rng) {
+  const TensorTypeTraits& traits = TraitsOf(type);
+  SCOPED_TRACE(testing::Message() << traits.name << " n_out " << s.n_out << " n_in " << s.n_in
+                                  << " n_tokens " << n_tokens << " ldx "
+                                  << (x_aligned ? "aligned" : "odd") << " beta " << beta);
+  const int64_t need = RowBytes(traits, s.n_in);
+  // Padded rows (Q4_K/Q5_K need row_bytes % 16 == 0, so pad by 32).
+  const int64_t row_bytes = need + 32;
+  std::vector<uint8_t> raw(static_cast<size_t>(s.n_out * row_bytes + 16), 0xA5);
+  std::vector<double> wref(static_cast<size_t>(s.n_out * s.n_in));
+  std::vector<float> row(s.n_in), deq(s.n_in);
+  for (int64_t r = 0; r < s.n_out; ++r) {
+    // Rows of different magnitudes with an outlier, as real weights.
+    std::normal_distribution<float> dist(0.0f, 0.01f * static_cast<float>(1 + r % 7));
+    for (float& v : row) v = dist(rng);
+    row[rng() % s.n_in] *= 15.0f;
+    QuantizeRow(type, row.data(), raw.data() + r * row_bytes, s.n_in);
+    DequantizeRow(type, raw.data() + r * row_bytes, deq.data(), s.n_in);
+    for (int64_t c = 0; c < s.n_in; ++c) wref[r * s.n_in + c] = deq[c];
+  }
+  const int64_t ldx = s.n_in + (x_aligned ? 8 : 3);
+  const int64_t ldy = s.n_out + 5;
+  const std::vector<uint16_t> x = cuda_test::RandomBf16(rng, n_tokens * ldx, 1.0f);
+  std::vector<float> y0(n_tokens * ldy);
+  if (beta != 0.0f) {
+    y0 = cuda_test::RandomF32(rng, n_tokens * ldy, 1.0f);
+  } else {
+    const uint32_t nan_bits = 0x7fc00001u;  // beta 0 must not read y
+    for (float& v : y0) std::memcpy(&v, &nan_bits, 4);
+  }
+  // Padding columns of y carry a marker that must survive.
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t r = s.n_out; r < ldy; ++r) y0[t * ldy + r] = -12345.0f;
+  }
+  DeviceArray<uint8_t> d_w(raw);
+  DeviceArray<uint16_t> d_x(x);
+  DeviceArray<float> d_y(y0);
+  EXPECT_EQ(QuantGemv(type, d_w.get(), row_bytes, s.n_out, s.n_in,
+                      reinterpret_cast<const __nv_bfloat16*>(d_x.get()), ldx, n_tokens, d_y.get(),
+                      ldy, beta, nullptr),
+            cudaSuccess);
+  const std::vector<float> got = d_y.Download();
+  const double unit = std::ldexp(1.0, -24) * (8.0 * static_cast<double>((s.n_in + 255) / 256) + 8);
+  double worst = 0.0;
+  int failures = 0;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t r = 0; r < ldy; ++r) {
+      const float g = got[t * ldy + r];
+      if (r >= s.n_out) {
+        if (g != -12345.0f && ++failures <= 5) {
+          ADD_FAILURE() << "y padding overwritten at token " << t << " column " << r << ": " << g;
+        }
+        continue;
+      }
+      double ref = 0.0, mag = 0.0;
+      for (int64_t c = 0; c < s.n_in; ++c) {
+        const double p = wref[r * s.n_in + c] * Bf16BitsToFloat(x[t * ldx + c]);
+        ref += p;
+        mag += std::fabs(p);
+      }
+      if (beta != 0.0f) {
+        ref += beta * static_cast<double>(y0[t * ldy + r]);
+        mag += std::fabs(beta * static_cast<double>(y0[t * ldy + r]));
+      }
+      const double tol = unit * mag + 1e-30;
+      const double err = std::fabs(static_cast<double>(g) - ref);
+      if (!(err <= tol)) {
+        if (++failures <= 5) {
+          ADD_FAILURE() << "token " << t << " row " << r << ": got " << g << ", float64 reference "
+                        << ref << " (error " << err << " > tolerance " << tol << " = " << unit
+                        << " x sum|w*x| " << mag << ")";
+        }
+      } else {
+        worst = std::max(worst, err / tol);
+      }
+    }
+  }
+  if (failures > 5) ADD_FAILURE() << failures << " mismatches in all (first 5 shown)";
+  return worst;
+}
+
+class QuantGemvTest : public ::testing::TestWithParam<TensorType> {};
+
+TEST_P(QuantGemvTest, MatchesFloat64ReferenceOnAwkwardShapes) {
+  KTX_SKIP_WITHOUT_GPU();
+  const TensorType type = GetParam();
+  const TensorTypeTraits& traits = TraitsOf(type);
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::vector<Shape> shapes = {{1, 256},    {17, 7168},   {255, 1536},
+                               {576, 7168}, {2112, 2304}, {33, 18432}};
+  if (traits.block_size == 32 || traits.block_size == 1) {
+    shapes.push_back({5, 96});
+    shapes.push_back({7, 2080});
+  }
+  double worst = 0.0;
+  int case_index = 0;
+  for (const Shape& s : shapes) {
+    for (const int64_t n_tokens : {1, 3, 8, 11}) {
+      if (n_tokens == 11 && s.n_out > 64) continue;  // keeps the host reference short
+      const float beta = n_tokens == 3 ? 1.0f : (n_tokens == 1 ? 0.0f : (case_index % 2));
+      const bool x_aligned = n_tokens != 3 || case_index % 3 == 0;
+      worst = std::max(worst, CheckOne(type, s, n_tokens, x_aligned, beta, rng));
+      if (HasFailure()) return;
+      ++case_index;
+    }
+  }
+  std::printf(
+      "[ measured ] %s: worst |error| / tolerance %.3g; tokens per pass at n_in 7168: %d, "
+      "16384: %d, 18432: %d\n",
+      traits.name, worst, QuantGemvTokensPerPass(type, 7168), QuantGemvTokensPerPass(type, 16384),
+      QuantGemvTokensPerPass(type, 18432));
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, QuantGemvTest,
+                         ::testing::Values(TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
+                                           TensorType::kQ8_0, TensorType::kQ4_0, TensorType::kQ5_0,
+                                           TensorType::kIQ4_XS, TensorType::kBF16,
+                                           TensorType::kF16),
+                         [](const auto& info) { return std::string(TraitsOf(info.param).name); });
+
+// The GEMV's per-element decoding, run on the host (no GPU needed): every
+// piece of 8 weights of a 2048-element tile equals DequantizeRow bit for bit,
+// at every 2-byte tile alignment the kernel can see in shared memory (16-byte
+// alignment only for Q4_K / Q5_K, as the kernel requires).
+void DecodeAny(TensorType type, const uint8_t* tile, int e, float (&w)[8]) {
+  namespace gi = gemv_internal;
+  switch (type) {
+    case TensorType::kBF16: return gi::DecodePiece<TensorType::kBF16>(tile, e, w);
+    case TensorType::kF16: return gi::DecodePiece<TensorType::kF16>(tile, e, w);
+    case TensorType::kQ4_0: return gi::DecodePiece<TensorType::kQ4_0>(tile, e, w);
+    case TensorType::kQ5_0: return gi::DecodePiece<TensorType::kQ5_0>(tile, e, w);
+    case TensorType::kQ8_0: return gi::DecodePiece<TensorType::kQ8_0>(tile, e, w);
+    case TensorType::kQ4_K: return gi::DecodePiece<TensorType::kQ4_K>(tile, e, w);
+    case TensorType::kQ5_K: return gi::DecodePiece<TensorType::kQ5_K>(tile, e, w);
+    case TensorType::kQ6_K: return gi::DecodePiece<TensorType::kQ6_K>(tile, e, w);
+    case TensorType::kIQ4_XS: return gi::DecodePiece<TensorType::kIQ4_XS>(tile, e, w);
+    default: FAIL() << "no decoder for " << TraitsOf(type).name;
+  }
+}
+
+class GemvDecodeTest : public ::testing::TestWithParam<TensorType> {};
+
+TEST_P(GemvDecodeTest, PiecesEqualDequantizeRowBitForBit) {
+  const TensorType type = GetParam();
+  const TensorTypeTraits& traits = TraitsOf(type);
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << traits.name << " seed " << seed);
+  std::mt19937 rng(seed);
+  const int64_t n = 2048;
+  const int64_t bytes = RowBytes(traits, n);
+  std::vector<float> x = cuda_test::RandomF32(rng, n, 0.03f);
+  for (int i = 0; i < 8; ++i) x[rng() % n] *= 25.0f;
+  std::vector<uint8_t> raw(bytes);
+  QuantizeRow(type, x.data(), raw.data(), n);
+  // Random bytes as well: every bit pattern of the quants and scales (with
+  // finite half scales) must decode alike.
+  std::vector<uint8_t> noisy = raw;
+  for (size_t i = 0; i < noisy.size(); ++i) {
+    if (rng() % 2 == 0) noisy[i] = static_cast<uint8_t>(rng());
+  }
+  if (type != TensorType::kBF16 && type != TensorType::kF16) {
+    // Keep the half scales finite: clear bit 14 of every d / dmin field.
+    const int64_t bs = traits.type_size;
+    for (int64_t b = 0; b < bytes / bs; ++b) {
+      uint8_t* blk = noisy.data() + b * bs;
+      if (type == TensorType::kQ6_K) {
+        blk[209] &= 0xbf;
+      } else {
+        blk[1] &= 0xbf;
+        if (type == TensorType::kQ4_K || type == TensorType::kQ5_K) blk[3] &= 0xbf;
+      }
+    }
+  } else {
+    noisy = raw;
+  }
+  const bool k16 = type == TensorType::kQ4_K || type == TensorType::kQ5_K;
+  for (const std::vector<uint8_t>* src : {&raw, &noisy}) {
+    std::vector<float> want(n);
+    DequantizeRow(type, src->data(), want.data(), n);
+    for (int head = 0; head < 16; head += k16 ? 16 : 2) {
+      alignas(16) uint8_t buf[4096 + 32];
+      ASSERT_LE(static_cast<size_t>(bytes + head), sizeof(buf));
+      std::memcpy(buf + head, src->data(), bytes);
+      for (int64_t e = 0; e < n; e += 8) {
+        float w[8];
+        DecodeAny(type, buf + head, static_cast<int>(e), w);
+        for (int j = 0; j < 8; ++j) {
+          uint32_t got_bits = 0, want_bits = 0;
+          std::memcpy(&got_bits, &w[j], 4);
+          std::memcpy(&want_bits, &want[e + j], 4);
+          ASSERT_EQ(got_bits, want_bits)
+              << "element " << e + j << " (tile offset " << head << ", "
+              << (src == &raw ? "quantized row" : "random bytes") << "): decoded " << w[j]
+              << ", DequantizeRow " << want[e + j];
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, GemvDecodeTest,
+                         ::testing::Values(TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
+                                           TensorType::kQ8_0, TensorType::kQ4_0, TensorType::kQ5_0,
+                                           TensorType::kIQ4_XS, TensorType::kBF16,
+                                           TensorType::kF16),
+                         [](const auto& info) { return std::string(TraitsOf(info.param).name); });
+
+// Zero tokens / zero rows are no-ops; y is untouched.
+TEST(QuantGemvEdges, EmptyProductsLaunchNothing) {
+  EXPECT_EQ(QuantGemv(TensorType::kQ4_K, nullptr, 144, 0, 256, nullptr, 256, 1, nullptr, 0, 0.0f,
+                      nullptr),
+            cudaSuccess);
+  EXPECT_EQ(QuantGemv(TensorType::kQ4_K, nullptr, 144, 4, 256, nullptr, 256, 0, nullptr, 4, 0.0f,
+                      nullptr),
+            cudaSuccess);
+}
+
+// Argument checks happen before any launch: no GPU needed.
+TEST(QuantGemvEdges, RejectsUnsupportedTypesAndShapes) {
+  EXPECT_TRUE(CanQuantGemv(TensorType::kQ4_K));
+  EXPECT_TRUE(CanQuantGemv(TensorType::kQ8_0));
+  EXPECT_FALSE(CanQuantGemv(TensorType::kQ2_K));
+  EXPECT_FALSE(CanQuantGemv(TensorType::kF32));
+  void* fake = reinterpret_cast<void*>(uintptr_t{4096});
+  auto* xb = reinterpret_cast<const __nv_bfloat16*>(fake);
+  float* y = reinterpret_cast<float*>(fake);
+  const auto call = [&](TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
+                        int64_t n_in, int64_t ldx, int64_t ldy) {
+    return QuantGemv(type, w, row_bytes, n_out, n_in, xb, ldx, 1, y, ldy, 0.0f, nullptr);
+  };
+  EXPECT_EQ(call(TensorType::kQ2_K, fake, 84, 1, 256, 256, 1), cudaErrorInvalidValue)
+      << "unsupported type";
+  EXPECT_EQ(call(TensorType::kQ4_K, fake, 144, 1, 100, 100, 1), cudaErrorInvalidValue)
+      << "n_in not a multiple of the block";
+  EXPECT_EQ(call(TensorType::kQ8_0, fake, 34, 1, 48, 48, 1), cudaErrorInvalidValue)
+      << "n_in not a multiple of 32";
+  EXPECT_EQ(call(TensorType::kQ4_K, fake, 143, 1, 256, 256, 1), cudaErrorInvalidValue)
+      << "row_bytes below the row's bytes";
+  EXPECT_EQ(call(TensorType::kQ4_K, fake, 152, 1, 256, 256, 1), cudaErrorInvalidValue)
+      << "Q4_K rows must be 16-byte multiples";
+  EXPECT_EQ(call(TensorType::kQ8_0, reinterpret_cast<void*>(uintptr_t{4104}), 34, 1, 32, 32, 1),
+            cudaErrorInvalidValue)
+      << "weights not 16-byte aligned";
+  EXPECT_EQ(call(TensorType::kQ8_0, fake, 34, 1, 32, 16, 1), cudaErrorInvalidValue) << "ldx < n_in";
+  EXPECT_EQ(call(TensorType::kQ8_0, fake, 34, 4, 32, 32, 3), cudaErrorInvalidValue)
+      << "ldy < n_out";
+}
+
+}  // namespace
+}  // namespace ktx::kernels::cuda
