@@ -1,6 +1,7 @@
 #include "actors/gpu_attention_actor.h"
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 #if KTX_ACTORS_CUDA
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "actors/cpu_arena.h"
+#include "actors/moe_client.h"
 #include "actors/moe_combine.h"
 #include "actors/remote/wire_dtype.h"
 #include "actors/status_bridge.h"
@@ -55,7 +57,7 @@ struct Core {
   int device = 0;
   bool bf16_expert_input = false;
   int n_shards = 0;
-  std::chrono::milliseconds moe_deadline{120000};
+  MoeClient::Options moe;  // GpuAttentionOptions::moe_deadline, AttentionConfig::moe_spin_us
   // F32 [n, n_embd] the routed experts' input of the MoE layer in flight, reused
   // while no shard or router still holds it (use_count 1): jobs run one at a
   // time on the arena, and each waits for its layer's answer.
@@ -75,25 +77,26 @@ struct Step {
   StepProfile prof;
 };
 
-// The routed experts of one MoE layer through the router, from the arena
-// thread: `self` is the job's hidden scoped actor, monitoring the router.
-class MoeClient {
+// The hooks of one ForwardBatch: the routed experts of each MoE layer (and
+// any deferred ones) through the router, from the arena thread, with the
+// shared MoeClient (tags, router monitor, deadline, adaptive polling).
+class GpuMoeHooks {
  public:
-  MoeClient(Core& core, Step& step, std::vector<int64_t> row_begin, std::vector<int64_t> row_count)
+  GpuMoeHooks(Core& core, Step& step, std::vector<int64_t> row_begin,
+              std::vector<int64_t> row_count)
       : core_(core),
         step_(step),
         row_begin_(std::move(row_begin)),
         row_count_(std::move(row_count)),
+        client_(*core.system, core.router, core.moe),
         last_(Clock::now()) {
     any_policy_ = core_.model->routing_policy() != nullptr;
+    may_defer_ = any_policy_ && core_.model->routing_policy()->HasDeferral();
     for (size_t i = 0; i < step_.active.size(); ++i) {
       const models::RoutingPolicy* policy = step_.slices[step_.active[i]].routing_policy.get();
       any_policy_ = any_policy_ || policy != nullptr;
+      may_defer_ = may_defer_ || (policy != nullptr && policy->HasDeferral());
       row_policies_.push_back({row_begin_[i], row_begin_[i] + row_count_[i], policy});
-    }
-    if (core_.router) {
-      self_.emplace(*core_.system, /*hide=*/true);
-      (*self_)->monitor(core_.router);
     }
   }
 
@@ -102,32 +105,11 @@ class MoeClient {
     const Clock::time_point t_ready = Clock::now();
     LayerTiming& timing = step_.prof.layers[il];
     timing.attention_us += Micros(last_, t_ready);
-    if (!self_) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("layer ", il, " is a MoE layer but the engine has no router"));
-    }
-    if (!router_down_.empty()) {
-      return absl::UnavailableError(absl::StrCat("the router is down (", router_down_, ")"));
-    }
     const int64_t n = h.n_tokens();
     const int64_t n_embd = h.n_cols();
     MoeWork work;
     work.il = il;
-    {
-      // The shards read it asynchronously: a buffer of its own (reused when
-      // nobody holds the previous layer's any more: no page faults per layer).
-      if (core_.expert_input == nullptr || core_.expert_input.use_count() != 1) {
-        core_.expert_input = std::make_shared<Activations>();
-      }
-      Activations& copy = *core_.expert_input;
-      copy.ResizeForOverwrite(n, n_embd);
-      models::ParallelCopy(copy.data(), h.data(), static_cast<size_t>(n * n_embd) * sizeof(float));
-      if (core_.bf16_expert_input) {
-        float* v = copy.data();
-        for (int64_t i = 0; i < n * n_embd; ++i) v[i] = RoundToWireBf16(v[i]);
-      }
-      work.h = Tensor(std::shared_ptr<const Activations>(core_.expert_input));
-    }
+    work.h = ExpertInput(il, h);
     // The slices' policies were applied by AdjustRouting, before the GPU took
     // its experts: `routing` is the CPU's part.
     work.n_expert_used = routing.n_expert_used;
@@ -141,53 +123,16 @@ class MoeClient {
       }
       timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
     }
-    caf::scoped_actor& self = *self_;
-    // An async send: the router's answer comes back as an ordinary message.
-    // Requests of one job are strictly sequential (each is answered or the
-    // step ends), so the next MoeResult in this mailbox is this layer's.
-    self->send(caf::actor_cast<caf::actor>(core_.router), moe_atom::value, std::move(work));
-    MoeResult result;
-    absl::Status wait;
-    self->receive([&](MoeResult& r) { result = std::move(r); },
-                  [&](caf::down_msg& msg) {
-                    router_down_ = caf::to_string(msg.reason);
-                    wait = absl::UnavailableError(absl::StrCat("the router is down (", router_down_,
-                                                               ") while layer ", il,
-                                                               " waited for its routed experts"));
-                  },
-                  [&](caf::error& error) {
-                    const absl::Status inner = FromCafError(error);
-                    wait = absl::Status(inner.code(),
-                                        absl::StrCat("router, layer ", il, ": ", inner.message()));
-                  },
-                  caf::after(core_.moe_deadline) >>
-                      [&] {
-                        wait = absl::DeadlineExceededError(
-                            absl::StrCat("the router did not answer the routed experts of layer ",
-                                         il, " within ", core_.moe_deadline.count(), " ms"));
-                      });
-    if (!wait.ok()) return wait;
+    absl::StatusOr<uint64_t> ticket = client_.Send(std::move(work));
+    if (!ticket.ok()) return MoeError(ticket.status(), absl::StrCat("layer ", il));
+    // This layer's deferred experts go out right behind its immediate ones.
+    KTX_RETURN_IF_ERROR(FlushLate());
+    absl::StatusOr<MoeResult> result = client_.Wait(*ticket);
+    if (!result.ok()) return MoeError(result.status(), absl::StrCat("layer ", il));
     const Clock::time_point t_result = Clock::now();
-    // Rows the router could not serve fail their slices; they get zeros.
-    if (!result.failed_rows.empty()) {
-      for (int i : SlicesOwningRows(result.failed_rows, row_begin_, row_count_)) {
-        absl::Status& status = step_.status[step_.active[i]];
-        if (status.ok()) status = ToStatus(result.code, result.message);
-      }
-    }
-    // Summed straight into `routed` (CudaDeepseek2's reused host buffer: no
-    // fresh pages per layer) unless one part covers the batch in order.
-    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, routed);
-    if (sum != routed) {
-      routed->ResizeForOverwrite(n, n_embd);
-      models::ParallelCopy(routed->data(), sum->data(),
-                           static_cast<size_t>(n * n_embd) * sizeof(float));
-    }
-    for (int32_t row : result.failed_rows) {
-      if (row >= 0 && row < n) std::fill(routed->row(row), routed->row(row) + n_embd, 0.0f);
-    }
+    Place(*result, n, n_embd, routed);
     const int64_t moe_us = Micros(t_ready, t_result);
-    const std::vector<int64_t> shard_us = ShardComputeUs(result.parts, core_.n_shards);
+    const std::vector<int64_t> shard_us = ShardComputeUs(result->parts, core_.n_shards);
     int64_t critical = 0;
     for (size_t s = 0; s < shard_us.size(); ++s) {
       critical = std::max(critical, shard_us[s]);
@@ -212,20 +157,160 @@ class MoeClient {
     return absl::OkStatus();
   }
 
+  // Expert deferral: each slice's (or the model's) deferral on the adjusted
+  // routing, as the CPU attention actor does.
+  absl::StatusOr<models::DeferredCount> SplitDeferred(int il, models::Routing* routing,
+                                                      models::Routing late[2]) {
+    if (!may_defer_) return models::DeferredCount{};
+    const models::DeferredCount count =
+        models::SplitDeferredRows(il, core_.model->hparams().n_layer, row_policies_,
+                                  core_.model->routing_policy(), routing, late);
+    step_.prof.layers[il].deferred_entries += count.total();
+    return count;
+  }
+
+  // Queues layer il's deferred entries for `join`; they are sent right after
+  // the layer's immediate experts (RoutedExperts), or at the join when the
+  // layer sent none to the router.
+  absl::Status SendDeferred(int il, models::DeferJoin join, const Activations& h,
+                            const models::Routing& routing) {
+    Late late;
+    late.il = il;
+    late.join = join;
+    late.h = ExpertInput(il, h);
+    late.routing = routing;
+    late_.push_back(std::move(late));
+    return absl::OkStatus();
+  }
+
+  absl::Status JoinDeferred(int il, models::DeferJoin join, Activations* out) {
+    KTX_RETURN_IF_ERROR(FlushLate());
+    auto it = std::find_if(late_.begin(), late_.end(), [&](const Late& late) {
+      return late.il == il && late.join == join && late.ticket != 0;
+    });
+    if (it == late_.end()) {
+      return absl::InternalError(
+          absl::StrCat("expert deferral: deferred experts of layer ", il, " were never sent"));
+    }
+    const uint64_t ticket = it->ticket;
+    const int64_t n = it->h.n_rows();
+    const int64_t n_embd = it->h.n_cols();
+    late_.erase(it);
+    const Clock::time_point t0 = Clock::now();
+    absl::StatusOr<MoeResult> result = client_.Wait(ticket);
+    const int64_t wait_us = Micros(t0, Clock::now());
+    if (il + 1 < static_cast<int>(step_.prof.layers.size())) {
+      step_.prof.layers[il + 1].late_wait_us += wait_us;
+    }
+    if (!result.ok()) {
+      return MoeError(result.status(), absl::StrCat("deferred experts of layer ", il));
+    }
+    Place(*result, n, n_embd, out);
+    return absl::OkStatus();
+  }
+
   Clock::time_point last() const { return last_; }
   // A slice or the model has a routing policy (AdjustRouting changes the routing).
   bool any_policy() const { return any_policy_; }
+  bool may_defer() const { return may_defer_; }
 
  private:
+  struct Late {
+    int il = 0;
+    models::DeferJoin join = models::DeferJoin::kNextMoe;
+    Tensor h;
+    models::Routing routing;
+    uint64_t ticket = 0;  // once sent
+  };
+
+  // The experts' input of layer il: F32 [n, n_embd], shared with the shards
+  // (never copied again); one copy per layer, deferred experts included.
+  Tensor ExpertInput(int il, const Activations& h) {
+    if (input_il_ == il) return input_;
+    const int64_t n = h.n_tokens();
+    const int64_t n_embd = h.n_cols();
+    // The shards read it asynchronously: a buffer of its own (reused when
+    // nobody holds an earlier layer's any more: no page faults per layer).
+    input_ = Tensor();
+    if (core_.expert_input == nullptr || core_.expert_input.use_count() != 1) {
+      core_.expert_input = std::make_shared<Activations>();
+    }
+    Activations& copy = *core_.expert_input;
+    copy.ResizeForOverwrite(n, n_embd);
+    models::ParallelCopy(copy.data(), h.data(), static_cast<size_t>(n * n_embd) * sizeof(float));
+    if (core_.bf16_expert_input) {
+      float* v = copy.data();
+      for (int64_t i = 0; i < n * n_embd; ++i) v[i] = RoundToWireBf16(v[i]);
+    }
+    input_ = Tensor(std::shared_ptr<const Activations>(core_.expert_input));
+    input_il_ = il;
+    return input_;
+  }
+
+  absl::Status FlushLate() {
+    for (Late& late : late_) {
+      if (late.ticket != 0) continue;
+      MoeWork work;
+      work.il = late.il;
+      work.h = late.h;
+      work.n_expert_used = late.routing.n_expert_used;
+      work.expert_ids = std::move(late.routing.expert_ids);
+      work.weights = std::move(late.routing.weights);
+      late.routing = models::Routing();
+      absl::StatusOr<uint64_t> ticket = client_.Send(std::move(work));
+      if (!ticket.ok()) {
+        return MoeError(ticket.status(), absl::StrCat("deferred experts of layer ", late.il));
+      }
+      late.ticket = *ticket;
+    }
+    return absl::OkStatus();
+  }
+
+  // The router's answer as F32 [n, n_embd] in *out: partials summed in its
+  // fixed order; rows it could not serve fail their slices and get zeros.
+  void Place(const MoeResult& result, int64_t n, int64_t n_embd, Activations* out) {
+    if (!result.failed_rows.empty()) {
+      for (int i : SlicesOwningRows(result.failed_rows, row_begin_, row_count_)) {
+        absl::Status& status = step_.status[step_.active[i]];
+        if (status.ok()) status = ToStatus(result.code, result.message);
+      }
+    }
+    // Summed straight into `out` (CudaDeepseek2's reused host buffer: no
+    // fresh pages per layer) unless one part covers the batch in order.
+    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, out);
+    if (sum != out) {
+      out->ResizeForOverwrite(n, n_embd);
+      models::ParallelCopy(out->data(), sum->data(),
+                           static_cast<size_t>(n * n_embd) * sizeof(float));
+    }
+    for (int32_t row : result.failed_rows) {
+      if (row >= 0 && row < n) std::fill(out->row(row), out->row(row) + n_embd, 0.0f);
+    }
+  }
+
+  // A failed wait for the router as the step's error: the router's own
+  // conditions (no router, router down) as they are, the rest naming `what`.
+  static absl::Status MoeError(const absl::Status& status, const std::string& what) {
+    if (status.code() == absl::StatusCode::kFailedPrecondition ||
+        (status.code() == absl::StatusCode::kUnavailable &&
+         absl::StartsWith(status.message(), "the router is down"))) {
+      return status;
+    }
+    return absl::Status(status.code(), absl::StrCat("router, ", what, ": ", status.message()));
+  }
+
   Core& core_;
   Step& step_;
   const std::vector<int64_t> row_begin_;  // [active] first batch row of each active slice
   const std::vector<int64_t> row_count_;  // [active]
-  Clock::time_point last_;                // when the previous hook returned (or the job began)
-  std::optional<caf::scoped_actor> self_;
-  std::string router_down_;
-  bool any_policy_ = false;                      // a slice or the model has a routing policy
+  MoeClient client_;
+  Clock::time_point last_;   // when the previous hook returned (or the job began)
+  bool any_policy_ = false;  // a slice or the model has a routing policy
+  bool may_defer_ = false;   // one of them defers experts
   std::vector<models::RowPolicy> row_policies_;  // [active] each slice's rows and policy
+  Tensor input_;                                 // the experts' input of layer input_il_
+  int input_il_ = -1;
+  std::vector<Late> late_;  // deferred experts queued or out, not yet joined
 };
 
 void Post(const attention_actor& me, uint64_t step) {
@@ -254,7 +339,7 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
   Clock::time_point last = Clock::now();
   Activations logits;
   {
-    MoeClient client(*core, st, row_begin, row_count);
+    GpuMoeHooks client(*core, st, row_begin, row_count);
     gpu::CudaDeepseek2::ForwardHooks hooks;
     hooks.commit = false;
     hooks.routed_experts = [&client](int il, const Activations& h, const models::Routing& routing,
@@ -265,6 +350,23 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
       return client.AdjustRouting(il, routing);
     };
     hooks.routing_adjusted = client.any_policy();
+    if (client.may_defer()) {
+      hooks.split_deferred = [&client](int il, models::Routing* routing, models::Routing late[2]) {
+        return client.SplitDeferred(il, routing, late);
+      };
+      hooks.send_deferred = [&client](int il, models::DeferJoin join, const Activations& h,
+                                      const models::Routing& routing) {
+        return client.SendDeferred(il, join, h, routing);
+      };
+      hooks.join_deferred = [&client](int il, models::DeferJoin join, Activations* late) {
+        return client.JoinDeferred(il, join, late);
+      };
+    } else {
+      // No slice defers: the model's own deferral must not apply either.
+      hooks.split_deferred = [](int, models::Routing*, models::Routing*) {
+        return absl::StatusOr<models::DeferredCount>(models::DeferredCount{});
+      };
+    }
     if (status.ok()) status = core->gpu->ForwardBatch(entries, &logits, hooks);
     last = client.last();
   }
@@ -389,16 +491,6 @@ void Start(GpuAttentionPointer self, StepRequest request,
       }
     }
     if (!status.ok()) continue;
-    {
-      const models::RoutingPolicy* policy = slice.routing_policy.get();
-      if (policy == nullptr) policy = st.core->model->routing_policy();
-      if (policy != nullptr && policy->HasDeferral()) {
-        status = absl::UnimplementedError(
-            absl::StrCat("sequence ", slice.seq, ": routing policy '", policy->ToString(),
-                         "' defers experts, which runs only with attention on the CPU for now"));
-        continue;
-      }
-    }
     if (slice.new_capacity > 0) {
       if (st.ids.count(slice.seq)) {
         status = absl::AlreadyExistsError(
@@ -504,7 +596,8 @@ absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system& system, Att
   core->device = options.gpu.device;
   core->bf16_expert_input = config.bf16_expert_input;
   core->n_shards = config.n_shards;
-  core->moe_deadline = options.moe_deadline;
+  core->moe.deadline = options.moe_deadline;
+  core->moe.spin_us = std::max(config.moe_spin_us, 0);
   return system.spawn(GpuAttentionBehavior, std::move(config), std::move(core));
 }
 

@@ -255,6 +255,7 @@ std::vector<int32_t> CudaDeepseek2::GpuExpertsFor(int64_t n_tokens,
 CudaDeepseek2::~CudaDeepseek2() {
   if (runner_ != nullptr) cudaStreamSynchronize(runner_->stream());
   if (routed_ready_ != nullptr) cudaEventDestroy(routed_ready_);
+  if (late_uploaded_ != nullptr) cudaEventDestroy(late_uploaded_);
 }
 
 absl::StatusOr<Bf16*> CudaDeepseek2::AllocBf16(int64_t n, const char* what) {
@@ -479,13 +480,7 @@ absl::Status CudaDeepseek2::AdjustRouting(int il, const ForwardHooks& hooks,
   if (hooks.adjust_routing) {
     KTX_RETURN_IF_ERROR(hooks.adjust_routing(il, routing));
   } else if (const models::RoutingPolicy* policy = model_.routing_policy(); policy != nullptr) {
-    if (policy->HasDeferral()) {
-      return absl::UnimplementedError(
-          absl::StrCat("routing policy '", policy->ToString(),
-                       "' defers experts, which the GPU path does not run (attention on the CPU "
-                       "does)"));
-    }
-    models::ApplyRoutingPolicies(hp_.routing(), il, {}, policy, routing);
+    models::ApplyRoutingPolicies(hp_.routing(), il, {}, policy, routing);  // deferral: later
   }
   const int32_t k = routing->n_expert_used;
   if (routing->n_tokens != n || k < 1 || k > hp_.n_expert_used ||
@@ -502,6 +497,162 @@ absl::Status CudaDeepseek2::AdjustRouting(int il, const ForwardHooks& hooks,
                                               e, ", outside [0, ", hp_.n_expert, ")"));
     }
   }
+  return absl::OkStatus();
+}
+
+// ---- expert deferral ----
+
+absl::Status CudaDeepseek2::EnsureLateBuffers(bool gpu_part) {
+  const GpuWorkLayout& l = runner_->layout();
+  if (gpu_part && late_gpu_[0].get() == nullptr) {
+    for (DeviceBuffer& b : late_gpu_) {
+      KTX_ASSIGN_OR_RETURN(b, DeviceBuffer::Allocate(l.routed * 4, "deferred experts (GPU part)"));
+    }
+  }
+  if (late_uploaded_ == nullptr) {
+    KTX_ASSIGN_OR_RETURN(pinned_late_,
+                         PinnedBuffer::Allocate(l.routed * 4, "deferred experts (CPU part)"));
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventCreateWithFlags(&late_uploaded_, cudaEventDisableTiming),
+                               "cudaEventCreate"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::SplitDeferred(int il, const ForwardHooks& hooks,
+                                          models::Routing* routing, models::Routing late[2],
+                                          bool* any) const {
+  *any = false;
+  models::DeferredCount count;
+  if (hooks.split_deferred) {
+    KTX_ASSIGN_OR_RETURN(count, hooks.split_deferred(il, routing, late));
+  } else if (const models::RoutingPolicy* policy = model_.routing_policy();
+             policy != nullptr && policy->HasDeferral()) {
+    count = models::SplitDeferredRows(il, hp_.n_layer, {}, policy, routing, late);
+  } else {
+    return absl::OkStatus();
+  }
+  if (count.total() == 0) return absl::OkStatus();
+  const int64_t n = routing->n_tokens;
+  for (int j = 0; j < 2; ++j) {
+    if (count.entries[j] == 0) continue;
+    const models::Routing& r = late[j];
+    if (r.n_tokens != n || r.n_expert_used < 1 ||
+        r.expert_ids.size() != static_cast<size_t>(n * r.n_expert_used) ||
+        r.weights.size() != r.expert_ids.size()) {
+      return absl::InternalError(absl::StrCat(
+          "layer ", il, ": the deferred routing (", models::DeferJoinName(models::DeferJoin(j)),
+          ") has ", r.n_tokens, " tokens x ", r.n_expert_used, ", expected ", n, " tokens"));
+    }
+    for (int32_t e : r.expert_ids) {
+      if (e != models::kNoExpert && (e < 0 || e >= hp_.n_expert)) {
+        return absl::InternalError(absl::StrCat("layer ", il,
+                                                ": the deferred routing names expert ", e,
+                                                ", outside [0, ", hp_.n_expert, ")"));
+      }
+    }
+  }
+  if (il + 1 >= hp_.n_layer) {
+    return absl::InternalError(
+        absl::StrCat("layer ", il, " is the last layer but deferred experts to a next one"));
+  }
+  *any = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::StartDeferred(int il, const ForwardHooks& hooks,
+                                          const models::Activations& h,
+                                          const models::Routing late[2], LateJoin made[2]) {
+  const int64_t n = h.n_tokens();
+  const int64_t n_embd = hp_.n_embd;
+  // Resident experts compute their deferred entries on the GPU now (they are
+  // on no shard); everything else goes to the CPU side.
+  std::vector<uint8_t> resident(hp_.n_expert, 0);
+  if (experts_ != nullptr) {
+    for (int32_t e : experts_->ResidentExperts(il)) resident[e] = 1;
+  }
+  models::Routing cpu_late;
+  for (int j = 0; j < 2; ++j) {
+    made[j] = LateJoin{};
+    const models::Routing& r = late[j];
+    if (r.expert_ids.empty()) continue;
+    std::vector<int32_t> gpu_experts;
+    {
+      std::vector<uint8_t> seen(hp_.n_expert, 0);
+      for (int32_t e : r.expert_ids) {
+        if (e >= 0 && e < hp_.n_expert && resident[e] && !seen[e]) {
+          seen[e] = 1;
+          gpu_experts.push_back(e);
+        }
+      }
+      std::sort(gpu_experts.begin(), gpu_experts.end());
+    }
+    const int64_t n_cpu = CpuPartOfRouting(r, resident, &cpu_late);
+    if (n_cpu == 0 && gpu_experts.empty()) continue;  // no entry deferred to this join
+    made[j].il = il;
+    KTX_RETURN_IF_ERROR(EnsureLateBuffers(!gpu_experts.empty()));
+    if (!gpu_experts.empty()) {
+      float* acc = late_gpu_[j].as<float>();
+      KTX_RETURN_IF_ERROR(
+          CudaOk(cudaMemsetAsync(acc, 0, static_cast<size_t>(n * n_embd) * 4, runner_->stream()),
+                 "clearing the deferred experts' buffer"));
+      KTX_RETURN_IF_ERROR(
+          experts_->Compute(il, gpu_experts, r, runner_->h_bf16(), n_embd, acc, n_embd));
+      made[j].gpu = true;
+    }
+    if (n_cpu > 0) {
+      const auto join = static_cast<models::DeferJoin>(j);
+      if (hooks.send_deferred && hooks.join_deferred) {
+        KTX_RETURN_IF_ERROR(hooks.send_deferred(il, join, h, cpu_late));
+      } else {
+        KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, cpu_late, {}, &late_host_[j][il % 2]));
+      }
+      made[j].cpu = true;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::JoinDeferredGpu(LateJoin* late, models::DeferJoin join, int64_t n) {
+  if (late->il < 0 || !late->gpu) return absl::OkStatus();
+  const int64_t n_embd = hp_.n_embd;
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::AddRows(runner_->x(), n_embd, late_gpu_[static_cast<int>(join)].as<float>(),
+                         n_embd, n, n_embd, runner_->stream()),
+             "adding deferred experts"));
+  late->gpu = false;
+  if (!late->cpu) late->il = -1;
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeepseek2::JoinDeferredCpu(LateJoin* late, models::DeferJoin join, int64_t n,
+                                            const ForwardHooks& hooks) {
+  if (late->il < 0 || !late->cpu) return absl::OkStatus();
+  const int j = static_cast<int>(join);
+  const int64_t n_embd = hp_.n_embd;
+  models::Activations* part = &late_host_[j][late->il % 2];
+  if (hooks.send_deferred && hooks.join_deferred) {
+    KTX_RETURN_IF_ERROR(hooks.join_deferred(late->il, join, part));
+  }
+  if (part->n_tokens() != n || part->n_cols() != n_embd) {
+    return absl::InternalError(absl::StrCat("the deferred experts of layer ", late->il,
+                                            " came back as [", part->n_tokens(), ", ",
+                                            part->n_cols(), "], expected [", n, ", ", n_embd, "]"));
+  }
+  // The previous upload from pinned_late_ must be done before it is rewritten.
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaEventSynchronize(late_uploaded_), "waiting for the deferred experts' upload"));
+  models::ParallelCopy(pinned_late_.as<float>(), part->data(), static_cast<size_t>(n * n_embd) * 4);
+  // runner_->routed() is free here: every earlier use of it is earlier in
+  // stream order.
+  KTX_RETURN_IF_ERROR(
+      Upload(pinned_late_.as<float>(), runner_->routed(), static_cast<size_t>(n * n_embd) * 4));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(cudaEventRecord(late_uploaded_, runner_->stream()), "cudaEventRecord"));
+  KTX_RETURN_IF_ERROR(CudaOk(
+      kc::AddRows(runner_->x(), n_embd, runner_->routed(), n_embd, n, n_embd, runner_->stream()),
+      "adding deferred experts"));
+  late->cpu = false;
+  if (!late->gpu) late->il = -1;
   return absl::OkStatus();
 }
 
@@ -545,13 +696,42 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   models::Routing cpu_routing;
   std::vector<int64_t> counts;
   std::vector<uint8_t> on_gpu;
+  // Expert deferral: what the previous MoE layer deferred (pending) and what
+  // this one defers (made), per join point; as Deepseek2Model::Forward, the
+  // previous layer's part joins right after this layer's attention or with
+  // this layer's FFN output.
+  constexpr models::DeferJoin kJoinMoe = models::DeferJoin::kNextMoe;
+  constexpr models::DeferJoin kJoinAttention = models::DeferJoin::kNextAttention;
+  constexpr int kMoe = static_cast<int>(kJoinMoe);
+  constexpr int kAttn = static_cast<int>(kJoinAttention);
+  LateJoin pending[2], made[2];
+  models::Routing late[2];
+  // At the end of a MoE layer: the previous layer's deferred experts that
+  // join its output (the GPU's part was added before this layer's own
+  // deferred experts started), then this layer's become the pending ones.
+  auto finish_moe_layer = [&]() -> absl::Status {
+    KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kMoe], kJoinMoe, n, hooks));
+    for (int j = 0; j < 2; ++j) {
+      if (pending[j].il >= 0) {
+        return absl::InternalError(absl::StrCat("expert deferral: the experts layer ",
+                                                pending[j].il, " deferred were never joined"));
+      }
+      pending[j] = made[j];
+      made[j] = LateJoin{};
+    }
+    return absl::OkStatus();
+  };
   for (int il = 0; il < hp_.n_layer; ++il) {
     const GpuLayerWeights& w = layers_[il];
     KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
+    KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kAttn], kJoinAttention, n));
+    KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kAttn], kJoinAttention, n, hooks));
     KTX_RETURN_IF_ERROR(runner_->Norm(w.ffn_norm, x, n));
     if (!hp_.IsMoeLayer(il)) {
       KTX_RETURN_IF_ERROR(
           runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f));
+      KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kMoe], kJoinMoe, n));
+      KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kMoe], kJoinMoe, n, hooks));
       continue;
     }
     // Routing and h to the host; the shared expert runs on the GPU meanwhile.
@@ -572,8 +752,19 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
     routing.weights.assign(pinned_weights_.as<float>(), pinned_weights_.as<float>() + n * k_used);
-    // Routing policies act on the full top-k, before the GPU/CPU split.
+    // Routing policies act on the full top-k, before the GPU/CPU split;
+    // deferred entries leave the routing here.
     KTX_RETURN_IF_ERROR(AdjustRouting(il, hooks, &routing));
+    bool deferred = false;
+    KTX_RETURN_IF_ERROR(SplitDeferred(il, hooks, &routing, late, &deferred));
+    // Stream order: the previous layer's GPU part of the deferred experts
+    // joining here is added before this layer's deferred experts reuse its
+    // buffer (StartDeferred).
+    auto start_deferred = [&]() -> absl::Status {
+      KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kMoe], kJoinMoe, n));
+      if (deferred) KTX_RETURN_IF_ERROR(StartDeferred(il, hooks, h, late, made));
+      return absl::OkStatus();
+    };
     const models::Routing* cpu_side = &routing;
     const bool resident = experts_ != nullptr && !experts_->ResidentExperts(il).empty();
     if (stream_experts || resident) {
@@ -611,13 +802,17 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       }
       KTX_RETURN_IF_ERROR(
           experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+      KTX_RETURN_IF_ERROR(start_deferred());
       // The CPU's routing: the GPU's entries removed, rows compacted and padded
       // with kNoExpert (weight 0).
       if (CpuPartOfRouting(routing, on_gpu, &cpu_routing) == 0) {  // all on the GPU
         if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
+        KTX_RETURN_IF_ERROR(finish_moe_layer());
         continue;
       }
       cpu_side = &cpu_routing;
+    } else {
+      KTX_RETURN_IF_ERROR(start_deferred());
     }
     // With a cost-model split, the CPU side's measured time corrects the
     // model's CPU figures before the next MoE layer's experts are chosen (the
@@ -652,6 +847,13 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
     KTX_RETURN_IF_ERROR(CudaOk(kc::AddRows(x, n_embd, runner_->routed(), n_embd, n, n_embd, stream),
                                "residual add"));
+    KTX_RETURN_IF_ERROR(finish_moe_layer());
+  }
+  for (const LateJoin& p : pending) {
+    if (p.il >= 0) {
+      return absl::InternalError(absl::StrCat("expert deferral: experts deferred by layer ", p.il,
+                                              " after the last layer"));
+    }
   }
   return absl::OkStatus();
 }

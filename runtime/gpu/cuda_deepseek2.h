@@ -54,6 +54,7 @@
 #include "runtime/models/activations.h"
 #include "runtime/models/deepseek2.h"
 #include "runtime/models/moe.h"
+#include "runtime/models/routing_policy.h"
 
 namespace ktx::gpu {
 
@@ -128,8 +129,8 @@ class CudaDeepseek2 {
     // in [0, n_expert) or be kNoExpert. Both sides then use the adjusted
     // routing, so the result does not depend on the split. An error fails
     // the batch. Unset: the model's routing policy (Deepseek2Model::
-    // routing_policy(), its top-k part) when it has one, else nothing; a
-    // model policy that defers experts fails the batch (Unimplemented).
+    // routing_policy(), its top-k part) when it has one, else nothing (its
+    // deferral part: split_deferred).
     std::function<absl::Status(int il, models::Routing* routing)> adjust_routing;
     // Computes the routed experts of MoE layer il instead of the model's
     // ExpertBackend: h F32 [n, n_embd] (FFN-normed), routing [n, K'] (after
@@ -153,6 +154,30 @@ class CudaDeepseek2 {
     // policy, bf16 fixture), not yet understood. kAllGpu is unaffected (it
     // matched). Without adjust_routing the model's own policy counts.
     bool routing_adjusted = false;
+
+    // Expert deferral (routing_policy.h: a layer's lowest-weight experts run
+    // one layer late, overlapped with the next layer, and join its residual
+    // stream right after its attention or with its MoE output).
+    // split_deferred: right after adjust_routing at MoE layer il, moves the
+    // deferred entries out of *routing into late[DeferJoin] (all n rows each,
+    // rows without deferral all kNoExpert; as models::SplitDeferredRows, which
+    // moves nothing on the last layer) and returns the counts. Unset: the
+    // model's policy, when it defers, by SplitDeferredRows. Deferred entries of
+    // experts resident on the GPU run on the GPU at once (into a buffer added
+    // at the join); the rest go to send_deferred.
+    std::function<absl::StatusOr<models::DeferredCount>(int il, models::Routing* routing,
+                                                        models::Routing late[2])>
+        split_deferred;
+    // Starts the CPU's part of layer il's deferred entries for `join` (rows of
+    // the batch, h F32 [n, n_embd] FFN-normed: valid only during the call, copy
+    // what outlives it) and returns at once; join_deferred(il, join) then waits
+    // for it and returns F32 [n, n_embd] (resized by the hook). Both or
+    // neither; unset: computed at once by the model's ExpertBackend and kept.
+    std::function<absl::Status(int il, models::DeferJoin join, const models::Activations& h,
+                               const models::Routing& late)>
+        send_deferred;
+    std::function<absl::Status(int il, models::DeferJoin join, models::Activations* late)>
+        join_deferred;
   };
 
   // Appends each entry's tokens to its sequence (distinct sequences, at most
@@ -200,6 +225,30 @@ class CudaDeepseek2 {
   // hooks.adjust_routing (or the model's policy) on layer il's full routing,
   // then checks its shape and ids.
   absl::Status AdjustRouting(int il, const ForwardHooks& hooks, models::Routing* routing) const;
+  // Expert deferral within one RunLayers pass (see ForwardHooks): what MoE
+  // layer il deferred to one join point, on the GPU (late_gpu_[join]) and/or
+  // on the CPU (send_deferred, or late_host_[join][il % 2] without hooks).
+  struct LateJoin {
+    int il = -1;  // the deferring layer; -1: nothing pending
+    bool gpu = false;
+    bool cpu = false;
+  };
+  // Moves layer il's deferred entries out of *routing (hooks.split_deferred
+  // or the model's policy) into late[join]; *any: whether an entry moved.
+  absl::Status SplitDeferred(int il, const ForwardHooks& hooks, models::Routing* routing,
+                             models::Routing late[2], bool* any) const;
+  // Starts layer il's deferred entries: those of resident experts on the GPU
+  // into late_gpu_[join] (stream order: after every earlier use of it), the
+  // rest through hooks.send_deferred (or computed at once); fills made[join].
+  absl::Status StartDeferred(int il, const ForwardHooks& hooks, const models::Activations& h,
+                             const models::Routing late[2], LateJoin made[2]);
+  // x[0, n) += the GPU's part of `late` (stream order); clears late.gpu.
+  absl::Status JoinDeferredGpu(LateJoin* late, models::DeferJoin join, int64_t n);
+  // Waits for the CPU's part of `late` and adds it to x (stream order);
+  // clears late.cpu and, with both parts joined, late.il.
+  absl::Status JoinDeferredCpu(LateJoin* late, models::DeferJoin join, int64_t n,
+                               const ForwardHooks& hooks);
+  absl::Status EnsureLateBuffers(bool gpu_part);
 
   const models::Deepseek2Model& model_;
   models::Deepseek2Hparams hp_;
@@ -223,7 +272,15 @@ class CudaDeepseek2 {
   PinnedBuffer pinned_logits_;                // F32 [T, n_vocab]
   models::Activations host_h_;                // F32 [n, n_embd] h of the MoE layer in flight
   models::Activations host_routed_;           // F32 [n, n_embd] its routed experts' sum
-  cudaEvent_t routed_ready_ = nullptr;        // h and routing are on the host
+  // Expert deferral, allocated at its first use: the GPU's part of a layer's
+  // deferred experts per join (F32 [T, n_embd] each, device), the staging of
+  // the CPU's part (F32 [T, n_embd], pinned; uploaded into runner_->routed()),
+  // and, without deferral hooks, the CPU's part computed at once per join.
+  DeviceBuffer late_gpu_[2];
+  PinnedBuffer pinned_late_;
+  cudaEvent_t late_uploaded_ = nullptr;  // pinned_late_ may be rewritten
+  models::Activations late_host_[2][2];  // [join][il % 2]
+  cudaEvent_t routed_ready_ = nullptr;   // h and routing are on the host
   std::unique_ptr<PagedKvAllocator> kv_;
   // Routed experts on the GPU: set up by SetUpGpuExperts; the GPU's share of
   // MoE layer il for a batch of n tokens comes from GpuExpertsFor.

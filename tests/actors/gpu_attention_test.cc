@@ -285,6 +285,108 @@ TEST_P(GpuAttentionFixtureTest, HotExpertsOnTheGpuMatchTheReference) {
   EXPECT_GE(same_ref, required);
 }
 
+// Expert deferral per request on the GPU attention path: for both join
+// points the prompt logits equal the CPU engine's under the same policy
+// (within the GPU's tier-B row bounds), also with hot experts resident on the
+// GPU (their deferred entries run there); deferral really changes the logits;
+// and a deferring request batched with a plain one leaves the plain one's
+// tokens as they are alone.
+TEST_P(GpuAttentionFixtureTest, ExpertDeferralMatchesTheCpuEngine) {
+  KTX_SKIP_WITHOUT_GPU_LOUDLY();
+  const Param p = GetParam();
+  auto model = FixtureModel(p.file);
+  ASSERT_NE(model, nullptr);
+  const models::Deepseek2Hparams& hp = model->hparams();
+  const int64_t n_vocab = model->n_vocab();
+  const std::vector<int32_t> prompt = testing::PromptTokens();
+  auto gpu = Engine::Create(model, Options(p.shards, "cuda:0"));
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = Engine::Create(model, Options(p.shards, "cpu"));
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto table = topology::ModelExpertTableFromGguf(model->file());
+  ASSERT_TRUE(table.ok()) << table.status();
+  uint64_t per_expert = 0;
+  for (const topology::LayerExperts& l : table->layers) {
+    per_expert = std::max(per_expert, l.bytes_per_expert);
+  }
+  EngineOptions hot_options = Options(p.shards, "cuda:0");
+  hot_options.gpu_hot_experts_bytes = per_expert * (hp.n_expert + hp.n_expert / 2);
+  auto hot = Engine::Create(model, hot_options);
+  ASSERT_TRUE(hot.ok()) << hot.status();
+
+  auto compare = [&](const models::Activations& got, const models::Activations& want,
+                     const char* what) {
+    ASSERT_EQ(got.values().size(), want.values().size());
+    std::vector<double> rows;
+    int confident = 0, agree = 0;
+    for (int64_t r = 0; r < want.n_tokens(); ++r) {
+      rows.push_back(RelL2(got.row(r), want.row(r), n_vocab));
+      if (Margin(want.row(r), n_vocab) > 1.0) {
+        ++confident;
+        agree += testing::Argmax(got.row(r), n_vocab) == testing::Argmax(want.row(r), n_vocab);
+      }
+    }
+    std::sort(rows.begin(), rows.end());
+    const double median = rows[rows.size() / 2];
+    const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+    std::printf("[ measured ] %s, %d shard(s): %s: median row rel L2 %.3e, argmax %.3f\n",
+                p.file.c_str(), p.shards, what, median, agreement);
+    const TierB b = Bounds(p.file);
+    EXPECT_LE(median, b.median_row) << what;
+    EXPECT_GE(agreement, b.argmax_agree) << what;
+  };
+  auto full = (*cpu)->Logits(prompt);
+  ASSERT_TRUE(full.ok()) << full.status();
+  for (const models::DeferJoin join :
+       {models::DeferJoin::kNextMoe, models::DeferJoin::kNextAttention}) {
+    auto policy = std::make_shared<models::RoutingPolicy>(models::RoutingPolicy::Defer(2, join));
+    SCOPED_TRACE(policy->ToString());
+    auto want = (*cpu)->Logits(prompt, policy);
+    ASSERT_TRUE(want.ok()) << want.status();
+    std::vector<double> moved;
+    for (int64_t r = 0; r < want->n_tokens(); ++r) {
+      moved.push_back(RelL2(want->row(r), full->row(r), n_vocab));
+    }
+    std::sort(moved.begin(), moved.end());
+    EXPECT_GT(moved[moved.size() / 2], 1e-3) << "deferral hardly changes the logits";
+    auto got = (*gpu)->Logits(prompt, policy);
+    ASSERT_TRUE(got.ok()) << got.status();
+    compare(*got, *want, "deferral, GPU vs CPU engine");
+    auto got_hot = (*hot)->Logits(prompt, policy);
+    ASSERT_TRUE(got_hot.ok()) << got_hot.status();
+    compare(*got_hot, *want, "deferral with hot experts on the GPU, GPU vs CPU engine");
+  }
+  // A deferring request batched with a plain one.
+  GenerateRequest plain = Greedy(Prompt(29), 8);
+  plain.return_logits = ReturnLogits::kSampled;
+  auto alone = (*gpu)->Generate(plain);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  GenerateRequest deferring = Greedy(prompt, 8);
+  deferring.routing_policy =
+      std::make_shared<models::RoutingPolicy>(models::RoutingPolicy::Defer(3));
+  std::promise<absl::StatusOr<GenerateResult>> a, b;
+  (*gpu)->GenerateAsync(deferring, {},
+                        [&](absl::StatusOr<GenerateResult> r) { a.set_value(std::move(r)); });
+  (*gpu)->GenerateAsync(plain, {},
+                        [&](absl::StatusOr<GenerateResult> r) { b.set_value(std::move(r)); });
+  auto ra = a.get_future().get();
+  auto rb = b.get_future().get();
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  EXPECT_EQ(ra->tokens.size(), 8u);
+  ASSERT_EQ(rb->tokens.size(), alone->tokens.size());
+  double worst = 0.0;
+  for (size_t t = 0; t < alone->tokens.size(); ++t) {
+    const float* x = alone->logits.row(static_cast<int64_t>(t));
+    worst = std::max(worst, RelL2(rb->logits.row(static_cast<int64_t>(t)), x, n_vocab));
+    if (Margin(x, n_vocab) < 0.25) break;  // a rounding-sized gap: may flip
+    EXPECT_EQ(rb->tokens[t], alone->tokens[t]) << "token " << t;
+    if (rb->tokens[t] != alone->tokens[t]) break;
+  }
+  std::printf("[ measured ] plain request beside a deferring one: worst row rel L2 %.2e\n", worst);
+  EXPECT_LT(worst, 2e-2) << "a deferring neighbour changed a plain request";
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuAttentionFixtureTest,
                          ::testing::Values(Param{"bf16", 1}, Param{"q8_0", 1}, Param{"q4_k_m", 1},
                                            Param{"bf16", 2}, Param{"q8_0", 2}, Param{"q4_k_m", 2}),

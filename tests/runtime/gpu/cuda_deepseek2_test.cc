@@ -718,6 +718,137 @@ TEST_P(CudaDeepseek2Test, HotExpertsResidentOnTheGpuMatchTheCpuPath) {
   }
 }
 
+// Expert deferral on the GPU path (ForwardHooks::split_deferred /
+// send_deferred / join_deferred): for both join points, the logits equal the
+// CPU reference's Deepseek2Model::Forward under the same policy within the
+// tolerance, (a) with the model's own policy and no hooks (the deferred
+// experts computed at once by the model's backend), (b) through hooks that
+// hold the deferred work until the join, as the actor runtime does (every
+// deferred entry reaches the CPU exactly once, nothing after the last layer),
+// and (c) with half of the experts resident on the GPU (their deferred
+// entries run on the GPU). Deferral really changes the logits.
+TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
+  unsetenv("KTX_GPU_EXPERTS");
+  unsetenv("KTX_GPU_EXPERTS_CPU");
+  const models::Deepseek2Hparams& hp = model_->hparams();
+  const int n_moe = hp.n_layer - hp.n_layer_dense_lead;
+  if (n_moe < 2) GTEST_SKIP() << "deferral needs two MoE layers";
+  const int64_t n = static_cast<int64_t>(prompt_.size());
+  auto cpu_logits = [&](const models::RoutingPolicy* policy, Activations* out) {
+    auto kv = kv_cache::SequenceKv::Create(model_->kv_layout(), 256);
+    ASSERT_TRUE(kv.ok());
+    models::ForwardOptions options;
+    options.policy = policy;
+    const absl::Status s = model_->Forward(prompt_, kv->get(), LogitsRows::kAll, out, options);
+    ASSERT_TRUE(s.ok()) << s;
+  };
+  Activations full;
+  cpu_logits(nullptr, &full);
+  for (const models::DeferJoin join :
+       {models::DeferJoin::kNextMoe, models::DeferJoin::kNextAttention}) {
+    const models::RoutingPolicy policy = models::RoutingPolicy::Defer(2, join);
+    SCOPED_TRACE(policy.ToString());
+    Activations want;
+    cpu_logits(&policy, &want);
+    const RowAgreement changed = CompareRows(want, full);
+    std::printf("[ measured ] %s: %s vs full routing (CPU reference): median row rel L2 %.2e\n",
+                GetParam().c_str(), policy.ToString().c_str(), changed.median);
+    EXPECT_GT(changed.median, 1e-3) << "deferral hardly changes the logits: the test could not "
+                                       "tell a GPU path that ignores it";
+    // (a) The model's policy, no hooks.
+    ASSERT_TRUE(model_->SetRoutingPolicy(std::make_shared<models::RoutingPolicy>(policy)).ok());
+    {
+      ASSERT_TRUE(gpu_->SetExpertMode(GpuExpertMode::kOff).ok() ||
+                  gpu_->expert_streamer() == nullptr);
+      auto seq = gpu_->AddSequence(128);
+      ASSERT_TRUE(seq.ok());
+      Activations got;
+      const absl::Status s = gpu_->Forward(prompt_, *seq, LogitsRows::kAll, &got);
+      ASSERT_TRUE(s.ok()) << s;
+      ASSERT_TRUE(gpu_->FreeSequence(*seq).ok());
+      ExpectAgree(CompareRows(got, want), "deferral, model policy, no hooks", GetParam());
+    }
+    // (c) Half of the experts resident: their deferred entries on the GPU.
+    {
+      CudaModelOptions o = TestOptions();
+      o.experts.mode = GpuExpertMode::kOff;
+      o.resident_experts.resize(hp.n_layer);
+      for (int il = hp.n_layer_dense_lead; il < hp.n_layer; ++il) {
+        for (int32_t e = il % 2; e < hp.n_expert; e += 2) o.resident_experts[il].push_back(e);
+      }
+      auto hot = CudaDeepseek2::Create(*model_, o);
+      if (!hot.ok() || (*hot)->expert_streamer() == nullptr) {
+        std::printf("[ skipped  ] %s: resident experts not available for this file\n",
+                    GetParam().c_str());
+      } else {
+        auto seq = (*hot)->AddSequence(128);
+        ASSERT_TRUE(seq.ok());
+        Activations got;
+        const absl::Status s = (*hot)->Forward(prompt_, *seq, LogitsRows::kAll, &got);
+        ASSERT_TRUE(s.ok()) << s;
+        EXPECT_GT((*hot)->expert_streamer()->stats().resident_tokens_computed, 0);
+        ExpectAgree(CompareRows(got, want), "deferral, half the experts resident", GetParam());
+      }
+    }
+    ASSERT_TRUE(model_->SetRoutingPolicy(nullptr).ok());
+    // (b) Hooks that hold the deferred work until its join (the actor shape).
+    {
+      struct Held {
+        int il;
+        models::DeferJoin join;
+        Activations h;
+        models::Routing routing;
+      };
+      std::vector<Held> held;
+      int64_t deferred_entries = 0, split_entries = 0, joined = 0;
+      CudaDeepseek2::ForwardHooks hooks;
+      hooks.routed_experts = [&](int il, const Activations& h, const models::Routing& routing,
+                                 Activations* routed) {
+        return model_->RoutedExperts(il, h, routing, {}, routed);
+      };
+      hooks.adjust_routing = [](int, models::Routing*) { return absl::OkStatus(); };
+      hooks.routing_adjusted = true;
+      hooks.split_deferred = [&](int il, models::Routing* routing, models::Routing late[2]) {
+        const models::DeferredCount c =
+            models::SplitDeferredRows(il, hp.n_layer, {}, &policy, routing, late);
+        split_entries += c.total();
+        return absl::StatusOr<models::DeferredCount>(c);
+      };
+      hooks.send_deferred = [&](int il, models::DeferJoin j, const Activations& h,
+                                const models::Routing& routing) {
+        for (int32_t e : routing.expert_ids) deferred_entries += e != models::kNoExpert;
+        held.push_back({il, j, h, routing});
+        return absl::OkStatus();
+      };
+      hooks.join_deferred = [&](int il, models::DeferJoin j, Activations* late) {
+        auto it = std::find_if(held.begin(), held.end(),
+                               [&](const Held& x) { return x.il == il && x.join == j; });
+        if (it == held.end()) return absl::InternalError("join of work never sent");
+        const absl::Status s = model_->RoutedExperts(il, it->h, it->routing, {}, late);
+        held.erase(it);
+        ++joined;
+        return s;
+      };
+      ASSERT_TRUE(gpu_->SetExpertMode(GpuExpertMode::kOff).ok() ||
+                  gpu_->expert_streamer() == nullptr);
+      auto seq = gpu_->AddSequence(128);
+      ASSERT_TRUE(seq.ok());
+      const CudaDeepseek2::BatchEntry entry{*seq, prompt_, LogitsRows::kAll};
+      Activations got;
+      const absl::Status s =
+          gpu_->ForwardBatch(std::span<const CudaDeepseek2::BatchEntry>(&entry, 1), &got, hooks);
+      ASSERT_TRUE(s.ok()) << s;
+      ASSERT_TRUE(gpu_->FreeSequence(*seq).ok());
+      EXPECT_TRUE(held.empty()) << "deferred work was never joined";
+      EXPECT_EQ(deferred_entries, split_entries);
+      // Two of K experts per token deferred at every MoE layer but the last.
+      EXPECT_EQ(split_entries, n * std::min(2, hp.n_expert_used - 1) * (n_moe - 1));
+      EXPECT_EQ(joined, n_moe - 1);
+      ExpectAgree(CompareRows(got, want), "deferral through hooks held until the join", GetParam());
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaDeepseek2Test, ::testing::Values("bf16", "q8_0", "q4_k_m"));
 
 }  // namespace
