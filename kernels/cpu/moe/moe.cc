@@ -55,6 +55,7 @@ void SetTileKernelArgs(const MoePlan& p, MatmulArgs* a) {
   a->tile_chunk_bytes = p.options.tile_chunk_kib << 10;
   a->tile_chunk_groups = p.options.tile_chunk_groups;
   a->tile_skew = p.options.tile_skew;
+  a->tile_prefetch = p.options.tile_prefetch;
 }
 
 }  // namespace
@@ -89,6 +90,14 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
       o.tile_chunk_groups = v;
     } else if (key == "skew") {
       o.tile_skew = v;
+    } else if (key == "pf") {
+      if (v != 0 && v != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tile spec '", spec, "': pf must be 0 or 1"));
+      }
+      o.tile_prefetch = v == 1;
+    } else if (key == "pad") {
+      o.tile_out_pad = v;
     } else if (key == "group") {
       o.tile_group = v;
     } else if (key == "ff") {
@@ -100,7 +109,7 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("tile spec '", spec, "': unknown key '", key,
-                       "' (chunk, groups, skew, group, ff, maxtok, down)"));
+                       "' (chunk, groups, skew, pad, pf, group, ff, maxtok, down)"));
     }
   }
   *options = o;
@@ -120,10 +129,12 @@ absl::Status ApplyMoeTileEnv(MoePlanOptions* options) {
 std::string MoeTileSpec(const MoePlanOptions& o) {
   std::string spec = o.tile_phased ? "phased" : "inloop";
   if (o.tile_phased) {
-    absl::StrAppend(&spec, ":chunk=", o.tile_chunk_kib, ":groups=", o.tile_chunk_groups);
+    absl::StrAppend(&spec, ":chunk=", o.tile_chunk_kib, ":groups=", o.tile_chunk_groups,
+                    ":pf=", o.tile_prefetch ? 1 : 0);
   }
-  absl::StrAppend(&spec, ":skew=", o.tile_skew, ":group=", o.tile_group, ":ff=", o.tile_ff_rows,
-                  ":maxtok=", o.tile_max_tokens, ":down=", o.prefill_down_rows_per_task);
+  absl::StrAppend(&spec, ":skew=", o.tile_skew, ":pad=", o.tile_out_pad, ":group=", o.tile_group,
+                  ":ff=", o.tile_ff_rows, ":maxtok=", o.tile_max_tokens,
+                  ":down=", o.prefill_down_rows_per_task);
   return spec;
 }
 
@@ -226,6 +237,11 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
       return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_chunk_groups (",
                                                      options.tile_chunk_groups, ") must be >= 0"));
     }
+    if (options.tile_out_pad < 0 || options.tile_out_pad > 1024 || options.tile_out_pad % 16 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_out_pad (",
+                                                     options.tile_out_pad,
+                                                     ") must be a multiple of 16 in [0, 1024]"));
+    }
     if (options.tile_skew < 0 || options.tile_skew > 4032 || options.tile_skew % 64 != 0) {
       return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_skew (", options.tile_skew,
                                                      ") must be a multiple of 64 in [0, 4032]"));
@@ -281,8 +297,8 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   int64_t floats = options.max_tokens * std::max({2 * kFfRowsPerTask, options.down_rows_per_task,
                                                   plan.prefill_down_rows});
   if (plan.tile) {
-    floats = std::max(floats,
-                      2 * std::min(options.max_tokens, plan.tile_max_tokens) * plan.tile_ff_rows);
+    floats = std::max(floats, 2 * std::min(options.max_tokens, plan.tile_max_tokens) *
+                                  (plan.tile_ff_rows + options.tile_out_pad));
   }
   plan.worker_scratch_bytes = Align64(floats * 4) + plan.kernel_scratch_bytes;
 
@@ -577,8 +593,11 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
   const int64_t fb = p.tile_ff_rows, n_ff = p.shape.n_ff;
   uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
-  float* g = reinterpret_cast<float*>(scratch);  // F32 [nt][fb]
-  float* u = g + nt * fb;                        // F32 [nt][fb]
+  // Rows of g and u padded by tile_out_pad floats: at 512 rows (2 KiB) the
+  // 32 rows of one fix-up would fall into 2 L1 sets per column.
+  const int64_t os = fb + p.options.tile_out_pad;
+  float* g = reinterpret_cast<float*>(scratch);  // F32 [nt][os], row i: fb values
+  float* u = g + nt * os;                        // F32 [nt][os]
   const int64_t q0 = offset[e] + t0;
 
   MatmulArgs a;
@@ -592,7 +611,7 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   a.act_group = p.tile_group;
   SetTileKernelArgs(p, &a);
   a.n_act = nt;
-  a.out_stride = fb;
+  a.out_stride = os;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
   for (int which = 0; which < 2; ++which) {
@@ -602,10 +621,10 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
     a.out = which == 0 ? g : u;
     p.kernels->tile_matmul(a);
   }
-  p.kernels->silu_mul(g, u, g, nt * fb);
+  p.kernels->silu_mul(g, u, g, nt * os);  // the pad columns too (unread)
   for (int64_t i = 0; i < nt; ++i) {
     uint8_t* row = ws_ + p.off_hq + (q0 + i) * p.h_row_bytes;
-    p.kernels->quantize_tile(g + i * fb, reinterpret_cast<int8_t*>(row) + f0,
+    p.kernels->quantize_tile(g + i * os, reinterpret_cast<int8_t*>(row) + f0,
                              reinterpret_cast<float*>(row + n_ff) + f0 / p.tile_group, fb,
                              p.tile_group);
   }

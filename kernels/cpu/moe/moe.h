@@ -134,6 +134,12 @@ struct MoePlanOptions {
   int64_t tile_chunk_kib = 512;
   int64_t tile_chunk_groups = 0;
   int64_t tile_skew = 256;
+  // Floats of padding after each row of the stage-1 tile outputs (gate, up:
+  // [tokens][tile_ff_rows + pad]; multiple of 16, 0 .. 1024): rows of 512
+  // floats would put the 32 rows of a fix-up into 2 L1 sets per column.
+  int64_t tile_out_pad = 16;
+  // Phased kernel: software prefetch of the next item's B tiles into L1.
+  bool tile_prefetch = true;
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
@@ -169,7 +175,8 @@ struct MoePlan {
 };
 
 // Sets tile-path options from a spec "phased|inloop[:key=value]..." with keys
-// chunk (KiB), groups (per chunk), skew (bytes), group (tile_group), ff
+// chunk (KiB), groups (per chunk), skew (bytes), pad (tile_out_pad), pf (0/1:
+// tile_prefetch), group (tile_group), ff
 // (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task);
 // e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
 // InvalidArgument names the part it cannot parse. For benchmarks and experiments.

@@ -397,6 +397,10 @@ struct MatmulArgs {
   int64_t tile_chunk_bytes = 0;
   int64_t tile_chunk_groups = 0;
   int64_t tile_skew = 0;
+  // Phased kernel: prefetch the next item's B tiles into L1 during the
+  // current item's k-steps (tile registers are not renamed, so a tile load
+  // from L2 stalls its k-step).
+  bool tile_prefetch = false;
 };
 
 // The int8 tile path (the prefill path of the amx variant). Weights stay in

@@ -717,6 +717,13 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
           const uint8_t* b0 = ts.chunk + sl * 32 * group;
           const uint8_t* b1 = b0 + 16 * group;
           float* out = a.out + (p0 * kPanelRows - a.row_begin);
+          // The next item of the chunk (the next slot in memory) into L1, a
+          // slice per k-step.
+          const bool pf = a.tile_prefetch && sl + 1 < (gc1 - gc0) * npc;
+          const uint8_t* pf_base = b0 + 32 * group;
+          const int64_t pf_lines = group / 2;  // 32 * group bytes
+          const int64_t pf_per_step = (pf_lines + n_blocks * k_steps - 1) / (n_blocks * k_steps);
+          int64_t pf_l = 0;
           for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t m0 = 32 * blk;
             const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
@@ -739,6 +746,12 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
                 KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
                 KTX_TILE_DPBSSD(1, 4, 7);
                 if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
+              }
+              if (pf && pf_l < pf_lines) {
+                const int64_t l1 = std::min(pf_lines, pf_l + pf_per_step);
+                for (; pf_l < l1; ++pf_l) {
+                  _mm_prefetch(reinterpret_cast<const char*>(pf_base + 64 * pf_l), _MM_HINT_T0);
+                }
               }
             }
             int32_t* c = ts.cst[cb];

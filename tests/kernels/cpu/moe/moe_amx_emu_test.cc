@@ -403,6 +403,7 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
               a.tile_chunk_bytes = c.chunk_bytes;
               a.tile_chunk_groups = c.groups;
               a.tile_skew = c.skew;
+              a.tile_prefetch = c.skew != 0;
               std::vector<float> y(n_act * a.out_stride, -7.0f);
               a.out = y.data();
               MoeKernelsAmxEmulated().tile_matmul(a);
@@ -488,8 +489,8 @@ TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
   EXPECT_LT(testing::Nmse(base.data(), ref), 1.5e-3);
   EXPECT_LT(testing::Nmse(base.data(), sd), 1e-6);
   for (const char* spec : {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
-                           "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0", "inloop:skew=256",
-                           "inloop:maxtok=64:down=128"}) {
+                           "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0",
+                           "inloop:skew=256", "phased:pad=0:pf=0", "inloop:maxtok=64:down=128"}) {
     for (int nth : {1, 3}) {
       SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
       const std::vector<float> y = run_layer(spec, true, nth);
@@ -513,9 +514,10 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_EQ(o.tile_chunk_kib, 256);
   EXPECT_EQ(o.tile_chunk_groups, 2);
   EXPECT_EQ(MoeTileSpec(o),
-            "phased:chunk=256:groups=2:skew=0:group=1024:ff=1024:maxtok=64:down=256");
+            "phased:chunk=256:groups=2:pf=1:skew=0:pad=16:group=1024:ff=1024:maxtok=64:down=256");
   const MoePlanOptions before = o;
-  for (const char* bad : {"fast", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
+  for (const char* bad :
+       {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
     const absl::Status s = ApplyMoeTileSpec(bad, &o);
     EXPECT_FALSE(s.ok()) << bad;
     EXPECT_EQ(MoeTileSpec(o), MoeTileSpec(before)) << "changed by a bad spec: " << bad;
@@ -525,8 +527,8 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   MoeLayerFormat f;
   f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
   f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
-  for (const char* bad :
-       {"phased:chunk=8", "phased:skew=100", "phased:skew=8192", "inloop:groups=-1"}) {
+  for (const char* bad : {"phased:chunk=8", "phased:pad=8", "phased:skew=100", "phased:skew=8192",
+                          "inloop:groups=-1"}) {
     MoePlanOptions p;
     p.tile_prefill = true;
     p.force_variant = true;
