@@ -423,6 +423,30 @@ void PrintStatus(const std::string& health, const v1::NodeStatusResponse& s) {
                 topology::FormatBytes(kv.budget_bytes()).c_str(),
                 static_cast<long long>(kv.n_sequences()), static_cast<long long>(kv.free_tokens()));
   }
+  if (s.has_gpu()) {
+    const v1::GpuStatus& g = s.gpu();
+    std::printf(
+        "attention on %s: %s planned (weights %s, KV cache %s for %lld tokens, work %s, expert "
+        "streaming %s, hot experts %s) of %s free at load\n",
+        g.attention_device().c_str(), topology::FormatBytes(g.total_bytes()).c_str(),
+        topology::FormatBytes(g.weight_bytes()).c_str(),
+        topology::FormatBytes(g.kv_bytes()).c_str(), static_cast<long long>(g.kv_tokens()),
+        topology::FormatBytes(g.activation_bytes()).c_str(),
+        topology::FormatBytes(g.expert_stream_bytes()).c_str(),
+        topology::FormatBytes(g.resident_expert_bytes()).c_str(),
+        topology::FormatBytes(g.free_bytes_at_load()).c_str());
+    if (g.resident_experts() > 0) {
+      std::vector<std::string> layers;
+      for (const v1::LayerExperts& l : g.hot_experts()) {
+        layers.push_back(absl::StrCat(
+            "layer ", l.layer(), ": ",
+            topology::FormatIdRanges(std::vector<int>(l.experts().begin(), l.experts().end()))));
+      }
+      std::printf("hot routed experts on the GPU: %d (%s of the expected expert work): %s\n",
+                  g.resident_experts(), Percent(g.hot_expected_share()).c_str(),
+                  absl::StrJoin(layers, "; ").c_str());
+    }
+  }
   const v1::HardwareReport& hw = s.hardware();
   int n_cpus = 0;
   uint64_t memory = 0;

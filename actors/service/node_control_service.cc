@@ -161,6 +161,29 @@ NodeControlService::NodeControlService(NodeControlOptions options) : options_(st
   if (options_.hardware) hardware_ = HardwareToProto(*options_.hardware);
 }
 
+ktx::v1::GpuStatus GpuStatusOf(const std::string& attention_device, const gpu::GpuMemoryPlan& plan,
+                               const topology::GpuHotExperts& hot) {
+  ktx::v1::GpuStatus out;
+  out.set_attention_device(attention_device);
+  out.set_weight_bytes(plan.weight_bytes());
+  out.set_kv_bytes(plan.kv_bytes);
+  out.set_kv_tokens(plan.kv_tokens);
+  out.set_activation_bytes(plan.activation_bytes + plan.workspace_bytes);
+  out.set_expert_stream_bytes(plan.expert_stream_bytes);
+  out.set_resident_expert_bytes(plan.resident_expert_bytes);
+  out.set_resident_experts(static_cast<int32_t>(plan.resident_experts));
+  for (const auto& [il, ids] : hot.experts) {
+    if (ids.empty()) continue;
+    ktx::v1::LayerExperts* layer = out.add_hot_experts();
+    layer->set_layer(il);
+    for (int e : ids) layer->add_experts(e);
+  }
+  out.set_hot_expected_share(hot.expected_share);
+  out.set_total_bytes(plan.total_bytes());
+  out.set_free_bytes_at_load(plan.free_bytes);
+  return out;
+}
+
 ktx::v1::NodeStatusResponse NodeControlService::BuildStatus() const {
   ktx::v1::NodeStatusResponse out;
   out.set_node_name(options_.node_name);
@@ -232,6 +255,10 @@ ktx::v1::NodeStatusResponse NodeControlService::BuildStatus() const {
     }
     for (const std::string& name : peer_order) *out.add_peers() = peers[name];
     if (!router.ok()) down.push_back(absl::StrCat("router: ", router.status().message()));
+    if (const std::optional<gpu::GpuMemoryPlan> gpu_plan = engine.gpu_memory_plan(); gpu_plan) {
+      *out.mutable_gpu() =
+          GpuStatusOf(engine.attention_device(), *gpu_plan, engine.gpu_hot_experts());
+    }
     absl::StatusOr<actors::KvCacheStats> kv = engine.KvStats();
     if (kv.ok()) {
       out.mutable_kv_cache()->set_budget_bytes(kv->budget_bytes);

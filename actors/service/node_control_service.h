@@ -86,6 +86,11 @@ struct NodeControlOptions {
   std::function<void()> on_drain;
 };
 
+// The `gpu` part of a head's status: where attention runs, its GPU memory
+// plan and the hot routed experts resident there (layers with none left out).
+ktx::v1::GpuStatus GpuStatusOf(const std::string& attention_device, const gpu::GpuMemoryPlan& plan,
+                               const topology::GpuHotExperts& hot);
+
 class NodeControlService final : public ktx::v1::NodeControl::Service {
  public:
   static constexpr char kServiceName[] = "ktx.v1.NodeControl";

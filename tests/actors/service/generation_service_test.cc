@@ -483,6 +483,7 @@ TEST(GenerationServiceTest, DrainRefusesNewCallsAndLetsInFlightFinish) {
     ASSERT_TRUE(control->Status(&c, {}, &status).ok());
     EXPECT_TRUE(status.draining());
     EXPECT_EQ(status.health(), "draining");
+    EXPECT_FALSE(status.has_gpu()) << "attention runs on the CPU here";
   }
   auto health = CheckHealth(*node.Channel(), "ktx.v1.Generation", std::chrono::seconds(10));
   ASSERT_TRUE(health.ok()) << health.status();
@@ -682,6 +683,48 @@ TEST(NodeServerTest, BindChecksAndPortZero) {
   EXPECT_EQ(c.Start().code(), absl::StatusCode::kUnavailable);
   a.Shutdown(std::chrono::seconds(1));
   b.Shutdown(std::chrono::seconds(1));
+}
+
+// The `gpu` part of a head's NodeControl status (GpuStatusOf): the device,
+// the plan's sizes and the resident hot experts per layer (layers without any
+// left out).
+TEST(NodeControlStatusTest, GpuStatusNamesTheDevicePlanAndHotExperts) {
+  gpu::GpuMemoryPlan plan;
+  plan.attention_bytes = 1000;
+  plan.dense_ffn_bytes = 200;
+  plan.shared_expert_bytes = 30;
+  plan.head_bytes = 4;
+  plan.activation_bytes = 50;
+  plan.workspace_bytes = 6;
+  plan.kv_bytes = 700;
+  plan.kv_tokens = 64;
+  plan.expert_stream_bytes = 80;
+  plan.resident_experts = 3;
+  plan.resident_expert_bytes = 900;
+  plan.free_bytes = 123456;
+  topology::GpuHotExperts hot;
+  hot.experts = {{1, {2, 5}}, {2, {}}, {3, {7}}};
+  hot.count = 3;
+  hot.bytes = 900;
+  hot.expected_share = 0.25;
+  const v1::GpuStatus g = GpuStatusOf("cuda:1", plan, hot);
+  EXPECT_EQ(g.attention_device(), "cuda:1");
+  EXPECT_EQ(g.weight_bytes(), 1234u);
+  EXPECT_EQ(g.activation_bytes(), 56u);
+  EXPECT_EQ(g.kv_bytes(), 700u);
+  EXPECT_EQ(g.kv_tokens(), 64);
+  EXPECT_EQ(g.expert_stream_bytes(), 80u);
+  EXPECT_EQ(g.resident_experts(), 3);
+  EXPECT_EQ(g.resident_expert_bytes(), 900u);
+  EXPECT_EQ(g.total_bytes(), plan.total_bytes());
+  EXPECT_EQ(g.free_bytes_at_load(), 123456u);
+  EXPECT_DOUBLE_EQ(g.hot_expected_share(), 0.25);
+  ASSERT_EQ(g.hot_experts_size(), 2);
+  EXPECT_EQ(g.hot_experts(0).layer(), 1);
+  EXPECT_EQ(std::vector<int>(g.hot_experts(0).experts().begin(), g.hot_experts(0).experts().end()),
+            (std::vector<int>{2, 5}));
+  EXPECT_EQ(g.hot_experts(1).layer(), 3);
+  EXPECT_EQ(g.hot_experts(1).experts_size(), 1);
 }
 
 }  // namespace
