@@ -14,6 +14,7 @@
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/dequant.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemv.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/status.h"
 #include "runtime/models/parallel_copy.h"
@@ -105,6 +106,99 @@ absl::Status CheckResidentExperts(const models::Deepseek2Hparams& hp,
   return absl::OkStatus();
 }
 
+// KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N.
+absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
+  if (const char* v = std::getenv("KTX_GPU_WEIGHTS"); v != nullptr && *v != '\0') {
+    const std::string form = v;
+    if (form == "auto") {
+      o->gpu_weights = GpuWeightForm::kAuto;
+    } else if (form == "bf16") {
+      o->gpu_weights = GpuWeightForm::kBf16;
+    } else if (form == "quantized") {
+      o->gpu_weights = GpuWeightForm::kQuantized;
+    } else if (form == "both") {
+      o->gpu_weights = GpuWeightForm::kBoth;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_WEIGHTS='", form,
+          "': expected auto, bf16 (cuBLAS only), quantized (GGUF blocks and the GEMV only) or "
+          "both"));
+    }
+  }
+  if (const char* v = std::getenv("KTX_GPU_GEMV_MAX_TOKENS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (end == v || *end != '\0' || n < 0 || n > 4096) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_GPU_GEMV_MAX_TOKENS='", v,
+                       "': expected a token count in 0..4096 (batches up to it use the "
+                       "quantized GEMV; 0: never where a bf16 copy exists)"));
+    }
+    o->gemv_max_tokens = n;
+  }
+  if (o->gemv_max_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gemv_max_tokens (", o->gemv_max_tokens, ") must not be negative"));
+  }
+  return absl::OkStatus();
+}
+
+// A matrix the quantized GEMV can read from its GGUF blocks.
+bool GemvReads(const gguf::TensorInfo& t) {
+  return kc::CanQuantGemv(t.type) && t.ne[0] % 32 == 0 &&
+         t.ne[0] % kernels::TraitsOf(t.type).block_size == 0 &&
+         ((t.type != kernels::TensorType::kQ4_K && t.type != kernels::TensorType::kQ5_K) ||
+          t.row_bytes() % 16 == 0);
+}
+
+uint64_t Pad256(uint64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The device bytes of `gate` (and `up` stacked under it) as GGUF blocks:
+// one buffer when both have the same type and row size, else two.
+uint64_t BlockBytes(const gguf::TensorInfo& gate, const gguf::TensorInfo* up) {
+  const uint64_t g = static_cast<uint64_t>(gate.n_rows() * gate.row_bytes());
+  if (up == nullptr) return Pad256(g);
+  const uint64_t u = static_cast<uint64_t>(up->n_rows() * up->row_bytes());
+  if (up->type == gate.type && up->row_bytes() == gate.row_bytes()) return Pad256(g + u);
+  return Pad256(g) + Pad256(u);
+}
+
+// The matrices that get a quantized form (memory_plan.h GpuWeightForm); a
+// gate/up pair only when both parts can.
+QuantizableWeights CountQuantizable(const models::Deepseek2Hparams& hp,
+                                    const models::Deepseek2Weights& w) {
+  QuantizableWeights q;
+  auto add = [&q](const gguf::TensorInfo* a, const gguf::TensorInfo* b, bool bf16_needed) {
+    if (a == nullptr || !GemvReads(*a) || (b != nullptr && !GemvReads(*b))) return;
+    q.block_bytes += BlockBytes(*a, b);
+    if (!bf16_needed) {
+      q.bf16_bytes += 2 * static_cast<uint64_t>(a->n_elements() + (b ? b->n_elements() : 0));
+    }
+    ++q.n_matrices;
+  };
+  // A tied head is token_embd, whose bf16 rows the embedding needs anyway.
+  add(w.output_tied ? w.token_embd : w.output, nullptr, w.output_tied);
+  for (int il = 0; il < hp.n_layer; ++il) {
+    const models::Deepseek2LayerWeights& l = w.layers[il];
+    if (hp.is_lite()) {
+      add(l.attn_q, nullptr, false);
+    } else {
+      add(l.attn_q_a, nullptr, false);
+      add(l.attn_q_b, nullptr, false);
+    }
+    add(l.attn_kv_a_mqa, nullptr, false);
+    add(l.attn_output, nullptr, false);
+    if (!hp.IsMoeLayer(il)) {
+      add(l.ffn_gate, l.ffn_up, false);
+      add(l.ffn_down, nullptr, false);
+    } else if (hp.n_expert_shared > 0) {
+      add(l.ffn_gate_shexp, l.ffn_up_shexp, false);
+      add(l.ffn_down_shexp, nullptr, false);
+    }
+  }
+  return q;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
@@ -131,6 +225,7 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
   // whose experts cannot be streamed runs them all on the CPU (logged).
   CudaModelOptions opts = options;
   KTX_RETURN_IF_ERROR(ApplyExpertEnvironment(&opts.experts));
+  KTX_RETURN_IF_ERROR(ApplyWeightEnvironment(&opts));
   uint64_t expert_raw_bytes = 0, resident_bytes = 0;
   const bool resident = CountResidentExperts(opts) > 0;
   if (opts.experts.mode != GpuExpertMode::kOff || resident) {
@@ -160,9 +255,10 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
       }
     }
   }
-  KTX_ASSIGN_OR_RETURN(gpu->plan_,
-                       PlanGpuMemory(gpu->hp_, opts, free_bytes, model.weights().output_tied,
-                                     expert_raw_bytes, resident_bytes));
+  KTX_ASSIGN_OR_RETURN(
+      gpu->plan_,
+      PlanGpuMemory(gpu->hp_, opts, free_bytes, model.weights().output_tied, expert_raw_bytes,
+                    resident_bytes, CountQuantizable(gpu->hp_, model.weights())));
   KTX_RETURN_IF_ERROR(gpu->Load(opts, free_bytes));
   KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
   KTX_LOG(INFO, "gpu") << "loaded the non-expert weights on GPU " << options.device << "\n"
@@ -185,6 +281,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   config.n_expert_used = hp_.n_expert_used;
   config.max_tokens = runner_->max_tokens();
   config.n_slots = slots;
+  config.gemv_max_tokens = options.gemv_max_tokens;
   // Only resident experts: no streaming, so nothing to page-lock.
   config.register_host_memory =
       options.experts.register_host_memory && options.experts.mode != GpuExpertMode::kOff;
@@ -209,6 +306,11 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
                                           hp_.n_expert, runner_->max_tokens())
                        << " tokens (uniform routing)";
   return absl::OkStatus();
+}
+
+void CudaDeepseek2::SetGemvMaxTokens(int64_t n) {
+  runner_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
+  if (experts_ != nullptr) experts_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
 }
 
 absl::Status CudaDeepseek2::SetExpertMode(GpuExpertMode mode) {
@@ -304,6 +406,47 @@ absl::Status CudaDeepseek2::UploadMatrix(const gguf::TensorInfo& t, Bf16* dst, c
   return absl::OkStatus();
 }
 
+absl::Status CudaDeepseek2::UploadBlocks(const gguf::TensorInfo* a, const gguf::TensorInfo* b,
+                                         GpuMatrix* m, const char* what) {
+  const bool one_buffer = b == nullptr || (b->type == a->type && b->row_bytes() == a->row_bytes());
+  const gguf::TensorInfo* parts[2] = {a, b};
+  m->n_blocks = 0;
+  uint8_t* dst = nullptr;
+  for (const gguf::TensorInfo* t : parts) {
+    if (t == nullptr) break;
+    const uint64_t bytes = static_cast<uint64_t>(t->n_rows() * t->row_bytes());
+    if (dst == nullptr || !one_buffer) {
+      // Padded to 256: the GEMV reads whole 16-byte units past the last row.
+      const uint64_t alloc = one_buffer ? BlockBytes(*a, b) : Pad256(bytes);
+      KTX_ASSIGN_OR_RETURN(DeviceBuffer buf,
+                           DeviceBuffer::Allocate(alloc, absl::StrCat(what, " (GGUF blocks)")));
+      KTX_RETURN_IF_ERROR(CudaOk(cudaMemsetAsync(buf.get(), 0, alloc, runner_->stream()),
+                                 "clearing a block buffer"));
+      dst = buf.as<uint8_t>();
+      weight_buffers_.push_back(std::move(buf));
+      GpuMatrix::Blocks& blk = m->blocks[m->n_blocks++];
+      blk.data = dst;
+      blk.type = t->type;
+      blk.row_bytes = t->row_bytes();
+      blk.n_rows = 0;
+    }
+    m->blocks[m->n_blocks - 1].n_rows += t->n_rows();
+    // Through the pinned staging buffer, as UploadMatrix (never straight from the mapping).
+    const uint64_t chunk = load_pinned_.bytes();
+    for (uint64_t off = 0; off < bytes; off += chunk) {
+      const uint64_t n = std::min(chunk, bytes - off);
+      std::memcpy(load_pinned_.as<uint8_t>(), t->data + off, n);
+      KTX_RETURN_IF_ERROR(CudaOk(cudaMemcpyAsync(dst + off, load_pinned_.as<uint8_t>(), n,
+                                                 cudaMemcpyHostToDevice, runner_->stream()),
+                                 absl::StrCat("uploading the blocks of tensor '", t->name, "'")));
+      KTX_RETURN_IF_ERROR(CudaOk(cudaStreamSynchronize(runner_->stream()),
+                                 absl::StrCat("uploading the blocks of tensor '", t->name, "'")));
+    }
+    dst += bytes;  // the up rows follow the gate rows in one buffer
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<const float*> CudaDeepseek2::UploadVector(const gguf::TensorInfo& t,
                                                          const char* what) {
   const std::vector<float> host = models::DequantizeTensor(t);
@@ -336,19 +479,37 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
     KTX_RETURN_IF_ERROR(UploadMatrix(*t, dst, what));
     return dst;
   };
-  // gate and up stacked: [gate rows | up rows].
-  auto gate_up = [&](const gguf::TensorInfo* gate, const gguf::TensorInfo* up,
-                     const char* what) -> absl::StatusOr<const Bf16*> {
-    KTX_ASSIGN_OR_RETURN(Bf16 * dst, AllocBf16(gate->n_elements() + up->n_elements(), what));
-    KTX_RETURN_IF_ERROR(UploadMatrix(*gate, dst, what));
-    KTX_RETURN_IF_ERROR(UploadMatrix(*up, dst + gate->n_elements(), what));
-    return dst;
+  // A matrix (or gate and up stacked: [gate rows | up rows]) in the plan's
+  // weight form: bf16 unless quantized-only and readable by the GEMV; GGUF
+  // blocks when the form has them and the GEMV reads every part.
+  auto weight = [&](const gguf::TensorInfo* a, const gguf::TensorInfo* b,
+                    const char* what) -> absl::StatusOr<GpuMatrix> {
+    const GpuWeightForm form = plan_.weight_form;
+    const bool gemv = GemvReads(*a) && (b == nullptr || GemvReads(*b));
+    const bool blocks = gemv && (form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized);
+    GpuMatrix m;
+    if (!(blocks && form == GpuWeightForm::kQuantized)) {
+      const int64_t n_a = a->n_elements();
+      KTX_ASSIGN_OR_RETURN(Bf16 * dst, AllocBf16(n_a + (b ? b->n_elements() : 0), what));
+      KTX_RETURN_IF_ERROR(UploadMatrix(*a, dst, what));
+      if (b != nullptr) KTX_RETURN_IF_ERROR(UploadMatrix(*b, dst + n_a, what));
+      m.bf16 = dst;
+    }
+    if (blocks) KTX_RETURN_IF_ERROR(UploadBlocks(a, b, &m, what));
+    return m;
   };
 
   KTX_ASSIGN_OR_RETURN(token_embd_, matrix(w.token_embd, "token_embd"));
-  output_ = token_embd_;
   if (!w.output_tied) {
-    KTX_ASSIGN_OR_RETURN(output_, matrix(w.output, "output"));
+    KTX_ASSIGN_OR_RETURN(output_, weight(w.output, nullptr, "output"));
+  } else {
+    // The embedding's bf16 rows serve the head; the blocks only when the form has them.
+    output_ = GpuMatrix(token_embd_);
+    const GpuWeightForm form = plan_.weight_form;
+    if (GemvReads(*w.token_embd) &&
+        (form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized)) {
+      KTX_RETURN_IF_ERROR(UploadBlocks(w.token_embd, nullptr, &output_, "output (token_embd)"));
+    }
   }
   KTX_ASSIGN_OR_RETURN(output_norm_, UploadVector(*w.output_norm, "output_norm"));
   layers_.resize(hp_.n_layer);
@@ -357,21 +518,21 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
     GpuLayerWeights& g = layers_[il];
     KTX_ASSIGN_OR_RETURN(g.attn_norm, UploadVector(*l.attn_norm, "attn_norm"));
     if (hp_.is_lite()) {
-      KTX_ASSIGN_OR_RETURN(g.attn_q, matrix(l.attn_q, "attn_q"));
+      KTX_ASSIGN_OR_RETURN(g.attn_q, weight(l.attn_q, nullptr, "attn_q"));
     } else {
-      KTX_ASSIGN_OR_RETURN(g.attn_q_a, matrix(l.attn_q_a, "attn_q_a"));
+      KTX_ASSIGN_OR_RETURN(g.attn_q_a, weight(l.attn_q_a, nullptr, "attn_q_a"));
       KTX_ASSIGN_OR_RETURN(g.attn_q_a_norm, UploadVector(*l.attn_q_a_norm, "attn_q_a_norm"));
-      KTX_ASSIGN_OR_RETURN(g.attn_q_b, matrix(l.attn_q_b, "attn_q_b"));
+      KTX_ASSIGN_OR_RETURN(g.attn_q_b, weight(l.attn_q_b, nullptr, "attn_q_b"));
     }
-    KTX_ASSIGN_OR_RETURN(g.attn_kv_a_mqa, matrix(l.attn_kv_a_mqa, "attn_kv_a_mqa"));
+    KTX_ASSIGN_OR_RETURN(g.attn_kv_a_mqa, weight(l.attn_kv_a_mqa, nullptr, "attn_kv_a_mqa"));
     KTX_ASSIGN_OR_RETURN(g.attn_kv_a_norm, UploadVector(*l.attn_kv_a_norm, "attn_kv_a_norm"));
     KTX_ASSIGN_OR_RETURN(g.attn_k_b, matrix(l.attn_k_b, "attn_k_b"));
     KTX_ASSIGN_OR_RETURN(g.attn_v_b, matrix(l.attn_v_b, "attn_v_b"));
-    KTX_ASSIGN_OR_RETURN(g.attn_output, matrix(l.attn_output, "attn_output"));
+    KTX_ASSIGN_OR_RETURN(g.attn_output, weight(l.attn_output, nullptr, "attn_output"));
     KTX_ASSIGN_OR_RETURN(g.ffn_norm, UploadVector(*l.ffn_norm, "ffn_norm"));
     if (!hp_.IsMoeLayer(il)) {
-      KTX_ASSIGN_OR_RETURN(g.ffn_gate_up, gate_up(l.ffn_gate, l.ffn_up, "ffn_gate/up"));
-      KTX_ASSIGN_OR_RETURN(g.ffn_down, matrix(l.ffn_down, "ffn_down"));
+      KTX_ASSIGN_OR_RETURN(g.ffn_gate_up, weight(l.ffn_gate, l.ffn_up, "ffn_gate/up"));
+      KTX_ASSIGN_OR_RETURN(g.ffn_down, weight(l.ffn_down, nullptr, "ffn_down"));
     } else {
       KTX_ASSIGN_OR_RETURN(g.ffn_gate_inp, UploadVector(*l.ffn_gate_inp, "ffn_gate_inp"));
       if (l.exp_probs_b != nullptr) {
@@ -379,8 +540,8 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
       }
       if (hp_.n_expert_shared > 0) {
         KTX_ASSIGN_OR_RETURN(g.shexp_gate_up,
-                             gate_up(l.ffn_gate_shexp, l.ffn_up_shexp, "ffn_gate/up_shexp"));
-        KTX_ASSIGN_OR_RETURN(g.shexp_down, matrix(l.ffn_down_shexp, "ffn_down_shexp"));
+                             weight(l.ffn_gate_shexp, l.ffn_up_shexp, "ffn_gate/up_shexp"));
+        KTX_ASSIGN_OR_RETURN(g.shexp_down, weight(l.ffn_down_shexp, nullptr, "ffn_down_shexp"));
       }
     }
   }
@@ -871,10 +1032,8 @@ absl::Status CudaDeepseek2::RunHead(std::span<const int32_t> rows, Activations* 
       CudaOk(kc::RmsNorm(runner_->x(), n_embd, d_rows, output_norm_, n_embd, n_out, hp_.rms_eps,
                          nullptr, 0, runner_->h_bf16(), n_embd, runner_->stream()),
              "output norm"));
-  KTX_RETURN_IF_ERROR(
-      CublasOk(kc::LinearBf16(runner_->cublas(), output_, n_embd, runner_->h_bf16(), n_embd,
-                              runner_->logits(), CUDA_R_32F, n_vocab, n_vocab, n_embd, n_out),
-               "output head"));
+  KTX_RETURN_IF_ERROR(runner_->Linear(output_, n_vocab, n_embd, runner_->h_bf16(), n_embd, n_out,
+                                      runner_->logits(), n_vocab, 0.0f, "output head"));
   KTX_RETURN_IF_ERROR(Download(runner_->logits(), pinned_logits_.as<float>(), n_out * n_vocab * 4));
   KTX_RETURN_IF_ERROR(Sync("the forward pass"));
   logits->Resize(n_out, n_vocab);

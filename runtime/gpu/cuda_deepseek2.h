@@ -5,7 +5,9 @@
 // the CPU. Built from a loaded Deepseek2Model (hyper-parameters, weight views,
 // expert backend), it owns:
 //   * bf16 copies of every non-routed weight, dequantized ON the GPU from the
-//     GGUF blocks (kernels/cuda/dequant.h), F32 norms and routers;
+//     GGUF blocks (kernels/cuda/dequant.h), and/or the blocks themselves for
+//     the quantized GEMV of small batches (CudaModelOptions::gpu_weights),
+//     F32 norms and routers;
 //   * a paged bf16 latent KV cache (kv_lora + n_rot per token per layer),
 //     sized by a memory plan (memory_plan.h) against the device's free memory;
 //   * pinned host staging buffers, a stream and a cuBLAS handle (GpuLayerRunner).
@@ -76,6 +78,20 @@ class CudaDeepseek2 {
   // it only between calls that change them.
   const PagedKvAllocator& kv_allocator() const { return *kv_; }
   const models::Deepseek2Model& model() const { return model_; }
+
+  // ---- weight forms and the quantized GEMV (docs/gpu.md) ----
+  // memory_plan().weight_form: which forms of the non-routed matrices are on
+  // the device. Batches of at most gemv_max_tokens() tokens use the quantized
+  // GEMV where a matrix has GGUF blocks (and so do resident hot experts with
+  // at most that many tokens); larger ones cuBLAS on the bf16 copies.
+  // SetGemvMaxTokens changes the threshold between calls (0: the GEMV only
+  // where no bf16 copy exists).
+  GpuWeightForm weight_form() const { return plan_.weight_form; }
+  int64_t gemv_max_tokens() const { return runner_->gemv_max_tokens(); }
+  void SetGemvMaxTokens(int64_t n);
+  // Matrix products run so far by the GEMV and by cuBLAS (non-routed weights).
+  int64_t gemv_products() const { return runner_->gemv_calls(); }
+  int64_t cublas_products() const { return runner_->cublas_calls(); }
 
   // ---- routed experts on the GPU (large batches; docs/gpu.md) ----
   // The mode in use (options.experts.mode or KTX_GPU_EXPERTS; kOff when the
@@ -208,6 +224,10 @@ class CudaDeepseek2 {
   explicit CudaDeepseek2(const models::Deepseek2Model& model) : model_(model) {}
   absl::Status Load(const CudaModelOptions& options, uint64_t free_bytes);
   absl::Status UploadMatrix(const gguf::TensorInfo& t, Bf16* dst, const char* what);
+  // The GGUF blocks of `a` (and `b` stacked under it: one buffer when both
+  // have the same type and row size, else two parts) into m->blocks.
+  absl::Status UploadBlocks(const gguf::TensorInfo* a, const gguf::TensorInfo* b, GpuMatrix* m,
+                            const char* what);
   absl::StatusOr<const float*> UploadVector(const gguf::TensorInfo& t, const char* what);
   absl::StatusOr<Bf16*> AllocBf16(int64_t n, const char* what);
   kernels::cuda::MlaPagedKv LayerKv(int il) const;
@@ -257,7 +277,7 @@ class CudaDeepseek2 {
   std::vector<DeviceBuffer> weight_buffers_;  // every weight allocation
   std::vector<GpuLayerWeights> layers_;       // [n_layer] views into weight_buffers_
   const Bf16* token_embd_ = nullptr;          // bf16 [n_vocab, n_embd]
-  const Bf16* output_ = nullptr;              // bf16 [n_vocab, n_embd] (= token_embd_ if tied)
+  GpuMatrix output_;                          // [n_vocab, n_embd] bf16 and/or blocks
   const float* output_norm_ = nullptr;        // F32 [n_embd]
   DeviceBuffer staging_;                      // raw GGUF rows during Load
   PinnedBuffer load_pinned_;                  // the same rows on the host, during Load

@@ -16,6 +16,7 @@
 #include "kernels/cuda/dequant.h"
 #include "kernels/cuda/experts.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemv.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/status.h"
 
@@ -442,6 +443,54 @@ absl::Status GpuExpertStreamer::RunExpert(int64_t m, const int32_t* rows, const 
                 "expert weighted add");
 }
 
+bool GpuExpertStreamer::GemvReads(int il) const {
+  if (il < 0 || il >= static_cast<int>(layers_.size()) || !layers_[il].present()) return false;
+  const ExpertLayerTensors& l = layers_[il];
+  auto reads = [](kernels::TensorType type, int64_t n_in, int64_t row_bytes) {
+    if (!kc::CanQuantGemv(type) || n_in % 32 != 0 ||
+        n_in % kernels::TraitsOf(type).block_size != 0) {
+      return false;
+    }
+    return (type != kernels::TensorType::kQ4_K && type != kernels::TensorType::kQ5_K) ||
+           row_bytes % 16 == 0;
+  };
+  return reads(l.gate_type, config_.n_embd, l.gate_row_bytes) &&
+         reads(l.up_type, config_.n_embd, l.up_row_bytes) &&
+         reads(l.down_type, config_.n_ff, l.down_row_bytes);
+}
+
+absl::Status GpuExpertStreamer::RunExpertGemv(int il, const uint8_t* src, int64_t m,
+                                              const int32_t* rows, const float* weights,
+                                              const Bf16* h, int64_t h_stride, float* acc,
+                                              int64_t acc_stride) {
+  const ExpertLayerTensors& l = layers_[il];
+  const int64_t n_ff = config_.n_ff, n_embd = config_.n_embd;
+  // The slot layout: gate, up, down, each part rounded up to 256 bytes (so
+  // every part is 16-byte aligned and readable past its last row).
+  const uint64_t gate_bytes = Round256(static_cast<uint64_t>(n_ff * l.gate_row_bytes));
+  const uint64_t up_bytes = Round256(static_cast<uint64_t>(n_ff * l.up_row_bytes));
+  Bf16* xg = xg_.as<Bf16>();
+  float* gu = gu_.as<float>();
+  KTX_RETURN_IF_ERROR(CudaOk(kc::GatherRowsBf16(h, h_stride, rows, m, n_embd, xg, n_embd, compute_),
+                             "gathering an expert's tokens"));
+  KTX_RETURN_IF_ERROR(CudaOk(kc::QuantGemv(l.gate_type, src, l.gate_row_bytes, n_ff, n_embd, xg,
+                                           n_embd, m, gu, 2 * n_ff, 0.0f, compute_),
+                             "expert gate (quantized GEMV)"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::QuantGemv(l.up_type, src + gate_bytes, l.up_row_bytes, n_ff, n_embd, xg, n_embd, m,
+                           gu + n_ff, 2 * n_ff, 0.0f, compute_),
+             "expert up (quantized GEMV)"));
+  KTX_RETURN_IF_ERROR(CudaOk(
+      kc::SiluMulToBf16(gu, 2 * n_ff, m, n_ff, act_.as<Bf16>(), n_ff, compute_), "expert SiLU"));
+  KTX_RETURN_IF_ERROR(
+      CudaOk(kc::QuantGemv(l.down_type, src + gate_bytes + up_bytes, l.down_row_bytes, n_embd, n_ff,
+                           act_.as<Bf16>(), n_ff, m, y_.as<float>(), n_embd, 0.0f, compute_),
+             "expert down (quantized GEMV)"));
+  return CudaOk(kc::ScatterAddWeightedRows(y_.as<float>(), n_embd, rows, weights, m, n_embd, acc,
+                                           acc_stride, compute_),
+                "expert weighted add");
+}
+
 absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts,
                                         const models::Routing& routing, const Bf16* h,
                                         int64_t h_stride, float* acc, int64_t acc_stride) {
@@ -519,13 +568,21 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
                "uploading expert weights"));
   }
   KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(entries_done_[parity], compute_), "cudaEventRecord"));
-  // Resident experts first: nothing to copy.
+  // Resident experts first: nothing to copy. Few tokens: GEMVs on the blocks.
+  const bool gemv_layer = !resident.empty() && GemvReads(il);
   for (int32_t e : resident) {
     const int64_t m = count[e];
     if (m == 0) continue;
-    KTX_RETURN_IF_ERROR(DequantizeFrom(il, resident_.as<uint8_t>() + resident_offset_[il][e]));
-    KTX_RETURN_IF_ERROR(
-        RunExpert(m, d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+    const uint8_t* src = resident_.as<uint8_t>() + resident_offset_[il][e];
+    if (gemv_layer && m <= config_.gemv_max_tokens) {
+      KTX_RETURN_IF_ERROR(RunExpertGemv(il, src, m, d_rows + offset[e], d_weights + offset[e], h,
+                                        h_stride, acc, acc_stride));
+      ++stats_.resident_gemv_experts;
+    } else {
+      KTX_RETURN_IF_ERROR(DequantizeFrom(il, src));
+      KTX_RETURN_IF_ERROR(
+          RunExpert(m, d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+    }
     ++stats_.experts_computed;
     stats_.tokens_computed += m;
     ++stats_.resident_experts_computed;

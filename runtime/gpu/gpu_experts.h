@@ -11,7 +11,9 @@
 //   * on the compute stream waits for that copy (event), dequantizes the
 //     blocks to bf16 (kernels/cuda/dequant.h), releases the slot (event),
 //     gathers the expert's tokens, runs gate/up (one GEMM), SiLU gate, down,
-//     and adds weight * output into an F32 accumulator at the tokens' rows,
+//     and adds weight * output into an F32 accumulator at the tokens' rows
+//     (resident experts with few tokens: three quantized GEMVs on their
+//     blocks instead of dequantize + GEMMs, config.gemv_max_tokens),
 // with no host synchronisation inside the layer: copies of later experts
 // (and, through Prefetch, of the next layer's experts) run while earlier ones
 // are multiplied. Experts are processed one at a time in the given order on
@@ -93,6 +95,10 @@ struct GpuExpertStreamerConfig {
   int64_t max_tokens = 0;  // batch size bound (work buffers)
   int32_t n_slots = 32;    // >= 2
   bool register_host_memory = true;
+  // A resident expert with at most this many tokens runs as three quantized
+  // GEMVs straight from its blocks (kernels/cuda/gemv.h) instead of
+  // dequantize + GEMMs, when the GEMV reads its types (0: never).
+  int64_t gemv_max_tokens = 0;
 };
 
 enum class HostMemoryMode { kRegistered, kBounce };
@@ -159,6 +165,9 @@ class GpuExpertStreamer {
     return resident_ids_[il];
   }
   int64_t n_resident() const { return n_resident_; }
+  // GpuExpertStreamerConfig::gemv_max_tokens, changeable between calls.
+  void set_gemv_max_tokens(int64_t n) { config_.gemv_max_tokens = n; }
+  int64_t gemv_max_tokens() const { return config_.gemv_max_tokens; }
   uint64_t resident_bytes() const { return resident_.bytes(); }
 
   // Drops planned copies and waits for both streams (after an error, or to
@@ -173,6 +182,7 @@ class GpuExpertStreamer {
     int64_t tokens_computed = 0;   // routing entries computed, streamed and resident
     int64_t resident_experts_computed = 0;
     int64_t resident_tokens_computed = 0;
+    int64_t resident_gemv_experts = 0;  // of those, computed by the quantized GEMV
   };
   const Stats& stats() const { return stats_; }
 
@@ -196,6 +206,13 @@ class GpuExpertStreamer {
   // The FFN of m gathered tokens (rows/weights: device, m entries) into acc.
   absl::Status RunExpert(int64_t m, const int32_t* rows, const float* weights,
                          const __nv_bfloat16* h, int64_t h_stride, float* acc, int64_t acc_stride);
+  // The same straight from raw blocks in the slot layout at `src` (device)
+  // with the quantized GEMV (GemvReads(il) must hold).
+  absl::Status RunExpertGemv(int il, const uint8_t* src, int64_t m, const int32_t* rows,
+                             const float* weights, const __nv_bfloat16* h, int64_t h_stride,
+                             float* acc, int64_t acc_stride);
+  // The GEMV reads layer il's expert types and shapes.
+  bool GemvReads(int il) const;
 
   GpuExpertStreamerConfig config_;
   ExpertStreamLayout layout_;

@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemv.h"
 #include "runtime/base/status.h"
 
 namespace ktx::gpu {
@@ -15,6 +16,7 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   r->hp_ = hp;
   r->layout_ = GpuWorkLayout::For(hp, max_tokens);
   r->attention_tensor_cores_ = options.attention_tensor_cores;
+  r->gemv_max_tokens_ = options.gemv_max_tokens;
   r->rope_.n_rot = static_cast<int32_t>(hp.rope.n_rot);
   r->rope_.freq_base = hp.rope.freq_base;
   r->rope_.freq_scale = hp.rope.freq_scale;
@@ -110,24 +112,20 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
                              "attention norm"));
   float* q = q_.as<float>();
   if (hp_.is_lite()) {
-    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q, n_embd, h_bf16(), n_embd, q,
-                                                CUDA_R_32F, n_head * hd, n_head * hd, n_embd, n),
-                                 "attn_q"));
+    KTX_RETURN_IF_ERROR(
+        Linear(w.attn_q, n_head * hd, n_embd, h_bf16(), n_embd, n, q, n_head * hd, 0.0f, "attn_q"));
   } else {
     const int64_t ql = hp_.q_lora_rank;
-    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q_a, n_embd, h_bf16(), n_embd,
-                                                qa_.get(), CUDA_R_32F, ql, ql, n_embd, n),
-                                 "attn_q_a"));
+    KTX_RETURN_IF_ERROR(
+        Linear(w.attn_q_a, ql, n_embd, h_bf16(), n_embd, n, qa_.as<float>(), ql, 0.0f, "attn_q_a"));
     KTX_RETURN_IF_ERROR(CudaOk(kc::RmsNorm(qa_.as<float>(), ql, nullptr, w.attn_q_a_norm, ql, n,
                                            eps, nullptr, 0, qa_bf16_.as<Bf16>(), ql, stream_),
                                "q_a norm"));
-    KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_q_b, ql, qa_bf16_.as<Bf16>(), ql, q,
-                                                CUDA_R_32F, n_head * hd, n_head * hd, ql, n),
-                                 "attn_q_b"));
+    KTX_RETURN_IF_ERROR(Linear(w.attn_q_b, n_head * hd, ql, qa_bf16_.as<Bf16>(), ql, n, q,
+                               n_head * hd, 0.0f, "attn_q_b"));
   }
-  KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, w.attn_kv_a_mqa, n_embd, h_bf16(), n_embd,
-                                              kva_.get(), CUDA_R_32F, rw, rw, n_embd, n),
-                               "attn_kv_a_mqa"));
+  KTX_RETURN_IF_ERROR(Linear(w.attn_kv_a_mqa, rw, n_embd, h_bf16(), n_embd, n, kva_.as<float>(), rw,
+                             0.0f, "attn_kv_a_mqa"));
   KTX_RETURN_IF_ERROR(
       CudaOk(kc::MlaWriteKv(kva_.as<float>(), rw, w.attn_kv_a_norm, eps, static_cast<int32_t>(kvl),
                             rope_, b.positions, b.seq_index, n, kv, stream_),
@@ -168,9 +166,8 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
       kc::LinearBf16Batched(cublas_, w.attn_v_b, kvl, hdv * kvl, ctx_.as<Bf16>(), n_head * kvl, kvl,
                             o_.get(), CUDA_R_16BF, n_head * hdv, hdv, hdv, kvl, n, n_head),
       "attn_v_b"));
-  return CublasOk(kc::LinearBf16(cublas_, w.attn_output, n_head * hdv, o_.as<Bf16>(), n_head * hdv,
-                                 x, CUDA_R_32F, n_embd, n_embd, n_head * hdv, n, 1.0f),
-                  "attn_output");
+  return Linear(w.attn_output, n_embd, n_head * hdv, o_.as<Bf16>(), n_head * hdv, n, x, n_embd,
+                1.0f, "attn_output");
 }
 
 absl::Status GpuLayerRunner::Norm(const float* norm, const float* x, int64_t n) {
@@ -179,7 +176,7 @@ absl::Status GpuLayerRunner::Norm(const float* norm, const float* x, int64_t n) 
                 "FFN norm");
 }
 
-absl::Status GpuLayerRunner::GatedFfn(const Bf16* gate_up, const Bf16* down, int64_t n_ff,
+absl::Status GpuLayerRunner::GatedFfn(const GpuMatrix& gate_up, const GpuMatrix& down, int64_t n_ff,
                                       int64_t n, float* out, int64_t out_stride, float beta) {
   if (n_ff > layout_.ff_max || n > layout_.max_tokens) {
     return absl::InvalidArgumentError(
@@ -187,14 +184,43 @@ absl::Status GpuLayerRunner::GatedFfn(const Bf16* gate_up, const Bf16* down, int
   }
   const int64_t n_embd = hp_.n_embd;
   float* gu = gu_.as<float>();
-  KTX_RETURN_IF_ERROR(CublasOk(kc::LinearBf16(cublas_, gate_up, n_embd, h_bf16(), n_embd, gu,
-                                              CUDA_R_32F, 2 * n_ff, 2 * n_ff, n_embd, n),
-                               "FFN gate/up"));
+  KTX_RETURN_IF_ERROR(
+      Linear(gate_up, 2 * n_ff, n_embd, h_bf16(), n_embd, n, gu, 2 * n_ff, 0.0f, "FFN gate/up"));
   KTX_RETURN_IF_ERROR(
       CudaOk(kc::SiluMulToBf16(gu, 2 * n_ff, n, n_ff, act_.as<Bf16>(), n_ff, stream_), "SiLU"));
-  return CublasOk(kc::LinearBf16(cublas_, down, n_ff, act_.as<Bf16>(), n_ff, out, CUDA_R_32F,
-                                 out_stride, n_embd, n_ff, n, beta),
-                  "FFN down");
+  return Linear(down, n_embd, n_ff, act_.as<Bf16>(), n_ff, n, out, out_stride, beta, "FFN down");
+}
+
+absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x,
+                                    int64_t ldx, int64_t n, float* y, int64_t ldy, float beta,
+                                    const char* what) {
+  if (m.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPU product ", what, ": no weights on the device"));
+  }
+  if (m.n_blocks > 0 && (n <= gemv_max_tokens_ || m.bf16 == nullptr)) {
+    int64_t rows = 0;
+    for (int p = 0; p < m.n_blocks; ++p) rows += m.blocks[p].n_rows;
+    if (rows != n_out) {
+      return absl::InternalError(absl::StrCat("GPU product ", what, ": blocks of ", rows,
+                                              " rows for a matrix of ", n_out));
+    }
+    int64_t row0 = 0;
+    for (int p = 0; p < m.n_blocks; ++p) {
+      const GpuMatrix::Blocks& b = m.blocks[p];
+      KTX_RETURN_IF_ERROR(
+          CudaOk(kc::QuantGemv(b.type, b.data, b.row_bytes, b.n_rows, n_in, x, ldx, n, y + row0,
+                               ldy, beta, stream_),
+                 absl::StrCat(what, " (quantized GEMV, ", kernels::TraitsOf(b.type).name, ")")));
+      row0 += b.n_rows;
+    }
+    ++gemv_calls_;
+    return absl::OkStatus();
+  }
+  ++cublas_calls_;
+  return CublasOk(
+      kc::LinearBf16(cublas_, m.bf16, n_in, x, ldx, y, CUDA_R_32F, ldy, n_out, n_in, n, beta),
+      what);
 }
 
 absl::Status GpuLayerRunner::Route(const GpuLayerWeights& w, int64_t n) {

@@ -8,8 +8,9 @@
 // (GpuLayerWeights, not owned), so the same code runs the real model
 // (CudaDeepseek2) and the benchmark's random DeepSeek-V3 layer.
 //
-// Numerics: weights bf16; every matrix product takes bf16 activations and
-// accumulates in F32 (cuBLAS); the residual stream, norms, rope, softmax and
+// Numerics: weights bf16 (cuBLAS) or GGUF blocks expanded in F32 (the
+// quantized GEMV, small batches); every matrix product takes bf16
+// activations and accumulates in F32; the residual stream, norms, rope, softmax and
 // the router (F32 weights, F32 product, routing in double) stay in F32.
 //
 // All methods enqueue work on stream() and return without waiting, except
@@ -25,6 +26,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/common/tensor_type.h"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/rope.h"
 #include "kernels/cuda/routing.h"
@@ -36,26 +38,48 @@ namespace ktx::gpu {
 
 using Bf16 = __nv_bfloat16;
 
-// Device pointers to one layer's weights (not owned). Matrices are bf16,
-// row-major [n_out, n_in]; vectors F32. Shapes with ggml's names:
+// One weight matrix [n_out, n_in] on the device in up to two forms (not
+// owned; memory_plan.h GpuWeightForm): bf16 row-major (cuBLAS), and/or the
+// GGUF blocks as stored in the file (the quantized GEMV, kernels/cuda/gemv.h),
+// as up to two row ranges of different storage types (gate and up stacked
+// into one matrix when their types differ). A bare bf16 pointer converts.
+struct GpuMatrix {
+  struct Blocks {
+    const void* data = nullptr;  // rows of row_bytes, 16-byte aligned, readable to a 16 multiple
+    kernels::TensorType type = kernels::TensorType::kF32;
+    int64_t row_bytes = 0;
+    int64_t n_rows = 0;
+  };
+  const Bf16* bf16 = nullptr;  // bf16 [n_out, n_in], or null (blocks only)
+  Blocks blocks[2];            // rows [0, blocks[0].n_rows), then blocks[1]'s
+  int n_blocks = 0;            // 0: no quantized form
+
+  GpuMatrix() = default;
+  GpuMatrix(const Bf16* p) : bf16(p) {}  // NOLINT(google-explicit-constructor): bf16 only
+  bool empty() const { return bf16 == nullptr && n_blocks == 0; }
+};
+
+// Device pointers to one layer's weights (not owned). Matrices row-major
+// [n_out, n_in] (GpuMatrix: bf16 and/or GGUF blocks; k_b and v_b bf16
+// only); vectors F32. Shapes with ggml's names:
 struct GpuLayerWeights {
   const float* attn_norm = nullptr;       // F32 [n_embd]
-  const Bf16* attn_q_a = nullptr;         // [q_lora, n_embd]            (null if lite)
+  GpuMatrix attn_q_a;                     // [q_lora, n_embd]            (empty if lite)
   const float* attn_q_a_norm = nullptr;   // F32 [q_lora]                (null if lite)
-  const Bf16* attn_q_b = nullptr;         // [n_head * hd_qk, q_lora]    (null if lite)
-  const Bf16* attn_q = nullptr;           // [n_head * hd_qk, n_embd]    (lite only)
-  const Bf16* attn_kv_a_mqa = nullptr;    // [kv_lora + n_rot, n_embd]
+  GpuMatrix attn_q_b;                     // [n_head * hd_qk, q_lora]    (empty if lite)
+  GpuMatrix attn_q;                       // [n_head * hd_qk, n_embd]    (lite only)
+  GpuMatrix attn_kv_a_mqa;                // [kv_lora + n_rot, n_embd]
   const float* attn_kv_a_norm = nullptr;  // F32 [kv_lora]
   const Bf16* attn_k_b = nullptr;         // [n_head][kv_lora][qk_nope]
   const Bf16* attn_v_b = nullptr;         // [n_head][hd_v][kv_lora]
-  const Bf16* attn_output = nullptr;      // [n_embd, n_head * hd_v]
+  GpuMatrix attn_output;                  // [n_embd, n_head * hd_v]
   const float* ffn_norm = nullptr;        // F32 [n_embd]
-  const Bf16* ffn_gate_up = nullptr;      // dense: [2 * n_ff, n_embd] (gate rows, then up rows)
-  const Bf16* ffn_down = nullptr;         // dense: [n_embd, n_ff]
+  GpuMatrix ffn_gate_up;                  // dense: [2 * n_ff, n_embd] (gate rows, then up rows)
+  GpuMatrix ffn_down;                     // dense: [n_embd, n_ff]
   const float* ffn_gate_inp = nullptr;    // MoE: F32 [n_expert, n_embd] router
   const float* exp_probs_b = nullptr;     // MoE: F32 [n_expert] selection bias (or null)
-  const Bf16* shexp_gate_up = nullptr;    // MoE: [2 * n_ff_exp * n_shared, n_embd]
-  const Bf16* shexp_down = nullptr;       // MoE: [n_embd, n_ff_exp * n_shared]
+  GpuMatrix shexp_gate_up;                // MoE: [2 * n_ff_exp * n_shared, n_embd]
+  GpuMatrix shexp_down;                   // MoE: [n_embd, n_ff_exp * n_shared]
 };
 
 // The tokens of one batch, on the device: I32 [n_tokens] each.
@@ -101,8 +125,21 @@ class GpuLayerRunner {
   absl::Status Norm(const float* norm, const float* x, int64_t n);
   // out = beta · out + down · (silu(gate · h) ⊙ (up · h)) on h_bf16(); out F32
   // [n, out_stride]; gate_up [2 * n_ff, n_embd], down [n_embd, n_ff].
-  absl::Status GatedFfn(const Bf16* gate_up, const Bf16* down, int64_t n_ff, int64_t n, float* out,
-                        int64_t out_stride, float beta);
+  absl::Status GatedFfn(const GpuMatrix& gate_up, const GpuMatrix& down, int64_t n_ff, int64_t n,
+                        float* out, int64_t out_stride, float beta);
+  // y = beta · y + m · x for n tokens: x bf16 [n, ldx], y F32 [n, ldy], m
+  // [n_out, n_in]. The quantized GEMV when m has blocks and n <=
+  // gemv_max_tokens() (or m has no bf16 form), else cuBLAS on m.bf16.
+  // InvalidArgument naming `what` for an empty matrix.
+  absl::Status Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x, int64_t ldx,
+                      int64_t n, float* y, int64_t ldy, float beta, const char* what);
+  // Batches of at most this many tokens use the GEMV where a matrix has
+  // blocks (CudaModelOptions::gemv_max_tokens; changeable between calls).
+  int64_t gemv_max_tokens() const { return gemv_max_tokens_; }
+  void set_gemv_max_tokens(int64_t n) { gemv_max_tokens_ = n; }
+  // Products run so far by each path (Linear calls; tests and logs).
+  int64_t gemv_calls() const { return gemv_calls_; }
+  int64_t cublas_calls() const { return cublas_calls_; }
   // Routes h_f32() (router product in F32, selection in double) into
   // expert_ids() and expert_weights().
   absl::Status Route(const GpuLayerWeights& w, int64_t n);
@@ -116,6 +153,9 @@ class GpuLayerRunner {
   kernels::cuda::RoutingConfig routing_;
   int32_t n_multiprocessors_ = 1;
   bool attention_tensor_cores_ = true;
+  int64_t gemv_max_tokens_ = 8;
+  int64_t gemv_calls_ = 0;
+  int64_t cublas_calls_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,

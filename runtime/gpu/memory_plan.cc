@@ -91,6 +91,16 @@ uint64_t ExpertStreamLayout::device_bytes() const {
 
 uint64_t ExpertStreamLayout::pinned_bytes() const { return 2 * 8 * U(entries); }
 
+const char* GpuWeightFormName(GpuWeightForm form) {
+  switch (form) {
+    case GpuWeightForm::kAuto: return "auto";
+    case GpuWeightForm::kBf16: return "bf16";
+    case GpuWeightForm::kQuantized: return "quantized";
+    case GpuWeightForm::kBoth: return "both";
+  }
+  return "?";
+}
+
 std::string GpuMemoryPlan::ToString() const {
   std::string s;
   auto line = [&s](const char* what, const std::string& v) {
@@ -103,6 +113,15 @@ std::string GpuMemoryPlan::ToString() const {
   line("routers (F32)", Size(router_bytes));
   line("embedding (bf16)", Size(embedding_bytes));
   line("output head (bf16)", Size(head_bytes));
+  line("weight form", absl::StrCat(GpuWeightFormName(weight_form),
+                                   weight_form_requested == GpuWeightForm::kAuto ? " (auto)" : ""));
+  if (quantized_weight_bytes > 0) {
+    line(absl::StrCat("GGUF blocks for the GEMV (", quantized_matrices, " matrices)").c_str(),
+         Size(quantized_weight_bytes));
+  }
+  if (bf16_dropped_bytes > 0) {
+    line("bf16 copies not kept (quantized)", absl::StrCat("-", Size(bf16_dropped_bytes)));
+  }
   line("= weights", Size(weight_bytes()));
   line(absl::StrCat("activations (", max_batch_tokens, " tokens/batch)").c_str(),
        Size(activation_bytes));
@@ -141,7 +160,8 @@ int32_t ExpertStreamSlots(const CudaModelOptions& options) {
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& o, uint64_t free_bytes,
                                             bool output_tied, uint64_t expert_raw_bytes,
-                                            uint64_t resident_expert_bytes) {
+                                            uint64_t resident_expert_bytes,
+                                            const QuantizableWeights& quantizable) {
   if (o.max_batch_tokens <= 0 || o.max_sequences <= 0 || o.kv_page_size <= 0 || o.max_context < 0 ||
       o.kv_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -208,13 +228,37 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   p.resident_experts = CountResidentExperts(o);
   p.resident_expert_bytes = p.resident_experts > 0 ? resident_expert_bytes : 0;
 
-  const uint64_t fixed = p.weight_bytes() + p.activation_bytes + p.workspace_bytes +
-                         p.expert_stream_bytes + p.resident_expert_bytes;
   const uint64_t usable = free_bytes > o.reserve_bytes ? free_bytes - o.reserve_bytes : 0;
-  const uint64_t left = usable > fixed ? usable - fixed : 0;
   const int64_t want_pages = o.kv_tokens > 0 ? (o.kv_tokens + o.kv_page_size - 1) / o.kv_page_size
                                              : pages_per_seq * o.max_sequences;
   const int64_t min_pages = o.kv_tokens > 0 ? want_pages : pages_per_seq;
+  // The weight form: kAuto takes the first of both, bf16, quantized that
+  // leaves room for min_pages of KV cache.
+  p.weight_form_requested = o.gpu_weights;
+  auto apply_form = [&](GpuWeightForm form) {
+    if (quantizable.n_matrices == 0) form = GpuWeightForm::kBf16;
+    p.weight_form = form;
+    const bool blocks = form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized;
+    p.quantized_matrices = blocks ? quantizable.n_matrices : 0;
+    p.quantized_weight_bytes = blocks ? quantizable.block_bytes : 0;
+    p.bf16_dropped_bytes = form == GpuWeightForm::kQuantized ? quantizable.bf16_bytes : 0;
+  };
+  auto fixed_bytes = [&] {
+    return p.weight_bytes() + p.activation_bytes + p.workspace_bytes + p.expert_stream_bytes +
+           p.resident_expert_bytes;
+  };
+  if (o.gpu_weights == GpuWeightForm::kAuto) {
+    for (GpuWeightForm form :
+         {GpuWeightForm::kBoth, GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
+      apply_form(form);
+      const uint64_t f = fixed_bytes();
+      if (f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages)) break;
+    }
+  } else {
+    apply_form(o.gpu_weights);
+  }
+  const uint64_t fixed = fixed_bytes();
+  const uint64_t left = usable > fixed ? usable - fixed : 0;
   const int64_t fit_pages = static_cast<int64_t>(left / std::max<uint64_t>(page_bytes, 1));
   p.kv_pages = std::min(want_pages, fit_pages);
   p.kv_tokens = p.kv_pages * o.kv_page_size;
@@ -233,8 +277,11 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
         " per token of KV cache), reserve_bytes, experts.n_slots (", Size(p.expert_stream_bytes),
         " for routed-expert streaming; experts.mode = kOff frees "
         "it), the hot experts kept on the GPU (",
-        Size(p.resident_expert_bytes),
-        "; --gpu-hot-experts-gib); or use a GPU with more memory. Keeping the "
+        Size(p.resident_expert_bytes), "; --gpu-hot-experts-gib), the weight form (",
+        GpuWeightFormName(p.weight_form), ": ", Size(quantizable.block_bytes),
+        " of GGUF blocks for the GEMV, ", Size(quantizable.bf16_bytes),
+        " of their bf16 copies; gpu_weights = bf16 or quantized keeps one); or use a GPU with "
+        "more memory. Keeping the "
         "embedding or output head in host memory is not implemented yet."));
   }
   return p;

@@ -49,6 +49,27 @@ struct GpuExpertOptions {
   double cpu_expert_per_token_us = 2.8;
 };
 
+// Which forms of the non-routed weight matrices CudaDeepseek2 keeps on the
+// device (docs/gpu.md, "Weight forms and the quantized GEMV"). The quantized
+// form is the matrix's GGUF blocks as stored in the file, read by the GEMV
+// (kernels/cuda/gemv.h) for batches of at most gemv_max_tokens tokens; the
+// bf16 form is read by cuBLAS. Only matrices of a type the GEMV reads
+// (CanQuantGemv: Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0, IQ4_XS, BF16, F16) get a
+// quantized form: attention q_a, q_b (or q), kv_a_mqa, output, dense FFN
+// gate/up/down, shared experts, output head. token_embd (a row lookup) and the
+// per-head k_b / v_b stay bf16 in every form.
+enum class GpuWeightForm {
+  kAuto,       // kBoth when it fits with at least one sequence of KV cache, else kBf16,
+               // else kQuantized (the plan says which; the KV cache shrinks by the blocks)
+  kBf16,       // bf16 only: cuBLAS at every batch size (the form before the GEMV)
+  kQuantized,  // blocks only: the GEMV at every batch size (prefill re-reads the
+               // weights once per 8 tokens: slow; for GPUs too small for bf16)
+  kBoth,       // both: the GEMV up to gemv_max_tokens tokens, cuBLAS above
+};
+
+// "auto", "bf16", "quantized", "both".
+const char* GpuWeightFormName(GpuWeightForm form);
+
 struct CudaModelOptions {
   int device = 0;                  // CUDA device index
   int64_t max_batch_tokens = 512;  // tokens per forward call over all sequences (longer
@@ -63,6 +84,17 @@ struct CudaModelOptions {
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
+  // Weight forms (above) and the largest batch (tokens in one forward step)
+  // that uses the quantized GEMV where a matrix has blocks; larger batches use
+  // cuBLAS on the bf16 form. Also the largest token count of one routed
+  // expert computed by the GEMV from the blocks of a resident hot expert
+  // (more tokens: dequantize + GEMM). The default 8 is where the GEMV's F32
+  // work per weight (one FMA per token) starts to cost as much as cuBLAS's
+  // bf16 read; gemv_benchmark measures the crossing per shape and type.
+  // KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N in
+  // the environment override these two.
+  GpuWeightForm gpu_weights = GpuWeightForm::kAuto;
+  int64_t gemv_max_tokens = 8;
   // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
   // in the environment overrides experts.mode.
   GpuExpertOptions experts;
@@ -130,6 +162,16 @@ struct GpuWorkLayout {
   uint64_t pinned_bytes() const;
 };
 
+// The non-routed matrices that can have a quantized form (CanQuantGemv
+// types; see GpuWeightForm): their GGUF bytes as stored on the device (each
+// matrix padded to 256 bytes) and their bytes in bf16. Computed by
+// CudaDeepseek2 from the model's tensor types.
+struct QuantizableWeights {
+  uint64_t block_bytes = 0;
+  uint64_t bf16_bytes = 0;
+  int64_t n_matrices = 0;
+};
+
 struct GpuMemoryPlan {
   // Weights on the GPU (bf16 matrices, F32 vectors and router).
   uint64_t attention_bytes = 0;      // all layers: norms, q, kv_a, k_b, v_b, output
@@ -138,6 +180,14 @@ struct GpuMemoryPlan {
   uint64_t router_bytes = 0;         // F32 routers and selection biases
   uint64_t embedding_bytes = 0;      // token_embd in bf16
   uint64_t head_bytes = 0;           // output_norm + output (the norm only when tied)
+  // The weight form in use (never kAuto) and its effect: the quantized
+  // matrices' blocks (kBoth, kQuantized) and the bf16 bytes not kept
+  // (kQuantized: the quantizable matrices' bf16 copies).
+  GpuWeightForm weight_form = GpuWeightForm::kBf16;
+  GpuWeightForm weight_form_requested = GpuWeightForm::kBf16;
+  int64_t quantized_matrices = 0;
+  uint64_t quantized_weight_bytes = 0;
+  uint64_t bf16_dropped_bytes = 0;
   // Work memory.
   uint64_t activation_bytes = 0;     // GpuWorkLayout::device_bytes()
   uint64_t workspace_bytes = 0;      // attention + cuBLAS workspaces + load staging
@@ -162,7 +212,7 @@ struct GpuMemoryPlan {
 
   uint64_t weight_bytes() const {
     return attention_bytes + dense_ffn_bytes + shared_expert_bytes + router_bytes +
-           embedding_bytes + head_bytes;
+           embedding_bytes + head_bytes + quantized_weight_bytes - bf16_dropped_bytes;
   }
   uint64_t total_bytes() const {
     return weight_bytes() + activation_bytes + workspace_bytes + expert_stream_bytes +
@@ -185,10 +235,14 @@ struct GpuMemoryPlan {
 // resident expert the streamer's buffers are planned even when
 // experts.mode = kOff (2 slots then: the resident experts need its compute
 // buffers, not its copy ring).
+// `quantizable`: the matrices that can have a quantized form; options.
+// gpu_weights is resolved against it (kAuto: kBoth if that fits, else kBf16,
+// else kQuantized; no quantizable matrix: kBf16) into weight_form.
 absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             const CudaModelOptions& options, uint64_t free_bytes,
                                             bool output_tied = false, uint64_t expert_raw_bytes = 0,
-                                            uint64_t resident_expert_bytes = 0);
+                                            uint64_t resident_expert_bytes = 0,
+                                            const QuantizableWeights& quantizable = {});
 
 // The streamer's slot count for these options: experts.n_slots when
 // streaming (mode != kOff), 2 when only resident experts use it, 0 when

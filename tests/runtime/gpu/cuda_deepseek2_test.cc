@@ -849,6 +849,120 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
   }
 }
 
+// Weight forms (CudaModelOptions::gpu_weights) and the quantized GEMV: the
+// prompt as one batch, then llama.cpp's greedy tokens one at a time (teacher
+// forcing), with bf16 weights only (cuBLAS everywhere), with both forms and
+// gemv_max_tokens 128 (every product of the non-routed matrices by the GEMV,
+// the prefill included), with both forms and threshold 0 (must be the bf16
+// path bit for bit: the blocks are loaded but unused), and with the blocks
+// only (GEMV; k_b / v_b and token_embd stay bf16). Each against the float64
+// reference within the file's tier-B bounds, and the GEMV runs against the
+// bf16 run row by row (median row rel L2 <= 1e-2, same argmax wherever the
+// bf16 run's top-2 margin exceeds 1): the GEMV skips the bf16 rounding of
+// the weights, so it differs from the bf16 path by about that rounding.
+TEST_P(CudaDeepseek2Test, WeightFormsAndTheQuantizedGemvMatchTheReference) {
+  std::vector<float> want = LoadF32(files_["ref64_prompt_logits"]["file"]);
+  const std::vector<float> gen = LoadF32(files_["ref64_gen_logits"]["file"]);
+  want.insert(want.end(), gen.begin(), gen.end());
+  const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
+  const int64_t n_rows = static_cast<int64_t>(want.size()) / n_vocab_;
+  struct Case {
+    GpuWeightForm form;
+    int64_t gemv_max_tokens;
+    const char* what;
+  };
+  const Case cases[] = {
+      {GpuWeightForm::kBf16, 8, "bf16 weights only (cuBLAS)"},
+      {GpuWeightForm::kBoth, 128, "both forms, the GEMV for every batch"},
+      {GpuWeightForm::kBoth, 0, "both forms, threshold 0 (cuBLAS)"},
+      {GpuWeightForm::kQuantized, 8, "GGUF blocks only (the GEMV)"},
+  };
+  std::vector<float> bf16_run;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    CudaModelOptions o = TestOptions();
+    o.gpu_weights = c.form;
+    o.gemv_max_tokens = c.gemv_max_tokens;
+    auto gpu = CudaDeepseek2::Create(*model_, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    CudaDeepseek2& g = **gpu;
+    const GpuMemoryPlan& plan = g.memory_plan();
+    EXPECT_EQ(g.weight_form(), c.form) << plan.ToString();
+    EXPECT_EQ(plan.quantized_weight_bytes > 0, c.form != GpuWeightForm::kBf16) << plan.ToString();
+    EXPECT_EQ(plan.bf16_dropped_bytes > 0, c.form == GpuWeightForm::kQuantized) << plan.ToString();
+    auto seq = g.AddSequence(256);
+    ASSERT_TRUE(seq.ok());
+    Activations logits;
+    ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kAll, &logits).ok());
+    std::vector<float> got = logits.values();
+    for (int32_t token : gen_tokens) {
+      const int32_t one[] = {token};
+      ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
+      got.insert(got.end(), logits.values().begin(), logits.values().end());
+    }
+    ASSERT_EQ(got.size(), want.size());
+    // Which path ran.
+    if (c.form == GpuWeightForm::kBf16 || c.gemv_max_tokens == 0) {
+      EXPECT_EQ(g.gemv_products(), 0);
+      EXPECT_GT(g.cublas_products(), 0);
+    } else {
+      EXPECT_GT(g.gemv_products(), 0);
+      EXPECT_EQ(g.cublas_products(), 0) << "every non-routed product should have used the GEMV";
+    }
+    // Against the float64 reference (tier B).
+    std::vector<double> rows;
+    int confident = 0, agree = 0;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float* gr = got.data() + r * n_vocab_;
+      const float* wr = want.data() + r * n_vocab_;
+      rows.push_back(RelL2(gr, wr, n_vocab_));
+      if (Margin(wr, n_vocab_) > 1.0) {
+        ++confident;
+        agree += Argmax(gr, n_vocab_) == Argmax(wr, n_vocab_);
+      }
+    }
+    std::sort(rows.begin(), rows.end());
+    const double all = RelL2(got.data(), want.data(), static_cast<int64_t>(want.size()));
+    const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+    const TierB b = Bounds(GetParam());
+    std::printf("[ measured ] %s, %s: rel L2 %.3e vs float64, median row %.3e, argmax %.3f",
+                GetParam().c_str(), c.what, all, rows[rows.size() / 2], agreement);
+    EXPECT_LE(all, b.rel_l2);
+    EXPECT_LE(rows[rows.size() / 2], b.median_row);
+    EXPECT_GE(agreement, b.argmax_agree);
+    if (c.form == GpuWeightForm::kBf16) {
+      std::printf("\n");
+      bf16_run = got;
+      continue;
+    }
+    if (c.gemv_max_tokens == 0) {
+      std::printf("\n");
+      EXPECT_TRUE(got == bf16_run) << "threshold 0 must run exactly the bf16 path";
+      continue;
+    }
+    // Against the bf16 run, row by row.
+    std::vector<double> diff;
+    int sure = 0, same = 0;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float* gr = got.data() + r * n_vocab_;
+      const float* br = bf16_run.data() + r * n_vocab_;
+      diff.push_back(RelL2(gr, br, n_vocab_));
+      if (Margin(br, n_vocab_) > 1.0) {
+        ++sure;
+        same += Argmax(gr, n_vocab_) == Argmax(br, n_vocab_);
+      }
+    }
+    std::sort(diff.begin(), diff.end());
+    std::printf("; vs the bf16 run: median row %.3e, worst row %.3e, argmax %d/%d\n",
+                diff[diff.size() / 2], diff.back(), same, sure);
+    EXPECT_LE(diff[diff.size() / 2], 1e-2);
+    EXPECT_EQ(same, sure);
+  }
+  // The threshold can change between calls: 0 turns the GEMV off where bf16 exists.
+  gpu_->SetGemvMaxTokens(0);
+  EXPECT_EQ(gpu_->gemv_max_tokens(), 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaDeepseek2Test, ::testing::Values("bf16", "q8_0", "q4_k_m"));
 
 }  // namespace

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -43,12 +44,13 @@ using HostBytes = std::unique_ptr<uint8_t, AlignedFree>;
 struct HostLayer {
   HostBytes gate, up, down;
   TensorType types[3];
-  std::vector<float> w[3];  // [E][rows][cols], rounded to bf16 as the GPU holds them
+  std::vector<float> w[3];        // [E][rows][cols], rounded to bf16 as the GPU holds them
+  std::vector<float> w_exact[3];  // the same, as DequantizeRow gives them (the GEMV's weights)
   ExpertLayerTensors tensors;
 };
 
 HostBytes Quantized(TensorType type, int64_t rows, int64_t cols, std::mt19937& rng,
-                    std::vector<float>* values, int64_t* row_bytes) {
+                    std::vector<float>* values, std::vector<float>* exact, int64_t* row_bytes) {
   const kernels::TensorTypeTraits& tr = kernels::TraitsOf(type);
   *row_bytes = kernels::RowBytes(tr, cols);
   const size_t bytes = static_cast<size_t>(rows * *row_bytes);
@@ -58,12 +60,14 @@ HostBytes Quantized(TensorType type, int64_t rows, int64_t cols, std::mt19937& r
   std::normal_distribution<float> dist(0.0f, 1.0f / std::sqrt(static_cast<float>(cols)));
   std::vector<float> row(cols), deq(cols);
   values->resize(rows * cols);
+  exact->resize(rows * cols);
   for (int64_t r = 0; r < rows; ++r) {
     for (auto& v : row) v = dist(rng);
     kernels::QuantizeRow(type, row.data(), p.get() + r * *row_bytes, cols);
     kernels::DequantizeRow(type, p.get() + r * *row_bytes, deq.data(), cols);
     for (int64_t c = 0; c < cols; ++c) {
       (*values)[r * cols + c] = kernels::Bf16ToFloat(kernels::FloatToBf16(deq[c]));
+      (*exact)[r * cols + c] = deq[c];
     }
   }
   return p;
@@ -74,9 +78,12 @@ std::unique_ptr<HostLayer> MakeLayer(TensorType g, TensorType u, TensorType d, s
   l->types[0] = g;
   l->types[1] = u;
   l->types[2] = d;
-  l->gate = Quantized(g, kExperts * kFf, kEmbd, rng, &l->w[0], &l->tensors.gate_row_bytes);
-  l->up = Quantized(u, kExperts * kFf, kEmbd, rng, &l->w[1], &l->tensors.up_row_bytes);
-  l->down = Quantized(d, kExperts * kEmbd, kFf, rng, &l->w[2], &l->tensors.down_row_bytes);
+  l->gate = Quantized(g, kExperts * kFf, kEmbd, rng, &l->w[0], &l->w_exact[0],
+                      &l->tensors.gate_row_bytes);
+  l->up =
+      Quantized(u, kExperts * kFf, kEmbd, rng, &l->w[1], &l->w_exact[1], &l->tensors.up_row_bytes);
+  l->down = Quantized(d, kExperts * kEmbd, kFf, rng, &l->w[2], &l->w_exact[2],
+                      &l->tensors.down_row_bytes);
   l->tensors.gate = l->gate.get();
   l->tensors.up = l->up.get();
   l->tensors.down = l->down.get();
@@ -106,10 +113,13 @@ models::Routing RandomRouting(std::mt19937& rng) {
   return r;
 }
 
-// acc0 + Σ over entries with expert in `subset` of w * expert(h), in double.
+// acc0 + Σ over entries with expert in `subset` of w * expert(h), in double;
+// the experts in `exact` with DequantizeRow's weights (the quantized GEMV),
+// the others with the bf16-rounded ones (dequantize + cuBLAS).
 std::vector<double> Reference(const HostLayer& l, const std::vector<uint16_t>& h,
                               const models::Routing& r, const std::vector<int32_t>& subset,
-                              const std::vector<float>& acc0) {
+                              const std::vector<float>& acc0,
+                              const std::vector<int32_t>& exact = {}) {
   std::vector<double> out(acc0.begin(), acc0.end());
   std::vector<uint8_t> in(kExperts, 0);
   for (int32_t e : subset) in[e] = 1;
@@ -118,10 +128,12 @@ std::vector<double> Reference(const HostLayer& l, const std::vector<uint16_t>& h
     for (int k = 0; k < kUsed; ++k) {
       const int32_t e = r.id(t, k);
       if (e == models::kNoExpert || !in[e]) continue;
+      const bool ex = std::find(exact.begin(), exact.end(), e) != exact.end();
+      const std::vector<float>* w = ex ? l.w_exact : l.w;
       for (int64_t f = 0; f < kFf; ++f) {
         double g = 0, u = 0;
-        const float* wg = &l.w[0][(e * kFf + f) * kEmbd];
-        const float* wu = &l.w[1][(e * kFf + f) * kEmbd];
+        const float* wg = &w[0][(e * kFf + f) * kEmbd];
+        const float* wu = &w[1][(e * kFf + f) * kEmbd];
         for (int64_t c = 0; c < kEmbd; ++c) {
           const double x = kernels::Bf16ToFloat(h[t * kEmbd + c]);
           g += wg[c] * x;
@@ -131,7 +143,7 @@ std::vector<double> Reference(const HostLayer& l, const std::vector<uint16_t>& h
         act[f] = kernels::Bf16ToFloat(kernels::FloatToBf16(static_cast<float>(a)));
       }
       for (int64_t o = 0; o < kEmbd; ++o) {
-        const float* wd = &l.w[2][(e * kEmbd + o) * kFf];
+        const float* wd = &w[2][(e * kEmbd + o) * kFf];
         double y = 0;
         for (int64_t f = 0; f < kFf; ++f) y += wd[f] * act[f];
         out[t * kEmbd + o] += r.weight(t, k) * y;
@@ -328,6 +340,48 @@ TEST_F(GpuExpertsTest, ResidentExpertsMatchFloat64ReferenceWithoutCopies) {
   EXPECT_EQ(t.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(t.message().find("layer 2"), std::string::npos) << t;
   EXPECT_EQ(s->n_resident(), 0);
+}
+
+// Resident experts with at most gemv_max_tokens tokens run as three quantized
+// GEMVs straight from their blocks: the sum equals the float64 reference with
+// DequantizeRow's (unrounded) weights for them and bf16 weights for the
+// streamed ones, within the same 2e-3; with the threshold 0 they take the
+// dequantize + GEMM path again. (About 14 tokens per expert here: two token
+// passes of the GEMV.)
+TEST_F(GpuExpertsTest, ResidentExpertsByQuantizedGemvMatchFloat64Reference) {
+  SCOPED_TRACE(testing::Message() << "seed " << seed_);
+  const models::Routing r1 = RandomRouting(rng_);
+  const models::Routing r2 = RandomRouting(rng_);
+  const std::vector<int32_t> subset = {4, 0, 6, 7, 2, 5, 1};  // 6: no token
+  const std::vector<std::vector<int32_t>> resident = {{}, {7, 4, 1}, {6, 0}};
+  cuda_test::DeviceArray<uint16_t> d_h(h_);
+  const auto* h = reinterpret_cast<const __nv_bfloat16*>(d_h.get());
+  for (const int64_t threshold : {int64_t{64}, int64_t{0}}) {
+    SCOPED_TRACE(testing::Message() << "gemv_max_tokens " << threshold);
+    const std::vector<int32_t> exact1 = threshold > 0 ? resident[1] : std::vector<int32_t>{};
+    const std::vector<int32_t> exact2 = threshold > 0 ? resident[2] : std::vector<int32_t>{};
+    const std::vector<double> want1 = Reference(*layers_[1], h_, r1, subset, acc0_, exact1);
+    std::vector<float> acc1(acc0_.size());
+    for (size_t i = 0; i < acc1.size(); ++i) acc1[i] = static_cast<float>(want1[i]);
+    const std::vector<double> want2 = Reference(*layers_[2], h_, r2, subset, acc1, exact2);
+    std::unique_ptr<GpuExpertStreamer> s = Make(2, true);
+    ASSERT_NE(s, nullptr);
+    s->set_gemv_max_tokens(threshold);
+    ASSERT_TRUE(s->LoadResident(resident).ok());
+    cuda_test::DeviceArray<float> acc(acc0_);
+    ASSERT_TRUE(s->Compute(1, subset, r1, h, kEmbd, acc.get(), kEmbd).ok());
+    const double e1 = RelErr(acc.Download(), want1, acc0_);
+    ASSERT_TRUE(s->Compute(2, subset, r2, h, kEmbd, acc.get(), kEmbd).ok());
+    const double e2 = RelErr(acc.Download(), want2, acc1);
+    std::printf(
+        "[ measured ] resident experts, gemv_max_tokens %lld: rel err %.2e (Q4_K/Q5_K/"
+        "Q6_K layer), %.2e (Q8_0/BF16/Q4_K layer)\n",
+        static_cast<long long>(threshold), e1, e2);
+    EXPECT_LE(e1, 2e-3);
+    EXPECT_LE(e2, 2e-3);
+    EXPECT_EQ(s->stats().resident_experts_computed, 4);
+    EXPECT_EQ(s->stats().resident_gemv_experts, threshold > 0 ? 4 : 0);
+  }
 }
 
 TEST_F(GpuExpertsTest, CalibrationGivesPositiveRates) {

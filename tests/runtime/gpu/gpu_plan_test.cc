@@ -35,6 +35,67 @@ TEST(GpuMemoryPlan, DeepSeekV3FitsAnH100WithAlargeKvCache) {
   std::printf("%s", plan->ToString().c_str());
 }
 
+// Weight forms: both = bf16 + the blocks, quantized = bf16 - the quantizable
+// matrices' bf16 + the blocks; auto takes both, then bf16, then quantized,
+// whichever first leaves one sequence of KV cache.
+TEST(GpuMemoryPlan, WeightFormsCountTheirBytesAndAutoPicksWhatFits) {
+  const models::Deepseek2Hparams hp = Dsv3Hparams();
+  QuantizableWeights q;
+  q.block_bytes = 9 * kGiB;  // ~Q4_K_M-sized blocks of ...
+  q.bf16_bytes = 30 * kGiB;  // ... 30 GiB of bf16 matrices
+  q.n_matrices = 300;
+  CudaModelOptions o;
+  o.gpu_weights = GpuWeightForm::kBf16;
+  auto bf16 = PlanGpuMemory(hp, o, 139 * kGiB, false, 0, 0, q);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ(bf16->weight_form, GpuWeightForm::kBf16);
+  EXPECT_EQ(bf16->quantized_weight_bytes, 0u);
+  o.gpu_weights = GpuWeightForm::kBoth;
+  auto both = PlanGpuMemory(hp, o, 139 * kGiB, false, 0, 0, q);
+  ASSERT_TRUE(both.ok()) << both.status();
+  EXPECT_EQ(both->weight_bytes(), bf16->weight_bytes() + 9 * kGiB);
+  const double page = 64.0 * static_cast<double>(both->kv_bytes_per_token);
+  EXPECT_NEAR(static_cast<double>(bf16->kv_bytes - both->kv_bytes), 9.0 * kGiB, page)
+      << "the blocks come out of the KV cache";
+  o.gpu_weights = GpuWeightForm::kQuantized;
+  auto quant = PlanGpuMemory(hp, o, 139 * kGiB, false, 0, 0, q);
+  ASSERT_TRUE(quant.ok()) << quant.status();
+  EXPECT_EQ(quant->weight_bytes() + 21 * kGiB, bf16->weight_bytes());
+  EXPECT_NE(quant->ToString().find("weight form                        quantized"),
+            std::string::npos)
+      << quant->ToString();
+  EXPECT_NE(quant->ToString().find("bf16 copies not kept"), std::string::npos);
+
+  // auto, from roomy to tight: both, bf16, quantized, then an error.
+  const uint64_t bf16_fixed = bf16->total_bytes() - bf16->kv_bytes + o.reserve_bytes;
+  const uint64_t one_sequence = 512 * 64 * bf16->kv_bytes_per_token;  // 32768 tokens
+  o.gpu_weights = GpuWeightForm::kAuto;
+  const struct {
+    uint64_t free;
+    GpuWeightForm want;
+  } cases[] = {
+      {bf16_fixed + 9 * kGiB + one_sequence + kGiB, GpuWeightForm::kBoth},
+      {bf16_fixed + 9 * kGiB + one_sequence - kGiB, GpuWeightForm::kBf16},
+      {bf16_fixed + one_sequence - kGiB, GpuWeightForm::kQuantized},
+  };
+  for (const auto& c : cases) {
+    auto plan = PlanGpuMemory(hp, o, c.free, false, 0, 0, q);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->weight_form, c.want) << plan->ToString();
+    EXPECT_EQ(plan->weight_form_requested, GpuWeightForm::kAuto);
+    EXPECT_NE(plan->ToString().find("(auto)"), std::string::npos);
+  }
+  auto none = PlanGpuMemory(hp, o, bf16_fixed - 22 * kGiB, false, 0, 0, q);
+  ASSERT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(none.status().message().find("the weight form"), std::string::npos) << none.status();
+  // Nothing quantizable: bf16 whatever was asked.
+  o.gpu_weights = GpuWeightForm::kQuantized;
+  auto plain = PlanGpuMemory(hp, o, 139 * kGiB, false, 0, 0, QuantizableWeights{});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->weight_form, GpuWeightForm::kBf16);
+  EXPECT_EQ(plain->weight_bytes(), bf16->weight_bytes());
+}
+
 TEST(GpuMemoryPlan, TooSmallADeviceGetsThePlanAndAdvice) {
   const models::Deepseek2Hparams hp = Dsv3Hparams();
   auto plan = PlanGpuMemory(hp, CudaModelOptions{}, 24 * kGiB);
