@@ -2,7 +2,8 @@
 // decode (attention block + FFN norm + shared expert; the routed experts run
 // on the CPU and are not part of it), with random bf16 weights of full width
 // (one layer allocated) and a paged bf16 KV cache of the given context, for
-// decode batches of 1 and 16 sequences at 1K and 8K tokens of context. Also:
+// decode batches of 1 and 16 sequences at 1K and 8K tokens of context (and,
+// arg q = 1, with the quantized GEMV on Q4_K/Q6_K blocks at 1..16 x 1K). Also:
 // the same step replayed from a CUDA graph (no launch gaps), the MLA
 // attention kernel alone (CUDA-core and tensor-core variants), and the card's
 // device-to-device copy
@@ -62,6 +63,12 @@ struct Layer {
   std::vector<DeviceBuffer> buffers;
   GpuLayerWeights w;
   uint64_t weight_bytes = 0;  // bf16 matrices read per step
+  // The same layer with GGUF blocks (random bytes, Q4_K; shared-expert down
+  // Q6_K, as in Q4_K_M files) next to the bf16 matrices, for the quantized
+  // GEMV (the runner's threshold is 16 tokens; `w` has no blocks, so it
+  // always runs cuBLAS).
+  GpuLayerWeights wq;
+  uint64_t quant_weight_bytes = 0;  // blocks + bf16 k_b / v_b read per step by the GEMV path
   DeviceBuffer kv_pages, block_table, positions, seq_index;
   kc::MlaPagedKv kv;
 
@@ -73,6 +80,20 @@ struct Layer {
     weight_bytes += rows * cols * 2;
     buffers.push_back(std::move(*b));
     return buffers.back().as<Bf16>();
+  }
+  // Random GGUF blocks of `type` for an [rows, cols] matrix, added to `m`.
+  void AddBlocks(GpuMatrix* m, int64_t rows, int64_t cols, kernels::TensorType type,
+                 uint64_t seed) {
+    const int64_t row_bytes = kernels::RowBytes(kernels::TraitsOf(type), cols);
+    const int64_t bytes = (rows * row_bytes + 255) / 256 * 256;
+    auto b = DeviceBuffer::Allocate(bytes, "blocks");
+    BENCH_CHECK(b.status());
+    // Random bf16 values as bytes: finite half scales, any quants (timing only).
+    CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), bytes / 2, seed, 0.02f, nullptr));
+    m->blocks[0] = {b->get(), type, row_bytes, rows};
+    m->n_blocks = 1;
+    quant_weight_bytes += rows * row_bytes;
+    buffers.push_back(std::move(*b));
   }
   const float* Vector(int64_t n, uint64_t seed) {
     auto b = DeviceBuffer::Allocate(n * 4, "norm");
@@ -102,6 +123,16 @@ struct Layer {
     w.ffn_norm = Vector(n_embd, 10);
     w.shexp_gate_up = Matrix(2 * ff, n_embd, 11);
     w.shexp_down = Matrix(n_embd, ff, 12);
+    wq = w;
+    const kernels::TensorType q4 = kernels::TensorType::kQ4_K;
+    AddBlocks(&wq.attn_q_a, ql, n_embd, q4, 21);
+    AddBlocks(&wq.attn_q_b, n_head * hd, ql, q4, 22);
+    AddBlocks(&wq.attn_kv_a_mqa, rw, n_embd, q4, 23);
+    AddBlocks(&wq.attn_output, n_embd, n_head * hp.n_embd_head_v, q4, 24);
+    AddBlocks(&wq.shexp_gate_up, 2 * ff, n_embd, q4, 25);
+    AddBlocks(&wq.shexp_down, n_embd, ff, kernels::TensorType::kQ6_K, 26);
+    quant_weight_bytes += 2 * (n_head * kvl * hp.qk_nope() + n_head * hp.n_embd_head_v * kvl);
+    runner->set_gemv_max_tokens(16);
     const int64_t pages_per_seq = kMaxContext / kPageSize;
     const int64_t n_pages = kMaxBatch * pages_per_seq;
     auto kvb = DeviceBuffer::Allocate(n_pages * kPageSize * rw * 2, "kv");
@@ -146,10 +177,11 @@ struct Layer {
     return v;
   }
 
-  void Step(const GpuBatchView& v) {
-    BENCH_CHECK(runner->Attention(w, kv, v, runner->x()));
-    BENCH_CHECK(runner->Norm(w.ffn_norm, runner->x(), v.n_tokens));
-    BENCH_CHECK(runner->GatedFfn(w.shexp_gate_up, w.shexp_down, hp.n_ff_exp * hp.n_expert_shared,
+  void Step(const GpuBatchView& v, bool quantized = false) {
+    const GpuLayerWeights& lw = quantized ? wq : w;
+    BENCH_CHECK(runner->Attention(lw, kv, v, runner->x()));
+    BENCH_CHECK(runner->Norm(lw.ffn_norm, runner->x(), v.n_tokens));
+    BENCH_CHECK(runner->GatedFfn(lw.shexp_gate_up, lw.shexp_down, hp.n_ff_exp * hp.n_expert_shared,
                                  v.n_tokens, runner->x(), hp.n_embd, 1.0f));
   }
 };
@@ -211,34 +243,40 @@ void Report(benchmark::State& state, double secs, double bytes) {
   if (g_copy_gbps > 0.0) state.counters["HBM%"] = 100.0 * bytes / per_step / 1e9 / g_copy_gbps;
 }
 
-// Attention block + FFN norm + shared expert of one layer, decode.
+// Attention block + FFN norm + shared expert of one layer, decode (q: as below).
 void BM_LayerAttentionSharedExpert(benchmark::State& state) {
   Layer& l = GetLayer();
   const int64_t batch = state.range(0), ctx = state.range(1);
+  const bool quantized = state.range(2) != 0;
   const GpuBatchView v = l.Batch(batch, ctx);
-  const double secs = TimeWithEvents(state, l.runner->stream(), [&] { l.Step(v); });
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] { l.Step(v, quantized); });
   const double kv_bytes = static_cast<double>(batch) * ctx * (l.hp.kv_lora_rank + l.hp.n_rot) * 2;
-  Report(state, secs, static_cast<double>(l.weight_bytes) + kv_bytes);
+  Report(state, secs,
+         static_cast<double>(quantized ? l.quant_weight_bytes : l.weight_bytes) + kv_bytes);
 }
 
 // The same step captured once into a CUDA graph and replayed: no launch gaps.
+// Arg q = 1: the quantized GEMV on Q4_K/Q6_K blocks instead of cuBLAS bf16
+// (bytes: the blocks, k_b / v_b in bf16, the KV rows).
 void BM_LayerAttentionSharedExpertGraph(benchmark::State& state) {
   Layer& l = GetLayer();
   const int64_t batch = state.range(0), ctx = state.range(1);
+  const bool quantized = state.range(2) != 0;
   const GpuBatchView v = l.Batch(batch, ctx);
   const cudaStream_t stream = l.runner->stream();
-  l.Step(v);  // warm-up outside the capture (cuBLAS heuristics, attributes)
+  l.Step(v, quantized);  // warm-up outside the capture (cuBLAS heuristics, attributes)
   CUDA_BENCH_CHECK(cudaStreamSynchronize(stream));
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   CUDA_BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  l.Step(v);
+  l.Step(v, quantized);
   CUDA_BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
   CUDA_BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   const double secs =
       TimeWithEvents(state, stream, [&] { CUDA_BENCH_CHECK(cudaGraphLaunch(exec, stream)); });
   const double kv_bytes = static_cast<double>(batch) * ctx * (l.hp.kv_lora_rank + l.hp.n_rot) * 2;
-  Report(state, secs, static_cast<double>(l.weight_bytes) + kv_bytes);
+  Report(state, secs,
+         static_cast<double>(quantized ? l.quant_weight_bytes : l.weight_bytes) + kv_bytes);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
 }
@@ -309,15 +347,23 @@ int main(int argc, char** argv) {
   auto* kernel =
       benchmark::RegisterBenchmark("BM_MlaAttentionKernel", ktx::gpu::BM_MlaAttentionKernel);
   for (auto* b : {eager, graph}) {
-    b->ArgNames({"batch", "ctx"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    b->ArgNames({"batch", "ctx", "q"})->UseManualTime()->Unit(benchmark::kMicrosecond);
   }
   kernel->ArgNames({"batch", "ctx", "tc"})->UseManualTime()->Unit(benchmark::kMicrosecond);
   for (int64_t batch : {1, 16}) {
     for (int64_t ctx : {1024, 8192}) {
-      eager->Args({batch, ctx});
-      graph->Args({batch, ctx});
+      eager->Args({batch, ctx, 0});
+      graph->Args({batch, ctx, 0});
       kernel->Args({batch, ctx, 0});
       kernel->Args({batch, ctx, 1});
+    }
+  }
+  // The quantized GEMV (Q4_K/Q6_K blocks) against cuBLAS bf16 on the same step.
+  for (int64_t batch : {1, 2, 4, 8, 16}) {
+    for (int64_t q : {0, 1}) {
+      if (q == 0 && (batch == 1 || batch == 16)) continue;  // registered above at 1K
+      eager->Args({batch, 1024, q});
+      graph->Args({batch, 1024, q});
     }
   }
   benchmark::RunSpecifiedBenchmarks();
