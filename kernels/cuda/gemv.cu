@@ -46,11 +46,22 @@ __device__ __forceinline__ void CpAsyncWait() {
 }
 
 // One block: kWarps warps, x of NT tokens staged in shared memory (bf16
-// [NT][n_in]), then per warp a cp.async ring of kStages tiles.
+// [NT][n_in]), then per warp a cp.async ring of kStages tiles, then
+// kWarps * 8 floats for the split-row partial sums.
+//
+// Work split: `split` (1, 2, 4 or 8, <= tiles_per_row) warps share a row; a
+// block computes kWarps / split rows at a time (a row group); warp w takes
+// row slot w / split and, of that row, the tiles k = sub, sub + split, ...
+// (sub = w % split). Row groups go to blocks round-robin, so every warp of a
+// block runs the same number of groups (the barriers of the split-row
+// reduction are uniform); rows past n_out are skipped but keep the count.
+// Each warp streams its tiles of all its groups through its ring without a
+// break. Sums: per lane over its weights (FMA), warp tree, then the split
+// partials added in sub order (deterministic).
 template <TensorType T, int NT>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const uint8_t* __restrict__ w, int64_t row_bytes, int64_t n_out, int n_in,
-                    int tiles_per_row, const __nv_bfloat16* __restrict__ x, int64_t ldx,
+                    int tiles_per_row, int split, const __nv_bfloat16* __restrict__ x, int64_t ldx,
                     bool x_vector, float* __restrict__ y, int64_t ldy, float beta) {
   using G = Geometry<T>;
   extern __shared__ uint4 smem_u4[];
@@ -60,30 +71,39 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* xs = reinterpret_cast<uint16_t*>(smem);
   const int64_t x_bytes = (static_cast<int64_t>(NT) * n_in * 2 + 15) / 16 * 16;
   uint8_t* ring = smem + x_bytes + warp * (kStages * G::kSlot);
+  float* partial = reinterpret_cast<float*>(smem + x_bytes + kWarps * kStages * G::kSlot);
 
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const int64_t my_rows = first_row < n_out ? (n_out - 1 - first_row) / row_step + 1 : 0;
-  const int64_t n_tiles = my_rows * tiles_per_row;
+  const int rows_per_group = kWarps / split;
+  const int slot = warp / split;
+  const int sub = warp % split;
+  const int64_t n_groups = (n_out + rows_per_group - 1) / rows_per_group;
+  const int64_t my_groups =
+      blockIdx.x < n_groups ? (n_groups - 1 - blockIdx.x) / gridDim.x + 1 : 0;  // block-uniform
+  const int tiles_per_group = (tiles_per_row - sub + split - 1) / split;  // >= 1: split <= tiles
+  const int64_t n_tiles = my_groups * tiles_per_group;
 
-  // Tile i of this warp: row, tile index in the row, source address.
-  auto tile_src = [&](int64_t i, int* k, int* elems) -> uintptr_t {
-    const int64_t r = first_row + (i / tiles_per_row) * row_step;
-    *k = static_cast<int>(i % tiles_per_row);
+  // Tile i of this warp: its row (maybe >= n_out), tile index in the row, source address.
+  auto tile_of = [&](int64_t i, int64_t* r, int* k, int* elems) -> uintptr_t {
+    const int64_t j = i / tiles_per_group;
+    *r = (blockIdx.x + j * gridDim.x) * rows_per_group + slot;
+    *k = sub + static_cast<int>(i % tiles_per_group) * split;
     *elems = min(G::kTile, n_in - *k * G::kTile);
     return reinterpret_cast<uintptr_t>(
-        w + r * row_bytes + static_cast<int64_t>(*k) * (G::kTile / G::kBlock) * G::kBytes);
+        w + *r * row_bytes + static_cast<int64_t>(*k) * (G::kTile / G::kBlock) * G::kBytes);
   };
   auto issue = [&](int64_t i) {
     if (i < n_tiles) {
+      int64_t r = 0;
       int k = 0, elems = 0;
-      const uintptr_t src = tile_src(i, &k, &elems);
-      const int bytes = elems / G::kBlock * G::kBytes;
-      const uintptr_t a0 = src & ~uintptr_t{15};
-      const uintptr_t a1 = (src + bytes + 15) & ~uintptr_t{15};
-      const int n16 = static_cast<int>((a1 - a0) >> 4);
-      uint8_t* dst = ring + (i % kStages) * G::kSlot;
-      for (int j = lane; j < n16; j += 32) CpAsync16(dst + 16 * j, a0 + 16 * j);
+      const uintptr_t src = tile_of(i, &r, &k, &elems);
+      if (r < n_out) {
+        const int bytes = elems / G::kBlock * G::kBytes;
+        const uintptr_t a0 = src & ~uintptr_t{15};
+        const uintptr_t a1 = (src + bytes + 15) & ~uintptr_t{15};
+        const int n16 = static_cast<int>((a1 - a0) >> 4);
+        uint8_t* dst = ring + (i % kStages) * G::kSlot;
+        for (int q = lane; q < n16; q += 32) CpAsync16(dst + 16 * q, a0 + 16 * q);
+      }
     }
     CpAsyncCommit();  // always: keeps the group count uniform
   };
@@ -97,13 +117,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = 0; t < NT; ++t) {
       const uint4* src = reinterpret_cast<const uint4*>(x + t * ldx);
       uint4* dst = reinterpret_cast<uint4*>(xs + static_cast<int64_t>(t) * n_in);
-      for (int i = threadIdx.x; i < n8; i += kThreads) dst[i] = src[i];
+      for (int q = threadIdx.x; q < n8; q += kThreads) dst[q] = src[q];
     }
   } else {
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
     for (int t = 0; t < NT; ++t) {
-      for (int i = threadIdx.x; i < n_in; i += kThreads) {
-        xs[static_cast<int64_t>(t) * n_in + i] = xb[t * ldx + i];
+      for (int q = threadIdx.x; q < n_in; q += kThreads) {
+        xs[static_cast<int64_t>(t) * n_in + q] = xb[t * ldx + q];
       }
     }
   }
@@ -113,48 +133,72 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
 
-  for (int64_t i = 0; i < n_tiles; ++i) {
-    issue(i + kStages - 1);
-    CpAsyncWait<kStages - 1>();
-    __syncwarp();
-    int k = 0, elems = 0;
-    const uintptr_t src = tile_src(i, &k, &elems);
-    const uint8_t* tile = ring + (i % kStages) * G::kSlot + (src & 15);
-    const int n_pieces = elems / 8;
-    const int col0 = k * G::kTile;
-    for (int p = lane; p < n_pieces; p += 32) {
-      float wv[8];
-      DecodePiece<T>(tile, 8 * p, wv);
-      const int c = col0 + 8 * p;
+  int64_t i = 0;
+  for (int64_t j = 0; j < my_groups; ++j) {
+    int64_t r = 0;
+    for (int m = 0; m < tiles_per_group; ++m, ++i) {
+      issue(i + kStages - 1);
+      CpAsyncWait<kStages - 1>();
+      __syncwarp();
+      int k = 0, elems = 0;
+      const uintptr_t src = tile_of(i, &r, &k, &elems);
+      if (r < n_out) {
+        const uint8_t* tile = ring + (i % kStages) * G::kSlot + (src & 15);
+        const int n_pieces = elems / 8;
+        const int col0 = k * G::kTile;
+        for (int p = lane; p < n_pieces; p += 32) {
+          float wv[8];
+          DecodePiece<T>(tile, 8 * p, wv);
+          const int c = col0 + 8 * p;
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * n_in + c);
-        const float2 x0 = Bf16PairToFloat2(xv.x), x1 = Bf16PairToFloat2(xv.y);
-        const float2 x2 = Bf16PairToFloat2(xv.z), x3 = Bf16PairToFloat2(xv.w);
-        float a = acc[t];
-        a = fmaf(wv[0], x0.x, a);
-        a = fmaf(wv[1], x0.y, a);
-        a = fmaf(wv[2], x1.x, a);
-        a = fmaf(wv[3], x1.y, a);
-        a = fmaf(wv[4], x2.x, a);
-        a = fmaf(wv[5], x2.y, a);
-        a = fmaf(wv[6], x3.x, a);
-        a = fmaf(wv[7], x3.y, a);
-        acc[t] = a;
-      }
-    }
-    __syncwarp();  // the slot is refilled by the next issue
-    if (k == tiles_per_row - 1) {
-      const int64_t r = first_row + (i / tiles_per_row) * row_step;
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const float s = WarpSum(acc[t]);
-        if (lane == t) {
-          float* out = y + t * ldy + r;
-          *out = beta != 0.0f ? fmaf(beta, *out, s) : s;
+          for (int t = 0; t < NT; ++t) {
+            const uint4 xv =
+                *reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * n_in + c);
+            const float2 x0 = Bf16PairToFloat2(xv.x), x1 = Bf16PairToFloat2(xv.y);
+            const float2 x2 = Bf16PairToFloat2(xv.z), x3 = Bf16PairToFloat2(xv.w);
+            float a = acc[t];
+            a = fmaf(wv[0], x0.x, a);
+            a = fmaf(wv[1], x0.y, a);
+            a = fmaf(wv[2], x1.x, a);
+            a = fmaf(wv[3], x1.y, a);
+            a = fmaf(wv[4], x2.x, a);
+            a = fmaf(wv[5], x2.y, a);
+            a = fmaf(wv[6], x3.x, a);
+            a = fmaf(wv[7], x3.y, a);
+            acc[t] = a;
+          }
         }
-        acc[t] = 0.0f;
       }
+      __syncwarp();  // the slot is refilled by the next issue
+    }
+    // End of the group's row: warp sums, then (split > 1) the row's partials.
+    float sum[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      sum[t] = WarpSum(acc[t]);
+      acc[t] = 0.0f;
+    }
+    if (split == 1) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (lane == t && r < n_out) {
+          float* out = y + t * ldy + r;
+          *out = beta != 0.0f ? fmaf(beta, *out, sum[t]) : sum[t];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (lane == t) partial[warp * kMaxTokensPerPass + t] = sum[t];
+      }
+      __syncthreads();
+      if (sub == 0 && lane < NT && r < n_out) {
+        float s = partial[warp * kMaxTokensPerPass + lane];
+        for (int q = 1; q < split; ++q) s += partial[(warp + q) * kMaxTokensPerPass + lane];
+        float* out = y + lane * ldy + r;
+        *out = beta != 0.0f ? fmaf(beta, *out, s) : s;
+      }
+      __syncthreads();  // partial is rewritten by the next group
     }
   }
   CpAsyncWait<0>();
@@ -193,9 +237,11 @@ cudaError_t GetLimits(DeviceLimits* out) {
 
 int64_t XBytes(int nt, int64_t n_in) { return (nt * n_in * 2 + 15) / 16 * 16; }
 
+// The rings and the split-row partial sums (kWarps x 8 floats).
 template <TensorType T>
 int64_t RingBytes() {
-  return static_cast<int64_t>(kWarps) * kStages * Geometry<T>::kSlot;
+  return static_cast<int64_t>(kWarps) * kStages * Geometry<T>::kSlot +
+         kWarps * kMaxTokensPerPass * 4;
 }
 
 template <TensorType T>
@@ -226,16 +272,24 @@ cudaError_t LaunchPass(const uint8_t* w, int64_t row_bytes, int64_t n_out, int64
   // allocated per warp in units of 256), so that the grid is one wave.
   const int64_t regs_per_block =
       kWarps * CeilDiv(int64_t{32} * regs.load(std::memory_order_relaxed), 256) * 256;
-  const int64_t per_sm = std::max<int64_t>(
-      1, std::min({int64_t{2048 / kThreads}, lim.smem_per_sm / (smem + 1024),
-                   int64_t{65536} / regs_per_block}));
-  const int64_t blocks = std::min<int64_t>(CeilDiv(n_out, kWarps), lim.n_sm * per_sm);
+  const int64_t per_sm =
+      std::max<int64_t>(1, std::min({int64_t{2048 / kThreads}, lim.smem_per_sm / (smem + 1024),
+                                     int64_t{65536} / regs_per_block}));
   const int tiles_per_row = static_cast<int>(CeilDiv(n_in, Geometry<T>::kTile));
+  // Warps per row: enough warps busy (about twice the resident ones) for
+  // small n_out, never more than the row's tiles.
+  const int64_t resident_warps = lim.n_sm * per_sm * kWarps;
+  int split = 1;
+  while (split < kWarps && split * 2 <= tiles_per_row && n_out * split < 2 * resident_warps) {
+    split *= 2;
+  }
+  const int64_t n_groups = CeilDiv(n_out, kWarps / split);
+  const int64_t blocks = std::min<int64_t>(n_groups, lim.n_sm * per_sm);
   const bool x_vector = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0;
   QuantGemvKernel<T, NT>
       <<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(smem), stream>>>(
-          w, row_bytes, n_out, static_cast<int>(n_in), tiles_per_row, x, ldx, x_vector, y, ldy,
-          beta);
+          w, row_bytes, n_out, static_cast<int>(n_in), tiles_per_row, split, x, ldx, x_vector, y,
+          ldy, beta);
   return cudaGetLastError();
 }
 

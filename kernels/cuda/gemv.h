@@ -19,19 +19,23 @@
 // bf16), multiplied by the bf16 activation and accumulated in F32: per lane
 // sequentially over its elements (at most 8 · ceil(n_in / 256) of them, by
 // fused multiply-adds: one rounding each), then a warp tree over 32 lanes (5
-// roundings), then beta · y (2). Error against the exact dot product of the
-// dequantized row is thus within (8 · ceil(n_in / 256) + 8) · 2^-24 ·
-// (Σ|w·x| + |beta · y|): the tests' bound.
+// roundings), then the partial sums of the (up to 8) warps sharing a row in
+// a fixed order (7), then beta · y (1). Error against the exact dot product
+// of the dequantized row is thus within (8 · ceil(n_in / 256) + 16) · 2^-24 ·
+// (Σ|w·x| + |beta · y|): the tests' bound. Deterministic (fixed orders).
 // The result differs from cuBLAS on the bf16 copy by that copy's rounding
 // of each weight (2^-9 relative), i.e. the GEMV is slightly MORE accurate.
 //
 // How (docs/gpu.md, "Weight forms and the quantized GEMV"): blocks of 8
-// warps; x for the block's token group is staged once in shared memory as
-// bf16; each warp owns rows (grid-stride) and streams their bytes in tiles of
-// 2048 elements (1024 for BF16/F16) through a 4-deep cp.async ring (16-byte
-// copies) in its own shared memory; lanes expand 8 consecutive weights at a
-// time and multiply them with every token of the group, so each weight byte
-// is read from memory once per group. Token groups: up to 8 tokens, fewer
+// warps, as many as are resident at once (a persistent grid); x for the
+// pass's tokens is staged once per block in shared memory as bf16; 1, 2, 4 or
+// 8 warps share a row (more for small n_out, so that enough warps stream),
+// each taking every split-th tile of it; a block takes groups of 8 / split
+// rows round-robin; each warp streams its tiles (2048 elements, 1024 for
+// BF16/F16) through a 4-deep cp.async ring (16-byte copies) in its own
+// shared memory; lanes expand 8 consecutive weights at a time and multiply
+// them with every token of the pass, so each weight byte is read from memory
+// once per pass. Token groups: up to 8 tokens, fewer
 // when n_in · group · 2 bytes of x does not fit shared memory next to the
 // rings (n_in 16384: 6 tokens; 18432: 5); more tokens than one group run as
 // several passes (each pass re-reads W).
