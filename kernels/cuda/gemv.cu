@@ -18,6 +18,9 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStages = 4;  // cp.async ring depth per warp
 constexpr int kMaxTokensPerPass = 8;
+// Registers: at most 65536 / (3 * 256) = 85 per thread (without this ptxas
+// capped them at 64 and spilled in the 2..8-token variants).
+constexpr int kMinBlocksPerSm = 3;
 
 // Elements per tile (a whole number of blocks), bytes per tile and per ring
 // slot (the tile's bytes rounded out to 16-byte units on both sides).
@@ -59,7 +62,7 @@ __device__ __forceinline__ void CpAsyncWait() {
 // break. Sums: per lane over its weights (FMA), warp tree, then the split
 // partials added in sub order (deterministic).
 template <TensorType T, int NT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     QuantGemvKernel(const uint8_t* __restrict__ w, int64_t row_bytes, int64_t n_out, int n_in,
                     int tiles_per_row, int split, const __nv_bfloat16* __restrict__ x, int64_t ldx,
                     bool x_vector, float* __restrict__ y, int64_t ldy, float beta) {

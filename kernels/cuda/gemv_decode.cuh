@@ -109,6 +109,28 @@ KTX_GEMV_HD inline uint32_t ByteOf(uint32_t lo, uint32_t hi, int j) {
   return ((j < 4 ? lo : hi) >> (8 * (j & 3))) & 0xffu;
 }
 
+// __byte_perm (host: the same selection, selectors 0..7 without sign mode).
+KTX_GEMV_HD inline uint32_t BytePerm(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, sel);
+#else
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    r |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+  }
+  return r;
+#endif
+}
+
+// Byte j of `word` (an unsigned value u < 256) minus `offset`, exactly, as a
+// float: one byte permute builds the float 2^23 + u, one subtraction of
+// 2^23 + offset leaves u - offset (an integer, exact).
+KTX_GEMV_HD inline float ByteMinus(uint32_t word, int j, float big_plus_offset) {
+  return SubRn(BitsToFloat(BytePerm(word, 0x4B000000u, 0x7540u | static_cast<uint32_t>(j))),
+               big_plus_offset);
+}
+
 // Exact int -> float for small magnitudes without the slow I2F unit: the
 // float 2^23 + u has u in its low mantissa bits.
 KTX_GEMV_HD inline float SmallUintToFloat(uint32_t u) {  // u < 2^23
@@ -153,13 +175,11 @@ KTX_GEMV_HD inline void DecodePiece(const uint8_t* tile, int e, float (&w)[8]) {
     const int o = e & 31;
     const float d = HalfToF32(static_cast<uint16_t>(LdU16(b)));
     const uint8_t* qs = b + 2 + (o & 15);
-    const uint32_t lo = LdU32(qs), hi = LdU32(qs + 4);
     const int shift = o < 16 ? 0 : 4;
+    const uint32_t lo = (LdU32(qs) >> shift) & 0x0F0F0F0Fu;
+    const uint32_t hi = (LdU32(qs + 4) >> shift) & 0x0F0F0F0Fu;
     KTX_GEMV_UNROLL
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t q = (ByteOf(lo, hi, j) >> shift) & 15u;
-      w[j] = MulRn(SmallIntToFloat(static_cast<int>(q) - 8), d);
-    }
+    for (int j = 0; j < 8; ++j) w[j] = MulRn(ByteMinus(j < 4 ? lo : hi, j & 3, 8388616.0f), d);
   } else if constexpr (T == TensorType::kQ5_0) {
     const uint8_t* b = tile + (e >> 5) * 22;
     const int o = e & 31;
@@ -177,11 +197,11 @@ KTX_GEMV_HD inline void DecodePiece(const uint8_t* tile, int e, float (&w)[8]) {
     const uint8_t* b = tile + (e >> 5) * 34;
     const float d = HalfToF32(static_cast<uint16_t>(LdU16(b)));
     const uint8_t* qs = b + 2 + (e & 31);
-    const uint32_t lo = LdU32(qs), hi = LdU32(qs + 4);
+    // q + 128 in every byte (sign bit flipped), then 2^23 + 128 subtracted.
+    const uint32_t lo = LdU32(qs) ^ 0x80808080u, hi = LdU32(qs + 4) ^ 0x80808080u;
     KTX_GEMV_UNROLL
     for (int j = 0; j < 8; ++j) {
-      const int q = static_cast<int8_t>(static_cast<uint8_t>(ByteOf(lo, hi, j)));
-      w[j] = MulRn(SmallIntToFloat(q), d);
+      w[j] = MulRn(ByteMinus(j < 4 ? lo : hi, j & 3, 8388736.0f), d);
     }
   } else if constexpr (T == TensorType::kQ4_K || T == TensorType::kQ5_K) {
     // Blocks are 16-byte aligned here (row_bytes % 16 == 0 is required).
@@ -206,10 +226,10 @@ KTX_GEMV_HD inline void DecodePiece(const uint8_t* tile, int e, float (&w)[8]) {
       hlo = ((hv.x >> c) & 0x01010101u) << 4;
       hhi = ((hv.y >> c) & 0x01010101u) << 4;
     }
+    const uint32_t qlo = lo | hlo, qhi = hi | hhi;
     KTX_GEMV_UNROLL
     for (int j = 0; j < 8; ++j) {
-      const uint32_t q = ByteOf(lo | hlo, hi | hhi, j);
-      w[j] = SubRn(MulRn(d1, SmallUintToFloat(q)), m1);
+      w[j] = SubRn(MulRn(d1, ByteMinus(j < 4 ? qlo : qhi, j & 3, 8388608.0f)), m1);
     }
   } else if constexpr (T == TensorType::kQ6_K) {
     const uint8_t* b = tile + (e >> 8) * 210;
@@ -227,12 +247,14 @@ KTX_GEMV_HD inline void DecodePiece(const uint8_t* tile, int e, float (&w)[8]) {
     const uint32_t qh_lo = LdU32(qh), qh_hi = LdU32(qh + 4);
     const int ql_shift = 4 * (k >> 1);
     const int qh_shift = 2 * k;
+    // The 6-bit values of 4 weights per word, then 2^23 + 32 subtracted: q - 32.
+    const uint32_t q_lo =
+        ((ql_lo >> ql_shift) & 0x0F0F0F0Fu) | (((qh_lo >> qh_shift) & 0x03030303u) << 4);
+    const uint32_t q_hi =
+        ((ql_hi >> ql_shift) & 0x0F0F0F0Fu) | (((qh_hi >> qh_shift) & 0x03030303u) << 4);
     KTX_GEMV_UNROLL
     for (int j = 0; j < 8; ++j) {
-      const int q = static_cast<int>(((ByteOf(ql_lo, ql_hi, j) >> ql_shift) & 15u) |
-                                     (((ByteOf(qh_lo, qh_hi, j) >> qh_shift) & 3u) << 4)) -
-                    32;
-      w[j] = MulRn(dd, SmallIntToFloat(q));
+      w[j] = MulRn(dd, ByteMinus(j < 4 ? q_lo : q_hi, j & 3, 8388640.0f));
     }
   } else if constexpr (T == TensorType::kIQ4_XS) {
     const uint8_t* b = tile + (e >> 8) * 136;
