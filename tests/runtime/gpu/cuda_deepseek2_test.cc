@@ -727,6 +727,22 @@ TEST_P(CudaDeepseek2Test, HotExpertsResidentOnTheGpuMatchTheCpuPath) {
 // deferred entry reaches the CPU exactly once, nothing after the last layer),
 // and (c) with half of the experts resident on the GPU (their deferred
 // entries run on the GPU). Deferral really changes the logits.
+// Deferral splits each token's experts over two layers, so a routing gap of
+// ~1e-4 that the GPU's bf16 rounding crosses (README section 5) has one more
+// place to land: on the H200 one confident row of 47 (bf16, next_attention)
+// flips in every GPU variant alike. So here at most one confident row may
+// disagree. The baseline is the CPU reference (F32 throughout), not another
+// GPU run: the GPU's bf16 products put the median row at 6e-3 (bf16) to
+// 1.2e-2 (q4_k_m) on the H200, so the bound is 3e-2 (the fixtures' tier B
+// against the float64 reference allows 2.2e-2 .. 7.4e-2), far below what
+// deferral itself moves (0.17 .. 0.29, checked above 5e-2).
+void ExpectAgreeButOneRow(const RowAgreement& a, const char* what, const std::string& file) {
+  std::printf("[ measured ] %s: %s, median row rel L2 %.2e, worst row %.2e, argmax %d/%d\n",
+              file.c_str(), what, a.median, a.worst, a.agree, a.confident);
+  EXPECT_LE(a.median, 3e-2) << what;
+  EXPECT_GE(a.agree, a.confident - 1) << what;
+}
+
 TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
   unsetenv("KTX_GPU_EXPERTS");
   unsetenv("KTX_GPU_EXPERTS_CPU");
@@ -753,7 +769,7 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
     const RowAgreement changed = CompareRows(want, full);
     std::printf("[ measured ] %s: %s vs full routing (CPU reference): median row rel L2 %.2e\n",
                 GetParam().c_str(), policy.ToString().c_str(), changed.median);
-    EXPECT_GT(changed.median, 1e-3) << "deferral hardly changes the logits: the test could not "
+    EXPECT_GT(changed.median, 5e-2) << "deferral hardly changes the logits: the test could not "
                                        "tell a GPU path that ignores it";
     // (a) The model's policy, no hooks.
     ASSERT_TRUE(model_->SetRoutingPolicy(std::make_shared<models::RoutingPolicy>(policy)).ok());
@@ -766,7 +782,7 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
       const absl::Status s = gpu_->Forward(prompt_, *seq, LogitsRows::kAll, &got);
       ASSERT_TRUE(s.ok()) << s;
       ASSERT_TRUE(gpu_->FreeSequence(*seq).ok());
-      ExpectAgree(CompareRows(got, want), "deferral, model policy, no hooks", GetParam());
+      ExpectAgreeButOneRow(CompareRows(got, want), "deferral, model policy, no hooks", GetParam());
     }
     // (c) Half of the experts resident: their deferred entries on the GPU.
     {
@@ -787,7 +803,8 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
         const absl::Status s = (*hot)->Forward(prompt_, *seq, LogitsRows::kAll, &got);
         ASSERT_TRUE(s.ok()) << s;
         EXPECT_GT((*hot)->expert_streamer()->stats().resident_tokens_computed, 0);
-        ExpectAgree(CompareRows(got, want), "deferral, half the experts resident", GetParam());
+        ExpectAgreeButOneRow(CompareRows(got, want), "deferral, half the experts resident",
+                             GetParam());
       }
     }
     ASSERT_TRUE(model_->SetRoutingPolicy(nullptr).ok());
@@ -844,7 +861,8 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
       // Two of K experts per token deferred at every MoE layer but the last.
       EXPECT_EQ(split_entries, n * std::min(2, hp.n_expert_used - 1) * (n_moe - 1));
       EXPECT_EQ(joined, n_moe - 1);
-      ExpectAgree(CompareRows(got, want), "deferral through hooks held until the join", GetParam());
+      ExpectAgreeButOneRow(CompareRows(got, want), "deferral through hooks held until the join",
+                           GetParam());
     }
   }
 }
