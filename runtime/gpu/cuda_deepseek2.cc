@@ -136,9 +136,21 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
     }
     o->gemv_max_tokens = n;
   }
-  if (o->gemv_max_tokens < 0) {
+  if (const char* v = std::getenv("KTX_GPU_EXPERT_GEMV_MAX_TOKENS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (end == v || *end != '\0' || n < 0 || n > 4096) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_GPU_EXPERT_GEMV_MAX_TOKENS='", v,
+                       "': expected a token count in 0..4096 (a resident expert with at most "
+                       "that many tokens runs as quantized GEMVs; 0: never)"));
+    }
+    o->expert_gemv_max_tokens = n;
+  }
+  if (o->gemv_max_tokens < 0 || o->expert_gemv_max_tokens < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("gemv_max_tokens (", o->gemv_max_tokens, ") must not be negative"));
+        absl::StrCat("gemv_max_tokens (", o->gemv_max_tokens, ") and expert_gemv_max_tokens (",
+                     o->expert_gemv_max_tokens, ") must not be negative"));
   }
   return absl::OkStatus();
 }
@@ -281,7 +293,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   config.n_expert_used = hp_.n_expert_used;
   config.max_tokens = runner_->max_tokens();
   config.n_slots = slots;
-  config.gemv_max_tokens = options.gemv_max_tokens;
+  config.gemv_max_tokens = options.expert_gemv_max_tokens;
   // Only resident experts: no streaming, so nothing to page-lock.
   config.register_host_memory =
       options.experts.register_host_memory && options.experts.mode != GpuExpertMode::kOff;
@@ -310,6 +322,9 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
 
 void CudaDeepseek2::SetGemvMaxTokens(int64_t n) {
   runner_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
+}
+
+void CudaDeepseek2::SetExpertGemvMaxTokens(int64_t n) {
   if (experts_ != nullptr) experts_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
 }
 

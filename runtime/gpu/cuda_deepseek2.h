@@ -82,13 +82,14 @@ class CudaDeepseek2 {
   // ---- weight forms and the quantized GEMV (docs/gpu.md) ----
   // memory_plan().weight_form: which forms of the non-routed matrices are on
   // the device. Batches of at most gemv_max_tokens() tokens use the quantized
-  // GEMV where a matrix has GGUF blocks (and so do resident hot experts with
-  // at most that many tokens); larger ones cuBLAS on the bf16 copies.
-  // SetGemvMaxTokens changes the threshold between calls (0: the GEMV only
-  // where no bf16 copy exists).
+  // GEMV where a matrix has GGUF blocks; larger ones cuBLAS on the bf16
+  // copies. SetGemvMaxTokens changes the threshold between calls (0: the GEMV
+  // only where no bf16 copy exists); SetExpertGemvMaxTokens the one of the
+  // resident hot experts (CudaModelOptions::expert_gemv_max_tokens).
   GpuWeightForm weight_form() const { return plan_.weight_form; }
   int64_t gemv_max_tokens() const { return runner_->gemv_max_tokens(); }
   void SetGemvMaxTokens(int64_t n);
+  void SetExpertGemvMaxTokens(int64_t n);
   // Matrix products run so far by the GEMV and by cuBLAS (non-routed weights).
   int64_t gemv_products() const { return runner_->gemv_calls(); }
   int64_t cublas_products() const { return runner_->cublas_calls(); }

@@ -86,15 +86,20 @@ struct CudaModelOptions {
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
   // Weight forms (above) and the largest batch (tokens in one forward step)
   // that uses the quantized GEMV where a matrix has blocks; larger batches use
-  // cuBLAS on the bf16 form. Also the largest token count of one routed
-  // expert computed by the GEMV from the blocks of a resident hot expert
-  // (more tokens: dequantize + GEMM). The default 8 is where the GEMV's F32
-  // work per weight (one FMA per token) starts to cost as much as cuBLAS's
-  // bf16 read; gemv_benchmark measures the crossing per shape and type.
+  // cuBLAS on the bf16 form. The default 8 is where the GEMV's F32 work per
+  // weight (one FMA per token) should start to cost as much as cuBLAS's bf16
+  // read (reasoning; gemv_benchmark measures the crossing per shape and type).
   // KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N in
   // the environment override these two.
   GpuWeightForm gpu_weights = GpuWeightForm::kAuto;
   int64_t gemv_max_tokens = 8;
+  // The largest token count of one resident hot expert (resident_experts) in
+  // one layer that runs as three GEMVs on its blocks; more tokens:
+  // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes
+  // per weight more than the blocks, so the GEMV pays longer than for bf16
+  // matrices: 32 (reasoning; gemv_benchmark's "expert" rows measure it).
+  // KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N overrides; 0: never.
+  int64_t expert_gemv_max_tokens = 32;
   // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
   // in the environment overrides experts.mode.
   GpuExpertOptions experts;

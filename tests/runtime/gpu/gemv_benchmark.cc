@@ -15,6 +15,11 @@
 // summary gives, per type and shape, the largest token count at which the
 // GEMV is still faster.
 //
+// "expert" rows: one resident routed expert's matrix (DeepSeek-V3 gate/up
+// 7168->2048 Q4_K, down 2048->7168 Q6_K) at 1..64 tokens, the GEMV against
+// what it replaces there: dequantize the blocks to bf16 + cuBLAS (the
+// CudaModelOptions::expert_gemv_max_tokens crossing).
+//
 //   gemv_benchmark [--json FILE] [--quick]
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -30,6 +35,7 @@
 
 #include "kernels/common/tensor_type.h"
 #include "kernels/cuda/basic_ops.h"
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemv.h"
 
@@ -192,7 +198,7 @@ int main(int argc, char** argv) {
   const std::vector<TensorType> types = {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
                                          TensorType::kQ8_0, TensorType::kBF16};
   const std::vector<int64_t> tokens = {1, 2, 4, 8, 16};
-  const int64_t max_tokens = 16;
+  const int64_t max_tokens = 64;  // x and y rows (the expert rows go to 64)
 
   // Activations and outputs: the largest shapes.
   int64_t max_in = 0, max_out = 0;
@@ -265,9 +271,64 @@ int main(int argc, char** argv) {
       crossings.push_back(c);
     }
   }
+  json += "], \"expert_rows\": [";
+  // Resident experts: GEMV vs dequantize + cuBLAS.
+  struct ExpertShape {
+    const char* name;
+    int64_t n_in, n_out;
+    TensorType type;
+  };
+  const ExpertShape expert_shapes[] = {
+      {"expert gate|up 7168->2048", 7168, 2048, TensorType::kQ4_K},
+      {"expert down 2048->7168", 2048, 7168, TensorType::kQ6_K},
+  };
+  std::printf("\n%-34s %-5s %3s | %9s | %14s | %7s\n", "expert (n_in->n_out)", "type", "tok",
+              "gemv us", "dequant+cublas", "speedup");
+  std::vector<Crossing> expert_crossings;
+  bool first_expert = true;
+  for (const ExpertShape& e : expert_shapes) {
+    const ktx::kernels::TensorTypeTraits& tr = ktx::kernels::TraitsOf(e.type);
+    const int64_t row_bytes = ktx::kernels::RowBytes(tr, e.n_in);
+    Rotation w(static_cast<uint64_t>(row_bytes) * e.n_out, stream);
+    __nv_bfloat16* wd = nullptr;
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&wd), e.n_out * e.n_in * 2));
+    Crossing c{std::string(e.name) + " " + tr.name, 0};
+    for (const int64_t nt : {1, 2, 4, 8, 16, 32, 64}) {
+      const double gemv_us = timer.Median(stream, [&](int i) {
+        CHECK_CUDA(kc::QuantGemv(e.type, w.Get(i), row_bytes, e.n_out, e.n_in, x, e.n_in, nt, y,
+                                 e.n_out, 0.0f, stream));
+      });
+      const double deq_us = timer.Median(stream, [&](int i) {
+        CHECK_CUDA(
+            kc::DequantizeToBf16(e.type, w.Get(i), row_bytes, e.n_out, e.n_in, wd, e.n_in, stream));
+        CHECK_CUBLAS(kc::LinearBf16(cublas, wd, e.n_in, x, e.n_in, y, CUDA_R_32F, e.n_out, e.n_out,
+                                    e.n_in, nt));
+      });
+      if (deq_us / gemv_us > 1.0) c.last_win = nt;
+      std::printf("%-34s %-5s %3lld | %9.2f | %14.2f | %6.2fx\n", e.name, tr.name,
+                  static_cast<long long>(nt), gemv_us, deq_us, deq_us / gemv_us);
+      char buf[256];
+      std::snprintf(buf, sizeof(buf),
+                    "%s{\"shape\": \"%s\", \"type\": \"%s\", \"tokens\": %lld, "
+                    "\"gemv_us\": %.3f, \"dequant_cublas_us\": %.3f}",
+                    first_expert ? "" : ", ", e.name, tr.name, static_cast<long long>(nt), gemv_us,
+                    deq_us);
+      json += buf;
+      first_expert = false;
+    }
+    expert_crossings.push_back(c);
+    CHECK_CUDA(cudaFree(wd));
+  }
   json += "]}\n";
   std::printf("\nlargest token count (of 1, 2, 4, 8, 16) at which the GEMV beats cuBLAS bf16:\n");
   for (const Crossing& c : crossings) {
+    std::printf("  %-44s %s\n", c.what.c_str(),
+                c.last_win == 0 ? "never" : std::to_string(c.last_win).c_str());
+  }
+  std::printf(
+      "largest token count (of 1 .. 64) at which the GEMV beats dequantize + cuBLAS "
+      "(expert_gemv_max_tokens):\n");
+  for (const Crossing& c : expert_crossings) {
     std::printf("  %-44s %s\n", c.what.c_str(),
                 c.last_win == 0 ? "never" : std::to_string(c.last_win).c_str());
   }
