@@ -49,29 +49,44 @@ struct Shape {
   int64_t n_in;
 };
 
-// One product checked against the float64 reference; returns the worst
-// |error| / tolerance seen (for the log).
-double CheckOne(TensorType type, const Shape& s, int64_t n_tokens, bool x_aligned, float beta,
-                std::mt19937& rng) {
+// Random rows of `type` (quantized with QuantizeRow), padded to row_bytes,
+// with their DequantizeRow values in double.
+struct Weights {
+  int64_t row_bytes = 0;
+  std::vector<uint8_t> raw;  // n_out rows of row_bytes, + 16 readable bytes
+  std::vector<double> wref;  // [n_out, n_in]
+};
+
+Weights MakeWeights(TensorType type, const Shape& s, std::mt19937& rng) {
   const TensorTypeTraits& traits = TraitsOf(type);
-  SCOPED_TRACE(testing::Message() << traits.name << " n_out " << s.n_out << " n_in " << s.n_in
-                                  << " n_tokens " << n_tokens << " ldx "
-                                  << (x_aligned ? "aligned" : "odd") << " beta " << beta);
-  const int64_t need = RowBytes(traits, s.n_in);
+  Weights w;
   // Padded rows (Q4_K/Q5_K need row_bytes % 16 == 0, so pad by 32).
-  const int64_t row_bytes = need + 32;
-  std::vector<uint8_t> raw(static_cast<size_t>(s.n_out * row_bytes + 16), 0xA5);
-  std::vector<double> wref(static_cast<size_t>(s.n_out * s.n_in));
+  w.row_bytes = RowBytes(traits, s.n_in) + 32;
+  w.raw.assign(static_cast<size_t>(s.n_out * w.row_bytes + 16), 0xA5);
+  w.wref.resize(static_cast<size_t>(s.n_out * s.n_in));
   std::vector<float> row(s.n_in), deq(s.n_in);
   for (int64_t r = 0; r < s.n_out; ++r) {
     // Rows of different magnitudes with an outlier, as real weights.
     std::normal_distribution<float> dist(0.0f, 0.01f * static_cast<float>(1 + r % 7));
     for (float& v : row) v = dist(rng);
     row[rng() % s.n_in] *= 15.0f;
-    QuantizeRow(type, row.data(), raw.data() + r * row_bytes, s.n_in);
-    DequantizeRow(type, raw.data() + r * row_bytes, deq.data(), s.n_in);
-    for (int64_t c = 0; c < s.n_in; ++c) wref[r * s.n_in + c] = deq[c];
+    QuantizeRow(type, row.data(), w.raw.data() + r * w.row_bytes, s.n_in);
+    DequantizeRow(type, w.raw.data() + r * w.row_bytes, deq.data(), s.n_in);
+    for (int64_t c = 0; c < s.n_in; ++c) w.wref[r * s.n_in + c] = deq[c];
   }
+  return w;
+}
+
+// One product checked against the float64 reference; returns the worst
+// |error| / tolerance seen (for the log). d_w: w.raw on the device.
+double CheckOne(TensorType type, const Shape& s, const Weights& w, const uint8_t* d_w,
+                int64_t n_tokens, bool x_aligned, float beta, std::mt19937& rng) {
+  const TensorTypeTraits& traits = TraitsOf(type);
+  SCOPED_TRACE(testing::Message() << traits.name << " n_out " << s.n_out << " n_in " << s.n_in
+                                  << " n_tokens " << n_tokens << " ldx "
+                                  << (x_aligned ? "aligned" : "odd") << " beta " << beta);
+  const int64_t row_bytes = w.row_bytes;
+  const std::vector<double>& wref = w.wref;
   const int64_t ldx = s.n_in + (x_aligned ? 8 : 3);
   const int64_t ldy = s.n_out + 5;
   const std::vector<uint16_t> x = cuda_test::RandomBf16(rng, n_tokens * ldx, 1.0f);
@@ -86,10 +101,9 @@ double CheckOne(TensorType type, const Shape& s, int64_t n_tokens, bool x_aligne
   for (int64_t t = 0; t < n_tokens; ++t) {
     for (int64_t r = s.n_out; r < ldy; ++r) y0[t * ldy + r] = -12345.0f;
   }
-  DeviceArray<uint8_t> d_w(raw);
   DeviceArray<uint16_t> d_x(x);
   DeviceArray<float> d_y(y0);
-  EXPECT_EQ(QuantGemv(type, d_w.get(), row_bytes, s.n_out, s.n_in,
+  EXPECT_EQ(QuantGemv(type, d_w, row_bytes, s.n_out, s.n_in,
                       reinterpret_cast<const __nv_bfloat16*>(d_x.get()), ldx, n_tokens, d_y.get(),
                       ldy, beta, nullptr),
             cudaSuccess);
@@ -151,11 +165,13 @@ TEST_P(QuantGemvTest, MatchesFloat64ReferenceOnAwkwardShapes) {
   double worst = 0.0;
   int case_index = 0;
   for (const Shape& s : shapes) {
+    const Weights w = MakeWeights(type, s, rng);  // once per shape: quantizing is the slow part
+    DeviceArray<uint8_t> d_w(w.raw);
     for (const int64_t n_tokens : {1, 3, 8, 11}) {
       if (n_tokens == 11 && s.n_out > 64) continue;  // keeps the host reference short
       const float beta = n_tokens == 3 ? 1.0f : (n_tokens == 1 ? 0.0f : (case_index % 2));
       const bool x_aligned = n_tokens != 3 || case_index % 3 == 0;
-      worst = std::max(worst, CheckOne(type, s, n_tokens, x_aligned, beta, rng));
+      worst = std::max(worst, CheckOne(type, s, w, d_w.get(), n_tokens, x_aligned, beta, rng));
       if (HasFailure()) return;
       ++case_index;
     }
