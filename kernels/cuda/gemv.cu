@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/gemv_decode.cuh"
+#include "kernels/cuda/gemv_direct.h"
 
 namespace ktx::kernels::cuda {
 namespace {
@@ -390,6 +391,14 @@ cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t
   if (!CanQuantGemv(type) || n_out < 0 || n_in <= 0 || n_in > (int64_t{1} << 24) ||
       n_in % 32 != 0 || n_in % BlockElems(type) != 0 || n_tokens < 0 || ldx < n_in || ldy < n_out) {
     return cudaErrorInvalidValue;
+  }
+  // The direct kernel (gemv_direct.h) unless KTX_GEMV_KERNEL / SetGemvKernel say "ring".
+  if (CanDirectGemv(type, row_bytes)) {
+    const GemvKernelChoice choice = CurrentGemvKernel();
+    if (choice.kernel == GemvKernel::kDirect) {
+      return DirectGemv(type, w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
+                        choice.direct, stream);
+    }
   }
   switch (type) {
     case TensorType::kBF16:

@@ -40,6 +40,11 @@
 // rings (n_in 16384: 6 tokens; 18432: 5); more tokens than one group run as
 // several passes (each pass re-reads W).
 //
+// For BF16, Q8_0, Q4_K and Q6_K (CanDirectGemv) QuantGemv runs the "direct"
+// kernel instead unless KTX_GEMV_KERNEL=ring (gemv_direct.h: no shared-memory
+// staging, 8 tokens per pass, its own bound of (32 · ceil(n_in / 1024) + 16)
+// roundings); what follows describes the "ring" kernel.
+//
 // Requirements (cudaErrorInvalidValue otherwise): a supported type; n_in a
 // multiple of 32 and of the block size; row_bytes >= the row's bytes; w 16-byte
 // aligned and READABLE up to the next multiple of 16 bytes past its last row

@@ -36,6 +36,8 @@
 #include "kernels/common/tensor_type.h"
 #include "kernels/cpu/quant/quant.h"
 #include "kernels/cuda/gemv_decode.cuh"
+#include "kernels/cuda/gemv_direct.h"
+#include "kernels/cuda/gemv_direct_decode.cuh"
 #include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace ktx::kernels::cuda {
@@ -77,8 +79,37 @@ Weights MakeWeights(TensorType type, const Shape& s, std::mt19937& rng) {
   return w;
 }
 
+// The kernels QuantGemv can run for `type` with rows of `row_bytes`: the
+// ring kernel and every compiled direct configuration (gemv_direct.h).
+std::vector<GemvKernelChoice> KernelsFor(TensorType type, int64_t row_bytes) {
+  std::vector<GemvKernelChoice> out(1);
+  out[0].kernel = GemvKernel::kRing;
+  if (CanDirectGemv(type, row_bytes)) {
+    for (const char* spec : {"direct:1", "direct:2", "direct:4", "direct:2:2"}) {
+      GemvKernelChoice c;
+      EXPECT_TRUE(ParseGemvKernel(spec, &c)) << spec;
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+std::string KernelName(const GemvKernelChoice& c) {
+  if (c.kernel == GemvKernel::kRing) return "ring";
+  return "direct:" + std::to_string(c.direct.unroll) + ":" + std::to_string(c.direct.rows_per_warp);
+}
+
+// F32 roundings per element of a row's sum (gemv.h for the ring kernel,
+// gemv_direct.h for the direct one).
+double RoundingsOf(const GemvKernelChoice& c, int64_t n_in) {
+  if (c.kernel == GemvKernel::kRing) return 8.0 * static_cast<double>((n_in + 255) / 256) + 16;
+  return 32.0 * static_cast<double>((n_in + 1023) / 1024) + 16;
+}
+
 // One product checked against the float64 reference; returns the worst
 // |error| / tolerance seen (for the log). d_w: w.raw on the device.
+// Every kernel of KernelsFor runs the same product (the reference is computed
+// once); the process-wide kernel choice is restored afterwards.
 double CheckOne(TensorType type, const Shape& s, const Weights& w, const uint8_t* d_w,
                 int64_t n_tokens, bool x_aligned, float beta, std::mt19937& rng) {
   const TensorTypeTraits& traits = TraitsOf(type);
@@ -102,24 +133,10 @@ double CheckOne(TensorType type, const Shape& s, const Weights& w, const uint8_t
     for (int64_t r = s.n_out; r < ldy; ++r) y0[t * ldy + r] = -12345.0f;
   }
   DeviceArray<uint16_t> d_x(x);
-  DeviceArray<float> d_y(y0);
-  EXPECT_EQ(QuantGemv(type, d_w, row_bytes, s.n_out, s.n_in,
-                      reinterpret_cast<const __nv_bfloat16*>(d_x.get()), ldx, n_tokens, d_y.get(),
-                      ldy, beta, nullptr),
-            cudaSuccess);
-  const std::vector<float> got = d_y.Download();
-  const double unit = std::ldexp(1.0, -24) * (8.0 * static_cast<double>((s.n_in + 255) / 256) + 16);
-  double worst = 0.0;
-  int failures = 0;
+  // The float64 reference and Σ|w·x| (+ |beta · y0|) per (token, row).
+  std::vector<double> refs(n_tokens * s.n_out), mags(n_tokens * s.n_out);
   for (int64_t t = 0; t < n_tokens; ++t) {
-    for (int64_t r = 0; r < ldy; ++r) {
-      const float g = got[t * ldy + r];
-      if (r >= s.n_out) {
-        if (g != -12345.0f && ++failures <= 5) {
-          ADD_FAILURE() << "y padding overwritten at token " << t << " column " << r << ": " << g;
-        }
-        continue;
-      }
+    for (int64_t r = 0; r < s.n_out; ++r) {
       double ref = 0.0, mag = 0.0;
       for (int64_t c = 0; c < s.n_in; ++c) {
         const double p = wref[r * s.n_in + c] * Bf16BitsToFloat(x[t * ldx + c]);
@@ -130,20 +147,49 @@ double CheckOne(TensorType type, const Shape& s, const Weights& w, const uint8_t
         ref += beta * static_cast<double>(y0[t * ldy + r]);
         mag += std::fabs(beta * static_cast<double>(y0[t * ldy + r]));
       }
-      const double tol = unit * mag + 1e-30;
-      const double err = std::fabs(static_cast<double>(g) - ref);
-      if (!(err <= tol)) {
-        if (++failures <= 5) {
-          ADD_FAILURE() << "token " << t << " row " << r << ": got " << g << ", float64 reference "
-                        << ref << " (error " << err << " > tolerance " << tol << " = " << unit
-                        << " x sum|w*x| " << mag << ")";
-        }
-      } else {
-        worst = std::max(worst, err / tol);
-      }
+      refs[t * s.n_out + r] = ref;
+      mags[t * s.n_out + r] = mag;
     }
   }
-  if (failures > 5) ADD_FAILURE() << failures << " mismatches in all (first 5 shown)";
+  const GemvKernelChoice saved = CurrentGemvKernel();
+  double worst = 0.0;
+  for (const GemvKernelChoice& kernel : KernelsFor(type, row_bytes)) {
+    SCOPED_TRACE(testing::Message() << "kernel " << KernelName(kernel));
+    SetGemvKernel(kernel);
+    DeviceArray<float> d_y(y0);
+    EXPECT_EQ(QuantGemv(type, d_w, row_bytes, s.n_out, s.n_in,
+                        reinterpret_cast<const __nv_bfloat16*>(d_x.get()), ldx, n_tokens, d_y.get(),
+                        ldy, beta, nullptr),
+              cudaSuccess);
+    const std::vector<float> got = d_y.Download();
+    const double unit = std::ldexp(1.0, -24) * RoundingsOf(kernel, s.n_in);
+    int failures = 0;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      for (int64_t r = 0; r < ldy; ++r) {
+        const float g = got[t * ldy + r];
+        if (r >= s.n_out) {
+          if (g != -12345.0f && ++failures <= 5) {
+            ADD_FAILURE() << "y padding overwritten at token " << t << " column " << r << ": " << g;
+          }
+          continue;
+        }
+        const double ref = refs[t * s.n_out + r], mag = mags[t * s.n_out + r];
+        const double tol = unit * mag + 1e-30;
+        const double err = std::fabs(static_cast<double>(g) - ref);
+        if (!(err <= tol)) {
+          if (++failures <= 5) {
+            ADD_FAILURE() << "token " << t << " row " << r << ": got " << g
+                          << ", float64 reference " << ref << " (error " << err << " > tolerance "
+                          << tol << " = " << unit << " x sum|w*x| " << mag << ")";
+          }
+        } else {
+          worst = std::max(worst, err / tol);
+        }
+      }
+    }
+    if (failures > 5) ADD_FAILURE() << failures << " mismatches in all (first 5 shown)";
+  }
+  SetGemvKernel(saved);
   return worst;
 }
 
@@ -276,6 +322,138 @@ INSTANTIATE_TEST_SUITE_P(Types, GemvDecodeTest,
                                            TensorType::kIQ4_XS, TensorType::kBF16,
                                            TensorType::kF16),
                          [](const auto& info) { return std::string(TraitsOf(info.param).name); });
+
+// The direct kernel's loads and decoding (gemv_direct_decode.cuh), run on
+// the host: for every chunk and lane of a row, the 4 pieces the lane decodes
+// equal DequantizeRow bit for bit, and together the lanes cover every
+// element of the row exactly once. Rows of 10 K-blocks / 65 small blocks /
+// 2080 BF16 weights end in a partial chunk; Q6_K and Q8_0 rows (2-byte
+// aligned blocks) start at every 2-byte offset mod 16.
+template <TensorType T>
+void CheckDirectDecode(int64_t n, const std::vector<uint8_t>& row, int head) {
+  namespace gi = gemv_internal;
+  std::vector<float> want(n);
+  DequantizeRow(T, row.data(), want.data(), n);
+  std::vector<uint8_t> buf(row.size() + 64, 0);
+  uint8_t* base = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) % 16) % 16 + 16;
+  std::memcpy(base + head, row.data(), row.size());
+  std::vector<int> seen(n, 0);
+  const int n_chunks = static_cast<int>((n + gi::kDirectChunk - 1) / gi::kDirectChunk);
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    for (int lane = 0; lane < 32; ++lane) {
+      gi::DirectRaw<T> raw{};
+      gi::DirectLoad<T>(base + head, static_cast<int>(n), chunk, lane, &raw);
+      for (int k = 0; k < gi::kDirectPieces; ++k) {
+        const int e = gi::DirectPieceElem<T>(chunk, lane, k);
+        ASSERT_EQ(gi::DirectPieceValid<T>(raw, k), e < n) << "chunk " << chunk << " lane " << lane;
+        if (e >= n) continue;
+        float w[8];
+        gi::DirectDecode<T>(raw, lane, k, w);
+        for (int j = 0; j < 8; ++j) {
+          ++seen[e + j];
+          uint32_t got_bits = 0, want_bits = 0;
+          std::memcpy(&got_bits, &w[j], 4);
+          std::memcpy(&want_bits, &want[e + j], 4);
+          ASSERT_EQ(got_bits, want_bits)
+              << "element " << e + j << " (chunk " << chunk << ", lane " << lane << ", piece " << k
+              << ", row offset " << head << "): decoded " << w[j] << ", DequantizeRow "
+              << want[e + j];
+        }
+      }
+    }
+  }
+  for (int64_t e = 0; e < n; ++e) ASSERT_EQ(seen[e], 1) << "element " << e;
+}
+
+class GemvDirectDecodeTest : public ::testing::TestWithParam<TensorType> {};
+
+TEST_P(GemvDirectDecodeTest, LanePiecesEqualDequantizeRowBitForBit) {
+  const TensorType type = GetParam();
+  const TensorTypeTraits& traits = TraitsOf(type);
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << traits.name << " seed " << seed);
+  std::mt19937 rng(seed);
+  const int64_t n = traits.block_size == 256 ? 2560 : 2080;
+  const int64_t bytes = RowBytes(traits, n);
+  std::vector<float> x = cuda_test::RandomF32(rng, n, 0.03f);
+  for (int i = 0; i < 8; ++i) x[rng() % n] *= 25.0f;
+  std::vector<uint8_t> raw(bytes);
+  QuantizeRow(type, x.data(), raw.data(), n);
+  // Random bytes as well (finite half scales: bit 14 of d / dmin cleared).
+  std::vector<uint8_t> noisy = raw;
+  if (type != TensorType::kBF16) {
+    for (uint8_t& b : noisy) {
+      if (rng() % 2 == 0) b = static_cast<uint8_t>(rng());
+    }
+    const int64_t bs = traits.type_size;
+    for (int64_t b = 0; b < bytes / bs; ++b) {
+      uint8_t* blk = noisy.data() + b * bs;
+      if (type == TensorType::kQ6_K) {
+        blk[209] &= 0xbf;
+      } else {
+        blk[1] &= 0xbf;
+        if (type == TensorType::kQ4_K) blk[3] &= 0xbf;
+      }
+    }
+  }
+  const bool aligned16 = type == TensorType::kQ4_K || type == TensorType::kBF16;
+  for (const std::vector<uint8_t>* src : {&raw, &noisy}) {
+    SCOPED_TRACE(src == &raw ? "quantized row" : "random bytes");
+    for (int head = 0; head < 16; head += aligned16 ? 16 : 2) {
+      switch (type) {
+        case TensorType::kQ4_K: CheckDirectDecode<TensorType::kQ4_K>(n, *src, head); break;
+        case TensorType::kQ6_K: CheckDirectDecode<TensorType::kQ6_K>(n, *src, head); break;
+        case TensorType::kQ8_0: CheckDirectDecode<TensorType::kQ8_0>(n, *src, head); break;
+        default: CheckDirectDecode<TensorType::kBF16>(n, *src, head); break;
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, GemvDirectDecodeTest,
+                         ::testing::Values(TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0,
+                                           TensorType::kBF16),
+                         [](const auto& info) { return std::string(TraitsOf(info.param).name); });
+
+// Kernel choice strings (KTX_GEMV_KERNEL) and which rows the direct kernel takes.
+TEST(GemvKernelChoice, ParsesSpecsAndRejectsOthers) {
+  GemvKernelChoice c;
+  ASSERT_TRUE(ParseGemvKernel("ring", &c));
+  EXPECT_EQ(c.kernel, GemvKernel::kRing);
+  ASSERT_TRUE(ParseGemvKernel("direct:4", &c));
+  EXPECT_EQ(c.kernel, GemvKernel::kDirect);
+  EXPECT_EQ(c.direct.unroll, 4);
+  EXPECT_EQ(c.direct.rows_per_warp, 1);
+  ASSERT_TRUE(ParseGemvKernel("direct:2:2", &c));
+  EXPECT_EQ(c.direct.unroll, 2);
+  EXPECT_EQ(c.direct.rows_per_warp, 2);
+  ASSERT_TRUE(ParseGemvKernel("direct", &c));
+  EXPECT_EQ(c.kernel, GemvKernel::kDirect);
+  for (const char* bad : {"", "rin", "direct:3", "direct:4:2", "direct:", "direct:2:", "directx",
+                          "direct:2:2:2", "direct:-1"}) {
+    GemvKernelChoice d;
+    d.kernel = GemvKernel::kRing;
+    EXPECT_FALSE(ParseGemvKernel(bad, &d)) << bad;
+    EXPECT_EQ(d.kernel, GemvKernel::kRing) << bad << ": untouched on failure";
+  }
+  const GemvKernelChoice saved = CurrentGemvKernel();
+  GemvKernelChoice ring;
+  ring.kernel = GemvKernel::kRing;
+  SetGemvKernel(ring);
+  EXPECT_EQ(CurrentGemvKernel().kernel, GemvKernel::kRing);
+  SetGemvKernel(c);
+  EXPECT_EQ(CurrentGemvKernel().kernel, GemvKernel::kDirect);
+  EXPECT_EQ(CurrentGemvKernel().direct.unroll, c.direct.unroll);
+  SetGemvKernel(saved);
+
+  EXPECT_TRUE(CanDirectGemv(TensorType::kQ4_K, 144 * 28));
+  EXPECT_FALSE(CanDirectGemv(TensorType::kQ4_K, 144 * 28 + 8));
+  EXPECT_TRUE(CanDirectGemv(TensorType::kQ6_K, 210 * 6));
+  EXPECT_TRUE(CanDirectGemv(TensorType::kQ8_0, 34 * 3));
+  EXPECT_FALSE(CanDirectGemv(TensorType::kBF16, 2 * 36));
+  EXPECT_FALSE(CanDirectGemv(TensorType::kQ5_K, 176));
+}
 
 // Zero tokens / zero rows are no-ops; y is untouched.
 TEST(QuantGemvEdges, EmptyProductsLaunchNothing) {

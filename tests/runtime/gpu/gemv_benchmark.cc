@@ -15,22 +15,36 @@
 // summary gives, per type and shape, the largest token count at which the
 // GEMV is still faster.
 //
+// Kernel variants: every row is measured for the ring kernel ("ring",
+// gemv.cu) and the direct kernel (gemv_direct.h) at each compiled launch shape
+// ("direct:U:R", U chunks unrolled, R rows per warp), chosen with
+// SetGemvKernel; types the direct kernel lacks run "ring" only. The summaries
+// are per variant. A "check" after each (shape, type) compares every variant's
+// y at 2 tokens with the ring kernel's (max |difference| / max |y|; both sum
+// in different orders, so ~1e-6 is expected; a decoding bug shows as ~1).
+//
 // "expert" rows: one resident routed expert's matrix (DeepSeek-V3 gate/up
 // 7168->2048 Q4_K, down 2048->7168 Q6_K) at 1..64 tokens, the GEMV against
 // what it replaces there: dequantize the blocks to bf16 + cuBLAS (the
 // CudaModelOptions::expert_gemv_max_tokens crossing).
 //
-//   gemv_benchmark [--json FILE] [--quick]
+//   gemv_benchmark [--json FILE] [--quick] [--variants ring,direct:2,...]
+//
+// --quick: the attention / shared-expert shapes only, Q4_K Q6_K Q8_0 BF16,
+// 1, 2, 4, 8 tokens, expert rows to 16 tokens (under a minute on an H200).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/common/tensor_type.h"
@@ -38,6 +52,7 @@
 #include "kernels/cuda/dequant.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemv.h"
+#include "kernels/cuda/gemv_direct.h"
 
 namespace {
 
@@ -64,6 +79,7 @@ using ktx::kernels::TensorType;
   } while (false)
 
 constexpr int kLaunchesPerTiming = 20;
+const char* const kVariants[] = {"ring", "direct:1", "direct:2", "direct:4", "direct:2:2"};
 constexpr int kRepetitions = 7;
 constexpr uint64_t kRotationBytes = uint64_t{256} << 20;
 
@@ -164,15 +180,40 @@ struct Rotation {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  std::vector<std::string> variant_names(std::begin(kVariants), std::end(kVariants));
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--variants") == 0 && i + 1 < argc) {
+      variant_names.clear();
+      std::string list = argv[++i];
+      size_t start = 0;
+      while (start <= list.size()) {
+        const size_t comma = std::min(list.find(',', start), list.size());
+        variant_names.push_back(list.substr(start, comma - start));
+        start = comma + 1;
+      }
     } else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json FILE] [--quick] [--variants ring,direct:2,...]\n",
+                   argv[0]);
       return 2;
     }
+  }
+  struct Variant {
+    std::string name;
+    kc::GemvKernelChoice choice;
+  };
+  std::vector<Variant> variants;
+  for (const std::string& v : variant_names) {
+    Variant var{v, {}};
+    if (!kc::ParseGemvKernel(v, &var.choice)) {
+      std::fprintf(stderr, "gemv_benchmark: --variants: '%s' is not ring or direct[:U[:R]]\n",
+                   v.c_str());
+      return 2;
+    }
+    variants.push_back(var);
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -195,9 +236,13 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %d MB; device-to-device copy %.0f GB/s (read + write)\n",
               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbps);
 
-  const std::vector<TensorType> types = {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
-                                         TensorType::kQ8_0, TensorType::kBF16};
-  const std::vector<int64_t> tokens = {1, 2, 4, 8, 16};
+  std::vector<TensorType> types = {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K,
+                                   TensorType::kQ8_0, TensorType::kBF16};
+  std::vector<int64_t> tokens = {1, 2, 4, 8, 16};
+  if (quick) {
+    types = {TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0, TensorType::kBF16};
+    tokens = {1, 2, 4, 8};
+  }
   const int64_t max_tokens = 64;  // x and y rows (the expert rows go to 64)
 
   // Activations and outputs: the largest shapes.
@@ -215,16 +260,18 @@ int main(int argc, char** argv) {
   std::string json = "{\"device\": \"" + std::string(prop.name) +
                      "\", \"copy_gbps\": " + std::to_string(copy_gbps) + ", \"rows\": [";
   bool first_row = true;
-  std::printf("\n%-34s %-5s %3s | %9s %7s %6s | %9s %7s %6s | %7s\n", "shape (n_in->n_out)", "type",
-              "tok", "gemv us", "GB/s", "%copy", "cublas us", "GB/s", "%copy", "speedup");
+  std::printf("\n%-34s %-5s %-10s %3s | %9s %7s %6s | %9s %7s %6s | %7s\n", "shape (n_in->n_out)",
+              "type", "kernel", "tok", "gemv us", "GB/s", "%copy", "cublas us", "GB/s", "%copy",
+              "speedup");
   struct Crossing {
     std::string what;
     int64_t last_win = 0;
   };
   std::vector<Crossing> crossings;
   Timer timer;
+  const kc::GemvKernelChoice default_kernel = kc::CurrentGemvKernel();
   for (const Shape& s : kShapes) {
-    if (quick && s.n_out > 24576) continue;
+    if (quick && (s.n_out > 24576 || s.n_in == 18432 || s.n_out == 18432)) continue;
     // cuBLAS bf16 on the same shape, once per token count.
     const uint64_t bf16_bytes = static_cast<uint64_t>(s.n_out) * s.n_in * 2;
     std::vector<double> cublas_us;
@@ -243,32 +290,64 @@ int main(int argc, char** argv) {
       const int64_t row_bytes = ktx::kernels::RowBytes(tr, s.n_in);
       const uint64_t bytes = static_cast<uint64_t>(row_bytes) * s.n_out;
       Rotation w(bytes, stream);
-      Crossing c{std::string(s.name) + " " + tr.name, 0};
-      for (size_t k = 0; k < tokens.size(); ++k) {
-        const int64_t nt = tokens[k];
-        const double us = timer.Median(stream, [&](int i) {
-          CHECK_CUDA(kc::QuantGemv(type, w.Get(i), row_bytes, s.n_out, s.n_in, x, s.n_in, nt, y,
-                                   s.n_out, 0.0f, stream));
-        });
-        const double gbps = bytes / (us * 1e-6) / 1e9;
-        const double cb_gbps = bf16_bytes / (cublas_us[k] * 1e-6) / 1e9;
-        const double speedup = cublas_us[k] / us;
-        if (speedup > 1.0) c.last_win = nt;
-        std::printf("%-34s %-5s %3lld | %9.2f %7.0f %5.0f%% | %9.2f %7.0f %5.0f%% | %6.2fx\n",
-                    s.name, tr.name, static_cast<long long>(nt), us, gbps, 100.0 * gbps / copy_gbps,
-                    cublas_us[k], cb_gbps, 100.0 * cb_gbps / copy_gbps, speedup);
-        char buf[512];
-        std::snprintf(buf, sizeof(buf),
-                      "%s{\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"type\": \"%s\", "
-                      "\"tokens\": %lld, \"gemv_us\": %.3f, \"gemv_gbps\": %.1f, "
-                      "\"cublas_bf16_us\": %.3f, \"cublas_gbps\": %.1f, \"tokens_per_pass\": %d}",
-                      first_row ? "" : ", ", s.name, static_cast<long long>(s.n_in),
-                      static_cast<long long>(s.n_out), tr.name, static_cast<long long>(nt), us,
-                      gbps, cublas_us[k], cb_gbps, kc::QuantGemvTokensPerPass(type, s.n_in));
-        json += buf;
-        first_row = false;
+      std::vector<std::vector<float>> check_y;  // per variant, 2 tokens on copy 0
+      std::string check_first;
+      for (const Variant& v : variants) {
+        if (v.choice.kernel == kc::GemvKernel::kDirect && !kc::CanDirectGemv(type, row_bytes)) {
+          continue;
+        }
+        kc::SetGemvKernel(v.choice);
+        Crossing c{std::string(s.name) + " " + tr.name + " " + v.name, 0};
+        for (size_t k = 0; k < tokens.size(); ++k) {
+          const int64_t nt = tokens[k];
+          const double us = timer.Median(stream, [&](int i) {
+            CHECK_CUDA(kc::QuantGemv(type, w.Get(i), row_bytes, s.n_out, s.n_in, x, s.n_in, nt, y,
+                                     s.n_out, 0.0f, stream));
+          });
+          const double gbps = bytes / (us * 1e-6) / 1e9;
+          const double cb_gbps = bf16_bytes / (cublas_us[k] * 1e-6) / 1e9;
+          const double speedup = cublas_us[k] / us;
+          if (speedup > 1.0) c.last_win = nt;
+          std::printf(
+              "%-34s %-5s %-10s %3lld | %9.2f %7.0f %5.0f%% | %9.2f %7.0f %5.0f%% | %6.2fx\n",
+              s.name, tr.name, v.name.c_str(), static_cast<long long>(nt), us, gbps,
+              100.0 * gbps / copy_gbps, cublas_us[k], cb_gbps, 100.0 * cb_gbps / copy_gbps,
+              speedup);
+          char buf[640];
+          std::snprintf(buf, sizeof(buf),
+                        "%s{\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"type\": \"%s\", "
+                        "\"kernel\": \"%s\", \"tokens\": %lld, \"gemv_us\": %.3f, "
+                        "\"gemv_gbps\": %.1f, \"cublas_bf16_us\": %.3f, \"cublas_gbps\": %.1f, "
+                        "\"tokens_per_pass\": %d}",
+                        first_row ? "" : ", ", s.name, static_cast<long long>(s.n_in),
+                        static_cast<long long>(s.n_out), tr.name, v.name.c_str(),
+                        static_cast<long long>(nt), us, gbps, cublas_us[k], cb_gbps,
+                        kc::QuantGemvTokensPerPass(type, s.n_in));
+          json += buf;
+          first_row = false;
+        }
+        crossings.push_back(c);
+        // The check: 2 tokens on copy 0.
+        CHECK_CUDA(kc::QuantGemv(type, w.Get(0), row_bytes, s.n_out, s.n_in, x, s.n_in, 2, y,
+                                 s.n_out, 0.0f, stream));
+        std::vector<float> got(2 * s.n_out);
+        CHECK_CUDA(cudaMemcpyAsync(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost, stream));
+        CHECK_CUDA(cudaStreamSynchronize(stream));
+        check_y.push_back(std::move(got));
+        if (check_y.size() == 1) check_first = v.name;
+        if (check_y.size() > 1) {
+          double diff = 0.0, mag = 0.0;
+          for (size_t i = 0; i < check_y[0].size(); ++i) {
+            diff =
+                std::max(diff, std::fabs(static_cast<double>(check_y.back()[i]) - check_y[0][i]));
+            mag = std::max(mag, std::fabs(static_cast<double>(check_y[0][i])));
+          }
+          std::printf("%-34s %-5s %-10s check vs %s: max |diff| / max |y| = %.3g%s\n", s.name,
+                      tr.name, v.name.c_str(), check_first.c_str(), diff / (mag + 1e-30),
+                      diff / (mag + 1e-30) > 1e-4 ? "  <-- MISMATCH" : "");
+        }
       }
-      crossings.push_back(c);
+      kc::SetGemvKernel(default_kernel);
     }
   }
   json += "], \"expert_rows\": [";
@@ -282,8 +361,8 @@ int main(int argc, char** argv) {
       {"expert gate|up 7168->2048", 7168, 2048, TensorType::kQ4_K},
       {"expert down 2048->7168", 2048, 7168, TensorType::kQ6_K},
   };
-  std::printf("\n%-34s %-5s %3s | %9s | %14s | %7s\n", "expert (n_in->n_out)", "type", "tok",
-              "gemv us", "dequant+cublas", "speedup");
+  std::printf("\n%-34s %-5s %-10s %3s | %9s | %14s | %7s\n", "expert (n_in->n_out)", "type",
+              "kernel", "tok", "gemv us", "dequant+cublas", "speedup");
   std::vector<Crossing> expert_crossings;
   bool first_expert = true;
   for (const ExpertShape& e : expert_shapes) {
@@ -292,42 +371,52 @@ int main(int argc, char** argv) {
     Rotation w(static_cast<uint64_t>(row_bytes) * e.n_out, stream);
     __nv_bfloat16* wd = nullptr;
     CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&wd), e.n_out * e.n_in * 2));
-    Crossing c{std::string(e.name) + " " + tr.name, 0};
-    for (const int64_t nt : {1, 2, 4, 8, 16, 32, 64}) {
-      const double gemv_us = timer.Median(stream, [&](int i) {
-        CHECK_CUDA(kc::QuantGemv(e.type, w.Get(i), row_bytes, e.n_out, e.n_in, x, e.n_in, nt, y,
-                                 e.n_out, 0.0f, stream));
-      });
+    std::vector<Crossing> per_variant;
+    for (const Variant& v : variants) {
+      per_variant.push_back(Crossing{std::string(e.name) + " " + tr.name + " " + v.name, 0});
+    }
+    const std::vector<int64_t> expert_tokens =
+        quick ? std::vector<int64_t>{1, 2, 4, 8, 16} : std::vector<int64_t>{1, 2, 4, 8, 16, 32, 64};
+    for (const int64_t nt : expert_tokens) {
       const double deq_us = timer.Median(stream, [&](int i) {
         CHECK_CUDA(
             kc::DequantizeToBf16(e.type, w.Get(i), row_bytes, e.n_out, e.n_in, wd, e.n_in, stream));
         CHECK_CUBLAS(kc::LinearBf16(cublas, wd, e.n_in, x, e.n_in, y, CUDA_R_32F, e.n_out, e.n_out,
                                     e.n_in, nt));
       });
-      if (deq_us / gemv_us > 1.0) c.last_win = nt;
-      std::printf("%-34s %-5s %3lld | %9.2f | %14.2f | %6.2fx\n", e.name, tr.name,
-                  static_cast<long long>(nt), gemv_us, deq_us, deq_us / gemv_us);
-      char buf[256];
-      std::snprintf(buf, sizeof(buf),
-                    "%s{\"shape\": \"%s\", \"type\": \"%s\", \"tokens\": %lld, "
-                    "\"gemv_us\": %.3f, \"dequant_cublas_us\": %.3f}",
-                    first_expert ? "" : ", ", e.name, tr.name, static_cast<long long>(nt), gemv_us,
-                    deq_us);
-      json += buf;
-      first_expert = false;
+      for (size_t vi = 0; vi < variants.size(); ++vi) {
+        const Variant& v = variants[vi];
+        kc::SetGemvKernel(v.choice);
+        const double gemv_us = timer.Median(stream, [&](int i) {
+          CHECK_CUDA(kc::QuantGemv(e.type, w.Get(i), row_bytes, e.n_out, e.n_in, x, e.n_in, nt, y,
+                                   e.n_out, 0.0f, stream));
+        });
+        if (deq_us / gemv_us > 1.0) per_variant[vi].last_win = nt;
+        std::printf("%-34s %-5s %-10s %3lld | %9.2f | %14.2f | %6.2fx\n", e.name, tr.name,
+                    v.name.c_str(), static_cast<long long>(nt), gemv_us, deq_us, deq_us / gemv_us);
+        char buf[320];
+        std::snprintf(buf, sizeof(buf),
+                      "%s{\"shape\": \"%s\", \"type\": \"%s\", \"kernel\": \"%s\", "
+                      "\"tokens\": %lld, \"gemv_us\": %.3f, \"dequant_cublas_us\": %.3f}",
+                      first_expert ? "" : ", ", e.name, tr.name, v.name.c_str(),
+                      static_cast<long long>(nt), gemv_us, deq_us);
+        json += buf;
+        first_expert = false;
+      }
+      kc::SetGemvKernel(default_kernel);
     }
-    expert_crossings.push_back(c);
+    for (const Crossing& c : per_variant) expert_crossings.push_back(c);
     CHECK_CUDA(cudaFree(wd));
   }
   json += "]}\n";
-  std::printf("\nlargest token count (of 1, 2, 4, 8, 16) at which the GEMV beats cuBLAS bf16:\n");
+  std::printf("\nlargest token count measured at which the GEMV beats cuBLAS bf16, per kernel:\n");
   for (const Crossing& c : crossings) {
     std::printf("  %-44s %s\n", c.what.c_str(),
                 c.last_win == 0 ? "never" : std::to_string(c.last_win).c_str());
   }
   std::printf(
-      "largest token count (of 1 .. 64) at which the GEMV beats dequantize + cuBLAS "
-      "(expert_gemv_max_tokens):\n");
+      "largest token count measured at which the GEMV beats dequantize + cuBLAS "
+      "(expert_gemv_max_tokens), per kernel:\n");
   for (const Crossing& c : expert_crossings) {
     std::printf("  %-44s %s\n", c.what.c_str(),
                 c.last_win == 0 ? "never" : std::to_string(c.last_win).c_str());
