@@ -514,7 +514,7 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_EQ(o.tile_chunk_kib, 256);
   EXPECT_EQ(o.tile_chunk_groups, 2);
   EXPECT_EQ(MoeTileSpec(o),
-            "phased:chunk=256:groups=2:pf=1:skew=0:pad=16:group=1024:ff=1024:maxtok=64:down=256");
+            "phased:chunk=256:groups=2:pf=0:skew=0:pad=16:group=1024:ff=1024:maxtok=64:down=256");
   const MoePlanOptions before = o;
   for (const char* bad :
        {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
