@@ -18,7 +18,6 @@ using gemv_internal::BlockElems;
 using gemv_internal::DirectDecode;
 using gemv_internal::DirectLoad;
 using gemv_internal::DirectPieceElem;
-using gemv_internal::DirectPieceValid;
 using gemv_internal::DirectRaw;
 using gemv_internal::kDirectChunk;
 using gemv_internal::kDirectPieces;
@@ -33,9 +32,9 @@ constexpr int kMaxTokensPerPass = 8;
 constexpr int kMaxRowsPerWarp = 2;
 
 // 8 bf16 activations at x[e .. e + 8) as floats.
-__device__ __forceinline__ void LoadX8(const __nv_bfloat16* __restrict__ x, bool x_vector,
-                                       float (&xf)[8]) {
-  if (x_vector) {
+template <bool kXVector>
+__device__ __forceinline__ void LoadX8(const __nv_bfloat16* __restrict__ x, float (&xf)[8]) {
+  if constexpr (kXVector) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(x));
     const float2 a = Bf16PairToFloat2(v.x), b = Bf16PairToFloat2(v.y);
     const float2 c = Bf16PairToFloat2(v.z), d = Bf16PairToFloat2(v.w);
@@ -52,10 +51,15 @@ __device__ __forceinline__ void LoadX8(const __nv_bfloat16* __restrict__ x, bool
 // rows (kWarps / split groups per block). Warp `sub` of a group takes the
 // steps sub, sub + split, ... of U consecutive chunks each; per step it loads
 // U x R chunks (lane share: DirectLoad) before decoding any.
-template <TensorType T, int NT, int U, int R>
+//
+// Lane-level validity (the row's last chunk) costs no branch: pieces past the
+// row decode to zero weights and multiply x[0 .. 8) instead of reading x past
+// the row; whole chunks past the row and rows past n_out (warp-uniform) are
+// skipped. kXVector: x rows 16-byte aligned (16-byte loads of x).
+template <TensorType T, int NT, int U, int R, bool kXVector>
 __global__ void __launch_bounds__(kThreads)
     DirectGemvKernel(const uint8_t* __restrict__ w, int64_t row_bytes, int64_t n_out, int n_in,
-                     int split, const __nv_bfloat16* __restrict__ x, int64_t ldx, bool x_vector,
+                     int split, const __nv_bfloat16* __restrict__ x, int64_t ldx,
                      float* __restrict__ y, int64_t ldy, float beta) {
   __shared__ float partial[kWarps][kMaxRowsPerWarp][kMaxTokensPerPass];
   const int warp = threadIdx.x >> 5;
@@ -79,32 +83,30 @@ __global__ void __launch_bounds__(kThreads)
     rows[r] = w + (row_ok[r] ? row0 + r : 0) * row_bytes;
   }
 
-  for (int c0 = sub * U; c0 < n_chunks; c0 += split * U) {
+  const int my_chunks = row_ok[0] ? n_chunks : 0;  // a group past n_out streams nothing
+  for (int c0 = sub * U; c0 < my_chunks; c0 += split * U) {
     DirectRaw<T> raw[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (c0 + u < n_chunks && row_ok[r]) {
+        if (c0 + u < my_chunks && row_ok[r]) {  // warp-uniform
           DirectLoad<T>(rows[r], n_in, c0 + u, lane, &raw[u][r]);
-        } else {
-          raw[u][r].valid = 0;
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+      if (c0 + u >= my_chunks) break;  // warp-uniform
 #pragma unroll
       for (int k = 0; k < kDirectPieces; ++k) {
-        const int e = DirectPieceElem<T>(c0 + u, lane, k);
-        bool any = false;
-#pragma unroll
-        for (int r = 0; r < R; ++r) any = any || DirectPieceValid<T>(raw[u][r], k);
-        if (!any) continue;
+        // Pieces past the row (zero weights) read x[0 .. 8) of each token.
+        const int e0 = DirectPieceElem<T>(c0 + u, lane, k);
+        const int e = e0 < n_in ? e0 : 0;
         float wv[R][8];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          if (DirectPieceValid<T>(raw[u][r], k)) {
+          if (row_ok[r]) {
             DirectDecode<T>(raw[u][r], lane, k, wv[r]);
           } else {
 #pragma unroll
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           float xf[8];
-          LoadX8(x + t * ldx + e, x_vector, xf);
+          LoadX8<kXVector>(x + t * ldx + e, xf);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             float a = acc[r][t];
@@ -197,8 +199,13 @@ cudaError_t LaunchPass(const uint8_t* w, int64_t row_bytes, int64_t n_out, int64
   }
   const int64_t blocks = CeilDiv(n_groups, kWarps / split);
   if (blocks > int64_t{0x7fffffff}) return cudaErrorInvalidValue;
-  DirectGemvKernel<T, NT, U, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      w, row_bytes, n_out, static_cast<int>(n_in), split, x, ldx, x_vector, y, ldy, beta);
+  if (x_vector) {
+    DirectGemvKernel<T, NT, U, R, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        w, row_bytes, n_out, static_cast<int>(n_in), split, x, ldx, y, ldy, beta);
+  } else {
+    DirectGemvKernel<T, NT, U, R, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        w, row_bytes, n_out, static_cast<int>(n_in), split, x, ldx, y, ldy, beta);
+  }
   return cudaGetLastError();
 }
 

@@ -115,12 +115,16 @@ KTX_GEMV_HD inline int DirectPieceElem(int chunk, int lane, int k) {
 
 // Loads lane `lane`'s bytes of chunk `chunk` of a row starting at `row` (the
 // row has n_in weights; bytes past them are not read, see gemv_direct.h).
+// Pieces past the row get all-zero words, which decode to weights of zero
+// (so that the kernel needs no per-lane branch).
 template <TensorType T>
 KTX_GEMV_HD inline void DirectLoad(const uint8_t* row, int n_in, int chunk, int lane,
                                    DirectRaw<T>* raw) {
   if constexpr (T == TensorType::kQ4_K) {
     const int blk = chunk * 4 + (lane >> 3);
     raw->valid = blk < n_in / 256;
+    raw->hdr = make_uint4(0, 0, 0, 0);
+    raw->qs = make_uint4(0, 0, 0, 0);
     if (raw->valid) {
       const uint8_t* b = row + blk * 144;
       raw->hdr = LdgU128(b);
@@ -129,6 +133,8 @@ KTX_GEMV_HD inline void DirectLoad(const uint8_t* row, int n_in, int chunk, int 
   } else if constexpr (T == TensorType::kQ6_K) {
     const int blk = chunk * 4 + (lane >> 3), u = lane & 7;
     raw->valid = blk < n_in / 256;
+    raw->ql0[0] = raw->ql0[1] = raw->ql1[0] = raw->ql1[1] = 0;
+    raw->qh[0] = raw->qh[1] = raw->sc[0] = raw->sc[1] = raw->d = 0;
     if (raw->valid) {
       const uint8_t* b = row + blk * 210;
       const int h = u >> 2, g = u & 3;
@@ -144,6 +150,7 @@ KTX_GEMV_HD inline void DirectLoad(const uint8_t* row, int n_in, int chunk, int 
     KTX_GEMV_UNROLL
     for (int k = 0; k < 4; ++k) {
       const int blk = chunk * 32 + 8 * k + (lane >> 2);
+      raw->d[k] = raw->q[k][0] = raw->q[k][1] = 0;
       if (blk < n_blocks) {
         raw->valid |= 1u << k;
         const uint8_t* b = row + blk * 34;
@@ -157,6 +164,7 @@ KTX_GEMV_HD inline void DirectLoad(const uint8_t* row, int n_in, int chunk, int 
     KTX_GEMV_UNROLL
     for (int k = 0; k < 4; ++k) {
       const int e = DirectPieceElem<T>(chunk, lane, k);
+      raw->v[k] = make_uint4(0, 0, 0, 0);
       if (e < n_in) {
         raw->valid |= 1u << k;
         raw->v[k] = LdgU128(row + 2 * e);
