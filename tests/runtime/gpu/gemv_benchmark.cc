@@ -322,7 +322,9 @@ int main(int argc, char** argv) {
                         first_row ? "" : ", ", s.name, static_cast<long long>(s.n_in),
                         static_cast<long long>(s.n_out), tr.name, v.name.c_str(),
                         static_cast<long long>(nt), us, gbps, cublas_us[k], cb_gbps,
-                        kc::QuantGemvTokensPerPass(type, s.n_in));
+                        v.choice.kernel == kc::GemvKernel::kDirect
+                            ? 8  // the direct kernel: always 8 tokens per pass
+                            : kc::QuantGemvTokensPerPass(type, s.n_in));
           json += buf;
           first_row = false;
         }
