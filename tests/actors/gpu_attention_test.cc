@@ -80,6 +80,47 @@ struct TierB {
   double rel_l2, median_row, argmax_agree;
 };
 
+// Row-by-row comparison of logits F32 [n_rows, n_vocab] against `want`: the
+// whole-matrix and median/max row relative L2, and the argmax agreement on
+// the rows where want's top-2 margin exceeds 1.
+struct LogitRows {
+  double all = 0, median = 0, max = 0, agreement = 0;
+  int confident = 0;
+};
+
+LogitRows CompareLogitRows(const float* got, const float* want, int64_t n_rows, int64_t n_vocab) {
+  LogitRows out;
+  std::vector<double> rows;
+  int agree = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* g = got + r * n_vocab;
+    const float* w = want + r * n_vocab;
+    rows.push_back(RelL2(g, w, n_vocab));
+    if (Margin(w, n_vocab) > 1.0) {
+      ++out.confident;
+      agree += testing::Argmax(g, n_vocab) == testing::Argmax(w, n_vocab);
+    }
+  }
+  std::sort(rows.begin(), rows.end());
+  out.all = RelL2(got, want, n_rows * n_vocab);
+  out.median = rows.empty() ? 0 : rows[rows.size() / 2];
+  out.max = rows.empty() ? 0 : rows.back();
+  out.agreement = static_cast<double>(agree) / std::max(out.confident, 1);
+  return out;
+}
+
+// The largest routed expert of any layer, bytes (GGUF blocks).
+uint64_t LargestExpertBytes(const models::Deepseek2Model& model) {
+  auto table = topology::ModelExpertTableFromGguf(model.file());
+  EXPECT_TRUE(table.ok()) << table.status();
+  uint64_t per_expert = 0;
+  if (!table.ok()) return 0;
+  for (const topology::LayerExperts& l : table->layers) {
+    per_expert = std::max(per_expert, l.bytes_per_expert);
+  }
+  return per_expert;
+}
+
 TierB Bounds(const std::string& file) {
   if (file == "bf16") return {0.16, 0.022, 0.90};
   if (file == "q8_0") return {0.23, 0.046, 0.90};
@@ -140,25 +181,13 @@ TEST_P(GpuAttentionFixtureTest, MatchesTheReferenceAndTheCpuEngine) {
   const std::vector<float> want = LoadF32(files["ref64_prompt_logits"]["file"]);
   ASSERT_EQ(logits->values().size(), want.size());
   const int64_t n_rows = static_cast<int64_t>(want.size()) / n_vocab;
-  std::vector<double> rows;
-  int confident = 0, agree = 0;
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float* g = logits->row(r);
-    const float* w = want.data() + r * n_vocab;
-    rows.push_back(RelL2(g, w, n_vocab));
-    if (Margin(w, n_vocab) > 1.0) {
-      ++confident;
-      agree += testing::Argmax(g, n_vocab) == testing::Argmax(w, n_vocab);
-    }
-  }
-  std::sort(rows.begin(), rows.end());
-  const double all = RelL2(logits->data(), want.data(), static_cast<int64_t>(want.size()));
-  const double median = rows[rows.size() / 2];
-  const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+  const LogitRows cmp = CompareLogitRows(logits->data(), want.data(), n_rows, n_vocab);
+  const double all = cmp.all, median = cmp.median, agreement = cmp.agreement;
+  const int confident = cmp.confident;
   std::printf(
       "[ measured ] %s, %d shard(s): prompt logits rel L2 %.3e, median row %.3e, max row %.3e, "
       "argmax agreement %.3f (%d rows with margin > 1)\n",
-      p.file.c_str(), p.shards, all, median, rows.back(), agreement, confident);
+      p.file.c_str(), p.shards, all, median, cmp.max, agreement, confident);
   const TierB b = Bounds(p.file);
   EXPECT_LE(all, b.rel_l2);
   EXPECT_LE(median, b.median_row);
@@ -212,12 +241,8 @@ TEST_P(GpuAttentionFixtureTest, HotExpertsOnTheGpuMatchTheReference) {
   const nlohmann::json& files = Manifest()["files"][p.file];
   const int64_t n_vocab = model->n_vocab();
   const std::vector<int32_t> prompt = testing::PromptTokens();
-  auto table = topology::ModelExpertTableFromGguf(model->file());
-  ASSERT_TRUE(table.ok()) << table.status();
-  uint64_t per_expert = 0;
-  for (const topology::LayerExperts& l : table->layers) {
-    per_expert = std::max(per_expert, l.bytes_per_expert);
-  }
+  const uint64_t per_expert = LargestExpertBytes(*model);
+  ASSERT_GT(per_expert, 0u);
   EngineOptions options = Options(p.shards, "cuda:0");
   options.gpu_hot_experts_bytes = per_expert * (hp.n_expert + hp.n_expert / 2);
   auto gpu = Engine::Create(model, options);
@@ -242,21 +267,8 @@ TEST_P(GpuAttentionFixtureTest, HotExpertsOnTheGpuMatchTheReference) {
   const std::vector<float> want = LoadF32(files["ref64_prompt_logits"]["file"]);
   ASSERT_EQ(logits->values().size(), want.size());
   const int64_t n_rows = static_cast<int64_t>(want.size()) / n_vocab;
-  std::vector<double> rows;
-  int confident = 0, agree = 0;
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float* g = logits->row(r);
-    const float* w = want.data() + r * n_vocab;
-    rows.push_back(RelL2(g, w, n_vocab));
-    if (Margin(w, n_vocab) > 1.0) {
-      ++confident;
-      agree += testing::Argmax(g, n_vocab) == testing::Argmax(w, n_vocab);
-    }
-  }
-  std::sort(rows.begin(), rows.end());
-  const double all = RelL2(logits->data(), want.data(), static_cast<int64_t>(want.size()));
-  const double median = rows[rows.size() / 2];
-  const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+  const LogitRows cmp = CompareLogitRows(logits->data(), want.data(), n_rows, n_vocab);
+  const double all = cmp.all, median = cmp.median, agreement = cmp.agreement;
   std::printf(
       "[ measured ] %s, %d shard(s), %d hot experts on the GPU: prompt logits rel L2 %.3e, "
       "median row %.3e, argmax agreement %.3f\n",
@@ -303,12 +315,8 @@ TEST_P(GpuAttentionFixtureTest, ExpertDeferralMatchesTheCpuEngine) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = Engine::Create(model, Options(p.shards, "cpu"));
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto table = topology::ModelExpertTableFromGguf(model->file());
-  ASSERT_TRUE(table.ok()) << table.status();
-  uint64_t per_expert = 0;
-  for (const topology::LayerExperts& l : table->layers) {
-    per_expert = std::max(per_expert, l.bytes_per_expert);
-  }
+  const uint64_t per_expert = LargestExpertBytes(*model);
+  ASSERT_GT(per_expert, 0u);
   EngineOptions hot_options = Options(p.shards, "cuda:0");
   hot_options.gpu_hot_experts_bytes = per_expert * (hp.n_expert + hp.n_expert / 2);
   auto hot = Engine::Create(model, hot_options);
@@ -317,18 +325,8 @@ TEST_P(GpuAttentionFixtureTest, ExpertDeferralMatchesTheCpuEngine) {
   auto compare = [&](const models::Activations& got, const models::Activations& want,
                      const char* what) {
     ASSERT_EQ(got.values().size(), want.values().size());
-    std::vector<double> rows;
-    int confident = 0, agree = 0;
-    for (int64_t r = 0; r < want.n_tokens(); ++r) {
-      rows.push_back(RelL2(got.row(r), want.row(r), n_vocab));
-      if (Margin(want.row(r), n_vocab) > 1.0) {
-        ++confident;
-        agree += testing::Argmax(got.row(r), n_vocab) == testing::Argmax(want.row(r), n_vocab);
-      }
-    }
-    std::sort(rows.begin(), rows.end());
-    const double median = rows[rows.size() / 2];
-    const double agreement = static_cast<double>(agree) / std::max(confident, 1);
+    const LogitRows cmp = CompareLogitRows(got.data(), want.data(), want.n_tokens(), n_vocab);
+    const double median = cmp.median, agreement = cmp.agreement;
     std::printf("[ measured ] %s, %d shard(s): %s: median row rel L2 %.3e, argmax %.3f\n",
                 p.file.c_str(), p.shards, what, median, agreement);
     const TierB b = Bounds(p.file);
