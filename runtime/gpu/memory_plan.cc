@@ -232,8 +232,9 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   const int64_t want_pages = o.kv_tokens > 0 ? (o.kv_tokens + o.kv_page_size - 1) / o.kv_page_size
                                              : pages_per_seq * o.max_sequences;
   const int64_t min_pages = o.kv_tokens > 0 ? want_pages : pages_per_seq;
-  // The weight form: kAuto takes the first of both, bf16, quantized that
-  // leaves room for min_pages of KV cache.
+  // The weight form: kAuto takes the first of bf16, quantized that leaves
+  // room for min_pages of KV cache (not kBoth: on the H200 the GEMV was
+  // slower than cuBLAS on the bf16 copy at every measured shape, docs/gpu.md).
   p.weight_form_requested = o.gpu_weights;
   auto apply_form = [&](GpuWeightForm form) {
     if (quantizable.n_matrices == 0) form = GpuWeightForm::kBf16;
@@ -248,8 +249,7 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
            p.resident_expert_bytes;
   };
   if (o.gpu_weights == GpuWeightForm::kAuto) {
-    for (GpuWeightForm form :
-         {GpuWeightForm::kBoth, GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
+    for (GpuWeightForm form : {GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
       apply_form(form);
       const uint64_t f = fixed_bytes();
       if (f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages)) break;

@@ -59,8 +59,10 @@ struct GpuExpertOptions {
 // gate/up/down, shared experts, output head. token_embd (a row lookup) and the
 // per-head k_b / v_b stay bf16 in every form.
 enum class GpuWeightForm {
-  kAuto,       // kBoth when it fits with at least one sequence of KV cache, else kBf16,
-               // else kQuantized (the plan says which; the KV cache shrinks by the blocks)
+  kAuto,       // kBf16 when it fits with at least one sequence of KV cache, else
+               // kQuantized (the plan says which). Not kBoth: on the H200 (2026-11-26)
+               // the GEMV kernels were slower than cuBLAS on the bf16 copy at every
+               // DeepSeek-V3 shape (docs/gpu.md); kBoth stays for explicit use.
   kBf16,       // bf16 only: cuBLAS at every batch size (the form before the GEMV)
   kQuantized,  // blocks only: the GEMV at every batch size (prefill re-reads the
                // weights once per 8 tokens: slow; for GPUs too small for bf16)
@@ -97,9 +99,10 @@ struct CudaModelOptions {
   // one layer that runs as three GEMVs on its blocks; more tokens:
   // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes
   // per weight more than the blocks, so the GEMV pays longer than for bf16
-  // matrices: 32 (reasoning; gemv_benchmark's "expert" rows measure it).
+  // matrices: measured on the H200 (gemv_benchmark "expert" rows, Q4_K
+  // gate/up and Q6_K down of DeepSeek-V3 shape) the GEMV wins up to 16 tokens.
   // KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N overrides; 0: never.
-  int64_t expert_gemv_max_tokens = 32;
+  int64_t expert_gemv_max_tokens = 16;
   // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
   // in the environment overrides experts.mode.
   GpuExpertOptions experts;
