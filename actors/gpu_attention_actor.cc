@@ -349,7 +349,6 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
     hooks.adjust_routing = [&client](int il, models::Routing* routing) {
       return client.AdjustRouting(il, routing);
     };
-    hooks.routing_adjusted = client.any_policy();
     if (client.may_defer()) {
       hooks.split_deferred = [&client](int il, models::Routing* routing, models::Routing late[2]) {
         return client.SplitDeferred(il, routing, late);

@@ -846,11 +846,9 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   // Routed experts on the GPU (large batches): the GPU's share of the first MoE
   // layer is chosen from expected counts and its copies start now, behind the
   // dense layers and the attention; each MoE layer starts the next one's.
-  // A routing policy in kAuto mode: no cost-model split (see ForwardHooks::routing_adjusted).
-  const bool policy_active =
-      hooks.adjust_routing ? hooks.routing_adjusted : model_.routing_policy() != nullptr;
-  const bool stream_experts = experts_ != nullptr && StreamsExperts(n) &&
-                              !(policy_active && expert_mode_ == GpuExpertMode::kAuto);
+  // Routing policies (adjust_routing) act before the split, so the split runs
+  // under them too (cuda_deepseek2_test RoutingPoliciesApplyBeforeTheGpuCpuSplit).
+  const bool stream_experts = experts_ != nullptr && StreamsExperts(n);
   const bool prefetch = stream_experts && expert_options_.prefetch;
   std::vector<int32_t> prefetched;  // the GPU's experts of the next MoE layer, copying
   if (experts_ != nullptr && !experts_->idle()) {

@@ -164,13 +164,6 @@ class CudaDeepseek2 {
     // keeps with Commit(seq, tokens.size()) (the rows stay reserved, so an
     // uncommitted entry is simply overwritten by its next batch).
     bool commit = true;
-    // true: adjust_routing changes the routing (a routing policy is active).
-    // In kAuto mode such a batch then streams no expert (resident experts
-    // still run on the GPU): the cost-model split combined with a policy gave
-    // one wrong row out of 45 on the H200 (cuda_deepseek2_test, adaptive
-    // policy, bf16 fixture), not yet understood. kAllGpu is unaffected (it
-    // matched). Without adjust_routing the model's own policy counts.
-    bool routing_adjusted = false;
 
     // Expert deferral (routing_policy.h: a layer's lowest-weight experts run
     // one layer late, overlapped with the next layer, and join its residual

@@ -481,10 +481,12 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
 // Routing policies act on the FULL top-k before the routed experts are split
 // between the GPU and the CPU (ForwardHooks::adjust_routing): with every
 // routed expert on the GPU (kAllGpu), a reduced and an adaptive top-k give the
-// logits of the all-CPU path under the same policy; kAuto with a policy
-// streams nothing (ForwardHooks::routing_adjusted) and equals the CPU path. The policy really
-// changes the logits (a GPU computing the full top-k fails the comparison), the CPU hook sees only
-// the CPU's entries, and the model's own policy (no hook) is the hook's result bit for bit.
+// logits of the all-CPU path under the same policy, and so does the kAuto
+// cost-model split, where every entry is computed exactly once (CPU + GPU =
+// the policy's entries). The policy really changes the logits (a GPU
+// computing the full top-k fails the comparison), the CPU hook sees only the
+// CPU's entries, and the model's own policy (no hook) is the hook's result
+// bit for bit.
 TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
   unsetenv("KTX_GPU_EXPERTS");
   unsetenv("KTX_GPU_EXPERTS_CPU");
@@ -506,7 +508,7 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
 
   // One forward pass of the prompt; *cpu_entries: the entries the CPU hook got.
   auto run = [&](CudaDeepseek2& gpu, GpuExpertMode mode, const models::RoutingPolicy* policy,
-                 Activations* logits, int64_t* cpu_entries, bool adjusted = true) {
+                 Activations* logits, int64_t* cpu_entries) {
     ASSERT_TRUE(gpu.SetExpertMode(mode).ok());
     *cpu_entries = 0;
     CudaDeepseek2::ForwardHooks hooks;
@@ -515,7 +517,6 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
         models::ApplyRoutingPolicies(hp.routing(), il, {}, policy, routing);
         return absl::OkStatus();
       };
-      hooks.routing_adjusted = adjusted;
     }
     hooks.routed_experts = [&](int il, const Activations& h, const models::Routing& routing,
                                Activations* routed) {
@@ -551,23 +552,17 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
     EXPECT_EQ(all_gpu_entries, 0) << "all-GPU mode gave the CPU entries";
     ExpectAgree(CompareRows(all_gpu, cpu), "policy, all routed experts on the GPU vs CPU",
                 GetParam());
-    // kAuto with a policy streams nothing (ForwardHooks::routing_adjusted: the
-    // split under a policy gave one wrong row on the H200): all on the CPU.
-    const int64_t before = (*split_gpu)->expert_streamer()->stats().experts_computed;
-    run(**split_gpu, GpuExpertMode::kAuto, &policy, &split, &split_entries);
-    EXPECT_EQ((*split_gpu)->expert_streamer()->stats().experts_computed, before);
-    EXPECT_EQ(split_entries, cpu_entries);
-    ExpectAgree(CompareRows(split, cpu), "policy, kAuto (no split) vs CPU", GetParam());
-    // The cost-model split under the policy (routing_adjusted false lets it
-    // run): every entry computed exactly once (the CPU's + the GPU's = the
-    // policy's), rows within the tolerance; printed per row where the argmax
-    // differs, to tell a rounding flip (one row near a routing gap) from a
-    // lost or doubled entry.
+    // The cost-model split under the policy: every entry computed exactly
+    // once (the CPU's + the GPU's = the policy's), rows within the tolerance;
+    // rows whose argmax differs are printed. On the H200 one row of 45 (bf16,
+    // adaptive) moved by 0.43 with entries exactly accounted and rows of that
+    // size in kAllGpu too: the GPU's bf16 rounding crossing a routing gap
+    // (README section 5), so one such row is allowed.
     {
       const GpuExpertStreamer::Stats before_split = (*split_gpu)->expert_streamer()->stats();
-      Activations forced;
-      int64_t forced_cpu = 0;
-      run(**split_gpu, GpuExpertMode::kAuto, &policy, &forced, &forced_cpu, /*adjusted=*/false);
+      Activations& forced = split;
+      int64_t& forced_cpu = split_entries;
+      run(**split_gpu, GpuExpertMode::kAuto, &policy, &forced, &forced_cpu);
       const int64_t gpu_entries =
           (*split_gpu)->expert_streamer()->stats().tokens_computed - before_split.tokens_computed;
       std::printf(
@@ -861,7 +856,6 @@ TEST_P(CudaDeepseek2Test, ExpertDeferralMatchesTheCpuReference) {
         return model_->RoutedExperts(il, h, routing, {}, routed);
       };
       hooks.adjust_routing = [](int, models::Routing*) { return absl::OkStatus(); };
-      hooks.routing_adjusted = true;
       hooks.split_deferred = [&](int il, models::Routing* routing, models::Routing late[2]) {
         const models::DeferredCount c =
             models::SplitDeferredRows(il, hp.n_layer, {}, &policy, routing, late);
