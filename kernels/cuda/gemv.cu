@@ -7,6 +7,7 @@
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/gemv_decode.cuh"
 #include "kernels/cuda/gemv_direct.h"
+#include "kernels/cuda/gemv_q8.h"
 
 namespace ktx::kernels::cuda {
 namespace {
@@ -395,7 +396,7 @@ cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t
   // The direct kernel (gemv_direct.h) unless KTX_GEMV_KERNEL / SetGemvKernel say "ring".
   if (CanDirectGemv(type, row_bytes)) {
     const GemvKernelChoice choice = CurrentGemvKernel();
-    if (choice.kernel == GemvKernel::kDirect) {
+    if (choice.kernel != GemvKernel::kRing) {  // kQ8 without a workspace: direct
       return DirectGemv(type, w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta,
                         choice.direct, stream);
     }
@@ -430,6 +431,25 @@ cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t
                                          stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+size_t QuantGemvWorkspaceBytes(int64_t n_in, int64_t n_tokens) {
+  return Q8GemvWorkspaceBytes(n_in, n_tokens);
+}
+
+cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
+                      int64_t n_in, const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y,
+                      int64_t ldy, float beta, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
+  const GemvKernelChoice choice = CurrentGemvKernel();
+  if (choice.kernel == GemvKernel::kQ8 && CanQ8Gemv(type, row_bytes) && workspace != nullptr &&
+      n_in > 0 && n_tokens > 0 && workspace_bytes >= Q8GemvWorkspaceBytes(n_in, n_tokens)) {
+    Q8GemvConfig config;
+    config.unroll = choice.direct.unroll;
+    return Q8Gemv(type, w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta, workspace,
+                  workspace_bytes, config, stream);
+  }
+  return QuantGemv(type, w, row_bytes, n_out, n_in, x, ldx, n_tokens, y, ldy, beta, stream);
 }
 
 }  // namespace ktx::kernels::cuda

@@ -61,6 +61,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/common/tensor_type.h"
@@ -79,5 +80,19 @@ int QuantGemvTokensPerPass(TensorType type, int64_t n_in);
 cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
                       int64_t n_in, const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y,
                       int64_t ldy, float beta, cudaStream_t stream);
+
+// The same product with a caller-owned device workspace (16-byte aligned)
+// for kernels that need one: when the kernel choice is "q8"
+// (KTX_GEMV_KERNEL=q8 or SetGemvKernel; gemv_direct.h), the type is Q4_K,
+// Q6_K or Q8_0 with CanQ8Gemv(type, row_bytes) and workspace_bytes >=
+// QuantGemvWorkspaceBytes(n_in, n_tokens), the int8 dot-product kernel runs
+// (gemv_q8.h: activations quantized to int8, its own error bound); otherwise
+// exactly QuantGemv above (the workspace unused; "q8" then means the direct
+// kernel).
+size_t QuantGemvWorkspaceBytes(int64_t n_in, int64_t n_tokens);
+cudaError_t QuantGemv(TensorType type, const void* w, int64_t row_bytes, int64_t n_out,
+                      int64_t n_in, const __nv_bfloat16* x, int64_t ldx, int64_t n_tokens, float* y,
+                      int64_t ldy, float beta, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream);
 
 }  // namespace ktx::kernels::cuda

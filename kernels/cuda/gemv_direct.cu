@@ -274,14 +274,15 @@ std::atomic<int> g_override{0};
 
 int Encode(const GemvKernelChoice& c) {
   return 1 + (c.kernel == GemvKernel::kDirect ? 1 : 0) + 2 * c.direct.unroll +
-         16 * c.direct.rows_per_warp;
+         16 * c.direct.rows_per_warp + (c.kernel == GemvKernel::kQ8 ? 256 : 0);
 }
 GemvKernelChoice Decode(int v) {
   v -= 1;
   GemvKernelChoice c;
   c.kernel = (v & 1) ? GemvKernel::kDirect : GemvKernel::kRing;
   c.direct.unroll = (v >> 1) & 7;
-  c.direct.rows_per_warp = v >> 4;
+  c.direct.rows_per_warp = (v >> 4) & 15;
+  if (v & 256) c.kernel = GemvKernel::kQ8;
   return c;
 }
 
@@ -302,6 +303,13 @@ bool ParseGemvKernel(std::string_view spec, GemvKernelChoice* out) {
   GemvKernelChoice c;
   if (spec == "ring") {
     c.kernel = GemvKernel::kRing;
+    *out = c;
+    return true;
+  }
+  if (spec == "q8" || spec == "q8:1" || spec == "q8:2" || spec == "q8:4") {
+    c.kernel = GemvKernel::kQ8;
+    c.direct = kDefaultGemvKernel.direct;  // what runs without a workspace
+    if (spec.size() > 2) c.direct.unroll = spec[3] - '0';
     *out = c;
     return true;
   }

@@ -73,15 +73,18 @@ struct DirectGemvConfig {
   int rows_per_warp = 1;
 };
 
-enum class GemvKernel { kRing, kDirect };
+// kQ8: the int8 dot-product kernel (gemv_q8.h); it needs a workspace
+// (QuantGemv's workspace overload, gemv.h); without one, kDirect runs.
+enum class GemvKernel { kRing, kDirect, kQ8 };
 
 struct GemvKernelChoice {
   GemvKernel kernel = GemvKernel::kDirect;
-  DirectGemvConfig direct;
+  DirectGemvConfig direct;  // for kQ8: direct.unroll is the q8 kernel's unroll (1, 2, 4)
 };
 
 // "ring" | "direct" | "direct:U" | "direct:U:R" (U unroll, R rows per warp,
-// a compiled combination). False (and *out untouched) on anything else.
+// a compiled combination) | "q8" | "q8:U" (U 1, 2 or 4). False (and *out
+// untouched) on anything else.
 bool ParseGemvKernel(std::string_view spec, GemvKernelChoice* out);
 
 // The kernel QuantGemv uses: the last SetGemvKernel, else KTX_GEMV_KERNEL
