@@ -210,8 +210,6 @@ class GpuMoeHooks {
   }
 
   Clock::time_point last() const { return last_; }
-  // A slice or the model has a routing policy (AdjustRouting changes the routing).
-  bool any_policy() const { return any_policy_; }
   bool may_defer() const { return may_defer_; }
 
  private:
