@@ -1,6 +1,6 @@
 # Terse build helpers (after Abseil's absl_cc_library / absl_cc_test).
 #
-#   ktx_cc_library(NAME n SRCS a.cc ... [HDRS ...] [DEPS ...] [COPTS ...])
+#   ktx_cc_library(NAME n SRCS a.cc ... [HDRS ...] [DEPS ...] [COPTS ...] [TYPE STATIC|SHARED])
 #   ktx_cc_test(NAME n SRCS a_test.cc ... [DEPS ...] [LABELS ...] [TIMEOUT s] [SANITIZE])
 #     SANITIZE: also run it under ASan+UBSan in the test command (label "sanitize",
 #     built by the `sanitize_tests` target of a -DKTX_SANITIZE=ON -DKTX_MINIMAL=ON tree).
@@ -24,8 +24,11 @@ function(_ktx_common target)
 endfunction()
 
 function(ktx_cc_library)
-  cmake_parse_arguments(K "" "NAME" "SRCS;HDRS;DEPS;COPTS" ${ARGN})
-  add_library(${K_NAME} STATIC ${K_SRCS} ${K_HDRS})
+  cmake_parse_arguments(K "" "NAME;TYPE" "SRCS;HDRS;DEPS;COPTS" ${ARGN})
+  if(NOT K_TYPE)
+    set(K_TYPE STATIC)
+  endif()
+  add_library(${K_NAME} ${K_TYPE} ${K_SRCS} ${K_HDRS})
   _ktx_common(${K_NAME})
   target_link_libraries(${K_NAME} PUBLIC ${K_DEPS})
   if(K_COPTS)

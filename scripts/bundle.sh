@@ -33,9 +33,13 @@ for exe in $(find "$BUILD_DIR/tests" "$BUILD_DIR/kernels" "$BUILD_DIR/runtime" -
   cp "$exe" "$OUT/tests/"
 done
 # The bundled tests find bin/ and lib/ next to them through RPATH $ORIGIN/../lib as well.
+# ktx's own shared library (KTX_CUDA_SHARED, the default here): its RPATH points at the
+# bundle, so ldd cannot find it in the build tree. The shared cudart it and the binaries
+# link travels with it (0.7 MB; the GPU machine's CUDA version may differ).
+[ -f "$BUILD_DIR/kernels/cuda/libktx_cuda_kernels.so" ] && cp "$BUILD_DIR/kernels/cuda/libktx_cuda_kernels.so" "$OUT/lib/"
 
 # Libraries the GPU machine already has (STACK.md): never bundle these.
-present='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libstdc\+\+|libgcc_s|libprotobuf\.so\.32|libnuma\.so\.1|libssl\.so\.3|libcrypto\.so\.3|libz\.so\.1|libcublas|libcublasLt|libcuda\.so|libcudart)'
+present='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libstdc\+\+|libgcc_s|libprotobuf\.so\.32|libnuma\.so\.1|libssl\.so\.3|libcrypto\.so\.3|libz\.so\.1|libcublas|libcublasLt|libcuda\.so)'
 copy_deps() {
   ldd "$1" | awk '/=> \//{print $1" "$3}' | while read -r name path; do
     if [[ ! $name =~ $present ]] && [ ! -e "$OUT/lib/$name" ]; then

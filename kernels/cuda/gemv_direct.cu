@@ -23,8 +23,12 @@ using gemv_internal::kDirectChunk;
 using gemv_internal::kDirectPieces;
 
 // The kernel QuantGemv uses when neither SetGemvKernel nor KTX_GEMV_KERNEL
-// says otherwise (change after measuring: gemv_benchmark).
-constexpr GemvKernelChoice kDefaultGemvKernel{GemvKernel::kDirect, DirectGemvConfig{2, 1}};
+// says otherwise: q8 with unroll 2 (measured on the H200, 2026-11-27,
+// gemv_benchmark --quick: at 1 token 1.1-2.2x faster than direct:2 on Q4_K
+// and up to 1.5x on Q6_K, never slower beyond noise at 2-8 tokens). Calls
+// without a workspace, and types q8 does not read, take the direct kernel
+// (or the ring kernel where direct cannot read the type).
+constexpr GemvKernelChoice kDefaultGemvKernel{GemvKernel::kQ8, DirectGemvConfig{2, 1}};
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;

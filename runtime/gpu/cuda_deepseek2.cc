@@ -1,6 +1,7 @@
 #include "runtime/gpu/cuda_deepseek2.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -147,6 +148,17 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
     }
     o->expert_gemv_max_tokens = n;
   }
+  if (const char* v = std::getenv("KTX_CUDA_GRAPHS"); v != nullptr && *v != '\0') {
+    const std::string mode = v;
+    if (mode == "on" || mode == "1") {
+      o->cuda_graphs = true;
+    } else if (mode == "off" || mode == "0") {
+      o->cuda_graphs = false;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_CUDA_GRAPHS='", mode, "': expected on (replay decode layers as CUDA graphs) or off"));
+    }
+  }
   if (o->gemv_max_tokens < 0 || o->expert_gemv_max_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("gemv_max_tokens (", o->gemv_max_tokens, ") and expert_gemv_max_tokens (",
@@ -177,12 +189,23 @@ uint64_t BlockBytes(const gguf::TensorInfo& gate, const gguf::TensorInfo* up) {
 
 // The matrices that get a quantized form (memory_plan.h GpuWeightForm); a
 // gate/up pair only when both parts can.
+// kBoth keeps the blocks of a matrix only where the GEMV beats cuBLAS on its
+// bf16 copy (every part Q4_K or Q6_K: GpuLayerRunner::GemvBeatsCublas).
+bool KeptInBoth(const gguf::TensorInfo& a, const gguf::TensorInfo* b) {
+  return GpuLayerRunner::GemvBeatsCublasType(a.type) &&
+         (b == nullptr || GpuLayerRunner::GemvBeatsCublasType(b->type));
+}
+
 QuantizableWeights CountQuantizable(const models::Deepseek2Hparams& hp,
                                     const models::Deepseek2Weights& w) {
   QuantizableWeights q;
   auto add = [&q](const gguf::TensorInfo* a, const gguf::TensorInfo* b, bool bf16_needed) {
     if (a == nullptr || !GemvReads(*a) || (b != nullptr && !GemvReads(*b))) return;
     q.block_bytes += BlockBytes(*a, b);
+    if (KeptInBoth(*a, b)) {
+      q.both_block_bytes += BlockBytes(*a, b);
+      ++q.both_matrices;
+    }
     if (!bf16_needed) {
       q.bf16_bytes += 2 * static_cast<uint64_t>(a->n_elements() + (b ? b->n_elements() : 0));
     }
@@ -273,6 +296,11 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
                     resident_bytes, CountQuantizable(gpu->hp_, model.weights())));
   KTX_RETURN_IF_ERROR(gpu->Load(opts, free_bytes));
   KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
+  if (opts.cuda_graphs && opts.graph_max_tokens > 0) {
+    gpu->graphs_ = std::make_unique<CudaGraphCache>(
+        static_cast<size_t>(std::max<int64_t>(opts.graph_capacity, 1)));
+    gpu->graph_max_tokens_ = opts.graph_max_tokens;
+  }
   KTX_LOG(INFO, "gpu") << "loaded the non-expert weights on GPU " << options.device << "\n"
                        << gpu->plan_.ToString();
   return gpu;
@@ -322,6 +350,21 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
 
 void CudaDeepseek2::SetGemvMaxTokens(int64_t n) {
   runner_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
+}
+
+bool CudaDeepseek2::UsesGraphs(int64_t n_tokens) const {
+  return graphs_ != nullptr && n_tokens <= graph_max_tokens_ &&
+         !(experts_ != nullptr && StreamsExperts(n_tokens));
+}
+
+int64_t CudaDeepseek2::GraphKvBucket(int64_t max_kv_len) {
+  int64_t bucket = 256;
+  while (bucket < max_kv_len) bucket *= 2;
+  return bucket;
+}
+
+CudaGraphCache::Stats CudaDeepseek2::graph_stats() const {
+  return graphs_ != nullptr ? graphs_->stats() : CudaGraphCache::Stats{};
 }
 
 void CudaDeepseek2::SetExpertGemvMaxTokens(int64_t n) {
@@ -501,7 +544,8 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
                     const char* what) -> absl::StatusOr<GpuMatrix> {
     const GpuWeightForm form = plan_.weight_form;
     const bool gemv = GemvReads(*a) && (b == nullptr || GemvReads(*b));
-    const bool blocks = gemv && (form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized);
+    const bool blocks = gemv && (form == GpuWeightForm::kQuantized ||
+                                 (form == GpuWeightForm::kBoth && KeptInBoth(*a, b)));
     GpuMatrix m;
     if (!(blocks && form == GpuWeightForm::kQuantized)) {
       const int64_t n_a = a->n_elements();
@@ -522,7 +566,8 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
     output_ = GpuMatrix(token_embd_);
     const GpuWeightForm form = plan_.weight_form;
     if (GemvReads(*w.token_embd) &&
-        (form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized)) {
+        (form == GpuWeightForm::kQuantized ||
+         (form == GpuWeightForm::kBoth && KeptInBoth(*w.token_embd, nullptr)))) {
       KTX_RETURN_IF_ERROR(UploadBlocks(w.token_embd, nullptr, &output_, "output (token_embd)"));
     }
   }
@@ -895,29 +940,66 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     }
     return absl::OkStatus();
   };
+  // CUDA graphs (small batches without streaming): each layer's GPU part up
+  // to its hand-off is one graph; with a deferred part joining after this
+  // layer's attention the layer runs eagerly (the join waits on the host).
+  const bool graphs = UsesGraphs(n);
+  const std::array<int64_t*, 2> product_counters = runner_->product_counters();
   for (int il = 0; il < hp_.n_layer; ++il) {
     const GpuLayerWeights& w = layers_[il];
-    KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
-    KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kAttn], kJoinAttention, n));
-    KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kAttn], kJoinAttention, n, hooks));
-    KTX_RETURN_IF_ERROR(runner_->Norm(w.ffn_norm, x, n));
-    if (!hp_.IsMoeLayer(il)) {
+    const bool moe = hp_.IsMoeLayer(il);
+    const bool graphed = graphs && pending[kAttn].il < 0;
+    // The layer's GPU work up to the hand-off: attention (and the deferred
+    // experts joining after it), the FFN norm, then the dense FFN, or the
+    // routing, the copies of h and the routing to the host (routed_ready_)
+    // and the shared expert, which runs while the host waits.
+    auto gpu_part = [&]() -> absl::Status {
+      KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
+      if (!graphed) {
+        KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kAttn], kJoinAttention, n));
+        KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kAttn], kJoinAttention, n, hooks));
+      }
+      KTX_RETURN_IF_ERROR(runner_->Norm(w.ffn_norm, x, n));
+      if (!moe) {
+        return runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f);
+      }
+      KTX_RETURN_IF_ERROR(runner_->Route(w, n));
+      KTX_RETURN_IF_ERROR(Download(runner_->h_f32(), pinned_h_.as<float>(), n * n_embd * 4));
       KTX_RETURN_IF_ERROR(
-          runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f));
+          Download(runner_->expert_ids(), pinned_ids_.as<int32_t>(), n * k_used * 4));
+      KTX_RETURN_IF_ERROR(
+          Download(runner_->expert_weights(), pinned_weights_.as<float>(), n * k_used * 4));
+      // While captured: an external event node of the graph, so that the
+      // host's wait below sees each replay's copies (the flag is refused
+      // outside a capture).
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      KTX_RETURN_IF_ERROR(CudaOk(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"));
+      KTX_RETURN_IF_ERROR(CudaOk(
+          capturing == cudaStreamCaptureStatusActive
+              ? cudaEventRecordWithFlags(routed_ready_, stream, cudaEventRecordExternal)
+              : cudaEventRecord(routed_ready_, stream),
+          "cudaEventRecord"));
+      if (hp_.n_expert_shared > 0) {
+        KTX_RETURN_IF_ERROR(runner_->GatedFfn(w.shexp_gate_up, w.shexp_down,
+                                              hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd,
+                                              1.0f));
+      }
+      return absl::OkStatus();
+    };
+    if (graphed) {
+      GraphKey key;
+      key.il = il;
+      key.n_tokens = n;
+      key.max_kv_len = batch.max_kv_len;
+      key.variant = runner_->gemv_max_tokens();
+      KTX_RETURN_IF_ERROR(graphs_->Run(key, stream, gpu_part, product_counters));
+    } else {
+      KTX_RETURN_IF_ERROR(gpu_part());
+    }
+    if (!moe) {
       KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kMoe], kJoinMoe, n));
       KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kMoe], kJoinMoe, n, hooks));
       continue;
-    }
-    // Routing and h to the host; the shared expert runs on the GPU meanwhile.
-    KTX_RETURN_IF_ERROR(runner_->Route(w, n));
-    KTX_RETURN_IF_ERROR(Download(runner_->h_f32(), pinned_h_.as<float>(), n * n_embd * 4));
-    KTX_RETURN_IF_ERROR(Download(runner_->expert_ids(), pinned_ids_.as<int32_t>(), n * k_used * 4));
-    KTX_RETURN_IF_ERROR(
-        Download(runner_->expert_weights(), pinned_weights_.as<float>(), n * k_used * 4));
-    KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(routed_ready_, stream), "cudaEventRecord"));
-    if (hp_.n_expert_shared > 0) {
-      KTX_RETURN_IF_ERROR(runner_->GatedFfn(
-          w.shexp_gate_up, w.shexp_down, hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd, 1.0f));
     }
     KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(routed_ready_), "waiting for the routing"));
     h.ResizeForOverwrite(n, n_embd);
@@ -1119,7 +1201,7 @@ absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Ac
   batch.n_tokens = n;
   batch.positions = d_idx + T;
   batch.seq_index = d_idx + 2 * T;
-  batch.max_kv_len = max_kv_len;
+  batch.max_kv_len = UsesGraphs(n) ? GraphKvBucket(max_kv_len) : max_kv_len;
   absl::Status status = RunLayers(batch, hooks);
   if (status.ok()) status = RunHead(rows, logits);
   if (!status.ok()) {

@@ -48,6 +48,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "runtime/gpu/cuda_buffers.h"
+#include "runtime/gpu/cuda_graphs.h"
 #include "runtime/gpu/expert_cost_model.h"
 #include "runtime/gpu/gpu_experts.h"
 #include "runtime/gpu/gpu_layer.h"
@@ -93,6 +94,15 @@ class CudaDeepseek2 {
   // Matrix products run so far by the GEMV and by cuBLAS (non-routed weights).
   int64_t gemv_products() const { return runner_->gemv_calls(); }
   int64_t cublas_products() const { return runner_->cublas_calls(); }
+
+  // ---- CUDA graphs (CudaModelOptions::cuda_graphs; docs/gpu.md) ----
+  // Whether a forward step of n_tokens tokens replays its layers as graphs.
+  bool UsesGraphs(int64_t n_tokens) const;
+  // The context bound the attention plan sees in graph mode: max_kv_len
+  // rounded up to a power of two, at least 256.
+  static int64_t GraphKvBucket(int64_t max_kv_len);
+  // Eager runs, captures, replays, failures, evictions (zeros when off).
+  CudaGraphCache::Stats graph_stats() const;
 
   // ---- routed experts on the GPU (large batches; docs/gpu.md) ----
   // The mode in use (options.experts.mode or KTX_GPU_EXPERTS; kOff when the
@@ -296,6 +306,8 @@ class CudaDeepseek2 {
   models::Activations late_host_[2][2];  // [join][il % 2]
   cudaEvent_t routed_ready_ = nullptr;   // h and routing are on the host
   std::unique_ptr<PagedKvAllocator> kv_;
+  std::unique_ptr<CudaGraphCache> graphs_;  // null: CUDA graphs off
+  int64_t graph_max_tokens_ = 0;
   // Routed experts on the GPU: set up by SetUpGpuExperts; the GPU's share of
   // MoE layer il for a batch of n tokens comes from GpuExpertsFor.
   absl::Status SetUpGpuExperts(const CudaModelOptions& options);

@@ -1,5 +1,7 @@
 #include "runtime/gpu/gpu_layer.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/gemm.h"
@@ -79,6 +81,21 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
       DeviceBuffer::Allocate(options.attention_workspace_bytes, "the attention workspace"));
   KTX_ASSIGN_OR_RETURN(r->cublas_workspace_, DeviceBuffer::Allocate(options.cublas_workspace_bytes,
                                                                     "the cuBLAS workspace"));
+  // The q8 GEMV's activation workspace (int8 activations and block scales,
+  // kernels/cuda/gemv_q8.h) for the widest product input and up to
+  // max(16, gemv_max_tokens) tokens per call: under 1 MiB at DeepSeek-V3
+  // widths. Products with more tokens than it holds take the workspace-free
+  // kernel (QuantGemv's own fallback).
+  {
+    const int64_t widest = std::max({hp.n_embd, hp.n_ff, hp.q_lora_rank, hp.kv_lora_rank,
+                                     hp.n_head * hp.n_embd_head_v,
+                                     hp.n_ff_exp * std::max<int64_t>(1, hp.n_expert_shared)});
+    r->gemv_workspace_tokens_ = std::max<int64_t>(16, options.gemv_max_tokens);
+    KTX_ASSIGN_OR_RETURN(
+        r->gemv_workspace_,
+        DeviceBuffer::Allocate(kc::QuantGemvWorkspaceBytes(widest, r->gemv_workspace_tokens_),
+                               "the GEMV workspace"));
+  }
   if (r->cublas_workspace_.bytes() > 0) {
     KTX_RETURN_IF_ERROR(CublasOk(
         cublasSetWorkspace(r->cublas_, r->cublas_workspace_.get(), r->cublas_workspace_.bytes()),
@@ -191,6 +208,14 @@ absl::Status GpuLayerRunner::GatedFfn(const GpuMatrix& gate_up, const GpuMatrix&
   return Linear(down, n_embd, n_ff, act_.as<Bf16>(), n_ff, n, out, out_stride, beta, "FFN down");
 }
 
+bool GpuLayerRunner::GemvBeatsCublas(const GpuMatrix& m) {
+  if (m.n_blocks == 0) return false;
+  for (int p = 0; p < m.n_blocks; ++p) {
+    if (!GemvBeatsCublasType(m.blocks[p].type)) return false;
+  }
+  return true;
+}
+
 absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x,
                                     int64_t ldx, int64_t n, float* y, int64_t ldy, float beta,
                                     const char* what) {
@@ -198,7 +223,7 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
     return absl::InvalidArgumentError(
         absl::StrCat("GPU product ", what, ": no weights on the device"));
   }
-  if (m.n_blocks > 0 && (n <= gemv_max_tokens_ || m.bf16 == nullptr)) {
+  if (m.n_blocks > 0 && (m.bf16 == nullptr || (n <= gemv_max_tokens_ && GemvBeatsCublas(m)))) {
     int64_t rows = 0;
     for (int p = 0; p < m.n_blocks; ++p) rows += m.blocks[p].n_rows;
     if (rows != n_out) {
@@ -210,7 +235,7 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
       const GpuMatrix::Blocks& b = m.blocks[p];
       KTX_RETURN_IF_ERROR(
           CudaOk(kc::QuantGemv(b.type, b.data, b.row_bytes, b.n_rows, n_in, x, ldx, n, y + row0,
-                               ldy, beta, stream_),
+                               ldy, beta, gemv_workspace_.get(), gemv_workspace_.bytes(), stream_),
                  absl::StrCat(what, " (quantized GEMV, ", kernels::TraitsOf(b.type).name, ")")));
       row0 += b.n_rows;
     }

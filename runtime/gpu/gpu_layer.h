@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 
@@ -128,11 +129,18 @@ class GpuLayerRunner {
   absl::Status GatedFfn(const GpuMatrix& gate_up, const GpuMatrix& down, int64_t n_ff, int64_t n,
                         float* out, int64_t out_stride, float beta);
   // y = beta · y + m · x for n tokens: x bf16 [n, ldx], y F32 [n, ldy], m
-  // [n_out, n_in]. The quantized GEMV when m has blocks and n <=
-  // gemv_max_tokens() (or m has no bf16 form), else cuBLAS on m.bf16.
+  // [n_out, n_in]. The quantized GEMV when m has blocks only, or when n <=
+  // gemv_max_tokens() and GemvBeatsCublas(m); else cuBLAS on m.bf16.
   // InvalidArgument naming `what` for an empty matrix.
   absl::Status Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x, int64_t ldx,
                       int64_t n, float* y, int64_t ldy, float beta, const char* what);
+  // Whether the GEMV (q8 kernel) reads m's blocks faster than cuBLAS reads its
+  // bf16 copy at 1 token: every part Q4_K or Q6_K (measured on the H200,
+  // docs/gpu.md; Q8_0 and BF16 blocks lose to cuBLAS there).
+  static bool GemvBeatsCublas(const GpuMatrix& m);
+  static bool GemvBeatsCublasType(kernels::TensorType t) {
+    return t == kernels::TensorType::kQ4_K || t == kernels::TensorType::kQ6_K;
+  }
   // Batches of at most this many tokens use the GEMV where a matrix has
   // blocks (CudaModelOptions::gemv_max_tokens; changeable between calls).
   int64_t gemv_max_tokens() const { return gemv_max_tokens_; }
@@ -140,6 +148,9 @@ class GpuLayerRunner {
   // Products run so far by each path (Linear calls; tests and logs).
   int64_t gemv_calls() const { return gemv_calls_; }
   int64_t cublas_calls() const { return cublas_calls_; }
+  // The two counters above, for CudaGraphCache::Run (a replay adds what its
+  // captured call counted).
+  std::array<int64_t*, 2> product_counters() { return {&gemv_calls_, &cublas_calls_}; }
   // Routes h_f32() (router product in F32, selection in double) into
   // expert_ids() and expert_weights().
   absl::Status Route(const GpuLayerWeights& w, int64_t n);
@@ -153,14 +164,17 @@ class GpuLayerRunner {
   kernels::cuda::RoutingConfig routing_;
   int32_t n_multiprocessors_ = 1;
   bool attention_tensor_cores_ = true;
-  int64_t gemv_max_tokens_ = 8;
+  int64_t gemv_max_tokens_ = 1;
   int64_t gemv_calls_ = 0;
   int64_t cublas_calls_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,
       router_logits_, expert_ids_, expert_weights_, routed_, logits_, indices_;
-  DeviceBuffer attention_workspace_, cublas_workspace_;
+  // gemv_workspace_: the q8 GEMV's activations (int8 and scales) for at most
+  // gemv_workspace_tokens_ tokens of the widest product input.
+  DeviceBuffer attention_workspace_, cublas_workspace_, gemv_workspace_;
+  int64_t gemv_workspace_tokens_ = 0;
 };
 
 }  // namespace ktx::gpu

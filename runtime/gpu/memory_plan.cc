@@ -233,15 +233,25 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                              : pages_per_seq * o.max_sequences;
   const int64_t min_pages = o.kv_tokens > 0 ? want_pages : pages_per_seq;
   // The weight form: kAuto takes the first of bf16, quantized that leaves
-  // room for min_pages of KV cache (not kBoth: on the H200 the GEMV was
-  // slower than cuBLAS on the bf16 copy at every measured shape, docs/gpu.md).
+  // room for min_pages of KV cache. Not kBoth, although its q8 GEMV on Q4_K /
+  // Q6_K blocks beats cuBLAS at 1 token on the H200 (docs/gpu.md): a step of
+  // 1 token would then round differently from a larger one, so a sequence's
+  // logits would depend on the batch it decodes in (kBf16 is batch
+  // invariant); kBoth is for explicit use.
   p.weight_form_requested = o.gpu_weights;
   auto apply_form = [&](GpuWeightForm form) {
-    if (quantizable.n_matrices == 0) form = GpuWeightForm::kBf16;
+    if (quantizable.n_matrices == 0 ||
+        (form == GpuWeightForm::kBoth && quantizable.both_matrices == 0)) {
+      form = GpuWeightForm::kBf16;
+    }
     p.weight_form = form;
-    const bool blocks = form == GpuWeightForm::kBoth || form == GpuWeightForm::kQuantized;
-    p.quantized_matrices = blocks ? quantizable.n_matrices : 0;
-    p.quantized_weight_bytes = blocks ? quantizable.block_bytes : 0;
+    const bool both = form == GpuWeightForm::kBoth;
+    p.quantized_matrices = form == GpuWeightForm::kQuantized ? quantizable.n_matrices
+                           : both                            ? quantizable.both_matrices
+                                                             : 0;
+    p.quantized_weight_bytes = form == GpuWeightForm::kQuantized ? quantizable.block_bytes
+                               : both                            ? quantizable.both_block_bytes
+                                                                 : 0;
     p.bf16_dropped_bytes = form == GpuWeightForm::kQuantized ? quantizable.bf16_bytes : 0;
   };
   auto fixed_bytes = [&] {

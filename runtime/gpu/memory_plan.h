@@ -60,13 +60,16 @@ struct GpuExpertOptions {
 // per-head k_b / v_b stay bf16 in every form.
 enum class GpuWeightForm {
   kAuto,       // kBf16 when it fits with at least one sequence of KV cache, else
-               // kQuantized (the plan says which). Not kBoth: on the H200 (2026-11-26)
-               // the GEMV kernels were slower than cuBLAS on the bf16 copy at every
-               // DeepSeek-V3 shape (docs/gpu.md); kBoth stays for explicit use.
+               // kQuantized (the plan says which). Not kBoth: its q8 GEMV beats
+               // cuBLAS at 1 token on the H200 (2026-11-27, docs/gpu.md: decode
+               // +4 %), but a 1-token step then rounds differently from a larger
+               // one, so a sequence's logits would depend on its batch; kBf16 is
+               // batch invariant. kBoth stays for explicit use.
   kBf16,       // bf16 only: cuBLAS at every batch size (the form before the GEMV)
   kQuantized,  // blocks only: the GEMV at every batch size (prefill re-reads the
                // weights once per 8 tokens: slow; for GPUs too small for bf16)
-  kBoth,       // both: the GEMV up to gemv_max_tokens tokens, cuBLAS above
+  kBoth,       // bf16 + the Q4_K / Q6_K blocks: the GEMV up to gemv_max_tokens
+               // tokens on those, cuBLAS above and on every other matrix
 };
 
 // "auto", "bf16", "quantized", "both".
@@ -87,14 +90,14 @@ struct CudaModelOptions {
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
   // Weight forms (above) and the largest batch (tokens in one forward step)
-  // that uses the quantized GEMV where a matrix has blocks; larger batches use
-  // cuBLAS on the bf16 form. The default 8 is where the GEMV's F32 work per
-  // weight (one FMA per token) should start to cost as much as cuBLAS's bf16
-  // read (reasoning; gemv_benchmark measures the crossing per shape and type).
+  // that uses the quantized GEMV where a matrix has Q4_K / Q6_K blocks
+  // (GpuLayerRunner::GemvBeatsCublas); larger batches use cuBLAS on the bf16
+  // form. Default 1: measured on the H200 (gemv_benchmark, 2026-11-27), the
+  // q8 GEMV wins at 1 token and loses from 2 tokens on.
   // KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N in
   // the environment override these two.
   GpuWeightForm gpu_weights = GpuWeightForm::kAuto;
-  int64_t gemv_max_tokens = 8;
+  int64_t gemv_max_tokens = 1;
   // The largest token count of one resident hot expert (resident_experts) in
   // one layer that runs as three GEMVs on its blocks; more tokens:
   // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes
@@ -103,6 +106,16 @@ struct CudaModelOptions {
   // gate/up and Q6_K down of DeepSeek-V3 shape) the GEMV wins up to 16 tokens.
   // KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N overrides; 0: never.
   int64_t expert_gemv_max_tokens = 16;
+  // CUDA graphs (docs/gpu.md "CUDA graphs"): forward steps of at most
+  // graph_max_tokens tokens that stream no routed experts replay each layer's
+  // GPU part (attention, norm, dense FFN or routing + the copies to the host +
+  // shared expert) as one graph per (layer, token count, context bucket);
+  // the attention plan then sees the context rounded up to a power of two
+  // (>= 256). graph_capacity bounds the graphs held (least recently used
+  // evicted). KTX_CUDA_GRAPHS=on|off in the environment overrides cuda_graphs.
+  bool cuda_graphs = true;
+  int64_t graph_max_tokens = 16;
+  int64_t graph_capacity = 2048;
   // Routed experts on the GPU for large batches; KTX_GPU_EXPERTS=off|auto|gpu|cpu
   // in the environment overrides experts.mode.
   GpuExpertOptions experts;
@@ -175,9 +188,14 @@ struct GpuWorkLayout {
 // matrix padded to 256 bytes) and their bytes in bf16. Computed by
 // CudaDeepseek2 from the model's tensor types.
 struct QuantizableWeights {
-  uint64_t block_bytes = 0;
+  uint64_t block_bytes = 0;  // every matrix the GEMV reads (kQuantized keeps these)
   uint64_t bf16_bytes = 0;
   int64_t n_matrices = 0;
+  // Those whose blocks beat cuBLAS on the bf16 copy (Q4_K / Q6_K only,
+  // GpuLayerRunner::GemvBeatsCublas): kBoth keeps only these; with none,
+  // kBoth is kBf16.
+  uint64_t both_block_bytes = 0;
+  int64_t both_matrices = 0;
 };
 
 struct GpuMemoryPlan {

@@ -35,16 +35,18 @@ TEST(GpuMemoryPlan, DeepSeekV3FitsAnH100WithAlargeKvCache) {
   std::printf("%s", plan->ToString().c_str());
 }
 
-// Weight forms: both = bf16 + the blocks, quantized = bf16 - the quantizable
-// matrices' bf16 + the blocks; auto takes bf16, then quantized, whichever
-// first leaves one sequence of KV cache (never both: the GEMV does not beat
-// cuBLAS on the bf16 copy where both fit).
+// Weight forms: both = bf16 + the Q4_K / Q6_K blocks, quantized = bf16 - the
+// quantizable matrices' bf16 + the blocks; auto takes bf16, then quantized,
+// whichever first leaves one sequence of KV cache (never both: a 1-token
+// step through the GEMV would round differently from a larger batch).
 TEST(GpuMemoryPlan, WeightFormsCountTheirBytesAndAutoPicksWhatFits) {
   const models::Deepseek2Hparams hp = Dsv3Hparams();
   QuantizableWeights q;
   q.block_bytes = 9 * kGiB;  // ~Q4_K_M-sized blocks of ...
   q.bf16_bytes = 30 * kGiB;  // ... 30 GiB of bf16 matrices
   q.n_matrices = 300;
+  q.both_block_bytes = 9 * kGiB;  // all of them Q4_K / Q6_K
+  q.both_matrices = 300;
   CudaModelOptions o;
   o.gpu_weights = GpuWeightForm::kBf16;
   auto bf16 = PlanGpuMemory(hp, o, 139 * kGiB, false, 0, 0, q);
@@ -76,6 +78,7 @@ TEST(GpuMemoryPlan, WeightFormsCountTheirBytesAndAutoPicksWhatFits) {
     uint64_t free;
     GpuWeightForm want;
   } cases[] = {
+      {139 * kGiB, GpuWeightForm::kBf16},
       {bf16_fixed + 9 * kGiB + one_sequence + kGiB, GpuWeightForm::kBf16},
       {bf16_fixed + 9 * kGiB + one_sequence - kGiB, GpuWeightForm::kBf16},
       {bf16_fixed + one_sequence - kGiB, GpuWeightForm::kQuantized},
