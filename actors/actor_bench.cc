@@ -321,6 +321,15 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
     warm.sampling.temperature = options.temperature;
     warm.sampling.seed = options.seed;
     KTX_RETURN_IF_ERROR(engine.Generate(warm).status());
+    const int64_t longest =
+        *std::max_element(options.prompt_lens.begin(), options.prompt_lens.end());
+    if (options.warmup_longest_prompt && longest > options.warmup_tokens) {
+      say(absl::StrFormat("warm-up prefill of %d tokens (untimed)", longest));
+      GenerateRequest warm_prefill = warm;
+      warm_prefill.prompt = bench::BenchRandomTokens(longest, n_vocab, options.seed + 7);
+      warm_prefill.max_tokens = 1;
+      KTX_RETURN_IF_ERROR(engine.Generate(warm_prefill).status());
+    }
     if (engine.Profile().empty()) {
       return absl::FailedPreconditionError(
           "the engine keeps no step profiles (EngineOptions::profile_steps = 0; see "

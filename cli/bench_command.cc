@@ -73,6 +73,7 @@ struct BenchFlags {
   std::string profile;             // --profile: expert-usage profile for the placement
   int moe_spin_us = 0;             // --moe-spin-us: EngineOptions::moe_spin_us (actor runtime)
   int arena_spin_us = 0;           // --arena-spin-us: EngineOptions::arena_spin_us (actor runtime)
+  bool no_warmup_prefill = false;  // --no-warmup-prefill: BenchOptions::warmup_longest_prompt off
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -111,6 +112,7 @@ absl::Status RunBench(const BenchFlags& flags) {
                                                    ": expected > 0 (1024 or more for the figure)"));
   }
   options.read_bytes = static_cast<uint64_t>(flags.read_mib) << 20;
+  options.warmup_longest_prompt = !flags.no_warmup_prefill;
   options.progress = [](const std::string& line) { std::cerr << "bench: " << line << std::endl; };
   KTX_RETURN_IF_ERROR(options.Validate());
   KTX_ASSIGN_OR_RETURN(const bool fast, moe_backend::ParseExpertsFlag(flags.experts));
@@ -383,6 +385,9 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--arena-spin-us", flags->arena_spin_us,
                   "With --topology/--shards: the actors' arena dispatchers poll this long for the "
                   "next job before they sleep (default 0)");
+  cmd->add_flag("--no-warmup-prefill", flags->no_warmup_prefill,
+                "With --topology/--shards: skip the untimed prefill of the longest prompt before "
+                "timing (first-use costs then count in the first prefill)");
   cmd->callback([flags, exit_code] {
     const absl::Status s = RunBench(*flags);
     if (!s.ok()) std::cerr << "ktx-ctl bench: " << s << "\n";

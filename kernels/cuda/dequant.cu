@@ -129,8 +129,27 @@ __global__ void DequantizeKernel(const uint8_t* src, int64_t src_row_bytes, int6
     Chunk c;
     ExpandChunk<kType>(src + r * src_row_bytes, chunk, &c);
     __nv_bfloat16* out = dst + r * dst_stride + chunk * 32;
+    if ((reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+      // Four 16-byte stores instead of 32 two-byte ones: each 2-byte store
+      // of a warp touched 32 separate sectors (threads are 64 bytes apart),
+      // which made the kernel store-bound at ~150 GB/s (measured on the
+      // H200: 0.58 ms per DeepSeek-V3 expert, dequantize + FFN of 1 token).
+      uint4* out4 = reinterpret_cast<uint4*>(out);
 #pragma unroll
-    for (int j = 0; j < 32; ++j) out[j] = __float2bfloat16_rn(c.y[j]);
+      for (int q = 0; q < 4; ++q) {
+        uint32_t w[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(c.y[8 * q + 2 * h]));
+          const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(c.y[8 * q + 2 * h + 1]));
+          w[h] = lo | (hi << 16);
+        }
+        out4[q] = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) out[j] = __float2bfloat16_rn(c.y[j]);
+    }
   }
 }
 

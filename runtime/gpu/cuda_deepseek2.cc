@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/dequant.h"
 #include "kernels/cuda/gemm.h"
@@ -155,8 +156,9 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
     } else if (mode == "off" || mode == "0") {
       o->cuda_graphs = false;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KTX_CUDA_GRAPHS='", mode, "': expected on (replay decode layers as CUDA graphs) or off"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_CUDA_GRAPHS='", mode,
+                       "': expected on (replay decode layers as CUDA graphs) or off"));
     }
   }
   if (o->gemv_max_tokens < 0 || o->expert_gemv_max_tokens < 0) {
@@ -296,6 +298,9 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
                     resident_bytes, CountQuantizable(gpu->hp_, model.weights())));
   KTX_RETURN_IF_ERROR(gpu->Load(opts, free_bytes));
   KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
+  if (const char* v = std::getenv("KTX_GPU_STAGE_TIMES"); v != nullptr && *v == '1') {
+    gpu->stage_times_ = true;  // layers that run as CUDA graphs are not split into stages
+  }
   if (opts.cuda_graphs && opts.graph_max_tokens > 0) {
     gpu->graphs_ = std::make_unique<CudaGraphCache>(
         static_cast<size_t>(std::max<int64_t>(opts.graph_capacity, 1)));
@@ -350,6 +355,49 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
 
 void CudaDeepseek2::SetGemvMaxTokens(int64_t n) {
   runner_->set_gemv_max_tokens(std::max<int64_t>(n, 0));
+}
+
+void CudaDeepseek2::MarkStage(StageMark m) {
+  if (!stage_times_) return;
+  if (stage_n_ == stage_events_.size()) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    stage_events_.push_back(e);
+    stage_marks_.push_back(m);
+  }
+  stage_marks_[stage_n_] = m;
+  if (cudaEventRecord(stage_events_[stage_n_], runner_->stream()) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  ++stage_n_;
+}
+
+void CudaDeepseek2::ReportStages() {
+  if (!stage_times_ || stage_n_ < 2) return;
+  static const char* const kNames[] = {
+      "start",         "attention",
+      "dense FFN",     "router + copies to host",
+      "shared expert", "wait for the CPU (and GPU) experts + upload + add",
+      "head"};
+  double ms[7] = {0};
+  for (size_t i = 1; i < stage_n_; ++i) {
+    float t = 0;
+    if (cudaEventElapsedTime(&t, stage_events_[i - 1], stage_events_[i]) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    ms[static_cast<int>(stage_marks_[i])] += t;
+  }
+  std::string line =
+      absl::StrCat("GPU stage times, ", stage_tokens_, " tokens (ms on the stream):");
+  for (int c = 1; c < 7; ++c) {
+    if (ms[c] > 0) absl::StrAppend(&line, " ", kNames[c], " ", absl::StrFormat("%.3f", ms[c]), ";");
+  }
+  KTX_LOG(INFO, "gpu") << line;
 }
 
 bool CudaDeepseek2::UsesGraphs(int64_t n_tokens) const {
@@ -416,6 +464,7 @@ CudaDeepseek2::~CudaDeepseek2() {
   if (runner_ != nullptr) cudaStreamSynchronize(runner_->stream());
   if (routed_ready_ != nullptr) cudaEventDestroy(routed_ready_);
   if (late_uploaded_ != nullptr) cudaEventDestroy(late_uploaded_);
+  for (cudaEvent_t e : stage_events_) cudaEventDestroy(e);
 }
 
 absl::StatusOr<Bf16*> CudaDeepseek2::AllocBf16(int64_t n, const char* what) {
@@ -944,6 +993,9 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   // to its hand-off is one graph; with a deferred part joining after this
   // layer's attention the layer runs eagerly (the join waits on the host).
   const bool graphs = UsesGraphs(n);
+  stage_n_ = 0;
+  stage_tokens_ = n;
+  MarkStage(StageMark::kStart);
   const std::array<int64_t*, 2> product_counters = runner_->product_counters();
   for (int il = 0; il < hp_.n_layer; ++il) {
     const GpuLayerWeights& w = layers_[il];
@@ -953,15 +1005,22 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // experts joining after it), the FFN norm, then the dense FFN, or the
     // routing, the copies of h and the routing to the host (routed_ready_)
     // and the shared expert, which runs while the host waits.
+    auto mark = [&](StageMark m) {
+      if (!graphed) MarkStage(m);
+    };
     auto gpu_part = [&]() -> absl::Status {
       KTX_RETURN_IF_ERROR(runner_->Attention(w, LayerKv(il), batch, x));
+      mark(StageMark::kAttention);
       if (!graphed) {
         KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kAttn], kJoinAttention, n));
         KTX_RETURN_IF_ERROR(JoinDeferredCpu(&pending[kAttn], kJoinAttention, n, hooks));
       }
       KTX_RETURN_IF_ERROR(runner_->Norm(w.ffn_norm, x, n));
       if (!moe) {
-        return runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f);
+        KTX_RETURN_IF_ERROR(
+            runner_->GatedFfn(w.ffn_gate_up, w.ffn_down, hp_.n_ff, n, x, n_embd, 1.0f));
+        mark(StageMark::kDenseFfn);
+        return absl::OkStatus();
       }
       KTX_RETURN_IF_ERROR(runner_->Route(w, n));
       KTX_RETURN_IF_ERROR(Download(runner_->h_f32(), pinned_h_.as<float>(), n * n_embd * 4));
@@ -973,16 +1032,18 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       // host's wait below sees each replay's copies (the flag is refused
       // outside a capture).
       cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-      KTX_RETURN_IF_ERROR(CudaOk(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"));
-      KTX_RETURN_IF_ERROR(CudaOk(
-          capturing == cudaStreamCaptureStatusActive
-              ? cudaEventRecordWithFlags(routed_ready_, stream, cudaEventRecordExternal)
-              : cudaEventRecord(routed_ready_, stream),
-          "cudaEventRecord"));
+      KTX_RETURN_IF_ERROR(
+          CudaOk(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"));
+      KTX_RETURN_IF_ERROR(
+          CudaOk(capturing == cudaStreamCaptureStatusActive
+                     ? cudaEventRecordWithFlags(routed_ready_, stream, cudaEventRecordExternal)
+                     : cudaEventRecord(routed_ready_, stream),
+                 "cudaEventRecord"));
+      mark(StageMark::kRoute);
       if (hp_.n_expert_shared > 0) {
-        KTX_RETURN_IF_ERROR(runner_->GatedFfn(w.shexp_gate_up, w.shexp_down,
-                                              hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd,
-                                              1.0f));
+        KTX_RETURN_IF_ERROR(runner_->GatedFfn(
+            w.shexp_gate_up, w.shexp_down, hp_.n_ff_exp * hp_.n_expert_shared, n, x, n_embd, 1.0f));
+        mark(StageMark::kShared);
       }
       return absl::OkStatus();
     };
@@ -1082,6 +1143,11 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
           modelled_cpu_s += CpuExpertSeconds(expert_cost_, counts[e]);
       }
     }
+    // The next MoE layer's GPU experts start copying now, while the CPU works
+    // (before 2026-11-27 only after it answered, which left the PCIe link
+    // idle for the CPU's whole time in a split layer); they are chosen with
+    // the CPU figures as corrected up to the previous layer.
+    if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
     const auto cpu_t0 = std::chrono::steady_clock::now();
     if (hooks.routed_experts) {
       KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
@@ -1093,7 +1159,6 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
           std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();
       CorrectCpuCost(measured_s / modelled_cpu_s);
     }
-    if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),
                                               ", ", routed.n_cols(), "], expected [", n, ", ",
@@ -1103,6 +1168,7 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
     KTX_RETURN_IF_ERROR(CudaOk(kc::AddRows(x, n_embd, runner_->routed(), n_embd, n, n_embd, stream),
                                "residual add"));
+    MarkStage(StageMark::kRoutedAdd);
     KTX_RETURN_IF_ERROR(finish_moe_layer());
   }
   for (const LateJoin& p : pending) {
@@ -1130,7 +1196,9 @@ absl::Status CudaDeepseek2::RunHead(std::span<const int32_t> rows, Activations* 
   KTX_RETURN_IF_ERROR(runner_->Linear(output_, n_vocab, n_embd, runner_->h_bf16(), n_embd, n_out,
                                       runner_->logits(), n_vocab, 0.0f, "output head"));
   KTX_RETURN_IF_ERROR(Download(runner_->logits(), pinned_logits_.as<float>(), n_out * n_vocab * 4));
+  MarkStage(StageMark::kHead);
   KTX_RETURN_IF_ERROR(Sync("the forward pass"));
+  ReportStages();
   logits->Resize(n_out, n_vocab);
   std::memcpy(logits->data(), pinned_logits_.as<float>(), n_out * n_vocab * 4);
   return absl::OkStatus();

@@ -307,6 +307,16 @@ class CudaDeepseek2 {
   cudaEvent_t routed_ready_ = nullptr;   // h and routing are on the host
   std::unique_ptr<PagedKvAllocator> kv_;
   std::unique_ptr<CudaGraphCache> graphs_;  // null: CUDA graphs off
+  // KTX_GPU_STAGE_TIMES=1: CUDA events on the stream after each stage of the
+  // non-graphed layers; each forward pass logs the summed time per stage.
+  enum class StageMark { kStart, kAttention, kDenseFfn, kRoute, kShared, kRoutedAdd, kHead };
+  void MarkStage(StageMark m);
+  void ReportStages();
+  bool stage_times_ = false;
+  std::vector<cudaEvent_t> stage_events_;
+  std::vector<StageMark> stage_marks_;
+  size_t stage_n_ = 0;
+  int64_t stage_tokens_ = 0;
   int64_t graph_max_tokens_ = 0;
   // Routed experts on the GPU: set up by SetUpGpuExperts; the GPU's share of
   // MoE layer il for a batch of n tokens comes from GpuExpertsFor.

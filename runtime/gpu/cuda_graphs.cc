@@ -8,9 +8,7 @@ namespace ktx::gpu {
 
 size_t GraphKeyHash::operator()(const GraphKey& k) const {
   uint64_t h = 0x9e3779b97f4a7c15ull;
-  auto mix = [&h](uint64_t v) {
-    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-  };
+  auto mix = [&h](uint64_t v) { h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2); };
   mix(static_cast<uint32_t>(k.segment));
   mix(static_cast<uint32_t>(k.il));
   mix(static_cast<uint64_t>(k.n_tokens));
@@ -129,8 +127,8 @@ absl::Status CudaGraphCache::Run(const GraphKey& key, cudaStream_t stream,
   if (err != cudaSuccess) {
     cudaGetLastError();
     return absl::InternalError(absl::StrCat("launching a new CUDA graph (layer ", key.il,
-                                            ", segment ", key.segment, "): ",
-                                            cudaGetErrorString(err)));
+                                            ", segment ", key.segment,
+                                            "): ", cudaGetErrorString(err)));
   }
   ++stats_.replays;
   return absl::OkStatus();

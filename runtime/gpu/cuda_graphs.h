@@ -34,11 +34,11 @@
 namespace ktx::gpu {
 
 struct GraphKey {
-  int32_t segment = 0;      // which hand-off-free part of the step (caller's numbering)
-  int32_t il = 0;           // layer index
-  int64_t n_tokens = 0;     // tokens of the batch
-  int64_t max_kv_len = 0;   // the attention plan's context bound (bucketed by the caller)
-  int64_t variant = 0;      // anything else the launches depend on (e.g. the GEMV threshold)
+  int32_t segment = 0;     // which hand-off-free part of the step (caller's numbering)
+  int32_t il = 0;          // layer index
+  int64_t n_tokens = 0;    // tokens of the batch
+  int64_t max_kv_len = 0;  // the attention plan's context bound (bucketed by the caller)
+  int64_t variant = 0;     // anything else the launches depend on (e.g. the GEMV threshold)
   bool operator==(const GraphKey&) const = default;
 };
 

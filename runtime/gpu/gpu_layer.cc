@@ -87,9 +87,9 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   // widths. Products with more tokens than it holds take the workspace-free
   // kernel (QuantGemv's own fallback).
   {
-    const int64_t widest = std::max({hp.n_embd, hp.n_ff, hp.q_lora_rank, hp.kv_lora_rank,
-                                     hp.n_head * hp.n_embd_head_v,
-                                     hp.n_ff_exp * std::max<int64_t>(1, hp.n_expert_shared)});
+    const int64_t widest =
+        std::max({hp.n_embd, hp.n_ff, hp.q_lora_rank, hp.kv_lora_rank, hp.n_head * hp.n_embd_head_v,
+                  hp.n_ff_exp * std::max<int64_t>(1, hp.n_expert_shared)});
     r->gemv_workspace_tokens_ = std::max<int64_t>(16, options.gemv_max_tokens);
     KTX_ASSIGN_OR_RETURN(
         r->gemv_workspace_,

@@ -45,8 +45,12 @@ struct GpuExpertOptions {
   // 16 cores (moe_benchmark's crossing sweep: 165-210 ms for 256 DeepSeek-V3
   // experts at 1-64 tokens each); a split layer's measured CPU time corrects
   // them at run time (CudaDeepseek2). KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
+  // The per-token figure was 2.8 us until 2026-11-27; the shard behind the
+  // actors measured 137-219 ms for ~100 experts of ~64 tokens in a split
+  // prefill of 2048 tokens on the H200 machine (docs/performance.md), about
+  // 4x that: 12 us (prefill 2048: 1,868 -> 2,168-2,209 tok/s).
   double cpu_expert_fixed_ms = 0.65;
-  double cpu_expert_per_token_us = 2.8;
+  double cpu_expert_per_token_us = 12.0;
 };
 
 // Which forms of the non-routed weight matrices CudaDeepseek2 keeps on the
