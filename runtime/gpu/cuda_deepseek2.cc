@@ -340,6 +340,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   expert_cost_.cpu_fixed_s = options.experts.cpu_expert_fixed_ms * 1e-3;
   expert_cost_.cpu_per_token_s = options.experts.cpu_expert_per_token_us * 1e-6;
   expert_cost_.min_batch_tokens = options.experts.min_batch_tokens;
+  expert_cost_.split_serial_s_per_token = options.experts.split_serial_us_per_token * 1e-6;
   const std::string invalid = expert_cost_.Validate();
   if (!invalid.empty()) return absl::InvalidArgumentError(invalid);
   expert_mode_ = options.experts.mode;

@@ -67,8 +67,12 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   }
   const double copy1 = GpuCopySeconds(model, shape);
   // Prefix k of `order` on the GPU: evaluate every k, keep the best (smallest k on ties).
+  // Every option with CPU experts (all-CPU included) pays the serial part.
+  const double serial =
+      std::max(model.split_serial_s_per_token, 0.0) * static_cast<double>(n_tokens);
   double cpu_left = split.all_cpu_s, copy = 0, compute = 0;
-  double best = split.all_cpu_s;
+  const double baseline = split.all_cpu_s + serial;
+  double best = baseline;
   size_t best_k = 0;
   double best_gpu = 0, best_cpu = split.all_cpu_s;
   for (size_t k = 1; k <= order.size(); ++k) {
@@ -77,19 +81,21 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
     copy += copy1;
     compute += GpuComputeSeconds(model, shape, m);
     const double gpu = GpuSetSeconds(copy, compute, copy1);
-    const double t = std::max(gpu, std::max(cpu_left, 0.0));
+    const bool cpu_part = cpu_left > 1e-12;
+    const double t = std::max(gpu, cpu_part ? cpu_left : 0.0) + (cpu_part ? serial : 0.0);
     if (t < best) {
       best = t;
       best_k = k;
       best_gpu = gpu;
-      best_cpu = std::max(cpu_left, 0.0);
+      best_cpu = cpu_part ? cpu_left : 0.0;
     }
   }
-  if (best_k == 0 || split.all_cpu_s - best <= model.gpu_layer_fixed_s) return split;
+  if (best_k == 0 || baseline - best <= model.gpu_layer_fixed_s) return split;
   split.gpu_experts.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(best_k));
   for (int32_t e : split.gpu_experts) split.gpu_tokens += tokens_per_expert[e];
   split.gpu_s = best_gpu + model.gpu_layer_fixed_s;
   split.cpu_s = best_cpu;
+  split.serial_s = best_cpu > 0 ? serial : 0.0;
   return split;
 }
 

@@ -15,7 +15,12 @@
 // m), so S is a prefix of the experts sorted by m (descending, ties: lower
 // id): the prefix that minimises max(GPU, CPU), the smaller one on ties, and
 // none when the batch is below min_batch_tokens or no prefix beats the CPU
-// alone by gpu_layer_fixed_s.
+// alone by gpu_layer_fixed_s. A layer that leaves any expert to the CPU also
+// pays split_serial_s_per_token * n_tokens: the GPU work that cannot overlap
+// the host's wait for the CPU (the routed sum's upload and add, the next
+// layer's attention), which a layer with every expert on the GPU pipelines
+// behind the streaming (measured on the H200: ~25 us per token, prefill 2048
+// 3.6k tok/s split vs 5.0k all on the GPU, docs/performance.md).
 //
 //   ExpertCostModel m = ...;  // Calibrate on the GPU, CPU figures from outside
 //   ExpertSplit s = PlanExpertSplit(m, tokens_per_expert, shape, n_tokens);
@@ -40,7 +45,8 @@ struct ExpertCostModel {
   double gpu_layer_fixed_s = 0.5e-3;  // per layer: routing lists, launches; a split must save more
   double cpu_fixed_s = 0;             // CPU time of an expert: fixed + per token * m
   double cpu_per_token_s = 0;
-  int64_t min_batch_tokens = 0;  // below: all experts on the CPU
+  int64_t min_batch_tokens = 0;         // below: all experts on the CPU
+  double split_serial_s_per_token = 0;  // see above (0: a split overlaps everything)
 
   // InvalidArgument-like text when a rate is not positive or a time negative; "" if valid.
   std::string Validate() const;
@@ -59,7 +65,8 @@ struct ExpertSplit {
   double gpu_s = 0;                  // modelled GPU time of gpu_experts
   double cpu_s = 0;                  // modelled CPU time of the others
   double all_cpu_s = 0;              // modelled CPU time of every expert
-  double time_s() const { return gpu_s > cpu_s ? gpu_s : cpu_s; }
+  double serial_s = 0;               // the split's serial part (0 without CPU experts)
+  double time_s() const { return (gpu_s > cpu_s ? gpu_s : cpu_s) + serial_s; }
 };
 
 // Modelled times of single experts with m tokens.

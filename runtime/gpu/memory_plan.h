@@ -51,6 +51,11 @@ struct GpuExpertOptions {
   // 4x that: 12 us (prefill 2048: 1,868 -> 2,168-2,209 tok/s).
   double cpu_expert_fixed_ms = 0.65;
   double cpu_expert_per_token_us = 12.0;
+  // ExpertCostModel::split_serial_s_per_token (us): what a layer with CPU
+  // experts cannot overlap; measured ~25 us per token on the H200 machine
+  // (docs/performance.md). It makes long prompts stream every expert (faster
+  // there at 2048 tokens) and keeps the split for shorter ones.
+  double split_serial_us_per_token = 25.0;
 };
 
 // Which forms of the non-routed weight matrices CudaDeepseek2 keeps on the

@@ -114,6 +114,35 @@ TEST(ExpertCostModel, UniformDsv3LayerBalancesAtTheClosedForm) {
   EXPECT_EQ(split.gpu_tokens, 64 * static_cast<int64_t>(split.gpu_experts.size()));
 }
 
+// The serial part of a split: large enough, a long batch streams every expert
+// (no CPU part, so no serial part); a short one still splits, and the split's
+// modelled time includes it. Zero: the plan of the model without it.
+TEST(ExpertCostModel, SerialPartOfASplitFavoursAllGpuForLongBatches) {
+  const ExpertShape s = Dsv3Shape();
+  ExpertCostModel m = Dsv3Model();
+  const std::vector<int64_t> long_counts = UniformTokensPerExpert(2048, 8, 256);
+  const ExpertSplit plain = PlanExpertSplit(m, long_counts, s, 2048);
+  ASSERT_GT(plain.gpu_experts.size(), 0u);
+  ASSERT_LT(plain.gpu_experts.size(), 256u);
+  EXPECT_EQ(plain.serial_s, 0.0);
+  m.split_serial_s_per_token = 40e-6;  // 82 ms at 2048 tokens: more than streaming the rest
+  const ExpertSplit all = PlanExpertSplit(m, long_counts, s, 2048);
+  EXPECT_EQ(all.gpu_experts.size(), 256u);
+  EXPECT_EQ(all.serial_s, 0.0);
+  EXPECT_EQ(all.cpu_s, 0.0);
+  const ExpertSplit forced = AllExpertsOnGpu(m, long_counts, s);
+  EXPECT_NEAR(all.gpu_s, forced.gpu_s + m.gpu_layer_fixed_s, 1e-9);
+  // 512 tokens (16 per expert): the split still wins and carries its serial part.
+  const std::vector<int64_t> short_counts = UniformTokensPerExpert(512, 8, 256);
+  m.cpu_per_token_s = 40e-6;  // a CPU slow enough that the GPU takes a share at 512 tokens
+  const ExpertSplit split = PlanExpertSplit(m, short_counts, s, 512);
+  ASSERT_GT(split.gpu_experts.size(), 0u);
+  ASSERT_LT(split.gpu_experts.size(), 256u);
+  EXPECT_NEAR(split.serial_s, 40e-6 * 512, 1e-12);
+  EXPECT_LT(split.time_s(), AllExpertsOnGpu(m, short_counts, s).gpu_s);
+  EXPECT_NEAR(split.time_s(), std::max(split.gpu_s, split.cpu_s) + split.serial_s, 1e-12);
+}
+
 TEST(ExpertCostModel, HottestExpertsGoToTheGpuFirst) {
   const ExpertShape s = Dsv3Shape();
   const ExpertCostModel m = Dsv3Model();
