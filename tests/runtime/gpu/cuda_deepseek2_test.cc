@@ -457,6 +457,7 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
   o.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
                                   2e3 * m.gpu_layer_fixed_s / model_->hparams().n_expert;
   o.experts.cpu_expert_per_token_us = 1e-3;
+  o.experts.split_serial_us_per_token = 0;  // a split layer's serial part: not modelled here
   for (const bool prefetch : {false, true}) {
     SCOPED_TRACE(prefetch ? "prefetch" : "no prefetch");
     o.experts.prefetch = prefetch;
@@ -505,6 +506,7 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
   o.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
                                   2e3 * m.gpu_layer_fixed_s / hp.n_expert;
   o.experts.cpu_expert_per_token_us = 1e-3;
+  o.experts.split_serial_us_per_token = 0;  // a split layer's serial part: not modelled here
   auto split_gpu = CudaDeepseek2::Create(*model_, o);
   ASSERT_TRUE(split_gpu.ok()) << split_gpu.status();
 
@@ -728,6 +730,7 @@ TEST_P(CudaDeepseek2Test, HotExpertsResidentOnTheGpuMatchTheCpuPath) {
     split.experts.cpu_expert_fixed_ms = GpuCopySeconds(m, gpu_->expert_streamer()->shape()) * 1e3 +
                                         2e3 * m.gpu_layer_fixed_s / hp.n_expert;
     split.experts.cpu_expert_per_token_us = 1e-3;
+    split.experts.split_serial_us_per_token = 0;  // a split layer's serial part: not modelled here
     auto hot = CudaDeepseek2::Create(*model_, split);
     ASSERT_TRUE(hot.ok()) << hot.status();
     Run r;
@@ -976,7 +979,7 @@ TEST_P(CudaDeepseek2Test, WeightFormsAndTheQuantizedGemvMatchTheReference) {
       EXPECT_GT(g.gemv_products(), 0);
       EXPECT_EQ(g.cublas_products(), 0) << "every non-routed product should have used the GEMV";
     } else {
-      // Both forms: the GEMV only on Q4_K / Q6_K blocks (GemvBeatsCublas);
+      // Both forms: the GEMV only on Q4_K / Q6_K blocks (GemvBeatsCublasType);
       // Q8_0 and BF16 matrices keep cuBLAS on their bf16 copy.
       if (GetParam() == "q4_k_m") {
         EXPECT_GT(g.gemv_products(), 0);
