@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <set>
 #include <utility>
@@ -192,7 +193,7 @@ uint64_t BlockBytes(const gguf::TensorInfo& gate, const gguf::TensorInfo* up) {
 // The matrices that get a quantized form (memory_plan.h GpuWeightForm); a
 // gate/up pair only when both parts can.
 // kBoth keeps the blocks of a matrix only where the GEMV beats cuBLAS on its
-// bf16 copy (every part Q4_K or Q6_K: GpuLayerRunner::GemvBeatsCublas).
+// bf16 copy (every part Q4_K or Q6_K: GpuLayerRunner::GemvBeatsCublasType).
 bool KeptInBoth(const gguf::TensorInfo& a, const gguf::TensorInfo* b) {
   return GpuLayerRunner::GemvBeatsCublasType(a.type) &&
          (b == nullptr || GpuLayerRunner::GemvBeatsCublasType(b->type));
@@ -384,7 +385,8 @@ void CudaDeepseek2::ReportStages() {
       "dense FFN",     "router + copies to host",
       "shared expert", "wait for the CPU (and GPU) experts + upload + add",
       "head"};
-  double ms[7] = {0};
+  constexpr int kStages = static_cast<int>(std::size(kNames));
+  double ms[kStages] = {0};
   for (size_t i = 1; i < stage_n_; ++i) {
     float t = 0;
     if (cudaEventElapsedTime(&t, stage_events_[i - 1], stage_events_[i]) != cudaSuccess) {
@@ -395,7 +397,7 @@ void CudaDeepseek2::ReportStages() {
   }
   std::string line =
       absl::StrCat("GPU stage times, ", stage_tokens_, " tokens (ms on the stream):");
-  for (int c = 1; c < 7; ++c) {
+  for (int c = 1; c < kStages; ++c) {
     if (ms[c] > 0) absl::StrAppend(&line, " ", kNames[c], " ", absl::StrFormat("%.3f", ms[c]), ";");
   }
   KTX_LOG(INFO, "gpu") << line;

@@ -208,14 +208,6 @@ absl::Status GpuLayerRunner::GatedFfn(const GpuMatrix& gate_up, const GpuMatrix&
   return Linear(down, n_embd, n_ff, act_.as<Bf16>(), n_ff, n, out, out_stride, beta, "FFN down");
 }
 
-bool GpuLayerRunner::GemvBeatsCublas(const GpuMatrix& m) {
-  if (m.n_blocks == 0) return false;
-  for (int p = 0; p < m.n_blocks; ++p) {
-    if (!GemvBeatsCublasType(m.blocks[p].type)) return false;
-  }
-  return true;
-}
-
 absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x,
                                     int64_t ldx, int64_t n, float* y, int64_t ldy, float beta,
                                     const char* what) {
@@ -223,7 +215,7 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
     return absl::InvalidArgumentError(
         absl::StrCat("GPU product ", what, ": no weights on the device"));
   }
-  if (m.n_blocks > 0 && (m.bf16 == nullptr || (n <= gemv_max_tokens_ && GemvBeatsCublas(m)))) {
+  if (m.n_blocks > 0 && (n <= gemv_max_tokens_ || m.bf16 == nullptr)) {
     int64_t rows = 0;
     for (int p = 0; p < m.n_blocks; ++p) rows += m.blocks[p].n_rows;
     if (rows != n_out) {

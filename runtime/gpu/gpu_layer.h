@@ -129,15 +129,17 @@ class GpuLayerRunner {
   absl::Status GatedFfn(const GpuMatrix& gate_up, const GpuMatrix& down, int64_t n_ff, int64_t n,
                         float* out, int64_t out_stride, float beta);
   // y = beta · y + m · x for n tokens: x bf16 [n, ldx], y F32 [n, ldy], m
-  // [n_out, n_in]. The quantized GEMV when m has blocks only, or when n <=
-  // gemv_max_tokens() and GemvBeatsCublas(m); else cuBLAS on m.bf16.
+  // [n_out, n_in]. The quantized GEMV when m has blocks and n <=
+  // gemv_max_tokens() (or m has no bf16 form), else cuBLAS on m.bf16. (A
+  // matrix with both forms has blocks only where the GEMV beats cuBLAS:
+  // GemvBeatsCublasType, applied when the weights are loaded.)
   // InvalidArgument naming `what` for an empty matrix.
   absl::Status Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x, int64_t ldx,
                       int64_t n, float* y, int64_t ldy, float beta, const char* what);
-  // Whether the GEMV (q8 kernel) reads m's blocks faster than cuBLAS reads its
-  // bf16 copy at 1 token: every part Q4_K or Q6_K (measured on the H200,
-  // docs/gpu.md; Q8_0 and BF16 blocks lose to cuBLAS there).
-  static bool GemvBeatsCublas(const GpuMatrix& m);
+  // Whether the GEMV (q8 kernel) reads blocks of type t faster than cuBLAS
+  // reads the bf16 copy at 1 token: Q4_K and Q6_K (measured on the H200,
+  // docs/gpu.md; Q8_0 and BF16 blocks lose to cuBLAS there). The kBoth weight
+  // form keeps blocks only for matrices whose every part passes.
   static bool GemvBeatsCublasType(kernels::TensorType t) {
     return t == kernels::TensorType::kQ4_K || t == kernels::TensorType::kQ6_K;
   }

@@ -100,7 +100,7 @@ struct CudaModelOptions {
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
   // Weight forms (above) and the largest batch (tokens in one forward step)
   // that uses the quantized GEMV where a matrix has Q4_K / Q6_K blocks
-  // (GpuLayerRunner::GemvBeatsCublas); larger batches use cuBLAS on the bf16
+  // (GpuLayerRunner::GemvBeatsCublasType); larger batches use cuBLAS on the bf16
   // form. Default 1: measured on the H200 (gemv_benchmark, 2026-11-27), the
   // q8 GEMV wins at 1 token and loses from 2 tokens on.
   // KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N in
@@ -201,7 +201,7 @@ struct QuantizableWeights {
   uint64_t bf16_bytes = 0;
   int64_t n_matrices = 0;
   // Those whose blocks beat cuBLAS on the bf16 copy (Q4_K / Q6_K only,
-  // GpuLayerRunner::GemvBeatsCublas): kBoth keeps only these; with none,
+  // GpuLayerRunner::GemvBeatsCublasType): kBoth keeps only these; with none,
   // kBoth is kBf16.
   uint64_t both_block_bytes = 0;
   int64_t both_matrices = 0;
