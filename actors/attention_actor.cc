@@ -678,6 +678,7 @@ absl::StatusOr<attention_actor> SpawnAttention(caf::actor_system& system, Attent
   core->router = config.router;
   core->moe.deadline = config.moe_deadline;
   core->moe.spin_us = config.moe_spin_us;
+  core->moe.lane = config.lane;
   return system.spawn(AttentionBehavior, std::move(config), std::move(core));
 }
 

@@ -89,6 +89,9 @@ struct AttentionConfig {
   // sleeps (MoeClient::Options::spin_us; adaptive, only while waiting).
   std::chrono::milliseconds moe_deadline{120000};
   int moe_spin_us = 0;
+  // The in-process fast path past the router (MoeClient::Options::lane,
+  // local_lane.h); null: every MoE layer goes through the router actor.
+  std::shared_ptr<LocalLane> lane;
 };
 
 // Fails (InvalidArgument) for a KV budget that cannot hold one token.

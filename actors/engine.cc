@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <thread>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "actors/attention_actor.h"
@@ -34,6 +36,35 @@
 
 namespace ktx::actors {
 namespace {
+
+// EngineOptions::moe_spin_us, unless KTX_MOE_SPIN_US says otherwise.
+absl::StatusOr<int> MoeSpinUs(const EngineOptions& options) {
+  const char* v = std::getenv("KTX_MOE_SPIN_US");
+  if (v == nullptr || *v == '\0') {
+    if (options.moe_spin_us >= 0) return options.moe_spin_us;
+    return AllowedCpus().size() >= 8 ? EngineOptions::kAutoMoeSpinUs : 0;
+  }
+  int us = -1;
+  if (!absl::SimpleAtoi(v, &us) || us < 0 || us > 100000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KTX_MOE_SPIN_US='", v,
+                     "': expected microseconds in [0, 100000] that a step polls for "
+                     "each MoE layer's answer before it sleeps"));
+  }
+  return us;
+}
+
+// EngineOptions::local_lane, unless KTX_LOCAL_LANE says otherwise.
+absl::StatusOr<bool> LocalLaneEnabled(const EngineOptions& options) {
+  const char* v = std::getenv("KTX_LOCAL_LANE");
+  if (v == nullptr || *v == '\0') return options.local_lane;
+  const std::string mode = v;
+  if (mode == "on" || mode == "1") return true;
+  if (mode == "off" || mode == "0") return false;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "KTX_LOCAL_LANE='", mode,
+      "': expected on (MoE layers of in-process shards skip the router actor) or off"));
+}
 
 // The request's routing policy, parsed and checked against the model.
 absl::StatusOr<PolicyRef> ResolvePolicy(uint64_t id, const GenerateRequest& request,
@@ -422,6 +453,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   router.holders = std::move(holders);
   router.n_expert = hp.n_expert;
   router.shard_deadline = options.shard_deadline;
+  KTX_ASSIGN_OR_RETURN(const bool local_lane, LocalLaneEnabled(options));
+  if (local_lane) {
+    std::vector<LocalLane::Shard> lane_shards;
+    for (size_t s = 0; s < n_shards; ++s) {
+      const bool remote = impl->remote && impl->remote->IsRemote(static_cast<int>(s));
+      lane_shards.push_back({names[s], remote ? nullptr : impl->experts[s],
+                             remote ? nullptr : impl->shard_arenas[s].get()});
+    }
+    router.lane = LocalLane::Create(std::move(lane_shards), router.holders, hp.n_expert,
+                                    options.shard_deadline);
+  }
+  std::shared_ptr<LocalLane> lane = router.lane;
   impl->router = SpawnRouter(*impl->system, std::move(router));
 
   AttentionConfig attention;
@@ -433,7 +476,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   // The router answers within its shard deadlines (a re-sent part gets
   // another); this only catches a router that hangs.
   attention.moe_deadline = options.shard_deadline * 2 + std::chrono::seconds(5);
-  attention.moe_spin_us = options.moe_spin_us;
+  KTX_ASSIGN_OR_RETURN(attention.moe_spin_us, MoeSpinUs(options));
+  attention.lane = lane;
   if (options.profile_steps > 0) {
     impl->profile = std::make_shared<ProfileLog>(static_cast<size_t>(options.profile_steps));
   }

@@ -162,8 +162,18 @@ struct EngineOptions {
   int arena_spin_us = 0;  // see CpuArena::Options::spin_us
   // How long the attention job polls for the router's answer of a MoE layer
   // before it sleeps (MoeClient::Options::spin_us: only while a step waits,
-  // and only while answers come back within 2 x this).
-  int moe_spin_us = 0;
+  // and only while answers come back within 2 x this, so real expert work of
+  // milliseconds never spins). -1: auto, kAutoMoeSpinUs when the process may
+  // use at least 8 cpus (a poll then costs an idle core a few microseconds;
+  // on small machines it would steal the core the shard needs), else 0. The
+  // environment variable KTX_MOE_SPIN_US overrides it.
+  static constexpr int kAutoMoeSpinUs = 20;
+  int moe_spin_us = -1;
+  // The in-process fast path of a MoE layer (actors/local_lane.h): requests
+  // whose parts all go to shards of this process skip the router actor (two
+  // thread hand-offs instead of four; same split, same combine order, same
+  // failures). The environment variable KTX_LOCAL_LANE=0|1 overrides it.
+  bool local_lane = true;
   // What computes the routed experts (ignored when expert_backend_factory
   // is set), and the options of the fast backend (owned_experts and progress
   // are set per shard; max_tokens bounds one kernel run: larger batches run

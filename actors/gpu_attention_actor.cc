@@ -595,6 +595,7 @@ absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system& system, Att
   core->n_shards = config.n_shards;
   core->moe.deadline = options.moe_deadline;
   core->moe.spin_us = std::max(config.moe_spin_us, 0);
+  core->moe.lane = config.lane;
   return system.spawn(GpuAttentionBehavior, std::move(config), std::move(core));
 }
 

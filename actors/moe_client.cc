@@ -9,6 +9,7 @@
 #include "caf/after.hpp"
 #include "caf/error.hpp"
 #include "caf/system_messages.hpp"
+#include "runtime/base/status.h"
 
 namespace ktx::actors {
 
@@ -33,6 +34,21 @@ absl::StatusOr<uint64_t> MoeClient::Send(MoeWork work) {
     return absl::FailedPreconditionError(
         absl::StrCat("layer ", work.il, " is a MoE layer but the engine has no router"));
   }
+  if (!router_down_.empty()) return RouterDownStatus();
+  if (options_.lane) {
+    const uint64_t tag = next_tag_;
+    work.tag = tag;
+    if (std::shared_ptr<LocalLane::Call> call = options_.lane->Start(work)) {
+      next_tag_++;
+      lane_calls_.emplace(tag, std::move(call));
+      return tag;
+    }
+  }
+  return SendToRouter(std::move(work));
+}
+
+absl::StatusOr<uint64_t> MoeClient::SendToRouter(MoeWork work) {
+  if (!self_) return absl::FailedPreconditionError("no router");
   if (!router_down_.empty()) return RouterDownStatus();
   const uint64_t tag = next_tag_++;
   work.tag = tag;
@@ -68,6 +84,21 @@ void MoeClient::Receive(Clock::duration timeout, bool* timed_out) {
 
 absl::StatusOr<MoeResult> MoeClient::Wait(uint64_t ticket) {
   const Clock::time_point start = Clock::now();
+  if (auto lane_it = lane_calls_.find(ticket); lane_it != lane_calls_.end()) {
+    std::shared_ptr<LocalLane::Call> call = std::move(lane_it->second);
+    lane_calls_.erase(lane_it);
+    const bool spin =
+        options_.spin_us > 0 && last_wait_us_ < 2 * static_cast<int64_t>(options_.spin_us);
+    LocalLane::Outcome outcome = options_.lane->Finish(*call, spin ? options_.spin_us : 0);
+    call.reset();
+    last_wait_us_ =
+        std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
+    if (!outcome.reroute) return std::move(outcome.result);
+    // Parts that failed in the lane and have replicas: the router re-splits them.
+    KTX_ASSIGN_OR_RETURN(const uint64_t routed_ticket, SendToRouter(std::move(*outcome.reroute)));
+    KTX_ASSIGN_OR_RETURN(MoeResult routed, Wait(routed_ticket));
+    return MergeMoeResults(std::move(outcome.result), std::move(routed));
+  }
   const Clock::time_point until = start + options_.deadline;
   bool waited = false;
   for (;;) {

@@ -23,6 +23,11 @@
 // only catches a router that hangs). An error the router answers instead of a
 // MoeResult (an invalid request) carries no tag and fails every request out.
 //
+// In-process fast path: with Options::lane, a request whose parts all go to
+// shards of this process skips the router actor (local_lane.h: two thread
+// hand-offs instead of four); everything else, and the lane's failed parts
+// that have replicas, go through the router as before.
+//
 // Waiting: with Options::spin_us > 0, Wait first polls the mailbox for up to
 // spin_us before it blocks, but only while answers have recently come back
 // within that time (the last wait was shorter than 2 x spin_us): a reply that
@@ -39,11 +44,13 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "actors/local_lane.h"
 #include "actors/messages.h"
 #include "actors/router_actor.h"
 #include "caf/scoped_actor.hpp"
@@ -55,6 +62,11 @@ class MoeClient {
   struct Options {
     std::chrono::milliseconds deadline{120000};  // > 0
     int spin_us = 0;                             // 0: block at once
+    // The in-process fast path (local_lane.h), or null: Send gives a request
+    // to the lane when it takes it (every part on a shard of this process,
+    // every shard alive), else to the router. Wait then merges what the lane
+    // computed with the router's answer for the parts that moved to replicas.
+    std::shared_ptr<LocalLane> lane;
   };
 
   // `router` may be invalid (a model without MoE layers): Send then fails
@@ -81,14 +93,16 @@ class MoeClient {
 
  private:
   absl::Status RouterDownStatus() const;
+  absl::StatusOr<uint64_t> SendToRouter(MoeWork work);
   void Receive(std::chrono::steady_clock::duration timeout, bool* timed_out);
 
   router_actor router_;
   Options options_;
   std::optional<caf::scoped_actor> self_;
   uint64_t next_tag_ = 1;
-  std::set<uint64_t> pending_;                             // sent, not yet answered
-  std::map<uint64_t, absl::StatusOr<MoeResult>> arrived_;  // answered, not yet waited for
+  std::set<uint64_t> pending_;                                       // sent, not yet answered
+  std::map<uint64_t, absl::StatusOr<MoeResult>> arrived_;            // answered, not yet waited for
+  std::map<uint64_t, std::shared_ptr<LocalLane::Call>> lane_calls_;  // in the lane
   std::string router_down_;
   int64_t last_wait_us_ = 0;
 };

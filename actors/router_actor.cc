@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "actors/moe_split.h"
 #include "actors/status_bridge.h"
 #include "caf/actor_cast.hpp"
 #include "caf/actor_system.hpp"
@@ -23,12 +24,8 @@
 namespace ktx::actors {
 namespace {
 
-// One shard's share of a MoE request.
-struct Part {
-  int shard = 0;
-  std::vector<int32_t> rows;  // ascending batch rows
-  std::vector<uint8_t> mask;  // [n_expert]
-  int64_t entries = 0;        // (row, k) entries it computes: its load
+// One shard's share of a MoE request, and what came of it.
+struct Part : MoePart {
   std::vector<int> excluded;  // shards that already failed these experts
   bool resolved = false;
   bool ok = false;
@@ -55,27 +52,26 @@ struct RouterState {
   uint64_t next_call = 1;
   std::map<uint64_t, Call> calls;
   RouterStats stats;
-  bool sweep_scheduled = false;  // a (tick_atom) is on its way
+  std::vector<int64_t> view_load;  // scratch of View()
+  bool sweep_scheduled = false;    // a (tick_atom) is on its way
   static inline const char* name = "ktx.router";
 };
 
 using RouterPointer = router_actor::stateful_pointer<RouterState>;
 
 std::string ShardLabel(const RouterState& st, int s) {
-  return absl::StrCat("expert shard '", st.config.names[s], "' (#", s, ")");
+  return actors::ShardLabel(st.config.names[s], s);
 }
 
-// The live holder of `expert` with the least load (plus `extra`), skipping
-// `excluded`; -1 if none.
-int PickHolder(const RouterState& st, int il, int expert, const std::vector<int64_t>& extra,
-               const std::vector<int>& excluded) {
-  int best = -1;
-  for (int s : st.config.holders[il][expert]) {
-    if (!st.alive[s]) continue;
-    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
-    if (best < 0 || st.load[s] + extra[s] < st.load[best] + extra[best]) best = s;
+// The splitter's view of the shards: the load is the router's outstanding
+// entries plus the local lane's (work the lane sends past the router).
+ShardView View(RouterState& st) {
+  st.view_load = st.load;
+  if (st.config.lane) {
+    for (size_t s = 0; s < st.view_load.size(); ++s)
+      st.view_load[s] += st.config.lane->load(static_cast<int>(s));
   }
-  return best;
+  return ShardView{st.alive, st.view_load, st.config.names, st.down_reason};
 }
 
 void Finish(RouterPointer self, uint64_t call_id) {
@@ -132,48 +128,20 @@ void OnPartFailure(RouterPointer self, uint64_t call_id, size_t part_index,
   }
   const Part failed = call.parts[part_index];  // copy: parts may grow below
   const int il = call.work.il;
-  const int k_used = call.work.n_expert_used;
   std::vector<int> excluded = failed.excluded;
   excluded.push_back(failed.shard);
-  std::vector<int> assign(failed.mask.size(), -1);
-  std::vector<int64_t> extra(st.config.shards.size(), 0);
-  bool all_rerouted = true;
-  for (size_t e = 0; e < failed.mask.size(); ++e) {
-    if (!failed.mask[e]) continue;
-    assign[e] = PickHolder(st, il, static_cast<int>(e), extra, excluded);
-    if (assign[e] < 0) {
-      all_rerouted = false;
-      break;
-    }
-    extra[assign[e]] += 1;
-  }
-  if (all_rerouted) {
-    std::map<int, size_t> new_parts;  // shard -> index in call.parts
-    for (int32_t row : failed.rows) {
-      for (int k = 0; k < k_used; ++k) {
-        const int32_t e = call.work.expert_ids[static_cast<size_t>(row) * k_used + k];
-        if (e == models::kNoExpert || !failed.mask[e]) continue;
-        const int s = assign[e];
-        auto [pos, inserted] = new_parts.emplace(s, call.parts.size());
-        if (inserted) {
-          Part p;
-          p.shard = s;
-          p.mask.assign(failed.mask.size(), 0);
-          p.excluded = excluded;
-          call.parts.push_back(std::move(p));
-        }
-        Part& p = call.parts[pos->second];
-        p.mask[e] = 1;
-        p.entries++;
-        if (p.rows.empty() || p.rows.back() != row) p.rows.push_back(row);
-      }
-    }
+  std::vector<MoePart> replicas;
+  if (ReassignToReplicas(call.work, st.config.holders[il], failed, excluded, View(st), &replicas)) {
     KTX_LOG(WARNING, "router") << ShardLabel(st, failed.shard) << " failed layer " << il << " ("
                                << status.message() << "); re-sent " << failed.rows.size()
-                               << " rows to " << new_parts.size() << " replica shard(s)";
-    for (const auto& [s, index] : new_parts) {
+                               << " rows to " << replicas.size() << " replica shard(s)";
+    for (MoePart& replica : replicas) {
+      Part p;
+      static_cast<MoePart&>(p) = std::move(replica);
+      p.excluded = excluded;
+      call.parts.push_back(std::move(p));
       st.stats.rerouted_parts++;
-      Dispatch(self, call_id, index);
+      Dispatch(self, call_id, call.parts.size() - 1);
     }
   } else {
     for (int32_t row : failed.rows) call.row_failed[row] = 1;
@@ -275,22 +243,7 @@ void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
   RouterState& st = self->state;
   Call& call = st.calls.at(call_id);
   Part& p = call.parts[part_index];
-  const int k_used = call.work.n_expert_used;
-  ExpertWork work;
-  work.il = call.work.il;
-  work.h = call.work.h;
-  work.rows = p.rows;
-  work.n_expert_used = k_used;
-  work.expert_ids.reserve(p.rows.size() * k_used);
-  work.weights.reserve(p.rows.size() * k_used);
-  for (int32_t row : p.rows) {
-    const size_t base = static_cast<size_t>(row) * k_used;
-    work.expert_ids.insert(work.expert_ids.end(), call.work.expert_ids.begin() + base,
-                           call.work.expert_ids.begin() + base + k_used);
-    work.weights.insert(work.weights.end(), call.work.weights.begin() + base,
-                        call.work.weights.begin() + base + k_used);
-  }
-  work.expert_mask = p.mask;
+  ExpertWork work = MakeExpertWork(call.work, p);
   st.load[p.shard] += p.entries;
   st.stats.parts_sent[p.shard]++;
   st.stats.entries_sent[p.shard] += p.entries;
@@ -313,29 +266,7 @@ void Dispatch(RouterPointer self, uint64_t call_id, size_t part_index) {
 caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWork& work) {
   RouterState& st = self->state;
   auto promise = self->make_response_promise<MoeResult>();
-  const int il = work.il;
-  const int n_expert = st.config.n_expert;
-  const int64_t n = work.h.n_rows();
-  const int k_used = work.n_expert_used;
-  absl::Status invalid;
-  if (il < 0 || il >= static_cast<int>(st.config.holders.size()) || st.config.holders[il].empty()) {
-    invalid = absl::InvalidArgumentError(
-        absl::StrCat("router: layer ", il, " has no routed experts in the plan"));
-  } else if (n <= 0 || k_used <= 0 || static_cast<int64_t>(work.expert_ids.size()) != n * k_used ||
-             work.weights.size() != work.expert_ids.size()) {
-    invalid = absl::InvalidArgumentError(absl::StrCat(
-        "router: layer ", il, ": ", n, " rows with ", work.expert_ids.size(), " expert ids and ",
-        work.weights.size(), " weights for ", k_used, " experts per token"));
-  } else {
-    for (int32_t e : work.expert_ids) {
-      if ((e < 0 || e >= n_expert) && e != models::kNoExpert) {
-        invalid = absl::InvalidArgumentError(
-            absl::StrCat("router: layer ", il, ": expert id ", e, " outside [0, ", n_expert,
-                         ") and not kNoExpert (", models::kNoExpert, ")"));
-        break;
-      }
-    }
-  }
+  const absl::Status invalid = ValidateMoeWork(work, st.config.holders, st.config.n_expert);
   if (!invalid.ok()) {
     promise.deliver(ToCafError(invalid));
     return promise;
@@ -345,62 +276,15 @@ caf::typed_response_promise<MoeResult> HandleMoe(RouterPointer self, const MoeWo
   Call& call = st.calls[call_id];
   call.promise = promise;
   call.work = work;
-  call.row_failed.assign(static_cast<size_t>(n), 0);
-
-  std::vector<int64_t> count(n_expert, 0);
-  for (int32_t e : work.expert_ids) {
-    if (e != models::kNoExpert) count[e]++;
+  MoeSplit split = SplitMoeWork(work, st.config.holders[work.il], st.config.n_expert, View(st));
+  call.row_failed = std::move(split.row_failed);
+  call.code = split.code;
+  call.message = std::move(split.message);
+  for (MoePart& part : split.parts) {
+    Part p;
+    static_cast<MoePart&>(p) = std::move(part);
+    call.parts.push_back(std::move(p));
   }
-  std::vector<int> assign(n_expert, -1);
-  std::vector<int64_t> extra(st.config.shards.size(), 0);
-  const std::vector<int> none;
-  for (int e = 0; e < n_expert; ++e) {
-    if (count[e] == 0) continue;
-    assign[e] = PickHolder(st, il, e, extra, none);
-    if (assign[e] >= 0) extra[assign[e]] += count[e];
-  }
-  // Rows that need an expert nobody alive holds fail now.
-  for (int64_t t = 0; t < n; ++t) {
-    for (int k = 0; k < k_used; ++k) {
-      const int32_t e = work.expert_ids[t * k_used + k];
-      if (e == models::kNoExpert || assign[e] >= 0) continue;
-      call.row_failed[t] = 1;
-      if (call.code == 0) {
-        std::vector<std::string> holders;
-        for (int s : st.config.holders[il][e]) {
-          holders.push_back(absl::StrCat(ShardLabel(st, s), ", down: ", st.down_reason[s]));
-        }
-        call.code = static_cast<int32_t>(absl::StatusCode::kUnavailable);
-        call.message = holders.empty()
-                           ? absl::StrCat("layer ", il, " expert ", e, " is held by no shard")
-                           : absl::StrCat("layer ", il, " expert ", e,
-                                          " has no live shard: ", absl::StrJoin(holders, "; "));
-      }
-    }
-  }
-  // Group rows by shard (ascending shard index).
-  std::vector<int> part_of_shard(st.config.shards.size(), -1);
-  for (int64_t t = 0; t < n; ++t) {
-    if (call.row_failed[t]) continue;
-    for (int k = 0; k < k_used; ++k) {
-      const int32_t e = work.expert_ids[t * k_used + k];
-      if (e == models::kNoExpert) continue;  // routing-policy padding: no work anywhere
-      const int s = assign[e];
-      if (part_of_shard[s] < 0) {
-        part_of_shard[s] = static_cast<int>(call.parts.size());
-        Part p;
-        p.shard = s;
-        p.mask.assign(static_cast<size_t>(n_expert), 0);
-        call.parts.push_back(std::move(p));
-      }
-      Part& p = call.parts[part_of_shard[s]];
-      p.mask[e] = 1;
-      p.entries++;
-      if (p.rows.empty() || p.rows.back() != t) p.rows.push_back(static_cast<int32_t>(t));
-    }
-  }
-  std::stable_sort(call.parts.begin(), call.parts.end(),
-                   [](const Part& a, const Part& b) { return a.shard < b.shard; });
   const size_t n_parts = call.parts.size();
   for (size_t i = 0; i < n_parts; ++i) Dispatch(self, call_id, i);
   if (n_parts == 0) Finish(self, call_id);
@@ -429,6 +313,7 @@ router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig conf
     if (shard < 0) return;
     st.alive[shard] = 0;
     st.down_reason[shard] = caf::to_string(msg.reason);
+    if (st.config.lane) st.config.lane->MarkDown(shard, st.down_reason[shard]);
     KTX_LOG(WARNING, "router") << ShardLabel(st, shard) << " is down: " << st.down_reason[shard];
     const absl::Status status = absl::UnavailableError(
         absl::StrCat(ShardLabel(st, shard), " is down: ", st.down_reason[shard]));
@@ -446,6 +331,7 @@ router_actor::behavior_type RouterBehavior(RouterPointer self, RouterConfig conf
       [self](router_stats_atom) {
         RouterStats stats = self->state.stats;
         stats.alive = self->state.alive;
+        if (self->state.config.lane) self->state.config.lane->AddStats(&stats);
         return stats;
       },
   };

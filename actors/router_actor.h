@@ -42,10 +42,12 @@
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "actors/expert_shard_actor.h"
+#include "actors/local_lane.h"
 #include "actors/messages.h"
 #include "caf/fwd.hpp"
 #include "caf/replies_to.hpp"
@@ -60,11 +62,13 @@ using router_actor = caf::typed_actor<caf::replies_to<moe_atom, MoeWork>::with<M
 struct RouterConfig {
   std::vector<expert_shard_actor> shards;  // [n_shards]
   std::vector<std::string> names;          // [n_shards]
-  // holders[il][e] = ascending indices of the shards holding expert e of layer
-  // il ([n_layer][n_expert]; empty rows for dense layers).
-  std::vector<std::vector<std::vector<int>>> holders;
+  HolderTable holders;                     // moe_split.h
   int n_expert = 0;
   std::chrono::milliseconds shard_deadline{30000};
+  // The in-process fast path (local_lane.h), or null: the router tells it
+  // which shards went down, counts its outstanding entries in every holder
+  // choice and adds its counters to RouterStats.
+  std::shared_ptr<LocalLane> lane;
 };
 
 router_actor SpawnRouter(caf::actor_system& system, RouterConfig config);

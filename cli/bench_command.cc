@@ -30,6 +30,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -71,7 +72,7 @@ struct BenchFlags {
   std::string policy;              // --policy: routing policy of every sequence (docs/experts.md)
   double gpu_hot_experts_gib = 0;  // --gpu-hot-experts-gib: hot experts resident on the GPU
   std::string profile;             // --profile: expert-usage profile for the placement
-  int moe_spin_us = 0;             // --moe-spin-us: EngineOptions::moe_spin_us (actor runtime)
+  int moe_spin_us = -1;            // --moe-spin-us: EngineOptions::moe_spin_us (-1: auto)
   int arena_spin_us = 0;           // --arena-spin-us: EngineOptions::arena_spin_us (actor runtime)
   bool no_warmup_prefill = false;  // --no-warmup-prefill: BenchOptions::warmup_longest_prompt off
 };
@@ -133,9 +134,11 @@ absl::Status RunBench(const BenchFlags& flags) {
   for (const auto& [name, value] :
        {std::pair<const char*, int>{"--moe-spin-us", flags.moe_spin_us},
         std::pair<const char*, int>{"--arena-spin-us", flags.arena_spin_us}}) {
-    if (value < 0 || value > 10000) {
+    const bool moe = std::string_view(name) == "--moe-spin-us";
+    if (value < (moe ? -1 : 0) || value > 10000) {
       return absl::InvalidArgumentError(
-          absl::StrCat(name, " ", value, ": expected 0 (no polling) .. 10000 microseconds"));
+          absl::StrCat(name, " ", value, ": expected 0 (no polling) .. 10000 microseconds",
+                       moe ? " or -1 (auto)" : ""));
     }
     if (value > 0 && flags.topology.empty() && flags.shards == 0) {
       return absl::InvalidArgumentError(
@@ -260,7 +263,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     engine_options.shards = actors::EvenShards(flags.shards);
   }
   if (!flags.attention_device.empty()) engine_options.attention_device = flags.attention_device;
-  if (flags.moe_spin_us > 0) engine_options.moe_spin_us = flags.moe_spin_us;
+  if (flags.moe_spin_us >= 0) engine_options.moe_spin_us = flags.moe_spin_us;
   if (flags.arena_spin_us > 0) engine_options.arena_spin_us = flags.arena_spin_us;
   KTX_RETURN_IF_ERROR(
       ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &engine_options));
@@ -380,8 +383,8 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
   cmd->add_option("--profile", flags->profile, kPlacementProfileFlagHelp);
   cmd->add_option("--moe-spin-us", flags->moe_spin_us,
                   "With --topology/--shards: the CPU attention job polls this long for the "
-                  "router's answer of a MoE layer before it sleeps (adaptive; default 0: no "
-                  "polling)");
+                  "answer of a MoE layer before it sleeps (adaptive: only while answers come "
+                  "back within twice that; default -1: auto, 20 with 8 or more cpus, else 0)");
   cmd->add_option("--arena-spin-us", flags->arena_spin_us,
                   "With --topology/--shards: the actors' arena dispatchers poll this long for the "
                   "next job before they sleep (default 0)");

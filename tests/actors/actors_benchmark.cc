@@ -18,6 +18,10 @@
 //           CpuArena sends MoeWork to the router through a MoeClient and
 //           waits for the answer on its own thread, then sums the partials;
 //           timed inside the job;
+//   Lane    the same job with the in-process fast path (local_lane.h): the
+//           job splits the request itself, submits each part to its shard's
+//           arena and sleeps until the last part's job wakes it (two thread
+//           hand-offs instead of the router path's four);
 //   Hops    (the path before: each stage posted back to the actor) the job
 //           posts to a driver actor, which requests the router and, on the
 //           answer, submits a job to the arena that sums the partials;
@@ -29,7 +33,8 @@
 // actors/fast_experts.h). Overhead per MoE layer = Actors/null (Direct/null is
 // ~0); Actors/fast - Direct/fast is what the actor path adds to the kernels.
 // Arguments: batch, shards, spin in microseconds (the shard arenas'
-// dispatchers and, for Arena, the MoeClient's wait).
+// dispatchers and, for Arena, the MoeClient's wait; for Lane only the
+// MoeClient's wait: no dispatcher spins).
 //
 // The fixture is found under the source tree this was built from, else under
 // ./tests/data (run from a repository root, e.g. the bundle on another
@@ -51,6 +56,7 @@
 #include "actors/cpu_arena.h"
 #include "actors/expert_shard_actor.h"
 #include "actors/fast_experts.h"
+#include "actors/local_lane.h"
 #include "actors/messages.h"
 #include "actors/moe_client.h"
 #include "actors/moe_combine.h"
@@ -387,7 +393,7 @@ hop_actor::behavior_type HopDriver(hop_actor::stateful_pointer<HopState> self, r
   };
 }
 
-enum class Path { kArena, kHops };
+enum class Path { kArena, kHops, kLane };
 
 void BM_MoeLayerFromArena(benchmark::State& state, Backend kind, Path path) {
   auto model = TinyModel();
@@ -399,7 +405,8 @@ void BM_MoeLayerFromArena(benchmark::State& state, Backend kind, Path path) {
   const int batch = static_cast<int>(state.range(0));
   const int n_shards = static_cast<int>(state.range(1));
   const int spin_us = static_cast<int>(state.range(2));
-  Shards shards = MakeShards(hp, n_shards, kind, spin_us);
+  // Lane: spin_us is only the waiting job's poll (no shard dispatcher spins).
+  Shards shards = MakeShards(hp, n_shards, kind, path == Path::kLane ? 0 : spin_us);
   std::unique_ptr<CpuArena> attention = *CpuArena::Create({"attention", {}, 0});
   const LayerBatch layer = MakeBatch(batch, hp.n_embd, hp.n_expert, hp.n_expert_used);
   caf::actor_system_config cfg;
@@ -419,6 +426,16 @@ void BM_MoeLayerFromArena(benchmark::State& state, Backend kind, Path path) {
     rc.holders = shards.holders;
     rc.n_expert = hp.n_expert;
     rc.shard_deadline = std::chrono::seconds(10);
+    if (path == Path::kLane) {
+      std::vector<LocalLane::Shard> lane_shards;
+      for (int s = 0; s < n_shards; ++s) {
+        lane_shards.push_back(
+            {"shard" + std::to_string(s), shards.experts[s], shards.arenas[s].get()});
+      }
+      rc.lane =
+          LocalLane::Create(std::move(lane_shards), rc.holders, rc.n_expert, rc.shard_deadline);
+    }
+    std::shared_ptr<LocalLane> lane = rc.lane;
     std::vector<expert_shard_actor> shard_handles = rc.shards;
     router_actor router = SpawnRouter(system, std::move(rc));
     JobDone done;
@@ -428,14 +445,14 @@ void BM_MoeLayerFromArena(benchmark::State& state, Backend kind, Path path) {
       hop = system.spawn(HopDriver, router, attention.get(), layer, hp.n_embd, &done);
     } else {
       attention->Submit([&] {
-        client = std::make_unique<MoeClient>(system, router,
-                                             MoeClient::Options{std::chrono::seconds(10), spin_us});
+        client = std::make_unique<MoeClient>(
+            system, router, MoeClient::Options{std::chrono::seconds(10), spin_us, lane});
         done.Set(0);
       });
       done.Take();
     }
     for (auto _ : state) {
-      if (path == Path::kArena) {
+      if (path != Path::kHops) {
         attention->Submit([&] {
           const Clock::time_point start = Clock::now();
           absl::StatusOr<uint64_t> ticket = client->Send(LayerWork(layer));
@@ -601,6 +618,7 @@ void Args(benchmark::internal::Benchmark* b, bool with_spin) {
   for (int batch : {1, 16}) {
     for (int shards : {1, 2, 3}) {
       b->Args({batch, shards, 0});
+      if (with_spin) b->Args({batch, shards, 20});
       if (with_spin) b->Args({batch, shards, 50});
     }
   }
@@ -612,6 +630,8 @@ BENCHMARK_CAPTURE(BM_MoeLayerActors, null, Backend::kNull)
     ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
 BENCHMARK_CAPTURE(BM_MoeLayerFromArena, null_arena, Backend::kNull, Path::kArena)
     ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
+BENCHMARK_CAPTURE(BM_MoeLayerFromArena, null_lane, Backend::kNull, Path::kLane)
+    ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
 BENCHMARK_CAPTURE(BM_MoeLayerFromArena, null_hops, Backend::kNull, Path::kHops)
     ->Apply([](auto* b) { Args(b, false); }) -> UseManualTime();
 BENCHMARK_CAPTURE(BM_MoeLayerDirect, tiny, Backend::kTiny)->Apply([](auto* b) { Args(b, false); });
@@ -620,6 +640,8 @@ BENCHMARK_CAPTURE(BM_MoeLayerActors, tiny, Backend::kTiny)
 BENCHMARK_CAPTURE(BM_MoeLayerDirect, fast, Backend::kFast)->Apply([](auto* b) { Args(b, false); });
 BENCHMARK_CAPTURE(BM_MoeLayerActors, fast, Backend::kFast)
     ->Apply([](auto* b) { Args(b, true); }) -> UseManualTime();
+BENCHMARK_CAPTURE(BM_MoeLayerFromArena, fast_lane, Backend::kFast, Path::kLane)
+    ->Apply([](auto* b) { Args(b, false); }) -> UseManualTime();
 
 }  // namespace
 }  // namespace ktx::actors

@@ -2,18 +2,22 @@
 //
 // Shared by the actor-runtime tests: the tiny DeepSeek-V3 fixtures of
 // tests/data (model files, prompt, ref64 logits), the reference model's own
-// answers (Forward with one KV sequence, free-running greedy), and logits
-// comparisons. Nothing here uses CAF: the tests talk to the Engine facade.
+// answers (Forward with one KV sequence, free-running greedy), logits
+// comparisons, and a gate that holds expert computes (fault tests). Nothing
+// here uses CAF: the tests talk to the Engine facade.
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -21,8 +25,61 @@
 #include "nlohmann/json.hpp"
 #include "runtime/kv_cache/latent_kv_cache.h"
 #include "runtime/models/deepseek2.h"
+#include "runtime/models/moe.h"
 
 namespace ktx::actors::testing {
+
+// Holds every thread that calls Pass() while it is closed, and counts them,
+// so that "mid-request" is deterministic in fault tests.
+class Gate {
+ public:
+  explicit Gate(bool open = false) : open_(open) {}
+  void Pass() {
+    std::unique_lock<std::mutex> lock(mu_);
+    ++entered_;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return open_; });
+  }
+  // Until at least n threads reached Pass() (false after `timeout`).
+  bool WaitEntered(int n, std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return entered_ >= n; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int entered_ = 0;
+  bool open_;
+};
+
+// Opens the gate when the test scope ends, before an engine declared earlier
+// joins a shard arena thread held at it.
+struct OpenOnExit {
+  std::shared_ptr<Gate> gate;
+  ~OpenOnExit() { gate->Open(); }
+};
+
+// Passes `gate` on every Compute, then computes with `inner`.
+class GatedBackend final : public models::ExpertBackend {
+ public:
+  GatedBackend(std::shared_ptr<models::ExpertBackend> inner, std::shared_ptr<Gate> gate)
+      : inner_(std::move(inner)), gate_(std::move(gate)) {}
+  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
+                       std::span<const uint8_t> mask, models::Activations* out) override {
+    gate_->Pass();
+    return inner_->Compute(il, h, routing, mask, out);
+  }
+
+ private:
+  std::shared_ptr<models::ExpertBackend> inner_;
+  std::shared_ptr<Gate> gate_;
+};
 
 inline const std::string& DataDir() {
   static const std::string dir = [] {

@@ -29,54 +29,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using testing::FixtureModel;
-
-// Blocks every Compute of the gated shard until opened.
-class Gate {
- public:
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    ++entered_;
-    cv_.notify_all();
-    cv_.wait(lock, [this] { return open_; });
-  }
-  bool WaitEntered(std::chrono::seconds timeout) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, timeout, [this] { return entered_ > 0; });
-  }
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int entered_ = 0;
-  bool open_ = false;
-};
-
-// Opens the gate when the test scope ends, before the engine (declared
-// earlier) joins the shard's blocked arena thread.
-struct OpenOnExit {
-  std::shared_ptr<Gate> gate;
-  ~OpenOnExit() { gate->Open(); }
-};
-
-class GatedBackend final : public models::ExpertBackend {
- public:
-  GatedBackend(std::shared_ptr<models::ExpertBackend> inner, std::shared_ptr<Gate> gate)
-      : inner_(std::move(inner)), gate_(std::move(gate)) {}
-  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
-                       std::span<const uint8_t> mask, models::Activations* out) override {
-    gate_->Wait();
-    return inner_->Compute(il, h, routing, mask, out);
-  }
-
- private:
-  std::shared_ptr<models::ExpertBackend> inner_;
-  std::shared_ptr<Gate> gate_;
-};
+using testing::Gate;
+using testing::GatedBackend;
+using testing::OpenOnExit;
 
 // Records which experts (per layer) are computed.
 class RecordingBackend final : public models::ExpertBackend {
@@ -147,6 +102,10 @@ std::vector<int32_t> Prompt(int n) {
   return p;
 }
 
+// Every test runs with the in-process lane (the default) and without it
+// (every MoE layer through the router actor).
+class EngineFaultTest : public ::testing::TestWithParam<bool> {};
+
 bool WaitUntilDown(Engine& engine, int shard) {
   const auto until = Clock::now() + std::chrono::seconds(10);
   while (Clock::now() < until) {
@@ -157,10 +116,11 @@ bool WaitUntilDown(Engine& engine, int shard) {
   return false;
 }
 
-TEST(EngineFaultTest, ShardKilledMidRequestFailsNamingTheShard) {
+TEST_P(EngineFaultTest, ShardKilledMidRequestFailsNamingTheShard) {
   auto model = FixtureModel("q8_0");
   auto gate = std::make_shared<Gate>();
   EngineOptions options;
+  options.local_lane = GetParam();
   options.shards = EvenShards(2);
   options.shard_deadline = std::chrono::milliseconds(5000);
   options.expert_backend_factory = GateShard(model, 1, gate);
@@ -172,7 +132,7 @@ TEST(EngineFaultTest, ShardKilledMidRequestFailsNamingTheShard) {
   std::promise<absl::StatusOr<GenerateResult>> done;
   engine->GenerateAsync(Greedy(Prompt(20), 4), {},
                         [&](absl::StatusOr<GenerateResult> r) { done.set_value(std::move(r)); });
-  ASSERT_TRUE(gate->WaitEntered(std::chrono::seconds(30)));
+  ASSERT_TRUE(gate->WaitEntered(1, std::chrono::seconds(30)));
   const auto killed_at = Clock::now();
   ASSERT_TRUE(engine->KillShard(1).ok());
   auto future = done.get_future();
@@ -205,7 +165,7 @@ TEST(EngineFaultTest, ShardKilledMidRequestFailsNamingTheShard) {
   EXPECT_FALSE(stats->alive[1]);
 }
 
-TEST(EngineFaultTest, RemainingPlanKeepsServing) {
+TEST_P(EngineFaultTest, RemainingPlanKeepsServing) {
   auto model = FixtureModel("q8_0");
   const models::Deepseek2Hparams& hp = model->hparams();
   const GenerateRequest small = Greedy(Prompt(2), 2);
@@ -217,6 +177,7 @@ TEST(EngineFaultTest, RemainingPlanKeepsServing) {
   for (int pass = 0; pass < 2; ++pass) {
     std::shared_ptr<RecordingBackend> recorder;
     EngineOptions options;
+    options.local_lane = GetParam();
     ExpertBackendFactory mapped = MappedExpertBackendFactory(model);
     options.expert_backend_factory =
         [&](int s,
@@ -259,6 +220,8 @@ TEST(EngineFaultTest, RemainingPlanKeepsServing) {
   ASSERT_TRUE(large_needs_shard1);
 
   EngineOptions options;
+
+  options.local_lane = GetParam();
   options.shards = EvenShards(2);
   options.plan = plan;
   options.experts = ExpertsBackend::kReference;  // the same experts as the recording passes
@@ -281,12 +244,13 @@ TEST(EngineFaultTest, RemainingPlanKeepsServing) {
   EXPECT_EQ(served->tokens, small_tokens);
 }
 
-TEST(EngineFaultTest, ReplicaFinishesTheRequestOfAKilledShard) {
+TEST_P(EngineFaultTest, ReplicaFinishesTheRequestOfAKilledShard) {
   auto model = FixtureModel("q8_0");
   const auto prompt = Prompt(20);
   const testing::GreedyRun ref = testing::ReferenceGreedy(*model, prompt, 6);
   auto gate = std::make_shared<Gate>();
   EngineOptions options;
+  options.local_lane = GetParam();
   options.shards = EvenShards(2);
   options.plan = FullyReplicatedPlan(model->hparams());
   options.expert_backend_factory = GateShard(model, 1, gate);
@@ -298,7 +262,7 @@ TEST(EngineFaultTest, ReplicaFinishesTheRequestOfAKilledShard) {
   std::promise<absl::StatusOr<GenerateResult>> done;
   engine->GenerateAsync(Greedy(prompt, 6), {},
                         [&](absl::StatusOr<GenerateResult> r) { done.set_value(std::move(r)); });
-  ASSERT_TRUE(gate->WaitEntered(std::chrono::seconds(30)));
+  ASSERT_TRUE(gate->WaitEntered(1, std::chrono::seconds(30)));
   ASSERT_TRUE(engine->KillShard(1).ok());
   auto future = done.get_future();
   ASSERT_EQ(future.wait_for(std::chrono::seconds(30)), std::future_status::ready);
@@ -311,13 +275,14 @@ TEST(EngineFaultTest, ReplicaFinishesTheRequestOfAKilledShard) {
   EXPECT_FALSE(stats->alive[1]);
 }
 
-TEST(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
+TEST_P(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
   auto model = FixtureModel("q8_0");
   const auto prompt = Prompt(12);
   for (const bool replicated : {false, true}) {
     SCOPED_TRACE(replicated ? "replicated" : "no replica");
     auto gate = std::make_shared<Gate>();
     EngineOptions options;
+    options.local_lane = GetParam();
     options.shards = EvenShards(2);
     if (replicated) options.plan = FullyReplicatedPlan(model->hparams());
     options.shard_deadline = std::chrono::milliseconds(300);
@@ -341,6 +306,11 @@ TEST(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
     std::printf("[ measured ] %s: %.2f s\n", replicated ? "replicated" : "no replica", seconds);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Lane, EngineFaultTest, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? std::string("Lane") : std::string("RouterOnly");
+                         });
 
 }  // namespace
 }  // namespace ktx::actors

@@ -324,39 +324,9 @@ TEST(RemoteEngineFaultTest, ServerShutDownMidGenerationFailsFastThenRecovers) {
   }
 }
 
-// Holds every Compute of a backend until opened.
-class Gate {
- public:
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return open_; });
-  }
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
-
-class GatedBackend final : public models::ExpertBackend {
- public:
-  GatedBackend(std::shared_ptr<models::ExpertBackend> inner, std::shared_ptr<Gate> gate)
-      : inner_(std::move(inner)), gate_(std::move(gate)) {}
-  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
-                       std::span<const uint8_t> mask, models::Activations* out) override {
-    gate_->Wait();
-    return inner_->Compute(il, h, routing, mask, out);
-  }
-
- private:
-  std::shared_ptr<models::ExpertBackend> inner_;
-  std::shared_ptr<Gate> gate_;
-};
+using testing::Gate;
+using testing::GatedBackend;
+using testing::OpenOnExit;
 
 // A node that stops answering (its shard hangs) is a stalled peer: the parts
 // in flight fail with UNAVAILABLE naming it before the router's deadline
@@ -376,10 +346,7 @@ TEST(RemoteEngineFaultTest, StalledNodeFailsWithUnavailableThenServesAgain) {
   auto n1 = StartNode(model, "n1", 0, plan_shards);
   auto n2 = StartNode(model, "n2", 1, plan_shards, gated);
   ASSERT_TRUE(n1 && n2);
-  struct OpenOnExit {
-    std::shared_ptr<Gate> gate;
-    ~OpenOnExit() { gate->Open(); }
-  } open_on_exit{gate};
+  OpenOnExit open_on_exit{gate};
   EngineOptions options = BaseOptions();
   options.shards = HeadShards(n1->server.address, n2->server.address);
   options.shard_deadline = std::chrono::seconds(4);  // stall reset after 3 s
