@@ -79,19 +79,22 @@ class LocalLane::Call {
   }
   ~Call() { lane_->Unregister(this); }
 
-  // False when the slot was already resolved (the result is dropped).
-  bool Resolve(int i, ExpertPartial* result, absl::Status status) {
+  // Resolves slot i with a partial (Succeed) or a failure (Fail); false
+  // when it was already resolved (what came is dropped).
+  bool Succeed(int i, ExpertPartial&& result) {
     Slot& slot = slots_[i];
-    int expected = kPending;
-    if (!slot.state.compare_exchange_strong(expected, kWriting)) return false;
-    slot.ok = status.ok();
-    if (slot.ok) {
-      slot.result = std::move(*result);
-    } else {
-      slot.status = std::move(status);
-    }
-    slot.state.store(kDone, std::memory_order_release);
-    if (remaining_.fetch_sub(1) == 1 && sleeping_.load() != 0) FutexWakeAll(&remaining_);
+    if (!Claim(slot)) return false;
+    slot.ok = true;
+    slot.result = std::move(result);
+    Publish(slot);
+    return true;
+  }
+  bool Fail(int i, absl::Status status) {
+    Slot& slot = slots_[i];
+    if (!Claim(slot)) return false;
+    slot.ok = false;
+    slot.status = std::move(status);
+    Publish(slot);
     return true;
   }
 
@@ -125,6 +128,18 @@ class LocalLane::Call {
 
   const MoeWork& work() const { return work_; }
   int n_slots() const { return n_slots_; }
+
+ private:
+  static bool Claim(Slot& slot) {
+    int expected = kPending;
+    return slot.state.compare_exchange_strong(expected, kWriting);
+  }
+  void Publish(Slot& slot) {
+    slot.state.store(kDone, std::memory_order_release);
+    if (remaining_.fetch_sub(1) == 1 && sleeping_.load() != 0) FutexWakeAll(&remaining_);
+  }
+
+ public:
   Slot& slot(int i) { return slots_[i]; }
   LocalLane& lane() { return *lane_; }
 
@@ -158,9 +173,8 @@ struct JobGuard {
   ~JobGuard() {
     Release();
     if (!ran) {
-      call->Resolve(slot, nullptr,
-                    absl::UnavailableError(absl::StrCat(label, " stopped before it computed layer ",
-                                                        call->work().il)));
+      call->Fail(slot, absl::UnavailableError(absl::StrCat(
+                           label, " stopped before it computed layer ", call->work().il)));
     }
   }
 };
@@ -212,7 +226,7 @@ void LocalLane::MarkDown(int shard, const std::string& reason) {
   // in the set is alive here.
   for (Call* call : calls_) {
     for (int i = 0; i < call->n_slots(); ++i) {
-      if (call->slot(i).part.shard == shard) call->Resolve(i, nullptr, status);
+      if (call->slot(i).part.shard == shard) call->Fail(i, status);
     }
   }
 }
@@ -276,7 +290,11 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
                                                           ": ", status.message()));
       }
       guard->Release();
-      guard->call->Resolve(guard->slot, &partial, std::move(status));
+      if (status.ok()) {
+        guard->call->Succeed(guard->slot, std::move(partial));
+      } else {
+        guard->call->Fail(guard->slot, std::move(status));
+      }
     });
   }
   return call;
@@ -287,8 +305,7 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
   const int il = work.il;
   if (!call.WaitAll(Clock::now() + shard_deadline_, spin_us)) {
     for (int i = 0; i < call.n_slots(); ++i) {
-      call.Resolve(i, nullptr,
-                   absl::DeadlineExceededError(
+      call.Fail(i, absl::DeadlineExceededError(
                        absl::StrCat(Label(call.slot(i).part.shard), " did not answer layer ", il,
                                     " within ", shard_deadline_.count(), " ms")));
     }
