@@ -160,9 +160,9 @@ struct JobGuard {
   std::shared_ptr<LocalLane::Call> call;
   int slot = 0;
   std::atomic<int64_t>* load = nullptr;
-  std::string label;
   bool ran = false;
   bool released = false;
+  std::string Label() const { return call->lane().Label(call->slot(slot).part.shard); }
   // The part's entries leave the shard's load (before the part resolves, so
   // a woken caller's next split sees it).
   void Release() {
@@ -174,7 +174,7 @@ struct JobGuard {
     Release();
     if (!ran) {
       call->Fail(slot, absl::UnavailableError(absl::StrCat(
-                           label, " stopped before it computed layer ", call->work().il)));
+                           Label(), " stopped before it computed layer ", call->work().il)));
     }
   }
 };
@@ -192,6 +192,8 @@ LocalLane::LocalLane(std::vector<Shard> shards, HolderTable holders, int n_exper
       alive_(shards_.size(), 1),
       down_reason_(shards_.size()) {
   for (const Shard& s : shards_) names_.push_back(s.name);
+  all_alive_.assign(shards_.size(), 1);
+  no_reasons_.assign(shards_.size(), "");
 }
 
 LocalLane::~LocalLane() = default;
@@ -254,12 +256,10 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
   // Anything unusual is the router's: a shard down, an invalid request.
   if (n_down_.load() != 0) return nullptr;
   if (!ValidateMoeWork(work, holders_, n_expert_).ok()) return nullptr;
-  std::vector<uint8_t> alive(shards_.size(), 1);
   std::vector<int64_t> load(shards_.size());
   for (size_t s = 0; s < shards_.size(); ++s) load[s] = load_[s].load(std::memory_order_relaxed);
-  const std::vector<std::string> no_reasons(shards_.size());
-  MoeSplit split =
-      SplitMoeWork(work, holders_[work.il], n_expert_, ShardView{alive, load, names_, no_reasons});
+  MoeSplit split = SplitMoeWork(work, holders_[work.il], n_expert_,
+                                ShardView{all_alive_, load, names_, no_reasons_});
   if (split.code != 0) return nullptr;
   for (const MoePart& part : split.parts) {
     if (shards_[part.shard].experts == nullptr || shards_[part.shard].arena == nullptr) {
@@ -277,7 +277,6 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
     guard->call = call;
     guard->slot = i;
     guard->load = &load_[s];
-    guard->label = Label(s);
     shards_[s].arena->Submit([guard, experts = shards_[s].experts, ew = MakeExpertWork(work, part),
                               compute_us = &counters_->compute_us[s]] {
       guard->ran = true;
@@ -286,7 +285,7 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
       if (status.ok()) {
         compute_us->fetch_add(partial.compute_us, std::memory_order_relaxed);
       } else {
-        status = absl::Status(status.code(), absl::StrCat(guard->label, " failed layer ", ew.il,
+        status = absl::Status(status.code(), absl::StrCat(guard->Label(), " failed layer ", ew.il,
                                                           ": ", status.message()));
       }
       guard->Release();
@@ -319,17 +318,22 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
   const int k_used = work.n_expert_used;
   std::vector<uint8_t> row_failed(static_cast<size_t>(n), 0);
   std::vector<uint8_t> reroute_entry;  // [n, K] entries for the router
-  // The view for replicas: the shards alive now, the lane's load.
+  // The view for replicas (the shards alive now, the lane's load), taken at
+  // the first failed part: a call without failures never takes the lock.
   std::vector<uint8_t> alive;
   std::vector<std::string> reasons;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    alive = alive_;
-    reasons = down_reason_;
-  }
-  std::vector<int64_t> load(shards_.size());
-  for (size_t s = 0; s < shards_.size(); ++s) load[s] = load_[s].load(std::memory_order_relaxed);
-  const ShardView view{alive, load, names_, reasons};
+  std::vector<int64_t> load;
+  auto view = [&]() -> ShardView {
+    if (load.empty()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      alive = alive_;
+      reasons = down_reason_;
+      load.resize(shards_.size());
+      for (size_t s = 0; s < shards_.size(); ++s)
+        load[s] = load_[s].load(std::memory_order_relaxed);
+    }
+    return ShardView{alive, load, names_, reasons};
+  };
 
   for (int i = 0; i < call.n_slots(); ++i) {
     Call::Slot& slot = call.slot(i);
@@ -351,7 +355,7 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
       continue;
     }
     std::vector<MoePart> replicas;
-    if (ReassignToReplicas(work, holders_[il], part, {part.shard}, view, &replicas)) {
+    if (ReassignToReplicas(work, holders_[il], part, {part.shard}, view(), &replicas)) {
       KTX_LOG(WARNING, "router") << Label(part.shard) << " failed layer " << il << " in the lane ("
                                  << slot.status.message() << "); re-sending " << part.rows.size()
                                  << " rows through the router";

@@ -103,6 +103,8 @@ class LocalLane : public std::enable_shared_from_this<LocalLane> {
   Outcome Finish(Call& call, int spin_us);
 
   int n_shards() const { return static_cast<int>(shards_.size()); }
+  // "expert shard 'NAME' (#S)" (moe_split.h).
+  std::string Label(int shard) const { return ShardLabel(shards_[shard].name, shard); }
   std::chrono::milliseconds shard_deadline() const { return shard_deadline_; }
 
  private:
@@ -111,13 +113,14 @@ class LocalLane : public std::enable_shared_from_this<LocalLane> {
             std::chrono::milliseconds shard_deadline);
   void Register(Call* call);
   void Unregister(Call* call);
-  std::string Label(int shard) const { return ShardLabel(shards_[shard].name, shard); }
 
   const std::vector<Shard> shards_;
   const HolderTable holders_;
   const int n_expert_;
   const std::chrono::milliseconds shard_deadline_;
-  std::vector<std::string> names_;  // [n_shards]
+  std::vector<std::string> names_;       // [n_shards]
+  std::vector<uint8_t> all_alive_;       // [n_shards] 1s: the split's view while none is down
+  std::vector<std::string> no_reasons_;  // [n_shards] empty
 
   std::unique_ptr<std::atomic<int64_t>[]> load_;  // [n_shards] outstanding entries
   std::atomic<int> n_down_{0};
