@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <exception>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/base/logging.h"
 #include "tbb/task_arena.h"
@@ -113,9 +115,22 @@ absl::StatusOr<std::unique_ptr<CpuArena>> CpuArena::Create(Options options) {
                                                    " is listed twice"));
   }
   if (cpus.empty()) cpus = AllowedCpus();
-  if (options.spin_us < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu arena '", options.name, "': spin_us = ", options.spin_us, " must not be negative"));
+  if (options.spin_us < -1) {
+    return absl::InvalidArgumentError(absl::StrCat("cpu arena '", options.name,
+                                                   "': spin_us = ", options.spin_us,
+                                                   " must be >= 0, or -1 for auto"));
+  }
+  if (options.spin_us == -1) {
+    int auto_us = AllowedCpus().size() >= 8 ? kAutoSpinUs : 0;
+    if (const char* env = std::getenv("KTX_ARENA_SPIN_US"); env != nullptr && *env != '\0') {
+      if (!absl::SimpleAtoi(env, &auto_us) || auto_us < 0 || auto_us > 100000) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("KTX_ARENA_SPIN_US='", env,
+                         "': expected microseconds in [0, 100000] that an arena's dispatcher "
+                         "polls for the next job before it sleeps"));
+      }
+    }
+    options.spin_us = auto_us;
   }
   return std::unique_ptr<CpuArena>(new CpuArena(std::move(options), std::move(cpus), pin));
 }

@@ -54,11 +54,21 @@ class CpuArena {
     std::string name;       // for logs ("shard0", "attention")
     std::vector<int> cpus;  // empty: the process's cpus, unpinned
     // The dispatcher busy-waits this long for the next job before it sleeps
-    // (lower hand-off latency, at the cost of a spinning core). 0: never.
+    // (lower hand-off latency, at the cost of a spinning core while jobs
+    // keep coming). 0: never. -1: auto, kAutoSpinUs when the process may use
+    // at least 8 cpus, else 0 (on small machines the spinning dispatcher
+    // would take the core the work needs); the environment variable
+    // KTX_ARENA_SPIN_US=N sets what auto means. Why: a job submitted to a
+    // dispatcher asleep for a while (its vCPU halted, e.g. during a decode
+    // layer's GPU attention) cost the submitter 20-40 us on the GPU
+    // machine; a dispatcher still spinning takes it in ~3 us.
     int spin_us = 0;
   };
 
-  // InvalidArgument for a cpu id outside [0, CPU_SETSIZE) or listed twice.
+  static constexpr int kAutoSpinUs = 1000;
+
+  // InvalidArgument for a cpu id outside [0, CPU_SETSIZE) or listed twice,
+  // a spin_us below -1, or a KTX_ARENA_SPIN_US that is not 0..100000.
   static absl::StatusOr<std::unique_ptr<CpuArena>> Create(Options options);
 
   ~CpuArena();
@@ -69,6 +79,7 @@ class CpuArena {
   void Submit(std::function<void()> job);
 
   const std::string& name() const { return options_.name; }
+  int spin_us() const { return options_.spin_us; }  // resolved (never -1)
   const std::vector<int>& cpus() const { return cpus_; }
   int concurrency() const { return static_cast<int>(cpus_.size()); }
   bool pinned() const { return pinned_.load(std::memory_order_relaxed); }

@@ -158,8 +158,8 @@ struct EngineOptions {
   // 4 x shard_deadline.
   std::chrono::milliseconds shard_deadline{30000};
   std::chrono::milliseconds step_deadline{300000};
-  int caf_threads = 0;    // CAF scheduler threads; 0: min(4, max(2, cpus))
-  int arena_spin_us = 0;  // see CpuArena::Options::spin_us
+  int caf_threads = 0;     // CAF scheduler threads; 0: min(4, max(2, cpus))
+  int arena_spin_us = -1;  // CpuArena::Options::spin_us of every arena (-1: auto)
   // How long the attention job polls for the router's answer of a MoE layer
   // before it sleeps (MoeClient::Options::spin_us: only while a step waits,
   // and only while answers come back within 2 x this, so real expert work of

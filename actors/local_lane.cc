@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +25,11 @@ void CpuRelax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
 #endif
+}
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
 }
 
 void FutexWait(std::atomic<int32_t>* word, int32_t expected, Clock::duration timeout) {
@@ -50,6 +57,13 @@ struct LocalLane::Counters {
   std::atomic<int64_t> requests{0};
   std::atomic<int64_t> failed_rows{0};
   std::atomic<int64_t> rerouted_parts{0};
+  // Hop timings of the calls whose parts all succeeded, summed (ns), taken
+  // on the critical part (the one that ended last).
+  std::atomic<int64_t> timed_calls{0};
+  std::atomic<int64_t> split_ns{0};  // Start: split + submit every part
+  std::atomic<int64_t> queue_ns{0};  // every part submitted -> its job starts
+  std::atomic<int64_t> job_ns{0};    // the job (RunExpertWork: gather + compute)
+  std::atomic<int64_t> wake_ns{0};   // the job ended -> the caller runs again
 };
 
 // One request in the lane: its parts, each resolved exactly once (by its
@@ -66,7 +80,12 @@ class LocalLane::Call {
     bool ok = false;
     ExpertPartial result;  // when ok
     absl::Status status;   // when not ok
+    // Steady-clock ns at which its job started and ended (hop timings).
+    std::atomic<int64_t> job_start_ns{0};
+    std::atomic<int64_t> job_end_ns{0};
   };
+  int64_t start_ns = 0;      // Start() began
+  int64_t submitted_ns = 0;  // every part submitted
 
   Call(std::shared_ptr<LocalLane> lane, MoeWork work, std::vector<MoePart> parts)
       : lane_(std::move(lane)),
@@ -196,7 +215,18 @@ LocalLane::LocalLane(std::vector<Shard> shards, HolderTable holders, int n_exper
   no_reasons_.assign(shards_.size(), "");
 }
 
-LocalLane::~LocalLane() = default;
+LocalLane::~LocalLane() {
+  const char* env = std::getenv("KTX_LANE_TIMES");
+  const int64_t n = counters_->timed_calls.load();
+  if (env == nullptr || std::string(env) != "1" || n == 0) return;
+  auto us = [n](const std::atomic<int64_t>& ns) {
+    return static_cast<double>(ns.load()) / n / 1e3;
+  };
+  KTX_LOG(INFO, "lane") << "local lane, " << n << " calls, mean us per call: split+submit "
+                        << us(counters_->split_ns) << ", submitted->job start "
+                        << us(counters_->queue_ns) << ", job " << us(counters_->job_ns)
+                        << ", job end->caller awake " << us(counters_->wake_ns);
+}
 
 std::shared_ptr<LocalLane> LocalLane::Create(std::vector<Shard> shards, HolderTable holders,
                                              int n_expert,
@@ -266,7 +296,9 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
       return nullptr;
     }
   }
+  const int64_t start_ns = NowNs();
   auto call = std::make_shared<Call>(shared_from_this(), work, std::move(split.parts));
+  call->start_ns = start_ns;
   for (int i = 0; i < call->n_slots(); ++i) {
     const MoePart& part = call->slot(i).part;
     const int s = part.shard;
@@ -280,8 +312,11 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
     shards_[s].arena->Submit([guard, experts = shards_[s].experts, ew = MakeExpertWork(work, part),
                               compute_us = &counters_->compute_us[s]] {
       guard->ran = true;
+      Call::Slot& slot = guard->call->slot(guard->slot);
+      slot.job_start_ns.store(NowNs(), std::memory_order_relaxed);
       ExpertPartial partial;
       absl::Status status = RunExpertWork(*experts, ew, &partial);
+      slot.job_end_ns.store(NowNs(), std::memory_order_relaxed);
       if (status.ok()) {
         compute_us->fetch_add(partial.compute_us, std::memory_order_relaxed);
       } else {
@@ -296,6 +331,7 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
       }
     });
   }
+  call->submitted_ns = NowNs();
   return call;
 }
 
@@ -310,6 +346,28 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
     }
   }
   call.AwaitWriters();
+  if (call.n_slots() > 0) {
+    const int64_t awake_ns = NowNs();
+    int critical = -1;
+    bool all_ok = true;
+    for (int i = 0; i < call.n_slots(); ++i) {
+      all_ok = all_ok && call.slot(i).ok;
+      if (critical < 0 || call.slot(i).job_end_ns.load(std::memory_order_relaxed) >
+                              call.slot(critical).job_end_ns.load(std::memory_order_relaxed)) {
+        critical = i;
+      }
+    }
+    if (all_ok) {
+      const Call::Slot& c = call.slot(critical);
+      const int64_t begin = c.job_start_ns.load(std::memory_order_relaxed);
+      const int64_t end = c.job_end_ns.load(std::memory_order_relaxed);
+      counters_->timed_calls.fetch_add(1, std::memory_order_relaxed);
+      counters_->split_ns.fetch_add(call.submitted_ns - call.start_ns, std::memory_order_relaxed);
+      counters_->queue_ns.fetch_add(begin - call.submitted_ns, std::memory_order_relaxed);
+      counters_->job_ns.fetch_add(end - begin, std::memory_order_relaxed);
+      counters_->wake_ns.fetch_add(awake_ns - end, std::memory_order_relaxed);
+    }
+  }
 
   Outcome out;
   out.result.tag = work.tag;

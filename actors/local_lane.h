@@ -30,7 +30,10 @@
 //  - a job dropped by a shard arena that shuts down resolves its part with
 //    UNAVAILABLE, so no caller waits for it.
 // Counters (parts, entries, compute time, requests, failed rows, re-sent
-// parts) are added to the router's RouterStats.
+// parts) are added to the router's RouterStats. Hop timings (split + submit,
+// submit -> job start, the job, job end -> caller awake, on each call's
+// critical part) are summed too; KTX_LANE_TIMES=1 logs their means when the
+// lane goes away.
 //
 // Waiting: the caller sleeps on a futex over the call's count of parts
 // still out (the last job to finish wakes it); with spin_us > 0 it first

@@ -30,7 +30,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -73,7 +72,7 @@ struct BenchFlags {
   double gpu_hot_experts_gib = 0;  // --gpu-hot-experts-gib: hot experts resident on the GPU
   std::string profile;             // --profile: expert-usage profile for the placement
   int moe_spin_us = -1;            // --moe-spin-us: EngineOptions::moe_spin_us (-1: auto)
-  int arena_spin_us = 0;           // --arena-spin-us: EngineOptions::arena_spin_us (actor runtime)
+  int arena_spin_us = -1;          // --arena-spin-us: EngineOptions::arena_spin_us (-1: auto)
   bool no_warmup_prefill = false;  // --no-warmup-prefill: BenchOptions::warmup_longest_prompt off
 };
 
@@ -134,11 +133,9 @@ absl::Status RunBench(const BenchFlags& flags) {
   for (const auto& [name, value] :
        {std::pair<const char*, int>{"--moe-spin-us", flags.moe_spin_us},
         std::pair<const char*, int>{"--arena-spin-us", flags.arena_spin_us}}) {
-    const bool moe = std::string_view(name) == "--moe-spin-us";
-    if (value < (moe ? -1 : 0) || value > 10000) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(name, " ", value, ": expected 0 (no polling) .. 10000 microseconds",
-                       moe ? " or -1 (auto)" : ""));
+    if (value < -1 || value > 10000) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, " ", value, ": expected 0 (no polling) .. 10000 microseconds, or -1 (auto)"));
     }
     if (value > 0 && flags.topology.empty() && flags.shards == 0) {
       return absl::InvalidArgumentError(
@@ -264,7 +261,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
   }
   if (!flags.attention_device.empty()) engine_options.attention_device = flags.attention_device;
   if (flags.moe_spin_us >= 0) engine_options.moe_spin_us = flags.moe_spin_us;
-  if (flags.arena_spin_us > 0) engine_options.arena_spin_us = flags.arena_spin_us;
+  if (flags.arena_spin_us >= 0) engine_options.arena_spin_us = flags.arena_spin_us;
   KTX_RETURN_IF_ERROR(
       ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &engine_options));
   engine_options.experts =
@@ -387,7 +384,8 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                   "back within twice that; default -1: auto, 20 with 8 or more cpus, else 0)");
   cmd->add_option("--arena-spin-us", flags->arena_spin_us,
                   "With --topology/--shards: the actors' arena dispatchers poll this long for the "
-                  "next job before they sleep (default 0)");
+                  "next job before they sleep (default -1: auto, 1000 with 8 or more cpus, else "
+                  "0)");
   cmd->add_flag("--no-warmup-prefill", flags->no_warmup_prefill,
                 "With --topology/--shards: skip the untimed prefill of the longest prompt before "
                 "timing (first-use costs then count in the first prefill)");

@@ -80,7 +80,7 @@ struct ShardHostOptions {
   // Makes each hosted shard's backend (called with the shard's plan index);
   // when set, `experts` is ignored.
   ExpertBackendFactory expert_backend_factory;
-  int arena_spin_us = 0;  // see CpuArena::Options::spin_us
+  int arena_spin_us = -1;  // CpuArena::Options::spin_us (-1: auto)
   // Largest n_rows of one part (a prefill chunk of the head is one part per
   // shard and layer).
   int64_t max_rows = 1 << 16;

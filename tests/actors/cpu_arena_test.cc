@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <future>
 #include <mutex>
 #include <set>
@@ -93,6 +94,31 @@ TEST(CpuArenaTest, RejectsBadCpuLists) {
   EXPECT_NE(twice.status().message().find("twice"), std::string::npos);
   auto spin = CpuArena::Create({"bad", {}, -5});
   EXPECT_FALSE(spin.ok());
+}
+
+// spin_us -1 is auto: kAutoSpinUs with 8 or more cpus, else 0;
+// KTX_ARENA_SPIN_US sets what auto means (and a bad value is an error naming it).
+TEST(CpuArenaTest, AutoSpinFollowsTheMachineAndTheEnvironment) {
+  unsetenv("KTX_ARENA_SPIN_US");
+  auto automatic = CpuArena::Create({"auto", {}, -1});
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  EXPECT_EQ((*automatic)->spin_us(), AllowedCpus().size() >= 8 ? CpuArena::kAutoSpinUs : 0);
+  auto given = CpuArena::Create({"given", {}, 7});
+  ASSERT_TRUE(given.ok());
+  EXPECT_EQ((*given)->spin_us(), 7);
+  setenv("KTX_ARENA_SPIN_US", "250", 1);
+  auto from_env = CpuArena::Create({"env", {}, -1});
+  ASSERT_TRUE(from_env.ok()) << from_env.status();
+  EXPECT_EQ((*from_env)->spin_us(), 250);
+  auto explicit_wins = CpuArena::Create({"env", {}, 0});
+  ASSERT_TRUE(explicit_wins.ok());
+  EXPECT_EQ((*explicit_wins)->spin_us(), 0);
+  setenv("KTX_ARENA_SPIN_US", "lots", 1);
+  auto bad = CpuArena::Create({"env", {}, -1});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("KTX_ARENA_SPIN_US='lots'"), std::string::npos)
+      << bad.status();
+  unsetenv("KTX_ARENA_SPIN_US");
 }
 
 TEST(CpuArenaTest, DestructionDropsQueuedJobsAndWaitsForTheRunningOne) {

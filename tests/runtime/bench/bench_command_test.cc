@@ -118,7 +118,8 @@ TEST_F(BenchCommandTest, BadFlagsGiveClearErrors) {
       {"bench" + model + " --threads -1", "--threads"},
       {"bench" + model + " --temperature 0", "temperature"},
       {"bench" + model + " --max-seconds -5", "--max-seconds"},
-      {"bench" + model + " --shards 1 --moe-spin-us -1", "--moe-spin-us"},
+      {"bench" + model + " --shards 1 --moe-spin-us -2", "--moe-spin-us"},  // -1 is auto
+      {"bench" + model + " --shards 1 --arena-spin-us -2", "--arena-spin-us"},
       {"bench" + model + " --shards 1 --arena-spin-us 20000", "--arena-spin-us"},
       {"bench" + model + " --moe-spin-us 50", "--moe-spin-us"},
       {"bench --model /nonexistent.gguf --read-mib 8", "/nonexistent.gguf"},
