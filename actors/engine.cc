@@ -221,6 +221,7 @@ struct Engine::Impl {
   std::unique_ptr<caf::actor_system> system;
   std::unique_ptr<CpuArena> attention_arena;
   std::vector<std::unique_ptr<CpuArena>> shard_arenas;
+  std::shared_ptr<LocalLane> lane;  // null: off
   std::vector<expert_shard_actor> shards;
   router_actor router;
   attention_actor attention;
@@ -239,9 +240,13 @@ struct Engine::Impl {
     // Remote nodes fail what is still pending into dead mailboxes and join
     // their threads; jobs still queued or running post to dead actors
     // (dropped); the arenas join their threads before the system goes away.
+    // The attention arena goes first: its job may still submit lane parts to
+    // the shard arenas (the closed lane sends it to the dead router instead,
+    // so it ends soon).
+    if (lane) lane->Close();
     remote.reset();
-    shard_arenas.clear();
     attention_arena.reset();
+    shard_arenas.clear();
     scheduler = scheduler_actor{};
     attention = attention_actor{};
     router = router_actor{};
@@ -464,6 +469,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     router.lane = LocalLane::Create(std::move(lane_shards), router.holders, hp.n_expert,
                                     options.shard_deadline);
   }
+  impl->lane = router.lane;
   std::shared_ptr<LocalLane> lane = router.lane;
   impl->router = SpawnRouter(*impl->system, std::move(router));
 

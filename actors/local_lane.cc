@@ -284,7 +284,7 @@ void LocalLane::AddStats(RouterStats* stats) const {
 
 std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
   // Anything unusual is the router's: a shard down, an invalid request.
-  if (n_down_.load() != 0) return nullptr;
+  if (n_down_.load() != 0 || closed_.load()) return nullptr;
   if (!ValidateMoeWork(work, holders_, n_expert_).ok()) return nullptr;
   std::vector<int64_t> load(shards_.size());
   for (size_t s = 0; s < shards_.size(); ++s) load[s] = load_[s].load(std::memory_order_relaxed);

@@ -40,8 +40,10 @@
 // polls that count for up to spin_us.
 //
 // Ownership: the lane holds the shards' ShardExperts (shared) and pointers
-// to their arenas (not owned: the Engine destroys the arenas before the
-// lane's last owner, and a Call keeps the lane alive). Thread-safety: every
+// to their arenas (not owned). The arenas must outlive every caller that may
+// still Start: the Engine closes the lane, then destroys the attention arena
+// (whose job is the caller), then the shard arenas; a Call keeps the lane
+// alive. Thread-safety: every
 // member function is thread-safe; a Call is waited for by one thread.
 #pragma once
 
@@ -81,6 +83,10 @@ class LocalLane : public std::enable_shared_from_this<LocalLane> {
   // Shard `shard` is down: parts out there fail now (UNAVAILABLE, naming it
   // and `reason`), and the lane takes no request while any shard is down.
   void MarkDown(int shard, const std::string& reason);
+  // The engine is shutting down: Start takes nothing more (callers go to the
+  // router, which is gone by then, and fail at once). Parts already out
+  // finish or are dropped with their arenas as usual.
+  void Close() { closed_.store(true); }
   // Entries the lane has out at `shard` (queued or running).
   int64_t load(int shard) const;
   // Adds the lane's counters to the router's ([n_shards] vectors sized).
@@ -127,6 +133,7 @@ class LocalLane : public std::enable_shared_from_this<LocalLane> {
 
   std::unique_ptr<std::atomic<int64_t>[]> load_;  // [n_shards] outstanding entries
   std::atomic<int> n_down_{0};
+  std::atomic<bool> closed_{false};
   std::unique_ptr<Counters> counters_;
 
   mutable std::mutex mu_;

@@ -307,6 +307,34 @@ TEST_P(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
   }
 }
 
+// Destroying the engine while a step waits for a shard's part ends cleanly
+// and soon. (The Engine closes the lane and joins the attention arena before
+// the shard arenas, so the step's job never submits to an arena already
+// gone; a use after free there would only show reliably under a sanitizer,
+// LocalLaneTest.ClosedLaneTakesNothing checks the lane's side.)
+TEST_P(EngineFaultTest, EngineDestroyedMidRequestEndsCleanly) {
+  auto model = FixtureModel("q8_0");
+  auto gate = std::make_shared<Gate>();
+  EngineOptions options;
+  options.local_lane = GetParam();
+  options.shards = EvenShards(2);
+  options.expert_backend_factory = GateShard(model, 1, gate);
+  auto engine_or = Engine::Create(model, options);
+  ASSERT_TRUE(engine_or.ok()) << engine_or.status();
+  std::unique_ptr<Engine> engine = std::move(*engine_or);
+  OpenOnExit open{gate};
+  engine->GenerateAsync(Greedy(Prompt(20), 8), {}, [](absl::StatusOr<GenerateResult>) {});
+  ASSERT_TRUE(gate->WaitEntered(1, std::chrono::seconds(30)));
+  std::thread opener([gate] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    gate->Open();
+  });
+  const auto start = Clock::now();
+  engine.reset();
+  opener.join();
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 20.0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Lane, EngineFaultTest, ::testing::Values(true, false),
                          [](const ::testing::TestParamInfo<bool>& info) {
                            return info.param ? std::string("Lane") : std::string("RouterOnly");

@@ -390,6 +390,21 @@ TEST_F(LocalLaneTest, InvalidRequestsGetTheRoutersError) {
       << result.status();
 }
 
+TEST_F(LocalLaneTest, ClosedLaneTakesNothing) {
+  Start(std::chrono::seconds(10));
+  const MoeWork work = Work(0, 3, 12);
+  EXPECT_TRUE(lane_->Start(work) != nullptr);
+  lane_->Close();
+  EXPECT_TRUE(lane_->Start(work) == nullptr);
+  // The client then goes to the router (alive here), which answers as usual.
+  MoeClient& lane = Client(true);
+  MoeClient& router = Client(false);
+  auto a = Ask(lane, work);
+  auto b = Ask(router, work);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(Sum(*a, 3), Sum(*b, 3));
+}
+
 TEST(MergeMoeResultsTest, KeepsTheFixedOrderAndTheFirstFailure) {
   MoeResult lane, router;
   lane.tag = 7;
