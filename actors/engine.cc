@@ -470,7 +470,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
                                     options.shard_deadline);
   }
   impl->lane = router.lane;
-  std::shared_ptr<LocalLane> lane = router.lane;
   impl->router = SpawnRouter(*impl->system, std::move(router));
 
   AttentionConfig attention;
@@ -483,7 +482,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   // another); this only catches a router that hangs.
   attention.moe_deadline = options.shard_deadline * 2 + std::chrono::seconds(5);
   KTX_ASSIGN_OR_RETURN(attention.moe_spin_us, MoeSpinUs(options));
-  attention.lane = lane;
+  attention.lane = impl->lane;
   if (options.profile_steps > 0) {
     impl->profile = std::make_shared<ProfileLog>(static_cast<size_t>(options.profile_steps));
   }

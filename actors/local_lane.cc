@@ -282,7 +282,8 @@ void LocalLane::AddStats(RouterStats* stats) const {
   stats->rerouted_parts += counters_->rerouted_parts.load();
 }
 
-std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
+std::shared_ptr<LocalLane::Call> LocalLane::Start(MoeWork* taken) {
+  const MoeWork& work = *taken;
   // Anything unusual is the router's: a shard down, an invalid request.
   if (n_down_.load() != 0 || closed_.load()) return nullptr;
   if (!ValidateMoeWork(work, holders_, n_expert_).ok()) return nullptr;
@@ -297,7 +298,7 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
     }
   }
   const int64_t start_ns = NowNs();
-  auto call = std::make_shared<Call>(shared_from_this(), work, std::move(split.parts));
+  auto call = std::make_shared<Call>(shared_from_this(), std::move(*taken), std::move(split.parts));
   call->start_ns = start_ns;
   for (int i = 0; i < call->n_slots(); ++i) {
     const MoePart& part = call->slot(i).part;
@@ -309,7 +310,8 @@ std::shared_ptr<LocalLane::Call> LocalLane::Start(const MoeWork& work) {
     guard->call = call;
     guard->slot = i;
     guard->load = &load_[s];
-    shards_[s].arena->Submit([guard, experts = shards_[s].experts, ew = MakeExpertWork(work, part),
+    shards_[s].arena->Submit([guard, experts = shards_[s].experts,
+                              ew = MakeExpertWork(call->work(), part),
                               compute_us = &counters_->compute_us[s]] {
       guard->ran = true;
       Call::Slot& slot = guard->call->slot(guard->slot);
@@ -374,7 +376,7 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
   const int64_t n = work.h.n_rows();
   const int64_t n_embd = work.h.n_cols();
   const int k_used = work.n_expert_used;
-  std::vector<uint8_t> row_failed(static_cast<size_t>(n), 0);
+  std::vector<uint8_t> row_failed;     // [n] once a part failed without a replica
   std::vector<uint8_t> reroute_entry;  // [n, K] entries for the router
   // The view for replicas (the shards alive now, the lane's load), taken at
   // the first failed part: a call without failures never takes the lock.
@@ -406,7 +408,7 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
     if (slot.ok) {
       PlacedPartial placed;
       placed.shard = part.shard;
-      placed.rows = part.rows;
+      placed.rows = std::move(slot.part.rows);  // the slot is not read again
       placed.partial = std::move(slot.result.partial);
       placed.compute_us = slot.result.compute_us;
       out.result.parts.push_back(std::move(placed));
@@ -428,13 +430,14 @@ LocalLane::Outcome LocalLane::Finish(Call& call, int spin_us) {
       counters_->rerouted_parts.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
+    if (row_failed.empty()) row_failed.assign(static_cast<size_t>(n), 0);
     for (int32_t row : part.rows) row_failed[row] = 1;
     if (out.result.code == 0) {
       out.result.code = static_cast<int32_t>(slot.status.code());
       out.result.message = std::string(slot.status.message());
     }
   }
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = 0; t < static_cast<int64_t>(row_failed.size()); ++t) {
     if (row_failed[t]) out.result.failed_rows.push_back(static_cast<int32_t>(t));
   }
   counters_->failed_rows.fetch_add(static_cast<int64_t>(out.result.failed_rows.size()),

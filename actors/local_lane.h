@@ -94,9 +94,10 @@ class LocalLane : public std::enable_shared_from_this<LocalLane> {
 
   // ---- a client's side ----
   class Call;
-  // Splits `work` and submits its parts; null when the lane does not take it
-  // (the caller sends it to the router instead).
-  std::shared_ptr<Call> Start(const MoeWork& work);
+  // Splits `*work` and submits its parts; the call then owns the work (moved
+  // from *work: no copy of the routing per layer). Null when the lane does not
+  // take it, with *work untouched (the caller sends it to the router instead).
+  std::shared_ptr<Call> Start(MoeWork* work);
 
   // What came of a call: `result` holds the parts computed in the lane (fixed
   // order) and the rows that failed without a replica (code / message: the

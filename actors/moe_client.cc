@@ -38,7 +38,7 @@ absl::StatusOr<uint64_t> MoeClient::Send(MoeWork work) {
   if (options_.lane) {
     const uint64_t tag = next_tag_;
     work.tag = tag;
-    if (std::shared_ptr<LocalLane::Call> call = options_.lane->Start(work)) {
+    if (std::shared_ptr<LocalLane::Call> call = options_.lane->Start(&work)) {
       next_tag_++;
       lane_calls_.emplace(tag, std::move(call));
       return tag;

@@ -104,7 +104,18 @@ std::vector<int32_t> Prompt(int n) {
 
 // Every test runs with the in-process lane (the default) and without it
 // (every MoE layer through the router actor).
-class EngineFaultTest : public ::testing::TestWithParam<bool> {};
+class EngineFaultTest : public ::testing::TestWithParam<bool> {
+ protected:
+  // Two even shards, shard 1 held at `gate`, the lane as the parameter says.
+  EngineOptions GatedOptions(std::shared_ptr<const models::Deepseek2Model> model,
+                             std::shared_ptr<Gate> gate) const {
+    EngineOptions options;
+    options.local_lane = GetParam();
+    options.shards = EvenShards(2);
+    options.expert_backend_factory = GateShard(std::move(model), 1, std::move(gate));
+    return options;
+  }
+};
 
 bool WaitUntilDown(Engine& engine, int shard) {
   const auto until = Clock::now() + std::chrono::seconds(10);
@@ -119,11 +130,8 @@ bool WaitUntilDown(Engine& engine, int shard) {
 TEST_P(EngineFaultTest, ShardKilledMidRequestFailsNamingTheShard) {
   auto model = FixtureModel("q8_0");
   auto gate = std::make_shared<Gate>();
-  EngineOptions options;
-  options.local_lane = GetParam();
-  options.shards = EvenShards(2);
+  EngineOptions options = GatedOptions(model, gate);
   options.shard_deadline = std::chrono::milliseconds(5000);
-  options.expert_backend_factory = GateShard(model, 1, gate);
   auto engine_or = Engine::Create(model, options);
   ASSERT_TRUE(engine_or.ok()) << engine_or.status();
   std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -249,11 +257,8 @@ TEST_P(EngineFaultTest, ReplicaFinishesTheRequestOfAKilledShard) {
   const auto prompt = Prompt(20);
   const testing::GreedyRun ref = testing::ReferenceGreedy(*model, prompt, 6);
   auto gate = std::make_shared<Gate>();
-  EngineOptions options;
-  options.local_lane = GetParam();
-  options.shards = EvenShards(2);
+  EngineOptions options = GatedOptions(model, gate);
   options.plan = FullyReplicatedPlan(model->hparams());
-  options.expert_backend_factory = GateShard(model, 1, gate);
   auto engine_or = Engine::Create(model, options);
   ASSERT_TRUE(engine_or.ok()) << engine_or.status();
   std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -281,12 +286,9 @@ TEST_P(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
   for (const bool replicated : {false, true}) {
     SCOPED_TRACE(replicated ? "replicated" : "no replica");
     auto gate = std::make_shared<Gate>();
-    EngineOptions options;
-    options.local_lane = GetParam();
-    options.shards = EvenShards(2);
+    EngineOptions options = GatedOptions(model, gate);
     if (replicated) options.plan = FullyReplicatedPlan(model->hparams());
     options.shard_deadline = std::chrono::milliseconds(300);
-    options.expert_backend_factory = GateShard(model, 1, gate);
     auto engine_or = Engine::Create(model, options);
     ASSERT_TRUE(engine_or.ok()) << engine_or.status();
     std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -315,10 +317,7 @@ TEST_P(EngineFaultTest, HungShardFailsAtTheDeadlineOrMovesToAReplica) {
 TEST_P(EngineFaultTest, EngineDestroyedMidRequestEndsCleanly) {
   auto model = FixtureModel("q8_0");
   auto gate = std::make_shared<Gate>();
-  EngineOptions options;
-  options.local_lane = GetParam();
-  options.shards = EvenShards(2);
-  options.expert_backend_factory = GateShard(model, 1, gate);
+  EngineOptions options = GatedOptions(model, gate);
   auto engine_or = Engine::Create(model, options);
   ASSERT_TRUE(engine_or.ok()) << engine_or.status();
   std::unique_ptr<Engine> engine = std::move(*engine_or);

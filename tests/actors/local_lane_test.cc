@@ -170,6 +170,12 @@ class LocalLaneTest : public ::testing::Test {
     return client.Wait(*ticket);
   }
 
+  // LocalLane::Start on a copy of `work` (Start moves what it takes).
+  std::shared_ptr<LocalLane::Call> StartCopy(const MoeWork& work) {
+    MoeWork copy = work;
+    return lane_->Start(&copy);
+  }
+
   RouterStats Stats() {
     caf::scoped_actor self{*system_};
     RouterStats out;
@@ -224,7 +230,7 @@ TEST_F(LocalLaneTest, AnswersBitForBitWhatTheRouterAnswers) {
   EXPECT_EQ(stats.entries_sent[0] + stats.entries_sent[1] + stats.entries_sent[2], 2 * entries);
   EXPECT_EQ(stats.rerouted_parts, 0);
   // The lane took every one of them itself.
-  EXPECT_TRUE(lane_->Start(Work(1, 3, 11)) != nullptr);
+  EXPECT_TRUE(StartCopy(Work(1, 3, 11)) != nullptr);
 }
 
 TEST_F(LocalLaneTest, SeveralCallsOutAtOnceAnswerInAnyOrder) {
@@ -264,7 +270,7 @@ TEST_F(LocalLaneTest, KilledShardFailsItsPartAtOnceNamingIt) {
   // Rows that needed no expert of shard 1 were computed.
   for (const PlacedPartial& p : result->parts) EXPECT_NE(p.shard, 1);
   // Later requests go to the router (a shard is down), which fails the same rows.
-  EXPECT_TRUE(lane_->Start(work) == nullptr);
+  EXPECT_TRUE(StartCopy(work) == nullptr);
   auto again = Ask(lane, work);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->failed_rows, result->failed_rows);
@@ -336,10 +342,10 @@ TEST_F(LocalLaneTest, PartDroppedByAStoppingArenaFailsInsteadOfHanging) {
   // Two calls on shard 1: the first runs (held by the gate), the second waits
   // in the arena's queue; the arena is destroyed, dropping the second.
   const MoeWork work = Work(0, 4, 7);
-  auto running = lane_->Start(work);
+  auto running = StartCopy(work);
   ASSERT_TRUE(running != nullptr);
   ASSERT_TRUE(gates_[1]->WaitEntered(1, std::chrono::seconds(10)));
-  auto queued = lane_->Start(work);
+  auto queued = StartCopy(work);
   ASSERT_TRUE(queued != nullptr);
   std::thread opener([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -367,14 +373,14 @@ TEST_F(LocalLaneTest, RequestsWithAPartInAnotherProcessGoToTheRouter) {
   // Layer 0: expert 2 lives on shard 2 (another process, for the lane).
   MoeWork work = Work(0, 1, 8);
   work.expert_ids = {0, 1, 2};
-  EXPECT_TRUE(lane_->Start(work) == nullptr);
+  EXPECT_TRUE(StartCopy(work) == nullptr);
   auto a = Ask(lane, work);
   auto b = Ask(router, work);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(Sum(*a, 1), Sum(*b, 1));
   // Without it, the lane takes it.
   work.expert_ids = {0, 1, 3};
-  EXPECT_TRUE(lane_->Start(work) != nullptr);
+  EXPECT_TRUE(StartCopy(work) != nullptr);
 }
 
 TEST_F(LocalLaneTest, InvalidRequestsGetTheRoutersError) {
@@ -382,7 +388,7 @@ TEST_F(LocalLaneTest, InvalidRequestsGetTheRoutersError) {
   MoeClient& lane = Client(true);
   MoeWork work = Work(0, 2, 9);
   work.expert_ids[1] = kNExpert + 3;
-  EXPECT_TRUE(lane_->Start(work) == nullptr);
+  EXPECT_TRUE(StartCopy(work) == nullptr);
   auto result = Ask(lane, work);
   ASSERT_FALSE(result.ok());
   EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
@@ -393,9 +399,9 @@ TEST_F(LocalLaneTest, InvalidRequestsGetTheRoutersError) {
 TEST_F(LocalLaneTest, ClosedLaneTakesNothing) {
   Start(std::chrono::seconds(10));
   const MoeWork work = Work(0, 3, 12);
-  EXPECT_TRUE(lane_->Start(work) != nullptr);
+  EXPECT_TRUE(StartCopy(work) != nullptr);
   lane_->Close();
-  EXPECT_TRUE(lane_->Start(work) == nullptr);
+  EXPECT_TRUE(StartCopy(work) == nullptr);
   // The client then goes to the router (alive here), which answers as usual.
   MoeClient& lane = Client(true);
   MoeClient& router = Client(false);
