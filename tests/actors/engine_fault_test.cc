@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -332,6 +333,30 @@ TEST_P(EngineFaultTest, EngineDestroyedMidRequestEndsCleanly) {
   engine.reset();
   opener.join();
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 20.0);
+}
+
+// Bad values of the latency environment variables are refused by name at
+// Engine::Create, never silently ignored.
+TEST(EngineEnvironmentTest, BadLatencyKnobsAreRefusedByName) {
+  auto model = FixtureModel("q8_0");
+  struct Case {
+    const char* name;
+    const char* value;
+  };
+  for (const Case& c : {Case{"KTX_LOCAL_LANE", "maybe"}, Case{"KTX_MOE_SPIN_US", "-3"},
+                        Case{"KTX_ARENA_SPIN_US", "fast"}}) {
+    SCOPED_TRACE(c.name);
+    setenv(c.name, c.value, 1);
+    EngineOptions options;
+    options.shards = EvenShards(1);
+    auto engine = Engine::Create(model, options);
+    unsetenv(c.name);
+    ASSERT_FALSE(engine.ok());
+    EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(engine.status().message().find(std::string(c.name) + "='" + c.value + "'"),
+              std::string::npos)
+        << engine.status();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Lane, EngineFaultTest, ::testing::Values(true, false),
