@@ -150,6 +150,17 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
     }
     o->expert_gemv_max_tokens = n;
   }
+  if (const char* v = std::getenv("KTX_GPU_SKINNY_MAX_TOKENS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (end == v || *end != '\0' || n < 0 || n > kc::kSkinnyMaxTokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_SKINNY_MAX_TOKENS='", v, "': expected a token count in 0..",
+          kc::kSkinnyMaxTokens,
+          " (bf16 products of batches up to it use the skinny kernel; 0: cuBLAS always)"));
+    }
+    o->skinny_max_tokens = n;
+  }
   if (const char* v = std::getenv("KTX_CUDA_GRAPHS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
     if (mode == "on" || mode == "1") {
@@ -161,6 +172,10 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
           absl::StrCat("KTX_CUDA_GRAPHS='", mode,
                        "': expected on (replay decode layers as CUDA graphs) or off"));
     }
+  }
+  if (o->skinny_max_tokens < 0 || o->skinny_max_tokens > kc::kSkinnyMaxTokens) {
+    return absl::InvalidArgumentError(absl::StrCat("skinny_max_tokens (", o->skinny_max_tokens,
+                                                   ") must be in 0..", kc::kSkinnyMaxTokens));
   }
   if (o->gemv_max_tokens < 0 || o->expert_gemv_max_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -999,7 +1014,7 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   stage_n_ = 0;
   stage_tokens_ = n;
   MarkStage(StageMark::kStart);
-  const std::array<int64_t*, 2> product_counters = runner_->product_counters();
+  const std::array<int64_t*, 3> product_counters = runner_->product_counters();
   for (int il = 0; il < hp_.n_layer; ++il) {
     const GpuLayerWeights& w = layers_[il];
     const bool moe = hp_.IsMoeLayer(il);

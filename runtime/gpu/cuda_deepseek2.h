@@ -94,6 +94,9 @@ class CudaDeepseek2 {
   // Matrix products run so far by the GEMV and by cuBLAS (non-routed weights).
   int64_t gemv_products() const { return runner_->gemv_calls(); }
   int64_t cublas_products() const { return runner_->cublas_calls(); }
+  int64_t skinny_products() const { return runner_->skinny_calls(); }
+  // Products on the bf16 form, either path.
+  int64_t bf16_products() const { return cublas_products() + skinny_products(); }
 
   // ---- CUDA graphs (CudaModelOptions::cuda_graphs; docs/gpu.md) ----
   // Whether a forward step of n_tokens tokens replays its layers as graphs.

@@ -19,6 +19,7 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   r->layout_ = GpuWorkLayout::For(hp, max_tokens);
   r->attention_tensor_cores_ = options.attention_tensor_cores;
   r->gemv_max_tokens_ = options.gemv_max_tokens;
+  r->set_skinny_max_tokens(options.skinny_max_tokens);
   r->rope_.n_rot = static_cast<int32_t>(hp.rope.n_rot);
   r->rope_.freq_base = hp.rope.freq_base;
   r->rope_.freq_scale = hp.rope.freq_scale;
@@ -96,6 +97,41 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
         DeviceBuffer::Allocate(kc::QuantGemvWorkspaceBytes(widest, r->gemv_workspace_tokens_),
                                "the GEMV workspace"));
   }
+  // The skinny kernel's workspace: the largest its plans need over this
+  // model's bf16 product shapes, within options.skinny_workspace_bytes
+  // (shapes whose plan needs more run through cuBLAS).
+  {
+    const int64_t n_head = hp.n_head, kvl = hp.kv_lora_rank;
+    const int64_t rw = kvl + hp.n_rot;
+    const int64_t shared = hp.n_ff_exp * std::max<int64_t>(1, hp.n_expert_shared);
+    const int64_t shapes[][3] = {
+        {hp.q_lora_rank, hp.n_embd, 1},
+        {n_head * hp.n_embd_head_qk, hp.q_lora_rank, 1},
+        {n_head * hp.n_embd_head_qk, hp.n_embd, 1},
+        {rw, hp.n_embd, 1},
+        {kvl, hp.qk_nope(), n_head},
+        {hp.n_embd_head_v, kvl, n_head},
+        {hp.n_embd, n_head * hp.n_embd_head_v, 1},
+        {2 * hp.n_ff, hp.n_embd, 1},
+        {hp.n_embd, hp.n_ff, 1},
+        {2 * shared, hp.n_embd, 1},
+        {hp.n_embd, shared, 1},
+        {hp.n_vocab, hp.n_embd, 1},
+    };
+    size_t need = 0;
+    for (const auto& sh : shapes) {
+      if (sh[0] <= 0 || sh[1] <= 0) continue;
+      const size_t b = kc::SkinnyGemmWorkspaceBytes(
+          kc::PlanSkinnyGemm(sh[0], sh[1], sh[2], r->n_multiprocessors_));
+      if (b <= options.skinny_workspace_bytes) need = std::max(need, b);
+    }
+    if (need > 0) {
+      KTX_ASSIGN_OR_RETURN(r->skinny_workspace_,
+                           DeviceBuffer::Allocate(need, "the skinny product workspace"));
+      KTX_RETURN_IF_ERROR(CudaOk(cudaMemset(r->skinny_workspace_.get(), 0, need),
+                                 "zeroing the skinny product workspace"));
+    }
+  }
   if (r->cublas_workspace_.bytes() > 0) {
     KTX_RETURN_IF_ERROR(CublasOk(
         cublasSetWorkspace(r->cublas_, r->cublas_workspace_.get(), r->cublas_workspace_.bytes()),
@@ -154,11 +190,9 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
                       n_head * nope, big_q, n_head * rw, stream_),
       "preparing the queries"));
   // q_abs[t, h] = k_b[h] · q_nope[t, h], written into the query rows' first kv_lora.
-  KTX_RETURN_IF_ERROR(
-      CublasOk(kc::LinearBf16Batched(cublas_, w.attn_k_b, nope, kvl * nope, q_nope_.as<Bf16>(),
-                                     n_head * nope, nope, big_q, CUDA_R_32F, n_head * rw, rw, kvl,
-                                     nope, n, n_head),
-               "attn_k_b (absorbed queries)"));
+  KTX_RETURN_IF_ERROR(ProductBf16(w.attn_k_b, nope, kvl * nope, q_nope_.as<Bf16>(), n_head * nope,
+                                  nope, big_q, CUDA_R_32F, n_head * rw, rw, kvl, nope, n, n_head,
+                                  0.0f, "attn_k_b (absorbed queries)"));
   kc::MlaAttentionArgs a;
   a.q = big_q;
   a.q_stride = n_head * rw;
@@ -179,10 +213,9 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
   KTX_RETURN_IF_ERROR(
       CudaOk(kc::MlaAttention(a, plan, attention_workspace_.get(), stream_), "MLA attention"));
   // o[t, h] = v_b[h] · ctx[t, h], then x += attn_output · o.
-  KTX_RETURN_IF_ERROR(CublasOk(
-      kc::LinearBf16Batched(cublas_, w.attn_v_b, kvl, hdv * kvl, ctx_.as<Bf16>(), n_head * kvl, kvl,
-                            o_.get(), CUDA_R_16BF, n_head * hdv, hdv, hdv, kvl, n, n_head),
-      "attn_v_b"));
+  KTX_RETURN_IF_ERROR(ProductBf16(w.attn_v_b, kvl, hdv * kvl, ctx_.as<Bf16>(), n_head * kvl, kvl,
+                                  o_.get(), CUDA_R_16BF, n_head * hdv, hdv, hdv, kvl, n, n_head,
+                                  0.0f, "attn_v_b"));
   return Linear(w.attn_output, n_embd, n_head * hdv, o_.as<Bf16>(), n_head * hdv, n, x, n_embd,
                 1.0f, "attn_output");
 }
@@ -234,10 +267,52 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
     ++gemv_calls_;
     return absl::OkStatus();
   }
-  ++cublas_calls_;
-  return CublasOk(
-      kc::LinearBf16(cublas_, m.bf16, n_in, x, ldx, y, CUDA_R_32F, ldy, n_out, n_in, n, beta),
-      what);
+  KTX_RETURN_IF_ERROR(ProductBf16(m.bf16, n_in, 0, x, ldx, 0, y, CUDA_R_32F, ldy, 0, n_out, n_in, n,
+                                  1, beta, what));
+  ++(last_product_skinny_ ? skinny_calls_ : cublas_calls_);
+  return absl::OkStatus();
+}
+
+absl::Status GpuLayerRunner::ProductBf16(const Bf16* w, int64_t ldw, int64_t w_batch_stride,
+                                         const Bf16* x, int64_t ldx, int64_t x_batch_stride,
+                                         void* y, cudaDataType_t y_type, int64_t ldy,
+                                         int64_t y_batch_stride, int64_t n_out, int64_t n_in,
+                                         int64_t n, int64_t batch, float beta, const char* what) {
+  if (n <= skinny_max_tokens_) {
+    kc::SkinnyGemmArgs a;
+    a.w = w;
+    a.ldw = ldw;
+    a.w_batch_stride = w_batch_stride;
+    a.x = x;
+    a.ldx = ldx;
+    a.x_batch_stride = x_batch_stride;
+    a.y = y;
+    a.y_bf16 = y_type == CUDA_R_16BF;
+    a.ldy = ldy;
+    a.y_batch_stride = y_batch_stride;
+    a.n_out = n_out;
+    a.n_in = n_in;
+    a.n_tokens = n;
+    a.batch = batch;
+    a.beta = beta;
+    const kc::SkinnyGemmPlan plan = kc::PlanSkinnyGemm(n_out, n_in, batch, n_multiprocessors_);
+    if ((y_type == CUDA_R_32F || y_type == CUDA_R_16BF) &&
+        kc::SkinnyGemmUnsupportedReason(a).empty() &&
+        kc::SkinnyGemmWorkspaceBytes(plan) <= skinny_workspace_.bytes()) {
+      last_product_skinny_ = true;
+      return CudaOk(
+          kc::SkinnyGemm(a, plan, skinny_workspace_.get(), skinny_workspace_.bytes(), stream_),
+          absl::StrCat(what, " (skinny bf16 product)"));
+    }
+  }
+  last_product_skinny_ = false;
+  if (batch == 1) {
+    return CublasOk(kc::LinearBf16(cublas_, w, ldw, x, ldx, y, y_type, ldy, n_out, n_in, n, beta),
+                    what);
+  }
+  return CublasOk(kc::LinearBf16Batched(cublas_, w, ldw, w_batch_stride, x, ldx, x_batch_stride, y,
+                                        y_type, ldy, y_batch_stride, n_out, n_in, n, batch, beta),
+                  what);
 }
 
 absl::Status GpuLayerRunner::Route(const GpuLayerWeights& w, int64_t n) {

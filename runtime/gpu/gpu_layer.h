@@ -8,8 +8,9 @@
 // (GpuLayerWeights, not owned), so the same code runs the real model
 // (CudaDeepseek2) and the benchmark's random DeepSeek-V3 layer.
 //
-// Numerics: weights bf16 (cuBLAS) or GGUF blocks expanded in F32 (the
-// quantized GEMV, small batches); every matrix product takes bf16
+// Numerics: weights bf16 (cuBLAS, or the skinny tensor-core kernel for
+// batches of up to skinny_max_tokens()) or GGUF blocks (the quantized GEMV,
+// small batches); every matrix product takes bf16
 // activations and accumulates in F32; the residual stream, norms, rope, softmax and
 // the router (F32 weights, F32 product, routing in double) stay in F32.
 //
@@ -21,6 +22,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
@@ -31,6 +33,7 @@
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/rope.h"
 #include "kernels/cuda/routing.h"
+#include "kernels/cuda/skinny_gemm.h"
 #include "runtime/gpu/cuda_buffers.h"
 #include "runtime/gpu/memory_plan.h"
 #include "runtime/models/deepseek2.h"
@@ -147,15 +150,34 @@ class GpuLayerRunner {
   // blocks (CudaModelOptions::gemv_max_tokens; changeable between calls).
   int64_t gemv_max_tokens() const { return gemv_max_tokens_; }
   void set_gemv_max_tokens(int64_t n) { gemv_max_tokens_ = n; }
-  // Products run so far by each path (Linear calls; tests and logs).
+  // Products run so far by each path (Linear calls; tests and logs):
+  // quantized GEMV, cuBLAS, skinny kernel.
   int64_t gemv_calls() const { return gemv_calls_; }
   int64_t cublas_calls() const { return cublas_calls_; }
-  // The two counters above, for CudaGraphCache::Run (a replay adds what its
+  // The three counters, for CudaGraphCache::Run (a replay adds what its
   // captured call counted).
-  std::array<int64_t*, 2> product_counters() { return {&gemv_calls_, &cublas_calls_}; }
+  std::array<int64_t*, 3> product_counters() {
+    return {&gemv_calls_, &cublas_calls_, &skinny_calls_};
+  }
   // Routes h_f32() (router product in F32, selection in double) into
   // expert_ids() and expert_weights().
   absl::Status Route(const GpuLayerWeights& w, int64_t n);
+  // y[b] = beta · y[b] + w[b] · x[b] for `batch` bf16 matrices [n_out, ldw]
+  // with element strides between them: the skinny kernel
+  // (kernels/cuda/skinny_gemm.h) for n <= skinny_max_tokens() where it takes
+  // the shape, else cuBLAS. y: F32 or bf16 (y_type). InvalidArgument naming
+  // `what` on a cuBLAS or launch failure.
+  absl::Status ProductBf16(const Bf16* w, int64_t ldw, int64_t w_batch_stride, const Bf16* x,
+                           int64_t ldx, int64_t x_batch_stride, void* y, cudaDataType_t y_type,
+                           int64_t ldy, int64_t y_batch_stride, int64_t n_out, int64_t n_in,
+                           int64_t n, int64_t batch, float beta, const char* what);
+  // Batches of at most this many tokens use the skinny kernel for bf16
+  // products (CudaModelOptions::skinny_max_tokens; 0: never).
+  int64_t skinny_max_tokens() const { return skinny_max_tokens_; }
+  void set_skinny_max_tokens(int64_t n) {
+    skinny_max_tokens_ = std::clamp<int64_t>(n, 0, kernels::cuda::kSkinnyMaxTokens);
+  }
+  int64_t skinny_calls() const { return skinny_calls_; }
 
  private:
   GpuLayerRunner() = default;
@@ -169,13 +191,18 @@ class GpuLayerRunner {
   int64_t gemv_max_tokens_ = 1;
   int64_t gemv_calls_ = 0;
   int64_t cublas_calls_ = 0;
+  int64_t skinny_max_tokens_ = 0;
+  int64_t skinny_calls_ = 0;
+  bool last_product_skinny_ = false;  // the path of the last ProductBf16
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,
       router_logits_, expert_ids_, expert_weights_, routed_, logits_, indices_;
   // gemv_workspace_: the q8 GEMV's activations (int8 and scales) for at most
   // gemv_workspace_tokens_ tokens of the widest product input.
-  DeviceBuffer attention_workspace_, cublas_workspace_, gemv_workspace_;
+  // skinny_workspace_: split-k partial sums of the skinny kernel, sized for
+  // the layer's product shapes (counters zeroed at creation).
+  DeviceBuffer attention_workspace_, cublas_workspace_, gemv_workspace_, skinny_workspace_;
   int64_t gemv_workspace_tokens_ = 0;
 };
 

@@ -125,7 +125,7 @@ std::string GpuMemoryPlan::ToString() const {
   line("= weights", Size(weight_bytes()));
   line(absl::StrCat("activations (", max_batch_tokens, " tokens/batch)").c_str(),
        Size(activation_bytes));
-  line("workspaces (attention, cuBLAS, load)", Size(workspace_bytes));
+  line("workspaces (attention, cuBLAS, skinny products, load)", Size(workspace_bytes));
   if (expert_stream_bytes > 0) line("routed-expert streaming", Size(expert_stream_bytes));
   if (resident_experts > 0) {
     line(absl::StrCat("hot routed experts (", resident_experts, ", resident)").c_str(),
@@ -200,7 +200,8 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   const GpuWorkLayout work = GpuWorkLayout::For(hp, o.max_batch_tokens);
   p.activation_bytes = work.device_bytes();
   p.pinned_host_bytes = work.pinned_bytes();
-  p.workspace_bytes = o.attention_workspace_bytes + o.cublas_workspace_bytes + o.load_staging_bytes;
+  p.workspace_bytes = o.attention_workspace_bytes + o.cublas_workspace_bytes +
+                      o.skinny_workspace_bytes + o.load_staging_bytes;
   p.max_context = o.max_context > 0 ? o.max_context : std::min<int64_t>(hp.n_ctx_train, 32768);
   p.max_batch_tokens = o.max_batch_tokens;
   p.max_sequences = o.max_sequences;

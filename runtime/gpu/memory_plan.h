@@ -96,6 +96,10 @@ struct CudaModelOptions {
   uint64_t reserve_bytes = uint64_t{512} << 20;  // left free for the CUDA context, cuBLAS, ...
   uint64_t attention_workspace_bytes = uint64_t{64} << 20;  // split-KV partial results
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
+  // The skinny bf16 product's split-k partial sums and counters
+  // (kernels/cuda/skinny_gemm.h; at most ~32 KiB per SM: 4.2 MiB on 132 SMs).
+  // A product whose plan needs more runs through cuBLAS.
+  uint64_t skinny_workspace_bytes = uint64_t{8} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
   // Weight forms (above) and the largest batch (tokens in one forward step)
@@ -107,6 +111,17 @@ struct CudaModelOptions {
   // the environment override these two.
   GpuWeightForm gpu_weights = GpuWeightForm::kAuto;
   int64_t gemv_max_tokens = 1;
+  // bf16 products of batches of at most this many tokens (<= 64) run through
+  // the skinny tensor-core kernel (kernels/cuda/skinny_gemm.h: weights
+  // streamed once, a token's result independent of the batch it is in),
+  // larger ones through cuBLAS. Default 1: measured on the H200
+  // (docs/performance.md, 2026-11-27 07:56 UTC) it beats cuBLAS on the
+  // small and batched products of a decode step at 1 token (kv_a 2.2x,
+  // k_b / v_b 1.5x) and the layer step by ~2 %, but the step loses ~4 % at
+  // 16 tokens. 64: every decode batch of up to 64 tokens takes the same
+  // kernel (products batch invariant). 0: cuBLAS always.
+  // KTX_GPU_SKINNY_MAX_TOKENS=N in the environment overrides it.
+  int64_t skinny_max_tokens = 1;
   // The largest token count of one resident hot expert (resident_experts) in
   // one layer that runs as three GEMVs on its blocks; more tokens:
   // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes

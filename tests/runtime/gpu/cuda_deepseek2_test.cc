@@ -974,10 +974,10 @@ TEST_P(CudaDeepseek2Test, WeightFormsAndTheQuantizedGemvMatchTheReference) {
     // Which path ran.
     if (c.form == GpuWeightForm::kBf16 || c.gemv_max_tokens == 0) {
       EXPECT_EQ(g.gemv_products(), 0);
-      EXPECT_GT(g.cublas_products(), 0);
+      EXPECT_GT(g.bf16_products(), 0);
     } else if (c.form == GpuWeightForm::kQuantized) {
       EXPECT_GT(g.gemv_products(), 0);
-      EXPECT_EQ(g.cublas_products(), 0) << "every non-routed product should have used the GEMV";
+      EXPECT_EQ(g.bf16_products(), 0) << "every non-routed product should have used the GEMV";
     } else {
       // Both forms: the GEMV only on Q4_K / Q6_K blocks (GemvBeatsCublasType);
       // Q8_0 and BF16 matrices keep cuBLAS on their bf16 copy.
@@ -1058,6 +1058,65 @@ TEST_P(CudaDeepseek2Test, WeightFormsAndTheQuantizedGemvMatchTheReference) {
 // they differ only by the attention plan's context bucket (F32 merge order of
 // the KV splits), so rows agree to 1e-3 and in argmax where the margin > 1.
 // (3) The counters: captures, replays, no failure; zeros with graphs off.
+// The skinny bf16 kernel (kernels/cuda/skinny_gemm.h) on every product of up
+// to 64 tokens gives the logits of the cuBLAS path (the same bf16 products,
+// F32 sums in another order): single decode steps, short prefills and a
+// decode batch of 3; 0 keeps every bf16 product on cuBLAS.
+TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
+  const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
+  const size_t n_steps = std::min<size_t>(gen_tokens.size(), 6);
+  auto run = [&](int64_t skinny, Activations* out, int64_t* skinny_products,
+                 int64_t* cublas_products) {
+    CudaModelOptions o = TestOptions();
+    o.gpu_weights = GpuWeightForm::kBf16;
+    o.skinny_max_tokens = skinny;
+    auto gpu = CudaDeepseek2::Create(*model_, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    CudaDeepseek2& g = **gpu;
+    std::vector<float> rows;
+    auto seq = g.AddSequence(256);
+    ASSERT_TRUE(seq.ok());
+    Activations logits;
+    // The prompt (longer than 64 tokens: cuBLAS in both runs) only sets up
+    // the cache; the decode steps are compared.
+    ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kLast, &logits).ok());
+    for (size_t i = 0; i < n_steps; ++i) {
+      const int32_t one[] = {gen_tokens[i]};
+      ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
+      rows.insert(rows.end(), logits.values().begin(), logits.values().end());
+    }
+    std::vector<CudaDeepseek2::BatchEntry> entries;
+    int32_t next[3];
+    for (int i = 0; i < 3; ++i) {
+      auto s2 = g.AddSequence(256);
+      ASSERT_TRUE(s2.ok());
+      const std::vector<int32_t> p(prompt_.begin() + i, prompt_.begin() + 9 + 5 * i);
+      ASSERT_TRUE(g.Forward(p, *s2, LogitsRows::kLast, &logits).ok());
+      next[i] = gen_tokens[i % gen_tokens.size()];
+      entries.push_back({*s2, {&next[i], 1}, LogitsRows::kLast});
+    }
+    ASSERT_TRUE(g.ForwardBatch(entries, &logits).ok());
+    rows.insert(rows.end(), logits.values().begin(), logits.values().end());
+    out->Resize(static_cast<int64_t>(rows.size()) / n_vocab_, n_vocab_);
+    std::copy(rows.begin(), rows.end(), out->data());
+    *skinny_products = g.skinny_products();
+    *cublas_products = g.cublas_products();
+  };
+  Activations skinny_rows, cublas_rows;
+  int64_t skinny_calls = 0, cublas_calls = 0, skinny_calls_0 = 0, cublas_calls_0 = 0;
+  run(64, &skinny_rows, &skinny_calls, &cublas_calls);
+  if (HasFatalFailure()) return;
+  run(0, &cublas_rows, &skinny_calls_0, &cublas_calls_0);
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(skinny_calls_0, 0);
+  EXPECT_GT(cublas_calls_0, 0);
+  EXPECT_GT(skinny_calls, 0);
+  ASSERT_GT(static_cast<int64_t>(prompt_.size()), 64) << "the prompt should take cuBLAS";
+  EXPECT_GT(cublas_calls, 0);
+  EXPECT_LT(cublas_calls, cublas_calls_0);
+  ExpectAgree(CompareRows(skinny_rows, cublas_rows), "skinny vs cuBLAS products", GetParam());
+}
+
 TEST_P(CudaDeepseek2Test, CudaGraphsReplayMatchesEagerLaunches) {
   const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
   const size_t n_steps = std::min<size_t>(gen_tokens.size(), 10);

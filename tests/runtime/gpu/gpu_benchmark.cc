@@ -13,9 +13,11 @@
 //   gpu_benchmark --benchmark_out=gpu.json --benchmark_out_format=json
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +26,7 @@
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/device_query.h"
 #include "kernels/cuda/mla.h"
+#include "kernels/cuda/skinny_gemm.h"
 #include "runtime/gpu/gpu_layer.h"
 #include "tests/runtime/gpu/dsv3_hparams.h"
 
@@ -177,7 +180,11 @@ struct Layer {
     return v;
   }
 
-  void Step(const GpuBatchView& v, bool quantized = false) {
+  // mode 0: bf16 through cuBLAS; 1: the quantized GEMV (k_b / v_b cuBLAS);
+  // 2: bf16 through the skinny kernel (kernels/cuda/skinny_gemm.h).
+  void Step(const GpuBatchView& v, int64_t mode = 0) {
+    const bool quantized = mode == 1;
+    runner->set_skinny_max_tokens(mode == 2 ? kc::kSkinnyMaxTokens : 0);
     const GpuLayerWeights& lw = quantized ? wq : w;
     BENCH_CHECK(runner->Attention(lw, kv, v, runner->x()));
     BENCH_CHECK(runner->Norm(lw.ffn_norm, runner->x(), v.n_tokens));
@@ -247,9 +254,10 @@ void Report(benchmark::State& state, double secs, double bytes) {
 void BM_LayerAttentionSharedExpert(benchmark::State& state) {
   Layer& l = GetLayer();
   const int64_t batch = state.range(0), ctx = state.range(1);
-  const bool quantized = state.range(2) != 0;
+  const int64_t mode = state.range(2);
+  const bool quantized = mode == 1;
   const GpuBatchView v = l.Batch(batch, ctx);
-  const double secs = TimeWithEvents(state, l.runner->stream(), [&] { l.Step(v, quantized); });
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] { l.Step(v, mode); });
   const double kv_bytes = static_cast<double>(batch) * ctx * (l.hp.kv_lora_rank + l.hp.n_rot) * 2;
   Report(state, secs,
          static_cast<double>(quantized ? l.quant_weight_bytes : l.weight_bytes) + kv_bytes);
@@ -257,19 +265,21 @@ void BM_LayerAttentionSharedExpert(benchmark::State& state) {
 
 // The same step captured once into a CUDA graph and replayed: no launch gaps.
 // Arg q = 1: the quantized GEMV on Q4_K/Q6_K blocks instead of cuBLAS bf16
-// (bytes: the blocks, k_b / v_b in bf16, the KV rows).
+// (bytes: the blocks, k_b / v_b in bf16, the KV rows); q = 2: the bf16
+// weights through the skinny kernel instead of cuBLAS.
 void BM_LayerAttentionSharedExpertGraph(benchmark::State& state) {
   Layer& l = GetLayer();
   const int64_t batch = state.range(0), ctx = state.range(1);
-  const bool quantized = state.range(2) != 0;
+  const int64_t mode = state.range(2);
+  const bool quantized = mode == 1;
   const GpuBatchView v = l.Batch(batch, ctx);
   const cudaStream_t stream = l.runner->stream();
-  l.Step(v, quantized);  // warm-up outside the capture (cuBLAS heuristics, attributes)
+  l.Step(v, mode);  // warm-up outside the capture (cuBLAS heuristics, attributes)
   CUDA_BENCH_CHECK(cudaStreamSynchronize(stream));
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   CUDA_BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  l.Step(v, quantized);
+  l.Step(v, mode);
   CUDA_BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
   CUDA_BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   const double secs =
@@ -314,6 +324,11 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   kc::MlaAttentionPlan plan =
       kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, a.n_rot, ctx, n_sm, ws->bytes());
   plan.tensor_cores = state.range(2) != 0;
+  // Arg split_len > 0: that many cache rows per split instead of the plan's.
+  if (state.range(3) > 0) {
+    plan.split_len = static_cast<int32_t>(state.range(3));
+    plan.n_splits = static_cast<int32_t>((ctx + plan.split_len - 1) / plan.split_len);
+  }
   const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
     CUDA_BENCH_CHECK(kc::MlaAttention(a, plan, ws->get(), l.runner->stream()));
   });
@@ -322,6 +337,135 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   state.counters["TFLOP/s"] = 2.0 * batch * n_head * ctx * (rw + kvl) /
                               (secs / static_cast<double>(state.iterations())) / 1e12;
   state.counters["splits"] = plan.n_splits;
+}
+
+// One bf16 product of a DeepSeek-V3 decode shape: cuBLAS (path 0) or the
+// skinny kernel (path 1). Each iteration runs the product over every copy of
+// the weights (copies cycle over >= 256 MB so that L2 never holds them).
+struct ProductShape {
+  const char* name;
+  int64_t n_out, n_in, batch;
+};
+constexpr ProductShape kProductShapes[] = {
+    {"q_a", 1536, 7168, 1},
+    {"q_b", 24576, 1536, 1},
+    {"kv_a", 576, 7168, 1},
+    {"k_b", 512, 128, 128},
+    {"v_b", 128, 512, 128},
+    {"attn_output", 7168, 16384, 1},
+    {"shexp_gate_up", 4096, 7168, 1},
+    {"shexp_down", 7168, 2048, 1},
+    {"dense_gate_up", 36864, 7168, 1},
+    {"dense_down", 7168, 18432, 1},
+    {"head_8k", 8192, 7168, 1},
+};
+
+void BM_Bf16Product(benchmark::State& state) {
+  const ProductShape& sh = kProductShapes[state.range(0)];
+  const int64_t n = state.range(1);
+  const bool skinny = state.range(2) != 0;
+  state.SetLabel(sh.name);
+  Layer& l = GetLayer();  // the runner's stream and cuBLAS handle
+  const int64_t elems = sh.n_out * sh.n_in * sh.batch;
+  const int64_t bytes = elems * 2;
+  const int64_t copies = std::max<int64_t>(1, ((int64_t{256} << 20) + bytes - 1) / bytes);
+  static std::vector<DeviceBuffer> pool;  // reused across rows: the largest need
+  pool.clear();
+  std::vector<const Bf16*> w;
+  for (int64_t i = 0; i < copies; ++i) {
+    auto b = DeviceBuffer::Allocate(bytes, "product weights");
+    BENCH_CHECK(b.status());
+    CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), elems, 100 + i, 0.02f, nullptr));
+    w.push_back(b->as<Bf16>());
+    pool.push_back(std::move(*b));
+  }
+  auto x = DeviceBuffer::Allocate(n * sh.n_in * sh.batch * 2, "x");
+  auto y = DeviceBuffer::Allocate(n * sh.n_out * sh.batch * 4, "y");
+  BENCH_CHECK(x.status());
+  BENCH_CHECK(y.status());
+  CUDA_BENCH_CHECK(kc::FillRandomBf16(x->as<Bf16>(), n * sh.n_in * sh.batch, 7, 1.0f, nullptr));
+  l.runner->set_skinny_max_tokens(skinny ? kc::kSkinnyMaxTokens : 0);
+  // Batched like the attention's k_b / v_b: product b's x and y are columns
+  // of one token row.
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
+    for (int64_t i = 0; i < copies; ++i) {
+      BENCH_CHECK(l.runner->ProductBf16(w[i], sh.n_in, sh.n_out * sh.n_in, x->as<Bf16>(),
+                                        sh.n_in * sh.batch, sh.n_in, y->get(), CUDA_R_32F,
+                                        sh.n_out * sh.batch, sh.n_out, sh.n_out, sh.n_in, n,
+                                        sh.batch, 0.0f, sh.name));
+    }
+  });
+  const double per_launch = secs / static_cast<double>(state.iterations()) / copies;
+  state.counters["us"] = per_launch * 1e6;
+  state.counters["GB/s"] = bytes / per_launch / 1e9;
+  if (g_copy_gbps > 0.0) state.counters["HBM%"] = 100.0 * bytes / per_launch / 1e9 / g_copy_gbps;
+}
+
+// The skinny kernel's launch variants on one product shape at `tok` tokens:
+// variant 0: the plan; 1: no split; 2: twice the split; 3 / 4: not pipelined,
+// unroll 2 / 4.
+void BM_SkinnyVariant(benchmark::State& state) {
+  const ProductShape& sh = kProductShapes[state.range(0)];
+  const int64_t n = state.range(1);
+  const int variant = static_cast<int>(state.range(2));
+  Layer& l = GetLayer();
+  int device = 0, n_sm = 0;
+  CUDA_BENCH_CHECK(cudaGetDevice(&device));
+  CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+  kc::SkinnyGemmPlan plan = kc::PlanSkinnyGemm(sh.n_out, sh.n_in, sh.batch, n_sm);
+  // 0: the plan; 1: the plan without a split; 2: the plan with twice its
+  // split; 3, 4: no pipelining, unroll 2, 4.
+  if (variant == 1 && plan.tiles_per_block == 1) plan.split = 1;
+  if (variant == 2 && plan.tiles_per_block == 1) plan.split *= 2;
+  if (variant >= 3) {
+    plan.pipelined = false;
+    plan.unroll = variant == 3 ? 2 : 4;
+  }
+  state.SetLabel(std::string(sh.name) + " unroll " + std::to_string(plan.unroll) +
+                 (plan.pipelined ? " pipelined" : "") + " split " + std::to_string(plan.split));
+  const int64_t elems = sh.n_out * sh.n_in * sh.batch;
+  const int64_t bytes = elems * 2;
+  const int64_t copies = std::max<int64_t>(1, ((int64_t{256} << 20) + bytes - 1) / bytes);
+  static std::vector<DeviceBuffer> pool;
+  pool.clear();
+  std::vector<const Bf16*> w;
+  for (int64_t i = 0; i < copies; ++i) {
+    auto b = DeviceBuffer::Allocate(bytes, "product weights");
+    BENCH_CHECK(b.status());
+    CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), elems, 100 + i, 0.02f, nullptr));
+    w.push_back(b->as<Bf16>());
+    pool.push_back(std::move(*b));
+  }
+  auto x = DeviceBuffer::Allocate(n * sh.n_in * sh.batch * 2, "x");
+  auto y = DeviceBuffer::Allocate(n * sh.n_out * sh.batch * 4, "y");
+  auto ws = DeviceBuffer::Allocate(64 << 20, "ws");
+  BENCH_CHECK(x.status());
+  BENCH_CHECK(y.status());
+  BENCH_CHECK(ws.status());
+  CUDA_BENCH_CHECK(cudaMemset(ws->get(), 0, ws->bytes()));
+  CUDA_BENCH_CHECK(kc::FillRandomBf16(x->as<Bf16>(), n * sh.n_in * sh.batch, 7, 1.0f, nullptr));
+  kc::SkinnyGemmArgs a;
+  a.ldw = sh.n_in;
+  a.w_batch_stride = sh.n_out * sh.n_in;
+  a.x = x->as<Bf16>();
+  a.ldx = sh.n_in * sh.batch;
+  a.x_batch_stride = sh.n_in;
+  a.y = y->get();
+  a.ldy = sh.n_out * sh.batch;
+  a.y_batch_stride = sh.n_out;
+  a.n_out = sh.n_out;
+  a.n_in = sh.n_in;
+  a.n_tokens = n;
+  a.batch = sh.batch;
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
+    for (int64_t i = 0; i < copies; ++i) {
+      a.w = w[i];
+      CUDA_BENCH_CHECK(kc::SkinnyGemm(a, plan, ws->get(), ws->bytes(), l.runner->stream()));
+    }
+  });
+  const double per_launch = secs / static_cast<double>(state.iterations()) / copies;
+  state.counters["us"] = per_launch * 1e6;
+  if (g_copy_gbps > 0.0) state.counters["HBM%"] = 100.0 * bytes / per_launch / 1e9 / g_copy_gbps;
 }
 
 }  // namespace
@@ -349,13 +493,15 @@ int main(int argc, char** argv) {
   for (auto* b : {eager, graph}) {
     b->ArgNames({"batch", "ctx", "q"})->UseManualTime()->Unit(benchmark::kMicrosecond);
   }
-  kernel->ArgNames({"batch", "ctx", "tc"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  kernel->ArgNames({"batch", "ctx", "tc", "split_len"})
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond);
   for (int64_t batch : {1, 16}) {
     for (int64_t ctx : {1024, 8192}) {
       eager->Args({batch, ctx, 0});
       graph->Args({batch, ctx, 0});
-      kernel->Args({batch, ctx, 0});
-      kernel->Args({batch, ctx, 1});
+      kernel->Args({batch, ctx, 0, 0});
+      kernel->Args({batch, ctx, 1, 0});
     }
   }
   // The quantized GEMV (Q4_K/Q6_K blocks) against cuBLAS bf16 on the same step.
@@ -364,6 +510,35 @@ int main(int argc, char** argv) {
       if (q == 0 && (batch == 1 || batch == 16)) continue;  // registered above at 1K
       eager->Args({batch, 1024, q});
       graph->Args({batch, 1024, q});
+    }
+  }
+  // The skinny bf16 kernel against cuBLAS, per decode product shape.
+  auto* product = benchmark::RegisterBenchmark("BM_Bf16Product", ktx::gpu::BM_Bf16Product);
+  product->ArgNames({"shape", "tok", "skinny"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(ktx::gpu::kProductShapes));
+       ++shape) {
+    for (int64_t tok : {1, 4, 16, 64}) {
+      product->Args({shape, tok, 0});
+      product->Args({shape, tok, 1});
+    }
+  }
+  auto* variant = benchmark::RegisterBenchmark("BM_SkinnyVariant", ktx::gpu::BM_SkinnyVariant);
+  variant->ArgNames({"shape", "tok", "v"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(ktx::gpu::kProductShapes));
+       ++shape) {
+    for (int64_t v = 0; v < 5; ++v) variant->Args({shape, 1, v});
+  }
+  // Split lengths of the tensor-core kernel at batch 1.
+  for (int64_t ctx : {1024, 8192}) {
+    for (int64_t split_len : {32, 64, 128, 256}) {
+      if (ctx / split_len <= 128) kernel->Args({1, ctx, 1, split_len});  // 64 MiB workspace
+    }
+  }
+  // The whole step with the skinny kernel on the bf16 weights.
+  for (int64_t batch : {1, 16}) {
+    for (int64_t ctx : {1024, 8192}) {
+      eager->Args({batch, ctx, 2});
+      graph->Args({batch, ctx, 2});
     }
   }
   benchmark::RunSpecifiedBenchmarks();
