@@ -360,17 +360,14 @@ constexpr ProductShape kProductShapes[] = {
     {"head_8k", 8192, 7168, 1},
 };
 
-void BM_Bf16Product(benchmark::State& state) {
-  const ProductShape& sh = kProductShapes[state.range(0)];
-  const int64_t n = state.range(1);
-  const bool skinny = state.range(2) != 0;
-  state.SetLabel(sh.name);
-  Layer& l = GetLayer();  // the runner's stream and cuBLAS handle
+// Random copies of a shape's bf16 weights, cycling through >= 256 MB (so that
+// L2 never holds the next launch's weights); each call frees the last set.
+std::vector<const Bf16*> WeightCopies(const ProductShape& sh) {
+  static std::vector<DeviceBuffer> pool;
+  pool.clear();
   const int64_t elems = sh.n_out * sh.n_in * sh.batch;
   const int64_t bytes = elems * 2;
   const int64_t copies = std::max<int64_t>(1, ((int64_t{256} << 20) + bytes - 1) / bytes);
-  static std::vector<DeviceBuffer> pool;  // reused across rows: the largest need
-  pool.clear();
   std::vector<const Bf16*> w;
   for (int64_t i = 0; i < copies; ++i) {
     auto b = DeviceBuffer::Allocate(bytes, "product weights");
@@ -379,6 +376,18 @@ void BM_Bf16Product(benchmark::State& state) {
     w.push_back(b->as<Bf16>());
     pool.push_back(std::move(*b));
   }
+  return w;
+}
+
+void BM_Bf16Product(benchmark::State& state) {
+  const ProductShape& sh = kProductShapes[state.range(0)];
+  const int64_t n = state.range(1);
+  const bool skinny = state.range(2) != 0;
+  state.SetLabel(sh.name);
+  Layer& l = GetLayer();  // the runner's stream and cuBLAS handle
+  const int64_t bytes = sh.n_out * sh.n_in * sh.batch * 2;
+  const std::vector<const Bf16*> w = WeightCopies(sh);
+  const int64_t copies = static_cast<int64_t>(w.size());
   auto x = DeviceBuffer::Allocate(n * sh.n_in * sh.batch * 2, "x");
   auto y = DeviceBuffer::Allocate(n * sh.n_out * sh.batch * 4, "y");
   BENCH_CHECK(x.status());
@@ -423,19 +432,9 @@ void BM_SkinnyVariant(benchmark::State& state) {
   }
   state.SetLabel(std::string(sh.name) + " unroll " + std::to_string(plan.unroll) +
                  (plan.pipelined ? " pipelined" : "") + " split " + std::to_string(plan.split));
-  const int64_t elems = sh.n_out * sh.n_in * sh.batch;
-  const int64_t bytes = elems * 2;
-  const int64_t copies = std::max<int64_t>(1, ((int64_t{256} << 20) + bytes - 1) / bytes);
-  static std::vector<DeviceBuffer> pool;
-  pool.clear();
-  std::vector<const Bf16*> w;
-  for (int64_t i = 0; i < copies; ++i) {
-    auto b = DeviceBuffer::Allocate(bytes, "product weights");
-    BENCH_CHECK(b.status());
-    CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), elems, 100 + i, 0.02f, nullptr));
-    w.push_back(b->as<Bf16>());
-    pool.push_back(std::move(*b));
-  }
+  const int64_t bytes = sh.n_out * sh.n_in * sh.batch * 2;
+  const std::vector<const Bf16*> w = WeightCopies(sh);
+  const int64_t copies = static_cast<int64_t>(w.size());
   auto x = DeviceBuffer::Allocate(n * sh.n_in * sh.batch * 2, "x");
   auto y = DeviceBuffer::Allocate(n * sh.n_out * sh.batch * 4, "y");
   auto ws = DeviceBuffer::Allocate(64 << 20, "ws");
