@@ -77,6 +77,17 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
     o->cpu_expert_fixed_ms = fixed_ms;
     o->cpu_expert_per_token_us = per_token_us;
   }
+  if (const char* v = std::getenv("KTX_GPU_SPLIT_SERIAL_US"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const double us = std::strtod(v, &end);
+    if (end == v || *end != '\0' || !(us >= 0) || us > 1e6) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_SPLIT_SERIAL_US='", v,
+          "': expected microseconds per token >= 0, what a layer that leaves experts to the CPU "
+          "pays on top (0: a split overlaps everything)"));
+    }
+    o->split_serial_us_per_token = us;
+  }
   return absl::OkStatus();
 }
 
@@ -482,6 +493,7 @@ CudaDeepseek2::~CudaDeepseek2() {
   if (runner_ != nullptr) cudaStreamSynchronize(runner_->stream());
   if (routed_ready_ != nullptr) cudaEventDestroy(routed_ready_);
   if (late_uploaded_ != nullptr) cudaEventDestroy(late_uploaded_);
+  if (split_probe_ != nullptr) cudaEventDestroy(split_probe_);
   for (cudaEvent_t e : stage_events_) cudaEventDestroy(e);
 }
 
@@ -1137,6 +1149,12 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       }
       KTX_RETURN_IF_ERROR(
           experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+      if (stage_times_) {
+        if (split_probe_ == nullptr) {
+          KTX_RETURN_IF_ERROR(CudaOk(cudaEventCreate(&split_probe_), "creating the split probe"));
+        }
+        KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(split_probe_, stream), "split probe"));
+      }
       KTX_RETURN_IF_ERROR(start_deferred());
       // The CPU's routing: the GPU's entries removed, rows compacted and padded
       // with kNoExpert (weight 0).
@@ -1172,10 +1190,32 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     } else {
       KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
     }
-    if (learn && modelled_cpu_s > 0) {
-      const double measured_s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();
-      CorrectCpuCost(measured_s / modelled_cpu_s);
+    const double cpu_measured_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();
+    if (learn && modelled_cpu_s > 0) CorrectCpuCost(cpu_measured_s / modelled_cpu_s);
+    if (stage_times_ && stream_experts && cpu_side == &cpu_routing) {
+      // Which side of the split finished last: the GPU's experts (and the
+      // next layer's prefetch queued before them) or the CPU's.
+      int64_t gpu_n = 0, cpu_n = 0, gpu_tokens = 0, cpu_tokens = 0;
+      for (int32_t e = 0; e < hp_.n_expert; ++e) {
+        if (counts[e] == 0) continue;
+        (on_gpu[e] ? gpu_n : cpu_n) += 1;
+        (on_gpu[e] ? gpu_tokens : cpu_tokens) += counts[e];
+      }
+      double gpu_extra_ms = 0;
+      if (split_probe_ != nullptr) {
+        const auto t = std::chrono::steady_clock::now();
+        KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(split_probe_), "split probe"));
+        gpu_extra_ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+      }
+      KTX_LOG(INFO, "gpu") << absl::StrFormat(
+          "split layer %d, %lld tokens: GPU %lld experts (%lld entries), CPU %lld experts (%lld "
+          "entries): CPU %.1f ms (modelled %.1f); the GPU's experts finished %.1f ms after the CPU",
+          il, static_cast<long long>(n), static_cast<long long>(gpu_n),
+          static_cast<long long>(gpu_tokens), static_cast<long long>(cpu_n),
+          static_cast<long long>(cpu_tokens), cpu_measured_s * 1e3, modelled_cpu_s * 1e3,
+          gpu_extra_ms);
     }
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),

@@ -316,6 +316,9 @@ class CudaDeepseek2 {
   void MarkStage(StageMark m);
   void ReportStages();
   bool stage_times_ = false;
+  // With stage_times_: recorded after a split layer's GPU experts, to log
+  // whether the GPU or the CPU side finished last (created on first use).
+  cudaEvent_t split_probe_ = nullptr;
   std::vector<cudaEvent_t> stage_events_;
   std::vector<StageMark> stage_marks_;
   size_t stage_n_ = 0;

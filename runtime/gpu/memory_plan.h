@@ -55,6 +55,7 @@ struct GpuExpertOptions {
   // experts cannot overlap; measured ~25 us per token on the H200 machine
   // (docs/performance.md). It makes long prompts stream every expert (faster
   // there at 2048 tokens) and keeps the split for shorter ones.
+  // KTX_GPU_SPLIT_SERIAL_US in the environment overrides it.
   double split_serial_us_per_token = 25.0;
 };
 

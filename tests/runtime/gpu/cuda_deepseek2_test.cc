@@ -1115,6 +1115,22 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
   EXPECT_GT(cublas_calls, 0);
   EXPECT_LT(cublas_calls, cublas_calls_0);
   ExpectAgree(CompareRows(skinny_rows, cublas_rows), "skinny vs cuBLAS products", GetParam());
+  // Bad settings are refused by name.
+  for (const auto& [var, value] :
+       {std::pair<const char*, const char*>{"KTX_GPU_SKINNY_MAX_TOKENS", "65"},
+        {"KTX_GPU_SKINNY_MAX_TOKENS", "some"},
+        {"KTX_GPU_SPLIT_SERIAL_US", "-1"}}) {
+    setenv(var, value, 1);
+    auto bad = CudaDeepseek2::Create(*model_, TestOptions());
+    unsetenv(var);
+    ASSERT_FALSE(bad.ok()) << var << "=" << value;
+    EXPECT_NE(bad.status().message().find(var), std::string::npos) << bad.status();
+  }
+  CudaModelOptions o = TestOptions();
+  o.skinny_max_tokens = 65;
+  auto bad = CudaDeepseek2::Create(*model_, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("skinny_max_tokens"), std::string::npos) << bad.status();
 }
 
 TEST_P(CudaDeepseek2Test, CudaGraphsReplayMatchesEagerLaunches) {
