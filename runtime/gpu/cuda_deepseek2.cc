@@ -120,7 +120,24 @@ absl::Status CheckResidentExperts(const models::Deepseek2Hparams& hp,
   return absl::OkStatus();
 }
 
-// KTX_GPU_WEIGHTS=auto|bf16|quantized|both and KTX_GPU_GEMV_MAX_TOKENS=N.
+// A token count in 0..max from the environment variable `var` into *out
+// (left as it is when the variable is unset or empty); InvalidArgument
+// naming the variable, the range and `meaning` otherwise.
+absl::Status TokenCountFromEnv(const char* var, int64_t max, const char* meaning, int64_t* out) {
+  const char* v = std::getenv(var);
+  if (v == nullptr || *v == '\0') return absl::OkStatus();
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  if (end == v || *end != '\0' || n < 0 || n > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(var, "='", v, "': expected a token count in 0..", max, " (", meaning, ")"));
+  }
+  *out = n;
+  return absl::OkStatus();
+}
+
+// KTX_GPU_WEIGHTS=auto|bf16|quantized|both, KTX_GPU_GEMV_MAX_TOKENS=N,
+// KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N, KTX_CUDA_GRAPHS.
 absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_WEIGHTS"); v != nullptr && *v != '\0') {
     const std::string form = v;
@@ -139,39 +156,18 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
           "both"));
     }
   }
-  if (const char* v = std::getenv("KTX_GPU_GEMV_MAX_TOKENS"); v != nullptr && *v != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    if (end == v || *end != '\0' || n < 0 || n > 4096) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("KTX_GPU_GEMV_MAX_TOKENS='", v,
-                       "': expected a token count in 0..4096 (batches up to it use the "
-                       "quantized GEMV; 0: never where a bf16 copy exists)"));
-    }
-    o->gemv_max_tokens = n;
-  }
-  if (const char* v = std::getenv("KTX_GPU_EXPERT_GEMV_MAX_TOKENS"); v != nullptr && *v != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    if (end == v || *end != '\0' || n < 0 || n > 4096) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("KTX_GPU_EXPERT_GEMV_MAX_TOKENS='", v,
-                       "': expected a token count in 0..4096 (a resident expert with at most "
-                       "that many tokens runs as quantized GEMVs; 0: never)"));
-    }
-    o->expert_gemv_max_tokens = n;
-  }
-  if (const char* v = std::getenv("KTX_GPU_SKINNY_MAX_TOKENS"); v != nullptr && *v != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    if (end == v || *end != '\0' || n < 0 || n > kc::kSkinnyMaxTokens) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KTX_GPU_SKINNY_MAX_TOKENS='", v, "': expected a token count in 0..",
-          kc::kSkinnyMaxTokens,
-          " (bf16 products of batches up to it use the skinny kernel; 0: cuBLAS always)"));
-    }
-    o->skinny_max_tokens = n;
-  }
+  KTX_RETURN_IF_ERROR(TokenCountFromEnv(
+      "KTX_GPU_GEMV_MAX_TOKENS", 4096,
+      "batches up to it use the quantized GEMV; 0: never where a bf16 copy exists",
+      &o->gemv_max_tokens));
+  KTX_RETURN_IF_ERROR(TokenCountFromEnv("KTX_GPU_EXPERT_GEMV_MAX_TOKENS", 4096,
+                                        "a resident expert with at most that many tokens runs as "
+                                        "quantized GEMVs; 0: never",
+                                        &o->expert_gemv_max_tokens));
+  KTX_RETURN_IF_ERROR(
+      TokenCountFromEnv("KTX_GPU_SKINNY_MAX_TOKENS", kc::kSkinnyMaxTokens,
+                        "bf16 products of batches up to it use the skinny kernel; 0: cuBLAS always",
+                        &o->skinny_max_tokens));
   if (const char* v = std::getenv("KTX_CUDA_GRAPHS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
     if (mode == "on" || mode == "1") {

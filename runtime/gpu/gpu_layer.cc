@@ -267,9 +267,9 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
     ++gemv_calls_;
     return absl::OkStatus();
   }
-  KTX_RETURN_IF_ERROR(ProductBf16(m.bf16, n_in, 0, x, ldx, 0, y, CUDA_R_32F, ldy, 0, n_out, n_in, n,
-                                  1, beta, what));
-  ++(last_product_skinny_ ? skinny_calls_ : cublas_calls_);
+  KTX_ASSIGN_OR_RETURN(const bool skinny, RunProductBf16(m.bf16, n_in, 0, x, ldx, 0, y, CUDA_R_32F,
+                                                         ldy, 0, n_out, n_in, n, 1, beta, what));
+  ++(skinny ? skinny_calls_ : cublas_calls_);
   return absl::OkStatus();
 }
 
@@ -278,6 +278,15 @@ absl::Status GpuLayerRunner::ProductBf16(const Bf16* w, int64_t ldw, int64_t w_b
                                          void* y, cudaDataType_t y_type, int64_t ldy,
                                          int64_t y_batch_stride, int64_t n_out, int64_t n_in,
                                          int64_t n, int64_t batch, float beta, const char* what) {
+  return RunProductBf16(w, ldw, w_batch_stride, x, ldx, x_batch_stride, y, y_type, ldy,
+                        y_batch_stride, n_out, n_in, n, batch, beta, what)
+      .status();
+}
+
+absl::StatusOr<bool> GpuLayerRunner::RunProductBf16(
+    const Bf16* w, int64_t ldw, int64_t w_batch_stride, const Bf16* x, int64_t ldx,
+    int64_t x_batch_stride, void* y, cudaDataType_t y_type, int64_t ldy, int64_t y_batch_stride,
+    int64_t n_out, int64_t n_in, int64_t n, int64_t batch, float beta, const char* what) {
   if (n <= skinny_max_tokens_) {
     kc::SkinnyGemmArgs a;
     a.w = w;
@@ -299,20 +308,18 @@ absl::Status GpuLayerRunner::ProductBf16(const Bf16* w, int64_t ldw, int64_t w_b
     if ((y_type == CUDA_R_32F || y_type == CUDA_R_16BF) &&
         kc::SkinnyGemmUnsupportedReason(a).empty() &&
         kc::SkinnyGemmWorkspaceBytes(plan) <= skinny_workspace_.bytes()) {
-      last_product_skinny_ = true;
-      return CudaOk(
+      KTX_RETURN_IF_ERROR(CudaOk(
           kc::SkinnyGemm(a, plan, skinny_workspace_.get(), skinny_workspace_.bytes(), stream_),
-          absl::StrCat(what, " (skinny bf16 product)"));
+          absl::StrCat(what, " (skinny bf16 product)")));
+      return true;
     }
   }
-  last_product_skinny_ = false;
-  if (batch == 1) {
-    return CublasOk(kc::LinearBf16(cublas_, w, ldw, x, ldx, y, y_type, ldy, n_out, n_in, n, beta),
-                    what);
-  }
-  return CublasOk(kc::LinearBf16Batched(cublas_, w, ldw, w_batch_stride, x, ldx, x_batch_stride, y,
-                                        y_type, ldy, y_batch_stride, n_out, n_in, n, batch, beta),
-                  what);
+  KTX_RETURN_IF_ERROR(CublasOk(
+      batch == 1 ? kc::LinearBf16(cublas_, w, ldw, x, ldx, y, y_type, ldy, n_out, n_in, n, beta)
+                 : kc::LinearBf16Batched(cublas_, w, ldw, w_batch_stride, x, ldx, x_batch_stride, y,
+                                         y_type, ldy, y_batch_stride, n_out, n_in, n, batch, beta),
+      what));
+  return false;
 }
 
 absl::Status GpuLayerRunner::Route(const GpuLayerWeights& w, int64_t n) {

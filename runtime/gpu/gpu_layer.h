@@ -181,6 +181,12 @@ class GpuLayerRunner {
 
  private:
   GpuLayerRunner() = default;
+  // ProductBf16, telling whether the skinny kernel ran (true) or cuBLAS.
+  absl::StatusOr<bool> RunProductBf16(const Bf16* w, int64_t ldw, int64_t w_batch_stride,
+                                      const Bf16* x, int64_t ldx, int64_t x_batch_stride, void* y,
+                                      cudaDataType_t y_type, int64_t ldy, int64_t y_batch_stride,
+                                      int64_t n_out, int64_t n_in, int64_t n, int64_t batch,
+                                      float beta, const char* what);
 
   models::Deepseek2Hparams hp_;
   GpuWorkLayout layout_;
@@ -193,7 +199,6 @@ class GpuLayerRunner {
   int64_t cublas_calls_ = 0;
   int64_t skinny_max_tokens_ = 0;
   int64_t skinny_calls_ = 0;
-  bool last_product_skinny_ = false;  // the path of the last ProductBf16
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,
