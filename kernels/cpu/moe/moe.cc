@@ -252,9 +252,19 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   }
   int64_t pdr = options.prefill_down_rows_per_task;
   if (pdr == 0) {
-    pdr = 32;  // n_embd is a multiple of 256
-    for (int64_t r = 64; r <= 512; r += 32) {
-      if (shape.n_embd % r == 0 && shape.n_embd / r >= options.max_workers) pdr = r;
+    // At least kDownTasksPerWorker tasks per worker, so that the pool's work
+    // stealing evens out cores that run the tiles at different speeds (on the
+    // H200 machine some vCPUs ran them 3x slower than others, and one task
+    // per worker left the stage waiting for the slowest: docs/performance.md,
+    // "What one core overlaps"); at most 512 rows (each task reads every
+    // expert's h once).
+    constexpr int64_t kDownTasksPerWorker = 4;
+    pdr = kPanelRows;  // n_embd is a multiple of 256
+    for (int64_t r = 2 * kPanelRows; r <= 512; r += kPanelRows) {
+      if (shape.n_embd % r == 0 &&
+          shape.n_embd / r >= kDownTasksPerWorker * std::max(options.max_workers, 1)) {
+        pdr = r;
+      }
     }
   }
   if (pdr <= 0 || pdr % kPanelRows != 0 || shape.n_embd % pdr != 0) {

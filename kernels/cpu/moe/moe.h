@@ -118,8 +118,8 @@ struct MoePlanOptions {
   int64_t tile_max_tokens = 128;
   // Rows of n_embd per stage-2 task in runs where some expert takes a prefill
   // path (multiple of 16 dividing n_embd; fewer, larger tasks read the
-  // activations h fewer times); 0: the largest multiple of 32 up to 512 that
-  // still gives every worker a task.
+  // activations h fewer times); 0: the largest multiple of 16 up to 512 that
+  // gives every worker at least 4 tasks (7168 rows, 16 workers: 112).
   int64_t prefill_down_rows_per_task = 0;
   // How the amx tile kernel runs (same results either way; moe_kernels_amx.cc):
   // phased (default): per chunk of weights, convert all of it to int8 into

@@ -109,7 +109,15 @@ inline void EmuDpbssd(int C, int A, int B) {
 #define KTX_TILE_STORE(t, p, s) EmuStore(t, p, s)
 #define KTX_TILE_DPBSSD(c, a, b) EmuDpbssd(c, a, b)
 #else
-inline void LoadConfig(const TileConfig* c) { _tile_loadconfig(c); }
+// GCC 12's _tile_loadconfig tells the compiler it reads only a pointer's worth
+// of the config (an "m" operand of type void*), so the stores of rows and
+// colsb may be dropped as dead (seen in the probe: ldtilecfg of a zeroed
+// config, then #UD at the first tile instruction). The barrier makes every
+// store of the 64 bytes happen first.
+inline void LoadConfig(const TileConfig* c) {
+  asm volatile("" : : "r"(c) : "memory");
+  _tile_loadconfig(c);
+}
 inline void Release() { _tile_release(); }
 // GCC's tile intrinsics paste the tile number into the asm: literals only.
 #define KTX_TILE_ZERO(t) _tile_zero(t)

@@ -22,6 +22,7 @@ void Configure() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  asm volatile("" : : "r"(&cfg) : "memory");  // see LoadConfig in moe_kernels_amx.cc
   _tile_loadconfig(&cfg);
 }
 

@@ -1,0 +1,155 @@
+// moe_amx_probe: what one core's AMX loop structure costs (issue #4). Times a
+// k-step of the tile path's loop (2 x 2 int8 tiles over 64 tokens) alone, with
+// the panel16 -> int8 conversion work of a given number of units (8 units per
+// k-step is the Q4_K conversion at 64 tokens per expert, 4 at 128), with the
+// fp32 fix-up of the C tiles (every 8 k-steps = a 512-k group, or every 16),
+// and combinations, so that one sees whether the vector work overlaps with the
+// tile unit (docs/performance.md, "What one core overlaps"). Cases run in
+// rounds (each case once per round, best of the rounds) so that a noisy
+// neighbour on a shared host hits them alike. With --threads=N every thread
+// (pinned to cpus 0..N-1) runs the same loop at the same time; --scaling
+// times the tiles alone on 1..N threads (aggregate TOPS).
+//
+//   moe_amx_probe [--threads=N] [--rounds=R] [--scaling]
+//
+// Exits 2 with a message where the CPU or the OS offers no AMX.
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/cpu/cpu_features.h"
+#include "tests/kernels/cpu/moe/moe_amx_probe_loops.h"
+
+namespace ktx::kernels::moe::probe {
+namespace {
+
+constexpr int64_t kItems = 8000;
+
+// Runs `body(thread, buffers)` on n threads pinned to cpus 0..n-1, started together.
+template <typename Body>
+void OnThreads(int n, Body body) {
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < n; ++t) {
+    threads.emplace_back([&, t] {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(t, &set);
+      pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+      auto buffers = std::make_unique<ProbeBuffers>();
+      std::memset(buffers.get(), 1, sizeof(ProbeBuffers));
+      ready.fetch_add(1);
+      while (ready.load() < n) {
+      }
+      ConfigureTilesForProbe();
+      body(t, buffers.get());
+      ReleaseTilesForProbe();
+    });
+  }
+  for (std::thread& th : threads) th.join();
+}
+
+int Main(int argc, char** argv) {
+  int n_threads = 1, rounds = 9;
+  bool scaling = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--threads=", 0) == 0) {
+      n_threads = std::atoi(arg.c_str() + 10);
+    } else if (arg.rfind("--rounds=", 0) == 0) {
+      rounds = std::atoi(arg.c_str() + 9);
+    } else if (arg == "--scaling") {
+      scaling = true;
+    } else {
+      std::fprintf(stderr,
+                   "moe_amx_probe: unknown argument '%s' (--threads=N --rounds=R --scaling)\n",
+                   arg.c_str());
+      return 2;
+    }
+  }
+  const int n_cpus = static_cast<int>(std::thread::hardware_concurrency());
+  if (n_threads < 1 || n_threads > n_cpus || rounds < 1) {
+    std::fprintf(stderr, "moe_amx_probe: --threads must be 1..%d and --rounds >= 1\n", n_cpus);
+    return 2;
+  }
+  const CpuFeatures& f = DetectCpuFeatures();
+  if (!f.amx_int8 || !f.amx_permitted || !f.avx512bw || !f.os_avx512) {
+    std::fprintf(stderr,
+                 "moe_amx_probe: no AMX here (%s: amx_int8=%d, OS permission=%d, avx512bw=%d): "
+                 "nothing measured\n",
+                 f.brand.c_str(), f.amx_int8, f.amx_permitted, f.avx512bw);
+    return 2;
+  }
+  std::printf(
+      "moe_amx_probe: %s, %d thread(s), best of %d rounds, ns per k-step "
+      "(4 tile loads + 4 tdpbssd over 64 tokens; 8 units = Q4_K conversion at 64 tokens)\n",
+      f.brand.c_str(), n_threads, rounds);
+  if (scaling) {
+    for (int n = 1; n <= n_threads; n = n < 2 ? n + 1 : n + 2) {
+      std::vector<double> ns(n, 1e30);
+      for (int r = 0; r < rounds; ++r) {
+        OnThreads(n, [&](int t, ProbeBuffers* b) {
+          ns[t] = std::min(ns[t], RunProbeLoop({"tiles"}, b, kItems));
+        });
+      }
+      double tops = 0.0;
+      for (double x : ns) tops += 4.0 * 16 * 16 * 64 * 2 / x / 1e3;
+      std::sort(ns.begin(), ns.end());
+      std::printf(
+          "tiles on %2d threads: median %6.1f, slowest %6.1f ns per k-step; %5.1f TOPS in all\n", n,
+          ns[n / 2], ns[n - 1], tops);
+    }
+    return 0;
+  }
+  using F = ProbeFixup;
+  const ProbeCase cases[] = {
+      {"tiles", true, 0},
+      {"conversion 4 units", false, 4},
+      {"conversion 8 units", false, 8},
+      {"tiles + conversion 4 (a ring)", true, 4},
+      {"tiles + conversion 8 (a ring)", true, 8},
+      {"tiles + conversion 4 (into B)", true, 4, true},
+      {"tiles + conversion 8 (into B)", true, 8, true},
+      {"tiles + conversion 8 (into B), interleaved", true, 8, true, true},
+      {"tiles + C tile stores / 8 k-steps", true, 0, false, false, F::kStoresOnly},
+      {"tiles + fix-up / 8 k-steps", true, 0, false, false, F::kNow},
+      {"tiles + fix-up / 8 k-steps, deferred", true, 0, false, false, F::kDeferred},
+      {"tiles + C tile stores / 16 k-steps", true, 0, false, false, F::kStoresOnly, 16},
+      {"tiles + fix-up / 16 k-steps, deferred", true, 0, false, false, F::kDeferred, 16},
+      {"tiles + conv 8 (into B) + fix-up / 8, deferred", true, 8, true, false, F::kDeferred},
+      {"same, interleaved", true, 8, true, true, F::kDeferred},
+      {"tiles + conv 8 (into B) + fix-up / 16, deferred", true, 8, true, false, F::kDeferred, 16},
+      {"tiles + conv 4 (into B) + fix-up / 8, deferred", true, 4, true, false, F::kDeferred},
+  };
+  const int n_cases = static_cast<int>(sizeof(cases) / sizeof(cases[0]));
+  std::vector<std::vector<double>> best(n_cases, std::vector<double>(n_threads, 1e30));
+  for (int r = 0; r < rounds; ++r) {
+    for (int c = 0; c < n_cases; ++c) {
+      OnThreads(n_threads, [&](int t, ProbeBuffers* b) {
+        best[c][t] = std::min(best[c][t], RunProbeLoop(cases[c], b, kItems));
+      });
+    }
+  }
+  for (int c = 0; c < n_cases; ++c) {
+    std::vector<double> v = best[c];
+    std::sort(v.begin(), v.end());
+    std::printf("%-50s %7.1f", cases[c].name, v[n_threads / 2]);
+    if (n_threads > 1) std::printf("  (fastest thread %.1f, slowest %.1f)", v[0], v[n_threads - 1]);
+    std::printf("\n");
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ktx::kernels::moe::probe
+
+int main(int argc, char** argv) { return ktx::kernels::moe::probe::Main(argc, argv); }

@@ -1,0 +1,136 @@
+// The loops of moe_amx_probe (compiled with AMX and AVX-512 flags; the caller
+// checks the CPU and the OS permission). See moe_amx_probe.cc.
+#include <immintrin.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "tests/kernels/cpu/moe/moe_amx_probe_loops.h"
+
+namespace ktx::kernels::moe::probe {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// One converter unit, as the Q4_K tile converter (moe_kernels_amx.cc): one
+// 64-byte load of nibbles, ~19 AVX-512 operations, two 64-byte stores (128
+// int8 weights).
+inline void ConvertUnit(const uint8_t* src, uint8_t* dst, __m512i a, __m512i b) {
+  const __m512i m = _mm512_set1_epi16(15);
+  const __m512i z = _mm512_load_si512(src);
+  const __m512i el = _mm512_and_si512(z, m);
+  const __m512i eh = _mm512_and_si512(_mm512_srli_epi16(z, 4), m);
+  const __m512i ol = _mm512_and_si512(_mm512_srli_epi16(z, 8), m);
+  const __m512i oh = _mm512_srli_epi16(z, 12);
+  auto words8 = [&](__m512i e, __m512i o) {
+    const __m512i te = _mm512_sub_epi16(_mm512_mullo_epi16(e, a), b);
+    const __m512i to = _mm512_sub_epi16(_mm512_mullo_epi16(o, a), b);
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi16(te, 8), to, _mm512_set1_epi16(255), 0xE4);
+  };
+  _mm512_store_si512(dst, words8(el, ol));
+  _mm512_store_si512(dst + 64, words8(eh, oh));
+}
+
+// The fp32 fix-up of one 32 x 32 block (four 16 x 16 int32 C tiles at c).
+void FixUp(const int32_t* c, float* out) {
+  const __m512 scale = _mm512_set1_ps(0.5f);
+  for (int m = 0; m < 32; ++m) {
+    float* o = out + m * 32;
+    const int32_t* row = c + 512 * (m / 16) + 16 * (m % 16);
+    _mm512_storeu_ps(
+        o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(row)), scale, _mm512_loadu_ps(o)));
+    _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(row + 256)),
+                                             scale, _mm512_loadu_ps(o + 16)));
+  }
+}
+
+}  // namespace
+
+void ConfigureTilesForProbe() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // see LoadConfig in moe_kernels_amx.cc
+  _tile_loadconfig(&cfg);
+}
+
+void ReleaseTilesForProbe() { _tile_release(); }
+
+double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
+  const __m512i fa = _mm512_set1_epi16(301), fb = _mm512_set1_epi16(77);
+  constexpr int kBlocks = 2;  // 64 tokens: two 32-token blocks over one A slice in L1
+  int64_t steps = 0;
+  int cb = 0;
+  const int32_t* pending = nullptr;
+  const double t0 = Now();
+  for (int64_t it = 0; it < items; ++it) {
+    const int cur = static_cast<int>(it & 1);
+    const int8_t* b0 = bf->b[cur];
+    const int8_t* b1 = b0 + 8192;
+    // The converter's output: the B buffer the tiles read for the next item,
+    // or a ring the tiles never read.
+    uint8_t* dst = pc.convert_into_b ? reinterpret_cast<uint8_t*>(bf->b[cur ^ 1]) : bf->ring;
+    int u = 0;
+    auto convert = [&](int n) {
+      for (int k = 0; k < n; ++k, ++u)
+        ConvertUnit(bf->src + 64 * (u & 127), dst + 128 * (u & 127), fa, fb);
+    };
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      if (pc.tiles) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int ks = 0; ks < pc.k_steps_per_store; ++ks, ++steps) {
+        const int kk = ks & 7;
+        const int quarter = pc.interleave ? pc.units_per_step / 4 : 0;
+        if (pc.tiles) {
+          const int8_t* a0 = bf->a + 64 * kk;
+          const int8_t* a1 = a0 + 16 * 512;
+          _tile_loadd(4, a0, 512);
+          _tile_loadd(6, b0 + 1024 * kk, 64);
+          _tile_dpbssd(0, 4, 6);
+          convert(quarter);
+          _tile_loadd(5, a1, 512);
+          _tile_dpbssd(2, 5, 6);
+          convert(quarter);
+          _tile_loadd(7, b1 + 1024 * kk, 64);
+          _tile_dpbssd(1, 4, 7);
+          convert(quarter);
+          _tile_dpbssd(3, 5, 7);
+        }
+        convert(pc.units_per_step - 3 * quarter);
+        if (pc.fixup == ProbeFixup::kDeferred && ks == 0 && pending != nullptr) {
+          FixUp(pending, bf->out);
+          pending = nullptr;
+        }
+      }
+      if (pc.tiles && pc.fixup != ProbeFixup::kNone) {
+        int32_t* c = bf->c[cb];
+        cb ^= 1;
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+        _tile_stored(2, c + 512, 64);
+        _tile_stored(3, c + 768, 64);
+        if (pc.fixup == ProbeFixup::kNow) FixUp(c, bf->out);
+        if (pc.fixup == ProbeFixup::kDeferred) pending = c;
+      }
+    }
+  }
+  return (Now() - t0) / static_cast<double>(steps) * 1e9;
+}
+
+}  // namespace ktx::kernels::moe::probe
