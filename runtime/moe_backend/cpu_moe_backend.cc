@@ -246,6 +246,10 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
                                 (variant_ == CpuVariant::kScalar && options.scalar_tile_reference));
     po.force_variant = true;
     po.variant = variant_;
+    // KTX_AMX_PREFILL: the tile kernel's schedule (experiments; same results
+    // whatever the spec, see kernels/cpu/moe/moe.h).
+    KTX_RETURN_IF_ERROR(kernels::moe::ApplyMoeTileEnv(&po));
+    if (po.tile_prefill) load_stats_.tile_spec = kernels::moe::MoeTileSpec(po);
     absl::StatusOr<kernels::moe::MoePlan> plan = kernels::moe::MakeMoePlan(shape, format, po);
     if (!plan.ok()) {
       const std::string why =
@@ -420,8 +424,9 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
       "%.2f s of %.2f s: %.2f GB/s, %.2f GB/s per core; prefill switch %s (%s)%s; NUMA node %d, "
       "workspace %.1f MiB, %d threads",
       load_stats_.n_fast_layers, load_stats_.variant, load_stats_.decode_layout,
-      load_stats_.prefill_form ? " + AMX tile prefill" : "", load_stats_.n_reference_layers,
-      load_stats_.n_experts_held, static_cast<double>(total) / (1 << 30),
+      load_stats_.prefill_form ? absl::StrCat(" + AMX tile prefill ", load_stats_.tile_spec) : "",
+      load_stats_.n_reference_layers, load_stats_.n_experts_held,
+      static_cast<double>(total) / (1 << 30),
       load_stats_.gguf_bytes > 0
           ? static_cast<double>(total) / static_cast<double>(load_stats_.gguf_bytes)
           : 0.0,

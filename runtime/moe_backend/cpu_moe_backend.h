@@ -143,6 +143,9 @@ struct CpuMoeLoadStats {
     double decode_ms = 0, tile_ms = 0;
   };
   std::vector<SwitchPoint> calibration;
+  // The AMX tile kernel's schedule (kernels::moe::MoeTileSpec; the defaults,
+  // or KTX_AMX_PREFILL where set); empty without the tile path.
+  std::string tile_spec;
 };
 
 // Counters of Compute calls on fast layers since the last ResetRunStats().

@@ -577,6 +577,35 @@ TEST(CpuMoeBackendTest, PrefillSwitchIsCalibratedOnceOrGiven) {
   EXPECT_FALSE((*d)->load_stats().prefill_form);
 }
 
+// KTX_AMX_PREFILL sets the tile kernel's schedule (same results); a bad spec
+// fails Create naming the variable.
+TEST(CpuMoeBackendTest, TileScheduleFromEnvironment) {
+  auto model = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+  o.scalar_tile_reference = true;
+  o.max_tokens = 24;
+  o.prefill_min_tokens = 4;
+  unsetenv("KTX_AMX_PREFILL");
+  auto a = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ((*a)->load_stats().tile_spec.rfind("phased:", 0), 0u) << (*a)->load_stats().tile_spec;
+  setenv("KTX_AMX_PREFILL", "inloop:down=16", 1);
+  auto b = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)->load_stats().tile_spec.rfind("inloop:", 0), 0u) << (*b)->load_stats().tile_spec;
+  EXPECT_NE((*b)->load_stats().tile_spec.find(":down=16"), std::string::npos);
+  setenv("KTX_AMX_PREFILL", "fast", 1);
+  auto bad = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_AMX_PREFILL"), std::string::npos) << bad.status();
+  unsetenv("KTX_AMX_PREFILL");
+  // Without a tile path there is no schedule.
+  auto plain = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kScalar));
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE((*plain)->load_stats().tile_spec.empty());
+}
+
 // CpuExperts attaches to the model and gives the reference backend back.
 TEST(CpuMoeBackendTest, CpuExpertsAttachAndDetach) {
   auto model = OpenFixture("bf16");
