@@ -92,18 +92,20 @@ absl::Status RunExpertWork(const ShardExperts& experts, const ExpertWork& work,
   routing.n_expert_used = static_cast<int32_t>(k);
   routing.expert_ids = work.expert_ids;
   routing.weights = work.weights;
-  models::Activations out;
+  // The output goes into the shard's recycled buffer (no fresh pages per
+  // layer while the caller lets go of the previous partial in time).
+  std::shared_ptr<models::Activations> out = experts.OutputBuffer();
   if (whole_batch) {
-    KTX_RETURN_IF_ERROR(experts.Compute(work.il, h, routing, work.expert_mask, &out));
+    KTX_RETURN_IF_ERROR(experts.Compute(work.il, h, routing, work.expert_mask, out.get()));
   } else {
     models::Activations gathered(n_rows, h.n_cols());
     for (int64_t j = 0; j < n_rows; ++j) {
       std::copy(h.row(work.rows[j]), h.row(work.rows[j]) + h.n_cols(), gathered.row(j));
     }
-    KTX_RETURN_IF_ERROR(experts.Compute(work.il, gathered, routing, work.expert_mask, &out));
+    KTX_RETURN_IF_ERROR(experts.Compute(work.il, gathered, routing, work.expert_mask, out.get()));
   }
   result->shard = experts.shard();
-  result->partial = Tensor::Wrap(std::move(out));
+  result->partial = Tensor(std::shared_ptr<const models::Activations>(std::move(out)));
   result->compute_us = std::chrono::duration_cast<std::chrono::microseconds>(
                            std::chrono::steady_clock::now() - start)
                            .count();

@@ -134,4 +134,14 @@ absl::Status ShardExperts::Compute(int il, const models::Activations& h,
   return backend_->Compute(il, h, routing, expert_mask, out);
 }
 
+std::shared_ptr<models::Activations> ShardExperts::OutputBuffer() const {
+  std::lock_guard<std::mutex> lock(out_mu_);
+  // use_count 1: only this member holds it, and nobody can take another
+  // reference without this lock.
+  if (out_buffer_ == nullptr || out_buffer_.use_count() != 1) {
+    out_buffer_ = std::make_shared<models::Activations>();
+  }
+  return out_buffer_;
+}
+
 }  // namespace ktx::actors

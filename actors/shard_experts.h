@@ -15,12 +15,14 @@
 //   KTX_RETURN_IF_ERROR(experts->Compute(il, h, routing, mask, &partial));
 //
 // Thread-safety: immutable after Create except for the backend, which is
-// called one Compute at a time (the shard's arena runs one job at a time).
+// called one Compute at a time (the shard's arena runs one job at a time),
+// and the recycled output buffer (OutputBuffer, under its own mutex).
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -114,6 +116,12 @@ class ShardExperts {
   absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
                        std::span<const uint8_t> expert_mask, models::Activations* out) const;
 
+  // A buffer for the next partial output (RunExpertWork): the previous one
+  // again once nobody else holds it (its pages stay mapped: a 2048-token
+  // partial of DeepSeek-V3 is 58 MB, whose first touch cost tens of ms per
+  // MoE layer on a VM), else a new one. Thread-safe.
+  std::shared_ptr<models::Activations> OutputBuffer() const;
+
  private:
   ShardExperts() = default;
 
@@ -123,6 +131,8 @@ class ShardExperts {
   HeldExperts held_;
   std::vector<std::vector<uint8_t>> held_mask_;  // [n_layer][n_expert]
   std::shared_ptr<models::ExpertBackend> backend_;
+  mutable std::mutex out_mu_;
+  mutable std::shared_ptr<models::Activations> out_buffer_;  // guarded by out_mu_
 };
 
 }  // namespace ktx::actors

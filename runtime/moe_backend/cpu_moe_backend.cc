@@ -575,7 +575,9 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
   }
   if (!L.fast) return reference_->Compute(il, h, routing, expert_mask, out);
 
-  out->Resize(n, n_embd);
+  // The kernels write every element of out (MoeInput::out), so no zeroing
+  // pass (a single-threaded 58 MB memset for 2048 tokens of DeepSeek-V3).
+  out->ResizeForOverwrite(n, n_embd);
   if (n == 0) return absl::OkStatus();
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t n_expert = hp.n_expert;

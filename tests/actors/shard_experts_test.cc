@@ -79,6 +79,25 @@ TEST(ShardExpertsTest, DisjointShardsAddUpToTheWholeLayer) {
   }
 }
 
+// RunExpertWork's output buffer: the shard's previous one again once nobody
+// holds it (no fresh pages per layer), a new one while a partial is held.
+TEST(ShardExpertsTest, OutputBufferIsReusedOnceReleased) {
+  auto model = testing::FixtureModel("bf16");
+  const auto& hp = model->hparams();
+  HeldExperts held(hp.n_layer);
+  auto backend = MappedExpertBackendFactory(model)(0, held);
+  ASSERT_TRUE(backend.ok());
+  auto experts = ShardExperts::Create(0, "s0", hp.n_expert, held, *backend);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  std::shared_ptr<models::Activations> a = (*experts)->OutputBuffer();
+  std::shared_ptr<models::Activations> b = (*experts)->OutputBuffer();  // `a` still held
+  EXPECT_NE(a.get(), b.get());
+  const models::Activations* second = b.get();
+  a.reset();
+  b.reset();
+  EXPECT_EQ((*experts)->OutputBuffer().get(), second);
+}
+
 TEST(ShardExpertsTest, RefusesExpertsItDoesNotHold) {
   auto model = testing::FixtureModel("bf16");
   const auto& hp = model->hparams();

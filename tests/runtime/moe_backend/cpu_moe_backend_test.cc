@@ -15,6 +15,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -370,6 +371,13 @@ TEST(CpuMoeBackendTest, HeldExpertsOnly) {
     ASSERT_TRUE((*shard)->Compute(in.il, in.h, in.routing, even, &a).ok());
     ASSERT_TRUE((*full)->Compute(in.il, in.h, in.routing, even, &b).ok());
     EXPECT_EQ(a.values(), b.values());
+    // An output buffer with stale contents (a recycled one) is fully
+    // overwritten: the kernels write every element.
+    Activations stale(in.h.n_tokens(), in.h.n_cols());
+    std::fill(stale.data(), stale.data() + stale.values().size(),
+              std::numeric_limits<float>::quiet_NaN());
+    ASSERT_TRUE((*full)->Compute(in.il, in.h, in.routing, even, &stale).ok());
+    EXPECT_EQ(0, std::memcmp(stale.data(), b.data(), b.values().size() * sizeof(float)));
     const absl::Status s = (*shard)->Compute(in.il, in.h, in.routing, {}, &a);
     EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
     EXPECT_NE(s.message().find("layer " + std::to_string(in.il)), std::string::npos) << s;
