@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/cpu/moe/amx_tile_config.h"
 #include "kernels/cpu/moe/moe_internal.h"
 #include "kernels/cpu/moe/moe_kernels_avx512.h"
 
@@ -54,14 +55,7 @@
 namespace ktx::kernels::moe::KTX_MOE_AMX_NS {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64);
+using TileConfig = AmxTileConfig;
 
 #ifdef KTX_MOE_AMX_EMULATE
 // Scalar model of the tile registers (palette 1: 8 tiles of 16 x 64 bytes).
@@ -109,15 +103,7 @@ inline void EmuDpbssd(int C, int A, int B) {
 #define KTX_TILE_STORE(t, p, s) EmuStore(t, p, s)
 #define KTX_TILE_DPBSSD(c, a, b) EmuDpbssd(c, a, b)
 #else
-// GCC 12's _tile_loadconfig tells the compiler it reads only a pointer's worth
-// of the config (an "m" operand of type void*), so the stores of rows and
-// colsb may be dropped as dead (seen in the probe: ldtilecfg of a zeroed
-// config, then #UD at the first tile instruction). The barrier makes every
-// store of the 64 bytes happen first.
-inline void LoadConfig(const TileConfig* c) {
-  asm volatile("" : : "r"(c) : "memory");
-  _tile_loadconfig(c);
-}
+inline void LoadConfig(const TileConfig* c) { LoadAmxTileConfig(*c); }
 inline void Release() { _tile_release(); }
 // GCC's tile intrinsics paste the tile number into the asm: literals only.
 #define KTX_TILE_ZERO(t) _tile_zero(t)
@@ -127,11 +113,7 @@ inline void Release() { _tile_release(); }
 #endif
 
 void ConfigureTiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const TileConfig cfg = AllTiles16x64();
   LoadConfig(&cfg);
 }
 

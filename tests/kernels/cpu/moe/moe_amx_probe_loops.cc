@@ -5,18 +5,11 @@
 #include <chrono>
 #include <cstring>
 
+#include "kernels/cpu/moe/amx_tile_config.h"
 #include "tests/kernels/cpu/moe/moe_amx_probe_loops.h"
 
 namespace ktx::kernels::moe::probe {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -56,15 +49,7 @@ void FixUp(const int32_t* c, float* out) {
 
 }  // namespace
 
-void ConfigureTilesForProbe() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  asm volatile("" : : "r"(&cfg) : "memory");  // see LoadConfig in moe_kernels_amx.cc
-  _tile_loadconfig(&cfg);
-}
+void ConfigureTilesForProbe() { LoadAmxTileConfig(AllTiles16x64()); }
 
 void ReleaseTilesForProbe() { _tile_release(); }
 

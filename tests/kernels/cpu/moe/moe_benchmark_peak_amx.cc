@@ -3,28 +3,13 @@
 
 #include <cstring>
 
+#include "kernels/cpu/moe/amx_tile_config.h"
 #include "tests/kernels/cpu/moe/moe_benchmark_kernels.h"
 
 namespace ktx::kernels::moe::bench {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void Configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  asm volatile("" : : "r"(&cfg) : "memory");  // see LoadConfig in moe_kernels_amx.cc
-  _tile_loadconfig(&cfg);
-}
+void Configure() { LoadAmxTileConfig(AllTiles16x64()); }
 
 alignas(64) int8_t g_a[16 * 64], g_b[16 * 64];
 
