@@ -30,7 +30,8 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   if (cudaHostAlloc(&host, bytes, cudaHostAllocDefault) != cudaSuccess ||
       cudaMalloc(&dev, bytes) != cudaSuccess || cudaStreamCreate(&stream) != cudaSuccess) {
-    std::fprintf(stderr, "h2d_load: CUDA setup failed: %s\n", cudaGetErrorString(cudaGetLastError()));
+    std::fprintf(stderr, "h2d_load: CUDA setup failed: %s\n",
+                 cudaGetErrorString(cudaGetLastError()));
     return 1;
   }
   const auto t0 = std::chrono::steady_clock::now();
