@@ -8,9 +8,10 @@
 // rounds (each case once per round, best of the rounds) so that a noisy
 // neighbour on a shared host hits them alike. With --threads=N every thread
 // (pinned to cpus 0..N-1) runs the same loop at the same time; --scaling
-// times the tiles alone on 1..N threads (aggregate TOPS).
+// times the tiles alone on 1..N threads (aggregate TOPS); --pairs runs them on
+// cpu 0 and each other cpu at once (a pair that slows down shares a tile unit).
 //
-//   moe_amx_probe [--threads=N] [--rounds=R] [--scaling]
+//   moe_amx_probe [--threads=N] [--rounds=R] [--scaling | --pairs]
 //
 // Exits 2 with a message where the CPU or the OS offers no AMX.
 #include <pthread.h>
@@ -34,16 +35,18 @@ namespace {
 
 constexpr int64_t kItems = 8000;
 
-// Runs `body(thread, buffers)` on n threads pinned to cpus 0..n-1, started together.
+// Runs `body(thread, buffers)` on one thread per cpu of `cpus` (thread t
+// pinned to cpus[t]), started together.
 template <typename Body>
-void OnThreads(int n, Body body) {
+void OnCpus(const std::vector<int>& cpus, Body body) {
+  const int n = static_cast<int>(cpus.size());
   std::atomic<int> ready{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < n; ++t) {
     threads.emplace_back([&, t] {
       cpu_set_t set;
       CPU_ZERO(&set);
-      CPU_SET(t, &set);
+      CPU_SET(cpus[t], &set);
       pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
       auto buffers = std::make_unique<ProbeBuffers>();
       std::memset(buffers.get(), 1, sizeof(ProbeBuffers));
@@ -58,9 +61,17 @@ void OnThreads(int n, Body body) {
   for (std::thread& th : threads) th.join();
 }
 
+// OnCpus on cpus 0..n-1.
+template <typename Body>
+void OnThreads(int n, Body body) {
+  std::vector<int> cpus(n);
+  for (int t = 0; t < n; ++t) cpus[t] = t;
+  OnCpus(cpus, body);
+}
+
 int Main(int argc, char** argv) {
   int n_threads = 1, rounds = 9;
-  bool scaling = false;
+  bool scaling = false, pairs = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--threads=", 0) == 0) {
@@ -69,10 +80,13 @@ int Main(int argc, char** argv) {
       rounds = std::atoi(arg.c_str() + 9);
     } else if (arg == "--scaling") {
       scaling = true;
+    } else if (arg == "--pairs") {
+      pairs = true;
     } else {
-      std::fprintf(stderr,
-                   "moe_amx_probe: unknown argument '%s' (--threads=N --rounds=R --scaling)\n",
-                   arg.c_str());
+      std::fprintf(
+          stderr,
+          "moe_amx_probe: unknown argument '%s' (--threads=N --rounds=R --scaling --pairs)\n",
+          arg.c_str());
       return 2;
     }
   }
@@ -93,6 +107,19 @@ int Main(int argc, char** argv) {
       "moe_amx_probe: %s, %d thread(s), best of %d rounds, ns per k-step "
       "(4 tile loads + 4 tdpbssd over 64 tokens; 8 units = Q4_K conversion at 64 tokens)\n",
       f.brand.c_str(), n_threads, rounds);
+  if (pairs) {  // cpu 0 beside each other cpu: do two cpus share a tile unit?
+    for (int j = 1; j < n_cpus; ++j) {
+      double ns[2] = {1e30, 1e30};
+      for (int r = 0; r < rounds; ++r) {
+        OnCpus({0, j}, [&](int t, ProbeBuffers* b) {
+          ns[t] = std::min(ns[t], RunProbeLoop({"tiles"}, b, kItems));
+        });
+      }
+      std::printf("tiles on cpus 0 and %2d at once: %6.1f and %6.1f ns per k-step\n", j, ns[0],
+                  ns[1]);
+    }
+    return 0;
+  }
   if (scaling) {
     for (int n = 1; n <= n_threads; n = n < 2 ? n + 1 : n + 2) {
       std::vector<double> ns(n, 1e30);
