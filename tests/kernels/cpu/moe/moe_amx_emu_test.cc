@@ -8,6 +8,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -535,6 +536,26 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
     p.variant = CpuVariant::kScalar;
     ASSERT_TRUE(ApplyMoeTileSpec(bad, &p).ok()) << bad;
     EXPECT_FALSE(MakeMoePlan(shape, f, p).ok()) << bad;
+  }
+}
+
+// Stage 2 of prefill runs: by default at least 4 tasks per worker (so that
+// work stealing can move rows off slow cores), at most 512 rows per task.
+TEST(MoePlanTest, PrefillDownRowsGiveEveryWorkerSeveralTasks) {
+  const MoeShape shape{7168, 2048, 256, 8};  // DeepSeek-V3
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  for (const auto& [workers, rows] : {std::pair{1, 512}, {2, 512}, {16, 112}, {32, 32}}) {
+    MoePlanOptions o;
+    o.tile_prefill = true;
+    o.force_variant = true;
+    o.variant = CpuVariant::kScalar;
+    o.max_workers = workers;
+    auto plan = MakeMoePlan(shape, f, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->prefill_down_rows, rows) << workers << " workers";
+    EXPECT_GE(shape.n_embd / plan->prefill_down_rows, std::min<int64_t>(4 * workers, 14));
   }
 }
 
