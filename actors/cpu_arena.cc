@@ -173,6 +173,8 @@ void CpuArena::Submit(std::function<void()> job) {
 }
 
 void CpuArena::Run() {
+  // "a:" + the arena's name, as far as the kernel's 15 characters go (top -H, gdb, /proc).
+  pthread_setname_np(pthread_self(), absl::StrCat("a:", options_.name).substr(0, 15).c_str());
   if (pin_ && !PinCurrentThread(MakeSet(cpus_))) {
     pinned_.store(false);
     KTX_LOG(WARNING, "actors") << "cpu arena '" << options_.name

@@ -92,6 +92,11 @@ class FastShardBackend final : public ShardExpertBackend {
                        std::span<const uint8_t> expert_mask, models::Activations* out) override {
     return backend_->Compute(il, h, routing, expert_mask, out);
   }
+  absl::Status ComputeRows(int il, const models::Activations& h, std::span<const int32_t> rows,
+                           const models::Routing& routing, std::span<const uint8_t> expert_mask,
+                           models::Activations* out) override {
+    return backend_->ComputeRows(il, h, rows, routing, expert_mask, out);  // rows read in place
+  }
   ShardBackendInfo Info() const override {
     ShardBackendInfo info = info_;
     const moe_backend::CpuMoeRunStats stats = backend_->run_stats();

@@ -3,11 +3,13 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 #if KTX_ACTORS_CUDA
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -31,6 +33,7 @@
 #include "caf/system_messages.hpp"
 #include "caf/typed_event_based_actor.hpp"
 #include "caf/typed_response_promise.hpp"
+#include "runtime/base/logging.h"
 #include "runtime/base/status.h"
 #include "runtime/gpu/cuda_buffers.h"
 #include "runtime/gpu/cuda_deepseek2.h"
@@ -62,6 +65,9 @@ struct Core {
   // while no shard or router still holds it (use_count 1): jobs run one at a
   // time on the arena, and each waits for its layer's answer.
   std::shared_ptr<models::Activations> expert_input;
+  // KTX_GPU_STAGE_TIMES=1 (as CudaDeepseek2's stage times): one line per MoE
+  // layer with the hook's parts (input copy, send, wait, place).
+  bool log_hook_times = false;
 };
 
 // One step in flight. The actor fills it before the job starts and reads it
@@ -110,6 +116,7 @@ class GpuMoeHooks {
     MoeWork work;
     work.il = il;
     work.h = ExpertInput(il, h);
+    const Clock::time_point t_input = Clock::now();
     // The slices' policies were applied by AdjustRouting, before the GPU took
     // its experts: `routing` is the CPU's part.
     work.n_expert_used = routing.n_expert_used;
@@ -127,6 +134,7 @@ class GpuMoeHooks {
     if (!ticket.ok()) return MoeError(ticket.status(), absl::StrCat("layer ", il));
     // This layer's deferred experts go out right behind its immediate ones.
     KTX_RETURN_IF_ERROR(FlushLate());
+    const Clock::time_point t_sent = Clock::now();
     absl::StatusOr<MoeResult> result = client_.Wait(*ticket);
     if (!result.ok()) return MoeError(result.status(), absl::StrCat("layer ", il));
     const Clock::time_point t_result = Clock::now();
@@ -143,6 +151,14 @@ class GpuMoeHooks {
     timing.dispatch_us += std::max<int64_t>(0, moe_us - critical);
     last_ = Clock::now();
     timing.combine_us += Micros(t_result, last_);
+    if (core_.log_hook_times) {
+      KTX_LOG(INFO, "gpu_attention") << absl::StrFormat(
+          "routed experts of layer %d, %lld tokens: input copy %.2f ms, send %.2f ms, wait %.2f ms "
+          "(slowest shard job %.2f ms), place %.2f ms",
+          il, static_cast<long long>(n), Micros(t_ready, t_input) * 1e-3,
+          Micros(t_input, t_sent) * 1e-3, Micros(t_sent, t_result) * 1e-3, critical * 1e-3,
+          Micros(t_result, last_) * 1e-3);
+    }
     return absl::OkStatus();
   }
 
@@ -593,6 +609,9 @@ absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system& system, Att
   core->device = options.gpu.device;
   core->bf16_expert_input = config.bf16_expert_input;
   core->n_shards = config.n_shards;
+  if (const char* env = std::getenv("KTX_GPU_STAGE_TIMES"); env != nullptr) {
+    core->log_hook_times = std::string(env) == "1";
+  }
   core->moe.deadline = options.moe_deadline;
   core->moe.spin_us = std::max(config.moe_spin_us, 0);
   core->moe.lane = config.lane;

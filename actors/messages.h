@@ -77,14 +77,15 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, Tensor& x) {
   if constexpr (Inspector::reads_state) {
     int64_t rows = x.n_rows(), cols = x.n_cols();
-    std::vector<float> values = x.data ? x.data->values() : std::vector<float>{};
+    std::vector<float> values = x.data ? x.data->ToVector() : std::vector<float>{};
     return f(caf::meta::type_name("ktx::actors::Tensor"), rows, cols, values);
   } else {
     int64_t rows = 0, cols = 0;
     std::vector<float> values;
     auto result = f(caf::meta::type_name("ktx::actors::Tensor"), rows, cols, values);
     if (rows > 0 && cols > 0 && static_cast<int64_t>(values.size()) == rows * cols) {
-      models::Activations a(rows, cols);
+      models::Activations a;
+      a.ResizeForOverwrite(rows, cols);
       std::copy(values.begin(), values.end(), a.data());
       x = Tensor::Wrap(std::move(a));
     } else {

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/base/status.h"
 
 namespace ktx::actors {
 namespace {
@@ -116,6 +117,20 @@ absl::Status ShardExperts::Compute(int il, const models::Activations& h,
                                    const models::Routing& routing,
                                    std::span<const uint8_t> expert_mask,
                                    models::Activations* out) const {
+  KTX_RETURN_IF_ERROR(CheckMask(il, expert_mask));
+  return backend_->Compute(il, h, routing, expert_mask, out);
+}
+
+absl::Status ShardExperts::ComputeRows(int il, const models::Activations& h,
+                                       std::span<const int32_t> rows,
+                                       const models::Routing& routing,
+                                       std::span<const uint8_t> expert_mask,
+                                       models::Activations* out) const {
+  KTX_RETURN_IF_ERROR(CheckMask(il, expert_mask));
+  return backend_->ComputeRows(il, h, rows, routing, expert_mask, out);
+}
+
+absl::Status ShardExperts::CheckMask(int il, std::span<const uint8_t> expert_mask) const {
   if (il < 0 || il >= n_layer()) {
     return absl::InvalidArgumentError(
         absl::StrCat("expert shard '", name_, "': layer ", il, " is outside [0, ", n_layer(), ")"));
@@ -131,7 +146,7 @@ absl::Status ShardExperts::Compute(int il, const models::Activations& h,
           "expert shard '", name_, "' (#", shard_, ") does not hold expert ", e, " of layer ", il));
     }
   }
-  return backend_->Compute(il, h, routing, expert_mask, out);
+  return absl::OkStatus();
 }
 
 std::shared_ptr<models::Activations> ShardExperts::OutputBuffer() const {

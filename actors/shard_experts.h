@@ -115,6 +115,11 @@ class ShardExperts {
   // mask that is not n_expert long.
   absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
                        std::span<const uint8_t> expert_mask, models::Activations* out) const;
+  // The same for rows of h: token j of `routing` is row rows[j] (see
+  // models::ExpertBackend::ComputeRows; the fast backend reads them in place).
+  absl::Status ComputeRows(int il, const models::Activations& h, std::span<const int32_t> rows,
+                           const models::Routing& routing, std::span<const uint8_t> expert_mask,
+                           models::Activations* out) const;
 
   // A buffer for the next partial output (RunExpertWork): the previous one
   // again once nobody else holds it (its pages stay mapped: a 2048-token
@@ -124,6 +129,8 @@ class ShardExperts {
 
  private:
   ShardExperts() = default;
+  // The layer and mask checks of Compute.
+  absl::Status CheckMask(int il, std::span<const uint8_t> expert_mask) const;
 
   int shard_ = 0;
   std::string name_;

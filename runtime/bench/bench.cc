@@ -486,7 +486,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     KTX_RETURN_IF_ERROR(Prefill(model, prompt, options.prefill_chunk, kv.get(), &logits, &profile));
     if (p == context && context_kv == nullptr) {
       context_kv = std::move(kv);
-      context_logits = logits.values();
+      context_logits = logits.ToVector();
     }
     if (!report) return absl::OkStatus();
     PrefillResult r;

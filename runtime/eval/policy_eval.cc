@@ -69,7 +69,7 @@ absl::StatusOr<PolicyRun> RunPolicy(const models::Deepseek2Model& model,
     models::Activations out;
     KTX_RETURN_IF_ERROR(model.Forward(tokens.subspan(begin, len), kv.get(),
                                       models::LogitsRows::kAll, &out, forward));
-    run.logits.push_back(out.values());
+    run.logits.push_back(out.ToVector());
     if (options.progress) {
       options.progress(absl::StrCat(label, ": window ", w + 1, "/", windows.size()));
     }

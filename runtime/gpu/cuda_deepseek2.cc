@@ -45,7 +45,8 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
   return absl::OkStatus();
 }
 
-// KTX_GPU_EXPERTS=off|auto|gpu|cpu and KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us".
+// KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
+// KTX_GPU_EXPERT_SLOTS=N and KTX_GPU_SPLIT_SERIAL_US=us.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -76,6 +77,17 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
     }
     o->cpu_expert_fixed_ms = fixed_ms;
     o->cpu_expert_per_token_us = per_token_us;
+  }
+  if (const char* v = std::getenv("KTX_GPU_EXPERT_SLOTS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (end == v || *end != '\0' || n < 2 || n > 4096) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_EXPERT_SLOTS='", v,
+          "': expected a slot count in [2, 4096], the device buffers of one expert's raw "
+          "blocks that streaming copies into ahead of the compute"));
+    }
+    o->n_slots = static_cast<int32_t>(n);
   }
   if (const char* v = std::getenv("KTX_GPU_SPLIT_SERIAL_US"); v != nullptr && *v != '\0') {
     char* end = nullptr;

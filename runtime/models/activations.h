@@ -8,15 +8,47 @@
 //
 // Owns its storage. Not thread-safe for resizing; distinct rows may be
 // written concurrently.
+//
+// The storage's allocator default-initializes: ResizeForOverwrite leaves new
+// elements unwritten (a 2048-token DeepSeek-V3 buffer is 58 MB, whose zeroing
+// by std::vector's value-initialization cost ~10-50 ms of one thread per MoE
+// layer on the GPU machine, docs/performance.md); Resize zeroes explicitly.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "runtime/base/status.h"
 
 namespace ktx::models {
+
+// std::allocator whose construct() with no arguments default-initializes
+// (no zeroing of floats); every other construct is std::allocator's.
+template <typename T>
+class DefaultInitAllocator : public std::allocator<T> {
+ public:
+  using std::allocator<T>::allocator;
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    std::construct_at(p, std::forward<Args>(args)...);
+  }
+};
+
+// F32 storage of Activations (std::vector<float> but for the allocator).
+using FloatStorage = std::vector<float, DefaultInitAllocator<float>>;
 
 class Activations {
  public:
@@ -48,12 +80,14 @@ class Activations {
   const float* data() const { return data_.data(); }
   float* row(int64_t t) { return data_.data() + t * n_cols_; }
   const float* row(int64_t t) const { return data_.data() + t * n_cols_; }
-  const std::vector<float>& values() const { return data_; }
+  const FloatStorage& values() const { return data_; }
+  // A copy as a plain vector (for code that keeps logits and the like).
+  std::vector<float> ToVector() const { return std::vector<float>(data_.begin(), data_.end()); }
 
  private:
   int64_t n_tokens_ = 0;
   int64_t n_cols_ = 0;
-  std::vector<float> data_;  // F32 [n_tokens, n_cols]
+  FloatStorage data_;  // F32 [n_tokens, n_cols]
 };
 
 }  // namespace ktx::models

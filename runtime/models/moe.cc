@@ -4,6 +4,7 @@
 #include <numeric>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "runtime/base/status.h"
 #include "runtime/models/moe.h"
 
@@ -161,6 +162,34 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
       ++j;
     }
   }
+}
+
+absl::Status CheckExpertRows(const Activations& h, std::span<const int32_t> rows,
+                             const Routing& routing) {
+  if (static_cast<int64_t>(rows.size()) != routing.n_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "routed experts: ", rows.size(), " rows for a routing of ", routing.n_tokens, " tokens"));
+  }
+  for (size_t j = 0; j < rows.size(); ++j) {
+    if (rows[j] < 0 || rows[j] >= h.n_tokens()) {
+      return absl::InvalidArgumentError(absl::StrCat("routed experts: token ", j, " names row ",
+                                                     rows[j], ", outside the batch of ",
+                                                     h.n_tokens(), " rows"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertBackend::ComputeRows(int il, const Activations& h, std::span<const int32_t> rows,
+                                        const Routing& routing,
+                                        std::span<const uint8_t> expert_mask, Activations* out) {
+  KTX_RETURN_IF_ERROR(CheckExpertRows(h, rows, routing));
+  Activations gathered;
+  gathered.ResizeForOverwrite(static_cast<int64_t>(rows.size()), h.n_cols());
+  for (size_t j = 0; j < rows.size(); ++j) {
+    std::copy(h.row(rows[j]), h.row(rows[j]) + h.n_cols(), gathered.row(static_cast<int64_t>(j)));
+  }
+  return Compute(il, gathered, routing, expert_mask, out);
 }
 
 }  // namespace ktx::models

@@ -126,11 +126,25 @@ void RouteFromLogits(const RoutingParams& params, const double* logits, int64_t 
 // The model does not serialise calls: a backend used by stages running
 // concurrently (several sequences or layers in flight) must be thread-safe,
 // and each implementation documents whether it is.
+//
+// ComputeRows is the same for some rows of a larger batch: token j of
+// `routing` is row rows[j] of h (F32 [n_rows, n_embd], every rows[j] in
+// [0, n_rows), InvalidArgument otherwise), and `out` gets routing.n_tokens
+// rows. An expert shard serving its part of a batch calls it: the default
+// gathers the rows into a copy and calls Compute; a backend that can read
+// the rows in place (CpuMoeBackend) overrides it and skips the copy.
 class ExpertBackend {
  public:
   virtual ~ExpertBackend() = default;
   virtual absl::Status Compute(int il, const Activations& h, const Routing& routing,
                                std::span<const uint8_t> expert_mask, Activations* out) = 0;
+  virtual absl::Status ComputeRows(int il, const Activations& h, std::span<const int32_t> rows,
+                                   const Routing& routing, std::span<const uint8_t> expert_mask,
+                                   Activations* out);
 };
+
+// InvalidArgument unless rows has routing.n_tokens entries, each in [0, h.n_tokens()).
+absl::Status CheckExpertRows(const Activations& h, std::span<const int32_t> rows,
+                             const Routing& routing);
 
 }  // namespace ktx::models

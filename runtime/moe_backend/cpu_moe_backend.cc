@@ -179,6 +179,14 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
       prefill_switch = "KTX_MOE_PREFILL_MIN_TOKENS";
     }
   }
+  if (const char* env = std::getenv("KTX_MOE_TIMES"); env != nullptr && *env) {
+    const std::string v = env;
+    if (v != "0" && v != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_MOE_TIMES=", v, ": expected 1 (log every expert call's stage times) or 0"));
+    }
+    profile_calls_ = v == "1";
+  }
   if (options.decode_layout != MoeWeightLayout::kPanel16 &&
       options.decode_layout != MoeWeightLayout::kGguf) {
     return absl::InvalidArgumentError(
@@ -538,13 +546,35 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
                                     const models::Routing& routing,
                                     std::span<const uint8_t> expert_mask,
                                     models::Activations* out) {
+  return Run(il, h, {}, routing, expert_mask, out);
+}
+
+absl::Status CpuMoeBackend::ComputeRows(int il, const models::Activations& h,
+                                        std::span<const int32_t> rows,
+                                        const models::Routing& routing,
+                                        std::span<const uint8_t> expert_mask,
+                                        models::Activations* out) {
+  KTX_RETURN_IF_ERROR(models::CheckExpertRows(h, rows, routing));
+  if (rows.empty()) {  // no token; h's rows need not match
+    out->ResizeForOverwrite(0, hparams_->n_embd);
+    return absl::OkStatus();
+  }
+  return Run(il, h, rows, routing, expert_mask, out);
+}
+
+absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, std::span<const int32_t> rows,
+                                const models::Routing& routing,
+                                std::span<const uint8_t> expert_mask, models::Activations* out) {
+  const auto call_t0 = Clock::now();
   const models::Deepseek2Hparams& hp = *hparams_;
   if (il < 0 || il >= hp.n_layer || layers_[il] == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", il, " is not a MoE layer"));
   }
   if (out == nullptr) return absl::InvalidArgumentError("routed experts: no output given");
   const Layer& L = *layers_[il];
-  const int64_t n = h.n_tokens();
+  // With rows, token j is row rows[j] of h (checked by ComputeRows).
+  const bool indexed = !rows.empty();
+  const int64_t n = indexed ? static_cast<int64_t>(rows.size()) : h.n_tokens();
   const int64_t n_embd = hp.n_embd;
   const int32_t k_used = routing.n_expert_used;
   if (h.n_cols() != n_embd || routing.n_tokens != n || k_used < 1 || k_used > hp.n_expert_used ||
@@ -573,7 +603,10 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
                        " is selected but not held by this CPU expert backend"));
     }
   }
-  if (!L.fast) return reference_->Compute(il, h, routing, expert_mask, out);
+  if (!L.fast) {
+    return indexed ? reference_->ComputeRows(il, h, rows, routing, expert_mask, out)
+                   : reference_->Compute(il, h, routing, expert_mask, out);
+  }
 
   // The kernels write every element of out (MoeInput::out), so no zeroing
   // pass (a single-threaded 58 MB memset for 2048 tokens of DeepSeek-V3).
@@ -620,18 +653,30 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
   }
   ++stats_.calls;
   for (int64_t t0 = 0; t0 < n; t0 += max_tokens_) {
+    // The first run's setup includes the call's checks and the output's resize.
+    const auto run_t0 = t0 == 0 ? call_t0 : Clock::now();
     const int64_t cnt = std::min(max_tokens_, n - t0);
     kernels::moe::MoeInput input;
     input.n_tokens = cnt;
-    input.x = h.row(t0);
+    if (indexed) {
+      input.x = h.data();
+      input.x_rows = rows.data() + t0;
+      input.n_x_rows = h.n_tokens();
+    } else {
+      input.x = h.row(t0);
+    }
     input.ids = ids + t0 * k_plan;
     input.weights = weights + t0 * k_plan;
     input.out = out->row(t0);
     KTX_ASSIGN_OR_RETURN(
         kernels::moe::MoeRun run,
         kernels::moe::MoeRun::Begin(L.plan, w, input, workspace_.data(), workspace_.size()));
-    kernels::moe::RunMoe(run,
-                         [this](int64_t n_tasks, auto&& fn) { pool_->ParallelFor(n_tasks, fn); });
+    if (profile_calls_) {
+      RunProfiled(il, run, 1e3 * SecondsSince(run_t0));
+    } else {
+      kernels::moe::RunMoe(run,
+                           [this](int64_t n_tasks, auto&& fn) { pool_->ParallelFor(n_tasks, fn); });
+    }
     ++stats_.runs;
     stats_.tokens += cnt;
     stats_.pairs += run.num_pairs();
@@ -640,6 +685,56 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
     stats_.weight_bytes += run.weight_bytes();
   }
   return absl::OkStatus();
+}
+
+void CpuMoeBackend::RunProfiled(int il, const kernels::moe::MoeRun& run, double setup_ms) {
+  const int n_workers = pool_->num_workers();
+  static constexpr const char* kStageNames[kernels::moe::MoeRun::kNumStages] = {"quantize",
+                                                                                "gate/up", "down"};
+  std::string line = absl::StrFormat(
+      "layer %d: %lld tokens, %lld experts (%lld tile), %lld pairs: setup %.2f ms", il,
+      static_cast<long long>(run.n_tokens()), static_cast<long long>(run.num_active_experts()),
+      static_cast<long long>(run.num_prefill_experts()), static_cast<long long>(run.num_pairs()),
+      setup_ms);
+  double total_ms = setup_ms;
+  std::vector<double> busy_ms(n_workers);
+  std::vector<int64_t> tasks(n_workers);
+  for (int s = 0; s < kernels::moe::MoeRun::kNumStages; ++s) {
+    const int64_t n = run.NumTasks(s);
+    if (n == 0) continue;
+    std::fill(busy_ms.begin(), busy_ms.end(), 0.0);
+    std::fill(tasks.begin(), tasks.end(), 0);
+    const auto s0 = Clock::now();
+    // A worker index names one thread at a time, so the per-worker sums need no atomics.
+    auto timed = [&](int64_t task, int worker) {
+      const auto t0 = Clock::now();
+      run.RunTask(s, task, worker);
+      busy_ms[worker] += 1e3 * SecondsSince(t0);
+      ++tasks[worker];
+    };
+    if (n == 1) {
+      timed(0, 0);
+    } else {
+      pool_->ParallelFor(n, timed);
+    }
+    const double wall_ms = 1e3 * SecondsSince(s0);
+    total_ms += wall_ms;
+    int used = 0;
+    double max_busy = 0, min_busy = 1e30, sum_busy = 0;
+    for (int w = 0; w < n_workers; ++w) {
+      if (tasks[w] == 0) continue;
+      ++used;
+      max_busy = std::max(max_busy, busy_ms[w]);
+      min_busy = std::min(min_busy, busy_ms[w]);
+      sum_busy += busy_ms[w];
+    }
+    absl::StrAppendFormat(
+        &line, "; %s %.2f ms (%lld tasks on %d/%d workers, busy %.2f-%.2f ms, %.0f%%)",
+        kStageNames[s], wall_ms, static_cast<long long>(n), used, n_workers, min_busy, max_busy,
+        wall_ms > 0 ? 100.0 * sum_busy / (wall_ms * n_workers) : 0.0);
+  }
+  absl::StrAppendFormat(&line, "; total %.2f ms", total_ms);
+  KTX_LOG(INFO, "moe_backend") << line;
 }
 
 absl::StatusOr<std::unique_ptr<runtime::CpuPool>> CreateCpuPool(int n_threads) {

@@ -52,6 +52,13 @@
 // prefill_min_tokens (or amx_prefill = false) makes results reproducible
 // across loads.
 //
+// Per-call profile. With KTX_MOE_TIMES=1 in the environment (read at load;
+// any value other than 0 or 1 fails Create naming the variable), every
+// Compute call on a fast layer logs one line: tokens, experts (tile path),
+// pairs, and for each stage its wall time, task count, the workers that took
+// tasks and their busiest and least busy time (an idle or slow worker shows
+// as a gap between the two). It costs two clock reads per task.
+//
 // Ownership and thread-safety: owns the repacked weights, the plans, the
 // workspace and the per-call pointer tables; borrows the model's hparams and
 // weights (mapping) and the pool, which must outlive it. Compute calls are
@@ -184,6 +191,11 @@ class CpuMoeBackend final : public models::ExpertBackend {
   // an empty mask) uses an expert this backend does not hold.
   absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
                        std::span<const uint8_t> expert_mask, models::Activations* out) override;
+  // The same for rows of h (see models::ExpertBackend): the kernels read the
+  // rows in place (MoeInput::x_rows), no gathered copy.
+  absl::Status ComputeRows(int il, const models::Activations& h, std::span<const int32_t> rows,
+                           const models::Routing& routing, std::span<const uint8_t> expert_mask,
+                           models::Activations* out) override;
 
   kernels::CpuVariant variant() const { return variant_; }
   const CpuMoeLoadStats& load_stats() const { return load_stats_; }
@@ -199,9 +211,16 @@ class CpuMoeBackend final : public models::ExpertBackend {
   struct Layer;
   CpuMoeBackend() = default;
   absl::Status Load(const CpuMoeBackendOptions& options);
+  // Compute (rows empty) and ComputeRows (rows checked).
+  absl::Status Run(int il, const models::Activations& h, std::span<const int32_t> rows,
+                   const models::Routing& routing, std::span<const uint8_t> expert_mask,
+                   models::Activations* out);
   // Measures the crossing of the decode and tile paths on MoE layer il (see
   // the file comment); fills load_stats_.calibration.
   absl::StatusOr<int64_t> CalibratePrefillSwitch(int il);
+  // One kernel run, stage by stage, timing every task (KTX_MOE_TIMES); logs
+  // its line. Called with mu_ held.
+  void RunProfiled(int il, const kernels::moe::MoeRun& run, double setup_ms);
 
   const models::Deepseek2Hparams* hparams_ = nullptr;
   const models::Deepseek2Weights* weights_ = nullptr;
@@ -211,6 +230,7 @@ class CpuMoeBackend final : public models::ExpertBackend {
   std::vector<std::unique_ptr<Layer>> layers_;  // [n_layer]; null for dense layers
   std::unique_ptr<models::ReferenceExpertBackend> reference_;
   CpuMoeLoadStats load_stats_;
+  bool profile_calls_ = false;  // KTX_MOE_TIMES=1
 
   // Serialises Compute (the pool runs one fork-join at a time) and guards
   // everything below.

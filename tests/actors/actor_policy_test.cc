@@ -54,7 +54,7 @@ std::vector<float> ForwardLogits(const models::Deepseek2Model& model,
   const absl::Status status =
       model.Forward(tokens, kv->get(), models::LogitsRows::kAll, &logits, options);
   EXPECT_TRUE(status.ok()) << status;
-  return logits.values();
+  return logits.ToVector();
 }
 
 // Free-running greedy decoding with Forward under `policy`.

@@ -135,7 +135,7 @@ inline std::vector<float> ReferenceLogits(const models::Deepseek2Model& model,
   models::Activations logits;
   const absl::Status status = model.Forward(tokens, kv->get(), models::LogitsRows::kAll, &logits);
   EXPECT_TRUE(status.ok()) << status;
-  return logits.values();
+  return logits.ToVector();
 }
 
 inline int32_t Argmax(const float* row, int64_t n) {

@@ -121,7 +121,7 @@ const std::vector<float>& EngineLogits(const std::string& type, int n_shards) {
   if (engine != nullptr) {
     auto logits = engine->Logits(TeacherForcedTokens(type));
     EXPECT_TRUE(logits.ok()) << logits.status();
-    if (logits.ok()) values = logits->values();
+    if (logits.ok()) values = logits->ToVector();
   }
   return cache.emplace(std::make_pair(type, n_shards), std::move(values)).first->second;
 }

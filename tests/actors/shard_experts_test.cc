@@ -166,5 +166,78 @@ TEST(ShardExpertsTest, SubBatchRowsEqualTheWholeBatchRows) {
   EXPECT_EQ(RunExpertWork(**experts, work, &partial).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Counts the calls of each kind and remembers the activations it was given.
+class RecordingBackend final : public models::ExpertBackend {
+ public:
+  explicit RecordingBackend(std::shared_ptr<models::ExpertBackend> inner)
+      : inner_(std::move(inner)) {}
+  absl::Status Compute(int il, const models::Activations& h, const models::Routing& routing,
+                       std::span<const uint8_t> mask, models::Activations* out) override {
+    ++computes;
+    seen = &h;
+    return inner_->Compute(il, h, routing, mask, out);
+  }
+  absl::Status ComputeRows(int il, const models::Activations& h, std::span<const int32_t> rows,
+                           const models::Routing& routing, std::span<const uint8_t> mask,
+                           models::Activations* out) override {
+    ++row_computes;
+    seen = &h;
+    return inner_->ComputeRows(il, h, rows, routing, mask, out);
+  }
+  int computes = 0, row_computes = 0;
+  const models::Activations* seen = nullptr;
+
+ private:
+  std::shared_ptr<models::ExpertBackend> inner_;
+};
+
+// A sub-batch goes to the backend as the batch's own activations plus the row
+// list (ComputeRows: the fast backend reads the rows in place, no gathered
+// copy); the whole batch in order goes to Compute.
+TEST(ShardExpertsTest, SubBatchRowsReachTheBackendInPlace) {
+  auto model = testing::FixtureModel("q8_0");
+  const auto& hp = model->hparams();
+  const LayerInput in = FirstMoeLayer(*model);
+  HeldExperts held(hp.n_layer);
+  for (int e = 0; e < hp.n_expert; ++e) held[in.il].push_back(e);
+  auto mapped = MappedExpertBackendFactory(model)(0, held);
+  ASSERT_TRUE(mapped.ok());
+  auto recording = std::make_shared<RecordingBackend>(*mapped);
+  auto experts = ShardExperts::Create(0, "all", hp.n_expert, held, recording);
+  ASSERT_TRUE(experts.ok());
+  ExpertWork work;
+  work.il = in.il;
+  auto h = std::make_shared<const models::Activations>(in.h);
+  work.h = Tensor(h);
+  work.n_expert_used = in.routing.n_expert_used;
+  work.expert_mask.assign(hp.n_expert, 1);
+  auto set_rows = [&](std::vector<int32_t> rows) {
+    work.rows = std::move(rows);
+    work.expert_ids.clear();
+    work.weights.clear();
+    for (int32_t row : work.rows) {
+      for (int k = 0; k < in.routing.n_expert_used; ++k) {
+        work.expert_ids.push_back(in.routing.id(row, k));
+        work.weights.push_back(in.routing.weight(row, k));
+      }
+    }
+  };
+  ExpertPartial partial;
+  set_rows({2, 3, 7});
+  ASSERT_TRUE(RunExpertWork(**experts, work, &partial).ok());
+  EXPECT_EQ(recording->row_computes, 1);
+  EXPECT_EQ(recording->computes, 0);
+  EXPECT_EQ(recording->seen, h.get());  // the batch itself, not a gathered copy
+  EXPECT_EQ(partial.partial.n_rows(), 3);
+  std::vector<int32_t> all(static_cast<size_t>(in.h.n_tokens()));
+  for (size_t t = 0; t < all.size(); ++t) all[t] = static_cast<int32_t>(t);
+  set_rows(all);
+  recording->row_computes = recording->computes = 0;
+  ASSERT_TRUE(RunExpertWork(**experts, work, &partial).ok());
+  EXPECT_EQ(recording->row_computes, 0);
+  EXPECT_EQ(recording->computes, 1);
+  EXPECT_EQ(recording->seen, h.get());
+}
+
 }  // namespace
 }  // namespace ktx::actors

@@ -354,6 +354,15 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
         absl::StrCat("MoE run: workspace must be 64-byte aligned and ", MoeWorkspaceSize(plan),
                      " bytes (got ", workspace_bytes, ")"));
   }
+  if (input.x_rows != nullptr) {
+    for (int64_t t = 0; t < input.n_tokens; ++t) {
+      if (input.x_rows[t] < 0 || input.x_rows[t] >= input.n_x_rows) {
+        return absl::InvalidArgumentError(absl::StrCat("MoE run: token ", t, " reads x row ",
+                                                       input.x_rows[t], ", outside [0, ",
+                                                       input.n_x_rows, ")"));
+      }
+    }
+  }
   const MoeMatrix* mats[3] = {&weights.gate, &weights.up, &weights.down};
   const MoeMatrixFormat fmts[3] = {plan.format.gate, plan.format.up, plan.format.down};
   const char* names[3] = {"gate", "up", "down"};
@@ -518,7 +527,7 @@ void MoeRun::QuantizeTask(int64_t task) const {
     const int64_t t0 = task * kQuantChunk;
     const int64_t t1 = std::min(input_.n_tokens, t0 + kQuantChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      p.kernels->quantize(fmt, input_.x + t * n_embd, ws_ + p.off_xq + t * p.x_row_bytes, n_embd);
+      p.kernels->quantize(fmt, XRow(t), ws_ + p.off_xq + t * p.x_row_bytes, n_embd);
     }
     return;
   }
@@ -533,7 +542,7 @@ void MoeRun::QuantizeTask(int64_t task) const {
               offset - 1;
   for (int64_t q = q0; q < q1; ++q) {
     while (offset[e + 1] <= q) ++e;
-    const float* x = input_.x + pair_token[q] * n_embd;
+    const float* x = XRow(pair_token[q]);
     uint8_t* row = ws_ + p.off_xp + q * p.xp_row_bytes;
     if (path[e] == kPathPrefillForm) {
       p.kernels->quantize(ActFormatFor(p.format.gate_prefill), x, row, n_embd);

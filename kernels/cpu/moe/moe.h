@@ -223,10 +223,15 @@ inline constexpr int32_t kMoeNoExpert = -1;
 
 struct MoeInput {
   int64_t n_tokens = 0;
-  const float* x = nullptr;      // F32 [n_tokens, n_embd]
+  // F32 [n_tokens, n_embd]; with x_rows (below), F32 [n_x_rows, n_embd].
+  const float* x = nullptr;
   const int32_t* ids = nullptr;  // I32 [n_tokens, n_expert_used], in [0, n_expert) or kMoeNoExpert
   const float* weights = nullptr;  // F32 [n_tokens, n_expert_used]
   float* out = nullptr;            // F32 [n_tokens, n_embd], fully written
+  // Optional: token t reads row x_rows[t] of x (a shard's rows of a batch,
+  // read in place instead of gathered into a copy).
+  const int32_t* x_rows = nullptr;  // I32 [n_tokens] in [0, n_x_rows), or null
+  int64_t n_x_rows = 0;
 };
 
 // One call of the operator: pointers to the plan, the weights, the input and
@@ -251,6 +256,7 @@ class MoeRun {
   void RunTask(int stage, int64_t task, int worker) const;
 
   // Statistics of this call.
+  int64_t n_tokens() const { return input_.n_tokens; }
   int64_t num_active_experts() const { return n_active_; }
   int64_t num_prefill_experts() const { return n_prefill_; }
   int64_t num_pairs() const { return n_pairs_; }
@@ -259,6 +265,11 @@ class MoeRun {
 
  private:
   MoeRun() = default;
+  // Token t's activations (MoeInput::x, x_rows).
+  const float* XRow(int64_t t) const {
+    const int64_t row = input_.x_rows != nullptr ? input_.x_rows[t] : t;
+    return input_.x + row * plan_->shape.n_embd;
+  }
   void QuantizeTask(int64_t task) const;
   void GateUpTask(int64_t task, int worker) const;
   void TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const;

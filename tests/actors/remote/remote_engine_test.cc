@@ -128,7 +128,7 @@ EngineRun RunEngine(Engine& engine) {
   sequence.insert(sequence.end(), gen.begin(), gen.begin() + 16);
   auto logits = engine.Logits(sequence);
   EXPECT_TRUE(logits.ok()) << logits.status();
-  if (logits.ok()) run.logits = logits->values();
+  if (logits.ok()) run.logits = logits->ToVector();
   auto result = engine.Generate(GreedyRequest());
   EXPECT_TRUE(result.ok()) << result.status();
   if (result.ok()) run.tokens = result->tokens;

@@ -47,7 +47,7 @@ TEST(BatchedForwardPolicyTest, EachSequenceGetsItsOwnPolicy) {
     models::ForwardOptions options;
     options.policy = policy;
     ASSERT_TRUE(m.Forward(*tokens, kv->get(), models::LogitsRows::kAll, &out, options).ok());
-    alone.push_back(out.values());
+    alone.push_back(out.ToVector());
   }
   // Together.
   std::vector<std::unique_ptr<kv_cache::SequenceKv>> kvs;
@@ -71,7 +71,7 @@ TEST(BatchedForwardPolicyTest, EachSequenceGetsItsOwnPolicy) {
   auto kv = kv_cache::SequenceKv::Create(m.kv_layout(), 64);
   Activations full;
   ASSERT_TRUE(m.Forward(a, kv->get(), models::LogitsRows::kAll, &full).ok());
-  EXPECT_NE(full.values(), alone[0]);
+  EXPECT_NE(full.ToVector(), alone[0]);
   // An invalid policy is refused, naming the field.
   const RoutingPolicy bad = RoutingPolicy::TopK(7);
   batch[0].policy = &bad;

@@ -241,7 +241,7 @@ TEST_P(CudaDeepseek2Test, TeacherForcedLogitsWithinTierB) {
   ASSERT_TRUE(seq.ok());
   Activations logits;
   ASSERT_TRUE(gpu_->Forward(prompt_, *seq, LogitsRows::kAll, &logits).ok());
-  std::vector<float> got = logits.values();
+  std::vector<float> got = logits.ToVector();
   for (int32_t token : files_["llama_greedy_tokens"].get<std::vector<int32_t>>()) {
     const int32_t one[] = {token};
     ASSERT_TRUE(gpu_->Forward(one, *seq, LogitsRows::kLast, &logits).ok());
@@ -964,7 +964,7 @@ TEST_P(CudaDeepseek2Test, WeightFormsAndTheQuantizedGemvMatchTheReference) {
     ASSERT_TRUE(seq.ok());
     Activations logits;
     ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kAll, &logits).ok());
-    std::vector<float> got = logits.values();
+    std::vector<float> got = logits.ToVector();
     for (int32_t token : gen_tokens) {
       const int32_t one[] = {token};
       ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
@@ -1151,11 +1151,11 @@ TEST_P(CudaDeepseek2Test, CudaGraphsReplayMatchesEagerLaunches) {
       ASSERT_TRUE(seq.ok());
       Activations logits;
       ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kLast, &logits).ok());
-      rows->push_back(logits.values());
+      rows->push_back(logits.ToVector());
       for (size_t i = 0; i < n_steps; ++i) {
         const int32_t one[] = {gen_tokens[i]};
         ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
-        rows->push_back(logits.values());
+        rows->push_back(logits.ToVector());
       }
       ASSERT_TRUE(g.FreeSequence(*seq).ok());
     }
@@ -1178,7 +1178,7 @@ TEST_P(CudaDeepseek2Test, CudaGraphsReplayMatchesEagerLaunches) {
       }
       Activations batch;
       ASSERT_TRUE(g.ForwardBatch(entries, &batch).ok());
-      rows->push_back(batch.values());
+      rows->push_back(batch.ToVector());
     }
     *stats = g.graph_stats();
   };

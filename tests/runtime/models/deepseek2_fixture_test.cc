@@ -103,7 +103,7 @@ TEST_P(Deepseek2FixtureTest, TeacherForcedLogitsMatchFloat64Reference) {
   ASSERT_TRUE(model_->Forward(prompt_, kv.get(), LogitsRows::kAll, &logits).ok());
   ASSERT_EQ(logits.n_tokens(), static_cast<int64_t>(prompt_.size()));
   const Comparison prompt =
-      Compare(logits.values(), LoadF32(files_["ref64_prompt_logits"]["file"]), n_vocab_);
+      Compare(logits.ToVector(), LoadF32(files_["ref64_prompt_logits"]["file"]), n_vocab_);
 
   const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
   std::vector<float> gen;

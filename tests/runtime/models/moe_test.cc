@@ -1,12 +1,17 @@
 // RouteFromLogits on hand-made router scores: gating functions, the
 // selection-only bias, group-limited top-k with masking, ties, the weight-sum
 // floor and scaling. Expected values are worked out by hand in each test.
+// Also ExpertBackend::ComputeRows's default (gather, then Compute) and the
+// Activations resize contract.
 #include <cmath>
 #include <limits>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "runtime/models/activations.h"
 #include "runtime/models/moe.h"
 
 namespace ktx::models {
@@ -174,6 +179,62 @@ TEST(RouteFromLogitsTest, NanScoresAreNeverChosen) {
   Routing r;
   RouteFromLogits(Sig(3, 1), logits.data(), 1, nullptr, &r);
   EXPECT_THAT(Ids(r, 0), ElementsAre(1));
+}
+
+// out[t] = (t + 1) * h[t] for every token, whatever the routing.
+class ScaleBackend final : public ExpertBackend {
+ public:
+  absl::Status Compute(int, const Activations& h, const Routing&, std::span<const uint8_t>,
+                       Activations* out) override {
+    out->Resize(h.n_tokens(), h.n_cols());
+    for (int64_t t = 0; t < h.n_tokens(); ++t) {
+      for (int64_t c = 0; c < h.n_cols(); ++c) out->row(t)[c] = (t + 1) * h.row(t)[c];
+    }
+    return absl::OkStatus();
+  }
+};
+
+TEST(ExpertBackendTest, DefaultComputeRowsGathersTheRows) {
+  Activations h(5, 3);
+  for (int64_t i = 0; i < 15; ++i) h.data()[i] = static_cast<float>(i);
+  Routing routing;
+  routing.n_tokens = 2;
+  routing.n_expert_used = 1;
+  routing.expert_ids = {0, 0};
+  routing.weights = {1.0f, 1.0f};
+  ScaleBackend backend;
+  Activations out;
+  const std::vector<int32_t> rows = {4, 1};
+  ASSERT_TRUE(backend.ComputeRows(0, h, rows, routing, {}, &out).ok());
+  ASSERT_EQ(out.n_tokens(), 2);
+  EXPECT_THAT(out.ToVector(), ElementsAre(12, 13, 14, 2 * 3, 2 * 4, 2 * 5));
+  const std::vector<int32_t> outside = {4, 5};
+  absl::Status s = backend.ComputeRows(0, h, outside, routing, {}, &out);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("token 1 names row 5, outside the batch of 5 rows"), std::string::npos)
+      << s;
+  const std::vector<int32_t> short_list = {4};
+  s = backend.ComputeRows(0, h, short_list, routing, {}, &out);
+  EXPECT_NE(s.message().find("1 rows for a routing of 2 tokens"), std::string::npos) << s;
+}
+
+// ResizeForOverwrite keeps the values it keeps (and need not zero new ones);
+// Resize zeroes everything; ToVector copies.
+TEST(ActivationsTest, ResizeContracts) {
+  Activations a(2, 3);
+  for (float v : a.values()) EXPECT_EQ(v, 0.0f);
+  std::fill(a.data(), a.data() + 6, 7.0f);
+  a.ResizeForOverwrite(4, 3);
+  EXPECT_EQ(a.n_tokens(), 4);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(a.data()[i], 7.0f);
+  a.ResizeForOverwrite(1, 3);
+  EXPECT_EQ(a.values().size(), 3u);
+  a.Resize(4, 3);
+  for (float v : a.values()) EXPECT_EQ(v, 0.0f);
+  a.data()[5] = 2.5f;
+  const std::vector<float> copy = a.ToVector();
+  ASSERT_EQ(copy.size(), 12u);
+  EXPECT_EQ(copy[5], 2.5f);
 }
 
 }  // namespace

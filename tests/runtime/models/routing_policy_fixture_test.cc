@@ -60,7 +60,7 @@ class RoutingPolicyFixtureTest : public ::testing::Test {
     options.policy = policy;
     const absl::Status s = model_->Forward(*prompt_, kv->get(), LogitsRows::kAll, &out, options);
     EXPECT_TRUE(s.ok()) << s;
-    return out.values();
+    return out.ToVector();
   }
 
   static double MeanKl(const std::vector<float>& p, const std::vector<float>& q) {
@@ -232,7 +232,7 @@ std::vector<float> ComposeWithDeferral(const Deepseek2Model& m, const std::vecto
     }
   }
   EXPECT_TRUE(m.Head(x, LogitsRows::kAll, &logits).ok());
-  return logits.values();
+  return logits.ToVector();
 }
 
 TEST_F(RoutingPolicyFixtureTest, DeferralMatchesAnIndependentComposition) {

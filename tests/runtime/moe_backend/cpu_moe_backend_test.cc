@@ -133,7 +133,7 @@ std::vector<float> TeacherForced(const Deepseek2Model& model, const std::string&
   EXPECT_TRUE(kv.ok());
   Activations logits;
   EXPECT_TRUE(model.Forward(prompt, kv->get(), models::LogitsRows::kAll, &logits).ok());
-  std::vector<float> all = logits.values();
+  std::vector<float> all = logits.ToVector();
   for (int32_t token : gen) {
     const int32_t one[] = {token};
     EXPECT_TRUE(model.Forward(one, kv->get(), models::LogitsRows::kLast, &logits).ok());
@@ -612,6 +612,75 @@ TEST(CpuMoeBackendTest, TileScheduleFromEnvironment) {
   auto plain = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kScalar));
   ASSERT_TRUE(plain.ok());
   EXPECT_TRUE((*plain)->load_stats().tile_spec.empty());
+}
+
+// ComputeRows (a shard's rows of a batch, read in place) gives the bits of
+// Compute over the gathered rows, on the fast backend and on the reference
+// backend (ExpertBackend's default: it gathers); bad rows are named.
+TEST(CpuMoeBackendTest, ComputeRowsReadsTheRowsInPlace) {
+  auto model = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  o.prefill_min_tokens = 4;  // the tile path too where the host has it
+  auto backend = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  models::ReferenceExpertBackend ref(model->hparams(), model->weights());
+  for (const bool fast : {true, false}) {
+    for (const LayerInput& in : CaptureMoeInputs(*model)) {
+      const int64_t n = in.h.n_tokens(), k = in.routing.n_expert_used;
+      std::vector<int32_t> rows;  // every other row, last first
+      for (int64_t t = n - 1; t >= 0; t -= 2) rows.push_back(static_cast<int32_t>(t));
+      Activations gathered(static_cast<int64_t>(rows.size()), in.h.n_cols());
+      models::Routing sub;
+      sub.n_tokens = static_cast<int64_t>(rows.size());
+      sub.n_expert_used = in.routing.n_expert_used;
+      for (size_t j = 0; j < rows.size(); ++j) {
+        std::copy_n(in.h.row(rows[j]), in.h.n_cols(), gathered.row(static_cast<int64_t>(j)));
+        for (int64_t i = 0; i < k; ++i) {
+          sub.expert_ids.push_back(in.routing.expert_ids[rows[j] * k + i]);
+          sub.weights.push_back(in.routing.weights[rows[j] * k + i]);
+        }
+      }
+      models::ExpertBackend& b = fast ? static_cast<models::ExpertBackend&>(**backend) : ref;
+      Activations want, got;
+      ASSERT_TRUE(b.Compute(in.il, gathered, sub, {}, &want).ok());
+      ASSERT_TRUE(b.ComputeRows(in.il, in.h, rows, sub, {}, &got).ok());
+      ASSERT_EQ(got.n_tokens(), sub.n_tokens);
+      EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.values().size() * sizeof(float)))
+          << "layer " << in.il << (fast ? " fast" : " reference");
+      std::vector<int32_t> bad = rows;
+      bad[1] = static_cast<int32_t>(n);
+      const absl::Status s = b.ComputeRows(in.il, in.h, bad, sub, {}, &got);
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+      EXPECT_NE(s.message().find("token 1 names row " + std::to_string(n)), std::string::npos) << s;
+      bad.pop_back();
+      EXPECT_EQ(b.ComputeRows(in.il, in.h, bad, sub, {}, &got).code(),
+                absl::StatusCode::kInvalidArgument);
+    }
+  }
+}
+
+// KTX_MOE_TIMES=1 logs each call's stages (results unchanged); other values fail Create.
+TEST(CpuMoeBackendTest, CallProfileFromEnvironment) {
+  auto model = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  const CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+  setenv("KTX_MOE_TIMES", "yes", 1);
+  auto bad = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_MOE_TIMES=yes"), std::string::npos) << bad.status();
+  setenv("KTX_MOE_TIMES", "1", 1);
+  auto profiled = CpuMoeBackend::Create(*model, pool.get(), o);
+  unsetenv("KTX_MOE_TIMES");
+  ASSERT_TRUE(profiled.ok()) << profiled.status();
+  auto plain = CpuMoeBackend::Create(*model, pool.get(), o);
+  ASSERT_TRUE(plain.ok());
+  for (const LayerInput& in : CaptureMoeInputs(*model)) {
+    Activations a, b;
+    ASSERT_TRUE((*profiled)->Compute(in.il, in.h, in.routing, {}, &a).ok());
+    ASSERT_TRUE((*plain)->Compute(in.il, in.h, in.routing, {}, &b).ok());
+    EXPECT_EQ(a.values(), b.values());
+  }
 }
 
 // CpuExperts attaches to the model and gives the reference backend back.

@@ -371,6 +371,65 @@ TEST_P(MoeVariantTest, BitwiseIndependentOfWorkerCount) {
       0, std::memcmp(tile_results[0].data(), tile_results[1].data(), tile_results[0].size() * 4));
 }
 
+// MoeInput::x_rows: the tokens' rows read in place from a larger x give the
+// bits of a run over the gathered rows, on the decode and the prefill paths.
+TEST_P(MoeVariantTest, ReadsRowsOfALargerBatchInPlace) {
+  const MoeShape shape{512, 256, 16, 4};
+  const TestLayer L = MakeTestLayer(shape, TensorType::kQ4_K, TensorType::kQ6_K, 21, false);
+  const std::vector<bool> owned(16, true);
+  const int64_t n_batch = 61, n = 40;
+  const Routing batch = RandomRouting(shape, n_batch, 22);
+  // Rows 1, 2, 4, 5, 7, ... of the batch (every third one skipped).
+  std::vector<int32_t> rows;
+  for (int32_t r = 0; static_cast<int64_t>(rows.size()) < n; ++r) {
+    if (r % 3 != 0) rows.push_back(r);
+  }
+  Routing gathered;
+  gathered.x.resize(n * shape.n_embd);
+  for (int64_t j = 0; j < n; ++j) {
+    std::copy_n(batch.x.data() + rows[j] * shape.n_embd, shape.n_embd,
+                gathered.x.data() + j * shape.n_embd);
+  }
+  const Routing sub = RandomRouting(shape, n, 23);  // the sub-batch's own routing
+  gathered.ids = sub.ids;
+  gathered.w = sub.w;
+  for (const bool tile : {false, true}) {
+    auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, false);
+    MoePlanOptions o = Options(n, 2);
+    o.prefill_min_tokens = tile ? 8 : 1 << 20;
+    o.tile_prefill = tile;
+    auto plan = MakeMoePlan(shape, W->f, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    if (tile && !plan->tile) continue;  // no tile path on this variant
+    const std::vector<float> want = RunLayer(*plan, *W, gathered, n, 2);
+    std::vector<float> got(n * shape.n_embd, -1.0f);
+    AlignedBuffer ws(MoeWorkspaceSize(*plan));
+    MoeInput in;
+    in.n_tokens = n;
+    in.x = batch.x.data();
+    in.ids = sub.ids.data();
+    in.weights = sub.w.data();
+    in.out = got.data();
+    in.x_rows = rows.data();
+    in.n_x_rows = n_batch;
+    auto run = MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size);
+    ASSERT_TRUE(run.ok()) << run.status();
+    for (int st = 0; st < MoeRun::kNumStages; ++st) {
+      for (int64_t t = 0; t < run->NumTasks(st); ++t) run->RunTask(st, t, 0);
+    }
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * 4)) << "tile " << tile;
+    // A row outside x is refused, naming the token.
+    const int32_t kept = rows[7];
+    rows[7] = static_cast<int32_t>(n_batch);
+    auto bad = MoeRun::Begin(*plan, W->w, in, ws.p.get(), ws.size);
+    ASSERT_FALSE(bad.ok());
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(bad.status().message().find("token 7 reads x row 61"), std::string::npos)
+        << bad.status();
+    rows[7] = kept;
+  }
+}
+
 TEST_P(MoeVariantTest, ActivationQuantizersAgreeBitwiseWithScalar) {
   const MoeKernels& k = MoeKernelsFor(GetParam());
   const MoeKernels& s = MoeKernelsScalar();
