@@ -336,6 +336,16 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
   if (const char* v = std::getenv("KTX_GPU_STAGE_TIMES"); v != nullptr && *v == '1') {
     gpu->stage_times_ = true;  // layers that run as CUDA graphs are not split into stages
   }
+  if (const char* v = std::getenv("KTX_GPU_ROUTED_ZERO_COPY"); v != nullptr && *v != '\0') {
+    const std::string mode = v;
+    if (mode != "0" && mode != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_GPU_ROUTED_ZERO_COPY='", mode,
+                       "': expected 1 (the residual add reads the CPU experts' sum from pinned "
+                       "host memory) or 0 (copy it to the GPU first)"));
+    }
+    gpu->routed_zero_copy_ = mode == "1";
+  }
   if (opts.cuda_graphs && opts.graph_max_tokens > 0) {
     gpu->graphs_ = std::make_unique<CudaGraphCache>(
         static_cast<size_t>(std::max<int64_t>(opts.graph_capacity, 1)));
@@ -414,11 +424,15 @@ void CudaDeepseek2::MarkStage(StageMark m) {
 
 void CudaDeepseek2::ReportStages() {
   if (!stage_times_ || stage_n_ < 2) return;
-  static const char* const kNames[] = {
-      "start",         "attention",
-      "dense FFN",     "router + copies to host",
-      "shared expert", "wait for the CPU (and GPU) experts + upload + add",
-      "head"};
+  static const char* const kNames[] = {"start",
+                                       "attention",
+                                       "dense FFN",
+                                       "router + copies to host",
+                                       "shared expert",
+                                       "wait for the CPU (and GPU) experts",
+                                       "host copy + upload of the CPU experts' sum",
+                                       "add",
+                                       "head"};
   constexpr int kStages = static_cast<int>(std::size(kNames));
   double ms[kStages] = {0};
   for (size_t i = 1; i < stage_n_; ++i) {
@@ -1230,10 +1244,18 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
                                               ", ", routed.n_cols(), "], expected [", n, ", ",
                                               n_embd, "]"));
     }
+    MarkStage(StageMark::kExpertsWait);
     models::ParallelCopy(pinned_routed_.as<float>(), routed.data(), n * n_embd * 4);
-    KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
-    KTX_RETURN_IF_ERROR(CudaOk(kc::AddRows(x, n_embd, runner_->routed(), n_embd, n, n_embd, stream),
-                               "residual add"));
+    // pinned_routed_ is rewritten only after the next layer's routing, i.e.
+    // after this add in stream order (routed_ready_), copy or direct read.
+    const float* routed_on_gpu = pinned_routed_.as<float>();  // mapped (UVA)
+    if (!routed_zero_copy_) {
+      KTX_RETURN_IF_ERROR(Upload(pinned_routed_.as<float>(), runner_->routed(), n * n_embd * 4));
+      routed_on_gpu = runner_->routed();
+    }
+    MarkStage(StageMark::kRoutedUpload);
+    KTX_RETURN_IF_ERROR(
+        CudaOk(kc::AddRows(x, n_embd, routed_on_gpu, n_embd, n, n_embd, stream), "residual add"));
     MarkStage(StageMark::kRoutedAdd);
     KTX_RETURN_IF_ERROR(finish_moe_layer());
   }

@@ -312,10 +312,24 @@ class CudaDeepseek2 {
   std::unique_ptr<CudaGraphCache> graphs_;  // null: CUDA graphs off
   // KTX_GPU_STAGE_TIMES=1: CUDA events on the stream after each stage of the
   // non-graphed layers; each forward pass logs the summed time per stage.
-  enum class StageMark { kStart, kAttention, kDenseFfn, kRoute, kShared, kRoutedAdd, kHead };
+  enum class StageMark {
+    kStart,
+    kAttention,
+    kDenseFfn,
+    kRoute,
+    kShared,
+    kExpertsWait,
+    kRoutedUpload,
+    kRoutedAdd,
+    kHead
+  };
   void MarkStage(StageMark m);
   void ReportStages();
   bool stage_times_ = false;
+  // KTX_GPU_ROUTED_ZERO_COPY=1: the residual add reads the CPU experts' sum
+  // straight from pinned host memory (SM loads over PCIe) instead of a copy
+  // on the stream, which queues behind the expert streaming's copies.
+  bool routed_zero_copy_ = false;
   // With stage_times_: recorded after a split layer's GPU experts, to log
   // whether the GPU or the CPU side finished last (created on first use).
   cudaEvent_t split_probe_ = nullptr;

@@ -458,12 +458,33 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
                                   2e3 * m.gpu_layer_fixed_s / model_->hparams().n_expert;
   o.experts.cpu_expert_per_token_us = 1e-3;
   o.experts.split_serial_us_per_token = 0;  // a split layer's serial part: not modelled here
-  for (const bool prefetch : {false, true}) {
-    SCOPED_TRACE(prefetch ? "prefetch" : "no prefetch");
+  // Variants: no prefetch; prefetch; prefetch with the residual add reading
+  // the CPU's sum from pinned host memory (KTX_GPU_ROUTED_ZERO_COPY); the same
+  // with a ring of 3 slots (KTX_GPU_EXPERT_SLOTS). (Each instance learns its
+  // own CPU cost, so the splits, and with them the bits, differ.)
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool prefetch = variant > 0;
+    SCOPED_TRACE(variant == 0   ? "no prefetch"
+                 : variant == 1 ? "prefetch"
+                 : variant == 2 ? "prefetch, zero copy"
+                                : "prefetch, zero copy, 3 slots");
     o.experts.prefetch = prefetch;
+    if (variant >= 2) setenv("KTX_GPU_ROUTED_ZERO_COPY", "1", 1);
+    if (variant == 3) setenv("KTX_GPU_EXPERT_SLOTS", "3", 1);
     auto other = CudaDeepseek2::Create(*model_, o);
+    unsetenv("KTX_GPU_ROUTED_ZERO_COPY");
+    unsetenv("KTX_GPU_EXPERT_SLOTS");
     ASSERT_TRUE(other.ok()) << other.status();
     run(**other, GpuExpertMode::kAuto, &split);
+    if (variant == 2) {
+      // Every expert on the CPU: the add reads the same sum, so the same bits as the copy.
+      Activations zero_copy_cpu;
+      run(**other, GpuExpertMode::kAllCpu, &zero_copy_cpu);
+      ASSERT_EQ(zero_copy_cpu.values().size(), cpu.values().size());
+      EXPECT_EQ(0,
+                std::memcmp(zero_copy_cpu.data(), cpu.data(), cpu.values().size() * sizeof(float)))
+          << "the zero-copy add changed the logits";
+    }
     const GpuExpertStreamer::Stats& st = (*other)->expert_streamer()->stats();
     std::printf("[ measured ] %s: split (prefetch %d): %lld experts on the GPU in %d MoE layers\n",
                 GetParam().c_str(), prefetch, static_cast<long long>(st.experts_computed),
@@ -1119,7 +1140,9 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
   for (const auto& [var, value] :
        {std::pair<const char*, const char*>{"KTX_GPU_SKINNY_MAX_TOKENS", "65"},
         {"KTX_GPU_SKINNY_MAX_TOKENS", "some"},
-        {"KTX_GPU_SPLIT_SERIAL_US", "-1"}}) {
+        {"KTX_GPU_SPLIT_SERIAL_US", "-1"},
+        {"KTX_GPU_ROUTED_ZERO_COPY", "yes"},
+        {"KTX_GPU_EXPERT_SLOTS", "1"}}) {
     setenv(var, value, 1);
     auto bad = CudaDeepseek2::Create(*model_, TestOptions());
     unsetenv(var);
