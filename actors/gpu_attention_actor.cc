@@ -108,15 +108,27 @@ class GpuMoeHooks {
 
   absl::Status RoutedExperts(int il, const Activations& h, const models::Routing& routing,
                              Activations* routed) {
-    const Clock::time_point t_ready = Clock::now();
-    LayerTiming& timing = step_.prof.layers[il];
-    timing.attention_us += Micros(last_, t_ready);
-    const int64_t n = h.n_tokens();
-    const int64_t n_embd = h.n_cols();
+    KTX_RETURN_IF_ERROR(StartRoutedExperts(il, h, routing));
+    return FinishRoutedExperts(il, routed);
+  }
+
+  // The CPU's part of layer il goes to the router (or the lane) now; h is
+  // copied into the shards' input buffer and the routing into the request,
+  // so neither is read after this returns. One start at a time.
+  absl::Status StartRoutedExperts(int il, const Activations& h, const models::Routing& routing) {
+    if (started_.il >= 0) {
+      return absl::InternalError(absl::StrCat(
+          "routed experts of layer ", il, " started while layer ", started_.il, " is still out"));
+    }
+    Started st;
+    st.t_ready = Clock::now();
+    step_.prof.layers[il].attention_us += Micros(last_, st.t_ready);
+    st.n = h.n_tokens();
+    st.n_embd = h.n_cols();
     MoeWork work;
     work.il = il;
     work.h = ExpertInput(il, h);
-    const Clock::time_point t_input = Clock::now();
+    st.t_input = Clock::now();
     // The slices' policies were applied by AdjustRouting, before the GPU took
     // its experts: `routing` is the CPU's part.
     work.n_expert_used = routing.n_expert_used;
@@ -128,18 +140,37 @@ class GpuMoeHooks {
       for (int32_t e : work.expert_ids) {
         if (e >= 0 && e < n_expert) used[e] = 1;
       }
-      timing.distinct_experts = static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
+      step_.prof.layers[il].distinct_experts =
+          static_cast<int32_t>(std::count(used.begin(), used.end(), 1));
     }
     absl::StatusOr<uint64_t> ticket = client_.Send(std::move(work));
     if (!ticket.ok()) return MoeError(ticket.status(), absl::StrCat("layer ", il));
+    st.ticket = *ticket;
+    st.il = il;
+    st.t_sent = Clock::now();
+    started_ = st;
+    return absl::OkStatus();
+  }
+
+  // Waits for the part StartRoutedExperts sent for layer il and places the
+  // shards' partials into *routed (F32 [n, n_embd]).
+  absl::Status FinishRoutedExperts(int il, Activations* routed) {
+    if (started_.il != il) {
+      return absl::InternalError(absl::StrCat("routed experts of layer ", il,
+                                              " finished without a start (layer ", started_.il,
+                                              " is out)"));
+    }
+    const Started st = started_;
+    started_ = Started();
+    LayerTiming& timing = step_.prof.layers[il];
     // This layer's deferred experts go out right behind its immediate ones.
     KTX_RETURN_IF_ERROR(FlushLate());
-    const Clock::time_point t_sent = Clock::now();
-    absl::StatusOr<MoeResult> result = client_.Wait(*ticket);
+    const Clock::time_point t_wait = Clock::now();
+    absl::StatusOr<MoeResult> result = client_.Wait(st.ticket);
     if (!result.ok()) return MoeError(result.status(), absl::StrCat("layer ", il));
     const Clock::time_point t_result = Clock::now();
-    Place(*result, n, n_embd, routed);
-    const int64_t moe_us = Micros(t_ready, t_result);
+    Place(*result, st.n, st.n_embd, routed);
+    const int64_t moe_us = Micros(st.t_ready, t_result);
     const std::vector<int64_t> shard_us = ShardComputeUs(result->parts, core_.n_shards);
     int64_t critical = 0;
     for (size_t s = 0; s < shard_us.size(); ++s) {
@@ -153,11 +184,11 @@ class GpuMoeHooks {
     timing.combine_us += Micros(t_result, last_);
     if (core_.log_hook_times) {
       KTX_LOG(INFO, "gpu_attention") << absl::StrFormat(
-          "routed experts of layer %d, %lld tokens: input copy %.2f ms, send %.2f ms, wait %.2f ms "
-          "(slowest shard job %.2f ms), place %.2f ms",
-          il, static_cast<long long>(n), Micros(t_ready, t_input) * 1e-3,
-          Micros(t_input, t_sent) * 1e-3, Micros(t_sent, t_result) * 1e-3, critical * 1e-3,
-          Micros(t_result, last_) * 1e-3);
+          "routed experts of layer %d, %lld tokens: input copy %.2f ms, send %.2f ms, GPU's "
+          "share enqueued in %.2f ms, wait %.2f ms (slowest shard job %.2f ms), place %.2f ms",
+          il, static_cast<long long>(st.n), Micros(st.t_ready, st.t_input) * 1e-3,
+          Micros(st.t_input, st.t_sent) * 1e-3, Micros(st.t_sent, t_wait) * 1e-3,
+          Micros(t_wait, t_result) * 1e-3, critical * 1e-3, Micros(t_result, last_) * 1e-3);
     }
     return absl::OkStatus();
   }
@@ -313,6 +344,14 @@ class GpuMoeHooks {
     return absl::Status(status.code(), absl::StrCat("router, ", what, ": ", status.message()));
   }
 
+  // The part StartRoutedExperts sent and FinishRoutedExperts waits for.
+  struct Started {
+    int il = -1;  // -1: none out
+    uint64_t ticket = 0;
+    int64_t n = 0, n_embd = 0;
+    Clock::time_point t_ready, t_input, t_sent;
+  };
+  Started started_;
   Core& core_;
   Step& step_;
   const std::vector<int64_t> row_begin_;  // [active] first batch row of each active slice
@@ -359,6 +398,13 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
     hooks.routed_experts = [&client](int il, const Activations& h, const models::Routing& routing,
                                      Activations* routed) {
       return client.RoutedExperts(il, h, routing, routed);
+    };
+    hooks.start_routed_experts = [&client](int il, const Activations& h,
+                                           const models::Routing& routing) {
+      return client.StartRoutedExperts(il, h, routing);
+    };
+    hooks.finish_routed_experts = [&client](int il, Activations* routed) {
+      return client.FinishRoutedExperts(il, routed);
     };
     hooks.adjust_routing = [&client](int il, models::Routing* routing) {
       return client.AdjustRouting(il, routing);

@@ -173,6 +173,19 @@ class CudaDeepseek2 {
     std::function<absl::Status(int il, const models::Activations& h, const models::Routing& routing,
                                models::Activations* routed)>
         routed_experts;
+    // Optional asynchronous form of routed_experts (used when both are set):
+    // start_routed_experts hands the CPU's part of MoE layer il over (same
+    // arguments; neither h nor routing is read after it returns) and returns
+    // at once; finish_routed_experts waits for it and writes routed. The GPU
+    // path starts the CPU's part before it enqueues the GPU's share of the
+    // layer (the launches and copies of ~180 experts take milliseconds of
+    // host time) and finishes it after the next layer's prefetch. Each start
+    // is followed by exactly one finish for the same layer before the next
+    // start, unless the batch fails in between (then finish is not called).
+    std::function<absl::Status(int il, const models::Activations& h,
+                               const models::Routing& routing)>
+        start_routed_experts;
+    std::function<absl::Status(int il, models::Activations* routed)> finish_routed_experts;
     // false: on success no entry is committed; the caller commits the ones it
     // keeps with Commit(seq, tokens.size()) (the rows stay reserved, so an
     // uncommitted entry is simply overwritten by its next batch).
@@ -326,10 +339,13 @@ class CudaDeepseek2 {
   void MarkStage(StageMark m);
   void ReportStages();
   bool stage_times_ = false;
-  // KTX_GPU_ROUTED_ZERO_COPY=1: the residual add reads the CPU experts' sum
-  // straight from pinned host memory (SM loads over PCIe) instead of a copy
-  // on the stream, which queues behind the expert streaming's copies.
-  bool routed_zero_copy_ = false;
+  // How the residual add gets the CPU experts' sum (pinned host memory): by a
+  // copy on the stream, or read straight from host memory by the add kernel
+  // (SM loads over PCIe), which does not queue behind the expert streaming's
+  // copies. Auto (the default): read directly while experts stream (large
+  // batches), copy otherwise. KTX_GPU_ROUTED_ZERO_COPY=1 / 0: always / never.
+  enum class RoutedRead { kAuto, kAlways, kNever };
+  RoutedRead routed_read_ = RoutedRead::kAuto;
   // With stage_times_: recorded after a split layer's GPU experts, to log
   // whether the GPU or the CPU side finished last (created on first use).
   cudaEvent_t split_probe_ = nullptr;

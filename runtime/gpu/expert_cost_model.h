@@ -16,11 +16,12 @@
 // id): the prefix that minimises max(GPU, CPU), the smaller one on ties, and
 // none when the batch is below min_batch_tokens or no prefix beats the CPU
 // alone by gpu_layer_fixed_s. A layer that leaves any expert to the CPU also
-// pays split_serial_s_per_token * n_tokens: the GPU work that cannot overlap
-// the host's wait for the CPU (the routed sum's upload and add, the next
-// layer's attention), which a layer with every expert on the GPU pipelines
-// behind the streaming (measured on the H200: ~25 us per token, prefill 2048
-// 3.6k tok/s split vs 5.0k all on the GPU, docs/performance.md).
+// pays split_serial_s_per_token * n_tokens: the work that cannot overlap the
+// CPU's (the routed sum's copy and add, the next layer's attention, the
+// hand-off), which a layer with every expert on the GPU pipelines behind the
+// streaming (measured on the H200: ~20 ms per layer at 2048 tokens, i.e.
+// ~10 us per token, since the CPU's part starts before the GPU's share is
+// enqueued; ~25 us before that, docs/performance.md).
 //
 //   ExpertCostModel m = ...;  // Calibrate on the GPU, CPU figures from outside
 //   ExpertSplit s = PlanExpertSplit(m, tokens_per_expert, shape, n_tokens);

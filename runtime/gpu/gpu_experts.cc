@@ -216,7 +216,7 @@ absl::StatusOr<std::unique_ptr<GpuExpertStreamer>> GpuExpertStreamer::Create(
                                "creating an event"));
     KTX_RETURN_IF_ERROR(CudaOk(cudaEventCreateWithFlags(&s->freed_[i], cudaEventDisableTiming),
                                "creating an event"));
-    s->free_slots_.push_back(l.n_slots - 1 - i);  // popped from the back: slot 0 first
+    s->free_slots_.push_back(i);  // taken from the front: slot 0 first
   }
   absl::Status reg = config.register_host_memory
                          ? s->RegisterHostMemory()
@@ -387,8 +387,8 @@ absl::Status GpuExpertStreamer::Issue() {
   for (Pending& p : queue_) {
     if (free_slots_.empty()) break;
     if (p.slot >= 0) continue;
-    p.slot = free_slots_.back();
-    free_slots_.pop_back();
+    p.slot = free_slots_.front();
+    free_slots_.pop_front();
     KTX_RETURN_IF_ERROR(CopyExpert(p.il, p.expert, p.slot));
   }
   return absl::OkStatus();

@@ -238,7 +238,13 @@ class GpuExpertStreamer {
   PinnedBuffer bounce_;              // one expert's raw blocks (kBounce only)
   std::vector<cudaEvent_t> copied_;  // per slot: its copy finished (copy stream)
   std::vector<cudaEvent_t> freed_;   // per slot: its blocks were dequantized (compute stream)
-  std::vector<int> free_slots_;
+  // Released slots, oldest release first: a copy takes the slot whose
+  // dequantization was queued earliest (most likely done), so the copy
+  // stream does not wait for the compute stream's latest work. (Taking the
+  // latest, as before 2026-11-27, made the next layer's first copy wait for
+  // the end of this layer's GPU experts: with a deep ring the link idled
+  // ~30 ms per layer.)
+  std::deque<int> free_slots_;
   std::deque<Pending> queue_;  // planned copies in order; issued ones first
   DeviceBuffer resident_;      // raw blocks of the resident experts, slot layout each
   std::vector<std::vector<int64_t>> resident_offset_;  // [n_layer][n_expert] byte offset or -1

@@ -52,11 +52,12 @@ struct GpuExpertOptions {
   double cpu_expert_fixed_ms = 0.65;
   double cpu_expert_per_token_us = 12.0;
   // ExpertCostModel::split_serial_s_per_token (us): what a layer with CPU
-  // experts cannot overlap; measured ~25 us per token on the H200 machine
-  // (docs/performance.md). It makes long prompts stream every expert (faster
-  // there at 2048 tokens) and keeps the split for shorter ones.
+  // experts cannot overlap: the next layer's attention and the hand-off,
+  // ~20 ms per layer at 2048 tokens on the H200 machine since the CPU's part
+  // starts before the GPU's share is enqueued (docs/performance.md; 25 us
+  // until then, which made 2048-token prompts stream every expert).
   // KTX_GPU_SPLIT_SERIAL_US in the environment overrides it.
-  double split_serial_us_per_token = 25.0;
+  double split_serial_us_per_token = 10.0;
 };
 
 // Which forms of the non-routed weight matrices CudaDeepseek2 keeps on the
