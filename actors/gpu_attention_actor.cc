@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -65,9 +64,6 @@ struct Core {
   // while no shard or router still holds it (use_count 1): jobs run one at a
   // time on the arena, and each waits for its layer's answer.
   std::shared_ptr<models::Activations> expert_input;
-  // KTX_GPU_STAGE_TIMES=1 (as CudaDeepseek2's stage times): one line per MoE
-  // layer with the hook's parts (input copy, send, wait, place).
-  bool log_hook_times = false;
 };
 
 // One step in flight. The actor fills it before the job starts and reads it
@@ -182,7 +178,7 @@ class GpuMoeHooks {
     timing.dispatch_us += std::max<int64_t>(0, moe_us - critical);
     last_ = Clock::now();
     timing.combine_us += Micros(t_result, last_);
-    if (core_.log_hook_times) {
+    if (core_.gpu->stage_times()) {  // with CudaDeepseek2's stage lines: the hook's parts
       KTX_LOG(INFO, "gpu_attention") << absl::StrFormat(
           "routed experts of layer %d, %lld tokens: input copy %.2f ms, send %.2f ms, GPU's "
           "share enqueued in %.2f ms, wait %.2f ms (slowest shard job %.2f ms), place %.2f ms",
@@ -655,9 +651,6 @@ absl::StatusOr<attention_actor> SpawnGpuAttention(caf::actor_system& system, Att
   core->device = options.gpu.device;
   core->bf16_expert_input = config.bf16_expert_input;
   core->n_shards = config.n_shards;
-  if (const char* env = std::getenv("KTX_GPU_STAGE_TIMES"); env != nullptr) {
-    core->log_hook_times = std::string(env) == "1";
-  }
   core->moe.deadline = options.moe_deadline;
   core->moe.spin_us = std::max(config.moe_spin_us, 0);
   core->moe.lane = config.lane;

@@ -1218,13 +1218,15 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // idle for the CPU's whole time in a split layer); they are chosen with
     // the CPU figures as corrected up to the previous layer.
     if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
-    if (!cpu_started) cpu_t0 = std::chrono::steady_clock::now();
     if (cpu_started) {
       KTX_RETURN_IF_ERROR(hooks.finish_routed_experts(il, &routed));
-    } else if (hooks.routed_experts) {
-      KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
     } else {
-      KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
+      cpu_t0 = std::chrono::steady_clock::now();
+      if (hooks.routed_experts) {
+        KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
+      } else {
+        KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
+      }
     }
     const double cpu_measured_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();

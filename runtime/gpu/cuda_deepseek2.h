@@ -116,6 +116,8 @@ class CudaDeepseek2 {
   // Calibrated GPU rates and the CPU figures; null streamer when off and no
   // expert is resident.
   const ExpertCostModel& expert_cost_model() const { return expert_cost_; }
+  // KTX_GPU_STAGE_TIMES=1 was set at creation (stage lines are logged).
+  bool stage_times() const { return stage_times_; }
   const GpuExpertStreamer* expert_streamer() const { return experts_.get(); }
 
   // ---- hot routed experts resident on the GPU ----

@@ -546,7 +546,7 @@ absl::Status CpuMoeBackend::Compute(int il, const models::Activations& h,
                                     const models::Routing& routing,
                                     std::span<const uint8_t> expert_mask,
                                     models::Activations* out) {
-  return Run(il, h, {}, routing, expert_mask, out);
+  return Run(il, h, /*indexed=*/false, {}, routing, expert_mask, out);
 }
 
 absl::Status CpuMoeBackend::ComputeRows(int il, const models::Activations& h,
@@ -555,15 +555,11 @@ absl::Status CpuMoeBackend::ComputeRows(int il, const models::Activations& h,
                                         std::span<const uint8_t> expert_mask,
                                         models::Activations* out) {
   KTX_RETURN_IF_ERROR(models::CheckExpertRows(h, rows, routing));
-  if (rows.empty()) {  // no token; h's rows need not match
-    out->ResizeForOverwrite(0, hparams_->n_embd);
-    return absl::OkStatus();
-  }
-  return Run(il, h, rows, routing, expert_mask, out);
+  return Run(il, h, /*indexed=*/true, rows, routing, expert_mask, out);
 }
 
-absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, std::span<const int32_t> rows,
-                                const models::Routing& routing,
+absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, bool indexed,
+                                std::span<const int32_t> rows, const models::Routing& routing,
                                 std::span<const uint8_t> expert_mask, models::Activations* out) {
   const auto call_t0 = Clock::now();
   const models::Deepseek2Hparams& hp = *hparams_;
@@ -572,8 +568,7 @@ absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, std::span<
   }
   if (out == nullptr) return absl::InvalidArgumentError("routed experts: no output given");
   const Layer& L = *layers_[il];
-  // With rows, token j is row rows[j] of h (checked by ComputeRows).
-  const bool indexed = !rows.empty();
+  // Indexed: token j is row rows[j] of h (checked by ComputeRows).
   const int64_t n = indexed ? static_cast<int64_t>(rows.size()) : h.n_tokens();
   const int64_t n_embd = hp.n_embd;
   const int32_t k_used = routing.n_expert_used;

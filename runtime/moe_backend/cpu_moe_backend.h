@@ -211,10 +211,10 @@ class CpuMoeBackend final : public models::ExpertBackend {
   struct Layer;
   CpuMoeBackend() = default;
   absl::Status Load(const CpuMoeBackendOptions& options);
-  // Compute (rows empty) and ComputeRows (rows checked).
-  absl::Status Run(int il, const models::Activations& h, std::span<const int32_t> rows,
-                   const models::Routing& routing, std::span<const uint8_t> expert_mask,
-                   models::Activations* out);
+  // Compute (indexed false, rows unused) and ComputeRows (rows checked).
+  absl::Status Run(int il, const models::Activations& h, bool indexed,
+                   std::span<const int32_t> rows, const models::Routing& routing,
+                   std::span<const uint8_t> expert_mask, models::Activations* out);
   // Measures the crossing of the decode and tile paths on MoE layer il (see
   // the file comment); fills load_stats_.calibration.
   absl::StatusOr<int64_t> CalibratePrefillSwitch(int il);
