@@ -21,6 +21,10 @@ __global__ void EmbedKernel(const __nv_bfloat16* table, int64_t n_embd, const in
   for (int64_t i = threadIdx.x; i < n_embd; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
 }
 
+// One block per row. Rows of up to kRegs * blockDim.x values are read once
+// into registers (all loads in flight together); longer rows are read twice.
+constexpr int kRmsNormRegs = 8;
+
 __global__ void RmsNormKernel(const float* x, int64_t x_stride, const int32_t* rows,
                               const float* weight, int64_t n, float eps, float* y_f32,
                               int64_t y_f32_stride, __nv_bfloat16* y_bf16, int64_t y_bf16_stride) {
@@ -28,6 +32,28 @@ __global__ void RmsNormKernel(const float* x, int64_t x_stride, const int32_t* r
   const int64_t r = blockIdx.x;
   const float* src = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * x_stride;
   float ss = 0.0f;
+  if (n <= static_cast<int64_t>(kRmsNormRegs) * blockDim.x) {
+    const int n32 = static_cast<int>(n);
+    float v[kRmsNormRegs];
+#pragma unroll
+    for (int k = 0; k < kRmsNormRegs; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      v[k] = i < n32 ? src[i] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kRmsNormRegs; ++k) ss = fmaf(v[k], v[k], ss);
+    ss = BlockSum(ss, scratch);
+    const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+#pragma unroll
+    for (int k = 0; k < kRmsNormRegs; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i >= n32) break;
+      const float o = v[k] * scale * weight[i];
+      if (y_f32 != nullptr) y_f32[r * y_f32_stride + i] = o;
+      if (y_bf16 != nullptr) y_bf16[r * y_bf16_stride + i] = __float2bfloat16_rn(o);
+    }
+    return;
+  }
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
   ss = BlockSum(ss, scratch);
   const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);

@@ -9,11 +9,12 @@
 namespace ktx::kernels::cuda {
 namespace {
 
-constexpr int kMaxPairs = 128;
+constexpr int kMaxPairs = kRopeMaxPairs;
 constexpr int kTile = 32;                   // KV rows per shared-memory tile
 constexpr int kMaxKvLora = 512;             // accumulators per lane: kv_lora / 32
 constexpr int kAccWords = kMaxKvLora / 64;  // bf16 pairs of the latent per lane
-constexpr int64_t kMinSplitLen = 64;        // rows: two tiles; shorter splits cost more to merge
+constexpr int64_t kMinSplitLen =
+    64;  // rows: one tensor-core tile; shorter splits cost more to merge
 constexpr int32_t kMaxSplits = 256;
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -46,6 +47,16 @@ __device__ __forceinline__ void CpAsyncWaitAll() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most kPending of this thread's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // Element offsets of the cache rows t0 .. t0 + n_rows - 1 of one sequence
 // (-1 past n_rows), written by the first kTile threads.
 __device__ __forceinline__ void TileRowOffsets(const MlaPagedKv& kv, const int32_t* table,
@@ -60,13 +71,15 @@ __device__ __forceinline__ void TileRowOffsets(const MlaPagedKv& kv, const int32
   }
 }
 
-__global__ void WriteKvKernel(const float* kva, int64_t kva_stride, const float* kv_norm, float eps,
-                              int32_t kv_lora, RopeParams rope, const int32_t* positions,
-                              const int32_t* seq_index, MlaPagedKv kv) {
-  __shared__ float scratch[32];
-  __shared__ double cos_t[kMaxPairs];
-  __shared__ double sin_t[kMaxPairs];
-  const int64_t t = blockIdx.x;
+// The KV write of token t (one block): [rmsnorm(c) * kv_norm | rope(k_pe)]
+// into its cache row, with the rope table of its position (cos_t / sin_t:
+// shared, filled here; `scratch` 32 floats of shared memory).
+__device__ __forceinline__ void WriteKvRow(const float* kva, int64_t kva_stride,
+                                           const float* kv_norm, float eps, int32_t kv_lora,
+                                           const RopeParams& rope, const int32_t* positions,
+                                           const int32_t* seq_index, const MlaPagedKv& kv,
+                                           int64_t t, double* cos_t, double* sin_t,
+                                           float* scratch) {
   const float* src = kva + t * kva_stride;
   const int64_t pos = positions[t];
   RopeTable(rope, pos, cos_t, sin_t);
@@ -86,28 +99,56 @@ __global__ void WriteKvKernel(const float* kva, int64_t kva_stride, const float*
   }
 }
 
+__global__ void WriteKvKernel(const float* kva, int64_t kva_stride, const float* kv_norm, float eps,
+                              int32_t kv_lora, RopeParams rope, const int32_t* positions,
+                              const int32_t* seq_index, MlaPagedKv kv) {
+  __shared__ float scratch[32];
+  __shared__ double cos_t[kMaxPairs];
+  __shared__ double sin_t[kMaxPairs];
+  WriteKvRow(kva, kva_stride, kv_norm, eps, kv_lora, rope, positions, seq_index, kv, blockIdx.x,
+             cos_t, sin_t, scratch);
+}
+
+// One block: one token, kPrepareHeads heads. A decode step has one token, so
+// the heads are what spreads the work over the GPU (a single block for all
+// 128 heads took ~40 us, latency-bound, on an H200).
+constexpr int kPrepareHeads = 8;
+
+// With write_kv, the last block of each token (blockIdx.y == gridDim.y - 1)
+// writes the token's KV row instead (MlaWriteKv's work in the same launch).
 __global__ void PrepareQKernel(const float* q, int64_t q_stride, int32_t n_head, int32_t qk_nope,
                                int32_t kv_lora, RopeParams rope, const int32_t* positions,
                                __nv_bfloat16* q_nope, int64_t q_nope_stride, float* big_q,
-                               int64_t big_q_stride) {
+                               int64_t big_q_stride, MlaKvWrite write_kv) {
   __shared__ double cos_t[kMaxPairs];
   __shared__ double sin_t[kMaxPairs];
   const int64_t t = blockIdx.x;
+  if (write_kv.kva != nullptr && blockIdx.y == gridDim.y - 1) {  // block-uniform
+    __shared__ float scratch[32];
+    WriteKvRow(write_kv.kva, write_kv.kva_stride, write_kv.kv_norm, write_kv.eps, kv_lora, rope,
+               positions, write_kv.seq_index, write_kv.kv, t, cos_t, sin_t, scratch);
+    return;
+  }
+  const int h0 = blockIdx.y * kPrepareHeads;
+  const int n_heads = min(kPrepareHeads, n_head - h0);
   RopeTable(rope, positions[t], cos_t, sin_t);
-  __syncthreads();
   const int hd = qk_nope + rope.n_rot;
   const int rw = kv_lora + rope.n_rot;
-  const float* src = q + t * q_stride;
-  for (int j = threadIdx.x; j < n_head * qk_nope; j += blockDim.x) {
-    const int h = j / qk_nope, c = j % qk_nope;
-    q_nope[t * q_nope_stride + j] = __float2bfloat16_rn(src[h * hd + c]);
+  const float* src = q + t * q_stride + static_cast<int64_t>(h0) * hd;
+  __nv_bfloat16* dst_nope = q_nope + t * q_nope_stride + static_cast<int64_t>(h0) * qk_nope;
+  // The copy's loads are in flight while the table's first threads compute.
+#pragma unroll 4
+  for (int j = threadIdx.x; j < n_heads * qk_nope; j += blockDim.x) {
+    const int h = j / qk_nope, c = j - h * qk_nope;
+    dst_nope[j] = __float2bfloat16_rn(src[h * hd + c]);
   }
+  __syncthreads();
   const int n_pairs = rope.n_rot / 2;
-  for (int j = threadIdx.x; j < n_head * n_pairs; j += blockDim.x) {
-    const int h = j / n_pairs, i = j % n_pairs;
+  for (int j = threadIdx.x; j < n_heads * n_pairs; j += blockDim.x) {
+    const int h = j / n_pairs, i = j - h * n_pairs;
     float a, b;
     RopePair(cos_t, sin_t, i, src + h * hd + qk_nope, &a, &b);
-    float* dst = big_q + t * big_q_stride + static_cast<int64_t>(h) * rw + kv_lora;
+    float* dst = big_q + t * big_q_stride + static_cast<int64_t>(h0 + h) * rw + kv_lora;
     dst[2 * i] = a;
     dst[2 * i + 1] = b;
   }
@@ -240,29 +281,56 @@ __global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float
   const int64_t qi = blockIdx.x;
   const int head = blockIdx.y;
   const int64_t base = (qi * a.n_head + head) * n_splits;
-  if (threadIdx.x == 0) {
+  // The first warp weighs the splits (lanes over splits), the block sums.
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
     float mx = -INFINITY;
-    for (int s = 0; s < n_splits; ++s) {
-      if (part_ml[base + s].y > 0.0f) mx = fmaxf(mx, part_ml[base + s].x);
+    for (int s = lane; s < n_splits; s += 32) {
+      const float2 ml = part_ml[base + s];
+      if (ml.y > 0.0f) mx = fmaxf(mx, ml.x);
     }
+    mx = WarpMax(mx);
     float total = 0.0f;
-    for (int s = 0; s < n_splits; ++s) {
+    for (int s = lane; s < n_splits; s += 32) {
       const float2 ml = part_ml[base + s];
       weight[s] = ml.y > 0.0f ? expf(ml.x - mx) : 0.0f;
       total += weight[s] * ml.y;
     }
-    inv_total = 1.0f / total;
+    total = WarpSum(total);
+    if (lane == 0) inv_total = 1.0f / total;
   }
   __syncthreads();
-  for (int d = threadIdx.x; d < a.kv_lora; d += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < n_splits; ++s) {
-      if (weight[s] != 0.0f) o = fmaf(weight[s], part_acc[(base + s) * a.kv_lora + d], o);
+  // Splits past a query's rows hold zeros (weight 0): no branch, so the
+  // loads of all splits are in flight together; four columns per thread
+  // where kv_lora % 4 == 0 (DeepSeek's 512), else one.
+  const float inv = inv_total;
+  const int64_t idx0 = static_cast<int64_t>(head) * a.kv_lora;
+  const int width = a.kv_lora % 4 == 0 ? 4 : 1;
+  for (int d = width * threadIdx.x; d < a.kv_lora; d += width * blockDim.x) {
+    float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (width == 4) {
+#pragma unroll 8
+      for (int s = 0; s < n_splits; ++s) {
+        const float w = weight[s];
+        const float4 v = *reinterpret_cast<const float4*>(part_acc + (base + s) * a.kv_lora + d);
+        o[0] = fmaf(w, v.x, o[0]);
+        o[1] = fmaf(w, v.y, o[1]);
+        o[2] = fmaf(w, v.z, o[2]);
+        o[3] = fmaf(w, v.w, o[3]);
+      }
+    } else {
+#pragma unroll 8
+      for (int s = 0; s < n_splits; ++s) {
+        o[0] = fmaf(weight[s], part_acc[(base + s) * a.kv_lora + d], o[0]);
+      }
     }
-    o *= inv_total;
-    const int64_t idx = static_cast<int64_t>(head) * a.kv_lora + d;
-    if (a.out_bf16 != nullptr) a.out_bf16[qi * a.out_bf16_stride + idx] = __float2bfloat16_rn(o);
-    if (a.out_f32 != nullptr) a.out_f32[qi * a.out_f32_stride + idx] = o;
+    for (int j = 0; j < width; ++j) {
+      const float r = o[j] * inv;
+      if (a.out_bf16 != nullptr) {
+        a.out_bf16[qi * a.out_bf16_stride + idx0 + d + j] = __float2bfloat16_rn(r);
+      }
+      if (a.out_f32 != nullptr) a.out_f32[qi * a.out_f32_stride + idx0 + d + j] = r;
+    }
   }
 }
 
@@ -288,11 +356,14 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 
 // ---------------------------------------------------------------------------
 // Tensor-core variant (mma.sync m16n8k16, bf16 inputs, F32 accumulation).
-// One block: one query token, 16 heads (the MMA's 16 rows), one KV range, 4
-// warps. Per tile of 32 cache rows:
-//   S[16 x 32] = Q · K^T: warp w computes positions 8w .. 8w + 7;
-//   online softmax of each head's row (8 threads per row);
-//   O[16 x kv_lora] += P · V: warp w owns kv_lora / 4 columns.
+// One block: one query token, 16 heads (the MMA's 16 rows), one KV range, 8
+// warps. Per tile of 64 cache rows:
+//   S[16 x 64] = Q · K^T: warp w computes positions 8w .. 8w + 7;
+//   online softmax of each head's row (16 threads per row);
+//   O[16 x kv_lora] += P · V: warp w owns the 16-column groups w, w + 8, ...
+// (Eight warps on tiles of 64 rather than four on 32: a decode block spends
+// its time in the latency of each phase, so twice the rows per phase nearly
+// halves the kernel at batch 1; docs/performance.md, tenth session.)
 // Q and P are split into bf16 hi + lo parts (x = hi + lo + O(2^-17 x)) and
 // both are multiplied, so the products keep F32-level accuracy although the
 // tensor cores take bf16; the cache rows are bf16 already (exact).
@@ -300,11 +371,17 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 // row addresses of an ldmatrix hit 8 different bank groups.
 
 constexpr int kTcHeads = 16;
-constexpr int kTcTile = 32;
-constexpr int kTcWarps = 4;
-constexpr int kTcMaxNt = kMaxKvLora / (8 * kTcWarps);  // n8 tiles of O per warp (16)
-constexpr int kTcPStride = 40;                         // bf16 per P row (5 chunks: odd)
-constexpr int kTcSStride = kTcTile + 1;                // floats per S row
+constexpr int kTcTile = 64;
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = kTcWarps * 32;
+constexpr int kTcRowThreads = kTcThreads / kTcHeads;        // softmax threads per head (16)
+constexpr int kTcRowPos = kTcTile / kTcRowThreads;          // positions per thread (4)
+constexpr int kTcMaxGroups = kMaxKvLora / (16 * kTcWarps);  // 16-column groups per warp (4)
+constexpr int kTcMaxNt = 2 * kTcMaxGroups;                  // n8 tiles of O per warp (8)
+constexpr int kTcPStride = 72;                              // bf16 per P row (9 chunks: odd)
+constexpr int kTcSStride = kTcTile + 1;                     // floats per S row
+static_assert(kTcWarps * 8 == kTcTile, "a warp scores 8 positions of a tile");
+static_assert(kTcRowPos == 4, "the softmax reads 4 positions per thread");
 
 __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
@@ -313,12 +390,16 @@ __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
 size_t TcSharedBytes(int row_width) {
   const size_t rs = TcRowStride(row_width);
   return 2 * kTcHeads * rs * 2 +                  // Q hi, lo
-         kTcTile * rs * 2 +                       // cache tile
+         2 * kTcTile * rs * 2 +                   // two cache tiles (the next one loading)
          kTcHeads * kTcSStride * sizeof(float) +  // scores
          2 * kTcHeads * kTcPStride * 2 +          // P hi, lo
          3 * kTcHeads * sizeof(float) +           // m, l, alpha per head
-         kTcTile * sizeof(int64_t);               // the tile's row offsets
+         2 * kTcTile * sizeof(int64_t);           // the two tiles' row offsets
 }
+
+// Shared memory a block may have on sm_90 (227 KiB); wider rows than
+// DeepSeek's 576 may not fit two tiles, and take the CUDA-core kernel.
+constexpr size_t kTcMaxSharedBytes = 227 * 1024;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -354,7 +435,7 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, const uint32_t*
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__global__ void __launch_bounds__(kTcWarps * 32)
+__global__ void __launch_bounds__(kTcThreads)
     MlaSplitTcKernel(MlaAttentionArgs a, int32_t n_splits, int32_t split_len, float* part_acc,
                      float2* part_ml) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -362,8 +443,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const int rs = TcRowStride(rw);
   __nv_bfloat16* s_qhi = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* s_qlo = s_qhi + kTcHeads * rs;
-  __nv_bfloat16* s_kv = s_qlo + kTcHeads * rs;
-  float* s_s = reinterpret_cast<float*>(s_kv + kTcTile * rs);
+  __nv_bfloat16* s_kv0 = s_qlo + kTcHeads * rs;  // tiles of even index
+  __nv_bfloat16* s_kv1 = s_kv0 + kTcTile * rs;   // tiles of odd index
+  float* s_s = reinterpret_cast<float*>(s_kv1 + kTcTile * rs);
   __nv_bfloat16* s_phi = reinterpret_cast<__nv_bfloat16*>(s_s + kTcHeads * kTcSStride);
   __nv_bfloat16* s_plo = s_phi + kTcHeads * kTcPStride;
   float* s_m = reinterpret_cast<float*>(s_plo + kTcHeads * kTcPStride);
@@ -384,41 +466,63 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const int64_t begin = static_cast<int64_t>(split) * split_len;
   const int64_t end = min(n_kv, begin + split_len);
 
-  for (int i = tid; i < kTcHeads * rw; i += blockDim.x) {
-    const int hh = i / rw, j = i % rw;
-    const float v =
-        h0 + hh < a.n_head ? a.q[qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw + j] : 0.0f;
-    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-    s_qhi[hh * rs + j] = hi;
-    s_qlo[hh * rs + j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  // Query rows: warp w converts heads w, w + 4, ...; no index division (it
+  // was a third of a decode block's instructions).
+  for (int hh = warp; hh < kTcHeads; hh += kTcWarps) {
+    const bool ok = h0 + hh < a.n_head;
+    const float* src = a.q + qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw;
+#pragma unroll 6
+    for (int j = lane; j < rw; j += 32) {
+      const float v = ok ? src[j] : 0.0f;
+      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+      s_qhi[hh * rs + j] = hi;
+      s_qlo[hh * rs + j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+    }
   }
   if (tid < kTcHeads) {
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.0f;
   }
-  const int cols_per_warp = a.kv_lora / kTcWarps;  // multiple of 16
-  const int n_pairs = cols_per_warp / 16;          // pairs of n8 tiles of O
-  const int col0 = warp * cols_per_warp;
+  const int n_groups = a.kv_lora / 16;  // 16-column groups of O; warp w owns w, w + 8, ...
   float acc[kTcMaxNt][4];
 #pragma unroll
   for (int j = 0; j < kTcMaxNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   const int32_t* table = a.kv.block_table + static_cast<int64_t>(seq) * a.kv.block_table_stride;
   const int chunks = rw / 8;  // 16-byte chunks per cache row
 
-  for (int64_t t0 = begin; t0 < end; t0 += kTcTile) {
-    __syncthreads();  // previous tile consumed; Q, m, l written on the first pass
+  // Issues the loads of the tile at t0 into buffer `buf` as one cp.async
+  // group. Block-uniform (it has a barrier).
+  auto issue = [&](int64_t t0, int buf) {
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTcTile), end - t0));
-    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTcTile, s_rowoff);
+    int64_t* rowoff = s_rowoff + buf * kTcTile;
+    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTcTile, rowoff);
     __syncthreads();
-    for (int i = tid; i < kTcTile * chunks; i += blockDim.x) {
-      const int r = i / chunks, c = i % chunks;
-      const int64_t off = s_rowoff[r];
+    __nv_bfloat16* dst = buf != 0 ? s_kv1 : s_kv0;
+    // Warp w loads rows w, w + 8, ...; lanes walk a row's 16-byte chunks.
+    for (int r = warp; r < kTcTile; r += kTcWarps) {
+      const int64_t off = rowoff[r];
       // Rows past the range are zero-filled: P is 0 there, and 0 * garbage could be NaN.
-      CpAsync16(s_kv + r * rs + c * 8, off >= 0 ? a.kv.data + off + c * 8 : a.kv.data,
-                off >= 0 ? 16 : 0);
+      const __nv_bfloat16* src = off >= 0 ? a.kv.data + off : a.kv.data;
+      const int bytes = off >= 0 ? 16 : 0;
+      for (int c = lane; c < chunks; c += 32) {
+        CpAsync16(dst + r * rs + c * 8, off >= 0 ? src + c * 8 : src, bytes);
+      }
     }
-    CpAsyncWaitAll();
-    __syncthreads();
+    CpAsyncCommit();
+  };
+  // Double-buffered: the next tile's rows load during this tile's products.
+  if (begin < end) issue(begin, 0);  // its barrier also publishes Q, m and l
+  int buf = 0;
+  for (int64_t t0 = begin; t0 < end; t0 += kTcTile, buf ^= 1) {
+    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTcTile), end - t0));
+    const __nv_bfloat16* s_kv = buf != 0 ? s_kv1 : s_kv0;
+    if (t0 + kTcTile < end) {
+      issue(t0 + kTcTile, buf ^ 1);
+      CpAsyncWait<1>();  // this tile's group is complete, the next one's may fly
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();  // this tile's rows visible to every warp
 
     // Scores of positions 8 * warp .. + 7 for the 16 heads.
     // Four independent accumulators (hi/lo x even/odd k-step) keep four MMA
@@ -464,9 +568,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     }
     __syncthreads();
 
-    // Online softmax: 8 threads per head row, 4 positions each.
+    // Online softmax: 16 threads per head row, 4 positions each.
     {
-      const int row = tid / 8, part = tid % 8;
+      const int row = tid / kTcRowThreads, part = tid % kTcRowThreads;
       const float m_old = s_m[row];
       const float l_old = s_l[row];
       float v[4];
@@ -477,7 +581,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         mx = fmaxf(mx, v[j]);
       }
 #pragma unroll
-      for (int o = 1; o < 8; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+      for (int o = 1; o < kTcRowThreads; o <<= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+      }
       const float m_new = fmaxf(m_old, mx);
       float sum = 0.0f;
 #pragma unroll
@@ -489,7 +595,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         s_plo[row * kTcPStride + 4 * part + j] = __float2bfloat16_rn(p - __bfloat162float(hi));
       }
 #pragma unroll
-      for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+      for (int o = 1; o < kTcRowThreads; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
       __syncwarp();  // every lane of the row has read m_old / l_old
       if (part == 0) {
         const float alpha = expf(m_old - m_new);  // 0 on the first tile
@@ -516,17 +622,17 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         uint32_t fp_hi[4], fp_lo[4];
         Ldmatrix4(fp_hi, s_phi + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
         Ldmatrix4(fp_lo, s_plo + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
-        const __nv_bfloat16* v_row =
-            s_kv + (16 * ks + r8 + 8 * (mat % 2)) * rs + col0 + 8 * (mat / 2);
+        const __nv_bfloat16* v_row = s_kv + (16 * ks + r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
 #pragma unroll
-        for (int jp = 0; jp < kTcMaxNt / 2; ++jp) {
-          if (jp < n_pairs) {
+        for (int jg = 0; jg < kTcMaxGroups; ++jg) {
+          const int group = warp + kTcWarps * jg;
+          if (group < n_groups) {
             uint32_t fb[4];
-            Ldmatrix4Trans(fb, v_row + 16 * jp);
-            Mma(acc[2 * jp], fp_hi, fb);
-            Mma(acc[2 * jp], fp_lo, fb);
-            Mma(acc[2 * jp + 1], fp_hi, fb + 2);
-            Mma(acc[2 * jp + 1], fp_lo, fb + 2);
+            Ldmatrix4Trans(fb, v_row + 16 * group);
+            Mma(acc[2 * jg], fp_hi, fb);
+            Mma(acc[2 * jg], fp_lo, fb);
+            Mma(acc[2 * jg + 1], fp_hi, fb + 2);
+            Mma(acc[2 * jg + 1], fp_lo, fb + 2);
           }
         }
       }
@@ -543,8 +649,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     const float l = s_l[row];
 #pragma unroll
     for (int j = 0; j < kTcMaxNt; ++j) {
-      if (j >= 2 * n_pairs) continue;
-      const int d = col0 + 8 * j + 2 * t;
+      const int group = warp + kTcWarps * (j / 2);
+      if (group >= n_groups) continue;
+      const int d = 16 * group + 8 * (j % 2) + 2 * t;
       const float v0 = acc[j][2 * half], v1 = acc[j][2 * half + 1];
       if (n_splits == 1) {
         const float inv = 1.0f / l;
@@ -559,8 +666,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         }
       } else {
         const int64_t slot = (qi * a.n_head + head) * n_splits + split;
-        part_acc[slot * a.kv_lora + d] = v0;
-        part_acc[slot * a.kv_lora + d + 1] = v1;
+        // d and kv_lora are even: one 8-byte store.
+        *reinterpret_cast<float2*>(part_acc + slot * a.kv_lora + d) = make_float2(v0, v1);
       }
     }
     if (n_splits > 1 && t == 0 && warp == 0) {
@@ -577,13 +684,14 @@ cudaError_t LaunchSplitTc(const MlaAttentionArgs& a, const MlaAttentionPlan& pla
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kTcHeads)),
                   static_cast<unsigned>(plan.n_splits));
-  MlaSplitTcKernel<<<grid, kTcWarps * 32, smem, stream>>>(a, plan.n_splits, plan.split_len,
-                                                          part_acc, part_ml);
+  MlaSplitTcKernel<<<grid, kTcThreads, smem, stream>>>(a, plan.n_splits, plan.split_len, part_acc,
+                                                       part_ml);
   return cudaGetLastError();
 }
 
 bool TcSupported(int32_t kv_lora, int32_t n_rot) {
-  return kv_lora % (16 * kTcWarps) == 0 && kv_lora <= kMaxKvLora && (kv_lora + n_rot) % 16 == 0;
+  return kv_lora % 16 == 0 && kv_lora <= kMaxKvLora && (kv_lora + n_rot) % 16 == 0 &&
+         TcSharedBytes(kv_lora + n_rot) <= kTcMaxSharedBytes;
 }
 
 }  // namespace
@@ -606,7 +714,8 @@ cudaError_t MlaWriteKv(const float* kva, int64_t kva_stride, const float* kv_nor
 cudaError_t MlaPrepareQ(const float* q, int64_t q_stride, int32_t n_head, int32_t qk_nope,
                         int32_t kv_lora, const RopeParams& rope, const int32_t* positions,
                         int64_t n_tokens, __nv_bfloat16* q_nope, int64_t q_nope_stride,
-                        float* big_q, int64_t big_q_stride, cudaStream_t stream) {
+                        float* big_q, int64_t big_q_stride, cudaStream_t stream,
+                        const MlaKvWrite* write_kv) {
   if (n_head <= 0 || qk_nope <= 0 || kv_lora <= 0 || rope.n_rot <= 0 || rope.n_rot % 2 != 0 ||
       rope.n_rot / 2 > kMaxPairs || q_stride < int64_t{n_head} * (qk_nope + rope.n_rot) ||
       q_nope_stride < int64_t{n_head} * qk_nope ||
@@ -614,10 +723,18 @@ cudaError_t MlaPrepareQ(const float* q, int64_t q_stride, int32_t n_head, int32_
       n_tokens > (int64_t{1} << 31) - 1) {
     return cudaErrorInvalidValue;
   }
+  if (write_kv != nullptr &&
+      (write_kv->kva == nullptr || write_kv->kv_norm == nullptr || write_kv->seq_index == nullptr ||
+       write_kv->kva_stride < kv_lora + rope.n_rot || write_kv->kv.page_size <= 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (n_tokens == 0) return cudaSuccess;
-  PrepareQKernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(
-      q, q_stride, n_head, qk_nope, kv_lora, rope, positions, q_nope, q_nope_stride, big_q,
-      big_q_stride);
+  const int64_t head_blocks = CeilDiv(n_head, kPrepareHeads);
+  const dim3 grid(static_cast<unsigned>(n_tokens),
+                  static_cast<unsigned>(head_blocks + (write_kv != nullptr ? 1 : 0)));
+  PrepareQKernel<<<grid, 256, 0, stream>>>(q, q_stride, n_head, qk_nope, kv_lora, rope, positions,
+                                           q_nope, q_nope_stride, big_q, big_q_stride,
+                                           write_kv != nullptr ? *write_kv : MlaKvWrite{});
   return cudaGetLastError();
 }
 
@@ -632,7 +749,9 @@ MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, 
   max_kv_len = std::max<int64_t>(max_kv_len, 1);
   const int64_t groups = CeilDiv(std::max(n_head, 1), plan.heads_per_block);
   const int64_t base_blocks = std::max<int64_t>(n_q, 1) * groups;
-  const int64_t target = 2 * std::max(n_multiprocessors, 1);
+  // Blocks per multiprocessor that fit: one of the tensor-core kernel (121.6
+  // KiB of shared memory at DeepSeek's widths), about two of the CUDA-core one.
+  const int64_t target = (plan.tensor_cores ? 1 : 2) * std::max(n_multiprocessors, 1);
   int64_t splits = base_blocks < target ? CeilDiv(target, base_blocks) : 1;
   splits = std::min(splits, CeilDiv(max_kv_len, kMinSplitLen));
   splits = std::min<int64_t>(splits, kMaxSplits);
@@ -646,7 +765,9 @@ MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, 
     splits = std::min(splits, fit);
     if (splits < 2) splits = 1;
   }
-  int64_t split_len = CeilDiv(CeilDiv(max_kv_len, splits), kTile) * kTile;
+  // Splits of whole tiles of the chosen kernel (64 rows with tensor cores).
+  const int64_t tile = plan.tensor_cores ? kTcTile : kTile;
+  int64_t split_len = CeilDiv(CeilDiv(max_kv_len, splits), tile) * tile;
   splits = CeilDiv(max_kv_len, split_len);
   plan.n_splits = static_cast<int32_t>(splits);
   plan.split_len = static_cast<int32_t>(split_len);

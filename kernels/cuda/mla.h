@@ -55,14 +55,29 @@ cudaError_t MlaWriteKv(const float* kva, int64_t kva_stride, const float* kv_nor
                        const int32_t* seq_index, int64_t n_tokens, const MlaPagedKv& kv,
                        cudaStream_t stream);
 
+// MlaWriteKv's arguments other than those MlaPrepareQ has too (kv_lora, rope,
+// positions, n_tokens), for doing both in one launch.
+struct MlaKvWrite {
+  const float* kva = nullptr;  // F32 [n_tokens][kva_stride]: [c | k_pe]
+  int64_t kva_stride = 0;
+  const float* kv_norm = nullptr;  // F32 [kv_lora]
+  float eps = 0.0f;
+  const int32_t* seq_index = nullptr;  // I32 [n_tokens]
+  MlaPagedKv kv;
+};
+
 // q: F32 [n_tokens][n_head][qk_nope + n_rot] (token stride q_stride). Writes
 // q_nope: bf16 [n_tokens][n_head][qk_nope] (token stride q_nope_stride) and
 // Q[t, h, kv_lora .. kv_lora + n_rot) = rope(q_pe) in F32 [n_tokens][n_head][kv_lora + n_rot]
 // (token stride big_q_stride); Q[..., 0 .. kv_lora) is left to the caller.
+// With write_kv, also does MlaWriteKv's work for the same tokens in the same
+// launch (one launch and one rope-table latency fewer per decode layer; the
+// same bits as the two calls).
 cudaError_t MlaPrepareQ(const float* q, int64_t q_stride, int32_t n_head, int32_t qk_nope,
                         int32_t kv_lora, const RopeParams& rope, const int32_t* positions,
                         int64_t n_tokens, __nv_bfloat16* q_nope, int64_t q_nope_stride,
-                        float* big_q, int64_t big_q_stride, cudaStream_t stream);
+                        float* big_q, int64_t big_q_stride, cudaStream_t stream,
+                        const MlaKvWrite* write_kv = nullptr);
 
 struct MlaAttentionArgs {
   const float* q = nullptr;  // F32 [n_q][n_head][kv_lora + n_rot]: [q_abs | roped q_pe]
@@ -84,7 +99,7 @@ struct MlaAttentionArgs {
 
 struct MlaAttentionPlan {
   // Tensor-core kernel (mma.sync bf16 with hi/lo splitting of Q and the
-  // softmax weights: F32-level accuracy); chosen when kv_lora % 64 == 0 and
+  // softmax weights: F32-level accuracy); chosen when kv_lora % 16 == 0 and
   // (kv_lora + n_rot) % 16 == 0 (DeepSeek-V2/V3, Kimi-K2). Otherwise, or when
   // a caller clears it, the CUDA-core kernel runs.
   bool tensor_cores = false;
@@ -94,8 +109,9 @@ struct MlaAttentionPlan {
   size_t workspace_bytes = 0;    // needed by MlaAttention (0 when n_splits == 1)
 };
 
-// Chooses the kernel, heads per block and the split of the longest context `max_kv_len`
-// so that about 2 blocks per multiprocessor run, within `workspace_capacity`
+// Chooses the kernel, heads per block and the split of the longest context
+// `max_kv_len` so that the blocks fill every multiprocessor once (tensor
+// cores: one block each; CUDA cores: about two), within `workspace_capacity`
 // bytes of workspace.
 MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, int32_t n_rot,
                                   int64_t max_kv_len, int32_t n_multiprocessors,

@@ -1,12 +1,14 @@
 #include "kernels/cuda/rope.h"
 
+#include <cmath>
+
 #include "kernels/cuda/cuda_util.cuh"
 #include "kernels/cuda/rope.cuh"
 
 namespace ktx::kernels::cuda {
 namespace {
 
-constexpr int kMaxPairs = 128;
+constexpr int kMaxPairs = kRopeMaxPairs;
 
 __global__ void RopeKernel(RopeParams p, const int32_t* positions, float* x, int64_t token_stride,
                            int32_t n_heads, int64_t head_stride) {
@@ -27,6 +29,21 @@ __global__ void RopeKernel(RopeParams p, const int32_t* positions, float* x, int
 }
 
 }  // namespace
+
+cudaError_t RopeTables(const RopeParams& p, double* inv_freq_out, double* magnitude_out) {
+  if (p.n_rot <= 0 || p.n_rot % 2 != 0 || p.n_rot / 2 > kRopeMaxPairs) {
+    return cudaErrorInvalidValue;
+  }
+  // The CPU reference's expressions (runtime/models/reference_ops.cc RopeAngles).
+  double magnitude = p.attn_factor;
+  if (p.ext_factor != 0.0) magnitude *= 1.0 + 0.1 * std::log(1.0 / p.freq_scale);
+  *magnitude_out = magnitude;
+  for (int i = 0; i < p.n_rot / 2; ++i) {
+    inv_freq_out[i] =
+        std::pow(p.freq_base, -2.0 * static_cast<double>(i) / static_cast<double>(p.n_rot));
+  }
+  return cudaSuccess;
+}
 
 cudaError_t RopeInPlace(const RopeParams& params, const int32_t* positions, float* x,
                         int64_t n_tokens, int64_t token_stride, int32_t n_heads,

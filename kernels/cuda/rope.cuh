@@ -11,11 +11,16 @@ namespace ktx::kernels::cuda {
 
 __device__ __forceinline__ void RopeCosSin(const RopeParams& p, int64_t pos, int i, double* c,
                                            double* s) {
-  double magnitude = p.attn_factor;
-  if (p.ext_factor != 0.0) magnitude *= 1.0 + 0.1 * log(1.0 / p.freq_scale);
-  const double theta_extrap =
-      static_cast<double>(pos) *
-      pow(p.freq_base, -2.0 * static_cast<double>(i) / static_cast<double>(p.n_rot));
+  double magnitude = p.magnitude;
+  double inv_freq = 0.0;
+  if (p.inv_freq != nullptr) {
+    inv_freq = p.inv_freq[i];
+  } else {
+    magnitude = p.attn_factor;
+    if (p.ext_factor != 0.0) magnitude *= 1.0 + 0.1 * log(1.0 / p.freq_scale);
+    inv_freq = pow(p.freq_base, -2.0 * static_cast<double>(i) / static_cast<double>(p.n_rot));
+  }
+  const double theta_extrap = static_cast<double>(pos) * inv_freq;
   const double theta_interp = p.freq_scale * theta_extrap;
   double theta = theta_interp;
   if (p.ext_factor != 0.0) {

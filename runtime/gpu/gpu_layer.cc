@@ -27,6 +27,22 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   r->rope_.attn_factor = hp.rope.attn_factor;
   r->rope_.corr_low = hp.rope.corr_low;
   r->rope_.corr_high = hp.rope.corr_high;
+  {
+    // The rope's position-independent factors, computed here once (with the
+    // CPU reference's expressions) instead of in every rope kernel.
+    double inv_freq[kc::kRopeMaxPairs];
+    double magnitude = 1.0;
+    KTX_RETURN_IF_ERROR(
+        CudaOk(kc::RopeTables(r->rope_, inv_freq, &magnitude), "the rope's frequency table"));
+    const size_t bytes = sizeof(double) * static_cast<size_t>(r->rope_.n_rot / 2);
+    KTX_ASSIGN_OR_RETURN(r->rope_inv_freq_,
+                         DeviceBuffer::Allocate(bytes, "the rope's frequency table"));
+    KTX_RETURN_IF_ERROR(
+        CudaOk(cudaMemcpy(r->rope_inv_freq_.get(), inv_freq, bytes, cudaMemcpyHostToDevice),
+               "uploading the rope's frequency table"));
+    r->rope_.inv_freq = r->rope_inv_freq_.as<double>();
+    r->rope_.magnitude = magnitude;
+  }
   const models::RoutingParams rp = hp.routing();
   r->routing_.n_expert = rp.n_expert;
   r->routing_.n_expert_used = rp.n_expert_used;
@@ -179,16 +195,20 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
   }
   KTX_RETURN_IF_ERROR(Linear(w.attn_kv_a_mqa, rw, n_embd, h_bf16(), n_embd, n, kva_.as<float>(), rw,
                              0.0f, "attn_kv_a_mqa"));
-  KTX_RETURN_IF_ERROR(
-      CudaOk(kc::MlaWriteKv(kva_.as<float>(), rw, w.attn_kv_a_norm, eps, static_cast<int32_t>(kvl),
-                            rope_, b.positions, b.seq_index, n, kv, stream_),
-             "writing the latent KV rows"));
+  // The queries' rope and the latent KV rows (cache write) in one launch.
+  kc::MlaKvWrite write_kv;
+  write_kv.kva = kva_.as<float>();
+  write_kv.kva_stride = rw;
+  write_kv.kv_norm = w.attn_kv_a_norm;
+  write_kv.eps = eps;
+  write_kv.seq_index = b.seq_index;
+  write_kv.kv = kv;
   float* big_q = big_q_.as<float>();
   KTX_RETURN_IF_ERROR(CudaOk(
       kc::MlaPrepareQ(q, n_head * hd, static_cast<int32_t>(n_head), static_cast<int32_t>(nope),
                       static_cast<int32_t>(kvl), rope_, b.positions, n, q_nope_.as<Bf16>(),
-                      n_head * nope, big_q, n_head * rw, stream_),
-      "preparing the queries"));
+                      n_head * nope, big_q, n_head * rw, stream_, &write_kv),
+      "preparing the queries and writing the latent KV rows"));
   // q_abs[t, h] = k_b[h] · q_nope[t, h], written into the query rows' first kv_lora.
   KTX_RETURN_IF_ERROR(ProductBf16(w.attn_k_b, nope, kvl * nope, q_nope_.as<Bf16>(), n_head * nope,
                                   nope, big_q, CUDA_R_32F, n_head * rw, rw, kvl, nope, n, n_head,

@@ -208,6 +208,7 @@ class GpuLayerRunner {
   // skinny_workspace_: split-k partial sums of the skinny kernel, sized for
   // the layer's product shapes (counters zeroed at creation).
   DeviceBuffer attention_workspace_, cublas_workspace_, gemv_workspace_, skinny_workspace_;
+  DeviceBuffer rope_inv_freq_;  // F64 [n_rot / 2]: rope_.inv_freq (RopeTables, host-computed)
   int64_t gemv_workspace_tokens_ = 0;
 };
 

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -279,15 +281,34 @@ RopeParams Dsv3Rope(models::RopeYarnParams* cpu) {
   return g;
 }
 
+// `rope` with its frequency table computed on the host (RopeTables) and
+// uploaded into *table (the form GpuLayerRunner uses).
+RopeParams WithTables(RopeParams rope, std::unique_ptr<DeviceArray<double>>* table) {
+  std::vector<double> inv(kRopeMaxPairs);
+  double magnitude = 0.0;
+  EXPECT_EQ(RopeTables(rope, inv.data(), &magnitude), cudaSuccess);
+  inv.resize(rope.n_rot / 2);
+  *table = std::make_unique<DeviceArray<double>>(inv);
+  rope.inv_freq = (*table)->get();
+  rope.magnitude = magnitude;
+  return rope;
+}
+
 TEST(MlaWriteKv, WritesNormedAndRopedRowsIntoTheirPages) {
   KTX_SKIP_WITHOUT_GPU();
   const uint32_t seed = cuda_test::FreshSeed();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
   models::RopeYarnParams cpu_rope;
-  const RopeParams rope = Dsv3Rope(&cpu_rope);
+  std::unique_ptr<DeviceArray<double>> table;
+  const RopeParams plain = Dsv3Rope(&cpu_rope);
+  const RopeParams tabled = WithTables(plain, &table);
   const int32_t kvl = 512, rw = kvl + 64;
-  for (const int64_t n_tokens : {1, 3, 17}) {
+  for (int64_t n_tokens : {1, 3, 17, -1, -3, -17}) {
+    // Negative: the same token count with the host-computed frequency table.
+    const RopeParams& rope = n_tokens > 0 ? plain : tabled;
+    SCOPED_TRACE(testing::Message() << (n_tokens > 0 ? "device" : "host") << " frequencies");
+    n_tokens = std::abs(n_tokens);
     // Two sequences; the batch writes the next rows of each.
     const std::vector<int64_t> lengths = {40, 70};
     PagedCache cache = MakeCache(rng, lengths, 16, rw, false);
@@ -341,9 +362,15 @@ TEST(MlaPrepareQ, SplitsNopeAndRopesThePositionalPart) {
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
   models::RopeYarnParams cpu_rope;
-  const RopeParams rope = Dsv3Rope(&cpu_rope);
+  std::unique_ptr<DeviceArray<double>> table;
+  const RopeParams plain = Dsv3Rope(&cpu_rope);
+  const RopeParams tabled = WithTables(plain, &table);
   const int32_t n_head = 128, nope = 128, kvl = 512, hd = nope + 64, rw = kvl + 64;
-  for (const int64_t n_tokens : {1, 3, 17}) {
+  for (int64_t n_tokens : {1, 3, 17, -1, -3, -17}) {
+    // Negative: the same token count with the host-computed frequency table.
+    const RopeParams& rope = n_tokens > 0 ? plain : tabled;
+    SCOPED_TRACE(testing::Message() << (n_tokens > 0 ? "device" : "host") << " frequencies");
+    n_tokens = std::abs(n_tokens);
     std::vector<int32_t> pos(n_tokens);
     for (auto& p : pos) p = static_cast<int32_t>(rng() % 100000);
     const std::vector<float> q = cuda_test::RandomF32(rng, n_tokens * n_head * hd, 1.0f);
@@ -378,6 +405,87 @@ TEST(MlaPrepareQ, SplitsNopeAndRopesThePositionalPart) {
       }
     }
   }
+}
+
+// The fused launch (MlaPrepareQ with write_kv) against the two separate
+// calls, bit for bit, with a head count that is not a multiple of the
+// kernel's heads per block; and its argument checks.
+TEST(MlaPrepareQ, WithTheKvWriteGivesTheBitsOfTheTwoCalls) {
+  KTX_SKIP_WITHOUT_GPU();
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  models::RopeYarnParams cpu_rope;
+  const RopeParams rope = Dsv3Rope(&cpu_rope);
+  const int32_t n_head = 13, nope = 128, kvl = 512, hd = nope + 64, rw = kvl + 64;
+  for (const int64_t n_tokens : {1, 3, 17}) {
+    SCOPED_TRACE(testing::Message() << n_tokens << " tokens");
+    const std::vector<int64_t> lengths = {40, 70};
+    PagedCache cache = MakeCache(rng, lengths, 16, rw, false);
+    std::vector<int32_t> pos(n_tokens), seq(n_tokens);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      seq[t] = static_cast<int32_t>(t % 2);
+      pos[t] = static_cast<int32_t>(t / 2 + (seq[t] == 0 ? 20 : 50));
+    }
+    const std::vector<float> q = cuda_test::RandomF32(rng, n_tokens * n_head * hd, 1.0f);
+    const std::vector<float> kva = cuda_test::RandomF32(rng, n_tokens * rw, 1.5f);
+    const std::vector<float> norm = cuda_test::RandomF32(rng, kvl, 1.0f);
+    DeviceArray<float> d_q(q), d_kva(kva), d_norm(norm);
+    DeviceArray<int32_t> d_pos(pos), d_seq(seq), d_table(cache.block_table);
+    std::vector<uint16_t> caches[2], nopes[2];
+    std::vector<float> bigs[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      DeviceArray<uint16_t> d_kv(cache.data), d_nope(n_tokens * n_head * nope);
+      DeviceArray<float> d_big(n_tokens * n_head * rw);
+      d_big.Poison(0x00);
+      d_nope.Poison();
+      MlaKvWrite w;
+      w.kva = d_kva.get();
+      w.kva_stride = rw;
+      w.kv_norm = d_norm.get();
+      w.eps = 1e-6f;
+      w.seq_index = d_seq.get();
+      w.kv.data = reinterpret_cast<__nv_bfloat16*>(d_kv.get());
+      w.kv.page_stride = int64_t{16} * rw;
+      w.kv.page_size = 16;
+      w.kv.block_table = d_table.get();
+      w.kv.block_table_stride = cache.max_pages;
+      if (fused == 0) {
+        ASSERT_CUDA_OK(MlaWriteKv(w.kva, rw, w.kv_norm, w.eps, kvl, rope, d_pos.get(), w.seq_index,
+                                  n_tokens, w.kv, nullptr));
+      }
+      ASSERT_CUDA_OK(MlaPrepareQ(
+          d_q.get(), int64_t{n_head} * hd, n_head, nope, kvl, rope, d_pos.get(), n_tokens,
+          reinterpret_cast<__nv_bfloat16*>(d_nope.get()), int64_t{n_head} * nope, d_big.get(),
+          int64_t{n_head} * rw, nullptr, fused == 1 ? &w : nullptr));
+      caches[fused] = d_kv.Download();
+      nopes[fused] = d_nope.Download();
+      bigs[fused] = d_big.Download();
+    }
+    EXPECT_NE(caches[0], cache.data) << "no row was written";
+    EXPECT_EQ(caches[1], caches[0]);
+    EXPECT_EQ(nopes[1], nopes[0]);
+    ASSERT_EQ(bigs[1].size(), bigs[0].size());
+    EXPECT_EQ(std::memcmp(bigs[1].data(), bigs[0].data(), bigs[0].size() * sizeof(float)), 0);
+    // Every head's rope part is written (13 heads: two blocks, the second partial).
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      for (int32_t h = 0; h < n_head; ++h) {
+        const float* got = bigs[1].data() + (t * n_head + h) * rw + kvl;
+        bool any = false;
+        for (int32_t i = 0; i < 64; ++i) any = any || got[i] != 0.0f;
+        EXPECT_TRUE(any) << "token " << t << " head " << h << ": rope part not written";
+      }
+    }
+  }
+  // A KV write without its input is refused before any launch.
+  MlaKvWrite bad;
+  DeviceArray<float> d_q(std::vector<float>(n_head * hd, 0.0f)), d_big(n_head * rw);
+  DeviceArray<int32_t> d_pos(std::vector<int32_t>{0});
+  DeviceArray<uint16_t> d_nope(n_head * nope);
+  EXPECT_EQ(MlaPrepareQ(d_q.get(), int64_t{n_head} * hd, n_head, nope, kvl, rope, d_pos.get(), 1,
+                        reinterpret_cast<__nv_bfloat16*>(d_nope.get()), int64_t{n_head} * nope,
+                        d_big.get(), int64_t{n_head} * rw, nullptr, &bad),
+            cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -529,7 +529,7 @@ int main(int argc, char** argv) {
   }
   // Split lengths of the tensor-core kernel at batch 1.
   for (int64_t ctx : {1024, 8192}) {
-    for (int64_t split_len : {32, 64, 128, 256}) {
+    for (int64_t split_len : {32, 64, 128, 256, 512}) {
       if (ctx / split_len <= 128) kernel->Args({1, ctx, 1, split_len});  // 64 MiB workspace
     }
   }
