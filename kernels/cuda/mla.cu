@@ -382,6 +382,7 @@ constexpr int kTcPStride = 72;                              // bf16 per P row (9
 constexpr int kTcSStride = kTcTile + 1;                     // floats per S row
 static_assert(kTcWarps * 8 == kTcTile, "a warp scores 8 positions of a tile");
 static_assert(kTcRowPos == 4, "the softmax reads 4 positions per thread");
+constexpr int kTcChunkIters = 3;  // 16-byte chunks of a cache row per lane: rows of <= 768 bf16
 
 __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
@@ -498,14 +499,21 @@ __global__ void __launch_bounds__(kTcThreads)
     TileRowOffsets(a.kv, table, t0, n_rows, rw, kTcTile, rowoff);
     __syncthreads();
     __nv_bfloat16* dst = buf != 0 ? s_kv1 : s_kv0;
-    // Warp w loads rows w, w + 8, ...; lanes walk a row's 16-byte chunks.
-    for (int r = warp; r < kTcTile; r += kTcWarps) {
+    // Warp w loads rows w, w + 8, ...; lane l the 16-byte chunks l, l + 32,
+    // l + 64 of a row (unrolled: the loop's address arithmetic was a third of
+    // the kernel's instructions).
+#pragma unroll
+    for (int rr = 0; rr < kTcTile / kTcWarps; ++rr) {
+      const int r = warp + kTcWarps * rr;
       const int64_t off = rowoff[r];
       // Rows past the range are zero-filled: P is 0 there, and 0 * garbage could be NaN.
-      const __nv_bfloat16* src = off >= 0 ? a.kv.data + off : a.kv.data;
-      const int bytes = off >= 0 ? 16 : 0;
-      for (int c = lane; c < chunks; c += 32) {
-        CpAsync16(dst + r * rs + c * 8, off >= 0 ? src + c * 8 : src, bytes);
+      const bool ok = off >= 0;
+      const __nv_bfloat16* src = a.kv.data + (ok ? off + 8 * lane : 0);
+      __nv_bfloat16* d = dst + r * rs + 8 * lane;
+#pragma unroll
+      for (int it = 0; it < kTcChunkIters; ++it) {
+        if (lane + 32 * it < chunks)
+          CpAsync16(d + 256 * it, ok ? src + 256 * it : src, ok ? 16 : 0);
       }
     }
     CpAsyncCommit();
@@ -525,39 +533,40 @@ __global__ void __launch_bounds__(kTcThreads)
     __syncthreads();  // this tile's rows visible to every warp
 
     // Scores of positions 8 * warp .. + 7 for the 16 heads.
-    // Four independent accumulators (hi/lo x even/odd k-step) keep four MMA
-    // chains in flight instead of one dependent chain of 2 * rw / 16.
-    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Eight independent accumulators (hi/lo x four k-steps of 16) keep eight
+    // MMA chains in flight instead of one dependent chain of 2 * rw / 16.
+    float sc[4];
     {
-      float part[3][4] = {};
+      float part[8][4] = {};
       const int mat = lane / 8, r8 = lane % 8;
       const __nv_bfloat16* a_hi = s_qhi + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
       const __nv_bfloat16* a_lo = s_qlo + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
       const __nv_bfloat16* b_ptr = s_kv + (8 * warp + r8) * rs + 8 * (mat % 2);
       int k0 = 0;
-      for (; k0 + 32 <= rw; k0 += 32) {
-        uint32_t fa_hi[4], fa_lo[4], fb[2], ga_hi[4], ga_lo[4], gb[2];
-        Ldmatrix4(fa_hi, a_hi + k0);
-        Ldmatrix4(fa_lo, a_lo + k0);
-        Ldmatrix2(fb, b_ptr + k0);
-        Ldmatrix4(ga_hi, a_hi + k0 + 16);
-        Ldmatrix4(ga_lo, a_lo + k0 + 16);
-        Ldmatrix2(gb, b_ptr + k0 + 16);
-        Mma(sc, fa_hi, fb);
-        Mma(part[0], fa_lo, fb);
-        Mma(part[1], ga_hi, gb);
-        Mma(part[2], ga_lo, gb);
+      for (; k0 + 64 <= rw; k0 += 64) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          uint32_t fa_hi[4], fa_lo[4], fb[2];
+          Ldmatrix4(fa_hi, a_hi + k0 + 16 * u);
+          Ldmatrix4(fa_lo, a_lo + k0 + 16 * u);
+          Ldmatrix2(fb, b_ptr + k0 + 16 * u);
+          Mma(part[2 * u], fa_hi, fb);
+          Mma(part[2 * u + 1], fa_lo, fb);
+        }
       }
-      if (k0 < rw) {  // rw % 32 == 16
+      for (; k0 < rw; k0 += 16) {  // rw % 64 of 16, 32 or 48
         uint32_t fa_hi[4], fa_lo[4], fb[2];
         Ldmatrix4(fa_hi, a_hi + k0);
         Ldmatrix4(fa_lo, a_lo + k0);
         Ldmatrix2(fb, b_ptr + k0);
-        Mma(sc, fa_hi, fb);
-        Mma(part[0], fa_lo, fb);
+        Mma(part[0], fa_hi, fb);
+        Mma(part[1], fa_lo, fb);
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sc[j] += (part[0][j] + part[1][j]) + part[2][j];
+      for (int j = 0; j < 4; ++j) {
+        sc[j] = ((part[0][j] + part[1][j]) + (part[2][j] + part[3][j])) +
+                ((part[4][j] + part[5][j]) + (part[6][j] + part[7][j]));
+      }
     }
     {
       const int p0 = 8 * warp + 2 * t;
@@ -691,6 +700,7 @@ cudaError_t LaunchSplitTc(const MlaAttentionArgs& a, const MlaAttentionPlan& pla
 
 bool TcSupported(int32_t kv_lora, int32_t n_rot) {
   return kv_lora % 16 == 0 && kv_lora <= kMaxKvLora && (kv_lora + n_rot) % 16 == 0 &&
+         (kv_lora + n_rot) / 8 <= 32 * kTcChunkIters &&
          TcSharedBytes(kv_lora + n_rot) <= kTcMaxSharedBytes;
 }
 
