@@ -281,6 +281,18 @@ RopeParams Dsv3Rope(models::RopeYarnParams* cpu) {
   return g;
 }
 
+// A batch writing the next rows of two sequences (of 40 and 70 rows, pages of
+// 16): token t goes to sequence t % 2, after its first 20 or 50 rows.
+void NextRowsOfTwoSequences(int64_t n_tokens, std::vector<int32_t>* pos,
+                            std::vector<int32_t>* seq) {
+  pos->resize(n_tokens);
+  seq->resize(n_tokens);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    (*seq)[t] = static_cast<int32_t>(t % 2);
+    (*pos)[t] = static_cast<int32_t>(t / 2 + ((*seq)[t] == 0 ? 20 : 50));
+  }
+}
+
 // `rope` with its frequency table computed on the host (RopeTables) and
 // uploaded into *table (the form GpuLayerRunner uses).
 RopeParams WithTables(RopeParams rope, std::unique_ptr<DeviceArray<double>>* table) {
@@ -312,11 +324,8 @@ TEST(MlaWriteKv, WritesNormedAndRopedRowsIntoTheirPages) {
     // Two sequences; the batch writes the next rows of each.
     const std::vector<int64_t> lengths = {40, 70};
     PagedCache cache = MakeCache(rng, lengths, 16, rw, false);
-    std::vector<int32_t> pos(n_tokens), seq(n_tokens);
-    for (int64_t t = 0; t < n_tokens; ++t) {
-      seq[t] = static_cast<int32_t>(t % 2);
-      pos[t] = static_cast<int32_t>(t / 2 + (seq[t] == 0 ? 20 : 50));
-    }
+    std::vector<int32_t> pos, seq;
+    NextRowsOfTwoSequences(n_tokens, &pos, &seq);
     const int64_t kva_stride = rw + 8;
     const std::vector<float> kva = cuda_test::RandomF32(rng, n_tokens * kva_stride, 1.5f);
     const std::vector<float> norm = cuda_test::RandomF32(rng, kvl, 1.0f);
@@ -422,11 +431,8 @@ TEST(MlaPrepareQ, WithTheKvWriteGivesTheBitsOfTheTwoCalls) {
     SCOPED_TRACE(testing::Message() << n_tokens << " tokens");
     const std::vector<int64_t> lengths = {40, 70};
     PagedCache cache = MakeCache(rng, lengths, 16, rw, false);
-    std::vector<int32_t> pos(n_tokens), seq(n_tokens);
-    for (int64_t t = 0; t < n_tokens; ++t) {
-      seq[t] = static_cast<int32_t>(t % 2);
-      pos[t] = static_cast<int32_t>(t / 2 + (seq[t] == 0 ? 20 : 50));
-    }
+    std::vector<int32_t> pos, seq;
+    NextRowsOfTwoSequences(n_tokens, &pos, &seq);
     const std::vector<float> q = cuda_test::RandomF32(rng, n_tokens * n_head * hd, 1.0f);
     const std::vector<float> kva = cuda_test::RandomF32(rng, n_tokens * rw, 1.5f);
     const std::vector<float> norm = cuda_test::RandomF32(rng, kvl, 1.0f);
