@@ -358,7 +358,8 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 // Tensor-core variant (mma.sync m16n8k16, bf16 inputs, F32 accumulation).
 // One block: one query token, 16 heads (the MMA's 16 rows), one KV range, 8
 // warps. Per tile of 64 cache rows:
-//   S[16 x 64] = Q · K^T: warp w computes positions 8w .. 8w + 7;
+//   S[16 x 64] = Q · K^T: warp w sums a quarter of k for 32 positions, the
+//   softmax adds the quarters;
 //   online softmax of each head's row (16 threads per row);
 //   O[16 x kv_lora] += P · V: warp w owns the 16-column groups w, w + 8, ...
 // (Eight warps on tiles of 64 rather than four on 32: a decode block spends
@@ -380,9 +381,13 @@ constexpr int kTcMaxGroups = kMaxKvLora / (16 * kTcWarps);  // 16-column groups 
 constexpr int kTcMaxNt = 2 * kTcMaxGroups;                  // n8 tiles of O per warp (8)
 constexpr int kTcPStride = 72;                              // bf16 per P row (9 chunks: odd)
 constexpr int kTcSStride = kTcTile + 1;                     // floats per S row
-static_assert(kTcWarps * 8 == kTcTile, "a warp scores 8 positions of a tile");
 static_assert(kTcRowPos == 4, "the softmax reads 4 positions per thread");
-constexpr int kTcChunkIters = 3;  // 16-byte chunks of a cache row per lane: rows of <= 768 bf16
+constexpr int kTcChunkIters = 3;
+constexpr int kTcKGroups = 4;  // the scores' k range in 4 parts, each with half the positions
+static_assert(
+    2 * kTcKGroups == kTcWarps && 2 * 32 == kTcTile,
+    "a warp scores a quarter of k for 32 positions of a tile");  // 16-byte chunks of a cache row
+                                                                 // per lane: rows of <= 768 bf16
 
 __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
@@ -390,12 +395,12 @@ __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
 
 size_t TcSharedBytes(int row_width) {
   const size_t rs = TcRowStride(row_width);
-  return 2 * kTcHeads * rs * 2 +                  // Q hi, lo
-         2 * kTcTile * rs * 2 +                   // two cache tiles (the next one loading)
-         kTcHeads * kTcSStride * sizeof(float) +  // scores
-         2 * kTcHeads * kTcPStride * 2 +          // P hi, lo
-         3 * kTcHeads * sizeof(float) +           // m, l, alpha per head
-         2 * kTcTile * sizeof(int64_t);           // the two tiles' row offsets
+  return 2 * kTcHeads * rs * 2 +  // Q hi, lo
+         2 * kTcTile * rs * 2 +   // two cache tiles (the next one loading)
+         kTcKGroups * kTcHeads * kTcSStride * sizeof(float) +  // partial scores
+         2 * kTcHeads * kTcPStride * 2 +                       // P hi, lo
+         3 * kTcHeads * sizeof(float) +                        // m, l, alpha per head
+         2 * kTcTile * sizeof(int64_t);                        // the two tiles' row offsets
 }
 
 // Shared memory a block may have on sm_90 (227 KiB); wider rows than
@@ -444,10 +449,10 @@ __global__ void __launch_bounds__(kTcThreads)
   const int rs = TcRowStride(rw);
   __nv_bfloat16* s_qhi = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* s_qlo = s_qhi + kTcHeads * rs;
-  __nv_bfloat16* s_kv0 = s_qlo + kTcHeads * rs;  // tiles of even index
-  __nv_bfloat16* s_kv1 = s_kv0 + kTcTile * rs;   // tiles of odd index
-  float* s_s = reinterpret_cast<float*>(s_kv1 + kTcTile * rs);
-  __nv_bfloat16* s_phi = reinterpret_cast<__nv_bfloat16*>(s_s + kTcHeads * kTcSStride);
+  __nv_bfloat16* s_kv0 = s_qlo + kTcHeads * rs;                 // tiles of even index
+  __nv_bfloat16* s_kv1 = s_kv0 + kTcTile * rs;                  // tiles of odd index
+  float* s_s = reinterpret_cast<float*>(s_kv1 + kTcTile * rs);  // [k group][head][position]
+  __nv_bfloat16* s_phi = reinterpret_cast<__nv_bfloat16*>(s_s + kTcKGroups * kTcHeads * kTcSStride);
   __nv_bfloat16* s_plo = s_phi + kTcHeads * kTcPStride;
   float* s_m = reinterpret_cast<float*>(s_plo + kTcHeads * kTcPStride);
   float* s_l = s_m + kTcHeads;
@@ -532,48 +537,41 @@ __global__ void __launch_bounds__(kTcThreads)
     }
     __syncthreads();  // this tile's rows visible to every warp
 
-    // Scores of positions 8 * warp .. + 7 for the 16 heads.
-    // Eight independent accumulators (hi/lo x four k-steps of 16) keep eight
-    // MMA chains in flight instead of one dependent chain of 2 * rw / 16.
-    float sc[4];
+    // Partial scores: warp w sums k-steps of group w % 4 (a quarter of the
+    // row) for the 32 positions of half w / 4, so that each warp reads a
+    // quarter of Q from shared memory per tile, not all of it (with every
+    // warp on all of k, Q's reads were 4x the tile's). Hi and lo products in
+    // separate accumulators: eight independent MMA chains.
     {
-      float part[8][4] = {};
+      const int kg = warp % kTcKGroups, half = warp / kTcKGroups;
+      const int n_ks = rw / 16;
+      const int ks_begin = n_ks * kg / kTcKGroups, ks_end = n_ks * (kg + 1) / kTcKGroups;
+      float acc_hi[4][4] = {}, acc_lo[4][4] = {};
       const int mat = lane / 8, r8 = lane % 8;
       const __nv_bfloat16* a_hi = s_qhi + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
       const __nv_bfloat16* a_lo = s_qlo + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
-      const __nv_bfloat16* b_ptr = s_kv + (8 * warp + r8) * rs + 8 * (mat % 2);
-      int k0 = 0;
-      for (; k0 + 64 <= rw; k0 += 64) {
+      const __nv_bfloat16* b_ptr = s_kv + (32 * half + r8) * rs + 8 * (mat % 2);
+      for (int ks = ks_begin; ks < ks_end; ++ks) {
+        uint32_t fa_hi[4], fa_lo[4];
+        Ldmatrix4(fa_hi, a_hi + 16 * ks);
+        Ldmatrix4(fa_lo, a_lo + 16 * ks);
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          uint32_t fa_hi[4], fa_lo[4], fb[2];
-          Ldmatrix4(fa_hi, a_hi + k0 + 16 * u);
-          Ldmatrix4(fa_lo, a_lo + k0 + 16 * u);
-          Ldmatrix2(fb, b_ptr + k0 + 16 * u);
-          Mma(part[2 * u], fa_hi, fb);
-          Mma(part[2 * u + 1], fa_lo, fb);
+        for (int j = 0; j < 4; ++j) {  // positions 32 half + 8 j ..
+          uint32_t fb[2];
+          Ldmatrix2(fb, b_ptr + 8 * j * rs + 16 * ks);
+          Mma(acc_hi[j], fa_hi, fb);
+          Mma(acc_lo[j], fa_lo, fb);
         }
       }
-      for (; k0 < rw; k0 += 16) {  // rw % 64 of 16, 32 or 48
-        uint32_t fa_hi[4], fa_lo[4], fb[2];
-        Ldmatrix4(fa_hi, a_hi + k0);
-        Ldmatrix4(fa_lo, a_lo + k0);
-        Ldmatrix2(fb, b_ptr + k0);
-        Mma(part[0], fa_hi, fb);
-        Mma(part[1], fa_lo, fb);
-      }
+      float* part = s_s + kg * kTcHeads * kTcSStride;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        sc[j] = ((part[0][j] + part[1][j]) + (part[2][j] + part[3][j])) +
-                ((part[4][j] + part[5][j]) + (part[6][j] + part[7][j]));
+        const int p0 = 32 * half + 8 * j + 2 * t;
+        part[g * kTcSStride + p0] = acc_hi[j][0] + acc_lo[j][0];
+        part[g * kTcSStride + p0 + 1] = acc_hi[j][1] + acc_lo[j][1];
+        part[(g + 8) * kTcSStride + p0] = acc_hi[j][2] + acc_lo[j][2];
+        part[(g + 8) * kTcSStride + p0 + 1] = acc_hi[j][3] + acc_lo[j][3];
       }
-    }
-    {
-      const int p0 = 8 * warp + 2 * t;
-      s_s[g * kTcSStride + p0] = p0 < n_rows ? sc[0] * a.scale : -INFINITY;
-      s_s[g * kTcSStride + p0 + 1] = p0 + 1 < n_rows ? sc[1] * a.scale : -INFINITY;
-      s_s[(g + 8) * kTcSStride + p0] = p0 < n_rows ? sc[2] * a.scale : -INFINITY;
-      s_s[(g + 8) * kTcSStride + p0 + 1] = p0 + 1 < n_rows ? sc[3] * a.scale : -INFINITY;
     }
     __syncthreads();
 
@@ -586,7 +584,11 @@ __global__ void __launch_bounds__(kTcThreads)
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        v[j] = s_s[row * kTcSStride + 4 * part + j];
+        // The four k groups' partial sums, in a fixed order; masked past the range.
+        const int pos = 4 * part + j, i = row * kTcSStride + pos;
+        constexpr int kG = kTcHeads * kTcSStride;
+        const float sc = (s_s[i] + s_s[i + kG]) + (s_s[i + 2 * kG] + s_s[i + 3 * kG]);
+        v[j] = pos < n_rows ? sc * a.scale : -INFINITY;
         mx = fmaxf(mx, v[j]);
       }
 #pragma unroll

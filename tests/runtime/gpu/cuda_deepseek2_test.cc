@@ -114,11 +114,15 @@ RowAgreement CompareRows(const Activations& got, const Activations& want) {
   return a;
 }
 
-void ExpectAgree(const RowAgreement& a, const char* what, const std::string& file) {
+// allowed_flips: confident rows whose argmax may differ (a routing gap crossed
+// by rounding, see RoutingPoliciesApplyBeforeTheGpuCpuSplit).
+void ExpectAgree(const RowAgreement& a, const char* what, const std::string& file,
+                 int allowed_flips = 0) {
   std::printf("[ measured ] %s: %s, median row rel L2 %.2e, worst row %.2e, argmax %d/%d\n",
               file.c_str(), what, a.median, a.worst, a.agree, a.confident);
   EXPECT_LE(a.median, 1e-2) << what;
-  EXPECT_EQ(a.agree, a.confident) << what;
+  EXPECT_LE(a.agree, a.confident) << what;
+  EXPECT_GE(a.agree, a.confident - allowed_flips) << what;
 }
 
 CudaModelOptions TestOptions() {
@@ -575,14 +579,18 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
                                        "could not tell a GPU that ignores it";
     run(*gpu_, GpuExpertMode::kAllGpu, &policy, &all_gpu, &all_gpu_entries);
     EXPECT_EQ(all_gpu_entries, 0) << "all-GPU mode gave the CPU entries";
+    // Under a policy that keeps fewer experts (adaptive mass 0.6) a row's
+    // routing can sit within rounding of a gap: on the H200 one row of 45
+    // (bf16, adaptive) moved by 0.43 with every entry accounted, the GPU's
+    // bf16 rounding crossing a routing gap (README section 5), in kAllGpu and
+    // in the split alike (which row depends on the attention kernel's
+    // rounding: since the tenth session's kernel it is a confident row). So
+    // one such row is allowed in both comparisons; the median must hold.
     ExpectAgree(CompareRows(all_gpu, cpu), "policy, all routed experts on the GPU vs CPU",
-                GetParam());
+                GetParam(), /*allowed_flips=*/1);
     // The cost-model split under the policy: every entry computed exactly
     // once (the CPU's + the GPU's = the policy's), rows within the tolerance;
-    // rows whose argmax differs are printed. On the H200 one row of 45 (bf16,
-    // adaptive) moved by 0.43 with entries exactly accounted and rows of that
-    // size in kAllGpu too: the GPU's bf16 rounding crossing a routing gap
-    // (README section 5), so one such row is allowed.
+    // rows whose argmax differs are printed.
     {
       const GpuExpertStreamer::Stats before_split = (*split_gpu)->expert_streamer()->stats();
       Activations& forced = split;
@@ -607,13 +615,8 @@ TEST_P(CudaDeepseek2Test, RoutingPoliciesApplyBeforeTheGpuCpuSplit) {
               RelL2(forced.row(r), cpu.row(r), n_vocab_), Margin(cpu.row(r), n_vocab_));
         }
       }
-      const RowAgreement a = CompareRows(forced, cpu);
-      std::printf(
-          "[ measured ] %s: policy, kAuto split vs CPU, median row rel L2 %.2e, worst row "
-          "%.2e, argmax %d/%d\n",
-          GetParam().c_str(), a.median, a.worst, a.agree, a.confident);
-      EXPECT_LE(a.median, 1e-2);
-      EXPECT_GE(a.agree, a.confident - 1);
+      ExpectAgree(CompareRows(forced, cpu), "policy, kAuto split vs CPU", GetParam(),
+                  /*allowed_flips=*/1);
     }
     // The model's own policy, no hook: the same routing bit for bit.
     ASSERT_TRUE(model_->SetRoutingPolicy(std::make_shared<models::RoutingPolicy>(policy)).ok());
