@@ -761,7 +761,7 @@ MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, 
   max_kv_len = std::max<int64_t>(max_kv_len, 1);
   const int64_t groups = CeilDiv(std::max(n_head, 1), plan.heads_per_block);
   const int64_t base_blocks = std::max<int64_t>(n_q, 1) * groups;
-  // Blocks per multiprocessor that fit: one of the tensor-core kernel (209
+  // Blocks per multiprocessor that fit: one of the tensor-core kernel (204
   // KiB of shared memory at DeepSeek's widths), about two of the CUDA-core one.
   const int64_t target = (plan.tensor_cores ? 1 : 2) * std::max(n_multiprocessors, 1);
   int64_t splits = base_blocks < target ? CeilDiv(target, base_blocks) : 1;
