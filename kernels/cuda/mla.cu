@@ -13,8 +13,8 @@ constexpr int kMaxPairs = kRopeMaxPairs;
 constexpr int kTile = 32;                   // KV rows per shared-memory tile
 constexpr int kMaxKvLora = 512;             // accumulators per lane: kv_lora / 32
 constexpr int kAccWords = kMaxKvLora / 64;  // bf16 pairs of the latent per lane
-constexpr int64_t kMinSplitLen =
-    64;  // rows: one tensor-core tile; shorter splits cost more to merge
+// Rows: one tensor-core tile; shorter splits cost more to merge.
+constexpr int64_t kMinSplitLen = 64;
 constexpr int32_t kMaxSplits = 256;
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -382,12 +382,12 @@ constexpr int kTcMaxNt = 2 * kTcMaxGroups;                  // n8 tiles of O per
 constexpr int kTcPStride = 72;                              // bf16 per P row (9 chunks: odd)
 constexpr int kTcSStride = kTcTile + 1;                     // floats per S row
 static_assert(kTcRowPos == 4, "the softmax reads 4 positions per thread");
+// 16-byte chunks of a cache row per lane: rows of <= 768 bf16.
 constexpr int kTcChunkIters = 3;
-constexpr int kTcKGroups = 4;  // the scores' k range in 4 parts, each with half the positions
-static_assert(
-    2 * kTcKGroups == kTcWarps && 2 * 32 == kTcTile,
-    "a warp scores a quarter of k for 32 positions of a tile");  // 16-byte chunks of a cache row
-                                                                 // per lane: rows of <= 768 bf16
+// The scores' k range in 4 parts, each with half the positions.
+constexpr int kTcKGroups = 4;
+static_assert(2 * kTcKGroups == kTcWarps && 2 * 32 == kTcTile,
+              "a warp scores a quarter of k for 32 positions of a tile");
 
 __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t begin = static_cast<int64_t>(split) * split_len;
   const int64_t end = min(n_kv, begin + split_len);
 
-  // Query rows: warp w converts heads w, w + 4, ...; no index division (it
+  // Query rows: warp w converts heads w, w + 8, ...; no index division (it
   // was a third of a decode block's instructions).
   for (int hh = warp; hh < kTcHeads; hh += kTcWarps) {
     const bool ok = h0 + hh < a.n_head;
