@@ -298,6 +298,9 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
   if (!out.shards.empty()) {
     result.load["decode_layout"] = out.shards[0].backend.decode_layout;
     result.load["prefill_form"] = out.shards[0].backend.prefill_form;
+    uint64_t tile_cache = 0;
+    for (const auto& s : out.shards) tile_cache += s.backend.tile_cache_bytes;
+    result.load["tile_cache_bytes"] = tile_cache;
   }
 
   {

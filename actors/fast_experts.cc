@@ -80,6 +80,8 @@ class FastShardBackend final : public ShardExpertBackend {
     info.n_reference_layers = ls.n_reference_layers;
     info.decode_layout = ls.decode_layout;
     info.prefill_form = ls.prefill_form;
+    info.tile_cache_bytes = ls.tile_cache_bytes;
+    info.bytes_held += ls.tile_cache_bytes;
     info.workspace_bytes = ls.workspace_bytes;
     if (ls.decode_layout == "gguf") {
       // The decode form reads the mapping: its bytes are views, not copies.

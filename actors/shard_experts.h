@@ -59,6 +59,8 @@ struct ShardBackendInfo {
   std::string decode_layout;     // fast backend: "panel16" / "gguf"
   bool prefill_form = false;     // fast backend: the AMX tile prefill path is on
   uint64_t workspace_bytes = 0;  // kernel workspace (fast backend)
+  // Fast backend: the bytes of its tile caches (0: none), included in bytes_held.
+  uint64_t tile_cache_bytes = 0;
   // Kernel runs so far and the expert weight bytes they read (fast backend;
   // moe_backend::CpuMoeRunStats).
   int64_t kernel_runs = 0;

@@ -74,6 +74,7 @@ struct BenchFlags {
   int moe_spin_us = -1;            // --moe-spin-us: EngineOptions::moe_spin_us (-1: auto)
   int arena_spin_us = -1;          // --arena-spin-us: EngineOptions::arena_spin_us (-1: auto)
   bool no_warmup_prefill = false;  // --no-warmup-prefill: BenchOptions::warmup_longest_prompt off
+  bool tile_cache = false;         // --tile-cache: CpuMoeBackendOptions::tile_cache
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
@@ -195,6 +196,7 @@ absl::Status RunBench(const BenchFlags& flags) {
     }
     for (int64_t b : options.batch_sizes) largest = std::max(largest, b);
     eo.max_tokens = std::min<int64_t>(largest, 2048);
+    eo.tile_cache = flags.tile_cache;
     KTX_ASSIGN_OR_RETURN(experts, moe_backend::CpuExperts::Attach(model.get(), flags.threads, eo));
     pool = &experts->pool();
   } else {
@@ -266,6 +268,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
       ApplyGpuHotExpertsFlags(flags.gpu_hot_experts_gib, flags.profile, &engine_options));
   engine_options.experts =
       fast ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
+  engine_options.fast_experts.tile_cache = flags.tile_cache;
   if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
     std::ofstream probe(flags.json, std::ios::trunc);
     if (!(probe << "{}\n") || !probe.flush()) {
@@ -386,6 +389,10 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                   "With --topology/--shards: the actors' arena dispatchers poll this long for the "
                   "next job before they sleep (default -1: auto, 1000 with 8 or more cpus, else "
                   "0)");
+  cmd->add_flag("--tile-cache", flags->tile_cache,
+                "Keep the AMX prefill path's int8 conversion of every expert in memory (tile "
+                "caches: ~1 byte per expert weight more, prefill without conversion; also "
+                "KTX_MOE_TILE_CACHE=1; docs/experts.md)");
   cmd->add_flag("--no-warmup-prefill", flags->no_warmup_prefill,
                 "With --topology/--shards: skip the untimed prefill of the longest prompt before "
                 "timing (first-use costs then count in the first prefill)");

@@ -109,9 +109,9 @@ std::vector<int> AllowedCpus() {
   return cpus;
 }
 
-// Indices of the six per-call pointer tables (the prefill ones stay empty: the
-// AMX tile path reads the decode weights).
-enum Which : int { kGate = 0, kUp = 1, kDown = 2, kGateP = 3, kUpP = 4, kDownP = 5 };
+// Indices of the six per-call pointer tables: the decode form (panel16 or the
+// mapping), then the tile caches (empty without them).
+enum Which : int { kGate = 0, kUp = 1, kDown = 2, kGateT = 3, kUpT = 4, kDownT = 5 };
 
 // A switch point no call reaches (decode path only).
 constexpr int64_t kNoPrefill = int64_t{1} << 40;
@@ -124,10 +124,12 @@ struct CpuMoeBackend::Layer {
   std::vector<uint8_t> held;  // U8 [n_expert], nonzero = held
   int64_t n_held = 0;
   kernels::moe::MoePlan plan;
-  // Expert matrices of each kind: [n_expert] pointers (null = not held), into
-  // decode_mem / prefill_mem (or the mapping for the gguf layout).
+  // Expert matrices of each kind (Which): [n_expert] pointers (null = not
+  // held), into decode_mem (or the mapping for the gguf layout) and tile_mem.
   std::vector<const void*> ptrs[6];
   runtime::NumaBuffer decode_mem;  // held experts x [gate | up | down], decode layout
+  runtime::NumaBuffer tile_mem;    // held experts x [gate | up | down] tile caches (tile512)
+  bool tile_cache = false;         // ptrs[kGateT..kDownT] are set
 };
 
 CpuMoeBackend::~CpuMoeBackend() = default;
@@ -186,6 +188,16 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
           "KTX_MOE_TIMES=", v, ": expected 1 (log every expert call's stage times) or 0"));
     }
     profile_calls_ = v == "1";
+  }
+  bool tile_cache = options.tile_cache;
+  if (const char* env = std::getenv("KTX_MOE_TILE_CACHE"); env != nullptr && *env) {
+    const std::string v = env;
+    if (v != "0" && v != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_MOE_TILE_CACHE=", v,
+          ": expected 1 (tile caches for the AMX prefill path) or 0 (as the option says)"));
+    }
+    tile_cache = tile_cache || v == "1";
   }
   if (options.decode_layout != MoeWeightLayout::kPanel16 &&
       options.decode_layout != MoeWeightLayout::kGguf) {
@@ -364,6 +376,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
   progress.Finish();
   load_stats_.repack_seconds = SecondsSince(repack_t0);
   load_stats_.repacked_bytes = total;
+  if (tile_cache) KTX_RETURN_IF_ERROR(BuildTileCaches());
 
   if (workspace_bytes > 0) {
     workspace_ = pool_->Allocate(workspace_bytes);
@@ -448,6 +461,84 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
   return absl::OkStatus();
 }
 
+absl::Status CpuMoeBackend::BuildTileCaches() {
+  const models::Deepseek2Hparams& hp = *hparams_;
+  const int64_t n_expert = hp.n_expert;
+  const int64_t rows[3] = {hp.n_ff_exp, hp.n_ff_exp, hp.n_embd};
+  const int64_t ks[3] = {hp.n_embd, hp.n_embd, hp.n_ff_exp};
+  const auto t0 = Clock::now();
+  uint64_t built = 0;
+  std::string skipped;
+  for (size_t il = 0; il < layers_.size(); ++il) {
+    if (layers_[il] == nullptr || !layers_[il]->fast || layers_[il]->n_held == 0) continue;
+    Layer& L = *layers_[il];
+    if (!L.plan.tile || L.plan.tile_group != 512) {
+      absl::StrAppend(&skipped, skipped.empty() ? "" : ", ", il);
+      continue;
+    }
+    const MoeMatrixFormat f[3] = {L.plan.format.gate, L.plan.format.up, L.plan.format.down};
+    int64_t bytes[3];
+    for (int m = 0; m < 3; ++m) {
+      KTX_ASSIGN_OR_RETURN(bytes[m], kernels::moe::TileCacheBytes(f[m], rows[m], ks[m]));
+    }
+    const int64_t per_expert = bytes[0] + bytes[1] + bytes[2];
+    const size_t total = static_cast<size_t>(per_expert * L.n_held);
+    runtime::NumaBuffer mem = pool_->Allocate(total);
+    if (mem.data() == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("CpuMoeBackend: cannot allocate ", total, " bytes for the tile caches of ",
+                       "layer ", il, " (tile_cache / KTX_MOE_TILE_CACHE: ~1 byte per expert ",
+                       "weight beside the repacked copy; turn it off or hold fewer experts)"));
+    }
+    uint8_t* at = static_cast<uint8_t*>(mem.data());
+    // Tasks: (held expert, matrix, panel range).
+    struct Task {
+      int m;
+      const void* src;
+      uint8_t* dst;
+      int64_t task;
+    };
+    std::vector<Task> tasks;
+    int64_t slot = 0;
+    for (int m = 3; m < 6; ++m) L.ptrs[m].assign(n_expert, nullptr);
+    for (int64_t e = 0; e < n_expert; ++e) {
+      if (!L.held[e]) continue;
+      uint8_t* d = at + slot++ * per_expert;
+      for (int m = 0; m < 3; ++m) {
+        L.ptrs[kGateT + m][e] = d;
+        for (int64_t t = 0; t < kernels::moe::TileCacheNumTasks(rows[m]); ++t) {
+          tasks.push_back({m, L.ptrs[kGate + m][e], d, t});
+        }
+        d += bytes[m];
+      }
+    }
+    pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
+      const Task& t = tasks[i];
+      kernels::moe::BuildTileCacheTask(f[t.m], t.src, rows[t.m], ks[t.m], t.task, t.dst);
+    });
+    L.tile_mem = std::move(mem);
+    L.tile_cache = true;
+    built += total;
+  }
+  load_stats_.tile_cache_bytes = built;
+  load_stats_.tile_cache_seconds = SecondsSince(t0);
+  if (!skipped.empty() || built == 0) {
+    KTX_LOG(WARNING, "moe_backend")
+        << "tile caches requested, but "
+        << (built == 0
+                ? std::string("no layer has the AMX tile path with groups of 512 (variant ") +
+                      kernels::CpuVariantName(variant_) + "): none built"
+                : "layers " + skipped + " have no tile path with groups of 512: no cache");
+  }
+  if (built > 0) {
+    KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
+        "tile caches: %.2f GiB for the AMX prefill path in %.2f s (%.2f GB/s)",
+        static_cast<double>(built) / (1 << 30), load_stats_.tile_cache_seconds,
+        static_cast<double>(built) / 1e9 / std::max(load_stats_.tile_cache_seconds, 1e-9));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
   const Layer& L = *layers_[il];
   const models::Deepseek2Hparams& hp = *hparams_;
@@ -491,6 +582,12 @@ absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
   w.gate = {f.gate, L.ptrs[kGate].data()};
   w.up = {f.up, L.ptrs[kUp].data()};
   w.down = {f.down, L.ptrs[kDown].data()};
+  if (L.tile_cache) {  // the tile path as Compute runs it
+    const MoeWeightLayout t = MoeWeightLayout::kTile512;
+    w.gate_tile = {{f.gate.type, t}, L.ptrs[kGateT].data()};
+    w.up_tile = {{f.up.type, t}, L.ptrs[kUpT].data()};
+    w.down_tile = {{f.down.type, t}, L.ptrs[kDownT].data()};
+  }
   auto time_call = [&](const kernels::moe::MoePlan& plan, int64_t n) -> absl::StatusOr<double> {
     const auto c0 = Clock::now();
     KTX_ASSIGN_OR_RETURN(
@@ -623,10 +720,11 @@ absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, bool index
   w.gate = {f.gate, table[kGate]};
   w.up = {f.up, table[kUp]};
   w.down = {f.down, table[kDown]};
-  if (f.has_prefill) {
-    w.gate_prefill = {f.gate_prefill, table[kGateP]};
-    w.up_prefill = {f.up_prefill, table[kUpP]};
-    w.down_prefill = {f.down_prefill, table[kDownP]};
+  if (L.tile_cache) {
+    const MoeWeightLayout t = MoeWeightLayout::kTile512;
+    w.gate_tile = {{f.gate.type, t}, table[kGateT]};
+    w.up_tile = {{f.up.type, t}, table[kUpT]};
+    w.down_tile = {{f.down.type, t}, table[kDownT]};
   }
   // The kernels' plan has rows of n_expert_used entries: a narrower routing
   // (a routing policy) is padded with kMoeNoExpert entries, which they skip.
@@ -677,6 +775,7 @@ absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, bool index
     stats_.pairs += run.num_pairs();
     stats_.active_experts += run.num_active_experts();
     stats_.prefill_experts += run.num_prefill_experts();
+    stats_.cached_experts += run.num_cached_experts();
     stats_.weight_bytes += run.weight_bytes();
   }
   return absl::OkStatus();
@@ -687,9 +786,10 @@ void CpuMoeBackend::RunProfiled(int il, const kernels::moe::MoeRun& run, double 
   static constexpr const char* kStageNames[kernels::moe::MoeRun::kNumStages] = {"quantize",
                                                                                 "gate/up", "down"};
   std::string line = absl::StrFormat(
-      "layer %d: %lld tokens, %lld experts (%lld tile), %lld pairs: setup %.2f ms", il,
+      "layer %d: %lld tokens, %lld experts (%lld tile, %lld cached), %lld pairs: setup %.2f ms", il,
       static_cast<long long>(run.n_tokens()), static_cast<long long>(run.num_active_experts()),
-      static_cast<long long>(run.num_prefill_experts()), static_cast<long long>(run.num_pairs()),
+      static_cast<long long>(run.num_prefill_experts()),
+      static_cast<long long>(run.num_cached_experts()), static_cast<long long>(run.num_pairs()),
       setup_ms);
   double total_ms = setup_ms;
   std::vector<double> busy_ms(n_workers);

@@ -22,6 +22,9 @@ constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile lo
 constexpr uint8_t kPathDecode = 0;       // decode form, x per token
 constexpr uint8_t kPathPrefillForm = 1;  // separate prefill weights (amx_int8), x per pair
 constexpr uint8_t kPathTile = 2;         // tile kernel over the decode form, x per pair
+constexpr uint8_t kPathTileCached = 3;   // tile kernel over the expert's tile cache, x per pair
+
+bool IsTilePath(uint8_t path) { return path == kPathTile || path == kPathTileCached; }
 
 int64_t Align64(int64_t n) { return (n + 63) / 64 * 64; }
 
@@ -36,6 +39,11 @@ absl::Status CheckMatrix(const char* what, MoeMatrixFormat f, int64_t rows, int6
   if (!bytes.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("MoE plan: ", what, ": ", bytes.status().message()));
+  }
+  if (f.layout == MoeWeightLayout::kTile512) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE plan: ", what, " format ", FormatName(f),
+                     " is a tile cache (MoeLayerWeights::*_tile), not a matrix form"));
   }
   if (!kernels.supports(f)) {
     return absl::InvalidArgumentError(absl::StrCat("MoE plan: ", what, " format ", FormatName(f),
@@ -387,6 +395,33 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
     }
   }
 
+  // Tile caches: tile512 of the decode forms' types, on a plan whose tile
+  // path converts in groups of 512.
+  const MoeMatrix* tm[3] = {&weights.gate_tile, &weights.up_tile, &weights.down_tile};
+  const bool any_cache =
+      tm[0]->experts != nullptr || tm[1]->experts != nullptr || tm[2]->experts != nullptr;
+  if (any_cache) {
+    if (!plan.tile || plan.tile_group != panel::kTileK) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "MoE run: tile caches need a plan with the tile path and tile_group 512 (this plan: ",
+          plan.tile ? absl::StrCat("tile_group ", plan.tile_group) : std::string("no tile path"),
+          ")"));
+    }
+    for (int i = 0; i < 3; ++i) {
+      const MoeMatrixFormat want{fmts[i].type, MoeWeightLayout::kTile512};
+      if (tm[i]->experts != nullptr && !SameFormat(tm[i]->format, want)) {
+        return absl::InvalidArgumentError(absl::StrCat("MoE run: ", names[i], "_tile weights are ",
+                                                       FormatName(tm[i]->format),
+                                                       " but the plan expects ", FormatName(want)));
+      }
+    }
+  }
+  auto cached = [&](int64_t e) {
+    return any_cache && tm[0]->experts != nullptr && tm[1]->experts != nullptr &&
+           tm[2]->experts != nullptr && tm[0]->experts[e] != nullptr &&
+           tm[1]->experts[e] != nullptr && tm[2]->experts[e] != nullptr;
+  };
+
   MoeRun run;
   run.plan_ = &plan;
   run.weights_ = &weights;
@@ -427,13 +462,17 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
         weights.gate_prefill.experts[e] != nullptr && weights.up_prefill.experts[e] != nullptr &&
         weights.down_prefill.experts[e] != nullptr;
     if (count[e] >= plan.options.prefill_min_tokens && (prefill_weights || plan.tile)) {
-      path[e] = prefill_weights ? kPathPrefillForm : kPathTile;
+      path[e] = prefill_weights ? kPathPrefillForm : cached(e) ? kPathTileCached : kPathTile;
       ++run.n_prefill_;
       run.n_prefill_pairs_ += count[e];
     }
     const bool form = path[e] == kPathPrefillForm;
-    const MoeMatrixFormat g = form ? plan.format.gate_prefill : plan.format.gate;
-    const MoeMatrixFormat d = form ? plan.format.down_prefill : plan.format.down;
+    MoeMatrixFormat g = form ? plan.format.gate_prefill : plan.format.gate;
+    MoeMatrixFormat d = form ? plan.format.down_prefill : plan.format.down;
+    if (path[e] == kPathTileCached) {
+      g.layout = d.layout = MoeWeightLayout::kTile512;
+      ++run.n_cached_;
+    }
     run.weight_bytes_ +=
         2 * *MoeMatrixBytes(g, sh.n_ff, sh.n_embd) + *MoeMatrixBytes(d, sh.n_embd, sh.n_ff);
   }
@@ -462,7 +501,7 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
   int32_t* order = reinterpret_cast<int32_t*>(run.ws_ + plan.off_order);
   int64_t n_tile = 0, n_task = 0;
   for (int64_t i = 0; i < run.n_active_; ++i) {
-    if (path[active[i]] == kPathTile) order[n_tile++] = active[i];
+    if (IsTilePath(path[active[i]])) order[n_tile++] = active[i];
   }
   std::sort(order, order + n_tile, [count](int32_t a, int32_t b) {
     return count[a] != count[b] ? count[a] > count[b] : a < b;
@@ -486,7 +525,7 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
   }
   for (int64_t i = 0; i < run.n_active_; ++i) {
     const int64_t e = active[i];
-    if (path[e] == kPathTile) continue;
+    if (IsTilePath(path[e])) continue;
     for (int64_t f0 = 0; f0 < sh.n_ff; f0 += kFfRowsPerTask) add_task(e, 0, count[e], f0);
   }
   run.n_gateup_tasks_ = n_task;
@@ -507,6 +546,14 @@ const MoeMatrix& MoeRun::Matrix(int which, bool prefill) const {
     case 0: return prefill ? weights_->gate_prefill : weights_->gate;
     case 1: return prefill ? weights_->up_prefill : weights_->up;
     default: return prefill ? weights_->down_prefill : weights_->down;
+  }
+}
+
+const MoeMatrix& MoeRun::TileCache(int which) const {
+  switch (which) {
+    case 0: return weights_->gate_tile;
+    case 1: return weights_->up_tile;
+    default: return weights_->down_tile;
   }
 }
 
@@ -546,7 +593,7 @@ void MoeRun::QuantizeTask(int64_t task) const {
     uint8_t* row = ws_ + p.off_xp + q * p.xp_row_bytes;
     if (path[e] == kPathPrefillForm) {
       p.kernels->quantize(ActFormatFor(p.format.gate_prefill), x, row, n_embd);
-    } else if (path[e] == kPathTile) {
+    } else if (IsTilePath(path[e])) {
       p.kernels->quantize_tile(x, reinterpret_cast<int8_t*>(row),
                                reinterpret_cast<float*>(row + n_embd), n_embd, p.tile_group);
     }
@@ -558,7 +605,7 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   const int32_t* tk = reinterpret_cast<const int32_t*>(ws_ + p.off_task) + 4 * task;
   const int64_t e = tk[0];
   const uint8_t path = ws_[p.off_path + e];
-  if (path == kPathTile) {
+  if (IsTilePath(path)) {
     TileGateUp(e, tk[1], tk[2], tk[3], worker);
     return;
   }
@@ -633,8 +680,9 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   a.out_stride = os;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
+  const bool cached = ws_[p.off_path + e] == kPathTileCached;
   for (int which = 0; which < 2; ++which) {
-    const MoeMatrix& m = Matrix(which, false);
+    const MoeMatrix& m = cached ? TileCache(which) : Matrix(which, false);
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     a.out = which == 0 ? g : u;
@@ -688,14 +736,16 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   for (int64_t i = 0; i < n_active_; ++i) {
     const int64_t e = active[i];
     const bool form = path[e] == kPathPrefillForm;
-    const MoeMatrix& m = Matrix(2, form);
+    const MoeMatrix& m = path[e] == kPathTileCached ? TileCache(2) : Matrix(2, form);
     if (i + 1 < n_active_) {
-      PrefetchRows(Matrix(2, path[active[i + 1]] == kPathPrefillForm), active[i + 1], r0, rows);
+      const uint8_t next = path[active[i + 1]];
+      PrefetchRows(next == kPathTileCached ? TileCache(2) : Matrix(2, next == kPathPrefillForm),
+                   active[i + 1], r0, rows);
     }
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     const int64_t n = offset[e + 1] - offset[e];
-    if (path[e] == kPathTile) {
+    if (IsTilePath(path[e])) {
       a.act_group = p.tile_group;
       SetTileKernelArgs(p, &a);
       // The phased kernel converts each weight once per call: all the
@@ -726,6 +776,37 @@ void MoeRun::PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t row
   const uint8_t* base = static_cast<const uint8_t*>(m.experts[e]) + (r0 / kPanelRows) * panel_bytes;
   const int64_t bytes = std::min<int64_t>(rows / kPanelRows * panel_bytes, 48 << 10);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 0, 1);
+}
+
+absl::StatusOr<int64_t> TileCacheBytes(MoeMatrixFormat src, int64_t n_rows, int64_t k) {
+  if (!TileFormatSupported(src)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE tile cache: the source ", FormatName(src),
+                     " is not a tile-path format (panel16 q4_K, q5_K, q6_K or q8_0)"));
+  }
+  return MoeMatrixBytes({src.type, MoeWeightLayout::kTile512}, n_rows, k);
+}
+
+int64_t TileCacheNumTasks(int64_t n_rows) {
+  constexpr int64_t kPanelsPerTask = 8;
+  return (n_rows / kPanelRows + kPanelsPerTask - 1) / kPanelsPerTask;
+}
+
+void BuildTileCacheTask(MoeMatrixFormat src, const void* w, int64_t n_rows, int64_t k, int64_t task,
+                        void* cache) {
+  constexpr int64_t kPanelsPerTask = 8;
+  const MoeKernels& kern = MoeKernelsFor(ActiveCpuVariant());
+  const auto convert = kern.tile_convert != nullptr ? kern.tile_convert : &TileConvertPanelScalar;
+  const int64_t n_groups = k / panel::kTileK;
+  const int64_t p1 = std::min(n_rows / kPanelRows, (task + 1) * kPanelsPerTask);
+  for (int64_t p = task * kPanelsPerTask; p < p1; ++p) {
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      uint8_t* blk = static_cast<uint8_t*>(cache) + (p * n_groups + gi) * panel::kTileBytes;
+      convert(src, static_cast<const uint8_t*>(w), k, p, gi * panel::kTileK, panel::kTileK,
+              reinterpret_cast<int8_t*>(blk + panel::kTileQ),
+              reinterpret_cast<float*>(blk + panel::kTileS));
+    }
+  }
 }
 
 void RunMoeStage(const MoeRun& run, int stage, int ith, int nth) {

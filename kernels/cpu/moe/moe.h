@@ -54,7 +54,10 @@
 // (MoePlanOptions::tile_prefill: AMX int8 tiles over the panel16 weights,
 // converted to int8 per (row, tile_group) on the fly, by default one
 // L2-sized chunk at a time before its tiles run (tile_phased); one copy of
-// the weights serves both paths; contract in moe_internal.h). Otherwise the decode
+// the weights serves both paths; contract in moe_internal.h), or over the
+// expert's tile cache where the caller built one (MoeLayerWeights::gate_tile,
+// ...: the same int8 bytes made once at load, so no conversion in the call,
+// for more memory). Otherwise the decode
 // form (kGguf or kPanel16: VNNI dot products with register-blocked tokens).
 // The switch point should be where the two paths' measured times cross
 // (CpuMoeBackend calibrates it at load; moe_benchmark reports it).
@@ -215,7 +218,27 @@ struct MoeLayerWeights {
   // Used when the plan has_prefill; experts may be null where the prefill
   // form of an owned expert is absent (it then runs the decode form).
   MoeMatrix gate_prefill, up_prefill, down_prefill;
+  // Optional tile caches (layout tile512 with the types of gate / up / down:
+  // the tile path's int8 conversion of each expert, done once by
+  // BuildTileCacheTask). An expert on the tile path whose three caches are
+  // non-null reads them instead of converting its panel16 weights on the fly:
+  // bitwise the same results for ~1 byte per weight more memory (a
+  // DeepSeek-V3 expert: 44.4 MB beside its 29.0 MB of panel16). Null arrays
+  // or entries: no cache for those experts. Needs a plan with the tile path
+  // and tile_group 512 (MoeRun::Begin checks).
+  MoeMatrix gate_tile, up_tile, down_tile;
 };
+
+// Tile caches (tile512 in moe_repack.h) of one panel16 matrix [n_rows][k] of a
+// tile-path type (Q4_K, Q5_K, Q6_K, Q8_0): its bytes (InvalidArgument, naming
+// what is wrong, for any other format or k % 512 != 0), and its build in
+// TileCacheNumTasks(n_rows) tasks of 8 panels each: independent, any order and
+// thread, disjoint writes; each converts with the host's fastest converter
+// (all converters give the same bytes). `src` must have passed TileCacheBytes.
+absl::StatusOr<int64_t> TileCacheBytes(MoeMatrixFormat src, int64_t n_rows, int64_t k);
+int64_t TileCacheNumTasks(int64_t n_rows);
+void BuildTileCacheTask(MoeMatrixFormat src, const void* w, int64_t n_rows, int64_t k, int64_t task,
+                        void* cache);
 
 // An id entry that names no expert: skipped (it adds nothing). Routing
 // policies that keep fewer experts for some tokens pad their rows with it.
@@ -259,6 +282,8 @@ class MoeRun {
   int64_t n_tokens() const { return input_.n_tokens; }
   int64_t num_active_experts() const { return n_active_; }
   int64_t num_prefill_experts() const { return n_prefill_; }
+  // Of those, the experts that read their tile caches (no conversion).
+  int64_t num_cached_experts() const { return n_cached_; }
   int64_t num_pairs() const { return n_pairs_; }
   // Bytes of expert weights the run reads once (gate + up + down of the active experts).
   int64_t weight_bytes() const { return weight_bytes_; }
@@ -275,13 +300,14 @@ class MoeRun {
   void TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const;
   void DownTask(int64_t task, int worker) const;
   const MoeMatrix& Matrix(int which, bool prefill) const;
+  const MoeMatrix& TileCache(int which) const;
   void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
 
   const MoePlan* plan_ = nullptr;
   const MoeLayerWeights* weights_ = nullptr;
   MoeInput input_;
   uint8_t* ws_ = nullptr;
-  int64_t n_active_ = 0, n_prefill_ = 0, n_pairs_ = 0, n_prefill_pairs_ = 0;
+  int64_t n_active_ = 0, n_prefill_ = 0, n_cached_ = 0, n_pairs_ = 0, n_prefill_pairs_ = 0;
   int64_t weight_bytes_ = 0;
   int64_t n_token_chunks_ = 0, n_pair_chunks_ = 0, n_gateup_tasks_ = 0, down_rows_ = 0;
 };

@@ -113,11 +113,14 @@ inline constexpr int kQ80D = 0, kQ80Q = 32, kQ80Bytes = 544;
 inline constexpr int kBf16Bytes = 1024;
 // amx_int8 (k-block 256)
 inline constexpr int kAmxS = 0, kAmxQ = 64, kAmxBytes = 4160;
+// tile512 (k-block 512): the tile cache
+inline constexpr int kTileK = 512, kTileQ = 0, kTileS = 8192, kTileBytes = 8256;
 }  // namespace panel
 
-// k elements covered by one block of `format` (256 or 32).
+// k elements covered by one block of `format` (512, 256 or 32).
 static inline int64_t KBlock(MoeMatrixFormat f) {
   if (f.layout == MoeWeightLayout::kAmxInt8) return 256;
+  if (f.layout == MoeWeightLayout::kTile512) return panel::kTileK;
   switch (f.type) {
     case TensorType::kQ8_0:
     case TensorType::kBF16: return 32;
@@ -128,6 +131,7 @@ static inline int64_t KBlock(MoeMatrixFormat f) {
 // Bytes of one panel block (16 rows x KBlock) of a panel layout.
 static inline int64_t PanelBlockBytes(MoeMatrixFormat f) {
   if (f.layout == MoeWeightLayout::kAmxInt8) return panel::kAmxBytes;
+  if (f.layout == MoeWeightLayout::kTile512) return panel::kTileBytes;
   switch (f.type) {
     case TensorType::kQ4_K: return panel::kQ4KBytes;
     case TensorType::kQ5_K: return panel::kQ5KBytes;

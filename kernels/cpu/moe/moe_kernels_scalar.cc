@@ -254,6 +254,13 @@ int64_t TileScratchBytes(int64_t group, int64_t chunk_bytes, int64_t skew) {
 
 void TileConvertPanelScalar(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel,
                             int64_t k0, int64_t group, int8_t* tiles, float* s) {
+  if (format.layout == MoeWeightLayout::kTile512) {                 // converted at load: a copy
+    if (group != panel::kTileK || k0 % panel::kTileK != 0) return;  // not a tile512 request
+    const uint8_t* pb = w + (panel * (k / panel::kTileK) + k0 / panel::kTileK) * panel::kTileBytes;
+    std::memcpy(tiles, pb + panel::kTileQ, 16 * panel::kTileK);
+    std::memcpy(s, pb + panel::kTileS, 4 * kPanelRows);
+    return;
+  }
   const TensorType type = format.type;
   const int64_t kb = KBlock(format), nb = k / kb, pbb = PanelBlockBytes(format);
   const uint8_t* pw = w + panel * nb * pbb;

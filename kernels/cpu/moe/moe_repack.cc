@@ -195,6 +195,7 @@ const char* MoeWeightLayoutName(MoeWeightLayout layout) {
     case MoeWeightLayout::kGguf: return "gguf";
     case MoeWeightLayout::kPanel16: return "panel16";
     case MoeWeightLayout::kAmxInt8: return "amx_int8";
+    case MoeWeightLayout::kTile512: return "tile512";
   }
   return "unknown";
 }
@@ -204,7 +205,8 @@ bool MoeFormatSupported(MoeMatrixFormat f) {
   switch (f.layout) {
     case MoeWeightLayout::kGguf:
     case MoeWeightLayout::kPanel16: return base || f.type == TensorType::kBF16;
-    case MoeWeightLayout::kAmxInt8: return base;
+    case MoeWeightLayout::kAmxInt8:
+    case MoeWeightLayout::kTile512: return base;
   }
   return false;
 }
@@ -214,9 +216,9 @@ absl::StatusOr<int64_t> MoeMatrixBytes(MoeMatrixFormat f, int64_t n_rows, int64_
   const std::string name = absl::StrCat(traits ? traits->name : "unknown type", " in layout ",
                                         MoeWeightLayoutName(f.layout));
   if (!MoeFormatSupported(f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MoE expert weights: ", name,
-                     " is not supported (q4_K, q5_K, q6_K, q8_0, bf16; amx_int8 takes no bf16)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoE expert weights: ", name,
+        " is not supported (q4_K, q5_K, q6_K, q8_0, bf16; amx_int8 and tile512 take no bf16)"));
   }
   const int64_t kb = KBlock(f);
   if (n_rows <= 0 || k <= 0 || k % kb != 0) {
@@ -236,6 +238,11 @@ absl::StatusOr<int64_t> MoeMatrixBytes(MoeMatrixFormat f, int64_t n_rows, int64_
 absl::Status ValidateMoeRepackJob(const MoeRepackJob& job) {
   if (job.to == MoeWeightLayout::kGguf) {
     return absl::InvalidArgumentError("MoE repack: the target layout must not be gguf");
+  }
+  if (job.to == MoeWeightLayout::kTile512) {
+    return absl::InvalidArgumentError(
+        "MoE repack: tile512 is made from panel16 weights by BuildTileCache (moe.h), not from "
+        "GGUF");
   }
   if (!MoeFormatSupported({job.type, MoeWeightLayout::kGguf})) {
     return absl::InvalidArgumentError("MoE repack: unsupported source type");

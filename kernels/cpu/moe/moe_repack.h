@@ -46,6 +46,17 @@
 //            only the amx variant has a fast kernel for it (others run the
 //            scalar code).
 //
+// kTile512   the tile path's int8 conversion of panel16 weights (moe_internal.h,
+//            TileConvertPanelScalar) done once at load for groups of 512 k, so
+//            that an expert whose conversion is cached runs the tile kernels
+//            without converting (a tile cache: MoeLayerWeights::*_tile, built by
+//            BuildTileCache in moe.h; never a decode or prefill form). Panels of
+//            16 rows, one block per 512 k (8256 B): 0 q[128][64] i8 (B-tile row
+//            kk, k = 4kk..4kk+3, byte r*4+i = v[r][4kk+i]) | 8192 s[16] f32 (row
+//            scales). Sources: the panel16 types of the tile path (Q4_K, Q5_K,
+//            Q6_K, Q8_0), whose type it keeps. ~1.0 byte per weight beside the
+//            panel16 copy (Q4_K: 0.58).
+//
 // Repacking runs once at load, in parallel: MoeRepackNumTasks() tasks, each a
 // range of panels of one expert, any order, any thread (the caller's pool).
 // Thread-safe: pure functions of their arguments; tasks write disjoint bytes.
@@ -58,9 +69,9 @@
 
 namespace ktx::kernels::moe {
 
-enum class MoeWeightLayout : int { kGguf = 0, kPanel16 = 1, kAmxInt8 = 2 };
+enum class MoeWeightLayout : int { kGguf = 0, kPanel16 = 1, kAmxInt8 = 2, kTile512 = 3 };
 
-// "gguf", "panel16", "amx_int8".
+// "gguf", "panel16", "amx_int8", "tile512".
 const char* MoeWeightLayoutName(MoeWeightLayout layout);
 
 // The storage of one expert matrix: its GGUF type and layout.
@@ -70,12 +81,13 @@ struct MoeMatrixFormat {
 };
 
 // Whether the operator can hold `type` in `layout` (see above; GGUF and
-// panel16: Q4_K, Q5_K, Q6_K, Q8_0, BF16; amx_int8: Q4_K, Q5_K, Q6_K, Q8_0).
+// panel16: Q4_K, Q5_K, Q6_K, Q8_0, BF16; amx_int8 and tile512: Q4_K, Q5_K, Q6_K,
+// Q8_0).
 bool MoeFormatSupported(MoeMatrixFormat format);
 
 // Bytes of one expert matrix [n_rows][k]. InvalidArgument when the format is
 // unsupported or the shape does not fit it (k % 256 for K-quants and amx_int8,
-// k % 32 otherwise; n_rows % 16 for the panel layouts).
+// k % 512 for tile512, k % 32 otherwise; n_rows % 16 for the panel layouts).
 absl::StatusOr<int64_t> MoeMatrixBytes(MoeMatrixFormat format, int64_t n_rows, int64_t k);
 
 // One repacking: `n_expert` matrices [n_rows][k] of `type` from GGUF bytes

@@ -17,6 +17,7 @@
 #include <iterator>
 #include <limits>
 #include <ostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -527,6 +528,82 @@ TEST(CpuMoeBackendTest, TilePrefillPathOnOneCopy) {
       EXPECT_LT(nmse, 1.5e-3) << "layer " << in.il;
     }
   }
+}
+
+// Tile caches (tile_cache / KTX_MOE_TILE_CACHE=1) on a synthetic model whose
+// widths take tile groups of 512: bitwise the results of converting on the
+// fly, every tile-path expert reading its cache, the memory reported; on the
+// 256-wide fixtures (groups of 256) none is built; a bad variable is refused.
+TEST(CpuMoeBackendTest, TileCachesGiveTheBitsOfTheConversion) {
+  auto config = synth::MakeConfig(synth::Preset::kTiny, {});
+  ASSERT_TRUE(config.ok());
+  config->n_embd = 512;
+  config->n_ff_exp = 512;
+  auto plan = synth::PlanModel(*config, synth::Quant::kQ4_K_M);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto bytes = synth::WriteSynthModelToMemory(*plan, {});
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto file = gguf::GgufFile::FromMemory(bytes->data(), bytes->size(), "synth512.gguf");
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto model = Deepseek2Model::Load(std::move(*file));
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto pool = Pool(0);
+  unsetenv("KTX_MOE_TILE_CACHE");
+  CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+  o.scalar_tile_reference = true;
+  o.prefill_min_tokens = 2;
+  auto plain = CpuMoeBackend::Create(**model, pool.get(), o);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ((*plain)->load_stats().tile_cache_bytes, 0u);
+  setenv("KTX_MOE_TILE_CACHE", "1", 1);
+  auto cached = CpuMoeBackend::Create(**model, pool.get(), o);
+  unsetenv("KTX_MOE_TILE_CACHE");
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  const CpuMoeLoadStats& ls = (*cached)->load_stats();
+  // 8256 bytes per 16 rows x 512 k: 1.008 bytes per weight of the held experts.
+  const auto& hp = (*model)->hparams();
+  const uint64_t weights_held =
+      static_cast<uint64_t>(ls.n_experts_held) * 3 * hp.n_embd * hp.n_ff_exp;
+  EXPECT_EQ(ls.tile_cache_bytes, weights_held / (16 * 512) * 8256);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int il = 0; il < hp.n_layer; ++il) {
+    if (!hp.IsMoeLayer(il)) continue;
+    const int64_t n = 40;
+    Activations h(n, hp.n_embd);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t i = 0; i < hp.n_embd; ++i) h.row(t)[i] = normal(rng);
+    }
+    Routing r;
+    r.n_tokens = n;
+    r.n_expert_used = static_cast<int32_t>(hp.n_expert_used);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t k = 0; k < hp.n_expert_used; ++k) {  // experts 0..3 get most tokens
+        r.expert_ids.push_back(static_cast<int32_t>((t % 4 + 3 * k) % hp.n_expert));
+        r.weights.push_back(0.25f);
+      }
+    }
+    Activations want, got;
+    const absl::Status st = (*plain)->Compute(il, h, r, {}, &want);
+    ASSERT_TRUE(st.ok()) << st;
+    (*cached)->ResetRunStats();
+    ASSERT_TRUE((*cached)->Compute(il, h, r, {}, &got).ok());
+    const CpuMoeRunStats rs = (*cached)->run_stats();
+    EXPECT_GT(rs.prefill_experts, 0);
+    EXPECT_EQ(rs.cached_experts, rs.prefill_experts) << "layer " << il;
+    EXPECT_EQ(want.values(), got.values()) << "layer " << il;
+  }
+  // Groups of 256 (the fixtures): no cache, a warning, the backend works.
+  auto fixture = OpenFixture("q4_k_m");
+  o.tile_cache = true;
+  auto narrow = CpuMoeBackend::Create(*fixture, pool.get(), o);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  EXPECT_EQ((*narrow)->load_stats().tile_cache_bytes, 0u);
+  setenv("KTX_MOE_TILE_CACHE", "yes", 1);
+  auto bad = CpuMoeBackend::Create(*fixture, pool.get(), o);
+  unsetenv("KTX_MOE_TILE_CACHE");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_MOE_TILE_CACHE"), std::string::npos) << bad.status();
 }
 
 // prefill_min_tokens = 0: the switch is measured at load (once per process

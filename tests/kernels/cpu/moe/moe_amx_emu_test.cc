@@ -147,6 +147,87 @@ TEST_F(AmxEmulationTest, TileMatmulOverPanel16EqualsScalarBitwise) {
   }
 }
 
+// A tile cache (tile512: the conversion done once, BuildTileCacheTask) gives
+// the tile kernels the bits of converting on the fly: the emulated AMX
+// kernels (in-loop and phased) and the scalar reference, every tile format.
+TEST_F(AmxEmulationTest, TileMatmulOverTheCacheEqualsTheConversionBitwise) {
+  std::mt19937 rng(29);
+  const int64_t rows = 80, k = 1536, group = 512;
+  for (TensorType t :
+       {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
+    const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
+    const MoeMatrixFormat src{t, MoeWeightLayout::kPanel16};
+    const auto cache_bytes = TileCacheBytes(src, rows, k);
+    ASSERT_TRUE(cache_bytes.ok()) << cache_bytes.status();
+    ASSERT_EQ(*cache_bytes, rows / 16 * (k / 512) * 8256);
+    AlignedBuffer cache(*cache_bytes);
+    std::memset(cache.p.get(), 0x5a, cache.size);
+    for (int64_t task = TileCacheNumTasks(rows) - 1; task >= 0; --task) {
+      BuildTileCacheTask(src, w.ptrs[0], rows, k, task, cache.p.get());
+    }
+    for (int64_t n_act : {1, 17, 67}) {
+      SCOPED_TRACE(::testing::Message() << TraitsOf(t).name << " n_act " << n_act);
+      const int64_t stride = TileActRowBytes(k, group);
+      AlignedBuffer act((n_act + 32) * stride);
+      std::memset(act.p.get(), 0x7f, act.size);
+      std::normal_distribution<float> n(0.0f, 1.0f);
+      std::vector<float> x(k);
+      for (int64_t r = 0; r < n_act; ++r) {
+        for (float& v : x) v = n(rng);
+        uint8_t* row = act.p.get() + r * stride;
+        MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
+                                         reinterpret_cast<float*>(row + k), k, group);
+      }
+      const int64_t chunk = 64 << 10;
+      AlignedBuffer scratch(TileScratchBytes(group, chunk, 256) + 64);
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}}) {
+        for (const bool phased : {false, true}) {
+          MatmulArgs a;
+          a.n_rows = rows;
+          a.k = k;
+          a.row_begin = r0;
+          a.row_end = r1;
+          a.act = act.p.get();
+          a.act_stride = stride;
+          a.n_act = n_act;
+          a.act_padded = true;
+          a.act_group = group;
+          a.out_stride = r1 - r0;
+          a.scratch = scratch.p.get();
+          a.scratch_bytes = static_cast<int64_t>(scratch.size);
+          a.tile_phased = phased;
+          a.tile_chunk_bytes = chunk;
+          a.tile_skew = 256;
+          std::vector<float> y_conv(n_act * a.out_stride), y_cache(n_act * a.out_stride, -7.0f),
+              y_scalar(n_act * a.out_stride, -7.0f);
+          a.format = src;
+          a.w = static_cast<const uint8_t*>(w.ptrs[0]);
+          a.out = y_conv.data();
+          MoeKernelsAmxEmulated().tile_matmul(a);
+          a.format = {t, MoeWeightLayout::kTile512};
+          a.w = cache.p.get();
+          a.out = y_cache.data();
+          MoeKernelsAmxEmulated().tile_matmul(a);
+          a.out = y_scalar.data();
+          MoeKernelsScalar().tile_matmul(a);
+          ASSERT_EQ(0, std::memcmp(y_conv.data(), y_cache.data(), 4 * y_conv.size()))
+              << "rows " << r0 << ".." << r1 << (phased ? " phased" : " in-loop");
+          ASSERT_EQ(0, std::memcmp(y_conv.data(), y_scalar.data(), 4 * y_conv.size()))
+              << "scalar reference over the cache, rows " << r0 << ".." << r1;
+        }
+      }
+    }
+  }
+  // Not a tile-path source: refused with its name.
+  const auto bf = TileCacheBytes({TensorType::kBF16, MoeWeightLayout::kPanel16}, 16, 512);
+  ASSERT_FALSE(bf.ok());
+  EXPECT_NE(std::string(bf.status().message()).find("bf16/panel16"), std::string::npos)
+      << bf.status();
+  EXPECT_FALSE(TileCacheBytes({TensorType::kQ4_K, MoeWeightLayout::kGguf}, 16, 512).ok());
+  EXPECT_FALSE(TileCacheBytes({TensorType::kQ4_K, MoeWeightLayout::kPanel16}, 16, 768).ok());
+}
+
 // The AVX-512 converters (used by the AMX kernels) equal the scalar
 // specification bitwise: int8 tiles and row scales, every format and group.
 TEST_F(AmxEmulationTest, TileConversionEqualsScalarBitwise) {

@@ -21,6 +21,9 @@
 //   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
 //                            of the variant's int8 peak (amx: the tile path over the
 //                            panel16 weights, switched at the measured crossing)
+//   prefill/amx_cache[@SPEC]/tokens:N  the tile path over tile caches (every
+//                            expert's int8 conversion made once, BuildTileCacheTask:
+//                            ~1 byte per weight more memory, no conversion per call)
 //   prefill/amx_int8/tokens:N   the older amx form (a second, int8 copy of the
 //                            weights) for comparison
 //   prefill/<variant>@SPEC/tokens:N, tile_kernel/{l2,dram}@SPEC/tokens:64
@@ -193,17 +196,21 @@ void BM_Peak(benchmark::State& state, int64_t iters, double* store, const char* 
 struct Layer {
   MoeShape shape;
   std::vector<NumaBuffer> bufs;
-  std::vector<const void*> gate, up, down, gate_p, up_p, down_p;
+  std::vector<const void*> gate, up, down, gate_p, up_p, down_p, gate_c, up_c, down_c;
   MoeLayerFormat format;
   MoeLayerWeights weights;
 };
 
+// What a layer holds beside its panel16 weights.
+enum class Extra { kNone = 0, kAmxInt8 = 1, kTileCache = 2 };
+
 // One random expert (Q4_K gate/up, Q6_K down), repacked, copied to every expert
 // slot (distinct memory: reads come from DRAM, not from the caches). With
-// `with_amx_int8` also the older amx_int8 prefill copies.
-Layer& GetLayer(bool with_amx_int8) {
-  static std::unique_ptr<Layer> layers[2];
-  std::unique_ptr<Layer>& slot = layers[with_amx_int8 ? 1 : 0];
+// kAmxInt8 also the older amx_int8 prefill copies; with kTileCache the tile
+// caches (tile512, BuildTileCacheTask) of every expert.
+Layer& GetLayer(Extra extra) {
+  static std::unique_ptr<Layer> layers[3];
+  std::unique_ptr<Layer>& slot = layers[static_cast<int>(extra)];
   if (slot) return *slot;
   auto L = std::make_unique<Layer>();
   L->shape =
@@ -213,20 +220,23 @@ Layer& GetLayer(bool with_amx_int8) {
   const auto g = testing::RandomMatrix(TensorType::kQ4_K, s.n_ff, s.n_embd, 0.05f, rng);
   const auto u = testing::RandomMatrix(TensorType::kQ4_K, s.n_ff, s.n_embd, 0.05f, rng);
   const auto d = testing::RandomMatrix(TensorType::kQ6_K, s.n_embd, s.n_ff, 0.05f, rng);
-  auto add = [&](const std::vector<uint8_t>& src, TensorType t, MoeWeightLayout layout,
-                 int64_t rows, int64_t k, std::vector<const void*>* out) {
-    const auto one = testing::MakeLayout({src}, t, layout, rows, k, {true});
-    const int64_t bytes = *MoeMatrixBytes({t, layout}, rows, k);
+  // Every expert slot gets a copy of `one` (bytes long).
+  auto copies = [&](const void* one, int64_t bytes, std::vector<const void*>* out) {
     for (int64_t e = 0; e < s.n_expert; ++e) {
       L->bufs.push_back(g_pool->Allocate(bytes));
       uint8_t* dst = static_cast<uint8_t*>(L->bufs.back().data());
       constexpr int64_t kChunk = 1 << 20;
       g_pool->ParallelFor((bytes + kChunk - 1) / kChunk, [&](int64_t c, int) {
         const int64_t n = std::min(kChunk, bytes - c * kChunk);
-        std::memcpy(dst + c * kChunk, static_cast<const uint8_t*>(one.ptrs[0]) + c * kChunk, n);
+        std::memcpy(dst + c * kChunk, static_cast<const uint8_t*>(one) + c * kChunk, n);
       });
       out->push_back(dst);
     }
+  };
+  auto add = [&](const std::vector<uint8_t>& src, TensorType t, MoeWeightLayout layout,
+                 int64_t rows, int64_t k, std::vector<const void*>* out) {
+    const auto one = testing::MakeLayout({src}, t, layout, rows, k, {true});
+    copies(one.ptrs[0], *MoeMatrixBytes({t, layout}, rows, k), out);
   };
   const MoeWeightLayout panel = MoeWeightLayout::kPanel16;
   add(g, TensorType::kQ4_K, panel, s.n_ff, s.n_embd, &L->gate);
@@ -237,7 +247,25 @@ Layer& GetLayer(bool with_amx_int8) {
   L->weights.gate = {L->format.gate, L->gate.data()};
   L->weights.up = {L->format.up, L->up.data()};
   L->weights.down = {L->format.down, L->down.data()};
-  if (with_amx_int8) {
+  if (extra == Extra::kTileCache) {
+    auto add_cache = [&](MoeMatrixFormat f, const void* w, int64_t rows, int64_t k,
+                         std::vector<const void*>* out) {
+      const int64_t bytes = *TileCacheBytes(f, rows, k);
+      NumaBuffer one = g_pool->Allocate(bytes);
+      g_pool->ParallelFor(TileCacheNumTasks(rows), [&](int64_t t, int) {
+        BuildTileCacheTask(f, w, rows, k, t, one.data());
+      });
+      copies(one.data(), bytes, out);
+    };
+    add_cache(L->format.gate, L->gate[0], s.n_ff, s.n_embd, &L->gate_c);
+    add_cache(L->format.up, L->up[0], s.n_ff, s.n_embd, &L->up_c);
+    add_cache(L->format.down, L->down[0], s.n_embd, s.n_ff, &L->down_c);
+    const MoeWeightLayout c = MoeWeightLayout::kTile512;
+    L->weights.gate_tile = {{TensorType::kQ4_K, c}, L->gate_c.data()};
+    L->weights.up_tile = {{TensorType::kQ4_K, c}, L->up_c.data()};
+    L->weights.down_tile = {{TensorType::kQ6_K, c}, L->down_c.data()};
+  }
+  if (extra == Extra::kAmxInt8) {
     const MoeWeightLayout amx = MoeWeightLayout::kAmxInt8;
     add(g, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->gate_p);
     add(u, TensorType::kQ4_K, amx, s.n_ff, s.n_embd, &L->up_p);
@@ -279,7 +307,7 @@ std::vector<Routing> MakeRoutings(const MoeShape& s, int64_t n_tokens, int count
 }
 
 // How the prefill benchmarks run the amx variant.
-enum class Mode { kDecode, kPrefill, kPrefillGroup1024, kPrefillAmxInt8 };
+enum class Mode { kDecode, kPrefill, kPrefillGroup1024, kPrefillAmxInt8, kPrefillCache };
 
 int64_t Crossing(CpuVariant variant);
 
@@ -296,14 +324,20 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
               const std::string& spec = "") {
   const bool prefill = mode != Mode::kDecode;
   const bool amx = variant == CpuVariant::kAmx;
-  Layer& L = GetLayer(amx && mode == Mode::kPrefillAmxInt8);
+  if (mode == Mode::kPrefillCache && g_config.smoke) {  // its 256-wide layer takes groups of 256
+    state.SkipWithError("tile caches need n_embd and n_ff multiples of 512 (not the smoke layer)");
+    return;
+  }
+  Layer& L = GetLayer(amx && mode == Mode::kPrefillAmxInt8 ? Extra::kAmxInt8
+                      : amx && mode == Mode::kPrefillCache ? Extra::kTileCache
+                                                           : Extra::kNone);
   MoePlanOptions o;
   o.max_tokens = n_tokens;
   o.max_workers = g_pool->num_workers();
   o.force_variant = true;
   o.variant = variant;
   if (const char* e = std::getenv("KTX_BENCH_DOWN_ROWS")) o.down_rows_per_task = std::atoll(e);
-  if ((mode == Mode::kPrefill || mode == Mode::kPrefillGroup1024) &&
+  if ((mode == Mode::kPrefill || mode == Mode::kPrefillGroup1024 || mode == Mode::kPrefillCache) &&
       MoeKernelsFor(variant).tile_matmul != nullptr) {
     o.tile_prefill = true;
     o.prefill_min_tokens =
@@ -389,6 +423,7 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
   const double ref = ref_sum / static_cast<double>(state.iterations());
   std::string form = CpuVariantName(variant);
   if (mode == Mode::kPrefillAmxInt8) form = "amx_int8";
+  if (mode == Mode::kPrefillCache) form += "_cache";
   if (mode == Mode::kPrefillGroup1024) form += "_g1024";
   if (!spec.empty()) form += "@" + spec;
   const std::string key = std::string(mode == Mode::kDecode ? "decode/" : "prefill/") + form + "/" +
@@ -434,7 +469,7 @@ std::map<CpuVariant, std::vector<CrossingPoint>> g_crossing_points;
 int64_t Crossing(CpuVariant variant) {
   static std::map<CpuVariant, int64_t> memo;
   if (auto it = memo.find(variant); it != memo.end()) return it->second;
-  Layer& L = GetLayer(false);
+  Layer& L = GetLayer(Extra::kNone);
   const MoeShape& s = L.shape;
   const int64_t per_token = s.n_expert_used;
   const std::vector<int64_t> grid = g_config.smoke
@@ -897,6 +932,22 @@ void Register() {
           ->UseRealTime()
           ->Iterations(2)
           ->Unit(benchmark::kMillisecond);
+    }
+    if (v == CpuVariant::kAmx) {  // the tile path over tile caches, each spec too
+      std::vector<std::string> specs = {""};
+      specs.insert(specs.end(), g_config.amx_specs.begin(), g_config.amx_specs.end());
+      for (const std::string& spec : specs) {
+        for (int64_t n : prefill) {
+          benchmark::RegisterBenchmark(
+              (std::string("prefill/amx_cache") + (spec.empty() ? "" : "@" + spec) +
+               "/tokens:" + std::to_string(n))
+                  .c_str(),
+              [v, n, spec](benchmark::State& s) { BM_Layer(s, v, n, Mode::kPrefillCache, spec); })
+              ->UseRealTime()
+              ->Iterations(g_config.smoke ? 1 : 2)
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
     }
     if (v == CpuVariant::kAmx) {
       for (int64_t n : prefill) {

@@ -137,7 +137,7 @@ std::unique_ptr<Weights> BuildWeights(const TestLayer& L, MoeWeightLayout layout
 // Runs all stages with `workers` threads (tasks handed out round-robin, the
 // worker index is the thread index); workers == 0 runs serially in reverse task order.
 struct RunStats {
-  int64_t active = 0, prefill = 0;
+  int64_t active = 0, prefill = 0, cached = 0;
 };
 
 std::vector<float> RunLayer(const MoePlan& plan, const Weights& W, const Routing& r,
@@ -154,7 +154,9 @@ std::vector<float> RunLayer(const MoePlan& plan, const Weights& W, const Routing
   auto run = MoeRun::Begin(plan, W.w, in, ws.p.get(), ws.size);
   EXPECT_TRUE(run.ok()) << run.status();
   if (!run.ok()) return out;
-  if (stats) *stats = {run->num_active_experts(), run->num_prefill_experts()};
+  if (stats) {
+    *stats = {run->num_active_experts(), run->num_prefill_experts(), run->num_cached_experts()};
+  }
   if (workers == 0) {
     for (int s = 0; s < MoeRun::kNumStages; ++s) {
       for (int64_t t = run->NumTasks(s) - 1; t >= 0; --t) run->RunTask(s, t, 0);
@@ -336,6 +338,105 @@ TEST_P(MoeVariantTest, TilePrefillMatchesFloat64Reference) {
         EXPECT_LT(Nmse(y.data(), ysd), kVsScalarTolerance);
       }
     }
+  }
+}
+
+// Tile caches for some of the experts (BuildTileCacheTask): the layer's output
+// is bitwise that of converting on the fly, with either amx kernel schedule;
+// a plan that cannot take them is refused.
+TEST_P(MoeVariantTest, TileCacheGivesTheBitsOfTheConversion) {
+  const MoeShape shape{1024, 512, 16, 6};
+  for (auto [gate_type, down_type] : {std::pair{TensorType::kQ4_K, TensorType::kQ6_K},
+                                      std::pair{TensorType::kQ5_K, TensorType::kQ8_0}}) {
+    const TestLayer L = MakeTestLayer(shape, gate_type, down_type, 41);
+    std::vector<bool> owned(16, true);
+    owned[5] = owned[11] = false;
+    auto W = BuildWeights(L, MoeWeightLayout::kPanel16, owned, false);
+    // Caches for the even owned experts only: cached and converting experts in one run.
+    struct Cache {
+      std::vector<AlignedBuffer> bufs;
+      std::vector<const void*> ptrs = std::vector<const void*>(16, nullptr);
+    } caches[3];
+    const std::vector<const void*>* src[3] = {&W->gate.ptrs, &W->up.ptrs, &W->down.ptrs};
+    const MoeMatrixFormat fmt[3] = {W->f.gate, W->f.up, W->f.down};
+    const int64_t rows[3] = {shape.n_ff, shape.n_ff, shape.n_embd};
+    const int64_t ks[3] = {shape.n_embd, shape.n_embd, shape.n_ff};
+    for (int i = 0; i < 3; ++i) {
+      for (int e = 0; e < 16; e += 2) {
+        if (!owned[e]) continue;
+        const auto bytes = TileCacheBytes(fmt[i], rows[i], ks[i]);
+        ASSERT_TRUE(bytes.ok()) << bytes.status();
+        caches[i].bufs.emplace_back(*bytes);
+        for (int64_t t = 0; t < TileCacheNumTasks(rows[i]); ++t) {
+          BuildTileCacheTask(fmt[i], (*src[i])[e], rows[i], ks[i], t,
+                             caches[i].bufs.back().p.get());
+        }
+        caches[i].ptrs[e] = caches[i].bufs.back().p.get();
+      }
+    }
+    Weights Wc;
+    Wc.f = W->f;
+    Wc.w = W->w;
+    Wc.w.gate_tile = {{gate_type, MoeWeightLayout::kTile512}, caches[0].ptrs.data()};
+    Wc.w.up_tile = {{gate_type, MoeWeightLayout::kTile512}, caches[1].ptrs.data()};
+    Wc.w.down_tile = {{down_type, MoeWeightLayout::kTile512}, caches[2].ptrs.data()};
+    for (const bool phased : {true, false}) {
+      for (int64_t n_tokens : {3, 17, 100}) {
+        SCOPED_TRACE(::testing::Message() << TraitsOf(gate_type).name << " tokens " << n_tokens
+                                          << (phased ? " phased" : " in-loop"));
+        MoePlanOptions o = Options(n_tokens, 3);
+        o.prefill_min_tokens = 2;
+        o.tile_prefill = true;
+        o.tile_phased = phased;
+        o.tile_max_tokens = 32;
+        auto plan = MakeMoePlan(shape, W->f, o);
+        ASSERT_TRUE(plan.ok()) << plan.status();
+        if (!plan->tile) GTEST_SKIP() << CpuVariantName(GetParam()) << " has no tile path";
+        ASSERT_EQ(plan->tile_group, 512);
+        const Routing r = RandomRouting(shape, n_tokens, 900 + static_cast<uint32_t>(n_tokens));
+        RunStats plain, cached;
+        const std::vector<float> y = RunLayer(*plan, *W, r, n_tokens, 3, &plain);
+        const std::vector<float> yc = RunLayer(*plan, Wc, r, n_tokens, 2, &cached);
+        EXPECT_EQ(plain.cached, 0);
+        EXPECT_GT(cached.cached, 0);
+        EXPECT_LT(cached.cached, cached.prefill);
+        ASSERT_EQ(0, std::memcmp(y.data(), yc.data(), 4 * y.size()));
+      }
+    }
+    // Refused: a plan whose tile group is not 512, or without the tile path;
+    // a cache of the wrong type.
+    MoePlanOptions o = Options(8, 1);
+    o.tile_prefill = true;
+    o.tile_group = 256;
+    auto p256 = MakeMoePlan(shape, W->f, o);
+    ASSERT_TRUE(p256.ok());
+    const Routing r = RandomRouting(shape, 8, 3);
+    std::vector<float> out(8 * shape.n_embd);
+    AlignedBuffer ws(MoeWorkspaceSize(*p256));
+    const MoeInput in{8, r.x.data(), r.ids.data(), r.w.data(), out.data()};
+    auto bad = MoeRun::Begin(*p256, Wc.w, in, ws.p.get(), ws.size);
+    ASSERT_FALSE(bad.ok());
+    EXPECT_NE(std::string(bad.status().message()).find("tile_group 512"), std::string::npos)
+        << bad.status();
+    o.tile_group = 0;
+    auto p512 = MakeMoePlan(shape, W->f, o);
+    ASSERT_TRUE(p512.ok());
+    AlignedBuffer ws2(MoeWorkspaceSize(*p512));
+    MoeLayerWeights wrong = Wc.w;
+    wrong.down_tile.format = {TensorType::kQ4_K, MoeWeightLayout::kTile512};
+    if (down_type != TensorType::kQ4_K) {
+      auto b2 = MoeRun::Begin(*p512, wrong, in, ws2.p.get(), ws2.size);
+      ASSERT_FALSE(b2.ok());
+      EXPECT_NE(std::string(b2.status().message()).find("down_tile"), std::string::npos)
+          << b2.status();
+    }
+    // tile512 is never a matrix form of a plan, nor a repack target.
+    MoeLayerFormat f = W->f;
+    f.down = {down_type, MoeWeightLayout::kTile512};
+    auto pf = MakeMoePlan(shape, f, o);
+    ASSERT_FALSE(pf.ok());
+    EXPECT_NE(std::string(pf.status().message()).find("tile cache"), std::string::npos)
+        << pf.status();
   }
 }
 
@@ -616,6 +717,18 @@ TEST(MoeRepackTest, ReportsBytesAndRejectsBadShapes) {
   EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kGguf}, 16, 100).ok());
   EXPECT_FALSE(MoeMatrixBytes({TensorType::kBF16, MoeWeightLayout::kAmxInt8}, 16, 256).ok());
   EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_0, MoeWeightLayout::kGguf}, 16, 256).ok());
+  // The tile cache: 8256 bytes per 16 rows x 512 k (a DeepSeek-V3 gate: 14.8 MB).
+  EXPECT_EQ(*MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kTile512}, 2048, 7168),
+            2048LL / 16 * 14 * 8256);
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kQ4_K, MoeWeightLayout::kTile512}, 16, 256).ok());
+  EXPECT_FALSE(MoeMatrixBytes({TensorType::kBF16, MoeWeightLayout::kTile512}, 16, 512).ok());
+  // Made from panel16 (BuildTileCacheTask), never repacked from GGUF.
+  const void* src[1] = {nullptr};
+  void* dst[1] = {nullptr};
+  MoeRepackJob job{TensorType::kQ4_K, MoeWeightLayout::kTile512, 16, 512, 1, src, dst};
+  const absl::Status st = ValidateMoeRepackJob(job);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(std::string(st.message()).find("BuildTileCache"), std::string::npos) << st;
 }
 
 TEST(MoePlanTest, RejectsBadShapesAndInputs) {
