@@ -495,6 +495,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   } else {
     GpuAttentionOptions gpu_options;
     gpu_options.gpu = options.gpu;
+    // Shards with tile caches run their experts faster: the split's starting
+    // figures for them (the run-time correction refines either).
+    KTX_ASSIGN_OR_RETURN(const bool tile_caches,
+                         moe_backend::TileCacheWanted(options.fast_experts));
+    gpu::GpuExpertOptions& eo = gpu_options.gpu.experts;
+    const gpu::GpuExpertOptions defaults;
+    if (tile_caches && options.experts == ExpertsBackend::kFast &&
+        eo.cpu_expert_fixed_ms == defaults.cpu_expert_fixed_ms &&
+        eo.cpu_expert_per_token_us == defaults.cpu_expert_per_token_us) {
+      eo.cpu_expert_fixed_ms = gpu::GpuExpertOptions::kTileCacheCpuExpertFixedMs;
+      eo.cpu_expert_per_token_us = gpu::GpuExpertOptions::kTileCacheCpuExpertPerTokenUs;
+    }
     gpu_options.gpu.device = impl->attention_device;
     gpu_options.gpu.resident_experts.assign(static_cast<size_t>(hp.n_layer), {});
     for (const auto& [il, ids] : impl->hot.experts) {

@@ -51,6 +51,14 @@ struct GpuExpertOptions {
   // 4x that: 12 us (prefill 2048: 1,868 -> 2,168-2,209 tok/s).
   double cpu_expert_fixed_ms = 0.65;
   double cpu_expert_per_token_us = 12.0;
+  // The same with tile caches on the CPU shards (moe_backend::CpuMoeBackendOptions
+  // ::tile_cache: the tile path reads int8 copies instead of converting): the
+  // engine starts from these when its shards build caches and the figures
+  // above are unchanged. H200 machine, 2026-11-27 20:20 UTC, prefill 2048 of
+  // the standard model with caches: 7,293 / 7,436 tok/s with 0.4 + 6 us against
+  // 6,650 / 7,059 with 0.65 + 12 us (docs/performance.md, "Tile caches").
+  static constexpr double kTileCacheCpuExpertFixedMs = 0.4;
+  static constexpr double kTileCacheCpuExpertPerTokenUs = 6.0;
   // ExpertCostModel::split_serial_s_per_token (us): what a layer with CPU
   // experts cannot overlap: the next layer's attention and the hand-off,
   // ~20 ms per layer at 2048 tokens on the H200 machine since the CPU's part

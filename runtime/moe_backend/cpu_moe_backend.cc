@@ -132,6 +132,20 @@ struct CpuMoeBackend::Layer {
   bool tile_cache = false;         // ptrs[kGateT..kDownT] are set
 };
 
+absl::StatusOr<bool> TileCacheWanted(const CpuMoeBackendOptions& options) {
+  bool wanted = options.tile_cache;
+  if (const char* env = std::getenv("KTX_MOE_TILE_CACHE"); env != nullptr && *env) {
+    const std::string v = env;
+    if (v != "0" && v != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_MOE_TILE_CACHE=", v,
+          ": expected 1 (tile caches for the AMX prefill path) or 0 (as the option says)"));
+    }
+    wanted = wanted || v == "1";
+  }
+  return wanted;
+}
+
 CpuMoeBackend::~CpuMoeBackend() = default;
 
 absl::StatusOr<std::unique_ptr<CpuMoeBackend>> CpuMoeBackend::Create(
@@ -189,16 +203,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     }
     profile_calls_ = v == "1";
   }
-  bool tile_cache = options.tile_cache;
-  if (const char* env = std::getenv("KTX_MOE_TILE_CACHE"); env != nullptr && *env) {
-    const std::string v = env;
-    if (v != "0" && v != "1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KTX_MOE_TILE_CACHE=", v,
-          ": expected 1 (tile caches for the AMX prefill path) or 0 (as the option says)"));
-    }
-    tile_cache = tile_cache || v == "1";
-  }
+  KTX_ASSIGN_OR_RETURN(const bool tile_cache, TileCacheWanted(options));
   if (options.decode_layout != MoeWeightLayout::kPanel16 &&
       options.decode_layout != MoeWeightLayout::kGguf) {
     return absl::InvalidArgumentError(

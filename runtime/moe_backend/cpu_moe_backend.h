@@ -140,6 +140,11 @@ struct CpuMoeBackendOptions {
   bool allow_reference_fallback = true;
 };
 
+// Whether a backend made with `options` builds tile caches: options.tile_cache,
+// or KTX_MOE_TILE_CACHE=1 (InvalidArgument naming the variable for a value
+// other than 0 or 1). It still skips layers without the tile path.
+absl::StatusOr<bool> TileCacheWanted(const CpuMoeBackendOptions& options);
+
 // What loading did.
 struct CpuMoeLoadStats {
   std::string variant;           // "avx512", ...

@@ -21,6 +21,8 @@
 //   prefill/<variant>/tokens:N  the same layer for 128/512/2048 tokens: TOPS and %
 //                            of the variant's int8 peak (amx: the tile path over the
 //                            panel16 weights, switched at the measured crossing)
+//   crossing/amx_cache       the tile path converting vs over tile caches, every
+//                            expert at exactly N = 1 .. 64 tokens, best of 3
 //   prefill/amx_cache[@SPEC]/tokens:N  the tile path over tile caches (every
 //                            expert's int8 conversion made once, BuildTileCacheTask:
 //                            ~1 byte per weight more memory, no conversion per call)
@@ -545,6 +547,71 @@ void BM_Crossing(benchmark::State& state, CpuVariant variant) {
       static_cast<double>(crossing);
 }
 
+// The tile path converting vs reading tile caches, every expert at exactly N
+// tokens (N = 1 .. 64 as in the crossing sweep), best of 3: where the int8
+// stream of the caches stops paying (few tokens: the conversion is cheap
+// beside the Q4_K stream it saves).
+void BM_CacheCrossing(benchmark::State& state) {
+  Layer& L = GetLayer(Extra::kTileCache);
+  const MoeShape& s = L.shape;
+  const int64_t per_token = s.n_expert_used;
+  const std::vector<int64_t> grid = {1, 2, 4, 8, 12, 16, 24, 32, 48, 64};
+  const int64_t max_tokens = grid.back() * s.n_expert / per_token;
+  MoePlanOptions o;
+  o.max_tokens = max_tokens;
+  o.max_workers = g_pool->num_workers();
+  o.force_variant = true;
+  o.variant = CpuVariant::kAmx;
+  o.tile_prefill = true;
+  o.prefill_min_tokens = 1;
+  auto plan = MakeMoePlan(s, L.format, o);
+  if (!plan.ok() || !plan->tile) {
+    state.SkipWithError("no tile path");
+    return;
+  }
+  NumaBuffer ws = g_pool->Allocate(MoeWorkspaceSize(*plan));
+  std::memset(ws.data(), 0, ws.size());
+  std::mt19937 rng(78);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> x(max_tokens * s.n_embd), out(max_tokens * s.n_embd);
+  for (float& v : x) v = n(rng);
+  std::vector<int32_t> ids(max_tokens * per_token);
+  std::vector<float> w(max_tokens * per_token, 1.0f / static_cast<float>(per_token));
+  for (int64_t t = 0; t < max_tokens; ++t) {
+    for (int64_t k = 0; k < per_token; ++k) {
+      ids[t * per_token + k] = static_cast<int32_t>((t * per_token + k) % s.n_expert);
+    }
+  }
+  MoeLayerWeights converting = L.weights;
+  converting.gate_tile = converting.up_tile = converting.down_tile = {};
+  auto time_ms = [&](const MoeLayerWeights& weights, int64_t n_tokens) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto run = MoeRun::Begin(*plan, weights,
+                             {n_tokens, x.data(), ids.data(), w.data(), out.data()}, ws.data(),
+                             ws.size());
+    if (!run.ok()) return 1e30;
+    RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
+    return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
+  };
+  for (auto _ : state) {
+    for (int64_t tpe : grid) {
+      const int64_t n_tokens = tpe * s.n_expert / per_token;
+      double best[2] = {1e30, 1e30};
+      for (int rep = 0; rep < 4; ++rep) {
+        for (int c = 0; c < 2; ++c) {
+          const double ms = time_ms(c == 0 ? converting : L.weights, n_tokens);
+          if (rep > 0) best[c] = std::min(best[c], ms);
+        }
+      }
+      const std::string k = std::to_string(tpe);
+      state.counters["tpe" + k + "_convert_ms"] = best[0];
+      state.counters["tpe" + k + "_cache_ms"] = best[1];
+      g_results["crossing/amx_cache/" + k + "/convert_ms"] = best[0];
+      g_results["crossing/amx_cache/" + k + "/cache_ms"] = best[1];
+    }
+  }
+}
+
 // The tile path's weight conversion alone (panel16 -> int8 B tiles), one
 // thread, one 16-row panel in L2, group by group: ns per 1024 weights.
 void BM_TileConvert(benchmark::State& state, TensorType type) {
@@ -931,6 +998,12 @@ void Register() {
           [v](benchmark::State& s) { BM_Layer(s, v, 2048, Mode::kPrefillGroup1024); })
           ->UseRealTime()
           ->Iterations(2)
+          ->Unit(benchmark::kMillisecond);
+    }
+    if (v == CpuVariant::kAmx && !g_config.smoke) {
+      benchmark::RegisterBenchmark("crossing/amx_cache", BM_CacheCrossing)
+          ->UseRealTime()
+          ->Iterations(1)
           ->Unit(benchmark::kMillisecond);
     }
     if (v == CpuVariant::kAmx) {  // the tile path over tile caches, each spec too
