@@ -586,9 +586,8 @@ void BM_CacheCrossing(benchmark::State& state) {
   converting.gate_tile = converting.up_tile = converting.down_tile = {};
   auto time_ms = [&](const MoeLayerWeights& weights, int64_t n_tokens) {
     const auto t0 = std::chrono::steady_clock::now();
-    auto run = MoeRun::Begin(*plan, weights,
-                             {n_tokens, x.data(), ids.data(), w.data(), out.data()}, ws.data(),
-                             ws.size());
+    auto run = MoeRun::Begin(*plan, weights, {n_tokens, x.data(), ids.data(), w.data(), out.data()},
+                             ws.data(), ws.size());
     if (!run.ok()) return 1e30;
     RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
     return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
