@@ -478,6 +478,72 @@ TileScratch CarveTileScratch(uint8_t* p, int64_t group, int64_t chunk_bytes, int
   return t;
 }
 
+// One k-step of a block of up to 32 tokens: C tiles 0..3 (tokens 0-15 / 16-31
+// x panels 0 / 1) += A (act0, act1: 64 k of the activations) x B (b0, b1:
+// the pair's two B tiles of 64 k).
+inline void TileKStep(const uint8_t* act0, const uint8_t* act1, int64_t act_stride,
+                      const uint8_t* b0, const uint8_t* b1, bool two_a, int np) {
+  KTX_TILE_LOAD(4, act0, act_stride);
+  KTX_TILE_LOAD(6, b0, 64);
+  KTX_TILE_DPBSSD(0, 4, 6);
+  if (two_a) {
+    KTX_TILE_LOAD(5, act1, act_stride);
+    KTX_TILE_DPBSSD(2, 5, 6);
+  }
+  if (np > 1) {
+    KTX_TILE_LOAD(7, b1, 64);
+    KTX_TILE_DPBSSD(1, 4, 7);
+    if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
+  }
+}
+
+inline void ZeroCTiles() {
+  KTX_TILE_ZERO(0);
+  KTX_TILE_ZERO(1);
+  KTX_TILE_ZERO(2);
+  KTX_TILE_ZERO(3);
+}
+
+// The four C tiles into c: [tile][16 rows][16] int32, tile t at c + 256 t.
+inline void StoreCTiles(int32_t* c) {
+  KTX_TILE_STORE(0, c, 64);
+  KTX_TILE_STORE(1, c + 256, 64);
+  KTX_TILE_STORE(2, c + 512, 64);
+  KTX_TILE_STORE(3, c + 768, 64);
+}
+
+// The fp32 fix-up of one stored token block (the contract in moe_internal.h):
+// out[m][r] = fma(C, s_r * d_m, out[m][r]) for its m_valid tokens and the
+// pair's np panels, group gi's activation scales.
+struct TileFixup {
+  const int32_t* c = nullptr;
+  const float* sw[2] = {nullptr, nullptr};  // each panel's 16 row scales
+  float* out = nullptr;                     // row m0 of out, column of the pair's first row
+  int64_t m0 = 0, gi = 0;
+  int m_valid = 0, np = 0;
+};
+
+inline void ApplyFixup(const MatmulArgs& a, const TileFixup& f) {
+  const __m512 sw0 = _mm512_loadu_ps(f.sw[0]);
+  const __m512 sw1 = f.np > 1 ? _mm512_loadu_ps(f.sw[1]) : _mm512_setzero_ps();
+  for (int m = 0; m < f.m_valid; ++m) {
+    const int mt = m / 16, i = m % 16;
+    float sx;
+    std::memcpy(&sx, a.act + (f.m0 + m) * a.act_stride + a.k + 4 * f.gi, 4);
+    const __m512 sv = _mm512_set1_ps(sx);
+    float* o = f.out + m * a.out_stride;
+    _mm512_storeu_ps(
+        o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 16 * i)),
+                           _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
+    if (f.np > 1) {
+      _mm512_storeu_ps(
+          o + 16,
+          _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 256 + 16 * i)),
+                          _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
+    }
+  }
+}
+
 template <typename Conv>
 void TileMatmulT(const MatmulArgs& a) {
   const int64_t group = a.act_group;
@@ -565,23 +631,10 @@ void TileMatmulT(const MatmulArgs& a) {
       const bool two_a = m_valid > 16;
       const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
       const uint8_t* act1 = act0 + 16 * a.act_stride;
-      KTX_TILE_ZERO(0);
-      KTX_TILE_ZERO(1);
-      KTX_TILE_ZERO(2);
-      KTX_TILE_ZERO(3);
+      ZeroCTiles();
       for (int64_t ks = 0; ks < k_steps; ++ks) {
-        KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
-        KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
-        KTX_TILE_DPBSSD(0, 4, 6);
-        if (two_a) {
-          KTX_TILE_LOAD(5, act1 + 64 * ks, a.act_stride);
-          KTX_TILE_DPBSSD(2, 5, 6);
-        }
-        if (np > 1) {
-          KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
-          KTX_TILE_DPBSSD(1, 4, 7);
-          if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
-        }
+        TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks, b1 + 1024 * ks,
+                  two_a, np);
         if (next_u < next_units) {  // the next item's conversion, a slice per k-step
           const int64_t u1 = std::min(next_units, next_u + per_step);
           convert(next, buf ^ 1, next_u, u1);
@@ -594,28 +647,17 @@ void TileMatmulT(const MatmulArgs& a) {
       }
       int32_t* c = ts.cst[cb];
       cb ^= 1;
-      KTX_TILE_STORE(0, c, 64);
-      KTX_TILE_STORE(1, c + 256, 64);
-      KTX_TILE_STORE(2, c + 512, 64);
-      KTX_TILE_STORE(3, c + 768, 64);
-      const __m512 sw0 = _mm512_loadu_ps(ts.sw[buf][0]);
-      const __m512 sw1 = _mm512_loadu_ps(ts.sw[buf][1]);
-      for (int m = 0; m < m_valid; ++m) {
-        const int mt = m / 16, i = m % 16;
-        float sx;
-        std::memcpy(&sx, a.act + (m0 + m) * a.act_stride + a.k + 4 * gi, 4);
-        const __m512 sv = _mm512_set1_ps(sx);
-        float* o = out + (m0 + m) * a.out_stride;
-        _mm512_storeu_ps(
-            o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 512 * mt + 16 * i)),
-                               _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
-        if (np > 1) {
-          _mm512_storeu_ps(
-              o + 16,
-              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 512 * mt + 256 + 16 * i)),
-                              _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
-        }
-      }
+      StoreCTiles(c);
+      TileFixup f;
+      f.c = c;
+      f.sw[0] = ts.sw[buf][0];
+      f.sw[1] = ts.sw[buf][1];
+      f.out = out + m0 * a.out_stride;
+      f.m0 = m0;
+      f.gi = gi;
+      f.m_valid = m_valid;
+      f.np = np;
+      ApplyFixup(a, f);
     }
     if (has_next) convert(next, buf ^ 1, next_u, next_units);
     cur = next;
@@ -657,34 +699,7 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
     std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
   }
   // The fix-up of the last stored token block, deferred (see above).
-  struct Pending {
-    const int32_t* c = nullptr;
-    const float* sw = nullptr;  // 2 x 16 row scales
-    float* out = nullptr;       // row 0 of the block, column of the pair's first row
-    int64_t m0 = 0, gi = 0;
-    int m_valid = 0, np = 0;
-  };
-  Pending pend;
-  auto fixup = [&](const Pending& f) {
-    const __m512 sw0 = _mm512_loadu_ps(f.sw);
-    const __m512 sw1 = _mm512_loadu_ps(f.sw + 16);
-    for (int m = 0; m < f.m_valid; ++m) {
-      const int mt = m / 16, i = m % 16;
-      float sx;
-      std::memcpy(&sx, a.act + (f.m0 + m) * a.act_stride + a.k + 4 * f.gi, 4);
-      const __m512 sv = _mm512_set1_ps(sx);
-      float* o = f.out + m * a.out_stride;
-      _mm512_storeu_ps(
-          o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 16 * i)),
-                             _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
-      if (f.np > 1) {
-        _mm512_storeu_ps(
-            o + 16,
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 256 + 16 * i)),
-                            _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
-      }
-    }
-  };
+  TileFixup pend;
 
   ConfigureTiles();
   int cb = 0;
@@ -696,8 +711,8 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
       // in the order phase 2 reads them.
       auto slot = [&](int64_t pi, int64_t gi) { return (gi - gc0) * npc + (pi - pc0); };
       if (pend.m_valid > 0) {  // it reads the chunk's scales: finish it first
-        fixup(pend);
-        pend = Pending{};
+        ApplyFixup(a, pend);
+        pend = TileFixup{};
       }
       // Phase 1: convert, each panel's bytes in address order.
       for (int64_t pi = pc0; pi < pc1; ++pi) {
@@ -737,23 +752,10 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             const bool two_a = m_valid > 16;
             const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
             const uint8_t* act1 = act0 + 16 * a.act_stride;
-            KTX_TILE_ZERO(0);
-            KTX_TILE_ZERO(1);
-            KTX_TILE_ZERO(2);
-            KTX_TILE_ZERO(3);
+            ZeroCTiles();
             for (int64_t ks = 0; ks < k_steps; ++ks) {
-              KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
-              KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
-              KTX_TILE_DPBSSD(0, 4, 6);
-              if (two_a) {
-                KTX_TILE_LOAD(5, act1 + 64 * ks, a.act_stride);
-                KTX_TILE_DPBSSD(2, 5, 6);
-              }
-              if (np > 1) {
-                KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
-                KTX_TILE_DPBSSD(1, 4, 7);
-                if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
-              }
+              TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks,
+                        b1 + 1024 * ks, two_a, np);
               if (pf && pf_l < pf_lines) {
                 const int64_t l1 = std::min(pf_lines, pf_l + pf_per_step);
                 for (; pf_l < l1; ++pf_l) {
@@ -763,13 +765,11 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             }
             int32_t* c = ts.cst[cb];
             cb ^= 1;
-            KTX_TILE_STORE(0, c, 64);
-            KTX_TILE_STORE(1, c + 256, 64);
-            KTX_TILE_STORE(2, c + 512, 64);
-            KTX_TILE_STORE(3, c + 768, 64);
-            if (pend.m_valid > 0) fixup(pend);
+            StoreCTiles(c);
+            if (pend.m_valid > 0) ApplyFixup(a, pend);
             pend.c = c;
-            pend.sw = ts.chunk_sw + 32 * sl;
+            pend.sw[0] = ts.chunk_sw + 32 * sl;
+            pend.sw[1] = ts.chunk_sw + 32 * sl + 16;
             pend.out = out + m0 * a.out_stride;
             pend.m0 = m0;
             pend.gi = gi;
@@ -780,7 +780,7 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
       }
     }
   }
-  if (pend.m_valid > 0) fixup(pend);
+  if (pend.m_valid > 0) ApplyFixup(a, pend);
   Release();
 }
 
@@ -833,34 +833,7 @@ void TileMatmulCached(const MatmulArgs& a) {
       for (int64_t l = l0; l < l1 && l < kLines; ++l) _mm_prefetch(base + 64 * l, _MM_HINT_T1);
     }
   };
-  struct Pending {
-    const int32_t* c = nullptr;
-    const float* sw[2] = {nullptr, nullptr};
-    float* out = nullptr;
-    int64_t m0 = 0, gi = 0;
-    int m_valid = 0, np = 0;
-  };
-  Pending pend;
-  auto fixup = [&](const Pending& f) {
-    const __m512 sw0 = _mm512_loadu_ps(f.sw[0]);
-    const __m512 sw1 = f.np > 1 ? _mm512_loadu_ps(f.sw[1]) : _mm512_setzero_ps();
-    for (int m = 0; m < f.m_valid; ++m) {
-      const int mt = m / 16, i = m % 16;
-      float sx;
-      std::memcpy(&sx, a.act + (f.m0 + m) * a.act_stride + a.k + 4 * f.gi, 4);
-      const __m512 sv = _mm512_set1_ps(sx);
-      float* o = f.out + m * a.out_stride;
-      _mm512_storeu_ps(
-          o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 16 * i)),
-                             _mm512_mul_ps(sw0, sv), _mm512_loadu_ps(o)));
-      if (f.np > 1) {
-        _mm512_storeu_ps(
-            o + 16,
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(f.c + 512 * mt + 256 + 16 * i)),
-                            _mm512_mul_ps(sw1, sv), _mm512_loadu_ps(o + 16)));
-      }
-    }
-  };
+  TileFixup pend;  // the last stored token block's fix-up, deferred
 
   ConfigureTiles();
   const int64_t steps = n_blocks * k_steps;
@@ -882,23 +855,10 @@ void TileMatmulCached(const MatmulArgs& a) {
       const bool two_a = m_valid > 16;
       const uint8_t* act0 = a.act + m0 * a.act_stride + cur.gi * group;
       const uint8_t* act1 = act0 + 16 * a.act_stride;
-      KTX_TILE_ZERO(0);
-      KTX_TILE_ZERO(1);
-      KTX_TILE_ZERO(2);
-      KTX_TILE_ZERO(3);
+      ZeroCTiles();
       for (int64_t ks = 0; ks < k_steps; ++ks) {
-        KTX_TILE_LOAD(4, act0 + 64 * ks, a.act_stride);
-        KTX_TILE_LOAD(6, b0 + 1024 * ks, 64);
-        KTX_TILE_DPBSSD(0, 4, 6);
-        if (two_a) {
-          KTX_TILE_LOAD(5, act1 + 64 * ks, a.act_stride);
-          KTX_TILE_DPBSSD(2, 5, 6);
-        }
-        if (cur.np > 1) {
-          KTX_TILE_LOAD(7, b1 + 1024 * ks, 64);
-          KTX_TILE_DPBSSD(1, 4, 7);
-          if (two_a) KTX_TILE_DPBSSD(3, 5, 7);
-        }
+        TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks, b1 + 1024 * ks,
+                  two_a, cur.np);
         if (pf_l < kLines) {
           prefetch(after, pf_l, pf_l + pf_per_step);
           pf_l += pf_per_step;
@@ -906,11 +866,8 @@ void TileMatmulCached(const MatmulArgs& a) {
       }
       int32_t* c = ts.cst[cb];
       cb ^= 1;
-      KTX_TILE_STORE(0, c, 64);
-      KTX_TILE_STORE(1, c + 256, 64);
-      KTX_TILE_STORE(2, c + 512, 64);
-      KTX_TILE_STORE(3, c + 768, 64);
-      if (pend.m_valid > 0) fixup(pend);
+      StoreCTiles(c);
+      if (pend.m_valid > 0) ApplyFixup(a, pend);
       pend.c = c;
       pend.sw[0] = reinterpret_cast<const float*>(b0 + panel::kTileS);
       pend.sw[1] = cur.np > 1 ? reinterpret_cast<const float*>(b1 + panel::kTileS) : nullptr;
@@ -923,7 +880,7 @@ void TileMatmulCached(const MatmulArgs& a) {
     cur = next;
     next = after;
   }
-  if (pend.m_valid > 0) fixup(pend);
+  if (pend.m_valid > 0) ApplyFixup(a, pend);
   Release();
 }
 
