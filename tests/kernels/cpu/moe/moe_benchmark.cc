@@ -468,6 +468,43 @@ struct CrossingPoint {
 };
 std::map<CpuVariant, std::vector<CrossingPoint>> g_crossing_points;
 
+// Inputs of the crossing sweeps: max_tokens rows of x, token t routed to
+// experts 8t .. 8t + 7 (mod n_expert), so that n_tokens = N * n_expert / 8
+// gives every expert exactly N tokens; and the wall time of one layer call.
+struct SweepInputs {
+  std::vector<float> x, out, w;
+  std::vector<int32_t> ids;
+};
+
+SweepInputs MakeSweepInputs(const MoeShape& s, int64_t max_tokens, uint32_t seed) {
+  SweepInputs in;
+  const int64_t per_token = s.n_expert_used;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  in.x.resize(max_tokens * s.n_embd);
+  in.out.resize(max_tokens * s.n_embd);
+  for (float& v : in.x) v = n(rng);
+  in.ids.resize(max_tokens * per_token);
+  in.w.assign(max_tokens * per_token, 1.0f / static_cast<float>(per_token));
+  for (int64_t t = 0; t < max_tokens; ++t) {
+    for (int64_t k = 0; k < per_token; ++k) {
+      in.ids[t * per_token + k] = static_cast<int32_t>((t * per_token + k) % s.n_expert);
+    }
+  }
+  return in;
+}
+
+double LayerCallMs(const MoePlan& plan, const MoeLayerWeights& weights, SweepInputs& in,
+                   NumaBuffer& ws, int64_t n_tokens) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto run = MoeRun::Begin(plan, weights,
+                           {n_tokens, in.x.data(), in.ids.data(), in.w.data(), in.out.data()},
+                           ws.data(), ws.size());
+  if (!run.ok()) return 1e30;
+  RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
+  return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
+}
+
 int64_t Crossing(CpuVariant variant) {
   static std::map<CpuVariant, int64_t> memo;
   if (auto it = memo.find(variant); it != memo.end()) return it->second;
@@ -491,25 +528,9 @@ int64_t Crossing(CpuVariant variant) {
   if (!decode_plan.ok() || !tile_plan.ok() || !tile_plan->tile) return memo[variant] = 1 << 30;
   NumaBuffer ws = g_pool->Allocate(MoeWorkspaceSize(*tile_plan));
   std::memset(ws.data(), 0, ws.size());
-  std::mt19937 rng(77);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  std::vector<float> x(max_tokens * s.n_embd), out(max_tokens * s.n_embd);
-  for (float& v : x) v = n(rng);
-  std::vector<int32_t> ids(max_tokens * per_token);
-  std::vector<float> w(max_tokens * per_token, 1.0f / static_cast<float>(per_token));
-  for (int64_t t = 0; t < max_tokens; ++t) {
-    for (int64_t k = 0; k < per_token; ++k) {
-      ids[t * per_token + k] = static_cast<int32_t>((t * per_token + k) % s.n_expert);
-    }
-  }
+  SweepInputs in = MakeSweepInputs(s, max_tokens, 77);
   auto time_ms = [&](const MoePlan& plan, int64_t n_tokens) {
-    const auto t0 = std::chrono::steady_clock::now();
-    auto run =
-        MoeRun::Begin(plan, L.weights, {n_tokens, x.data(), ids.data(), w.data(), out.data()},
-                      ws.data(), ws.size());
-    if (!run.ok()) return 1e30;
-    RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
-    return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
+    return LayerCallMs(plan, L.weights, in, ws, n_tokens);
   };
   std::vector<CrossingPoint>& points = g_crossing_points[variant];
   for (int64_t tpe : grid) {
@@ -571,26 +592,11 @@ void BM_CacheCrossing(benchmark::State& state) {
   }
   NumaBuffer ws = g_pool->Allocate(MoeWorkspaceSize(*plan));
   std::memset(ws.data(), 0, ws.size());
-  std::mt19937 rng(78);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  std::vector<float> x(max_tokens * s.n_embd), out(max_tokens * s.n_embd);
-  for (float& v : x) v = n(rng);
-  std::vector<int32_t> ids(max_tokens * per_token);
-  std::vector<float> w(max_tokens * per_token, 1.0f / static_cast<float>(per_token));
-  for (int64_t t = 0; t < max_tokens; ++t) {
-    for (int64_t k = 0; k < per_token; ++k) {
-      ids[t * per_token + k] = static_cast<int32_t>((t * per_token + k) % s.n_expert);
-    }
-  }
+  SweepInputs in = MakeSweepInputs(s, max_tokens, 78);
   MoeLayerWeights converting = L.weights;
   converting.gate_tile = converting.up_tile = converting.down_tile = {};
   auto time_ms = [&](const MoeLayerWeights& weights, int64_t n_tokens) {
-    const auto t0 = std::chrono::steady_clock::now();
-    auto run = MoeRun::Begin(*plan, weights, {n_tokens, x.data(), ids.data(), w.data(), out.data()},
-                             ws.data(), ws.size());
-    if (!run.ok()) return 1e30;
-    RunMoe(*run, [](int64_t n_tasks, auto&& fn) { g_pool->ParallelFor(n_tasks, fn); });
-    return 1e3 * Seconds(t0, std::chrono::steady_clock::now());
+    return LayerCallMs(*plan, weights, in, ws, n_tokens);
   };
   for (auto _ : state) {
     for (int64_t tpe : grid) {
