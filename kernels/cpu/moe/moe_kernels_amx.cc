@@ -544,6 +544,35 @@ inline void ApplyFixup(const MatmulArgs& a, const TileFixup& f) {
   }
 }
 
+// Work item `it` of the in-loop and cached kernels (groups outer, panel
+// pairs inner): group gi = it / n_pairs of panels p0 and p0 + 1 (the second
+// only when < p_end); pb: each panel's first block of the group, panels
+// panel_bytes apart, groups group_bytes apart. Past n_items: np = 0.
+struct TileItem {
+  int64_t gi = 0, p0 = 0;
+  int np = 0;
+  const uint8_t* pb[2] = {nullptr, nullptr};
+};
+
+inline TileItem TileItemAt(const MatmulArgs& a, int64_t it, int64_t n_items, int64_t n_pairs,
+                           int64_t panel_bytes, int64_t group_bytes) {
+  TileItem x;
+  if (it >= n_items) return x;
+  const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
+  x.gi = it / n_pairs;
+  x.p0 = p_begin + 2 * (it % n_pairs);
+  x.np = x.p0 + 1 < p_end ? 2 : 1;
+  for (int pp = 0; pp < x.np; ++pp) x.pb[pp] = a.w + (x.p0 + pp) * panel_bytes + x.gi * group_bytes;
+  return x;
+}
+
+// The tile kernels accumulate into out: rows [0, n_act) of the call's columns start at 0.
+inline void ZeroOut(const MatmulArgs& a) {
+  for (int64_t t = 0; t < a.n_act; ++t) {
+    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
+  }
+}
+
 template <typename Conv>
 void TileMatmulT(const MatmulArgs& a) {
   const int64_t group = a.act_group;
@@ -559,25 +588,10 @@ void TileMatmulT(const MatmulArgs& a) {
   const int64_t n_blocks = (a.n_act + 31) / 32;
   TileScratch ts = CarveTileScratch(a.scratch, group, 0, a.tile_skew);
 
-  for (int64_t t = 0; t < a.n_act; ++t) {
-    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
-  }
-  // Work item it: group gi = it / n_pairs of panels p0 and p0 + 1 (the second
-  // only when < p_end); pb: each panel's first block of the group.
-  struct Item {
-    int64_t gi = 0, p0 = 0;
-    int np = 0;
-    const uint8_t* pb[2] = {nullptr, nullptr};
-  };
+  ZeroOut(a);
+  using Item = TileItem;
   auto item = [&](int64_t it) {
-    Item x;
-    x.gi = it / n_pairs;
-    x.p0 = p_begin + 2 * (it % n_pairs);
-    x.np = x.p0 + 1 < p_end ? 2 : 1;
-    for (int pp = 0; pp < x.np; ++pp) {
-      x.pb[pp] = a.w + (x.p0 + pp) * panel_bytes + x.gi * nbg * Conv::kBlockBytes;
-    }
-    return x;
+    return TileItemAt(a, it, n_items, n_pairs, panel_bytes, nbg * Conv::kBlockBytes);
   };
   auto setup = [&](const Item& x, int buf) {
     for (int pp = 0; pp < x.np; ++pp) Conv::Setup(x.pb[pp], nbg, ts.fac[pp], ts.sw[buf][pp]);
@@ -695,9 +709,7 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
   gpc = std::min(gpc, ts.chunk_items);
   const int64_t ppc = std::max<int64_t>(1, std::min(n_pairs, ts.chunk_items / gpc));
 
-  for (int64_t t = 0; t < a.n_act; ++t) {
-    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
-  }
+  ZeroOut(a);
   // The fix-up of the last stored token block, deferred (see above).
   TileFixup pend;
 
@@ -806,24 +818,10 @@ void TileMatmulCached(const MatmulArgs& a) {
   constexpr int64_t k_steps = group / 64;
   const int64_t n_blocks = (a.n_act + 31) / 32;
   TileScratch ts = CarveTileScratch(a.scratch, group, 0, a.tile_skew);
-  for (int64_t t = 0; t < a.n_act; ++t) {
-    std::memset(a.out + t * a.out_stride, 0, sizeof(float) * (a.row_end - a.row_begin));
-  }
-  struct Item {
-    int64_t gi = 0, p0 = 0;
-    int np = 0;
-    const uint8_t* pb[2] = {nullptr, nullptr};
-  };
+  ZeroOut(a);
+  using Item = TileItem;
   auto item = [&](int64_t it) {
-    Item x;
-    if (it >= n_items) return x;
-    x.gi = it / n_pairs;
-    x.p0 = p_begin + 2 * (it % n_pairs);
-    x.np = x.p0 + 1 < p_end ? 2 : 1;
-    for (int pp = 0; pp < x.np; ++pp) {
-      x.pb[pp] = a.w + (x.p0 + pp) * panel_bytes + x.gi * panel::kTileBytes;
-    }
-    return x;
+    return TileItemAt(a, it, n_items, n_pairs, panel_bytes, panel::kTileBytes);
   };
   constexpr int64_t kLines = (panel::kTileBytes + 63) / 64;  // 129 lines per panel block
   // Lines [l0, l1) of both panels' blocks of an item, into L2.
