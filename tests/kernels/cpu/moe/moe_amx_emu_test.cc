@@ -28,6 +28,43 @@ class AmxEmulationTest : public ::testing::Test {
   }
 };
 
+// n_act rows of random activations in the tile format (group), `stride` bytes
+// apart, with 32 rows of junk padding after them (tile kernels read whole tiles).
+AlignedBuffer TileActivations(int64_t n_act, int64_t k, int64_t group, int64_t stride,
+                              std::mt19937& rng) {
+  AlignedBuffer act((n_act + 32) * stride);
+  std::memset(act.p.get(), 0x7f, act.size);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> x(k);
+  for (int64_t r = 0; r < n_act; ++r) {
+    for (float& v : x) v = n(rng);
+    uint8_t* row = act.p.get() + r * stride;
+    MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
+                                     reinterpret_cast<float*>(row + k), k, group);
+  }
+  return act;
+}
+
+// A tile matmul over rows [r0, r1) of a matrix [rows][k] with those activations.
+MatmulArgs TileArgs(int64_t rows, int64_t k, int64_t r0, int64_t r1, const AlignedBuffer& act,
+                    int64_t stride, int64_t n_act, int64_t group, int64_t out_stride,
+                    AlignedBuffer& scratch) {
+  MatmulArgs a;
+  a.n_rows = rows;
+  a.k = k;
+  a.row_begin = r0;
+  a.row_end = r1;
+  a.act = act.p.get();
+  a.act_stride = stride;
+  a.n_act = n_act;
+  a.act_padded = true;
+  a.act_group = group;
+  a.out_stride = out_stride;
+  a.scratch = scratch.p.get();
+  a.scratch_bytes = static_cast<int64_t>(scratch.size);
+  return a;
+}
+
 TEST_F(AmxEmulationTest, TileMatmulMatchesScalar) {
   std::mt19937 rng(21);
   const int64_t rows = 80, k = 512;  // 5 panels: pairs plus a single tail panel
@@ -97,33 +134,12 @@ TEST_F(AmxEmulationTest, TileMatmulOverPanel16EqualsScalarBitwise) {
         SCOPED_TRACE(::testing::Message()
                      << TraitsOf(t).name << " group " << group << " n_act " << n_act);
         const int64_t stride = TileActRowBytes(k, group) + 64;  // any stride >= the row
-        AlignedBuffer act((n_act + 32) * stride);
-        std::memset(act.p.get(), 0x7f, act.size);  // padding rows hold junk
-        std::normal_distribution<float> n(0.0f, 1.0f);
-        std::vector<float> x(k);
-        for (int64_t r = 0; r < n_act; ++r) {
-          for (float& v : x) v = n(rng);
-          uint8_t* row = act.p.get() + r * stride;
-          MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
-                                           reinterpret_cast<float*>(row + k), k, group);
-        }
+        const AlignedBuffer act = TileActivations(n_act, k, group, stride, rng);
         AlignedBuffer scratch(TileScratchBytes(group) + 64);
         for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}, {32, 48}}) {
-          MatmulArgs a;
+          MatmulArgs a = TileArgs(rows, k, r0, r1, act, stride, n_act, group, r1 - r0 + 3, scratch);
           a.format = {t, MoeWeightLayout::kPanel16};
           a.w = static_cast<const uint8_t*>(w.ptrs[0]);
-          a.n_rows = rows;
-          a.k = k;
-          a.row_begin = r0;
-          a.row_end = r1;
-          a.act = act.p.get();
-          a.act_stride = stride;
-          a.n_act = n_act;
-          a.act_padded = true;
-          a.act_group = group;
-          a.out_stride = r1 - r0 + 3;
-          a.scratch = scratch.p.get();
-          a.scratch_bytes = static_cast<int64_t>(scratch.size);
           std::vector<float> y_emu(n_act * a.out_stride, -7.0f), y_ref(n_act * a.out_stride, -7.0f);
           a.out = y_emu.data();
           MoeKernelsAmxEmulated().tile_matmul(a);
@@ -169,33 +185,12 @@ TEST_F(AmxEmulationTest, TileMatmulOverTheCacheEqualsTheConversionBitwise) {
     for (int64_t n_act : {1, 17, 67}) {
       SCOPED_TRACE(::testing::Message() << TraitsOf(t).name << " n_act " << n_act);
       const int64_t stride = TileActRowBytes(k, group);
-      AlignedBuffer act((n_act + 32) * stride);
-      std::memset(act.p.get(), 0x7f, act.size);
-      std::normal_distribution<float> n(0.0f, 1.0f);
-      std::vector<float> x(k);
-      for (int64_t r = 0; r < n_act; ++r) {
-        for (float& v : x) v = n(rng);
-        uint8_t* row = act.p.get() + r * stride;
-        MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
-                                         reinterpret_cast<float*>(row + k), k, group);
-      }
+      const AlignedBuffer act = TileActivations(n_act, k, group, stride, rng);
       const int64_t chunk = 64 << 10;
       AlignedBuffer scratch(TileScratchBytes(group, chunk, 256) + 64);
       for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}}) {
         for (const bool phased : {false, true}) {
-          MatmulArgs a;
-          a.n_rows = rows;
-          a.k = k;
-          a.row_begin = r0;
-          a.row_end = r1;
-          a.act = act.p.get();
-          a.act_stride = stride;
-          a.n_act = n_act;
-          a.act_padded = true;
-          a.act_group = group;
-          a.out_stride = r1 - r0;
-          a.scratch = scratch.p.get();
-          a.scratch_bytes = static_cast<int64_t>(scratch.size);
+          MatmulArgs a = TileArgs(rows, k, r0, r1, act, stride, n_act, group, r1 - r0, scratch);
           a.tile_phased = phased;
           a.tile_chunk_bytes = chunk;
           a.tile_skew = 256;
@@ -443,32 +438,13 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
     for (int64_t group : {256, 512}) {
       for (int64_t n_act : {1, 3, 17, 255}) {
         const int64_t stride = TileActRowBytes(k, group);
-        AlignedBuffer act((n_act + 32) * stride);
-        std::memset(act.p.get(), 0x7f, act.size);  // padding rows hold junk
-        std::normal_distribution<float> n(0.0f, 1.0f);
-        std::vector<float> x(k);
-        for (int64_t r = 0; r < n_act; ++r) {
-          for (float& v : x) v = n(rng);
-          uint8_t* row = act.p.get() + r * stride;
-          MoeKernelsScalar().quantize_tile(x.data(), reinterpret_cast<int8_t*>(row),
-                                           reinterpret_cast<float*>(row + k), k, group);
-        }
+        const AlignedBuffer act = TileActivations(n_act, k, group, stride, rng);
         for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 112}, {16, 80}, {96, 112}}) {
-          MatmulArgs a;
+          AlignedBuffer ref_scratch(TileScratchBytes(group) + 64);
+          MatmulArgs a =
+              TileArgs(rows, k, r0, r1, act, stride, n_act, group, r1 - r0 + 5, ref_scratch);
           a.format = {t, MoeWeightLayout::kPanel16};
           a.w = static_cast<const uint8_t*>(w.ptrs[0]);
-          a.n_rows = rows;
-          a.k = k;
-          a.row_begin = r0;
-          a.row_end = r1;
-          a.act = act.p.get();
-          a.act_stride = stride;
-          a.n_act = n_act;
-          a.act_padded = true;
-          a.act_group = group;
-          a.out_stride = r1 - r0 + 5;
-          AlignedBuffer ref_scratch(TileScratchBytes(group) + 64);
-          a.scratch = ref_scratch.p.get();
           std::vector<float> y_ref(n_act * a.out_stride, -7.0f);
           a.out = y_ref.data();
           MoeKernelsScalar().tile_matmul(a);
