@@ -499,13 +499,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     // figures for them (the run-time correction refines either).
     KTX_ASSIGN_OR_RETURN(const bool tile_caches,
                          moe_backend::TileCacheWanted(options.fast_experts));
-    gpu::GpuExpertOptions& eo = gpu_options.gpu.experts;
-    const gpu::GpuExpertOptions defaults;
-    if (tile_caches && options.experts == ExpertsBackend::kFast &&
-        eo.cpu_expert_fixed_ms == defaults.cpu_expert_fixed_ms &&
-        eo.cpu_expert_per_token_us == defaults.cpu_expert_per_token_us) {
-      eo.cpu_expert_fixed_ms = gpu::GpuExpertOptions::kTileCacheCpuExpertFixedMs;
-      eo.cpu_expert_per_token_us = gpu::GpuExpertOptions::kTileCacheCpuExpertPerTokenUs;
+    if (tile_caches && options.experts == ExpertsBackend::kFast) {
+      gpu::UseTileCacheCpuCosts(&gpu_options.gpu.experts);
     }
     gpu_options.gpu.device = impl->attention_device;
     gpu_options.gpu.resident_experts.assign(static_cast<size_t>(hp.n_layer), {});

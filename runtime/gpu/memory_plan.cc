@@ -152,6 +152,15 @@ int64_t CountResidentExperts(const CudaModelOptions& options) {
   return n;
 }
 
+void UseTileCacheCpuCosts(GpuExpertOptions* experts) {
+  const GpuExpertOptions defaults;
+  if (experts->cpu_expert_fixed_ms == defaults.cpu_expert_fixed_ms &&
+      experts->cpu_expert_per_token_us == defaults.cpu_expert_per_token_us) {
+    experts->cpu_expert_fixed_ms = GpuExpertOptions::kTileCacheCpuExpertFixedMs;
+    experts->cpu_expert_per_token_us = GpuExpertOptions::kTileCacheCpuExpertPerTokenUs;
+  }
+}
+
 int32_t ExpertStreamSlots(const CudaModelOptions& options) {
   if (options.experts.mode != GpuExpertMode::kOff) return options.experts.n_slots;
   return CountResidentExperts(options) > 0 ? 2 : 0;

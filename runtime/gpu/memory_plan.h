@@ -312,4 +312,9 @@ int32_t ExpertStreamSlots(const CudaModelOptions& options);
 // Experts in options.resident_experts.
 int64_t CountResidentExperts(const CudaModelOptions& options);
 
+// For CPU shards with tile caches: the kTileCache* starting figures of the
+// split's CPU cost, where `experts` still has the default ones (figures the
+// caller chose stay).
+void UseTileCacheCpuCosts(GpuExpertOptions* experts);
+
 }  // namespace ktx::gpu

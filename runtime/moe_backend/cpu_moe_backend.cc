@@ -113,6 +113,16 @@ std::vector<int> AllowedCpus() {
 // mapping), then the tile caches (empty without them).
 enum Which : int { kGate = 0, kUp = 1, kDown = 2, kGateT = 3, kUpT = 4, kDownT = 5 };
 
+// Points w's tile caches at the tables of gate, up and down (tile512 of the
+// layer's decode types).
+void AttachTileCaches(const MoeLayerFormat& f, const void* const* gate, const void* const* up,
+                      const void* const* down, kernels::moe::MoeLayerWeights* w) {
+  const MoeWeightLayout t = MoeWeightLayout::kTile512;
+  w->gate_tile = {{f.gate.type, t}, gate};
+  w->up_tile = {{f.up.type, t}, up};
+  w->down_tile = {{f.down.type, t}, down};
+}
+
 // A switch point no call reaches (decode path only).
 constexpr int64_t kNoPrefill = int64_t{1} << 40;
 
@@ -477,7 +487,7 @@ absl::Status CpuMoeBackend::BuildTileCaches() {
   for (size_t il = 0; il < layers_.size(); ++il) {
     if (layers_[il] == nullptr || !layers_[il]->fast || layers_[il]->n_held == 0) continue;
     Layer& L = *layers_[il];
-    if (!L.plan.tile || L.plan.tile_group != 512) {
+    if (!L.plan.tile || L.plan.tile_group != kernels::moe::kTile512Group) {
       absl::StrAppend(&skipped, skipped.empty() ? "" : ", ", il);
       continue;
     }
@@ -505,7 +515,6 @@ absl::Status CpuMoeBackend::BuildTileCaches() {
     };
     std::vector<Task> tasks;
     int64_t slot = 0;
-    for (int m = 3; m < 6; ++m) L.ptrs[m].assign(n_expert, nullptr);
     for (int64_t e = 0; e < n_expert; ++e) {
       if (!L.held[e]) continue;
       uint8_t* d = at + slot++ * per_expert;
@@ -588,10 +597,7 @@ absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
   w.up = {f.up, L.ptrs[kUp].data()};
   w.down = {f.down, L.ptrs[kDown].data()};
   if (L.tile_cache) {  // the tile path as Compute runs it
-    const MoeWeightLayout t = MoeWeightLayout::kTile512;
-    w.gate_tile = {{f.gate.type, t}, L.ptrs[kGateT].data()};
-    w.up_tile = {{f.up.type, t}, L.ptrs[kUpT].data()};
-    w.down_tile = {{f.down.type, t}, L.ptrs[kDownT].data()};
+    AttachTileCaches(f, L.ptrs[kGateT].data(), L.ptrs[kUpT].data(), L.ptrs[kDownT].data(), &w);
   }
   auto time_call = [&](const kernels::moe::MoePlan& plan, int64_t n) -> absl::StatusOr<double> {
     const auto c0 = Clock::now();
@@ -725,12 +731,7 @@ absl::Status CpuMoeBackend::Run(int il, const models::Activations& h, bool index
   w.gate = {f.gate, table[kGate]};
   w.up = {f.up, table[kUp]};
   w.down = {f.down, table[kDown]};
-  if (L.tile_cache) {
-    const MoeWeightLayout t = MoeWeightLayout::kTile512;
-    w.gate_tile = {{f.gate.type, t}, table[kGateT]};
-    w.up_tile = {{f.up.type, t}, table[kUpT]};
-    w.down_tile = {{f.down.type, t}, table[kDownT]};
-  }
+  if (L.tile_cache) AttachTileCaches(f, table[kGateT], table[kUpT], table[kDownT], &w);
   // The kernels' plan has rows of n_expert_used entries: a narrower routing
   // (a routing policy) is padded with kMoeNoExpert entries, which they skip.
   const int32_t k_plan = hp.n_expert_used;

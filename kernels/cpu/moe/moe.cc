@@ -26,6 +26,8 @@ constexpr uint8_t kPathTileCached = 3;   // tile kernel over the expert's tile c
 
 bool IsTilePath(uint8_t path) { return path == kPathTile || path == kPathTileCached; }
 
+constexpr int64_t kTileCachePanelsPerTask = 8;  // BuildTileCacheTask
+
 int64_t Align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 std::string FormatName(MoeMatrixFormat f) {
@@ -417,9 +419,9 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
     }
   }
   auto cached = [&](int64_t e) {
-    return any_cache && tm[0]->experts != nullptr && tm[1]->experts != nullptr &&
-           tm[2]->experts != nullptr && tm[0]->experts[e] != nullptr &&
-           tm[1]->experts[e] != nullptr && tm[2]->experts[e] != nullptr;
+    return tm[0]->experts != nullptr && tm[1]->experts != nullptr && tm[2]->experts != nullptr &&
+           tm[0]->experts[e] != nullptr && tm[1]->experts[e] != nullptr &&
+           tm[2]->experts[e] != nullptr;
   };
 
   MoeRun run;
@@ -541,20 +543,13 @@ int64_t MoeRun::NumTasks(int stage) const {
   }
 }
 
-const MoeMatrix& MoeRun::Matrix(int which, bool prefill) const {
-  switch (which) {
-    case 0: return prefill ? weights_->gate_prefill : weights_->gate;
-    case 1: return prefill ? weights_->up_prefill : weights_->up;
-    default: return prefill ? weights_->down_prefill : weights_->down;
-  }
-}
-
-const MoeMatrix& MoeRun::TileCache(int which) const {
-  switch (which) {
-    case 0: return weights_->gate_tile;
-    case 1: return weights_->up_tile;
-    default: return weights_->down_tile;
-  }
+const MoeMatrix& MoeRun::Matrix(int which, uint8_t path) const {
+  const MoeLayerWeights& w = *weights_;
+  if (path == kPathPrefillForm)
+    return which == 0 ? w.gate_prefill : which == 1 ? w.up_prefill : w.down_prefill;
+  if (path == kPathTileCached)
+    return which == 0 ? w.gate_tile : which == 1 ? w.up_tile : w.down_tile;
+  return which == 0 ? w.gate : which == 1 ? w.up : w.down;
 }
 
 void MoeRun::RunTask(int stage, int64_t task, int worker) const {
@@ -636,7 +631,7 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
     a.act_index = pair_token + offset[e];
   }
   for (int which = 0; which < 2; ++which) {
-    const MoeMatrix& m = Matrix(which, prefill);
+    const MoeMatrix& m = Matrix(which, path);
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     a.out = which == 0 ? g : u;
@@ -680,9 +675,9 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   a.out_stride = os;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
-  const bool cached = ws_[p.off_path + e] == kPathTileCached;
+  const uint8_t path = ws_[p.off_path + e];
   for (int which = 0; which < 2; ++which) {
-    const MoeMatrix& m = cached ? TileCache(which) : Matrix(which, false);
+    const MoeMatrix& m = Matrix(which, path);
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     a.out = which == 0 ? g : u;
@@ -735,12 +730,9 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   };
   for (int64_t i = 0; i < n_active_; ++i) {
     const int64_t e = active[i];
-    const bool form = path[e] == kPathPrefillForm;
-    const MoeMatrix& m = path[e] == kPathTileCached ? TileCache(2) : Matrix(2, form);
+    const MoeMatrix& m = Matrix(2, path[e]);
     if (i + 1 < n_active_) {
-      const uint8_t next = path[active[i + 1]];
-      PrefetchRows(next == kPathTileCached ? TileCache(2) : Matrix(2, next == kPathPrefillForm),
-                   active[i + 1], r0, rows);
+      PrefetchRows(Matrix(2, path[active[i + 1]]), active[i + 1], r0, rows);
     }
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
@@ -788,18 +780,16 @@ absl::StatusOr<int64_t> TileCacheBytes(MoeMatrixFormat src, int64_t n_rows, int6
 }
 
 int64_t TileCacheNumTasks(int64_t n_rows) {
-  constexpr int64_t kPanelsPerTask = 8;
-  return (n_rows / kPanelRows + kPanelsPerTask - 1) / kPanelsPerTask;
+  return (n_rows / kPanelRows + kTileCachePanelsPerTask - 1) / kTileCachePanelsPerTask;
 }
 
 void BuildTileCacheTask(MoeMatrixFormat src, const void* w, int64_t n_rows, int64_t k, int64_t task,
                         void* cache) {
-  constexpr int64_t kPanelsPerTask = 8;
   const MoeKernels& kern = MoeKernelsFor(ActiveCpuVariant());
   const auto convert = kern.tile_convert != nullptr ? kern.tile_convert : &TileConvertPanelScalar;
   const int64_t n_groups = k / panel::kTileK;
-  const int64_t p1 = std::min(n_rows / kPanelRows, (task + 1) * kPanelsPerTask);
-  for (int64_t p = task * kPanelsPerTask; p < p1; ++p) {
+  const int64_t p1 = std::min(n_rows / kPanelRows, (task + 1) * kTileCachePanelsPerTask);
+  for (int64_t p = task * kTileCachePanelsPerTask; p < p1; ++p) {
     for (int64_t gi = 0; gi < n_groups; ++gi) {
       uint8_t* blk = static_cast<uint8_t*>(cache) + (p * n_groups + gi) * panel::kTileBytes;
       convert(src, static_cast<const uint8_t*>(w), k, p, gi * panel::kTileK, panel::kTileK,

@@ -299,8 +299,9 @@ class MoeRun {
   void GateUpTask(int64_t task, int worker) const;
   void TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const;
   void DownTask(int64_t task, int worker) const;
-  const MoeMatrix& Matrix(int which, bool prefill) const;
-  const MoeMatrix& TileCache(int which) const;
+  // Matrix `which` (0 gate, 1 up, 2 down) in the weights an expert on `path`
+  // reads: the decode form, the prefill form or the tile cache.
+  const MoeMatrix& Matrix(int which, uint8_t path) const;
   void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
 
   const MoePlan* plan_ = nullptr;

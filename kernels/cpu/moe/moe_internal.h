@@ -114,7 +114,8 @@ inline constexpr int kBf16Bytes = 1024;
 // amx_int8 (k-block 256)
 inline constexpr int kAmxS = 0, kAmxQ = 64, kAmxBytes = 4160;
 // tile512 (k-block 512): the tile cache
-inline constexpr int kTileK = 512, kTileQ = 0, kTileS = 8192, kTileBytes = 8256;
+inline constexpr int kTileK = kTile512Group, kTileQ = 0, kTileS = 16 * kTileK,
+                     kTileBytes = kTileS + 64;
 }  // namespace panel
 
 // k elements covered by one block of `format` (512, 256 or 32).

@@ -902,12 +902,6 @@ void TileConvertT(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t p
 
 void TileConvert(MoeMatrixFormat format, const uint8_t* w, int64_t k, int64_t panel, int64_t k0,
                  int64_t group, int8_t* tiles, float* s) {
-  if (format.layout == MoeWeightLayout::kTile512) {
-    if (group == panel::kTileK && k0 % panel::kTileK == 0) {
-      TileConvertT<ConvCopy>(format, w, k, panel, k0, group, tiles, s);
-    }
-    return;
-  }
   switch (format.type) {
     case TensorType::kQ4_K:
       TileConvertT<ConvQ4K<false>>(format, w, k, panel, k0, group, tiles, s);

@@ -71,6 +71,9 @@ namespace ktx::kernels::moe {
 
 enum class MoeWeightLayout : int { kGguf = 0, kPanel16 = 1, kAmxInt8 = 2, kTile512 = 3 };
 
+// k per int8 scale group of the tile512 layout: tile caches serve tile paths of this group.
+inline constexpr int64_t kTile512Group = 512;
+
 // "gguf", "panel16", "amx_int8", "tile512".
 const char* MoeWeightLayoutName(MoeWeightLayout layout);
 

@@ -17,6 +17,21 @@ namespace {
 
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 
+// Tile caches on the CPU shards: faster starting figures for the split's CPU
+// cost, unless the caller set its own.
+TEST(GpuExpertOptions, TileCachesStartFromTheirCpuFigures) {
+  GpuExpertOptions o;
+  UseTileCacheCpuCosts(&o);
+  EXPECT_EQ(o.cpu_expert_fixed_ms, GpuExpertOptions::kTileCacheCpuExpertFixedMs);
+  EXPECT_EQ(o.cpu_expert_per_token_us, GpuExpertOptions::kTileCacheCpuExpertPerTokenUs);
+  EXPECT_LT(o.cpu_expert_fixed_ms, GpuExpertOptions{}.cpu_expert_fixed_ms);
+  GpuExpertOptions mine;
+  mine.cpu_expert_fixed_ms = 0.9;
+  UseTileCacheCpuCosts(&mine);
+  EXPECT_EQ(mine.cpu_expert_fixed_ms, 0.9);
+  EXPECT_EQ(mine.cpu_expert_per_token_us, GpuExpertOptions{}.cpu_expert_per_token_us);
+}
+
 TEST(GpuMemoryPlan, DeepSeekV3FitsAnH100WithAlargeKvCache) {
   const models::Deepseek2Hparams hp = Dsv3Hparams();
   CudaModelOptions o;
