@@ -36,6 +36,15 @@ cublasStatus_t LinearBf16Batched(cublasHandle_t handle, const __nv_bfloat16* w, 
                                  int64_t ldy, int64_t y_batch_stride, int64_t n_out, int64_t n_in,
                                  int64_t n_tokens, int64_t batch, float beta = 0.0f);
 
+// y[t, r] = Σ_c W[c, r] · x[t, c] (+ beta · y[t, r]) with the weight stored
+// the other way round: W bf16 [n_in, ldw], one row per input feature (the MLA
+// prefill's context product, whose "weight" is the latent rows). y: F32 or
+// bf16 [n_tokens, ldy]; x bf16 [n_tokens, ldx].
+cublasStatus_t LinearBf16TransposedWeight(cublasHandle_t handle, const __nv_bfloat16* w,
+                                          int64_t ldw, const __nv_bfloat16* x, int64_t ldx, void* y,
+                                          cudaDataType_t y_type, int64_t ldy, int64_t n_out,
+                                          int64_t n_in, int64_t n_tokens, float beta = 0.0f);
+
 // The same in F32 with F32 accumulation and no TF32 (the MoE router, whose
 // small score gaps decide which experts run).
 cublasStatus_t LinearF32(cublasHandle_t handle, const float* w, int64_t ldw, const float* x,

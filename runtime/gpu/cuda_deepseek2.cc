@@ -149,7 +149,8 @@ absl::Status TokenCountFromEnv(const char* var, int64_t max, const char* meaning
 }
 
 // KTX_GPU_WEIGHTS=auto|bf16|quantized|both, KTX_GPU_GEMV_MAX_TOKENS=N,
-// KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N, KTX_CUDA_GRAPHS.
+// KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N,
+// KTX_GPU_MLA_PREFILL_MIN_TOKENS=N, KTX_CUDA_GRAPHS.
 absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_WEIGHTS"); v != nullptr && *v != '\0') {
     const std::string form = v;
@@ -180,6 +181,10 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
       TokenCountFromEnv("KTX_GPU_SKINNY_MAX_TOKENS", kc::kSkinnyMaxTokens,
                         "bf16 products of batches up to it use the skinny kernel; 0: cuBLAS always",
                         &o->skinny_max_tokens));
+  KTX_RETURN_IF_ERROR(TokenCountFromEnv(
+      "KTX_GPU_MLA_PREFILL_MIN_TOKENS", int64_t{1} << 30,
+      "prompt chunks of at least that many tokens use the two-product attention; 0: never",
+      &o->mla_prefill_min_tokens));
   if (const char* v = std::getenv("KTX_CUDA_GRAPHS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
     if (mode == "on" || mode == "1") {
@@ -1351,10 +1356,12 @@ absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Ac
   }
   int32_t* idx = pinned_indices_.as<int32_t>();
   std::vector<int32_t> rows;
+  std::vector<GpuBatchSegment> segments;
   int64_t t = 0, max_kv_len = 0;
   for (const BatchEntry& e : entries) {
     const int64_t base = kv_->length(e.seq);
     const int64_t m = static_cast<int64_t>(e.tokens.size());
+    segments.push_back({t, m, static_cast<int32_t>(e.seq), base});
     for (int64_t i = 0; i < m; ++i, ++t) {
       idx[t] = e.tokens[i];
       idx[T + t] = static_cast<int32_t>(base + i);
@@ -1376,6 +1383,12 @@ absl::Status CudaDeepseek2::ForwardBatch(std::span<const BatchEntry> entries, Ac
   batch.positions = d_idx + T;
   batch.seq_index = d_idx + 2 * T;
   batch.max_kv_len = UsesGraphs(n) ? GraphKvBucket(max_kv_len) : max_kv_len;
+  if (!UsesGraphs(n)) {
+    // (A graph replays with other positions than it was captured with: its
+    // steps keep to the MLA kernel, which reads them from the device.)
+    batch.segments = segments.data();
+    batch.n_segments = static_cast<int64_t>(segments.size());
+  }
   absl::Status status = RunLayers(batch, hooks);
   if (status.ok()) status = RunHead(rows, logits);
   if (!status.ok()) {
@@ -1504,6 +1517,9 @@ absl::Status CudaDeepseek2::AttentionBlock(int il, SequenceId seq,
   batch.positions = d_idx + T;
   batch.seq_index = d_idx + 2 * T;
   batch.max_kv_len = base + n;
+  const GpuBatchSegment segment{0, n, static_cast<int32_t>(seq), base};
+  batch.segments = &segment;
+  batch.n_segments = 1;
   KTX_RETURN_IF_ERROR(runner_->Attention(layers_[il], LayerKv(il), batch, runner_->x()));
   KTX_RETURN_IF_ERROR(Download(runner_->x(), x->data(), n * hp_.n_embd * 4));
   return Sync("AttentionBlock");

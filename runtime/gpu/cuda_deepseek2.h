@@ -95,6 +95,9 @@ class CudaDeepseek2 {
   int64_t gemv_products() const { return runner_->gemv_calls(); }
   int64_t cublas_products() const { return runner_->cublas_calls(); }
   int64_t skinny_products() const { return runner_->skinny_calls(); }
+  // Layer attentions of prompt chunks run by the two-product form
+  // (CudaModelOptions::mla_prefill_min_tokens).
+  int64_t mla_prefill_calls() const { return runner_->mla_prefill_calls(); }
   // Products on the bf16 form, either path.
   int64_t bf16_products() const { return cublas_products() + skinny_products(); }
 

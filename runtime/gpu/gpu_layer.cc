@@ -6,6 +6,7 @@
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemv.h"
+#include "kernels/cuda/mla_prefill.h"
 #include "runtime/base/status.h"
 
 namespace ktx::gpu {
@@ -20,6 +21,7 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
   r->attention_tensor_cores_ = options.attention_tensor_cores;
   r->gemv_max_tokens_ = options.gemv_max_tokens;
   r->set_skinny_max_tokens(options.skinny_max_tokens);
+  r->set_mla_prefill_min_tokens(options.mla_prefill_min_tokens);
   r->rope_.n_rot = static_cast<int32_t>(hp.rope.n_rot);
   r->rope_.freq_base = hp.rope.freq_base;
   r->rope_.freq_scale = hp.rope.freq_scale;
@@ -213,31 +215,79 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
   KTX_RETURN_IF_ERROR(ProductBf16(w.attn_k_b, nope, kvl * nope, q_nope_.as<Bf16>(), n_head * nope,
                                   nope, big_q, CUDA_R_32F, n_head * rw, rw, kvl, nope, n, n_head,
                                   0.0f, "attn_k_b (absorbed queries)"));
-  kc::MlaAttentionArgs a;
-  a.q = big_q;
-  a.q_stride = n_head * rw;
-  a.n_q = n;
-  a.n_head = static_cast<int32_t>(n_head);
-  a.kv_lora = static_cast<int32_t>(kvl);
-  a.n_rot = static_cast<int32_t>(hp_.n_rot);
-  a.scale = static_cast<float>(hp_.kq_scale);
-  a.q_seq = b.seq_index;
-  a.q_pos = b.positions;
-  a.kv = kv;
-  a.out_bf16 = ctx_.as<Bf16>();
-  a.out_bf16_stride = n_head * kvl;
-  kc::MlaAttentionPlan plan =
-      kc::PlanMlaAttention(n, a.n_head, a.kv_lora, a.n_rot, b.max_kv_len, n_multiprocessors_,
-                           attention_workspace_.bytes());
-  plan.tensor_cores = plan.tensor_cores && attention_tensor_cores_;
-  KTX_RETURN_IF_ERROR(
-      CudaOk(kc::MlaAttention(a, plan, attention_workspace_.get(), stream_), "MLA attention"));
+  // Segments long enough for the prompt-chunk form; the tokens between them
+  // through the MLA kernel.
+  int64_t done = 0;
+  for (int64_t i = 0; i < b.n_segments && mla_prefill_min_tokens_ > 0; ++i) {
+    const GpuBatchSegment& sg = b.segments[i];
+    if (sg.first_token < done || sg.n_tokens <= 0 || sg.first_token + sg.n_tokens > n ||
+        sg.pos0 < 0 || sg.seq < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GPU attention: batch segment ", i, " (tokens ", sg.first_token, " + ",
+                       sg.n_tokens, ", sequence row ", sg.seq, ", position ", sg.pos0,
+                       ") is not an ordered, disjoint run of ", "the batch's ", n, " tokens"));
+    }
+    if (sg.n_tokens < mla_prefill_min_tokens_) continue;
+    const kc::MlaPrefillPlan plan =
+        kc::PlanMlaPrefill(sg.n_tokens, sg.pos0, static_cast<int32_t>(n_head),
+                           static_cast<int32_t>(kvl), static_cast<int32_t>(hp_.n_rot), gu_.bytes());
+    if (plan.queries_per_chunk <= 0) continue;
+    if (done < sg.first_token) KTX_RETURN_IF_ERROR(MlaKernelRange(kv, b, done, sg.first_token));
+    kc::MlaPrefillArgs a;
+    a.q = big_q + sg.first_token * n_head * rw;
+    a.q_stride = n_head * rw;
+    a.n_q = sg.n_tokens;
+    a.n_head = static_cast<int32_t>(n_head);
+    a.kv_lora = static_cast<int32_t>(kvl);
+    a.n_rot = static_cast<int32_t>(hp_.n_rot);
+    a.scale = static_cast<float>(hp_.kq_scale);
+    a.seq = sg.seq;
+    a.pos0 = sg.pos0;
+    a.kv = kv;
+    a.out_bf16 = ctx_.as<Bf16>() + sg.first_token * n_head * kvl;
+    const kc::MlaPrefillStatus st = kc::MlaPrefillAttention(cublas_, a, plan, gu_.get(), stream_);
+    if (!st.ok()) {
+      return absl::InternalError(absl::StrCat(
+          "GPU attention of a prompt chunk (", sg.n_tokens, " tokens after ", sg.pos0, "), ",
+          st.step, ": ",
+          st.cuda != cudaSuccess ? cudaGetErrorString(st.cuda)
+                                 : absl::StrCat("cuBLAS status ", static_cast<int>(st.cublas))));
+    }
+    ++mla_prefill_calls_;
+    done = sg.first_token + sg.n_tokens;
+  }
+  if (done < n) KTX_RETURN_IF_ERROR(MlaKernelRange(kv, b, done, n));
   // o[t, h] = v_b[h] · ctx[t, h], then x += attn_output · o.
   KTX_RETURN_IF_ERROR(ProductBf16(w.attn_v_b, kvl, hdv * kvl, ctx_.as<Bf16>(), n_head * kvl, kvl,
                                   o_.get(), CUDA_R_16BF, n_head * hdv, hdv, hdv, kvl, n, n_head,
                                   0.0f, "attn_v_b"));
   return Linear(w.attn_output, n_embd, n_head * hdv, o_.as<Bf16>(), n_head * hdv, n, x, n_embd,
                 1.0f, "attn_output");
+}
+
+absl::Status GpuLayerRunner::MlaKernelRange(const kc::MlaPagedKv& kv, const GpuBatchView& b,
+                                            int64_t t0, int64_t t1) {
+  const int64_t n_head = hp_.n_head;
+  const int64_t kvl = hp_.kv_lora_rank;
+  const int64_t rw = kvl + hp_.n_rot;
+  kc::MlaAttentionArgs a;
+  a.q = big_q_.as<float>() + t0 * n_head * rw;
+  a.q_stride = n_head * rw;
+  a.n_q = t1 - t0;
+  a.n_head = static_cast<int32_t>(n_head);
+  a.kv_lora = static_cast<int32_t>(kvl);
+  a.n_rot = static_cast<int32_t>(hp_.n_rot);
+  a.scale = static_cast<float>(hp_.kq_scale);
+  a.q_seq = b.seq_index + t0;
+  a.q_pos = b.positions + t0;
+  a.kv = kv;
+  a.out_bf16 = ctx_.as<Bf16>() + t0 * n_head * kvl;
+  a.out_bf16_stride = n_head * kvl;
+  kc::MlaAttentionPlan plan =
+      kc::PlanMlaAttention(a.n_q, a.n_head, a.kv_lora, a.n_rot, b.max_kv_len, n_multiprocessors_,
+                           attention_workspace_.bytes());
+  plan.tensor_cores = plan.tensor_cores && attention_tensor_cores_;
+  return CudaOk(kc::MlaAttention(a, plan, attention_workspace_.get(), stream_), "MLA attention");
 }
 
 absl::Status GpuLayerRunner::Norm(const float* norm, const float* x, int64_t n) {

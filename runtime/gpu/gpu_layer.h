@@ -86,12 +86,26 @@ struct GpuLayerWeights {
   GpuMatrix shexp_down;                   // MoE: [n_embd, n_ff_exp * n_shared]
 };
 
+// A run of a batch's tokens that continue one sequence (host-side): tokens
+// first_token .. first_token + n_tokens - 1 at positions pos0, pos0 + 1, ...
+struct GpuBatchSegment {
+  int64_t first_token = 0;
+  int64_t n_tokens = 0;
+  int32_t seq = 0;  // block table row
+  int64_t pos0 = 0;
+};
+
 // The tokens of one batch, on the device: I32 [n_tokens] each.
 struct GpuBatchView {
   int64_t n_tokens = 0;
   const int32_t* positions = nullptr;  // position of each token in its sequence
   const int32_t* seq_index = nullptr;  // block table row of each token's sequence
   int64_t max_kv_len = 0;              // max over tokens of position + 1
+  // Optional (host): the batch's runs of one sequence each, in token order,
+  // disjoint; those of at least mla_prefill_min_tokens() tokens take the
+  // prompt-chunk attention (kernels/cuda/mla_prefill.h). Must outlive the call.
+  const GpuBatchSegment* segments = nullptr;
+  int64_t n_segments = 0;
 };
 
 class GpuLayerRunner {
@@ -122,7 +136,10 @@ class GpuLayerRunner {
 
   // x[0 .. n) += attn_output · MLA(rmsnorm(x) · attn_norm); writes the batch's
   // latent rows into `kv` (this layer's pages) first, so tokens see each other
-  // causally within the batch.
+  // causally within the batch. Segments of the batch (GpuBatchView::segments)
+  // of at least mla_prefill_min_tokens() tokens run the prompt-chunk form
+  // (two cuBLAS products; its score matrix in the FFN gate/up buffer, which is
+  // idle during attention), the other tokens the MLA kernel.
   absl::Status Attention(const GpuLayerWeights& w, const kernels::cuda::MlaPagedKv& kv,
                          const GpuBatchView& batch, float* x);
   // h = rmsnorm(x) · norm into h_f32() and h_bf16() for n tokens.
@@ -178,9 +195,19 @@ class GpuLayerRunner {
     skinny_max_tokens_ = std::clamp<int64_t>(n, 0, kernels::cuda::kSkinnyMaxTokens);
   }
   int64_t skinny_calls() const { return skinny_calls_; }
+  // Prompt chunks of at least this many tokens use the prompt-chunk
+  // attention (CudaModelOptions::mla_prefill_min_tokens; 0: never).
+  int64_t mla_prefill_min_tokens() const { return mla_prefill_min_tokens_; }
+  void set_mla_prefill_min_tokens(int64_t n) { mla_prefill_min_tokens_ = std::max<int64_t>(n, 0); }
+  // Segments attended by the prompt-chunk form so far (tests and logs).
+  int64_t mla_prefill_calls() const { return mla_prefill_calls_; }
 
  private:
   GpuLayerRunner() = default;
+  // MLA attention of the batch's tokens [t0, t1) by the MLA kernel, from the
+  // query rows in big_q_ into ctx_.
+  absl::Status MlaKernelRange(const kernels::cuda::MlaPagedKv& kv, const GpuBatchView& b,
+                              int64_t t0, int64_t t1);
   // ProductBf16, telling whether the skinny kernel ran (true) or cuBLAS.
   absl::StatusOr<bool> RunProductBf16(const Bf16* w, int64_t ldw, int64_t w_batch_stride,
                                       const Bf16* x, int64_t ldx, int64_t x_batch_stride, void* y,
@@ -199,6 +226,8 @@ class GpuLayerRunner {
   int64_t cublas_calls_ = 0;
   int64_t skinny_max_tokens_ = 0;
   int64_t skinny_calls_ = 0;
+  int64_t mla_prefill_min_tokens_ = 0;
+  int64_t mla_prefill_calls_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer x_, h_f32_, h_bf16_, qa_, qa_bf16_, q_, q_nope_, big_q_, kva_, ctx_, o_, gu_, act_,

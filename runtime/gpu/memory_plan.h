@@ -132,6 +132,16 @@ struct CudaModelOptions {
   // kernel (products batch invariant). 0: cuBLAS always.
   // KTX_GPU_SKINNY_MAX_TOKENS=N in the environment overrides it.
   int64_t skinny_max_tokens = 1;
+  // A prompt chunk (one sequence's run of at least this many tokens in a
+  // batch) takes the prompt-chunk attention (kernels/cuda/mla_prefill.h: the
+  // scores and the context as two cuBLAS products over the sequence's latent
+  // rows, in the FFN gate/up buffer) instead of the MLA kernel, which serves
+  // one query per block. Default 16: measured on the H200 (docs/performance.md,
+  // 2026-11-27 22:55 UTC) the two products win from 16 tokens (0.050 against
+  // 0.084 ms after 1024 rows) to 2048 (3.5 against 8.2 ms); steps of up to
+  // graph_max_tokens that replay CUDA graphs keep to the kernel. 0: never.
+  // KTX_GPU_MLA_PREFILL_MIN_TOKENS=N in the environment overrides it.
+  int64_t mla_prefill_min_tokens = 16;
   // The largest token count of one resident hot expert (resident_experts) in
   // one layer that runs as three GEMVs on its blocks; more tokens:
   // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes

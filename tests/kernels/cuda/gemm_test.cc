@@ -83,6 +83,56 @@ TEST_F(GemmTest, LinearBf16MatchesFloat64) {
   }
 }
 
+TEST_F(GemmTest, TransposedWeightMatchesFloat64) {
+  const uint32_t seed = cuda_test::FreshSeed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  // W stored [n_in, ldw] (one row per input feature), as the MLA prefill's
+  // latent rows; odd sizes, padded strides, both output types.
+  for (const int64_t n_tokens : {1, 17}) {
+    for (const int64_t n_out : {8, 136}) {
+      for (const int64_t n_in : {2, 126, 1000}) {
+        for (const bool bf16_out : {false, true}) {
+          SCOPED_TRACE(testing::Message()
+                       << n_tokens << "x" << n_out << "x" << n_in << " bf16 " << bf16_out);
+          const int64_t ldw = n_out + 8, ldx = n_in + 6, ldy = n_out + 3;
+          const auto w = cuda_test::RandomBf16(rng, n_in * ldw, 0.05f);
+          const auto x = cuda_test::RandomBf16(rng, n_tokens * ldx, 1.0f);
+          DeviceArray<uint16_t> d_w(w), d_x(x), d_yb(n_tokens * ldy);
+          DeviceArray<float> d_y(n_tokens * ldy);
+          void* y = bf16_out ? static_cast<void*>(d_yb.get()) : static_cast<void*>(d_y.get());
+          ASSERT_EQ(LinearBf16TransposedWeight(handle_, Bf16(d_w), ldw, Bf16(d_x), ldx, y,
+                                               bf16_out ? CUDA_R_16BF : CUDA_R_32F, ldy, n_out,
+                                               n_in, n_tokens),
+                    CUBLAS_STATUS_SUCCESS);
+          const std::vector<float> got_f = d_y.Download();
+          const std::vector<uint16_t> got_b = d_yb.Download();
+          for (int64_t t = 0; t < n_tokens; ++t) {
+            for (int64_t r = 0; r < n_out; ++r) {
+              double ref = 0.0, mag = 0.0;
+              for (int64_t c = 0; c < n_in; ++c) {
+                const double p = static_cast<double>(Bf16BitsToFloat(w[c * ldw + r])) *
+                                 Bf16BitsToFloat(x[t * ldx + c]);
+                ref += p;
+                mag += std::fabs(p);
+              }
+              const double got =
+                  bf16_out ? Bf16BitsToFloat(got_b[t * ldy + r]) : got_f[t * ldy + r];
+              const double tol = 2e-5 * mag + (bf16_out ? std::fabs(ref) / 256.0 : 0.0);
+              ASSERT_NEAR(got, ref, tol) << "t " << t << " r " << r;
+            }
+          }
+        }
+      }
+    }
+  }
+  // A weight stride shorter than the output is refused.
+  DeviceArray<uint16_t> d(64);
+  float y = 0.0f;
+  EXPECT_EQ(LinearBf16TransposedWeight(handle_, Bf16(d), 4, Bf16(d), 8, &y, CUDA_R_32F, 8, 8, 8, 1),
+            CUBLAS_STATUS_INVALID_VALUE);
+}
+
 TEST_F(GemmTest, BatchedPerHeadProducts) {
   const uint32_t seed = cuda_test::FreshSeed();
   SCOPED_TRACE(testing::Message() << "seed " << seed);

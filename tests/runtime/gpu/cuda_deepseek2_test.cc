@@ -400,6 +400,42 @@ TEST_P(CudaDeepseek2Test, AttentionKernelsAgree) {
   ASSERT_TRUE((*other)->Forward(prompt_, *s1, LogitsRows::kAll, &a).ok());
   ASSERT_TRUE(gpu_->Forward(prompt_, *s2, LogitsRows::kAll, &b).ok());
   ExpectAgree(CompareRows(b, a), "tensor-core vs CUDA-core attention", GetParam());
+  ASSERT_GE(static_cast<int64_t>(prompt_.size()), TestOptions().mla_prefill_min_tokens);
+  EXPECT_GT(gpu_->mla_prefill_calls(), 0) << "the prompt should take the two-product form";
+  // The prompt-chunk attention (two cuBLAS products; default for chunks of
+  // >= 64 tokens) against the MLA kernel alone, for the whole prompt and for
+  // chunks of 32 after cached rows (min tokens 1: every chunk; chunks of at
+  // most graph_max_tokens replay graphs, which keep to the kernel).
+  ASSERT_LT(TestOptions().graph_max_tokens, 32);
+  for (const int64_t chunk : {int64_t{128}, int64_t{32}}) {
+    CudaModelOptions kernel_only = TestOptions();
+    kernel_only.max_batch_tokens = chunk;
+    kernel_only.mla_prefill_min_tokens = 0;
+    CudaModelOptions products = kernel_only;
+    products.mla_prefill_min_tokens = 1;
+    auto k = CudaDeepseek2::Create(*model_, kernel_only);
+    auto p = CudaDeepseek2::Create(*model_, products);
+    ASSERT_TRUE(k.ok() && p.ok());
+    auto sk = (*k)->AddSequence(128);
+    auto sp = (*p)->AddSequence(128);
+    ASSERT_TRUE(sk.ok() && sp.ok());
+    Activations ka, pa;
+    ASSERT_TRUE((*k)->Forward(prompt_, *sk, LogitsRows::kAll, &ka).ok());
+    ASSERT_TRUE((*p)->Forward(prompt_, *sp, LogitsRows::kAll, &pa).ok());
+    EXPECT_EQ((*k)->mla_prefill_calls(), 0);
+    EXPECT_GT((*p)->mla_prefill_calls(), 0);
+    ExpectAgree(CompareRows(pa, ka),
+                chunk == 32 ? "two-product vs kernel attention, chunks of 32"
+                            : "two-product vs kernel attention, one prompt",
+                GetParam());
+  }
+  // A bad setting is refused by name.
+  setenv("KTX_GPU_MLA_PREFILL_MIN_TOKENS", "-3", 1);
+  auto bad = CudaDeepseek2::Create(*model_, TestOptions());
+  unsetenv("KTX_GPU_MLA_PREFILL_MIN_TOKENS");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("KTX_GPU_MLA_PREFILL_MIN_TOKENS"), std::string::npos)
+      << bad.status();
 }
 
 TEST_P(CudaDeepseek2Test, ErrorsLeaveSequencesUnchanged) {

@@ -5,10 +5,13 @@
 // decode batches of 1 and 16 sequences at 1K and 8K tokens of context (and,
 // arg q = 1, with the quantized GEMV on Q4_K/Q6_K blocks at 1..16 x 1K). Also:
 // the same step replayed from a CUDA graph (no launch gaps), the MLA
-// attention kernel alone (CUDA-core and tensor-core variants), and the card's
-// device-to-device copy
-// bandwidth (bytes read + written), measured in the same run, against which
-// the achieved bandwidth (weights + KV bytes read once per step) is given.
+// attention kernel alone (CUDA-core and tensor-core variants), the attention
+// of a prompt chunk (BM_PrefillAttention: the MLA kernel against the
+// two-product form of kernels/cuda/mla_prefill.h, the block and its core), and
+// the card's limits measured in the same run: device-to-device copy bandwidth
+// (bytes read + written), against which the achieved bandwidth (weights + KV
+// bytes read once per step) is given, and cuBLAS's bf16 tensor-core rate on
+// an 8192^3 product, against which the prompt-chunk products are given.
 //
 //   gpu_benchmark --benchmark_out=gpu.json --benchmark_out_format=json
 #include <cuda_runtime_api.h>
@@ -20,12 +23,15 @@
 #include <iterator>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "benchmark/benchmark.h"
 #include "kernels/cuda/basic_ops.h"
 #include "kernels/cuda/device_query.h"
+#include "kernels/cuda/gemm.h"
 #include "kernels/cuda/mla.h"
+#include "kernels/cuda/mla_prefill.h"
 #include "kernels/cuda/skinny_gemm.h"
 #include "runtime/gpu/gpu_layer.h"
 #include "tests/runtime/gpu/dsv3_hparams.h"
@@ -54,6 +60,7 @@ namespace kc = kernels::cuda;
   } while (false)
 
 constexpr int64_t kMaxBatch = 16;
+constexpr int64_t kMaxPrefill = 2048;  // tokens of one prompt chunk (the runner's max_tokens)
 constexpr int64_t kMaxContext = 8192;
 constexpr int32_t kPageSize = 64;
 
@@ -108,7 +115,7 @@ struct Layer {
 
   Layer() {
     CudaModelOptions o;
-    auto r = GpuLayerRunner::Create(hp, kMaxBatch, o);
+    auto r = GpuLayerRunner::Create(hp, kMaxPrefill, o);
     BENCH_CHECK(r.status());
     runner = std::move(*r);
     const int64_t n_embd = hp.n_embd, n_head = hp.n_head, hd = hp.n_embd_head_qk;
@@ -155,8 +162,8 @@ struct Layer {
     kv.page_size = kPageSize;
     kv.block_table = block_table.as<int32_t>();
     kv.block_table_stride = static_cast<int32_t>(pages_per_seq);
-    auto pb = DeviceBuffer::Allocate(kMaxBatch * 4, "positions");
-    auto sb = DeviceBuffer::Allocate(kMaxBatch * 4, "seq");
+    auto pb = DeviceBuffer::Allocate(kMaxPrefill * 4, "positions");
+    auto sb = DeviceBuffer::Allocate(kMaxPrefill * 4, "seq");
     BENCH_CHECK(pb.status());
     BENCH_CHECK(sb.status());
     positions = std::move(*pb);
@@ -165,7 +172,7 @@ struct Layer {
     for (int64_t b = 0; b < kMaxBatch; ++b) seq[b] = static_cast<int32_t>(b);
     CUDA_BENCH_CHECK(
         cudaMemcpy(seq_index.get(), seq.data(), kMaxBatch * 4, cudaMemcpyHostToDevice));
-    CUDA_BENCH_CHECK(kc::FillRandomF32(runner->x(), kMaxBatch * n_embd, 14, 1.0f, nullptr));
+    CUDA_BENCH_CHECK(kc::FillRandomF32(runner->x(), kMaxPrefill * n_embd, 14, 1.0f, nullptr));
     CUDA_BENCH_CHECK(cudaDeviceSynchronize());
   }
 
@@ -178,6 +185,31 @@ struct Layer {
     v.seq_index = seq_index.as<int32_t>();
     v.max_kv_len = ctx;
     return v;
+  }
+
+  // One prompt chunk of sequence 0: n tokens at positions pos0 .. pos0 + n - 1
+  // (its segment in *segment, which the view points to).
+  GpuBatchView Prefill(int64_t n, int64_t pos0, GpuBatchSegment* segment) {
+    std::vector<int32_t> pos(n), seq(n, 0);
+    for (int64_t t = 0; t < n; ++t) pos[t] = static_cast<int32_t>(pos0 + t);
+    CUDA_BENCH_CHECK(cudaMemcpy(positions.get(), pos.data(), n * 4, cudaMemcpyHostToDevice));
+    CUDA_BENCH_CHECK(cudaMemcpy(seq_index.get(), seq.data(), n * 4, cudaMemcpyHostToDevice));
+    *segment = {0, n, 0, pos0};
+    GpuBatchView v;
+    v.n_tokens = n;
+    v.positions = positions.as<int32_t>();
+    v.seq_index = seq_index.as<int32_t>();
+    v.max_kv_len = pos0 + n;
+    v.segments = segment;
+    v.n_segments = 1;
+    return v;
+  }
+  // Sequence rows 0 .. kMaxBatch - 1 again (the decode benchmarks' batch).
+  void ResetSequences() {
+    std::vector<int32_t> seq(kMaxBatch);
+    for (int64_t b = 0; b < kMaxBatch; ++b) seq[b] = static_cast<int32_t>(b);
+    CUDA_BENCH_CHECK(
+        cudaMemcpy(seq_index.get(), seq.data(), kMaxBatch * 4, cudaMemcpyHostToDevice));
   }
 
   // mode 0: bf16 through cuBLAS; 1: the quantized GEMV (k_b / v_b cuBLAS);
@@ -240,6 +272,33 @@ void BM_DeviceCopy(benchmark::State& state) {
   g_copy_gbps = 2.0 * static_cast<double>(bytes) * state.iterations() / secs / 1e9;
   state.counters["GB/s(r+w)"] = g_copy_gbps;
   cudaStreamDestroy(stream);
+}
+
+// The card's bf16 tensor-core rate as cuBLAS reaches it: an 8192^3 product
+// (bf16 in, F32 accumulation, bf16 out), the limit the attention products are
+// given against.
+double g_tensor_tflops = 0.0;
+
+void BM_TensorCorePeak(benchmark::State& state) {
+  constexpr int64_t kN = 8192;
+  auto a = DeviceBuffer::Allocate(kN * kN * 2, "a");
+  auto b = DeviceBuffer::Allocate(kN * kN * 2, "b");
+  auto c = DeviceBuffer::Allocate(kN * kN * 2, "c");
+  BENCH_CHECK(a.status());
+  BENCH_CHECK(b.status());
+  BENCH_CHECK(c.status());
+  CUDA_BENCH_CHECK(kc::FillRandomBf16(a->as<Bf16>(), kN * kN, 1, 0.1f, nullptr));
+  CUDA_BENCH_CHECK(kc::FillRandomBf16(b->as<Bf16>(), kN * kN, 2, 0.1f, nullptr));
+  Layer& l = GetLayer();  // the runner's stream and cuBLAS handle
+  const double secs = TimeWithEvents(state, l.runner->stream(), [&] {
+    if (kc::LinearBf16(l.runner->cublas(), a->as<Bf16>(), kN, b->as<Bf16>(), kN, c->get(),
+                       CUDA_R_16BF, kN, kN, kN, kN) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "cuBLAS failed\n");
+      std::abort();
+    }
+  });
+  g_tensor_tflops = 2.0 * kN * kN * kN * state.iterations() / secs / 1e12;
+  state.counters["TFLOP/s"] = g_tensor_tflops;
 }
 
 void Report(benchmark::State& state, double secs, double bytes) {
@@ -337,6 +396,96 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   state.counters["TFLOP/s"] = 2.0 * batch * n_head * ctx * (rw + kvl) /
                               (secs / static_cast<double>(state.iterations())) / 1e12;
   state.counters["splits"] = plan.n_splits;
+}
+
+// The attention block of one prompt chunk (n tokens after pos0 cached rows of
+// one sequence; arg path 0: the MLA kernel, 1: the two-product prompt-chunk
+// form, kernels/cuda/mla_prefill.h), and its attention core alone (arg
+// core = 1: MlaAttention or MlaPrefillAttention on random queries). FLOPs:
+// the causal attention's multiply-adds (scores over rw, context over kv_lora),
+// counted once (not the hi/lo doubling, nor the masked part of a chunk).
+void BM_PrefillAttention(benchmark::State& state) {
+  Layer& l = GetLayer();
+  const int64_t n = state.range(0), pos0 = state.range(1);
+  const bool products = state.range(2) != 0;
+  const bool core = state.range(3) != 0;
+  GpuBatchSegment segment;
+  const GpuBatchView v = l.Prefill(n, pos0, &segment);
+  const int64_t n_head = l.hp.n_head, kvl = l.hp.kv_lora_rank, rw = kvl + l.hp.n_rot;
+  l.runner->set_skinny_max_tokens(0);
+  l.runner->set_mla_prefill_min_tokens(products ? 1 : 0);
+  double secs = 0.0;
+  if (!core) {
+    secs = TimeWithEvents(state, l.runner->stream(),
+                          [&] { BENCH_CHECK(l.runner->Attention(l.w, l.kv, v, l.runner->x())); });
+  } else {
+    auto q = DeviceBuffer::Allocate(n * n_head * rw * 4, "q");
+    auto out = DeviceBuffer::Allocate(n * n_head * kvl * 2, "ctx");
+    auto ws = DeviceBuffer::Allocate(size_t{512} << 20, "workspace");
+    BENCH_CHECK(q.status());
+    BENCH_CHECK(out.status());
+    BENCH_CHECK(ws.status());
+    CUDA_BENCH_CHECK(kc::FillRandomF32(q->as<float>(), n * n_head * rw, 3, 0.1f, nullptr));
+    int device = 0, n_sm = 0;
+    CUDA_BENCH_CHECK(cudaGetDevice(&device));
+    CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+    kc::MlaAttentionArgs a;
+    a.q = q->as<float>();
+    a.q_stride = n_head * rw;
+    a.n_q = n;
+    a.n_head = static_cast<int32_t>(n_head);
+    a.kv_lora = static_cast<int32_t>(kvl);
+    a.n_rot = static_cast<int32_t>(l.hp.n_rot);
+    a.scale = static_cast<float>(l.hp.kq_scale);
+    a.q_seq = v.seq_index;
+    a.q_pos = v.positions;
+    a.kv = l.kv;
+    a.out_bf16 = out->as<Bf16>();
+    a.out_bf16_stride = n_head * kvl;
+    const kc::MlaAttentionPlan plan =
+        kc::PlanMlaAttention(n, a.n_head, a.kv_lora, a.n_rot, pos0 + n, n_sm, 64 << 20);
+    kc::MlaPrefillArgs p;
+    p.q = a.q;
+    p.q_stride = a.q_stride;
+    p.n_q = n;
+    p.n_head = a.n_head;
+    p.kv_lora = a.kv_lora;
+    p.n_rot = a.n_rot;
+    p.scale = a.scale;
+    p.seq = 0;
+    p.pos0 = pos0;
+    p.kv = l.kv;
+    p.out_bf16 = a.out_bf16;
+    // The workspace the runner would offer: its FFN gate/up buffer.
+    const size_t offered = static_cast<size_t>(l.runner->layout().gu) * 4;
+    const kc::MlaPrefillPlan pplan =
+        kc::PlanMlaPrefill(n, pos0, p.n_head, p.kv_lora, p.n_rot, std::min(offered, ws->bytes()));
+    state.counters["chunk"] = static_cast<double>(pplan.queries_per_chunk);
+    secs = TimeWithEvents(state, l.runner->stream(), [&] {
+      if (products) {
+        const kc::MlaPrefillStatus st =
+            kc::MlaPrefillAttention(l.runner->cublas(), p, pplan, ws->get(), l.runner->stream());
+        if (!st.ok()) {
+          std::fprintf(stderr, "MlaPrefillAttention: %s\n", st.step);
+          std::abort();
+        }
+      } else {
+        CUDA_BENCH_CHECK(kc::MlaAttention(a, plan, ws->get(), l.runner->stream()));
+      }
+    });
+  }
+  const double per = secs / static_cast<double>(state.iterations());
+  // Σ over queries of (pos + 1) rows, times heads, times (rw + kvl) multiply-adds.
+  const double rows = static_cast<double>(n) * pos0 + static_cast<double>(n) * (n + 1) / 2.0;
+  state.counters["ms"] = per * 1e3;
+  state.counters["TFLOP/s"] = 2.0 * rows * n_head * (rw + kvl) / per / 1e12;
+  // The tensor cores' actual work: twice that (hi + lo) on the products path.
+  if (g_tensor_tflops > 0.0 && products) {
+    state.counters["peak%"] = 100.0 * 2.0 * state.counters["TFLOP/s"] / g_tensor_tflops;
+  }
+  state.counters["tok/s"] = static_cast<double>(n) / per;
+  l.runner->set_mla_prefill_min_tokens(0);
+  l.ResetSequences();
 }
 
 // One bf16 product of a DeepSeek-V3 decode shape: cuBLAS (path 0) or the
@@ -483,6 +632,9 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("BM_DeviceCopy_1GiB", ktx::gpu::BM_DeviceCopy)
       ->UseManualTime()
       ->Iterations(20);
+  benchmark::RegisterBenchmark("BM_TensorCorePeak_bf16", ktx::gpu::BM_TensorCorePeak)
+      ->UseManualTime()
+      ->Iterations(20);
   auto* eager = benchmark::RegisterBenchmark("BM_LayerAttentionSharedExpert",
                                              ktx::gpu::BM_LayerAttentionSharedExpert);
   auto* graph = benchmark::RegisterBenchmark("BM_LayerAttentionSharedExpertGraph",
@@ -509,6 +661,18 @@ int main(int argc, char** argv) {
       if (q == 0 && (batch == 1 || batch == 16)) continue;  // registered above at 1K
       eager->Args({batch, 1024, q});
       graph->Args({batch, 1024, q});
+    }
+  }
+  // Prompt chunks: the MLA kernel against the two-product form, the block and the core alone.
+  auto* prefill =
+      benchmark::RegisterBenchmark("BM_PrefillAttention", ktx::gpu::BM_PrefillAttention);
+  prefill->ArgNames({"n", "pos0", "products", "core"})
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+  for (const auto& [n, pos0] : std::vector<std::pair<int64_t, int64_t>>{
+           {2048, 0}, {512, 0}, {512, 4096}, {128, 1024}, {64, 1024}, {32, 1024}, {16, 1024}}) {
+    for (int64_t core : {0, 1}) {
+      for (int64_t products : {0, 1}) prefill->Args({n, pos0, products, core});
     }
   }
   // The skinny bf16 kernel against cuBLAS, per decode product shape.
