@@ -46,7 +46,7 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
 }
 
 // KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
-// KTX_GPU_EXPERT_SLOTS=N and KTX_GPU_SPLIT_SERIAL_US=us.
+// KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us and KTX_GPU_SPLIT_REPLAN=0|1.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -99,6 +99,16 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
           "pays on top (0: a split overlaps everything)"));
     }
     o->split_serial_us_per_token = us;
+  }
+  if (const char* v = std::getenv("KTX_GPU_SPLIT_REPLAN"); v != nullptr && *v != '\0') {
+    const std::string mode = v;
+    if (mode != "0" && mode != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_SPLIT_REPLAN='", mode,
+          "': expected 1 (choose the rest of a layer's GPU experts again once its routing is "
+          "known) or 0 (the prefetched set)"));
+    }
+    o->replan_split = mode == "1";
   }
   return absl::OkStatus();
 }
@@ -1167,7 +1177,16 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       if (stream_experts) {
         std::vector<int64_t> rest = counts;
         for (int32_t e : experts_->ResidentExperts(il)) rest[e] = 0;
-        for (int32_t e : prefetch ? prefetched : GpuExpertsFor(n, rest)) {
+        std::vector<int32_t> chosen;
+        if (prefetch && expert_mode_ == GpuExpertMode::kAuto && expert_options_.replan_split) {
+          // The copies in flight stay; the rest of the GPU's share from the
+          // actual counts and the CPU figures as corrected so far.
+          const std::vector<int32_t> in_flight = experts_->DropUnissued(il);
+          chosen = PlanExpertSplit(expert_cost_, rest, experts_->shape(), n, in_flight).gpu_experts;
+        } else {
+          chosen = prefetch ? prefetched : GpuExpertsFor(n, rest);
+        }
+        for (int32_t e : chosen) {
           gpu_experts.push_back(e);
           on_gpu[e] = 1;
         }
@@ -1223,8 +1242,17 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // idle for the CPU's whole time in a split layer); they are chosen with
     // the CPU figures as corrected up to the previous layer.
     if (stream_experts) KTX_RETURN_IF_ERROR(prefetch_layer(il + 1));
+    // How long the host waited for the CPU's answer: little when the CPU
+    // finished while the host was still enqueueing the GPU's share (the first
+    // call at a batch size takes ~200 ms for that; the answer then waited 2-4
+    // ms for the hand-off, H200 machine 2026-11-27), and then the measured
+    // time says only that the CPU took at most that long: it may correct the
+    // CPU figures down, not up.
+    double cpu_wait_s = 0.0;
     if (cpu_started) {
+      const auto w0 = std::chrono::steady_clock::now();
       KTX_RETURN_IF_ERROR(hooks.finish_routed_experts(il, &routed));
+      cpu_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
     } else {
       cpu_t0 = std::chrono::steady_clock::now();
       if (hooks.routed_experts) {
@@ -1235,7 +1263,11 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     }
     const double cpu_measured_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - cpu_t0).count();
-    if (learn && modelled_cpu_s > 0) CorrectCpuCost(cpu_measured_s / modelled_cpu_s);
+    if (!cpu_started) cpu_wait_s = cpu_measured_s;  // the host ran the CPU's part itself
+    const bool upper_bound_only = cpu_wait_s < 0.1 * cpu_measured_s;
+    if (learn && modelled_cpu_s > 0 && !(upper_bound_only && cpu_measured_s > modelled_cpu_s)) {
+      CorrectCpuCost(cpu_measured_s / modelled_cpu_s);
+    }
     if (stage_times_ && stream_experts && cpu_side == &cpu_routing) {
       // Which side of the split finished last: the GPU's experts (and the
       // next layer's prefetch queued before them) or the CPU's.
@@ -1254,11 +1286,12 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       }
       KTX_LOG(INFO, "gpu") << absl::StrFormat(
           "split layer %d, %lld tokens: GPU %lld experts (%lld entries), CPU %lld experts (%lld "
-          "entries): CPU %.1f ms (modelled %.1f); the GPU's experts finished %.1f ms after the CPU",
+          "entries): CPU %.1f ms (modelled %.1f; the host waited %.1f ms for it); the GPU's "
+          "experts finished %.1f ms after the CPU",
           il, static_cast<long long>(n), static_cast<long long>(gpu_n),
           static_cast<long long>(gpu_tokens), static_cast<long long>(cpu_n),
           static_cast<long long>(cpu_tokens), cpu_measured_s * 1e3, modelled_cpu_s * 1e3,
-          gpu_extra_ms);
+          cpu_wait_s * 1e3, gpu_extra_ms);
     }
     if (routed.n_tokens() != n || routed.n_cols() != n_embd) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),

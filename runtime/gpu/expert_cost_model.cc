@@ -57,41 +57,69 @@ double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape,
 
 ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
-                            int64_t n_tokens) {
+                            int64_t n_tokens, std::span<const int32_t> on_gpu_already) {
   ExpertSplit split;
-  const std::vector<int32_t> order = ByTokensDescending(tokens_per_expert);
+  const int64_t n_expert = static_cast<int64_t>(tokens_per_expert.size());
+  std::vector<uint8_t> forced(tokens_per_expert.size(), 0);
+  std::vector<int32_t> forced_ids;
+  for (int32_t e : on_gpu_already) {
+    if (e < 0 || e >= n_expert || forced[e]) continue;
+    forced[e] = 1;
+    forced_ids.push_back(e);
+  }
+  std::vector<int32_t> order = ByTokensDescending(tokens_per_expert);
   for (int32_t e : order) split.all_cpu_s += CpuExpertSeconds(model, tokens_per_expert[e]);
   split.cpu_s = split.all_cpu_s;
-  if (n_tokens < model.min_batch_tokens || order.empty() || !model.Validate().empty()) {
+  const bool valid = model.Validate().empty();
+  if (forced_ids.empty() && (n_tokens < model.min_batch_tokens || order.empty() || !valid)) {
     return split;
   }
-  const double copy1 = GpuCopySeconds(model, shape);
-  // Prefix k of `order` on the GPU: evaluate every k, keep the best (smallest k on ties).
+  std::erase_if(order, [&](int32_t e) { return forced[e] != 0; });
+  const double copy1 = valid ? GpuCopySeconds(model, shape) : 0.0;
   // Every option with CPU experts (all-CPU included) pays the serial part.
   const double serial =
       std::max(model.split_serial_s_per_token, 0.0) * static_cast<double>(n_tokens);
+  // The experts already on the GPU (copies in flight): copied whatever their
+  // tokens, computed where they have some; then a prefix k of `order` joins them.
   double cpu_left = split.all_cpu_s, copy = 0, compute = 0;
-  const double baseline = split.all_cpu_s + serial;
+  for (int32_t e : forced_ids) {
+    const int64_t m = tokens_per_expert[e];
+    cpu_left -= CpuExpertSeconds(model, m);
+    copy += copy1;
+    if (m > 0 && valid) compute += GpuComputeSeconds(model, shape, m);
+  }
+  auto time_of = [&](double gpu, double cpu) {
+    const bool cpu_part = cpu > 1e-12;
+    return std::max(gpu, cpu_part ? cpu : 0.0) + (cpu_part ? serial : 0.0);
+  };
+  const double forced_gpu = GpuSetSeconds(copy, compute, copy1);
+  const double baseline = time_of(forced_gpu, cpu_left);
   double best = baseline;
   size_t best_k = 0;
-  double best_gpu = 0, best_cpu = split.all_cpu_s;
-  for (size_t k = 1; k <= order.size(); ++k) {
+  double best_gpu = forced_gpu, best_cpu = std::max(cpu_left, 0.0);
+  // Evaluate every k (none for an invalid model), keep the best (smallest k on ties).
+  const bool extras = valid && n_tokens >= model.min_batch_tokens;
+  for (size_t k = 1; extras && k <= order.size(); ++k) {
     const int64_t m = tokens_per_expert[order[k - 1]];
     cpu_left -= CpuExpertSeconds(model, m);
     copy += copy1;
     compute += GpuComputeSeconds(model, shape, m);
     const double gpu = GpuSetSeconds(copy, compute, copy1);
-    const bool cpu_part = cpu_left > 1e-12;
-    const double t = std::max(gpu, cpu_part ? cpu_left : 0.0) + (cpu_part ? serial : 0.0);
+    const double t = time_of(gpu, cpu_left);
     if (t < best) {
       best = t;
       best_k = k;
       best_gpu = gpu;
-      best_cpu = cpu_part ? cpu_left : 0.0;
+      best_cpu = cpu_left > 1e-12 ? cpu_left : 0.0;
     }
   }
-  if (best_k == 0 || baseline - best <= model.gpu_layer_fixed_s) return split;
-  split.gpu_experts.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(best_k));
+  // Without experts in flight, a split must save more than a layer's fixed GPU cost.
+  if (forced_ids.empty() && (best_k == 0 || baseline - best <= model.gpu_layer_fixed_s)) {
+    return split;
+  }
+  split.gpu_experts = forced_ids;
+  split.gpu_experts.insert(split.gpu_experts.end(), order.begin(),
+                           order.begin() + static_cast<std::ptrdiff_t>(best_k));
   for (int32_t e : split.gpu_experts) split.gpu_tokens += tokens_per_expert[e];
   split.gpu_s = best_gpu + model.gpu_layer_fixed_s;
   split.cpu_s = best_cpu;

@@ -77,9 +77,15 @@ double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape,
 
 // tokens_per_expert: I64 [n_expert], token count of each expert in the batch
 // (actual after routing, or expected before it). n_tokens: the batch size.
+// on_gpu_already: experts the GPU takes in any case (their copies are in
+// flight: chosen before the routing was known); they come first in
+// gpu_experts, count in the GPU's time (copied even without tokens) and not
+// in the CPU's, and the prefix is chosen among the others. With some, the
+// split is kept even when it saves less than gpu_layer_fixed_s, and below
+// min_batch_tokens they are the whole GPU share.
 ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
-                            int64_t n_tokens);
+                            int64_t n_tokens, std::span<const int32_t> on_gpu_already = {});
 
 // Every expert with m > 0 on the GPU (forced all-GPU), with the modelled times.
 ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,

@@ -686,6 +686,15 @@ absl::Status GpuExpertStreamer::LoadResident(std::span<const std::vector<int32_t
   return absl::OkStatus();
 }
 
+std::vector<int32_t> GpuExpertStreamer::DropUnissued(int il) {
+  std::erase_if(queue_, [il](const Pending& p) { return p.il == il && p.slot < 0; });
+  std::vector<int32_t> kept;
+  for (const Pending& p : queue_) {
+    if (p.il == il) kept.push_back(p.expert);
+  }
+  return kept;
+}
+
 absl::Status GpuExpertStreamer::Reset() {
   absl::Status s = CudaOk(cudaStreamSynchronize(copy_), "synchronising the expert copy stream");
   absl::Status c = CudaOk(cudaStreamSynchronize(compute_), "synchronising the compute stream");

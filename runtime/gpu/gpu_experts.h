@@ -170,6 +170,12 @@ class GpuExpertStreamer {
   int64_t gemv_max_tokens() const { return config_.gemv_max_tokens; }
   uint64_t resident_bytes() const { return resident_.bytes(); }
 
+  // Drops the planned copies of layer il that have not started (no free slot
+  // yet: the tail of a Prefetch longer than the slots) and returns the experts
+  // still planned, in order: those whose copies are in flight, which the next
+  // Compute must list first. Lets the caller choose the rest of the layer's
+  // GPU experts once the routing is known.
+  std::vector<int32_t> DropUnissued(int il);
   // Drops planned copies and waits for both streams (after an error, or to
   // cancel a prefetch).
   absl::Status Reset();

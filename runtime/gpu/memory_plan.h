@@ -36,9 +36,17 @@ enum class GpuExpertMode {
 
 struct GpuExpertOptions {
   GpuExpertMode mode = GpuExpertMode::kAuto;
-  int32_t n_slots = 32;              // device buffers of one expert's raw blocks (copy ring)
-  int64_t min_batch_tokens = 256;    // kAuto: smaller batches run all experts on the CPU
-  bool prefetch = true;              // kAuto/kAllGpu: copy the next MoE layer's experts early
+  int32_t n_slots = 32;            // device buffers of one expert's raw blocks (copy ring)
+  int64_t min_batch_tokens = 256;  // kAuto: smaller batches run all experts on the CPU
+  bool prefetch = true;            // kAuto/kAllGpu: copy the next MoE layer's experts early
+  // kAuto with prefetch: the next layer's GPU experts are chosen before its
+  // routing is known (expected, uniform counts) so that their copies start
+  // early. With replan_split, once the routing is known the copies not yet
+  // started are dropped and the rest of the GPU's share is chosen again from
+  // the actual counts with the CPU figures as corrected up to the previous
+  // layer (the experts in flight stay on the GPU). false: the prefetched set
+  // is the GPU's share. KTX_GPU_SPLIT_REPLAN=0|1 in the environment overrides it.
+  bool replan_split = true;
   bool register_host_memory = true;  // page-lock the mapped file (false: pinned bounce copy)
   // The CPU expert backend's time for one expert with m tokens:
   // fixed + per_token * m. Defaults from the AMX tile path on the GPU machine's

@@ -114,6 +114,70 @@ TEST(ExpertCostModel, UniformDsv3LayerBalancesAtTheClosedForm) {
   EXPECT_EQ(split.gpu_tokens, 64 * static_cast<int64_t>(split.gpu_experts.size()));
 }
 
+// Experts already on the GPU (prefetched before the routing was known): they
+// stay first, cost their copy even without tokens, leave the CPU's sum, and
+// the rest is the best prefix of the others by token count: against an
+// exhaustive search over every extra prefix of the others.
+TEST(ExpertCostModel, ExpertsInFlightStayAndTheRestIsChosenFromTheCounts) {
+  const ExpertShape s = Dsv3Shape();
+  const ExpertCostModel m = Dsv3Model();
+  std::mt19937 rng(7);
+  const int64_t n = 2048;
+  std::vector<int64_t> count(256, 0);
+  std::poisson_distribution<int> tokens(64);
+  for (int64_t& c : count) c = tokens(rng);
+  count[5] = 0;  // in flight without tokens
+  const std::vector<int32_t> in_flight = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+  const ExpertSplit split = PlanExpertSplit(m, count, s, n, in_flight);
+  ASSERT_GE(split.gpu_experts.size(), in_flight.size());
+  EXPECT_TRUE(std::equal(in_flight.begin(), in_flight.end(), split.gpu_experts.begin()));
+  // The extras: distinct, not in flight, by descending count.
+  std::vector<int32_t> extras(split.gpu_experts.begin() + in_flight.size(),
+                              split.gpu_experts.end());
+  for (size_t i = 1; i < extras.size(); ++i) {
+    EXPECT_GE(count[extras[i - 1]], count[extras[i]]);
+  }
+  for (int32_t e : extras) EXPECT_GT(e, 11);
+  // The same optimum by brute force over the number of extras.
+  std::vector<int32_t> others;
+  for (int32_t e = 12; e < 256; ++e) {
+    if (count[e] > 0) others.push_back(e);
+  }
+  std::stable_sort(others.begin(), others.end(),
+                   [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+  const double copy1 = static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
+  double best = 1e30;
+  for (size_t k = 0; k <= others.size(); ++k) {
+    double copy = 0, compute = 0, cpu = 0;
+    for (int32_t e : in_flight) {
+      copy += copy1;
+      if (count[e] > 0) {
+        compute += m.gpu_expert_fixed_s + 6.0 * count[e] * s.n_embd * s.n_ff / m.gpu_flops_per_s;
+      }
+    }
+    for (size_t i = 0; i < others.size(); ++i) {
+      const int64_t c = count[others[i]];
+      if (i < k) {
+        copy += copy1;
+        compute += m.gpu_expert_fixed_s + 6.0 * c * s.n_embd * s.n_ff / m.gpu_flops_per_s;
+      } else {
+        cpu += m.cpu_fixed_s + m.cpu_per_token_s * c;
+      }
+    }
+    best = std::min(best, std::max(std::max(copy, compute) + copy1, cpu));
+  }
+  EXPECT_NEAR(std::max(split.gpu_s - m.gpu_layer_fixed_s, split.cpu_s), best, 1e-12);
+  // Without experts in flight the plan is the plain one.
+  const ExpertSplit plain = PlanExpertSplit(m, count, s, n);
+  EXPECT_EQ(plain.gpu_experts, PlanExpertSplit(m, count, s, n, {}).gpu_experts);
+  // A batch too small to split keeps the experts in flight (their copies run anyway).
+  const std::vector<int64_t> few = UniformTokensPerExpert(16, 8, 256);
+  const std::vector<int32_t> two = {3, 200};
+  const ExpertSplit small = PlanExpertSplit(m, few, s, 16, two);
+  EXPECT_EQ(small.gpu_experts, two);
+  EXPECT_GT(small.cpu_s, 0.0);
+}
+
 // The serial part of a split: large enough, a long batch streams every expert
 // (no CPU part, so no serial part); a short one still splits, and the split's
 // modelled time includes it. Zero: the plan of the model without it.

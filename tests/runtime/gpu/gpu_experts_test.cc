@@ -283,6 +283,30 @@ TEST_F(GpuExpertsTest, MismatchedPrefetchAndBadIdsAreErrors) {
   EXPECT_TRUE(s->Compute(1, a, r, h, kEmbd, acc.get(), kEmbd).ok());        // still usable
 }
 
+// A prefetch longer than the slots, re-planned once the routing is known:
+// DropUnissued keeps the copies in flight (the first n_slots), the caller
+// appends other experts, and the sum is the reference's for that set.
+TEST_F(GpuExpertsTest, DroppingUnissuedCopiesKeepsThoseInFlight) {
+  SCOPED_TRACE(testing::Message() << "seed " << seed_);
+  std::unique_ptr<GpuExpertStreamer> s = Make(2, true);
+  ASSERT_NE(s, nullptr);
+  const models::Routing r = RandomRouting(rng_);
+  cuda_test::DeviceArray<uint16_t> d_h(h_);
+  cuda_test::DeviceArray<float> acc(acc0_);
+  const auto* h = reinterpret_cast<const __nv_bfloat16*>(d_h.get());
+  ASSERT_TRUE(s->Prefetch(1, std::vector<int32_t>{3, 0, 5, 7, 1}).ok());
+  EXPECT_TRUE(s->DropUnissued(2).size() == 0) << "no copies of layer 2 planned";
+  const std::vector<int32_t> kept = s->DropUnissued(1);
+  EXPECT_EQ(kept, (std::vector<int32_t>{3, 0})) << "two slots: two copies in flight";
+  std::vector<int32_t> set = kept;
+  set.push_back(6);
+  set.push_back(2);
+  ASSERT_TRUE(s->Compute(1, set, r, h, kEmbd, acc.get(), kEmbd).ok());
+  const std::vector<double> want = Reference(*layers_[1], h_, r, set, acc0_);
+  EXPECT_LE(RelErr(acc.Download(), want, acc0_), 2e-3);
+  EXPECT_TRUE(s->idle());
+}
+
 // Hot experts resident in device memory (LoadResident): mixed into the
 // subset, they are computed from device memory without a copy, the others
 // streamed (with and without prefetch of the streamed ones), and the sum
