@@ -121,16 +121,11 @@ void CheckPrefill(std::mt19937& rng, const Dims& dims, const Case& c) {
       const int32_t pos = static_cast<int32_t>(c.pos0 + i);
       const std::vector<double> ref =
           Reference(cache, 1, pos, q.data() + (i * dims.n_head + h) * rw, dims.kv_lora, scale);
-      double diff = 0.0, diff_b = 0.0, norm = 0.0;
-      for (int32_t d = 0; d < dims.kv_lora; ++d) {
-        const double g = out[i * out_stride + h * dims.kv_lora + d];
-        const double gb = Bf16BitsToFloat(out_bf16[i * out_stride + h * dims.kv_lora + d]);
-        diff += (g - ref[d]) * (g - ref[d]);
-        diff_b += (gb - ref[d]) * (gb - ref[d]);
-        norm += ref[d] * ref[d];
-      }
-      ASSERT_LE(std::sqrt(diff / norm), 1e-4) << "query " << i << " (pos " << pos << ") head " << h;
-      ASSERT_LE(std::sqrt(diff_b / norm), 3e-3) << "bf16, query " << i << " head " << h;
+      const cuda_test::HeadError err =
+          cuda_test::CompareHead(ref, out.data() + i * out_stride + h * dims.kv_lora,
+                                 out_bf16.data() + i * out_stride + h * dims.kv_lora, dims.kv_lora);
+      ASSERT_LE(err.f32, 1e-4) << "query " << i << " (pos " << pos << ") head " << h;
+      ASSERT_LE(err.bf16, 3e-3) << "bf16, query " << i << " head " << h;
     }
   }
 }

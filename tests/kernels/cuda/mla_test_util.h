@@ -94,4 +94,22 @@ inline std::vector<double> Reference(PagedCache& cache, int32_t seq, int32_t pos
   return ctx;
 }
 
+// Relative L2 errors of one (query, head)'s context, F32 (out) and bf16
+// (out_bf16, kv_lora values each), against the float64 reference.
+struct HeadError {
+  double f32 = 0, bf16 = 0;
+};
+inline HeadError CompareHead(const std::vector<double>& ref, const float* out,
+                             const uint16_t* out_bf16, int32_t kv_lora) {
+  double diff = 0.0, diff_b = 0.0, norm = 0.0;
+  for (int32_t d = 0; d < kv_lora; ++d) {
+    const double g = out[d];
+    const double gb = Bf16BitsToFloat(out_bf16[d]);
+    diff += (g - ref[d]) * (g - ref[d]);
+    diff_b += (gb - ref[d]) * (gb - ref[d]);
+    norm += ref[d] * ref[d];
+  }
+  return {std::sqrt(diff / norm), std::sqrt(diff_b / norm)};
+}
+
 }  // namespace ktx::cuda_test

@@ -350,6 +350,43 @@ void BM_LayerAttentionSharedExpertGraph(benchmark::State& state) {
   cudaGraphDestroy(graph);
 }
 
+// Random queries, an output buffer, a workspace of `workspace_bytes` and the
+// MLA kernel's arguments for n_q queries of the view `v` over the layer's cache.
+struct MlaCoreInputs {
+  DeviceBuffer q, out, workspace;
+  kc::MlaAttentionArgs args;
+  int n_sm = 0;
+
+  MlaCoreInputs(const Layer& l, const GpuBatchView& v, int64_t n_q, size_t workspace_bytes) {
+    const int64_t n_head = l.hp.n_head, kvl = l.hp.kv_lora_rank, rw = kvl + l.hp.n_rot;
+    auto qb = DeviceBuffer::Allocate(n_q * n_head * rw * 4, "q");
+    auto ob = DeviceBuffer::Allocate(n_q * n_head * kvl * 2, "ctx");
+    auto wb = DeviceBuffer::Allocate(workspace_bytes, "workspace");
+    BENCH_CHECK(qb.status());
+    BENCH_CHECK(ob.status());
+    BENCH_CHECK(wb.status());
+    q = std::move(*qb);
+    out = std::move(*ob);
+    workspace = std::move(*wb);
+    CUDA_BENCH_CHECK(kc::FillRandomF32(q.as<float>(), n_q * n_head * rw, 3, 0.1f, nullptr));
+    int device = 0;
+    CUDA_BENCH_CHECK(cudaGetDevice(&device));
+    CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+    args.q = q.as<float>();
+    args.q_stride = n_head * rw;
+    args.n_q = n_q;
+    args.n_head = static_cast<int32_t>(n_head);
+    args.kv_lora = static_cast<int32_t>(kvl);
+    args.n_rot = static_cast<int32_t>(l.hp.n_rot);
+    args.scale = static_cast<float>(l.hp.kq_scale);
+    args.q_seq = v.seq_index;
+    args.q_pos = v.positions;
+    args.kv = l.kv;
+    args.out_bf16 = out.as<Bf16>();
+    args.out_bf16_stride = n_head * kvl;
+  }
+};
+
 // The MLA attention kernel alone (scores, softmax, context) over the paged cache.
 void BM_MlaAttentionKernel(benchmark::State& state) {
   Layer& l = GetLayer();
@@ -357,29 +394,10 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   const GpuBatchView v = l.Batch(batch, ctx);
   l.Step(v);  // fills the query buffers
   const int64_t n_head = l.hp.n_head, kvl = l.hp.kv_lora_rank, rw = kvl + l.hp.n_rot;
-  auto q = DeviceBuffer::Allocate(batch * n_head * rw * 4, "q");
-  auto out = DeviceBuffer::Allocate(batch * n_head * kvl * 2, "ctx");
-  auto ws = DeviceBuffer::Allocate(64 << 20, "workspace");
-  BENCH_CHECK(q.status());
-  BENCH_CHECK(out.status());
-  BENCH_CHECK(ws.status());
-  CUDA_BENCH_CHECK(kc::FillRandomF32(q->as<float>(), batch * n_head * rw, 3, 0.1f, nullptr));
-  kc::MlaAttentionArgs a;
-  a.q = q->as<float>();
-  a.q_stride = n_head * rw;
-  a.n_q = batch;
-  a.n_head = static_cast<int32_t>(n_head);
-  a.kv_lora = static_cast<int32_t>(kvl);
-  a.n_rot = static_cast<int32_t>(l.hp.n_rot);
-  a.scale = static_cast<float>(l.hp.kq_scale);
-  a.q_seq = v.seq_index;
-  a.q_pos = v.positions;
-  a.kv = l.kv;
-  a.out_bf16 = out->as<Bf16>();
-  a.out_bf16_stride = n_head * kvl;
-  int device = 0, n_sm = 0;
-  CUDA_BENCH_CHECK(cudaGetDevice(&device));
-  CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+  MlaCoreInputs in(l, v, batch, size_t{64} << 20);
+  const kc::MlaAttentionArgs& a = in.args;
+  DeviceBuffer* ws = &in.workspace;
+  const int n_sm = in.n_sm;
   kc::MlaAttentionPlan plan =
       kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, a.n_rot, ctx, n_sm, ws->bytes());
   plan.tensor_cores = state.range(2) != 0;
@@ -419,29 +437,10 @@ void BM_PrefillAttention(benchmark::State& state) {
     secs = TimeWithEvents(state, l.runner->stream(),
                           [&] { BENCH_CHECK(l.runner->Attention(l.w, l.kv, v, l.runner->x())); });
   } else {
-    auto q = DeviceBuffer::Allocate(n * n_head * rw * 4, "q");
-    auto out = DeviceBuffer::Allocate(n * n_head * kvl * 2, "ctx");
-    auto ws = DeviceBuffer::Allocate(size_t{512} << 20, "workspace");
-    BENCH_CHECK(q.status());
-    BENCH_CHECK(out.status());
-    BENCH_CHECK(ws.status());
-    CUDA_BENCH_CHECK(kc::FillRandomF32(q->as<float>(), n * n_head * rw, 3, 0.1f, nullptr));
-    int device = 0, n_sm = 0;
-    CUDA_BENCH_CHECK(cudaGetDevice(&device));
-    CUDA_BENCH_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
-    kc::MlaAttentionArgs a;
-    a.q = q->as<float>();
-    a.q_stride = n_head * rw;
-    a.n_q = n;
-    a.n_head = static_cast<int32_t>(n_head);
-    a.kv_lora = static_cast<int32_t>(kvl);
-    a.n_rot = static_cast<int32_t>(l.hp.n_rot);
-    a.scale = static_cast<float>(l.hp.kq_scale);
-    a.q_seq = v.seq_index;
-    a.q_pos = v.positions;
-    a.kv = l.kv;
-    a.out_bf16 = out->as<Bf16>();
-    a.out_bf16_stride = n_head * kvl;
+    MlaCoreInputs in(l, v, n, size_t{512} << 20);
+    const kc::MlaAttentionArgs& a = in.args;
+    DeviceBuffer* ws = &in.workspace;
+    const int n_sm = in.n_sm;
     const kc::MlaAttentionPlan plan =
         kc::PlanMlaAttention(n, a.n_head, a.kv_lora, a.n_rot, pos0 + n, n_sm, 64 << 20);
     kc::MlaPrefillArgs p;
