@@ -77,6 +77,17 @@ cudaError_t EnsureDynamicSmem(Kernel kernel, size_t bytes, std::atomic<size_t> (
   return cudaSuccess;
 }
 
+// v split into two bf16 whose sum is v to ~2^-16 relative: hi = bf16(v),
+// lo = bf16(v - hi). Products of both parts with bf16 data, accumulated in
+// F32, keep F32-level accuracy on bf16 tensor cores (the MLA kernels).
+struct Bf16HiLo {
+  __nv_bfloat16 hi, lo;
+};
+__device__ __forceinline__ Bf16HiLo SplitBf16HiLo(float v) {
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  return {hi, __float2bfloat16_rn(v - __bfloat162float(hi))};
+}
+
 __host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace ktx::kernels::cuda

@@ -479,10 +479,9 @@ __global__ void __launch_bounds__(kTcThreads)
     const float* src = a.q + qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw;
 #pragma unroll 6
     for (int j = lane; j < rw; j += 32) {
-      const float v = ok ? src[j] : 0.0f;
-      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-      s_qhi[hh * rs + j] = hi;
-      s_qlo[hh * rs + j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+      const Bf16HiLo v = SplitBf16HiLo(ok ? src[j] : 0.0f);
+      s_qhi[hh * rs + j] = v.hi;
+      s_qlo[hh * rs + j] = v.lo;
     }
   }
   if (tid < kTcHeads) {
@@ -601,9 +600,9 @@ __global__ void __launch_bounds__(kTcThreads)
       for (int j = 0; j < 4; ++j) {
         const float p = expf(v[j] - m_new);  // 0 for masked positions
         sum += p;
-        const __nv_bfloat16 hi = __float2bfloat16_rn(p);
-        s_phi[row * kTcPStride + 4 * part + j] = hi;
-        s_plo[row * kTcPStride + 4 * part + j] = __float2bfloat16_rn(p - __bfloat162float(hi));
+        const Bf16HiLo w = SplitBf16HiLo(p);
+        s_phi[row * kTcPStride + 4 * part + j] = w.hi;
+        s_plo[row * kTcPStride + 4 * part + j] = w.lo;
       }
 #pragma unroll
       for (int o = 1; o < kTcRowThreads; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);

@@ -54,8 +54,9 @@ __global__ void SplitQueriesKernel(const float* q, int64_t q_stride, int64_t n_q
   __align__(8) __nv_bfloat16 hi[4], lo[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    hi[k] = __float2bfloat16_rn(x[k]);
-    lo[k] = __float2bfloat16_rn(x[k] - __bfloat162float(hi[k]));
+    const Bf16HiLo v = SplitBf16HiLo(x[k]);
+    hi[k] = v.hi;
+    lo[k] = v.lo;
   }
   __nv_bfloat16* row = qs + m * 2 * rw;
   *reinterpret_cast<uint2*>(row + u * 4) = *reinterpret_cast<const uint2*>(hi);
@@ -71,9 +72,9 @@ __device__ __forceinline__ void MergeMaxSum(float& m, float& l, float m_o, float
   m = mx;
 }
 
-// One warp per score row m (query first_query + m / n_head): softmax over the
-// keys s <= pos0 + first_query + m / n_head, written over the row as (hi, lo)
-// bf16 pairs, zero for the keys after it up to ld.
+// One warp per score row m (the chunk's query m / n_head, at position
+// first_pos + m / n_head): softmax over the keys s <= that position, written
+// over the row as (hi, lo) bf16 pairs, zero for the keys after it up to ld.
 __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     SoftmaxToPairsKernel(float* s, int64_t ld, int64_t n_rows_m, int32_t n_head, int64_t first_pos,
                          float scale) {
@@ -111,11 +112,9 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     uint32_t pairs[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float w = j + k < n_valid ? expf(v[k] * scale - mx) * inv : 0.0f;
-      const __nv_bfloat16 hi = __float2bfloat16_rn(w);
-      const __nv_bfloat16 lo = __float2bfloat16_rn(w - __bfloat162float(hi));
-      pairs[k] = static_cast<uint32_t>(__bfloat16_as_ushort(hi)) |
-                 (static_cast<uint32_t>(__bfloat16_as_ushort(lo)) << 16);
+      const Bf16HiLo w = SplitBf16HiLo(j + k < n_valid ? expf(v[k] * scale - mx) * inv : 0.0f);
+      pairs[k] = static_cast<uint32_t>(__bfloat16_as_ushort(w.hi)) |
+                 (static_cast<uint32_t>(__bfloat16_as_ushort(w.lo)) << 16);
     }
     *reinterpret_cast<uint4*>(row + j) = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
   }

@@ -88,15 +88,17 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
     copy += copy1;
     if (m > 0 && valid) compute += GpuComputeSeconds(model, shape, m);
   }
+  // The CPU's part (0 when rounding leaves only a residue) and an option's time.
+  auto cpu_part = [](double cpu) { return cpu > 1e-12 ? cpu : 0.0; };
   auto time_of = [&](double gpu, double cpu) {
-    const bool cpu_part = cpu > 1e-12;
-    return std::max(gpu, cpu_part ? cpu : 0.0) + (cpu_part ? serial : 0.0);
+    const double c = cpu_part(cpu);
+    return std::max(gpu, c) + (c > 0 ? serial : 0.0);
   };
   const double forced_gpu = GpuSetSeconds(copy, compute, copy1);
   const double baseline = time_of(forced_gpu, cpu_left);
   double best = baseline;
   size_t best_k = 0;
-  double best_gpu = forced_gpu, best_cpu = std::max(cpu_left, 0.0);
+  double best_gpu = forced_gpu, best_cpu = cpu_part(cpu_left);
   // Evaluate every k (none for an invalid model), keep the best (smallest k on ties).
   const bool extras = valid && n_tokens >= model.min_batch_tokens;
   for (size_t k = 1; extras && k <= order.size(); ++k) {
@@ -110,7 +112,7 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
       best = t;
       best_k = k;
       best_gpu = gpu;
-      best_cpu = cpu_left > 1e-12 ? cpu_left : 0.0;
+      best_cpu = cpu_part(cpu_left);
     }
   }
   // Without experts in flight, a split must save more than a layer's fixed GPU cost.

@@ -241,7 +241,7 @@ absl::Status ValidateMoeRepackJob(const MoeRepackJob& job) {
   }
   if (job.to == MoeWeightLayout::kTile512) {
     return absl::InvalidArgumentError(
-        "MoE repack: tile512 is made from panel16 weights by BuildTileCache (moe.h), not from "
+        "MoE repack: tile512 is made from panel16 weights by BuildTileCacheTask (moe.h), not from "
         "GGUF");
   }
   if (!MoeFormatSupported({job.type, MoeWeightLayout::kGguf})) {

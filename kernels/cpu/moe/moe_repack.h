@@ -50,7 +50,7 @@
 //            TileConvertPanelScalar) done once at load for groups of 512 k, so
 //            that an expert whose conversion is cached runs the tile kernels
 //            without converting (a tile cache: MoeLayerWeights::*_tile, built by
-//            BuildTileCache in moe.h; never a decode or prefill form). Panels of
+//            BuildTileCacheTask in moe.h; never a decode or prefill form). Panels of
 //            16 rows, one block per 512 k (8256 B): 0 q[128][64] i8 (B-tile row
 //            kk, k = 4kk..4kk+3, byte r*4+i = v[r][4kk+i]) | 8192 s[16] f32 (row
 //            scales). Sources: the panel16 types of the tile path (Q4_K, Q5_K,
