@@ -1181,6 +1181,7 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
         {"KTX_GPU_SKINNY_MAX_TOKENS", "some"},
         {"KTX_GPU_SPLIT_SERIAL_US", "-1"},
         {"KTX_GPU_ROUTED_ZERO_COPY", "yes"},
+        {"KTX_GPU_SPLIT_REPLAN", "yes"},
         {"KTX_GPU_EXPERT_SLOTS", "1"}}) {
     setenv(var, value, 1);
     auto bad = CudaDeepseek2::Create(*model_, TestOptions());
