@@ -180,7 +180,8 @@ TEST_P(MlaAttentionTest, CausalAndChunkedPrefill) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Widths, MlaAttentionTest,
-                         ::testing::Values(Dims{128, 512, 64}, Dims{4, 64, 16}, Dims{20, 96, 32}),
+                         ::testing::Values(Dims{128, 512, 64}, Dims{4, 64, 16}, Dims{20, 96, 32},
+                                           Dims{48, 128, 32}),
                          [](const auto& info) {
                            return "h" + std::to_string(info.param.n_head) + "_kvl" +
                                   std::to_string(info.param.kv_lora) + "_rot" +
