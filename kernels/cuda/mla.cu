@@ -356,15 +356,24 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 
 // ---------------------------------------------------------------------------
 // Tensor-core variant (mma.sync m16n8k16, bf16 inputs, F32 accumulation).
-// One block: one query token, 16 heads (the MMA's 16 rows), one KV range, 8
-// warps. Per tile of 64 cache rows:
-//   S[16 x 64] = Q · K^T: warp w sums a quarter of k for 32 positions, the
-//   softmax adds the quarters;
+// One block: one query token, 16 heads (the MMA's 16 rows), one KV range.
+// A GROUP of 8 warps works through tiles of cache rows:
+//   S[16 x tile] = Q · K^T: warp w sums a quarter of k for half the tile's
+//   positions, the softmax adds the quarters;
 //   online softmax of each head's row (16 threads per row);
 //   O[16 x kv_lora] += P · V: warp w owns the 16-column groups w, w + 8, ...
-// (Eight warps on tiles of 64 rather than four on 32: a decode block spends
-// its time in the latency of each phase, so twice the rows per phase nearly
-// halves the kernel at batch 1; docs/performance.md, tenth session.)
+// with the next tile's rows loading (cp.async) during this tile's phases.
+// Two forms (MlaAttentionPlan::tc_tile_groups):
+//   1 group of 8 warps on tiles of 64 rows. (Eight warps on 64 rather than
+//     four on 32: a decode block spends its time in the latency of each
+//     phase; docs/performance.md, tenth session.)
+//   2 groups of 8 warps in one block sharing Q, each on every other tile of
+//     32 rows of the block's range with its own softmax state, barriers of
+//     its own (bar.sync with an id per group) and its own two buffers; group
+//     1 hands its O, m and l to group 0 through shared memory at the end. One
+//     group's barriers, softmax and shared-memory round trips then overlap
+//     the other group's products (FlashAttention-3's "ping-pong" without a
+//     handshake: the schedulers interleave the groups).
 // Q and P are split into bf16 hi + lo parts (x = hi + lo + O(2^-17 x)) and
 // both are multiplied, so the products keep F32-level accuracy although the
 // tensor cores take bf16; the cache rows are bf16 already (exact).
@@ -372,35 +381,46 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 // row addresses of an ldmatrix hit 8 different bank groups.
 
 constexpr int kTcHeads = 16;
-constexpr int kTcTile = 64;
-constexpr int kTcWarps = 8;
-constexpr int kTcThreads = kTcWarps * 32;
-constexpr int kTcRowThreads = kTcThreads / kTcHeads;        // softmax threads per head (16)
-constexpr int kTcRowPos = kTcTile / kTcRowThreads;          // positions per thread (4)
+constexpr int kTcTile = 64;  // rows per tile of one group, or per pair of tiles of two
+constexpr int kTcWarps = 8;  // per group
+constexpr int kTcGroupThreads = kTcWarps * 32;
+constexpr int kTcRowThreads = kTcGroupThreads / kTcHeads;   // softmax threads per head (16)
 constexpr int kTcMaxGroups = kMaxKvLora / (16 * kTcWarps);  // 16-column groups per warp (4)
 constexpr int kTcMaxNt = 2 * kTcMaxGroups;                  // n8 tiles of O per warp (8)
-constexpr int kTcPStride = 72;                              // bf16 per P row (9 chunks: odd)
-constexpr int kTcSStride = kTcTile + 1;                     // floats per S row
-static_assert(kTcRowPos == 4, "the softmax reads 4 positions per thread");
 // 16-byte chunks of a cache row per lane: rows of <= 768 bf16.
 constexpr int kTcChunkIters = 3;
 // The scores' k range in 4 parts, each with half the positions.
 constexpr int kTcKGroups = 4;
-static_assert(2 * kTcKGroups == kTcWarps && 2 * 32 == kTcTile,
-              "a warp scores a quarter of k for 32 positions of a tile");
+static_assert(2 * kTcKGroups == kTcWarps, "a warp scores a quarter of k for half a tile");
+
+// Shapes that follow from a group's tile rows (64 or 32).
+template <int kTile>
+struct TcTileShape {
+  static constexpr int kRowPos = kTile / kTcRowThreads;  // softmax positions per thread
+  static constexpr int kHalf = kTile / 2;                // positions per scoring warp
+  static constexpr int kNj = kHalf / 8;                  // their n8 tiles
+  static constexpr int kPStride = kTile + 8;             // bf16 per P row (5 or 9 chunks: odd)
+  static constexpr int kSStride = kTile + 1;             // floats per S row
+  static_assert(kTile % 32 == 0 && (kPStride / 8) % 2 == 1, "P rows an odd number of chunks");
+};
 
 __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
 }
 
-size_t TcSharedBytes(int row_width) {
-  const size_t rs = TcRowStride(row_width);
-  return 2 * kTcHeads * rs * 2 +  // Q hi, lo
-         2 * kTcTile * rs * 2 +   // two cache tiles (the next one loading)
-         kTcKGroups * kTcHeads * kTcSStride * sizeof(float) +  // partial scores
-         2 * kTcHeads * kTcPStride * 2 +                       // P hi, lo
-         3 * kTcHeads * sizeof(float) +                        // m, l, alpha per head
-         2 * kTcTile * sizeof(int64_t);                        // the two tiles' row offsets
+// Shared bytes of one group: two cache tiles (the next one loading), the
+// partial scores, P hi and lo, m, l and alpha per head, the tiles' row
+// offsets. A multiple of 16, so every group's tiles stay 16-byte aligned.
+__host__ __device__ constexpr size_t TcGroupBytes(int row_width, int tile) {
+  return size_t{2} * tile * TcRowStride(row_width) * 2 +
+         size_t{kTcKGroups} * kTcHeads * (tile + 1) * sizeof(float) +
+         size_t{2} * kTcHeads * (tile + 8) * 2 + 3 * kTcHeads * sizeof(float) +
+         size_t{2} * tile * sizeof(int64_t);
+}
+
+size_t TcSharedBytes(int row_width, int groups) {
+  return size_t{2} * kTcHeads * TcRowStride(row_width) * 2 +  // Q hi, lo
+         static_cast<size_t>(groups) * TcGroupBytes(row_width, kTcTile / groups);
 }
 
 // Shared memory a block may have on sm_90 (227 KiB); wider rows than
@@ -441,40 +461,77 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, const uint32_t*
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__global__ void __launch_bounds__(kTcThreads)
+// A barrier of one group's 256 threads (the whole block when there is one).
+template <int kGroups>
+__device__ __forceinline__ void TcGroupSync(int group) {
+  if constexpr (kGroups == 1) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(group + 1), "n"(kTcGroupThreads) : "memory");
+  }
+}
+
+// One group's pointers into shared memory.
+template <int kTile>
+struct TcGroupSmem {
+  __nv_bfloat16* kv0;  // tiles of even index (in this group's sequence)
+  __nv_bfloat16* kv1;  // tiles of odd index
+  float* s;            // [k group][head][position] partial scores
+  __nv_bfloat16* p_hi;
+  __nv_bfloat16* p_lo;
+  float* m;
+  float* l;
+  float* alpha;
+  int64_t* rowoff;  // [2][kTile]
+
+  __device__ __forceinline__ TcGroupSmem(unsigned char* base, int rs) {
+    using S = TcTileShape<kTile>;
+    kv0 = reinterpret_cast<__nv_bfloat16*>(base);
+    kv1 = kv0 + kTile * rs;
+    s = reinterpret_cast<float*>(kv1 + kTile * rs);
+    p_hi = reinterpret_cast<__nv_bfloat16*>(s + kTcKGroups * kTcHeads * S::kSStride);
+    p_lo = p_hi + kTcHeads * S::kPStride;
+    m = reinterpret_cast<float*>(p_lo + kTcHeads * S::kPStride);
+    l = m + kTcHeads;
+    alpha = l + kTcHeads;
+    rowoff = reinterpret_cast<int64_t*>(alpha + kTcHeads);
+  }
+};
+
+template <int kGroups>
+__global__ void __launch_bounds__(kGroups* kTcGroupThreads)
     MlaSplitTcKernel(MlaAttentionArgs a, int32_t n_splits, int32_t split_len, float* part_acc,
                      float2* part_ml) {
+  constexpr int kTile = kTcTile / kGroups;
+  using Shape = TcTileShape<kTile>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rw = a.kv_lora + a.n_rot;
   const int rs = TcRowStride(rw);
   __nv_bfloat16* s_qhi = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* s_qlo = s_qhi + kTcHeads * rs;
-  __nv_bfloat16* s_kv0 = s_qlo + kTcHeads * rs;                 // tiles of even index
-  __nv_bfloat16* s_kv1 = s_kv0 + kTcTile * rs;                  // tiles of odd index
-  float* s_s = reinterpret_cast<float*>(s_kv1 + kTcTile * rs);  // [k group][head][position]
-  __nv_bfloat16* s_phi = reinterpret_cast<__nv_bfloat16*>(s_s + kTcKGroups * kTcHeads * kTcSStride);
-  __nv_bfloat16* s_plo = s_phi + kTcHeads * kTcPStride;
-  float* s_m = reinterpret_cast<float*>(s_plo + kTcHeads * kTcPStride);
-  float* s_l = s_m + kTcHeads;
-  float* s_alpha = s_l + kTcHeads;
-  int64_t* s_rowoff = reinterpret_cast<int64_t*>(s_alpha + kTcHeads);
+  unsigned char* groups_base = reinterpret_cast<unsigned char*>(s_qlo + kTcHeads * rs);
+  // 32-bit offsets (shared memory), so that the addresses stay 32-bit arithmetic.
+  const int group_bytes = static_cast<int>(TcGroupBytes(rw, kTile));
 
   const int64_t qi = blockIdx.x;
   const int h0 = blockIdx.y * kTcHeads;
   const int split = blockIdx.z;
   const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  const int grp = kGroups == 1 ? 0 : tid / kTcGroupThreads;  // this thread's group
+  const int gtid = kGroups == 1 ? tid : tid % kTcGroupThreads;
+  const int warp = gtid / 32;  // within the group
   const int lane = tid % 32;
   const int g = lane / 4;  // MMA row group
   const int t = lane % 4;  // thread in group
+  const TcGroupSmem<kTile> sm(groups_base + grp * group_bytes, rs);
   const int32_t seq = a.q_seq[qi];
   const int64_t n_kv = static_cast<int64_t>(a.q_pos[qi]) + 1;
   const int64_t begin = static_cast<int64_t>(split) * split_len;
   const int64_t end = min(n_kv, begin + split_len);
 
-  // Query rows: warp w converts heads w, w + 8, ...; no index division (it
-  // was a third of a decode block's instructions).
-  for (int hh = warp; hh < kTcHeads; hh += kTcWarps) {
+  // Query rows: warp w of the block converts heads w, w + 8 kGroups, ...; no
+  // index division (it was a third of a decode block's instructions).
+  for (int hh = tid / 32; hh < kTcHeads; hh += kGroups * kTcWarps) {
     const bool ok = h0 + hh < a.n_head;
     const float* src = a.q + qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw;
 #pragma unroll 6
@@ -484,11 +541,12 @@ __global__ void __launch_bounds__(kTcThreads)
       s_qlo[hh * rs + j] = v.lo;
     }
   }
-  if (tid < kTcHeads) {
-    s_m[tid] = -INFINITY;
-    s_l[tid] = 0.0f;
+  if (gtid < kTcHeads) {
+    sm.m[gtid] = -INFINITY;
+    sm.l[gtid] = 0.0f;
   }
-  const int n_groups = a.kv_lora / 16;  // 16-column groups of O; warp w owns w, w + 8, ...
+  if constexpr (kGroups > 1) __syncthreads();  // Q from every group's warps
+  const int n_groups = a.kv_lora / 16;         // 16-column groups of O; warp w owns w, w + 8, ...
   float acc[kTcMaxNt][4];
 #pragma unroll
   for (int j = 0; j < kTcMaxNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -496,18 +554,24 @@ __global__ void __launch_bounds__(kTcThreads)
   const int chunks = rw / 8;  // 16-byte chunks per cache row
 
   // Issues the loads of the tile at t0 into buffer `buf` as one cp.async
-  // group. Block-uniform (it has a barrier).
+  // group. Group-uniform (it has the group's barrier).
   auto issue = [&](int64_t t0, int buf) {
-    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTcTile), end - t0));
-    int64_t* rowoff = s_rowoff + buf * kTcTile;
-    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTcTile, rowoff);
-    __syncthreads();
-    __nv_bfloat16* dst = buf != 0 ? s_kv1 : s_kv0;
+    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
+    int64_t* rowoff = sm.rowoff + buf * kTile;
+    if (gtid < kTile) {
+      const int64_t pos = t0 + gtid;
+      rowoff[gtid] = gtid < n_rows
+                         ? static_cast<int64_t>(table[pos / a.kv.page_size]) * a.kv.page_stride +
+                               (pos % a.kv.page_size) * rw
+                         : -1;
+    }
+    TcGroupSync<kGroups>(grp);
+    __nv_bfloat16* dst = buf != 0 ? sm.kv1 : sm.kv0;
     // Warp w loads rows w, w + 8, ...; lane l the 16-byte chunks l, l + 32,
     // l + 64 of a row (unrolled: the loop's address arithmetic was a third of
     // the kernel's instructions).
 #pragma unroll
-    for (int rr = 0; rr < kTcTile / kTcWarps; ++rr) {
+    for (int rr = 0; rr < kTile / kTcWarps; ++rr) {
       const int r = warp + kTcWarps * rr;
       const int64_t off = rowoff[r];
       // Rows past the range are zero-filled: P is 0 there, and 0 * garbage could be NaN.
@@ -522,71 +586,74 @@ __global__ void __launch_bounds__(kTcThreads)
     }
     CpAsyncCommit();
   };
-  // Double-buffered: the next tile's rows load during this tile's products.
-  if (begin < end) issue(begin, 0);  // its barrier also publishes Q, m and l
+  // This group's tiles: every kGroups-th one of the range. Double-buffered:
+  // the next tile's rows load during this tile's products.
+  const int64_t step = int64_t{kTile} * kGroups;
+  const int64_t first = begin + int64_t{kTile} * grp;
+  if (first < end) issue(first, 0);  // its barrier also publishes m and l (and Q with one group)
   int buf = 0;
-  for (int64_t t0 = begin; t0 < end; t0 += kTcTile, buf ^= 1) {
-    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTcTile), end - t0));
-    const __nv_bfloat16* s_kv = buf != 0 ? s_kv1 : s_kv0;
-    if (t0 + kTcTile < end) {
-      issue(t0 + kTcTile, buf ^ 1);
+  for (int64_t t0 = first; t0 < end; t0 += step, buf ^= 1) {
+    const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
+    const __nv_bfloat16* s_kv = buf != 0 ? sm.kv1 : sm.kv0;
+    if (t0 + step < end) {
+      issue(t0 + step, buf ^ 1);
       CpAsyncWait<1>();  // this tile's group is complete, the next one's may fly
     } else {
       CpAsyncWait<0>();
     }
-    __syncthreads();  // this tile's rows visible to every warp
+    TcGroupSync<kGroups>(grp);  // this tile's rows visible to every warp of the group
 
     // Partial scores: warp w sums k-steps of group w % 4 (a quarter of the
-    // row) for the 32 positions of half w / 4, so that each warp reads a
+    // row) for the positions of half w / 4, so that each warp reads a
     // quarter of Q from shared memory per tile, not all of it (with every
     // warp on all of k, Q's reads were 4x the tile's). Hi and lo products in
-    // separate accumulators: eight independent MMA chains.
+    // separate accumulators: independent MMA chains.
     {
       const int kg = warp % kTcKGroups, half = warp / kTcKGroups;
       const int n_ks = rw / 16;
       const int ks_begin = n_ks * kg / kTcKGroups, ks_end = n_ks * (kg + 1) / kTcKGroups;
-      float acc_hi[4][4] = {}, acc_lo[4][4] = {};
+      float acc_hi[Shape::kNj][4] = {}, acc_lo[Shape::kNj][4] = {};
       const int mat = lane / 8, r8 = lane % 8;
       const __nv_bfloat16* a_hi = s_qhi + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
       const __nv_bfloat16* a_lo = s_qlo + (r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
-      const __nv_bfloat16* b_ptr = s_kv + (32 * half + r8) * rs + 8 * (mat % 2);
+      const __nv_bfloat16* b_ptr = s_kv + (Shape::kHalf * half + r8) * rs + 8 * (mat % 2);
       for (int ks = ks_begin; ks < ks_end; ++ks) {
         uint32_t fa_hi[4], fa_lo[4];
         Ldmatrix4(fa_hi, a_hi + 16 * ks);
         Ldmatrix4(fa_lo, a_lo + 16 * ks);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // positions 32 half + 8 j ..
+        for (int j = 0; j < Shape::kNj; ++j) {  // positions kHalf half + 8 j ..
           uint32_t fb[2];
           Ldmatrix2(fb, b_ptr + 8 * j * rs + 16 * ks);
           Mma(acc_hi[j], fa_hi, fb);
           Mma(acc_lo[j], fa_lo, fb);
         }
       }
-      float* part = s_s + kg * kTcHeads * kTcSStride;
+      float* part = sm.s + kg * kTcHeads * Shape::kSStride;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int p0 = 32 * half + 8 * j + 2 * t;
-        part[g * kTcSStride + p0] = acc_hi[j][0] + acc_lo[j][0];
-        part[g * kTcSStride + p0 + 1] = acc_hi[j][1] + acc_lo[j][1];
-        part[(g + 8) * kTcSStride + p0] = acc_hi[j][2] + acc_lo[j][2];
-        part[(g + 8) * kTcSStride + p0 + 1] = acc_hi[j][3] + acc_lo[j][3];
+      for (int j = 0; j < Shape::kNj; ++j) {
+        const int p0 = Shape::kHalf * half + 8 * j + 2 * t;
+        part[g * Shape::kSStride + p0] = acc_hi[j][0] + acc_lo[j][0];
+        part[g * Shape::kSStride + p0 + 1] = acc_hi[j][1] + acc_lo[j][1];
+        part[(g + 8) * Shape::kSStride + p0] = acc_hi[j][2] + acc_lo[j][2];
+        part[(g + 8) * Shape::kSStride + p0 + 1] = acc_hi[j][3] + acc_lo[j][3];
       }
     }
-    __syncthreads();
+    TcGroupSync<kGroups>(grp);
 
-    // Online softmax: 16 threads per head row, 4 positions each.
+    // Online softmax: 16 threads per head row, kRowPos positions each.
     {
-      const int row = tid / kTcRowThreads, part = tid % kTcRowThreads;
-      const float m_old = s_m[row];
-      const float l_old = s_l[row];
-      float v[4];
+      const int row = gtid / kTcRowThreads, part = gtid % kTcRowThreads;
+      const float m_old = sm.m[row];
+      const float l_old = sm.l[row];
+      float v[Shape::kRowPos];
       float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < Shape::kRowPos; ++j) {
         // The four k groups' partial sums, in a fixed order; masked past the range.
-        const int pos = 4 * part + j, i = row * kTcSStride + pos;
-        constexpr int kG = kTcHeads * kTcSStride;
-        const float sc = (s_s[i] + s_s[i + kG]) + (s_s[i + 2 * kG] + s_s[i + 3 * kG]);
+        const int pos = Shape::kRowPos * part + j, i = row * Shape::kSStride + pos;
+        constexpr int kG = kTcHeads * Shape::kSStride;
+        const float sc = (sm.s[i] + sm.s[i + kG]) + (sm.s[i + 2 * kG] + sm.s[i + 3 * kG]);
         v[j] = pos < n_rows ? sc * a.scale : -INFINITY;
         mx = fmaxf(mx, v[j]);
       }
@@ -597,28 +664,28 @@ __global__ void __launch_bounds__(kTcThreads)
       const float m_new = fmaxf(m_old, mx);
       float sum = 0.0f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < Shape::kRowPos; ++j) {
         const float p = expf(v[j] - m_new);  // 0 for masked positions
         sum += p;
         const Bf16HiLo w = SplitBf16HiLo(p);
-        s_phi[row * kTcPStride + 4 * part + j] = w.hi;
-        s_plo[row * kTcPStride + 4 * part + j] = w.lo;
+        sm.p_hi[row * Shape::kPStride + Shape::kRowPos * part + j] = w.hi;
+        sm.p_lo[row * Shape::kPStride + Shape::kRowPos * part + j] = w.lo;
       }
 #pragma unroll
       for (int o = 1; o < kTcRowThreads; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
       __syncwarp();  // every lane of the row has read m_old / l_old
       if (part == 0) {
         const float alpha = expf(m_old - m_new);  // 0 on the first tile
-        s_alpha[row] = alpha;
-        s_m[row] = m_new;
-        s_l[row] = l_old * alpha + sum;
+        sm.alpha[row] = alpha;
+        sm.m[row] = m_new;
+        sm.l[row] = l_old * alpha + sum;
       }
     }
-    __syncthreads();
+    TcGroupSync<kGroups>(grp);
 
     // O = alpha · O + P · V over this warp's columns.
     {
-      const float al_lo = s_alpha[g], al_hi = s_alpha[g + 8];
+      const float al_lo = sm.alpha[g], al_hi = sm.alpha[g + 8];
 #pragma unroll
       for (int j = 0; j < kTcMaxNt; ++j) {
         acc[j][0] *= al_lo;
@@ -628,10 +695,11 @@ __global__ void __launch_bounds__(kTcThreads)
       }
       const int mat = lane / 8, r8 = lane % 8;
 #pragma unroll
-      for (int ks = 0; ks < kTcTile / 16; ++ks) {
+      for (int ks = 0; ks < kTile / 16; ++ks) {
         uint32_t fp_hi[4], fp_lo[4];
-        Ldmatrix4(fp_hi, s_phi + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
-        Ldmatrix4(fp_lo, s_plo + (r8 + 8 * (mat % 2)) * kTcPStride + 16 * ks + 8 * (mat / 2));
+        const int p_off = (r8 + 8 * (mat % 2)) * Shape::kPStride + 16 * ks + 8 * (mat / 2);
+        Ldmatrix4(fp_hi, sm.p_hi + p_off);
+        Ldmatrix4(fp_lo, sm.p_lo + p_off);
         const __nv_bfloat16* v_row = s_kv + (16 * ks + r8 + 8 * (mat % 2)) * rs + 8 * (mat / 2);
 #pragma unroll
         for (int jg = 0; jg < kTcMaxGroups; ++jg) {
@@ -648,15 +716,64 @@ __global__ void __launch_bounds__(kTcThreads)
       }
     }
   }
-  __syncthreads();  // final m, l visible
+
+  // This thread's two head rows (g and g + 8): their m and l, merged over
+  // the groups.
+  float row_m[2], row_l[2];
+  if constexpr (kGroups == 1) {
+    __syncthreads();  // final m, l visible
+    row_m[0] = sm.m[g], row_m[1] = sm.m[g + 8];
+    row_l[0] = sm.l[g], row_l[1] = sm.l[g + 8];
+  } else {
+    static_assert(kGroups == 2, "two groups at most");
+    // Group 1 hands its O to group 0 through its own (now idle) tile buffers,
+    // lanes contiguous, only the live column groups: kv_lora * 64 bytes, less
+    // than the buffers' 2 * 32 * (kv_lora + 8) * 2; its m and l stay where
+    // they are.
+    __syncthreads();  // both groups' last tiles done, their m and l final
+    const TcGroupSmem<kTile> other(groups_base + group_bytes, rs);
+    float* s_o = reinterpret_cast<float*>(other.kv0);
+    auto handoff = [&](int j, int c) {
+      return (((warp + kTcWarps * (j / 2)) * 2 + j % 2) * 4 + c) * 32 + lane;
+    };
+    if (grp == 1) {
+#pragma unroll
+      for (int j = 0; j < kTcMaxNt; ++j) {
+        if (warp + kTcWarps * (j / 2) >= n_groups) continue;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s_o[handoff(j, c)] = acc[j][c];
+      }
+    }
+    __syncthreads();
+    if (grp == 1) return;  // no block-wide barrier follows
+    float w_self[2], w_other[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = g + 8 * half;
+      const float m0 = sm.m[row], m1 = other.m[row];
+      const float m = fmaxf(m0, m1);
+      // A group without rows has m = -inf and l = 0; with none at all, m stays -inf.
+      w_self[half] = m0 == -INFINITY ? 0.0f : expf(m0 - m);
+      w_other[half] = m1 == -INFINITY ? 0.0f : expf(m1 - m);
+      row_m[half] = m;
+      row_l[half] = sm.l[row] * w_self[half] + other.l[row] * w_other[half];
+    }
+#pragma unroll
+    for (int j = 0; j < kTcMaxNt; ++j) {
+      if (warp + kTcWarps * (j / 2) >= n_groups) continue;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        acc[j][c] = acc[j][c] * w_self[c / 2] + s_o[handoff(j, c)] * w_other[c / 2];
+      }
+    }
+  }
 
   const int heads[2] = {h0 + g, h0 + g + 8};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int head = heads[half];
     if (head >= a.n_head) continue;
-    const int row = g + 8 * half;
-    const float l = s_l[row];
+    const float l = row_l[half];
 #pragma unroll
     for (int j = 0; j < kTcMaxNt; ++j) {
       const int group = warp + kTcWarps * (j / 2);
@@ -681,28 +798,29 @@ __global__ void __launch_bounds__(kTcThreads)
       }
     }
     if (n_splits > 1 && t == 0 && warp == 0) {
-      part_ml[(qi * a.n_head + head) * n_splits + split] = make_float2(s_m[row], l);
+      part_ml[(qi * a.n_head + head) * n_splits + split] = make_float2(row_m[half], l);
     }
   }
 }
 
+template <int kGroups>
 cudaError_t LaunchSplitTc(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, float* part_acc,
                           float2* part_ml, cudaStream_t stream) {
-  const size_t smem = TcSharedBytes(a.kv_lora + a.n_rot);
+  const size_t smem = TcSharedBytes(a.kv_lora + a.n_rot, kGroups);
   static std::atomic<size_t> raised[16];
-  const cudaError_t err = EnsureDynamicSmem(MlaSplitTcKernel, smem, raised);
+  const cudaError_t err = EnsureDynamicSmem(MlaSplitTcKernel<kGroups>, smem, raised);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kTcHeads)),
                   static_cast<unsigned>(plan.n_splits));
-  MlaSplitTcKernel<<<grid, kTcThreads, smem, stream>>>(a, plan.n_splits, plan.split_len, part_acc,
-                                                       part_ml);
+  MlaSplitTcKernel<kGroups><<<grid, kGroups * kTcGroupThreads, smem, stream>>>(
+      a, plan.n_splits, plan.split_len, part_acc, part_ml);
   return cudaGetLastError();
 }
 
-bool TcSupported(int32_t kv_lora, int32_t n_rot) {
-  return kv_lora % 16 == 0 && kv_lora <= kMaxKvLora && (kv_lora + n_rot) % 16 == 0 &&
-         (kv_lora + n_rot) / 8 <= 32 * kTcChunkIters &&
-         TcSharedBytes(kv_lora + n_rot) <= kTcMaxSharedBytes;
+bool TcSupported(int32_t kv_lora, int32_t n_rot, int32_t groups) {
+  return (groups == 1 || groups == 2) && kv_lora % 16 == 0 && kv_lora <= kMaxKvLora &&
+         (kv_lora + n_rot) % 16 == 0 && (kv_lora + n_rot) / 8 <= 32 * kTcChunkIters &&
+         TcSharedBytes(kv_lora + n_rot, groups) <= kTcMaxSharedBytes;
 }
 
 }  // namespace
@@ -753,7 +871,10 @@ MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, 
                                   int64_t max_kv_len, int32_t n_multiprocessors,
                                   size_t workspace_capacity) {
   MlaAttentionPlan plan;
-  plan.tensor_cores = TcSupported(kv_lora, n_rot);
+  // The two-group form where its shared memory fits (docs/performance.md,
+  // fourteenth session: faster at every measured batch and context).
+  plan.tc_tile_groups = TcSupported(kv_lora, n_rot, 2) ? 2 : 1;
+  plan.tensor_cores = TcSupported(kv_lora, n_rot, plan.tc_tile_groups);
   plan.heads_per_block = 4;
   while (plan.heads_per_block < n_head && plan.heads_per_block < 16) plan.heads_per_block *= 2;
   if (plan.tensor_cores) plan.heads_per_block = kTcHeads;
@@ -815,10 +936,11 @@ cudaError_t MlaAttention(const MlaAttentionArgs& a, const MlaAttentionPlan& plan
   }
   cudaError_t err;
   if (plan.tensor_cores) {
-    if (!TcSupported(a.kv_lora, a.n_rot) || plan.heads_per_block != kTcHeads) {
+    if (!TcSupported(a.kv_lora, a.n_rot, plan.tc_tile_groups) || plan.heads_per_block != kTcHeads) {
       return cudaErrorInvalidValue;
     }
-    err = LaunchSplitTc(a, plan, part_acc, part_ml, stream);
+    err = plan.tc_tile_groups == 2 ? LaunchSplitTc<2>(a, plan, part_acc, part_ml, stream)
+                                   : LaunchSplitTc<1>(a, plan, part_acc, part_ml, stream);
   } else {
     switch (plan.heads_per_block) {
       case 4: err = LaunchSplit<4>(a, plan, part_acc, part_ml, stream); break;

@@ -107,6 +107,11 @@ struct MlaAttentionPlan {
   int32_t n_splits = 1;          // KV ranges per query, merged afterwards
   int32_t split_len = 0;         // rows per range (multiple of 32)
   size_t workspace_bytes = 0;    // needed by MlaAttention (0 when n_splits == 1)
+  // The tensor-core kernel's form: 1, one group of 8 warps on tiles of 64
+  // rows; 2, two groups of 8 warps in one block on alternating tiles of 32
+  // rows, merged at the end (one group's softmax and barriers overlap the
+  // other's products).
+  int32_t tc_tile_groups = 1;
 };
 
 // Chooses the kernel, heads per block and the split of the longest context

@@ -89,16 +89,20 @@ void CheckAttention(std::mt19937& rng, const Dims& dims, PagedCache& cache,
   const int32_t n_sm = plan_kind == 2 ? 100000 : 132;
   const MlaAttentionPlan planned =
       PlanMlaAttention(n_q, dims.n_head, dims.kv_lora, dims.n_rot, max_len, n_sm, capacity);
-  // Both kernels where the tensor-core one applies (DeepSeek widths).
-  for (const bool tensor_cores : {false, true}) {
+  // Every kernel where the tensor-core ones apply (DeepSeek widths): the
+  // CUDA-core one (form 0) and the tensor-core forms of one and two groups.
+  for (const int form : {0, 1, 2}) {
+    const bool tensor_cores = form != 0;
     if (tensor_cores && !planned.tensor_cores) continue;
     MlaAttentionPlan plan = planned;
     plan.tensor_cores = tensor_cores;
+    if (tensor_cores) plan.tc_tile_groups = form;
     // hi/lo bf16 splitting leaves ~2^-16 relative per product: 1e-4 after the softmax.
     const double tol = tensor_cores ? 1e-4 : 2e-5;
-    SCOPED_TRACE(testing::Message() << "plan: tensor cores " << plan.tensor_cores << " heads/block "
-                                    << plan.heads_per_block << " splits " << plan.n_splits
-                                    << " split_len " << plan.split_len);
+    SCOPED_TRACE(testing::Message()
+                 << "plan: tensor cores " << plan.tensor_cores << " groups " << plan.tc_tile_groups
+                 << " heads/block " << plan.heads_per_block << " splits " << plan.n_splits
+                 << " split_len " << plan.split_len);
     ASSERT_GE(static_cast<int64_t>(plan.n_splits) * plan.split_len, max_len);
     if (plan_kind == 1) {
       ASSERT_EQ(plan.n_splits, 1);

@@ -400,7 +400,9 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   const int n_sm = in.n_sm;
   kc::MlaAttentionPlan plan =
       kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, a.n_rot, ctx, n_sm, ws->bytes());
+  // Arg tc: 0 the CUDA-core kernel, 1 or 2 the tensor-core one with that many groups.
   plan.tensor_cores = state.range(2) != 0;
+  if (plan.tensor_cores) plan.tc_tile_groups = static_cast<int32_t>(state.range(2));
   // Arg split_len > 0: that many cache rows per split instead of the plan's.
   if (state.range(3) > 0) {
     plan.split_len = static_cast<int32_t>(state.range(3));
@@ -652,6 +654,7 @@ int main(int argc, char** argv) {
       graph->Args({batch, ctx, 0});
       kernel->Args({batch, ctx, 0, 0});
       kernel->Args({batch, ctx, 1, 0});
+      kernel->Args({batch, ctx, 2, 0});
     }
   }
   // The quantized GEMV (Q4_K/Q6_K blocks) against cuBLAS bf16 on the same step.
@@ -690,12 +693,18 @@ int main(int argc, char** argv) {
        ++shape) {
     for (int64_t v = 0; v < 5; ++v) variant->Args({shape, 1, v});
   }
-  // Split lengths of the tensor-core kernel at batch 1.
-  for (int64_t ctx : {1024, 8192}) {
-    for (int64_t split_len : {32, 64, 128, 256, 512}) {
-      if (ctx / split_len <= 128) kernel->Args({1, ctx, 1, split_len});  // 64 MiB workspace
+  // Split lengths of the tensor-core kernel's two forms at batch 1, and of the
+  // two-group form at batch 16 x 8K.
+  for (int64_t tc : {1, 2}) {
+    for (int64_t ctx : {1024, 8192}) {
+      for (int64_t split_len : {32, 64, 128, 256, 512, 1024}) {
+        if (ctx / split_len <= 128 && split_len < ctx) {
+          kernel->Args({1, ctx, tc, split_len});  // 64 MiB workspace
+        }
+      }
     }
   }
+  for (int64_t split_len : {1024, 2048, 4096, 8192}) kernel->Args({16, 8192, 2, split_len});
   // The whole step with the skinny kernel on the bf16 weights.
   for (int64_t batch : {1, 16}) {
     for (int64_t ctx : {1024, 8192}) {
