@@ -192,6 +192,33 @@ INSTANTIATE_TEST_SUITE_P(Widths, MlaAttentionTest,
                                   std::to_string(info.param.n_rot);
                          });
 
+// The plan alone (host code: runs without a GPU too). Splits fill whole
+// waves of one tensor-core block per multiprocessor with the fewest splits;
+// the two-group form where its shared memory fits.
+TEST(MlaAttentionPlan, SplitsFillWholeWavesAndTheFormFitsSharedMemory) {
+  constexpr size_t kGiB = size_t{1} << 30;
+  struct Case {
+    int64_t n_q;
+    int32_t n_splits, split_len;
+  };
+  // DeepSeek-V3: 128 heads = 8 blocks of 16 per query, 8192 rows, 132 SMs.
+  for (const Case& c : {Case{1, 16, 512}, Case{4, 4, 2048}, Case{5, 3, 2752}, Case{16, 1, 8192},
+                        Case{17, 1, 8192}}) {
+    const MlaAttentionPlan p = PlanMlaAttention(c.n_q, 128, 512, 64, 8192, 132, kGiB);
+    SCOPED_TRACE(testing::Message() << c.n_q << " queries");
+    EXPECT_TRUE(p.tensor_cores);
+    EXPECT_EQ(p.tc_tile_groups, 2);
+    EXPECT_EQ(p.heads_per_block, 16);
+    EXPECT_EQ(p.n_splits, c.n_splits);
+    EXPECT_EQ(p.split_len, c.split_len);
+    EXPECT_EQ(p.workspace_bytes > 0, c.n_splits > 1);
+  }
+  EXPECT_EQ(PlanMlaAttention(1, 128, 512, 64, 8192, 132, 0).n_splits, 1) << "no workspace";
+  // Rows of 640 still fit two groups of 32-row tiles; rows of 704 fit no form.
+  EXPECT_EQ(PlanMlaAttention(1, 128, 512, 128, 8192, 132, kGiB).tc_tile_groups, 2);
+  EXPECT_FALSE(PlanMlaAttention(1, 128, 512, 192, 8192, 132, kGiB).tensor_cores);
+}
+
 RopeParams Dsv3Rope(models::RopeYarnParams* cpu) {
   cpu->n_rot = 64;
   cpu->freq_base = 10000.0;

@@ -705,6 +705,7 @@ int main(int argc, char** argv) {
     }
   }
   for (int64_t split_len : {1024, 2048, 4096, 8192}) kernel->Args({16, 8192, 2, split_len});
+  for (int64_t split_len : {512, 1024}) kernel->Args({16, 1024, 2, split_len});
   // The whole step with the skinny kernel on the bf16 weights.
   for (int64_t batch : {1, 16}) {
     for (int64_t ctx : {1024, 8192}) {
