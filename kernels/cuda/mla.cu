@@ -15,6 +15,8 @@ constexpr int kMaxKvLora = 512;             // accumulators per lane: kv_lora / 
 constexpr int kAccWords = kMaxKvLora / 64;  // bf16 pairs of the latent per lane
 // Rows: one tensor-core tile; shorter splits cost more to merge.
 constexpr int64_t kMinSplitLen = 64;
+// Rows per block above which the tensor-core kernel takes form 3.
+constexpr int64_t kTcLongRangeRows = 1024;
 constexpr int32_t kMaxSplits = 256;
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -408,19 +410,28 @@ __host__ __device__ constexpr int TcRowStride(int row_width) {  // bf16 elements
   return ((row_width / 8) | 1) * 8;
 }
 
-// Shared bytes of one group: two cache tiles (the next one loading), the
-// partial scores, P hi and lo, m, l and alpha per head, the tiles' row
-// offsets. A multiple of 16, so every group's tiles stay 16-byte aligned.
-__host__ __device__ constexpr size_t TcGroupBytes(int row_width, int tile) {
-  return size_t{2} * tile * TcRowStride(row_width) * 2 +
+// The tensor-core kernel's forms (MlaAttentionPlan::tc_tile_groups): 1, one
+// group on 64-row tiles, two buffers; 2, two groups on 32-row tiles, two
+// buffers each; 3, two groups on 64-row tiles, one buffer each (a group's
+// loads hidden by the other group's products only).
+__host__ __device__ constexpr int TcFormGroups(int form) { return form == 1 ? 1 : 2; }
+__host__ __device__ constexpr int TcFormTile(int form) { return form == 2 ? 32 : 64; }
+__host__ __device__ constexpr int TcFormBuffers(int form) { return form == 3 ? 1 : 2; }
+
+// Shared bytes of one group: its cache tiles, the partial scores, P hi and
+// lo, m, l and alpha per head, the tiles' row offsets. A multiple of 16, so
+// every group's tiles stay 16-byte aligned.
+__host__ __device__ constexpr size_t TcGroupBytes(int row_width, int tile, int buffers) {
+  return size_t{1} * buffers * tile * TcRowStride(row_width) * 2 +
          size_t{kTcKGroups} * kTcHeads * (tile + 1) * sizeof(float) +
          size_t{2} * kTcHeads * (tile + 8) * 2 + 3 * kTcHeads * sizeof(float) +
-         size_t{2} * tile * sizeof(int64_t);
+         size_t{1} * buffers * tile * sizeof(int64_t);
 }
 
-size_t TcSharedBytes(int row_width, int groups) {
+size_t TcSharedBytes(int row_width, int form) {
   return size_t{2} * kTcHeads * TcRowStride(row_width) * 2 +  // Q hi, lo
-         static_cast<size_t>(groups) * TcGroupBytes(row_width, kTcTile / groups);
+         static_cast<size_t>(TcFormGroups(form)) *
+             TcGroupBytes(row_width, TcFormTile(form), TcFormBuffers(form));
 }
 
 // Shared memory a block may have on sm_90 (227 KiB); wider rows than
@@ -472,22 +483,22 @@ __device__ __forceinline__ void TcGroupSync(int group) {
 }
 
 // One group's pointers into shared memory.
-template <int kTile>
+template <int kTile, int kBuffers>
 struct TcGroupSmem {
   __nv_bfloat16* kv0;  // tiles of even index (in this group's sequence)
-  __nv_bfloat16* kv1;  // tiles of odd index
+  __nv_bfloat16* kv1;  // tiles of odd index (kv0 with one buffer)
   float* s;            // [k group][head][position] partial scores
   __nv_bfloat16* p_hi;
   __nv_bfloat16* p_lo;
   float* m;
   float* l;
   float* alpha;
-  int64_t* rowoff;  // [2][kTile]
+  int64_t* rowoff;  // [kBuffers][kTile]
 
   __device__ __forceinline__ TcGroupSmem(unsigned char* base, int rs) {
     using S = TcTileShape<kTile>;
     kv0 = reinterpret_cast<__nv_bfloat16*>(base);
-    kv1 = kv0 + kTile * rs;
+    kv1 = kv0 + (kBuffers - 1) * kTile * rs;
     s = reinterpret_cast<float*>(kv1 + kTile * rs);
     p_hi = reinterpret_cast<__nv_bfloat16*>(s + kTcKGroups * kTcHeads * S::kSStride);
     p_lo = p_hi + kTcHeads * S::kPStride;
@@ -498,11 +509,13 @@ struct TcGroupSmem {
   }
 };
 
-template <int kGroups>
-__global__ void __launch_bounds__(kGroups* kTcGroupThreads)
+template <int kForm>
+__global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
     MlaSplitTcKernel(MlaAttentionArgs a, int32_t n_splits, int32_t split_len, float* part_acc,
                      float2* part_ml) {
-  constexpr int kTile = kTcTile / kGroups;
+  constexpr int kGroups = TcFormGroups(kForm);
+  constexpr int kTile = TcFormTile(kForm);
+  constexpr int kBuffers = TcFormBuffers(kForm);
   using Shape = TcTileShape<kTile>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rw = a.kv_lora + a.n_rot;
@@ -511,7 +524,7 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
   __nv_bfloat16* s_qlo = s_qhi + kTcHeads * rs;
   unsigned char* groups_base = reinterpret_cast<unsigned char*>(s_qlo + kTcHeads * rs);
   // 32-bit offsets (shared memory), so that the addresses stay 32-bit arithmetic.
-  const int group_bytes = static_cast<int>(TcGroupBytes(rw, kTile));
+  const int group_bytes = static_cast<int>(TcGroupBytes(rw, kTile, kBuffers));
 
   const int64_t qi = blockIdx.x;
   const int h0 = blockIdx.y * kTcHeads;
@@ -523,7 +536,7 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
   const int lane = tid % 32;
   const int g = lane / 4;  // MMA row group
   const int t = lane % 4;  // thread in group
-  const TcGroupSmem<kTile> sm(groups_base + grp * group_bytes, rs);
+  const TcGroupSmem<kTile, kBuffers> sm(groups_base + grp * group_bytes, rs);
   const int32_t seq = a.q_seq[qi];
   const int64_t n_kv = static_cast<int64_t>(a.q_pos[qi]) + 1;
   const int64_t begin = static_cast<int64_t>(split) * split_len;
@@ -592,10 +605,10 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
   const int64_t first = begin + int64_t{kTile} * grp;
   if (first < end) issue(first, 0);  // its barrier also publishes m and l (and Q with one group)
   int buf = 0;
-  for (int64_t t0 = first; t0 < end; t0 += step, buf ^= 1) {
+  for (int64_t t0 = first; t0 < end; t0 += step, buf ^= kBuffers - 1) {
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
     const __nv_bfloat16* s_kv = buf != 0 ? sm.kv1 : sm.kv0;
-    if (t0 + step < end) {
+    if (kBuffers == 2 && t0 + step < end) {
       issue(t0 + step, buf ^ 1);
       CpAsyncWait<1>();  // this tile's group is complete, the next one's may fly
     } else {
@@ -715,6 +728,9 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
         }
       }
     }
+    // One buffer: the next tile loads once every warp of the group is past
+    // this one's P·V (issue's barrier comes before its copies).
+    if (kBuffers == 1 && t0 + step < end) issue(t0 + step, 0);
   }
 
   // This thread's two head rows (g and g + 8): their m and l, merged over
@@ -731,7 +747,7 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
     // than the buffers' 2 * 32 * (kv_lora + 8) * 2; its m and l stay where
     // they are.
     __syncthreads();  // both groups' last tiles done, their m and l final
-    const TcGroupSmem<kTile> other(groups_base + group_bytes, rs);
+    const TcGroupSmem<kTile, kBuffers> other(groups_base + group_bytes, rs);
     float* s_o = reinterpret_cast<float*>(other.kv0);
     auto handoff = [&](int j, int c) {
       return (((warp + kTcWarps * (j / 2)) * 2 + j % 2) * 4 + c) * 32 + lane;
@@ -803,24 +819,24 @@ __global__ void __launch_bounds__(kGroups* kTcGroupThreads)
   }
 }
 
-template <int kGroups>
+template <int kForm>
 cudaError_t LaunchSplitTc(const MlaAttentionArgs& a, const MlaAttentionPlan& plan, float* part_acc,
                           float2* part_ml, cudaStream_t stream) {
-  const size_t smem = TcSharedBytes(a.kv_lora + a.n_rot, kGroups);
+  const size_t smem = TcSharedBytes(a.kv_lora + a.n_rot, kForm);
   static std::atomic<size_t> raised[16];
-  const cudaError_t err = EnsureDynamicSmem(MlaSplitTcKernel<kGroups>, smem, raised);
+  const cudaError_t err = EnsureDynamicSmem(MlaSplitTcKernel<kForm>, smem, raised);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.n_q), static_cast<unsigned>(CeilDiv(a.n_head, kTcHeads)),
                   static_cast<unsigned>(plan.n_splits));
-  MlaSplitTcKernel<kGroups><<<grid, kGroups * kTcGroupThreads, smem, stream>>>(
+  MlaSplitTcKernel<kForm><<<grid, TcFormGroups(kForm) * kTcGroupThreads, smem, stream>>>(
       a, plan.n_splits, plan.split_len, part_acc, part_ml);
   return cudaGetLastError();
 }
 
-bool TcSupported(int32_t kv_lora, int32_t n_rot, int32_t groups) {
-  return (groups == 1 || groups == 2) && kv_lora % 16 == 0 && kv_lora <= kMaxKvLora &&
+bool TcSupported(int32_t kv_lora, int32_t n_rot, int32_t form) {
+  return form >= 1 && form <= 3 && kv_lora % 16 == 0 && kv_lora <= kMaxKvLora &&
          (kv_lora + n_rot) % 16 == 0 && (kv_lora + n_rot) / 8 <= 32 * kTcChunkIters &&
-         TcSharedBytes(kv_lora + n_rot, groups) <= kTcMaxSharedBytes;
+         TcSharedBytes(kv_lora + n_rot, form) <= kTcMaxSharedBytes;
 }
 
 }  // namespace
@@ -912,6 +928,14 @@ MlaAttentionPlan PlanMlaAttention(int64_t n_q, int32_t n_head, int32_t kv_lora, 
   splits = CeilDiv(max_kv_len, split_len);
   plan.n_splits = static_cast<int32_t>(splits);
   plan.split_len = static_cast<int32_t>(split_len);
+  // Long ranges per block take form 3 (two groups on 64-row tiles with one
+  // buffer each: half the reads of Q per row; a group's loads then wait, which
+  // the other group's products hide only when each group has many tiles):
+  // 6.6 % faster at 16 x 8K (8192 rows per block), level at 1024 rows, 3 %
+  // slower at 512 (1 x 8K); fourteenth session.
+  if (plan.tensor_cores && split_len > kTcLongRangeRows && TcSupported(kv_lora, n_rot, 3)) {
+    plan.tc_tile_groups = 3;
+  }
   if (plan.n_splits > 1) {
     const size_t n_slots = static_cast<size_t>(n_q) * n_head * plan.n_splits;
     plan.workspace_bytes = AlignUp(n_slots * kv_lora * sizeof(float), kWorkspaceAlign) +
@@ -948,8 +972,11 @@ cudaError_t MlaAttention(const MlaAttentionArgs& a, const MlaAttentionPlan& plan
     if (!TcSupported(a.kv_lora, a.n_rot, plan.tc_tile_groups) || plan.heads_per_block != kTcHeads) {
       return cudaErrorInvalidValue;
     }
-    err = plan.tc_tile_groups == 2 ? LaunchSplitTc<2>(a, plan, part_acc, part_ml, stream)
-                                   : LaunchSplitTc<1>(a, plan, part_acc, part_ml, stream);
+    switch (plan.tc_tile_groups) {
+      case 1: err = LaunchSplitTc<1>(a, plan, part_acc, part_ml, stream); break;
+      case 2: err = LaunchSplitTc<2>(a, plan, part_acc, part_ml, stream); break;
+      default: err = LaunchSplitTc<3>(a, plan, part_acc, part_ml, stream); break;
+    }
   } else {
     switch (plan.heads_per_block) {
       case 4: err = LaunchSplit<4>(a, plan, part_acc, part_ml, stream); break;

@@ -108,9 +108,10 @@ struct MlaAttentionPlan {
   int32_t split_len = 0;         // rows per range (multiple of 32)
   size_t workspace_bytes = 0;    // needed by MlaAttention (0 when n_splits == 1)
   // The tensor-core kernel's form: 1, one group of 8 warps on tiles of 64
-  // rows; 2, two groups of 8 warps in one block on alternating tiles of 32
-  // rows, merged at the end (one group's softmax and barriers overlap the
-  // other's products).
+  // rows, two buffers; 2, two groups of 8 warps in one block on alternating
+  // tiles of 32 rows, two buffers each, merged at the end (one group's
+  // softmax and barriers overlap the other's products); 3, two groups on
+  // alternating tiles of 64 rows, one buffer each (for long ranges per block).
   int32_t tc_tile_groups = 1;
 };
 

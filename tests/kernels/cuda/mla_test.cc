@@ -90,8 +90,8 @@ void CheckAttention(std::mt19937& rng, const Dims& dims, PagedCache& cache,
   const MlaAttentionPlan planned =
       PlanMlaAttention(n_q, dims.n_head, dims.kv_lora, dims.n_rot, max_len, n_sm, capacity);
   // Every kernel where the tensor-core ones apply (DeepSeek widths): the
-  // CUDA-core one (form 0) and the tensor-core forms of one and two groups.
-  for (const int form : {0, 1, 2}) {
+  // CUDA-core one (form 0) and the tensor-core forms 1-3 (mla.cu).
+  for (const int form : {0, 1, 2, 3}) {
     const bool tensor_cores = form != 0;
     if (tensor_cores && !planned.tensor_cores) continue;
     MlaAttentionPlan plan = planned;
@@ -194,28 +194,32 @@ INSTANTIATE_TEST_SUITE_P(Widths, MlaAttentionTest,
 
 // The plan alone (host code: runs without a GPU too). Splits fill whole
 // waves of one tensor-core block per multiprocessor with the fewest splits;
-// the two-group form where its shared memory fits.
+// the two-group forms where their shared memory fits, form 3 for ranges of
+// more than 1024 rows per block.
 TEST(MlaAttentionPlan, SplitsFillWholeWavesAndTheFormFitsSharedMemory) {
   constexpr size_t kGiB = size_t{1} << 30;
   struct Case {
-    int64_t n_q;
-    int32_t n_splits, split_len;
+    int64_t n_q, n_kv;
+    int32_t n_splits, split_len, form;
   };
-  // DeepSeek-V3: 128 heads = 8 blocks of 16 per query, 8192 rows, 132 SMs.
-  for (const Case& c : {Case{1, 16, 512}, Case{4, 4, 2048}, Case{5, 3, 2752}, Case{16, 1, 8192},
-                        Case{17, 1, 8192}}) {
-    const MlaAttentionPlan p = PlanMlaAttention(c.n_q, 128, 512, 64, 8192, 132, kGiB);
-    SCOPED_TRACE(testing::Message() << c.n_q << " queries");
+  // DeepSeek-V3: 128 heads = 8 blocks of 16 per query, 132 SMs.
+  for (const Case& c :
+       {Case{1, 8192, 16, 512, 2}, Case{4, 8192, 4, 2048, 3}, Case{5, 8192, 3, 2752, 3},
+        Case{16, 8192, 1, 8192, 3}, Case{17, 8192, 1, 8192, 3}, Case{16, 1024, 1, 1024, 2}}) {
+    const MlaAttentionPlan p = PlanMlaAttention(c.n_q, 128, 512, 64, c.n_kv, 132, kGiB);
+    SCOPED_TRACE(testing::Message() << c.n_q << " queries, " << c.n_kv << " rows");
     EXPECT_TRUE(p.tensor_cores);
-    EXPECT_EQ(p.tc_tile_groups, 2);
+    EXPECT_EQ(p.tc_tile_groups, c.form);
     EXPECT_EQ(p.heads_per_block, 16);
     EXPECT_EQ(p.n_splits, c.n_splits);
     EXPECT_EQ(p.split_len, c.split_len);
     EXPECT_EQ(p.workspace_bytes > 0, c.n_splits > 1);
   }
   EXPECT_EQ(PlanMlaAttention(1, 128, 512, 64, 8192, 132, 0).n_splits, 1) << "no workspace";
-  // Rows of 640 still fit two groups of 32-row tiles; rows of 704 fit no form.
+  // Rows of 640 still fit two groups of 32-row tiles but not of 64-row ones;
+  // rows of 704 fit no form.
   EXPECT_EQ(PlanMlaAttention(1, 128, 512, 128, 8192, 132, kGiB).tc_tile_groups, 2);
+  EXPECT_EQ(PlanMlaAttention(16, 128, 512, 128, 8192, 132, kGiB).tc_tile_groups, 2);
   EXPECT_FALSE(PlanMlaAttention(1, 128, 512, 192, 8192, 132, kGiB).tensor_cores);
 }
 

@@ -400,7 +400,7 @@ void BM_MlaAttentionKernel(benchmark::State& state) {
   const int n_sm = in.n_sm;
   kc::MlaAttentionPlan plan =
       kc::PlanMlaAttention(batch, a.n_head, a.kv_lora, a.n_rot, ctx, n_sm, ws->bytes());
-  // Arg tc: 0 the CUDA-core kernel, 1 or 2 the tensor-core one with that many groups.
+  // Arg tc: 0 the CUDA-core kernel, 1-3 the tensor-core one in that form (mla.cu).
   plan.tensor_cores = state.range(2) != 0;
   if (plan.tensor_cores) plan.tc_tile_groups = static_cast<int32_t>(state.range(2));
   // Arg split_len > 0: that many cache rows per split instead of the plan's.
@@ -655,6 +655,7 @@ int main(int argc, char** argv) {
       kernel->Args({batch, ctx, 0, 0});
       kernel->Args({batch, ctx, 1, 0});
       kernel->Args({batch, ctx, 2, 0});
+      kernel->Args({batch, ctx, 3, 0});
     }
   }
   // The quantized GEMV (Q4_K/Q6_K blocks) against cuBLAS bf16 on the same step.
