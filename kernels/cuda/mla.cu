@@ -364,18 +364,22 @@ cudaError_t LaunchSplit(const MlaAttentionArgs& a, const MlaAttentionPlan& plan,
 //   positions, the softmax adds the quarters;
 //   online softmax of each head's row (16 threads per row);
 //   O[16 x kv_lora] += P · V: warp w owns the 16-column groups w, w + 8, ...
-// with the next tile's rows loading (cp.async) during this tile's phases.
-// Two forms (MlaAttentionPlan::tc_tile_groups):
-//   1 group of 8 warps on tiles of 64 rows. (Eight warps on 64 rather than
-//     four on 32: a decode block spends its time in the latency of each
-//     phase; docs/performance.md, tenth session.)
-//   2 groups of 8 warps in one block sharing Q, each on every other tile of
-//     32 rows of the block's range with its own softmax state, barriers of
-//     its own (bar.sync with an id per group) and its own two buffers; group
-//     1 hands its O, m and l to group 0 through shared memory at the end. One
-//     group's barriers, softmax and shared-memory round trips then overlap
-//     the other group's products (FlashAttention-3's "ping-pong" without a
-//     handshake: the schedulers interleave the groups).
+// with the next tile's rows loading (cp.async) during this tile's phases
+// where the group has two buffers. Three forms (MlaAttentionPlan::
+// tc_tile_groups; TcForm* below):
+//   1: one group of 8 warps on tiles of 64 rows, two buffers. (Eight warps
+//     on 64 rather than four on 32: a decode block spends its time in the
+//     latency of each phase; docs/performance.md, tenth session.)
+//   2: two groups of 8 warps in one block sharing Q, each on every other
+//     tile of 32 rows of the block's range with its own softmax state,
+//     barriers of its own (bar.sync with an id per group) and its own two
+//     buffers; group 1 hands its O, m and l to group 0 through shared memory
+//     at the end. One group's barriers, softmax and shared-memory round trips
+//     then overlap the other group's products (FlashAttention-3's
+//     "ping-pong" without a handshake: the schedulers interleave the groups).
+//   3: form 2 on tiles of 64 rows with one buffer per group (half the reads
+//     of Q per row; a group's next tile loads after its P·V, hidden by the
+//     other group's products): for long ranges per block.
 // Q and P are split into bf16 hi + lo parts (x = hi + lo + O(2^-17 x)) and
 // both are multiplied, so the products keep F32-level accuracy although the
 // tensor cores take bf16; the cache rows are bf16 already (exact).
