@@ -445,6 +445,11 @@ static inline int64_t TileChunkItems(int64_t group, int64_t chunk_bytes) {
   return n > 0 ? n : 1;
 }
 
+// The amx variant's matmul runs BF16 panel16 weights on AMX bf16 tiles
+// (tdpbf16ps) from this many activation rows on, given matmul_scratch_bytes
+// of scratch; below, and without scratch, on the AVX-512 BF16 dot products.
+inline constexpr int64_t kAmxBf16MinTokens = 5;
+
 struct MoeKernels {
   CpuVariant variant;
   const char* name;

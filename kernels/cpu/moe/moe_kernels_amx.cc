@@ -1,4 +1,4 @@
-// The AMX variant. Two tile kernels; everything else (decode on panel16,
+// The AMX variant. Three tile kernels; everything else (decode on panel16,
 // quantizers, SiLU) is the AVX-512 code.
 //
 // TileMatmulT: the prefill path over the panel16 weights themselves (the one
@@ -33,6 +33,10 @@
 //
 // MatmulTiles: the older amx_int8 form (int8 weights stored with a scale per
 // (row, 256); a second copy of the weights), kept for comparison.
+//
+// MatmulBf16Tiles: BF16 experts (panel16 BF16, whose 32-k blocks are tdpbf16ps
+// B tiles as they are) from kAmxBf16MinTokens activation rows on, on bf16
+// tiles with fp32 accumulation; fewer rows take the AVX-512 BF16 kernel.
 //
 // Built twice: with the AMX flags for the real variant, and (tests only, with
 // -DKTX_MOE_AMX_EMULATE and no AMX flags) with scalar tile emulation, so that
@@ -98,10 +102,35 @@ inline void EmuDpbssd(int C, int A, int B) {
     }
   }
 }
+// C[m][n] (fp32) += A[m][2k] * B[k][2n] then += A[m][2k + 1] * B[k][2n + 1]
+// (bf16 pairs; each product exact in fp32, each sum rounded), k ascending.
+inline void EmuDpbf16ps(int C, int A, int B) {
+  const int m_rows = g_emu.cfg.rows[C], n_cols = g_emu.cfg.colsb[C] / 4,
+            k_pairs = g_emu.cfg.colsb[A] / 4;
+  auto bf16 = [](const uint8_t* p) {
+    uint16_t b;
+    std::memcpy(&b, p, 2);
+    return Bf16Bits(b);
+  };
+  for (int m = 0; m < m_rows; ++m) {
+    for (int n = 0; n < n_cols; ++n) {
+      float c;
+      std::memcpy(&c, g_emu.t[C] + 64 * m + 4 * n, 4);
+      for (int k = 0; k < k_pairs; ++k) {
+        for (int i = 0; i < 2; ++i) {
+          c +=
+              bf16(g_emu.t[A] + 64 * m + 4 * k + 2 * i) * bf16(g_emu.t[B] + 64 * k + 4 * n + 2 * i);
+        }
+      }
+      std::memcpy(g_emu.t[C] + 64 * m + 4 * n, &c, 4);
+    }
+  }
+}
 #define KTX_TILE_ZERO(t) EmuZero(t)
 #define KTX_TILE_LOAD(t, p, s) EmuLoad(t, p, s)
 #define KTX_TILE_STORE(t, p, s) EmuStore(t, p, s)
 #define KTX_TILE_DPBSSD(c, a, b) EmuDpbssd(c, a, b)
+#define KTX_TILE_DPBF16PS(c, a, b) EmuDpbf16ps(c, a, b)
 #else
 inline void LoadConfig(const TileConfig* c) { LoadAmxTileConfig(*c); }
 inline void Release() { _tile_release(); }
@@ -110,6 +139,7 @@ inline void Release() { _tile_release(); }
 #define KTX_TILE_LOAD(t, p, s) _tile_loadd(t, p, s)
 #define KTX_TILE_STORE(t, p, s) _tile_stored(t, p, s)
 #define KTX_TILE_DPBSSD(c, a, b) _tile_dpbssd(c, a, b)
+#define KTX_TILE_DPBF16PS(c, a, b) _tile_dpbf16ps(c, a, b)
 #endif
 
 void ConfigureTiles() {
@@ -883,7 +913,93 @@ void TileMatmulCached(const MatmulArgs& a) {
 }
 
 bool Supports(MoeMatrixFormat f) { return MoeFormatSupported(f); }
-int64_t NoScratch(MoeMatrixFormat, int64_t) { return 0; }
+
+// ---- BF16 experts: AMX bf16 tiles over the panel16 BF16 weights ----
+// A panel16 BF16 block (32 k x 16 rows: group t holds rows 0..15's pair
+// (2t, 2t + 1), 4 bytes each) is exactly a tdpbf16ps B tile (16 rows of 64
+// bytes). The activations (kF32 rows whose values are bf16 already, so their
+// top halves are exact) are packed per block of 32 tokens into scratch as bf16
+// A rows [32][k]; per pair of panels four fp32 C tiles (32 tokens x 32 rows)
+// run over all of k and are written to `out`. Products of bf16 values are
+// exact in fp32; the tile unit sums them in its own order (the avx512 and
+// scalar kernels in theirs): the results agree to fp32 rounding, not bitwise.
+constexpr int kBf16TileTokens = 32;
+
+bool Bf16TileFormat(MoeMatrixFormat f) {
+  return f.type == TensorType::kBF16 && f.layout == MoeWeightLayout::kPanel16;
+}
+
+int64_t MatmulScratch(MoeMatrixFormat f, int64_t k) {
+  return Bf16TileFormat(f) ? kBf16TileTokens * k * 2 : 0;
+}
+
+// Rows [m0, m0 + m_valid) of the activations as bf16 into dst [32][k]; rows
+// past m_valid zero.
+void PackBf16Rows(const MatmulArgs& a, int64_t m0, int m_valid, uint16_t* dst) {
+  for (int m = 0; m < kBf16TileTokens; ++m) {
+    uint16_t* d = dst + m * a.k;
+    if (m >= m_valid) {
+      std::memset(d, 0, static_cast<size_t>(a.k) * 2);
+      continue;
+    }
+    const int64_t row = a.act_index != nullptr ? a.act_index[m0 + m] : m0 + m;
+    const float* src = reinterpret_cast<const float*>(a.act + row * a.act_stride);
+    for (int64_t i = 0; i < a.k; i += 16) {
+      const __m512i v = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(src + i)), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(v));
+    }
+  }
+}
+
+void MatmulBf16Tiles(const MatmulArgs& a) {
+  const int64_t nb = a.k / 32;
+  const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
+  uint16_t* act0 = reinterpret_cast<uint16_t*>(a.scratch);
+  const uint16_t* act1 = act0 + 16 * a.k;
+  const int64_t lda = a.k * 2;
+  ConfigureTiles();
+  alignas(64) float c[4][16 * 16];
+  for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
+    const int m_valid = static_cast<int>(std::min<int64_t>(kBf16TileTokens, a.n_act - m0));
+    const bool two = m_valid > 16;  // the second A tile holds tokens
+    PackBf16Rows(a, m0, m_valid, act0);
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) {
+      const int n_panels = p0 + 1 < p_end ? 2 : 1;
+      const uint8_t* w0 = a.w + p0 * nb * panel::kBf16Bytes;
+      const uint8_t* w1 = w0 + nb * panel::kBf16Bytes;
+      KTX_TILE_ZERO(0);
+      KTX_TILE_ZERO(1);
+      KTX_TILE_ZERO(2);
+      KTX_TILE_ZERO(3);
+      for (int64_t b = 0; b < nb; ++b) {
+        KTX_TILE_LOAD(4, act0 + 32 * b, lda);
+        KTX_TILE_LOAD(6, w0 + b * panel::kBf16Bytes, 64);
+        KTX_TILE_DPBF16PS(0, 4, 6);
+        if (two) {
+          KTX_TILE_LOAD(5, act1 + 32 * b, lda);
+          KTX_TILE_DPBF16PS(2, 5, 6);
+        }
+        if (n_panels > 1) {
+          KTX_TILE_LOAD(7, w1 + b * panel::kBf16Bytes, 64);
+          KTX_TILE_DPBF16PS(1, 4, 7);
+          if (two) KTX_TILE_DPBF16PS(3, 5, 7);
+        }
+      }
+      KTX_TILE_STORE(0, c[0], 64);
+      KTX_TILE_STORE(1, c[1], 64);
+      KTX_TILE_STORE(2, c[2], 64);
+      KTX_TILE_STORE(3, c[3], 64);
+      float* out = a.out + (p0 * kPanelRows - a.row_begin);
+      for (int m = 0; m < m_valid; ++m) {
+        const int mt = m / 16, i = m % 16;
+        float* o = out + (m0 + m) * a.out_stride;
+        std::memcpy(o, c[2 * mt] + 16 * i, 64);
+        if (n_panels > 1) std::memcpy(o + 16, c[2 * mt + 1] + 16 * i, 64);
+      }
+    }
+  }
+  Release();
+}
 
 }  // namespace
 
@@ -948,6 +1064,9 @@ void Matmul(const MatmulArgs& a) {
   if (a.format.layout == MoeWeightLayout::kAmxInt8 && a.act_index == nullptr && a.act_padded &&
       a.act_stride % 64 == 0) {
     MatmulTiles(a);
+  } else if (Bf16TileFormat(a.format) && a.n_act >= kAmxBf16MinTokens &&
+             a.scratch_bytes >= MatmulScratch(a.format, a.k)) {
+    MatmulBf16Tiles(a);
   } else {
     avx512::Matmul(a);
   }
@@ -961,7 +1080,7 @@ namespace ktx::kernels::moe {
 const MoeKernels& MoeKernelsAmxEmulated() {
   static const MoeKernels k = {CpuVariant::kAvx512,       "amx-emulated",
                                &amx_emulated::Supports,   &avx512::Quantize,
-                               &amx_emulated::Matmul,     &amx_emulated::NoScratch,
+                               &amx_emulated::Matmul,     &amx_emulated::MatmulScratch,
                                &avx512::SiluMul,          &avx512::QuantizeTile,
                                &amx_emulated::TileMatmul, &amx_emulated::TileConvert};
   return k;
@@ -970,7 +1089,7 @@ const MoeKernels& MoeKernelsAmxEmulated() {
 const MoeKernels& MoeKernelsAmx() {
   static const MoeKernels k = {CpuVariant::kAmx, "amx",
                                &amx::Supports,   &avx512::Quantize,
-                               &amx::Matmul,     &amx::NoScratch,
+                               &amx::Matmul,     &amx::MatmulScratch,
                                &avx512::SiluMul, &avx512::QuantizeTile,
                                &amx::TileMatmul, &amx::TileConvert};
   return k;

@@ -31,7 +31,8 @@
 //          r*4+i of group t is q[r][4t+i] + 128 (stored offset by 128 so that
 //          vpdpbusd's unsigned operand is the weight).
 //    BF16 (k-block 32, 1024 B = 64 B/row): w[16][64]: group t covers k = 2t,
-//          2t+1; 4 bytes per row r: w[r][2t], w[r][2t+1] (bf16 bits).
+//          2t+1; 4 bytes per row r: w[r][2t], w[r][2t+1] (bf16 bits). A block
+//          is also an AMX bf16 B tile (16 rows of 64 bytes) as it is.
 //
 // kAmxInt8   int8 weights with one float scale per (row, 256-block), in AMX
 //            B-tile order; lossy for K-quants (w ~= s * q, s = max|w| / 127 of

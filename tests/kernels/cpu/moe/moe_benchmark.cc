@@ -6,7 +6,8 @@
 //                            8 experts per token, Q4_K gate/up + Q6_K down, panel16)
 //                            with random routing: GB/s of expert weights read and
 //                            % of read_bw
-//   kernel_in_cache/<variant>/<type>/tokens:N  one 128-row panel16 matrix in L2, one
+//   kernel_in_cache/<variant>/<type>/tokens:N  one 128-row panel16 matrix in L2 (bf16: 64
+//                            rows, and kernel_dram/ 4096 rows streamed), one
 //                            thread: weight bytes per CPU-second (compute headroom)
 //   repack/<type>/<layout>   load-time repacking, one thread (GGUF bytes per second)
 //   tile_convert/<type>      the AMX path's panel16 -> int8 conversion, one thread,
@@ -688,11 +689,19 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   a.n_act = n_act;
   a.out = out.data();
   a.out_stride = rows;
+  // The scratch the layer's plan gives the kernel (the amx variant's bf16 tiles).
+  testing::AlignedBuffer scratch(std::max<int64_t>(kern.matmul_scratch_bytes(f, k), 64));
+  a.scratch = scratch.p.get();
+  a.scratch_bytes = kern.matmul_scratch_bytes(f, k);
   for (auto _ : state) {
     kern.matmul(a);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * *MoeMatrixBytes(f, rows, k));
+  // Multiply-adds x 2 per second of one thread.
+  state.counters["GFLOPS"] = benchmark::Counter(
+      static_cast<double>(2 * rows * k * n_act) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
 }
 
 // (5b) The tile path alone, one thread: one Q4_K gate-shaped matrix (k 7168)
@@ -963,6 +972,18 @@ void Register() {
                 .c_str(),
             [v, t, n](benchmark::State& s) { BM_Kernel(s, v, t, n, g_config.smoke ? 256 : 16384); })
             ->MinTime(g_config.smoke ? 0.01 : 0.5);
+      }
+    }
+    // BF16 experts: the AVX-512 BF16 dot products against (amx) the bf16 tiles
+    // from kAmxBf16MinTokens rows on; in L2 (64 rows) and streamed (4096 rows).
+    for (int64_t n : {1, 2, 3, 4, 5, 6, 8, 16, 32, 64}) {
+      for (const int64_t rows : {int64_t{64}, g_config.smoke ? int64_t{256} : int64_t{4096}}) {
+        benchmark::RegisterBenchmark(
+            (std::string(rows == 64 ? "kernel_in_cache/" : "kernel_dram/") + CpuVariantName(v) +
+             "/bf16/tokens:" + std::to_string(n))
+                .c_str(),
+            [v, n, rows](benchmark::State& s) { BM_Kernel(s, v, TensorType::kBF16, n, rows); })
+            ->MinTime(g_config.smoke ? 0.01 : 0.3);
       }
     }
     std::vector<int64_t> prefill =

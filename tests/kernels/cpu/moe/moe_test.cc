@@ -203,6 +203,9 @@ const Case kCases[] = {
      512, 2, 3, false},
     {"bf16_bf16_gguf_t1", TensorType::kBF16, TensorType::kBF16, MoeWeightLayout::kGguf, 512, 256, 7,
      1, true},
+    // Enough tokens per expert for the amx variant's bf16 tiles (blocks of 32 and a partial one).
+    {"bf16_bf16_panel_t255_sub", TensorType::kBF16, TensorType::kBF16, MoeWeightLayout::kPanel16,
+     256, 512, 4, 255, true},
     {"q4k_q6k_panel_t255", TensorType::kQ4_K, TensorType::kQ6_K, MoeWeightLayout::kPanel16, 256,
      256, 8, 255, false},
     {"q80_q4k_panel_t255_sub", TensorType::kQ8_0, TensorType::kQ4_K, MoeWeightLayout::kPanel16, 256,
