@@ -65,6 +65,26 @@ MatmulArgs TileArgs(int64_t rows, int64_t k, int64_t r0, int64_t r1, const Align
   return a;
 }
 
+// NMSE of the first `width` values of n_act rows (stride out_stride) of y
+// against ref; fails the test if y changed a value past `width` (outputs start
+// at -7).
+double RowsNmse(const std::vector<float>& y, const std::vector<float>& ref, int64_t n_act,
+                int64_t width, int64_t out_stride) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n_act; ++i) {
+    for (int64_t r = 0; r < width; ++r) {
+      const double d = y[i * out_stride + r] - ref[i * out_stride + r];
+      num += d * d;
+      den += static_cast<double>(ref[i * out_stride + r]) * ref[i * out_stride + r];
+    }
+    for (int64_t r = width; r < out_stride; ++r) {
+      EXPECT_EQ(y[i * out_stride + r], -7.0f) << "wrote past row_end, row " << i;
+    }
+  }
+  EXPECT_GT(den, 0.0);
+  return den > 0 ? num / den : 1.0;
+}
+
 // BF16 panel16 weights on (emulated) bf16 tiles from kAmxBf16MinTokens rows
 // on: activations gathered by index (the decode form) or contiguous, token
 // blocks of 32 with a partial one, a single tail panel, rows past row_end
@@ -95,38 +115,17 @@ TEST_F(AmxEmulationTest, Bf16TilesMatchScalar) {
       for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}}) {
         SCOPED_TRACE(::testing::Message() << "n_act " << n_act << " gathered " << gathered
                                           << " rows " << r0 << ".." << r1);
-        MatmulArgs a;
+        MatmulArgs a = TileArgs(rows, k, r0, r1, act, stride, n_act, 0, r1 - r0 + 3, scratch);
         a.format = f;
         a.w = static_cast<const uint8_t*>(w.ptrs[0]);
-        a.n_rows = rows;
-        a.k = k;
-        a.row_begin = r0;
-        a.row_end = r1;
-        a.act = act.p.get();
-        a.act_stride = stride;
         a.act_index = gathered ? index.data() : nullptr;
-        a.n_act = n_act;
-        a.out_stride = r1 - r0 + 3;
-        a.scratch = scratch.p.get();
-        a.scratch_bytes = static_cast<int64_t>(scratch.size);
+        a.act_padded = false;  // rows past n_act are not there
         std::vector<float> y_emu(n_act * a.out_stride, -7.0f), y_ref(n_act * a.out_stride, -7.0f);
         a.out = y_emu.data();
         MoeKernelsAmxEmulated().matmul(a);
         a.out = y_ref.data();
         MoeKernelsScalar().matmul(a);
-        double num = 0, den = 0;
-        for (int64_t i = 0; i < n_act; ++i) {
-          for (int64_t r = 0; r < r1 - r0; ++r) {
-            const double d = y_emu[i * a.out_stride + r] - y_ref[i * a.out_stride + r];
-            num += d * d;
-            den += static_cast<double>(y_ref[i * a.out_stride + r]) * y_ref[i * a.out_stride + r];
-          }
-          for (int64_t r = r1 - r0; r < a.out_stride; ++r) {
-            ASSERT_EQ(y_emu[i * a.out_stride + r], -7.0f) << "wrote past row_end";
-          }
-        }
-        ASSERT_GT(den, 0.0);
-        EXPECT_LT(num / den, 1e-10);
+        EXPECT_LT(RowsNmse(y_emu, y_ref, n_act, r1 - r0, a.out_stride), 1e-10);
       }
     }
   }
@@ -167,19 +166,8 @@ TEST_F(AmxEmulationTest, TileMatmulMatchesScalar) {
         MoeKernelsAmxEmulated().matmul(a);
         a.out = y_ref.data();
         MoeKernelsScalar().matmul(a);
-        double num = 0, den = 0;
-        for (int64_t i = 0; i < n_act; ++i) {
-          for (int64_t r = 0; r < r1 - r0; ++r) {
-            const double d = y_emu[i * a.out_stride + r] - y_ref[i * a.out_stride + r];
-            num += d * d;
-            den += static_cast<double>(y_ref[i * a.out_stride + r]) * y_ref[i * a.out_stride + r];
-          }
-          for (int64_t r = r1 - r0; r < a.out_stride; ++r) {
-            ASSERT_EQ(y_emu[i * a.out_stride + r], -7.0f) << "wrote past row_end";
-          }
-        }
-        ASSERT_GT(den, 0.0);
-        EXPECT_LT(num / den, 1e-11) << "rows " << r0 << ".." << r1;
+        EXPECT_LT(RowsNmse(y_emu, y_ref, n_act, r1 - r0, a.out_stride), 1e-11)
+            << "rows " << r0 << ".." << r1;
       }
     }
   }
