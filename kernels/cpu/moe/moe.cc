@@ -17,6 +17,19 @@ namespace {
 constexpr int64_t kFfRowsPerTask = 256;
 constexpr int64_t kQuantChunk = 8;  // tokens (or pairs) per stage-0 task
 constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile loads)
+// x rows packed to bf16 at a time for the amx variant's bf16 tiles (gate and
+// up read them from L2 with one panel pair's weights: 917 + 458 KiB at
+// DeepSeek-V3's n_embd).
+constexpr int64_t kBf16RowsBlock = 64;
+
+// n floats that hold bf16 values (ActFormat::kF32) -> their bf16 bits.
+void F32RowToBf16(const uint8_t* src, uint16_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, src + 4 * j, 4);
+    dst[j] = static_cast<uint16_t>(bits >> 16);
+  }
+}
 
 // Per-expert path of a run (workspace byte per expert).
 constexpr uint8_t kPathDecode = 0;       // decode form, x per token
@@ -313,6 +326,9 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
                                        options.tile_phased ? options.tile_chunk_kib << 10 : 0,
                                        options.tile_skew));
   }
+  if (plan.variant == CpuVariant::kAmx && Bf16TileFormat(format.gate)) {
+    ks = std::max(ks, kBf16RowsBlock * shape.n_embd * 2);  // gate/up's bf16 rows of x
+  }
   plan.kernel_scratch_bytes = Align64(ks);
   int64_t floats = options.max_tokens * std::max({2 * kFfRowsPerTask, options.down_rows_per_task,
                                                   plan.prefill_down_rows});
@@ -339,6 +355,9 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   plan.off_xq = take(options.max_tokens * plan.x_row_bytes);
   plan.off_xp = take((plan.max_pairs + kPadRows) * plan.xp_row_bytes);
   plan.off_hq = take((plan.max_pairs + kPadRows) * plan.h_row_bytes);
+  if (plan.variant == CpuVariant::kAmx && Bf16TileFormat(format.down)) {
+    plan.off_hb = take((plan.max_pairs + kPadRows) * shape.n_ff * 2);
+  }
   plan.off_worker = take(options.max_workers * plan.worker_scratch_bytes);
   plan.workspace_bytes = off;
   return plan;
@@ -630,12 +649,42 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
     a.act_stride = p.x_row_bytes;
     a.act_index = pair_token + offset[e];
   }
-  for (int which = 0; which < 2; ++which) {
-    const MoeMatrix& m = Matrix(which, path);
-    a.format = m.format;
-    a.w = static_cast<const uint8_t*>(m.experts[e]);
-    a.out = which == 0 ? g : u;
-    p.kernels->matmul(a);
+  // Gate and up of `x`'s pairs into g and u from pair r0 on.
+  auto gate_up = [&](MatmulArgs& x, int64_t r0) {
+    for (int which = 0; which < 2; ++which) {
+      const MoeMatrix& m = Matrix(which, path);
+      x.format = m.format;
+      x.w = static_cast<const uint8_t*>(m.experts[e]);
+      x.out = (which == 0 ? g : u) + r0 * kFfRowsPerTask;
+      p.kernels->matmul(x);
+    }
+  };
+  const bool bf16_rows = p.variant == CpuVariant::kAmx && Bf16TileFormat(Matrix(0, path).format) &&
+                         Bf16TileFormat(Matrix(1, path).format) && n >= kAmxBf16MinTokens &&
+                         a.scratch_bytes >= kBf16RowsBlock * a.k * 2;
+  if (bf16_rows) {
+    // The amx variant's bf16 tiles: each block of kBf16RowsBlock pairs' rows of
+    // x as bf16 once into the kernel scratch, for gate and up (the kernel would
+    // pack them for each).
+    uint16_t* rows = reinterpret_cast<uint16_t*>(a.scratch);
+    MatmulArgs c = a;
+    c.act_bf16 = rows;
+    c.act_bf16_stride = a.k;
+    for (int64_t c0 = 0; c0 < n; c0 += kBf16RowsBlock) {
+      c.n_act = std::min(kBf16RowsBlock, n - c0);
+      for (int64_t i = 0; i < c.n_act; ++i) {
+        const int64_t row = a.act_index != nullptr ? a.act_index[c0 + i] : c0 + i;
+        F32RowToBf16(a.act + row * a.act_stride, rows + i * a.k, a.k);
+      }
+      if (a.act_index != nullptr) {
+        c.act_index = a.act_index + c0;
+      } else {
+        c.act = a.act + c0 * a.act_stride;
+      }
+      gate_up(c, c0);
+    }
+  } else {
+    gate_up(a, 0);
   }
   p.kernels->silu_mul(g, u, g, n * kFfRowsPerTask);
   const MoeMatrixFormat down = prefill ? p.format.down_prefill : p.format.down;
@@ -644,6 +693,14 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   for (int64_t i = 0; i < n; ++i) {
     p.kernels->quantize(hfmt, g + i * kFfRowsPerTask,
                         ws_ + p.off_hq + (offset[e] + i) * p.h_row_bytes + col, kFfRowsPerTask);
+  }
+  if (p.off_hb >= 0 && Bf16TileFormat(down)) {
+    // The same values as bf16 (the F32 rows hold bf16 values: their top halves).
+    uint16_t* hb = reinterpret_cast<uint16_t*>(ws_ + p.off_hb);
+    for (int64_t i = 0; i < n; ++i) {
+      F32RowToBf16(ws_ + p.off_hq + (offset[e] + i) * p.h_row_bytes + col,
+                   hb + (offset[e] + i) * p.shape.n_ff + a.row_begin, kFfRowsPerTask);
+    }
   }
 }
 
@@ -754,6 +811,10 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     }
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
     a.n_act = n;
+    const bool hb = p.off_hb >= 0 && Bf16TileFormat(m.format);
+    a.act_bf16 =
+        hb ? reinterpret_cast<const uint16_t*>(ws_ + p.off_hb) + offset[e] * p.shape.n_ff : nullptr;
+    a.act_bf16_stride = hb ? p.shape.n_ff : 0;
     p.kernels->matmul(a);
     accumulate(offset[e], n);
   }

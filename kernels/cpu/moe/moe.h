@@ -177,6 +177,10 @@ struct MoePlan {
   int64_t off_task = 0;  // I32 [max_gateup_tasks][4]: expert, first pair, pairs, first n_ff row
   int64_t off_pair_token = 0, off_pair_weight = 0;
   int64_t off_xq = 0, off_xp = 0, off_hq = 0, off_worker = 0;
+  // amx variant with BF16 panel16 down matrices: h also as bf16 rows (U16
+  // [max_pairs + 32][n_ff], the tile kernel's A rows, written once by stage 1
+  // instead of packed by every stage-2 task); -1 otherwise.
+  int64_t off_hb = -1;
   int64_t workspace_bytes = 0;
 };
 

@@ -406,7 +406,18 @@ struct MatmulArgs {
   // current item's k-steps (tile registers are not renamed, so a tile load
   // from L2 stalls its k-step).
   bool tile_prefetch = false;
+  // BF16 weights on the amx variant: the n_act activation rows (after
+  // act_index) also as bf16, row t at act_bf16 + t * act_bf16_stride
+  // elements, rows up to n_act rounded up to 32 readable, so that the bf16
+  // tile kernel need not pack them. Other kernels read `act`.
+  const uint16_t* act_bf16 = nullptr;
+  int64_t act_bf16_stride = 0;
 };
+
+// Whether the amx variant's bf16 tiles take `format` (BF16 panel16).
+static inline bool Bf16TileFormat(MoeMatrixFormat f) {
+  return f.type == TensorType::kBF16 && f.layout == MoeWeightLayout::kPanel16;
+}
 
 // The int8 tile path (the prefill path of the amx variant). Weights stay in
 // their panel16 form (Q4_K, Q5_K, Q6_K, Q8_0): per (row, group of

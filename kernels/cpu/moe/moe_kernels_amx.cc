@@ -925,10 +925,6 @@ bool Supports(MoeMatrixFormat f) { return MoeFormatSupported(f); }
 // scalar kernels in theirs): the results agree to fp32 rounding, not bitwise.
 constexpr int kBf16TileTokens = 32;
 
-bool Bf16TileFormat(MoeMatrixFormat f) {
-  return f.type == TensorType::kBF16 && f.layout == MoeWeightLayout::kPanel16;
-}
-
 int64_t MatmulScratch(MoeMatrixFormat f, int64_t k) {
   return Bf16TileFormat(f) ? kBf16TileTokens * k * 2 : 0;
 }
@@ -951,51 +947,67 @@ void PackBf16Rows(const MatmulArgs& a, int64_t m0, int m_valid, uint16_t* dst) {
   }
 }
 
+// With a.act_bf16 the rows are read from there as they are (no packing),
+// panel pairs outside and token blocks inside, so that a pair's weights (2 x
+// 16 rows x k bf16) stay in L2 across the token blocks; packing per call
+// keeps token blocks outside (one block's rows packed at a time).
 void MatmulBf16Tiles(const MatmulArgs& a) {
   const int64_t nb = a.k / 32;
   const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
-  uint16_t* act0 = reinterpret_cast<uint16_t*>(a.scratch);
-  const uint16_t* act1 = act0 + 16 * a.k;
-  const int64_t lda = a.k * 2;
+  const bool packed = a.act_bf16 != nullptr;
+  uint16_t* pack = reinterpret_cast<uint16_t*>(a.scratch);
+  const int64_t row_elems = packed ? a.act_bf16_stride : a.k;
+  const int64_t lda = row_elems * 2;
   ConfigureTiles();
   alignas(64) float c[4][16 * 16];
-  for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
+  // Tokens [m0, m0 + 32) (rows from act0) x the panel pair at p0.
+  auto block = [&](int64_t m0, int64_t p0, const uint16_t* act0) {
     const int m_valid = static_cast<int>(std::min<int64_t>(kBf16TileTokens, a.n_act - m0));
     const bool two = m_valid > 16;  // the second A tile holds tokens
-    PackBf16Rows(a, m0, m_valid, act0);
+    const uint16_t* act1 = act0 + 16 * row_elems;
+    const int n_panels = p0 + 1 < p_end ? 2 : 1;
+    const uint8_t* w0 = a.w + p0 * nb * panel::kBf16Bytes;
+    const uint8_t* w1 = w0 + nb * panel::kBf16Bytes;
+    KTX_TILE_ZERO(0);
+    KTX_TILE_ZERO(1);
+    KTX_TILE_ZERO(2);
+    KTX_TILE_ZERO(3);
+    for (int64_t b = 0; b < nb; ++b) {
+      KTX_TILE_LOAD(4, act0 + 32 * b, lda);
+      KTX_TILE_LOAD(6, w0 + b * panel::kBf16Bytes, 64);
+      KTX_TILE_DPBF16PS(0, 4, 6);
+      if (two) {
+        KTX_TILE_LOAD(5, act1 + 32 * b, lda);
+        KTX_TILE_DPBF16PS(2, 5, 6);
+      }
+      if (n_panels > 1) {
+        KTX_TILE_LOAD(7, w1 + b * panel::kBf16Bytes, 64);
+        KTX_TILE_DPBF16PS(1, 4, 7);
+        if (two) KTX_TILE_DPBF16PS(3, 5, 7);
+      }
+    }
+    KTX_TILE_STORE(0, c[0], 64);
+    KTX_TILE_STORE(1, c[1], 64);
+    KTX_TILE_STORE(2, c[2], 64);
+    KTX_TILE_STORE(3, c[3], 64);
+    float* out = a.out + (p0 * kPanelRows - a.row_begin);
+    for (int m = 0; m < m_valid; ++m) {
+      const int mt = m / 16, i = m % 16;
+      float* o = out + (m0 + m) * a.out_stride;
+      std::memcpy(o, c[2 * mt] + 16 * i, 64);
+      if (n_panels > 1) std::memcpy(o + 16, c[2 * mt + 1] + 16 * i, 64);
+    }
+  };
+  if (packed) {
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) {
-      const int n_panels = p0 + 1 < p_end ? 2 : 1;
-      const uint8_t* w0 = a.w + p0 * nb * panel::kBf16Bytes;
-      const uint8_t* w1 = w0 + nb * panel::kBf16Bytes;
-      KTX_TILE_ZERO(0);
-      KTX_TILE_ZERO(1);
-      KTX_TILE_ZERO(2);
-      KTX_TILE_ZERO(3);
-      for (int64_t b = 0; b < nb; ++b) {
-        KTX_TILE_LOAD(4, act0 + 32 * b, lda);
-        KTX_TILE_LOAD(6, w0 + b * panel::kBf16Bytes, 64);
-        KTX_TILE_DPBF16PS(0, 4, 6);
-        if (two) {
-          KTX_TILE_LOAD(5, act1 + 32 * b, lda);
-          KTX_TILE_DPBF16PS(2, 5, 6);
-        }
-        if (n_panels > 1) {
-          KTX_TILE_LOAD(7, w1 + b * panel::kBf16Bytes, 64);
-          KTX_TILE_DPBF16PS(1, 4, 7);
-          if (two) KTX_TILE_DPBF16PS(3, 5, 7);
-        }
+      for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
+        block(m0, p0, a.act_bf16 + m0 * row_elems);
       }
-      KTX_TILE_STORE(0, c[0], 64);
-      KTX_TILE_STORE(1, c[1], 64);
-      KTX_TILE_STORE(2, c[2], 64);
-      KTX_TILE_STORE(3, c[3], 64);
-      float* out = a.out + (p0 * kPanelRows - a.row_begin);
-      for (int m = 0; m < m_valid; ++m) {
-        const int mt = m / 16, i = m % 16;
-        float* o = out + (m0 + m) * a.out_stride;
-        std::memcpy(o, c[2 * mt] + 16 * i, 64);
-        if (n_panels > 1) std::memcpy(o + 16, c[2 * mt + 1] + 16 * i, 64);
-      }
+    }
+  } else {
+    for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
+      PackBf16Rows(a, m0, static_cast<int>(std::min<int64_t>(kBf16TileTokens, a.n_act - m0)), pack);
+      for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) block(m0, p0, pack);
     }
   }
   Release();
@@ -1065,7 +1077,7 @@ void Matmul(const MatmulArgs& a) {
       a.act_stride % 64 == 0) {
     MatmulTiles(a);
   } else if (Bf16TileFormat(a.format) && a.n_act >= kAmxBf16MinTokens &&
-             a.scratch_bytes >= MatmulScratch(a.format, a.k)) {
+             (a.act_bf16 != nullptr || a.scratch_bytes >= MatmulScratch(a.format, a.k))) {
     MatmulBf16Tiles(a);
   } else {
     avx512::Matmul(a);

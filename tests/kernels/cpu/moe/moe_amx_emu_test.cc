@@ -86,9 +86,10 @@ double RowsNmse(const std::vector<float>& y, const std::vector<float>& ref, int6
 }
 
 // BF16 panel16 weights on (emulated) bf16 tiles from kAmxBf16MinTokens rows
-// on: activations gathered by index (the decode form) or contiguous, token
-// blocks of 32 with a partial one, a single tail panel, rows past row_end
-// untouched. The fp32 sums run in another order than the scalar kernel's:
+// on: activations gathered by index (the decode form) or contiguous, packed by
+// the kernel or given as bf16 rows (MatmulArgs::act_bf16, the layer's form),
+// token blocks of 32 with a partial one, a single tail panel, rows past
+// row_end untouched. The fp32 sums run in another order than the scalar kernel's:
 // NMSE ~1e-14 here; a wrong pair, row or token order gives ~1.
 TEST_F(AmxEmulationTest, Bf16TilesMatchScalar) {
   std::mt19937 rng(23);
@@ -111,15 +112,30 @@ TEST_F(AmxEmulationTest, Bf16TilesMatchScalar) {
   std::vector<int32_t> index(n_src);
   for (int64_t i = 0; i < n_src; ++i) index[i] = static_cast<int32_t>((7 * i + 3) % n_src);
   for (const int64_t n_act : {kAmxBf16MinTokens - 1, kAmxBf16MinTokens, int64_t{17}, int64_t{40}}) {
-    for (const bool gathered : {false, true}) {
+    for (const int form : {0, 1, 2}) {  // contiguous, gathered, gathered + rows given as bf16
+      const bool gathered = form > 0;
+      // The rows as bf16 (MatmulArgs::act_bf16: after act_index, padded to 32).
+      std::vector<uint16_t> rows_bf16((n_act + 32) * k, 0x7fc0);
+      for (int64_t t = 0; t < n_act; ++t) {
+        const uint8_t* src = act.p.get() + (gathered ? index[t] : t) * stride;
+        for (int64_t i = 0; i < k; ++i) {
+          uint32_t bits;
+          std::memcpy(&bits, src + 4 * i, 4);
+          rows_bf16[t * k + i] = static_cast<uint16_t>(bits >> 16);
+        }
+      }
       for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}}) {
-        SCOPED_TRACE(::testing::Message() << "n_act " << n_act << " gathered " << gathered
-                                          << " rows " << r0 << ".." << r1);
+        SCOPED_TRACE(::testing::Message()
+                     << "n_act " << n_act << " form " << form << " rows " << r0 << ".." << r1);
         MatmulArgs a = TileArgs(rows, k, r0, r1, act, stride, n_act, 0, r1 - r0 + 3, scratch);
         a.format = f;
         a.w = static_cast<const uint8_t*>(w.ptrs[0]);
         a.act_index = gathered ? index.data() : nullptr;
         a.act_padded = false;  // rows past n_act are not there
+        if (form == 2) {       // padding rows NaN: a token row must not leak into another
+          a.act_bf16 = rows_bf16.data();
+          a.act_bf16_stride = k;
+        }
         std::vector<float> y_emu(n_act * a.out_stride, -7.0f), y_ref(n_act * a.out_stride, -7.0f);
         a.out = y_emu.data();
         MoeKernelsAmxEmulated().matmul(a);

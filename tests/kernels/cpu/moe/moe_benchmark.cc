@@ -651,7 +651,7 @@ void BM_TileConvert(benchmark::State& state, TensorType type) {
 // (5) One kernel call in cache, one thread: GB/s of weights per CPU-second
 // (the compute headroom of the decode path over DRAM bandwidth).
 void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int64_t n_act,
-               int64_t rows) {
+               int64_t rows, bool bf16_rows = false) {
   const int64_t k = g_config.smoke ? 512 : 7168;
   std::mt19937 rng(3);
   const auto m = testing::RandomMatrix(type, rows, k, 0.05f, rng);
@@ -693,6 +693,21 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   testing::AlignedBuffer scratch(std::max<int64_t>(kern.matmul_scratch_bytes(f, k), 64));
   a.scratch = scratch.p.get();
   a.scratch_bytes = kern.matmul_scratch_bytes(f, k);
+  // bf16_rows: the activations also as bf16 rows (MatmulArgs::act_bf16, as the
+  // layer's stage 2 gives them), padded to whole tiles.
+  std::vector<uint16_t> act_bf16;
+  if (bf16_rows) {
+    act_bf16.assign((n_act + 32) * k, 0);
+    for (int64_t t = 0; t < n_act; ++t) {
+      for (int64_t i = 0; i < k; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, act.p.get() + t * stride + 4 * i, 4);
+        act_bf16[t * k + i] = static_cast<uint16_t>(bits >> 16);
+      }
+    }
+    a.act_bf16 = act_bf16.data();
+    a.act_bf16_stride = k;
+  }
   for (auto _ : state) {
     kern.matmul(a);
     benchmark::DoNotOptimize(out.data());
@@ -983,6 +998,12 @@ void Register() {
              "/bf16/tokens:" + std::to_string(n))
                 .c_str(),
             [v, n, rows](benchmark::State& s) { BM_Kernel(s, v, TensorType::kBF16, n, rows); })
+            ->MinTime(g_config.smoke ? 0.01 : 0.3);
+      }
+      if (v == CpuVariant::kAmx && n >= 8) {  // the rows given as bf16: no packing per call
+        benchmark::RegisterBenchmark(
+            ("kernel_in_cache/amx/bf16_rows/tokens:" + std::to_string(n)).c_str(),
+            [v, n](benchmark::State& s) { BM_Kernel(s, v, TensorType::kBF16, n, 64, true); })
             ->MinTime(g_config.smoke ? 0.01 : 0.3);
       }
     }
