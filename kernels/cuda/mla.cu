@@ -60,12 +60,12 @@ __device__ __forceinline__ void CpAsyncWait() {
 }
 
 // Element offsets of the cache rows t0 .. t0 + n_rows - 1 of one sequence
-// (-1 past n_rows), written by the first kTile threads.
+// (-1 past n_rows), written by the threads of index `thread` < n.
 __device__ __forceinline__ void TileRowOffsets(const MlaPagedKv& kv, const int32_t* table,
                                                int64_t t0, int n_rows, int row_width, int n,
-                                               int64_t* out) {
-  if (static_cast<int>(threadIdx.x) < n) {
-    const int r = threadIdx.x;
+                                               int thread, int64_t* out) {
+  if (thread < n) {
+    const int r = thread;
     const int64_t pos = t0 + r;
     out[r] = r < n_rows ? static_cast<int64_t>(table[pos / kv.page_size]) * kv.page_stride +
                               (pos % kv.page_size) * row_width
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kHeads * 32)
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and sq is written on the first pass)
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
-    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTile, s_rowoff);
+    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTile, threadIdx.x, s_rowoff);
     __syncthreads();
     for (int i = threadIdx.x; i < n_rows * rw_words; i += blockDim.x) {
       const int r = i / rw_words, w = i % rw_words;
@@ -575,13 +575,7 @@ __global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
   auto issue = [&](int64_t t0, int buf) {
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
     int64_t* rowoff = sm.rowoff + buf * kTile;
-    if (gtid < kTile) {
-      const int64_t pos = t0 + gtid;
-      rowoff[gtid] = gtid < n_rows
-                         ? static_cast<int64_t>(table[pos / a.kv.page_size]) * a.kv.page_stride +
-                               (pos % a.kv.page_size) * rw
-                         : -1;
-    }
+    TileRowOffsets(a.kv, table, t0, n_rows, rw, kTile, gtid, rowoff);
     TcGroupSync<kGroups>(grp);
     __nv_bfloat16* dst = buf != 0 ? sm.kv1 : sm.kv0;
     // Warp w loads rows w, w + 8, ...; lane l the 16-byte chunks l, l + 32,
@@ -607,7 +601,7 @@ __global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
   // the next tile's rows load during this tile's products.
   const int64_t step = int64_t{kTile} * kGroups;
   const int64_t first = begin + int64_t{kTile} * grp;
-  if (first < end) issue(first, 0);  // its barrier also publishes m and l (and Q with one group)
+  if (first < end) issue(first, 0);
   int buf = 0;
   for (int64_t t0 = first; t0 < end; t0 += step, buf ^= kBuffers - 1) {
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));

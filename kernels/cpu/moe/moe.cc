@@ -22,13 +22,10 @@ constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile lo
 // DeepSeek-V3's n_embd).
 constexpr int64_t kBf16RowsBlock = 64;
 
-// n floats that hold bf16 values (ActFormat::kF32) -> their bf16 bits.
-void F32RowToBf16(const uint8_t* src, uint16_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, src + 4 * j, 4);
-    dst[j] = static_cast<uint16_t>(bits >> 16);
-  }
+// Whether the plan's kernels run matrices of `format` on the amx variant's
+// bf16 tiles (the plan then gives them their bf16 rows; see MakeMoePlan).
+bool AmxBf16Tiles(CpuVariant variant, MoeMatrixFormat format) {
+  return variant == CpuVariant::kAmx && Bf16TileFormat(format);
 }
 
 // Per-expert path of a run (workspace byte per expert).
@@ -326,7 +323,7 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
                                        options.tile_phased ? options.tile_chunk_kib << 10 : 0,
                                        options.tile_skew));
   }
-  if (plan.variant == CpuVariant::kAmx && Bf16TileFormat(format.gate)) {
+  if (AmxBf16Tiles(plan.variant, format.gate)) {
     ks = std::max(ks, kBf16RowsBlock * shape.n_embd * 2);  // gate/up's bf16 rows of x
   }
   plan.kernel_scratch_bytes = Align64(ks);
@@ -355,7 +352,7 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   plan.off_xq = take(options.max_tokens * plan.x_row_bytes);
   plan.off_xp = take((plan.max_pairs + kPadRows) * plan.xp_row_bytes);
   plan.off_hq = take((plan.max_pairs + kPadRows) * plan.h_row_bytes);
-  if (plan.variant == CpuVariant::kAmx && Bf16TileFormat(format.down)) {
+  if (AmxBf16Tiles(plan.variant, format.down)) {
     plan.off_hb = take((plan.max_pairs + kPadRows) * shape.n_ff * 2);
   }
   plan.off_worker = take(options.max_workers * plan.worker_scratch_bytes);
@@ -659,10 +656,9 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
       p.kernels->matmul(x);
     }
   };
-  const bool bf16_rows = p.variant == CpuVariant::kAmx && Bf16TileFormat(Matrix(0, path).format) &&
-                         Bf16TileFormat(Matrix(1, path).format) && n >= kAmxBf16MinTokens &&
-                         a.scratch_bytes >= kBf16RowsBlock * a.k * 2;
-  if (bf16_rows) {
+  // (The plan sized the kernel scratch for these rows from format.gate; an up
+  // matrix of another format reads `act` as before.)
+  if (AmxBf16Tiles(p.variant, Matrix(0, path).format) && n >= kAmxBf16MinTokens) {
     // The amx variant's bf16 tiles: each block of kBf16RowsBlock pairs' rows of
     // x as bf16 once into the kernel scratch, for gate and up (the kernel would
     // pack them for each).

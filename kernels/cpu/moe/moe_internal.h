@@ -419,6 +419,16 @@ static inline bool Bf16TileFormat(MoeMatrixFormat f) {
   return f.type == TensorType::kBF16 && f.layout == MoeWeightLayout::kPanel16;
 }
 
+// n floats of an ActFormat::kF32 row (bf16 values) at src -> their bf16 bits:
+// the form of MatmulArgs::act_bf16.
+static inline void F32RowToBf16(const uint8_t* src, uint16_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, src + 4 * j, 4);
+    dst[j] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
 // The int8 tile path (the prefill path of the amx variant). Weights stay in
 // their panel16 form (Q4_K, Q5_K, Q6_K, Q8_0): per (row, group of
 // `act_group` k) they are converted on the fly to int8 v with one float scale

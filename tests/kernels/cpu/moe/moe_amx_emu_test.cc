@@ -117,12 +117,7 @@ TEST_F(AmxEmulationTest, Bf16TilesMatchScalar) {
       // The rows as bf16 (MatmulArgs::act_bf16: after act_index, padded to 32).
       std::vector<uint16_t> rows_bf16((n_act + 32) * k, 0x7fc0);
       for (int64_t t = 0; t < n_act; ++t) {
-        const uint8_t* src = act.p.get() + (gathered ? index[t] : t) * stride;
-        for (int64_t i = 0; i < k; ++i) {
-          uint32_t bits;
-          std::memcpy(&bits, src + 4 * i, 4);
-          rows_bf16[t * k + i] = static_cast<uint16_t>(bits >> 16);
-        }
+        F32RowToBf16(act.p.get() + (gathered ? index[t] : t) * stride, &rows_bf16[t * k], k);
       }
       for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 80}, {16, 64}, {48, 80}}) {
         SCOPED_TRACE(::testing::Message()

@@ -699,11 +699,7 @@ void BM_Kernel(benchmark::State& state, CpuVariant variant, TensorType type, int
   if (bf16_rows) {
     act_bf16.assign((n_act + 32) * k, 0);
     for (int64_t t = 0; t < n_act; ++t) {
-      for (int64_t i = 0; i < k; ++i) {
-        uint32_t bits;
-        std::memcpy(&bits, act.p.get() + t * stride + 4 * i, 4);
-        act_bf16[t * k + i] = static_cast<uint16_t>(bits >> 16);
-      }
+      F32RowToBf16(act.p.get() + t * stride, &act_bf16[t * k], k);
     }
     a.act_bf16 = act_bf16.data();
     a.act_bf16_stride = k;
