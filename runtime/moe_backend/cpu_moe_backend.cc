@@ -126,6 +126,26 @@ void AttachTileCaches(const MoeLayerFormat& f, const void* const* gate, const vo
 // A switch point no call reaches (decode path only).
 constexpr int64_t kNoPrefill = int64_t{1} << 40;
 
+// A positive token count from environment variable `name`: 0 when unset or
+// empty, InvalidArgument naming the variable for anything else.
+absl::StatusOr<int64_t> TokensFromEnv(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  if (end == env || *end != '\0' || v <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "=", env, ": expected a positive token count per expert"));
+  }
+  return static_cast<int64_t>(v);
+}
+
+// Whether the amx variant runs `f` on bf16 tiles (kernels/cpu/moe: BF16 panel16).
+bool Bf16Tiles(kernels::CpuVariant variant, kernels::moe::MoeMatrixFormat f) {
+  return variant == kernels::CpuVariant::kAmx && f.type == TensorType::kBF16 &&
+         f.layout == MoeWeightLayout::kPanel16;
+}
+
 }  // namespace
 
 // One MoE layer.
@@ -194,16 +214,20 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
   int64_t prefill_min_tokens = options.prefill_min_tokens;
   std::string prefill_switch = "option";
   if (prefill_min_tokens == 0) {
-    if (const char* env = std::getenv("KTX_MOE_PREFILL_MIN_TOKENS"); env != nullptr && *env) {
-      char* end = nullptr;
-      const long long v = std::strtoll(env, &end, 10);
-      if (end == env || *end != '\0' || v <= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "KTX_MOE_PREFILL_MIN_TOKENS=", env, ": expected a positive token count per expert"));
-      }
-      prefill_min_tokens = v;
-      prefill_switch = "KTX_MOE_PREFILL_MIN_TOKENS";
-    }
+    KTX_ASSIGN_OR_RETURN(prefill_min_tokens, TokensFromEnv("KTX_MOE_PREFILL_MIN_TOKENS"));
+    if (prefill_min_tokens > 0) prefill_switch = "KTX_MOE_PREFILL_MIN_TOKENS";
+  }
+  // The BF16 tile switch likewise (amx variant, BF16 experts).
+  if (options.bf16_tile_min_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CpuMoeBackend: bf16_tile_min_tokens = ", options.bf16_tile_min_tokens,
+                     ", expected > 0 (or 0: calibrate at load)"));
+  }
+  int64_t bf16_tile_min_tokens = options.bf16_tile_min_tokens;
+  std::string bf16_tile_switch = "option";
+  if (bf16_tile_min_tokens == 0) {
+    KTX_ASSIGN_OR_RETURN(bf16_tile_min_tokens, TokensFromEnv("KTX_MOE_BF16_TILE_MIN_TOKENS"));
+    if (bf16_tile_min_tokens > 0) bf16_tile_switch = "KTX_MOE_BF16_TILE_MIN_TOKENS";
   }
   if (const char* env = std::getenv("KTX_MOE_TIMES"); env != nullptr && *env) {
     const std::string v = env;
@@ -432,33 +456,77 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
       cache[key] = {prefill_min_tokens, load_stats_.calibration};
     }
   }
-  if (prefill_min_tokens > 0) {
+  // The BF16 tile switch: calibrated on the first layer whose experts run on
+  // bf16 tiles unless given (once per process and layer shape, as above).
+  int bf16_layer = -1;
+  for (int il = 0; il < n_layer && bf16_layer < 0; ++il) {
+    if (!IsFastLayer(il) || layers_[il]->n_held == 0) continue;
+    const MoeLayerFormat& f = layers_[il]->plan.format;
+    if (Bf16Tiles(variant_, f.gate) || Bf16Tiles(variant_, f.down)) bf16_layer = il;
+  }
+  if (bf16_layer < 0) {
+    bf16_tile_min_tokens = 0;
+    bf16_tile_switch = "none";
+  } else if (bf16_tile_min_tokens == 0) {
+    static std::mutex cache_mu;
+    static std::map<std::string, std::pair<int64_t, std::vector<CpuMoeLoadStats::SwitchPoint>>>
+        cache;
+    const kernels::moe::MoePlan& cp = layers_[bf16_layer]->plan;
+    const std::string key =
+        absl::StrCat(cp.shape.n_embd, "/", cp.shape.n_ff, "/", TypeName(cp.format.gate.type), "/",
+                     TypeName(cp.format.down.type));
+    std::lock_guard<std::mutex> lock(cache_mu);
+    if (auto it = cache.find(key); it != cache.end()) {
+      bf16_tile_min_tokens = it->second.first;
+      load_stats_.bf16_calibration = it->second.second;
+      bf16_tile_switch = "calibrated (earlier in this process)";
+    } else {
+      KTX_ASSIGN_OR_RETURN(bf16_tile_min_tokens, CalibrateBf16TileSwitch(bf16_layer));
+      bf16_tile_switch = "calibrated";
+      cache[key] = {bf16_tile_min_tokens, load_stats_.bf16_calibration};
+    }
+  }
+  if (prefill_min_tokens > 0 || bf16_tile_min_tokens > 0) {
     for (auto& layer : layers_) {
       if (layer == nullptr || !layer->fast) continue;
       kernels::moe::MoePlanOptions po = layer->plan.options;
-      po.prefill_min_tokens = prefill_min_tokens;
+      if (prefill_min_tokens > 0) po.prefill_min_tokens = prefill_min_tokens;
+      if (bf16_tile_min_tokens > 0) po.bf16_tile_min_tokens = bf16_tile_min_tokens;
       KTX_ASSIGN_OR_RETURN(layer->plan,
                            kernels::moe::MakeMoePlan(layer->plan.shape, layer->plan.format, po));
     }
   }
   load_stats_.prefill_min_tokens = prefill_min_tokens;
   load_stats_.prefill_switch = prefill_switch;
+  load_stats_.bf16_tile_min_tokens = bf16_tile_min_tokens;
+  load_stats_.bf16_tile_switch = bf16_tile_switch;
 
   load_stats_.seconds = SecondsSince(t0);
   const double repack_gbps =
       load_stats_.repack_seconds > 0
           ? static_cast<double>(load_stats_.gguf_bytes) / load_stats_.repack_seconds / 1e9
           : 0.0;
-  std::string calib;
-  for (const auto& p : load_stats_.calibration) {
-    absl::StrAppend(&calib, calib.empty() ? "" : ", ", p.tokens_per_expert, ": ",
-                    absl::StrFormat("%.2f/%.2f", p.decode_ms, p.tile_ms));
+  auto points = [](const std::vector<CpuMoeLoadStats::SwitchPoint>& v) {
+    std::string s;
+    for (const auto& p : v) {
+      absl::StrAppend(&s, s.empty() ? "" : ", ", p.tokens_per_expert, ": ",
+                      absl::StrFormat("%.2f/%.2f", p.decode_ms, p.tile_ms));
+    }
+    return s;
+  };
+  const std::string calib = points(load_stats_.calibration);
+  std::string bf16_switch;
+  if (bf16_tile_min_tokens > 0) {
+    const std::string bf16_calib = points(load_stats_.bf16_calibration);
+    bf16_switch = absl::StrCat(
+        "; BF16 tile switch >= ", bf16_tile_min_tokens, " tokens per expert (", bf16_tile_switch,
+        ")", bf16_calib.empty() ? "" : absl::StrCat(" [tokens: dots/tiles ms ", bf16_calib, "]"));
   }
   KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
       "CPU experts ready: %d MoE layers on the %s kernels (%s%s), %d on the reference path, "
       "%d experts held, %.2f GiB repacked (%.3fx the %.2f GiB of GGUF expert bytes, one copy) in "
-      "%.2f s of %.2f s: %.2f GB/s, %.2f GB/s per core; prefill switch %s (%s)%s; NUMA node %d, "
-      "workspace %.1f MiB, %d threads",
+      "%.2f s of %.2f s: %.2f GB/s, %.2f GB/s per core; prefill switch %s (%s)%s%s; NUMA node "
+      "%d, workspace %.1f MiB, %d threads",
       load_stats_.n_fast_layers, load_stats_.variant, load_stats_.decode_layout,
       load_stats_.prefill_form ? absl::StrCat(" + AMX tile prefill ", load_stats_.tile_spec) : "",
       load_stats_.n_reference_layers, load_stats_.n_experts_held,
@@ -471,7 +539,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
       prefill_min_tokens > 0 ? absl::StrCat(">= ", prefill_min_tokens, " tokens per expert")
                              : std::string("off"),
       prefill_switch, calib.empty() ? "" : absl::StrCat(" [tokens: decode/tile ms ", calib, "]"),
-      load_stats_.numa_node, static_cast<double>(workspace_bytes) / (1 << 20),
+      bf16_switch, load_stats_.numa_node, static_cast<double>(workspace_bytes) / (1 << 20),
       pool_->num_workers());
   return absl::OkStatus();
 }
@@ -553,7 +621,9 @@ absl::Status CpuMoeBackend::BuildTileCaches() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
+absl::StatusOr<std::vector<CpuMoeLoadStats::SwitchPoint>> CpuMoeBackend::TimeTwoPlans(
+    int il, const kernels::moe::MoePlanOptions& first, const kernels::moe::MoePlanOptions& second,
+    const std::vector<int64_t>& grid) {
   const Layer& L = *layers_[il];
   const models::Deepseek2Hparams& hp = *hparams_;
   const int64_t n_expert = hp.n_expert, k_used = hp.n_expert_used, n_embd = hp.n_embd;
@@ -562,21 +632,17 @@ absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
   for (int64_t e = 0; e < n_expert && static_cast<int64_t>(chosen.size()) < k_used; ++e) {
     if (L.held[e]) chosen.push_back(static_cast<int32_t>(e));
   }
-  std::vector<int64_t> grid;
-  for (int64_t n : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128}) {
-    if (n <= max_tokens_) grid.push_back(n);
-  }
   const int64_t max_n = grid.back();
-  kernels::moe::MoePlanOptions po = L.plan.options;
+  kernels::moe::MoePlanOptions po = first;
   po.max_tokens = max_n;
-  po.prefill_min_tokens = kNoPrefill;
-  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan decode_plan,
+  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan plan_a,
                        kernels::moe::MakeMoePlan(L.plan.shape, L.plan.format, po));
-  po.prefill_min_tokens = 1;
-  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan tile_plan,
+  po = second;
+  po.max_tokens = max_n;
+  KTX_ASSIGN_OR_RETURN(kernels::moe::MoePlan plan_b,
                        kernels::moe::MakeMoePlan(L.plan.shape, L.plan.format, po));
-  runtime::NumaBuffer ws = pool_->Allocate(std::max(kernels::moe::MoeWorkspaceSize(decode_plan),
-                                                    kernels::moe::MoeWorkspaceSize(tile_plan)));
+  runtime::NumaBuffer ws = pool_->Allocate(
+      std::max(kernels::moe::MoeWorkspaceSize(plan_a), kernels::moe::MoeWorkspaceSize(plan_b)));
   if (ws.data() == nullptr) {
     return absl::ResourceExhaustedError("CpuMoeBackend: no memory for the calibration workspace");
   }
@@ -609,25 +675,54 @@ absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
                          [this](int64_t n_tasks, auto&& fn) { pool_->ParallelFor(n_tasks, fn); });
     return 1e3 * SecondsSince(c0);
   };
-  load_stats_.calibration.clear();
+  std::vector<CpuMoeLoadStats::SwitchPoint> points;
   for (int64_t n : grid) {
     double best[2] = {1e30, 1e30};
     for (int rep = 0; rep < 4; ++rep) {  // the first round warms up and is not counted
-      for (int path = 0; path < 2; ++path) {
-        KTX_ASSIGN_OR_RETURN(double ms, time_call(path == 0 ? decode_plan : tile_plan, n));
-        if (rep > 0) best[path] = std::min(best[path], ms);
+      for (int which = 0; which < 2; ++which) {
+        KTX_ASSIGN_OR_RETURN(double ms, time_call(which == 0 ? plan_a : plan_b, n));
+        if (rep > 0) best[which] = std::min(best[which], ms);
       }
     }
-    load_stats_.calibration.push_back({n, best[0], best[1]});
+    points.push_back({n, best[0], best[1]});
   }
-  // The smallest count from which the tile path is never slower; past the
+  return points;
+}
+
+int64_t SwitchCrossing(const std::vector<CpuMoeLoadStats::SwitchPoint>& points) {
+  if (points.empty()) return 1;
+  // The smallest count from which the second path is never slower; past the
   // grid when it never wins.
-  int64_t crossing = max_n + 1;
-  for (auto it = load_stats_.calibration.rbegin(); it != load_stats_.calibration.rend(); ++it) {
+  int64_t crossing = points.back().tokens_per_expert + 1;
+  for (auto it = points.rbegin(); it != points.rend(); ++it) {
     if (it->tile_ms > it->decode_ms) break;
     crossing = it->tokens_per_expert;
   }
   return crossing;
+}
+
+absl::StatusOr<int64_t> CpuMoeBackend::CalibratePrefillSwitch(int il) {
+  std::vector<int64_t> grid;
+  for (int64_t n : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128}) {
+    if (n <= max_tokens_) grid.push_back(n);
+  }
+  kernels::moe::MoePlanOptions decode = layers_[il]->plan.options, tile = decode;
+  decode.prefill_min_tokens = kNoPrefill;
+  tile.prefill_min_tokens = 1;
+  KTX_ASSIGN_OR_RETURN(load_stats_.calibration, TimeTwoPlans(il, decode, tile, grid));
+  return SwitchCrossing(load_stats_.calibration);
+}
+
+absl::StatusOr<int64_t> CpuMoeBackend::CalibrateBf16TileSwitch(int il) {
+  std::vector<int64_t> grid;
+  for (int64_t n : {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32}) {
+    if (n <= max_tokens_) grid.push_back(n);
+  }
+  kernels::moe::MoePlanOptions dots = layers_[il]->plan.options, tiles = dots;
+  dots.bf16_tile_min_tokens = kNoPrefill;
+  tiles.bf16_tile_min_tokens = 1;
+  KTX_ASSIGN_OR_RETURN(load_stats_.bf16_calibration, TimeTwoPlans(il, dots, tiles, grid));
+  return SwitchCrossing(load_stats_.bf16_calibration);
 }
 
 bool CpuMoeBackend::IsFastLayer(int il) const {

@@ -34,6 +34,13 @@
 // model instance) reuse it, so that every backend of a process routes an
 // expert with a given token count to the same path.
 //
+// BF16 tile switch. BF16 experts on the amx variant run on AMX bf16 tiles
+// from bf16_tile_min_tokens tokens per expert, on the AVX-512 BF16 dot
+// products below. Likewise calibrated at load (0, the default: one call of
+// the first BF16 layer's experts at 1..32 tokens each on both, about a second
+// for DeepSeek-V3's shape; load_stats().bf16_calibration), or taken from
+// KTX_MOE_BF16_TILE_MIN_TOKENS=N or the option; once per process and shape.
+//
 // A layer the kernels cannot run (expert types other than Q4_K, Q5_K, Q6_K,
 // Q8_0, BF16; n_embd or n_ff_exp not a multiple of 256, e.g. DeepSeek-V2-Lite's
 // 1408) falls back to the reference backend with a warning (or fails, see
@@ -134,6 +141,9 @@ struct CpuMoeBackendOptions {
   // The decode/prefill switch (tokens per expert in a call). 0: the value of
   // KTX_MOE_PREFILL_MIN_TOKENS if set, else calibrated at load (see above).
   int64_t prefill_min_tokens = 0;
+  // The BF16 tile switch (amx variant, BF16 experts; tokens per expert in a
+  // call). 0: KTX_MOE_BF16_TILE_MIN_TOKENS if set, else calibrated at load.
+  int64_t bf16_tile_min_tokens = 0;
   ProgressMode progress = ProgressMode::kAuto;
   // Layers the kernels cannot run use the reference backend (true), or Create
   // fails naming the layer and the reason (false).
@@ -176,6 +186,14 @@ struct CpuMoeLoadStats {
   // Tile caches built (bytes, 0: none) and the wall time of their build.
   uint64_t tile_cache_bytes = 0;
   double tile_cache_seconds = 0.0;
+  // The amx variant's BF16 tile switch (BF16 experts: bf16 tiles from this
+  // many tokens per expert, the AVX-512 BF16 dot products below; 0: no BF16
+  // tiles) and where it came from: "calibrated", "option",
+  // "KTX_MOE_BF16_TILE_MIN_TOKENS" or "none"; its calibration (decode_ms:
+  // the dot products, tile_ms: the tiles).
+  int64_t bf16_tile_min_tokens = 0;
+  std::string bf16_tile_switch = "none";
+  std::vector<SwitchPoint> bf16_calibration;
 };
 
 // Counters of Compute calls on fast layers since the last ResetRunStats().
@@ -242,6 +260,16 @@ class CpuMoeBackend final : public models::ExpertBackend {
   // Measures the crossing of the decode and tile paths on MoE layer il (see
   // the file comment); fills load_stats_.calibration.
   absl::StatusOr<int64_t> CalibratePrefillSwitch(int il);
+  // Likewise for the BF16 tile switch (AVX-512 BF16 dot products against
+  // bf16 tiles); fills load_stats_.bf16_calibration.
+  absl::StatusOr<int64_t> CalibrateBf16TileSwitch(int il);
+  // One call of layer il's first n_expert_used held experts with n tokens
+  // each (every token to all of them) on plans made with `first` and
+  // `second`, for each n of `grid` (ascending): best of 3 after a warm-up
+  // round, first's time as decode_ms and second's as tile_ms.
+  absl::StatusOr<std::vector<CpuMoeLoadStats::SwitchPoint>> TimeTwoPlans(
+      int il, const kernels::moe::MoePlanOptions& first, const kernels::moe::MoePlanOptions& second,
+      const std::vector<int64_t>& grid);
   // Builds the tile caches of every fast layer on the tile path (groups of
   // 512); warns about the others. ResourceExhausted when memory runs out.
   absl::Status BuildTileCaches();
@@ -266,6 +294,11 @@ class CpuMoeBackend final : public models::ExpertBackend {
   std::vector<const void*> table_;  // per call: [6][n_expert] expert pointers (null = skip)
   CpuMoeRunStats stats_;
 };
+
+// The switch a calibration gives: the smallest token count from which the
+// second path (tile_ms) is never slower than the first (decode_ms), one past
+// the grid when the second path never wins, 1 for no points.
+int64_t SwitchCrossing(const std::vector<CpuMoeLoadStats::SwitchPoint>& points);
 
 // A pool on the first `n_threads` cpus of this process's affinity mask (0 or
 // more than there are: all of them), memory on the NUMA node of the first cpu.

@@ -174,6 +174,7 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   plan.shape = shape;
   plan.format = format;
   plan.options = options;
+  if (plan.options.bf16_tile_min_tokens == 0) plan.options.bf16_tile_min_tokens = kAmxBf16MinTokens;
   if (shape.n_embd <= 0 || shape.n_embd % 256 != 0 || shape.n_ff <= 0 || shape.n_ff % 256 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("MoE plan: n_embd (", shape.n_embd,
                                                    ") and n_ff (", shape.n_ff,
@@ -187,6 +188,11 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   if (options.max_tokens <= 0 || options.max_workers <= 0 || options.prefill_min_tokens <= 0) {
     return absl::InvalidArgumentError(
         "MoE plan: max_tokens, max_workers and prefill_min_tokens must be positive");
+  }
+  if (options.bf16_tile_min_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE plan: bf16_tile_min_tokens = ", options.bf16_tile_min_tokens,
+                     ", expected > 0 (or 0: the default, ", kAmxBf16MinTokens, ")"));
   }
   if (options.down_rows_per_task <= 0 || options.down_rows_per_task % kPanelRows != 0 ||
       shape.n_embd % options.down_rows_per_task != 0) {
@@ -637,6 +643,7 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   a.out_stride = kFfRowsPerTask;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
+  a.bf16_tile_min_tokens = p.options.bf16_tile_min_tokens;
   if (prefill) {
     a.act = ws_ + p.off_xp + offset[e] * p.xp_row_bytes;
     a.act_stride = p.xp_row_bytes;
@@ -658,7 +665,7 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
   };
   // (The plan sized the kernel scratch for these rows from format.gate; an up
   // matrix of another format reads `act` as before.)
-  if (AmxBf16Tiles(p.variant, Matrix(0, path).format) && n >= kAmxBf16MinTokens) {
+  if (AmxBf16Tiles(p.variant, Matrix(0, path).format) && n >= a.bf16_tile_min_tokens) {
     // The amx variant's bf16 tiles: each block of kBf16RowsBlock pairs' rows of
     // x as bf16 once into the kernel scratch, for gate and up (the kernel would
     // pack them for each).
@@ -772,6 +779,7 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   a.out_stride = rows;
   a.scratch = scratch + (p.worker_scratch_bytes - p.kernel_scratch_bytes);
   a.scratch_bytes = p.kernel_scratch_bytes;
+  a.bf16_tile_min_tokens = p.options.bf16_tile_min_tokens;
   // out rows of pairs [q0, q0 + n) += weight * y.
   auto accumulate = [&](int64_t q0, int64_t n) {
     for (int64_t q = 0; q < n; ++q) {

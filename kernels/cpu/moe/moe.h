@@ -149,6 +149,11 @@ struct MoePlanOptions {
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
+  // amx variant, BF16 panel16 matrices: AMX bf16 tiles for an expert's matmul
+  // from this many tokens (pairs) on, the AVX-512 BF16 dot products below.
+  // 0: the kernels' default (kAmxBf16MinTokens, moe_internal.h). Set it at
+  // the measured crossing (CpuMoeBackend calibrates it at load).
+  int64_t bf16_tile_min_tokens = 0;
 };
 
 // Plain data made by MakeMoePlan; read by MoeRun. Do not edit by hand. Owns

@@ -363,6 +363,13 @@ static inline float DecodedKValue(const DecodedK& b, TensorType type, int i) {
          b.dmin * static_cast<float>(b.m[i / 32]);
 }
 
+// The amx variant's matmul runs BF16 panel16 weights on AMX bf16 tiles
+// (tdpbf16ps) from MatmulArgs::bf16_tile_min_tokens activation rows on (by
+// default this many: the crossing measured on the 2-vCPU AMX build machine,
+// 4 -> 5 rows), given matmul_scratch_bytes of scratch or the rows as bf16;
+// below, and without either, on the AVX-512 BF16 dot products.
+inline constexpr int64_t kAmxBf16MinTokens = 5;
+
 // ---- Kernel table ----
 
 // out[t * out_stride + (r - row_begin)] = Σ_i W[r][i] * act_t[i] for rows r in
@@ -412,6 +419,10 @@ struct MatmulArgs {
   // tile kernel need not pack them. Other kernels read `act`.
   const uint16_t* act_bf16 = nullptr;
   int64_t act_bf16_stride = 0;
+  // BF16 panel16 weights on the amx variant: bf16 tiles from this many
+  // activation rows on, the AVX-512 BF16 dot products below (the plan's
+  // MoePlanOptions::bf16_tile_min_tokens; CpuMoeBackend calibrates it).
+  int64_t bf16_tile_min_tokens = kAmxBf16MinTokens;
 };
 
 // Whether the amx variant's bf16 tiles take `format` (BF16 panel16).
@@ -465,11 +476,6 @@ static inline int64_t TileChunkItems(int64_t group, int64_t chunk_bytes) {
   const int64_t n = chunk_bytes / (32 * group);
   return n > 0 ? n : 1;
 }
-
-// The amx variant's matmul runs BF16 panel16 weights on AMX bf16 tiles
-// (tdpbf16ps) from this many activation rows on, given matmul_scratch_bytes
-// of scratch; below, and without scratch, on the AVX-512 BF16 dot products.
-inline constexpr int64_t kAmxBf16MinTokens = 5;
 
 struct MoeKernels {
   CpuVariant variant;

@@ -35,8 +35,9 @@
 // (row, 256); a second copy of the weights), kept for comparison.
 //
 // MatmulBf16Tiles: BF16 experts (panel16 BF16, whose 32-k blocks are tdpbf16ps
-// B tiles as they are) from kAmxBf16MinTokens activation rows on, on bf16
-// tiles with fp32 accumulation; fewer rows take the AVX-512 BF16 kernel.
+// B tiles as they are) from MatmulArgs::bf16_tile_min_tokens activation rows
+// on, on bf16 tiles with fp32 accumulation; fewer rows take the AVX-512 BF16
+// kernel.
 //
 // Built twice: with the AMX flags for the real variant, and (tests only, with
 // -DKTX_MOE_AMX_EMULATE and no AMX flags) with scalar tile emulation, so that
@@ -1076,7 +1077,7 @@ void Matmul(const MatmulArgs& a) {
   if (a.format.layout == MoeWeightLayout::kAmxInt8 && a.act_index == nullptr && a.act_padded &&
       a.act_stride % 64 == 0) {
     MatmulTiles(a);
-  } else if (Bf16TileFormat(a.format) && a.n_act >= kAmxBf16MinTokens &&
+  } else if (Bf16TileFormat(a.format) && a.n_act >= a.bf16_tile_min_tokens &&
              (a.act_bf16 != nullptr || a.scratch_bytes >= MatmulScratch(a.format, a.k))) {
     MatmulBf16Tiles(a);
   } else {

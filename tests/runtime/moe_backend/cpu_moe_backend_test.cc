@@ -662,6 +662,88 @@ TEST(CpuMoeBackendTest, PrefillSwitchIsCalibratedOnceOrGiven) {
   EXPECT_FALSE((*d)->load_stats().prefill_form);
 }
 
+// The crossing rule of both calibrations: the smallest count from which the
+// second path is never slower again, past the grid when it never wins.
+TEST(CpuMoeBackendTest, SwitchCrossingIsWhereTheSecondPathStaysFaster) {
+  using P = CpuMoeLoadStats::SwitchPoint;
+  EXPECT_EQ(SwitchCrossing({}), 1);
+  EXPECT_EQ(SwitchCrossing({P{1, 1.0, 2.0}, P{4, 1.0, 1.0}, P{8, 2.0, 1.0}}), 4);  // ties count
+  // A win at 2 tokens that is lost at 4 does not count.
+  EXPECT_EQ(SwitchCrossing({P{1, 1.0, 2.0}, P{2, 2.0, 1.0}, P{4, 1.0, 1.5}, P{8, 3.0, 1.0}}), 8);
+  EXPECT_EQ(SwitchCrossing({P{1, 1.0, 2.0}, P{32, 1.0, 2.0}}), 33);
+  EXPECT_EQ(SwitchCrossing({P{1, 2.0, 1.0}, P{2, 2.0, 1.0}}), 1);
+}
+
+// bf16_tile_min_tokens = 0: on the amx variant the BF16 experts' tile switch
+// is measured at load (once per process and shape) or taken from
+// KTX_MOE_BF16_TILE_MIN_TOKENS; other variants and expert types have none;
+// a bad value fails Create naming the variable.
+TEST(CpuMoeBackendTest, Bf16TileSwitchIsCalibratedOrGiven) {
+  auto bf16 = OpenFixture("bf16");
+  auto q4 = OpenFixture("q4_k_m");
+  auto pool = Pool(0);
+  unsetenv("KTX_MOE_BF16_TILE_MIN_TOKENS");
+  CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+  o.max_tokens = 24;
+  auto none = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ((*none)->load_stats().bf16_tile_switch, "none");
+  EXPECT_EQ((*none)->load_stats().bf16_tile_min_tokens, 0);
+  o.bf16_tile_min_tokens = -2;
+  auto neg = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  EXPECT_EQ(neg.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(neg.status().message().find("bf16_tile_min_tokens"), std::string::npos);
+  o.bf16_tile_min_tokens = 0;
+  setenv("KTX_MOE_BF16_TILE_MIN_TOKENS", "0x5", 1);
+  auto bad = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  unsetenv("KTX_MOE_BF16_TILE_MIN_TOKENS");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_MOE_BF16_TILE_MIN_TOKENS"), std::string::npos)
+      << bad.status();
+
+  if (!kernels::HostSupportsCpuVariant(CpuVariant::kAmx)) {
+    GTEST_SKIP() << "no AMX on this host: the bf16 tile calibration is not run (the switch "
+                    "itself is checked on emulated tiles in moe_amx_emu_test)";
+  }
+  o = Quiet(CpuVariant::kAmx);
+  o.max_tokens = 24;
+  auto a = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const CpuMoeLoadStats& la = (*a)->load_stats();
+  EXPECT_EQ(la.bf16_tile_switch, "calibrated");
+  ASSERT_EQ(la.bf16_calibration.size(), 10u);  // 1, 2, 3, 4, 5, 6, 8, 12, 16, 24
+  for (const auto& p : la.bf16_calibration) {
+    EXPECT_GT(p.decode_ms, 0.0);
+    EXPECT_GT(p.tile_ms, 0.0);
+    std::printf("[ measured ] amx, BF16, %lld tokens per expert: dots %.3f ms, tiles %.3f ms\n",
+                static_cast<long long>(p.tokens_per_expert), p.decode_ms, p.tile_ms);
+  }
+  EXPECT_EQ(la.bf16_tile_min_tokens, SwitchCrossing(la.bf16_calibration));
+  EXPECT_EQ(la.prefill_switch, "none");  // no int8 tile path for BF16 experts
+  auto b = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)->load_stats().bf16_tile_switch, "calibrated (earlier in this process)");
+  EXPECT_EQ((*b)->load_stats().bf16_tile_min_tokens, la.bf16_tile_min_tokens);
+  setenv("KTX_MOE_BF16_TILE_MIN_TOKENS", "7", 1);
+  auto c = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  unsetenv("KTX_MOE_BF16_TILE_MIN_TOKENS");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ((*c)->load_stats().bf16_tile_min_tokens, 7);
+  EXPECT_EQ((*c)->load_stats().bf16_tile_switch, "KTX_MOE_BF16_TILE_MIN_TOKENS");
+  EXPECT_TRUE((*c)->load_stats().bf16_calibration.empty());
+  o.bf16_tile_min_tokens = 3;
+  auto d = CpuMoeBackend::Create(*bf16, pool.get(), o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->load_stats().bf16_tile_switch, "option");
+  // Q4_K/Q6_K experts have no bf16 tiles.
+  o.bf16_tile_min_tokens = 0;
+  o.prefill_min_tokens = 16;
+  auto e = CpuMoeBackend::Create(*q4, pool.get(), o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->load_stats().bf16_tile_switch, "none");
+  EXPECT_TRUE((*e)->load_stats().bf16_calibration.empty());
+}
+
 // KTX_AMX_PREFILL sets the tile kernel's schedule (same results); a bad spec
 // fails Create naming the variable.
 TEST(CpuMoeBackendTest, TileScheduleFromEnvironment) {

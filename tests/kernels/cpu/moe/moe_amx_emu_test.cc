@@ -86,8 +86,8 @@ double RowsNmse(const std::vector<float>& y, const std::vector<float>& ref, int6
 }
 
 // BF16 panel16 weights on (emulated) bf16 tiles from kAmxBf16MinTokens rows
-// on: activations gathered by index (the decode form) or contiguous, packed by
-// the kernel or given as bf16 rows (MatmulArgs::act_bf16, the layer's form),
+// (or MatmulArgs::bf16_tile_min_tokens) on: activations gathered by index (the decode form) or
+// contiguous, packed by the kernel or given as bf16 rows (MatmulArgs::act_bf16, the layer's form),
 // token blocks of 32 with a partial one, a single tail panel, rows past
 // row_end untouched. The fp32 sums run in another order than the scalar kernel's:
 // NMSE ~1e-14 here; a wrong pair, row or token order gives ~1.
@@ -137,6 +137,21 @@ TEST_F(AmxEmulationTest, Bf16TilesMatchScalar) {
         a.out = y_ref.data();
         MoeKernelsScalar().matmul(a);
         EXPECT_LT(RowsNmse(y_emu, y_ref, n_act, r1 - r0, a.out_stride), 1e-10);
+        // The switch is MatmulArgs::bf16_tile_min_tokens (the plan's, which
+        // CpuMoeBackend calibrates): one row above n_act, the AVX-512 BF16
+        // kernel's bits; at n_act, the tiles' (another summation order).
+        std::vector<float> y_dots(n_act * a.out_stride, -7.0f);
+        a.out = y_dots.data();
+        MoeKernelsAvx512().matmul(a);
+        a.bf16_tile_min_tokens = n_act + 1;
+        a.out = y_emu.data();
+        MoeKernelsAmxEmulated().matmul(a);
+        EXPECT_EQ(y_emu, y_dots) << "below its switch the amx matmul is the AVX-512 one";
+        if (n_act >= 17) {
+          a.bf16_tile_min_tokens = n_act;
+          MoeKernelsAmxEmulated().matmul(a);
+          EXPECT_NE(y_emu, y_dots) << "at its switch the amx matmul runs the tiles";
+        }
       }
     }
   }

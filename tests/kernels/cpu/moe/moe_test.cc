@@ -254,6 +254,38 @@ TEST_P(MoeVariantTest, MatchesFloat64Reference) {
   }
 }
 
+// The plan's bf16_tile_min_tokens reaches both stages: an amx layer of BF16
+// experts whose switch is past every expert's token count gives the avx512
+// variant's bits (the AVX-512 BF16 dot products), and with the default switch
+// it runs the tiles (another fp32 summation order, so other bits).
+TEST_P(MoeVariantTest, Bf16TileSwitchFromThePlan) {
+  if (GetParam() != CpuVariant::kAmx) {
+    GTEST_SKIP() << "the bf16 tile switch is the amx variant's (emulated: moe_amx_emu_test)";
+  }
+  const MoeShape shape{256, 512, 16, 4};
+  const TestLayer L = MakeTestLayer(shape, TensorType::kBF16, TensorType::kBF16, 41);
+  auto W = BuildWeights(L, MoeWeightLayout::kPanel16, std::vector<bool>(16, true), false);
+  const int64_t n_tokens = 255;  // ~64 tokens per expert
+  const Routing r = RandomRouting(shape, n_tokens, 42);
+  MoePlanOptions dots = Options(n_tokens, 2);
+  dots.variant = CpuVariant::kAvx512;
+  MoePlanOptions off = Options(n_tokens, 2);
+  off.bf16_tile_min_tokens = n_tokens + 1;
+  const std::vector<float> y_dots = RunLayer(*MakeMoePlan(shape, W->f, dots), *W, r, n_tokens, 2);
+  const std::vector<float> y_off = RunLayer(*MakeMoePlan(shape, W->f, off), *W, r, n_tokens, 2);
+  EXPECT_EQ(y_off, y_dots);
+  const std::vector<float> y_tiles =
+      RunLayer(*MakeMoePlan(shape, W->f, Options(n_tokens, 2)), *W, r, n_tokens, 2);
+  EXPECT_NE(y_tiles, y_dots);
+  std::vector<double> ref(y_dots.begin(), y_dots.end());
+  EXPECT_LT(Nmse(y_tiles.data(), ref), kVsScalarTolerance);
+  MoePlanOptions bad = Options(n_tokens, 2);
+  bad.bf16_tile_min_tokens = -1;
+  const auto rejected = MakeMoePlan(shape, W->f, bad);
+  EXPECT_EQ(rejected.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(rejected.status().message().find("bf16_tile_min_tokens"), std::string::npos);
+}
+
 TEST_P(MoeVariantTest, PrefillFormMatchesFloat64Reference) {
   // Experts with >= 4 tokens take the amx_int8 form, the others the decode form.
   uint32_t seed = 100;
