@@ -75,7 +75,19 @@ struct BenchFlags {
   int arena_spin_us = -1;          // --arena-spin-us: EngineOptions::arena_spin_us (-1: auto)
   bool no_warmup_prefill = false;  // --no-warmup-prefill: BenchOptions::warmup_longest_prompt off
   bool tile_cache = false;         // --tile-cache: CpuMoeBackendOptions::tile_cache
+  std::string requant_bf16;        // --requant-bf16: CpuMoeBackendOptions::requantize_bf16
 };
+
+// --requant-bf16's value as a type (kBF16: keep; unset: the environment decides).
+absl::StatusOr<kernels::TensorType> RequantFlag(const std::string& v) {
+  if (v.empty() || v == "bf16") return kernels::TensorType::kBF16;
+  if (v == "q4_k") return kernels::TensorType::kQ4_K;
+  if (v == "q5_k") return kernels::TensorType::kQ5_K;
+  if (v == "q6_k") return kernels::TensorType::kQ6_K;
+  if (v == "q8_0") return kernels::TensorType::kQ8_0;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--requant-bf16 ", v, ": expected q4_k, q5_k, q6_k, q8_0 or bf16"));
+}
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
   std::vector<int64_t> out;
@@ -197,6 +209,7 @@ absl::Status RunBench(const BenchFlags& flags) {
     for (int64_t b : options.batch_sizes) largest = std::max(largest, b);
     eo.max_tokens = std::min<int64_t>(largest, 2048);
     eo.tile_cache = flags.tile_cache;
+    KTX_ASSIGN_OR_RETURN(eo.requantize_bf16, RequantFlag(flags.requant_bf16));
     KTX_ASSIGN_OR_RETURN(experts, moe_backend::CpuExperts::Attach(model.get(), flags.threads, eo));
     pool = &experts->pool();
   } else {
@@ -269,6 +282,8 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
   engine_options.experts =
       fast ? actors::ExpertsBackend::kFast : actors::ExpertsBackend::kReference;
   engine_options.fast_experts.tile_cache = flags.tile_cache;
+  KTX_ASSIGN_OR_RETURN(engine_options.fast_experts.requantize_bf16,
+                       RequantFlag(flags.requant_bf16));
   if (!flags.json.empty()) {  // fail before the (long) load on an unwritable --json
     std::ofstream probe(flags.json, std::ios::trunc);
     if (!(probe << "{}\n") || !probe.flush()) {
@@ -393,6 +408,10 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                 "Keep the AMX prefill path's int8 conversion of every expert in memory (tile "
                 "caches: ~1 byte per expert weight more, prefill without conversion; also "
                 "KTX_MOE_TILE_CACHE=1; docs/experts.md)");
+  cmd->add_option("--requant-bf16", flags->requant_bf16,
+                  "Re-quantize BF16 routed experts at load to q4_k, q5_k, q6_k or q8_0 (less "
+                  "memory and fewer bytes per token, at that format's rounding; also "
+                  "KTX_MOE_REQUANT_BF16; docs/deployment.md)");
   cmd->add_flag("--no-warmup-prefill", flags->no_warmup_prefill,
                 "With --topology/--shards: skip the untimed prefill of the longest prompt before "
                 "timing (first-use costs then count in the first prefill)");

@@ -267,7 +267,7 @@ absl::StatusOr<KernelCheck> CheckKernels(const models::Deepseek2Model& model,
   KTX_RETURN_IF_ERROR(experts.Compute(c.layer, h, same, {}, &got));
   c.prefill_experts = experts.run_stats().prefill_experts;
   c.nmse_prefill = Nmse(got, want);
-  c.tolerance = experts.load_stats().prefill_form ? 1.5e-3 : 1e-3;
+  c.tolerance = moe_backend::ExpertsNmseBound(experts.load_stats());
   c.ok = c.nmse_decode < c.tolerance && c.nmse_prefill < c.tolerance;
   c.ran = true;
   return c;

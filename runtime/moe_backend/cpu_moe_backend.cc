@@ -12,6 +12,7 @@
 #include <random>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "runtime/base/logging.h"
@@ -140,6 +141,31 @@ absl::StatusOr<int64_t> TokensFromEnv(const char* name) {
   return static_cast<int64_t>(v);
 }
 
+// The re-quantization of BF16 experts asked for: the option unless it is
+// kBF16 (keep), else KTX_MOE_REQUANT_BF16 (q4_k, q5_k, q6_k, q8_0; bf16, 0 or
+// empty: keep). InvalidArgument naming the option or variable otherwise.
+absl::StatusOr<TensorType> RequantTarget(TensorType option) {
+  if (option != TensorType::kBF16) {
+    if (!kernels::moe::MoeRequantTargetSupported(option)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuMoeBackend: requantize_bf16 = ", TypeName(option),
+                       ": expected q4_K, q5_K, q6_K or q8_0 (or bf16: keep BF16)"));
+    }
+    return option;
+  }
+  const char* env = std::getenv("KTX_MOE_REQUANT_BF16");
+  if (env == nullptr) return TensorType::kBF16;
+  const std::string v = absl::AsciiStrToLower(env);
+  if (v.empty() || v == "0" || v == "bf16") return TensorType::kBF16;
+  if (v == "q4_k") return TensorType::kQ4_K;
+  if (v == "q5_k") return TensorType::kQ5_K;
+  if (v == "q6_k") return TensorType::kQ6_K;
+  if (v == "q8_0") return TensorType::kQ8_0;
+  return absl::InvalidArgumentError(
+      absl::StrCat("KTX_MOE_REQUANT_BF16=", env,
+                   ": expected q4_k, q5_k, q6_k or q8_0 (or bf16 / 0: keep BF16)"));
+}
+
 // Whether the amx variant runs `f` on bf16 tiles (kernels/cpu/moe: BF16 panel16).
 bool Bf16Tiles(kernels::CpuVariant variant, kernels::moe::MoeMatrixFormat f) {
   return variant == kernels::CpuVariant::kAmx && f.type == TensorType::kBF16 &&
@@ -238,6 +264,13 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     profile_calls_ = v == "1";
   }
   KTX_ASSIGN_OR_RETURN(const bool tile_cache, TileCacheWanted(options));
+  KTX_ASSIGN_OR_RETURN(const TensorType requant, RequantTarget(options.requantize_bf16));
+  if (requant != TensorType::kBF16 && options.decode_layout != MoeWeightLayout::kPanel16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CpuMoeBackend: re-quantizing BF16 experts to ", TypeName(requant),
+                     " (requantize_bf16 / KTX_MOE_REQUANT_BF16) needs decode_layout panel16, not ",
+                     kernels::moe::MoeWeightLayoutName(options.decode_layout)));
+  }
   if (options.decode_layout != MoeWeightLayout::kPanel16 &&
       options.decode_layout != MoeWeightLayout::kGguf) {
     return absl::InvalidArgumentError(
@@ -290,9 +323,11 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     const models::Deepseek2LayerWeights& lw = weights_->layers[il];
     const gguf::TensorInfo* tensors[3] = {lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps};
     MoeLayerFormat format;
-    format.gate = {lw.ffn_gate_exps->type, options.decode_layout};
-    format.up = {lw.ffn_up_exps->type, options.decode_layout};
-    format.down = {lw.ffn_down_exps->type, options.decode_layout};
+    // BF16 experts re-quantized at load where asked (panel16 only: checked above).
+    auto stored = [&](TensorType t) { return t == TensorType::kBF16 ? requant : t; };
+    format.gate = {stored(lw.ffn_gate_exps->type), options.decode_layout};
+    format.up = {stored(lw.ffn_up_exps->type), options.decode_layout};
+    format.down = {stored(lw.ffn_down_exps->type), options.decode_layout};
     kernels::moe::MoePlanOptions po;
     po.max_tokens = options.max_tokens;
     po.max_workers = pool_->num_workers();
@@ -325,6 +360,10 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     }
     L.fast = true;
     L.plan = *plan;
+    if (format.gate.type != lw.ffn_gate_exps->type || format.up.type != lw.ffn_up_exps->type ||
+        format.down.type != lw.ffn_down_exps->type) {
+      load_stats_.requantized_bf16 = TypeName(requant);
+    }
     ++load_stats_.n_fast_layers;
     load_stats_.n_experts_held += L.n_held;
     load_stats_.prefill_form = load_stats_.prefill_form || L.plan.tile;
@@ -383,6 +422,7 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
           ++slot;
         }
         j.job.type = f[m].type;
+        j.job.from_bf16 = tensors[m]->type == TensorType::kBF16 && f[m].type != TensorType::kBF16;
         j.job.to = f[m].layout;
         j.job.n_rows = rows[m];
         j.job.k = ks[m];
@@ -403,12 +443,20 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     KTX_RETURN_IF_ERROR(kernels::moe::ValidateMoeRepackJob(j.job));
     total += static_cast<uint64_t>(kernels::moe::MoeRepackBytes(j.job));
   }
+  // Per-worker scratch of the re-quantizing jobs (none otherwise).
+  int64_t repack_scratch = 0;
+  for (const RepackJob& j : jobs) {
+    repack_scratch = std::max(repack_scratch, kernels::moe::MoeRepackScratchBytes(j.job));
+  }
+  std::vector<uint8_t> scratch(static_cast<size_t>(repack_scratch) * pool_->num_workers());
   LoadProgress progress(options.progress, total);
   const auto repack_t0 = Clock::now();
   uint64_t done = 0;
   for (const RepackJob& j : jobs) {
-    pool_->ParallelFor(kernels::moe::MoeRepackNumTasks(j.job),
-                       [&j](int64_t task, int) { kernels::moe::MoeRepackTask(j.job, task); });
+    pool_->ParallelFor(kernels::moe::MoeRepackNumTasks(j.job), [&](int64_t task, int worker) {
+      kernels::moe::MoeRepackTask(
+          j.job, task, repack_scratch > 0 ? scratch.data() + worker * repack_scratch : nullptr);
+    });
     done += static_cast<uint64_t>(kernels::moe::MoeRepackBytes(j.job));
     progress.Update(done);
   }
@@ -523,11 +571,14 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
         ")", bf16_calib.empty() ? "" : absl::StrCat(" [tokens: dots/tiles ms ", bf16_calib, "]"));
   }
   KTX_LOG(INFO, "moe_backend") << absl::StrFormat(
-      "CPU experts ready: %d MoE layers on the %s kernels (%s%s), %d on the reference path, "
+      "CPU experts ready: %d MoE layers on the %s kernels (%s%s%s), %d on the reference path, "
       "%d experts held, %.2f GiB repacked (%.3fx the %.2f GiB of GGUF expert bytes, one copy) in "
       "%.2f s of %.2f s: %.2f GB/s, %.2f GB/s per core; prefill switch %s (%s)%s%s; NUMA node "
       "%d, workspace %.1f MiB, %d threads",
       load_stats_.n_fast_layers, load_stats_.variant, load_stats_.decode_layout,
+      load_stats_.requantized_bf16.empty()
+          ? ""
+          : absl::StrCat(", BF16 experts re-quantized to ", load_stats_.requantized_bf16),
       load_stats_.prefill_form ? absl::StrCat(" + AMX tile prefill ", load_stats_.tile_spec) : "",
       load_stats_.n_reference_layers, load_stats_.n_experts_held,
       static_cast<double>(total) / (1 << 30),
@@ -687,6 +738,16 @@ absl::StatusOr<std::vector<CpuMoeLoadStats::SwitchPoint>> CpuMoeBackend::TimeTwo
     points.push_back({n, best[0], best[1]});
   }
   return points;
+}
+
+double ExpertsNmseBound(const CpuMoeLoadStats& stats) {
+  double bound = stats.prefill_form ? 1.5e-3 : 1e-3;
+  const std::pair<const char*, double> weight_error[] = {
+      {"q8_0", 5.4e-3}, {"q6_K", 1.8e-2}, {"q5_K", 3.6e-2}, {"q4_K", 7.4e-2}};
+  for (const auto& [name, e] : weight_error) {
+    if (stats.requantized_bf16 == name) bound += 7 * e * e;
+  }
+  return bound;
 }
 
 int64_t SwitchCrossing(const std::vector<CpuMoeLoadStats::SwitchPoint>& points) {

@@ -59,6 +59,17 @@
 // prefill_min_tokens (or amx_prefill = false) makes results reproducible
 // across loads.
 //
+// Re-quantization of BF16 experts (memory and bandwidth for precision). With
+// requantize_bf16 (or KTX_MOE_REQUANT_BF16=q4_k|q5_k|q6_k|q8_0) the BF16
+// expert matrices of the fast layers are quantized at load, in the repacking
+// tasks, to that GGUF type (kernels/cpu/quant QuantizeRow) and then held and
+// computed like a file of that type: panel16 for the decode kernels, the AMX
+// int8 tile path and tile caches for prefill. Q8_0 holds 0.53x the BF16 bytes
+// (weights' relative RMS error ~5e-3), Q4_K 0.29x (~7e-2, the error of a
+// Q4_K file). The reference backend keeps the file's BF16 weights, so
+// against it such a layer differs by the re-quantization as well.
+// load_stats().requantized_bf16 names the type. Needs decode_layout panel16.
+//
 // Tile caches (memory for prefill speed). With tile_cache (or
 // KTX_MOE_TILE_CACHE=1 in the environment; 0 or unset: the option decides,
 // anything else fails Create naming the variable), every held expert of a
@@ -144,6 +155,10 @@ struct CpuMoeBackendOptions {
   // The BF16 tile switch (amx variant, BF16 experts; tokens per expert in a
   // call). 0: KTX_MOE_BF16_TILE_MIN_TOKENS if set, else calibrated at load.
   int64_t bf16_tile_min_tokens = 0;
+  // Re-quantize BF16 experts at load to this type (Q4_K, Q5_K, Q6_K or Q8_0;
+  // see the file comment); kBF16 (the default): KTX_MOE_REQUANT_BF16 if set,
+  // else keep them BF16.
+  kernels::TensorType requantize_bf16 = kernels::TensorType::kBF16;
   ProgressMode progress = ProgressMode::kAuto;
   // Layers the kernels cannot run use the reference backend (true), or Create
   // fails naming the layer and the reason (false).
@@ -194,6 +209,9 @@ struct CpuMoeLoadStats {
   int64_t bf16_tile_min_tokens = 0;
   std::string bf16_tile_switch = "none";
   std::vector<SwitchPoint> bf16_calibration;
+  // The type BF16 experts were re-quantized to at load ("q4_K", ...; empty:
+  // none were).
+  std::string requantized_bf16;
 };
 
 // Counters of Compute calls on fast layers since the last ResetRunStats().
@@ -294,6 +312,15 @@ class CpuMoeBackend final : public models::ExpertBackend {
   std::vector<const void*> table_;  // per call: [6][n_expert] expert pointers (null = skip)
   CpuMoeRunStats stats_;
 };
+
+// The NMSE against the reference backend (the file's weights in float64)
+// within which a layer of a backend that loaded with `stats` is expected:
+// 1e-3 (1.5e-3 with the AMX tile prefill path, which rounds weights to int8),
+// plus, where BF16 experts were re-quantized, 7 e^2 for the format's relative
+// RMS weight error e on Gaussian weights (moe_test: q8_0 5.4e-3, q6_K 1.8e-2,
+// q5_K 3.6e-2, q4_K 7.4e-2), for three matrices in series and the SiLU's gain
+// (the fixture measured 1.75e-2 for q4_K against this bound's 3.98e-2).
+double ExpertsNmseBound(const CpuMoeLoadStats& stats);
 
 // The switch a calibration gives: the smallest token count from which the
 // second path (tile_ms) is never slower than the first (decode_ms), one past

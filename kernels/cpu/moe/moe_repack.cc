@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/moe/moe_internal.h"
+#include "kernels/cpu/quant/quant.h"
 
 namespace ktx::kernels::moe {
 namespace {
@@ -235,7 +236,24 @@ absl::StatusOr<int64_t> MoeMatrixBytes(MoeMatrixFormat f, int64_t n_rows, int64_
   return n_rows / kPanelRows * (k / kb) * PanelBlockBytes(f);
 }
 
+bool MoeRequantTargetSupported(TensorType type) {
+  return type == TensorType::kQ4_K || type == TensorType::kQ5_K || type == TensorType::kQ6_K ||
+         type == TensorType::kQ8_0;
+}
+
+namespace {
+bool Requantizes(const MoeRepackJob& job) { return job.from_bf16 && job.type != TensorType::kBF16; }
+}  // namespace
+
 absl::Status ValidateMoeRepackJob(const MoeRepackJob& job) {
+  if (Requantizes(job) &&
+      (!MoeRequantTargetSupported(job.type) || job.to != MoeWeightLayout::kPanel16)) {
+    const auto traits = GetTensorTypeTraits(static_cast<uint32_t>(job.type));
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoE repack: BF16 experts re-quantize to q4_K, q5_K, q6_K or q8_0 in panel16, "
+                     "not to ",
+                     traits ? traits->name : "?", " in ", MoeWeightLayoutName(job.to)));
+  }
   if (job.to == MoeWeightLayout::kGguf) {
     return absl::InvalidArgumentError("MoE repack: the target layout must not be gguf");
   }
@@ -260,7 +278,12 @@ int64_t MoeRepackNumTasks(const MoeRepackJob& job) {
   return job.n_expert * ((panels + kPanelsPerTask - 1) / kPanelsPerTask);
 }
 
-int64_t MoeRepackTask(const MoeRepackJob& job, int64_t task) {
+int64_t MoeRepackScratchBytes(const MoeRepackJob& job) {
+  if (!Requantizes(job)) return 0;
+  return kPanelRows * GgufRowBytes(job.type, job.k) + job.k * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t MoeRepackTask(const MoeRepackJob& job, int64_t task, void* scratch) {
   const int64_t panels = job.n_rows / kPanelRows;
   const int64_t per_expert = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
   const int64_t e = task / per_expert;
@@ -274,8 +297,21 @@ int64_t MoeRepackTask(const MoeRepackJob& job, int64_t task) {
   const int64_t row_bytes = GgufRowBytes(job.type, job.k);
   const uint8_t* src = static_cast<const uint8_t*>(job.src[e]);
   uint8_t* dst = static_cast<uint8_t*>(job.dst[e]);
+  const bool requant = Requantizes(job);
+  // Re-quantization: the panel's 16 rows in `type` and one row of floats.
+  uint8_t* panel_rows = static_cast<uint8_t*>(scratch);
+  float* row_f32 =
+      requant ? reinterpret_cast<float*>(panel_rows + kPanelRows * row_bytes) : nullptr;
+  const int64_t src_row_bytes = requant ? GgufRowBytes(TensorType::kBF16, job.k) : row_bytes;
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* rows0 = src + p * kPanelRows * row_bytes;
+    const uint8_t* rows0 = src + p * kPanelRows * src_row_bytes;
+    if (requant) {
+      for (int r = 0; r < kPanelRows; ++r) {
+        DequantizeRow(TensorType::kBF16, rows0 + r * src_row_bytes, row_f32, job.k);
+        QuantizeRow(job.type, row_f32, panel_rows + r * row_bytes, job.k);
+      }
+      rows0 = panel_rows;
+    }
     uint8_t* out = dst + p * nb * pbb;
     if (job.to == MoeWeightLayout::kPanel16) {
       RepackPanel16(job.type, rows0, row_bytes, nb, out);

@@ -97,6 +97,15 @@ absl::StatusOr<int64_t> MoeMatrixBytes(MoeMatrixFormat format, int64_t n_rows, i
 // One repacking: `n_expert` matrices [n_rows][k] of `type` from GGUF bytes
 // src[e] into `to` at dst[e] (MoeMatrixBytes bytes each). A null src[e] or
 // dst[e] skips expert e (not owned by this shard).
+//
+// Re-quantization at load: with from_bf16 and `type` one of Q4_K, Q5_K,
+// Q6_K, Q8_0 (a panel16 target), the sources are BF16 GGUF slabs and every
+// panel's 16 rows are first quantized to `type` (QuantizeRow of
+// kernels/cpu/quant: round to nearest on the format's grid, the bounds stated
+// there) in the task's scratch (MoeRepackScratchBytes), then repacked as if
+// the file had held them: less memory and fewer bytes per token for the
+// kernels, at the format's rounding (BF16 -> Q8_0 relative RMS ~5e-3 of a
+// Gaussian matrix, Q4_K ~7e-2).
 struct MoeRepackJob {
   TensorType type = TensorType::kQ4_K;
   MoeWeightLayout to = MoeWeightLayout::kPanel16;
@@ -105,14 +114,24 @@ struct MoeRepackJob {
   int64_t n_expert = 0;
   const void* const* src = nullptr;  // [n_expert] GGUF expert slabs
   void* const* dst = nullptr;        // [n_expert] destinations
+  // The sources are BF16 GGUF slabs, re-quantized to `type` (see above).
+  bool from_bf16 = false;
 };
 
+// Whether BF16 experts can be re-quantized to `type` at load (Q4_K, Q5_K,
+// Q6_K, Q8_0).
+bool MoeRequantTargetSupported(TensorType type);
 // Validates the job (format and shape as MoeMatrixBytes).
 absl::Status ValidateMoeRepackJob(const MoeRepackJob& job);
 // Number of independent tasks (expert x range of 8 panels).
 int64_t MoeRepackNumTasks(const MoeRepackJob& job);
+// Bytes of scratch a task needs (0 without re-quantization): 16 rows of
+// `type` plus k floats.
+int64_t MoeRepackScratchBytes(const MoeRepackJob& job);
 // Runs task `task` in [0, MoeRepackNumTasks); returns the bytes it wrote.
-int64_t MoeRepackTask(const MoeRepackJob& job, int64_t task);
+// `scratch`: MoeRepackScratchBytes(job) bytes of the calling worker's own
+// (may be null when that is 0).
+int64_t MoeRepackTask(const MoeRepackJob& job, int64_t task, void* scratch = nullptr);
 // Total bytes the job writes (sum over the experts it repacks).
 int64_t MoeRepackBytes(const MoeRepackJob& job);
 

@@ -662,6 +662,110 @@ TEST(CpuMoeBackendTest, PrefillSwitchIsCalibratedOnceOrGiven) {
   EXPECT_FALSE((*d)->load_stats().prefill_form);
 }
 
+// BF16 experts re-quantized at load (requantize_bf16 / KTX_MOE_REQUANT_BF16):
+// held in the target's panel16 bytes (Q8_0 34 and Q4_K 148 bytes per 32 / 256
+// weights against BF16's 64 / 512), each layer within the re-quantization's
+// error of the BF16 reference backend (Q4_K coarser than Q8_0), and the
+// model's prompt logits, against the BF16 file's float64 reference, within
+// what llama.cpp's quantization of the whole model to that type moved them
+// (its q8_0 / q4_k_m fixture's reference against the BF16 one) plus the BF16
+// kernels' own tier B bound (0.16 / 0.022): by the triangle inequality the
+// deviation is at most the kernels' rounding plus the re-quantization's, and
+// re-quantizing only the experts should move the logits no more than
+// quantizing every matrix does. Bad values are named.
+TEST(CpuMoeBackendTest, Bf16ExpertsRequantizedAtLoad) {
+  auto model = OpenFixture("bf16");
+  auto pool = Pool(0);
+  unsetenv("KTX_MOE_REQUANT_BF16");
+  const int64_t n_vocab = Manifest()["n_vocab"].get<int64_t>();
+  const auto& files = Manifest()["files"];
+  const std::vector<float> want = LoadF32(files["bf16"]["ref64_prompt_logits"]["file"]);
+  const auto margins = files["bf16"]["ref64_prompt_top2_margin"].get<std::vector<double>>();
+  const std::vector<LayerInput> inputs = CaptureMoeInputs(*model);
+  models::ReferenceExpertBackend ref(model->hparams(), model->weights());
+  struct Target {
+    kernels::TensorType type;
+    const char* name;
+    const char* fixture;  // llama.cpp's quantization of the same model
+    double bytes_ratio;
+  };
+  const Target targets[] = {{kernels::TensorType::kQ8_0, "q8_0", "q8_0", 34.0 / 64},
+                            {kernels::TensorType::kQ4_K, "q4_K", "q4_k_m", 148.0 / 512}};
+  double q8_nmse = 0;
+  for (const Target& t : targets) {
+    SCOPED_TRACE(t.name);
+    CpuMoeBackendOptions o = Quiet(kernels::ActiveCpuVariant());
+    o.requantize_bf16 = t.type;
+    auto backend = CpuMoeBackend::Create(*model, pool.get(), o);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    const CpuMoeLoadStats& ls = (*backend)->load_stats();
+    EXPECT_EQ(ls.requantized_bf16, t.name);
+    EXPECT_EQ(ls.n_fast_layers, 2);
+    EXPECT_DOUBLE_EQ(static_cast<double>(ls.repacked_bytes) / ls.gguf_bytes, t.bytes_ratio);
+    double worst = 0;
+    for (const LayerInput& in : inputs) {
+      Activations w, g;
+      ASSERT_TRUE(ref.Compute(in.il, in.h, in.routing, {}, &w).ok());
+      ASSERT_TRUE((*backend)->Compute(in.il, in.h, in.routing, {}, &g).ok());
+      worst = std::max(worst, Nmse(g, w));
+    }
+    std::printf("[ measured ] bf16 experts as %s: worst layer NMSE %.2e vs the BF16 reference\n",
+                t.name, worst);
+    EXPECT_LT(worst, ExpertsNmseBound(ls));
+    EXPECT_GT(ExpertsNmseBound(ls), (ls.prefill_form ? 1.5e-3 : 1e-3));
+    if (t.type == kernels::TensorType::kQ8_0) q8_nmse = worst;
+    if (t.type == kernels::TensorType::kQ4_K) {
+      EXPECT_GT(worst, 4 * q8_nmse);  // really 4-bit
+    }
+    model->SetExpertBackend(backend->get());
+    std::vector<float> got = TeacherForced(*model, "bf16");
+    model->SetExpertBackend(nullptr);
+    got.resize(want.size());  // the prompt's rows
+    const TierB s = Compare(got, want, margins, n_vocab);
+    const TierB llama =
+        Compare(LoadF32(files[t.fixture]["ref64_prompt_logits"]["file"]), want, margins, n_vocab);
+    std::printf(
+        "[ measured ] bf16 experts as %s: prompt rel L2 %.3e, median row rel L2 %.3e, "
+        "argmax agreement %.3f; llama.cpp's %s file: %.3e, %.3e, %.3f\n",
+        t.name, s.rel_l2, s.median_row_rel_l2, s.argmax_agreement, t.fixture, llama.rel_l2,
+        llama.median_row_rel_l2, llama.argmax_agreement);
+    EXPECT_LE(s.rel_l2, llama.rel_l2 + 0.16);
+    EXPECT_LE(s.median_row_rel_l2, llama.median_row_rel_l2 + 0.022);
+    EXPECT_GE(s.argmax_agreement, 0.90);
+  }
+  // The environment does the same; other values are named.
+  setenv("KTX_MOE_REQUANT_BF16", "Q4_K", 1);
+  auto env = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kScalar));
+  ASSERT_TRUE(env.ok()) << env.status();
+  EXPECT_EQ((*env)->load_stats().requantized_bf16, "q4_K");
+  setenv("KTX_MOE_REQUANT_BF16", "int3", 1);
+  auto bad_env = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kScalar));
+  EXPECT_EQ(bad_env.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_env.status().message().find("KTX_MOE_REQUANT_BF16=int3"), std::string::npos)
+      << bad_env.status();
+  setenv("KTX_MOE_REQUANT_BF16", "bf16", 1);
+  auto keep = CpuMoeBackend::Create(*model, pool.get(), Quiet(CpuVariant::kScalar));
+  ASSERT_TRUE(keep.ok()) << keep.status();
+  EXPECT_TRUE((*keep)->load_stats().requantized_bf16.empty());
+  unsetenv("KTX_MOE_REQUANT_BF16");
+  CpuMoeBackendOptions o = Quiet(CpuVariant::kScalar);
+  o.requantize_bf16 = kernels::TensorType::kQ4_0;
+  auto bad = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("requantize_bf16"), std::string::npos) << bad.status();
+  o.requantize_bf16 = kernels::TensorType::kQ8_0;
+  o.decode_layout = kernels::moe::MoeWeightLayout::kGguf;
+  auto gguf = CpuMoeBackend::Create(*model, pool.get(), o);
+  EXPECT_EQ(gguf.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(gguf.status().message().find("panel16"), std::string::npos) << gguf.status();
+  // A file without BF16 experts has nothing to re-quantize.
+  auto q4 = OpenFixture("q4_k_m");
+  o.decode_layout = kernels::moe::MoeWeightLayout::kPanel16;
+  auto none = CpuMoeBackend::Create(*q4, pool.get(), o);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE((*none)->load_stats().requantized_bf16.empty());
+}
+
 // The crossing rule of both calibrations: the smallest count from which the
 // second path is never slower again, past the grid when it never wins.
 TEST(CpuMoeBackendTest, SwitchCrossingIsWhereTheSecondPathStaysFaster) {

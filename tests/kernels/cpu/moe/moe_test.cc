@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <string>
@@ -30,6 +31,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/moe/moe_internal.h"
+#include "kernels/cpu/quant/quant.h"
 #include "tests/kernels/cpu/moe/moe_test_util.h"
 
 namespace ktx::kernels::moe {
@@ -663,6 +665,85 @@ TEST(MoeRepackTest, PanelLayoutsDecodeToTheGgufValues) {
       }
     }
   }
+}
+
+// Re-quantization at load (MoeRepackJob::from_bf16): BF16 expert slabs
+// repacked as Q4_K / Q5_K / Q6_K / Q8_0 panel16 give exactly the bytes of
+// quantizing the rows with QuantizeRow and repacking that file form; tasks
+// run in any order with their own scratch; bad targets are refused.
+TEST(MoeRepackTest, Bf16ExpertsRequantizeToTheFileForm) {
+  std::mt19937 rng(13);
+  const int64_t rows = 48, k = 512;
+  std::vector<std::vector<uint8_t>> bf16;
+  for (int e = 0; e < 3; ++e)
+    bf16.push_back(testing::RandomMatrix(TensorType::kBF16, rows, k, 0.5f, rng));
+  for (TensorType t :
+       {TensorType::kQ4_K, TensorType::kQ5_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
+    SCOPED_TRACE(static_cast<int>(t));
+    ASSERT_TRUE(MoeRequantTargetSupported(t));
+    // The file form: each row through float into t.
+    std::vector<std::vector<uint8_t>> file;
+    std::vector<float> row(k);
+    double err = 0, ref = 0;
+    for (const auto& m : bf16) {
+      auto& f = file.emplace_back(rows * testing::RowBytesOf(t, k));
+      for (int64_t r = 0; r < rows; ++r) {
+        DequantizeRow(TensorType::kBF16, m.data() + r * 2 * k, row.data(), k);
+        QuantizeRow(t, row.data(), f.data() + r * testing::RowBytesOf(t, k), k);
+        std::vector<double> back(k);
+        testing::DequantRow(t, f.data() + r * testing::RowBytesOf(t, k), k, back.data());
+        for (int64_t i = 0; i < k; ++i) {
+          err += (back[i] - row[i]) * (back[i] - row[i]);
+          ref += static_cast<double>(row[i]) * row[i];
+        }
+      }
+    }
+    std::printf("  bf16 -> type %d: relative RMS error %.3g\n", static_cast<int>(t),
+                std::sqrt(err / ref));
+    EXPECT_LT(std::sqrt(err / ref), t == TensorType::kQ8_0 ? 1e-2 : 0.1);
+    const LayoutCopy want =
+        MakeLayout(file, t, MoeWeightLayout::kPanel16, rows, k, {true, false, true});
+    // The same from the BF16 slabs, tasks in reverse order.
+    const int64_t bytes = *MoeMatrixBytes({t, MoeWeightLayout::kPanel16}, rows, k);
+    std::vector<std::vector<uint8_t>> out(3, std::vector<uint8_t>(bytes, 0xAB));
+    const void* src[3] = {bf16[0].data(), bf16[1].data(), bf16[2].data()};
+    void* dst[3] = {out[0].data(), nullptr, out[2].data()};
+    MoeRepackJob job;
+    job.type = t;
+    job.to = MoeWeightLayout::kPanel16;
+    job.n_rows = rows;
+    job.k = k;
+    job.n_expert = 3;
+    job.src = src;
+    job.dst = dst;
+    job.from_bf16 = true;
+    ASSERT_TRUE(ValidateMoeRepackJob(job).ok());
+    ASSERT_EQ(MoeRepackBytes(job), 2 * bytes);
+    const int64_t sb = MoeRepackScratchBytes(job);
+    ASSERT_GT(sb, 0);
+    std::vector<uint8_t> scratch(sb);
+    for (int64_t task = MoeRepackNumTasks(job) - 1; task >= 0; --task) {
+      MoeRepackTask(job, task, scratch.data());
+    }
+    EXPECT_EQ(0, std::memcmp(out[0].data(), want.ptrs[0], bytes));
+    EXPECT_EQ(0, std::memcmp(out[2].data(), want.ptrs[2], bytes));
+    EXPECT_EQ(out[1][0], 0xAB);  // expert 1 is not held: untouched
+  }
+  MoeRepackJob bad;
+  bad.type = TensorType::kBF16;
+  bad.n_rows = rows;
+  bad.k = k;
+  bad.from_bf16 = true;
+  EXPECT_TRUE(ValidateMoeRepackJob(bad).ok());  // BF16 to BF16: nothing to re-quantize
+  EXPECT_EQ(MoeRepackScratchBytes(bad), 0);
+  bad.type = TensorType::kQ4_0;
+  EXPECT_FALSE(MoeRequantTargetSupported(TensorType::kQ4_0));
+  const absl::Status st = ValidateMoeRepackJob(bad);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("re-quantize"), std::string::npos) << st;
+  bad.type = TensorType::kQ4_K;
+  bad.to = MoeWeightLayout::kAmxInt8;
+  EXPECT_FALSE(ValidateMoeRepackJob(bad).ok());
 }
 
 TEST(MoeRepackTest, AmxInt8IsWithinHalfAStepOfTheGgufValues) {
