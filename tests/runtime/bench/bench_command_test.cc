@@ -122,6 +122,8 @@ TEST_F(BenchCommandTest, BadFlagsGiveClearErrors) {
       {"bench" + model + " --shards 1 --arena-spin-us -2", "--arena-spin-us"},
       {"bench" + model + " --shards 1 --arena-spin-us 20000", "--arena-spin-us"},
       {"bench" + model + " --moe-spin-us 50", "--moe-spin-us"},
+      {"bench" + model + " --requant-bf16 int3", "--requant-bf16"},
+      {"bench" + model + " --shards 1 --requant-bf16 q4_0", "--requant-bf16"},
       {"bench --model /nonexistent.gguf --read-mib 8", "/nonexistent.gguf"},
       {"bench" + model +
            " --read-mib 8 --gen 2 --batch 1 --prompt-len 8 --json /nonexistent/x.json",
