@@ -8,7 +8,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <random>
 #include <utility>
 
@@ -141,6 +143,45 @@ absl::StatusOr<int64_t> TokensFromEnv(const char* name) {
   return static_cast<int64_t>(v);
 }
 
+// A switch point (tokens per expert) from its option (> 0), else from
+// environment variable `env`, else 0 (calibrate at load); *source names where
+// it came from. InvalidArgument for a negative option or a bad variable.
+absl::Status SwitchFromOptionOrEnv(const char* option_name, int64_t option, const char* env,
+                                   int64_t* value, std::string* source) {
+  if (option < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("CpuMoeBackend: ", option_name, " = ", option,
+                                                   ", expected > 0 (or 0: calibrate at load)"));
+  }
+  *value = option;
+  *source = "option";
+  if (option == 0) {
+    KTX_ASSIGN_OR_RETURN(*value, TokensFromEnv(env));
+    if (*value > 0) *source = env;
+  }
+  return absl::OkStatus();
+}
+
+// A switch point measured once per process and `key` (see the header):
+// `calibrate` runs for the first request of a key and fills *points; later
+// requests get its value and points.
+absl::StatusOr<int64_t> CalibratedOnce(const std::string& key,
+                                       const std::function<absl::StatusOr<int64_t>()>& calibrate,
+                                       std::vector<CpuMoeLoadStats::SwitchPoint>* points,
+                                       std::string* source) {
+  static std::mutex mu;
+  static std::map<std::string, std::pair<int64_t, std::vector<CpuMoeLoadStats::SwitchPoint>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) {
+    *points = it->second.second;
+    *source = "calibrated (earlier in this process)";
+    return it->second.first;
+  }
+  KTX_ASSIGN_OR_RETURN(const int64_t value, calibrate());
+  *source = "calibrated";
+  cache[key] = {value, *points};
+  return value;
+}
+
 // The re-quantization of BF16 experts asked for: the option unless it is
 // kBF16 (keep), else KTX_MOE_REQUANT_BF16 (q4_k, q5_k, q6_k, q8_0; bf16, 0 or
 // empty: keep). InvalidArgument naming the option or variable otherwise.
@@ -231,30 +272,16 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("CpuMoeBackend: max_tokens = ", options.max_tokens, ", expected > 0"));
   }
-  if (options.prefill_min_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("CpuMoeBackend: prefill_min_tokens = ", options.prefill_min_tokens,
-                     ", expected > 0 (or 0: calibrate at load)"));
-  }
-  // The decode/prefill switch: the option, else the environment, else calibrated below.
-  int64_t prefill_min_tokens = options.prefill_min_tokens;
-  std::string prefill_switch = "option";
-  if (prefill_min_tokens == 0) {
-    KTX_ASSIGN_OR_RETURN(prefill_min_tokens, TokensFromEnv("KTX_MOE_PREFILL_MIN_TOKENS"));
-    if (prefill_min_tokens > 0) prefill_switch = "KTX_MOE_PREFILL_MIN_TOKENS";
-  }
-  // The BF16 tile switch likewise (amx variant, BF16 experts).
-  if (options.bf16_tile_min_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("CpuMoeBackend: bf16_tile_min_tokens = ", options.bf16_tile_min_tokens,
-                     ", expected > 0 (or 0: calibrate at load)"));
-  }
-  int64_t bf16_tile_min_tokens = options.bf16_tile_min_tokens;
-  std::string bf16_tile_switch = "option";
-  if (bf16_tile_min_tokens == 0) {
-    KTX_ASSIGN_OR_RETURN(bf16_tile_min_tokens, TokensFromEnv("KTX_MOE_BF16_TILE_MIN_TOKENS"));
-    if (bf16_tile_min_tokens > 0) bf16_tile_switch = "KTX_MOE_BF16_TILE_MIN_TOKENS";
-  }
+  // The decode/prefill switch and the BF16 tile switch (amx variant, BF16
+  // experts): the option, else the environment, else calibrated below.
+  int64_t prefill_min_tokens = 0, bf16_tile_min_tokens = 0;
+  std::string prefill_switch, bf16_tile_switch;
+  KTX_RETURN_IF_ERROR(SwitchFromOptionOrEnv("prefill_min_tokens", options.prefill_min_tokens,
+                                            "KTX_MOE_PREFILL_MIN_TOKENS", &prefill_min_tokens,
+                                            &prefill_switch));
+  KTX_RETURN_IF_ERROR(SwitchFromOptionOrEnv("bf16_tile_min_tokens", options.bf16_tile_min_tokens,
+                                            "KTX_MOE_BF16_TILE_MIN_TOKENS", &bf16_tile_min_tokens,
+                                            &bf16_tile_switch));
   if (const char* env = std::getenv("KTX_MOE_TIMES"); env != nullptr && *env) {
     const std::string v = env;
     if (v != "0" && v != "1") {
@@ -485,24 +512,15 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     prefill_min_tokens = 0;
     prefill_switch = "none";
   } else if (prefill_min_tokens == 0) {
-    // Once per process and layer shape (see the header).
-    static std::mutex cache_mu;
-    static std::map<std::string, std::pair<int64_t, std::vector<CpuMoeLoadStats::SwitchPoint>>>
-        cache;
     const kernels::moe::MoePlan& cp = layers_[calib_layer]->plan;
-    const std::string key =
-        absl::StrCat(kernels::CpuVariantName(variant_), "/", cp.shape.n_embd, "/", cp.shape.n_ff,
-                     "/", TypeName(cp.format.gate.type), "/", TypeName(cp.format.down.type));
-    std::lock_guard<std::mutex> lock(cache_mu);
-    if (auto it = cache.find(key); it != cache.end()) {
-      prefill_min_tokens = it->second.first;
-      load_stats_.calibration = it->second.second;
-      prefill_switch = "calibrated (earlier in this process)";
-    } else {
-      KTX_ASSIGN_OR_RETURN(prefill_min_tokens, CalibratePrefillSwitch(calib_layer));
-      prefill_switch = "calibrated";
-      cache[key] = {prefill_min_tokens, load_stats_.calibration};
-    }
+    KTX_ASSIGN_OR_RETURN(
+        prefill_min_tokens,
+        CalibratedOnce(
+            absl::StrCat("int8/", kernels::CpuVariantName(variant_), "/", cp.shape.n_embd, "/",
+                         cp.shape.n_ff, "/", TypeName(cp.format.gate.type), "/",
+                         TypeName(cp.format.down.type)),
+            [&] { return CalibratePrefillSwitch(calib_layer); }, &load_stats_.calibration,
+            &prefill_switch));
   }
   // The BF16 tile switch: calibrated on the first layer whose experts run on
   // bf16 tiles unless given (once per process and layer shape, as above).
@@ -516,23 +534,14 @@ absl::Status CpuMoeBackend::Load(const CpuMoeBackendOptions& options) {
     bf16_tile_min_tokens = 0;
     bf16_tile_switch = "none";
   } else if (bf16_tile_min_tokens == 0) {
-    static std::mutex cache_mu;
-    static std::map<std::string, std::pair<int64_t, std::vector<CpuMoeLoadStats::SwitchPoint>>>
-        cache;
     const kernels::moe::MoePlan& cp = layers_[bf16_layer]->plan;
-    const std::string key =
-        absl::StrCat(cp.shape.n_embd, "/", cp.shape.n_ff, "/", TypeName(cp.format.gate.type), "/",
-                     TypeName(cp.format.down.type));
-    std::lock_guard<std::mutex> lock(cache_mu);
-    if (auto it = cache.find(key); it != cache.end()) {
-      bf16_tile_min_tokens = it->second.first;
-      load_stats_.bf16_calibration = it->second.second;
-      bf16_tile_switch = "calibrated (earlier in this process)";
-    } else {
-      KTX_ASSIGN_OR_RETURN(bf16_tile_min_tokens, CalibrateBf16TileSwitch(bf16_layer));
-      bf16_tile_switch = "calibrated";
-      cache[key] = {bf16_tile_min_tokens, load_stats_.bf16_calibration};
-    }
+    KTX_ASSIGN_OR_RETURN(
+        bf16_tile_min_tokens,
+        CalibratedOnce(
+            absl::StrCat("bf16/", cp.shape.n_embd, "/", cp.shape.n_ff, "/",
+                         TypeName(cp.format.gate.type), "/", TypeName(cp.format.down.type)),
+            [&] { return CalibrateBf16TileSwitch(bf16_layer); }, &load_stats_.bf16_calibration,
+            &bf16_tile_switch));
   }
   if (prefill_min_tokens > 0 || bf16_tile_min_tokens > 0) {
     for (auto& layer : layers_) {
