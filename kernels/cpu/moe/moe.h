@@ -60,7 +60,10 @@
 // for more memory). Otherwise the decode
 // form (kGguf or kPanel16: VNNI dot products with register-blocked tokens).
 // The switch point should be where the two paths' measured times cross
-// (CpuMoeBackend calibrates it at load; moe_benchmark reports it).
+// (CpuMoeBackend calibrates it at load; moe_benchmark reports it). BF16
+// panel16 experts on the amx variant have a switch of their own inside the
+// decode path: AMX bf16 tiles from bf16_tile_min_tokens tokens on, the
+// AVX-512 BF16 dot products below (also calibrated at load).
 //
 // Thread-safety: MoePlan is immutable plain data. A MoeRun's RunTask may be
 // called concurrently for distinct tasks of the same stage with distinct
