@@ -46,7 +46,8 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
 }
 
 // KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
-// KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us and KTX_GPU_SPLIT_REPLAN=0|1.
+// KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us, KTX_GPU_SPLIT_REPLAN=0|1,
+// KTX_GPU_DECODE_SPLIT=0|1 and KTX_GPU_DECODE_CPU_GBPS=N.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -99,6 +100,27 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
           "pays on top (0: a split overlaps everything)"));
     }
     o->split_serial_us_per_token = us;
+  }
+  if (const char* v = std::getenv("KTX_GPU_DECODE_SPLIT"); v != nullptr && *v != '\0') {
+    const std::string mode = v;
+    if (mode != "0" && mode != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_DECODE_SPLIT='", mode,
+          "': expected 1 (decode batches stream a few of a layer's routed experts to the GPU "
+          "while the CPU computes the rest) or 0 (decode experts all on the CPU)"));
+    }
+    o->decode_split = mode == "1";
+  }
+  if (const char* v = std::getenv("KTX_GPU_DECODE_CPU_GBPS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const double gbps = std::strtod(v, &end);
+    if (end == v || *end != '\0' || !(gbps > 0) || gbps > 1e6) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_DECODE_CPU_GBPS='", v,
+          "': expected GB/s > 0, the rate at which the CPU experts read their weights at "
+          "decode (the decode split's starting figure)"));
+    }
+    o->decode_cpu_gbps = gbps;
   }
   if (const char* v = std::getenv("KTX_GPU_SPLIT_REPLAN"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -215,6 +237,12 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
     return absl::InvalidArgumentError(
         absl::StrCat("gemv_max_tokens (", o->gemv_max_tokens, ") and expert_gemv_max_tokens (",
                      o->expert_gemv_max_tokens, ") must not be negative"));
+  }
+  if (!(o->experts.decode_cpu_gbps > 0) || !(o->experts.decode_gpu_layer_fixed_us >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("experts.decode_cpu_gbps (", o->experts.decode_cpu_gbps,
+                     ") must be > 0 and experts.decode_gpu_layer_fixed_us (",
+                     o->experts.decode_gpu_layer_fixed_us, ") >= 0"));
   }
   return absl::OkStatus();
 }
@@ -404,6 +432,9 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   expert_cost_.split_serial_s_per_token = options.experts.split_serial_us_per_token * 1e-6;
   const std::string invalid = expert_cost_.Validate();
   if (!invalid.empty()) return absl::InvalidArgumentError(invalid);
+  decode_cost_ =
+      DecodeCostModel(expert_cost_, experts_->shape(), options.experts.decode_cpu_gbps * 1e9,
+                      options.experts.decode_gpu_layer_fixed_us * 1e-6);
   expert_mode_ = options.experts.mode;
   streaming_ready_ = true;
   KTX_LOG(INFO, "gpu") << "routed-expert cost model: "
@@ -412,6 +443,18 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
                        << BreakEvenTokens(expert_cost_, experts_->shape(), hp_.n_expert_used,
                                           hp_.n_expert, runner_->max_tokens())
                        << " tokens (uniform routing)";
+  if (options.experts.decode_split) {
+    const std::vector<int64_t> one(hp_.n_expert_used, 1);
+    const ExpertSplit s1 = PlanExpertSplit(decode_cost_, one, experts_->shape(), 1);
+    KTX_LOG(INFO, "gpu") << absl::StrFormat(
+        "decode split: the CPU reads an expert at %.0f GB/s (%.3f ms), one streams to the GPU in "
+        "%.3f ms; at 1 token the GPU takes %d of %d experts per MoE layer (modelled %.3f ms "
+        "against %.3f all on the CPU)",
+        options.experts.decode_cpu_gbps, decode_cost_.cpu_fixed_s * 1e3,
+        GpuCopySeconds(decode_cost_, experts_->shape()) * 1e3,
+        static_cast<int>(s1.gpu_experts.size()), static_cast<int>(hp_.n_expert_used),
+        s1.time_s() * 1e3, s1.all_cpu_s * 1e3);
+  }
   return absl::OkStatus();
 }
 
@@ -468,8 +511,10 @@ void CudaDeepseek2::ReportStages() {
 }
 
 bool CudaDeepseek2::UsesGraphs(int64_t n_tokens) const {
+  // A decode split streams only after the routing, outside the layers' graphs;
+  // the prefill modes prefetch during them.
   return graphs_ != nullptr && n_tokens <= graph_max_tokens_ &&
-         !(experts_ != nullptr && StreamsExperts(n_tokens));
+         !(experts_ != nullptr && StreamsExperts(n_tokens) && !DecodeSplits(n_tokens));
 }
 
 int64_t CudaDeepseek2::GraphKvBucket(int64_t max_kv_len) {
@@ -508,10 +553,20 @@ void CudaDeepseek2::CorrectCpuCost(double ratio) {
       std::clamp(expert_cost_.cpu_per_token_s * f, base_token / 4, base_token * 8);
 }
 
+bool CudaDeepseek2::DecodeSplits(int64_t n_tokens) const {
+  return expert_mode_ == GpuExpertMode::kAuto && expert_options_.decode_split && n_tokens > 0 &&
+         n_tokens < expert_cost_.min_batch_tokens;
+}
+
+const ExpertCostModel& CudaDeepseek2::CostModelFor(int64_t n_tokens) const {
+  return DecodeSplits(n_tokens) ? decode_cost_ : expert_cost_;
+}
+
 bool CudaDeepseek2::StreamsExperts(int64_t n_tokens) const {
   switch (expert_mode_) {
     case GpuExpertMode::kAllGpu: return true;
-    case GpuExpertMode::kAuto: return n_tokens >= expert_cost_.min_batch_tokens;
+    case GpuExpertMode::kAuto:
+      return n_tokens >= expert_cost_.min_batch_tokens || DecodeSplits(n_tokens);
     default: return false;
   }
 }
@@ -522,7 +577,7 @@ std::vector<int32_t> CudaDeepseek2::GpuExpertsFor(int64_t n_tokens,
     return AllExpertsOnGpu(expert_cost_, counts, experts_->shape()).gpu_experts;
   }
   if (expert_mode_ == GpuExpertMode::kAuto) {
-    return PlanExpertSplit(expert_cost_, counts, experts_->shape(), n_tokens).gpu_experts;
+    return PlanExpertSplit(CostModelFor(n_tokens), counts, experts_->shape(), n_tokens).gpu_experts;
   }
   return {};
 }
@@ -1011,7 +1066,8 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
   // Routing policies (adjust_routing) act before the split, so the split runs
   // under them too (cuda_deepseek2_test RoutingPoliciesApplyBeforeTheGpuCpuSplit).
   const bool stream_experts = experts_ != nullptr && StreamsExperts(n);
-  const bool prefetch = stream_experts && expert_options_.prefetch;
+  // A decode split chooses its experts at the routing: nothing to prefetch.
+  const bool prefetch = stream_experts && expert_options_.prefetch && !DecodeSplits(n);
   std::vector<int32_t> prefetched;  // the GPU's experts of the next MoE layer, copying
   if (experts_ != nullptr && !experts_->idle()) {
     KTX_RETURN_IF_ERROR(experts_->Reset());  // left over from a failed pass
@@ -1207,8 +1263,10 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
         KTX_RETURN_IF_ERROR(hooks.start_routed_experts(il, h, cpu_routing));
         cpu_started = true;
       }
-      KTX_RETURN_IF_ERROR(
-          experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+      if (!gpu_experts.empty()) {  // (a decode split may give the GPU none)
+        KTX_RETURN_IF_ERROR(
+            experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+      }
       if (stage_times_) {
         if (split_probe_ == nullptr) {
           KTX_RETURN_IF_ERROR(CudaOk(cudaEventCreate(&split_probe_), "creating the split probe"));
@@ -1229,7 +1287,10 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // model's CPU figures before the next MoE layer's experts are chosen (the
     // defaults are estimates; the shards' speed depends on the machine, the
     // load and the PCIe traffic beside them).
-    const bool learn = stream_experts && expert_mode_ == GpuExpertMode::kAuto;
+    // The decode split does not learn: its CPU time is mostly the hand-off for
+    // small experts (which no split shortens), and a split fixed by the
+    // routing alone keeps a batch's results independent of timing.
+    const bool learn = stream_experts && expert_mode_ == GpuExpertMode::kAuto && !DecodeSplits(n);
     double modelled_cpu_s = 0;
     if (learn) {
       for (int32_t e = 0; e < hp_.n_expert; ++e) {

@@ -86,7 +86,8 @@ class CudaDeepseek2 {
   // GEMV where a matrix has GGUF blocks; larger ones cuBLAS on the bf16
   // copies. SetGemvMaxTokens changes the threshold between calls (0: the GEMV
   // only where no bf16 copy exists); SetExpertGemvMaxTokens the one of the
-  // resident hot experts (CudaModelOptions::expert_gemv_max_tokens).
+  // resident hot experts and of streamed ones (CudaModelOptions::
+  // expert_gemv_max_tokens).
   GpuWeightForm weight_form() const { return plan_.weight_form; }
   int64_t gemv_max_tokens() const { return runner_->gemv_max_tokens(); }
   void SetGemvMaxTokens(int64_t n);
@@ -119,6 +120,10 @@ class CudaDeepseek2 {
   // Calibrated GPU rates and the CPU figures; null streamer when off and no
   // expert is resident.
   const ExpertCostModel& expert_cost_model() const { return expert_cost_; }
+  // The decode split's model (GpuExpertOptions::decode_split; fixed at
+  // creation) and whether a batch of n tokens splits by it.
+  const ExpertCostModel& decode_cost_model() const { return decode_cost_; }
+  bool DecodeSplits(int64_t n_tokens) const;
   // KTX_GPU_STAGE_TIMES=1 was set at creation (stage lines are logged).
   bool stage_times() const { return stage_times_; }
   const GpuExpertStreamer* expert_streamer() const { return experts_.get(); }
@@ -366,11 +371,16 @@ class CudaDeepseek2 {
   // Scales the cost model's CPU figures by ratio^0.7 (measured / modelled CPU
   // time of a split layer), within [1/4, 8] x the configured figures.
   void CorrectCpuCost(double ratio);
+  // DecodeSplits: kAuto with experts.decode_split and a batch below
+  // min_batch_tokens; the decode model then chooses the GPU's experts at the
+  // routing.
+  const ExpertCostModel& CostModelFor(int64_t n_tokens) const;
   std::vector<int32_t> GpuExpertsFor(int64_t n_tokens, std::span<const int64_t> counts) const;
   GpuExpertMode expert_mode_ = GpuExpertMode::kOff;
   bool streaming_ready_ = false;  // the streamer is calibrated: modes other than kOff allowed
   GpuExpertOptions expert_options_;
-  ExpertCostModel expert_cost_;
+  ExpertCostModel expert_cost_;  // prefill batches (>= min_batch_tokens), all-GPU
+  ExpertCostModel decode_cost_;  // decode batches (DecodeCostModel of the calibrated rates; fixed)
   std::unique_ptr<GpuExpertStreamer> experts_;  // null when off
 };
 

@@ -49,6 +49,10 @@ double GpuCopySeconds(const ExpertCostModel& model, const ExpertShape& shape) {
   return static_cast<double>(shape.expert_bytes) / model.pcie_bytes_per_s;
 }
 
+double GpuFillSeconds(const ExpertCostModel& model, const ExpertShape& shape) {
+  return model.gpu_fill_s >= 0 ? model.gpu_fill_s : GpuCopySeconds(model, shape);
+}
+
 double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape, int64_t m) {
   const double flops = 6.0 * static_cast<double>(m) * static_cast<double>(shape.n_embd) *
                        static_cast<double>(shape.n_ff);
@@ -76,6 +80,7 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   }
   std::erase_if(order, [&](int32_t e) { return forced[e] != 0; });
   const double copy1 = valid ? GpuCopySeconds(model, shape) : 0.0;
+  const double fill = valid ? GpuFillSeconds(model, shape) : 0.0;
   // Every option with CPU experts (all-CPU included) pays the serial part.
   const double serial =
       std::max(model.split_serial_s_per_token, 0.0) * static_cast<double>(n_tokens);
@@ -94,7 +99,7 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
     const double c = cpu_part(cpu);
     return std::max(gpu, c) + (c > 0 ? serial : 0.0);
   };
-  const double forced_gpu = GpuSetSeconds(copy, compute, copy1);
+  const double forced_gpu = GpuSetSeconds(copy, compute, fill);
   const double baseline = time_of(forced_gpu, cpu_left);
   double best = baseline;
   size_t best_k = 0;
@@ -106,7 +111,7 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
     cpu_left -= CpuExpertSeconds(model, m);
     copy += copy1;
     compute += GpuComputeSeconds(model, shape, m);
-    const double gpu = GpuSetSeconds(copy, compute, copy1);
+    const double gpu = GpuSetSeconds(copy, compute, fill);
     const double t = time_of(gpu, cpu_left);
     if (t < best) {
       best = t;
@@ -129,6 +134,19 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   return split;
 }
 
+ExpertCostModel DecodeCostModel(const ExpertCostModel& calibrated, const ExpertShape& shape,
+                                double cpu_bytes_per_s, double layer_fixed_s) {
+  ExpertCostModel m = calibrated;
+  m.cpu_fixed_s =
+      cpu_bytes_per_s > 0 ? static_cast<double>(shape.expert_bytes) / cpu_bytes_per_s : 0.0;
+  m.cpu_per_token_s = m.cpu_fixed_s / 16;
+  m.gpu_layer_fixed_s = layer_fixed_s;
+  m.gpu_fill_s = m.gpu_flops_per_s > 0 ? GpuComputeSeconds(m, shape, 1) : 0.0;
+  m.min_batch_tokens = 0;
+  m.split_serial_s_per_token = 0;
+  return m;
+}
+
 ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape) {
   ExpertSplit split;
@@ -142,7 +160,8 @@ ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,
     copy += copy1;
     if (model.gpu_flops_per_s > 0) compute += GpuComputeSeconds(model, shape, m);
   }
-  split.gpu_s = GpuSetSeconds(copy, compute, copy1);
+  split.gpu_s =
+      GpuSetSeconds(copy, compute, model.pcie_bytes_per_s > 0 ? GpuFillSeconds(model, shape) : 0.0);
   return split;
 }
 

@@ -9,8 +9,10 @@
 //   CPU time   = cpu_fixed_s + cpu_per_token_s * m          (backend, measured outside)
 //   GPU copy   = expert_bytes / pcie_bytes_per_s            (copy stream)
 //   GPU compute= gpu_expert_fixed_s + 6 m n_embd n_ff / gpu_flops_per_s  (compute stream)
-// A set S on the GPU costs max(Σ copy, Σ compute) plus one expert's copy (the
-// pipeline fills); the CPU costs Σ over the other experts with m > 0. The GPU
+// A set S on the GPU costs max(Σ copy, Σ compute) plus the pipeline's fill
+// (gpu_fill_s; by default one expert's copy, before which nothing computes;
+// the decode model sets it to one expert's compute, the tail after the last
+// copy, since its sets are copy-bound); the CPU costs Σ over the other experts with m > 0. The GPU
 // saves most on the experts with the most tokens (its cost hardly depends on
 // m), so S is a prefix of the experts sorted by m (descending, ties: lower
 // id): the prefix that minimises max(GPU, CPU), the smaller one on ties, and
@@ -44,6 +46,7 @@ struct ExpertCostModel {
   double gpu_flops_per_s = 0;         // bf16 GEMM rate at expert shape (measured)
   double gpu_expert_fixed_s = 0;      // per expert on the GPU: dequantize + launches (measured)
   double gpu_layer_fixed_s = 0.5e-3;  // per layer: routing lists, launches; a split must save more
+  double gpu_fill_s = -1;             // per GPU set: the pipeline's fill (< 0: one expert's copy)
   double cpu_fixed_s = 0;             // CPU time of an expert: fixed + per token * m
   double cpu_per_token_s = 0;
   int64_t min_batch_tokens = 0;         // below: all experts on the CPU
@@ -74,6 +77,8 @@ struct ExpertSplit {
 double CpuExpertSeconds(const ExpertCostModel& model, int64_t m);
 double GpuCopySeconds(const ExpertCostModel& model, const ExpertShape& shape);
 double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape, int64_t m);
+// The fill a GPU set pays once (gpu_fill_s, or one expert's copy).
+double GpuFillSeconds(const ExpertCostModel& model, const ExpertShape& shape);
 
 // tokens_per_expert: I64 [n_expert], token count of each expert in the batch
 // (actual after routing, or expected before it). n_tokens: the batch size.
@@ -86,6 +91,17 @@ double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape,
 ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
                             int64_t n_tokens, std::span<const int32_t> on_gpu_already = {});
+
+// The model for decode-sized batches (below the prefill model's
+// min_batch_tokens), where the CPU's experts are bound by host memory
+// bandwidth: the GPU rates of `calibrated`; CPU time of an expert =
+// expert_bytes / cpu_bytes_per_s (its weights read once) plus a sixteenth of
+// that per token (the decode kernels stay bandwidth-bound for a few tokens per
+// expert); the fill is one expert's compute at one token (the sets are
+// copy-bound: the tail after the last copy); layer_fixed_s per split layer; no
+// batch threshold and no serial part (every option hands the CPU its part).
+ExpertCostModel DecodeCostModel(const ExpertCostModel& calibrated, const ExpertShape& shape,
+                                double cpu_bytes_per_s, double layer_fixed_s);
 
 // Every expert with m > 0 on the GPU (forced all-GPU), with the modelled times.
 ExpertSplit AllExpertsOnGpu(const ExpertCostModel& model,

@@ -593,6 +593,7 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
     if (count[streamed[j]] > 0) queue_.push_back({il, streamed[j], -1});
   }
   KTX_RETURN_IF_ERROR(Issue());
+  const bool gemv_layer_streamed = !streamed.empty() && GemvReads(il);
   for (size_t j = 0; j < streamed.size(); ++j) {
     const int32_t e = streamed[j];
     const bool queued = !queue_.empty() && queue_.front().expert == e && queue_.front().il == il;
@@ -601,15 +602,27 @@ absl::Status GpuExpertStreamer::Compute(int il, std::span<const int32_t> experts
     KTX_CHECK(slot >= 0);  // the front of the queue is always issued
     KTX_RETURN_IF_ERROR(
         CudaOk(cudaStreamWaitEvent(compute_, copied_[slot], 0), "cudaStreamWaitEvent"));
-    KTX_RETURN_IF_ERROR(Dequantize(il, slot));
+    const int64_t m = count[e];
+    // Few tokens (a decode split): three quantized GEMVs straight from the
+    // slot, which is released after them; else dequantize, release, GEMMs.
+    const bool gemv = m > 0 && m <= config_.gemv_max_tokens && gemv_layer_streamed;
+    if (gemv) {
+      KTX_RETURN_IF_ERROR(RunExpertGemv(
+          il, slots_.as<uint8_t>() + static_cast<uint64_t>(slot) * layout_.slot_bytes, m,
+          d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+      ++stats_.streamed_gemv_experts;
+    } else {
+      KTX_RETURN_IF_ERROR(Dequantize(il, slot));
+    }
     KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(freed_[slot], compute_), "cudaEventRecord"));
     queue_.pop_front();
     free_slots_.push_back(slot);
     KTX_RETURN_IF_ERROR(Issue());
-    const int64_t m = count[e];
     if (m == 0) continue;
-    KTX_RETURN_IF_ERROR(
-        RunExpert(m, d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+    if (!gemv) {
+      KTX_RETURN_IF_ERROR(
+          RunExpert(m, d_rows + offset[e], d_weights + offset[e], h, h_stride, acc, acc_stride));
+    }
     ++stats_.experts_computed;
     stats_.tokens_computed += m;
   }

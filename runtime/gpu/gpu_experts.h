@@ -12,8 +12,9 @@
 //     blocks to bf16 (kernels/cuda/dequant.h), releases the slot (event),
 //     gathers the expert's tokens, runs gate/up (one GEMM), SiLU gate, down,
 //     and adds weight * output into an F32 accumulator at the tokens' rows
-//     (resident experts with few tokens: three quantized GEMVs on their
-//     blocks instead of dequantize + GEMMs, config.gemv_max_tokens),
+//     (experts with few tokens, resident or streamed: three quantized GEMVs
+//     on their blocks instead of dequantize + GEMMs, config.gemv_max_tokens;
+//     a streamed expert's slot is then released after the GEMVs),
 // with no host synchronisation inside the layer: copies of later experts
 // (and, through Prefetch, of the next layer's experts) run while earlier ones
 // are multiplied. Experts are processed one at a time in the given order on
@@ -95,9 +96,10 @@ struct GpuExpertStreamerConfig {
   int64_t max_tokens = 0;  // batch size bound (work buffers)
   int32_t n_slots = 32;    // >= 2
   bool register_host_memory = true;
-  // A resident expert with at most this many tokens runs as three quantized
-  // GEMVs straight from its blocks (kernels/cuda/gemv.h) instead of
-  // dequantize + GEMMs, when the GEMV reads its types (0: never).
+  // An expert (resident, or streamed into a slot) with at most this many
+  // tokens runs as three quantized GEMVs straight from its blocks
+  // (kernels/cuda/gemv.h) instead of dequantize + GEMMs, when the GEMV reads
+  // its types (0: never).
   int64_t gemv_max_tokens = 0;
 };
 
@@ -189,6 +191,7 @@ class GpuExpertStreamer {
     int64_t resident_experts_computed = 0;
     int64_t resident_tokens_computed = 0;
     int64_t resident_gemv_experts = 0;  // of those, computed by the quantized GEMV
+    int64_t streamed_gemv_experts = 0;  // streamed experts computed by the GEMV from their slot
   };
   const Stats& stats() const { return stats_; }
 

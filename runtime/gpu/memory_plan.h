@@ -74,6 +74,21 @@ struct GpuExpertOptions {
   // until then, which made 2048-token prompts stream every expert).
   // KTX_GPU_SPLIT_SERIAL_US in the environment overrides it.
   double split_serial_us_per_token = 10.0;
+  // kAuto, batches below min_batch_tokens (decode): the GPU streams a few of
+  // the layer's used experts over PCIe (no prefetch: they are known only at
+  // the routing) while the CPU reads the others from host memory; the copy
+  // engine adds to what the cores alone read (H200 machine: the decode layer
+  // 2.07 ms alone, 2.71 ms beside 47.6 GB/s of copies, i.e. 112 + 48 against
+  // 86 + 48 GB/s in all). The decode model (DecodeCostModel): the CPU reads an
+  // expert at decode_cpu_gbps, the GPU at the calibrated PCIe rate, and a
+  // split must save more than decode_gpu_layer_fixed_us per layer, so small
+  // experts (the test fixtures) never split. Unlike the prefill figures it is
+  // not corrected at run time: the split then depends on the batch's routing
+  // alone, not on timing. KTX_GPU_DECODE_SPLIT=0|1 and
+  // KTX_GPU_DECODE_CPU_GBPS=N in the environment override them.
+  bool decode_split = true;
+  double decode_cpu_gbps = 100.0;
+  double decode_gpu_layer_fixed_us = 50.0;
 };
 
 // Which forms of the non-routed weight matrices CudaDeepseek2 keeps on the
@@ -150,8 +165,9 @@ struct CudaModelOptions {
   // graph_max_tokens that replay CUDA graphs keep to the kernel. 0: never.
   // KTX_GPU_MLA_PREFILL_MIN_TOKENS=N in the environment overrides it.
   int64_t mla_prefill_min_tokens = 16;
-  // The largest token count of one resident hot expert (resident_experts) in
-  // one layer that runs as three GEMVs on its blocks; more tokens:
+  // The largest token count of one resident hot expert (resident_experts), or
+  // of a streamed one (a decode split), in one layer that runs as three GEMVs
+  // on its blocks; more tokens:
   // dequantize to bf16 + two GEMMs. The alternative reads and writes ~6 bytes
   // per weight more than the blocks, so the GEMV pays longer than for bf16
   // matrices: measured on the H200 (gemv_benchmark "expert" rows, Q4_K
@@ -159,7 +175,8 @@ struct CudaModelOptions {
   // KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N overrides; 0: never.
   int64_t expert_gemv_max_tokens = 16;
   // CUDA graphs (docs/gpu.md "CUDA graphs"): forward steps of at most
-  // graph_max_tokens tokens that stream no routed experts replay each layer's
+  // graph_max_tokens tokens that prefetch no routed experts (a decode split
+  // streams after the routing, outside the graphs) replay each layer's
   // GPU part (attention, norm, dense FFN or routing + the copies to the host +
   // shared expert) as one graph per (layer, token count, context bucket);
   // the attention plan then sees the context rounded up to a power of two

@@ -542,6 +542,156 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// The decode split (GpuExpertOptions::decode_split): batches below
+// min_batch_tokens stream a few of each MoE layer's used experts to the GPU
+// (chosen at the routing, no prefetch, computed by the quantized GEMV from
+// their slots where it reads the types) while the CPU computes the rest.
+// The fixtures' experts are small, so by default the model keeps them on the
+// CPU (a split must save more than its fixed cost); with the CPU's read rate
+// set so that an expert takes twice the GPU's time and no fixed cost, the model gives the
+// GPU some of each layer's experts: the prompt and teacher-forced decode
+// steps (one sequence, then a batch of 3) then match the all-CPU run within
+// the tolerance above, every entry computed once, and the decode steps still
+// replay their layers as CUDA graphs. Bad environment values are refused.
+TEST_P(CudaDeepseek2Test, DecodeSplitStreamsSomeExpertsAndMatchesTheCpuPath) {
+  for (const char* v : {"KTX_GPU_EXPERTS", "KTX_GPU_EXPERTS_CPU", "KTX_GPU_DECODE_SPLIT",
+                        "KTX_GPU_DECODE_CPU_GBPS", "KTX_CUDA_GRAPHS"}) {
+    unsetenv(v);
+  }
+  if (gpu_->expert_streamer() == nullptr) {
+    GTEST_SKIP() << "routed experts of this file cannot be streamed (see the log)";
+  }
+  const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
+  const size_t n_steps = std::min<size_t>(gen_tokens.size(), 8);
+  ASSERT_GE(n_steps, 4u);
+  // The prompt, n_steps teacher-forced steps, then 3 sequences decoding together.
+  auto run = [&](CudaDeepseek2& g, Activations* rows) {
+    std::vector<float> all;
+    auto seq = g.AddSequence(256);
+    ASSERT_TRUE(seq.ok());
+    Activations logits;
+    ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kLast, &logits).ok());
+    all.insert(all.end(), logits.values().begin(), logits.values().end());
+    for (size_t i = 0; i < n_steps; ++i) {
+      const int32_t one[] = {gen_tokens[i]};
+      ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
+      all.insert(all.end(), logits.values().begin(), logits.values().end());
+    }
+    ASSERT_TRUE(g.FreeSequence(*seq).ok());
+    std::vector<SequenceId> seqs;
+    for (int i = 0; i < 3; ++i) {
+      auto s = g.AddSequence(256);
+      ASSERT_TRUE(s.ok());
+      const std::vector<int32_t> p(prompt_.begin() + i, prompt_.end() - 2 * i);
+      ASSERT_TRUE(g.Forward(p, *s, LogitsRows::kLast, &logits).ok());
+      seqs.push_back(*s);
+    }
+    for (int step = 0; step < 3; ++step) {
+      int32_t next[3];
+      std::vector<CudaDeepseek2::BatchEntry> entries;
+      for (int i = 0; i < 3; ++i) {
+        next[i] = gen_tokens[(step + 2 * i) % gen_tokens.size()];
+        entries.push_back({seqs[i], {&next[i], 1}, LogitsRows::kLast});
+      }
+      ASSERT_TRUE(g.ForwardBatch(entries, &logits).ok());
+      all.insert(all.end(), logits.values().begin(), logits.values().end());
+    }
+    for (SequenceId s : seqs) ASSERT_TRUE(g.FreeSequence(s).ok());
+    const int64_t n_rows = static_cast<int64_t>(all.size()) / n_vocab_;
+    rows->ResizeForOverwrite(n_rows, n_vocab_);
+    std::copy(all.begin(), all.end(), rows->data());
+  };
+  Activations cpu, by_default, split;
+  ASSERT_TRUE(gpu_->SetExpertMode(GpuExpertMode::kAllCpu).ok());
+  run(*gpu_, &cpu);
+  ASSERT_TRUE(gpu_->SetExpertMode(GpuExpertMode::kAuto).ok());
+  EXPECT_TRUE(gpu_->DecodeSplits(1));
+  EXPECT_FALSE(gpu_->DecodeSplits(gpu_->expert_cost_model().min_batch_tokens));
+  const int64_t before = gpu_->expert_streamer()->stats().experts_computed;
+  run(*gpu_, &by_default);
+  EXPECT_EQ(gpu_->expert_streamer()->stats().experts_computed, before)
+      << "the fixture's small experts were split by default (the decode split must save more "
+         "than its fixed cost)";
+  EXPECT_EQ(by_default.values(), cpu.values());
+
+  // The CPU's time per expert: twice the GPU's (its copy and its fixed cost,
+  // which dominates for small experts), so the model gives the GPU a few.
+  const ExpertCostModel& m = gpu_->decode_cost_model();
+  const ExpertShape shape = gpu_->expert_streamer()->shape();
+  const double gpu_s = GpuCopySeconds(m, shape) + GpuComputeSeconds(m, shape, 1);
+  CudaModelOptions o = TestOptions();
+  o.experts.mode = GpuExpertMode::kAuto;
+  o.experts.decode_split = true;
+  o.experts.decode_cpu_gbps = static_cast<double>(shape.expert_bytes) / (2 * gpu_s) / 1e9;
+  o.experts.decode_gpu_layer_fixed_us = 0;
+  auto other = CudaDeepseek2::Create(*model_, o);
+  ASSERT_TRUE(other.ok()) << other.status();
+  CudaDeepseek2& g = **other;
+  EXPECT_TRUE(g.UsesGraphs(1)) << "a decode split must keep the layers' graphs";
+  run(g, &split);
+  const GpuExpertStreamer::Stats& st = g.expert_streamer()->stats();
+  const CudaGraphCache::Stats gs = g.graph_stats();
+  const int n_moe = model_->hparams().n_layer - model_->hparams().n_layer_dense_lead;
+  std::printf(
+      "[ measured ] %s: decode split: %lld experts (%lld entries) on the GPU in %d MoE layers, "
+      "%lld by the GEMV from their slots; graphs: %lld captured, %lld replays\n",
+      GetParam().c_str(), static_cast<long long>(st.experts_computed),
+      static_cast<long long>(st.tokens_computed), n_moe,
+      static_cast<long long>(st.streamed_gemv_experts), static_cast<long long>(gs.captures),
+      static_cast<long long>(gs.replays));
+  EXPECT_GT(st.experts_computed, 0) << "the decode split gave the GPU nothing";
+  EXPECT_GT(gs.replays, 0) << "decode steps with a split did not replay graphs";
+  EXPECT_EQ(gs.failures, 0);
+  ExpectAgree(CompareRows(split, cpu), "decode split vs CPU", GetParam());
+  // Every entry once: the hook's entries + the GPU's = the routing's, on one step.
+  {
+    auto seq = g.AddSequence(256);
+    ASSERT_TRUE(seq.ok());
+    Activations logits;
+    ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kLast, &logits).ok());
+    int64_t hook_entries = 0, routed_entries = 0;
+    CudaDeepseek2::ForwardHooks hooks;
+    hooks.adjust_routing = [&](int, models::Routing* routing) {
+      for (int32_t e : routing->expert_ids) routed_entries += e != models::kNoExpert;
+      return absl::OkStatus();
+    };
+    hooks.routed_experts = [&](int il, const Activations& h, const models::Routing& routing,
+                               Activations* routed) {
+      for (int32_t e : routing.expert_ids) hook_entries += e != models::kNoExpert;
+      return model_->RoutedExperts(il, h, routing, {}, routed);
+    };
+    const int64_t gpu_before = g.expert_streamer()->stats().tokens_computed;
+    const int32_t one[] = {gen_tokens[0]};
+    const CudaDeepseek2::BatchEntry entry{*seq, one, LogitsRows::kLast};
+    ASSERT_TRUE(
+        g.ForwardBatch(std::span<const CudaDeepseek2::BatchEntry>(&entry, 1), &logits, hooks).ok());
+    const int64_t gpu_entries = g.expert_streamer()->stats().tokens_computed - gpu_before;
+    EXPECT_GT(gpu_entries, 0);
+    EXPECT_EQ(hook_entries + gpu_entries, routed_entries) << "an entry was lost or doubled";
+    ASSERT_TRUE(g.FreeSequence(*seq).ok());
+  }
+  // Off by option: nothing streams at decode.
+  o.experts.decode_split = false;
+  auto off = CudaDeepseek2::Create(*model_, o);
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE((*off)->DecodeSplits(1));
+  // Bad values are refused by name.
+  for (const auto& [var, value] : {std::pair<const char*, const char*>{"KTX_GPU_DECODE_SPLIT", "2"},
+                                   {"KTX_GPU_DECODE_CPU_GBPS", "0"},
+                                   {"KTX_GPU_DECODE_CPU_GBPS", "fast"}}) {
+    setenv(var, value, 1);
+    auto bad = CudaDeepseek2::Create(*model_, o);
+    unsetenv(var);
+    ASSERT_FALSE(bad.ok()) << var << "=" << value;
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(bad.status().message().find(var), std::string::npos) << bad.status();
+  }
+  o.experts.decode_cpu_gbps = 0;
+  auto bad_option = CudaDeepseek2::Create(*model_, o);
+  ASSERT_FALSE(bad_option.ok());
+  EXPECT_NE(bad_option.status().message().find("decode_cpu_gbps"), std::string::npos);
+}
+
 // Routing policies act on the FULL top-k before the routed experts are split
 // between the GPU and the CPU (ForwardHooks::adjust_routing): with every
 // routed expert on the GPU (kAllGpu), a reduced and an adaptive top-k give the

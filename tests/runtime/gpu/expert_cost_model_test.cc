@@ -54,10 +54,9 @@ double SetSeconds(const ExpertCostModel& m, const ExpertShape& s, const std::vec
       cpu += m.cpu_fixed_s + m.cpu_per_token_s * count[e];
     }
   }
-  const double gpu = any ? std::max(copy, compute) +
-                               static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s +
-                               m.gpu_layer_fixed_s
-                         : 0.0;
+  const double fill =
+      m.gpu_fill_s >= 0 ? m.gpu_fill_s : static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
+  const double gpu = any ? std::max(copy, compute) + fill + m.gpu_layer_fixed_s : 0.0;
   return std::max(gpu, cpu);
 }
 
@@ -73,6 +72,8 @@ TEST(ExpertCostModel, PlanIsTheOptimumOverEverySubset) {
     // CPU per-expert times from 0.05x to 3x the copy time of an expert.
     const double copy1 = static_cast<double>(s.expert_bytes) / m.pcie_bytes_per_s;
     m.cpu_per_token_s = copy1 / 64 * std::uniform_real_distribution<double>(0.05, 3.0)(rng);
+    // Half the trials with a set fill (the decode model's: a compute's tail).
+    if (trial % 2 == 1) m.gpu_fill_s = copy1 * std::uniform_real_distribution<double>(0, 1)(rng);
     const int n_expert = 11;
     std::vector<int64_t> count(n_expert);
     for (auto& c : count) c = rng() % 4 == 0 ? 0 : 1 + rng() % 200;
@@ -245,6 +246,62 @@ TEST(ExpertCostModel, SmallBatchesStayOnTheCpu) {
   EXPECT_TRUE(
       PlanExpertSplit(m, UniformTokensPerExpert(2048, 8, 256), s, 2048).gpu_experts.empty());
   EXPECT_TRUE(Dsv3Model().Validate().empty());
+}
+
+// The decode model (DecodeCostModel): a DeepSeek-V3 layer at one token (8
+// experts of 1 token) with the CPU reading 100 GB/s and PCIe at 50 GB/s
+// splits where g copies + the tail = the CPU's 8 - g experts: the GPU takes
+// 2 or 3 (closed form 8 x 0.286 / (0.573 + 0.286) = 2.67), and the layer's
+// modelled time falls by a quarter or more. A batch of 16 (~120 experts of
+// 1-2 tokens) gives the GPU about a third of them, the ones with the most
+// tokens first. Small experts (a test fixture's) never split: the fixed cost
+// per layer is more than their CPU time. The model's other fields come from
+// the calibrated one; no threshold and no serial part.
+TEST(ExpertCostModel, DecodeModelSplitsAFewExpertsOfABandwidthBoundLayer) {
+  const ExpertShape s = Dsv3Shape();
+  const ExpertCostModel calibrated = Dsv3Model();
+  const ExpertCostModel d = DecodeCostModel(calibrated, s, 100e9, 50e-6);
+  EXPECT_TRUE(d.Validate().empty()) << d.Validate();
+  EXPECT_EQ(d.pcie_bytes_per_s, calibrated.pcie_bytes_per_s);
+  EXPECT_EQ(d.gpu_flops_per_s, calibrated.gpu_flops_per_s);
+  EXPECT_EQ(d.min_batch_tokens, 0);
+  EXPECT_EQ(d.split_serial_s_per_token, 0);
+  EXPECT_NEAR(d.cpu_fixed_s, static_cast<double>(s.expert_bytes) / 100e9, 1e-15);
+  EXPECT_NEAR(d.gpu_fill_s, GpuComputeSeconds(d, s, 1), 1e-15);
+  EXPECT_NEAR(GpuFillSeconds(d, s), d.gpu_fill_s, 1e-15);
+  EXPECT_NEAR(GpuFillSeconds(calibrated, s), GpuCopySeconds(calibrated, s), 1e-15);
+  // One token.
+  std::vector<int64_t> one(256, 0);
+  for (int e = 0; e < 8; ++e) one[e * 31] = 1;
+  const ExpertSplit s1 = PlanExpertSplit(d, one, s, 1);
+  EXPECT_GE(s1.gpu_experts.size(), 2u);
+  EXPECT_LE(s1.gpu_experts.size(), 3u);
+  EXPECT_LT(s1.time_s(), 0.8 * s1.all_cpu_s);
+  EXPECT_EQ(s1.serial_s, 0);
+  for (int32_t e : s1.gpu_experts) EXPECT_EQ(one[e], 1);
+  // Sixteen tokens: 128 selections over 256 experts.
+  std::mt19937 rng(7);
+  std::vector<int64_t> sixteen(256, 0);
+  for (int t = 0; t < 16; ++t) {
+    std::vector<int> ids(256);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int k = 0; k < 8; ++k) ++sixteen[ids[k]];
+  }
+  const int64_t used = std::count_if(sixteen.begin(), sixteen.end(), [](int64_t c) { return c; });
+  const ExpertSplit s16 = PlanExpertSplit(d, sixteen, s, 16);
+  EXPECT_GT(s16.gpu_experts.size(), static_cast<size_t>(used) / 5);
+  EXPECT_LT(s16.gpu_experts.size(), static_cast<size_t>(used) / 2);
+  EXPECT_GE(sixteen[s16.gpu_experts.front()], sixteen[s16.gpu_experts.back()]);
+  EXPECT_LT(s16.time_s(), 0.75 * s16.all_cpu_s);
+  // A small expert (64 x 32, Q8_0: ~7 KB): the CPU reads it in 0.07 us.
+  ExpertShape tiny;
+  tiny.n_embd = 64;
+  tiny.n_ff = 32;
+  tiny.expert_bytes = 3 * 64 * 32 * 34 / 32;
+  const ExpertCostModel dt = DecodeCostModel(calibrated, tiny, 100e9, 50e-6);
+  EXPECT_TRUE(PlanExpertSplit(dt, one, tiny, 1).gpu_experts.empty());
+  EXPECT_TRUE(PlanExpertSplit(dt, sixteen, tiny, 16).gpu_experts.empty());
 }
 
 TEST(ExpertCostModel, AllOnGpuTakesEveryUsedExpert) {

@@ -366,12 +366,13 @@ TEST_F(GpuExpertsTest, ResidentExpertsMatchFloat64ReferenceWithoutCopies) {
   EXPECT_EQ(s->n_resident(), 0);
 }
 
-// Resident experts with at most gemv_max_tokens tokens run as three quantized
-// GEMVs straight from their blocks: the sum equals the float64 reference with
-// DequantizeRow's (unrounded) weights for them and bf16 weights for the
-// streamed ones, within the same 2e-3; with the threshold 0 they take the
-// dequantize + GEMM path again. (About 14 tokens per expert here: two token
-// passes of the GEMV.)
+// Experts with at most gemv_max_tokens tokens run as three quantized GEMVs
+// straight from their blocks, the resident ones from device memory and the
+// streamed ones from their slots (a decode split's experts): the sum equals
+// the float64 reference with DequantizeRow's (unrounded) weights for all of
+// them, within the same 2e-3; with the threshold 0 they take the dequantize +
+// GEMM path again (bf16 weights in the reference). (About 14 tokens per
+// expert here: two token passes of the GEMV.)
 TEST_F(GpuExpertsTest, ResidentExpertsByQuantizedGemvMatchFloat64Reference) {
   SCOPED_TRACE(testing::Message() << "seed " << seed_);
   const models::Routing r1 = RandomRouting(rng_);
@@ -382,8 +383,20 @@ TEST_F(GpuExpertsTest, ResidentExpertsByQuantizedGemvMatchFloat64Reference) {
   const auto* h = reinterpret_cast<const __nv_bfloat16*>(d_h.get());
   for (const int64_t threshold : {int64_t{64}, int64_t{0}}) {
     SCOPED_TRACE(testing::Message() << "gemv_max_tokens " << threshold);
-    const std::vector<int32_t> exact1 = threshold > 0 ? resident[1] : std::vector<int32_t>{};
-    const std::vector<int32_t> exact2 = threshold > 0 ? resident[2] : std::vector<int32_t>{};
+    const std::vector<int32_t> exact = threshold > 0 ? subset : std::vector<int32_t>{};
+    const std::vector<int32_t>& exact1 = exact;
+    const std::vector<int32_t>& exact2 = exact;
+    // Streamed experts of the subset with tokens: the GEMV's from the slots.
+    int64_t streamed_with_tokens = 0;
+    for (int il : {1, 2}) {
+      const models::Routing& r = il == 1 ? r1 : r2;
+      for (int32_t e : subset) {
+        if (std::find(resident[il].begin(), resident[il].end(), e) != resident[il].end()) continue;
+        streamed_with_tokens +=
+            std::find(r.expert_ids.begin(), r.expert_ids.end(), e) != r.expert_ids.end();
+      }
+    }
+    ASSERT_GT(streamed_with_tokens, 0);
     const std::vector<double> want1 = Reference(*layers_[1], h_, r1, subset, acc0_, exact1);
     std::vector<float> acc1(acc0_.size());
     for (size_t i = 0; i < acc1.size(); ++i) acc1[i] = static_cast<float>(want1[i]);
@@ -405,6 +418,7 @@ TEST_F(GpuExpertsTest, ResidentExpertsByQuantizedGemvMatchFloat64Reference) {
     EXPECT_LE(e2, 2e-3);
     EXPECT_EQ(s->stats().resident_experts_computed, 4);
     EXPECT_EQ(s->stats().resident_gemv_experts, threshold > 0 ? 4 : 0);
+    EXPECT_EQ(s->stats().streamed_gemv_experts, threshold > 0 ? streamed_with_tokens : 0);
   }
 }
 
