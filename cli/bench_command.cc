@@ -48,8 +48,24 @@
 #include "tbb/global_control.h"
 #include "topology/hardware.h"
 
+extern char** environ;
+
 namespace ktx::cli {
 namespace {
+
+// The KTX_* variables of this process (name -> value): they change what the
+// run measures (kernel variants, switches, the GPU's expert splits), so the
+// JSON records them beside the flags.
+nlohmann::json KtxEnvironment() {
+  nlohmann::json env = nlohmann::json::object();
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos || kv.rfind("KTX_", 0) != 0) continue;
+    env[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  return env;
+}
 
 struct BenchFlags {
   std::string model;
@@ -240,7 +256,9 @@ absl::Status RunBench(const BenchFlags& flags) {
   auto write_json = [&](const bench::BenchResult& r) -> absl::Status {
     if (flags.json.empty()) return absl::OkStatus();
     std::ofstream out(flags.json, std::ios::trunc);
-    out << bench::BenchResultToJson(complete(r)).dump(2) << "\n";
+    nlohmann::json j = bench::BenchResultToJson(complete(r));
+    j["config"]["environment"] = KtxEnvironment();
+    out << j.dump(2) << "\n";
     if (!out.flush()) {
       return absl::PermissionDeniedError(absl::StrCat("--json ", flags.json, ": cannot write"));
     }
@@ -324,6 +342,8 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     j["config"]["topology"] = flags.topology;
     j["config"]["shards"] = static_cast<int>(engine->shards().size());
     j["config"]["routing_policy"] = policy != nullptr ? policy->ToString() : "full";
+    j["config"]["attention_device"] = engine->attention_device();
+    j["config"]["environment"] = KtxEnvironment();
     // Expert evaluations the shards were asked for (routing policies lower
     // them; deferral moves them to the next layer).
     if (absl::StatusOr<actors::RouterCounters> rs = engine->RouterStats(); rs.ok()) {

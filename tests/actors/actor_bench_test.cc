@@ -79,6 +79,8 @@ TEST(ActorBenchTest, TopologyBenchWritesThePerShardBreakdown) {
   EXPECT_TRUE(j["complete"].get<bool>());
   EXPECT_EQ(j["config"]["topology"], topology);
   EXPECT_EQ(j["config"]["shards"].get<int>(), 2);
+  EXPECT_EQ(j["config"]["attention_device"], "cpu");
+  EXPECT_TRUE(j["config"]["environment"].is_object());
   EXPECT_EQ(j["config"]["experts"], "fast");
   EXPECT_GT(j["machine"]["read_bandwidth"]["best_gbps"].get<double>(), 0.0);
 

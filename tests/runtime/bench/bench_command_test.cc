@@ -51,9 +51,12 @@ std::string* BenchCommandTest::model_ = nullptr;
 
 TEST_F(BenchCommandTest, WritesTableAndJson) {
   const std::string json = Temp("bench.json");
+  // A KTX_* variable (one that changes nothing here) is recorded in the JSON.
+  setenv("KTX_GPU_DECODE_CPU_GBPS", "123", 1);
   const Output o =
       RunKtxCtl("bench --model " + *model_ +
                 " --prompt-len 16,24 --gen 4 --batch 1,2 --threads 2 --read-mib 16 --json " + json);
+  unsetenv("KTX_GPU_DECODE_CPU_GBPS");
   ASSERT_EQ(o.rc, 0) << o.err;
   EXPECT_THAT(o.err, HasSubstr("CPU experts ready"));
   EXPECT_THAT(o.err, HasSubstr("bench: prefill 16 tokens"));
@@ -76,6 +79,7 @@ TEST_F(BenchCommandTest, WritesTableAndJson) {
   EXPECT_EQ(j["config"]["experts"], "fast");
   EXPECT_EQ(j["config"]["prompt_lens"], nlohmann::json({16, 24}));
   EXPECT_EQ(j["config"]["batch_sizes"], nlohmann::json({1, 2}));
+  EXPECT_EQ(j["config"]["environment"]["KTX_GPU_DECODE_CPU_GBPS"], "123");
   EXPECT_GT(j["load"]["repacked_bytes"].get<double>(), 0.0);
   EXPECT_TRUE(j["check"]["ok"].get<bool>());
   EXPECT_TRUE(j["load"].contains("model_open_seconds"));
