@@ -369,7 +369,15 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
   KTX_ASSIGN_OR_RETURN(actors::ActorBenchResult result,
                        actors::RunActorBenchmark(*engine, options));
   result = complete(std::move(result));
-  std::cout << actors::FormatActorBenchTable(result) << std::flush;
+  std::cout << actors::FormatActorBenchTable(result);
+  if (engine->attention_device() != "cpu") {
+    // The GPU's share of the routed experts is not in the shards' figures.
+    std::cout << "\nnote: on the GPU path the GPU streams part of the routed experts over PCIe "
+                 "(prompts of 256+ tokens: the prefill split; smaller batches: the decode split, "
+                 "KTX_GPU_DECODE_SPLIT); expert MB/t, exp GB/s and % read count the CPU shards' "
+                 "reads only (docs/gpu.md)\n";
+  }
+  std::cout << std::flush;
   KTX_RETURN_IF_ERROR(json_status);
   KTX_RETURN_IF_ERROR(write_json(result));
   if (!flags.json.empty()) std::cerr << "bench: wrote " << flags.json << std::endl;

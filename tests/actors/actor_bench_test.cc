@@ -72,6 +72,8 @@ TEST(ActorBenchTest, TopologyBenchWritesThePerShardBreakdown) {
                            "shard1", "left", "right"}) {
     EXPECT_THAT(o.out, HasSubstr(text));
   }
+  // CPU attention: every routed expert is the shards', so no GPU-path note.
+  EXPECT_THAT(o.out, ::testing::Not(HasSubstr("note: on the GPU path")));
   const nlohmann::json j = nlohmann::json::parse(testing_util::ReadWholeFile(json));
   std::remove(json.c_str());
   std::remove(topology.c_str());
