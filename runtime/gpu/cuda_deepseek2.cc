@@ -47,7 +47,7 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
 
 // KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
 // KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us, KTX_GPU_SPLIT_REPLAN=0|1,
-// KTX_GPU_DECODE_SPLIT=0|1 and KTX_GPU_DECODE_CPU_GBPS=N.
+// KTX_GPU_EXPERTS_MIN_TOKENS=N, KTX_GPU_DECODE_SPLIT=0|1 and KTX_GPU_DECODE_CPU_GBPS=N.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -100,6 +100,17 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
           "pays on top (0: a split overlaps everything)"));
     }
     o->split_serial_us_per_token = us;
+  }
+  if (const char* v = std::getenv("KTX_GPU_EXPERTS_MIN_TOKENS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (end == v || *end != '\0' || n < 1 || n > (int64_t{1} << 30)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_EXPERTS_MIN_TOKENS='", v,
+          "': expected a token count >= 1, the batch size from which the prefill split's model "
+          "chooses the GPU's routed experts (below it: the decode split's)"));
+    }
+    o->min_batch_tokens = n;
   }
   if (const char* v = std::getenv("KTX_GPU_DECODE_SPLIT"); v != nullptr && *v != '\0') {
     const std::string mode = v;

@@ -36,9 +36,12 @@ enum class GpuExpertMode {
 
 struct GpuExpertOptions {
   GpuExpertMode mode = GpuExpertMode::kAuto;
-  int32_t n_slots = 32;            // device buffers of one expert's raw blocks (copy ring)
-  int64_t min_batch_tokens = 256;  // kAuto: smaller batches run all experts on the CPU
-  bool prefetch = true;            // kAuto/kAllGpu: copy the next MoE layer's experts early
+  int32_t n_slots = 32;  // device buffers of one expert's raw blocks (copy ring)
+  // kAuto: batches of at least this many tokens split by the prefill model
+  // below; smaller ones by the decode split's (or all on the CPU without it).
+  // KTX_GPU_EXPERTS_MIN_TOKENS=N in the environment overrides it.
+  int64_t min_batch_tokens = 256;
+  bool prefetch = true;  // kAuto/kAllGpu: copy the next MoE layer's experts early
   // kAuto with prefetch: the next layer's GPU experts are chosen before its
   // routing is known (expected, uniform counts) so that their copies start
   // early. With replan_split, once the routing is known the copies not yet

@@ -675,9 +675,20 @@ TEST_P(CudaDeepseek2Test, DecodeSplitStreamsSomeExpertsAndMatchesTheCpuPath) {
   auto off = CudaDeepseek2::Create(*model_, o);
   ASSERT_TRUE(off.ok()) << off.status();
   EXPECT_FALSE((*off)->DecodeSplits(1));
+  // The boundary between the two models from the environment.
+  setenv("KTX_GPU_EXPERTS_MIN_TOKENS", "1024", 1);
+  o.experts.decode_split = true;
+  auto wide = CudaDeepseek2::Create(*model_, o);
+  unsetenv("KTX_GPU_EXPERTS_MIN_TOKENS");
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ((*wide)->expert_cost_model().min_batch_tokens, 1024);
+  EXPECT_TRUE((*wide)->DecodeSplits(1023));
+  EXPECT_FALSE((*wide)->DecodeSplits(1024));
   // Bad values are refused by name.
   for (const auto& [var, value] : {std::pair<const char*, const char*>{"KTX_GPU_DECODE_SPLIT", "2"},
                                    {"KTX_GPU_DECODE_CPU_GBPS", "0"},
+                                   {"KTX_GPU_EXPERTS_MIN_TOKENS", "0"},
+                                   {"KTX_GPU_EXPERTS_MIN_TOKENS", "many"},
                                    {"KTX_GPU_DECODE_CPU_GBPS", "fast"}}) {
     setenv(var, value, 1);
     auto bad = CudaDeepseek2::Create(*model_, o);
