@@ -265,6 +265,30 @@ SkinnyGemmPlan PlanSkinnyGemm(int64_t n_out, int64_t n_in, int64_t batch, int n_
     const int64_t most = steps / (2 * int64_t{kWarps});
     plan.split = static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
   }
+  // Between half a tile and one tile per SM, rows of >= 128 k-steps: two
+  // parts per tile. (H200, 2026-11-29: q_a, 96 tiles of 224 k-steps, 12.2 us
+  // unsplit, 10.7 in 2 parts, 11.0 in 3; q_a + kv_a stacked, 132 tiles,
+  // 13.3-13.7 against 12.6-12.9.)
+  if (plan.tiles_per_block == 1 && plan.split == 1 && 2 * blocks >= std::max(n_sm, 1) &&
+      blocks <= std::max(n_sm, 1) && steps >= 128) {
+    plan.split = 2;
+  }
+  // Long rows on a few tiles per SM (>= 256 k-steps, under 6 tiles per SM):
+  // a block per tile leaves the SMs that drew one block more than the others
+  // working alone at the end (attn_output, 448 tiles of 512 k-steps on 132
+  // SMs: 78 % of the copy bandwidth at 1 token). Cut each tile's k range so
+  // that a warp keeps ~10 k-steps: more, shorter blocks that the scheduler
+  // evens out. (Measured on the H200, 2026-11-29: attn_output at 1 token
+  // 72.2 us unsplit, 68.7 / 68.3 / 69.7 / 66.0 / 65.0 / 67.9 / 69.2 in 2..8
+  // parts; shorter rows lose with a split: shexp_gate_up (224 k-steps, 256
+  // tiles) 18.9 us against 21.9-24.8, q_b (48) 23.6 against 32.8-60.7.)
+  constexpr int64_t kLongRowSteps = 256;
+  constexpr int64_t kStepsPerWarp = 10;
+  if (plan.tiles_per_block == 1 && plan.split == 1 && steps >= kLongRowSteps &&
+      tiles < 6 * static_cast<int64_t>(std::max(n_sm, 1))) {
+    plan.split = static_cast<int>(
+        std::clamp<int64_t>(steps / (int64_t{kWarps} * kStepsPerWarp), 1, int64_t{8}));
+  }
   // Rounds of 2 k-steps, the next round's loads in flight while a round is
   // multiplied, where a warp has >= 2 rounds (measured on the H200: 93 % of
   // the copy bandwidth on 36864 x 7168, against 59 % loading 4 steps and

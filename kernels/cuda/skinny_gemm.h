@@ -89,7 +89,8 @@ struct SkinnyGemmArgs {
 // tiles_per_block (1, 2, 4 or 8) row tiles of 16 per block, each taken by
 // 8 / tiles_per_block warps (one tile per block unless rows are short);
 // split > 1 (then tiles_per_block == 1): the k range of a tile is cut among
-// `split` blocks (tiles for fewer than half the SMs). unroll: k-steps per
+// `split` blocks (tiles for fewer than half the SMs, or long rows of >= 256
+// k-steps on fewer than 6 tiles per SM: see PlanSkinnyGemm). unroll: k-steps per
 // round of loads; pipelined: see above. Column tiles of more than 16 tokens
 // always run unroll 2, not pipelined (their accumulators need the registers).
 struct SkinnyGemmPlan {
@@ -107,8 +108,9 @@ SkinnyGemmPlan PlanSkinnyGemm(int64_t n_out, int64_t n_in, int64_t batch, int n_
 
 // Workspace bytes (0 when split == 1): F32 partial sums of kSkinnyMaxTokens x
 // 16 per (product, tile, block of the split), then one I32 counter per
-// (product, tile). At most ~32 KiB per SM (splits happen below one block
-// per two SMs, and tiles x split stays under ~4 per SM).
+// (product, tile). At most ~192 KiB per SM (under 6 tiles per SM in at most
+// 8 parts, or fewer than half a tile per SM in ~4 parts per SM); 11-12.3 MiB
+// for DeepSeek-V3's attn_output and dense down on 132 SMs.
 size_t SkinnyGemmWorkspaceBytes(const SkinnyGemmPlan& plan);
 // Offset of the counter area in the workspace (zero it once).
 size_t SkinnyGemmCounterOffset(const SkinnyGemmPlan& plan);

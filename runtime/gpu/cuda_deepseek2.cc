@@ -723,16 +723,24 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
   // A matrix (or gate and up stacked: [gate rows | up rows]) in the plan's
   // weight form: bf16 unless quantized-only and readable by the GEMV; GGUF
   // blocks when the form has them and the GEMV reads every part.
-  auto weight = [&](const gguf::TensorInfo* a, const gguf::TensorInfo* b,
-                    const char* what) -> absl::StatusOr<GpuMatrix> {
+  // `bf16_dst`: where its bf16 form goes (room for it), else a new buffer.
+  auto has_bf16 = [&](const gguf::TensorInfo* a, const gguf::TensorInfo* b) {
+    const bool gemv = GemvReads(*a) && (b == nullptr || GemvReads(*b));
+    return !(gemv && plan_.weight_form == GpuWeightForm::kQuantized);
+  };
+  auto weight = [&](const gguf::TensorInfo* a, const gguf::TensorInfo* b, const char* what,
+                    Bf16* bf16_dst = nullptr) -> absl::StatusOr<GpuMatrix> {
     const GpuWeightForm form = plan_.weight_form;
     const bool gemv = GemvReads(*a) && (b == nullptr || GemvReads(*b));
     const bool blocks = gemv && (form == GpuWeightForm::kQuantized ||
                                  (form == GpuWeightForm::kBoth && KeptInBoth(*a, b)));
     GpuMatrix m;
-    if (!(blocks && form == GpuWeightForm::kQuantized)) {
+    if (has_bf16(a, b)) {
       const int64_t n_a = a->n_elements();
-      KTX_ASSIGN_OR_RETURN(Bf16 * dst, AllocBf16(n_a + (b ? b->n_elements() : 0), what));
+      Bf16* dst = bf16_dst;
+      if (dst == nullptr) {
+        KTX_ASSIGN_OR_RETURN(dst, AllocBf16(n_a + (b ? b->n_elements() : 0), what));
+      }
       KTX_RETURN_IF_ERROR(UploadMatrix(*a, dst, what));
       if (b != nullptr) KTX_RETURN_IF_ERROR(UploadMatrix(*b, dst + n_a, what));
       m.bf16 = dst;
@@ -762,12 +770,26 @@ absl::Status CudaDeepseek2::Load(const CudaModelOptions& options, uint64_t free_
     KTX_ASSIGN_OR_RETURN(g.attn_norm, UploadVector(*l.attn_norm, "attn_norm"));
     if (hp_.is_lite()) {
       KTX_ASSIGN_OR_RETURN(g.attn_q, weight(l.attn_q, nullptr, "attn_q"));
+      KTX_ASSIGN_OR_RETURN(g.attn_kv_a_mqa, weight(l.attn_kv_a_mqa, nullptr, "attn_kv_a_mqa"));
     } else {
-      KTX_ASSIGN_OR_RETURN(g.attn_q_a, weight(l.attn_q_a, nullptr, "attn_q_a"));
+      // q_a and kv_a read the same input: their bf16 forms stacked in one
+      // buffer (GpuLayerWeights::attn_qkv_a), one product where both take it.
+      Bf16* stacked = nullptr;
+      if (options.stack_q_a_kv_a && has_bf16(l.attn_q_a, nullptr) &&
+          has_bf16(l.attn_kv_a_mqa, nullptr)) {
+        KTX_ASSIGN_OR_RETURN(stacked,
+                             AllocBf16(l.attn_q_a->n_elements() + l.attn_kv_a_mqa->n_elements(),
+                                       "attn_q_a + attn_kv_a_mqa"));
+      }
+      KTX_ASSIGN_OR_RETURN(g.attn_q_a, weight(l.attn_q_a, nullptr, "attn_q_a", stacked));
       KTX_ASSIGN_OR_RETURN(g.attn_q_a_norm, UploadVector(*l.attn_q_a_norm, "attn_q_a_norm"));
       KTX_ASSIGN_OR_RETURN(g.attn_q_b, weight(l.attn_q_b, nullptr, "attn_q_b"));
+      KTX_ASSIGN_OR_RETURN(
+          g.attn_kv_a_mqa,
+          weight(l.attn_kv_a_mqa, nullptr, "attn_kv_a_mqa",
+                 stacked != nullptr ? stacked + l.attn_q_a->n_elements() : nullptr));
+      g.attn_qkv_a = stacked;
     }
-    KTX_ASSIGN_OR_RETURN(g.attn_kv_a_mqa, weight(l.attn_kv_a_mqa, nullptr, "attn_kv_a_mqa"));
     KTX_ASSIGN_OR_RETURN(g.attn_kv_a_norm, UploadVector(*l.attn_kv_a_norm, "attn_kv_a_norm"));
     KTX_ASSIGN_OR_RETURN(g.attn_k_b, matrix(l.attn_k_b, "attn_k_b"));
     KTX_ASSIGN_OR_RETURN(g.attn_v_b, matrix(l.attn_v_b, "attn_v_b"));

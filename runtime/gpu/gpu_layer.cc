@@ -124,6 +124,7 @@ absl::StatusOr<std::unique_ptr<GpuLayerRunner>> GpuLayerRunner::Create(
     const int64_t shared = hp.n_ff_exp * std::max<int64_t>(1, hp.n_expert_shared);
     const int64_t shapes[][3] = {
         {hp.q_lora_rank, hp.n_embd, 1},
+        {hp.q_lora_rank > 0 ? hp.q_lora_rank + rw : 0, hp.n_embd, 1},  // q_a + kv_a stacked
         {n_head * hp.n_embd_head_qk, hp.q_lora_rank, 1},
         {n_head * hp.n_embd_head_qk, hp.n_embd, 1},
         {rw, hp.n_embd, 1},
@@ -182,25 +183,43 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
                                          0, h_bf16(), n_embd, stream_),
                              "attention norm"));
   float* q = q_.as<float>();
+  float* kva = kva_.as<float>();  // kv_a's output: its own buffer, or a part of qa_ when stacked
+  int64_t kva_stride = rw;
   if (hp_.is_lite()) {
     KTX_RETURN_IF_ERROR(
         Linear(w.attn_q, n_head * hd, n_embd, h_bf16(), n_embd, n, q, n_head * hd, 0.0f, "attn_q"));
   } else {
     const int64_t ql = hp_.q_lora_rank;
-    KTX_RETURN_IF_ERROR(
-        Linear(w.attn_q_a, ql, n_embd, h_bf16(), n_embd, n, qa_.as<float>(), ql, 0.0f, "attn_q_a"));
-    KTX_RETURN_IF_ERROR(CudaOk(kc::RmsNorm(qa_.as<float>(), ql, nullptr, w.attn_q_a_norm, ql, n,
-                                           eps, nullptr, 0, qa_bf16_.as<Bf16>(), ql, stream_),
+    float* qa = qa_.as<float>();
+    int64_t qa_stride = ql;
+    if (w.attn_qkv_a != nullptr && !TakesGemv(w.attn_q_a, n) && !TakesGemv(w.attn_kv_a_mqa, n)) {
+      // q_a and kv_a stacked: one product into [n, ql + rw], kv_a's part after ql.
+      qa_stride = ql + rw;
+      KTX_ASSIGN_OR_RETURN(
+          const bool skinny,
+          RunProductBf16(w.attn_qkv_a, n_embd, 0, h_bf16(), n_embd, 0, qa, CUDA_R_32F, qa_stride, 0,
+                         ql + rw, n_embd, n, 1, 0.0f, "attn_q_a + attn_kv_a_mqa"));
+      ++(skinny ? skinny_calls_ : cublas_calls_);
+      kva = qa + ql;
+      kva_stride = qa_stride;
+    } else {
+      KTX_RETURN_IF_ERROR(
+          Linear(w.attn_q_a, ql, n_embd, h_bf16(), n_embd, n, qa, ql, 0.0f, "attn_q_a"));
+    }
+    KTX_RETURN_IF_ERROR(CudaOk(kc::RmsNorm(qa, qa_stride, nullptr, w.attn_q_a_norm, ql, n, eps,
+                                           nullptr, 0, qa_bf16_.as<Bf16>(), ql, stream_),
                                "q_a norm"));
     KTX_RETURN_IF_ERROR(Linear(w.attn_q_b, n_head * hd, ql, qa_bf16_.as<Bf16>(), ql, n, q,
                                n_head * hd, 0.0f, "attn_q_b"));
   }
-  KTX_RETURN_IF_ERROR(Linear(w.attn_kv_a_mqa, rw, n_embd, h_bf16(), n_embd, n, kva_.as<float>(), rw,
-                             0.0f, "attn_kv_a_mqa"));
+  if (kva == kva_.as<float>()) {
+    KTX_RETURN_IF_ERROR(
+        Linear(w.attn_kv_a_mqa, rw, n_embd, h_bf16(), n_embd, n, kva, rw, 0.0f, "attn_kv_a_mqa"));
+  }
   // The queries' rope and the latent KV rows (cache write) in one launch.
   kc::MlaKvWrite write_kv;
-  write_kv.kva = kva_.as<float>();
-  write_kv.kva_stride = rw;
+  write_kv.kva = kva;
+  write_kv.kva_stride = kva_stride;
   write_kv.kv_norm = w.attn_kv_a_norm;
   write_kv.eps = eps;
   write_kv.seq_index = b.seq_index;
@@ -318,7 +337,7 @@ absl::Status GpuLayerRunner::Linear(const GpuMatrix& m, int64_t n_out, int64_t n
     return absl::InvalidArgumentError(
         absl::StrCat("GPU product ", what, ": no weights on the device"));
   }
-  if (m.n_blocks > 0 && (n <= gemv_max_tokens_ || m.bf16 == nullptr)) {
+  if (TakesGemv(m, n)) {
     int64_t rows = 0;
     for (int p = 0; p < m.n_blocks; ++p) rows += m.blocks[p].n_rows;
     if (rows != n_out) {

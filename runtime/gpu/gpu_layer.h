@@ -67,12 +67,19 @@ struct GpuMatrix {
 // [n_out, n_in] (GpuMatrix: bf16 and/or GGUF blocks; k_b and v_b bf16
 // only); vectors F32. Shapes with ggml's names:
 struct GpuLayerWeights {
-  const float* attn_norm = nullptr;       // F32 [n_embd]
-  GpuMatrix attn_q_a;                     // [q_lora, n_embd]            (empty if lite)
-  const float* attn_q_a_norm = nullptr;   // F32 [q_lora]                (null if lite)
-  GpuMatrix attn_q_b;                     // [n_head * hd_qk, q_lora]    (empty if lite)
-  GpuMatrix attn_q;                       // [n_head * hd_qk, n_embd]    (lite only)
-  GpuMatrix attn_kv_a_mqa;                // [kv_lora + n_rot, n_embd]
+  const float* attn_norm = nullptr;      // F32 [n_embd]
+  GpuMatrix attn_q_a;                    // [q_lora, n_embd]            (empty if lite)
+  const float* attn_q_a_norm = nullptr;  // F32 [q_lora]                (null if lite)
+  GpuMatrix attn_q_b;                    // [n_head * hd_qk, q_lora]    (empty if lite)
+  GpuMatrix attn_q;                      // [n_head * hd_qk, n_embd]    (lite only)
+  GpuMatrix attn_kv_a_mqa;               // [kv_lora + n_rot, n_embd]
+  // Optional: bf16 [q_lora + kv_lora + n_rot, n_embd], attn_q_a's rows then
+  // attn_kv_a_mqa's in one buffer (their .bf16 point into it), so that a
+  // batch whose two products both take the bf16 path runs them as one
+  // (one launch, one pass over the input; docs/gpu.md "The skinny bf16
+  // product"). Null: two products (lite models, quantized-only forms,
+  // CudaModelOptions::stack_q_a_kv_a off).
+  const Bf16* attn_qkv_a = nullptr;
   const float* attn_kv_a_norm = nullptr;  // F32 [kv_lora]
   const Bf16* attn_k_b = nullptr;         // [n_head][kv_lora][qk_nope]
   const Bf16* attn_v_b = nullptr;         // [n_head][hd_v][kv_lora]
@@ -156,6 +163,10 @@ class GpuLayerRunner {
   // InvalidArgument naming `what` for an empty matrix.
   absl::Status Linear(const GpuMatrix& m, int64_t n_out, int64_t n_in, const Bf16* x, int64_t ldx,
                       int64_t n, float* y, int64_t ldy, float beta, const char* what);
+  // Whether Linear(m, ...) of n tokens takes the quantized GEMV (else a bf16 product).
+  bool TakesGemv(const GpuMatrix& m, int64_t n) const {
+    return m.n_blocks > 0 && (n <= gemv_max_tokens_ || m.bf16 == nullptr);
+  }
   // Whether the GEMV (q8 kernel) reads blocks of type t faster than cuBLAS
   // reads the bf16 copy at 1 token: Q4_K and Q6_K (measured on the H200,
   // docs/gpu.md; Q8_0 and BF16 blocks lose to cuBLAS there). The kBoth weight

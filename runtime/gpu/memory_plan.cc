@@ -36,7 +36,7 @@ GpuWorkLayout GpuWorkLayout::For(const models::Deepseek2Hparams& hp, int64_t max
   l.x = T * hp.n_embd;
   l.h_f32 = T * hp.n_embd;
   l.h_bf16 = T * hp.n_embd;
-  l.qa = T * hp.q_lora_rank;
+  l.qa = hp.q_lora_rank > 0 ? T * (hp.q_lora_rank + rw) : 0;  // room for the stacked product
   l.qa_bf16 = T * hp.q_lora_rank;
   l.q = T * hp.n_head * hd;
   l.q_nope = T * hp.n_head * hp.qk_nope();

@@ -133,9 +133,10 @@ struct CudaModelOptions {
   uint64_t attention_workspace_bytes = uint64_t{64} << 20;  // split-KV partial results
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
   // The skinny bf16 product's split-k partial sums and counters
-  // (kernels/cuda/skinny_gemm.h; at most ~32 KiB per SM: 4.2 MiB on 132 SMs).
-  // A product whose plan needs more runs through cuBLAS.
-  uint64_t skinny_workspace_bytes = uint64_t{8} << 20;
+  // (kernels/cuda/skinny_gemm.h; at most ~100 KiB per SM: 12.3 MiB for
+  // DeepSeek-V3's dense down product on 132 SMs). A product whose plan needs
+  // more runs through cuBLAS.
+  uint64_t skinny_workspace_bytes = uint64_t{16} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)
   // Weight forms (above) and the largest batch (tokens in one forward step)
@@ -168,6 +169,10 @@ struct CudaModelOptions {
   // graph_max_tokens that replay CUDA graphs keep to the kernel. 0: never.
   // KTX_GPU_MLA_PREFILL_MIN_TOKENS=N in the environment overrides it.
   int64_t mla_prefill_min_tokens = 16;
+  // q_a and kv_a_mqa (both reading the normed hidden state) as one product
+  // over their bf16 rows stacked at load (GpuLayerWeights::attn_qkv_a).
+  // false: two products (for comparison).
+  bool stack_q_a_kv_a = true;
   // The largest token count of one resident hot expert (resident_experts), or
   // of a streamed one (a decode split), in one layer that runs as three GEMVs
   // on its blocks; more tokens:
@@ -232,7 +237,7 @@ struct GpuWorkLayout {
   int64_t x = 0;               // F32 [T, n_embd] residual stream
   int64_t h_f32 = 0;           // F32 [T, n_embd] normed hidden state (router, CPU experts)
   int64_t h_bf16 = 0;          // bf16 [T, n_embd]
-  int64_t qa = 0;              // F32 [T, q_lora]
+  int64_t qa = 0;              // F32 [T, q_lora + kv_lora + n_rot] (q_a, then kv_a when stacked)
   int64_t qa_bf16 = 0;         // bf16 [T, q_lora]
   int64_t q = 0;               // F32 [T, n_head * (qk_nope + n_rot)]
   int64_t q_nope = 0;          // bf16 [T, n_head * qk_nope]

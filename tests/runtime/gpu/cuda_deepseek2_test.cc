@@ -1357,6 +1357,55 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
   EXPECT_NE(bad.status().message().find("skinny_max_tokens"), std::string::npos) << bad.status();
 }
 
+// q_a and kv_a as one product over their stacked rows agree with two
+// products (the sums of kv_a's rows may be ordered differently: the skinny
+// kernel's plan depends on the row count), one product fewer per layer and
+// forward step, with and without CUDA graphs.
+TEST_P(CudaDeepseek2Test, StackedQaKvaAgreesWithTwoProducts) {
+  const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
+  const size_t n_steps = std::min<size_t>(gen_tokens.size(), 6);
+  struct Run {
+    Activations rows;
+    int64_t products = 0;
+  };
+  auto run = [&](bool stacked, bool graphs, Run* out) {
+    CudaModelOptions o = TestOptions();
+    o.gpu_weights = GpuWeightForm::kBf16;
+    o.stack_q_a_kv_a = stacked;
+    o.cuda_graphs = graphs;
+    auto gpu = CudaDeepseek2::Create(*model_, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    CudaDeepseek2& g = **gpu;
+    auto seq = g.AddSequence(256);
+    ASSERT_TRUE(seq.ok());
+    Activations logits;
+    ASSERT_TRUE(g.Forward(prompt_, *seq, LogitsRows::kLast, &logits).ok());
+    std::vector<float> rows = logits.ToVector();
+    for (size_t i = 0; i < n_steps; ++i) {
+      const int32_t one[] = {gen_tokens[i]};
+      ASSERT_TRUE(g.Forward(one, *seq, LogitsRows::kLast, &logits).ok());
+      rows.insert(rows.end(), logits.values().begin(), logits.values().end());
+    }
+    out->rows.Resize(static_cast<int64_t>(rows.size()) / n_vocab_, n_vocab_);
+    std::copy(rows.begin(), rows.end(), out->rows.data());
+    out->products = g.bf16_products();
+  };
+  for (const bool graphs : {false, true}) {
+    SCOPED_TRACE(graphs ? "graphs" : "eager");
+    Run separate, stacked;
+    run(false, graphs, &separate);
+    if (HasFatalFailure()) return;
+    run(true, graphs, &stacked);
+    if (HasFatalFailure()) return;
+    if (!graphs && !model_->hparams().is_lite()) {
+      const int64_t forwards = 1 + static_cast<int64_t>(n_steps);
+      EXPECT_EQ(stacked.products, separate.products - model_->hparams().n_layer * forwards);
+    }
+    ExpectAgree(CompareRows(stacked.rows, separate.rows), "q_a and kv_a stacked vs separate",
+                GetParam());
+  }
+}
+
 TEST_P(CudaDeepseek2Test, CudaGraphsReplayMatchesEagerLaunches) {
   const auto gen_tokens = files_["llama_greedy_tokens"].get<std::vector<int32_t>>();
   const size_t n_steps = std::min<size_t>(gen_tokens.size(), 10);

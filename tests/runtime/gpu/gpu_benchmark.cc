@@ -122,10 +122,16 @@ struct Layer {
     const int64_t kvl = hp.kv_lora_rank, rw = kvl + hp.n_rot, ql = hp.q_lora_rank;
     const int64_t ff = hp.n_ff_exp * hp.n_expert_shared;
     w.attn_norm = Vector(n_embd, 1);
-    w.attn_q_a = Matrix(ql, n_embd, 2);
+    // q_a and kv_a stacked as CudaDeepseek2 loads them (one product);
+    // KTX_BENCH_QKV_SEPARATE=1: two products, as before the stacking.
+    w.attn_qkv_a = Matrix(ql + rw, n_embd, 2);
+    w.attn_q_a = w.attn_qkv_a;
     w.attn_q_a_norm = Vector(ql, 3);
     w.attn_q_b = Matrix(n_head * hd, ql, 4);
-    w.attn_kv_a_mqa = Matrix(rw, n_embd, 5);
+    w.attn_kv_a_mqa = w.attn_qkv_a + ql * n_embd;
+    if (const char* e = std::getenv("KTX_BENCH_QKV_SEPARATE"); e != nullptr && e[0] == '1') {
+      w.attn_qkv_a = nullptr;
+    }
     w.attn_kv_a_norm = Vector(kvl, 6);
     w.attn_k_b = Matrix(n_head * kvl, hp.qk_nope(), 7);
     w.attn_v_b = Matrix(n_head * hp.n_embd_head_v, kvl, 8);
@@ -497,17 +503,12 @@ struct ProductShape {
   int64_t n_out, n_in, batch;
 };
 constexpr ProductShape kProductShapes[] = {
-    {"q_a", 1536, 7168, 1},
-    {"q_b", 24576, 1536, 1},
-    {"kv_a", 576, 7168, 1},
-    {"k_b", 512, 128, 128},
-    {"v_b", 128, 512, 128},
-    {"attn_output", 7168, 16384, 1},
-    {"shexp_gate_up", 4096, 7168, 1},
-    {"shexp_down", 7168, 2048, 1},
-    {"dense_gate_up", 36864, 7168, 1},
-    {"dense_down", 7168, 18432, 1},
-    {"head_8k", 8192, 7168, 1},
+    {"q_a", 1536, 7168, 1},          {"q_b", 24576, 1536, 1},
+    {"kv_a", 576, 7168, 1},          {"q_a+kv_a", 2112, 7168, 1},
+    {"k_b", 512, 128, 128},          {"v_b", 128, 512, 128},
+    {"attn_output", 7168, 16384, 1}, {"shexp_gate_up", 4096, 7168, 1},
+    {"shexp_down", 7168, 2048, 1},   {"dense_gate_up", 36864, 7168, 1},
+    {"dense_down", 7168, 18432, 1},  {"head_8k", 8192, 7168, 1},
 };
 
 // Random copies of a shape's bf16 weights, cycling through >= 256 MB (so that
@@ -576,7 +577,16 @@ void BM_SkinnyVariant(benchmark::State& state) {
   // split; 3, 4: no pipelining, unroll 2, 4.
   if (variant == 1 && plan.tiles_per_block == 1) plan.split = 1;
   if (variant == 2 && plan.tiles_per_block == 1) plan.split *= 2;
-  if (variant >= 3) {
+  if (variant >= 20) {  // tiles per block forced to variant - 20 (1, 2, 4, 8), no split
+    plan.tiles_per_block = variant - 20;
+    plan.split = 1;
+    const int64_t parts = 8 / plan.tiles_per_block;
+    plan.pipelined = (sh.n_in / 32 + parts - 1) / parts >= 4;
+  } else if (variant >= 10 && plan.tiles_per_block == 1) {  // split forced to variant - 10
+    plan.split = variant - 10;
+    const int64_t parts = int64_t{8} * plan.split;
+    plan.pipelined = (sh.n_in / 32 + parts - 1) / parts >= 4;
+  } else if (variant >= 3) {
     plan.pipelined = false;
     plan.unroll = variant == 3 ? 2 : 4;
   }
@@ -693,6 +703,22 @@ int main(int argc, char** argv) {
   for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(ktx::gpu::kProductShapes));
        ++shape) {
     for (int64_t v = 0; v < 5; ++v) variant->Args({shape, 1, v});
+  }
+  // Forced tiles per block (v = 20 + tiles), at 1 token.
+  for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(ktx::gpu::kProductShapes));
+       ++shape) {
+    for (int64_t tpb : {1, 2, 4, 8}) variant->Args({shape, 1, 20 + tpb});
+  }
+  // Forced splits (v = 10 + split) on the larger products, at 1 and 16 tokens.
+  for (const char* name :
+       {"q_a", "q_b", "q_a+kv_a", "attn_output", "shexp_gate_up", "shexp_down", "dense_down"}) {
+    for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(ktx::gpu::kProductShapes));
+         ++shape) {
+      if (std::string(ktx::gpu::kProductShapes[shape].name) != name) continue;
+      for (int64_t tok : {1, 16}) {
+        for (int64_t split : {1, 2, 3, 4, 5, 6, 7, 8}) variant->Args({shape, tok, 10 + split});
+      }
+    }
   }
   // Split lengths of the tensor-core kernel's two forms at batch 1, and of the
   // two-group form at batch 16 x 8K.
