@@ -183,8 +183,10 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
                                          0, h_bf16(), n_embd, stream_),
                              "attention norm"));
   float* q = q_.as<float>();
-  float* kva = kva_.as<float>();  // kv_a's output: its own buffer, or a part of qa_ when stacked
+  // kv_a's output: its own buffer, or a part of qa_ when the stacked product computed it.
+  float* kva = kva_.as<float>();
   int64_t kva_stride = rw;
+  bool kva_done = false;
   if (hp_.is_lite()) {
     KTX_RETURN_IF_ERROR(
         Linear(w.attn_q, n_head * hd, n_embd, h_bf16(), n_embd, n, q, n_head * hd, 0.0f, "attn_q"));
@@ -202,6 +204,7 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
       ++(skinny ? skinny_calls_ : cublas_calls_);
       kva = qa + ql;
       kva_stride = qa_stride;
+      kva_done = true;
     } else {
       KTX_RETURN_IF_ERROR(
           Linear(w.attn_q_a, ql, n_embd, h_bf16(), n_embd, n, qa, ql, 0.0f, "attn_q_a"));
@@ -212,7 +215,7 @@ absl::Status GpuLayerRunner::Attention(const GpuLayerWeights& w, const kc::MlaPa
     KTX_RETURN_IF_ERROR(Linear(w.attn_q_b, n_head * hd, ql, qa_bf16_.as<Bf16>(), ql, n, q,
                                n_head * hd, 0.0f, "attn_q_b"));
   }
-  if (kva == kva_.as<float>()) {
+  if (!kva_done) {
     KTX_RETURN_IF_ERROR(
         Linear(w.attn_kv_a_mqa, rw, n_embd, h_bf16(), n_embd, n, kva, rw, 0.0f, "attn_kv_a_mqa"));
   }

@@ -133,9 +133,9 @@ struct CudaModelOptions {
   uint64_t attention_workspace_bytes = uint64_t{64} << 20;  // split-KV partial results
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
   // The skinny bf16 product's split-k partial sums and counters
-  // (kernels/cuda/skinny_gemm.h; at most ~100 KiB per SM: 12.3 MiB for
-  // DeepSeek-V3's dense down product on 132 SMs). A product whose plan needs
-  // more runs through cuBLAS.
+  // (kernels/cuda/skinny_gemm.h, SkinnyGemmWorkspaceBytes: 12.3 MiB for
+  // DeepSeek-V3's dense down product on 132 SMs, the largest of its shapes).
+  // A product whose plan needs more runs through cuBLAS.
   uint64_t skinny_workspace_bytes = uint64_t{16} << 20;
   uint64_t load_staging_bytes = uint64_t{64} << 20;  // raw GGUF rows on their way to bf16
   bool attention_tensor_cores = true;  // false: the CUDA-core MLA kernel (for comparison)

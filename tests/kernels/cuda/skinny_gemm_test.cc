@@ -288,8 +288,8 @@ TEST_F(SkinnyGemmTest, RefusesWhatItCannotTake) {
 }
 
 // The plan: a function of the shape and SM count (never of the token count):
-// a tile per block where rows are long, splits only for few tiles, and a
-// workspace within ~32 KiB per SM.
+// a tile per block where rows are long, splits for few tiles and for long
+// rows on few tiles per SM, and a workspace within ~192 KiB per SM.
 TEST(SkinnyGemmPlanTest, SplitsFewTilesAndLongRowsWithinTheWorkspaceBound) {
   const SkinnyGemmPlan kv_a = PlanSkinnyGemm(576, 7168, 1, 132);  // 36 tiles of 224 k-steps
   EXPECT_EQ(kv_a.tiles_per_block, 1);

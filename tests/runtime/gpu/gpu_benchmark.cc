@@ -577,15 +577,15 @@ void BM_SkinnyVariant(benchmark::State& state) {
   // split; 3, 4: no pipelining, unroll 2, 4.
   if (variant == 1 && plan.tiles_per_block == 1) plan.split = 1;
   if (variant == 2 && plan.tiles_per_block == 1) plan.split *= 2;
+  // Pipelined where a (warp, part) keeps >= 4 k-steps of 32, as the plan does.
+  auto pipelined = [&](int64_t parts) { return (sh.n_in / 32 + parts - 1) / parts >= 4; };
   if (variant >= 20) {  // tiles per block forced to variant - 20 (1, 2, 4, 8), no split
     plan.tiles_per_block = variant - 20;
     plan.split = 1;
-    const int64_t parts = 8 / plan.tiles_per_block;
-    plan.pipelined = (sh.n_in / 32 + parts - 1) / parts >= 4;
+    plan.pipelined = pipelined(8 / plan.tiles_per_block);
   } else if (variant >= 10 && plan.tiles_per_block == 1) {  // split forced to variant - 10
     plan.split = variant - 10;
-    const int64_t parts = int64_t{8} * plan.split;
-    plan.pipelined = (sh.n_in / 32 + parts - 1) / parts >= 4;
+    plan.pipelined = pipelined(int64_t{8} * plan.split);
   } else if (variant >= 3) {
     plan.pipelined = false;
     plan.unroll = variant == 3 ? 2 : 4;
