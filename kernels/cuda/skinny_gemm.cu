@@ -34,9 +34,15 @@ struct Params {
   int* counters;        // [batch][n_tiles] (split > 1)
 };
 
+// Weights: read once, not kept in L1; L2::128B asks L2 to fetch the whole
+// 128-byte line of each access (a lane's 16 bytes are a quarter of a row's
+// 64 bytes per k-step), so that DRAM serves whole lines per row in one burst.
+// (H200, 2026-11-29: the layer step 1.5-2 % faster than without the hint,
+// the dense gate/up product 93 -> 98 % of the copy bandwidth; L2::256B was
+// level with no hint.)
 __device__ __forceinline__ uint4 LoadStream(const __nv_bfloat16* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;

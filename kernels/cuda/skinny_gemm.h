@@ -16,7 +16,8 @@
 // algorithm it picks may change with the token count, so a token's result
 // may depend on how many others share its batch. This kernel streams every
 // weight once with 16-byte read-only loads straight into tensor-core
-// registers (mma.sync m16n8k16, F32 accumulation) and keeps a fixed order:
+// registers (mma.sync m16n8k16, F32 accumulation; the loads skip L1 and ask
+// L2 for whole 128-byte lines) and keeps a fixed order:
 //
 // How: a warp owns a tile of 16 rows and a contiguous range of 32-element
 // k-steps; per k-step each lane loads 8 consecutive weights of row g and of
