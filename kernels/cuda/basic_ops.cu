@@ -34,11 +34,14 @@ __global__ void RmsNormKernel(const float* x, int64_t x_stride, const int32_t* r
   float ss = 0.0f;
   if (n <= static_cast<int64_t>(kRmsNormRegs) * blockDim.x) {
     const int n32 = static_cast<int>(n);
-    float v[kRmsNormRegs];
+    // The weights load with the row, not after the sum: one memory latency
+    // fewer on the path of this (often one-block) kernel.
+    float v[kRmsNormRegs], wv[kRmsNormRegs];
 #pragma unroll
     for (int k = 0; k < kRmsNormRegs; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
       v[k] = i < n32 ? src[i] : 0.0f;
+      wv[k] = i < n32 ? weight[i] : 0.0f;
     }
 #pragma unroll
     for (int k = 0; k < kRmsNormRegs; ++k) ss = fmaf(v[k], v[k], ss);
@@ -48,7 +51,7 @@ __global__ void RmsNormKernel(const float* x, int64_t x_stride, const int32_t* r
     for (int k = 0; k < kRmsNormRegs; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i >= n32) break;
-      const float o = v[k] * scale * weight[i];
+      const float o = v[k] * scale * wv[k];
       if (y_f32 != nullptr) y_f32[r * y_f32_stride + i] = o;
       if (y_bf16 != nullptr) y_bf16[r * y_bf16_stride + i] = __float2bfloat16_rn(o);
     }

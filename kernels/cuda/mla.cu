@@ -83,15 +83,42 @@ __device__ __forceinline__ void WriteKvRow(const float* kva, int64_t kva_stride,
                                            int64_t t, double* cos_t, double* sin_t,
                                            float* scratch) {
   const float* src = kva + t * kva_stride;
+  // The row and the norm's weights are loaded before the rope table is
+  // computed (rows of up to 4 values per thread: DeepSeek's 512 on 256
+  // threads), so that their latency overlaps it; the sums keep their order.
+  constexpr int kRegs = 4;
+  const bool in_regs = kv_lora <= kRegs * static_cast<int>(blockDim.x);
+  float v[kRegs], wv[kRegs];
+#pragma unroll
+  for (int k = 0; k < kRegs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    v[k] = in_regs && i < kv_lora ? src[i] : 0.0f;
+    wv[k] = in_regs && i < kv_lora ? kv_norm[i] : 0.0f;
+  }
   const int64_t pos = positions[t];
   RopeTable(rope, pos, cos_t, sin_t);
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
+  if (in_regs) {
+#pragma unroll
+    for (int k = 0; k < kRegs; ++k) {
+      if (threadIdx.x + k * blockDim.x < kv_lora) ss = fmaf(v[k], v[k], ss);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
+  }
   ss = BlockSum(ss, scratch);  // its barriers also publish the rope table
   const float scale = 1.0f / sqrtf(ss / static_cast<float>(kv_lora) + eps);
   __nv_bfloat16* row = CacheRow(kv, seq_index[t], pos, kv_lora + rope.n_rot);
-  for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
-    row[i] = __float2bfloat16_rn(src[i] * scale * kv_norm[i]);
+  if (in_regs) {
+#pragma unroll
+    for (int k = 0; k < kRegs; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < kv_lora) row[i] = __float2bfloat16_rn(v[k] * scale * wv[k]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+      row[i] = __float2bfloat16_rn(src[i] * scale * kv_norm[i]);
+    }
   }
   for (int i = threadIdx.x; i < rope.n_rot / 2; i += blockDim.x) {
     float a, b;
@@ -275,6 +302,14 @@ __global__ void __launch_bounds__(kHeads * 32)
   }
 }
 
+// o[j] += w · v[j] for four columns.
+__device__ __forceinline__ void AddWeighted4(float (&o)[4], float w, const float4& v) {
+  o[0] = fmaf(w, v.x, o[0]);
+  o[1] = fmaf(w, v.y, o[1]);
+  o[2] = fmaf(w, v.z, o[2]);
+  o[3] = fmaf(w, v.w, o[3]);
+}
+
 // Merges the splits of one (query, head): out = Σ_s e^(m_s - M) acc_s / Σ_s e^(m_s - M) l_s.
 __global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float* part_acc,
                                const float2* part_ml) {
@@ -283,6 +318,20 @@ __global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float
   const int64_t qi = blockIdx.x;
   const int head = blockIdx.y;
   const int64_t base = (qi * a.n_head + head) * n_splits;
+  const int width = a.kv_lora % 4 == 0 ? 4 : 1;
+  // Where a thread has one group of four columns (kv_lora <= 4 x 128), its
+  // first kPrefetch splits' values load now, while the first warp weighs the
+  // splits: the two loads' latencies overlap instead of following each other.
+  constexpr int kPrefetch = 16;
+  const bool prefetch = width == 4 && a.kv_lora <= 4 * static_cast<int>(blockDim.x);
+  const int d_pre = 4 * threadIdx.x;
+  float4 pre[kPrefetch];
+#pragma unroll
+  for (int s = 0; s < kPrefetch; ++s) {
+    pre[s] = prefetch && d_pre < a.kv_lora && s < n_splits
+                 ? *reinterpret_cast<const float4*>(part_acc + (base + s) * a.kv_lora + d_pre)
+                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   // The first warp weighs the splits (lanes over splits), the block sums.
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -307,18 +356,22 @@ __global__ void MlaMergeKernel(MlaAttentionArgs a, int32_t n_splits, const float
   // where kv_lora % 4 == 0 (DeepSeek's 512), else one.
   const float inv = inv_total;
   const int64_t idx0 = static_cast<int64_t>(head) * a.kv_lora;
-  const int width = a.kv_lora % 4 == 0 ? 4 : 1;
   for (int d = width * threadIdx.x; d < a.kv_lora; d += width * blockDim.x) {
     float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (width == 4) {
+    if (prefetch) {  // the same adds in the same order, the first splits from registers
+#pragma unroll
+      for (int s = 0; s < kPrefetch; ++s) {
+        if (s < n_splits) AddWeighted4(o, weight[s], pre[s]);
+      }
+      for (int s = kPrefetch; s < n_splits; ++s) {
+        AddWeighted4(o, weight[s],
+                     *reinterpret_cast<const float4*>(part_acc + (base + s) * a.kv_lora + d));
+      }
+    } else if (width == 4) {
 #pragma unroll 8
       for (int s = 0; s < n_splits; ++s) {
-        const float w = weight[s];
-        const float4 v = *reinterpret_cast<const float4*>(part_acc + (base + s) * a.kv_lora + d);
-        o[0] = fmaf(w, v.x, o[0]);
-        o[1] = fmaf(w, v.y, o[1]);
-        o[2] = fmaf(w, v.z, o[2]);
-        o[3] = fmaf(w, v.w, o[3]);
+        AddWeighted4(o, weight[s],
+                     *reinterpret_cast<const float4*>(part_acc + (base + s) * a.kv_lora + d));
       }
     } else {
 #pragma unroll 8
@@ -546,24 +599,7 @@ __global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
   const int64_t begin = static_cast<int64_t>(split) * split_len;
   const int64_t end = min(n_kv, begin + split_len);
 
-  // Query rows: warp w of the block converts heads w, w + 8 kGroups, ...; no
-  // index division (it was a third of a decode block's instructions).
-  for (int hh = tid / 32; hh < kTcHeads; hh += kGroups * kTcWarps) {
-    const bool ok = h0 + hh < a.n_head;
-    const float* src = a.q + qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw;
-#pragma unroll 6
-    for (int j = lane; j < rw; j += 32) {
-      const Bf16HiLo v = SplitBf16HiLo(ok ? src[j] : 0.0f);
-      s_qhi[hh * rs + j] = v.hi;
-      s_qlo[hh * rs + j] = v.lo;
-    }
-  }
-  if (gtid < kTcHeads) {
-    sm.m[gtid] = -INFINITY;
-    sm.l[gtid] = 0.0f;
-  }
-  if constexpr (kGroups > 1) __syncthreads();  // Q from every group's warps
-  const int n_groups = a.kv_lora / 16;         // 16-column groups of O; warp w owns w, w + 8, ...
+  const int n_groups = a.kv_lora / 16;  // 16-column groups of O; warp w owns w, w + 8, ...
   float acc[kTcMaxNt][4];
 #pragma unroll
   for (int j = 0; j < kTcMaxNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -601,7 +637,39 @@ __global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
   // the next tile's rows load during this tile's products.
   const int64_t step = int64_t{kTile} * kGroups;
   const int64_t first = begin + int64_t{kTile} * grp;
-  if (first < end) issue(first, 0);
+  // Two buffers per group (forms 1 and 2): the first tile's rows are in
+  // flight while Q is converted (one memory latency fewer before the first
+  // products; the regions are disjoint: the kernel 19.1-19.3 -> 18.2-18.5 us
+  // at 1 x 1K on the H200). Form 3 (one buffer per group, long ranges) issues
+  // it after Q, as before: with the early issue its layer step at 16 x 8K was
+  // 2 % slower, after Q 1 % faster than before (docs/performance.md,
+  // eighteenth session; the kernel timed alone at 16 x 8K measured 6 % slower
+  // in both builds, unexplained).
+  if constexpr (kBuffers == 2) {
+    if (first < end) issue(first, 0);
+  }
+  // Query rows: warp w of the block converts heads w, w + 8 kGroups, ...; no
+  // index division (it was a third of a decode block's instructions).
+  for (int hh = tid / 32; hh < kTcHeads; hh += kGroups * kTcWarps) {
+    const bool ok = h0 + hh < a.n_head;
+    const float* src = a.q + qi * a.q_stride + static_cast<int64_t>(h0 + hh) * rw;
+#pragma unroll 6
+    for (int j = lane; j < rw; j += 32) {
+      const Bf16HiLo v = SplitBf16HiLo(ok ? src[j] : 0.0f);
+      s_qhi[hh * rs + j] = v.hi;
+      s_qlo[hh * rs + j] = v.lo;
+    }
+  }
+  if (gtid < kTcHeads) {
+    sm.m[gtid] = -INFINITY;
+    sm.l[gtid] = 0.0f;
+  }
+  // Q visible to every warp: this barrier with two groups; with one, the
+  // group barrier before the first tile's products.
+  if constexpr (kGroups > 1) __syncthreads();
+  if constexpr (kBuffers != 2) {
+    if (first < end) issue(first, 0);
+  }
   int buf = 0;
   for (int64_t t0 = first; t0 < end; t0 += step, buf ^= kBuffers - 1) {
     const int n_rows = static_cast<int>(min(static_cast<int64_t>(kTile), end - t0));
