@@ -640,11 +640,11 @@ __global__ void __launch_bounds__(TcFormGroups(kForm) * kTcGroupThreads)
   // Two buffers per group (forms 1 and 2): the first tile's rows are in
   // flight while Q is converted (one memory latency fewer before the first
   // products; the regions are disjoint: the kernel 19.1-19.3 -> 18.2-18.5 us
-  // at 1 x 1K on the H200). Form 3 (one buffer per group, long ranges) issues
-  // it after Q, as before: with the early issue its layer step at 16 x 8K was
-  // 2 % slower, after Q 1 % faster than before (docs/performance.md,
-  // eighteenth session; the kernel timed alone at 16 x 8K measured 6 % slower
-  // in both builds, unexplained).
+  // at 1 x 1K on the H200; level at 1 x 8K, +1 % at 16 x 1K). Form 3 (one
+  // buffer per group, long ranges) issues it after Q, as before: with the
+  // early issue the layer step at 16 x 8K was 2 % slower (and form 2 forced
+  // on that shape 6 % slower), after Q 1 % faster than before
+  // (docs/performance.md, eighteenth session).
   if constexpr (kBuffers == 2) {
     if (first < end) issue(first, 0);
   }
