@@ -76,6 +76,7 @@ void SetTileKernelArgs(const MoePlan& p, MatmulArgs* a) {
   a->tile_chunk_groups = p.options.tile_chunk_groups;
   a->tile_skew = p.options.tile_skew;
   a->tile_prefetch = p.options.tile_prefetch;
+  a->tile_stream_lines = p.options.tile_stream_lines;
 }
 
 }  // namespace
@@ -116,6 +117,8 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
             absl::StrCat("tile spec '", spec, "': pf must be 0 or 1"));
       }
       o.tile_prefetch = v == 1;
+    } else if (key == "stream") {
+      o.tile_stream_lines = v;
     } else if (key == "pad") {
       o.tile_out_pad = v;
     } else if (key == "group") {
@@ -129,7 +132,7 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("tile spec '", spec, "': unknown key '", key,
-                       "' (chunk, groups, skew, pad, pf, group, ff, maxtok, down)"));
+                       "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down)"));
     }
   }
   *options = o;
@@ -150,7 +153,7 @@ std::string MoeTileSpec(const MoePlanOptions& o) {
   std::string spec = o.tile_phased ? "phased" : "inloop";
   if (o.tile_phased) {
     absl::StrAppend(&spec, ":chunk=", o.tile_chunk_kib, ":groups=", o.tile_chunk_groups,
-                    ":pf=", o.tile_prefetch ? 1 : 0);
+                    ":pf=", o.tile_prefetch ? 1 : 0, ":stream=", o.tile_stream_lines);
   }
   absl::StrAppend(&spec, ":skew=", o.tile_skew, ":pad=", o.tile_out_pad, ":group=", o.tile_group,
                   ":ff=", o.tile_ff_rows, ":maxtok=", o.tile_max_tokens,
@@ -271,6 +274,10 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
     if (options.tile_skew < 0 || options.tile_skew > 4032 || options.tile_skew % 64 != 0) {
       return absl::InvalidArgumentError(absl::StrCat("MoE plan: tile_skew (", options.tile_skew,
                                                      ") must be a multiple of 64 in [0, 4032]"));
+    }
+    if (options.tile_stream_lines < 0 || options.tile_stream_lines > 4096) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "MoE plan: tile_stream_lines (", options.tile_stream_lines, ") must be in [0, 4096]"));
     }
     plan.tile_group = g;
     plan.tile_ff_rows = fb;

@@ -149,6 +149,15 @@ struct MoePlanOptions {
   // (one core, 64 tokens, in L2: 132 ns per 1024 weights with, 111 without;
   // full layer at 2048 tokens: 262 ms with, 248 without).
   bool tile_prefetch = false;
+  // Phased kernel: software prefetch (into L2) of the weights phase 1 will
+  // convert, this many 64-byte lines ahead of the conversion's reads, and the
+  // next chunk's weights spread over the current chunk's tiles (0 .. 4096;
+  // 0: the hardware prefetchers alone). On the H200 machine's Xeon
+  // (2026-11-29) one core converted from DRAM at 172 ns per 1024 weights
+  // without it and 82-94 ns with 8-64 lines; the full DeepSeek-V3 layer on
+  // the tile path took 21-33 % less time at 8-64 tokens per expert
+  // (docs/performance.md, "Streaming the converted weights").
+  int64_t tile_stream_lines = 64;
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
@@ -194,7 +203,7 @@ struct MoePlan {
 
 // Sets tile-path options from a spec "phased|inloop[:key=value]..." with keys
 // chunk (KiB), groups (per chunk), skew (bytes), pad (tile_out_pad), pf (0/1:
-// tile_prefetch), group (tile_group), ff
+// tile_prefetch), stream (lines: tile_stream_lines), group (tile_group), ff
 // (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task);
 // e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
 // InvalidArgument names the part it cannot parse. For benchmarks and experiments.

@@ -413,6 +413,9 @@ struct MatmulArgs {
   // current item's k-steps (tile registers are not renamed, so a tile load
   // from L2 stalls its k-step).
   bool tile_prefetch = false;
+  // Phased kernel: lines of weights prefetched into L2 ahead of phase 1's
+  // reads (and the next chunk's during phase 2); 0: none.
+  int64_t tile_stream_lines = 0;
   // BF16 weights on the amx variant: the n_act activation rows (after
   // act_index) also as bf16, row t at act_bf16 + t * act_bf16_stride
   // elements, rows up to n_act rounded up to 32 readable, so that the bf16

@@ -23,7 +23,11 @@
 // pairs x groups) sized for L2 (tile_chunk_bytes, 512 KiB by default): first
 // the AVX-512 conversion of the whole chunk into per-worker scratch, then the
 // tile loop over it, with the fp32 fix-up of each token block deferred behind
-// the next block's tile instructions. Reason (docs/performance.md, "Where the
+// the next block's tile instructions. With tile_stream_lines (MoePlanOptions'
+// default 64) a prefetch cursor runs that many lines ahead of phase 1's reads
+// and through the next chunk's weights during phase 2: one Xeon core
+// converting from DRAM without it waits on every line (172 ns per 1024
+// weights against 60 in L2). Reason (docs/performance.md, "Where the
 // AMX prefill time goes"): interleaved with the tiles, the conversion cost
 // 2.7x what it costs alone, and without it the layer ran at 38 % of the peak
 // instead of 13 %. The in-loop kernel stays selectable (KTX_AMX_PREFILL=inloop).
@@ -743,6 +747,21 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
   ZeroOut(a);
   // The fix-up of the last stored token block, deferred (see above).
   TileFixup pend;
+  // Streaming prefetch (tile_stream_lines > 0, whole rows of k per chunk):
+  // phase 1 then reads the call's panels [p_begin, p_end) in address order, so
+  // one cursor runs ahead of it: up to `stream` lines past each group slice it
+  // converts, and through the next chunk's bytes during phase 2.
+  const int64_t stream = gpc == n_groups ? a.tile_stream_lines : 0;
+  // Offsets from the first panel's first byte.
+  const uint8_t* const range_begin = a.w + p_begin * panel_bytes;
+  const int64_t range_bytes = (p_end - p_begin) * panel_bytes;
+  int64_t pf_cursor = 0;
+  auto stream_to = [&](int64_t target) {
+    target = std::min(target, range_bytes);
+    for (; pf_cursor < target; pf_cursor += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(range_begin + pf_cursor), _MM_HINT_T1);
+    }
+  };
 
   ConfigureTiles();
   int cb = 0;
@@ -767,13 +786,23 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             const int64_t sl = slot(pi, gi);
             const uint8_t* pb = wp + gi * nbg * Conv::kBlockBytes;
             uint8_t* dst = ts.chunk + sl * 32 * group + pp * 16 * group;
+            if (stream > 0) {
+              stream_to((pb - range_begin) + nbg * Conv::kBlockBytes + 64 * stream);
+            }
             Conv::Setup(pb, nbg, ts.fac[0], ts.chunk_sw + 32 * sl + 16 * pp);
             for (int64_t u = 0; u < units_per_panel; ++u)
               Conv::Unit(pb, ts.fac[0], u, dst + 128 * u);
           }
         }
       }
-      // Phase 2: the tiles.
+      // Phase 2: the tiles; the next chunk's weights stream in meanwhile, a
+      // slice per k-step.
+      const int64_t next_end = (std::min(p_end, p_begin + 2 * (pc1 + ppc)) - p_begin) * panel_bytes;
+      const int64_t phase2_steps = (gc1 - gc0) * npc * n_blocks * k_steps;
+      const int64_t stream_per_step =
+          stream > 0 && next_end > pf_cursor
+              ? ((next_end - pf_cursor) / 64 + phase2_steps - 1) / phase2_steps
+              : 0;
       for (int64_t gi = gc0; gi < gc1; ++gi) {
         for (int64_t pi = pc0; pi < pc1; ++pi) {
           const int64_t p0 = p_begin + 2 * pi;
@@ -799,6 +828,9 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             for (int64_t ks = 0; ks < k_steps; ++ks) {
               TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks,
                         b1 + 1024 * ks, two_a, np);
+              if (stream_per_step > 0 && pf_cursor < next_end) {
+                stream_to(std::min(next_end, pf_cursor + 64 * stream_per_step));
+              }
               if (pf && pf_l < pf_lines) {
                 const int64_t l1 = std::min(pf_lines, pf_l + pf_per_step);
                 for (; pf_l < l1; ++pf_l) {
@@ -952,6 +984,13 @@ void PackBf16Rows(const MatmulArgs& a, int64_t m0, int m_valid, uint16_t* dst) {
 // panel pairs outside and token blocks inside, so that a pair's weights (2 x
 // 16 rows x k bf16) stay in L2 across the token blocks; packing per call
 // keeps token blocks outside (one block's rows packed at a time).
+// Blocks (1 KiB per panel) of a panel pair's weights prefetched ahead of the
+// bf16 tile loads. One core streaming 4096 x 7168 BF16 rows on the H200
+// machine's Xeon (2026-11-29): 1-4 tokens 21 GB/s with it, 17-19 without;
+// 32 tokens 12-16 against 8-11 (docs/performance.md, "Streaming the converted
+// weights").
+constexpr int64_t kBf16StreamBlocks = 8;
+
 void MatmulBf16Tiles(const MatmulArgs& a) {
   const int64_t nb = a.k / 32;
   const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
@@ -961,8 +1000,11 @@ void MatmulBf16Tiles(const MatmulArgs& a) {
   const int64_t lda = row_elems * 2;
   ConfigureTiles();
   alignas(64) float c[4][16 * 16];
-  // Tokens [m0, m0 + 32) (rows from act0) x the panel pair at p0.
-  auto block = [&](int64_t m0, int64_t p0, const uint16_t* act0) {
+  // Tokens [m0, m0 + 32) (rows from act0) x the panel pair at p0; `stream`:
+  // prefetch the pair's weights kBf16StreamBlocks blocks ahead into L2 (the
+  // first pass over a pair reads them from DRAM, and a tile load that misses
+  // stalls its product).
+  auto block = [&](int64_t m0, int64_t p0, const uint16_t* act0, bool stream) {
     const int m_valid = static_cast<int>(std::min<int64_t>(kBf16TileTokens, a.n_act - m0));
     const bool two = m_valid > 16;  // the second A tile holds tokens
     const uint16_t* act1 = act0 + 16 * row_elems;
@@ -974,6 +1016,13 @@ void MatmulBf16Tiles(const MatmulArgs& a) {
     KTX_TILE_ZERO(2);
     KTX_TILE_ZERO(3);
     for (int64_t b = 0; b < nb; ++b) {
+      if (stream && b + kBf16StreamBlocks < nb) {
+        for (int pn = 0; pn < n_panels; ++pn) {
+          const char* pf = reinterpret_cast<const char*>(
+              (pn == 0 ? w0 : w1) + (b + kBf16StreamBlocks) * panel::kBf16Bytes);
+          for (int l = 0; l < panel::kBf16Bytes / 64; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+        }
+      }
       KTX_TILE_LOAD(4, act0 + 32 * b, lda);
       KTX_TILE_LOAD(6, w0 + b * panel::kBf16Bytes, 64);
       KTX_TILE_DPBF16PS(0, 4, 6);
@@ -1002,13 +1051,13 @@ void MatmulBf16Tiles(const MatmulArgs& a) {
   if (packed) {
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) {
       for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
-        block(m0, p0, a.act_bf16 + m0 * row_elems);
+        block(m0, p0, a.act_bf16 + m0 * row_elems, m0 == 0);
       }
     }
   } else {
     for (int64_t m0 = 0; m0 < a.n_act; m0 += kBf16TileTokens) {
       PackBf16Rows(a, m0, static_cast<int>(std::min<int64_t>(kBf16TileTokens, a.n_act - m0)), pack);
-      for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) block(m0, p0, pack);
+      for (int64_t p0 = p_begin; p0 < p_end; p0 += 2) block(m0, p0, pack, true);
     }
   }
   Release();

@@ -502,17 +502,21 @@ TEST_F(AmxEmulationTest, LayerWithTilePathOverPanel16MatchesScalarVariant) {
 // The phased tile kernel (convert a chunk, then its tiles; deferred fix-ups)
 // equals the scalar reference of the contract bitwise, and so the in-loop
 // kernel too: awkward token counts (1, 3, 17, 255), partial pairs (a single
-// tail panel), chunks that split the pairs, the groups or both, and skews.
+// tail panel), chunks that split the pairs, the groups or both, skews, and
+// the streaming prefetch (tile_stream_lines: hints only, so the same bits).
 TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
   std::mt19937 rng(29);
   const int64_t rows = 112, k = 1536;  // 7 panels; 3 groups of 512, 6 of 256
   struct Cfg {
-    int64_t chunk_bytes, groups, skew;
+    int64_t chunk_bytes, groups, skew, stream;
   };
-  const Cfg cfgs[] = {{512 << 10, 0, 256},  // everything in one chunk
-                      {32 << 10, 0, 0},     // one item per chunk
-                      {48 << 10, 2, 192},   // groups split 2 + 1 (or 2 + 2 + 2)
-                      {96 << 10, 0, 64}};   // pairs split, groups whole where they fit
+  const Cfg cfgs[] = {{512 << 10, 0, 256, 0},  // everything in one chunk
+                      {32 << 10, 0, 0, 0},     // one item per chunk
+                      {48 << 10, 2, 192, 0},   // groups split 2 + 1 (or 2 + 2 + 2)
+                      {96 << 10, 0, 64, 0},    // pairs split, groups whole where they fit
+                      {32 << 10, 0, 256, 64},  // streamed, one item per chunk
+                      {96 << 10, 0, 256, 8},   // streamed, pairs split
+                      {48 << 10, 2, 0, 64}};   // groups split: no stream (not in address order)
   for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
     const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
     const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
@@ -533,7 +537,7 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
             SCOPED_TRACE(::testing::Message()
                          << TraitsOf(t).name << " group " << group << " n_act " << n_act << " rows "
                          << r0 << ".." << r1 << " chunk " << c.chunk_bytes << " groups " << c.groups
-                         << " skew " << c.skew);
+                         << " skew " << c.skew << " stream " << c.stream);
             for (bool phased : {true, false}) {
               AlignedBuffer scratch(TileScratchBytes(group, phased ? c.chunk_bytes : 0, c.skew));
               a.scratch = scratch.p.get();
@@ -543,6 +547,7 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
               a.tile_chunk_groups = c.groups;
               a.tile_skew = c.skew;
               a.tile_prefetch = c.skew != 0;
+              a.tile_stream_lines = c.stream;
               std::vector<float> y(n_act * a.out_stride, -7.0f);
               a.out = y.data();
               MoeKernelsAmxEmulated().tile_matmul(a);
@@ -629,7 +634,8 @@ TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
   EXPECT_LT(testing::Nmse(base.data(), sd), 1e-6);
   for (const char* spec : {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
                            "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0",
-                           "inloop:skew=256", "phased:pad=0:pf=0", "inloop:maxtok=64:down=128"}) {
+                           "inloop:skew=256", "phased:pad=0:pf=0", "inloop:maxtok=64:down=128",
+                           "phased:chunk=32:stream=0", "phased:stream=8"}) {
     for (int nth : {1, 3}) {
       SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
       const std::vector<float> y = run_layer(spec, true, nth);
@@ -653,7 +659,8 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_EQ(o.tile_chunk_kib, 256);
   EXPECT_EQ(o.tile_chunk_groups, 2);
   EXPECT_EQ(MoeTileSpec(o),
-            "phased:chunk=256:groups=2:pf=0:skew=0:pad=16:group=1024:ff=1024:maxtok=64:down=256");
+            "phased:chunk=256:groups=2:pf=0:stream=64:skew=0:pad=16:group=1024:ff=1024:maxtok=64:"
+            "down=256");
   const MoePlanOptions before = o;
   for (const char* bad :
        {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
@@ -667,7 +674,7 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
   f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
   for (const char* bad : {"phased:chunk=8", "phased:pad=8", "phased:skew=100", "phased:skew=8192",
-                          "inloop:groups=-1"}) {
+                          "inloop:groups=-1", "phased:stream=-1", "phased:stream=5000"}) {
     MoePlanOptions p;
     p.tile_prefill = true;
     p.force_variant = true;

@@ -522,6 +522,10 @@ int64_t Crossing(CpuVariant variant) {
   o.force_variant = true;
   o.variant = variant;
   o.tile_prefill = true;
+  if (const absl::Status st = ApplyMoeTileEnv(&o); !st.ok()) {
+    std::fprintf(stderr, "moe_benchmark: no crossing: %s\n", std::string(st.message()).c_str());
+    return memo[variant] = 1 << 30;
+  }
   o.prefill_min_tokens = int64_t{1} << 40;
   auto decode_plan = MakeMoePlan(s, L.format, o);
   o.prefill_min_tokens = 1;
@@ -586,6 +590,7 @@ void BM_CacheCrossing(benchmark::State& state) {
   o.variant = CpuVariant::kAmx;
   o.tile_prefill = true;
   o.prefill_min_tokens = 1;
+  if (!TileOptions(state, "", &o)) return;
   auto plan = MakeMoePlan(s, L.format, o);
   if (!plan.ok() || !plan->tile) {
     state.SkipWithError("no tile path");
