@@ -287,7 +287,7 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
     result.variant = out.shards[0].backend.variant;
   }
   result.model = bench::BenchModelJson(model);
-  result.load = {{"shards", n_shards}, {"repacked_bytes", held}, {"repack_seconds", 0.0}};
+  result.load = {{"shards", n_shards}, {"repacked_bytes", held}};
   result.load["attention_device"] = engine.attention_device();
   if (const std::optional<gpu::GpuMemoryPlan> plan = engine.gpu_memory_plan()) {
     result.load["gpu_kv_tokens"] = plan->kv_tokens;

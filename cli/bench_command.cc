@@ -330,7 +330,7 @@ absl::Status RunActorBench(const BenchFlags& flags, bench::BenchOptions options,
     r.bench.model_path = flags.model;
     r.bench.load["model_open_seconds"] = open_s;
     r.bench.load["load_seconds"] = load_s;
-    r.bench.load["repack_seconds"] = load_s - open_s;  // Engine::Create, shards in parallel
+    r.bench.load["experts_load_seconds"] = load_s - open_s;  // Engine::Create, shards in parallel
     r.bench.machine["topology"] = topology_json;
     r.bench.model["routing_policy"] = policy != nullptr ? policy->ToString() : "full";
     return r;

@@ -81,6 +81,11 @@ TEST_F(BenchCommandTest, WritesTableAndJson) {
   EXPECT_EQ(j["config"]["batch_sizes"], nlohmann::json({1, 2}));
   EXPECT_EQ(j["config"]["environment"]["KTX_GPU_DECODE_CPU_GBPS"], "123");
   EXPECT_GT(j["load"]["repacked_bytes"].get<double>(), 0.0);
+  // The repacking's own time, and the experts' whole load (calibration too).
+  EXPECT_GT(j["load"]["repack_seconds"].get<double>(), 0.0);
+  EXPECT_GE(j["load"]["experts_load_seconds"].get<double>(),
+            j["load"]["repack_seconds"].get<double>());
+  EXPECT_THAT(o.out, HasSubstr("GiB held, repacked in "));
   EXPECT_TRUE(j["check"]["ok"].get<bool>());
   EXPECT_TRUE(j["load"].contains("model_open_seconds"));
   ASSERT_EQ(j["prefill"].size(), 2u);
