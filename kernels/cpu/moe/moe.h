@@ -136,8 +136,12 @@ struct MoePlanOptions {
   // tile_chunk_groups: groups of k per chunk (0: all that fit, i.e. whole
   // rows of k for as many panel pairs as fit); tile_skew: bytes (multiple of
   // 64, 0 .. 4032) between the kernel's scratch buffers against 4K aliasing.
+  // Chunks of 256 KiB since 2026-11-29 (with tile_stream_lines: 4-10 % less
+  // time than 512 at 512 and 2048 tokens in 4 of 4 comparisons on the H200
+  // machine's Xeon; level before it; docs/performance.md, "Streaming the
+  // converted weights").
   bool tile_phased = true;
-  int64_t tile_chunk_kib = 512;
+  int64_t tile_chunk_kib = 256;
   int64_t tile_chunk_groups = 0;
   int64_t tile_skew = 256;
   // Floats of padding after each row of the stage-1 tile outputs (gate, up:

@@ -20,7 +20,7 @@
 //
 // TileMatmulPhasedT (MatmulArgs::tile_phased, the default of MoePlanOptions):
 // the same contract and the same bits, in two phases per chunk of (panel
-// pairs x groups) sized for L2 (tile_chunk_bytes, 512 KiB by default): first
+// pairs x groups) sized for L2 (tile_chunk_bytes, 256 KiB by default): first
 // the AVX-512 conversion of the whole chunk into per-worker scratch, then the
 // tile loop over it, with the fp32 fix-up of each token block deferred behind
 // the next block's tile instructions. With tile_stream_lines (MoePlanOptions'
