@@ -136,8 +136,8 @@ struct MoePlanOptions {
   // tile_chunk_groups: groups of k per chunk (0: all that fit, i.e. whole
   // rows of k for as many panel pairs as fit); tile_skew: bytes (multiple of
   // 64, 0 .. 4032) between the kernel's scratch buffers against 4K aliasing.
-  // Chunks of 256 KiB since 2026-11-29 (with tile_stream_lines: 4-10 % less
-  // time than 512 at 512 and 2048 tokens in 4 of 4 comparisons on the H200
+  // Chunks of 256 KiB since 2026-11-29 (with tile_stream_lines: 4-13 % less
+  // time than 512 at 512 and 2048 tokens in all 6 comparisons on the H200
   // machine's Xeon; level before it; docs/performance.md, "Streaming the
   // converted weights").
   bool tile_phased = true;
