@@ -65,7 +65,10 @@ function(ktx_cc_test)
   if(NOT K_TIMEOUT)
     set(K_TIMEOUT 300)
   endif()
-  gtest_discover_tests(${K_NAME} DISCOVERY_MODE PRE_TEST
+  # Listing a test's cases runs the binary at ctest time; CMake's default of 5 s
+  # for it failed once on a loaded 2-core CI machine (cuda_kernels_test, whose
+  # start loads the CUDA libraries), which fails the whole ctest run.
+  gtest_discover_tests(${K_NAME} DISCOVERY_MODE PRE_TEST DISCOVERY_TIMEOUT 120
     PROPERTIES TIMEOUT ${K_TIMEOUT} LABELS "${K_LABELS}"
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()
