@@ -59,7 +59,12 @@ struct GpuExpertOptions {
   // The per-token figure was 2.8 us until 2026-11-27; the shard behind the
   // actors measured 137-219 ms for ~100 experts of ~64 tokens in a split
   // prefill of 2048 tokens on the H200 machine (docs/performance.md), about
-  // 4x that: 12 us (prefill 2048: 1,868 -> 2,168-2,209 tok/s).
+  // 4x that: 12 us (prefill 2048: 1,868 -> 2,168-2,209 tok/s). Since the
+  // tile path prefetches the weights it converts (2026-11-29: 107-202 ms for
+  // the 256 experts at 1-64 tokens) these overestimate the CPU until the run
+  // corrects them; lower starting figures (0.4-0.5 ms + 6-9 us) measured no
+  // better on the standard model, so they stay (docs/performance.md,
+  // "Streaming the converted weights").
   double cpu_expert_fixed_ms = 0.65;
   double cpu_expert_per_token_us = 12.0;
   // The same with tile caches on the CPU shards (moe_backend::CpuMoeBackendOptions
