@@ -23,14 +23,14 @@
 // pairs x groups) sized for L2 (tile_chunk_bytes, 256 KiB by default): first
 // the AVX-512 conversion of the whole chunk into per-worker scratch, then the
 // tile loop over it, with the fp32 fix-up of each token block deferred behind
-// the next block's tile instructions. With tile_stream_lines (MoePlanOptions'
-// default 64) a prefetch cursor runs that many lines ahead of phase 1's reads
-// and through the next chunk's weights during phase 2: one Xeon core
-// converting from DRAM without it waits on every line (172 ns per 1024
-// weights against 60 in L2). Reason (docs/performance.md, "Where the
+// the next block's tile instructions. Reason (docs/performance.md, "Where the
 // AMX prefill time goes"): interleaved with the tiles, the conversion cost
 // 2.7x what it costs alone, and without it the layer ran at 38 % of the peak
-// instead of 13 %. The in-loop kernel stays selectable (KTX_AMX_PREFILL=inloop).
+// instead of 13 %. With tile_stream_lines (MoePlanOptions' default 64) a
+// prefetch cursor runs that many lines ahead of phase 1's reads and through
+// the next chunk's weights during phase 2: one Xeon core converting from DRAM
+// without it waits on almost every line (172 ns per 1024 weights against 60
+// in L2). The in-loop kernel stays selectable (KTX_AMX_PREFILL=inloop).
 // Both place their scratch buffers `tile_skew` bytes off 4 KiB multiples of
 // each other (the in-loop kernel's two B buffers were exactly 8 KiB apart, so
 // the conversion stores into one aliased the tile loads of the other).
@@ -980,10 +980,6 @@ void PackBf16Rows(const MatmulArgs& a, int64_t m0, int m_valid, uint16_t* dst) {
   }
 }
 
-// With a.act_bf16 the rows are read from there as they are (no packing),
-// panel pairs outside and token blocks inside, so that a pair's weights (2 x
-// 16 rows x k bf16) stay in L2 across the token blocks; packing per call
-// keeps token blocks outside (one block's rows packed at a time).
 // Blocks (1 KiB per panel) of a panel pair's weights prefetched ahead of the
 // bf16 tile loads. One core streaming 4096 x 7168 BF16 rows on the H200
 // machine's Xeon (2026-11-29): 1-4 tokens 21 GB/s with it, 17-19 without;
@@ -991,6 +987,10 @@ void PackBf16Rows(const MatmulArgs& a, int64_t m0, int m_valid, uint16_t* dst) {
 // weights").
 constexpr int64_t kBf16StreamBlocks = 8;
 
+// With a.act_bf16 the rows are read from there as they are (no packing),
+// panel pairs outside and token blocks inside, so that a pair's weights (2 x
+// 16 rows x k bf16) stay in L2 across the token blocks; packing per call
+// keeps token blocks outside (one block's rows packed at a time).
 void MatmulBf16Tiles(const MatmulArgs& a) {
   const int64_t nb = a.k / 32;
   const int64_t p_begin = a.row_begin / kPanelRows, p_end = a.row_end / kPanelRows;
