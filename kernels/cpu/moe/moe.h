@@ -156,7 +156,9 @@ struct MoePlanOptions {
   // Phased kernel: software prefetch (into L2) of the weights phase 1 will
   // convert, this many 64-byte lines ahead of the conversion's reads, and the
   // next chunk's weights spread over the current chunk's tiles (0 .. 4096;
-  // 0: the hardware prefetchers alone). On the H200 machine's Xeon
+  // 0: the hardware prefetchers alone). Where a chunk cannot hold whole rows
+  // of k (k above 8192 with 256 KiB chunks) each group slice's successor is
+  // prefetched whole instead (any value > 0). On the H200 machine's Xeon
   // (2026-11-29) one core converted from DRAM at 172 ns per 1024 weights
   // without it and 82-94 ns with 8-64 lines; the full DeepSeek-V3 layer on
   // the tile path took 21-33 % less time at 8-64 tokens per expert

@@ -747,11 +747,22 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
   ZeroOut(a);
   // The fix-up of the last stored token block, deferred (see above).
   TileFixup pend;
-  // Streaming prefetch (tile_stream_lines > 0, whole rows of k per chunk):
-  // phase 1 then reads the call's panels [p_begin, p_end) in address order, so
-  // one cursor runs ahead of it: up to `stream` lines past each group slice it
-  // converts, and through the next chunk's bytes during phase 2.
+  // Streaming prefetch (tile_stream_lines > 0). With whole rows of k per
+  // chunk phase 1 reads the call's panels [p_begin, p_end) in address order,
+  // so one cursor runs ahead of it: up to `stream` lines past each group slice
+  // it converts, and through the next chunk's bytes during phase 2. With the
+  // groups split between chunks (k beyond the chunk's reach) phase 1's reads
+  // jump between panels; there each slice's successor in phase 1's order is
+  // prefetched whole before the slice is converted (and a chunk's first slice
+  // itself).
   const int64_t stream = gpc == n_groups ? a.tile_stream_lines : 0;
+  const bool slice_stream = a.tile_stream_lines > 0 && gpc < n_groups;
+  const int64_t slice_bytes = nbg * Conv::kBlockBytes;
+  auto prefetch_slice = [&](const uint8_t* pb) {
+    for (int64_t l = 0; l < slice_bytes; l += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(pb + l), _MM_HINT_T1);
+    }
+  };
   // Offsets from the first panel's first byte.
   const uint8_t* const range_begin = a.w + p_begin * panel_bytes;
   const int64_t range_bytes = (p_end - p_begin) * panel_bytes;
@@ -788,6 +799,14 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             uint8_t* dst = ts.chunk + sl * 32 * group + pp * 16 * group;
             if (stream > 0) {
               stream_to((pb - range_begin) + nbg * Conv::kBlockBytes + 64 * stream);
+            } else if (slice_stream) {
+              if (pi == pc0 && pp == 0 && gi == gc0) prefetch_slice(pb);
+              const uint8_t* next = gi + 1 < gc1  ? pb + slice_bytes
+                                    : pp + 1 < np ? wp + panel_bytes + gc0 * slice_bytes
+                                    : pi + 1 < pc1
+                                        ? a.w + (p0 + 2) * panel_bytes + gc0 * slice_bytes
+                                        : nullptr;
+              if (next != nullptr) prefetch_slice(next);
             }
             Conv::Setup(pb, nbg, ts.fac[0], ts.chunk_sw + 32 * sl + 16 * pp);
             for (int64_t u = 0; u < units_per_panel; ++u)

@@ -516,7 +516,7 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
                       {96 << 10, 0, 64, 0},    // pairs split, groups whole where they fit
                       {32 << 10, 0, 256, 64},  // streamed, one item per chunk
                       {96 << 10, 0, 256, 8},   // streamed, pairs split
-                      {48 << 10, 2, 0, 64}};   // groups split: no stream (not in address order)
+                      {48 << 10, 2, 0, 64}};   // groups split: each next slice prefetched
   for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
     const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
     const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
