@@ -514,9 +514,12 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
                       {32 << 10, 0, 0, 0},     // one item per chunk
                       {48 << 10, 2, 192, 0},   // groups split 2 + 1 (or 2 + 2 + 2)
                       {96 << 10, 0, 64, 0},    // pairs split, groups whole where they fit
-                      {32 << 10, 0, 256, 64},  // streamed, one item per chunk
-                      {96 << 10, 0, 256, 8},   // streamed, pairs split
-                      {48 << 10, 2, 0, 64}};   // groups split: each next slice prefetched
+                      // Streamed: whole rows per chunk (the cursor) ...
+                      {512 << 10, 0, 0, 1},
+                      {96 << 10, 0, 256, 8},  // pairs split
+                      // ... and groups split (each next slice prefetched).
+                      {32 << 10, 0, 256, 64},
+                      {48 << 10, 2, 0, 64}};
   for (TensorType t : {TensorType::kQ4_K, TensorType::kQ6_K, TensorType::kQ8_0}) {
     const std::vector<uint8_t> m = testing::RandomMatrix(t, rows, k, 1.0f, rng);
     const auto w = testing::MakeLayout({m}, t, MoeWeightLayout::kPanel16, rows, k, {true});
