@@ -795,10 +795,10 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
           const uint8_t* wp = a.w + (p0 + pp) * panel_bytes;
           for (int64_t gi = gc0; gi < gc1; ++gi) {
             const int64_t sl = slot(pi, gi);
-            const uint8_t* pb = wp + gi * nbg * Conv::kBlockBytes;
+            const uint8_t* pb = wp + gi * slice_bytes;
             uint8_t* dst = ts.chunk + sl * 32 * group + pp * 16 * group;
             if (stream > 0) {
-              stream_to((pb - range_begin) + nbg * Conv::kBlockBytes + 64 * stream);
+              stream_to((pb - range_begin) + slice_bytes + 64 * stream);
             } else if (slice_stream) {
               if (pi == pc0 && pp == 0 && gi == gc0) prefetch_slice(pb);
               const uint8_t* next = gi + 1 < gc1  ? pb + slice_bytes
