@@ -29,6 +29,23 @@ inline __m512i Bcast32(const void* p) {
 }
 
 inline __m512i Load512(const uint8_t* p) { return _mm512_loadu_si512(p); }
+// acc += dpbusd(w, the 4 bytes at p in every lane), the broadcast embedded
+// in the instruction's memory operand ({1to16}); GCC 12 emits a separate
+// vpbroadcastd for _mm512_set1_epi32 instead. On the Zen 4 build machine the
+// Q4_K kernel at 1 row in L2: 60 -> 67 GB/s (docs/performance.md, "The
+// decode kernels' vector work").
+inline __m512i DpbusdBcast(__m512i acc, __m512i w, const void* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*static_cast<const int32_t*>(p)));
+  return acc;
+}
+// A 64-byte load the compiler keeps in a register: without the barrier GCC
+// folds the load into each of its users (the low and the high nibbles), one
+// 64-byte L1 read each (the Q6_K kernel at 1 row in L2: 52 -> 57 GB/s on Zen 4).
+inline __m512i LoadOnce(const uint8_t* p) {
+  __m512i v = _mm512_loadu_si512(p);
+  asm("" : "+v"(v));
+  return v;
+}
 inline __m128i Load128(const uint8_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
@@ -78,9 +95,12 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
     KTX_UNROLL
     for (int j = 0; j < 8; ++j) {
-      __m512i s[T];
+      // Q4_K: the high nibbles stay in place (z & 0xF0 = 16 hi, still a
+      // u8) in sums of their own, divided by 16 at the end (exact): one
+      // shift per sub-block instead of one per 64 bytes.
+      __m512i s[T], s16[T];
       KTX_UNROLL
-      for (int t = 0; t < T; ++t) s[t] = _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) s[t] = s16[t] = _mm512_setzero_si512();
       __m512i h = _mm512_setzero_si512();
       if constexpr (kQ5) {
         h = Load512(pb + panel::kQ5KQh + 64 * j);
@@ -90,10 +110,19 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       for (int gg = 0; gg < 4; ++gg) {
         const uint8_t* qp = pb + panel::kQ4KQs + (4 * j + gg) * 64;
         Prefetch(qp + kPrefetchBlocks * kBytes, pf_end);
-        const __m512i z = Load512(qp);
+        const __m512i z = LoadOnce(qp);
         __m512i lo = _mm512_and_si512(z, m4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
-        if constexpr (kQ5) {  // bit t of h to bit 4; t = 2gg (lo), 2gg + 1 (hi)
+        if constexpr (!kQ5) {
+          const __m512i hi16 = _mm512_andnot_si512(m4, z);
+          KTX_UNROLL
+          for (int t = 0; t < T; ++t) {
+            const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
+            s[t] = DpbusdBcast(s[t], lo, xq);
+            s16[t] = DpbusdBcast(s16[t], hi16, xq + 4);
+          }
+        } else {
+          // bit t of h to bit 4; t = 2gg (lo), 2gg + 1 (hi)
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
           if (gg == 0) {
             lo = OrMasked(lo, Shift16<4>(h), m10);
             hi = OrMasked(hi, Shift16<3>(h), m10);
@@ -107,13 +136,17 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
             lo = OrMasked(lo, Shift16<-2>(h), m10);
             hi = OrMasked(hi, Shift16<-3>(h), m10);
           }
+          KTX_UNROLL
+          for (int t = 0; t < T; ++t) {
+            const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
+            s[t] = DpbusdBcast(s[t], lo, xq);
+            s[t] = DpbusdBcast(s[t], hi, xq + 4);
+          }
         }
+      }
+      if constexpr (!kQ5) {
         KTX_UNROLL
-        for (int t = 0; t < T; ++t) {
-          const int8_t* xq = act[t][b].qs + 32 * j + 8 * gg;
-          s[t] = _mm512_dpbusd_epi32(s[t], lo, Bcast32(xq));
-          s[t] = _mm512_dpbusd_epi32(s[t], hi, Bcast32(xq + 4));
-        }
+        for (int t = 0; t < T; ++t) s[t] = _mm512_add_epi32(s[t], _mm512_srai_epi32(s16[t], 4));
       }
       const __m512 scf =
           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(Load128(pb + panel::kQ4KSc + 16 * j)));
@@ -163,9 +196,9 @@ void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       Prefetch(ql + kPrefetchBlocks * kBytes, pf_end);
       Prefetch(ql + 64 + kPrefetchBlocks * kBytes, pf_end);
       Prefetch(qh + kPrefetchBlocks * kBytes, pf_end);
-      const __m512i z0 = Load512(ql);
-      const __m512i z1 = Load512(ql + 64);
-      const __m512i h = Load512(qh);
+      const __m512i z0 = LoadOnce(ql);
+      const __m512i z1 = LoadOnce(ql + 64);
+      const __m512i h = LoadOnce(qh);
       const __m512i q0 = OrMasked(_mm512_and_si512(z0, m4), _mm512_slli_epi16(h, 4), m30);
       const __m512i q1 =
           OrMasked(_mm512_and_si512(_mm512_srli_epi16(z0, 4), m4), _mm512_slli_epi16(h, 2), m30);
@@ -178,10 +211,10 @@ void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       for (int t = 0; t < T; ++t) {
         const int8_t* xq = act[t][b].qs + 16 * j;
         __m512i s = _mm512_set1_epi32(act[t][b].neg32_bsum16[j]);
-        s = _mm512_dpbusd_epi32(s, q0, Bcast32(xq));
-        s = _mm512_dpbusd_epi32(s, q1, Bcast32(xq + 4));
-        s = _mm512_dpbusd_epi32(s, q2, Bcast32(xq + 8));
-        s = _mm512_dpbusd_epi32(s, q3, Bcast32(xq + 12));
+        s = DpbusdBcast(s, q0, xq);
+        s = DpbusdBcast(s, q1, xq + 4);
+        s = DpbusdBcast(s, q2, xq + 8);
+        s = DpbusdBcast(s, q3, xq + 12);
         blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scf, blk[t]);
       }
     }
@@ -214,8 +247,7 @@ void PanelQ80(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       Prefetch(qp + kPrefetchBlocks * 4 * kBytes, pf_end);
       const __m512i z = Load512(qp);
       KTX_UNROLL
-      for (int t = 0; t < T; ++t)
-        s[t] = _mm512_dpbusd_epi32(s[t], z, Bcast32(act[t][b].qs + 4 * g));
+      for (int t = 0; t < T; ++t) s[t] = DpbusdBcast(s[t], z, act[t][b].qs + 4 * g);
     }
     const __m512 dv = _mm512_cvtph_ps(Load256(pb + panel::kQ80D));
     KTX_UNROLL
