@@ -1,10 +1,11 @@
 // The AVX-512 variant (F/BW/VL/DQ + VNNI): decode and blocked-prefill kernels
 // over the panel16 layout (moe_repack.h). Per 16-row panel and block of up to
 // 4 activation rows, the weights are unpacked once (nibbles, high bits) and
-// fed to vpdpbusd against broadcast 4-byte groups of the int8 activations;
-// sub-block scales are applied in fp32. The panel (K x 16 rows) stays in L2
-// while the token blocks pass over it. GGUF-layout and amx_int8 matrices run
-// the scalar code (compiled here with AVX-512 enabled).
+// fed to vpdpbusd against 4-byte groups of the int8 activations (broadcast
+// by the instruction's memory operand); sub-block scales are applied in fp32.
+// The panel (K x 16 rows) stays in L2 while the token blocks pass over it.
+// GGUF-layout and amx_int8 matrices run the scalar code (compiled here with
+// AVX-512 enabled).
 #include "kernels/cpu/moe/moe_kernels_avx512.h"
 
 #include <immintrin.h>
