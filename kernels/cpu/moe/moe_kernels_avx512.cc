@@ -104,7 +104,7 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       for (int t = 0; t < T; ++t) s[t] = s16[t] = _mm512_setzero_si512();
       __m512i h = _mm512_setzero_si512();
       if constexpr (kQ5) {
-        h = Load512(pb + panel::kQ5KQh + 64 * j);
+        h = LoadOnce(pb + panel::kQ5KQh + 64 * j);
         Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j, pf_end);
       }
       KTX_UNROLL
@@ -275,7 +275,7 @@ void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const fl
     KTX_UNROLL
     for (int g = 0; g < 16; ++g) {
       Prefetch(pb + 64 * g + kPrefetchBlocks * kBytes, pf_end);
-      const __m512i z = Load512(pb + 64 * g);
+      const __m512i z = LoadOnce(pb + 64 * g);
       const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(z, 16));
       const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(z, hi_mask));
       KTX_UNROLL
