@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/moe/moe_internal.h"
 
 namespace ktx::kernels::moe::avx512 {
@@ -79,7 +80,9 @@ inline __m512i Shift16(__m512i h) {
 }
 
 // Q4_K / Q5_K panel x T activation rows (act[t] = the row's Q8K blocks).
-template <int T, bool kQ5>
+// kPrefetch: the software prefetch of the weights ahead of the reads (see
+// PrefetchQ4KOneRow for the one case without it).
+template <int T, bool kQ5, bool kPrefetch = true>
 void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
               float* const* out) {
   constexpr int64_t kBytes = kQ5 ? panel::kQ5KBytes : panel::kQ4KBytes;
@@ -90,7 +93,9 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
+    if constexpr (kPrefetch) {
+      for (int l = 0; l < 320; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
+    }
     __m512 blk[T];
     KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
@@ -105,12 +110,14 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       __m512i h = _mm512_setzero_si512();
       if constexpr (kQ5) {
         h = LoadOnce(pb + panel::kQ5KQh + 64 * j);
-        Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j, pf_end);
+        if constexpr (kPrefetch) {
+          Prefetch(pb + kPrefetchBlocks * kBytes + panel::kQ5KQh + 64 * j, pf_end);
+        }
       }
       KTX_UNROLL
       for (int gg = 0; gg < 4; ++gg) {
         const uint8_t* qp = pb + panel::kQ4KQs + (4 * j + gg) * 64;
-        Prefetch(qp + kPrefetchBlocks * kBytes, pf_end);
+        if constexpr (kPrefetch) Prefetch(qp + kPrefetchBlocks * kBytes, pf_end);
         const __m512i z = LoadOnce(qp);
         __m512i lo = _mm512_and_si512(z, m4);
         if constexpr (!kQ5) {
@@ -290,6 +297,22 @@ void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const fl
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], _mm512_add_ps(acc0[t], acc1[t]));
 }
 
+// Whether the Q4_K kernel prefetches its weights at one activation row.
+// Measured on two machines (docs/performance.md, "The decode kernels' vector
+// work"): on the H200 machine's Xeon (16 threads) the decode layer read its
+// weights at 90-91 % of the read loop with the prefetch and 82-84 % without;
+// on the 2-vCPU AMD Zen 4 build machine one row streamed from DRAM at 21-24
+// GB/s with it and 28-30 without (its hardware prefetcher follows the quants'
+// single stream; the prefetch instructions only add work), and the decode
+// layer went from 54 to 60 % of a ~67 GB/s read loop. So: off on AMD. Q5_K
+// and Q6_K read two streams per block and need it everywhere (Q6_K on Zen 4:
+// 23-26 GB/s with, 10-13 without), and at 2-4 rows Q4_K does too (Zen 4, 4
+// rows: 24 with, 11 without).
+bool PrefetchQ4KOneRow() {
+  static const bool on = DetectCpuFeatures().vendor != "AuthenticAMD";
+  return on;
+}
+
 template <typename ActT, typename Kernel1, typename Kernel2, typename Kernel3, typename Kernel4>
 void PanelDriver(const MatmulArgs& a, int64_t nb, int64_t panel_bytes, Kernel1 k1, Kernel2 k2,
                  Kernel3 k3, Kernel4 k4) {
@@ -450,8 +473,9 @@ bool MatmulPanel(const MatmulArgs& a) {
   const int64_t pbb = PanelBlockBytes(a.format);
   switch (a.format.type) {
     case TensorType::kQ4_K:
-      PanelDriver<ActQ8K>(a, nb, pbb, PanelQ4K<1, false>, PanelQ4K<2, false>, PanelQ4K<3, false>,
-                          PanelQ4K<4, false>);
+      PanelDriver<ActQ8K>(
+          a, nb, pbb, PrefetchQ4KOneRow() ? &PanelQ4K<1, false, true> : &PanelQ4K<1, false, false>,
+          PanelQ4K<2, false>, PanelQ4K<3, false>, PanelQ4K<4, false>);
       return true;
     case TensorType::kQ5_K:
       PanelDriver<ActQ8K>(a, nb, pbb, PanelQ4K<1, true>, PanelQ4K<2, true>, PanelQ4K<3, true>,
