@@ -302,12 +302,12 @@ void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const fl
 // work"): on the H200 machine's Xeon (16 threads) the decode layer read its
 // weights at 90-91 % of the read loop with the prefetch and 82-84 % without;
 // on the 2-vCPU AMD Zen 4 build machine one row streamed from DRAM at 21-24
-// GB/s with it and 28-30 without (its hardware prefetcher follows the quants'
+// GB/s with it and 26-30 without (its hardware prefetcher follows the quants'
 // single stream; the prefetch instructions only add work), and the decode
 // layer went from 54 to 60 % of a ~67 GB/s read loop. So: off on AMD. Q5_K
 // and Q6_K read two streams per block and need it everywhere (Q6_K on Zen 4:
-// 23-26 GB/s with, 10-13 without), and at 2-4 rows Q4_K does too (Zen 4, 4
-// rows: 24 with, 11 without).
+// 23-26 GB/s with, 10-13 without all or part of it), and at 2-4 rows Q4_K
+// does too (Zen 4, 4 rows: 24 with, 11 without).
 bool PrefetchQ4KOneRow() {
   static const bool on = DetectCpuFeatures().vendor != "AuthenticAMD";
   return on;
