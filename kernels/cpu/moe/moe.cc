@@ -22,6 +22,32 @@ constexpr int64_t kPadRows = 32;    // readable rows past the last pair (tile lo
 // DeepSeek-V3's n_embd).
 constexpr int64_t kBf16RowsBlock = 64;
 
+// Stage-2 rows per task by default: the largest multiple of 16 up to 512
+// dividing n_embd that gives every worker at least `tasks_per_worker` tasks.
+// Several tasks per worker, so that the pool's work stealing evens out cores
+// that run at different speeds (on the H200 machine some vCPUs ran the tiles
+// 3x slower than others, and one task per worker left the stage waiting for
+// the slowest: docs/performance.md, "What one core overlaps"); at most 512
+// rows (a prefill task reads every expert's h once); otherwise as large as
+// that allows, since a task streams its rows of each expert's down matrix in
+// one piece and short streams read DRAM slower (docs/performance.md, "Longer
+// stage-2 streams at decode").
+int64_t DefaultDownRowsPerTask(int64_t n_embd, int max_workers, int64_t tasks_per_worker) {
+  int64_t rows = kPanelRows;  // n_embd is a multiple of 256
+  for (int64_t r = 2 * kPanelRows; r <= 512; r += kPanelRows) {
+    if (n_embd % r == 0 && n_embd / r >= tasks_per_worker * std::max(max_workers, 1)) rows = r;
+  }
+  return rows;
+}
+// Prefill runs: at least 4 tasks per worker (7168 rows: 512 for 1-3
+// workers, 112 for 16). Decode runs: at least 6 (512 for 1-2 workers, 64 for
+// 16): on the 2-vCPU Zen 4 machine the decode layer read its weights at 57-58
+// % of the read loop with 64 rows and 67-71 % with 448-3584; with 16 workers
+// 112 rows were level with 64 in the layer alone and 1-3 % slower at
+// decode through the engine, whose GPU host threads share the cores.
+constexpr int64_t kPrefillDownTasksPerWorker = 4;
+constexpr int64_t kDecodeDownTasksPerWorker = 6;
+
 // Whether the plan's kernels run matrices of `format` on the amx variant's
 // bf16 tiles (the plan then gives them their bf16 rows; see MakeMoePlan).
 bool AmxBf16Tiles(CpuVariant variant, MoeMatrixFormat format) {
@@ -197,12 +223,17 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
         absl::StrCat("MoE plan: bf16_tile_min_tokens = ", options.bf16_tile_min_tokens,
                      ", expected > 0 (or 0: the default, ", kAmxBf16MinTokens, ")"));
   }
-  if (options.down_rows_per_task <= 0 || options.down_rows_per_task % kPanelRows != 0 ||
-      shape.n_embd % options.down_rows_per_task != 0) {
+  const int64_t ddr =
+      options.down_rows_per_task != 0
+          ? options.down_rows_per_task
+          : DefaultDownRowsPerTask(shape.n_embd, options.max_workers, kDecodeDownTasksPerWorker);
+  if (ddr <= 0 || ddr % kPanelRows != 0 || shape.n_embd % ddr != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("MoE plan: down_rows_per_task (", options.down_rows_per_task,
-                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd, ")"));
+                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd,
+                     "), or 0 for the default"));
   }
+  plan.decode_down_rows = ddr;
   plan.variant = options.force_variant ? options.variant : ActiveCpuVariant();
   const std::string why = CpuVariantUnsupportedReason(plan.variant);
   if (!why.empty()) {
@@ -285,20 +316,7 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
   }
   int64_t pdr = options.prefill_down_rows_per_task;
   if (pdr == 0) {
-    // At least kDownTasksPerWorker tasks per worker, so that the pool's work
-    // stealing evens out cores that run the tiles at different speeds (on the
-    // H200 machine some vCPUs ran them 3x slower than others, and one task
-    // per worker left the stage waiting for the slowest: docs/performance.md,
-    // "What one core overlaps"); at most 512 rows (each task reads every
-    // expert's h once).
-    constexpr int64_t kDownTasksPerWorker = 4;
-    pdr = kPanelRows;  // n_embd is a multiple of 256
-    for (int64_t r = 2 * kPanelRows; r <= 512; r += kPanelRows) {
-      if (shape.n_embd % r == 0 &&
-          shape.n_embd / r >= kDownTasksPerWorker * std::max(options.max_workers, 1)) {
-        pdr = r;
-      }
-    }
+    pdr = DefaultDownRowsPerTask(shape.n_embd, options.max_workers, kPrefillDownTasksPerWorker);
   }
   if (pdr <= 0 || pdr % kPanelRows != 0 || shape.n_embd % pdr != 0) {
     return absl::InvalidArgumentError(
@@ -340,8 +358,8 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
     ks = std::max(ks, kBf16RowsBlock * shape.n_embd * 2);  // gate/up's bf16 rows of x
   }
   plan.kernel_scratch_bytes = Align64(ks);
-  int64_t floats = options.max_tokens * std::max({2 * kFfRowsPerTask, options.down_rows_per_task,
-                                                  plan.prefill_down_rows});
+  int64_t floats = options.max_tokens *
+                   std::max({2 * kFfRowsPerTask, plan.decode_down_rows, plan.prefill_down_rows});
   if (plan.tile) {
     floats = std::max(floats, 2 * std::min(options.max_tokens, plan.tile_max_tokens) *
                                   (plan.tile_ff_rows + options.tile_out_pad));
@@ -522,7 +540,7 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
       run.n_active_ > run.n_prefill_ ? (input.n_tokens + kQuantChunk - 1) / kQuantChunk : 0;
   run.n_pair_chunks_ =
       run.n_prefill_pairs_ > 0 ? (run.n_pairs_ + kQuantChunk - 1) / kQuantChunk : 0;
-  run.down_rows_ = run.n_prefill_ > 0 ? plan.prefill_down_rows : plan.options.down_rows_per_task;
+  run.down_rows_ = run.n_prefill_ > 0 ? plan.prefill_down_rows : plan.decode_down_rows;
 
   // Stage-1 tasks: tile experts first, the most tokens first (their tasks are
   // the longest), each split into near-equal token blocks of at most

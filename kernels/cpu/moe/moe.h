@@ -103,7 +103,13 @@ struct MoePlanOptions {
   int64_t max_tokens = 1;           // largest n_tokens of a run
   int max_workers = 1;              // worker indices are in [0, max_workers)
   int64_t prefill_min_tokens = 32;  // decode/prefill switch point (tokens per expert)
-  int64_t down_rows_per_task = 64;  // rows of n_embd per stage-2 task (multiple of 16)
+  // Rows of n_embd per stage-2 task in decode runs (multiple of 16 dividing
+  // n_embd); 0: the largest multiple of 16 up to 512 that gives every worker
+  // at least 6 tasks (7168 rows: 512 for 1-2 workers, 64 for 16). Each task
+  // reads its rows of every active expert's down matrix, one contiguous
+  // stream per expert: longer streams read DRAM faster (docs/performance.md,
+  // "Longer stage-2 streams at decode").
+  int64_t down_rows_per_task = 0;
   // The tile prefill path: experts with at least prefill_min_tokens tokens run
   // int8 tile matmuls (AMX) over the decode-form panel16 weights themselves,
   // converted to int8 per (row, tile_group) on the fly: no second copy of the
@@ -188,6 +194,7 @@ struct MoePlan {
   bool tile = false;
   int64_t tile_group = 0, tile_ff_rows = 0, tile_max_tokens = 0;
   int64_t prefill_down_rows = 0;  // stage-2 rows per task when an expert runs a prefill path
+  int64_t decode_down_rows = 0;   // stage-2 rows per task otherwise
   int64_t max_gateup_tasks = 0;   // bound on stage-1 tasks of one run
   // Row bytes of the quantized activations.
   int64_t x_row_bytes = 0;   // decode format of x, per token

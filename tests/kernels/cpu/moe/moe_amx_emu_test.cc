@@ -707,5 +707,38 @@ TEST(MoePlanTest, PrefillDownRowsGiveEveryWorkerSeveralTasks) {
   }
 }
 
+// Stage 2 of decode runs: the same default rows per task (long streams per
+// expert, several tasks per worker); a given value is used as it is, and one
+// that is not a multiple of 16 dividing n_embd is refused by name.
+TEST(MoePlanTest, DecodeDownRowsDefaultAndGiven) {
+  const MoeShape shape{7168, 2048, 256, 8};  // DeepSeek-V3
+  MoeLayerFormat f;
+  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
+  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  for (const auto& [workers, rows] : {std::pair{1, 512}, {2, 512}, {3, 256}, {16, 64}, {32, 32}}) {
+    MoePlanOptions o;
+    o.force_variant = true;
+    o.variant = CpuVariant::kScalar;
+    o.max_workers = workers;
+    auto plan = MakeMoePlan(shape, f, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->decode_down_rows, rows) << workers << " workers";
+    o.down_rows_per_task = 64;
+    plan = MakeMoePlan(shape, f, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->decode_down_rows, 64);
+  }
+  for (int64_t bad : {-16, 24, 7168 + 16, 1024 + 16}) {
+    MoePlanOptions o;
+    o.force_variant = true;
+    o.variant = CpuVariant::kScalar;
+    o.down_rows_per_task = bad;
+    const auto plan = MakeMoePlan(shape, f, o);
+    ASSERT_FALSE(plan.ok()) << bad;
+    EXPECT_NE(plan.status().message().find("down_rows_per_task"), std::string::npos)
+        << plan.status();
+  }
+}
+
 }  // namespace
 }  // namespace ktx::kernels::moe
