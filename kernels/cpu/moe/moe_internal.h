@@ -105,8 +105,14 @@ namespace panel {
 inline constexpr int kQ4KD = 0, kQ4KDmin = 32, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
 inline constexpr int kQ4KBytes = 2368;
 inline constexpr int kQ5KQh = 2368, kQ5KBytes = 2880;
-// Q6_K
-inline constexpr int kQ6KD = 0, kQ6KSc = 32, kQ6KQl = 288, kQ6KQh = 2336, kQ6KBytes = 3360;
+// Q6_K: per sub-block j of 16 k, its two 64-byte groups of low nibbles
+// (Q6KQl(2j), Q6KQl(2j + 1)) and then its 64 bytes of high bits (Q6KQh(j)),
+// so that a block's quants are read in address order: one stream, which the
+// hardware prefetchers follow (with the low nibbles and the high bits in two
+// regions the Zen 4 decode kernel streamed ~10 GB/s without software prefetch).
+inline constexpr int kQ6KD = 0, kQ6KSc = 32, kQ6KQ = 288, kQ6KBytes = 3360;
+constexpr int Q6KQl(int g) { return kQ6KQ + 192 * (g / 2) + 64 * (g % 2); }
+constexpr int Q6KQh(int j) { return kQ6KQ + 192 * j + 128; }
 // Q8_0 (k-block 32)
 inline constexpr int kQ80D = 0, kQ80Q = 32, kQ80Bytes = 544;
 // BF16 (k-block 32)
@@ -312,7 +318,7 @@ static inline void DecodePanelQ6K(const uint8_t* pb, int r, DecodedK* out) {
   for (int j = 0; j < 16; ++j) out->sc[j] = static_cast<int8_t>(pb[panel::kQ6KSc + 16 * j + r]);
   for (int g = 0; g < 32; ++g) {
     for (int i = 0; i < 4; ++i) {
-      const uint8_t byte = pb[panel::kQ6KQl + 64 * g + 4 * r + i];
+      const uint8_t byte = pb[panel::Q6KQl(g) + 4 * r + i];
       out->q[8 * g + i] = byte & 15;
       out->q[8 * g + 4 + i] = byte >> 4;
     }
@@ -320,7 +326,7 @@ static inline void DecodePanelQ6K(const uint8_t* pb, int r, DecodedK* out) {
   for (int j = 0; j < 16; ++j) {
     for (int t = 0; t < 4; ++t) {
       for (int i = 0; i < 4; ++i) {
-        const int hi = (pb[panel::kQ6KQh + 64 * j + 4 * r + i] >> (2 * t)) & 3;
+        const int hi = (pb[panel::Q6KQh(j) + 4 * r + i] >> (2 * t)) & 3;
         out->q[16 * j + 4 * t + i] = static_cast<uint8_t>(out->q[16 * j + 4 * t + i] | (hi << 4));
       }
     }

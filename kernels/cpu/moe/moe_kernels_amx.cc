@@ -410,8 +410,8 @@ struct ConvQ6K {
     const uint8_t* pb = pb0 + b * kBlockBytes;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i m30 = _mm512_set1_epi8(0x30);
-    const __m512i z = Load512(pb + panel::kQ6KQl + 64 * g);
-    const __m512i h = Load512(pb + panel::kQ6KQh + 64 * j);
+    const __m512i z = Load512(pb + panel::Q6KQl(g));
+    const __m512i h = Load512(pb + panel::Q6KQh(j));
     // bits 2t..2t+1 of h -> bits 4..5; t = 2 (g % 2) (lo), t + 1 (hi).
     const __m512i hl = (g % 2) ? h : _mm512_slli_epi16(h, 4);
     const __m512i hh = (g % 2) ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);

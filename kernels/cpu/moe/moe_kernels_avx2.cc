@@ -161,9 +161,9 @@ void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
       for (int t = 0; t < T; ++t) blk[t] = _mm256_setzero_ps();
       KTX_UNROLL
       for (int j = 0; j < 16; ++j) {
-        const __m256i z0 = Load256(pb + panel::kQ6KQl + 128 * j + ho);
-        const __m256i z1 = Load256(pb + panel::kQ6KQl + 128 * j + 64 + ho);
-        const __m256i h = Load256(pb + panel::kQ6KQh + 64 * j + ho);
+        const __m256i z0 = Load256(pb + panel::Q6KQl(2 * j) + ho);
+        const __m256i z1 = Load256(pb + panel::Q6KQl(2 * j + 1) + ho);
+        const __m256i h = Load256(pb + panel::Q6KQh(j) + ho);
         const __m256i q0 = OrMasked(_mm256_and_si256(z0, m4), _mm256_slli_epi16(h, 4), m30);
         const __m256i q1 =
             OrMasked(_mm256_and_si256(_mm256_srli_epi16(z0, 4), m4), _mm256_slli_epi16(h, 2), m30);

@@ -81,7 +81,7 @@ inline __m512i Shift16(__m512i h) {
 
 // Q4_K / Q5_K panel x T activation rows (act[t] = the row's Q8K blocks).
 // kPrefetch: the software prefetch of the weights ahead of the reads (see
-// PrefetchQ4KOneRow for the one case without it).
+// PrefetchOneRow for the case without it).
 template <int T, bool kQ5, bool kPrefetch = true>
 void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
               float* const* out) {
@@ -181,8 +181,8 @@ void PanelQ4K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
 
-// Q6_K panel x T activation rows.
-template <int T>
+// Q6_K panel x T activation rows. kPrefetch: as PanelQ4K's (PrefetchOneRow).
+template <int T, bool kPrefetch = true>
 void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const ActQ8K* const* act,
               float* const* out) {
   constexpr int64_t kBytes = panel::kQ6KBytes;
@@ -193,17 +193,21 @@ void PanelQ6K(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const Act
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* pb = panel + b * kBytes;
-    for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
+    if constexpr (kPrefetch) {
+      for (int l = 0; l < 288; l += 64) Prefetch(pb + kPrefetchBlocks * kBytes + l, pf_end);
+    }
     __m512 blk[T];
     KTX_UNROLL
     for (int t = 0; t < T; ++t) blk[t] = _mm512_setzero_ps();
     KTX_UNROLL
     for (int j = 0; j < 16; ++j) {
-      const uint8_t* ql = pb + panel::kQ6KQl + 128 * j;
-      const uint8_t* qh = pb + panel::kQ6KQh + 64 * j;
-      Prefetch(ql + kPrefetchBlocks * kBytes, pf_end);
-      Prefetch(ql + 64 + kPrefetchBlocks * kBytes, pf_end);
-      Prefetch(qh + kPrefetchBlocks * kBytes, pf_end);
+      const uint8_t* ql = pb + panel::Q6KQl(2 * j);  // and the next 64 bytes
+      const uint8_t* qh = pb + panel::Q6KQh(j);
+      if constexpr (kPrefetch) {
+        Prefetch(ql + kPrefetchBlocks * kBytes, pf_end);
+        Prefetch(ql + 64 + kPrefetchBlocks * kBytes, pf_end);
+        Prefetch(qh + kPrefetchBlocks * kBytes, pf_end);
+      }
       const __m512i z0 = LoadOnce(ql);
       const __m512i z1 = LoadOnce(ql + 64);
       const __m512i h = LoadOnce(qh);
@@ -297,18 +301,22 @@ void PanelBf16(const uint8_t* panel, const uint8_t* pf_end, int64_t nb, const fl
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], _mm512_add_ps(acc0[t], acc1[t]));
 }
 
-// Whether the Q4_K kernel prefetches its weights at one activation row.
-// Measured on two machines (docs/performance.md, "The decode kernels' vector
-// work"): on the H200 machine's Xeon (16 threads) the decode layer read its
-// weights at 90-91 % of the read loop with the prefetch and 82-84 % without;
-// on the 2-vCPU AMD Zen 4 build machine one row streamed from DRAM at 21-24
-// GB/s with it and 26-30 without (its hardware prefetcher follows the quants'
-// single stream; the prefetch instructions only add work), and the decode
-// layer went from 54 to 60 % of a ~67 GB/s read loop. So: off on AMD. Q5_K
-// and Q6_K read two streams per block and need it everywhere (Q6_K on Zen 4:
-// 23-26 GB/s with, 10-13 without all or part of it), and at 2-4 rows Q4_K
-// does too (Zen 4, 4 rows: 24 with, 11 without).
-bool PrefetchQ4KOneRow() {
+// Whether the Q4_K and Q6_K kernels prefetch their weights at one activation
+// row. Measured on two machines (docs/performance.md, "The decode kernels'
+// vector work"): on the H200 machine's Xeon (16 threads) the decode layer
+// read its weights at 90-91 % of the read loop with the Q4_K prefetch and
+// 82-84 % without; on the 2-vCPU AMD Zen 4 build machine one Q4_K row
+// streamed from DRAM at 21-24 GB/s with it and 26-30 without (its hardware
+// prefetcher follows the quants' single stream; the prefetch instructions
+// only add work), and the decode layer went from 54 to 60 % of a ~67 GB/s
+// read loop. Q6_K reads its block in address order too since its panel
+// layout interleaves the low nibbles and high bits per sub-block
+// (moe_internal.h): one row from DRAM on Zen 4 22-25 GB/s with the prefetch
+// against 27-30 without (docs/performance.md, "Longer stage-2 streams at
+// decode"). So: off on AMD at one row. Q5_K reads two streams per block and
+// keeps it everywhere, and at 2-4 rows Q4_K and Q6_K need it (Zen 4, 4 rows:
+// Q4_K 24 with, 11 without; Q6_K 24 against 12).
+bool PrefetchOneRow() {
   static const bool on = DetectCpuFeatures().vendor != "AuthenticAMD";
   return on;
 }
@@ -473,16 +481,17 @@ bool MatmulPanel(const MatmulArgs& a) {
   const int64_t pbb = PanelBlockBytes(a.format);
   switch (a.format.type) {
     case TensorType::kQ4_K:
-      PanelDriver<ActQ8K>(
-          a, nb, pbb, PrefetchQ4KOneRow() ? &PanelQ4K<1, false, true> : &PanelQ4K<1, false, false>,
-          PanelQ4K<2, false>, PanelQ4K<3, false>, PanelQ4K<4, false>);
+      PanelDriver<ActQ8K>(a, nb, pbb,
+                          PrefetchOneRow() ? &PanelQ4K<1, false, true> : &PanelQ4K<1, false, false>,
+                          PanelQ4K<2, false>, PanelQ4K<3, false>, PanelQ4K<4, false>);
       return true;
     case TensorType::kQ5_K:
       PanelDriver<ActQ8K>(a, nb, pbb, PanelQ4K<1, true>, PanelQ4K<2, true>, PanelQ4K<3, true>,
                           PanelQ4K<4, true>);
       return true;
     case TensorType::kQ6_K:
-      PanelDriver<ActQ8K>(a, nb, pbb, PanelQ6K<1>, PanelQ6K<2>, PanelQ6K<3>, PanelQ6K<4>);
+      PanelDriver<ActQ8K>(a, nb, pbb, PrefetchOneRow() ? &PanelQ6K<1, true> : &PanelQ6K<1, false>,
+                          PanelQ6K<2>, PanelQ6K<3>, PanelQ6K<4>);
       return true;
     case TensorType::kQ8_0:
       PanelDriver<ActQ8_0>(a, nb, pbb, PanelQ80<1>, PanelQ80<2>, PanelQ80<3>, PanelQ80<4>);

@@ -78,18 +78,19 @@ inline uint64_t Load64(const uint8_t* p) {
 inline void Store32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 
 // The 4-bit parts of 256 quants of one row into the panel nibble layout (32
-// groups of 64 bytes, row r at 4r): group g gets q[8g + i] | q[8g + 4 + i] << 4.
+// groups of 64 bytes at dst + group_offset(g), row r at 4r): group g gets
+// q[8g + i] | q[8g + 4 + i] << 4.
 // `lo_src(g)` returns the 8 source bytes holding q[8g .. 8g + 7] in their low
 // (shift 0) or high (shift 4) nibbles, `shift` says which.
-template <typename Src>
-inline void PackRowNibbles(Src src, int r, uint8_t* dst) {
+template <typename Src, typename GroupOffset>
+inline void PackRowNibbles(Src src, int r, uint8_t* dst, GroupOffset group_offset) {
   for (int g = 0; g < 32; ++g) {
     int shift = 0;
     const uint64_t w = src(g, &shift);  // call first, then read shift (UBSan misorders `>>`)
     const uint64_t s = w >> shift;
     const uint32_t lo = static_cast<uint32_t>(s) & 0x0F0F0F0Fu;
     const uint32_t hi = static_cast<uint32_t>(s >> 32) & 0x0F0F0F0Fu;
-    Store32(dst + 64 * g + 4 * r, lo | (hi << 4));
+    Store32(dst + group_offset(g) + 4 * r, lo | (hi << 4));
   }
 }
 
@@ -113,7 +114,7 @@ inline void RepackRowQ4K(const uint8_t* blk, bool q5, int r, uint8_t* pb) {
         *shift = kk < 32 ? 0 : 4;
         return Load64(qs + 32 * c + (kk & 31));
       },
-      r, pb + panel::kQ4KQs);
+      r, pb + panel::kQ4KQs, [](int g) { return 64 * g; });
   if (q5) {
     // 5th bit of k: bit j = k / 32 of qh[k % 32]. Panel: bit t of byte 4r + i
     // of sub-block j is the 5th bit of q[32j + 4t + i].
@@ -140,13 +141,13 @@ inline void RepackRowQ6K(const uint8_t* blk, int r, uint8_t* pb) {
         *shift = u < 2 ? 0 : 4;
         return Load64(ql + 64 * h + 32 * (u & 1) + l);
       },
-      r, pb + panel::kQ6KQl);
+      r, pb, [](int g) { return panel::Q6KQl(g); });
   for (int j = 0; j < 16; ++j) {  // sub-block of 16 k
     const int k = 16 * j, h = k / 128, u = (k % 128) / 32, l = k % 32;
     const uint8_t* src = qh + 32 * h + l;
     uint32_t out = 0;
     for (int t = 0; t < 4; ++t) out |= ((Load32(src + 4 * t) >> (2 * u)) & 0x03030303u) << (2 * t);
-    Store32(pb + panel::kQ6KQh + 64 * j + 4 * r, out);
+    Store32(pb + panel::Q6KQh(j) + 4 * r, out);
   }
 }
 

@@ -23,10 +23,11 @@
 //    Q5_K (2880 B = 180 B/row): Q4_K's panel block, then 2368 qh[8][64]:
 //          sub-block j (k = 32j..32j+31): bit t of byte r*4+i is the 5th bit of
 //          q[r][32j + 4t + i].
-//    Q6_K (3360 B = 210 B/row): 0 d[16] f16 | 32 sc[16][16] i8 | 288 ql[32][64]
-//          (low 4 bits, nibble layout as Q4_K) | 2336 qh[16][64]: sub-block j
-//          (k = 16j..16j+15): bits 2t..2t+1 of byte r*4+i are bits 4..5 of
-//          q[r][16j + 4t + i] (q in 0..63, value d*sc*(q-32)).
+//    Q6_K (3360 B = 210 B/row): 0 d[16] f16 | 32 sc[16][16] i8 | 288 16 x
+//          { ql[2][64] | qh[64] }, 192 bytes per sub-block j (k = 16j..16j+15),
+//          read in address order: ql groups g = 2j, 2j+1 hold the low 4 bits
+//          (nibble layout as Q4_K); in qh, bits 2t..2t+1 of byte r*4+i are bits
+//          4..5 of q[r][16j + 4t + i] (q in 0..63, value d*sc*(q-32)).
 //    Q8_0 (k-block 32, 544 B = 34 B/row): 0 d[16] f16 | 32 q[8][64] u8: byte
 //          r*4+i of group t is q[r][4t+i] + 128 (stored offset by 128 so that
 //          vpdpbusd's unsigned operand is the weight).
