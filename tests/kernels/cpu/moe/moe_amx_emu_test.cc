@@ -687,53 +687,58 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   }
 }
 
-// Stage 2 of prefill runs: by default at least 4 tasks per worker (so that
-// work stealing can move rows off slow cores), at most 512 rows per task.
-TEST(MoePlanTest, PrefillDownRowsGiveEveryWorkerSeveralTasks) {
-  const MoeShape shape{7168, 2048, 256, 8};  // DeepSeek-V3
+// DeepSeek-V3's layer as panel16 Q4_K gate/up and Q6_K down, and plan options
+// on the scalar variant for `workers` workers.
+MoeLayerFormat DeepSeekV3PanelFormat() {
   MoeLayerFormat f;
   f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
   f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  return f;
+}
+MoePlanOptions ScalarPlanOptions(int workers) {
+  MoePlanOptions o;
+  o.force_variant = true;
+  o.variant = CpuVariant::kScalar;
+  o.max_workers = workers;
+  return o;
+}
+constexpr MoeShape kDeepSeekV3Shape{7168, 2048, 256, 8};
+
+// Stage 2 of prefill runs: by default at least 4 tasks per worker (so that
+// work stealing can move rows off slow cores), at most 512 rows per task.
+TEST(MoePlanTest, PrefillDownRowsGiveEveryWorkerSeveralTasks) {
+  const MoeShape shape = kDeepSeekV3Shape;
   for (const auto& [workers, rows] : {std::pair{1, 512}, {2, 512}, {16, 112}, {32, 32}}) {
-    MoePlanOptions o;
+    MoePlanOptions o = ScalarPlanOptions(workers);
     o.tile_prefill = true;
-    o.force_variant = true;
-    o.variant = CpuVariant::kScalar;
-    o.max_workers = workers;
-    auto plan = MakeMoePlan(shape, f, o);
+    auto plan = MakeMoePlan(shape, DeepSeekV3PanelFormat(), o);
     ASSERT_TRUE(plan.ok()) << plan.status();
     EXPECT_EQ(plan->prefill_down_rows, rows) << workers << " workers";
     EXPECT_GE(shape.n_embd / plan->prefill_down_rows, std::min<int64_t>(4 * workers, 14));
   }
 }
 
-// Stage 2 of decode runs: the same default rows per task (long streams per
-// expert, several tasks per worker); a given value is used as it is, and one
-// that is not a multiple of 16 dividing n_embd is refused by name.
+// Stage 2 of decode runs: by default at least 6 tasks per worker and at most
+// 512 rows, as long as that allows (one stream per expert per task); a given
+// value is used as it is, and one that is not a multiple of 16 dividing
+// n_embd is refused by name.
 TEST(MoePlanTest, DecodeDownRowsDefaultAndGiven) {
-  const MoeShape shape{7168, 2048, 256, 8};  // DeepSeek-V3
-  MoeLayerFormat f;
-  f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
-  f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
+  const MoeShape shape = kDeepSeekV3Shape;
   for (const auto& [workers, rows] : {std::pair{1, 512}, {2, 512}, {3, 256}, {16, 64}, {32, 32}}) {
-    MoePlanOptions o;
-    o.force_variant = true;
-    o.variant = CpuVariant::kScalar;
-    o.max_workers = workers;
-    auto plan = MakeMoePlan(shape, f, o);
+    MoePlanOptions o = ScalarPlanOptions(workers);
+    auto plan = MakeMoePlan(shape, DeepSeekV3PanelFormat(), o);
     ASSERT_TRUE(plan.ok()) << plan.status();
     EXPECT_EQ(plan->decode_down_rows, rows) << workers << " workers";
+    EXPECT_GE(shape.n_embd / plan->decode_down_rows, std::min<int64_t>(6 * workers, 14));
     o.down_rows_per_task = 64;
-    plan = MakeMoePlan(shape, f, o);
+    plan = MakeMoePlan(shape, DeepSeekV3PanelFormat(), o);
     ASSERT_TRUE(plan.ok()) << plan.status();
     EXPECT_EQ(plan->decode_down_rows, 64);
   }
   for (int64_t bad : {-16, 24, 7168 + 16, 1024 + 16}) {
-    MoePlanOptions o;
-    o.force_variant = true;
-    o.variant = CpuVariant::kScalar;
+    MoePlanOptions o = ScalarPlanOptions(1);
     o.down_rows_per_task = bad;
-    const auto plan = MakeMoePlan(shape, f, o);
+    const auto plan = MakeMoePlan(shape, DeepSeekV3PanelFormat(), o);
     ASSERT_FALSE(plan.ok()) << bad;
     EXPECT_NE(plan.status().message().find("down_rows_per_task"), std::string::npos)
         << plan.status();
