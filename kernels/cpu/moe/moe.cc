@@ -48,6 +48,21 @@ int64_t DefaultDownRowsPerTask(int64_t n_embd, int max_workers, int64_t tasks_pe
 constexpr int64_t kPrefillDownTasksPerWorker = 4;
 constexpr int64_t kDecodeDownTasksPerWorker = 6;
 
+// The stage-2 rows per task of option `name`: `given`, or the default where
+// it is 0; InvalidArgument naming the option unless a multiple of 16 that
+// divides n_embd.
+absl::StatusOr<int64_t> DownRowsPerTask(const char* name, int64_t given, int64_t n_embd,
+                                        int max_workers, int64_t tasks_per_worker) {
+  const int64_t rows =
+      given != 0 ? given : DefaultDownRowsPerTask(n_embd, max_workers, tasks_per_worker);
+  if (rows <= 0 || rows % kPanelRows != 0 || n_embd % rows != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoE plan: ", name, " (", given, ") must be a multiple of 16 that divides n_embd (", n_embd,
+        "), or 0 for the default"));
+  }
+  return rows;
+}
+
 // Whether the plan's kernels run matrices of `format` on the amx variant's
 // bf16 tiles (the plan then gives them their bf16 rows; see MakeMoePlan).
 bool AmxBf16Tiles(CpuVariant variant, MoeMatrixFormat format) {
@@ -223,17 +238,11 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
         absl::StrCat("MoE plan: bf16_tile_min_tokens = ", options.bf16_tile_min_tokens,
                      ", expected > 0 (or 0: the default, ", kAmxBf16MinTokens, ")"));
   }
-  const int64_t ddr =
-      options.down_rows_per_task != 0
-          ? options.down_rows_per_task
-          : DefaultDownRowsPerTask(shape.n_embd, options.max_workers, kDecodeDownTasksPerWorker);
-  if (ddr <= 0 || ddr % kPanelRows != 0 || shape.n_embd % ddr != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MoE plan: down_rows_per_task (", options.down_rows_per_task,
-                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd,
-                     "), or 0 for the default"));
-  }
-  plan.decode_down_rows = ddr;
+  const absl::StatusOr<int64_t> decode_rows =
+      DownRowsPerTask("down_rows_per_task", options.down_rows_per_task, shape.n_embd,
+                      options.max_workers, kDecodeDownTasksPerWorker);
+  if (!decode_rows.ok()) return decode_rows.status();
+  plan.decode_down_rows = *decode_rows;
   plan.variant = options.force_variant ? options.variant : ActiveCpuVariant();
   const std::string why = CpuVariantUnsupportedReason(plan.variant);
   if (!why.empty()) {
@@ -314,16 +323,11 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
     plan.tile_ff_rows = fb;
     plan.tile_max_tokens = options.tile_max_tokens;
   }
-  int64_t pdr = options.prefill_down_rows_per_task;
-  if (pdr == 0) {
-    pdr = DefaultDownRowsPerTask(shape.n_embd, options.max_workers, kPrefillDownTasksPerWorker);
-  }
-  if (pdr <= 0 || pdr % kPanelRows != 0 || shape.n_embd % pdr != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MoE plan: prefill_down_rows_per_task (", pdr,
-                     ") must be a multiple of 16 that divides n_embd (", shape.n_embd, ")"));
-  }
-  plan.prefill_down_rows = pdr;
+  const absl::StatusOr<int64_t> prefill_rows =
+      DownRowsPerTask("prefill_down_rows_per_task", options.prefill_down_rows_per_task,
+                      shape.n_embd, options.max_workers, kPrefillDownTasksPerWorker);
+  if (!prefill_rows.ok()) return prefill_rows.status();
+  plan.prefill_down_rows = *prefill_rows;
   const int64_t ff_tasks_per_expert = shape.n_ff / kFfRowsPerTask;
   plan.max_gateup_tasks = shape.n_expert * ff_tasks_per_expert;
   if (plan.tile) {
