@@ -118,6 +118,7 @@ void SetTileKernelArgs(const MoePlan& p, MatmulArgs* a) {
   a->tile_skew = p.options.tile_skew;
   a->tile_prefetch = p.options.tile_prefetch;
   a->tile_stream_lines = p.options.tile_stream_lines;
+  a->tile_phase_ticks = p.options.tile_phase_ticks;
 }
 
 }  // namespace
@@ -170,10 +171,16 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
       o.tile_max_tokens = v;
     } else if (key == "down") {
       o.prefill_down_rows_per_task = v;
+    } else if (key == "next") {
+      if (v != 0 && v != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tile spec '", spec, "': next must be 0 or 1"));
+      }
+      o.tile_stream_next = v == 1;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("tile spec '", spec, "': unknown key '", key,
-                       "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down)"));
+                       "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next)"));
     }
   }
   *options = o;
@@ -194,7 +201,8 @@ std::string MoeTileSpec(const MoePlanOptions& o) {
   std::string spec = o.tile_phased ? "phased" : "inloop";
   if (o.tile_phased) {
     absl::StrAppend(&spec, ":chunk=", o.tile_chunk_kib, ":groups=", o.tile_chunk_groups,
-                    ":pf=", o.tile_prefetch ? 1 : 0, ":stream=", o.tile_stream_lines);
+                    ":pf=", o.tile_prefetch ? 1 : 0, ":stream=", o.tile_stream_lines,
+                    ":next=", o.tile_stream_next ? 1 : 0);
   }
   absl::StrAppend(&spec, ":skew=", o.tile_skew, ":pad=", o.tile_out_pad, ":group=", o.tile_group,
                   ":ff=", o.tile_ff_rows, ":maxtok=", o.tile_max_tokens,
@@ -770,6 +778,14 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
     a.out = which == 0 ? g : u;
+    // While gate's last chunk runs its tiles, up's first pair of panels
+    // streams in (NextCallBytes).
+    a.next_w = nullptr;
+    a.next_w_bytes = 0;
+    if (which == 0 && p.options.tile_phased && p.options.tile_stream_next) {
+      a.next_w_bytes = NextCallBytes(Matrix(1, path), e, f0, std::min<int64_t>(fb, 2 * kPanelRows),
+                                     p.shape.n_embd, &a.next_w);
+    }
     p.kernels->tile_matmul(a);
   }
   p.kernels->silu_mul(g, u, g, nt * os);  // the pad columns too (unread)
@@ -821,8 +837,16 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   for (int64_t i = 0; i < n_active_; ++i) {
     const int64_t e = active[i];
     const MoeMatrix& m = Matrix(2, path[e]);
+    // The next expert's slice: streamed by the phased tile kernel during this
+    // call's tiles where it can (NextCallBytes), else its first lines now.
+    const uint8_t* next_w = nullptr;
+    int64_t next_bytes = 0;
     if (i + 1 < n_active_) {
-      PrefetchRows(Matrix(2, path[active[i + 1]]), active[i + 1], r0, rows);
+      const MoeMatrix& next = Matrix(2, path[active[i + 1]]);
+      if (IsTilePath(path[e]) && p.options.tile_phased && p.options.tile_stream_next) {
+        next_bytes = NextCallBytes(next, active[i + 1], r0, rows, p.shape.n_ff, &next_w);
+      }
+      if (next_w == nullptr) PrefetchRows(next, active[i + 1], r0, rows);
     }
     a.format = m.format;
     a.w = static_cast<const uint8_t*>(m.experts[e]);
@@ -837,9 +861,14 @@ void MoeRun::DownTask(int64_t task, int worker) const {
       for (int64_t t0 = 0; t0 < n; t0 += step) {
         a.act = ws_ + p.off_hq + (offset[e] + t0) * p.h_row_bytes;
         a.n_act = std::min(step, n - t0);
+        const bool last = t0 + step >= n;
+        a.next_w = last ? next_w : nullptr;
+        a.next_w_bytes = last ? next_bytes : 0;
         p.kernels->tile_matmul(a);
         accumulate(offset[e] + t0, a.n_act);
       }
+      a.next_w = nullptr;
+      a.next_w_bytes = 0;
       continue;
     }
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
@@ -851,6 +880,15 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     p.kernels->matmul(a);
     accumulate(offset[e], n);
   }
+}
+
+int64_t MoeRun::NextCallBytes(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows, int64_t k,
+                              const uint8_t** w) {
+  *w = nullptr;
+  if (m.format.layout != MoeWeightLayout::kPanel16 || !TileFormatSupported(m.format)) return 0;
+  const int64_t panel_bytes = k / KBlock(m.format) * PanelBlockBytes(m.format);
+  *w = static_cast<const uint8_t*>(m.experts[e]) + (r0 / kPanelRows) * panel_bytes;
+  return rows / kPanelRows * panel_bytes;
 }
 
 void MoeRun::PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const {

@@ -170,6 +170,19 @@ struct MoePlanOptions {
   // the tile path took 21-33 % less time at 8-64 tokens per expert
   // (docs/performance.md, "Streaming the converted weights").
   int64_t tile_stream_lines = 64;
+  // Phased kernel with tile_stream_lines > 0: the last chunk of a call
+  // streams the bytes of the worker's next call (the next expert's stage-2
+  // slice; up's first panels after gate) into L2 during its tiles
+  // (MatmulArgs::next_w); prefetches only, same bits. A stage-2 call is one
+  // chunk, so without it every call's conversion started cold: on the H200
+  // machine's Xeon (2026-11-29) stage 2 of the 2048-token layer took 2-22 %
+  // less time with it in all six comparisons, its conversion 34-42 -> 20-25
+  // ms per worker (docs/performance.md, twenty-second session).
+  bool tile_stream_next = true;
+  // Diagnostics for benchmarks: where set, the phased kernel adds its TSC
+  // ticks of conversion, tiles and fix-ups to [0], [1], [2] (atomically; the
+  // array must outlive the runs of the plan).
+  int64_t* tile_phase_ticks = nullptr;
   // Variant to run; unset: ActiveCpuVariant() at plan time.
   bool force_variant = false;
   CpuVariant variant = CpuVariant::kScalar;
@@ -217,7 +230,8 @@ struct MoePlan {
 // Sets tile-path options from a spec "phased|inloop[:key=value]..." with keys
 // chunk (KiB), groups (per chunk), skew (bytes), pad (tile_out_pad), pf (0/1:
 // tile_prefetch), stream (lines: tile_stream_lines), group (tile_group), ff
-// (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task);
+// (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task),
+// next (0/1: tile_stream_next);
 // e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
 // InvalidArgument names the part it cannot parse. For benchmarks and experiments.
 absl::Status ApplyMoeTileSpec(std::string_view spec, MoePlanOptions* options);
@@ -337,6 +351,11 @@ class MoeRun {
   // reads: the decode form, the prefill form or the tile cache.
   const MoeMatrix& Matrix(int which, uint8_t path) const;
   void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
+  // Rows [r0, r0 + rows) of expert e's matrix m (k columns) as the bytes a
+  // phased tile call will read (*w: their start), for MatmulArgs::next_w; 0
+  // and null where m is not a panel16 tile-path format.
+  static int64_t NextCallBytes(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows, int64_t k,
+                               const uint8_t** w);
 
   const MoePlan* plan_ = nullptr;
   const MoeLayerWeights* weights_ = nullptr;

@@ -422,6 +422,17 @@ struct MatmulArgs {
   // Phased kernel: lines of weights prefetched into L2 ahead of phase 1's
   // reads (and the next chunk's during phase 2); 0: none.
   int64_t tile_stream_lines = 0;
+  // Phased kernel with tile_stream_lines > 0: the bytes [next_w, next_w +
+  // next_w_bytes) that this worker's next call will read (hint only; null:
+  // unknown). They are prefetched into L2 during the last chunk's tiles, a
+  // slice per k-step, so that the next call's conversion does not start cold
+  // (a stage-2 call is a single chunk, with no chunk of its own to stream).
+  const uint8_t* next_w = nullptr;
+  int64_t next_w_bytes = 0;
+  // Diagnostics: where non-null the phased kernel adds (atomically) its TSC
+  // ticks of phase 1 (conversion) to [0], of phase 2 without the fix-ups to
+  // [1] and of the fix-ups to [2].
+  int64_t* tile_phase_ticks = nullptr;
   // BF16 weights on the amx variant: the n_act activation rows (after
   // act_index) also as bf16, row t at act_bf16 + t * act_bf16_stride
   // elements, rows up to n_act rounded up to 32 readable, so that the bf16

@@ -30,7 +30,11 @@
 // prefetch cursor runs that many lines ahead of phase 1's reads and through
 // the next chunk's weights during phase 2: one Xeon core converting from DRAM
 // without it waits on almost every line (172 ns per 1024 weights against 60
-// in L2). The in-loop kernel stays selectable (KTX_AMX_PREFILL=inloop).
+// in L2). The last chunk of a call streams the caller's next call instead
+// (MatmulArgs::next_w: a stage-2 call is a single chunk). With
+// tile_phase_ticks set it adds its ticks of conversion, tiles and fix-ups
+// (moe_benchmark --ktx_phase_ticks). The in-loop kernel stays selectable
+// (KTX_AMX_PREFILL=inloop).
 // Both place their scratch buffers `tile_skew` bytes off 4 KiB multiples of
 // each other (the in-loop kernel's two B buffers were exactly 8 KiB apart, so
 // the conversion stores into one aliased the tile loads of the other).
@@ -774,6 +778,22 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
     }
   };
 
+  const bool ticks = a.tile_phase_ticks != nullptr;
+  uint64_t tick[3] = {0, 0, 0};
+  uint64_t t_mark = ticks ? __rdtsc() : 0;
+  // The pending fix-up; with ticks its time goes to tick[2] and is kept out
+  // of the phase it interrupts (t_mark moves past it).
+  auto fixup_pending = [&]() {
+    if (!ticks) {
+      ApplyFixup(a, pend);
+      return;
+    }
+    const uint64_t t0 = __rdtsc();
+    ApplyFixup(a, pend);
+    const uint64_t dt = __rdtsc() - t0;
+    tick[2] += dt;
+    t_mark += dt;
+  };
   ConfigureTiles();
   int cb = 0;
   for (int64_t pc0 = 0; pc0 < n_pairs; pc0 += ppc) {
@@ -784,7 +804,7 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
       // in the order phase 2 reads them.
       auto slot = [&](int64_t pi, int64_t gi) { return (gi - gc0) * npc + (pi - pc0); };
       if (pend.m_valid > 0) {  // it reads the chunk's scales: finish it first
-        ApplyFixup(a, pend);
+        fixup_pending();
         pend = TileFixup{};
       }
       // Phase 1: convert, each panel's bytes in address order.
@@ -814,6 +834,11 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
           }
         }
       }
+      if (ticks) {
+        const uint64_t t = __rdtsc();
+        tick[0] += t - t_mark;
+        t_mark = t;
+      }
       // Phase 2: the tiles; the next chunk's weights stream in meanwhile, a
       // slice per k-step.
       const int64_t next_end = (std::min(p_end, p_begin + 2 * (pc1 + ppc)) - p_begin) * panel_bytes;
@@ -822,6 +847,12 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
           stream > 0 && next_end > pf_cursor
               ? ((next_end - pf_cursor) / 64 + phase2_steps - 1) / phase2_steps
               : 0;
+      // The last chunk streams the next call's bytes instead (next_w).
+      const bool last_chunk = pc1 == n_pairs && gc1 == n_groups;
+      const int64_t next_lines =
+          last_chunk && a.tile_stream_lines > 0 && a.next_w != nullptr ? a.next_w_bytes / 64 : 0;
+      const int64_t next_per_step = (next_lines + phase2_steps - 1) / phase2_steps;
+      int64_t next_l = 0;
       for (int64_t gi = gc0; gi < gc1; ++gi) {
         for (int64_t pi = pc0; pi < pc1; ++pi) {
           const int64_t p0 = p_begin + 2 * pi;
@@ -850,6 +881,12 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
               if (stream_per_step > 0 && pf_cursor < next_end) {
                 stream_to(std::min(next_end, pf_cursor + 64 * stream_per_step));
               }
+              if (next_l < next_lines) {
+                const int64_t l1 = std::min(next_lines, next_l + next_per_step);
+                for (; next_l < l1; ++next_l) {
+                  _mm_prefetch(reinterpret_cast<const char*>(a.next_w + 64 * next_l), _MM_HINT_T1);
+                }
+              }
               if (pf && pf_l < pf_lines) {
                 const int64_t l1 = std::min(pf_lines, pf_l + pf_per_step);
                 for (; pf_l < l1; ++pf_l) {
@@ -860,7 +897,7 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             int32_t* c = ts.cst[cb];
             cb ^= 1;
             StoreCTiles(c);
-            if (pend.m_valid > 0) ApplyFixup(a, pend);
+            if (pend.m_valid > 0) fixup_pending();
             pend.c = c;
             pend.sw[0] = ts.chunk_sw + 32 * sl;
             pend.sw[1] = ts.chunk_sw + 32 * sl + 16;
@@ -872,9 +909,19 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
           }
         }
       }
+      if (ticks) {
+        const uint64_t t = __rdtsc();
+        tick[1] += t - t_mark;
+        t_mark = t;
+      }
     }
   }
-  if (pend.m_valid > 0) ApplyFixup(a, pend);
+  if (pend.m_valid > 0) fixup_pending();
+  if (ticks) {
+    for (int i = 0; i < 3; ++i) {
+      __atomic_fetch_add(a.tile_phase_ticks + i, static_cast<int64_t>(tick[i]), __ATOMIC_RELAXED);
+    }
+  }
   Release();
 }
 

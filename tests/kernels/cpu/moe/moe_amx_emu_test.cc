@@ -503,7 +503,10 @@ TEST_F(AmxEmulationTest, LayerWithTilePathOverPanel16MatchesScalarVariant) {
 // equals the scalar reference of the contract bitwise, and so the in-loop
 // kernel too: awkward token counts (1, 3, 17, 255), partial pairs (a single
 // tail panel), chunks that split the pairs, the groups or both, skews, and
-// the streaming prefetch (tile_stream_lines: hints only, so the same bits).
+// the streaming prefetch (tile_stream_lines: hints only, so the same bits),
+// the next call's bytes streamed during the last chunk (next_w), and with the
+// phase ticks collected (diagnostics only: the same bits, and every phase
+// counted).
 TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
   std::mt19937 rng(29);
   const int64_t rows = 112, k = 1536;  // 7 panels; 3 groups of 512, 6 of 256
@@ -551,11 +554,21 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
               a.tile_skew = c.skew;
               a.tile_prefetch = c.skew != 0;
               a.tile_stream_lines = c.stream;
+              // The next call's bytes (prefetched during the last chunk).
+              a.next_w = c.stream > 0 ? m.data() : nullptr;
+              a.next_w_bytes = c.stream > 0 ? static_cast<int64_t>(m.size()) : 0;
+              int64_t ticks[3] = {0, 0, 0};
+              a.tile_phase_ticks = c.stream == 64 ? ticks : nullptr;
               std::vector<float> y(n_act * a.out_stride, -7.0f);
               a.out = y.data();
               MoeKernelsAmxEmulated().tile_matmul(a);
               ASSERT_EQ(0, std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float)))
                   << (phased ? "phased" : "in-loop") << " kernel differs from the scalar reference";
+              if (phased && a.tile_phase_ticks != nullptr) {
+                EXPECT_GT(ticks[0], 0) << "conversion ticks";
+                EXPECT_GT(ticks[1], 0) << "tile ticks";
+                EXPECT_GT(ticks[2], 0) << "fix-up ticks";
+              }
             }
           }
         }
@@ -635,10 +648,11 @@ TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
   std::vector<double> sd(scalar.begin(), scalar.end());
   EXPECT_LT(testing::Nmse(base.data(), ref), 1.5e-3);
   EXPECT_LT(testing::Nmse(base.data(), sd), 1e-6);
-  for (const char* spec : {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
-                           "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0",
-                           "inloop:skew=256", "phased:pad=0:pf=0", "inloop:maxtok=64:down=128",
-                           "phased:chunk=32:stream=0", "phased:stream=8"}) {
+  for (const char* spec :
+       {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
+        "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0", "inloop:skew=256",
+        "phased:pad=0:pf=0", "inloop:maxtok=64:down=128", "phased:chunk=32:stream=0",
+        "phased:stream=8", "phased:next=0", "phased:chunk=1024:stream=0:next=1"}) {
     for (int nth : {1, 3}) {
       SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
       const std::vector<float> y = run_layer(spec, true, nth);
@@ -657,16 +671,17 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_EQ(o.tile_ff_rows, 1024);
   EXPECT_EQ(o.tile_max_tokens, 64);
   EXPECT_EQ(o.prefill_down_rows_per_task, 256);
-  ASSERT_TRUE(ApplyMoeTileSpec("phased:chunk=256:groups=2", &o).ok());
+  ASSERT_TRUE(ApplyMoeTileSpec("phased:chunk=256:groups=2:next=0", &o).ok());
   EXPECT_TRUE(o.tile_phased);
   EXPECT_EQ(o.tile_chunk_kib, 256);
   EXPECT_EQ(o.tile_chunk_groups, 2);
+  EXPECT_FALSE(o.tile_stream_next);
   EXPECT_EQ(MoeTileSpec(o),
-            "phased:chunk=256:groups=2:pf=0:stream=64:skew=0:pad=16:group=1024:ff=1024:maxtok=64:"
-            "down=256");
+            "phased:chunk=256:groups=2:pf=0:stream=64:next=0:skew=0:pad=16:group=1024:ff=1024:"
+            "maxtok=64:down=256");
   const MoePlanOptions before = o;
-  for (const char* bad :
-       {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3", ""}) {
+  for (const char* bad : {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3",
+                          "phased:next=2", ""}) {
     const absl::Status s = ApplyMoeTileSpec(bad, &o);
     EXPECT_FALSE(s.ok()) << bad;
     EXPECT_EQ(MoeTileSpec(o), MoeTileSpec(before)) << "changed by a bad spec: " << bad;

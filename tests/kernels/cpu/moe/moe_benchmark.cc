@@ -46,10 +46,15 @@
 // --ktx_amx_configs=SPEC,SPEC,... (tile-path variants to compare, see above),
 // --ktx_prefill_tokens=N,N,... (prefill sizes; default 128,512,2048),
 // --ktx_prefill_min_tokens=N (switch point of the prefill rows instead of the
-// measured crossing, which then is not swept; also KTX_BENCH_PREFILL_MIN_TOKENS).
+// measured crossing, which then is not swept; also KTX_BENCH_PREFILL_MIN_TOKENS),
+// --ktx_phase_ticks (prefill rows also report, per stage, the phased tile
+// kernel's milliseconds per call and worker in conversion, tiles and fix-ups:
+// s<stage>_convert_ms, s<stage>_tiles_ms, s<stage>_fixup_ms, beside
+// s<stage>_ms, the stage's wall time; from the TSC, timed once against the clock).
 // Typical: moe_benchmark --benchmark_filter=decode
 #include <benchmark/benchmark.h>
 
+#include <x86intrin.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -92,6 +97,7 @@ struct Config {
   int threads = 0;  // 0: every allowed cpu
   std::vector<CpuVariant> variants;
   std::string summary_json;
+  bool phase_ticks = false;
 };
 
 Config g_config;
@@ -115,6 +121,19 @@ double g_last_read_per_cpu = 0.0;
 
 double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
+}
+
+// TSC ticks per second, timed once against steady_clock (--ktx_phase_ticks).
+double TscHz() {
+  static const double hz = [] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t c0 = __rdtsc();
+    while (Seconds(t0, std::chrono::steady_clock::now()) < 0.2) {
+    }
+    const uint64_t c1 = __rdtsc();
+    return static_cast<double>(c1 - c0) / Seconds(t0, std::chrono::steady_clock::now());
+  }();
+  return hz;
 }
 
 // ---- (1) read bandwidth ----
@@ -349,6 +368,13 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
     if (mode == Mode::kPrefillGroup1024) o.tile_group = 1024;
     state.SetLabel(MoeTileSpec(o));
   }
+  // Phase ticks of the current stage (--ktx_phase_ticks), summed per stage.
+  int64_t ticks[3] = {0, 0, 0};
+  double stage_phase_ticks[MoeRun::kNumStages][3] = {};
+  if (g_config.phase_ticks && prefill) {
+    TscHz();
+    o.tile_phase_ticks = ticks;
+  }
   auto plan = MakeMoePlan(L.shape, L.format, o);
   if (!plan.ok()) {
     state.SkipWithError(std::string(plan.status().message()).c_str());
@@ -403,6 +429,10 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
                             [&](int64_t task, int worker) { run->RunTask(st, task, worker); });
       }
       stage_seconds[st] += Seconds(s0, std::chrono::steady_clock::now());
+      for (int j = 0; j < 3; ++j) {
+        stage_phase_ticks[st][j] += static_cast<double>(ticks[j]);
+        ticks[j] = 0;
+      }
     }
     seconds += Seconds(t0, std::chrono::steady_clock::now());
     cpu_seconds += ProcessCpuSeconds() - c0;
@@ -417,6 +447,17 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
   state.counters["threads"] = g_pool->num_workers();
   for (int st = 0; st < MoeRun::kNumStages; ++st) {
     state.counters["stage" + std::to_string(st) + "_pct"] = 100.0 * stage_seconds[st] / seconds;
+  }
+  if (o.tile_phase_ticks != nullptr) {
+    const double per = 1e3 / (TscHz() * static_cast<double>(state.iterations()));
+    const char* names[3] = {"_convert_ms", "_tiles_ms", "_fixup_ms"};
+    for (int st = 0; st < MoeRun::kNumStages; ++st) {
+      const std::string k = "s" + std::to_string(st);
+      state.counters[k + "_ms"] = 1e3 * stage_seconds[st] / static_cast<double>(state.iterations());
+      for (int j = 0; j < 3; ++j) {
+        state.counters[k + names[j]] = stage_phase_ticks[st][j] * per / g_pool->num_workers();
+      }
+    }
   }
   state.counters["prefill_experts_per_call"] =
       static_cast<double>(prefill_experts) / static_cast<double>(state.iterations());
@@ -871,6 +912,8 @@ void ParseFlags(int* argc, char** argv) {
       for (const std::string& n : SplitList(a.substr(21))) {
         g_config.prefill_tokens.push_back(std::max<int64_t>(1, std::atoll(n.c_str())));
       }
+    } else if (a == "--ktx_phase_ticks") {
+      g_config.phase_ticks = true;
     } else if (a.rfind("--ktx_prefill_min_tokens=", 0) == 0) {
       g_config.prefill_min_tokens = std::atoll(a.c_str() + 25);
     } else {
