@@ -194,6 +194,31 @@ absl::Status TokenCountFromEnv(const char* var, int64_t max, const char* meaning
 // KTX_GPU_WEIGHTS=auto|bf16|quantized|both, KTX_GPU_GEMV_MAX_TOKENS=N,
 // KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N,
 // KTX_GPU_MLA_PREFILL_MIN_TOKENS=N, KTX_CUDA_GRAPHS.
+// KTX_CUDA_SCHEDULE: how host threads wait for the device (the primary
+// context's scheduling flag, cudaSetDeviceFlags): auto (CUDA's default: spin
+// while the process has fewer contexts than cpus), spin, yield or blocking.
+// For measuring what a waiting host thread takes from the CPU experts' pool.
+absl::Status ApplyScheduleEnvironment() {
+  const char* v = std::getenv("KTX_CUDA_SCHEDULE");
+  if (v == nullptr || *v == '\0') return absl::OkStatus();
+  const std::string mode = v;
+  unsigned flags = 0;
+  if (mode == "auto") {
+    flags = cudaDeviceScheduleAuto;
+  } else if (mode == "spin") {
+    flags = cudaDeviceScheduleSpin;
+  } else if (mode == "yield") {
+    flags = cudaDeviceScheduleYield;
+  } else if (mode == "blocking") {
+    flags = cudaDeviceScheduleBlockingSync;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KTX_CUDA_SCHEDULE='", mode, "': expected auto, spin, yield or blocking"));
+  }
+  return CudaOk(cudaSetDeviceFlags(flags),
+                absl::StrCat("cudaSetDeviceFlags (KTX_CUDA_SCHEDULE=", mode, ")"));
+}
+
 absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_WEIGHTS"); v != nullptr && *v != '\0') {
     const std::string form = v;
@@ -342,6 +367,7 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
         absl::StrCat("CUDA device ", options.device, " does not exist (", count, " present)"));
   }
   KTX_RETURN_IF_ERROR(CudaOk(cudaSetDevice(options.device), "cudaSetDevice"));
+  KTX_RETURN_IF_ERROR(ApplyScheduleEnvironment());
   KTX_RETURN_IF_ERROR(CheckSupported(model.hparams()));
   size_t free_bytes = 0, total_bytes = 0;
   KTX_RETURN_IF_ERROR(CudaOk(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo"));
