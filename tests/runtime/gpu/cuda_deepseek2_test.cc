@@ -438,6 +438,36 @@ TEST_P(CudaDeepseek2Test, AttentionKernelsAgree) {
       << bad.status();
 }
 
+// KTX_CUDA_SCHEDULE sets the device's scheduling flag (how host threads wait)
+// and changes no result; a bad value is refused by name. The flag is put back
+// to CUDA's default afterwards (it belongs to the process's context).
+TEST_P(CudaDeepseek2Test, CudaScheduleEnvironmentSetsTheFlagOrIsRefused) {
+  auto seq = gpu_->AddSequence(70);
+  ASSERT_TRUE(seq.ok());
+  Activations want;
+  ASSERT_TRUE(gpu_->Forward(prompt_, *seq, LogitsRows::kLast, &want).ok());
+  setenv("KTX_CUDA_SCHEDULE", "blocking", 1);
+  auto blocking = CudaDeepseek2::Create(*model_, TestOptions());
+  unsigned flags = 0;
+  const cudaError_t flags_err = cudaGetDeviceFlags(&flags);
+  setenv("KTX_CUDA_SCHEDULE", "sometimes", 1);
+  auto bad = CudaDeepseek2::Create(*model_, TestOptions());
+  unsetenv("KTX_CUDA_SCHEDULE");
+  ASSERT_TRUE(blocking.ok()) << blocking.status();
+  ASSERT_EQ(flags_err, cudaSuccess);
+  EXPECT_EQ(flags & cudaDeviceScheduleMask, static_cast<unsigned>(cudaDeviceScheduleBlockingSync));
+  auto bseq = (*blocking)->AddSequence(70);
+  ASSERT_TRUE(bseq.ok());
+  Activations got;
+  ASSERT_TRUE((*blocking)->Forward(prompt_, *bseq, LogitsRows::kLast, &got).ok());
+  ASSERT_EQ(got.n_cols(), want.n_cols());
+  EXPECT_LE(RelL2(got, want), 1e-5) << "the same model with another scheduling flag";
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_CUDA_SCHEDULE"), std::string::npos) << bad.status();
+  ASSERT_EQ(cudaSetDeviceFlags(cudaDeviceScheduleAuto), cudaSuccess);
+}
+
 TEST_P(CudaDeepseek2Test, ErrorsLeaveSequencesUnchanged) {
   auto seq = gpu_->AddSequence(70);
   ASSERT_TRUE(seq.ok());
