@@ -843,7 +843,9 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     int64_t next_bytes = 0;
     if (i + 1 < n_active_) {
       const MoeMatrix& next = Matrix(2, path[active[i + 1]]);
-      if (IsTilePath(path[e]) && p.options.tile_phased && p.options.tile_stream_next) {
+      // (Only the phased kernel over panel16 streams it; the tile caches' kernel does not.)
+      if (IsTilePath(path[e]) && m.format.layout == MoeWeightLayout::kPanel16 &&
+          p.options.tile_phased && p.options.tile_stream_next) {
         next_bytes = NextCallBytes(next, active[i + 1], r0, rows, p.shape.n_ff, &next_w);
       }
       if (next_w == nullptr) PrefetchRows(next, active[i + 1], r0, rows);
