@@ -191,9 +191,6 @@ absl::Status TokenCountFromEnv(const char* var, int64_t max, const char* meaning
   return absl::OkStatus();
 }
 
-// KTX_GPU_WEIGHTS=auto|bf16|quantized|both, KTX_GPU_GEMV_MAX_TOKENS=N,
-// KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N,
-// KTX_GPU_MLA_PREFILL_MIN_TOKENS=N, KTX_CUDA_GRAPHS.
 // KTX_CUDA_SCHEDULE: how host threads wait for the device (the primary
 // context's scheduling flag, cudaSetDeviceFlags): auto (CUDA's default: spin
 // while the process has fewer contexts than cpus), spin, yield or blocking.
@@ -219,6 +216,9 @@ absl::Status ApplyScheduleEnvironment() {
                 absl::StrCat("cudaSetDeviceFlags (KTX_CUDA_SCHEDULE=", mode, ")"));
 }
 
+// KTX_GPU_WEIGHTS=auto|bf16|quantized|both, KTX_GPU_GEMV_MAX_TOKENS=N,
+// KTX_GPU_EXPERT_GEMV_MAX_TOKENS=N, KTX_GPU_SKINNY_MAX_TOKENS=N,
+// KTX_GPU_MLA_PREFILL_MIN_TOKENS=N, KTX_CUDA_GRAPHS.
 absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_WEIGHTS"); v != nullptr && *v != '\0') {
     const std::string form = v;

@@ -110,6 +110,18 @@ bool SameFormat(MoeMatrixFormat a, MoeMatrixFormat b) {
   return a.type == b.type && a.layout == b.layout;
 }
 
+// Rows [r0, r0 + rows) of expert e's matrix m (k columns) as the bytes a
+// phased tile call will read (*w: their start), for MatmulArgs::next_w; 0 and
+// null where m is not a panel16 tile-path format.
+int64_t NextCallBytes(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows, int64_t k,
+                      const uint8_t** w) {
+  *w = nullptr;
+  if (m.format.layout != MoeWeightLayout::kPanel16 || !TileFormatSupported(m.format)) return 0;
+  const int64_t panel_bytes = k / KBlock(m.format) * PanelBlockBytes(m.format);
+  *w = static_cast<const uint8_t*>(m.experts[e]) + (r0 / kPanelRows) * panel_bytes;
+  return rows / kPanelRows * panel_bytes;
+}
+
 // The tile-kernel fields of MatmulArgs from the plan.
 void SetTileKernelArgs(const MoePlan& p, MatmulArgs* a) {
   a->tile_phased = p.options.tile_phased;
@@ -869,8 +881,6 @@ void MoeRun::DownTask(int64_t task, int worker) const {
         p.kernels->tile_matmul(a);
         accumulate(offset[e] + t0, a.n_act);
       }
-      a.next_w = nullptr;
-      a.next_w_bytes = 0;
       continue;
     }
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
@@ -882,15 +892,6 @@ void MoeRun::DownTask(int64_t task, int worker) const {
     p.kernels->matmul(a);
     accumulate(offset[e], n);
   }
-}
-
-int64_t MoeRun::NextCallBytes(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows, int64_t k,
-                              const uint8_t** w) {
-  *w = nullptr;
-  if (m.format.layout != MoeWeightLayout::kPanel16 || !TileFormatSupported(m.format)) return 0;
-  const int64_t panel_bytes = k / KBlock(m.format) * PanelBlockBytes(m.format);
-  *w = static_cast<const uint8_t*>(m.experts[e]) + (r0 / kPanelRows) * panel_bytes;
-  return rows / kPanelRows * panel_bytes;
 }
 
 void MoeRun::PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const {

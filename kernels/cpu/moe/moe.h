@@ -351,11 +351,6 @@ class MoeRun {
   // reads: the decode form, the prefill form or the tile cache.
   const MoeMatrix& Matrix(int which, uint8_t path) const;
   void PrefetchRows(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows) const;
-  // Rows [r0, r0 + rows) of expert e's matrix m (k columns) as the bytes a
-  // phased tile call will read (*w: their start), for MatmulArgs::next_w; 0
-  // and null where m is not a panel16 tile-path format.
-  static int64_t NextCallBytes(const MoeMatrix& m, int64_t e, int64_t r0, int64_t rows, int64_t k,
-                               const uint8_t** w);
 
   const MoePlan* plan_ = nullptr;
   const MoeLayerWeights* weights_ = nullptr;
