@@ -10,12 +10,18 @@
 // (pinned to cpus 0..N-1) runs the same loop at the same time; --scaling
 // times the tiles alone on 1..N threads (aggregate TOPS); --pairs runs them on
 // cpu 0 and each other cpu at once (a pair that slows down shares a tile unit).
+// The memory cases take the operands where the kernel's phase 2 finds them: B
+// tiles from a 256 KiB ring (a converted chunk in L2), A tiles from one
+// expert's activation rows at the kernel's row stride (7168 k + scales) or
+// the same bytes tile-major, with software prefetches streaming a large
+// array meanwhile (docs/performance.md, twenty-third session).
 //
 //   moe_amx_probe [--threads=N] [--rounds=R] [--scaling | --pairs]
 //
 // Exits 2 with a message where the CPU or the OS offers no AMX.
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -35,6 +41,21 @@ namespace {
 
 constexpr int64_t kItems = 8000;
 
+// A 2 MiB-aligned array advised for transparent huge pages, filled with 1.
+struct HugeArray {
+  explicit HugeArray(int64_t bytes) {
+    const size_t n =
+        (static_cast<size_t>(bytes) + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);
+    p = static_cast<uint8_t*>(std::aligned_alloc(size_t{2} << 20, n));
+    madvise(p, n, MADV_HUGEPAGE);
+    std::memset(p, 1, n);
+  }
+  ~HugeArray() { std::free(p); }
+  HugeArray(const HugeArray&) = delete;
+  HugeArray& operator=(const HugeArray&) = delete;
+  uint8_t* p = nullptr;
+};
+
 // Runs `body(thread, buffers)` on one thread per cpu of `cpus` (thread t
 // pinned to cpus[t]), started together.
 template <typename Body>
@@ -49,7 +70,17 @@ void OnCpus(const std::vector<int>& cpus, Body body) {
       CPU_SET(cpus[t], &set);
       pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
       auto buffers = std::make_unique<ProbeBuffers>();
-      std::memset(buffers.get(), 1, sizeof(ProbeBuffers));
+      std::memset(static_cast<void*>(buffers.get()), 1, sizeof(ProbeBuffers));
+      // The memory cases' arrays, on transparent huge pages where the OS
+      // gives them (as the kernels' workspace and weights), touched.
+      HugeArray ring(ProbeBuffers::kRingItems * 16384);
+      HugeArray rows(64 * ProbeBuffers::kActStride);
+      HugeArray tiles(64 * 7168);
+      HugeArray stream(ProbeBuffers::kStreamBytes);
+      buffers->b_ring = reinterpret_cast<int8_t*>(ring.p);
+      buffers->a_rows = reinterpret_cast<int8_t*>(rows.p);
+      buffers->a_tiles = reinterpret_cast<int8_t*>(tiles.p);
+      buffers->stream = stream.p;
       ready.fetch_add(1);
       while (ready.load() < n) {
       }
@@ -156,6 +187,23 @@ int Main(int argc, char** argv) {
       {"same, interleaved", true, 8, true, true, F::kDeferred},
       {"tiles + conv 8 (into B) + fix-up / 16, deferred", true, 8, true, false, F::kDeferred, 16},
       {"tiles + conv 4 (into B) + fix-up / 8, deferred", true, 4, true, false, F::kDeferred},
+      // Where the operands come from (the kernel's phase 2: B from a 256 KiB
+      // chunk in L2, A from the expert's activation rows, and the next
+      // chunk's weights streamed from DRAM meanwhile).
+      {"tiles, B from a 256 KiB ring", true, 0, false, false, F::kNone, 8, true},
+      {"tiles, A from the activation rows", true, 0, false, false, F::kNone, 8, false, true},
+      {"tiles, A from the activations tile-major", true, 0, false, false, F::kNone, 8, false, true,
+       0, true},
+      {"tiles, B ring + A rows", true, 0, false, false, F::kNone, 8, true, true},
+      {"tiles, B ring + A tile-major", true, 0, false, false, F::kNone, 8, true, true, 0, true},
+      {"tiles, B ring + A rows + stores / 8", true, 0, false, false, F::kStoresOnly, 8, true, true},
+      {"tiles + stream 1 line / k-step", true, 0, false, false, F::kNone, 8, false, false, 1},
+      {"tiles + stream 2 lines / k-step", true, 0, false, false, F::kNone, 8, false, false, 2},
+      {"tiles + stream 4 lines / k-step", true, 0, false, false, F::kNone, 8, false, false, 4},
+      {"tiles, B ring + A rows + stream 2", true, 0, false, false, F::kNone, 8, true, true, 2},
+      {"same + fix-up / 8, deferred", true, 0, false, false, F::kDeferred, 8, true, true, 2},
+      {"tiles, B ring + A tile-major + stream 2 + fix-up / 8", true, 0, false, false, F::kDeferred,
+       8, true, true, 2, true},
   };
   const int n_cases = static_cast<int>(sizeof(cases) / sizeof(cases[0]));
   std::vector<std::vector<double>> best(n_cases, std::vector<double>(n_threads, 1e30));

@@ -59,10 +59,12 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
   int64_t steps = 0;
   int cb = 0;
   const int32_t* pending = nullptr;
+  int64_t stream_off = 0;
   const double t0 = Now();
   for (int64_t it = 0; it < items; ++it) {
     const int cur = static_cast<int>(it & 1);
-    const int8_t* b0 = bf->b[cur];
+    const int8_t* b0 =
+        pc.b_from_ring ? bf->b_ring + (it % ProbeBuffers::kRingItems) * 16384 : bf->b[cur];
     const int8_t* b1 = b0 + 8192;
     // The converter's output: the B buffer the tiles read for the next item,
     // or a ring the tiles never read.
@@ -83,13 +85,18 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
         const int kk = ks & 7;
         const int quarter = pc.interleave ? pc.units_per_step / 4 : 0;
         if (pc.tiles) {
-          const int8_t* a0 = bf->a + 64 * kk;
-          const int8_t* a1 = a0 + 16 * 512;
-          _tile_loadd(4, a0, 512);
+          const bool tm = pc.a_from_rows && pc.a_tile_major;
+          const int64_t a_stride = tm ? 64 : pc.a_from_rows ? ProbeBuffers::kActStride : 512;
+          const int8_t* a0 = tm ? bf->a_tiles + (2 * blk * 112 + 8 * (it % 14) + kk) * 1024
+                             : pc.a_from_rows
+                                 ? bf->a_rows + 32 * blk * a_stride + 512 * (it % 14) + 64 * kk
+                                 : bf->a + 64 * kk;
+          const int8_t* a1 = tm ? a0 + 112 * 1024 : a0 + 16 * a_stride;
+          _tile_loadd(4, a0, a_stride);
           _tile_loadd(6, b0 + 1024 * kk, 64);
           _tile_dpbssd(0, 4, 6);
           convert(quarter);
-          _tile_loadd(5, a1, 512);
+          _tile_loadd(5, a1, a_stride);
           _tile_dpbssd(2, 5, 6);
           convert(quarter);
           _tile_loadd(7, b1 + 1024 * kk, 64);
@@ -98,6 +105,10 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
           _tile_dpbssd(3, 5, 7);
         }
         convert(pc.units_per_step - 3 * quarter);
+        for (int l = 0; l < pc.stream_lines; ++l) {
+          _mm_prefetch(reinterpret_cast<const char*>(bf->stream + stream_off), _MM_HINT_T1);
+          stream_off = (stream_off + 64) % ProbeBuffers::kStreamBytes;
+        }
         if (pc.fixup == ProbeFixup::kDeferred && ks == 0 && pending != nullptr) {
           FixUp(pending, bf->out);
           pending = nullptr;

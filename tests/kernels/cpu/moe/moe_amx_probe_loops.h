@@ -13,6 +13,19 @@ struct alignas(64) ProbeBuffers {
   uint8_t ring[16384];  // converter output the tiles never read
   int32_t c[2][1024];   // C staging (four 16 x 16 tiles)
   float out[32 * 32];   // fix-up target
+  // Where the operands come from in the memory cases (set by the caller):
+  // kRingItems B items of 16 KiB (a converted chunk, L2-resident), the
+  // activation rows of one expert's 64 tokens as the kernel reads them
+  // (row stride kActStride: 7168 k plus the group scales), and a large array
+  // streamed with software prefetches (as the kernel streams the next
+  // chunk's weights from DRAM).
+  static constexpr int kRingItems = 16;
+  static constexpr int64_t kActStride = 7168 + 56;
+  static constexpr int64_t kStreamBytes = int64_t{64} << 20;
+  int8_t* b_ring = nullptr;         // kRingItems x 16 KiB
+  int8_t* a_rows = nullptr;         // 64 x kActStride
+  int8_t* a_tiles = nullptr;        // the same activations tile-major: 1 KiB per A tile
+  const uint8_t* stream = nullptr;  // kStreamBytes
 };
 
 enum class ProbeFixup { kNone, kStoresOnly, kNow, kDeferred };
@@ -30,6 +43,16 @@ struct ProbeCase {
   bool interleave = false;
   ProbeFixup fixup = ProbeFixup::kNone;
   int k_steps_per_store = 8;
+  // Memory cases: B tiles from the 256 KiB ring instead of two L1 items;
+  // A tiles from the expert's activation rows (group slice item % 14, the
+  // kernel's stride) instead of one 16 KiB block; prefetcht1 of this many
+  // lines of the streamed array per k-step.
+  bool b_from_ring = false;
+  bool a_from_rows = false;
+  int stream_lines = 0;
+  // With a_from_rows: the same bytes laid out tile-major ([token block of
+  // 16][k-step][16 rows][64 bytes]: every A tile 1 KiB contiguous).
+  bool a_tile_major = false;
 };
 
 void ConfigureTilesForProbe();
