@@ -189,10 +189,16 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
             absl::StrCat("tile spec '", spec, "': next must be 0 or 1"));
       }
       o.tile_stream_next = v == 1;
+    } else if (key == "kmajor") {
+      if (v != 0 && v != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tile spec '", spec, "': kmajor must be 0 or 1"));
+      }
+      o.tile_act_kmajor = v == 1;
     } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tile spec '", spec, "': unknown key '", key,
-                       "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tile spec '", spec, "': unknown key '", key,
+          "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next, kmajor)"));
     }
   }
   *options = o;
@@ -218,7 +224,7 @@ std::string MoeTileSpec(const MoePlanOptions& o) {
   }
   absl::StrAppend(&spec, ":skew=", o.tile_skew, ":pad=", o.tile_out_pad, ":group=", o.tile_group,
                   ":ff=", o.tile_ff_rows, ":maxtok=", o.tile_max_tokens,
-                  ":down=", o.prefill_down_rows_per_task);
+                  ":down=", o.prefill_down_rows_per_task, ":kmajor=", o.tile_act_kmajor ? 1 : 0);
   return spec;
 }
 
@@ -660,8 +666,7 @@ void MoeRun::QuantizeTask(int64_t task) const {
     if (path[e] == kPathPrefillForm) {
       p.kernels->quantize(ActFormatFor(p.format.gate_prefill), x, row, n_embd);
     } else if (IsTilePath(path[e])) {
-      p.kernels->quantize_tile(x, reinterpret_cast<int8_t*>(row),
-                               reinterpret_cast<float*>(row + n_embd), n_embd, p.tile_group);
+      WriteTileAct(x, n_embd, 0, n_embd, ws_ + p.off_xp, p.xp_row_bytes, e, q - offset[e]);
     }
   }
 }
@@ -760,7 +765,6 @@ void MoeRun::GateUpTask(int64_t task, int worker) const {
 // [t0, t0 + nt) of expert e, SiLU, and h of those rows in the tile format.
 void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const {
   const MoePlan& p = *plan_;
-  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
   const int64_t fb = p.tile_ff_rows, n_ff = p.shape.n_ff;
   uint8_t* scratch = ws_ + p.off_worker + worker * p.worker_scratch_bytes;
   // Rows of g and u padded by tile_out_pad floats: at 512 rows (2 KiB) the
@@ -768,15 +772,13 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   const int64_t os = fb + p.options.tile_out_pad;
   float* g = reinterpret_cast<float*>(scratch);  // F32 [nt][os], row i: fb values
   float* u = g + nt * os;                        // F32 [nt][os]
-  const int64_t q0 = offset[e] + t0;
 
   MatmulArgs a;
   a.n_rows = n_ff;
   a.k = p.shape.n_embd;
   a.row_begin = f0;
   a.row_end = f0 + fb;
-  a.act = ws_ + p.off_xp + q0 * p.xp_row_bytes;
-  a.act_stride = p.xp_row_bytes;
+  TileActArgs(ws_ + p.off_xp, p.xp_row_bytes, e, t0, &a);
   a.act_padded = true;
   a.act_group = p.tile_group;
   SetTileKernelArgs(p, &a);
@@ -802,10 +804,53 @@ void MoeRun::TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worke
   }
   p.kernels->silu_mul(g, u, g, nt * os);  // the pad columns too (unread)
   for (int64_t i = 0; i < nt; ++i) {
-    uint8_t* row = ws_ + p.off_hq + (q0 + i) * p.h_row_bytes;
-    p.kernels->quantize_tile(g + i * os, reinterpret_cast<int8_t*>(row) + f0,
-                             reinterpret_cast<float*>(row + n_ff) + f0 / p.tile_group, fb,
-                             p.tile_group);
+    WriteTileAct(g + i * os, fb, f0, n_ff, ws_ + p.off_hq, p.h_row_bytes, e, t0 + i);
+  }
+}
+
+void MoeRun::TileActArgs(const uint8_t* region, int64_t row_bytes, int64_t e, int64_t t0,
+                         MatmulArgs* a) const {
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + plan_->off_offset);
+  const uint8_t* block = region + offset[e] * row_bytes;  // the expert's rows
+  if (plan_->options.tile_act_kmajor) {
+    // Column c of row t at block + c * 64 n + t * 64 (n rows): the expert's
+    // n * row_bytes bytes hold its TileActRowBytes / 64 columns; tile loads
+    // past row n read the next column (or past the block: kPadRows), rows
+    // that the kernels never use.
+    a->act = block + t0 * 64;
+    a->act_stride = 64;
+    a->act_kstep_stride = 64 * (offset[e + 1] - offset[e]);
+  } else {
+    a->act = block + t0 * row_bytes;
+    a->act_stride = row_bytes;
+    a->act_kstep_stride = 64;
+  }
+}
+
+void MoeRun::WriteTileAct(const float* x, int64_t n, int64_t j0, int64_t k, uint8_t* region,
+                          int64_t row_bytes, int64_t e, int64_t t) const {
+  const MoePlan& p = *plan_;
+  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
+  uint8_t* block = region + offset[e] * row_bytes;
+  const int64_t group = p.tile_group;
+  if (!p.options.tile_act_kmajor) {
+    uint8_t* row = block + t * row_bytes;
+    p.kernels->quantize_tile(x, reinterpret_cast<int8_t*>(row) + j0,
+                             reinterpret_cast<float*>(row + k) + j0 / group, n, group);
+    return;
+  }
+  // Group by group (each independent in the format) through a row piece on
+  // the stack, then column by column.
+  const int64_t kss = 64 * (offset[e + 1] - offset[e]);
+  uint8_t* row = block + t * 64;
+  alignas(64) int8_t q[1024];  // tile_group <= 1024 (MakeMoePlan)
+  for (int64_t gi = 0; gi < n / group; ++gi) {
+    float d = 0.0f;
+    p.kernels->quantize_tile(x + gi * group, q, &d, group, group);
+    const int64_t j = j0 + gi * group;
+    for (int64_t c = 0; c < group / 64; ++c) std::memcpy(row + (j / 64 + c) * kss, q + 64 * c, 64);
+    const int64_t js = k + 4 * (j / group);  // the group's scale
+    std::memcpy(row + (js / 64) * kss + js % 64, &d, 4);
   }
 }
 
@@ -873,7 +918,7 @@ void MoeRun::DownTask(int64_t task, int worker) const {
       // kernel in blocks of tile_max_tokens, as before.
       const int64_t step = p.options.tile_phased ? p.options.max_tokens : p.tile_max_tokens;
       for (int64_t t0 = 0; t0 < n; t0 += step) {
-        a.act = ws_ + p.off_hq + (offset[e] + t0) * p.h_row_bytes;
+        TileActArgs(ws_ + p.off_hq, p.h_row_bytes, e, t0, &a);
         a.n_act = std::min(step, n - t0);
         const bool last = t0 + step >= n;
         a.next_w = last ? next_w : nullptr;
@@ -884,6 +929,8 @@ void MoeRun::DownTask(int64_t task, int worker) const {
       continue;
     }
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
+    a.act_stride = p.h_row_bytes;  // (a tile expert before may have set the k-step-major strides)
+    a.act_kstep_stride = 64;
     a.n_act = n;
     const bool hb = p.off_hb >= 0 && Bf16TileFormat(m.format);
     a.act_bf16 =

@@ -83,6 +83,7 @@
 namespace ktx::kernels::moe {
 
 struct MoeKernels;  // moe_internal.h
+struct MatmulArgs;  // moe_internal.h
 
 struct MoeShape {
   int64_t n_embd = 0;         // model width (multiple of 256)
@@ -179,6 +180,14 @@ struct MoePlanOptions {
   // less time with it in all six comparisons, its conversion 34-42 -> 20-25
   // ms per worker (docs/performance.md, twenty-second session).
   bool tile_stream_next = true;
+  // Tile path: each expert's activation rows (stage 1's x, stage 2's h) are
+  // stored k-step-major (64-byte columns of all its rows one after another,
+  // MatmulArgs::act_kstep_stride) instead of row after row, so that an A
+  // tile is 1 KiB in one piece rather than 16 lines 7 KiB apart; same bits.
+  // On the H200 machine's Xeon (2026-11-29) the tile loop with A tiles from
+  // an expert's rows ran at 51 ns per k-step against 35 tile-major (29 from
+  // L1) (moe_amx_probe; docs/performance.md, twenty-third session).
+  bool tile_act_kmajor = true;
   // Diagnostics for benchmarks: where set, the phased kernel adds its TSC
   // ticks of conversion, tiles and fix-ups to [0], [1], [2] (atomically; the
   // array must outlive the runs of the plan).
@@ -231,7 +240,7 @@ struct MoePlan {
 // chunk (KiB), groups (per chunk), skew (bytes), pad (tile_out_pad), pf (0/1:
 // tile_prefetch), stream (lines: tile_stream_lines), group (tile_group), ff
 // (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task),
-// next (0/1: tile_stream_next);
+// next (0/1: tile_stream_next), kmajor (0/1: tile_act_kmajor);
 // e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
 // InvalidArgument names the part it cannot parse. For benchmarks and experiments.
 absl::Status ApplyMoeTileSpec(std::string_view spec, MoePlanOptions* options);
@@ -346,6 +355,14 @@ class MoeRun {
   void QuantizeTask(int64_t task) const;
   void GateUpTask(int64_t task, int worker) const;
   void TileGateUp(int64_t e, int64_t t0, int64_t nt, int64_t f0, int worker) const;
+  // Tile path: the act fields of `a` for rows [t0, ...) of expert e's tile
+  // activation rows in `region` (rows of row_bytes per pair), and the write
+  // of n values of `x` as bytes [j0, j0 + n) (and their group scales) of its
+  // row t, in the plan's layout (MoePlanOptions::tile_act_kmajor).
+  void TileActArgs(const uint8_t* region, int64_t row_bytes, int64_t e, int64_t t0,
+                   MatmulArgs* a) const;
+  void WriteTileAct(const float* x, int64_t n, int64_t j0, int64_t k, uint8_t* region,
+                    int64_t row_bytes, int64_t e, int64_t t) const;
   void DownTask(int64_t task, int worker) const;
   // Matrix `which` (0 gate, 1 up, 2 down) in the weights an expert on `path`
   // reads: the decode form, the prefill form or the tile cache.

@@ -391,6 +391,13 @@ struct MatmulArgs {
   int64_t row_end = 0;
   const uint8_t* act = nullptr;
   int64_t act_stride = 0;  // bytes between activation rows
+  // Tile path: bytes between the 64-byte columns of a tile activation row
+  // (byte j of row t at TileActByte: act + t * act_stride + (j / 64) *
+  // act_kstep_stride + j % 64). 64: each row's bytes in order (rows as
+  // quantized); the k-step-major layout of an expert's rows (MoeRun) has
+  // act_stride 64 and act_kstep_stride 64 * its row count, so that the 16
+  // rows x 64 k of an A tile are 1 KiB in one piece.
+  int64_t act_kstep_stride = 64;
   const int32_t* act_index = nullptr;
   int64_t n_act = 0;
   // True when act rows [0, n_act rounded up to 32) are readable (padding
@@ -473,10 +480,17 @@ static inline void F32RowToBf16(const uint8_t* src, uint16_t* dst, int64_t n) {
 //   out[t][r] = fma((float)I, s_r * d_t, out[t][r])
 // group after group, starting from 0: every implementation of this contract
 // (scalar, AMX, emulated AMX) gives bitwise equal results.
+// Activation row t's bytes j (the q[k] then the d[k / group] of the tile
+// format) are read at TileActByte(args, t, j) (MatmulArgs::act_kstep_stride:
+// rows in order, or k-step-major).
 // Requirements: act_padded (rows up to n_act rounded up to 32 are readable),
 // row_begin / row_end multiples of 16, k % act_group == 0, scratch of
 // TileScratchBytes(act_group, tile_phased ? tile_chunk_bytes : 0, tile_skew)
 // bytes (MatmulArgs: the tile_* fields choose the amx kernel's schedule).
+
+static inline const uint8_t* TileActByte(const MatmulArgs& a, int64_t t, int64_t j) {
+  return a.act + t * a.act_stride + (j / 64) * a.act_kstep_stride + j % 64;
+}
 
 // Whether the tile path takes `format`, and the scalar converter (the
 // specification the AVX-512 converters equal bitwise): TileConvertPanelScalar converts 16 rows

@@ -568,7 +568,7 @@ inline void ApplyFixup(const MatmulArgs& a, const TileFixup& f) {
   for (int m = 0; m < f.m_valid; ++m) {
     const int mt = m / 16, i = m % 16;
     float sx;
-    std::memcpy(&sx, a.act + (f.m0 + m) * a.act_stride + a.k + 4 * f.gi, 4);
+    std::memcpy(&sx, TileActByte(a, f.m0 + m, a.k + 4 * f.gi), 4);
     const __m512 sv = _mm512_set1_ps(sx);
     float* o = f.out + m * a.out_stride;
     _mm512_storeu_ps(
@@ -682,12 +682,12 @@ void TileMatmulT(const MatmulArgs& a) {
       const int64_t m0 = 32 * blk;
       const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
       const bool two_a = m_valid > 16;
-      const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
-      const uint8_t* act1 = act0 + 16 * a.act_stride;
+      const uint8_t* act0 = TileActByte(a, m0, gi * group);
+      const uint8_t* act1 = TileActByte(a, m0 + 16, gi * group);
       ZeroCTiles();
       for (int64_t ks = 0; ks < k_steps; ++ks) {
-        TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks, b1 + 1024 * ks,
-                  two_a, np);
+        TileKStep(act0 + ks * a.act_kstep_stride, act1 + ks * a.act_kstep_stride, a.act_stride,
+                  b0 + 1024 * ks, b1 + 1024 * ks, two_a, np);
         if (next_u < next_units) {  // the next item's conversion, a slice per k-step
           const int64_t u1 = std::min(next_units, next_u + per_step);
           convert(next, buf ^ 1, next_u, u1);
@@ -872,12 +872,12 @@ void TileMatmulPhasedT(const MatmulArgs& a) {
             const int64_t m0 = 32 * blk;
             const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
             const bool two_a = m_valid > 16;
-            const uint8_t* act0 = a.act + m0 * a.act_stride + gi * group;
-            const uint8_t* act1 = act0 + 16 * a.act_stride;
+            const uint8_t* act0 = TileActByte(a, m0, gi * group);
+            const uint8_t* act1 = TileActByte(a, m0 + 16, gi * group);
             ZeroCTiles();
             for (int64_t ks = 0; ks < k_steps; ++ks) {
-              TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks,
-                        b1 + 1024 * ks, two_a, np);
+              TileKStep(act0 + ks * a.act_kstep_stride, act1 + ks * a.act_kstep_stride,
+                        a.act_stride, b0 + 1024 * ks, b1 + 1024 * ks, two_a, np);
               if (stream_per_step > 0 && pf_cursor < next_end) {
                 stream_to(std::min(next_end, pf_cursor + 64 * stream_per_step));
               }
@@ -980,12 +980,12 @@ void TileMatmulCached(const MatmulArgs& a) {
       const int64_t m0 = 32 * blk;
       const int m_valid = static_cast<int>(std::min<int64_t>(32, a.n_act - m0));
       const bool two_a = m_valid > 16;
-      const uint8_t* act0 = a.act + m0 * a.act_stride + cur.gi * group;
-      const uint8_t* act1 = act0 + 16 * a.act_stride;
+      const uint8_t* act0 = TileActByte(a, m0, cur.gi * group);
+      const uint8_t* act1 = TileActByte(a, m0 + 16, cur.gi * group);
       ZeroCTiles();
       for (int64_t ks = 0; ks < k_steps; ++ks) {
-        TileKStep(act0 + 64 * ks, act1 + 64 * ks, a.act_stride, b0 + 1024 * ks, b1 + 1024 * ks,
-                  two_a, cur.np);
+        TileKStep(act0 + ks * a.act_kstep_stride, act1 + ks * a.act_kstep_stride, a.act_stride,
+                  b0 + 1024 * ks, b1 + 1024 * ks, two_a, cur.np);
         if (pf_l < kLines) {
           prefetch(after, pf_l, pf_l + pf_per_step);
           pf_l += pf_per_step;

@@ -215,13 +215,14 @@ void TileMatmul(const MatmulArgs& a) {
     for (int64_t gi = 0; gi < a.k / group; ++gi) {
       TileConvertPanelScalar(a.format, a.w, a.k, p, gi * group, group, tiles, s);
       for (int64_t t = 0; t < a.n_act; ++t) {
-        const int8_t* x = reinterpret_cast<const int8_t*>(ActRow(a, t)) + gi * group;
+        // The group's 64-byte columns of row t (either layout).
+        auto x = [&](int64_t j) { return static_cast<int8_t>(*TileActByte(a, t, gi * group + j)); };
         float dx;
-        std::memcpy(&dx, ActRow(a, t) + a.k + 4 * gi, 4);
+        std::memcpy(&dx, TileActByte(a, t, a.k + 4 * gi), 4);
         for (int r = 0; r < kPanelRows; ++r) {
           int32_t isum = 0;
           for (int64_t kk = 0; kk < group / 4; ++kk) {
-            for (int i = 0; i < 4; ++i) isum += x[4 * kk + i] * tiles[64 * kk + 4 * r + i];
+            for (int i = 0; i < 4; ++i) isum += x(4 * kk + i) * tiles[64 * kk + 4 * r + i];
           }
           float* o = a.out + t * a.out_stride + p * kPanelRows + r - a.row_begin;
           *o = std::fma(static_cast<float>(isum), s[r] * dx, *o);

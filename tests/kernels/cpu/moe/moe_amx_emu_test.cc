@@ -45,6 +45,20 @@ AlignedBuffer TileActivations(int64_t n_act, int64_t k, int64_t group, int64_t s
   return act;
 }
 
+// The same n_act rows (stride bytes apart) in the k-step-major layout
+// (MatmulArgs::act_kstep_stride): 64-byte column c of row t at c * 64 n_act +
+// t * 64, and 32 rows of 0x7f after the last column (tile loads past n_act).
+AlignedBuffer KStepMajor(const AlignedBuffer& act, int64_t n_act, int64_t stride) {
+  AlignedBuffer out((n_act + 32) * stride);
+  std::memset(out.p.get(), 0x7f, out.size);
+  for (int64_t t = 0; t < n_act; ++t) {
+    for (int64_t c = 0; c < stride / 64; ++c) {
+      std::memcpy(out.p.get() + c * 64 * n_act + t * 64, act.p.get() + t * stride + 64 * c, 64);
+    }
+  }
+  return out;
+}
+
 // A tile matmul over rows [r0, r1) of a matrix [rows][k] with those activations.
 MatmulArgs TileArgs(int64_t rows, int64_t k, int64_t r0, int64_t r1, const AlignedBuffer& act,
                     int64_t stride, int64_t n_act, int64_t group, int64_t out_stride,
@@ -534,6 +548,7 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
           AlignedBuffer ref_scratch(TileScratchBytes(group) + 64);
           MatmulArgs a =
               TileArgs(rows, k, r0, r1, act, stride, n_act, group, r1 - r0 + 5, ref_scratch);
+          const AlignedBuffer act_kmajor = KStepMajor(act, n_act, stride);
           a.format = {t, MoeWeightLayout::kPanel16};
           a.w = static_cast<const uint8_t*>(w.ptrs[0]);
           std::vector<float> y_ref(n_act * a.out_stride, -7.0f);
@@ -544,7 +559,13 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
                          << TraitsOf(t).name << " group " << group << " n_act " << n_act << " rows "
                          << r0 << ".." << r1 << " chunk " << c.chunk_bytes << " groups " << c.groups
                          << " skew " << c.skew << " stream " << c.stream);
-            for (bool phased : {true, false}) {
+            for (int run = 0; run < 4; ++run) {
+              // The phased and in-loop kernels over the rows, then over the
+              // same rows k-step-major.
+              const bool phased = run % 2 == 0, kmajor = run >= 2;
+              a.act = kmajor ? act_kmajor.p.get() : act.p.get();
+              a.act_stride = kmajor ? 64 : stride;
+              a.act_kstep_stride = kmajor ? 64 * n_act : 64;
               AlignedBuffer scratch(TileScratchBytes(group, phased ? c.chunk_bytes : 0, c.skew));
               a.scratch = scratch.p.get();
               a.scratch_bytes = static_cast<int64_t>(scratch.size);
@@ -563,7 +584,17 @@ TEST_F(AmxEmulationTest, PhasedTileMatmulEqualsScalarBitwise) {
               a.out = y.data();
               MoeKernelsAmxEmulated().tile_matmul(a);
               ASSERT_EQ(0, std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float)))
-                  << (phased ? "phased" : "in-loop") << " kernel differs from the scalar reference";
+                  << (phased ? "phased" : "in-loop") << " kernel"
+                  << (kmajor ? " over k-step-major rows" : "")
+                  << " differs from the scalar reference";
+              if (kmajor && c.stream == 0 && c.skew == 256 && c.groups == 0) {
+                // The reference itself over the k-step-major rows.
+                std::vector<float> ys(n_act * a.out_stride, -7.0f);
+                a.out = ys.data();
+                MoeKernelsScalar().tile_matmul(a);
+                ASSERT_EQ(0, std::memcmp(ys.data(), y_ref.data(), ys.size() * sizeof(float)))
+                    << "scalar reference over k-step-major rows";
+              }
               if (phased && a.tile_phase_ticks != nullptr) {
                 EXPECT_GT(ticks[0], 0) << "conversion ticks";
                 EXPECT_GT(ticks[1], 0) << "tile ticks";
@@ -652,7 +683,8 @@ TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
        {"phased:chunk=32:skew=0", "phased:chunk=64:groups=1:skew=64",
         "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0", "inloop:skew=256",
         "phased:pad=0:pf=0", "inloop:maxtok=64:down=128", "phased:chunk=32:stream=0",
-        "phased:stream=8", "phased:next=0", "phased:chunk=1024:stream=0:next=1"}) {
+        "phased:stream=8", "phased:next=0", "phased:chunk=1024:stream=0:next=1", "phased:kmajor=0",
+        "inloop:kmajor=0:maxtok=64"}) {
     for (int nth : {1, 3}) {
       SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
       const std::vector<float> y = run_layer(spec, true, nth);
@@ -678,10 +710,14 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_FALSE(o.tile_stream_next);
   EXPECT_EQ(MoeTileSpec(o),
             "phased:chunk=256:groups=2:pf=0:stream=64:next=0:skew=0:pad=16:group=1024:ff=1024:"
-            "maxtok=64:down=256");
+            "maxtok=64:down=256:kmajor=1");
+  ASSERT_TRUE(ApplyMoeTileSpec("inloop:kmajor=0", &o).ok());
+  EXPECT_FALSE(o.tile_act_kmajor);
+  ASSERT_TRUE(ApplyMoeTileSpec("phased:kmajor=1", &o).ok());
+  EXPECT_TRUE(o.tile_act_kmajor);
   const MoePlanOptions before = o;
   for (const char* bad : {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3",
-                          "phased:next=2", ""}) {
+                          "phased:next=2", "phased:kmajor=2", ""}) {
     const absl::Status s = ApplyMoeTileSpec(bad, &o);
     EXPECT_FALSE(s.ok()) << bad;
     EXPECT_EQ(MoeTileSpec(o), MoeTileSpec(before)) << "changed by a bad spec: " << bad;
