@@ -159,6 +159,16 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
           absl::StrCat("tile spec '", spec, "': '", part, "' is not key=integer"));
     }
     const std::string key = part.substr(0, eq);
+    // A 0/1 key into *flag.
+    auto flag = [&](bool* out) {
+      if (v != 0 && v != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tile spec '", spec, "': ", key, " must be 0 or 1"));
+      }
+      *out = v == 1;
+      return absl::OkStatus();
+    };
+    absl::Status st;
     if (key == "chunk") {
       o.tile_chunk_kib = v;
     } else if (key == "groups") {
@@ -166,11 +176,7 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
     } else if (key == "skew") {
       o.tile_skew = v;
     } else if (key == "pf") {
-      if (v != 0 && v != 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tile spec '", spec, "': pf must be 0 or 1"));
-      }
-      o.tile_prefetch = v == 1;
+      st = flag(&o.tile_prefetch);
     } else if (key == "stream") {
       o.tile_stream_lines = v;
     } else if (key == "pad") {
@@ -184,22 +190,15 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
     } else if (key == "down") {
       o.prefill_down_rows_per_task = v;
     } else if (key == "next") {
-      if (v != 0 && v != 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tile spec '", spec, "': next must be 0 or 1"));
-      }
-      o.tile_stream_next = v == 1;
+      st = flag(&o.tile_stream_next);
     } else if (key == "kmajor") {
-      if (v != 0 && v != 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tile spec '", spec, "': kmajor must be 0 or 1"));
-      }
-      o.tile_act_kmajor = v == 1;
+      st = flag(&o.tile_act_kmajor);
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "tile spec '", spec, "': unknown key '", key,
           "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next, kmajor)"));
     }
+    if (!st.ok()) return st;
   }
   *options = o;
   return absl::OkStatus();
@@ -830,19 +829,14 @@ void MoeRun::TileActArgs(const uint8_t* region, int64_t row_bytes, int64_t e, in
 void MoeRun::WriteTileAct(const float* x, int64_t n, int64_t j0, int64_t k, uint8_t* region,
                           int64_t row_bytes, int64_t e, int64_t t) const {
   const MoePlan& p = *plan_;
-  const int32_t* offset = reinterpret_cast<const int32_t*>(ws_ + p.off_offset);
-  uint8_t* block = region + offset[e] * row_bytes;
-  const int64_t group = p.tile_group;
-  if (!p.options.tile_act_kmajor) {
-    uint8_t* row = block + t * row_bytes;
-    p.kernels->quantize_tile(x, reinterpret_cast<int8_t*>(row) + j0,
-                             reinterpret_cast<float*>(row + k) + j0 / group, n, group);
-    return;
-  }
-  // Group by group (each independent in the format) through a row piece on
-  // the stack, then column by column.
-  const int64_t kss = 64 * (offset[e + 1] - offset[e]);
-  uint8_t* row = block + t * 64;
+  // Written where the tile kernels will read it (TileActByte over the act
+  // fields TileActArgs gives them), in either layout: group by group (each
+  // independent in the format) through a row piece on the stack, then column
+  // by column.
+  MatmulArgs a;
+  TileActArgs(region, row_bytes, e, 0, &a);
+  uint8_t* row = region + (TileActByte(a, t, 0) - region);
+  const int64_t group = p.tile_group, kss = a.act_kstep_stride;
   alignas(64) int8_t q[1024];  // tile_group <= 1024 (MakeMoePlan)
   for (int64_t gi = 0; gi < n / group; ++gi) {
     float d = 0.0f;
@@ -875,7 +869,6 @@ void MoeRun::DownTask(int64_t task, int worker) const {
   a.k = p.shape.n_ff;
   a.row_begin = r0;
   a.row_end = r0 + rows;
-  a.act_stride = p.h_row_bytes;
   a.act_padded = true;
   a.out = y;
   a.out_stride = rows;
@@ -929,7 +922,7 @@ void MoeRun::DownTask(int64_t task, int worker) const {
       continue;
     }
     a.act = ws_ + p.off_hq + offset[e] * p.h_row_bytes;
-    a.act_stride = p.h_row_bytes;  // (a tile expert before may have set the k-step-major strides)
+    a.act_stride = p.h_row_bytes;  // rows in order (tile experts: TileActArgs)
     a.act_kstep_stride = 64;
     a.n_act = n;
     const bool hb = p.off_hb >= 0 && Bf16TileFormat(m.format);
