@@ -16,7 +16,10 @@
 // the same bytes tile-major, with software prefetches streaming a large
 // array meanwhile (docs/performance.md, twenty-third session).
 //
-//   moe_amx_probe [--threads=N] [--rounds=R] [--scaling | --pairs]
+// --rows times register-only products with A and C tiles of fewer rows (and
+// with a configuration load every 32 products).
+//
+//   moe_amx_probe [--threads=N] [--rounds=R] [--scaling | --pairs | --rows]
 //
 // Exits 2 with a message where the CPU or the OS offers no AMX.
 #include <pthread.h>
@@ -102,7 +105,7 @@ void OnThreads(int n, Body body) {
 
 int Main(int argc, char** argv) {
   int n_threads = 1, rounds = 9;
-  bool scaling = false, pairs = false;
+  bool scaling = false, pairs = false, rows = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--threads=", 0) == 0) {
@@ -113,11 +116,13 @@ int Main(int argc, char** argv) {
       scaling = true;
     } else if (arg == "--pairs") {
       pairs = true;
+    } else if (arg == "--rows") {
+      rows = true;
     } else {
-      std::fprintf(
-          stderr,
-          "moe_amx_probe: unknown argument '%s' (--threads=N --rounds=R --scaling --pairs)\n",
-          arg.c_str());
+      std::fprintf(stderr,
+                   "moe_amx_probe: unknown argument '%s' (--threads=N --rounds=R --scaling --pairs "
+                   "--rows)\n",
+                   arg.c_str());
       return 2;
     }
   }
@@ -148,6 +153,22 @@ int Main(int argc, char** argv) {
       }
       std::printf("tiles on cpus 0 and %2d at once: %6.1f and %6.1f ns per k-step\n", j, ns[0],
                   ns[1]);
+    }
+    return 0;
+  }
+  if (rows) {  // does a product's time follow the rows of its A and C tiles?
+    for (const bool sw : {false, true}) {
+      for (const int r : {16, 12, 8, 4, 2, 1}) {
+        std::vector<double> ns(n_threads, 1e30);
+        for (int rd = 0; rd < rounds; ++rd) {
+          OnThreads(n_threads, [&](int t, ProbeBuffers*) {
+            ns[t] = std::min(ns[t], RunRowsLoop(r, sw, 200000));
+          });
+        }
+        std::sort(ns.begin(), ns.end());
+        std::printf("A and C tiles of %2d rows%s: median %5.2f, slowest %5.2f ns per tdpbssd\n", r,
+                    sw ? ", ldtilecfg / 32 products" : "", ns[n_threads / 2], ns[n_threads - 1]);
+      }
     }
     return 0;
   }

@@ -129,4 +129,41 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
   return (Now() - t0) / static_cast<double>(steps) * 1e9;
 }
 
+double RunRowsLoop(int rows, bool switch_config, int64_t iters) {
+  AmxTileConfig cfg = AllTiles16x64();
+  for (int t = 0; t < 6; ++t) cfg.rows[t] = static_cast<uint8_t>(rows);  // C 0-3, A 4-5
+  const AmxTileConfig full = AllTiles16x64();
+  alignas(64) static thread_local int8_t src[16 * 64];
+  std::memset(src, 3, sizeof(src));
+  LoadAmxTileConfig(cfg);
+  _tile_loadd(4, src, 64);
+  _tile_loadd(5, src, 64);
+  _tile_loadd(6, src, 64);
+  _tile_loadd(7, src, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const double t0 = Now();
+  for (int64_t i = 0; i < iters; ++i) {
+    if (switch_config && (i & 7) == 0) {
+      // A configuration load every 8 iterations (32 products), alternating
+      // two configurations; it zeroes the tiles, so reload A and B.
+      LoadAmxTileConfig((i & 8) != 0 ? full : cfg);
+      _tile_loadd(4, src, 64);
+      _tile_loadd(5, src, 64);
+      _tile_loadd(6, src, 64);
+      _tile_loadd(7, src, 64);
+    }
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  const double ns = (Now() - t0) / static_cast<double>(4 * iters) * 1e9;
+  _tile_stored(0, src, 64);  // keep the products live
+  LoadAmxTileConfig(full);
+  return ns;
+}
+
 }  // namespace ktx::kernels::moe::probe

@@ -59,5 +59,10 @@ void ConfigureTilesForProbe();
 void ReleaseTilesForProbe();
 // ns per k-step over `items` items of two 32-token blocks.
 double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items);
+// ns per tdpbssd of a register-only loop (2 x 2 tiles, 4 products per
+// iteration) with the C and A tiles configured to `rows` rows (B: 16 x 64);
+// with switch_config an ldtilecfg (alternating with the 16-row one) and the
+// four A / B tile loads every 8 iterations.
+double RunRowsLoop(int rows, bool switch_config, int64_t iters);
 
 }  // namespace ktx::kernels::moe::probe
