@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -152,11 +153,26 @@ absl::StatusOr<std::unique_ptr<CpuPool>> CpuPool::Create(const Options& options)
                                  << " is not available (numa_available " << numa_available()
                                  << "); allocating plain memory";
   }
-  return std::unique_ptr<CpuPool>(new CpuPool(std::move(cpus), options));
+  Options::Schedule schedule = options.schedule;
+  if (const char* env = std::getenv("KTX_POOL_SCHEDULE"); env != nullptr && *env != '\0') {
+    const std::string v = env;
+    if (v == "inorder") {
+      schedule = Options::Schedule::kInOrder;
+    } else if (v == "split") {
+      schedule = Options::Schedule::kSplit;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KTX_POOL_SCHEDULE: '", v, "' is neither inorder nor split"));
+    }
+  }
+  return std::unique_ptr<CpuPool>(new CpuPool(std::move(cpus), options, schedule));
 }
 
-CpuPool::CpuPool(std::vector<int> cpus, const Options& options)
-    : cpus_(std::move(cpus)), numa_node_(options.numa_node), impl_(std::make_unique<Impl>()) {
+CpuPool::CpuPool(std::vector<int> cpus, const Options& options, Options::Schedule schedule)
+    : cpus_(std::move(cpus)),
+      numa_node_(options.numa_node),
+      schedule_(schedule),
+      impl_(std::make_unique<Impl>()) {
   // One slot reserved for the thread that calls ParallelFor (worker 0).
   impl_->arena.initialize(static_cast<int>(cpus_.size()), 1);
   if (options.pin) {
@@ -182,6 +198,27 @@ CpuPool::~CpuPool() {
 
 void CpuPool::ParallelFor(int64_t n_tasks, absl::FunctionRef<void(int64_t task, int worker)> fn) {
   if (n_tasks <= 0) return;
+  if (schedule_ == Options::Schedule::kInOrder) {
+    // One claiming loop per worker slot (a loop that starts after the
+    // counter ran out returns at once).
+    std::atomic<int64_t> next{0};
+    const int64_t n_loops = std::min<int64_t>(n_tasks, num_workers());
+    impl_->arena.execute([&] {
+      tbb::parallel_for(
+          tbb::blocked_range<int64_t>(0, n_loops, 1),
+          [&](const tbb::blocked_range<int64_t>& r) {
+            const int worker = tbb::this_task_arena::current_thread_index();
+            for (int64_t i = r.begin(); i < r.end(); ++i) {
+              for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n_tasks;
+                   t = next.fetch_add(1, std::memory_order_relaxed)) {
+                fn(t, worker);
+              }
+            }
+          },
+          tbb::simple_partitioner());
+    });
+    return;
+  }
   impl_->arena.execute([&] {
     tbb::parallel_for(
         tbb::blocked_range<int64_t>(0, n_tasks, 1),

@@ -68,6 +68,14 @@ class CpuPool {
     int numa_node = -1;
     // Pin each worker to its cpu.
     bool pin = true;
+    // How ParallelFor hands out tasks. kInOrder: the free workers claim the
+    // next task in index order (one shared counter), so that callers can put
+    // short tasks last (the MoE operator's stage-2 tail). kSplit: oneTBB's
+    // parallel_for (recursive halving of the range, work stealing). The
+    // environment variable KTX_POOL_SCHEDULE=inorder|split overrides it
+    // (Create: InvalidArgument naming the variable for another value).
+    enum class Schedule { kInOrder, kSplit };
+    Schedule schedule = Schedule::kInOrder;
   };
 
   // InvalidArgument when a cpu is not in the process's affinity mask (or the
@@ -83,7 +91,8 @@ class CpuPool {
   // Calls fn(task, worker) once for every task in [0, n_tasks), worker in
   // [0, num_workers()) being the arena slot of the thread (distinct threads at
   // any moment have distinct workers), and returns when all tasks are done.
-  // Tasks are handed out one at a time (dynamic load balancing).
+  // Tasks are handed out one at a time (dynamic load balancing), in index
+  // order with Schedule::kInOrder.
   void ParallelFor(int64_t n_tasks, absl::FunctionRef<void(int64_t task, int worker)> fn);
 
   // `bytes` on the pool's NUMA node (see Options::numa_node).
@@ -91,9 +100,10 @@ class CpuPool {
 
  private:
   struct Impl;
-  explicit CpuPool(std::vector<int> cpus, const Options& options);
+  CpuPool(std::vector<int> cpus, const Options& options, Options::Schedule schedule);
   std::vector<int> cpus_;
   int numa_node_ = -1;
+  Options::Schedule schedule_ = Options::Schedule::kInOrder;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -10,9 +10,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -35,23 +37,69 @@ std::vector<int> Allowed() {
 }
 
 TEST(CpuPoolTest, EveryTaskRunsOnceWithExclusiveWorkers) {
-  auto pool = CpuPool::Create({});
+  for (const auto schedule :
+       {CpuPool::Options::Schedule::kInOrder, CpuPool::Options::Schedule::kSplit}) {
+    auto pool = CpuPool::Create({.schedule = schedule});
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    const int n = (*pool)->num_workers();
+    EXPECT_EQ(n, static_cast<int>(Allowed().size()));
+    for (int64_t n_tasks : {0, 1, 7, 1000}) {
+      std::vector<std::atomic<int>> hits(n_tasks);
+      std::vector<std::atomic<int>> busy(n);
+      std::atomic<bool> overlap{false};
+      (*pool)->ParallelFor(n_tasks, [&](int64_t task, int worker) {
+        ASSERT_GE(worker, 0);
+        ASSERT_LT(worker, n);
+        if (busy[worker].fetch_add(1) != 0) overlap = true;
+        hits[task].fetch_add(1);
+        busy[worker].fetch_sub(1);
+      });
+      for (int64_t t = 0; t < n_tasks; ++t) EXPECT_EQ(hits[t].load(), 1) << t;
+      EXPECT_FALSE(overlap.load());
+    }
+  }
+}
+
+// kInOrder: tasks start in about index order (a task's place among the starts
+// differs from its index by less than the number of workers, unless its
+// worker was preempted between claiming and starting it), so that callers can
+// put short tasks last. (oneTBB's halving starts a second worker mid-range.)
+TEST(CpuPoolTest, InOrderScheduleStartsTasksInIndexOrder) {
+  auto pool = CpuPool::Create({.schedule = CpuPool::Options::Schedule::kInOrder});
   ASSERT_TRUE(pool.ok()) << pool.status();
-  const int n = (*pool)->num_workers();
-  EXPECT_EQ(n, static_cast<int>(Allowed().size()));
-  for (int64_t n_tasks : {0, 1, 7, 1000}) {
-    std::vector<std::atomic<int>> hits(n_tasks);
-    std::vector<std::atomic<int>> busy(n);
-    std::atomic<bool> overlap{false};
-    (*pool)->ParallelFor(n_tasks, [&](int64_t task, int worker) {
-      ASSERT_GE(worker, 0);
-      ASSERT_LT(worker, n);
-      if (busy[worker].fetch_add(1) != 0) overlap = true;
-      hits[task].fetch_add(1);
-      busy[worker].fetch_sub(1);
-    });
-    for (int64_t t = 0; t < n_tasks; ++t) EXPECT_EQ(hits[t].load(), 1) << t;
-    EXPECT_FALSE(overlap.load());
+  const int64_t n_tasks = 2000;
+  const int64_t n_workers = (*pool)->num_workers();
+  std::vector<int64_t> place(n_tasks, -1);
+  std::atomic<int64_t> started{0};
+  (*pool)->ParallelFor(n_tasks, [&](int64_t task, int) {
+    place[task] = started.fetch_add(1);
+    volatile double sink = 0;  // a little work, so that every worker takes part
+    for (int i = 0; i < 2000; ++i) sink = sink + std::sqrt(static_cast<double>(i));
+  });
+  int64_t out_of_order = 0;
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    ASSERT_GE(place[t], 0) << t;
+    if (std::abs(place[t] - t) >= n_workers) ++out_of_order;
+  }
+  EXPECT_LE(out_of_order, n_tasks / 20);
+}
+
+TEST(CpuPoolTest, ScheduleFromTheEnvironment) {
+  setenv("KTX_POOL_SCHEDULE", "sideways", 1);
+  const absl::StatusOr<std::unique_ptr<CpuPool>> bad = CpuPool::Create({});
+  unsetenv("KTX_POOL_SCHEDULE");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("KTX_POOL_SCHEDULE"), std::string::npos);
+  EXPECT_NE(bad.status().message().find("sideways"), std::string::npos);
+  for (const char* v : {"split", "inorder"}) {
+    setenv("KTX_POOL_SCHEDULE", v, 1);
+    auto pool = CpuPool::Create({});
+    unsetenv("KTX_POOL_SCHEDULE");
+    ASSERT_TRUE(pool.ok()) << v << ": " << pool.status();
+    std::atomic<int64_t> sum{0};
+    (*pool)->ParallelFor(100, [&](int64_t task, int) { sum += task; });
+    EXPECT_EQ(sum.load(), 4950) << v;
   }
 }
 
