@@ -193,10 +193,15 @@ absl::Status ApplyMoeTileSpec(std::string_view spec_view, MoePlanOptions* option
       st = flag(&o.tile_stream_next);
     } else if (key == "kmajor") {
       st = flag(&o.tile_act_kmajor);
+    } else if (key == "tail") {
+      o.prefill_down_tail_rows = v;
+    } else if (key == "tailn") {
+      o.prefill_down_tail_tasks = v;
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "tile spec '", spec, "': unknown key '", key,
-          "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next, kmajor)"));
+          "' (chunk, groups, skew, pad, pf, stream, group, ff, maxtok, down, next, kmajor, tail, "
+          "tailn)"));
     }
     if (!st.ok()) return st;
   }
@@ -223,7 +228,8 @@ std::string MoeTileSpec(const MoePlanOptions& o) {
   }
   absl::StrAppend(&spec, ":skew=", o.tile_skew, ":pad=", o.tile_out_pad, ":group=", o.tile_group,
                   ":ff=", o.tile_ff_rows, ":maxtok=", o.tile_max_tokens,
-                  ":down=", o.prefill_down_rows_per_task, ":kmajor=", o.tile_act_kmajor ? 1 : 0);
+                  ":down=", o.prefill_down_rows_per_task, ":kmajor=", o.tile_act_kmajor ? 1 : 0,
+                  ":tail=", o.prefill_down_tail_rows, ":tailn=", o.prefill_down_tail_tasks);
   return spec;
 }
 
@@ -353,6 +359,25 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
                       shape.n_embd, options.max_workers, kPrefillDownTasksPerWorker);
   if (!prefill_rows.ok()) return prefill_rows.status();
   plan.prefill_down_rows = *prefill_rows;
+  if (options.prefill_down_tail_rows != 0) {
+    const int64_t n_big = shape.n_embd / plan.prefill_down_rows;
+    const int64_t tail_tasks = options.prefill_down_tail_tasks != 0
+                                   ? options.prefill_down_tail_tasks
+                                   : std::max(1, options.max_workers / 2);
+    if (options.prefill_down_tail_rows < 0 || options.prefill_down_tail_rows % kPanelRows != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("MoE plan: prefill_down_tail_rows (",
+                                                     options.prefill_down_tail_rows,
+                                                     ") must be a multiple of 16"));
+    }
+    if (tail_tasks < 0 || tail_tasks > n_big) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MoE plan: prefill_down_tail_tasks (", options.prefill_down_tail_tasks,
+                       ") must be in [0, ", n_big, "] (the stage-2 tasks of ",
+                       plan.prefill_down_rows, " rows)"));
+    }
+    plan.prefill_down_tail_rows = std::min(options.prefill_down_tail_rows, plan.prefill_down_rows);
+    plan.prefill_down_tail_span = tail_tasks * plan.prefill_down_rows;
+  }
   const int64_t ff_tasks_per_expert = shape.n_ff / kFfRowsPerTask;
   plan.max_gateup_tasks = shape.n_expert * ff_tasks_per_expert;
   if (plan.tile) {
@@ -570,6 +595,13 @@ absl::StatusOr<MoeRun> MoeRun::Begin(const MoePlan& plan, const MoeLayerWeights&
   run.n_pair_chunks_ =
       run.n_prefill_pairs_ > 0 ? (run.n_pairs_ + kQuantChunk - 1) / kQuantChunk : 0;
   run.down_rows_ = run.n_prefill_ > 0 ? plan.prefill_down_rows : plan.decode_down_rows;
+  run.down_big_tasks_ = sh.n_embd / run.down_rows_;
+  if (run.n_prefill_ > 0 && plan.prefill_down_tail_rows > 0) {
+    run.down_big_tasks_ -= plan.prefill_down_tail_span / run.down_rows_;
+    run.down_tail_rows_ = plan.prefill_down_tail_rows;
+    run.down_tail_tasks_ =
+        (plan.prefill_down_tail_span + run.down_tail_rows_ - 1) / run.down_tail_rows_;
+  }
 
   // Stage-1 tasks: tile experts first, the most tokens first (their tasks are
   // the longest), each split into near-equal token blocks of at most
@@ -614,7 +646,7 @@ int64_t MoeRun::NumTasks(int stage) const {
   switch (stage) {
     case 0: return n_token_chunks_ + n_pair_chunks_;
     case 1: return n_gateup_tasks_;
-    case 2: return input_.n_tokens > 0 ? plan_->shape.n_embd / down_rows_ : 0;
+    case 2: return input_.n_tokens > 0 ? down_big_tasks_ + down_tail_tasks_ : 0;
     default: return 0;
   }
 }
@@ -850,9 +882,12 @@ void MoeRun::WriteTileAct(const float* x, int64_t n, int64_t j0, int64_t k, uint
 
 void MoeRun::DownTask(int64_t task, int worker) const {
   const MoePlan& p = *plan_;
-  const int64_t rows = down_rows_;
-  const int64_t r0 = task * rows;
   const int64_t n_embd = p.shape.n_embd;
+  int64_t r0 = task * down_rows_, rows = down_rows_;
+  if (task >= down_big_tasks_) {  // the tail (MoePlanOptions::prefill_down_tail_rows)
+    r0 = down_big_tasks_ * down_rows_ + (task - down_big_tasks_) * down_tail_rows_;
+    rows = std::min(down_tail_rows_, n_embd - r0);
+  }
   for (int64_t t = 0; t < input_.n_tokens; ++t) {
     std::fill(input_.out + t * n_embd + r0, input_.out + t * n_embd + r0 + rows, 0.0f);
   }

@@ -134,6 +134,21 @@ struct MoePlanOptions {
   // activations h fewer times); 0: the largest multiple of 16 up to 512 that
   // gives every worker at least 4 tasks (7168 rows, 16 workers: 112).
   int64_t prefill_down_rows_per_task = 0;
+  // Prefill runs: the rows of the last prefill_down_tail_tasks stage-2 tasks
+  // (of prefill_down_rows_per_task rows each) go to tasks of
+  // prefill_down_tail_rows rows instead (a multiple of 16; the last one may
+  // be shorter), numbered after the large ones. A pool that hands out tasks
+  // in index order (CpuPool does) then ends the stage on short tasks, so
+  // that a worker still in a large task when the large ones run out is not
+  // waited for while the others idle. 0 rows: no tail; 0 tasks with rows
+  // set: max_workers / 2 (at least 1). Same results (each output element is
+  // still computed by one task, in expert order). On the H200 machine's Xeon
+  // (2026-11-29) stage 2 of the 2048-token DeepSeek-V3 layer took 58 ms with
+  // a tail of 32-row tasks against 65 without (the workers' mean time inside
+  // tasks 54.5 / 58.6 ms, the busiest 57.3 / 64.4; docs/performance.md,
+  // twenty-fourth session).
+  int64_t prefill_down_tail_rows = 32;
+  int64_t prefill_down_tail_tasks = 0;
   // How the amx tile kernel runs (same results either way; moe_kernels_amx.cc):
   // phased (default): per chunk of weights, convert all of it to int8 into
   // per-worker scratch, then run the tiles of every token block over it;
@@ -216,8 +231,11 @@ struct MoePlan {
   bool tile = false;
   int64_t tile_group = 0, tile_ff_rows = 0, tile_max_tokens = 0;
   int64_t prefill_down_rows = 0;  // stage-2 rows per task when an expert runs a prefill path
-  int64_t decode_down_rows = 0;   // stage-2 rows per task otherwise
-  int64_t max_gateup_tasks = 0;   // bound on stage-1 tasks of one run
+  // Prefill runs: the last prefill_down_tail_span rows of n_embd (a multiple
+  // of prefill_down_rows) in tasks of prefill_down_tail_rows (0: no tail).
+  int64_t prefill_down_tail_rows = 0, prefill_down_tail_span = 0;
+  int64_t decode_down_rows = 0;  // stage-2 rows per task otherwise
+  int64_t max_gateup_tasks = 0;  // bound on stage-1 tasks of one run
   // Row bytes of the quantized activations.
   int64_t x_row_bytes = 0;   // decode format of x, per token
   int64_t xp_row_bytes = 0;  // prefill formats of x (Q8_K or tile), per (token, expert) pair
@@ -240,7 +258,8 @@ struct MoePlan {
 // chunk (KiB), groups (per chunk), skew (bytes), pad (tile_out_pad), pf (0/1:
 // tile_prefetch), stream (lines: tile_stream_lines), group (tile_group), ff
 // (tile_ff_rows), maxtok (tile_max_tokens), down (prefill_down_rows_per_task),
-// next (0/1: tile_stream_next), kmajor (0/1: tile_act_kmajor);
+// next (0/1: tile_stream_next), kmajor (0/1: tile_act_kmajor), tail
+// (prefill_down_tail_rows), tailn (prefill_down_tail_tasks);
 // e.g. "phased:chunk=256:skew=0". Values are checked by MakeMoePlan.
 // InvalidArgument names the part it cannot parse. For benchmarks and experiments.
 absl::Status ApplyMoeTileSpec(std::string_view spec, MoePlanOptions* options);
@@ -376,6 +395,10 @@ class MoeRun {
   int64_t n_active_ = 0, n_prefill_ = 0, n_cached_ = 0, n_pairs_ = 0, n_prefill_pairs_ = 0;
   int64_t weight_bytes_ = 0;
   int64_t n_token_chunks_ = 0, n_pair_chunks_ = 0, n_gateup_tasks_ = 0, down_rows_ = 0;
+  // Stage 2: tasks [0, down_big_tasks_) of down_rows_ rows, then tasks of
+  // down_tail_rows_ rows (the last one shorter where they do not divide) up
+  // to n_embd; down_tail_tasks_ of them.
+  int64_t down_big_tasks_ = 0, down_tail_rows_ = 0, down_tail_tasks_ = 0;
 };
 
 // Runs every task t of `stage` with t % nth == ith (ggml's ith/nth split).

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -684,7 +685,8 @@ TEST_F(AmxEmulationTest, LayerPhasedAndInLoopAgreeOnUnequalExperts) {
         "phased:chunk=4096:ff=512:maxtok=96", "inloop:skew=0:pad=0", "inloop:skew=256",
         "phased:pad=0:pf=0", "inloop:maxtok=64:down=128", "phased:chunk=32:stream=0",
         "phased:stream=8", "phased:next=0", "phased:chunk=1024:stream=0:next=1", "phased:kmajor=0",
-        "inloop:kmajor=0:maxtok=64"}) {
+        "inloop:kmajor=0:maxtok=64", "phased:tail=0", "phased:tail=16:tailn=4",
+        "phased:down=128:tail=48", "inloop:maxtok=64:down=128:tail=16:tailn=4"}) {
     for (int nth : {1, 3}) {
       SCOPED_TRACE(::testing::Message() << spec << " workers " << nth);
       const std::vector<float> y = run_layer(spec, true, nth);
@@ -710,14 +712,14 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   EXPECT_FALSE(o.tile_stream_next);
   EXPECT_EQ(MoeTileSpec(o),
             "phased:chunk=256:groups=2:pf=0:stream=64:next=0:skew=0:pad=16:group=1024:ff=1024:"
-            "maxtok=64:down=256:kmajor=1");
+            "maxtok=64:down=256:kmajor=1:tail=32:tailn=0");
   ASSERT_TRUE(ApplyMoeTileSpec("inloop:kmajor=0", &o).ok());
   EXPECT_FALSE(o.tile_act_kmajor);
   ASSERT_TRUE(ApplyMoeTileSpec("phased:kmajor=1", &o).ok());
   EXPECT_TRUE(o.tile_act_kmajor);
   const MoePlanOptions before = o;
   for (const char* bad : {"fast", "phased:pf=2", "phased:chunk", "phased:chunk=x", "phased:size=3",
-                          "phased:next=2", "phased:kmajor=2", ""}) {
+                          "phased:next=2", "phased:kmajor=2", "phased:tail=x", ""}) {
     const absl::Status s = ApplyMoeTileSpec(bad, &o);
     EXPECT_FALSE(s.ok()) << bad;
     EXPECT_EQ(MoeTileSpec(o), MoeTileSpec(before)) << "changed by a bad spec: " << bad;
@@ -727,14 +729,35 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   MoeLayerFormat f;
   f.gate = f.up = {TensorType::kQ4_K, MoeWeightLayout::kPanel16};
   f.down = {TensorType::kQ6_K, MoeWeightLayout::kPanel16};
-  for (const char* bad : {"phased:chunk=8", "phased:pad=8", "phased:skew=100", "phased:skew=8192",
-                          "inloop:groups=-1", "phased:stream=-1", "phased:stream=5000"}) {
+  for (const char* bad :
+       {"phased:chunk=8", "phased:pad=8", "phased:skew=100", "phased:skew=8192", "inloop:groups=-1",
+        "phased:stream=-1", "phased:stream=5000", "phased:tail=8", "phased:tail=-16",
+        "phased:tail=16:tailn=100", "phased:tail=16:tailn=-1"}) {
     MoePlanOptions p;
     p.tile_prefill = true;
     p.force_variant = true;
     p.variant = CpuVariant::kScalar;
     ASSERT_TRUE(ApplyMoeTileSpec(bad, &p).ok()) << bad;
     EXPECT_FALSE(MakeMoePlan(shape, f, p).ok()) << bad;
+  }
+  // The stage-2 tail: the last tailn tasks' rows (default max_workers / 2 of
+  // them) in tasks of `tail` rows, never more than a large task's.
+  for (const auto& [spec, rows, span] : std::vector<std::tuple<const char*, int64_t, int64_t>>{
+           {"phased:down=128:tail=48", 48, 128},
+           {"phased:down=128:tail=48:tailn=3", 48, 384},
+           {"phased:down=64:tail=256", 64, 64},
+           {"phased:down=128", 32, 128},
+           {"phased:down=128:tail=0", 0, 0}}) {
+    MoePlanOptions p;
+    p.tile_prefill = true;
+    p.max_workers = 3;
+    p.force_variant = true;
+    p.variant = CpuVariant::kScalar;
+    ASSERT_TRUE(ApplyMoeTileSpec(spec, &p).ok()) << spec;
+    const absl::StatusOr<MoePlan> plan = MakeMoePlan(shape, f, p);
+    ASSERT_TRUE(plan.ok()) << spec << ": " << plan.status();
+    EXPECT_EQ(plan->prefill_down_tail_rows, rows) << spec;
+    EXPECT_EQ(plan->prefill_down_tail_span, span) << spec;
   }
 }
 

@@ -50,7 +50,9 @@
 // --ktx_phase_ticks (prefill rows also report, per stage, the phased tile
 // kernel's milliseconds per call and worker in conversion, tiles and fix-ups:
 // s<stage>_convert_ms, s<stage>_tiles_ms, s<stage>_fixup_ms, beside
-// s<stage>_ms, the stage's wall time; from the TSC, timed once against the clock).
+// s<stage>_ms, the stage's wall time; from the TSC, timed once against the clock;
+// and s<stage>_busy_ms, s<stage>_busy_max_ms: the mean and the largest time a
+// worker spent inside the stage's tasks).
 // Typical: moe_benchmark --benchmark_filter=decode
 #include <benchmark/benchmark.h>
 
@@ -371,6 +373,11 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
   // Phase ticks of the current stage (--ktx_phase_ticks), summed per stage.
   int64_t ticks[3] = {0, 0, 0};
   double stage_phase_ticks[MoeRun::kNumStages][3] = {};
+  // With phase ticks: per stage and worker, the seconds inside tasks (so that
+  // a stage's wall time splits into the kernel's phases, other work inside
+  // tasks, and workers idle while others finish).
+  std::vector<std::vector<double>> busy(MoeRun::kNumStages,
+                                        std::vector<double>(g_pool->num_workers(), 0.0));
   if (g_config.phase_ticks && prefill) {
     TscHz();
     o.tile_phase_ticks = ticks;
@@ -425,8 +432,15 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
       if (run->NumTasks(st) == 1) {
         run->RunTask(st, 0, 0);  // as RunMoe does
       } else {
-        g_pool->ParallelFor(run->NumTasks(st),
-                            [&](int64_t task, int worker) { run->RunTask(st, task, worker); });
+        g_pool->ParallelFor(run->NumTasks(st), [&](int64_t task, int worker) {
+          if (o.tile_phase_ticks == nullptr) {
+            run->RunTask(st, task, worker);
+            return;
+          }
+          const auto b0 = std::chrono::steady_clock::now();
+          run->RunTask(st, task, worker);
+          busy[st][worker] += Seconds(b0, std::chrono::steady_clock::now());
+        });
       }
       stage_seconds[st] += Seconds(s0, std::chrono::steady_clock::now());
       for (int j = 0; j < 3; ++j) {
@@ -457,6 +471,14 @@ void BM_Layer(benchmark::State& state, CpuVariant variant, int64_t n_tokens, Mod
       for (int j = 0; j < 3; ++j) {
         state.counters[k + names[j]] = stage_phase_ticks[st][j] * per / g_pool->num_workers();
       }
+      double sum = 0, most = 0;
+      for (double b : busy[st]) {
+        sum += b;
+        most = std::max(most, b);
+      }
+      const double it_ms = 1e3 / static_cast<double>(state.iterations());
+      state.counters[k + "_busy_ms"] = sum * it_ms / g_pool->num_workers();
+      state.counters[k + "_busy_max_ms"] = most * it_ms;
     }
   }
   state.counters["prefill_experts_per_call"] =
