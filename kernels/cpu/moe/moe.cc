@@ -359,17 +359,22 @@ absl::StatusOr<MoePlan> MakeMoePlan(const MoeShape& shape, const MoeLayerFormat&
                       shape.n_embd, options.max_workers, kPrefillDownTasksPerWorker);
   if (!prefill_rows.ok()) return prefill_rows.status();
   plan.prefill_down_rows = *prefill_rows;
-  if (options.prefill_down_tail_rows != 0) {
+  if (options.prefill_down_tail_rows < 0 || options.prefill_down_tail_rows % kPanelRows != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("MoE plan: prefill_down_tail_rows (",
+                                                   options.prefill_down_tail_rows,
+                                                   ") must be a multiple of 16 (0: no tail)"));
+  }
+  if (options.prefill_down_tail_tasks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("MoE plan: prefill_down_tail_tasks (",
+                                                   options.prefill_down_tail_tasks,
+                                                   ") must not be negative"));
+  }
+  if (options.prefill_down_tail_rows > 0) {
     const int64_t n_big = shape.n_embd / plan.prefill_down_rows;
     const int64_t tail_tasks = options.prefill_down_tail_tasks != 0
                                    ? options.prefill_down_tail_tasks
                                    : std::max(1, options.max_workers / 2);
-    if (options.prefill_down_tail_rows < 0 || options.prefill_down_tail_rows % kPanelRows != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("MoE plan: prefill_down_tail_rows (",
-                                                     options.prefill_down_tail_rows,
-                                                     ") must be a multiple of 16"));
-    }
-    if (tail_tasks < 0 || tail_tasks > n_big) {
+    if (tail_tasks > n_big) {
       return absl::InvalidArgumentError(
           absl::StrCat("MoE plan: prefill_down_tail_tasks (", options.prefill_down_tail_tasks,
                        ") must be in [0, ", n_big, "] (the stage-2 tasks of ",

@@ -732,7 +732,7 @@ TEST(MoeTileSpecTest, ParsesAndRejects) {
   for (const char* bad :
        {"phased:chunk=8", "phased:pad=8", "phased:skew=100", "phased:skew=8192", "inloop:groups=-1",
         "phased:stream=-1", "phased:stream=5000", "phased:tail=8", "phased:tail=-16",
-        "phased:tail=16:tailn=100", "phased:tail=16:tailn=-1"}) {
+        "phased:tail=16:tailn=100", "phased:tail=16:tailn=-1", "phased:tail=0:tailn=-2"}) {
     MoePlanOptions p;
     p.tile_prefill = true;
     p.force_variant = true;
