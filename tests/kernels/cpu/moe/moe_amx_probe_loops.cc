@@ -106,8 +106,14 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
         }
         convert(pc.units_per_step - 3 * quarter);
         for (int l = 0; l < pc.stream_lines; ++l) {
-          _mm_prefetch(reinterpret_cast<const char*>(bf->stream + stream_off), _MM_HINT_T1);
-          stream_off = (stream_off + 64) % ProbeBuffers::kStreamBytes;
+          const char* line = reinterpret_cast<const char*>(bf->stream + stream_off);
+          switch (pc.stream_hint) {
+            case 0: _mm_prefetch(line, _MM_HINT_T0); break;
+            case 2: _mm_prefetch(line, _MM_HINT_T2); break;
+            case 3: _mm_prefetch(line, _MM_HINT_NTA); break;
+            default: _mm_prefetch(line, _MM_HINT_T1); break;
+          }
+          stream_off = (stream_off + 64 * pc.stream_step) % ProbeBuffers::kStreamBytes;
         }
         if (pc.fixup == ProbeFixup::kDeferred && ks == 0 && pending != nullptr) {
           FixUp(pending, bf->out);

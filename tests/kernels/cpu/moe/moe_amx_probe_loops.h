@@ -53,6 +53,11 @@ struct ProbeCase {
   // With a_from_rows: the same bytes laid out tile-major ([token block of
   // 16][k-step][16 rows][64 bytes]: every A tile 1 KiB contiguous).
   bool a_tile_major = false;
+  // The hint of the stream's prefetches: 0 T0, 1 T1 (as the kernel), 2 T2, 3 NTA.
+  int stream_hint = 1;
+  // Lines the stream advances per prefetch (2: every other line, leaving the
+  // 128-byte pair's other line to the L2 spatial prefetcher).
+  int stream_step = 1;
 };
 
 void ConfigureTilesForProbe();
