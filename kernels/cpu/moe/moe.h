@@ -36,7 +36,9 @@
 // the experts with the most tokens first), applies SiLU and quantizes h.
 // Stage 2 runs down for one block of n_embd rows per task over every active
 // expert in increasing id order and accumulates into out (larger blocks when
-// some expert is on a prefill path: each task reads every expert's h).
+// some expert is on a prefill path: each task reads every expert's h; then
+// the last blocks' rows come as short tasks numbered last, so that a pool
+// handing tasks out in index order ends the stage evenly).
 // Each task reads a disjoint range of weights, and every output element is
 // computed by one task in a fixed order, so the result of a given variant is
 // bitwise independent of the worker count and of the task-to-worker mapping.
