@@ -199,20 +199,18 @@ CpuPool::~CpuPool() {
 void CpuPool::ParallelFor(int64_t n_tasks, absl::FunctionRef<void(int64_t task, int worker)> fn) {
   if (n_tasks <= 0) return;
   if (schedule_ == Options::Schedule::kInOrder) {
-    // One claiming loop per worker slot (a loop that starts after the
-    // counter ran out returns at once).
+    // One claiming loop per worker slot, each draining the counter (a loop
+    // that starts after it ran out returns at once).
     std::atomic<int64_t> next{0};
     const int64_t n_loops = std::min<int64_t>(n_tasks, num_workers());
     impl_->arena.execute([&] {
       tbb::parallel_for(
           tbb::blocked_range<int64_t>(0, n_loops, 1),
-          [&](const tbb::blocked_range<int64_t>& r) {
+          [&](const tbb::blocked_range<int64_t>&) {
             const int worker = tbb::this_task_arena::current_thread_index();
-            for (int64_t i = r.begin(); i < r.end(); ++i) {
-              for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n_tasks;
-                   t = next.fetch_add(1, std::memory_order_relaxed)) {
-                fn(t, worker);
-              }
+            for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n_tasks;
+                 t = next.fetch_add(1, std::memory_order_relaxed)) {
+              fn(t, worker);
             }
           },
           tbb::simple_partitioner());
