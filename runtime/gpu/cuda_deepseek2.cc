@@ -45,9 +45,25 @@ absl::Status CheckSupported(const models::Deepseek2Hparams& hp) {
   return absl::OkStatus();
 }
 
+// A 0|1 switch from the environment into *flag (unset or empty: unchanged);
+// any other value is refused naming the variable and what 1 and 0 mean.
+absl::Status SwitchFromEnvironment(const char* name, const char* what_1, const char* what_0,
+                                   bool* flag) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return absl::OkStatus();
+  const std::string mode = v;
+  if (mode != "0" && mode != "1") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "='", mode, "': expected 1 (", what_1, ") or 0 (", what_0, ")"));
+  }
+  *flag = mode == "1";
+  return absl::OkStatus();
+}
+
 // KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
 // KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us, KTX_GPU_SPLIT_REPLAN=0|1,
-// KTX_GPU_EXPERTS_MIN_TOKENS=N, KTX_GPU_DECODE_SPLIT=0|1 and KTX_GPU_DECODE_CPU_GBPS=N.
+// KTX_GPU_SPLIT_LEARN_COPY=0|1, KTX_GPU_EXPERTS_MIN_TOKENS=N, KTX_GPU_DECODE_SPLIT=0|1 and
+// KTX_GPU_DECODE_CPU_GBPS=N.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -112,16 +128,11 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
     }
     o->min_batch_tokens = n;
   }
-  if (const char* v = std::getenv("KTX_GPU_DECODE_SPLIT"); v != nullptr && *v != '\0') {
-    const std::string mode = v;
-    if (mode != "0" && mode != "1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KTX_GPU_DECODE_SPLIT='", mode,
-          "': expected 1 (decode batches stream a few of a layer's routed experts to the GPU "
-          "while the CPU computes the rest) or 0 (decode experts all on the CPU)"));
-    }
-    o->decode_split = mode == "1";
-  }
+  KTX_RETURN_IF_ERROR(SwitchFromEnvironment(
+      "KTX_GPU_DECODE_SPLIT",
+      "decode batches stream a few of a layer's routed experts to the GPU while the CPU computes "
+      "the rest",
+      "decode experts all on the CPU", &o->decode_split));
   if (const char* v = std::getenv("KTX_GPU_DECODE_CPU_GBPS"); v != nullptr && *v != '\0') {
     char* end = nullptr;
     const double gbps = std::strtod(v, &end);
@@ -133,16 +144,14 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
     }
     o->decode_cpu_gbps = gbps;
   }
-  if (const char* v = std::getenv("KTX_GPU_SPLIT_REPLAN"); v != nullptr && *v != '\0') {
-    const std::string mode = v;
-    if (mode != "0" && mode != "1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KTX_GPU_SPLIT_REPLAN='", mode,
-          "': expected 1 (choose the rest of a layer's GPU experts again once its routing is "
-          "known) or 0 (the prefetched set)"));
-    }
-    o->replan_split = mode == "1";
-  }
+  KTX_RETURN_IF_ERROR(SwitchFromEnvironment(
+      "KTX_GPU_SPLIT_REPLAN",
+      "choose the rest of a layer's GPU experts again once its routing is known",
+      "the prefetched set", &o->replan_split));
+  KTX_RETURN_IF_ERROR(SwitchFromEnvironment(
+      "KTX_GPU_SPLIT_LEARN_COPY",
+      "a split layer's measured GPU time corrects the copy rate the next split plans with",
+      "the calibrated rate throughout", &o->learn_copy_rate));
   return absl::OkStatus();
 }
 
@@ -463,6 +472,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   }
   if (options.experts.mode == GpuExpertMode::kOff) return absl::OkStatus();
   KTX_RETURN_IF_ERROR(experts_->Calibrate(&expert_cost_));
+  calibrated_pcie_ = expert_cost_.pcie_bytes_per_s;
   expert_cost_.cpu_fixed_s = options.experts.cpu_expert_fixed_ms * 1e-3;
   expert_cost_.cpu_per_token_s = options.experts.cpu_expert_per_token_us * 1e-6;
   expert_cost_.min_batch_tokens = options.experts.min_batch_tokens;
@@ -588,6 +598,35 @@ void CudaDeepseek2::CorrectCpuCost(double ratio) {
       std::clamp(expert_cost_.cpu_fixed_s * f, base_fixed / 4, base_fixed * 8);
   expert_cost_.cpu_per_token_s =
       std::clamp(expert_cost_.cpu_per_token_s * f, base_token / 4, base_token * 8);
+}
+
+void CUDART_CB CudaDeepseek2::MarkGpuShareDone(void* self) {
+  auto* model = static_cast<CudaDeepseek2*>(self);
+  model->gpu_share_done_ns_.store(
+      std::chrono::steady_clock::now().time_since_epoch() / std::chrono::nanoseconds(1),
+      std::memory_order_release);
+}
+
+void CudaDeepseek2::LearnCopyRate() {
+  if (!(gpu_share_modelled_s_ > 0)) return;
+  const int64_t done = gpu_share_done_ns_.load(std::memory_order_acquire);
+  const double modelled = gpu_share_modelled_s_;
+  gpu_share_modelled_s_ = 0;
+  // The stream passes the share's end before the next layer's routing reaches
+  // the host; a share not yet marked (a failed launch of the host function)
+  // teaches nothing.
+  if (done <= gpu_share_t0_ns_) return;
+  const double measured = static_cast<double>(done - gpu_share_t0_ns_) * 1e-9;
+  const double before = expert_cost_.pcie_bytes_per_s;
+  expert_cost_.pcie_bytes_per_s = CorrectedCopyRate(before, calibrated_pcie_, measured, modelled);
+  ++copy_rate_corrections_;
+  if (stage_times_) {
+    KTX_LOG(INFO, "gpu") << absl::StrFormat(
+        "split copy rate: the last GPU share took %.1f ms (modelled %.1f): %.1f -> %.1f GB/s "
+        "(calibrated %.1f)",
+        measured * 1e3, modelled * 1e3, before / 1e9, expert_cost_.pcie_bytes_per_s / 1e9,
+        calibrated_pcie_ / 1e9);
+  }
 }
 
 bool CudaDeepseek2::DecodeSplits(int64_t n_tokens) const {
@@ -1272,6 +1311,9 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     bool cpu_started = false;
     auto cpu_t0 = std::chrono::steady_clock::now();
     const bool resident = experts_ != nullptr && !experts_->ResidentExperts(il).empty();
+    // A cost-model split's planning time and modelled GPU time (LearnCopyRate).
+    int64_t share_t0_ns = 0;
+    double share_modelled_s = 0;
     if (stream_experts || resident) {
       // The GPU's experts: the resident ones with tokens (every batch size),
       // then, streaming, the prefetched ones (plus, all-GPU, every other used
@@ -1295,9 +1337,16 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
         std::vector<int32_t> chosen;
         if (prefetch && expert_mode_ == GpuExpertMode::kAuto && expert_options_.replan_split) {
           // The copies in flight stay; the rest of the GPU's share from the
-          // actual counts and the CPU figures as corrected so far.
+          // actual counts and the CPU figures and copy rate as corrected so far.
+          if (expert_options_.learn_copy_rate) LearnCopyRate();
           const std::vector<int32_t> in_flight = experts_->DropUnissued(il);
-          chosen = PlanExpertSplit(expert_cost_, rest, experts_->shape(), n, in_flight).gpu_experts;
+          share_t0_ns =
+              std::chrono::steady_clock::now().time_since_epoch() / std::chrono::nanoseconds(1);
+          const int64_t copied = experts_->CopiesFinished(il);
+          const ExpertSplit split =
+              PlanExpertSplit(expert_cost_, rest, experts_->shape(), n, in_flight, copied);
+          chosen = split.gpu_experts;
+          share_modelled_s = split.gpu_s;
         } else {
           chosen = prefetch ? prefetched : GpuExpertsFor(n, rest);
         }
@@ -1325,6 +1374,14 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       if (!gpu_experts.empty()) {  // (a decode split may give the GPU none)
         KTX_RETURN_IF_ERROR(
             experts_->Compute(il, gpu_experts, routing, runner_->h_bf16(), n_embd, x, n_embd));
+        // A split's GPU share: the stream marks its end for LearnCopyRate.
+        if (share_modelled_s > 0 && cpu_entries > 0 && expert_options_.learn_copy_rate) {
+          gpu_share_done_ns_.store(0, std::memory_order_relaxed);
+          KTX_RETURN_IF_ERROR(CudaOk(cudaLaunchHostFunc(stream, &MarkGpuShareDone, this),
+                                     "marking the end of the GPU's experts"));
+          gpu_share_t0_ns_ = share_t0_ns;
+          gpu_share_modelled_s_ = share_modelled_s;
+        }
       }
       if (stage_times_) {
         if (split_probe_ == nullptr) {

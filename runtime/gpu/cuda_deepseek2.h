@@ -36,9 +36,11 @@
 //
 // Thread-safety: none; one caller at a time (one stream, shared buffers). The
 // model must outlive this object; its expert backend is called from the
-// calling thread.
+// calling thread. (One member, gpu_share_done_ns_, is written by a host
+// function on a CUDA thread: an atomic.)
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -120,6 +122,11 @@ class CudaDeepseek2 {
   // Calibrated GPU rates and the CPU figures; null streamer when off and no
   // expert is resident.
   const ExpertCostModel& expert_cost_model() const { return expert_cost_; }
+  // The copy rate measured at creation (bytes/s), and how many times a split
+  // layer's measured GPU share has corrected the model's rate since
+  // (GpuExpertOptions::learn_copy_rate).
+  double calibrated_copy_rate() const { return calibrated_pcie_; }
+  int64_t copy_rate_corrections() const { return copy_rate_corrections_; }
   // The decode split's model (GpuExpertOptions::decode_split; fixed at
   // creation) and whether a batch of n tokens splits by it.
   const ExpertCostModel& decode_cost_model() const { return decode_cost_; }
@@ -371,6 +378,20 @@ class CudaDeepseek2 {
   // Scales the cost model's CPU figures by ratio^0.7 (measured / modelled CPU
   // time of a split layer), within [1/4, 8] x the configured figures.
   void CorrectCpuCost(double ratio);
+  // GpuExpertOptions::learn_copy_rate: a split layer's GPU share, planned at
+  // host time gpu_share_t0_ns_ (steady clock) with modelled time
+  // gpu_share_modelled_s_ (0: none pending), is followed on the stream by a
+  // host function (MarkGpuShareDone, on a CUDA thread) that stores the time
+  // the stream passed its end in gpu_share_done_ns_; LearnCopyRate, called
+  // when the next split is planned, corrects expert_cost_'s copy rate from
+  // them (CorrectedCopyRate against calibrated_pcie_).
+  static void CUDART_CB MarkGpuShareDone(void* self);
+  void LearnCopyRate();
+  double calibrated_pcie_ = 0;  // bytes/s, Calibrate's
+  int64_t gpu_share_t0_ns_ = 0;
+  double gpu_share_modelled_s_ = 0;
+  std::atomic<int64_t> gpu_share_done_ns_{0};
+  int64_t copy_rate_corrections_ = 0;
   // DecodeSplits: kAuto with experts.decode_split and a batch below
   // min_batch_tokens; the decode model then chooses the GPU's experts at the
   // routing.

@@ -1,6 +1,7 @@
 #include "runtime/gpu/expert_cost_model.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -61,7 +62,8 @@ double GpuComputeSeconds(const ExpertCostModel& model, const ExpertShape& shape,
 
 ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
-                            int64_t n_tokens, std::span<const int32_t> on_gpu_already) {
+                            int64_t n_tokens, std::span<const int32_t> on_gpu_already,
+                            int64_t n_copied_already) {
   ExpertSplit split;
   const int64_t n_expert = static_cast<int64_t>(tokens_per_expert.size());
   std::vector<uint8_t> forced(tokens_per_expert.size(), 0);
@@ -80,17 +82,18 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   }
   std::erase_if(order, [&](int32_t e) { return forced[e] != 0; });
   const double copy1 = valid ? GpuCopySeconds(model, shape) : 0.0;
-  const double fill = valid ? GpuFillSeconds(model, shape) : 0.0;
+  const int64_t n_copied = std::clamp<int64_t>(n_copied_already, 0, forced_ids.size());
+  const double fill = valid && n_copied == 0 ? GpuFillSeconds(model, shape) : 0.0;
   // Every option with CPU experts (all-CPU included) pays the serial part.
   const double serial =
       std::max(model.split_serial_s_per_token, 0.0) * static_cast<double>(n_tokens);
   // The experts already on the GPU (copies in flight): copied whatever their
   // tokens, computed where they have some; then a prefix k of `order` joins them.
   double cpu_left = split.all_cpu_s, copy = 0, compute = 0;
-  for (int32_t e : forced_ids) {
-    const int64_t m = tokens_per_expert[e];
+  for (size_t i = 0; i < forced_ids.size(); ++i) {
+    const int64_t m = tokens_per_expert[forced_ids[i]];
     cpu_left -= CpuExpertSeconds(model, m);
-    copy += copy1;
+    if (static_cast<int64_t>(i) >= n_copied) copy += copy1;
     if (m > 0 && valid) compute += GpuComputeSeconds(model, shape, m);
   }
   // The CPU's part (0 when rounding leaves only a residue) and an option's time.
@@ -132,6 +135,16 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   split.cpu_s = best_cpu;
   split.serial_s = best_cpu > 0 ? serial : 0.0;
   return split;
+}
+
+double CorrectedCopyRate(double rate, double calibrated, double measured_s, double modelled_s) {
+  if (!(rate > 0) || !(calibrated > 0) || !(measured_s > 0) || !(modelled_s > 0) ||
+      !std::isfinite(rate) || !std::isfinite(calibrated) || !std::isfinite(measured_s) ||
+      !std::isfinite(modelled_s)) {
+    return rate;
+  }
+  const double f = std::pow(modelled_s / measured_s, 0.7);
+  return std::clamp(rate * f, calibrated / 4, 2 * calibrated);
 }
 
 ExpertCostModel DecodeCostModel(const ExpertCostModel& calibrated, const ExpertShape& shape,

@@ -87,10 +87,27 @@ double GpuFillSeconds(const ExpertCostModel& model, const ExpertShape& shape);
 // gpu_experts, count in the GPU's time (copied even without tokens) and not
 // in the CPU's, and the prefix is chosen among the others. With some, the
 // split is kept even when it saves less than gpu_layer_fixed_s, and below
-// min_batch_tokens they are the whole GPU share.
+// min_batch_tokens they are the whole GPU share. n_copied_already: how many of
+// on_gpu_already (the first ones: copies finish in order) have finished their
+// copy: they cost no copy time, and with any the set pays no fill (the GPU
+// computes them while the next copies run).
 ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
                             std::span<const int64_t> tokens_per_expert, const ExpertShape& shape,
-                            int64_t n_tokens, std::span<const int32_t> on_gpu_already = {});
+                            int64_t n_tokens, std::span<const int32_t> on_gpu_already = {},
+                            int64_t n_copied_already = 0);
+
+// The copy rate learnt from a split layer whose GPU share took `measured_s`
+// (host time from its planning to the stream passing its end) against the
+// `modelled_s` the split planned at `rate` (the share's copies set its time
+// at prefill): rate * (modelled / measured)^0.7, damped as the CPU figures'
+// correction, within [calibrated / 4, 2 calibrated]. An effective rate: during
+// a split the CPU experts' reads share the host's memory with the copy engine
+// and the link gives less than its calibration (copies alone), while the
+// copies prefetched before the planning (which the model counts in full)
+// shorten the share; on the H200 machine (2026-11-30) shares took 0.7x to
+// 1.1x their modelled time, machine by machine. `rate` unchanged for
+// non-positive or non-finite inputs.
+double CorrectedCopyRate(double rate, double calibrated, double measured_s, double modelled_s);
 
 // The model for decode-sized batches (below the prefill model's
 // min_batch_tokens), where the CPU's experts are bound by host memory

@@ -708,6 +708,17 @@ std::vector<int32_t> GpuExpertStreamer::DropUnissued(int il) {
   return kept;
 }
 
+int64_t GpuExpertStreamer::CopiesFinished(int il) const {
+  int64_t n = 0;
+  for (const Pending& p : queue_) {
+    if (p.il != il || p.slot < 0) continue;
+    // One copy stream: copies finish in issue order, so stop at the first in flight.
+    if (cudaEventQuery(copied_[p.slot]) != cudaSuccess) break;
+    ++n;
+  }
+  return n;
+}
+
 absl::Status GpuExpertStreamer::Reset() {
   absl::Status s = CudaOk(cudaStreamSynchronize(copy_), "synchronising the expert copy stream");
   absl::Status c = CudaOk(cudaStreamSynchronize(compute_), "synchronising the compute stream");

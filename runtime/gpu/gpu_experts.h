@@ -178,6 +178,10 @@ class GpuExpertStreamer {
   // Compute must list first. Lets the caller choose the rest of the layer's
   // GPU experts once the routing is known.
   std::vector<int32_t> DropUnissued(int il);
+  // Of layer il's copies in flight (DropUnissued's order, the copy order),
+  // how many have finished (their slot's copy event has completed; a query,
+  // no wait).
+  int64_t CopiesFinished(int il) const;
   // Drops planned copies and waits for both streams (after an error, or to
   // cancel a prefetch).
   absl::Status Reset();

@@ -50,6 +50,16 @@ struct GpuExpertOptions {
   // layer (the experts in flight stay on the GPU). false: the prefetched set
   // is the GPU's share. KTX_GPU_SPLIT_REPLAN=0|1 in the environment overrides it.
   bool replan_split = true;
+  // kAuto with replan_split: after each split layer the GPU share's measured
+  // time (from its planning to the stream passing its end) corrects the cost
+  // model's copy rate (CorrectedCopyRate: damped, within a quarter of and
+  // twice the calibrated rate), as the CPU side's measured time corrects the
+  // CPU figures: during a split the CPU experts' reads share the host's memory
+  // with the copy engine (the calibration, copies alone, overrates the link),
+  // and the copies prefetched before the planning shorten the share (which
+  // the model counts in full). false: the calibrated rate throughout.
+  // KTX_GPU_SPLIT_LEARN_COPY=0|1 in the environment overrides it.
+  bool learn_copy_rate = true;
   bool register_host_memory = true;  // page-lock the mapped file (false: pinned bounce copy)
   // The CPU expert backend's time for one expert with m tokens:
   // fixed + per_token * m. Defaults from the AMX tile path on the GPU machine's

@@ -562,6 +562,32 @@ TEST_P(CudaDeepseek2Test, RoutedExpertsOnGpuMatchTheCpuPath) {
     EXPECT_GT(st.experts_computed, 0);
     EXPECT_LT(st.experts_computed, computed) << "the split gave the CPU nothing";
     ExpectAgree(CompareRows(split, cpu), "CPU/GPU split vs CPU", GetParam());
+    if (variant == 1) {
+      // The split learns its copy rate from each split layer's GPU share (read
+      // when the next split is planned: at the latest the next pass's first),
+      // within [a quarter of, twice] the calibrated rate; with
+      // learn_copy_rate off the calibrated rate stays.
+      Activations again;
+      run(**other, GpuExpertMode::kAuto, &again);
+      ExpectAgree(CompareRows(again, cpu), "CPU/GPU split vs CPU, second pass", GetParam());
+      const double cal = (*other)->calibrated_copy_rate();
+      const double rate = (*other)->expert_cost_model().pcie_bytes_per_s;
+      std::printf("[ measured ] %s: copy rate %.2f GB/s after %lld corrections (calibrated %.2f)\n",
+                  GetParam().c_str(), rate / 1e9,
+                  static_cast<long long>((*other)->copy_rate_corrections()), cal / 1e9);
+      EXPECT_GE((*other)->copy_rate_corrections(), 1);
+      EXPECT_GT(cal, 0);
+      EXPECT_LE(rate, 2 * cal);
+      EXPECT_GE(rate, cal / 4);
+      CudaModelOptions fixed = o;
+      fixed.experts.learn_copy_rate = false;
+      auto steady = CudaDeepseek2::Create(*model_, fixed);
+      ASSERT_TRUE(steady.ok()) << steady.status();
+      run(**steady, GpuExpertMode::kAuto, &again);
+      run(**steady, GpuExpertMode::kAuto, &again);
+      EXPECT_EQ((*steady)->copy_rate_corrections(), 0);
+      EXPECT_EQ((*steady)->expert_cost_model().pcie_bytes_per_s, (*steady)->calibrated_copy_rate());
+    }
   }
   // Off: no streamer; switching on is refused.
   o.experts.mode = GpuExpertMode::kOff;
@@ -1373,6 +1399,7 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
         {"KTX_GPU_SPLIT_SERIAL_US", "-1"},
         {"KTX_GPU_ROUTED_ZERO_COPY", "yes"},
         {"KTX_GPU_SPLIT_REPLAN", "yes"},
+        {"KTX_GPU_SPLIT_LEARN_COPY", "2"},
         {"KTX_GPU_EXPERT_SLOTS", "1"}}) {
     setenv(var, value, 1);
     auto bad = CudaDeepseek2::Create(*model_, TestOptions());

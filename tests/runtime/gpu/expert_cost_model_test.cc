@@ -168,6 +168,23 @@ TEST(ExpertCostModel, ExpertsInFlightStayAndTheRestIsChosenFromTheCounts) {
     best = std::min(best, std::max(std::max(copy, compute) + copy1, cpu));
   }
   EXPECT_NEAR(std::max(split.gpu_s - m.gpu_layer_fixed_s, split.cpu_s), best, 1e-12);
+  // Copies that have finished cost nothing (nor a fill): the GPU's time drops
+  // by theirs and it takes more of the rest.
+  const ExpertSplit copied = PlanExpertSplit(m, count, s, n, in_flight, 8);
+  EXPECT_TRUE(std::equal(in_flight.begin(), in_flight.end(), copied.gpu_experts.begin()));
+  EXPECT_GT(copied.gpu_experts.size(), split.gpu_experts.size());
+  {
+    double copy = copy1 * static_cast<double>(copied.gpu_experts.size() - 8), compute = 0;
+    for (int32_t e : copied.gpu_experts) {
+      if (count[e] > 0) {
+        compute += m.gpu_expert_fixed_s + 6.0 * count[e] * s.n_embd * s.n_ff / m.gpu_flops_per_s;
+      }
+    }
+    EXPECT_NEAR(copied.gpu_s, std::max(copy, compute) + m.gpu_layer_fixed_s, 1e-12);
+  }
+  // More than the experts in flight counts as all of them.
+  EXPECT_EQ(PlanExpertSplit(m, count, s, n, in_flight, 99).gpu_experts,
+            PlanExpertSplit(m, count, s, n, in_flight, 12).gpu_experts);
   // Without experts in flight the plan is the plain one.
   const ExpertSplit plain = PlanExpertSplit(m, count, s, n);
   EXPECT_EQ(plain.gpu_experts, PlanExpertSplit(m, count, s, n, {}).gpu_experts);
@@ -334,6 +351,49 @@ namespace {
 // one side (the GPU's experts by on_gpu, the CPU's in its row in order, with
 // its weight), CPU rows are compacted and padded with kNoExpert, on narrow
 // (policy-reduced) and padded routings of awkward sizes.
+// The copy rate learnt from a split's GPU share: damped toward what was
+// measured, within [a quarter of, twice] the calibration, and a slower
+// effective link gives the GPU fewer experts of the same layer, a faster one more.
+TEST(ExpertCostModel, CopyRateLearntFromASplitStaysWithinTheCalibration) {
+  const double cal = 54e9;
+  // The share took 10 % longer than modelled: the rate falls by 1.1^0.7.
+  EXPECT_NEAR(CorrectedCopyRate(cal, cal, 0.099, 0.090), cal / std::pow(1.1, 0.7), 1e3);
+  // Repeated, it settles toward the measured rate but not past the floor.
+  double r = cal;
+  for (int i = 0; i < 200; ++i) r = CorrectedCopyRate(r, cal, 0.3, 0.3 * cal / r / 10);
+  EXPECT_DOUBLE_EQ(r, cal / 4);
+  // Faster than modelled (copies prefetched before the planning): up, at most to twice the
+  // calibration.
+  EXPECT_NEAR(CorrectedCopyRate(40e9, cal, 0.080, 0.088), 40e9 * std::pow(1.1, 0.7), 1e3);
+  EXPECT_NEAR(CorrectedCopyRate(50e9, cal, 0.050, 0.100), 50e9 * std::pow(2.0, 0.7), 1e3);
+  EXPECT_DOUBLE_EQ(CorrectedCopyRate(100e9, cal, 0.050, 0.100), 2 * cal);
+  // Nothing usable measured: unchanged.
+  for (const auto& [measured, modelled] : {std::pair<double, double>{0.0, 0.09},
+                                           {0.09, 0.0},
+                                           {-1.0, 0.09},
+                                           {NAN, 0.09},
+                                           {0.09, INFINITY}}) {
+    EXPECT_DOUBLE_EQ(CorrectedCopyRate(45e9, cal, measured, modelled), 45e9)
+        << measured << " " << modelled;
+  }
+  EXPECT_DOUBLE_EQ(CorrectedCopyRate(45e9, 0.0, 0.1, 0.09), 45e9);
+  // What the rate is for: the same layer plans fewer GPU experts at the learnt rate.
+  ExpertCostModel m = Dsv3Model();
+  const ExpertShape shape = Dsv3Shape();
+  const std::vector<int64_t> counts = UniformTokensPerExpert(2048, 8, 256);
+  const ExpertSplit at_calibration = PlanExpertSplit(m, counts, shape, 2048);
+  m.pcie_bytes_per_s = CorrectedCopyRate(m.pcie_bytes_per_s, m.pcie_bytes_per_s,
+                                         1.2 * at_calibration.gpu_s, at_calibration.gpu_s);
+  const ExpertSplit learnt = PlanExpertSplit(m, counts, shape, 2048);
+  EXPECT_LT(learnt.gpu_experts.size(), at_calibration.gpu_experts.size());
+  EXPECT_FALSE(learnt.gpu_experts.empty());
+  m.pcie_bytes_per_s = CorrectedCopyRate(at_calibration.gpu_s > 0 ? 50e9 : 0, 50e9,
+                                         0.8 * at_calibration.gpu_s, at_calibration.gpu_s);
+  EXPECT_GT(m.pcie_bytes_per_s, 50e9);
+  EXPECT_GT(PlanExpertSplit(m, counts, shape, 2048).gpu_experts.size(),
+            at_calibration.gpu_experts.size());
+}
+
 TEST(CpuPartOfRoutingTest, EveryEntryLandsOnExactlyOneSide) {
   std::mt19937 rng(20261126);
   for (const int32_t k_used : {1, 3, 8}) {
