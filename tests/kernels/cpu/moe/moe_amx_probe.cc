@@ -16,6 +16,10 @@
 // the same bytes tile-major, with software prefetches streaming a large
 // array meanwhile (docs/performance.md, twenty-third session).
 //
+// The 4x1 cases block the registers as 4 token tiles x 1 panel (one B tile
+// per k-step used 4 times, the 64 tokens' A tiles of one group L1-resident)
+// against the kernel's 2 x 2 (twenty-fifth session).
+//
 // --rows times register-only products with A and C tiles of fewer rows (and
 // with a configuration load every 32 products).
 //
@@ -243,6 +247,18 @@ int Main(int argc, char** argv) {
       {"same + fix-up / 8, deferred", true, 0, false, false, F::kDeferred, 8, true, true, 2},
       {"tiles, B ring + A tile-major + stream 2 + fix-up / 8", true, 0, false, false, F::kDeferred,
        8, true, true, 2, true},
+      // Register blocking 4 x 1 (one B tile per k-step, the 64 tokens' A
+      // tiles of one group in L1) against 2 x 2 with the same memory.
+      {"B ring + A tile-major + stream 8 + fix-up / 8", true, 0, false, false, F::kDeferred, 8,
+       true, true, 8, true},
+      {"4x1: B from two 16 KiB items, A 32 KiB", true, 0, false, false, F::kNone, 8, false, false,
+       0, false, 1, 1, true},
+      {"4x1: B ring, A in L1", true, 0, false, false, F::kNone, 8, true, false, 0, false, 1, 1,
+       true},
+      {"4x1: B ring, A in L1 + stream 8", true, 0, false, false, F::kNone, 8, true, false, 8, false,
+       1, 1, true},
+      {"4x1: B ring, A in L1 + stream 8 + fix-up / 8", true, 0, false, false, F::kDeferred, 8, true,
+       false, 8, false, 1, 1, true},
   };
   const int n_cases = static_cast<int>(sizeof(cases) / sizeof(cases[0]));
   std::vector<std::vector<double>> best(n_cases, std::vector<double>(n_threads, 1e30));

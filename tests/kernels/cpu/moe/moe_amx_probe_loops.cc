@@ -47,6 +47,90 @@ void FixUp(const int32_t* c, float* out) {
   }
 }
 
+// One k-step of the 4 x 1 blocking with the B tile in register 6 or 7.
+inline void KStep4x1B6(const int8_t* b, const int8_t* a0, const int8_t* a1, const int8_t* a2,
+                       const int8_t* a3) {
+  _tile_loadd(6, b, 64);
+  _tile_loadd(4, a0, 64);
+  _tile_dpbssd(0, 4, 6);
+  _tile_loadd(5, a1, 64);
+  _tile_dpbssd(1, 5, 6);
+  _tile_loadd(4, a2, 64);
+  _tile_dpbssd(2, 4, 6);
+  _tile_loadd(5, a3, 64);
+  _tile_dpbssd(3, 5, 6);
+}
+inline void KStep4x1B7(const int8_t* b, const int8_t* a0, const int8_t* a1, const int8_t* a2,
+                       const int8_t* a3) {
+  _tile_loadd(7, b, 64);
+  _tile_loadd(4, a0, 64);
+  _tile_dpbssd(0, 4, 7);
+  _tile_loadd(5, a1, 64);
+  _tile_dpbssd(1, 5, 7);
+  _tile_loadd(4, a2, 64);
+  _tile_dpbssd(2, 4, 7);
+  _tile_loadd(5, a3, 64);
+  _tile_dpbssd(3, 5, 7);
+}
+
+void StreamLines(const ProbeCase& pc, const uint8_t* stream, int64_t* off) {
+  for (int l = 0; l < pc.stream_lines; ++l) {
+    const char* line = reinterpret_cast<const char*>(stream + *off);
+    switch (pc.stream_hint) {
+      case 0: _mm_prefetch(line, _MM_HINT_T0); break;
+      case 2: _mm_prefetch(line, _MM_HINT_T2); break;
+      case 3: _mm_prefetch(line, _MM_HINT_NTA); break;
+      default: _mm_prefetch(line, _MM_HINT_T1); break;
+    }
+    *off = (*off + 64 * pc.stream_step) % ProbeBuffers::kStreamBytes;
+  }
+}
+
+// The 4 x 1 loop (ProbeCase::one_by_four): per item two 16-row panels of one
+// 512-k group (the ring's 16 KiB item, or the L1 buffer), each 8 k-steps of
+// 4 products against the 64 tokens' A tiles of group 0 (tile-major, 4 x 8 KiB).
+double RunOneByFourLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
+  int64_t steps = 0, stream_off = 0;
+  int cb = 0;
+  const int32_t* pending = nullptr;
+  const int8_t* a = bf->a_tiles;  // token tile t, k-step kk: a + (t * 112 + kk) * 1024
+  const double t0 = Now();
+  for (int64_t it = 0; it < items; ++it) {
+    const int8_t* item =
+        pc.b_from_ring ? bf->b_ring + (it % ProbeBuffers::kRingItems) * 16384 : bf->b[it & 1];
+    for (int panel = 0; panel < 2; ++panel) {
+      const int8_t* b = item + 8192 * panel;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int kk = 0; kk < 8; kk += 2, steps += 2) {
+        KStep4x1B6(b + 1024 * kk, a + kk * 1024, a + (112 + kk) * 1024, a + (224 + kk) * 1024,
+                   a + (336 + kk) * 1024);
+        StreamLines(pc, bf->stream, &stream_off);
+        if (pc.fixup == ProbeFixup::kDeferred && kk == 0 && pending != nullptr) {
+          FixUp(pending, bf->out);
+          pending = nullptr;
+        }
+        KStep4x1B7(b + 1024 * (kk + 1), a + (kk + 1) * 1024, a + (113 + kk) * 1024,
+                   a + (225 + kk) * 1024, a + (337 + kk) * 1024);
+        StreamLines(pc, bf->stream, &stream_off);
+      }
+      if (pc.fixup != ProbeFixup::kNone) {
+        int32_t* c = bf->c[cb];
+        cb ^= 1;
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+        _tile_stored(2, c + 512, 64);
+        _tile_stored(3, c + 768, 64);
+        if (pc.fixup == ProbeFixup::kNow) FixUp(c, bf->out);
+        if (pc.fixup == ProbeFixup::kDeferred) pending = c;
+      }
+    }
+  }
+  return (Now() - t0) / static_cast<double>(steps) * 1e9;
+}
+
 }  // namespace
 
 void ConfigureTilesForProbe() { LoadAmxTileConfig(AllTiles16x64()); }
@@ -54,6 +138,7 @@ void ConfigureTilesForProbe() { LoadAmxTileConfig(AllTiles16x64()); }
 void ReleaseTilesForProbe() { _tile_release(); }
 
 double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
+  if (pc.one_by_four) return RunOneByFourLoop(pc, bf, items);
   const __m512i fa = _mm512_set1_epi16(301), fb = _mm512_set1_epi16(77);
   constexpr int kBlocks = 2;  // 64 tokens: two 32-token blocks over one A slice in L1
   int64_t steps = 0;
@@ -105,16 +190,7 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
           _tile_dpbssd(3, 5, 7);
         }
         convert(pc.units_per_step - 3 * quarter);
-        for (int l = 0; l < pc.stream_lines; ++l) {
-          const char* line = reinterpret_cast<const char*>(bf->stream + stream_off);
-          switch (pc.stream_hint) {
-            case 0: _mm_prefetch(line, _MM_HINT_T0); break;
-            case 2: _mm_prefetch(line, _MM_HINT_T2); break;
-            case 3: _mm_prefetch(line, _MM_HINT_NTA); break;
-            default: _mm_prefetch(line, _MM_HINT_T1); break;
-          }
-          stream_off = (stream_off + 64 * pc.stream_step) % ProbeBuffers::kStreamBytes;
-        }
+        StreamLines(pc, bf->stream, &stream_off);
         if (pc.fixup == ProbeFixup::kDeferred && ks == 0 && pending != nullptr) {
           FixUp(pending, bf->out);
           pending = nullptr;

@@ -58,6 +58,13 @@ struct ProbeCase {
   // Lines the stream advances per prefetch (2: every other line, leaving the
   // 128-byte pair's other line to the L2 spatial prefetcher).
   int stream_step = 1;
+  // Register blocking 4 x 1 instead of 2 x 2: the four C tiles are the 64
+  // tokens' four 16-row tiles against one 16-row panel, so that a k-step
+  // loads one B tile (from the ring, once, 4 products) and the four A tiles
+  // of one group's activations (32 KiB tile-major, L1-resident across the
+  // panels); two A and two B registers alternate. Takes b_from_ring,
+  // stream_lines, stream_hint and fixup from the fields above.
+  bool one_by_four = false;
 };
 
 void ConfigureTilesForProbe();
