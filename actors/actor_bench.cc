@@ -381,36 +381,47 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
     }
   }
 
-  auto run_prefill = [&](int64_t p) -> absl::Status {
+  // A prefill of p tokens, timed prefill_repeats times: the median run's
+  // figures and phase, every run's tok/s beside them.
+  auto run_prefill = [&](int64_t p, int repeats) -> absl::Status {
     GenerateRequest request;
     request.prompt =
         p == context ? context_tokens : bench::BenchRandomTokens(p, n_vocab, options.seed + p);
     request.max_tokens = 0;
     request.stop_at_eos = false;
     say(absl::StrCat("prefill ", p, " tokens"));
-    const auto t0 = Clock::now();
-    KTX_ASSIGN_OR_RETURN(GenerateResult r, engine.Generate(request));
-    const double seconds = Seconds(t0, Clock::now());
-    KTX_ASSIGN_OR_RETURN(std::vector<StepRecord> steps, steps_where([&](const StepRecord& s) {
-                           return s.prefill_id == r.id && s.code == absl::StatusCode::kOk;
-                         }));
-    std::set<uint64_t> ids;
-    for (const StepRecord& s : steps) ids.insert(s.step);
-    double expert_bytes = 0;
-    ActorBenchPhase phase = Aggregate(absl::StrCat("prefill ", p), engine.Profile(), ids,
-                                      hp.n_layer, n_shards, bytes_per_expert, &expert_bytes);
-    phase.seconds = seconds;
-    bench::PrefillResult pr;
-    pr.prompt_len = p;
-    pr.seconds = seconds;
-    pr.tok_s = static_cast<double>(p) / seconds;
-    pr.stages = ToStageBreakdown(phase, hp);
-    pr.expert_bytes_per_token =
-        expert_bytes / static_cast<double>(std::max<int64_t>(phase.tokens, 1));
-    say(absl::StrFormat("prefill %d tokens: %.2f s, %.2f tok/s (%d steps)", p, seconds, pr.tok_s,
-                        phase.steps));
-    result.prefill.push_back(std::move(pr));
-    out.phases.push_back(std::move(phase));
+    std::vector<bench::PrefillResult> runs;
+    std::vector<ActorBenchPhase> phases;
+    std::vector<double> seconds_of;
+    for (int run = 0; run < repeats; ++run) {
+      const auto t0 = Clock::now();
+      KTX_ASSIGN_OR_RETURN(GenerateResult r, engine.Generate(request));
+      const double seconds = Seconds(t0, Clock::now());
+      KTX_ASSIGN_OR_RETURN(std::vector<StepRecord> steps, steps_where([&](const StepRecord& s) {
+                             return s.prefill_id == r.id && s.code == absl::StatusCode::kOk;
+                           }));
+      std::set<uint64_t> ids;
+      for (const StepRecord& s : steps) ids.insert(s.step);
+      double expert_bytes = 0;
+      ActorBenchPhase phase = Aggregate(absl::StrCat("prefill ", p), engine.Profile(), ids,
+                                        hp.n_layer, n_shards, bytes_per_expert, &expert_bytes);
+      phase.seconds = seconds;
+      bench::PrefillResult pr;
+      pr.prompt_len = p;
+      pr.seconds = seconds;
+      pr.tok_s = static_cast<double>(p) / seconds;
+      pr.stages = ToStageBreakdown(phase, hp);
+      pr.expert_bytes_per_token =
+          expert_bytes / static_cast<double>(std::max<int64_t>(phase.tokens, 1));
+      say(absl::StrFormat(
+          "prefill %d tokens: %.2f s, %.2f tok/s (%d steps)%s", p, seconds, pr.tok_s, phase.steps,
+          repeats > 1 ? absl::StrFormat(" (run %d of %d)", run + 1, repeats) : std::string()));
+      seconds_of.push_back(seconds);
+      runs.push_back(std::move(pr));
+      phases.push_back(std::move(phase));
+    }
+    out.phases.push_back(std::move(phases[bench::MedianRunIndex(seconds_of)]));
+    result.prefill.push_back(bench::MedianPrefillRun(std::move(runs)));
     phase_done();
     return absl::OkStatus();
   };
@@ -523,9 +534,9 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
 
   // Order as runtime/bench: the decode context's prefill, the decode
   // batches, the other prompt lengths.
-  KTX_RETURN_IF_ERROR(run_prefill(context));
   const bool context_listed = std::find(options.prompt_lens.begin(), options.prompt_lens.end(),
                                         context) != options.prompt_lens.end();
+  KTX_RETURN_IF_ERROR(run_prefill(context, context_listed ? options.prefill_repeats : 1));
   for (int64_t batch : options.batch_sizes) {
     const std::string phase = absl::StrCat("decode batch ", batch);
     // Its prompts' prefill, from the measured prefills, and its steps.
@@ -554,10 +565,11 @@ absl::StatusOr<ActorBenchResult> RunActorBenchmark(Engine& engine,
   std::set<int64_t> done = {context};
   for (int64_t p : options.prompt_lens) {
     if (!done.insert(p).second) continue;
-    if (!fits(absl::StrCat("prefill ", p), bench::EstimatePrefillSeconds(result.prefill, p))) {
+    if (!fits(absl::StrCat("prefill ", p),
+              options.prefill_repeats * bench::EstimatePrefillSeconds(result.prefill, p))) {
       continue;
     }
-    KTX_RETURN_IF_ERROR(run_prefill(p));
+    KTX_RETURN_IF_ERROR(run_prefill(p, options.prefill_repeats));
   }
   if (!context_listed) {
     // The context's prefill ran for the decode phases only.

@@ -2,7 +2,8 @@
 //
 //   ktx-ctl bench --model M.gguf [--prompt-len 512,2048] [--gen 128] [--batch 1,4,16]
 //                 [--threads N] [--experts fast|reference] [--json FILE]
-//                 [--decode-ctx N] [--prefill-chunk N] [--seed S] [--temperature T]
+//                 [--decode-ctx N] [--prefill-chunk N] [--prefill-repeats R] [--seed S]
+//                 [--temperature T]
 //                 [--read-mib N] [--max-seconds S] [--topology FILE | --shards N]
 //                 [--policy SPEC]
 //
@@ -77,6 +78,7 @@ struct BenchFlags {
   std::string json;
   int64_t decode_ctx = 0;
   int64_t prefill_chunk = 0;
+  int prefill_repeats = 1;  // --prefill-repeats: BenchOptions::prefill_repeats
   uint64_t seed = 1234;
   float temperature = 1.0f;
   int64_t read_mib = 1024;
@@ -130,6 +132,7 @@ absl::Status RunBench(const BenchFlags& flags) {
   options.n_gen = flags.gen;
   options.decode_context = flags.decode_ctx;
   options.prefill_chunk = flags.prefill_chunk;
+  options.prefill_repeats = flags.prefill_repeats;
   options.seed = flags.seed;
   options.temperature = flags.temperature;
   if (!(flags.max_seconds >= 0)) {
@@ -405,6 +408,9 @@ void AddBenchCommands(CLI::App& app, int* exit_code) {
                   "Context tokens before decoding (default: the smallest --prompt-len)");
   cmd->add_option("--prefill-chunk", flags->prefill_chunk,
                   "Prefill in batches of at most N tokens (default 0: the whole prompt)");
+  cmd->add_option("--prefill-repeats", flags->prefill_repeats,
+                  "Timed runs of each prefill, 1..100 (default 1): the median run is reported, "
+                  "with every run's tok/s beside it");
   cmd->add_option("--seed", flags->seed, "Seed of the prompt tokens and the sampling (1234)");
   cmd->add_option("--temperature", flags->temperature, "Sampling temperature, > 0 (default 1)");
   cmd->add_option("--read-mib", flags->read_mib,

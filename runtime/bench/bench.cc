@@ -308,6 +308,25 @@ double EstimatePrefillSeconds(const std::vector<PrefillResult>& done, int64_t p)
   return n * per_token(*a) * std::max(1.0, (1.0 + ratio) / 2.0);
 }
 
+size_t MedianRunIndex(const std::vector<double>& seconds) {
+  std::vector<size_t> order(seconds.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return seconds[a] < seconds[b]; });
+  return order.empty() ? 0 : order[(order.size() - 1) / 2];
+}
+
+PrefillResult MedianPrefillRun(std::vector<PrefillResult> runs) {
+  std::vector<double> seconds, tok_s;
+  for (const PrefillResult& r : runs) {
+    seconds.push_back(r.seconds);
+    tok_s.push_back(r.tok_s);
+  }
+  PrefillResult m = std::move(runs[MedianRunIndex(seconds)]);
+  m.runs_tok_s = std::move(tok_s);
+  return m;
+}
+
 absl::Status BenchOptions::Validate() const {
   if (prompt_lens.empty()) return absl::InvalidArgumentError("--prompt-len: no length given");
   for (int64_t p : prompt_lens) {
@@ -335,6 +354,10 @@ absl::Status BenchOptions::Validate() const {
         absl::StrCat("temperature ", temperature, ": the benchmark samples, expected (0, 100]"));
   }
   if (read_repeats <= 0) return absl::InvalidArgumentError("read_repeats must be > 0");
+  if (prefill_repeats < 1 || prefill_repeats > 100) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prefill-repeats ", prefill_repeats, ": expected [1, 100] timed runs per prompt length"));
+  }
   if (!(max_seconds >= 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-seconds ", max_seconds, ": expected >= 0 (0: no budget)"));
@@ -488,21 +511,35 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
     profile.Reset();
     if (experts != nullptr) experts->ResetRunStats();
     say(absl::StrCat(report ? "prefill " : "decode context: prefill ", p, " tokens"));
-    const auto t0 = Clock::now();
+    auto t0 = Clock::now();
     KTX_RETURN_IF_ERROR(Prefill(model, prompt, options.prefill_chunk, kv.get(), &logits, &profile));
     if (p == context && context_kv == nullptr) {
       context_kv = std::move(kv);
       context_logits = logits.ToVector();
     }
     if (!report) return absl::OkStatus();
-    PrefillResult r;
-    r.prompt_len = p;
-    r.seconds = Seconds(t0, Clock::now());
-    r.tok_s = static_cast<double>(p) / r.seconds;
-    r.stages = Breakdown(profile);
-    r.expert_bytes_per_token = profile.expert_bytes() / static_cast<double>(p);
-    say(absl::StrFormat("prefill %d tokens: %.2f s, %.2f tok/s", p, r.seconds, r.tok_s));
-    result.prefill.push_back(std::move(r));
+    std::vector<PrefillResult> runs;
+    for (int run = 0;; ++run) {
+      PrefillResult r;
+      r.prompt_len = p;
+      r.seconds = Seconds(t0, Clock::now());
+      r.tok_s = static_cast<double>(p) / r.seconds;
+      r.stages = Breakdown(profile);
+      r.expert_bytes_per_token = profile.expert_bytes() / static_cast<double>(p);
+      say(absl::StrFormat("prefill %d tokens: %.2f s, %.2f tok/s%s", p, r.seconds, r.tok_s,
+                          options.prefill_repeats > 1
+                              ? absl::StrFormat(" (run %d of %d)", run + 1, options.prefill_repeats)
+                              : std::string()));
+      runs.push_back(std::move(r));
+      if (run + 1 == options.prefill_repeats) break;
+      KTX_ASSIGN_OR_RETURN(auto again, kv_cache::SequenceKv::Create(layout, p + 1));
+      profile.Reset();
+      if (experts != nullptr) experts->ResetRunStats();
+      t0 = Clock::now();
+      KTX_RETURN_IF_ERROR(
+          Prefill(model, prompt, options.prefill_chunk, again.get(), &logits, &profile));
+    }
+    result.prefill.push_back(MedianPrefillRun(std::move(runs)));
     phase_done();
     return absl::OkStatus();
   };
@@ -616,7 +653,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const models::Deepseek2Model& model,
   std::set<int64_t> done = {context};
   for (int64_t p : options.prompt_lens) {
     if (!done.insert(p).second) continue;
-    const double estimate = EstimatePrefillSeconds(result.prefill, p);
+    const double estimate = options.prefill_repeats * EstimatePrefillSeconds(result.prefill, p);
     if (!fits(absl::StrCat("prefill ", p), estimate)) continue;
     KTX_RETURN_IF_ERROR(run_prefill(p, true));
   }
@@ -647,6 +684,7 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
                  {"decode_context", r.options.decode_context},
                  {"decode_suffix", r.options.decode_suffix},
                  {"prefill_chunk", r.options.prefill_chunk},
+                 {"prefill_repeats", r.options.prefill_repeats},
                  {"seed", r.options.seed},
                  {"temperature", r.options.temperature},
                  {"warmup_tokens", r.options.warmup_tokens},
@@ -673,6 +711,7 @@ nlohmann::json BenchResultToJson(const BenchResult& r) {
     j["prefill"].push_back({{"prompt_len", p.prompt_len},
                             {"seconds", p.seconds},
                             {"tok_s", p.tok_s},
+                            {"runs_tok_s", p.runs_tok_s},
                             {"total_ms_per_token", p.stages.total_ms_per_token},
                             {"expert_bytes_per_token", p.expert_bytes_per_token},
                             {"stages", StagesJson(p.stages)},
@@ -764,6 +803,16 @@ std::string FormatBenchTable(const BenchResult& r) {
     absl::StrAppend(&out,
                     absl::StrFormat("%8d %9s %10s", p.prompt_len, Fmt(p.seconds), Fmt(p.tok_s)),
                     stage_cells(p.stages), "\n");
+  }
+  for (const PrefillResult& p : r.prefill) {
+    if (p.runs_tok_s.size() < 2) continue;
+    const auto [lo, hi] = std::minmax_element(p.runs_tok_s.begin(), p.runs_tok_s.end());
+    std::vector<std::string> each;
+    for (double t : p.runs_tok_s) each.push_back(Fmt(t));
+    absl::StrAppend(&out,
+                    absl::StrFormat("  %d tokens: median of %d runs; min %s, max %s tok/s (%s)\n",
+                                    p.prompt_len, static_cast<int>(p.runs_tok_s.size()), Fmt(*lo),
+                                    Fmt(*hi), absl::StrJoin(each, ", ")));
   }
   absl::StrAppend(&out, "\ndecode (up to ", r.options.n_gen, " steps from a ",
                   r.options.decode_context, "-token context + ", r.options.decode_suffix,

@@ -56,6 +56,10 @@ struct BenchOptions {
   int64_t decode_context = 0;  // prompt tokens before decoding; 0: min(prompt_lens)
   int64_t decode_suffix = 8;   // distinct tokens per sequence after the context
   int64_t prefill_chunk = 0;   // 0: the whole prompt as one batch
+  // Timed runs of each reported prefill (--prefill-repeats, [1, 100]): the
+  // result is the run of median time (its stages too), with every run's
+  // tok/s beside it. One prefill is a single sample on a shared host.
+  int prefill_repeats = 1;
   uint64_t seed = 1234;        // prompt tokens and sampling
   float temperature = 1.0f;    // > 0
   int64_t warmup_tokens = 16;  // warm-up prefill (and 2 decode steps)
@@ -108,11 +112,19 @@ struct StageBreakdown {
 
 struct PrefillResult {
   int64_t prompt_len = 0;
-  double seconds = 0;
+  double seconds = 0;  // the median run's (BenchOptions::prefill_repeats)
   double tok_s = 0;
+  std::vector<double> runs_tok_s;  // every timed run's tok/s, in run order
   StageBreakdown stages;
   double expert_bytes_per_token = 0;
 };
+
+// Of `runs` prefill results of one prompt length (one per timed run, in run
+// order; at least one), the run of median time (the lower middle of an even
+// count) with every run's tok/s in runs_tok_s.
+PrefillResult MedianPrefillRun(std::vector<PrefillResult> runs);
+// Its index in `seconds` (the same rule).
+size_t MedianRunIndex(const std::vector<double>& seconds);
 
 struct DecodeResult {
   int64_t batch = 0;

@@ -4,7 +4,9 @@
 // and the table carry them; the read-bandwidth loop and option checks.
 #include "runtime/bench/bench.h"
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "runtime/models/deepseek2.h"
@@ -157,6 +159,56 @@ TEST(BenchTest, ReferenceExpertsOnTheTinyModel) {
   CheckResult(*r, **model, false);
 }
 
+// --prefill-repeats: each reported prefill runs that many times; the result
+// is the run of median time, with every run's tok/s in the result, the JSON
+// and the table.
+TEST(BenchTest, PrefillRepeatsReportTheMedianRun) {
+  auto model = models::Deepseek2Model::Open(kDataDir + "dsv3-tiny-q8_0.gguf");
+  ASSERT_TRUE(model.ok());
+  auto pool = moe_backend::CreateCpuPool(1);
+  ASSERT_TRUE(pool.ok());
+  BenchOptions o = TinyOptions();
+  o.prefill_repeats = 3;
+  auto r = RunBenchmark(**model, **pool, nullptr, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->prefill.size(), 2u);
+  for (const PrefillResult& p : r->prefill) {
+    SCOPED_TRACE(p.prompt_len);
+    ASSERT_EQ(p.runs_tok_s.size(), 3u);
+    std::vector<double> sorted = p.runs_tok_s;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_DOUBLE_EQ(p.tok_s, sorted[1]);
+    EXPECT_NEAR(p.tok_s, p.prompt_len / p.seconds, 1e-9 * p.tok_s);
+    EXPECT_GT(p.stages.ms_per_token_layer[static_cast<int>(Stage::kAttention)], 0.0);
+  }
+  const nlohmann::json j = BenchResultToJson(*r);
+  EXPECT_EQ(j["config"]["prefill_repeats"].get<int>(), 3);
+  EXPECT_EQ(j["prefill"][1]["runs_tok_s"].size(), 3u);
+  const std::string table = FormatBenchTable(*r);
+  EXPECT_NE(table.find("12 tokens: median of 3 runs"), std::string::npos) << table;
+  // One run (the default): the single run, no median line.
+  auto once = RunBenchmark(**model, **pool, nullptr, TinyOptions());
+  ASSERT_TRUE(once.ok()) << once.status();
+  EXPECT_EQ(once->prefill[1].runs_tok_s.size(), 1u);
+  EXPECT_EQ(FormatBenchTable(*once).find("median of"), std::string::npos);
+}
+
+TEST(BenchTest, MedianRunIsTheLowerMiddleByTime) {
+  EXPECT_EQ(MedianRunIndex({3.0}), 0u);
+  EXPECT_EQ(MedianRunIndex({3.0, 1.0, 2.0}), 2u);
+  EXPECT_EQ(MedianRunIndex({4.0, 1.0, 3.0, 2.0}), 3u);  // 1, 2 | 3, 4: the 2
+  EXPECT_EQ(MedianRunIndex({2.0, 2.0, 1.0}), 0u);       // ties keep run order
+  std::vector<PrefillResult> runs(3);
+  for (int i = 0; i < 3; ++i) {
+    runs[i].prompt_len = 100;
+    runs[i].seconds = std::vector<double>{0.3, 0.1, 0.2}[i];
+    runs[i].tok_s = 100 / runs[i].seconds;
+  }
+  const PrefillResult m = MedianPrefillRun(runs);
+  EXPECT_DOUBLE_EQ(m.seconds, 0.2);
+  EXPECT_EQ(m.runs_tok_s, (std::vector<double>{100 / 0.3, 100 / 0.1, 100 / 0.2}));
+}
+
 // A budget spent before the first phase ends: the decode context's prefill
 // (always needed) runs, every later phase is skipped and named; on_phase sees
 // the phase that ran.
@@ -228,7 +280,11 @@ TEST(BenchTest, BadOptionsAreNamed) {
     BenchOptions options;
     std::string words;
   };
-  std::vector<Case> cases(7, {TinyOptions(), ""});
+  std::vector<Case> cases(9, {TinyOptions(), ""});
+  cases[7].options.prefill_repeats = 0;
+  cases[7].words = "--prefill-repeats";
+  cases[8].options.prefill_repeats = 101;
+  cases[8].words = "--prefill-repeats";
   cases[0].options.prompt_lens = {};
   cases[0].words = "--prompt-len";
   cases[1].options.prompt_lens = {8, 0};
