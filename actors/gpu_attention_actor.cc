@@ -151,6 +151,13 @@ class GpuMoeHooks {
   // Waits for the part StartRoutedExperts sent for layer il and places the
   // shards' partials into *routed (F32 [n, n_embd]).
   absl::Status FinishRoutedExperts(int il, Activations* routed) {
+    if (started_.il == il) routed->ResizeForOverwrite(started_.n, started_.n_embd);
+    return FinishRoutedExpertsInto(il, routed->data(), routed->n_tokens(), routed->n_cols());
+  }
+
+  // The same into `routed` (F32 [n, n_embd], the GPU model's pinned buffer:
+  // no copy of the batch in between).
+  absl::Status FinishRoutedExpertsInto(int il, float* routed, int64_t n, int64_t n_embd) {
     if (started_.il != il) {
       return absl::InternalError(absl::StrCat("routed experts of layer ", il,
                                               " finished without a start (layer ", started_.il,
@@ -158,6 +165,11 @@ class GpuMoeHooks {
     }
     const Started st = started_;
     started_ = Started();
+    if (n != st.n || n_embd != st.n_embd) {
+      return absl::InternalError(absl::StrCat("routed experts of layer ", il, ": output [", n, ", ",
+                                              n_embd, "] for a batch of [", st.n, ", ", st.n_embd,
+                                              "]"));
+    }
     LayerTiming& timing = step_.prof.layers[il];
     // This layer's deferred experts go out right behind its immediate ones.
     KTX_RETURN_IF_ERROR(FlushLate());
@@ -165,7 +177,7 @@ class GpuMoeHooks {
     absl::StatusOr<MoeResult> result = client_.Wait(st.ticket);
     if (!result.ok()) return MoeError(result.status(), absl::StrCat("layer ", il));
     const Clock::time_point t_result = Clock::now();
-    Place(*result, st.n, st.n_embd, routed);
+    PlaceInto(*result, st.n, st.n_embd, routed);
     const int64_t moe_us = Micros(st.t_ready, t_result);
     const std::vector<int64_t> shard_us = ShardComputeUs(result->parts, core_.n_shards);
     int64_t critical = 0;
@@ -310,22 +322,23 @@ class GpuMoeHooks {
   // The router's answer as F32 [n, n_embd] in *out: partials summed in its
   // fixed order; rows it could not serve fail their slices and get zeros.
   void Place(const MoeResult& result, int64_t n, int64_t n_embd, Activations* out) {
+    out->ResizeForOverwrite(n, n_embd);
+    PlaceInto(result, n, n_embd, out->data());
+  }
+
+  // The shards' partials summed into out (F32 [n, n_embd]: CudaDeepseek2's
+  // reused host buffer, or its pinned one), failed rows zero and their
+  // slices failed.
+  void PlaceInto(const MoeResult& result, int64_t n, int64_t n_embd, float* out) {
     if (!result.failed_rows.empty()) {
       for (int i : SlicesOwningRows(result.failed_rows, row_begin_, row_count_)) {
         absl::Status& status = step_.status[step_.active[i]];
         if (status.ok()) status = ToStatus(result.code, result.message);
       }
     }
-    // Summed straight into `out` (CudaDeepseek2's reused host buffer: no
-    // fresh pages per layer) unless one part covers the batch in order.
-    const Activations* sum = SumPlacedPartials(result.parts, n, n_embd, out);
-    if (sum != out) {
-      out->ResizeForOverwrite(n, n_embd);
-      models::ParallelCopy(out->data(), sum->data(),
-                           static_cast<size_t>(n * n_embd) * sizeof(float));
-    }
+    SumPlacedPartialsInto(result.parts, n, n_embd, out);
     for (int32_t row : result.failed_rows) {
-      if (row >= 0 && row < n) std::fill(out->row(row), out->row(row) + n_embd, 0.0f);
+      if (row >= 0 && row < n) std::fill(out + row * n_embd, out + (row + 1) * n_embd, 0.0f);
     }
   }
 
@@ -401,6 +414,9 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
     };
     hooks.finish_routed_experts = [&client](int il, Activations* routed) {
       return client.FinishRoutedExperts(il, routed);
+    };
+    hooks.finish_routed_experts_into = [&client](int il, float* routed, int64_t n, int64_t n_embd) {
+      return client.FinishRoutedExpertsInto(il, routed, n, n_embd);
     };
     hooks.adjust_routing = [&client](int il, models::Routing* routing) {
       return client.AdjustRouting(il, routing);

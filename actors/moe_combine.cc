@@ -6,17 +6,48 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/models/parallel_copy.h"
 #include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 
 namespace ktx::actors {
 
-const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> parts, int64_t n_rows,
-                                             int64_t n_embd, models::Activations* scratch) {
+namespace {
+
+// parts[0] alone covers every row in order: its buffer is the sum.
+bool OnePartInOrder(std::span<const PlacedPartial> parts, int64_t n_rows, int64_t n_embd) {
   bool identity = parts.size() == 1 && static_cast<int64_t>(parts[0].rows.size()) == n_rows &&
                   !parts[0].partial.empty() && parts[0].partial.n_cols() == n_embd;
   for (int64_t j = 0; identity && j < n_rows; ++j) identity = parts[0].rows[j] == j;
-  if (identity) return parts[0].partial.data.get();
+  return identity;
+}
+
+// The sum of SumPlacedPartials (not the one-part case) into out.
+void SumInto(std::span<const PlacedPartial> parts, int64_t n_rows, int64_t n_embd, float* out);
+
+}  // namespace
+
+const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> parts, int64_t n_rows,
+                                             int64_t n_embd, models::Activations* scratch) {
+  if (OnePartInOrder(parts, n_rows, n_embd)) return parts[0].partial.data.get();
+  scratch->ResizeForOverwrite(n_rows, n_embd);
+  SumInto(parts, n_rows, n_embd, scratch->data());
+  return scratch;
+}
+
+void SumPlacedPartialsInto(std::span<const PlacedPartial> parts, int64_t n_rows, int64_t n_embd,
+                           float* out) {
+  if (OnePartInOrder(parts, n_rows, n_embd)) {
+    models::ParallelCopy(out, parts[0].partial->data(),
+                         static_cast<size_t>(n_rows * n_embd) * sizeof(float));
+    return;
+  }
+  SumInto(parts, n_rows, n_embd, out);
+}
+
+namespace {
+
+void SumInto(std::span<const PlacedPartial> parts, int64_t n_rows, int64_t n_embd, float* out) {
   // Each output row sums its contributions in the fixed order (parts in
   // order, rows of a part in order) in double; rows are independent, so they
   // run in parallel on the caller's arena with the same result bit for bit.
@@ -40,8 +71,6 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
       }
     }
   }
-  scratch->ResizeForOverwrite(n_rows, n_embd);
-  float* out = scratch->data();
   // Small sums (decode batches of small models) stay on the calling thread:
   // waking oneTBB workers for a few KiB costs more than the sum (issue #5,
   // per-MoE-layer overhead). Same result either way: rows are independent.
@@ -72,7 +101,7 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
         }
       }
     });
-    return scratch;
+    return;
   }
   for_rows([&](int64_t r0, int64_t r1) {
     std::vector<double> acc(static_cast<size_t>(n_embd));  // one per range, not per row
@@ -86,8 +115,9 @@ const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> part
       for (int64_t c = 0; c < n_embd; ++c) dst[c] = static_cast<float>(acc[c]);
     }
   });
-  return scratch;
 }
+
+}  // namespace
 
 std::vector<int> SlicesOwningRows(std::span<const int32_t> failed_rows,
                                   std::span<const int64_t> row_begin,

@@ -36,6 +36,12 @@ namespace ktx::actors {
 const models::Activations* SumPlacedPartials(std::span<const PlacedPartial> parts, int64_t n_rows,
                                              int64_t n_embd, models::Activations* scratch);
 
+// The same sums written into `out` (F32 [n_rows, n_embd], caller-owned, e.g.
+// a GPU model's pinned buffer): bit for bit SumPlacedPartials' result, a copy
+// when one part covers every row in order.
+void SumPlacedPartialsInto(std::span<const PlacedPartial> parts, int64_t n_rows, int64_t n_embd,
+                           float* out);
+
 // Which of the slices own a row of `failed_rows`: slice i owns the batch rows
 // [row_begin[i], row_begin[i] + row_count[i]). Returns the indices i (into
 // row_begin), ascending, each once.

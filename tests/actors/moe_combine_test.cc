@@ -86,6 +86,37 @@ TEST_P(SumPlacedPartialsTest, OnePartCoveringTheBatchInOrderIsReturnedAsIs) {
   EXPECT_EQ(SumPlacedPartials(parts, n_rows, n_embd, &scratch), parts[0].partial.data.get());
 }
 
+// SumPlacedPartialsInto writes the same bits into a caller's buffer in every
+// case (overlapping, disjoint with an uncovered row, one part in order: then
+// a copy), over whatever the buffer held before.
+TEST_P(SumPlacedPartialsTest, IntoACallersBufferGivesTheSameBits) {
+  const int64_t n_rows = GetParam(), n_embd = 256;
+  std::mt19937 rng(10);
+  std::vector<int32_t> even, all, in_order, low;
+  for (int32_t r = 0; r < n_rows; ++r) {
+    if (r % 2 == 0) even.push_back(r);
+    if (r % 5 != 4) all.push_back(r);
+    in_order.push_back(r);
+    if (r + 1 < n_rows) low.push_back(r);
+  }
+  const std::vector<std::vector<PlacedPartial>> cases = {
+      {Part(even, n_embd, rng), Part(all, n_embd, rng)},
+      {Part(low, n_embd, rng)},
+      {Part(in_order, n_embd, rng)}};
+  for (const std::vector<PlacedPartial>& parts : cases) {
+    std::vector<float> out(static_cast<size_t>(n_rows * n_embd), 7.0f);
+    SumPlacedPartialsInto(parts, n_rows, n_embd, out.data());
+    const std::vector<float> want = Reference(parts, n_rows, n_embd);
+    models::Activations scratch;
+    const models::Activations* sum = SumPlacedPartials(parts, n_rows, n_embd, &scratch);
+    ASSERT_EQ(sum->values().size(), out.size());
+    EXPECT_EQ(std::memcmp(out.data(), sum->data(), out.size() * sizeof(float)), 0);
+    if (parts.size() > 1 || parts[0].rows.size() < static_cast<size_t>(n_rows)) {
+      EXPECT_EQ(std::memcmp(out.data(), want.data(), want.size() * sizeof(float)), 0);
+    }
+  }
+}
+
 // 5 x 256 elements: summed on the calling thread; 600 x 256: in parallel ranges.
 INSTANTIATE_TEST_SUITE_P(Sizes, SumPlacedPartialsTest, ::testing::Values(5, 600));
 
