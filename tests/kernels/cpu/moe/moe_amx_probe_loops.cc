@@ -47,31 +47,37 @@ void FixUp(const int32_t* c, float* out) {
   }
 }
 
-// One k-step of the 4 x 1 blocking with the B tile in register 6 or 7.
-inline void KStep4x1B6(const int8_t* b, const int8_t* a0, const int8_t* a1, const int8_t* a2,
-                       const int8_t* a3) {
-  _tile_loadd(6, b, 64);
-  _tile_loadd(4, a0, 64);
-  _tile_dpbssd(0, 4, 6);
-  _tile_loadd(5, a1, 64);
-  _tile_dpbssd(1, 5, 6);
-  _tile_loadd(4, a2, 64);
-  _tile_dpbssd(2, 4, 6);
-  _tile_loadd(5, a3, 64);
-  _tile_dpbssd(3, 5, 6);
+// The four C tiles into the next staging buffer, fixed up now (kNow) or
+// left pending for the next block (kDeferred).
+void StoreC(const ProbeCase& pc, ProbeBuffers* bf, int* cb, const int32_t** pending) {
+  int32_t* c = bf->c[*cb];
+  *cb ^= 1;
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  if (pc.fixup == ProbeFixup::kNow) FixUp(c, bf->out);
+  if (pc.fixup == ProbeFixup::kDeferred) *pending = c;
 }
-inline void KStep4x1B7(const int8_t* b, const int8_t* a0, const int8_t* a1, const int8_t* a2,
-                       const int8_t* a3) {
-  _tile_loadd(7, b, 64);
-  _tile_loadd(4, a0, 64);
-  _tile_dpbssd(0, 4, 7);
-  _tile_loadd(5, a1, 64);
-  _tile_dpbssd(1, 5, 7);
-  _tile_loadd(4, a2, 64);
-  _tile_dpbssd(2, 4, 7);
-  _tile_loadd(5, a3, 64);
-  _tile_dpbssd(3, 5, 7);
-}
+
+// One k-step of the 4 x 1 blocking with the B tile in register 6 or 7
+// (GCC's tile intrinsics take literal register numbers: one function each).
+#define KTX_PROBE_KSTEP_4X1(TB)                                                                    \
+  inline void KStep4x1B##TB(const int8_t* b, const int8_t* a0, const int8_t* a1, const int8_t* a2, \
+                            const int8_t* a3) {                                                    \
+    _tile_loadd(TB, b, 64);                                                                        \
+    _tile_loadd(4, a0, 64);                                                                        \
+    _tile_dpbssd(0, 4, TB);                                                                        \
+    _tile_loadd(5, a1, 64);                                                                        \
+    _tile_dpbssd(1, 5, TB);                                                                        \
+    _tile_loadd(4, a2, 64);                                                                        \
+    _tile_dpbssd(2, 4, TB);                                                                        \
+    _tile_loadd(5, a3, 64);                                                                        \
+    _tile_dpbssd(3, 5, TB);                                                                        \
+  }
+KTX_PROBE_KSTEP_4X1(6)
+KTX_PROBE_KSTEP_4X1(7)
+#undef KTX_PROBE_KSTEP_4X1
 
 void StreamLines(const ProbeCase& pc, const uint8_t* stream, int64_t* off) {
   for (int l = 0; l < pc.stream_lines; ++l) {
@@ -116,16 +122,7 @@ double RunOneByFourLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
                    a + (225 + kk) * 1024, a + (337 + kk) * 1024);
         StreamLines(pc, bf->stream, &stream_off);
       }
-      if (pc.fixup != ProbeFixup::kNone) {
-        int32_t* c = bf->c[cb];
-        cb ^= 1;
-        _tile_stored(0, c, 64);
-        _tile_stored(1, c + 256, 64);
-        _tile_stored(2, c + 512, 64);
-        _tile_stored(3, c + 768, 64);
-        if (pc.fixup == ProbeFixup::kNow) FixUp(c, bf->out);
-        if (pc.fixup == ProbeFixup::kDeferred) pending = c;
-      }
+      if (pc.fixup != ProbeFixup::kNone) StoreC(pc, bf, &cb, &pending);
     }
   }
   return (Now() - t0) / static_cast<double>(steps) * 1e9;
@@ -196,16 +193,7 @@ double RunProbeLoop(const ProbeCase& pc, ProbeBuffers* bf, int64_t items) {
           pending = nullptr;
         }
       }
-      if (pc.tiles && pc.fixup != ProbeFixup::kNone) {
-        int32_t* c = bf->c[cb];
-        cb ^= 1;
-        _tile_stored(0, c, 64);
-        _tile_stored(1, c + 256, 64);
-        _tile_stored(2, c + 512, 64);
-        _tile_stored(3, c + 768, 64);
-        if (pc.fixup == ProbeFixup::kNow) FixUp(c, bf->out);
-        if (pc.fixup == ProbeFixup::kDeferred) pending = c;
-      }
+      if (pc.tiles && pc.fixup != ProbeFixup::kNone) StoreC(pc, bf, &cb, &pending);
     }
   }
   return (Now() - t0) / static_cast<double>(steps) * 1e9;
