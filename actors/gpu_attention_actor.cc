@@ -412,10 +412,7 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
                                            const models::Routing& routing) {
       return client.StartRoutedExperts(il, h, routing);
     };
-    hooks.finish_routed_experts = [&client](int il, Activations* routed) {
-      return client.FinishRoutedExperts(il, routed);
-    };
-    hooks.finish_routed_experts_into = [&client](int il, float* routed, int64_t n, int64_t n_embd) {
+    hooks.finish_routed_experts = [&client](int il, float* routed, int64_t n, int64_t n_embd) {
       return client.FinishRoutedExpertsInto(il, routed, n, n_embd);
     };
     hooks.adjust_routing = [&client](int il, models::Routing* routing) {

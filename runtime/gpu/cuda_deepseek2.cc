@@ -1426,16 +1426,9 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // time says only that the CPU took at most that long: it may correct the
     // CPU figures down, not up.
     double cpu_wait_s = 0.0;
-    // The CPU's part written straight into the pinned buffer the add reads.
-    const bool into_pinned = cpu_started && hooks.finish_routed_experts_into != nullptr;
-    if (cpu_started) {
+    if (cpu_started) {  // straight into the pinned buffer the add reads
       const auto w0 = std::chrono::steady_clock::now();
-      if (into_pinned) {
-        KTX_RETURN_IF_ERROR(
-            hooks.finish_routed_experts_into(il, pinned_routed_.as<float>(), n, n_embd));
-      } else {
-        KTX_RETURN_IF_ERROR(hooks.finish_routed_experts(il, &routed));
-      }
+      KTX_RETURN_IF_ERROR(hooks.finish_routed_experts(il, pinned_routed_.as<float>(), n, n_embd));
       cpu_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
     } else {
       cpu_t0 = std::chrono::steady_clock::now();
@@ -1477,13 +1470,13 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
           static_cast<long long>(cpu_tokens), cpu_measured_s * 1e3, modelled_cpu_s * 1e3,
           cpu_wait_s * 1e3, gpu_extra_ms);
     }
-    if (!into_pinned && (routed.n_tokens() != n || routed.n_cols() != n_embd)) {
+    if (!cpu_started && (routed.n_tokens() != n || routed.n_cols() != n_embd)) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),
                                               ", ", routed.n_cols(), "], expected [", n, ", ",
                                               n_embd, "]"));
     }
     MarkStage(StageMark::kExpertsWait);
-    if (!into_pinned) {
+    if (!cpu_started) {
       models::ParallelCopy(pinned_routed_.as<float>(), routed.data(), n * n_embd * 4);
     }
     // pinned_routed_ is rewritten only after the next layer's routing, i.e.

@@ -193,22 +193,20 @@ class CudaDeepseek2 {
     // Optional asynchronous form of routed_experts (used when both are set):
     // start_routed_experts hands the CPU's part of MoE layer il over (same
     // arguments; neither h nor routing is read after it returns) and returns
-    // at once; finish_routed_experts waits for it and writes routed. The GPU
-    // path starts the CPU's part before it enqueues the GPU's share of the
-    // layer (the launches and copies of ~180 experts take milliseconds of
-    // host time) and finishes it after the next layer's prefetch. Each start
-    // is followed by exactly one finish for the same layer before the next
-    // start, unless the batch fails in between (then finish is not called).
+    // at once; finish_routed_experts waits for it and writes it, F32
+    // [n, n_embd], straight into `routed`: the model's pinned host buffer
+    // that the residual add reads (no host copy of the batch in between:
+    // 58.7 MB per MoE layer at 2048 DeepSeek-V3 tokens). The GPU path starts
+    // the CPU's part before it enqueues the GPU's share of the layer (the
+    // launches and copies of ~180 experts take milliseconds of host time) and
+    // finishes it after the next layer's prefetch. Each start is followed by
+    // exactly one finish for the same layer before the next start, unless the
+    // batch fails in between (then finish is not called).
     std::function<absl::Status(int il, const models::Activations& h,
                                const models::Routing& routing)>
         start_routed_experts;
-    std::function<absl::Status(int il, models::Activations* routed)> finish_routed_experts;
-    // Optional form of finish_routed_experts (used instead when set): writes
-    // the CPU's part F32 [n, n_embd] straight into `routed`, the model's
-    // pinned host buffer that the residual add reads, which saves a host copy
-    // of the whole batch per MoE layer (58.7 MB at 2048 DeepSeek-V3 tokens).
     std::function<absl::Status(int il, float* routed, int64_t n, int64_t n_embd)>
-        finish_routed_experts_into;
+        finish_routed_experts;
     // false: on success no entry is committed; the caller commits the ones it
     // keeps with Commit(seq, tokens.size()) (the rows stay reserved, so an
     // uncommitted entry is simply overwritten by its next batch).
