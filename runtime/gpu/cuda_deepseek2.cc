@@ -62,8 +62,8 @@ absl::Status SwitchFromEnvironment(const char* name, const char* what_1, const c
 
 // KTX_GPU_EXPERTS=off|auto|gpu|cpu, KTX_GPU_EXPERTS_CPU="fixed_ms,per_token_us",
 // KTX_GPU_EXPERT_SLOTS=N, KTX_GPU_SPLIT_SERIAL_US=us, KTX_GPU_SPLIT_REPLAN=0|1,
-// KTX_GPU_SPLIT_LEARN_COPY=0|1, KTX_GPU_EXPERTS_MIN_TOKENS=N, KTX_GPU_DECODE_SPLIT=0|1 and
-// KTX_GPU_DECODE_CPU_GBPS=N.
+// KTX_GPU_SPLIT_LEARN_COPY=0|1, KTX_GPU_SPLIT_LEAD=F, KTX_GPU_EXPERTS_MIN_TOKENS=N,
+// KTX_GPU_DECODE_SPLIT=0|1 and KTX_GPU_DECODE_CPU_GBPS=N.
 absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
   if (const char* v = std::getenv("KTX_GPU_EXPERTS"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -152,6 +152,17 @@ absl::Status ApplyExpertEnvironment(GpuExpertOptions* o) {
       "KTX_GPU_SPLIT_LEARN_COPY",
       "a split layer's measured GPU time corrects the copy rate the next split plans with",
       "the calibrated rate throughout", &o->learn_copy_rate));
+  if (const char* v = std::getenv("KTX_GPU_SPLIT_LEAD"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const double f = std::strtod(v, &end);
+    if (end == v || *end != '\0' || !(f >= 0) || !(f < 1)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KTX_GPU_SPLIT_LEAD='", v,
+          "': expected a fraction in [0, 1), how far ahead of the CPU's experts a split layer "
+          "aims to finish the GPU's share (of the share's modelled time; 0: together)"));
+    }
+    o->split_gpu_lead = f;
+  }
   return absl::OkStatus();
 }
 
@@ -289,6 +300,11 @@ absl::Status ApplyWeightEnvironment(CudaModelOptions* o) {
                      ") must be > 0 and experts.decode_gpu_layer_fixed_us (",
                      o->experts.decode_gpu_layer_fixed_us, ") >= 0"));
   }
+  if (!(o->experts.split_gpu_lead >= 0) || !(o->experts.split_gpu_lead < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("experts.split_gpu_lead (", o->experts.split_gpu_lead,
+                     ") must be a fraction in [0, 1) of the GPU share's modelled time"));
+  }
   return absl::OkStatus();
 }
 
@@ -424,6 +440,7 @@ absl::StatusOr<std::unique_ptr<CudaDeepseek2>> CudaDeepseek2::Create(
   KTX_RETURN_IF_ERROR(gpu->SetUpGpuExperts(opts));
   if (const char* v = std::getenv("KTX_GPU_STAGE_TIMES"); v != nullptr && *v == '1') {
     gpu->stage_times_ = true;  // layers that run as CUDA graphs are not split into stages
+    if (gpu->experts_ != nullptr) gpu->experts_->set_copy_timeline(true);
   }
   if (const char* v = std::getenv("KTX_GPU_ROUTED_ZERO_COPY"); v != nullptr && *v != '\0') {
     const std::string mode = v;
@@ -450,7 +467,8 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   expert_options_ = options.experts;
   expert_mode_ = GpuExpertMode::kOff;
   streaming_ready_ = false;
-  const int32_t slots = ExpertStreamSlots(options);
+  // The plan's count: experts.n_slots, or auto resolved against the memory.
+  const int32_t slots = plan_.expert_stream_slots;
   if (slots == 0) return absl::OkStatus();
   KTX_ASSIGN_OR_RETURN(std::vector<ExpertLayerTensors> tensors,
                        ExpertTensorsOf(hp_, model_.weights()));
@@ -555,6 +573,25 @@ void CudaDeepseek2::ReportStages() {
     if (ms[c] > 0) absl::StrAppend(&line, " ", kNames[c], " ", absl::StrFormat("%.3f", ms[c]), ";");
   }
   KTX_LOG(INFO, "gpu") << line;
+  if (experts_ == nullptr) return;
+  // Where the link went during the pass: the expert copies' timeline.
+  absl::StatusOr<GpuExpertStreamer::CopyTimeline> t = experts_->TakeCopyTimeline();
+  if (!t.ok() || t->copies == 0) return;
+  float head = 0, tail = 0, pass = 0;
+  if (cudaEventElapsedTime(&pass, stage_events_[0], stage_events_[stage_n_ - 1]) != cudaSuccess ||
+      cudaEventElapsedTime(&head, stage_events_[0], t->first) != cudaSuccess ||
+      cudaEventElapsedTime(&tail, t->last, stage_events_[stage_n_ - 1]) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  KTX_LOG(INFO, "gpu") << absl::StrFormat(
+      "expert copies, %lld tokens: %lld experts, %.2f GB; the link busy %.1f ms of the pass's "
+      "%.1f (%.1f GB/s while busy); idle %.1f ms with nothing issued, %.1f ms with a copy waiting "
+      "for a free slot; first copy %.1f ms after the pass began, last one ended %.1f ms before "
+      "its end",
+      static_cast<long long>(stage_tokens_), static_cast<long long>(t->copies), t->bytes / 1e9,
+      t->busy_ms, pass, t->busy_ms > 0 ? t->bytes / 1e6 / t->busy_ms : 0.0, t->not_issued_ms,
+      t->slot_wait_ms, head, tail);
 }
 
 bool CudaDeepseek2::UsesGraphs(int64_t n_tokens) const {
@@ -1343,8 +1380,13 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
           share_t0_ns =
               std::chrono::steady_clock::now().time_since_epoch() / std::chrono::nanoseconds(1);
           const int64_t copied = experts_->CopiesFinished(il);
+          // With a MoE layer next, its prefetch follows the share on the copy
+          // stream: the share aims to end ahead of the CPU (split_gpu_lead).
+          ExpertCostModel model = expert_cost_;
+          model.gpu_lead =
+              il + 1 < hp_.n_layer && hp_.IsMoeLayer(il + 1) ? expert_options_.split_gpu_lead : 0.0;
           const ExpertSplit split =
-              PlanExpertSplit(expert_cost_, rest, experts_->shape(), n, in_flight, copied);
+              PlanExpertSplit(model, rest, experts_->shape(), n, in_flight, copied);
           chosen = split.gpu_experts;
           share_modelled_s = split.gpu_s;
         } else {
@@ -1463,12 +1505,12 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       }
       KTX_LOG(INFO, "gpu") << absl::StrFormat(
           "split layer %d, %lld tokens: GPU %lld experts (%lld entries), CPU %lld experts (%lld "
-          "entries): CPU %.1f ms (modelled %.1f; the host waited %.1f ms for it); the GPU's "
-          "experts finished %.1f ms after the CPU",
+          "entries): CPU %.1f ms (modelled %.1f; the host waited %.1f ms for it), GPU modelled "
+          "%.1f ms; the GPU's experts finished %.1f ms after the CPU",
           il, static_cast<long long>(n), static_cast<long long>(gpu_n),
           static_cast<long long>(gpu_tokens), static_cast<long long>(cpu_n),
           static_cast<long long>(cpu_tokens), cpu_measured_s * 1e3, modelled_cpu_s * 1e3,
-          cpu_wait_s * 1e3, gpu_extra_ms);
+          cpu_wait_s * 1e3, share_modelled_s * 1e3, gpu_extra_ms);
     }
     if (!cpu_started && (routed.n_tokens() != n || routed.n_cols() != n_embd)) {
       return absl::InternalError(absl::StrCat("the expert backend returned [", routed.n_tokens(),

@@ -39,6 +39,10 @@ std::string ExpertCostModel::Validate() const {
         "expert must grow (fixed ",
         cpu_fixed_s, " s, per token ", cpu_per_token_s, " s)");
   }
+  if (!(gpu_lead >= 0) || !(gpu_lead < 1)) {
+    return absl::StrCat("expert cost model: gpu_lead (", gpu_lead,
+                        ") must be a fraction in [0, 1) of the GPU share's time");
+  }
   return "";
 }
 
@@ -98,9 +102,11 @@ ExpertSplit PlanExpertSplit(const ExpertCostModel& model,
   }
   // The CPU's part (0 when rounding leaves only a residue) and an option's time.
   auto cpu_part = [](double cpu) { return cpu > 1e-12 ? cpu : 0.0; };
+  // The GPU side counts (1 + gpu_lead) times its time in the choice only.
+  const double lead = valid ? 1.0 + model.gpu_lead : 1.0;
   auto time_of = [&](double gpu, double cpu) {
     const double c = cpu_part(cpu);
-    return std::max(gpu, c) + (c > 0 ? serial : 0.0);
+    return std::max(gpu * lead, c) + (c > 0 ? serial : 0.0);
   };
   const double forced_gpu = GpuSetSeconds(copy, compute, fill);
   const double baseline = time_of(forced_gpu, cpu_left);

@@ -51,6 +51,14 @@ struct ExpertCostModel {
   double cpu_per_token_s = 0;
   int64_t min_batch_tokens = 0;         // below: all experts on the CPU
   double split_serial_s_per_token = 0;  // see above (0: a split overlaps everything)
+  // How far ahead of the CPU the split aims to finish the GPU's share, as a
+  // fraction of the GPU's modelled time: the prefix minimises
+  // max((1 + gpu_lead) * GPU, CPU) (0: both together). Worth it where the
+  // copy engine has the next MoE layer's prefetch queued behind the share:
+  // a GPU that finishes first keeps copying, a CPU that finishes first idles
+  // until the GPU's share and the next layer's attention are done. The
+  // reported gpu_s / cpu_s stay the unbiased model's. In [0, 1).
+  double gpu_lead = 0;
 
   // InvalidArgument-like text when a rate is not positive or a time negative; "" if valid.
   std::string Validate() const;

@@ -251,6 +251,7 @@ GpuExpertStreamer::~GpuExpertStreamer() {
   for (cudaEvent_t e : entries_done_) {
     if (e != nullptr) cudaEventDestroy(e);
   }
+  for (cudaEvent_t e : timeline_events_) cudaEventDestroy(e);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   if (copy_ != nullptr) cudaStreamDestroy(copy_);
 }
@@ -356,7 +357,22 @@ absl::Status GpuExpertStreamer::CopyExpert(int il, int32_t expert, int slot) {
   const uint8_t* src[3] = {l.gate + expert * sizes[0], l.up + expert * sizes[1],
                            l.down + expert * sizes[2]};
   uint8_t* dst = slots_.as<uint8_t>() + static_cast<uint64_t>(slot) * layout_.slot_bytes;
+  cudaEvent_t marks[3] = {nullptr, nullptr, nullptr};  // the copy timeline's, when on
+  if (copy_timeline_) {
+    while (timeline_events_.size() < timeline_used_ + 3) {
+      cudaEvent_t e = nullptr;
+      KTX_RETURN_IF_ERROR(CudaOk(cudaEventCreate(&e), "creating a copy timeline event"));
+      timeline_events_.push_back(e);
+    }
+    for (int i = 0; i < 3; ++i) marks[i] = timeline_events_[timeline_used_ + i];
+    timeline_used_ += 3;
+    timeline_bytes_.push_back(sizes[0] + sizes[1] + sizes[2]);
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(marks[0], copy_), "cudaEventRecord"));
+  }
   KTX_RETURN_IF_ERROR(CudaOk(cudaStreamWaitEvent(copy_, freed_[slot], 0), "cudaStreamWaitEvent"));
+  if (marks[1] != nullptr) {
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(marks[1], copy_), "cudaEventRecord"));
+  }
   uint64_t off = 0;
   for (int p = 0; p < 3; ++p) {
     if (host_memory_ == HostMemoryMode::kRegistered) {
@@ -378,9 +394,43 @@ absl::Status GpuExpertStreamer::CopyExpert(int il, int32_t expert, int slot) {
     off += Round256(sizes[p]);
   }
   KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(copied_[slot], copy_), "cudaEventRecord"));
+  if (marks[2] != nullptr) {
+    KTX_RETURN_IF_ERROR(CudaOk(cudaEventRecord(marks[2], copy_), "cudaEventRecord"));
+  }
   ++stats_.experts_copied;
   stats_.bytes_copied += sizes[0] + sizes[1] + sizes[2];
   return absl::OkStatus();
+}
+
+absl::StatusOr<GpuExpertStreamer::CopyTimeline> GpuExpertStreamer::TakeCopyTimeline() {
+  CopyTimeline t;
+  const size_t n = timeline_used_ / 3;
+  if (n == 0) return t;
+  const cudaEvent_t* ev = timeline_events_.data();
+  KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(ev[3 * n - 1]), "waiting for the expert copies"));
+  auto ms = [](cudaEvent_t a, cudaEvent_t b, double* out) {
+    float v = 0;
+    const cudaError_t err = cudaEventElapsedTime(&v, a, b);
+    *out = v;
+    return CudaOk(err, "timing the expert copies");
+  };
+  for (size_t i = 0; i < n; ++i) {
+    double wait = 0, copy = 0, gap = 0;
+    KTX_RETURN_IF_ERROR(ms(ev[3 * i], ev[3 * i + 1], &wait));
+    KTX_RETURN_IF_ERROR(ms(ev[3 * i + 1], ev[3 * i + 2], &copy));
+    if (i > 0) KTX_RETURN_IF_ERROR(ms(ev[3 * i - 1], ev[3 * i], &gap));
+    t.slot_wait_ms += wait;
+    t.busy_ms += copy;
+    t.not_issued_ms += gap;
+    t.bytes += timeline_bytes_[i];
+  }
+  KTX_RETURN_IF_ERROR(ms(ev[0], ev[3 * n - 1], &t.span_ms));
+  t.copies = static_cast<int64_t>(n);
+  t.first = ev[0];
+  t.last = ev[3 * n - 1];
+  timeline_used_ = 0;
+  timeline_bytes_.clear();
+  return t;
 }
 
 absl::Status GpuExpertStreamer::Issue() {

@@ -187,6 +187,27 @@ class GpuExpertStreamer {
   absl::Status Reset();
   bool idle() const { return queue_.empty(); }
 
+  // ---- the copy timeline (diagnostics) ----
+  // While on, every expert copy records three events on the copy stream:
+  // before its wait for the slot (the stream reaches it when the previous
+  // copy has ended, or when the host issued this one, whichever is later),
+  // after that wait, and after the copy. CopyTimeline() then sums, over the
+  // copies since the last call (waiting for them), the link's busy time, the
+  // gaps where nothing was issued yet, and those where a copy waited for a
+  // free slot (the compute stream had not dequantized its previous expert),
+  // and restarts. KTX_GPU_STAGE_TIMES=1 turns it on (CudaDeepseek2).
+  void set_copy_timeline(bool on) { copy_timeline_ = on; }
+  struct CopyTimeline {
+    int64_t copies = 0;
+    uint64_t bytes = 0;
+    double busy_ms = 0;        // Σ copy durations (after the slot wait to the end)
+    double not_issued_ms = 0;  // Σ from a copy's end to the next one's issue
+    double slot_wait_ms = 0;   // Σ waits for a free slot
+    double span_ms = 0;        // first copy's issue to the last copy's end
+    cudaEvent_t first = nullptr, last = nullptr;  // valid until the next call
+  };
+  absl::StatusOr<CopyTimeline> TakeCopyTimeline();
+
   struct Stats {
     int64_t experts_copied = 0;
     uint64_t bytes_copied = 0;
@@ -259,7 +280,13 @@ class GpuExpertStreamer {
   // ~30 ms per layer.)
   std::deque<int> free_slots_;
   std::deque<Pending> queue_;  // planned copies in order; issued ones first
-  DeviceBuffer resident_;      // raw blocks of the resident experts, slot layout each
+  // The copy timeline: events [3 per copy] (pre-wait, post-wait, end) of the
+  // copies recorded since the last TakeCopyTimeline; bytes of each copy.
+  bool copy_timeline_ = false;
+  std::vector<cudaEvent_t> timeline_events_;  // a pool, grown as needed
+  size_t timeline_used_ = 0;                  // events in use (3 per copy)
+  std::vector<uint64_t> timeline_bytes_;
+  DeviceBuffer resident_;  // raw blocks of the resident experts, slot layout each
   std::vector<std::vector<int64_t>> resident_offset_;  // [n_layer][n_expert] byte offset or -1
   std::vector<std::vector<int32_t>> resident_ids_;     // [n_layer] ascending resident ids
   int64_t n_resident_ = 0;

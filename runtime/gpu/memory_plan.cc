@@ -126,7 +126,10 @@ std::string GpuMemoryPlan::ToString() const {
   line(absl::StrCat("activations (", max_batch_tokens, " tokens/batch)").c_str(),
        Size(activation_bytes));
   line("workspaces (attention, cuBLAS, skinny products, load)", Size(workspace_bytes));
-  if (expert_stream_bytes > 0) line("routed-expert streaming", Size(expert_stream_bytes));
+  if (expert_stream_bytes > 0) {
+    line(absl::StrCat("routed-expert streaming (", expert_stream_slots, " slots)").c_str(),
+         Size(expert_stream_bytes));
+  }
   if (resident_experts > 0) {
     line(absl::StrCat("hot routed experts (", resident_experts, ", resident)").c_str(),
          Size(resident_expert_bytes));
@@ -162,7 +165,9 @@ void UseTileCacheCpuCosts(GpuExpertOptions* experts) {
 }
 
 int32_t ExpertStreamSlots(const CudaModelOptions& options) {
-  if (options.experts.mode != GpuExpertMode::kOff) return options.experts.n_slots;
+  if (options.experts.mode != GpuExpertMode::kOff) {
+    return options.experts.n_slots == 0 ? GpuExpertOptions::kAutoSlots : options.experts.n_slots;
+  }
   return CountResidentExperts(options) > 0 ? 2 : 0;
 }
 
@@ -224,17 +229,27 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   p.free_bytes = free_bytes;
   p.reserve_bytes = o.reserve_bytes;
   const int32_t stream_slots = ExpertStreamSlots(o);
-  if (stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
-      expert_raw_bytes > 0) {
-    if (stream_slots < 2) {
-      return absl::InvalidArgumentError(absl::StrCat("GPU options: experts.n_slots (",
-                                                     o.experts.n_slots, ") must be at least 2"));
-    }
-    const ExpertStreamLayout stream =
-        ExpertStreamLayout::For(hp, o.max_batch_tokens, stream_slots, expert_raw_bytes);
-    p.expert_stream_bytes = stream.device_bytes();
-    p.pinned_host_bytes += stream.pinned_bytes();
+  const bool streams = stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
+                       expert_raw_bytes > 0;
+  if (streams && stream_slots < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GPU options: experts.n_slots (", o.experts.n_slots, ") must be at least 2 (or 0: auto)"));
   }
+  const uint64_t pinned_before_stream = p.pinned_host_bytes;
+  // The streamer's buffers for `slots` (auto: kAutoSlots first, then the fallback).
+  auto plan_stream = [&](int32_t slots) {
+    p.pinned_host_bytes = pinned_before_stream;
+    p.expert_stream_bytes = 0;
+    p.expert_stream_slots = 0;
+    if (!streams) return;
+    const ExpertStreamLayout stream =
+        ExpertStreamLayout::For(hp, o.max_batch_tokens, slots, expert_raw_bytes);
+    p.expert_stream_bytes = stream.device_bytes();
+    p.expert_stream_slots = slots;
+    p.pinned_host_bytes += stream.pinned_bytes();
+  };
+  const bool auto_slots = o.experts.mode != GpuExpertMode::kOff && o.experts.n_slots == 0;
+  plan_stream(stream_slots);
   p.resident_experts = CountResidentExperts(o);
   p.resident_expert_bytes = p.resident_experts > 0 ? resident_expert_bytes : 0;
 
@@ -268,14 +283,25 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
     return p.weight_bytes() + p.activation_bytes + p.workspace_bytes + p.expert_stream_bytes +
            p.resident_expert_bytes;
   };
-  if (o.gpu_weights == GpuWeightForm::kAuto) {
-    for (GpuWeightForm form : {GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
-      apply_form(form);
-      const uint64_t f = fixed_bytes();
-      if (f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages)) break;
+  auto fits = [&] {
+    const uint64_t f = fixed_bytes();
+    return f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages);
+  };
+  auto choose_form = [&] {
+    if (o.gpu_weights == GpuWeightForm::kAuto) {
+      for (GpuWeightForm form : {GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
+        apply_form(form);
+        if (fits()) break;
+      }
+    } else {
+      apply_form(o.gpu_weights);
     }
-  } else {
-    apply_form(o.gpu_weights);
+  };
+  choose_form();
+  // Auto slots: the fallback count where the first choice leaves no room.
+  if (auto_slots && streams && !fits()) {
+    plan_stream(GpuExpertOptions::kAutoSlotsFallback);
+    choose_form();
   }
   const uint64_t fixed = fixed_bytes();
   const uint64_t left = usable > fixed ? usable - fixed : 0;

@@ -36,7 +36,19 @@ enum class GpuExpertMode {
 
 struct GpuExpertOptions {
   GpuExpertMode mode = GpuExpertMode::kAuto;
-  int32_t n_slots = 32;  // device buffers of one expert's raw blocks (copy ring)
+  // Device buffers of one expert's raw blocks (the copy ring); >= 2, or 0:
+  // auto, kAutoSlots where they fit beside the weights and one sequence of KV
+  // cache (the memory plan decides), else kAutoSlotsFallback. Between a split
+  // layer's GPU share and the next layer's, the next layer's prefetch must
+  // cover the rest of the CPU's share, its sum and the next attention (and any
+  // split_gpu_lead): at PCIe 5 rates (~0.52 ms per DeepSeek-V3 expert) 32
+  // slots (~17 ms) ran out and left the link idle 3-4 ms per prefill of 2048
+  // tokens on the H200 machine (6-14 ms with a lead of 0.1), 96 (~50 ms, 2.7
+  // GB) about 1 ms (docs/performance.md, 2026-11-30). KTX_GPU_EXPERT_SLOTS=N
+  // in the environment overrides it.
+  int32_t n_slots = 0;
+  static constexpr int32_t kAutoSlots = 96;
+  static constexpr int32_t kAutoSlotsFallback = 32;
   // kAuto: batches of at least this many tokens split by the prefill model
   // below; smaller ones by the decode split's (or all on the CPU without it).
   // KTX_GPU_EXPERTS_MIN_TOKENS=N in the environment overrides it.
@@ -60,6 +72,18 @@ struct GpuExpertOptions {
   // the model counts in full). false: the calibrated rate throughout.
   // KTX_GPU_SPLIT_LEARN_COPY=0|1 in the environment overrides it.
   bool learn_copy_rate = true;
+  // kAuto with replan_split, in a split layer whose next layer is a MoE layer
+  // (its prefetch queued behind the GPU's share): the split aims to finish
+  // the GPU's share this fraction of its modelled time before the CPU's
+  // (ExpertCostModel::gpu_lead). A GPU share that ends early costs little
+  // (the copy engine goes on with the next layer's experts, which the next
+  // split then counts as copied); one that ends late leaves the CPU idle. The
+  // last MoE layer of a pass aims for both together. 0 by default: with the
+  // learnt copy rate the GPU's share already ended before the CPU's in most
+  // split layers, and 0.1 measured level with 0 on the standard model
+  // (docs/performance.md, 2026-11-30). In [0, 1); KTX_GPU_SPLIT_LEAD=F in the
+  // environment overrides it.
+  double split_gpu_lead = 0;
   bool register_host_memory = true;  // page-lock the mapped file (false: pinned bounce copy)
   // The CPU expert backend's time for one expert with m tokens:
   // fixed + per_token * m. Defaults from the AMX tile path on the GPU machine's
@@ -311,6 +335,7 @@ struct GpuMemoryPlan {
   uint64_t workspace_bytes = 0;      // attention + cuBLAS workspaces + load staging
   uint64_t pinned_host_bytes = 0;    // host side, not device memory
   uint64_t expert_stream_bytes = 0;  // routed-expert streaming (ExpertStreamLayout), 0 if off
+  int32_t expert_stream_slots = 0;   // its slot count (experts.n_slots resolved), 0 if off
   // Hot routed experts resident on the device (raw blocks; CudaModelOptions::
   // resident_experts): their count and bytes.
   int64_t resident_experts = 0;
@@ -362,9 +387,10 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             uint64_t resident_expert_bytes = 0,
                                             const QuantizableWeights& quantizable = {});
 
-// The streamer's slot count for these options: experts.n_slots when
-// streaming (mode != kOff), 2 when only resident experts use it, 0 when
-// nothing does.
+// The streamer's first choice of slot count for these options:
+// experts.n_slots when streaming (mode != kOff; kAutoSlots for 0, auto),
+// 2 when only resident experts use it, 0 when nothing does. PlanGpuMemory
+// resolves auto (GpuMemoryPlan::expert_stream_slots).
 int32_t ExpertStreamSlots(const CudaModelOptions& options);
 
 // Experts in options.resident_experts.

@@ -1400,6 +1400,8 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
         {"KTX_GPU_ROUTED_ZERO_COPY", "yes"},
         {"KTX_GPU_SPLIT_REPLAN", "yes"},
         {"KTX_GPU_SPLIT_LEARN_COPY", "2"},
+        {"KTX_GPU_SPLIT_LEAD", "1.5"},
+        {"KTX_GPU_SPLIT_LEAD", "-0.1"},
         {"KTX_GPU_EXPERT_SLOTS", "1"}}) {
     setenv(var, value, 1);
     auto bad = CudaDeepseek2::Create(*model_, TestOptions());
@@ -1412,6 +1414,11 @@ TEST_P(CudaDeepseek2Test, SkinnyProductsAgreeWithCublas) {
   auto bad = CudaDeepseek2::Create(*model_, o);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("skinny_max_tokens"), std::string::npos) << bad.status();
+  o = TestOptions();
+  o.experts.split_gpu_lead = 1.0;
+  bad = CudaDeepseek2::Create(*model_, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("split_gpu_lead"), std::string::npos) << bad.status();
 }
 
 // q_a and kv_a as one product over their stacked rows agree with two

@@ -394,6 +394,78 @@ TEST(ExpertCostModel, CopyRateLearntFromASplitStaysWithinTheCalibration) {
             at_calibration.gpu_experts.size());
 }
 
+// gpu_lead: the prefix minimises max((1 + lead) GPU, CPU) over every prefix
+// (checked from the model's definition on random layers), so the GPU's share
+// shrinks as the lead grows and ends that far ahead of the CPU near the
+// balance; the reported times stay the unbiased model's. Out-of-range leads
+// make the model invalid (no split).
+TEST(ExpertCostModel, GpuLeadEndsTheGpuShareAheadOfTheCpu) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  const ExpertShape s = Dsv3Shape();
+  for (int trial = 0; trial < 20; ++trial) {
+    ExpertCostModel m = Dsv3Model();
+    m.min_batch_tokens = 0;
+    m.gpu_layer_fixed_s = 0;
+    m.cpu_per_token_s *= std::uniform_real_distribution<double>(0.5, 2.0)(rng);
+    std::vector<int64_t> count(256);
+    for (auto& c : count) c = rng() % 8 == 0 ? 0 : 1 + rng() % 120;
+    const int64_t n_tokens = std::accumulate(count.begin(), count.end(), int64_t{0});
+    std::vector<int32_t> order;
+    for (int32_t e = 0; e < 256; ++e) {
+      if (count[e] > 0) order.push_back(e);
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+    size_t previous = order.size() + 1;
+    for (const double lead : {0.0, 0.05, 0.1, 0.25, 0.5}) {
+      m.gpu_lead = lead;
+      const ExpertSplit plan = PlanExpertSplit(m, count, s, n_tokens);
+      // The prefix from the definition: GPU and CPU times of every k.
+      std::vector<bool> on_gpu(256, false);
+      double best = 0;
+      size_t best_k = 0;
+      for (size_t k = 0; k <= order.size(); ++k) {
+        if (k > 0) on_gpu[order[k - 1]] = true;
+        // The GPU's set alone and the CPU's alone.
+        std::vector<int64_t> gpu_counts(256, 0), cpu_counts(256, 0);
+        for (int32_t e = 0; e < 256; ++e) (on_gpu[e] ? gpu_counts : cpu_counts)[e] = count[e];
+        const double gpu = SetSeconds(m, s, gpu_counts, std::vector<bool>(256, true));
+        const double cpu = SetSeconds(m, s, cpu_counts, std::vector<bool>(256, false));
+        const double t = std::max((1 + lead) * gpu, cpu);
+        if (k == 0 || t < best) {
+          best = t;
+          best_k = k;
+        }
+      }
+      ASSERT_EQ(plan.gpu_experts.size(), best_k) << "lead " << lead;
+      EXPECT_LE(plan.gpu_experts.size(), previous) << "lead " << lead;
+      previous = plan.gpu_experts.size();
+      for (size_t i = 0; i < best_k; ++i) EXPECT_EQ(plan.gpu_experts[i], order[i]);
+      // Unbiased times: the chosen GPU set's own time.
+      std::vector<int64_t> gpu_counts(256, 0);
+      for (int32_t e : plan.gpu_experts) gpu_counts[e] = count[e];
+      EXPECT_NEAR(plan.gpu_s, SetSeconds(m, s, gpu_counts, std::vector<bool>(256, true)), 1e-9);
+      if (!plan.gpu_experts.empty() && plan.cpu_s > 0) {
+        // (1 + lead) GPU passes the CPU by at most the last expert moved to the GPU.
+        const int32_t last = plan.gpu_experts.back();
+        EXPECT_LE((1 + lead) * plan.gpu_s,
+                  plan.cpu_s + m.cpu_fixed_s + m.cpu_per_token_s * count[last] + 1e-12)
+            << "lead " << lead;
+      }
+    }
+  }
+  ExpertCostModel m = Dsv3Model();
+  const std::vector<int64_t> counts = UniformTokensPerExpert(2048, 8, 256);
+  ASSERT_FALSE(PlanExpertSplit(m, counts, Dsv3Shape(), 2048).gpu_experts.empty());
+  for (const double bad : {-0.1, 1.0, 3.0, static_cast<double>(NAN)}) {
+    m.gpu_lead = bad;
+    EXPECT_NE(m.Validate().find("gpu_lead"), std::string::npos) << bad;
+    EXPECT_TRUE(PlanExpertSplit(m, counts, Dsv3Shape(), 2048).gpu_experts.empty()) << bad;
+  }
+}
+
 TEST(CpuPartOfRoutingTest, EveryEntryLandsOnExactlyOneSide) {
   std::mt19937 rng(20261126);
   for (const int32_t k_used : {1, 3, 8}) {

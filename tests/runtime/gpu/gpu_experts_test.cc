@@ -235,6 +235,9 @@ TEST_F(GpuExpertsTest, SubsetMatchesFloat64ReferenceInEveryMode) {
     }
     std::cout << "[ info ] " << m.name << ": " << s->host_memory_note() << "\n";
     cuda_test::DeviceArray<float> acc(acc0_);
+    // The copy timeline (diagnostics) in every mode but the first: same bits.
+    const bool timeline = !first.empty();
+    s->set_copy_timeline(timeline);
     if (m.prefetch) {
       ASSERT_TRUE(s->Prefetch(1, subset).ok());
     }
@@ -257,6 +260,26 @@ TEST_F(GpuExpertsTest, SubsetMatchesFloat64ReferenceInEveryMode) {
     EXPECT_EQ(s->stats().experts_copied, m.prefetch ? 14 : 12);
     EXPECT_EQ(s->stats().experts_computed, 12);
     EXPECT_TRUE(s->idle());
+    absl::StatusOr<GpuExpertStreamer::CopyTimeline> t = s->TakeCopyTimeline();
+    ASSERT_TRUE(t.ok()) << t.status();
+    if (!timeline) {
+      EXPECT_EQ(t->copies, 0);
+      continue;
+    }
+    EXPECT_EQ(t->copies, s->stats().experts_copied);
+    EXPECT_EQ(t->bytes, s->stats().bytes_copied);
+    EXPECT_GT(t->busy_ms, 0);
+    EXPECT_GE(t->not_issued_ms, 0);
+    EXPECT_GE(t->slot_wait_ms, 0);
+    // The span is made of the copies, the gaps between them and the slot waits.
+    EXPECT_NEAR(t->span_ms, t->busy_ms + t->not_issued_ms + t->slot_wait_ms,
+                0.01 + 1e-3 * t->span_ms);
+    std::cout << "[ info ] copy timeline: " << t->copies << " copies, busy " << t->busy_ms
+              << " ms, not issued " << t->not_issued_ms << " ms, slot waits " << t->slot_wait_ms
+              << " ms, span " << t->span_ms << " ms\n";
+    absl::StatusOr<GpuExpertStreamer::CopyTimeline> again = s->TakeCopyTimeline();
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->copies, 0);
   }
 }
 
