@@ -104,14 +104,15 @@ class GpuMoeHooks {
 
   absl::Status RoutedExperts(int il, const Activations& h, const models::Routing& routing,
                              Activations* routed) {
-    KTX_RETURN_IF_ERROR(StartRoutedExperts(il, h, routing));
+    KTX_RETURN_IF_ERROR(StartRoutedExperts(il, h.data(), h.n_tokens(), h.n_cols(), routing));
     return FinishRoutedExperts(il, routed);
   }
 
-  // The CPU's part of layer il goes to the router (or the lane) now; h is
-  // copied into the shards' input buffer and the routing into the request,
-  // so neither is read after this returns. One start at a time.
-  absl::Status StartRoutedExperts(int il, const Activations& h, const models::Routing& routing) {
+  // The CPU's part of layer il goes to the router (or the lane) now; h (F32
+  // [n, n_embd]) is copied into the shards' input buffer and the routing into
+  // the request, so neither is read after this returns. One start at a time.
+  absl::Status StartRoutedExperts(int il, const float* h, int64_t n, int64_t n_embd,
+                                  const models::Routing& routing) {
     if (started_.il >= 0) {
       return absl::InternalError(absl::StrCat(
           "routed experts of layer ", il, " started while layer ", started_.il, " is still out"));
@@ -119,11 +120,11 @@ class GpuMoeHooks {
     Started st;
     st.t_ready = Clock::now();
     step_.prof.layers[il].attention_us += Micros(last_, st.t_ready);
-    st.n = h.n_tokens();
-    st.n_embd = h.n_cols();
+    st.n = n;
+    st.n_embd = n_embd;
     MoeWork work;
     work.il = il;
-    work.h = ExpertInput(il, h);
+    work.h = ExpertInput(il, h, n, n_embd);
     st.t_input = Clock::now();
     // The slices' policies were applied by AdjustRouting, before the GPU took
     // its experts: `routing` is the CPU's part.
@@ -232,7 +233,7 @@ class GpuMoeHooks {
     Late late;
     late.il = il;
     late.join = join;
-    late.h = ExpertInput(il, h);
+    late.h = ExpertInput(il, h.data(), h.n_tokens(), h.n_cols());
     late.routing = routing;
     late_.push_back(std::move(late));
     return absl::OkStatus();
@@ -276,12 +277,10 @@ class GpuMoeHooks {
     uint64_t ticket = 0;  // once sent
   };
 
-  // The experts' input of layer il: F32 [n, n_embd], shared with the shards
-  // (never copied again); one copy per layer, deferred experts included.
-  Tensor ExpertInput(int il, const Activations& h) {
+  // The experts' input of layer il from h (F32 [n, n_embd]), shared with the
+  // shards (never copied again); one copy per layer, deferred experts included.
+  Tensor ExpertInput(int il, const float* h, int64_t n, int64_t n_embd) {
     if (input_il_ == il) return input_;
-    const int64_t n = h.n_tokens();
-    const int64_t n_embd = h.n_cols();
     // The shards read it asynchronously: a buffer of its own (reused when
     // nobody holds an earlier layer's any more: no page faults per layer).
     input_ = Tensor();
@@ -290,7 +289,7 @@ class GpuMoeHooks {
     }
     Activations& copy = *core_.expert_input;
     copy.ResizeForOverwrite(n, n_embd);
-    models::ParallelCopy(copy.data(), h.data(), static_cast<size_t>(n * n_embd) * sizeof(float));
+    models::ParallelCopy(copy.data(), h, static_cast<size_t>(n * n_embd) * sizeof(float));
     if (core_.bf16_expert_input) {
       float* v = copy.data();
       for (int64_t i = 0; i < n * n_embd; ++i) v[i] = RoundToWireBf16(v[i]);
@@ -408,9 +407,9 @@ void RunStep(const std::shared_ptr<Core>& core, const std::shared_ptr<Step>& ste
                                      Activations* routed) {
       return client.RoutedExperts(il, h, routing, routed);
     };
-    hooks.start_routed_experts = [&client](int il, const Activations& h,
+    hooks.start_routed_experts = [&client](int il, const float* h, int64_t n, int64_t n_embd,
                                            const models::Routing& routing) {
-      return client.StartRoutedExperts(il, h, routing);
+      return client.StartRoutedExperts(il, h, n, n_embd, routing);
     };
     hooks.finish_routed_experts = [&client](int il, float* routed, int64_t n, int64_t n_embd) {
       return client.FinishRoutedExpertsInto(il, routed, n, n_embd);

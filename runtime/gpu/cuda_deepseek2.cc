@@ -1322,8 +1322,19 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       continue;
     }
     KTX_RETURN_IF_ERROR(CudaOk(cudaEventSynchronize(routed_ready_), "waiting for the routing"));
-    h.ResizeForOverwrite(n, n_embd);
-    models::ParallelCopy(h.data(), pinned_h_.as<float>(), n * n_embd * 4);
+    // The host copy of h (F32 [n, n_embd]) for the synchronous hooks and the
+    // deferred experts, made on first use: the asynchronous start hook reads
+    // the pinned download itself (one copy of the batch fewer per MoE layer;
+    // pinned_h_ is rewritten only at the next layer's routing).
+    bool h_on_host = false;
+    auto host_h = [&]() -> const Activations& {
+      if (!h_on_host) {
+        h.ResizeForOverwrite(n, n_embd);
+        models::ParallelCopy(h.data(), pinned_h_.as<float>(), n * n_embd * 4);
+        h_on_host = true;
+      }
+      return h;
+    };
     routing.n_tokens = n;
     routing.n_expert_used = k_used;
     routing.expert_ids.assign(pinned_ids_.as<int32_t>(), pinned_ids_.as<int32_t>() + n * k_used);
@@ -1338,7 +1349,7 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     // buffer (StartDeferred).
     auto start_deferred = [&]() -> absl::Status {
       KTX_RETURN_IF_ERROR(JoinDeferredGpu(&pending[kMoe], kJoinMoe, n));
-      if (deferred) KTX_RETURN_IF_ERROR(StartDeferred(il, hooks, h, late, made));
+      if (deferred) KTX_RETURN_IF_ERROR(StartDeferred(il, hooks, host_h(), late, made));
       return absl::OkStatus();
     };
     const models::Routing* cpu_side = &routing;
@@ -1410,7 +1421,8 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
       const int64_t cpu_entries = CpuPartOfRouting(routing, on_gpu, &cpu_routing);
       if (cpu_entries > 0 && async_cpu) {
         cpu_t0 = std::chrono::steady_clock::now();
-        KTX_RETURN_IF_ERROR(hooks.start_routed_experts(il, h, cpu_routing));
+        KTX_RETURN_IF_ERROR(
+            hooks.start_routed_experts(il, pinned_h_.as<float>(), n, n_embd, cpu_routing));
         cpu_started = true;
       }
       if (!gpu_experts.empty()) {  // (a decode split may give the GPU none)
@@ -1475,9 +1487,9 @@ absl::Status CudaDeepseek2::RunLayers(const GpuBatchView& batch, const ForwardHo
     } else {
       cpu_t0 = std::chrono::steady_clock::now();
       if (hooks.routed_experts) {
-        KTX_RETURN_IF_ERROR(hooks.routed_experts(il, h, *cpu_side, &routed));
+        KTX_RETURN_IF_ERROR(hooks.routed_experts(il, host_h(), *cpu_side, &routed));
       } else {
-        KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, h, *cpu_side, {}, &routed));
+        KTX_RETURN_IF_ERROR(model_.RoutedExperts(il, host_h(), *cpu_side, {}, &routed));
       }
     }
     const double cpu_measured_s =

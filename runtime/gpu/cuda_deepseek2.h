@@ -191,9 +191,10 @@ class CudaDeepseek2 {
                                models::Activations* routed)>
         routed_experts;
     // Optional asynchronous form of routed_experts (used when both are set):
-    // start_routed_experts hands the CPU's part of MoE layer il over (same
-    // arguments; neither h nor routing is read after it returns) and returns
-    // at once; finish_routed_experts waits for it and writes it, F32
+    // start_routed_experts hands the CPU's part of MoE layer il over (h: F32
+    // [n, n_embd], the model's pinned download of the layer's hidden state,
+    // not copied on the host before; neither h nor routing is read after it
+    // returns) and returns at once; finish_routed_experts waits for it and writes it, F32
     // [n, n_embd], straight into `routed`: the model's pinned host buffer
     // that the residual add reads (no host copy of the batch in between:
     // 58.7 MB per MoE layer at 2048 DeepSeek-V3 tokens). The GPU path starts
@@ -202,7 +203,7 @@ class CudaDeepseek2 {
     // finishes it after the next layer's prefetch. Each start is followed by
     // exactly one finish for the same layer before the next start, unless the
     // batch fails in between (then finish is not called).
-    std::function<absl::Status(int il, const models::Activations& h,
+    std::function<absl::Status(int il, const float* h, int64_t n, int64_t n_embd,
                                const models::Routing& routing)>
         start_routed_experts;
     std::function<absl::Status(int il, float* routed, int64_t n, int64_t n_embd)>
