@@ -165,9 +165,7 @@ void UseTileCacheCpuCosts(GpuExpertOptions* experts) {
 }
 
 int32_t ExpertStreamSlots(const CudaModelOptions& options) {
-  if (options.experts.mode != GpuExpertMode::kOff) {
-    return options.experts.n_slots == 0 ? GpuExpertOptions::kAutoSlots : options.experts.n_slots;
-  }
+  if (options.experts.mode != GpuExpertMode::kOff) return options.experts.n_slots;
   return CountResidentExperts(options) > 0 ? 2 : 0;
 }
 
@@ -232,24 +230,16 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   const bool streams = stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
                        expert_raw_bytes > 0;
   if (streams && stream_slots < 2) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "GPU options: experts.n_slots (", o.experts.n_slots, ") must be at least 2 (or 0: auto)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPU options: experts.n_slots (", o.experts.n_slots, ") must be at least 2"));
   }
-  const uint64_t pinned_before_stream = p.pinned_host_bytes;
-  // The streamer's buffers for `slots` (auto: kAutoSlots first, then the fallback).
-  auto plan_stream = [&](int32_t slots) {
-    p.pinned_host_bytes = pinned_before_stream;
-    p.expert_stream_bytes = 0;
-    p.expert_stream_slots = 0;
-    if (!streams) return;
+  if (streams) {
     const ExpertStreamLayout stream =
-        ExpertStreamLayout::For(hp, o.max_batch_tokens, slots, expert_raw_bytes);
+        ExpertStreamLayout::For(hp, o.max_batch_tokens, stream_slots, expert_raw_bytes);
     p.expert_stream_bytes = stream.device_bytes();
-    p.expert_stream_slots = slots;
+    p.expert_stream_slots = stream_slots;
     p.pinned_host_bytes += stream.pinned_bytes();
-  };
-  const bool auto_slots = o.experts.mode != GpuExpertMode::kOff && o.experts.n_slots == 0;
-  plan_stream(stream_slots);
+  }
   p.resident_experts = CountResidentExperts(o);
   p.resident_expert_bytes = p.resident_experts > 0 ? resident_expert_bytes : 0;
 
@@ -283,25 +273,14 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
     return p.weight_bytes() + p.activation_bytes + p.workspace_bytes + p.expert_stream_bytes +
            p.resident_expert_bytes;
   };
-  auto fits = [&] {
-    const uint64_t f = fixed_bytes();
-    return f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages);
-  };
-  auto choose_form = [&] {
-    if (o.gpu_weights == GpuWeightForm::kAuto) {
-      for (GpuWeightForm form : {GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
-        apply_form(form);
-        if (fits()) break;
-      }
-    } else {
-      apply_form(o.gpu_weights);
+  if (o.gpu_weights == GpuWeightForm::kAuto) {
+    for (GpuWeightForm form : {GpuWeightForm::kBf16, GpuWeightForm::kQuantized}) {
+      apply_form(form);
+      const uint64_t f = fixed_bytes();
+      if (f <= usable && (usable - f) / std::max<uint64_t>(page_bytes, 1) >= U(min_pages)) break;
     }
-  };
-  choose_form();
-  // Auto slots: the fallback count where the first choice leaves no room.
-  if (auto_slots && streams && !fits()) {
-    plan_stream(GpuExpertOptions::kAutoSlotsFallback);
-    choose_form();
+  } else {
+    apply_form(o.gpu_weights);
   }
   const uint64_t fixed = fixed_bytes();
   const uint64_t left = usable > fixed ? usable - fixed : 0;

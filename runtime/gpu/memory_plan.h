@@ -36,19 +36,16 @@ enum class GpuExpertMode {
 
 struct GpuExpertOptions {
   GpuExpertMode mode = GpuExpertMode::kAuto;
-  // Device buffers of one expert's raw blocks (the copy ring); >= 2, or 0:
-  // auto, kAutoSlots where they fit beside the weights and one sequence of KV
-  // cache (the memory plan decides), else kAutoSlotsFallback. Between a split
-  // layer's GPU share and the next layer's, the next layer's prefetch must
-  // cover the rest of the CPU's share, its sum and the next attention (and any
-  // split_gpu_lead): at PCIe 5 rates (~0.52 ms per DeepSeek-V3 expert) 32
-  // slots (~17 ms) ran out and left the link idle 3-4 ms per prefill of 2048
-  // tokens on the H200 machine (6-14 ms with a lead of 0.1), 96 (~50 ms, 2.7
-  // GB) about 1 ms (docs/performance.md, 2026-11-30). KTX_GPU_EXPERT_SLOTS=N
-  // in the environment overrides it.
-  int32_t n_slots = 0;
-  static constexpr int32_t kAutoSlots = 96;
-  static constexpr int32_t kAutoSlotsFallback = 32;
+  // Device buffers of one expert's raw blocks (the copy ring), >= 2. The
+  // next layer's prefetch runs at most this many experts ahead, and it copies
+  // experts chosen before the layer's routing is known (by expected, uniform
+  // counts: the lowest ids). 96 slots (2026-11-30) took the link's idle time
+  // in a 2048-token prefill of the standard model from 3-12 to 1-5 ms, but the
+  // prefill measured 2-5 % slower than with 32 in both comparisons on the H200
+  // machine: the deeper prefetch fixes more of the GPU's share before the
+  // routing (docs/performance.md). KTX_GPU_EXPERT_SLOTS=N in the environment
+  // overrides it.
+  int32_t n_slots = 32;
   // kAuto: batches of at least this many tokens split by the prefill model
   // below; smaller ones by the decode split's (or all on the CPU without it).
   // KTX_GPU_EXPERTS_MIN_TOKENS=N in the environment overrides it.
@@ -335,7 +332,7 @@ struct GpuMemoryPlan {
   uint64_t workspace_bytes = 0;      // attention + cuBLAS workspaces + load staging
   uint64_t pinned_host_bytes = 0;    // host side, not device memory
   uint64_t expert_stream_bytes = 0;  // routed-expert streaming (ExpertStreamLayout), 0 if off
-  int32_t expert_stream_slots = 0;   // its slot count (experts.n_slots resolved), 0 if off
+  int32_t expert_stream_slots = 0;   // its slot count (ExpertStreamSlots), 0 if off
   // Hot routed experts resident on the device (raw blocks; CudaModelOptions::
   // resident_experts): their count and bytes.
   int64_t resident_experts = 0;
@@ -387,10 +384,10 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
                                             uint64_t resident_expert_bytes = 0,
                                             const QuantizableWeights& quantizable = {});
 
-// The streamer's first choice of slot count for these options:
-// experts.n_slots when streaming (mode != kOff; kAutoSlots for 0, auto),
-// 2 when only resident experts use it, 0 when nothing does. PlanGpuMemory
-// resolves auto (GpuMemoryPlan::expert_stream_slots).
+// The streamer's slot count for these options: experts.n_slots when
+// streaming (mode != kOff), 2 when only resident experts use it, 0 when
+// nothing does (GpuMemoryPlan::expert_stream_slots: the same, 0 where the
+// model has nothing to stream).
 int32_t ExpertStreamSlots(const CudaModelOptions& options);
 
 // Experts in options.resident_experts.

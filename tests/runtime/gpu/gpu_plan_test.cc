@@ -183,12 +183,9 @@ TEST(GpuMemoryPlan, ResidentHotExpertsAreALineAndShrinkTheKvCache) {
   EXPECT_LE(plan->total_bytes() + o.reserve_bytes, 79 * kGiB);
   EXPECT_NE(plan->ToString().find("hot routed experts (4, resident)"), std::string::npos)
       << plan->ToString();
-  // Streaming on: its own slot count (0: auto, kAutoSlots first).
+  // Streaming on: its own slot count.
   o.experts.mode = GpuExpertMode::kAuto;
-  EXPECT_EQ(ExpertStreamSlots(o), GpuExpertOptions::kAutoSlots);
-  o.experts.n_slots = 40;
-  EXPECT_EQ(ExpertStreamSlots(o), 40);
-  o.experts.n_slots = 0;
+  EXPECT_EQ(ExpertStreamSlots(o), o.experts.n_slots);
   // Too many for the device: the error names them.
   o.experts.mode = GpuExpertMode::kOff;
   auto too_big = PlanGpuMemory(hp, o, 79 * kGiB, false, expert, 60 * kGiB);
@@ -197,10 +194,10 @@ TEST(GpuMemoryPlan, ResidentHotExpertsAreALineAndShrinkTheKvCache) {
   EXPECT_NE(too_big.status().message().find("--gpu-hot-experts-gib"), std::string::npos);
 }
 
-// experts.n_slots = 0 (auto): kAutoSlots where they fit beside the weights
-// and one sequence of KV cache, kAutoSlotsFallback where only that fits, the
-// error where neither does; an explicit count is kept (or refused below 2).
-TEST(GpuMemoryPlan, AutoSlotsFallBackWhereTheRingDoesNotFit) {
+// The plan's slot count and its bytes: each slot one expert's raw blocks;
+// the count is a line of the plan; fewer than 2 slots are refused, and with
+// streaming off none are planned.
+TEST(GpuMemoryPlan, ExpertSlotsAreCountedAndNamed) {
   const models::Deepseek2Hparams hp = Dsv3Hparams();
   const uint64_t expert = 2 * 2048ull * (7168 / 256) * 144 + 7168ull * (2048 / 256) * 210;
   CudaModelOptions o;
@@ -208,47 +205,20 @@ TEST(GpuMemoryPlan, AutoSlotsFallBackWhereTheRingDoesNotFit) {
   o.experts.mode = GpuExpertMode::kAuto;
   auto plan = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
   ASSERT_TRUE(plan.ok()) << plan.status();
-  EXPECT_EQ(plan->expert_stream_slots, GpuExpertOptions::kAutoSlots);
-  EXPECT_EQ(plan->expert_stream_bytes,
-            ExpertStreamLayout::For(hp, o.max_batch_tokens, GpuExpertOptions::kAutoSlots, expert)
-                .device_bytes());
-  EXPECT_NE(plan->ToString().find("routed-expert streaming (96 slots)"), std::string::npos)
+  EXPECT_EQ(plan->expert_stream_slots, 32);
+  EXPECT_NE(plan->ToString().find("routed-expert streaming (32 slots)"), std::string::npos)
       << plan->ToString();
-  // The least free memory with which a slot count fits (bisection).
-  auto least_free = [&](int32_t slots) {
-    CudaModelOptions e = o;
-    e.experts.n_slots = slots;
-    uint64_t lo = 0, hi = 79 * kGiB;
-    while (hi - lo > 1) {
-      const uint64_t mid = lo + (hi - lo) / 2;
-      (PlanGpuMemory(hp, e, mid, false, expert).ok() ? hi : lo) = mid;
-    }
-    return hi;
-  };
-  const uint64_t f32 = least_free(GpuExpertOptions::kAutoSlotsFallback);
-  const uint64_t f96 = least_free(GpuExpertOptions::kAutoSlots);
+  o.experts.n_slots = 96;
+  auto more = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
+  ASSERT_TRUE(more.ok()) << more.status();
+  EXPECT_EQ(more->expert_stream_slots, 96);
   const uint64_t slot = ExpertStreamLayout::For(hp, 1, 1, expert).slot_bytes;
-  EXPECT_EQ(f96 - f32,
-            uint64_t{GpuExpertOptions::kAutoSlots - GpuExpertOptions::kAutoSlotsFallback} * slot);
-  for (const auto& [free, want] :
-       {std::pair<uint64_t, int32_t>{f96, 96}, {f96 - 1, 32}, {f32, 32}}) {
-    auto p = PlanGpuMemory(hp, o, free, false, expert);
-    ASSERT_TRUE(p.ok()) << free << ": " << p.status();
-    EXPECT_EQ(p->expert_stream_slots, want) << free;
-    EXPECT_LE(p->total_bytes() + o.reserve_bytes, free);
-  }
-  auto too_small = PlanGpuMemory(hp, o, f32 - 1, false, expert);
-  EXPECT_EQ(too_small.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(too_small.status().message().find("experts.n_slots"), std::string::npos);
-  // Explicit counts are kept, or refused below 2; streaming off plans none.
-  o.experts.n_slots = 8;
-  plan = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
-  ASSERT_TRUE(plan.ok());
-  EXPECT_EQ(plan->expert_stream_slots, 8);
+  EXPECT_EQ(more->expert_stream_bytes - plan->expert_stream_bytes, 64 * slot);
+  EXPECT_LT(more->kv_tokens, plan->kv_tokens);
   o.experts.n_slots = 1;
-  EXPECT_EQ(PlanGpuMemory(hp, o, 79 * kGiB, false, expert).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  o.experts.n_slots = 0;
+  auto bad = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("experts.n_slots"), std::string::npos);
   o.experts.mode = GpuExpertMode::kOff;
   plan = PlanGpuMemory(hp, o, 79 * kGiB, false, expert);
   ASSERT_TRUE(plan.ok());
