@@ -467,7 +467,7 @@ absl::Status CudaDeepseek2::SetUpGpuExperts(const CudaModelOptions& options) {
   expert_options_ = options.experts;
   expert_mode_ = GpuExpertMode::kOff;
   streaming_ready_ = false;
-  // The plan's count: experts.n_slots, or auto resolved against the memory.
+  // The plan's slot count (0: nothing to stream or keep resident).
   const int32_t slots = plan_.expert_stream_slots;
   if (slots == 0) return absl::OkStatus();
   KTX_ASSIGN_OR_RETURN(std::vector<ExpertLayerTensors> tensors,

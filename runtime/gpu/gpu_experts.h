@@ -191,7 +191,7 @@ class GpuExpertStreamer {
   // While on, every expert copy records three events on the copy stream:
   // before its wait for the slot (the stream reaches it when the previous
   // copy has ended, or when the host issued this one, whichever is later),
-  // after that wait, and after the copy. CopyTimeline() then sums, over the
+  // after that wait, and after the copy. TakeCopyTimeline() then sums, over the
   // copies since the last call (waiting for them), the link's busy time, the
   // gaps where nothing was issued yet, and those where a copy waited for a
   // free slot (the compute stream had not dequantized its previous expert),

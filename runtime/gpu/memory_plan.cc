@@ -227,13 +227,12 @@ absl::StatusOr<GpuMemoryPlan> PlanGpuMemory(const models::Deepseek2Hparams& hp,
   p.free_bytes = free_bytes;
   p.reserve_bytes = o.reserve_bytes;
   const int32_t stream_slots = ExpertStreamSlots(o);
-  const bool streams = stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
-                       expert_raw_bytes > 0;
-  if (streams && stream_slots < 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("GPU options: experts.n_slots (", o.experts.n_slots, ") must be at least 2"));
-  }
-  if (streams) {
+  if (stream_slots > 0 && hp.n_layer_dense_lead < hp.n_layer && hp.n_expert > 0 &&
+      expert_raw_bytes > 0) {
+    if (stream_slots < 2) {
+      return absl::InvalidArgumentError(absl::StrCat("GPU options: experts.n_slots (",
+                                                     o.experts.n_slots, ") must be at least 2"));
+    }
     const ExpertStreamLayout stream =
         ExpertStreamLayout::For(hp, o.max_batch_tokens, stream_slots, expert_raw_bytes);
     p.expert_stream_bytes = stream.device_bytes();
